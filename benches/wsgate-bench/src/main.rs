@@ -1,0 +1,1017 @@
+//! wsgate-bench: the project's own WebSocket benchmark tool.
+//!
+//! * `echo`        – a fast, hand-rolled WebSocket echo upstream (frame-level echo, no message
+//!                   reassembly, large reads, TCP_NODELAY, multi-thread tokio).
+//! * `latency`     – C connections, one small message in flight each: msgs/s, RTT p50/p99.
+//! * `throughput`  – a few connections keeping several 64 KiB binary messages in flight: MB/s.
+//! * `handshake`   – open-upgrade-close N connections, C at a time: upgrades/s, failures.
+//! * `idle`        – hold N idle connections, report the proxy's RSS delta per connection.
+//! * `cap`         – A upgrades at once against a proxy capped at K: admitted, 503, hung,
+//!                   time-to-503 percentiles.
+//!
+//! Every load mode is bounded in count *and* time, talks to loopback only, reads the proxy's CPU
+//! time (utime+stime of the process tree under `--proxy-pid`) from /proc before and after, and
+//! prints exactly one JSON line on stdout. Exit code 1 when the mode failed its own sanity checks.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Barrier, Notify, Semaphore};
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::WebSocketStream;
+
+type Ws = WebSocketStream<TcpStream>;
+
+#[derive(Parser)]
+#[command(name = "wsgate-bench", version, about = "WebSocket proxy benchmark (loopback only)")]
+struct Cli {
+    /// Tokio worker threads for this process.
+    #[arg(long, global = true, default_value_t = 2)]
+    threads: usize,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the echo upstream; prints `echo listening addr=IP:PORT` on stdout.
+    Echo(EchoArgs),
+    /// C connections, each sending a small message and awaiting its echo, one at a time.
+    Latency(LatencyArgs),
+    /// A few connections, each keeping several large binary messages in flight.
+    Throughput(ThroughputArgs),
+    /// Open-upgrade-close N connections, C at a time.
+    Handshake(HandshakeArgs),
+    /// Hold N idle upgraded connections; report the proxy's RSS per connection.
+    Idle(IdleArgs),
+    /// A upgrades at once against a capped proxy: admitted / 503 / hung and time-to-503.
+    Cap(CapArgs),
+}
+
+#[derive(Args, Clone)]
+struct EchoArgs {
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// ws://IP:PORT/path of the target (a proxy, or the echo itself for `direct`).
+    #[arg(long)]
+    url: String,
+    /// PID(s) of the proxy, comma-separated; their descendants (nginx workers) are included.
+    #[arg(long, value_delimiter = ',')]
+    proxy_pid: Vec<u32>,
+    /// PID of the echo upstream (its CPU time is reported too, as a reference).
+    #[arg(long)]
+    echo_pid: Option<u32>,
+    /// Label copied into the JSON line.
+    #[arg(long, default_value = "unnamed")]
+    target: String,
+    /// Round number copied into the JSON line.
+    #[arg(long, default_value_t = 0)]
+    round: u32,
+    /// Hard time bound of the whole mode, seconds (measurement + set-up + drain).
+    #[arg(long, default_value_t = 60.0)]
+    max_time: f64,
+}
+
+#[derive(Args, Clone)]
+struct LatencyArgs {
+    #[command(flatten)]
+    c: Common,
+    #[arg(long, default_value_t = 64)]
+    conns: usize,
+    /// Measurement duration, seconds.
+    #[arg(long, default_value_t = 3.0)]
+    duration: f64,
+    /// Upper bound on round trips per connection.
+    #[arg(long, default_value_t = 2_000_000)]
+    max_msgs: u64,
+    /// Payload size, bytes.
+    #[arg(long, default_value_t = 32)]
+    size: usize,
+}
+
+#[derive(Args, Clone)]
+struct ThroughputArgs {
+    #[command(flatten)]
+    c: Common,
+    #[arg(long, default_value_t = 4)]
+    conns: usize,
+    /// Messages in flight per connection.
+    #[arg(long, default_value_t = 8)]
+    inflight: usize,
+    #[arg(long, default_value_t = 65536)]
+    size: usize,
+    #[arg(long, default_value_t = 3.0)]
+    duration: f64,
+    /// Upper bound on messages per connection.
+    #[arg(long, default_value_t = 1_000_000)]
+    max_msgs: u64,
+}
+
+#[derive(Args, Clone)]
+struct HandshakeArgs {
+    #[command(flatten)]
+    c: Common,
+    /// Total upgrades.
+    #[arg(long, default_value_t = 2000)]
+    total: u64,
+    /// Concurrent upgrades.
+    #[arg(long, default_value_t = 64)]
+    conns: usize,
+    /// Per-attempt timeout, seconds.
+    #[arg(long, default_value_t = 5.0)]
+    timeout: f64,
+}
+
+#[derive(Args, Clone)]
+struct IdleArgs {
+    #[command(flatten)]
+    c: Common,
+    /// Idle connections to hold.
+    #[arg(long, default_value_t = 1000)]
+    count: usize,
+    /// Concurrent opens.
+    #[arg(long, default_value_t = 128)]
+    concurrency: usize,
+    /// Wait after the last open before reading RSS, seconds.
+    #[arg(long, default_value_t = 1.0)]
+    settle: f64,
+    /// Per-attempt timeout, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+}
+
+#[derive(Args, Clone)]
+struct CapArgs {
+    #[command(flatten)]
+    c: Common,
+    /// Upgrades launched at once.
+    #[arg(long, default_value_t = 4000)]
+    attempts: usize,
+    /// The cap the proxy was configured with (0 = unknown / none): checked, not enforced here.
+    #[arg(long, default_value_t = 0)]
+    cap: usize,
+    /// An attempt with no answer after this many seconds counts as hung.
+    #[arg(long, default_value_t = 5.0)]
+    timeout: f64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc helpers
+
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// (ppid, utime+stime ticks) of one process.
+fn read_stat(pid: u32) -> Option<(u32, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ppid = f.get(1)?.parse().ok()?;
+    let ut: u64 = f.get(11)?.parse().ok()?;
+    let st: u64 = f.get(12)?.parse().ok()?;
+    Some((ppid, ut + st))
+}
+
+/// The given PIDs plus all their live descendants.
+fn proc_tree(roots: &[u32]) -> Vec<u32> {
+    if roots.is_empty() {
+        return vec![];
+    }
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            if let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) {
+                if let Some((ppid, _)) = read_stat(pid) {
+                    children.entry(ppid).or_default().push(pid);
+                }
+            }
+        }
+    }
+    let mut seen: HashSet<u32> = HashSet::new();
+    let mut stack: Vec<u32> = roots.to_vec();
+    while let Some(p) = stack.pop() {
+        if seen.insert(p) {
+            if let Some(c) = children.get(&p) {
+                stack.extend(c);
+            }
+        }
+    }
+    let mut v: Vec<u32> = seen.into_iter().collect();
+    v.sort_unstable();
+    v
+}
+
+#[derive(Clone, Copy, Default)]
+struct ProcSnap {
+    cpu_s: f64,
+    rss_kib: u64,
+    fds: u64,
+    procs: usize,
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn snap(roots: &[u32]) -> Option<ProcSnap> {
+    if roots.is_empty() {
+        return None;
+    }
+    let tck = clk_tck();
+    let mut s = ProcSnap::default();
+    for pid in proc_tree(roots) {
+        if let Some((_, t)) = read_stat(pid) {
+            s.cpu_s += t as f64 / tck;
+            s.rss_kib += vm_rss_kib(pid);
+            s.fds += std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count() as u64).unwrap_or(0);
+            s.procs += 1;
+        }
+    }
+    Some(s)
+}
+
+fn cpu_delta(a: Option<ProcSnap>, b: Option<ProcSnap>) -> Option<f64> {
+    Some(b?.cpu_s - a?.cpu_s)
+}
+
+fn raise_nofile() -> (u64, u64) {
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+            if r.rlim_cur < r.rlim_max {
+                let want = libc::rlimit { rlim_cur: r.rlim_max, rlim_max: r.rlim_max };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                    r.rlim_cur = r.rlim_max;
+                }
+            }
+            (r.rlim_cur as u64, r.rlim_max as u64)
+        } else {
+            (0, 0)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// output helpers
+
+fn new_hist() -> Histogram<u64> {
+    // nanoseconds, 1 ns .. 100 s, 3 significant digits
+    Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("histogram bounds")
+}
+
+fn us(h: &Histogram<u64>, q: f64) -> Value {
+    if h.is_empty() {
+        Value::Null
+    } else {
+        json!(round3(h.value_at_quantile(q) as f64 / 1000.0))
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn opt(x: Option<f64>) -> Value {
+    match x {
+        Some(v) if v.is_finite() => json!(round3(v)),
+        _ => Value::Null,
+    }
+}
+
+fn emit(mode: &str, c: &Common, ok: bool, mut v: Value) -> bool {
+    let obj = v.as_object_mut().expect("object");
+    obj.insert("mode".into(), json!(mode));
+    obj.insert("target".into(), json!(c.target));
+    obj.insert("round".into(), json!(c.round));
+    obj.insert("ok".into(), json!(ok));
+    let line = serde_json::to_string(&v).expect("json");
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+    ok
+}
+
+fn host_port(url: &str) -> String {
+    let rest = url.split("://").nth(1).unwrap_or(url);
+    rest.split('/').next().unwrap_or(rest).to_string()
+}
+
+enum Open {
+    Upgraded(Ws),
+    Status(u16),
+    Failed(String),
+}
+
+async fn open(addr: &str, url: &str) -> Open {
+    let s = match TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) => return Open::Failed(format!("connect: {e}")),
+    };
+    let _ = s.set_nodelay(true);
+    match tokio_tungstenite::client_async(url, s).await {
+        Ok((ws, _)) => Open::Upgraded(ws),
+        Err(tungstenite::Error::Http(resp)) => Open::Status(resp.status().as_u16()),
+        Err(e) => Open::Failed(format!("handshake: {e}")),
+    }
+}
+
+async fn open_timeout(addr: &str, url: &str, t: Duration) -> Open {
+    match tokio::time::timeout(t, open(addr, url)).await {
+        Ok(o) => o,
+        Err(_) => Open::Failed("timeout".into()),
+    }
+}
+
+/// Next data message (skipping control frames); None on close/error.
+async fn next_data(ws: &mut Ws) -> Result<usize, String> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) => return Ok(b.len()),
+            Some(Ok(Message::Text(t))) => return Ok(t.len()),
+            Some(Ok(Message::Close(_))) | None => return Err("closed".into()),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e.to_string()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// echo upstream
+
+async fn echo_main(a: EchoArgs) -> std::io::Result<()> {
+    let l = TcpListener::bind(&a.listen).await?;
+    println!("echo listening addr={}", l.local_addr()?);
+    std::io::stdout().flush()?;
+    loop {
+        let (s, _) = match l.accept().await {
+            Ok(x) => x,
+            Err(_) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            let _ = echo_conn(s).await;
+        });
+    }
+}
+
+fn find_head_end(b: &[u8]) -> Option<usize> {
+    b.windows(4).position(|w| w == b"\r\n\r\n")
+}
+
+fn unmask(p: &mut [u8], m: [u8; 4]) {
+    let m8 = [m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]];
+    let m64 = u64::from_ne_bytes(m8);
+    let mut chunks = p.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let v = u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) ^ m64;
+        c.copy_from_slice(&v.to_ne_bytes());
+    }
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= m8[i & 3];
+    }
+}
+
+async fn echo_conn(mut s: TcpStream) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    let mut inb: Vec<u8> = Vec::with_capacity(2048);
+    let end = loop {
+        if s.read_buf(&mut inb).await? == 0 {
+            return Ok(());
+        }
+        if let Some(e) = find_head_end(&inb) {
+            break e;
+        }
+        if inb.len() > 65536 {
+            return Ok(());
+        }
+        if inb.capacity() == inb.len() {
+            inb.reserve(4096);
+        }
+    };
+    let head = String::from_utf8_lossy(&inb[..end]).to_string();
+    let key = head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case("sec-websocket-key").then(|| v.trim().to_string())
+    });
+    let Some(key) = key else {
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await?;
+        return Ok(());
+    };
+    let resp = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+        tungstenite::handshake::derive_accept_key(key.as_bytes())
+    );
+    s.write_all(resp.as_bytes()).await?;
+    inb.drain(..end + 4);
+    inb.shrink_to(256);
+    let mut out: Vec<u8> = Vec::new();
+    let mut start = 0usize; // consumed prefix of inb
+    loop {
+        let mut close = false;
+        loop {
+            let avail = &mut inb[start..];
+            if avail.len() < 2 {
+                break;
+            }
+            let (b0, b1) = (avail[0], avail[1]);
+            let masked = b1 & 0x80 != 0;
+            let mut len = (b1 & 0x7f) as usize;
+            let mut hl = 2usize;
+            if len == 126 {
+                if avail.len() < 4 {
+                    break;
+                }
+                len = u16::from_be_bytes([avail[2], avail[3]]) as usize;
+                hl = 4;
+            } else if len == 127 {
+                if avail.len() < 10 {
+                    break;
+                }
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&avail[2..10]);
+                len = u64::from_be_bytes(b) as usize;
+                if len > (64 << 20) {
+                    return Ok(());
+                }
+                hl = 10;
+            }
+            let mk = hl;
+            if masked {
+                hl += 4;
+            }
+            if avail.len() < hl + len {
+                // make sure the whole frame will fit
+                let need = hl + len;
+                if inb.capacity() - start < need {
+                    inb.drain(..start);
+                    start = 0;
+                    inb.reserve(need.max(65536));
+                }
+                break;
+            }
+            let opcode = b0 & 0x0f;
+            let (hdr, payload) = avail.split_at_mut(hl);
+            if masked {
+                unmask(&mut payload[..len], [hdr[mk], hdr[mk + 1], hdr[mk + 2], hdr[mk + 3]]);
+            }
+            let ob0 = if opcode == 0x9 { (b0 & 0xf0) | 0xA } else { b0 };
+            out.push(ob0);
+            if len < 126 {
+                out.push(len as u8);
+            } else if len < 65536 {
+                out.push(126);
+                out.extend_from_slice(&(len as u16).to_be_bytes());
+            } else {
+                out.push(127);
+                out.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+            out.extend_from_slice(&payload[..len]);
+            start += hl + len;
+            if opcode == 0x8 {
+                close = true;
+                break;
+            }
+        }
+        if start == inb.len() {
+            inb.clear();
+            start = 0;
+        } else if start > 0 && start > inb.len() / 2 {
+            inb.drain(..start);
+            start = 0;
+        }
+        if !out.is_empty() {
+            s.write_all(&out).await?;
+            out.clear();
+            if out.capacity() > (1 << 20) {
+                out.shrink_to(65536);
+            }
+        }
+        if close {
+            let _ = s.shutdown().await;
+            return Ok(());
+        }
+        if inb.capacity() - inb.len() < 16384 {
+            inb.reserve(65536);
+        }
+        if s.read_buf(&mut inb).await? == 0 {
+            return Ok(());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// latency
+
+async fn latency(a: LatencyArgs) -> bool {
+    let c = &a.c;
+    let addr = host_port(&c.url);
+    let hard = Instant::now() + Duration::from_secs_f64(c.max_time);
+    let dur = Duration::from_secs_f64(a.duration);
+    let barrier = Arc::new(Barrier::new(a.conns + 1));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..a.conns {
+        let (addr, url, barrier, errors) = (addr.clone(), c.url.clone(), barrier.clone(), errors.clone());
+        let (max_msgs, size) = (a.max_msgs, a.size);
+        tasks.push(tokio::spawn(async move {
+            let mut h = new_hist();
+            let ws = open_timeout(&addr, &url, Duration::from_secs(10)).await;
+            barrier.wait().await;
+            let mut ws = match ws {
+                Open::Upgraded(ws) => ws,
+                _ => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    return (h, None);
+                }
+            };
+            let payload = tungstenite::Bytes::from(vec![b'x'; size]);
+            let deadline = (Instant::now() + dur).min(hard);
+            let mut n = 0u64;
+            while n < max_msgs && Instant::now() < deadline {
+                let t0 = Instant::now();
+                if ws.send(Message::Binary(payload.clone())).await.is_err() {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                match tokio::time::timeout(Duration::from_secs(5), next_data(&mut ws)).await {
+                    Ok(Ok(_)) => {}
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
+                let _ = h.record((t0.elapsed().as_nanos() as u64).max(1));
+                n += 1;
+            }
+            (h, Some(ws))
+        }));
+    }
+    barrier.wait().await;
+    let p0 = snap(&c.proxy_pid);
+    let e0 = c.echo_pid.and_then(|p| snap(&[p]));
+    let t0 = Instant::now();
+    let mut h = new_hist();
+    let mut keep = Vec::new();
+    for t in tasks {
+        if let Ok((th, ws)) = t.await {
+            let _ = h.add(&th);
+            keep.extend(ws);
+        }
+    }
+    let el = t0.elapsed().as_secs_f64();
+    let p1 = snap(&c.proxy_pid);
+    let e1 = c.echo_pid.and_then(|p| snap(&[p]));
+    for mut ws in keep {
+        let _ = tokio::time::timeout(Duration::from_millis(200), ws.close(None)).await;
+    }
+    let msgs = h.len();
+    let cpu = cpu_delta(p0, p1);
+    let errs = errors.load(Ordering::Relaxed);
+    let ok = msgs > 0 && errs == 0;
+    emit(
+        "latency",
+        c,
+        ok,
+        json!({
+            "conns": a.conns, "size": a.size, "msgs": msgs, "elapsed_s": round3(el),
+            "msgs_per_s": round3(msgs as f64 / el),
+            "p50_us": us(&h, 0.5), "p99_us": us(&h, 0.99), "p999_us": us(&h, 0.999), "max_us": us(&h, 1.0),
+            "errors": errs,
+            "proxy_cpu_s": opt(cpu),
+            "cpu_us_per_msg": opt(cpu.map(|c| c * 1e6 / msgs.max(1) as f64)),
+            "echo_cpu_s": opt(cpu_delta(e0, e1)),
+        }),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// throughput
+
+async fn throughput(a: ThroughputArgs) -> bool {
+    let c = &a.c;
+    let addr = host_port(&c.url);
+    let hard = Instant::now() + Duration::from_secs_f64(c.max_time);
+    let dur = Duration::from_secs_f64(a.duration);
+    let barrier = Arc::new(Barrier::new(a.conns + 1));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..a.conns {
+        let (addr, url, barrier, errors) = (addr.clone(), c.url.clone(), barrier.clone(), errors.clone());
+        let (max_msgs, size, inflight) = (a.max_msgs, a.size, a.inflight);
+        tasks.push(tokio::spawn(async move {
+            let ws = open_timeout(&addr, &url, Duration::from_secs(10)).await;
+            barrier.wait().await;
+            let ws = match ws {
+                Open::Upgraded(ws) => ws,
+                _ => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    return 0u64;
+                }
+            };
+            let (mut sink, mut stream) = ws.split();
+            let payload = tungstenite::Bytes::from(vec![0xA5u8; size]);
+            let sem = Arc::new(Semaphore::new(inflight));
+            let done = Arc::new(Notify::new());
+            let deadline = (Instant::now() + dur).min(hard);
+            let writer = {
+                let (sem, done, errors) = (sem.clone(), done.clone(), errors.clone());
+                async move {
+                    let mut n = 0u64;
+                    while n < max_msgs && Instant::now() < deadline {
+                        match sem.acquire().await {
+                            Ok(p) => p.forget(),
+                            Err(_) => break,
+                        }
+                        if sink.send(Message::Binary(payload.clone())).await.is_err() {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                        n += 1;
+                    }
+                    // drain: wait until every message in flight has come back (bounded)
+                    let drained = tokio::time::timeout(Duration::from_secs(5), sem.acquire_many(inflight as u32)).await;
+                    if !matches!(drained, Ok(Ok(_))) {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    done.notify_one();
+                    let _ = tokio::time::timeout(Duration::from_millis(200), sink.close()).await;
+                }
+            };
+            let reader = async {
+                let mut bytes = 0u64;
+                loop {
+                    tokio::select! {
+                        m = stream.next() => match m {
+                            Some(Ok(Message::Binary(b))) => { bytes += b.len() as u64; sem.add_permits(1); }
+                            Some(Ok(Message::Close(_))) | None => break,
+                            Some(Ok(_)) => {}
+                            Some(Err(_)) => { errors.fetch_add(1, Ordering::Relaxed); break; }
+                        },
+                        _ = done.notified() => break,
+                    }
+                }
+                bytes
+            };
+            let ((), bytes) = tokio::join!(writer, reader);
+            bytes
+        }));
+    }
+    barrier.wait().await;
+    let p0 = snap(&c.proxy_pid);
+    let e0 = c.echo_pid.and_then(|p| snap(&[p]));
+    let t0 = Instant::now();
+    let mut bytes = 0u64;
+    for t in tasks {
+        bytes += t.await.unwrap_or(0);
+    }
+    let el = t0.elapsed().as_secs_f64();
+    let p1 = snap(&c.proxy_pid);
+    let e1 = c.echo_pid.and_then(|p| snap(&[p]));
+    let cpu = cpu_delta(p0, p1);
+    let errs = errors.load(Ordering::Relaxed);
+    // each echoed payload byte crossed the proxy twice (there and back)
+    let gb_proxied = 2.0 * bytes as f64 / 1e9;
+    emit(
+        "throughput",
+        c,
+        bytes > 0 && errs == 0,
+        json!({
+            "conns": a.conns, "inflight": a.inflight, "size": a.size,
+            "bytes_echoed": bytes, "elapsed_s": round3(el),
+            "mb_per_s": round3(bytes as f64 / 1e6 / el),
+            "errors": errs,
+            "proxy_cpu_s": opt(cpu),
+            "cpu_s_per_gb": opt(cpu.map(|c| c / gb_proxied.max(1e-12))),
+            "echo_cpu_s": opt(cpu_delta(e0, e1)),
+        }),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// handshake
+
+async fn handshake(a: HandshakeArgs) -> bool {
+    let c = &a.c;
+    let addr = host_port(&c.url);
+    let hard = Instant::now() + Duration::from_secs_f64(c.max_time);
+    let to = Duration::from_secs_f64(a.timeout);
+    let next = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(AtomicU64::new(0));
+    let fail_kinds = Arc::new(std::sync::Mutex::new(HashMap::<String, u64>::new()));
+    let p0 = snap(&c.proxy_pid);
+    let e0 = c.echo_pid.and_then(|p| snap(&[p]));
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..a.conns {
+        let (addr, url, next, failures, kinds) =
+            (addr.clone(), c.url.clone(), next.clone(), failures.clone(), fail_kinds.clone());
+        let total = a.total;
+        tasks.push(tokio::spawn(async move {
+            let mut h = new_hist();
+            while next.fetch_add(1, Ordering::Relaxed) < total && Instant::now() < hard {
+                let t = Instant::now();
+                let kind = match open_timeout(&addr, &url, to).await {
+                    Open::Upgraded(mut ws) => {
+                        let _ = h.record((t.elapsed().as_nanos() as u64).max(1));
+                        // clean close: send Close, wait for the echo's Close / EOF (bounded)
+                        let _ = tokio::time::timeout(to, async {
+                            let _ = ws.close(None).await;
+                            while let Some(Ok(_)) = ws.next().await {}
+                        })
+                        .await;
+                        continue;
+                    }
+                    Open::Status(s) => format!("status {s}"),
+                    Open::Failed(e) => e,
+                };
+                failures.fetch_add(1, Ordering::Relaxed);
+                *kinds.lock().expect("lock").entry(kind).or_default() += 1;
+            }
+            h
+        }));
+    }
+    let mut h = new_hist();
+    for t in tasks {
+        if let Ok(th) = t.await {
+            let _ = h.add(&th);
+        }
+    }
+    let el = t0.elapsed().as_secs_f64();
+    let p1 = snap(&c.proxy_pid);
+    let e1 = c.echo_pid.and_then(|p| snap(&[p]));
+    let okn = h.len();
+    let fails = failures.load(Ordering::Relaxed);
+    let cpu = cpu_delta(p0, p1);
+    let kinds = fail_kinds.lock().expect("lock").clone();
+    emit(
+        "handshake",
+        c,
+        okn > 0 && fails == 0,
+        json!({
+            "conns": a.conns, "total": a.total, "upgrades": okn, "failures": fails,
+            "failure_kinds": kinds, "elapsed_s": round3(el),
+            "upgrades_per_s": round3(okn as f64 / el),
+            "upgrade_p50_us": us(&h, 0.5), "upgrade_p99_us": us(&h, 0.99),
+            "proxy_cpu_s": opt(cpu),
+            "cpu_us_per_upgrade": opt(cpu.map(|c| c * 1e6 / okn.max(1) as f64)),
+            "echo_cpu_s": opt(cpu_delta(e0, e1)),
+        }),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// idle
+
+async fn idle(a: IdleArgs) -> bool {
+    let c = &a.c;
+    let addr = host_port(&c.url);
+    let hard = Instant::now() + Duration::from_secs_f64(c.max_time);
+    let to = Duration::from_secs_f64(a.timeout);
+    let base = snap(&c.proxy_pid);
+    let next = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(AtomicU64::new(0));
+    let first_err = Arc::new(std::sync::Mutex::new(None::<String>));
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..a.concurrency.max(1) {
+        let (addr, url, next, failures, first_err) =
+            (addr.clone(), c.url.clone(), next.clone(), failures.clone(), first_err.clone());
+        let count = a.count as u64;
+        tasks.push(tokio::spawn(async move {
+            let mut held = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < count && Instant::now() < hard {
+                match open_timeout(&addr, &url, to).await {
+                    Open::Upgraded(ws) => held.push(ws),
+                    other => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        let e = match other {
+                            Open::Status(s) => format!("status {s}"),
+                            Open::Failed(e) => e,
+                            Open::Upgraded(_) => unreachable!(),
+                        };
+                        first_err.lock().expect("lock").get_or_insert(e);
+                    }
+                }
+            }
+            held
+        }));
+    }
+    let mut held: Vec<Ws> = Vec::with_capacity(a.count);
+    for t in tasks {
+        if let Ok(v) = t.await {
+            held.extend(v);
+        }
+    }
+    let open_s = t0.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs_f64(a.settle)).await;
+    let after = snap(&c.proxy_pid);
+    // liveness: a few held connections must still echo
+    let mut alive = 0u64;
+    let mut checked = 0u64;
+    let step = (held.len() / 8).max(1);
+    for i in (0..held.len()).step_by(step).take(8) {
+        checked += 1;
+        let ws = &mut held[i];
+        let r = tokio::time::timeout(Duration::from_secs(3), async {
+            ws.send(Message::Binary(tungstenite::Bytes::from_static(b"ping"))).await.ok()?;
+            next_data(ws).await.ok()
+        })
+        .await;
+        if matches!(r, Ok(Some(_))) {
+            alive += 1;
+        }
+    }
+    let n = held.len();
+    let fails = failures.load(Ordering::Relaxed);
+    let per_conn = match (base, after) {
+        (Some(b), Some(x)) if n > 0 => Some((x.rss_kib as f64 - b.rss_kib as f64) * 1024.0 / n as f64),
+        _ => None,
+    };
+    let fds_per_conn = match (base, after) {
+        (Some(b), Some(x)) if n > 0 => Some((x.fds as f64 - b.fds as f64) / n as f64),
+        _ => None,
+    };
+    let cpu = cpu_delta(base, after);
+    let ok = n == a.count && alive == checked;
+    let err = first_err.lock().expect("lock").clone();
+    let r = emit(
+        "idle",
+        c,
+        ok,
+        json!({
+            "count": a.count, "held": n, "failures": fails, "first_error": err,
+            "open_s": round3(open_s), "alive_checked": checked, "alive_ok": alive,
+            "rss_base_kib": base.map(|b| b.rss_kib), "rss_kib": after.map(|b| b.rss_kib),
+            "proxy_procs": after.map(|b| b.procs),
+            "rss_bytes_per_conn": opt(per_conn),
+            "fds_per_conn": opt(fds_per_conn),
+            "proxy_cpu_s": opt(cpu),
+            "cpu_us_per_conn": opt(cpu.map(|c| c * 1e6 / n.max(1) as f64)),
+        }),
+    );
+    // drop without closing handshakes: the proxy is thrown away after this measurement
+    drop(held);
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// cap
+
+async fn cap(a: CapArgs) -> bool {
+    let c = &a.c;
+    let addr = host_port(&c.url);
+    let to = Duration::from_secs_f64(a.timeout.min(c.max_time));
+    let barrier = Arc::new(Barrier::new(a.attempts + 1));
+    let release = Arc::new(tokio::sync::watch::channel(false).0);
+    let (otx, mut orx) = tokio::sync::mpsc::unbounded_channel::<(u8, u64, String)>();
+    let mut tasks = Vec::new();
+    for _ in 0..a.attempts {
+        let (addr, url, barrier, otx) = (addr.clone(), c.url.clone(), barrier.clone(), otx.clone());
+        let mut rel = release.subscribe();
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            let t = Instant::now();
+            let o = open_timeout(&addr, &url, to).await;
+            let dt = t.elapsed().as_nanos() as u64;
+            match o {
+                Open::Upgraded(ws) => {
+                    let _ = otx.send((0, dt, String::new()));
+                    // hold the slot until every attempt has an outcome (bounded)
+                    let _ = tokio::time::timeout(to * 3, rel.wait_for(|v| *v)).await;
+                    drop(ws);
+                }
+                Open::Status(503) => {
+                    let _ = otx.send((1, dt, String::new()));
+                }
+                Open::Status(s) => {
+                    let _ = otx.send((2, dt, format!("status {s}")));
+                }
+                Open::Failed(e) if e == "timeout" => {
+                    let _ = otx.send((3, dt, e));
+                }
+                Open::Failed(e) => {
+                    let _ = otx.send((4, dt, e));
+                }
+            }
+        }));
+    }
+    drop(otx);
+    let p0 = snap(&c.proxy_pid);
+    barrier.wait().await;
+    let t0 = Instant::now();
+    let (mut admitted, mut rejected, mut other, mut hung, mut errs) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut h101, mut h503) = (new_hist(), new_hist());
+    let mut kinds: HashMap<String, u64> = HashMap::new();
+    let mut got = 0usize;
+    while got < a.attempts {
+        let Ok(Some((k, dt, e))) = tokio::time::timeout(to * 2, orx.recv()).await else {
+            break;
+        };
+        got += 1;
+        match k {
+            0 => {
+                admitted += 1;
+                let _ = h101.record(dt.max(1));
+            }
+            1 => {
+                rejected += 1;
+                let _ = h503.record(dt.max(1));
+            }
+            2 => other += 1,
+            3 => hung += 1,
+            _ => errs += 1,
+        }
+        if !e.is_empty() {
+            *kinds.entry(e).or_default() += 1;
+        }
+    }
+    let el = t0.elapsed().as_secs_f64();
+    let p1 = snap(&c.proxy_pid);
+    let _ = release.send(true);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
+    let cpu = cpu_delta(p0, p1);
+    hung += (a.attempts - got) as u64;
+    let mut ok = hung == 0 && errs == 0 && other == 0 && admitted > 0;
+    if a.cap > 0 {
+        ok = ok && admitted <= a.cap as u64;
+    }
+    emit(
+        "cap",
+        c,
+        ok,
+        json!({
+            "attempts": a.attempts, "cap": a.cap, "admitted": admitted, "rejected_503": rejected,
+            "other_status": other, "hung": hung, "errors": errs, "failure_kinds": kinds,
+            "elapsed_s": round3(el),
+            "t503_p50_us": us(&h503, 0.5), "t503_p99_us": us(&h503, 0.99), "t503_max_us": us(&h503, 1.0),
+            "t101_p50_us": us(&h101, 0.5), "t101_p99_us": us(&h101, 0.99),
+            "proxy_cpu_s": opt(cpu),
+            "cpu_us_per_attempt": opt(cpu.map(|c| c * 1e6 / a.attempts.max(1) as f64)),
+        }),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn main() {
+    let cli = Cli::parse();
+    let _ = raise_nofile();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.threads.max(1))
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let ok = rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Echo(a) => match echo_main(a).await {
+                Ok(()) => true,
+                Err(e) => {
+                    eprintln!("echo: {e}");
+                    false
+                }
+            },
+            Cmd::Latency(a) => latency(a).await,
+            Cmd::Throughput(a) => throughput(a).await,
+            Cmd::Handshake(a) => handshake(a).await,
+            Cmd::Idle(a) => idle(a).await,
+            Cmd::Cap(a) => cap(a).await,
+        }
+    });
+    // Do not wait for lingering tasks (held sockets) to wind down.
+    rt.shutdown_timeout(Duration::from_millis(200));
+    std::process::exit(if ok { 0 } else { 1 });
+}
+
