@@ -1,0 +1,497 @@
+#!/usr/bin/env python3
+"""Aggregate benches/run.sh results (one JSON line per measurement) into BENCHMARKS.md + an SVG.
+
+Python 3 standard library only. Usage:
+    aggregate.py --results DIR [--markdown BENCHMARKS.md] [--svg benches/benchmarks.svg] [--check]
+DIR holds results.jsonl and env.txt as written by run.sh. --check exits 1 unless every
+(mode, target) measurement that was attempted reported ok=true (used by run.sh --smoke).
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import statistics
+import sys
+from collections import defaultdict
+
+PEERS = ("nginx", "haproxy")
+ORDER = ("direct", "wsgate", "nginx", "haproxy")
+COLORS = {"direct": "#9e9e9e", "wsgate": "#1f77b4", "nginx": "#2ca02c", "haproxy": "#d62728"}
+
+
+def variant(r: dict) -> str:
+    m = r.get("mode", "?")
+    if m == "latency":
+        return f"latency c={r.get('conns', '?')}"
+    if m == "idle":
+        return f"idle n={r.get('count', '?')}"
+    return m
+
+
+# (variant prefix, field, label, unit, higher_is_better, scale)
+METRICS = {
+    "latency": [
+        ("msgs_per_s", "msgs/s", "", True, 1),
+        ("p50_us", "RTT p50", "µs", False, 1),
+        ("p99_us", "RTT p99", "µs", False, 1),
+        ("cpu_us_per_msg", "proxy CPU/msg", "µs", False, 1),
+    ],
+    "throughput": [
+        ("mb_per_s", "MB/s echoed", "MB/s", True, 1),
+        ("cpu_s_per_gb", "proxy CPU/GB proxied", "s", False, 1),
+    ],
+    "handshake": [
+        ("upgrades_per_s", "upgrades/s", "", True, 1),
+        ("upgrade_p99_us", "upgrade p99", "µs", False, 1),
+        ("failures", "failures", "", False, 1),
+        ("cpu_us_per_upgrade", "proxy CPU/upgrade", "µs", False, 1),
+    ],
+    "idle": [
+        ("held", "held", "", True, 1),
+        ("rss_bytes_per_conn", "RSS/conn", "KiB", False, 1 / 1024),
+        ("fds_per_conn", "fds/conn", "", False, 1),
+        ("cpu_us_per_conn", "proxy CPU/conn set-up", "µs", False, 1),
+    ],
+    "cap": [
+        ("admitted", "admitted", "", None, 1),
+        ("rejected_503", "503", "", None, 1),
+        ("hung", "hung", "", False, 1),
+        ("t503_p50_us", "time-to-503 p50", "µs", False, 1),
+        ("t503_p99_us", "time-to-503 p99", "µs", False, 1),
+        ("cpu_us_per_attempt", "proxy CPU/attempt", "µs", False, 1),
+    ],
+}
+
+
+def load(dirname: str):
+    rows = []
+    with open(os.path.join(dirname, "results.jsonl")) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    rows.append({"mode": "?", "target": "?", "ok": False, "error": line[:200]})
+    env = {}
+    p = os.path.join(dirname, "env.txt")
+    if os.path.exists(p):
+        for line in open(p):
+            if "=" in line:
+                k, v = line.rstrip("\n").split("=", 1)
+                env[k] = v
+    return rows, env
+
+
+def fmt(x, unit_scale=1.0):
+    if x is None:
+        return "–"
+    x = x * unit_scale
+    a = abs(x)
+    if a >= 1000:
+        return f"{x:,.0f}"
+    if a >= 100:
+        return f"{x:.0f}"
+    if a >= 10:
+        return f"{x:.1f}"
+    if a >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3f}"
+
+
+class Stats:
+    def __init__(self, rows):
+        # values[variant][target][field] = [per-round values]
+        self.values = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+        self.fail = defaultdict(lambda: defaultdict(int))
+        self.runs = defaultdict(lambda: defaultdict(int))
+        for r in rows:
+            v, t = variant(r), r.get("target", "?")
+            self.runs[v][t] += 1
+            if not r.get("ok"):
+                self.fail[v][t] += 1
+            for k, x in r.items():
+                if isinstance(x, (int, float)) and not isinstance(x, bool):
+                    self.values[v][t][k].append(float(x))
+
+    def med(self, v, t, f):
+        xs = self.values.get(v, {}).get(t, {}).get(f)
+        return statistics.median(xs) if xs else None
+
+    def rng(self, v, t, f):
+        xs = self.values.get(v, {}).get(t, {}).get(f)
+        return (min(xs), max(xs)) if xs else None
+
+    def best_peer(self, v, f, higher):
+        cands = [(p, self.med(v, p, f)) for p in PEERS]
+        cands = [(p, x) for p, x in cands if x is not None]
+        if not cands:
+            return None, None
+        return (max if higher else min)(cands, key=lambda c: c[1])
+
+
+def variants_sorted(stats):
+    def key(v):
+        mode = v.split(" ")[0]
+        order = ["latency", "throughput", "handshake", "idle", "cap"]
+        n = 0
+        if "=" in v:
+            try:
+                n = int(v.split("=")[1])
+            except ValueError:
+                n = 0
+        return (order.index(mode) if mode in order else 99, n)
+
+    return sorted(stats.values.keys() | stats.runs.keys(), key=key)
+
+
+def cell(stats, v, t, f, scale):
+    m = stats.med(v, t, f)
+    if m is None:
+        return "–"
+    lo, hi = stats.rng(v, t, f)
+    if len(stats.values[v][t][f]) > 1 and lo != hi:
+        return f"{fmt(m, scale)} ({fmt(lo, scale)}..{fmt(hi, scale)})"
+    return fmt(m, scale)
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def targets_table(stats, env):
+    """The issue's targets: list of (target text, measured text, verdict)."""
+    out = []
+    has_ws = any("wsgate" in stats.values[v] for v in stats.values)
+
+    def row(text, v, f, higher, factor, against="peer"):
+        w = stats.med(v, "wsgate", f)
+        if against == "peer":
+            bp, b = stats.best_peer(v, f, higher)
+            who = bp
+        else:
+            bp, b = against, stats.med(v, against, f)
+            who = against
+        r = ratio(w, b)
+        if w is None or b is None:
+            out.append((text, "n/a (wsgate not measured)" if not has_ws else "n/a", "not measured"))
+            return
+        ok = (r >= factor) if higher else (r <= factor)
+        out.append((text, f"wsgate {fmt(w)} vs {who} {fmt(b)}: **{r:.2f}×**", "met" if ok else "**missed**"))
+
+    row("Small messages, C=64: msgs/s ≥ 1.15× better peer", "latency c=64", "msgs_per_s", True, 1.15)
+    row("Small messages, C=64: p99 ≤ 0.85× better peer", "latency c=64", "p99_us", False, 0.85)
+    row("Bulk throughput ≥ 1.3× better peer", "throughput", "mb_per_s", True, 1.3)
+    row("Upgrades/s ≥ 1.1× better peer", "handshake", "upgrades_per_s", True, 1.1)
+    row("Over-cap 503 p50 at least as fast as NGINX", "cap", "t503_p50_us", False, 1.0, against="nginx")
+    row("Over-cap 503 p99 at least as fast as NGINX", "cap", "t503_p99_us", False, 1.0, against="nginx")
+    row("CPU per message (C=64) ≤ 0.8× better peer", "latency c=64", "cpu_us_per_msg", False, 0.8)
+    row("CPU per GB ≤ 0.8× better peer", "throughput", "cpu_s_per_gb", False, 0.8)
+    row("CPU per upgrade ≤ 0.8× better peer", "handshake", "cpu_us_per_upgrade", False, 0.8)
+    idle_vs = [v for v in stats.values if v.startswith("idle")]
+    for v in sorted(idle_vs, key=lambda s: int(s.split("=")[1]) if s.split("=")[1].isdigit() else 0):
+        w = stats.med(v, "wsgate", "rss_bytes_per_conn")
+        if w is None:
+            out.append((f"Idle memory ≤ 4 KiB/conn ({v})", "n/a", "not measured"))
+        else:
+            out.append((f"Idle memory ≤ 4 KiB/conn ({v})", f"{fmt(w / 1024)} KiB/conn",
+                        "met" if w <= 4096 else "**missed**"))
+    if idle_vs:
+        vmax = max(idle_vs, key=lambda s: int(s.split("=")[1]) if s.split("=")[1].isdigit() else 0)
+        n = int(vmax.split("=")[1])
+        held = stats.med(vmax, "wsgate", "held")
+        if held is None:
+            out.append((f"Scale: hold {n:,} idle proxied connections", "n/a", "not measured"))
+        else:
+            out.append((f"Scale: hold {n:,} idle proxied connections (descriptor limit {env.get('nofile_hard', '?')})",
+                        f"held {fmt(held)}", "met" if held >= n else "**missed**"))
+    cap = env.get("cap", "?")
+    adm = stats.rng("cap", "wsgate", "admitted")
+    hung = stats.med("cap", "wsgate", "hung")
+    if adm is None:
+        out.append((f"Cap {cap}: admitted ≤ cap, none hung", "n/a", "not measured"))
+    else:
+        ok = cap.isdigit() and adm[1] <= int(cap) and (hung or 0) == 0
+        out.append((f"Cap {cap}: admitted ≤ cap, none hung", f"admitted {fmt(adm[0])}..{fmt(adm[1])}, hung {fmt(hung)}",
+                    "met" if ok else "**missed**"))
+    return out
+
+
+def scale_lines(stats):
+    """Per-connection slope between the smallest and largest idle counts: cost of 100k."""
+    lines = []
+    idle_vs = [v for v in stats.values if v.startswith("idle")]
+    pts = []
+    for v in idle_vs:
+        try:
+            pts.append((int(v.split("=")[1]), v))
+        except ValueError:
+            pass
+    if len(pts) < 2:
+        return lines
+    pts.sort()
+    (n0, v0), (n1, v1) = pts[0], pts[-1]
+    for t in ("wsgate",) + PEERS:
+        a, b = stats.med(v0, t, "rss_kib"), stats.med(v1, t, "rss_kib")
+        base = stats.med(v1, t, "rss_base_kib")
+        if a is None or b is None or n1 == n0:
+            continue
+        slope = (b - a) * 1024 / (n1 - n0)
+        est = (base or 0) * 1024 + slope * 100_000
+        lines.append(f"| {t} | {fmt(slope / 1024)} KiB | {fmt(est / 2**20)} MiB |")
+    return lines
+
+
+def write_markdown(path, stats, env, rows, svg_rel):
+    L = []
+    A = L.append
+    A("# Benchmarks")
+    A("")
+    A(f"Generated by `benches/run.sh` on {env.get('date', '?')} (git `{env.get('git', '?')}`), "
+      f"{env.get('rounds', '?')} interleaved rounds. Regenerate with the same command; do not edit by hand.")
+    A("")
+    A("```sh")
+    A("benches/run.sh            # full run: builds, installs nginx+haproxy if missing, writes this file")
+    A("benches/run.sh --smoke    # < 1 min, every mode at tiny sizes, non-zero exit on failure")
+    A("```")
+    A("")
+    targets = env.get("targets", "").split()
+    if "wsgate" not in targets:
+        A("> **wsgate is not in this run** (its binary was not available when the run started); "
+          "the table shows the harness against the echo upstream directly and the two peers.")
+        A("")
+    A("## Environment")
+    A("")
+    A("| | |")
+    A("| --- | --- |")
+    for k, label in [("cpu", "CPU"), ("cores", "cores"), ("kernel", "kernel"), ("nofile_hard", "RLIMIT_NOFILE hard"),
+                     ("wsgate", "wsgate"), ("nginx", "nginx"), ("haproxy", "HAProxy"), ("rustc", "rustc"),
+                     ("targets", "targets"), ("rounds", "rounds")]:
+        A(f"| {label} | {env.get(k, '?') or '–'} |")
+    A("")
+    A("Everything (load generator, echo upstream, proxy) shares the same 2 cores at the same `nice` "
+      "level, on loopback. Absolute numbers are therefore low and noisy; the ratios within one run are "
+      "the point, and the per-unit **CPU time of the proxy process** (utime+stime from `/proc/PID/stat`, "
+      "summed over the process tree for nginx's workers) is the fairest figure.")
+    A("")
+    A("## Set-up")
+    A("")
+    A("| target | how it runs |")
+    A("| --- | --- |")
+    A("| direct | the load generator talks to the echo upstream itself: the ceiling |")
+    A("| wsgate | `target/release/wsgate` with `WSGATE_UPSTREAM=<echo>` `WSGATE_LISTEN=127.0.0.1:0` "
+      "`WSGATE_ADMIN_LISTEN=127.0.0.1:0` `WSGATE_MAX_CLIENTS=<cap or 0>`, everything else default |")
+    A("| nginx | `benches/conf/nginx.conf.tmpl`: `worker_processes 2`, `worker_connections 20000`, "
+      "`worker_rlimit_nofile 20000`, `proxy_http_version 1.1` + Upgrade/Connection headers, "
+      "`proxy_buffering off`, `proxy_buffer_size 4k` (default: one page per direction once upgraded), "
+      "`tcp_nodelay on`, `access_log off`, `backlog=4096`; cap mode: `limit_conn_zone $server_addr` + "
+      f"`limit_conn wscap {env.get('cap', 'K')}` + `limit_conn_status 503` |")
+    A("| haproxy | `benches/conf/haproxy.cfg.tmpl`: one process, `nbthread 2`, `maxconn 9900`, "
+      "`tune.bufsize 16384` (default; buffers are taken from a pool only while data is in flight), "
+      "`timeout tunnel 1h`, no logging; cap mode: `http-request deny deny_status 503 if "
+      f"{{ srv_conn(be/echo) ge {env.get('cap', 'K')} }}` plus server `maxconn {env.get('cap', 'K')}` "
+      "(`timeout queue 1s` for the few that race past the ACL) |")
+    A("")
+    A("Echo upstream: `wsgate-bench echo`, a hand-rolled frame-level echo (no message reassembly, "
+      "64 KiB+ reads, `TCP_NODELAY`, tokio multi-thread, 2 workers); a fresh echo and a fresh proxy "
+      "process are started for every single measurement and stopped by PID afterwards. The order of the "
+      "targets rotates each round (A B C D, B C D A, ...).")
+    A("")
+    A("| mode | what is measured |")
+    A("| --- | --- |")
+    A("| latency c=1 / c=64 | C connections, each sends a 32-byte binary message and awaits its echo, "
+      "3 s: msgs/s, RTT percentiles (HDR histogram), proxy CPU µs per message |")
+    A("| throughput | 4 connections × 8 in-flight 64 KiB binary messages, 3 s: MB/s of payload echoed back; "
+      "CPU s per GB proxied (each echoed byte crosses the proxy twice) |")
+    A("| handshake | 3,000 × (connect, upgrade, close handshake), 64 at a time: upgrades/s, failures, "
+      "proxy CPU µs per upgrade |")
+    A(f"| idle n=N | fresh proxy, open N upgraded connections and hold them idle, 1 s settle: "
+      f"(VmRSS after − VmRSS before) / N, fds / N; 8 of them must still echo afterwards. "
+      f"N up to {env.get('idle_max', '?')} (a proxied connection costs the proxy 2 descriptors of "
+      f"the {env.get('nofile_hard', '?')} allowed) |")
+    A(f"| cap | proxy capped at {env.get('cap', 'K')}: 4,000 upgrades launched at once, admitted ones held "
+      "until all have an answer: admitted, 503, hung (no answer in 5 s), time to the 503 |")
+    A("")
+    A("## Results")
+    A("")
+    A("Median across rounds, (min..max) when they differ. Ratios: wsgate ÷ direct and wsgate ÷ the better "
+      "of nginx/haproxy for that row (for lower-is-better metrics a ratio below 1 is a win).")
+    A("")
+    for v in variants_sorted(stats):
+        mode = v.split(" ")[0]
+        mets = METRICS.get(mode)
+        if not mets:
+            continue
+        present = [t for t in ORDER if t in stats.runs[v]]
+        A(f"### {v}")
+        A("")
+        hdr = ["target"] + [f"{lab}" + (f" ({unit})" if unit else "") for _, lab, unit, _, _ in mets] + ["runs ok"]
+        A("| " + " | ".join(hdr) + " |")
+        A("|" + " --- |" * len(hdr))
+        for t in present:
+            cells = [t] + [cell(stats, v, t, f, sc) for f, _, _, _, sc in mets]
+            cells.append(f"{stats.runs[v][t] - stats.fail[v][t]}/{stats.runs[v][t]}")
+            A("| " + " | ".join(cells) + " |")
+        if "wsgate" in present:
+            rc = ["**wsgate ÷ direct**"]
+            rp = ["**wsgate ÷ better peer**"]
+            for f, _, _, higher, _ in mets:
+                w = stats.med(v, "wsgate", f)
+                d = stats.med(v, "direct", f)
+                r = ratio(w, d)
+                rc.append(f"{r:.2f}×" if r is not None else "–")
+                if higher is None:
+                    rp.append("–")
+                    continue
+                bp, b = stats.best_peer(v, f, higher)
+                r = ratio(w, b)
+                rp.append(f"{r:.2f}× ({bp})" if r is not None else "–")
+            rc.append("")
+            rp.append("")
+            A("| " + " | ".join(rc) + " |")
+            A("| " + " | ".join(rp) + " |")
+        A("")
+    sl = scale_lines(stats)
+    if sl:
+        A("### Idle memory slope and the cost of 100,000 connections")
+        A("")
+        A("Slope of the proxy's RSS between the smallest and the largest idle count, and what 100,000 idle "
+          "connections would take by that slope (plus the base RSS). Descriptors are the other limit: "
+          "100,000 proxied connections need RLIMIT_NOFILE ≥ 200,000 in the proxy.")
+        A("")
+        A("| target | RSS per connection (slope) | estimated RSS at 100,000 |")
+        A("| --- | --- | --- |")
+        L.extend(sl)
+        A("")
+    A("## Targets of issue 4")
+    A("")
+    A("| target | measured (medians) | verdict |")
+    A("| --- | --- | --- |")
+    for text, meas, verdict in targets_table(stats, env):
+        A(f"| {text} | {meas} | {verdict} |")
+    A("")
+    A("## Plot")
+    A("")
+    A(f"![medians per target, whiskers min..max]({svg_rel})")
+    A("")
+    failed = [r for r in rows if not r.get("ok")]
+    if failed:
+        A("## Failed measurements")
+        A("")
+        A("A failed measurement still contributes the figures it printed; these are the ones that did not pass "
+          "their own checks (errors, failures, hung attempts, admitted above the cap):")
+        A("")
+        for r in failed[:40]:
+            keep = {k: r[k] for k in ("mode", "target", "round", "conns", "count", "errors", "failures",
+                                      "failure_kinds", "hung", "admitted", "first_error", "error") if k in r}
+            A(f"- `{json.dumps(keep, ensure_ascii=False)}`")
+        A("")
+    A("## Raw data")
+    A("")
+    A("One JSON line per measurement: [`benches/last-run.jsonl`](benches/last-run.jsonl); environment: "
+      "[`benches/last-run.env`](benches/last-run.env). The tool: `benches/wsgate-bench` "
+      "(`wsgate-bench --help`). Not part of CI's pass/fail (it is noisy); `benches/run.sh --smoke` can be.")
+    A("")
+    with open(path, "w") as f:
+        f.write("\n".join(L))
+
+
+PLOT = [
+    ("latency c=1", "msgs_per_s", "latency c=1: msgs/s", True, 1),
+    ("latency c=64", "msgs_per_s", "latency c=64: msgs/s", True, 1),
+    ("latency c=64", "p99_us", "latency c=64: RTT p99 (µs)", False, 1),
+    ("latency c=64", "cpu_us_per_msg", "proxy CPU per msg (µs)", False, 1),
+    ("throughput", "mb_per_s", "throughput (MB/s)", True, 1),
+    ("throughput", "cpu_s_per_gb", "proxy CPU per GB (s)", False, 1),
+    ("handshake", "upgrades_per_s", "upgrades/s", True, 1),
+    ("handshake", "cpu_us_per_upgrade", "proxy CPU per upgrade (µs)", False, 1),
+    ("cap", "t503_p99_us", "time-to-503 p99 (µs)", False, 1),
+]
+
+
+def write_svg(path, stats):
+    panels = list(PLOT)
+    idle_vs = sorted([v for v in stats.values if v.startswith("idle")],
+                     key=lambda s: int(s.split("=")[1]) if s.split("=")[1].isdigit() else 0)
+    for v in idle_vs:
+        panels.append((v, "rss_bytes_per_conn", f"{v}: proxy RSS per conn (KiB)", False, 1 / 1024))
+    cols = 3
+    pw, ph = 330, 40 + 26 * len(ORDER)
+    rows_n = (len(panels) + cols - 1) // cols
+    W, H = cols * pw + 20, rows_n * (ph + 20) + 50
+    o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
+         f'font-family="sans-serif" font-size="11">',
+         f'<rect width="{W}" height="{H}" fill="white"/>',
+         '<text x="10" y="20" font-size="14" font-weight="bold">wsgate vs nginx vs haproxy '
+         '(medians, whiskers = min..max across rounds; ↑ higher is better, ↓ lower is better)</text>']
+    for i, (v, f, title, higher, sc) in enumerate(panels):
+        x0 = 10 + (i % cols) * pw
+        y0 = 35 + (i // cols) * (ph + 20)
+        arrow = "↑" if higher else "↓"
+        o.append(f'<text x="{x0}" y="{y0 + 14}" font-weight="bold">{html.escape(title)} {arrow}</text>')
+        vals = []
+        for t in ORDER:
+            m = stats.med(v, t, f)
+            r = stats.rng(v, t, f)
+            if m is not None:
+                vals.append((t, m * sc, (r[0] * sc, r[1] * sc)))
+        if not vals:
+            o.append(f'<text x="{x0}" y="{y0 + 36}" fill="#888">no data</text>')
+            continue
+        vmax = max(max(x[2][1], x[1]) for x in vals) or 1
+        bx, bw = x0 + 60, pw - 130
+        for j, (t, m, (lo, hi)) in enumerate(vals):
+            y = y0 + 24 + j * 26
+            w = max(1.0, bw * m / vmax)
+            o.append(f'<text x="{x0}" y="{y + 13}">{t}</text>')
+            o.append(f'<rect x="{bx}" y="{y}" width="{w:.1f}" height="18" fill="{COLORS[t]}"/>')
+            if hi > lo:
+                xl, xh = bx + bw * lo / vmax, bx + bw * hi / vmax
+                o.append(f'<line x1="{xl:.1f}" y1="{y + 9}" x2="{xh:.1f}" y2="{y + 9}" stroke="black"/>')
+                o.append(f'<line x1="{xl:.1f}" y1="{y + 4}" x2="{xl:.1f}" y2="{y + 14}" stroke="black"/>')
+                o.append(f'<line x1="{xh:.1f}" y1="{y + 4}" x2="{xh:.1f}" y2="{y + 14}" stroke="black"/>')
+            o.append(f'<text x="{bx + max(w, bw * hi / vmax) + 4:.1f}" y="{y + 13}">{fmt(m)}</text>')
+    o.append("</svg>")
+    with open(path, "w") as fh:
+        fh.write("\n".join(o) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--results", required=True)
+    ap.add_argument("--markdown")
+    ap.add_argument("--svg")
+    ap.add_argument("--check", action="store_true")
+    a = ap.parse_args()
+    rows, env = load(a.results)
+    stats = Stats(rows)
+    if a.svg:
+        write_svg(a.svg, stats)
+    if a.markdown:
+        svg_rel = os.path.relpath(a.svg, os.path.dirname(os.path.abspath(a.markdown))) if a.svg else ""
+        write_markdown(a.markdown, stats, env, rows, svg_rel)
+    if a.check:
+        bad = [r for r in rows if not r.get("ok")]
+        for r in bad:
+            print("FAILED:", json.dumps(r), file=sys.stderr)
+        if not rows:
+            print("no results", file=sys.stderr)
+        # every active target must have produced every mode
+        expected = set(env.get("targets", "").split())
+        modes = {variant(r) for r in rows}
+        for mv in modes:
+            got = {r.get("target") for r in rows if variant(r) == mv}
+            want = expected - ({"direct"} if mv.startswith(("idle", "cap")) else set())
+            if want - got:
+                print(f"missing {mv} for {sorted(want - got)}", file=sys.stderr)
+                bad.append({})
+        return 1 if (bad or not rows) else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

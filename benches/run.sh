@@ -1,0 +1,311 @@
+#!/usr/bin/env bash
+# benches/run.sh — wsgate side by side with NGINX and HAProxy (issue 4).
+#
+#   benches/run.sh                 full run (≈6-10 min on 2 cores): builds wsgate and the bench
+#                                  tool, installs nginx+haproxy from Debian if missing, runs every
+#                                  mode against direct / wsgate / nginx / haproxy interleaved
+#                                  round by round, writes BENCHMARKS.md and benches/benchmarks.svg
+#   benches/run.sh --smoke         every mode at tiny sizes (< ~60 s), exits non-zero if a mode
+#                                  fails; writes nothing into the repo (for CI)
+#
+# Options:  --rounds N (default 3)   --targets "direct wsgate nginx haproxy"
+#           --no-build (use the binaries already built)   --out DIR (raw results directory)
+# Env:      CAP (cap-mode limit, default 1000)  IDLE_MAX (default: from the descriptor limit)
+#
+# Everything runs on 127.0.0.1 only; every load mode is bounded in count and time; the script
+# starts its own echo upstream and its own nginx/haproxy/wsgate instances on ephemeral loopback
+# ports (never the system services) and stops exactly those, by PID.
+set -euo pipefail
+
+# Same niceness for every process of the run (generator, echo, proxies): the machine is shared.
+if [[ "$(nice)" == "0" && -z "${WSGATE_BENCH_NO_NICE:-}" ]]; then
+    exec nice -n 10 "$0" "$@"
+fi
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BENCHES="$ROOT/benches"
+SMOKE=0
+BUILD=1
+ROUNDS=3
+TARGETS="direct wsgate nginx haproxy"
+OUT=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --smoke) SMOKE=1 ;;
+        --no-build) BUILD=0 ;;
+        --rounds) ROUNDS="$2"; shift ;;
+        --targets) TARGETS="$2"; shift ;;
+        --out) OUT="$2"; shift ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+CAP="${CAP:-1000}"
+if [[ $SMOKE == 1 ]]; then ROUNDS=1; CAP="${CAP_SMOKE:-20}"; fi
+
+log() { printf '[run.sh %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+
+# ---------------------------------------------------------------------------------------------
+# build
+BENCH="$BENCHES/wsgate-bench/target/release/wsgate-bench"
+WSGATE="$ROOT/target/release/wsgate"
+if [[ $BUILD == 1 ]]; then
+    log "building wsgate-bench"
+    (cd "$BENCHES/wsgate-bench" && cargo build --release --quiet)
+    if [[ " $TARGETS " == *" wsgate "* ]]; then
+        log "building wsgate (cargo build --release at the repo root)"
+        if ! (cd "$ROOT" && cargo build --release --quiet --bin wsgate); then
+            log "WARNING: wsgate does not build; it is left out of this run"
+        fi
+    fi
+fi
+[[ -x "$BENCH" ]] || { log "missing $BENCH (run without --no-build)"; exit 1; }
+
+# ---------------------------------------------------------------------------------------------
+# peers
+need_pkgs=()
+if [[ " $TARGETS " == *" nginx "* ]] && ! command -v nginx >/dev/null; then need_pkgs+=(nginx); fi
+if [[ " $TARGETS " == *" haproxy "* ]] && ! command -v haproxy >/dev/null; then need_pkgs+=(haproxy); fi
+if [[ ${#need_pkgs[@]} -gt 0 ]]; then
+    log "installing ${need_pkgs[*]} from Debian"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+    # the packages' own service is not ours to run: make sure none was left running
+    for svc in "${need_pkgs[@]}"; do
+        if command -v service >/dev/null; then service "$svc" stop >/dev/null 2>&1 || true; fi
+    done
+fi
+NGINX="$(command -v nginx || true)"; [[ -z "$NGINX" && -x /usr/sbin/nginx ]] && NGINX=/usr/sbin/nginx
+HAPROXY="$(command -v haproxy || true)"; [[ -z "$HAPROXY" && -x /usr/sbin/haproxy ]] && HAPROXY=/usr/sbin/haproxy
+
+active=()
+for t in $TARGETS; do
+    case "$t" in
+        direct) active+=(direct) ;;
+        wsgate) if [[ -x "$WSGATE" ]]; then active+=(wsgate); else log "WARNING: $WSGATE missing: wsgate left out"; fi ;;
+        nginx) if [[ -n "$NGINX" ]]; then active+=(nginx); else log "WARNING: nginx missing"; fi ;;
+        haproxy) if [[ -n "$HAPROXY" ]]; then active+=(haproxy); else log "WARNING: haproxy missing"; fi ;;
+        *) log "unknown target $t"; exit 2 ;;
+    esac
+done
+
+# ---------------------------------------------------------------------------------------------
+# scratch space and cleanup of exactly what we started
+WORK="$(mktemp -d /tmp/wsgate-bench.XXXXXX)"
+if [[ -z "$OUT" ]]; then
+    if [[ $SMOKE == 1 ]]; then OUT="$WORK/results"; else OUT="$BENCHES/results/$(date -u +%Y%m%dT%H%M%SZ)"; fi
+fi
+mkdir -p "$OUT"
+RESULTS="$OUT/results.jsonl"
+: > "$RESULTS"
+STARTED=()   # PIDs we started and have not stopped yet
+
+is_gone() { # pid -> true when exited (or a zombie)
+    local st
+    st="$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null || true)"
+    [[ -z "$st" || "$st" == Z ]]
+}
+stop_pid() { # pid [signal]
+    local pid="$1" i
+    kill -"${2:-TERM}" "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+    for i in $(seq 1 30); do
+        if is_gone "$pid"; then wait "$pid" 2>/dev/null || true; return 0; fi
+        sleep 0.1
+        # second TERM makes wsgate skip its grace period
+        [[ $i == 15 ]] && kill -TERM "$pid" 2>/dev/null || true
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+forget_pid() { local p="$1" n=() x; for x in "${STARTED[@]}"; do [[ "$x" != "$p" ]] && n+=("$x"); done; STARTED=("${n[@]}"); }
+cleanup() {
+    local p
+    for p in "${STARTED[@]}"; do
+        # nginx: its workers are children of the master we started
+        for c in $(pgrep -P "$p" 2>/dev/null || true); do kill -KILL "$c" 2>/dev/null || true; done
+        stop_pid "$p" KILL
+    done
+    [[ $SMOKE == 1 || -n "${KEEP_WORK:-}" ]] || rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+wait_port() { # port -> 0 once it accepts (bounded 5 s)
+    local i
+    for i in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        sleep 0.05
+    done
+    return 1
+}
+wait_line() { # file pattern -> prints the value after addr= (bounded 10 s)
+    local i v
+    for i in $(seq 1 200); do
+        v="$(sed 's/\x1b\[[0-9;]*m//g' "$1" 2>/dev/null | grep -m1 "$2" | sed -n 's/.*addr=\([0-9.:]*\).*/\1/p' || true)"
+        if [[ -n "$v" ]]; then echo "$v"; return 0; fi
+        sleep 0.05
+    done
+    return 1
+}
+
+ECHO_PID=""; ECHO_ADDR=""
+start_echo() {
+    "$BENCH" echo --listen 127.0.0.1:0 > "$WORK/echo.out" 2> "$WORK/echo.err" &
+    ECHO_PID=$!; STARTED+=("$ECHO_PID")
+    ECHO_ADDR="$(wait_line "$WORK/echo.out" 'echo listening')" || { log "echo did not start"; return 1; }
+}
+stop_echo() { [[ -n "$ECHO_PID" ]] && { stop_pid "$ECHO_PID"; forget_pid "$ECHO_PID"; ECHO_PID=""; }; }
+
+PROXY_PID=""; PROXY_URL=""; PROXY_NAME=""
+start_proxy() { # target cap(0=none)
+    local t="$1" cap="$2" port dir caplines srvopts echo_port="${ECHO_ADDR##*:}"
+    PROXY_NAME="$t"; PROXY_PID=""
+    case "$t" in
+        direct)
+            PROXY_URL="ws://$ECHO_ADDR/" ;;
+        wsgate)
+            WSGATE_UPSTREAM="$ECHO_ADDR" WSGATE_LISTEN=127.0.0.1:0 WSGATE_ADMIN_LISTEN=127.0.0.1:0 \
+                WSGATE_MAX_CLIENTS="$cap" "$WSGATE" > "$WORK/wsgate.out" 2> "$WORK/wsgate.err" &
+            PROXY_PID=$!; STARTED+=("$PROXY_PID")
+            local a
+            a="$(wait_line "$WORK/wsgate.err" 'proxy listening')" \
+                || a="$(wait_line "$WORK/wsgate.out" 'proxy listening')" \
+                || { log "wsgate did not start:"; tail -5 "$WORK/wsgate.err" >&2; return 1; }
+            PROXY_URL="ws://$a/" ;;
+        nginx)
+            port="$(free_port)"; dir="$WORK/nginx"; rm -rf "$dir"; mkdir -p "$dir"
+            caplines=""; [[ "$cap" != 0 ]] && caplines="limit_conn wscap $cap; limit_conn_status 503;"
+            sed -e "s#@DIR@#$dir#g; s#@PORT@#$port#g; s#@ECHO_PORT@#$echo_port#g; s#@CAP_LINES@#$caplines#g" \
+                "$BENCHES/conf/nginx.conf.tmpl" > "$dir/nginx.conf"
+            cp "$dir/nginx.conf" "$OUT/nginx.cap$cap.conf"
+            "$NGINX" -p "$dir/" -e "$dir/error.log" -c "$dir/nginx.conf" > "$dir/stdout" 2>&1 &
+            PROXY_PID=$!; STARTED+=("$PROXY_PID")
+            wait_port "$port" || { log "nginx did not start:"; tail -5 "$dir/error.log" >&2; return 1; }
+            PROXY_URL="ws://127.0.0.1:$port/" ;;
+        haproxy)
+            port="$(free_port)"; dir="$WORK/haproxy"; rm -rf "$dir"; mkdir -p "$dir"
+            caplines=""; srvopts=""
+            if [[ "$cap" != 0 ]]; then
+                caplines="http-request deny deny_status 503 if { srv_conn(be\/echo) ge $cap }"
+                srvopts="maxconn $cap"
+            fi
+            sed -e "s#@PORT@#$port#g; s#@ECHO_PORT@#$echo_port#g; s#@CAP_LINES@#$caplines#g; s#@SERVER_OPTS@#$srvopts#g" \
+                "$BENCHES/conf/haproxy.cfg.tmpl" > "$dir/haproxy.cfg"
+            cp "$dir/haproxy.cfg" "$OUT/haproxy.cap$cap.cfg"
+            "$HAPROXY" -db -f "$dir/haproxy.cfg" > "$dir/stdout" 2>&1 &
+            PROXY_PID=$!; STARTED+=("$PROXY_PID")
+            wait_port "$port" || { log "haproxy did not start:"; tail -5 "$dir/stdout" >&2; return 1; }
+            PROXY_URL="ws://127.0.0.1:$port/" ;;
+    esac
+}
+stop_proxy() {
+    [[ -z "$PROXY_PID" ]] && return 0
+    stop_pid "$PROXY_PID"; forget_pid "$PROXY_PID"; PROXY_PID=""
+}
+
+FAILS=0
+# run_one round target mode cap -- bench args...
+run_one() {
+    local round="$1" t="$2" mode="$3" cap="$4"; shift 5
+    local rc=0 line pids=""
+    if ! start_echo; then FAILS=$((FAILS + 1)); return; fi
+    if ! start_proxy "$t" "$cap"; then
+        printf '{"mode":"%s","target":"%s","round":%s,"ok":false,"error":"proxy did not start"}\n' "$mode" "$t" "$round" >> "$RESULTS"
+        FAILS=$((FAILS + 1)); stop_proxy; stop_echo; return
+    fi
+    sleep 0.2
+    [[ -n "$PROXY_PID" ]] && pids="--proxy-pid $PROXY_PID"
+    # shellcheck disable=SC2086
+    line="$(timeout 120 "$BENCH" "$mode" --url "$PROXY_URL" $pids --echo-pid "$ECHO_PID" \
+        --target "$t" --round "$round" "$@" 2> "$WORK/bench.err")" || rc=$?
+    if [[ -z "$line" ]]; then
+        line="$(printf '{"mode":"%s","target":"%s","round":%s,"ok":false,"error":"exit %s: %s"}' \
+            "$mode" "$t" "$round" "$rc" "$(head -c 200 "$WORK/bench.err" | tr -d '"\\\n')")"
+    fi
+    # label sub-variants (latency conns, idle count) so the aggregator can tell them apart
+    echo "$line" >> "$RESULTS"
+    if [[ $rc != 0 ]]; then
+        FAILS=$((FAILS + 1)); log "FAILED $mode $t: $line"
+    else
+        log "ok $mode $t: $(echo "$line" | head -c 300)"
+    fi
+    stop_proxy; stop_echo
+}
+
+# ---------------------------------------------------------------------------------------------
+# descriptor budget: a proxied idle connection costs the proxy 2 fds (client + upstream leg)
+HARD_NOFILE="$(ulimit -Hn)"
+[[ "$HARD_NOFILE" == unlimited ]] && HARD_NOFILE=1048576
+IDLE_MAX="${IDLE_MAX:-$(( (HARD_NOFILE - 1000) / 2 / 500 * 500 ))}"
+(( IDLE_MAX > 9000 )) && IDLE_MAX=9000   # haproxy.cfg maxconn is 9900
+
+if [[ $SMOKE == 1 ]]; then
+    LAT=(--duration 0.3); THR=(--duration 0.3 --conns 2 --inflight 4)
+    HS=(--total 50 --conns 8 --max-time 20); IDLE_COUNTS=(100); CAPN=(--attempts 200 --timeout 3)
+    LAT_CONNS=(1 8)
+else
+    LAT=(--duration 3); THR=(--duration 3 --conns 4 --inflight 8)
+    HS=(--total 3000 --conns 64 --max-time 30); IDLE_COUNTS=(1000 4000 "$IDLE_MAX"); CAPN=(--attempts 4000 --timeout 5)
+    LAT_CONNS=(1 64)
+fi
+
+# ---------------------------------------------------------------------------------------------
+# environment record
+{
+    echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+    echo "cores=$(nproc)"
+    echo "kernel=$(uname -r)"
+    echo "nofile_hard=$HARD_NOFILE"
+    echo "nginx=$([[ -n "$NGINX" ]] && "$NGINX" -v 2>&1 | sed 's/.*version: //')"
+    echo "haproxy=$([[ -n "$HAPROXY" ]] && "$HAPROXY" -v 2>/dev/null | head -1 | awk '{print $3}')"
+    echo "wsgate=$([[ -x "$WSGATE" ]] && "$WSGATE" --version 2>/dev/null | head -1)"
+    echo "git=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || true)"
+    echo "rustc=$(rustc --version 2>/dev/null || true)"
+    echo "rounds=$ROUNDS"
+    echo "targets=${active[*]}"
+    echo "cap=$CAP"
+    echo "idle_max=$IDLE_MAX"
+    echo "smoke=$SMOKE"
+} > "$OUT/env.txt"
+
+log "targets: ${active[*]}; rounds: $ROUNDS; results: $RESULTS"
+T0=$(date +%s)
+for ((r = 1; r <= ROUNDS; r++)); do
+    # rotate the order each round so no target always runs first (A B C D, B C D A, ...)
+    order=("${active[@]:$(( (r - 1) % ${#active[@]} ))}" "${active[@]:0:$(( (r - 1) % ${#active[@]} ))}")
+    log "round $r/$ROUNDS: ${order[*]}"
+    for c in "${LAT_CONNS[@]}"; do
+        for t in "${order[@]}"; do run_one "$r" "$t" latency 0 -- --conns "$c" "${LAT[@]}"; done
+    done
+    for t in "${order[@]}"; do run_one "$r" "$t" throughput 0 -- "${THR[@]}"; done
+    for t in "${order[@]}"; do run_one "$r" "$t" handshake 0 -- "${HS[@]}"; done
+    for n in "${IDLE_COUNTS[@]}"; do
+        for t in "${order[@]}"; do
+            [[ "$t" == direct ]] && continue   # no proxy process to weigh
+            run_one "$r" "$t" idle 0 -- --count "$n" --max-time 60
+        done
+    done
+    for t in "${order[@]}"; do
+        [[ "$t" == direct ]] && continue       # nothing enforces a cap
+        run_one "$r" "$t" cap "$CAP" -- --cap "$CAP" "${CAPN[@]}" --max-time 30
+    done
+done
+log "done in $(( $(date +%s) - T0 )) s; $FAILS failed run(s); raw results: $RESULTS"
+
+if [[ $SMOKE == 1 ]]; then
+    python3 "$BENCHES/aggregate.py" --results "$OUT" --check || FAILS=$((FAILS + 1))
+    if [[ $FAILS != 0 ]]; then log "smoke: $FAILS failure(s)"; exit 1; fi
+    log "smoke: all modes passed"
+    exit 0
+fi
+
+python3 "$BENCHES/aggregate.py" --results "$OUT" --markdown "$ROOT/BENCHMARKS.md" --svg "$BENCHES/benchmarks.svg"
+cp "$RESULTS" "$BENCHES/last-run.jsonl"
+cp "$OUT/env.txt" "$BENCHES/last-run.env"
+log "wrote $ROOT/BENCHMARKS.md and $BENCHES/benchmarks.svg"
+[[ $FAILS == 0 ]]
