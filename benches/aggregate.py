@@ -90,6 +90,8 @@ def fmt(x, unit_scale=1.0):
         return "–"
     x = x * unit_scale
     a = abs(x)
+    if float(x).is_integer() and unit_scale == 1:
+        return f"{int(x):,}"
     if a >= 1000:
         return f"{x:,.0f}"
     if a >= 100:
@@ -336,23 +338,26 @@ def write_markdown(path, stats, env, rows, svg_rel):
             cells = [t] + [cell(stats, v, t, f, sc) for f, _, _, _, sc in mets]
             cells.append(f"{stats.runs[v][t] - stats.fail[v][t]}/{stats.runs[v][t]}")
             A("| " + " | ".join(cells) + " |")
+        if "direct" in present:
+            for t in present:
+                if t == "direct":
+                    continue
+                rc = [f"*{t} ÷ direct*"]
+                for f, _, _, higher, _ in mets:
+                    r = ratio(stats.med(v, t, f), stats.med(v, "direct", f))
+                    rc.append(f"{r:.2f}×" if r is not None else "–")
+                rc.append("")
+                A("| " + " | ".join(rc) + " |")
         if "wsgate" in present:
-            rc = ["**wsgate ÷ direct**"]
             rp = ["**wsgate ÷ better peer**"]
             for f, _, _, higher, _ in mets:
-                w = stats.med(v, "wsgate", f)
-                d = stats.med(v, "direct", f)
-                r = ratio(w, d)
-                rc.append(f"{r:.2f}×" if r is not None else "–")
                 if higher is None:
                     rp.append("–")
                     continue
                 bp, b = stats.best_peer(v, f, higher)
                 r = ratio(w, b)
                 rp.append(f"{r:.2f}× ({bp})" if r is not None else "–")
-            rc.append("")
             rp.append("")
-            A("| " + " | ".join(rc) + " |")
             A("| " + " | ".join(rp) + " |")
         A("")
     sl = scale_lines(stats)
