@@ -37,16 +37,19 @@ METRICS = {
         ("p50_us", "RTT p50", "µs", False, 1),
         ("p99_us", "RTT p99", "µs", False, 1),
         ("cpu_us_per_msg", "proxy CPU/msg", "µs", False, 1),
+        ("echo_cpu_us_per_msg", "echo CPU/msg", "µs", None, 1),
     ],
     "throughput": [
         ("mb_per_s", "MB/s echoed", "MB/s", True, 1),
         ("cpu_s_per_gb", "proxy CPU/GB proxied", "s", False, 1),
+        ("echo_cpu_s_per_gb", "echo CPU/GB", "s", None, 1),
     ],
     "handshake": [
         ("upgrades_per_s", "upgrades/s", "", True, 1),
         ("upgrade_p99_us", "upgrade p99", "µs", False, 1),
         ("failures", "failures", "", False, 1),
         ("cpu_us_per_upgrade", "proxy CPU/upgrade", "µs", False, 1),
+        ("echo_cpu_us_per_upgrade", "echo CPU/upgrade", "µs", None, 1),
     ],
     "idle": [
         ("held", "held", "", True, 1),

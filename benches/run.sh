@@ -11,6 +11,7 @@
 # Options:  --rounds N (default 3)   --targets "direct wsgate nginx haproxy"
 #           --no-build (use the binaries already built)   --out DIR (raw results directory)
 # Env:      CAP (cap-mode limit, default 1000)  IDLE_MAX (default: from the descriptor limit)
+#           WSGATE_BIN (default target/release/wsgate; with it set, nothing of wsgate is built)
 #
 # Everything runs on 127.0.0.1 only; every load mode is bounded in count and time; the script
 # starts its own echo upstream and its own nginx/haproxy/wsgate instances on ephemeral loopback
@@ -49,11 +50,11 @@ log() { printf '[run.sh %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 # ---------------------------------------------------------------------------------------------
 # build
 BENCH="$BENCHES/wsgate-bench/target/release/wsgate-bench"
-WSGATE="$ROOT/target/release/wsgate"
+WSGATE="${WSGATE_BIN:-$ROOT/target/release/wsgate}"
 if [[ $BUILD == 1 ]]; then
     log "building wsgate-bench"
     (cd "$BENCHES/wsgate-bench" && cargo build --release --quiet)
-    if [[ " $TARGETS " == *" wsgate "* ]]; then
+    if [[ " $TARGETS " == *" wsgate "* && -z "${WSGATE_BIN:-}" ]]; then
         log "building wsgate (cargo build --release at the repo root)"
         if ! (cd "$ROOT" && cargo build --release --quiet --bin wsgate); then
             log "WARNING: wsgate does not build; it is left out of this run"
@@ -126,7 +127,7 @@ cleanup() {
         for c in $(pgrep -P "$p" 2>/dev/null || true); do kill -KILL "$c" 2>/dev/null || true; done
         stop_pid "$p" KILL
     done
-    [[ $SMOKE == 1 || -n "${KEEP_WORK:-}" ]] || rm -rf "$WORK"
+    [[ -n "${KEEP_WORK:-}" ]] || rm -rf "$WORK"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -226,7 +227,6 @@ run_one() {
         line="$(printf '{"mode":"%s","target":"%s","round":%s,"ok":false,"error":"exit %s: %s"}' \
             "$mode" "$t" "$round" "$rc" "$(head -c 200 "$WORK/bench.err" | tr -d '"\\\n')")"
     fi
-    # label sub-variants (latency conns, idle count) so the aggregator can tell them apart
     echo "$line" >> "$RESULTS"
     if [[ $rc != 0 ]]; then
         FAILS=$((FAILS + 1)); log "FAILED $mode $t: $line"

@@ -611,6 +611,7 @@ async fn latency(a: LatencyArgs) -> bool {
             "proxy_cpu_s": opt(cpu),
             "cpu_us_per_msg": opt(cpu.map(|c| c * 1e6 / msgs.max(1) as f64)),
             "echo_cpu_s": opt(cpu_delta(e0, e1)),
+            "echo_cpu_us_per_msg": opt(cpu_delta(e0, e1).map(|c| c * 1e6 / msgs.max(1) as f64)),
         }),
     )
 }
@@ -714,6 +715,7 @@ async fn throughput(a: ThroughputArgs) -> bool {
             "proxy_cpu_s": opt(cpu),
             "cpu_s_per_gb": opt(cpu.map(|c| c / gb_proxied.max(1e-12))),
             "echo_cpu_s": opt(cpu_delta(e0, e1)),
+            "echo_cpu_s_per_gb": opt(cpu_delta(e0, e1).map(|c| c / gb_proxied.max(1e-12))),
         }),
     )
 }
@@ -786,6 +788,7 @@ async fn handshake(a: HandshakeArgs) -> bool {
             "proxy_cpu_s": opt(cpu),
             "cpu_us_per_upgrade": opt(cpu.map(|c| c * 1e6 / okn.max(1) as f64)),
             "echo_cpu_s": opt(cpu_delta(e0, e1)),
+            "echo_cpu_us_per_upgrade": opt(cpu_delta(e0, e1).map(|c| c * 1e6 / okn.max(1) as f64)),
         }),
     )
 }
