@@ -1,0 +1,210 @@
+"""Shared helpers for deploy/tests: paths, Helm rendering through Helm's own engine, YAML loading.
+
+Run through deploy/tests/run.sh, which installs the engines (Debian prometheus, helm-python-sdk,
+kubernetes-validate) before pytest starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+CHART = DEPLOY / "helm" / "wsgate"
+KUBE_DIR = DEPLOY / "kubernetes"
+RULES_FILE = DEPLOY / "prometheus" / "wsgate-alerts.yaml"
+RULES_TEST_FILE = DEPLOY / "prometheus" / "wsgate-alerts.test.yaml"
+DASHBOARD = ROOT / "grafana" / "wsgate.json"
+CHART_DASHBOARD = CHART / "dashboards" / "wsgate.json"
+
+PROMETHEUS_BIN = os.environ.get("PROMETHEUS_BIN") or shutil.which("prometheus") or "/usr/bin/prometheus"
+PROMTOOL_BIN = os.environ.get("PROMTOOL_BIN") or shutil.which("promtool") or "/usr/bin/promtool"
+
+# Every configuration key of SPEC.md §2, §7 and §8, as the environment variable the chart sets.
+SPEC_KEYS = [
+    # §2
+    "listen", "upstream", "admin_listen", "max_clients", "retry_after", "upstream_connect_timeout",
+    "header_read_timeout", "half_close_timeout", "idle_timeout", "tcp_keepalive", "shutdown_grace",
+    "log_format",
+    # §7
+    "ready_high_watermark", "ready_low_watermark", "shutdown_delay", "drain_period",
+    "admission_rate", "admission_burst", "max_clients_per_ip", "trusted_hops", "enforce",
+    "max_connection_lifetime", "lifetime_jitter",
+    # §8
+    "close_code_drain", "close_code_lifetime", "close_code_idle", "close_timeout",
+]
+# ready_low_watermark defaults to "0.1 below high" in the binary, which a fixed value cannot say:
+# the chart sets it only when the value is given.
+OPTIONAL_ENV = {"WSGATE_READY_LOW_WATERMARK"}
+
+# The metric names of SPEC.md §4, §7, §8 (names are fixed: dashboard and alerts may use only these).
+SPEC_METRICS = {
+    "wsgate_connections_active", "wsgate_connections_max", "wsgate_connections_admitted_total",
+    "wsgate_connections_rejected_total", "wsgate_upstream_errors_total",
+    "wsgate_connection_duration_seconds_bucket", "wsgate_connection_duration_seconds_sum",
+    "wsgate_connection_duration_seconds_count", "wsgate_transferred_bytes_total",
+    "wsgate_http_requests_total", "wsgate_build_info", "wsgate_ready",
+    "wsgate_connections_drained_total", "wsgate_connections_expired_total",
+    "wsgate_connections_would_reject_total", "wsgate_config_reloads_total",
+    "wsgate_close_frames_sent_total", "process_resident_memory_bytes", "process_open_fds",
+    "process_max_fds", "process_cpu_seconds_total", "process_virtual_memory_bytes",
+    "process_start_time_seconds",
+}
+
+CRD_KINDS = {"PodMonitor", "PrometheusRule", "ServiceMonitor"}
+
+
+def spec_env_names() -> list[str]:
+    return ["WSGATE_" + k.upper() for k in SPEC_KEYS]
+
+
+def spec_md_keys() -> list[str] | None:
+    """Config keys found in the shared SPEC.md tables (§2, §7, §8), when the file is reachable."""
+    for candidate in (ROOT.parent / "shared" / "SPEC.md", ROOT / "shared" / "SPEC.md"):
+        if candidate.is_file():
+            text = candidate.read_text()
+            keys: list[str] = []
+            for section in re.split(r"^## ", text, flags=re.M):
+                if not re.match(r"(2|7|8)\.", section):
+                    continue
+                for line in section.splitlines():
+                    m = re.match(r"^\|\s*`([a-z_]+)`\s*\|\s*`?[^|]*\|\s*[^|]*\|\s*$", line)
+                    if m and not m.group(1).startswith("wsgate_"):
+                        keys.append(m.group(1))
+            return keys
+    return None
+
+
+def load_yaml_docs(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def kube_files() -> list[Path]:
+    return sorted(p for p in KUBE_DIR.iterdir() if p.suffix in (".yaml", ".yml"))
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+# Value sets rendered, linted and validated by several tests.
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "capped-native": {"maxClients": 4},
+    "classic-everything-on": {
+        "nativeSidecar": False,
+        "maxClients": 250,
+        "ports": {"client": 8081, "admin": 9191},
+        "logFormat": "json",
+        "readyHighWatermark": 0.9,
+        "readyLowWatermark": 0.7,
+        "admissionRate": 50,
+        "admissionBurst": 100,
+        "maxClientsPerIp": 20,
+        "trustedHops": 1,
+        "maxConnectionLifetime": "1h",
+        "closeCodeLifetime": 1012,
+        "podMonitor": {"enabled": True, "interval": "30s"},
+        "prometheusRule": {"enabled": True, "saturation": {"threshold": 0.9, "for": "10m"}},
+        "grafanaDashboard": {"enabled": True, "folder": "wsgate"},
+        "autoscaling": {"enabled": True},
+    },
+    "long-grace": {
+        "terminationGracePeriodSeconds": 120,
+        "shutdownGrace": "100s",
+        "shutdownDelay": "10s",
+        "drainPeriod": "1m",
+        "maxClients": 10000,
+        "probes": {"readiness": {"periodSeconds": 3, "failureThreshold": 2}},
+    },
+    "no-app-no-service": {"app": {"enabled": False}, "service": {"enabled": False}, "maxClients": 1},
+}
+
+
+class Rendered:
+    """The objects one `helm template` run produced, keyed for easy lookup."""
+
+    def __init__(self, manifests: dict[str, str]):
+        self.files = manifests
+        self.objects: list[dict[str, Any]] = []
+        for name, text in sorted(manifests.items()):
+            if name.endswith("NOTES.txt"):
+                continue
+            self.objects.extend(load_yaml_docs(text))
+        self.notes = next((t for n, t in manifests.items() if n.endswith("NOTES.txt")), "")
+
+    def kinds(self) -> list[str]:
+        return sorted(o["kind"] for o in self.objects)
+
+    def one(self, kind: str) -> dict[str, Any]:
+        found = [o for o in self.objects if o["kind"] == kind]
+        assert len(found) == 1, f"expected one {kind}, got {len(found)}: {self.kinds()}"
+        return found[0]
+
+    def maybe(self, kind: str) -> dict[str, Any] | None:
+        found = [o for o in self.objects if o["kind"] == kind]
+        return found[0] if found else None
+
+
+@pytest.fixture(scope="session")
+def helm():
+    import helm_python
+
+    return helm_python
+
+
+@pytest.fixture(scope="session")
+def chart(helm) -> Iterator[Any]:
+    with helm.Chart.load(str(CHART)) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def render(chart):
+    def _render(values: dict[str, Any] | None = None, name: str = "chat", namespace: str = "prod") -> Rendered:
+        return Rendered(chart.render(values or {}, name=name, namespace=namespace, is_install=True))
+
+    return _render
+
+
+def wsgate_container(deployment: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The wsgate container of a Deployment and whether it is a native sidecar."""
+    spec = deployment["spec"]["template"]["spec"]
+    for c in spec.get("initContainers", []) or []:
+        if c["name"] == "wsgate":
+            return c, True
+    for c in spec["containers"]:
+        if c["name"] == "wsgate":
+            return c, False
+    raise AssertionError("no wsgate container")
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def all_panels(dash: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for p in dash["panels"]:
+        out.append(p)
+        out.extend(p.get("panels", []) or [])
+    return out

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Runs the deployment tests (deploy/tests) with real engines: Helm's Go engine (helm-python-sdk),
+# the Kubernetes OpenAPI schemas (kubernetes-validate), promtool and a Prometheus server scraping
+# a running `wsgate demo`. Installs what it needs itself; safe to run again; no stdin needed.
+#
+#   bash deploy/tests/run.sh [extra pytest args]
+#
+# Environment: WSGATE_BIN (default target/debug/wsgate), DEPLOY_VENV (default target/deploy-venv).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+export DEBIAN_FRONTEND=noninteractive
+
+log() { printf '[deploy/tests] %s\n' "$*"; }
+
+# 1. Prometheus and promtool from Debian. The package's postinst may try to start a service;
+#    the tests only use the binaries and start their own server on an ephemeral port.
+if [[ ! -x /usr/bin/prometheus || ! -x /usr/bin/promtool ]]; then
+  log "installing the Debian prometheus package"
+  if [[ $(id -u) -eq 0 ]]; then SUDO=(); else SUDO=(sudo -n); fi
+  "${SUDO[@]}" apt-get update -qq </dev/null
+  "${SUDO[@]}" apt-get install -y -qq --no-install-recommends \
+    -o DPkg::Lock::Timeout=300 prometheus </dev/null >/dev/null
+fi
+export PROMETHEUS_BIN="${PROMETHEUS_BIN:-/usr/bin/prometheus}"
+export PROMTOOL_BIN="${PROMTOOL_BIN:-/usr/bin/promtool}"
+
+# 2. A Python venv with pinned packages, rebuilt only when requirements.txt changes.
+VENV="${DEPLOY_VENV:-$ROOT/target/deploy-venv}"
+REQ="$ROOT/deploy/tests/requirements.txt"
+STAMP="$VENV/.requirements.sha256"
+want="$(sha256sum "$REQ" | cut -d' ' -f1)"
+if [[ ! -x "$VENV/bin/python" || ! -f "$STAMP" || "$(cat "$STAMP")" != "$want" ]]; then
+  PY="$(command -v python3.11 || command -v python3)"
+  log "creating venv $VENV with $("$PY" --version 2>&1)"
+  rm -rf "$VENV"
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-input -r "$REQ" </dev/null
+  echo "$want" >"$STAMP"
+fi
+
+export WSGATE_BIN="${WSGATE_BIN:-$ROOT/target/debug/wsgate}"
+log "prometheus: $("$PROMETHEUS_BIN" --version 2>&1 | head -n1)"
+log "helm engine: $("$VENV/bin/python" -c 'import helm_python as h; print("helm-python-sdk", h.__version__, "/ Helm SDK", h.helm_sdk_version())')"
+log "kubernetes schemas: $("$VENV/bin/python" -c 'import kubernetes_validate as k; print("kubernetes-validate", k.__version__, "/ Kubernetes", k.latest_version())')"
+log "wsgate binary: $WSGATE_BIN"
+
+# -p no:cacheprovider: no .pytest_cache in the tree. pytest prints its summary line last.
+exec "$VENV/bin/python" -m pytest "$ROOT/deploy/tests" -p no:cacheprovider -rs "$@" </dev/null
