@@ -132,7 +132,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "maxClients": 10000,
         "probes": {"readiness": {"periodSeconds": 3, "failureThreshold": 2}},
     },
-    "no-app-no-service": {"app": {"enabled": False}, "service": {"enabled": False}, "maxClients": 1},
+    "standalone-no-service": {"app": {"enabled": False}, "nativeSidecar": False, "upstream": "chat-backend:3000",
+                              "service": {"enabled": False}, "maxClients": 1},
 }
 
 

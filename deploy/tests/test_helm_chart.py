@@ -243,6 +243,8 @@ BAD_VALUES = {
     "reserved close code": {"closeCodeDrain": 1005},
     "low watermark above high": {"readyHighWatermark": 0.5, "readyLowWatermark": 0.6},
     "unknown value": {"maxClient": 4},
+    "no app with a native sidecar": {"app": {"enabled": False}, "upstream": "backend:80"},
+    "no app and no upstream": {"app": {"enabled": False}, "nativeSidecar": False},
 }
 
 

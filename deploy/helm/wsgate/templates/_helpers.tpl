@@ -66,6 +66,14 @@ two values. Fails the render with a message naming the values.
 {{- if gt (addf $delay $drain) $grace -}}
 {{- fail (printf "shutdownDelay (%v) + drainPeriod (%v) must not exceed shutdownGrace (%v); wsgate would exit with code 2" .Values.shutdownDelay .Values.drainPeriod .Values.shutdownGrace) -}}
 {{- end -}}
+{{- if and (not .Values.app.enabled) .Values.deployment.enabled -}}
+{{- if .Values.nativeSidecar -}}
+{{- fail "app.enabled=false leaves wsgate alone in the pod, where it cannot be a native sidecar: set nativeSidecar=false" -}}
+{{- end -}}
+{{- if not .Values.upstream -}}
+{{- fail "app.enabled=false: set upstream (host:port of the service wsgate fronts)" -}}
+{{- end -}}
+{{- end -}}
 {{- if and (not (kindIs "invalid" .Values.readyLowWatermark)) (ge (float64 .Values.readyLowWatermark) (float64 .Values.readyHighWatermark)) -}}
 {{- fail (printf "readyLowWatermark (%v) must be below readyHighWatermark (%v)" .Values.readyLowWatermark .Values.readyHighWatermark) -}}
 {{- end -}}

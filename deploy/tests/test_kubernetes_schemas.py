@@ -1,0 +1,212 @@
+"""Every rendered chart object and every file in deploy/kubernetes/, validated against the
+Kubernetes OpenAPI schemas (kubernetes-validate, strict: unknown fields are errors; offline).
+
+PodMonitor and PrometheusRule are CRDs that those schemas do not cover: their structure is checked
+here, and the PrometheusRule's rules go through promtool (test_prometheus_rules.py does the rule
+file itself).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from conftest import (
+    CRD_KINDS,
+    KUBE_DIR,
+    OPTIONAL_ENV,
+    PROMTOOL_BIN,
+    RULES_FILE,
+    VALUE_SETS,
+    env_of,
+    kube_files,
+    load_yaml_docs,
+    spec_env_names,
+    wsgate_container,
+)
+
+K8S_VERSION = kubernetes_validate.latest_version()
+
+
+def validate(obj: dict[str, Any]) -> None:
+    try:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        path = "/".join(str(p) for p in e.path)
+        raise AssertionError(f"{obj['kind']}/{obj['metadata']['name']}: {path}: {e.message}") from None
+
+
+def check_podmonitor(pm: dict[str, Any]) -> None:
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert pm["metadata"]["name"]
+    sel = pm["spec"]["selector"]
+    assert sel.get("matchLabels") or sel.get("matchExpressions"), "PodMonitor must select pods"
+    eps = pm["spec"]["podMetricsEndpoints"]
+    assert eps
+    for ep in eps:
+        assert set(ep) <= {"port", "portNumber", "path", "interval", "scrapeTimeout", "scheme",
+                           "relabelings", "metricRelabelings", "honorLabels"}, ep
+        assert ep.get("port") == "admin" or ep.get("portNumber"), ep
+        assert ep.get("path", "/metrics") == "/metrics"
+
+
+def check_prometheusrule(pr: dict[str, Any], tmp_path: Path) -> None:
+    assert pr["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(pr["spec"]) == {"groups"}
+    for g in pr["spec"]["groups"]:
+        assert g["name"] and g["rules"]
+        for r in g["rules"]:
+            assert ("alert" in r) != ("record" in r) and r["expr"], r
+            assert set(r) <= {"alert", "record", "expr", "for", "labels", "annotations", "keep_firing_for"}
+    # The spec of a PrometheusRule is a Prometheus rule file: let promtool judge it.
+    f = tmp_path / f"{pr['metadata']['name']}-rules.yaml"
+    f.write_text(yaml.safe_dump(pr["spec"]))
+    res = subprocess.run([PROMTOOL_BIN, "check", "rules", str(f)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def selector_matches(sel: dict[str, Any], labels: dict[str, str]) -> bool:
+    for k, v in (sel.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for e in sel.get("matchExpressions") or []:
+        val = labels.get(e["key"])
+        op = e["operator"]
+        if op == "In" and val not in e["values"]:
+            return False
+        if op == "NotIn" and val in e["values"]:
+            return False
+        if op == "Exists" and val is None:
+            return False
+        if op == "DoesNotExist" and val is not None:
+            return False
+    return True
+
+
+def validate_all(objs: list[dict[str, Any]], tmp_path: Path) -> None:
+    assert objs
+    for o in objs:
+        if o["kind"] == "PodMonitor":
+            check_podmonitor(o)
+        elif o["kind"] == "PrometheusRule":
+            check_prometheusrule(o, tmp_path)
+        else:
+            assert o["kind"] not in CRD_KINDS
+            validate(o)
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_rendered_chart_is_valid_kubernetes(render, name, tmp_path):
+    values = dict(VALUE_SETS[name])
+    # Turn every optional object on so that each kind is validated in each value set.
+    values.setdefault("podMonitor", {"enabled": True})
+    values.setdefault("prometheusRule", {"enabled": True})
+    values.setdefault("grafanaDashboard", {"enabled": True})
+    if values.get("maxClients", 0) > 0:
+        values.setdefault("autoscaling", {"enabled": True})
+    r = render(values)
+    validate_all(r.objects, tmp_path)
+
+
+@pytest.mark.parametrize("path", kube_files(), ids=lambda p: p.name)
+def test_example_manifest_is_valid_kubernetes(path, tmp_path):
+    validate_all(load_yaml_docs(path.read_text()), tmp_path)
+
+
+def _examples() -> dict[str, list[dict[str, Any]]]:
+    return {p.name: load_yaml_docs(p.read_text()) for p in kube_files()}
+
+
+def _of_kind(kind: str) -> list[dict[str, Any]]:
+    return [o for objs in _examples().values() for o in objs if o["kind"] == kind]
+
+
+@pytest.mark.parametrize("file,native", [("native-sidecar.yaml", True), ("classic-sidecar.yaml", False)])
+def test_example_deployments_follow_the_contract(file, native):
+    objs = load_yaml_docs((KUBE_DIR / file).read_text())
+    dep = next(o for o in objs if o["kind"] == "Deployment")
+    svc = next(o for o in objs if o["kind"] == "Service")
+    pod = dep["spec"]["template"]["spec"]
+    c, is_native = wsgate_container(dep)
+    assert is_native == native
+    assert (c.get("restartPolicy") == "Always") == native
+    assert pod["enableServiceLinks"] is False
+    assert pod["terminationGracePeriodSeconds"] == 30
+    env = env_of(c)
+    assert set(spec_env_names()) - OPTIONAL_ENV <= set(env) <= set(spec_env_names())
+    assert env["WSGATE_SHUTDOWN_GRACE"] == "25s"
+    assert env["WSGATE_SHUTDOWN_DELAY"] == "5s"
+    assert env["WSGATE_DRAIN_PERIOD"] == "15s"
+    assert int(env["WSGATE_MAX_CLIENTS"]) > 0
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert env["WSGATE_LISTEN"].endswith(f":{ports['ws']}")
+    assert env["WSGATE_ADMIN_LISTEN"].endswith(f":{ports['admin']}")
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    assert c["readinessProbe"]["periodSeconds"] == 2 and c["readinessProbe"]["failureThreshold"] == 1
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+    assert c["securityContext"]["runAsNonRoot"] is True
+    # The Service reaches the pods through wsgate's port only.
+    assert selector_matches({"matchLabels": svc["spec"]["selector"]}, dep["spec"]["template"]["metadata"]["labels"])
+    assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["ws"]
+    app = next(x for x in pod["containers"] if x["name"] == "app")
+    assert env["WSGATE_UPSTREAM"] == f"127.0.0.1:{app['ports'][0]['containerPort']}"
+    if not native:
+        assert app["lifecycle"]["preStop"]["sleep"]["seconds"] >= 20
+
+
+def test_native_and_classic_examples_configure_wsgate_identically():
+    native, _ = wsgate_container(next(o for o in _examples()["native-sidecar.yaml"] if o["kind"] == "Deployment"))
+    classic, _ = wsgate_container(next(o for o in _examples()["classic-sidecar.yaml"] if o["kind"] == "Deployment"))
+    assert native["env"] == classic["env"]
+    assert native["readinessProbe"] == classic["readinessProbe"]
+
+
+def test_example_podmonitor_selects_both_examples():
+    (pm,) = _of_kind("PodMonitor")
+    deps = _of_kind("Deployment")
+    assert len(deps) == 2
+    for d in deps:
+        assert selector_matches(pm["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"]), d["metadata"]["name"]
+
+
+def test_example_prometheusrule_equals_the_plain_rule_file():
+    (pr,) = _of_kind("PrometheusRule")
+    assert pr["spec"]["groups"] == yaml.safe_load(RULES_FILE.read_text())["groups"]
+
+
+def test_example_hpa_scales_a_deployment_on_active_connections():
+    (hpa,) = _of_kind("HorizontalPodAutoscaler")
+    names = {d["metadata"]["name"] for d in _of_kind("Deployment")}
+    assert hpa["spec"]["scaleTargetRef"]["name"] in names
+    (m,) = hpa["spec"]["metrics"]
+    assert m["type"] == "Pods" and m["pods"]["metric"]["name"] == "wsgate_connections_active"
+    # Target below the cap of the target Deployment.
+    dep = next(d for d in _of_kind("Deployment") if d["metadata"]["name"] == hpa["spec"]["scaleTargetRef"]["name"])
+    cap = int(env_of(wsgate_container(dep)[0])["WSGATE_MAX_CLIENTS"])
+    assert 0 < int(m["pods"]["target"]["averageValue"]) < cap
+
+
+def adapter_rules() -> list[dict[str, Any]]:
+    (cm,) = [o for o in _of_kind("ConfigMap") if "config.yaml" in o.get("data", {})]
+    return yaml.safe_load(cm["data"]["config.yaml"])["rules"]
+
+
+def test_prometheus_adapter_rule_exposes_the_hpa_metric():
+    (rule,) = adapter_rules()
+    assert "wsgate_connections_active" in rule["seriesQuery"]
+    assert rule["name"]["as"] == "wsgate_connections_active"
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    for token in ("<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"):
+        assert token in rule["metricsQuery"]
+
+
+def test_schema_version_is_current():
+    # kubernetes-validate ships schemas up to this version; the manifests target >= 1.29 features.
+    major, minor = (int(x) for x in K8S_VERSION.split(".")[:2])
+    assert (major, minor) >= (1, 33), K8S_VERSION
+    print(f"validated against Kubernetes {K8S_VERSION} schemas (kubernetes-validate {kubernetes_validate.__version__})")
