@@ -1,0 +1,98 @@
+"""grafana/wsgate.json: structure (ids, datasources, expressions, units) and content."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import SPEC_METRICS, all_panels, dashboard
+
+METRIC_RE = re.compile(r"\b((?:wsgate|process)_[a-z_]+)\b")
+
+
+def panels():
+    return [p for p in all_panels(dashboard()) if p["type"] != "row"]
+
+
+def test_panel_ids_are_unique():
+    ids = [p["id"] for p in all_panels(dashboard())]
+    assert len(ids) == len(set(ids)), ids
+    assert all(isinstance(i, int) for i in ids)
+
+
+def test_every_panel_has_a_templated_datasource():
+    for p in all_panels(dashboard()):
+        assert p.get("datasource") == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
+        for t in p.get("targets", []):
+            assert t["datasource"] == p["datasource"], p["title"]
+
+
+def test_every_target_has_an_expression_and_unique_refid():
+    for p in panels():
+        assert p["targets"], p["title"]
+        refs = [t["refId"] for t in p["targets"]]
+        assert len(refs) == len(set(refs)), p["title"]
+        for t in p["targets"]:
+            assert t.get("expr", "").strip(), p["title"]
+
+
+def test_units_are_set():
+    for p in panels():
+        unit = p["fieldConfig"]["defaults"].get("unit")
+        assert unit, f"{p['title']} has no unit"
+    by_title = {p["title"]: p["fieldConfig"]["defaults"]["unit"] for p in panels()}
+    assert by_title["Saturation per pod (active / max)"] == "percentunit"
+    assert by_title["Bytes per second by direction"] == "Bps"
+    assert by_title["Connection duration quantiles"] == "s"
+    assert by_title["Resident memory per pod"] == "bytes"
+
+
+def test_panels_fit_the_grid_without_overlap():
+    cells = set()
+    for p in all_panels(dashboard()):
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{p['title']} overlaps at {(x, y)}"
+                cells.add((x, y))
+
+
+def test_templated_on_datasource_namespace_and_pod():
+    tv = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    assert tv["datasource"]["type"] == "datasource" and tv["datasource"]["query"] == "prometheus"
+    for name in ("namespace", "pod"):
+        assert tv[name]["type"] == "query" and tv[name]["multi"] and tv[name]["includeAll"]
+        assert tv[name]["allValue"] == ".*"
+    for p in panels():
+        for t in p["targets"]:
+            assert 'namespace=~"$namespace"' in t["expr"] and 'pod=~"$pod"' in t["expr"], (p["title"], t["expr"])
+
+
+def test_only_spec_metric_names_are_used():
+    for p in panels():
+        for t in p["targets"]:
+            for name in METRIC_RE.findall(t["expr"]):
+                assert name in SPEC_METRICS, f"{p['title']}: unknown metric {name}"
+
+
+def test_saturation_panel_thresholds_and_unlimited_pods():
+    p = next(p for p in panels() if p["title"] == "Saturation per pod (active / max)")
+    steps = p["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert [s["value"] for s in steps] == [None, 0.8, 0.95]
+    expr = p["targets"][0]["expr"]
+    assert "wsgate_connections_active" in expr and "wsgate_connections_max" in expr
+    assert "> 0" in expr, "max = 0 (unlimited) must not divide into +Inf"
+    titles = [p["title"] for p in panels()]
+    assert any("Unlimited" in t for t in titles)
+    cap = next(p for p in panels() if p["title"] == "Cap per pod")
+    assert cap["fieldConfig"]["defaults"]["mappings"][0]["options"]["0"]["text"] == "unlimited"
+
+
+def test_required_views_are_present():
+    exprs = " ".join(t["expr"] for p in panels() for t in p["targets"])
+    for needle in ("wsgate_connections_admitted_total", "sum by (reason) (rate(wsgate_connections_rejected_total",
+                   "sum by (kind) (rate(wsgate_upstream_errors_total", "histogram_quantile(0.99",
+                   "sum by (direction) (rate(wsgate_transferred_bytes_total", "process_resident_memory_bytes",
+                   "process_open_fds", "wsgate_ready", "wsgate_connections_drained_total",
+                   'reason=~"rate|per_ip"'):
+        assert needle in exprs, needle
