@@ -1,0 +1,95 @@
+//! The admin server: a separate listener, never the client port.
+//!
+//! Routes:
+//! - `GET /metrics`: Prometheus text exposition of the owned registry.
+//! - `GET /healthz`: 200 `ok` while the process runs.
+//! - `GET /readyz`: 200 while accepting, 503 once draining.
+//!
+//! Anything else is 404 (405 for a known path with another method).
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use crate::metrics;
+use crate::shutdown::Shutdown;
+
+/// Serves the admin routes until the returned future is dropped (which also
+/// aborts its connection tasks: they live in a `JoinSet`).
+pub async fn serve(listener: TcpListener, registry: Registry, shutdown: Shutdown) {
+    let mut connections = JoinSet::new();
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(10));
+    loop {
+        // Reap finished connection tasks so the set does not grow.
+        while connections.try_join_next().is_some() {}
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::debug!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let registry = registry.clone();
+        let shutdown = shutdown.clone();
+        let service = service_fn(move |req| {
+            let resp = route(&req, &registry, &shutdown);
+            async move { Ok::<_, Infallible>(resp) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        connections.spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+fn route(
+    req: &Request<Incoming>,
+    registry: &Registry,
+    shutdown: &Shutdown,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if !matches!(path, "/metrics" | "/healthz" | "/readyz") {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    }
+    match path {
+        "/metrics" => {
+            let mut resp = Response::new(Full::new(Bytes::from(metrics::encode(registry))));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        _ if shutdown.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        _ => text(StatusCode::OK, "ready\n"),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

@@ -1,0 +1,394 @@
+//! Pure header logic: classifying a request, validating a WebSocket
+//! handshake, and rewriting headers for the hop to the upstream and back.
+//!
+//! Nothing here does IO, so all of it is unit- and property-tested. The rules:
+//! - An upgrade is a WebSocket attempt when `Upgrade` names `websocket`; it is
+//!   then validated fully (RFC 6455 §4.2.1) before any slot or upstream is
+//!   touched, and anything malformed or ambiguous is a 400.
+//! - Hop-by-hop headers (RFC 9110 §7.6.1) and every header named in
+//!   `Connection` are removed on each hop, except the ones the WebSocket
+//!   handshake itself needs, which a client cannot get us to drop.
+//! - `X-Forwarded-For` is appended to with the socket peer, never replaced by
+//!   or trusted from what the client sent.
+
+use std::net::IpAddr;
+
+use base64::Engine as _;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Version};
+
+/// Standard hop-by-hop headers, always removed when forwarding.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// `X-Forwarded-For`.
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Proto`.
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Forwarded-Host`.
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// What kind of request the client sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    /// A valid WebSocket upgrade handshake.
+    WebSocket,
+    /// Anything else: reverse-proxied as plain HTTP.
+    Plain,
+}
+
+/// Why a WebSocket handshake is malformed (each becomes a 400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    /// Not `GET`.
+    #[error("a websocket upgrade must use GET")]
+    Method,
+    /// Not HTTP/1.1.
+    #[error("a websocket upgrade needs HTTP/1.1")]
+    Version,
+    /// `Connection` does not carry `upgrade`.
+    #[error("Connection header must include upgrade")]
+    Connection,
+    /// More than one `Upgrade` header line, or a value that is not a token list.
+    #[error("Upgrade header must appear once and name websocket")]
+    Upgrade,
+    /// `Sec-WebSocket-Version` missing or not exactly `13`.
+    #[error("Sec-WebSocket-Version must be 13")]
+    WebSocketVersion,
+    /// `Sec-WebSocket-Key` missing, repeated, or not 16 bytes of base64.
+    #[error("Sec-WebSocket-Key must be one base64 value of 16 bytes")]
+    Key,
+    /// A body on an upgrade request: its bytes would be read as frames.
+    #[error("a websocket upgrade must not carry a body")]
+    Body,
+}
+
+/// Iterates the comma-separated tokens of every value of `name`, trimmed.
+/// Values that are not visible ASCII yield no tokens.
+fn tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> + 'a {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// Decides whether a request is a WebSocket upgrade, and validates it if so.
+///
+/// # Errors
+/// A request that asks for `Upgrade: websocket` but is malformed.
+pub fn classify(
+    method: &Method,
+    version: Version,
+    headers: &HeaderMap,
+) -> Result<RequestKind, HandshakeError> {
+    if !has_token(headers, &header::UPGRADE, "websocket") {
+        return Ok(RequestKind::Plain);
+    }
+    if headers.get_all(header::UPGRADE).iter().count() != 1 {
+        return Err(HandshakeError::Upgrade);
+    }
+    if version != Version::HTTP_11 {
+        return Err(HandshakeError::Version);
+    }
+    if method != Method::GET {
+        return Err(HandshakeError::Method);
+    }
+    if !has_token(headers, &header::CONNECTION, "upgrade") {
+        return Err(HandshakeError::Connection);
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| v.as_bytes() != b"0")
+    {
+        return Err(HandshakeError::Body);
+    }
+    let mut versions = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter();
+    match (versions.next(), versions.next()) {
+        (Some(v), None) if v.as_bytes().trim_ascii() == b"13" => {}
+        _ => return Err(HandshakeError::WebSocketVersion),
+    }
+    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    match (keys.next(), keys.next()) {
+        (Some(k), None) if is_valid_key(k.as_bytes()) => Ok(RequestKind::WebSocket),
+        _ => Err(HandshakeError::Key),
+    }
+}
+
+fn is_valid_key(key: &[u8]) -> bool {
+    let key = key.trim_ascii();
+    key.len() == 24
+        && base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .is_ok_and(|k| k.len() == 16)
+}
+
+/// Names a header that no client can get removed through `Connection`:
+/// the WebSocket handshake and the request's target depend on them.
+fn is_protected(name: &str) -> bool {
+    name.eq_ignore_ascii_case("host")
+        || name
+            .as_bytes()
+            .get(..14)
+            .is_some_and(|p| p.eq_ignore_ascii_case(b"sec-websocket-"))
+}
+
+/// Removes hop-by-hop headers, those named in `Connection` (except protected
+/// ones) and `Upgrade`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = tokens(headers, &header::CONNECTION)
+        .filter(|t| !is_protected(t))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Sets the `X-Forwarded-*` headers for a request going upstream:
+/// `X-Forwarded-For` gets the socket peer appended to what the client sent;
+/// `X-Forwarded-Proto` and `X-Forwarded-Host` are set from this hop.
+pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr) {
+    let previous: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    let mut value = previous.join(", ");
+    if !value.is_empty() {
+        value.push_str(", ");
+    }
+    value.push_str(&peer.to_string());
+    // Visible-ASCII values joined with ", " plus an IP address: always a
+    // valid header value; the fallback keeps at least the peer.
+    let value = HeaderValue::from_str(&value).unwrap_or_else(|_| {
+        HeaderValue::from_str(&peer.to_string()).expect("an IP address is a valid header value")
+    });
+    headers.insert(X_FORWARDED_FOR, value);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if let Some(host) = headers.get(header::HOST).cloned() {
+        headers.insert(X_FORWARDED_HOST, host);
+    } else {
+        headers.remove(X_FORWARDED_HOST);
+    }
+}
+
+/// Rewrites a validated WebSocket request's headers for the upstream:
+/// hop-by-hop removed, the upgrade pair re-added, `X-Forwarded-*` set, and a
+/// `Host` supplied if the client sent none.
+pub fn upstream_upgrade_headers(headers: &mut HeaderMap, peer: IpAddr, upstream_authority: &str) {
+    strip_hop_by_hop(headers);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if !headers.contains_key(header::HOST) {
+        if let Ok(v) = HeaderValue::from_str(upstream_authority) {
+            headers.insert(header::HOST, v);
+        }
+    }
+    set_forwarded(headers, peer);
+}
+
+/// Rewrites the upstream's 101 headers for the client: hop-by-hop removed,
+/// the upgrade pair re-added; `Sec-WebSocket-Accept`, `-Protocol` and
+/// `-Extensions` pass through untouched.
+pub fn client_switching_headers(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+}
+
+/// Whether the upstream's 101 carries the accept value derived from our key.
+pub fn accept_matches(response: &HeaderMap, key: &HeaderValue) -> bool {
+    let expected =
+        tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes().trim_ascii());
+    let mut accepts = response.get_all(header::SEC_WEBSOCKET_ACCEPT).iter();
+    matches!(
+        (accepts.next(), accepts.next()),
+        (Some(a), None) if a.as_bytes().trim_ascii() == expected.as_bytes()
+    ) && has_token(response, &header::UPGRADE, "websocket")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    fn ws_headers() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("example.com"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("WebSocket"));
+        h.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        h.insert(header::SEC_WEBSOCKET_KEY, HeaderValue::from_static(KEY));
+        h
+    }
+
+    fn classify_h(h: &HeaderMap) -> Result<RequestKind, HandshakeError> {
+        classify(&Method::GET, Version::HTTP_11, h)
+    }
+
+    #[test]
+    fn valid_handshake_is_websocket() {
+        assert_eq!(classify_h(&ws_headers()), Ok(RequestKind::WebSocket));
+    }
+
+    #[test]
+    fn no_upgrade_is_plain() {
+        let mut h = ws_headers();
+        h.remove(header::UPGRADE);
+        assert_eq!(classify_h(&h), Ok(RequestKind::Plain));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        assert_eq!(classify_h(&h), Ok(RequestKind::Plain));
+    }
+
+    #[test]
+    fn malformed_handshakes_are_refused() {
+        assert_eq!(
+            classify(&Method::POST, Version::HTTP_11, &ws_headers()),
+            Err(HandshakeError::Method)
+        );
+        assert_eq!(
+            classify(&Method::GET, Version::HTTP_10, &ws_headers()),
+            Err(HandshakeError::Version)
+        );
+        let cases: [(&str, Option<&str>, HandshakeError); 6] = [
+            ("sec-websocket-key", None, HandshakeError::Key),
+            ("sec-websocket-key", Some("short"), HandshakeError::Key),
+            (
+                "sec-websocket-version",
+                None,
+                HandshakeError::WebSocketVersion,
+            ),
+            (
+                "sec-websocket-version",
+                Some("8"),
+                HandshakeError::WebSocketVersion,
+            ),
+            ("connection", Some("keep-alive"), HandshakeError::Connection),
+            ("transfer-encoding", Some("chunked"), HandshakeError::Body),
+        ];
+        for (name, value, err) in cases {
+            let mut h = ws_headers();
+            match value {
+                Some(v) => {
+                    h.insert(
+                        HeaderName::from_static(name),
+                        HeaderValue::from_str(v).expect("valid value"),
+                    );
+                }
+                None => {
+                    h.remove(name);
+                }
+            }
+            assert_eq!(classify_h(&h), Err(err), "{name}: {value:?}");
+        }
+    }
+
+    #[test]
+    fn duplicate_upgrade_or_key_headers_are_refused() {
+        let mut h = ws_headers();
+        h.append(header::UPGRADE, HeaderValue::from_static("h2c"));
+        assert_eq!(classify_h(&h), Err(HandshakeError::Upgrade));
+        let mut h = ws_headers();
+        h.append(header::SEC_WEBSOCKET_KEY, HeaderValue::from_static(KEY));
+        assert_eq!(classify_h(&h), Err(HandshakeError::Key));
+    }
+
+    #[test]
+    fn content_length_on_upgrade_is_refused_unless_zero() {
+        let mut h = ws_headers();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        assert_eq!(classify_h(&h), Ok(RequestKind::WebSocket));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("40"));
+        assert_eq!(classify_h(&h), Err(HandshakeError::Body));
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_removed() {
+        let mut h = ws_headers();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade, x-secret, sec-websocket-key, host"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic x"),
+        );
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        upstream_upgrade_headers(&mut h, "10.0.0.9".parse().expect("ip"), "up:1");
+        assert!(!h.contains_key("x-secret"));
+        assert!(!h.contains_key("keep-alive"));
+        assert!(!h.contains_key(header::TE));
+        assert!(!h.contains_key(header::PROXY_AUTHORIZATION));
+        assert_eq!(h["x-kept"], "yes");
+        assert_eq!(
+            h[header::SEC_WEBSOCKET_KEY],
+            KEY,
+            "protected from Connection"
+        );
+        assert_eq!(h[header::HOST], "example.com", "protected from Connection");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+        assert_eq!(h[header::UPGRADE], "websocket");
+    }
+
+    #[test]
+    fn forwarded_for_is_appended_not_trusted() {
+        let mut h = ws_headers();
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("5.6.7.8"));
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("gopher"));
+        set_forwarded(&mut h, "::1".parse().expect("ip"));
+        assert_eq!(h[&X_FORWARDED_FOR], "1.2.3.4, 5.6.7.8, ::1");
+        assert_eq!(h[&X_FORWARDED_PROTO], "http");
+        assert_eq!(h[&X_FORWARDED_HOST], "example.com");
+    }
+
+    #[test]
+    fn accept_is_checked_against_our_key() {
+        let key = HeaderValue::from_static(KEY);
+        let mut r = HeaderMap::new();
+        r.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        r.insert(
+            header::SEC_WEBSOCKET_ACCEPT,
+            HeaderValue::from_static("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        );
+        assert!(accept_matches(&r, &key));
+        r.insert(
+            header::SEC_WEBSOCKET_ACCEPT,
+            HeaderValue::from_static("bogus"),
+        );
+        assert!(!accept_matches(&r, &key));
+    }
+}

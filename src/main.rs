@@ -1,0 +1,195 @@
+//! The `wsgate` binary: process lifecycle only.
+//!
+//! Parse the command line → load and validate the configuration (exit 2 on
+//! any bad value, before binding anything) → set up logging → raise the
+//! descriptor limit → bind both listeners (exit 1 naming the address if one
+//! is taken) → `wsgate::run` until shutdown → exit 0.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+use wsgate::config::{Config, LogFormat, RawConfig};
+
+/// A reverse-proxy sidecar that enforces WebSocket admission.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// TOML configuration file (keys as in the README; environment variables override it).
+    #[arg(long, global = true, env = "WSGATE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a built-in echo upstream on loopback with the proxy in front of it (cap 2).
+    Demo,
+    /// Load and validate the configuration, print the effective values, exit 0 or 2.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let demo = matches!(cli.command, Some(Command::Demo));
+    let base = if demo {
+        wsgate::demo::defaults()
+    } else {
+        RawConfig::default()
+    };
+    let config =
+        match Config::figment(base, cli.config.as_deref()).and_then(|f| Config::from_figment(&f)) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("wsgate: {e}");
+                return ExitCode::from(2);
+            }
+        };
+    if let Some(Command::CheckConfig) = cli.command {
+        for w in &config.warnings {
+            eprintln!("wsgate: warning: {w}");
+        }
+        #[allow(
+            clippy::print_stdout,
+            reason = "check-config's output is the effective configuration"
+        )]
+        {
+            print!("{}", config.describe());
+        }
+        return ExitCode::SUCCESS;
+    }
+    init_tracing(config.log_format);
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wsgate: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(serve(config, demo)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("wsgate: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn bind(what: &str, addr: std::net::SocketAddr) -> Result<TcpListener, wsgate::Error> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(addr = %bound, "{what} listening");
+    Ok(listener)
+}
+
+async fn serve(mut config: Config, demo: bool) -> Result<(), wsgate::Error> {
+    raise_descriptor_limit(config.max_clients);
+    let echo = if demo {
+        let echo = bind("demo echo upstream", "127.0.0.1:0".parse()?).await?;
+        let addr = echo.local_addr()?;
+        config.upstream = wsgate::config::Upstream::parse(&addr.to_string())?;
+        Some((tokio::spawn(wsgate::demo::echo_upstream(echo)), addr))
+    } else {
+        None
+    };
+    let proxy = bind("proxy", config.listen).await?;
+    let admin = bind("admin", config.admin_listen).await?;
+    if let Some((_, echo_addr)) = &echo {
+        print_demo_banner(
+            *echo_addr,
+            proxy.local_addr()?,
+            admin.local_addr()?,
+            config.max_clients,
+        );
+    }
+    let control = wsgate::shutdown::os_signals()?;
+    tracing::info!(
+        upstream = %config.upstream.authority,
+        max_clients = config.max_clients,
+        "wsgate {} running",
+        env!("CARGO_PKG_VERSION")
+    );
+    wsgate::run(config, proxy, admin, control).await?;
+    if let Some((task, _)) = echo {
+        task.abort();
+    }
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+#[allow(
+    clippy::print_stdout,
+    reason = "the demo talks to a person at a terminal"
+)]
+fn print_demo_banner(
+    echo: std::net::SocketAddr,
+    proxy: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    max_clients: usize,
+) {
+    use std::io::Write as _;
+    let cap = if max_clients == 0 {
+        "max_clients = 0: unlimited".to_owned()
+    } else {
+        format!(
+            "max_clients = {max_clients}: client number {} gets 503",
+            max_clients + 1
+        )
+    };
+    println!("wsgate demo");
+    println!("  upstream  ws://{echo}/  (built-in echo)");
+    println!("  proxy     ws://{proxy}/  ({cap})");
+    println!("  metrics   http://{admin}/metrics");
+    println!();
+    println!(
+        "try, in {} terminals:  websocat ws://{proxy}/",
+        max_clients.max(1) + 1
+    );
+    println!("watch:   curl -s http://{admin}/metrics | grep ^wsgate_connections");
+    println!("stop:    Ctrl-C");
+    let _ = std::io::stdout().flush();
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit: every spliced
+/// connection costs two descriptors (client + upstream), and the default
+/// soft limit (often 1024) would cap wsgate far below `max_clients`.
+fn raise_descriptor_limit(max_clients: usize) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            let needed = (max_clients as u64).saturating_mul(2).saturating_add(64);
+            if max_clients > 0 && needed > limit {
+                tracing::warn!(
+                    max_clients,
+                    descriptor_limit = limit,
+                    "max_clients cannot be reached: each connection needs 2 descriptors; raise the hard RLIMIT_NOFILE"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not raise RLIMIT_NOFILE"),
+    }
+}

@@ -1,0 +1,288 @@
+//! The request handler on the client port: classifies each request, admits
+//! and tunnels WebSocket upgrades, and reverse-proxies everything else.
+//!
+//! Order on the upgrade path (SPEC §3), each step before the next costs
+//! anything: validate the handshake (400) → refuse if draining (503) →
+//! reserve a slot without waiting (503 over the cap) → connect and forward
+//! the handshake within `upstream_connect_timeout` (502/504) → return the
+//! upstream's 101 and hand the slot to a tracked tunnel task. Errors before
+//! the hand-over drop the slot guard, which is the release.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::uri::{Authority, Scheme, Uri};
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::admission::Admission;
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::headers::{self, RequestKind};
+use crate::metrics::{Metrics, RejectReason};
+use crate::shutdown::Shutdown;
+use crate::splice::Limits;
+use crate::tunnel::{self, Answer, TunnelContext};
+
+/// The response body type on the client port: upstream bodies stream
+/// through; wsgate's own answers are short texts.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// A short text body.
+pub fn text_body(text: impl Into<Bytes>) -> ProxyBody {
+    Full::new(text.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+/// The shared state behind every connection's service.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Config,
+    admission: Admission,
+    metrics: Metrics,
+    shutdown: Shutdown,
+    /// Pooled keep-alive connections to the upstream for plain HTTP.
+    client: Client<HttpConnector, Incoming>,
+    upstream_authority: Authority,
+}
+
+impl Proxy {
+    /// Builds the proxy state.
+    ///
+    /// # Errors
+    /// The upstream authority from a validated config always parses; an
+    /// error here would mean validation let a bad value through.
+    pub fn new(
+        config: Config,
+        admission: Admission,
+        metrics: Metrics,
+        shutdown: Shutdown,
+    ) -> Result<Self, http::uri::InvalidUri> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.upstream_connect_timeout));
+        connector.set_keepalive(config.tcp_keepalive);
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        let upstream_authority = config.upstream.authority.parse()?;
+        Ok(Proxy {
+            inner: Arc::new(Inner {
+                config,
+                admission,
+                metrics,
+                shutdown,
+                client,
+                upstream_authority,
+            }),
+        })
+    }
+
+    /// The admission state (for tests and the admin server).
+    pub fn admission(&self) -> &Admission {
+        &self.inner.admission
+    }
+
+    /// Handles one request from a client whose socket peer is `peer`.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let retry_after = self.inner.config.retry_after_secs;
+        match headers::classify(req.method(), req.version(), req.headers()) {
+            Ok(RequestKind::WebSocket) => Ok(match self.upgrade(req, peer).await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    self.count_failure(&e, peer);
+                    e.to_response(retry_after)
+                }
+            }),
+            Ok(RequestKind::Plain) => Ok(self.forward(req, peer).await),
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "bad websocket handshake");
+                Ok(ProxyError::BadHandshake(e).to_response(retry_after))
+            }
+        }
+    }
+
+    /// Counts and logs a failed upgrade.
+    fn count_failure(&self, e: &ProxyError, peer: SocketAddr) {
+        let m = &self.inner.metrics;
+        if let ProxyError::Rejected(reason) = e {
+            m.rejected(*reason);
+            tracing::debug!(%peer, reason = reason.as_str(), "upgrade refused");
+        } else if let Some(kind) = e.upstream_kind() {
+            m.upstream_error(kind);
+            tracing::warn!(%peer, error = %e, "upstream failed a websocket handshake");
+        }
+    }
+
+    async fn upgrade(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let inner = &*self.inner;
+        if inner.shutdown.is_draining() {
+            return Err(ProxyError::Rejected(RejectReason::Draining));
+        }
+        let guard = inner
+            .admission
+            .try_reserve()
+            .ok_or(ProxyError::Rejected(RejectReason::Capacity))?;
+        inner.metrics.admitted.inc();
+
+        let client_upgrade = hyper::upgrade::on(&mut req);
+        let (mut parts, _empty_body) = req.into_parts();
+        let key = parts
+            .headers
+            .get(header::SEC_WEBSOCKET_KEY)
+            .cloned()
+            .ok_or(ProxyError::BadHandshake(headers::HandshakeError::Key))?;
+        headers::upstream_upgrade_headers(
+            &mut parts.headers,
+            peer.ip(),
+            &inner.config.upstream.authority,
+        );
+        let mut upstream_req = Request::new(Empty::<Bytes>::new());
+        *upstream_req.method_mut() = parts.method;
+        *upstream_req.uri_mut() = origin_form(&parts.uri);
+        *upstream_req.headers_mut() = parts.headers;
+
+        let timeout = inner.config.upstream_connect_timeout;
+        let answer = tokio::time::timeout(
+            timeout,
+            tunnel::handshake(
+                &inner.config.upstream,
+                inner.config.tcp_keepalive,
+                upstream_req,
+                &inner.shutdown,
+            ),
+        )
+        .await
+        .map_err(|_| ProxyError::UpstreamTimeout(timeout))??;
+
+        match answer {
+            Answer::Other(resp) => {
+                // Passed through as it is; the slot goes back with `guard`.
+                inner
+                    .metrics
+                    .upstream_error(crate::metrics::UpstreamErrorKind::RefusedUpgrade);
+                tracing::info!(%peer, status = resp.status().as_u16(), "upstream declined the websocket upgrade");
+                let (mut head, body) = resp.into_parts();
+                headers::strip_hop_by_hop(&mut head.headers);
+                Ok(Response::from_parts(head, body.boxed()))
+            }
+            Answer::Switching { head, io, leftover } => {
+                if !headers::accept_matches(head.headers(), &key) {
+                    return Err(ProxyError::UpstreamBadAccept);
+                }
+                let (mut head, ()) = head.into_parts();
+                headers::client_switching_headers(&mut head.headers);
+                let ctx = TunnelContext {
+                    limits: Limits {
+                        half_close: inner.config.half_close_timeout,
+                        idle: inner.config.idle_timeout,
+                    },
+                    metrics: inner.metrics.clone(),
+                    shutdown: inner.shutdown.clone(),
+                };
+                // The guard moves into the tracked task: the slot now lives
+                // as long as the spliced connection, not this request.
+                inner.shutdown.tracker().spawn(tunnel::run(
+                    client_upgrade,
+                    io,
+                    leftover,
+                    guard,
+                    ctx,
+                ));
+                Ok(Response::from_parts(head, text_body(Bytes::new())))
+            }
+        }
+    }
+
+    /// Reverse-proxies a plain HTTP request, streaming bodies both ways.
+    async fn forward(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let inner = &*self.inner;
+        let (mut parts, body) = req.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        headers::set_forwarded(&mut parts.headers, peer.ip());
+        let mut uri = parts.uri.into_parts();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(inner.upstream_authority.clone());
+        if uri.path_and_query.is_none() {
+            uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        parts.uri = match Uri::from_parts(uri) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "unforwardable request target");
+                return self.counted(plain_error(StatusCode::BAD_REQUEST, "bad request target\n"));
+            }
+        };
+        let resp = match inner.client.request(Request::from_parts(parts, body)).await {
+            Ok(resp) => {
+                let (mut head, body) = resp.into_parts();
+                headers::strip_hop_by_hop(&mut head.headers);
+                Response::from_parts(head, body.boxed())
+            }
+            Err(e) => {
+                let timed_out = e.is_connect() && caused_by_timeout(&e);
+                tracing::warn!(%peer, error = ?e, "upstream request failed");
+                if timed_out {
+                    plain_error(StatusCode::GATEWAY_TIMEOUT, "wsgate: upstream timed out\n")
+                } else {
+                    plain_error(StatusCode::BAD_GATEWAY, "wsgate: upstream unavailable\n")
+                }
+            }
+        };
+        self.counted(resp)
+    }
+
+    fn counted(&self, resp: Response<ProxyBody>) -> Response<ProxyBody> {
+        self.inner.metrics.http_request(resp.status());
+        resp
+    }
+}
+
+/// Whether an IO timeout is anywhere in the error's cause chain (the
+/// connector reports its connect timeout as `io::ErrorKind::TimedOut`).
+fn caused_by_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+fn origin_form(uri: &Uri) -> Uri {
+    uri.path_and_query()
+        .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()))
+}
+
+fn plain_error(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(text_body(text));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

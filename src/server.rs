@@ -1,0 +1,147 @@
+//! The accept loop on the client port and the per-connection HTTP/1 server.
+//!
+//! Every connection task is spawned on the shutdown tracker. When draining
+//! starts the loop returns, which drops (closes) the listener, and each
+//! connection is told `graceful_shutdown()`: idle keep-alive connections
+//! close, a request in flight finishes. Upgraded connections are not seen
+//! here any more (hyper hands the socket off); their tunnel tasks are tracked
+//! separately.
+//!
+//! Accept errors such as `EMFILE` (descriptors exhausted) are not a reason to
+//! die or to spin: the loop logs once per interval and backs off, while the
+//! connections already open keep working.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{sleep, Instant};
+
+use crate::proxy::Proxy;
+use crate::shutdown::Shutdown;
+use crate::tcp;
+
+/// Request heads above this size get 431 (SPEC §3).
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// How often a persisting accept error is logged.
+const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// Per-connection settings of the client port.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerSettings {
+    /// Deadline for a complete request head.
+    pub header_read_timeout: Duration,
+    /// Keepalive / user timeout for client sockets.
+    pub tcp_keepalive: Option<Duration>,
+}
+
+/// Accepts connections until draining starts, then returns (closing the
+/// listener).
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Proxy,
+    settings: ServerSettings,
+    shutdown: Shutdown,
+) {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .max_header_size(MAX_HEAD_BYTES)
+        // The read buffer must hold a full 64 KiB head to judge it; beyond
+        // that, heads are refused, so no client can make us buffer more.
+        .max_buf_size(2 * MAX_HEAD_BYTES);
+    let mut backoff = BACKOFF_MIN;
+    let mut errors_since_log = 0u64;
+    let mut last_log: Option<Instant> = None;
+
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = shutdown.draining() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = BACKOFF_MIN;
+                spawn_connection(stream, peer, &builder, &proxy, settings, &shutdown);
+            }
+            // The peer gave up before we accepted it: nothing to do.
+            Err(e) if is_per_connection(&e) => {}
+            Err(e) => {
+                errors_since_log += 1;
+                if last_log.is_none_or(|t| t.elapsed() >= ACCEPT_ERROR_LOG_INTERVAL) {
+                    tracing::error!(
+                        error = %e,
+                        failures = errors_since_log,
+                        backoff_ms = backoff.as_millis() as u64,
+                        "accept failed; backing off (existing connections are unaffected)"
+                    );
+                    last_log = Some(Instant::now());
+                    errors_since_log = 0;
+                }
+                tokio::select! {
+                    () = shutdown.draining() => break,
+                    () = sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+    tracing::info!("stopped accepting connections");
+}
+
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+    )
+}
+
+fn spawn_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    builder: &http1::Builder,
+    proxy: &Proxy,
+    settings: ServerSettings,
+    shutdown: &Shutdown,
+) {
+    tcp::configure(&stream, settings.tcp_keepalive);
+    let proxy = proxy.clone();
+    let service = service_fn(move |req| {
+        let proxy = proxy.clone();
+        async move { proxy.handle(req, peer).await }
+    });
+    let conn = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    let shutdown_for_task = shutdown.clone();
+    shutdown.tracker().spawn(async move {
+        let shutdown = shutdown_for_task;
+        let mut conn = std::pin::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            () = shutdown.draining() => {
+                // Finish the request in flight, close idle keep-alives now;
+                // the end of the grace cuts whatever is still running.
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    () = shutdown.stopped() => Ok(()),
+                }
+            }
+        };
+        if let Err(e) = result {
+            // Client-side trouble (resets, timeouts, garbage) is routine.
+            tracing::debug!(%peer, error = %e, "client connection ended with an error");
+        }
+    });
+}

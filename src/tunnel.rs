@@ -1,0 +1,196 @@
+//! The upstream leg of a WebSocket connection: connect, forward the
+//! handshake, read the answer; then the tracked task that owns the slot and
+//! runs the splice until the connection ends.
+//!
+//! The handshake runs inline in the request's future (no spawned connection
+//! driver), so when `upstream_connect_timeout` fires, dropping that future
+//! drops the upstream socket too: a silent upstream cannot leak a task or a
+//! descriptor. Only a non-101 answer, whose body must still stream to the
+//! client, gets its connection driver spawned on the tracker.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::admission::AdmissionGuard;
+use crate::config::Upstream;
+use crate::error::ProxyError;
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+use crate::splice::{self, Ended, Leg, Limits};
+use crate::tcp;
+
+/// The upstream's answer to the forwarded handshake.
+#[derive(Debug)]
+pub enum Answer {
+    /// 101: the upstream leg is ready to splice.
+    Switching {
+        /// The 101 head (its headers go to the client).
+        head: Response<()>,
+        /// The upstream socket.
+        io: TcpStream,
+        /// Bytes the upstream sent right after its 101.
+        leftover: Bytes,
+    },
+    /// Anything else, passed to the client as it is.
+    Other(Response<Incoming>),
+}
+
+/// Connects to the upstream, forwards `request` and reads the answer head.
+/// The caller bounds this with `upstream_connect_timeout`.
+///
+/// # Errors
+/// Connect failures and broken or non-HTTP answers.
+pub async fn handshake(
+    upstream: &Upstream,
+    keepalive: Option<Duration>,
+    request: Request<Empty<Bytes>>,
+    shutdown: &Shutdown,
+) -> Result<Answer, ProxyError> {
+    let stream = TcpStream::connect((upstream.host.as_str(), upstream.port))
+        .await
+        .map_err(ProxyError::UpstreamConnect)?;
+    tcp::configure(&stream, keepalive);
+
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+        .await
+        .map_err(ProxyError::UpstreamHandshake)?;
+    let mut conn = conn.with_upgrades();
+    let mut conn_done = false;
+    let mut send = std::pin::pin!(sender.send_request(request));
+    let mut response = loop {
+        tokio::select! {
+            biased;
+            r = &mut send => break r.map_err(ProxyError::UpstreamHandshake)?,
+            r = &mut conn, if !conn_done => {
+                // The connection ended first; `send` now resolves with its error.
+                conn_done = true;
+                r.map_err(ProxyError::UpstreamHandshake)?;
+            }
+        }
+    };
+
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // The body of a refusal still has to stream to the client: drive the
+        // connection on the tracker; it ends with the body or at hard stop.
+        if !conn_done {
+            let shutdown_for_task = shutdown.clone();
+            shutdown.tracker().spawn(async move {
+                tokio::select! {
+                    _ = conn => {}
+                    () = shutdown_for_task.stopped() => {}
+                }
+            });
+        }
+        return Ok(Answer::Other(response));
+    }
+
+    let on_upgrade = hyper::upgrade::on(&mut response);
+    if !conn_done {
+        // With upgrades enabled the connection resolves once it has handed
+        // the socket over to `on_upgrade`.
+        conn.await.map_err(ProxyError::UpstreamHandshake)?;
+    }
+    let upgraded = on_upgrade.await.map_err(ProxyError::UpstreamHandshake)?;
+    let parts = upgraded.downcast::<TokioIo<TcpStream>>().map_err(|_| {
+        ProxyError::UpstreamConnect(std::io::Error::other(
+            "upgraded upstream is not a TCP stream",
+        ))
+    })?;
+    let (head, _) = response.into_parts();
+    Ok(Answer::Switching {
+        head: Response::from_parts(head, ()),
+        io: parts.io.into_inner(),
+        leftover: parts.read_buf,
+    })
+}
+
+/// What a tunnel task needs besides its two legs.
+#[derive(Debug, Clone)]
+pub struct TunnelContext {
+    /// Deadlines for the splice.
+    pub limits: Limits,
+    /// Byte counters and the duration histogram.
+    pub metrics: Metrics,
+    /// To stop at the end of the grace.
+    pub shutdown: Shutdown,
+}
+
+/// The body of a tracked tunnel task: waits for the client side of the
+/// upgrade, splices, and records the outcome. `guard` lives exactly as long
+/// as this future, so the slot is released however it ends, including when
+/// the client vanishes before the upgrade completes.
+pub async fn run(
+    client_upgrade: OnUpgrade,
+    upstream: TcpStream,
+    upstream_leftover: Bytes,
+    guard: AdmissionGuard,
+    ctx: TunnelContext,
+) {
+    let started = Instant::now();
+    let upgraded = tokio::select! {
+        r = client_upgrade => r,
+        // Grace is over before the client even finished its upgrade.
+        () = ctx.shutdown.stopped() => return,
+    };
+    let client = match upgraded.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
+        Ok(Ok(parts)) => parts,
+        Ok(Err(_)) => {
+            tracing::error!("upgraded client connection is not a TCP stream");
+            return;
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "client upgrade failed");
+            return;
+        }
+    };
+    let client_io = client.io.into_inner();
+    let peer = client_io.peer_addr().ok();
+    let (ended, totals) = splice::splice(
+        &client_io,
+        client.read_buf,
+        &upstream,
+        upstream_leftover,
+        ctx.limits,
+        &ctx.metrics.bytes_client_to_upstream,
+        &ctx.metrics.bytes_upstream_to_client,
+        ctx.shutdown.stopped(),
+    )
+    .await;
+    let lifetime = started.elapsed();
+    ctx.metrics.duration.observe(lifetime.as_secs_f64());
+    let how = match &ended {
+        Ended::Closed => "closed",
+        Ended::HalfCloseTimeout => "half_close_timeout",
+        Ended::Idle => "idle_timeout",
+        Ended::Error(Leg::Client, _) => "client_error",
+        Ended::Error(Leg::Upstream, _) => "upstream_error",
+        Ended::Stopped => "shutdown",
+    };
+    let error = match &ended {
+        Ended::Error(_, e) => Some(e.to_string()),
+        _ => None,
+    };
+    tracing::debug!(
+        peer = ?peer,
+        ended = how,
+        error,
+        lifetime_ms = lifetime.as_millis() as u64,
+        client_to_upstream = totals.client_to_upstream,
+        upstream_to_client = totals.upstream_to_client,
+        "websocket connection ended"
+    );
+    // Close both sockets before giving the slot back, so that once the
+    // active gauge has dropped, the descriptors are gone too.
+    drop(client_io);
+    drop(upstream);
+    drop(guard);
+}
