@@ -1,0 +1,442 @@
+"""End to end: a real Prometheus server scrapes a running `wsgate demo` while the test holds known
+WebSocket connections; every PromQL expression of the dashboard, the alert rules and the
+prometheus-adapter rule is then evaluated through Prometheus' HTTP API.
+
+Set-up (module scope): wsgate demo with cap 4 on ephemeral loopback ports (read from its stdout),
+Prometheus on an ephemeral loopback port scraping it every second with static `namespace` and
+`pod` labels (as a PodMonitor would attach) and loading deploy/prometheus/wsgate-alerts.yaml.
+The test fills the cap with 4 echo connections, gets 3 upgrades refused with 503, closes 2, and
+waits until Prometheus sees 2 active. Only processes started here are stopped, by PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import requests
+import yaml
+
+from conftest import (
+    KUBE_DIR,
+    PROMETHEUS_BIN,
+    ROOT,
+    RULES_FILE,
+    all_panels,
+    dashboard,
+    load_yaml_docs,
+)
+
+WSGATE_BIN = Path(os.environ.get("WSGATE_BIN") or ROOT / "target" / "debug" / "wsgate")
+NAMESPACE = "e2e"
+POD = "wsgate-e2e-0"
+CAP = 4
+HELD_AT_END = 2
+REJECTED = 3
+
+PROXY_RE = re.compile(r"^\s*proxy\s+ws://(\S+?)/")
+METRICS_RE = re.compile(r"^\s*metrics\s+http://(\S+?)/metrics")
+
+# Grafana's variables, as the dashboard would send them: one pod selected, or "All" (regex .*).
+SUBSTITUTIONS = {
+    "selected": {"$namespace": NAMESPACE, "$pod": POD},
+    "all": {"$namespace": ".*", "$pod": ".*"},
+}
+GRAFANA_INTERVALS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
+
+
+def substitute(expr: str, variant: str) -> str:
+    out = expr
+    for k, v in {**GRAFANA_INTERVALS, **SUBSTITUTIONS[variant]}.items():
+        out = out.replace(k, v)
+    assert "$" not in out, f"unsubstituted variable left in {out!r}"
+    return out
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll `check` until it returns something truthy; fail with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    last_err: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception as e:  # noqa: BLE001 - retried until the deadline
+            last_err = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last error: {last_err!r}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen | None, timeout: float = 30) -> int | None:
+    """SIGTERM the process we started (by PID), then SIGKILL if it does not exit in time."""
+    if proc is None or proc.poll() is not None:
+        return None if proc is None else proc.returncode
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(timeout=10)
+
+
+class Prom:
+    def __init__(self, base: str):
+        self.base = base
+
+    def query(self, expr: str) -> dict[str, Any]:
+        r = requests.get(f"{self.base}/api/v1/query", params={"query": expr}, timeout=10)
+        body = r.json()
+        assert r.status_code == 200 and body["status"] == "success", f"{expr!r}: {r.status_code} {body}"
+        return body["data"]
+
+    def scalar(self, expr: str) -> float | None:
+        data = self.query(expr)
+        if data["resultType"] == "scalar":
+            return float(data["result"][1])
+        res = data["result"]
+        if not res:
+            return None
+        assert len(res) == 1, f"{expr!r}: expected one series, got {res}"
+        return float(res[0]["value"][1])
+
+    def get(self, path: str, **params: Any) -> Any:
+        r = requests.get(f"{self.base}{path}", params=params, timeout=10)
+        body = r.json()
+        assert body["status"] == "success", body
+        return body["data"]
+
+
+def start_wsgate(tmp: Path) -> tuple[subprocess.Popen, str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WSGATE_", "WS_MAX_CLIENTS"))}
+    env.update({
+        "WSGATE_MAX_CLIENTS": str(CAP),
+        "WSGATE_LISTEN": "127.0.0.1:0",
+        "WSGATE_ADMIN_LISTEN": "127.0.0.1:0",
+        "WSGATE_SHUTDOWN_GRACE": "5s",
+    })
+    stderr = open(tmp / "wsgate.stderr", "wb")
+    proc = subprocess.Popen([str(WSGATE_BIN), "demo"], stdout=subprocess.PIPE, stderr=stderr,
+                            stdin=subprocess.DEVNULL, env=env, text=True, bufsize=1)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    proxy = metrics = None
+    deadline = time.monotonic() + 30
+    seen: list[str] = []
+    while (proxy is None or metrics is None) and time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        seen.append(line)
+        if m := PROXY_RE.match(line):
+            proxy = m.group(1)
+        if m := METRICS_RE.match(line):
+            metrics = m.group(1)
+    if proxy is None or metrics is None:
+        stop(proc)
+        raise AssertionError(f"wsgate demo did not print its addresses; stdout={seen!r} "
+                             f"stderr={(tmp / 'wsgate.stderr').read_text(errors='replace')[-2000:]!r}")
+    return proc, proxy, metrics
+
+
+def start_prometheus(tmp: Path, admin: str) -> tuple[subprocess.Popen, Prom]:
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES_FILE)],
+        "scrape_configs": [{
+            "job_name": "wsgate",
+            "static_configs": [{"targets": [admin], "labels": {"namespace": NAMESPACE, "pod": POD}}],
+        }],
+    }
+    cfg = tmp / "prometheus.yml"
+    cfg.write_text(yaml.safe_dump(config))
+    last = ""
+    for attempt in range(3):  # the ephemeral port could be taken between bind and listen
+        port = free_port()
+        log = tmp / f"prometheus-{attempt}.log"
+        proc = subprocess.Popen(
+            [PROMETHEUS_BIN, f"--config.file={cfg}", f"--storage.tsdb.path={tmp / f'tsdb-{attempt}'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h",
+             "--log.level=warn"],
+            stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError("exited")
+            return requests.get(f"{base}/-/ready", timeout=2).status_code == 200
+
+        try:
+            wait_until(ready, 60, "Prometheus /-/ready")
+            return proc, Prom(base)
+        except AssertionError:
+            stop(proc, 10)
+            last = log.read_text(errors="replace")[-3000:]
+    raise AssertionError(f"Prometheus did not start: {last}")
+
+
+def connect(proxy: str):
+    from websockets.sync.client import connect as ws_connect
+
+    return ws_connect(f"ws://{proxy}/", open_timeout=10, close_timeout=5)
+
+
+def scrape(admin: str) -> str:
+    r = requests.get(f"http://{admin}/metrics", timeout=5)
+    r.raise_for_status()
+    return r.text
+
+
+def metric_value(text: str, name: str, labels: str = "") -> float | None:
+    pat = re.compile(rf"^{re.escape(name)}{re.escape('{' + labels + '}') if labels else ''}\s+(\S+)$", re.M)
+    m = pat.search(text)
+    return float(m.group(1)) if m else None
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    if not WSGATE_BIN.exists():
+        pytest.skip(f"wsgate binary not built at {WSGATE_BIN} (run `cargo build` or set WSGATE_BIN)")
+    assert Path(PROMETHEUS_BIN).exists(), f"no Prometheus at {PROMETHEUS_BIN}: run deploy/tests/run.sh"
+    from websockets.exceptions import InvalidStatus
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    wsgate = prom_proc = None
+    held: list[Any] = []
+    # Every client connection is entered as a context manager, so each is closed on the way out.
+    conns = contextlib.ExitStack()
+    try:
+        wsgate, proxy, admin = start_wsgate(tmp)
+        wait_until(lambda: metric_value(scrape(admin), "wsgate_connections_max") == CAP, 20,
+                   "wsgate /metrics with wsgate_connections_max 4")
+        prom_proc, prom = start_prometheus(tmp, admin)
+        sel = f'{{namespace="{NAMESPACE}", pod="{POD}"}}'
+        # Let Prometheus see the counters at 0 before anything happens.
+        wait_until(lambda: prom.scalar(f'up{sel}') == 1.0, 60, "first successful scrape (up == 1)")
+        wait_until(lambda: (prom.scalar(f"count_over_time(wsgate_connections_active{sel}[1m])") or 0) >= 2,
+                   30, "two samples before the connections")
+
+        for i in range(CAP):
+            ws = conns.enter_context(connect(proxy))
+            held.append(ws)
+            ws.send(f"hello {i}")
+            assert ws.recv(timeout=10) == f"hello {i}", "the demo upstream echoes"
+        refusals = []
+        for _ in range(REJECTED):
+            with pytest.raises(InvalidStatus) as err:
+                with connect(proxy):
+                    pass
+            refusals.append(err.value.response)
+        for ws in held[: CAP - HELD_AT_END]:
+            ws.close()
+        held = held[CAP - HELD_AT_END:]
+
+        wait_until(lambda: metric_value(scrape(admin), "wsgate_connections_active") == HELD_AT_END, 10,
+                   "wsgate_connections_active == 2 on /metrics")
+        wait_until(lambda: prom.scalar(f"wsgate_connections_active{sel}") == HELD_AT_END, 30,
+                   "Prometheus to see 2 active")
+        wait_until(lambda: prom.scalar(f'wsgate_connections_rejected_total{{namespace="{NAMESPACE}", pod="{POD}", reason="capacity"}}') == REJECTED,
+                   30, "Prometheus to see 3 capacity rejections")
+        # A few more samples so that rate() windows hold the changes, and rules have evaluated.
+        wait_until(lambda: (prom.scalar(f"count_over_time(wsgate_connections_active{sel}[1m])") or 0) >= 6,
+                   30, "six samples of wsgate_connections_active")
+        yield {"prom": prom, "proxy": proxy, "admin": admin, "refusals": refusals, "tmp": tmp, "held": held}
+    finally:
+        with contextlib.suppress(Exception):
+            conns.close()
+        stop(prom_proc, 15)
+        rc = stop(wsgate, 30)
+        print(f"wsgate demo exited with {rc}")
+
+
+def dashboard_targets() -> list[tuple[str, str]]:
+    return [(p["title"], t["expr"]) for p in all_panels(dashboard()) for t in p.get("targets", [])]
+
+
+def alert_exprs() -> list[tuple[str, str]]:
+    out = [(f"rule file: {r['alert']}", r["expr"])
+           for g in yaml.safe_load(RULES_FILE.read_text())["groups"] for r in g["rules"]]
+    for path in sorted(KUBE_DIR.glob("*.yaml")):
+        for o in load_yaml_docs(path.read_text()):
+            if o["kind"] == "PrometheusRule":
+                out += [(f"{path.name}: {r['alert']}", r["expr"]) for g in o["spec"]["groups"] for r in g["rules"]]
+    return out
+
+
+def test_the_cap_is_enforced_with_503_and_retry_after(stack):
+    for resp in stack["refusals"]:
+        assert resp.status_code == 503
+        assert int(resp.headers["Retry-After"]) >= 1
+
+
+def test_prometheus_scrapes_wsgate_with_namespace_and_pod_labels(stack):
+    prom = stack["prom"]
+    (series,) = prom.query(f'wsgate_build_info{{namespace="{NAMESPACE}", pod="{POD}"}}')["result"]
+    assert series["metric"]["version"]
+    assert prom.scalar(f'wsgate_connections_max{{pod="{POD}"}}') == CAP
+    assert prom.scalar(f'wsgate_connections_admitted_total{{pod="{POD}"}}') == CAP
+
+
+@pytest.mark.parametrize("variant", sorted(SUBSTITUTIONS))
+def test_every_dashboard_expression_evaluates(stack, variant):
+    prom = stack["prom"]
+    targets = dashboard_targets()
+    assert len(targets) >= 20
+    empty = []
+    for title, expr in targets:
+        data = prom.query(substitute(expr, variant))  # asserts status == success
+        if not data["result"]:
+            empty.append(title)
+    print(f"{len(targets)} dashboard expressions evaluated ({variant}); empty results: {empty}")
+    # Series that exist from start-up must give data.
+    for must in ("Saturation per pod (active / max)", "Active connections per pod", "Admitted per second",
+                 "Rejected per second by reason", "Upstream errors per second by kind",
+                 "Bytes per second by direction", "Resident memory per pod", "Open file descriptors per pod",
+                 "Readiness", "Cap per pod", "Versions"):
+        assert must not in empty, f"{must}: no data"
+
+
+def test_saturation_panel_returns_half_for_the_pod(stack):
+    panel = next(p for p in all_panels(dashboard()) if p["title"] == "Saturation per pod (active / max)")
+    data = stack["prom"].query(substitute(panel["targets"][0]["expr"], "selected"))
+    (series,) = data["result"]
+    assert series["metric"] == {"namespace": NAMESPACE, "pod": POD}
+    assert float(series["value"][1]) == 0.5
+
+
+def test_stat_panels_show_the_known_state(stack):
+    prom = stack["prom"]
+    by_title = {p["title"]: p["targets"][0]["expr"] for p in all_panels(dashboard()) if p.get("targets")}
+    assert prom.scalar(substitute(by_title["Active connections (selected pods)"], "selected")) == HELD_AT_END
+    assert prom.scalar(substitute(by_title["Capacity (capped pods)"], "selected")) == CAP
+    assert prom.scalar(substitute(by_title["Unlimited pods (max_clients = 0)"], "selected")) == 0
+    assert prom.scalar(substitute(by_title["Rejected (capacity) in range"], "selected")) == REJECTED
+    assert prom.scalar(substitute(by_title["Cap per pod"], "selected")) == CAP
+    assert prom.scalar(substitute(by_title["Readiness"], "selected")) == 1
+    assert prom.scalar(substitute(by_title["Saturation now per pod"], "selected")) == 0.5
+
+
+def test_rejected_capacity_increase_shows_three(stack):
+    prom = stack["prom"]
+    sel = f'namespace="{NAMESPACE}", pod="{POD}"'
+    raw = prom.scalar(f'wsgate_connections_rejected_total{{{sel}, reason="capacity"}}')
+    assert raw == REJECTED
+    inc = prom.scalar(f'sum(increase(wsgate_connections_rejected_total{{{sel}, reason="capacity"}}[1h]))')
+    # increase() extrapolates to the window's end by up to half a scrape interval.
+    assert inc is not None and abs(inc - REJECTED) < 0.5, inc
+    by_reason = prom.query(f'sum by (reason) (increase(wsgate_connections_rejected_total{{{sel}}}[1h]))')["result"]
+    reasons = {s["metric"]["reason"]: round(float(s["value"][1])) for s in by_reason}
+    assert reasons["capacity"] == REJECTED
+    assert reasons.get("draining", 0) == 0
+
+
+def test_template_variable_queries_find_the_pod(stack):
+    prom = stack["prom"]
+    tv = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    for name, expected in (("namespace", NAMESPACE), ("pod", POD)):
+        q = tv[name]["query"]["query"]
+        m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", q)
+        assert m, q
+        metric, label = m.group(1), m.group(2)
+        metric = metric.replace("$namespace", NAMESPACE)
+        assert label == name
+        values = prom.get(f"/api/v1/label/{label}/values", **{"match[]": metric})
+        assert expected in values, (q, values)
+
+
+def test_every_alert_expression_evaluates(stack):
+    prom = stack["prom"]
+    exprs = alert_exprs()
+    assert len(exprs) >= 8
+    for name, expr in exprs:
+        prom.query(expr)
+    # At this state (2 of 4, 3 refused) only the rejecting alert's condition holds.
+    firing = {name.split(": ")[1] for name, expr in exprs if prom.query(expr)["result"]}
+    assert firing == {"WsgateRejectingConnections"}, firing
+
+
+def test_chart_alert_expressions_evaluate_with_custom_thresholds(stack, render):
+    pr = render({"prometheusRule": {"enabled": True, "saturation": {"threshold": 0.4},
+                                    "rejecting": {"threshold": 2}}}).one("PrometheusRule")
+    rules = {r["alert"]: r["expr"] for g in pr["spec"]["groups"] for r in g["rules"]}
+    prom = stack["prom"]
+    sat = prom.query(rules["WsgateSaturationHigh"])["result"]
+    assert [float(s["value"][1]) for s in sat] == [0.5], "0.5 > 0.4 must match"
+    assert prom.query(rules["WsgateRejectingConnections"])["result"], "3 > 2 must match"
+    for expr in rules.values():
+        prom.query(expr)
+
+
+def test_prometheus_loaded_the_rules_and_evaluates_them_without_error(stack):
+    prom = stack["prom"]
+
+    def evaluated():
+        groups = prom.get("/api/v1/rules")["groups"]
+        rules = [r for g in groups for r in g["rules"]]
+        return rules if rules and all(r.get("lastEvaluation", "").startswith("20") and
+                                      not r["lastEvaluation"].startswith("0001") for r in rules) else None
+
+    rules = wait_until(evaluated, 30, "every rule evaluated once")
+    assert {r["name"] for r in rules} == {"WsgateSaturationHigh", "WsgateRejectingConnections",
+                                          "WsgateUpstreamErrors", "WsgatePodNotReady"}
+    for r in rules:
+        assert r["health"] == "ok", r
+
+    def rejecting_active():
+        alerts = prom.get("/api/v1/alerts")["alerts"]
+        return [a for a in alerts if a["labels"]["alertname"] == "WsgateRejectingConnections"]
+
+    (alert,) = wait_until(rejecting_active, 30, "WsgateRejectingConnections to be pending")
+    assert alert["state"] in ("pending", "firing")
+    assert alert["labels"]["pod"] == POD and alert["labels"]["reason"] == "capacity"
+    others = [a["labels"]["alertname"] for a in prom.get("/api/v1/alerts")["alerts"]
+              if a["labels"]["alertname"] != "WsgateRejectingConnections"]
+    assert others == []
+
+
+def test_prometheus_adapter_query_serves_the_hpa_metric(stack):
+    (cm,) = [o for o in load_yaml_docs((KUBE_DIR / "prometheus-adapter-config.yaml").read_text())]
+    (rule,) = yaml.safe_load(cm["data"]["config.yaml"])["rules"]
+    # What prometheus-adapter sends for `kubectl get --raw .../pods/*/wsgate_connections_active`.
+    series = re.match(r"^(\w+)", rule["seriesQuery"]).group(1)
+    q = (rule["metricsQuery"].replace("<<.Series>>", series)
+         .replace("<<.LabelMatchers>>", f'namespace="{NAMESPACE}",pod=~"{POD}"')
+         .replace("<<.GroupBy>>", "pod"))
+    data = stack["prom"].query(q)
+    (s,) = data["result"]
+    assert s["metric"] == {"pod": POD} and float(s["value"][1]) == HELD_AT_END
+    # The series query the adapter uses for discovery finds it too.
+    found = stack["prom"].get("/api/v1/series", **{"match[]": rule["seriesQuery"]})
+    assert any(f.get("pod") == POD for f in found)
+
+
+def test_held_connections_still_echo(stack):
+    for i, ws in enumerate(stack["held"]):
+        ws.send(f"still here {i}")
+        assert ws.recv(timeout=10) == f"still here {i}"
