@@ -100,6 +100,25 @@ struct LatencyArgs {
     /// Payload size, bytes.
     #[arg(long, default_value_t = 32)]
     size: usize,
+    /// Client data path after the (tungstenite) upgrade: `raw` = pre-built masked frames and a
+    /// minimal frame parser (cheapest generator, leaves more CPU to the proxy), `tungstenite`.
+    #[arg(long, default_value = "raw")]
+    client: ClientKind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ClientKind {
+    Raw,
+    Tungstenite,
+}
+
+impl ClientKind {
+    fn name(self) -> &'static str {
+        match self {
+            ClientKind::Raw => "raw",
+            ClientKind::Tungstenite => "tungstenite",
+        }
+    }
 }
 
 #[derive(Args, Clone)]
@@ -118,6 +137,9 @@ struct ThroughputArgs {
     /// Upper bound on messages per connection.
     #[arg(long, default_value_t = 1_000_000)]
     max_msgs: u64,
+    /// Client data path after the upgrade (see `latency --help`).
+    #[arg(long, default_value = "raw")]
+    client: ClientKind,
 }
 
 #[derive(Args, Clone)]
@@ -530,6 +552,116 @@ async fn echo_conn(mut s: TcpStream) -> std::io::Result<()> {
     }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// raw client data path: the upgrade is done by tokio-tungstenite, then frames are written from a
+// pre-built masked buffer and read back with a minimal parser (server frames are unmasked).
+
+const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+fn masked_frame(payload_len: usize, fill: u8) -> Vec<u8> {
+    let mut f = Vec::with_capacity(payload_len + 14);
+    f.push(0x82); // FIN + binary
+    if payload_len < 126 {
+        f.push(0x80 | payload_len as u8);
+    } else if payload_len < 65536 {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(payload_len as u16).to_be_bytes());
+    } else {
+        f.push(0x80 | 127);
+        f.extend_from_slice(&(payload_len as u64).to_be_bytes());
+    }
+    f.extend_from_slice(&MASK);
+    let start = f.len();
+    f.resize(start + payload_len, fill);
+    unmask(&mut f[start..], MASK); // XOR is its own inverse
+    f
+}
+
+/// Incremental parser of unmasked server frames: counts data frames and payload bytes.
+#[derive(Default)]
+struct FrameCounter {
+    hdr: Vec<u8>,
+    remaining: u64,
+    in_data: bool,
+    closed: bool,
+}
+
+impl FrameCounter {
+    /// Feed bytes; returns (completed data frames, data payload bytes).
+    fn feed(&mut self, mut b: &[u8]) -> (u64, u64) {
+        let (mut frames, mut bytes) = (0u64, 0u64);
+        while !b.is_empty() {
+            if self.remaining > 0 {
+                let n = (self.remaining as usize).min(b.len());
+                self.remaining -= n as u64;
+                if self.in_data {
+                    bytes += n as u64;
+                }
+                b = &b[n..];
+                if self.remaining == 0 && self.in_data {
+                    frames += 1;
+                }
+                continue;
+            }
+            // header bytes
+            let need = |h: &[u8]| -> usize {
+                if h.len() < 2 {
+                    return 2;
+                }
+                let l = h[1] & 0x7f;
+                let m = if h[1] & 0x80 != 0 { 4 } else { 0 };
+                2 + m + if l == 126 { 2 } else if l == 127 { 8 } else { 0 }
+            };
+            while self.hdr.len() < need(&self.hdr) && !b.is_empty() {
+                self.hdr.push(b[0]);
+                b = &b[1..];
+            }
+            if self.hdr.len() < need(&self.hdr) {
+                break;
+            }
+            let h = &self.hdr;
+            let l = h[1] & 0x7f;
+            let len = if l == 126 {
+                u16::from_be_bytes([h[2], h[3]]) as u64
+            } else if l == 127 {
+                u64::from_be_bytes([h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9]])
+            } else {
+                l as u64
+            };
+            let op = h[0] & 0x0f;
+            if op == 0x8 {
+                self.closed = true;
+            }
+            self.in_data = op < 0x8;
+            self.remaining = len;
+            self.hdr.clear();
+            if len == 0 && self.in_data {
+                frames += 1;
+            }
+        }
+        (frames, bytes)
+    }
+}
+
+/// Send one pre-built frame and wait for one echoed data frame.
+async fn raw_round_trip(s: &mut TcpStream, frame: &[u8], fc: &mut FrameCounter, buf: &mut [u8]) -> Result<(), String> {
+    s.write_all(frame).await.map_err(|e| e.to_string())?;
+    loop {
+        let n = s.read(buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed".into());
+        }
+        let (frames, _) = fc.feed(&buf[..n]);
+        if fc.closed {
+            return Err("close frame".into());
+        }
+        if frames > 0 {
+            return Ok(());
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // latency
 
@@ -543,7 +675,7 @@ async fn latency(a: LatencyArgs) -> bool {
     let mut tasks = Vec::new();
     for _ in 0..a.conns {
         let (addr, url, barrier, errors) = (addr.clone(), c.url.clone(), barrier.clone(), errors.clone());
-        let (max_msgs, size) = (a.max_msgs, a.size);
+        let (max_msgs, size, kind) = (a.max_msgs, a.size, a.client);
         tasks.push(tokio::spawn(async move {
             let mut h = new_hist();
             let ws = open_timeout(&addr, &url, Duration::from_secs(10)).await;
@@ -558,6 +690,25 @@ async fn latency(a: LatencyArgs) -> bool {
             let payload = tungstenite::Bytes::from(vec![b'x'; size]);
             let deadline = (Instant::now() + dur).min(hard);
             let mut n = 0u64;
+            if kind == ClientKind::Raw {
+                let mut s = ws.into_inner();
+                let frame = masked_frame(size, b'x');
+                let mut fc = FrameCounter::default();
+                let mut buf = vec![0u8; 4096.max(size + 16)];
+                while n < max_msgs && Instant::now() < deadline {
+                    let t0 = Instant::now();
+                    match tokio::time::timeout(Duration::from_secs(5), raw_round_trip(&mut s, &frame, &mut fc, &mut buf)).await {
+                        Ok(Ok(())) => {}
+                        _ => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                    let _ = h.record((t0.elapsed().as_nanos() as u64).max(1));
+                    n += 1;
+                }
+                return (h, None);
+            }
             while n < max_msgs && Instant::now() < deadline {
                 let t0 = Instant::now();
                 if ws.send(Message::Binary(payload.clone())).await.is_err() {
@@ -604,7 +755,7 @@ async fn latency(a: LatencyArgs) -> bool {
         c,
         ok,
         json!({
-            "conns": a.conns, "size": a.size, "msgs": msgs, "elapsed_s": round3(el),
+            "conns": a.conns, "size": a.size, "msgs": msgs, "client": a.client.name(), "elapsed_s": round3(el),
             "msgs_per_s": round3(msgs as f64 / el),
             "p50_us": us(&h, 0.5), "p99_us": us(&h, 0.99), "p999_us": us(&h, 0.999), "max_us": us(&h, 1.0),
             "errors": errs,
@@ -629,7 +780,7 @@ async fn throughput(a: ThroughputArgs) -> bool {
     let mut tasks = Vec::new();
     for _ in 0..a.conns {
         let (addr, url, barrier, errors) = (addr.clone(), c.url.clone(), barrier.clone(), errors.clone());
-        let (max_msgs, size, inflight) = (a.max_msgs, a.size, a.inflight);
+        let (max_msgs, size, inflight, kind) = (a.max_msgs, a.size, a.inflight, a.client);
         tasks.push(tokio::spawn(async move {
             let ws = open_timeout(&addr, &url, Duration::from_secs(10)).await;
             barrier.wait().await;
@@ -640,6 +791,9 @@ async fn throughput(a: ThroughputArgs) -> bool {
                     return 0u64;
                 }
             };
+            if kind == ClientKind::Raw {
+                return raw_throughput(ws.into_inner(), size, inflight, max_msgs, (Instant::now() + dur).min(hard), errors).await;
+            }
             let (mut sink, mut stream) = ws.split();
             let payload = tungstenite::Bytes::from(vec![0xA5u8; size]);
             let sem = Arc::new(Semaphore::new(inflight));
@@ -708,7 +862,7 @@ async fn throughput(a: ThroughputArgs) -> bool {
         c,
         bytes > 0 && errs == 0,
         json!({
-            "conns": a.conns, "inflight": a.inflight, "size": a.size,
+            "conns": a.conns, "inflight": a.inflight, "size": a.size, "client": a.client.name(),
             "bytes_echoed": bytes, "elapsed_s": round3(el),
             "mb_per_s": round3(bytes as f64 / 1e6 / el),
             "errors": errs,
@@ -718,6 +872,65 @@ async fn throughput(a: ThroughputArgs) -> bool {
             "echo_cpu_s_per_gb": opt(cpu_delta(e0, e1).map(|c| c / gb_proxied.max(1e-12))),
         }),
     )
+}
+
+async fn raw_throughput(
+    s: TcpStream,
+    size: usize,
+    inflight: usize,
+    max_msgs: u64,
+    deadline: Instant,
+    errors: Arc<AtomicU64>,
+) -> u64 {
+    let (mut rd, mut wr) = s.into_split();
+    let frame = masked_frame(size, 0xA5);
+    let sem = Arc::new(Semaphore::new(inflight));
+    let done = Arc::new(Notify::new());
+    let writer = {
+        let (sem, done, errors) = (sem.clone(), done.clone(), errors.clone());
+        async move {
+            let mut n = 0u64;
+            while n < max_msgs && Instant::now() < deadline {
+                match sem.acquire().await {
+                    Ok(p) => p.forget(),
+                    Err(_) => break,
+                }
+                if wr.write_all(&frame).await.is_err() {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                n += 1;
+            }
+            let drained = tokio::time::timeout(Duration::from_secs(5), sem.acquire_many(inflight as u32)).await;
+            if !matches!(drained, Ok(Ok(_))) {
+                errors.fetch_add(1, Ordering::Relaxed);
+            }
+            done.notify_one();
+        }
+    };
+    let reader = async {
+        let mut fc = FrameCounter::default();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut bytes = 0u64;
+        loop {
+            tokio::select! {
+                r = rd.read(&mut buf) => match r {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        let (frames, b) = fc.feed(&buf[..n]);
+                        bytes += b;
+                        if frames > 0 { sem.add_permits(frames as usize); }
+                        if fc.closed { break; }
+                    }
+                    Err(_) => { errors.fetch_add(1, Ordering::Relaxed); break; }
+                },
+                _ = done.notified() => break,
+            }
+        }
+        bytes
+    };
+    let ((), bytes) = tokio::join!(writer, reader);
+    bytes
 }
 
 // ---------------------------------------------------------------------------------------------
