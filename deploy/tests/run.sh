@@ -35,7 +35,14 @@ if [[ ! -x "$VENV/bin/python" || ! -f "$STAMP" || "$(cat "$STAMP")" != "$want" ]
   PY="$(command -v python3.11 || command -v python3)"
   log "creating venv $VENV with $("$PY" --version 2>&1)"
   rm -rf "$VENV"
-  "$PY" -m venv "$VENV"
+  if ! "$PY" -m venv "$VENV" >/dev/null 2>&1; then
+    # Debian's system python needs python3-venv for ensurepip.
+    log "installing python3-venv"
+    apt-get update -qq </dev/null
+    apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=300 python3-venv </dev/null >/dev/null
+    rm -rf "$VENV"
+    "$PY" -m venv "$VENV"
+  fi
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-input -r "$REQ" </dev/null
   echo "$want" >"$STAMP"
 fi

@@ -38,6 +38,21 @@ def test_lint_reports_no_errors_or_warnings(helm, name):
     assert bad == [], bad
 
 
+def test_chart_lints_for_the_oldest_supported_kubernetes(helm, chart):
+    # Native sidecars need 1.29; Chart.yaml says so (helm install enforces kubeVersion).
+    assert chart.metadata["kubeVersion"] == ">=1.29.0-0"
+    ok = helm.lint(str(CHART), {}, strict=True, kube_version="v1.29.0")
+    assert ok["errors"] == [], ok
+
+
+def test_standalone_wsgate_fronts_a_remote_upstream(render):
+    r = render(VALUE_SETS["standalone-no-service"])
+    assert r.kinds() == ["Deployment"]
+    pod = r.one("Deployment")["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["wsgate"] and "initContainers" not in pod
+    assert env_of(pod["containers"][0])["WSGATE_UPSTREAM"] == "chat-backend:3000"
+
+
 def test_chart_metadata(chart, helm):
     assert chart.name == "wsgate"
     assert chart.metadata["apiVersion"] == "v2"
