@@ -19,6 +19,25 @@ from collections import defaultdict
 PEERS = ("nginx", "haproxy")
 ORDER = ("direct", "wsgate", "nginx", "haproxy")
 COLORS = {"direct": "#9e9e9e", "wsgate": "#1f77b4", "nginx": "#2ca02c", "haproxy": "#d62728"}
+EXTRA_COLORS = ["#17becf", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
+
+
+def target_order(names):
+    """direct, wsgate, wsgate variants (wsgate-*), nginx, haproxy, anything else."""
+    def key(t):
+        if t in ORDER:
+            return (ORDER.index(t) if t != "nginx" and t != "haproxy" else ORDER.index(t) + 10, t)
+        if t.startswith("wsgate-"):
+            return (5, t)
+        return (50, t)
+    return sorted(names, key=key)
+
+
+def color(t, names):
+    if t in COLORS:
+        return COLORS[t]
+    extras = [n for n in target_order(names) if n not in COLORS]
+    return EXTRA_COLORS[extras.index(t) % len(EXTRA_COLORS)] if t in extras else "#555555"
 
 
 def variant(r: dict) -> str:
@@ -182,6 +201,9 @@ def targets_table(stats, env):
             bp, b = against, stats.med(v, against, f)
             who = against
         r = ratio(w, b)
+        if w is not None and b is not None and r is None:
+            out.append((text, f"wsgate {fmt(w)} vs {who} {fmt(b)}", "n/a (zero reference)"))
+            return
         if w is None or b is None:
             out.append((text, "n/a (wsgate not measured)" if not has_ws else "n/a", "not measured"))
             return
@@ -331,14 +353,14 @@ def write_markdown(path, stats, env, rows, svg_rel):
         mets = METRICS.get(mode)
         if not mets:
             continue
-        present = [t for t in ORDER if t in stats.runs[v]]
+        present = target_order(stats.runs[v].keys())
         A(f"### {v}")
         A("")
         hdr = ["target"] + [f"{lab}" + (f" ({unit})" if unit else "") for _, lab, unit, _, _ in mets] + ["runs ok"]
         A("| " + " | ".join(hdr) + " |")
         A("|" + " --- |" * len(hdr))
         for t in present:
-            cells = [t] + [cell(stats, v, t, f, sc) for f, _, _, _, sc in mets]
+            cells = [f"**{t}**" if t.startswith("wsgate") else t] + [cell(stats, v, t, f, sc) for f, _, _, _, sc in mets]
             cells.append(f"{stats.runs[v][t] - stats.fail[v][t]}/{stats.runs[v][t]}")
             A("| " + " | ".join(cells) + " |")
         if "direct" in present:
@@ -351,14 +373,14 @@ def write_markdown(path, stats, env, rows, svg_rel):
                     rc.append(f"{r:.2f}×" if r is not None else "–")
                 rc.append("")
                 A("| " + " | ".join(rc) + " |")
-        if "wsgate" in present:
-            rp = ["**wsgate ÷ better peer**"]
+        for t in [t for t in present if t.startswith("wsgate")]:
+            rp = [f"**{t} ÷ better peer**"]
             for f, _, _, higher, _ in mets:
                 if higher is None:
                     rp.append("–")
                     continue
                 bp, b = stats.best_peer(v, f, higher)
-                r = ratio(w, b)
+                r = ratio(stats.med(v, t, f), b)
                 rp.append(f"{r:.2f}× ({bp})" if r is not None else "–")
             rp.append("")
             A("| " + " | ".join(rp) + " |")
@@ -427,8 +449,9 @@ def write_svg(path, stats):
                      key=lambda s: int(s.split("=")[1]) if s.split("=")[1].isdigit() else 0)
     for v in idle_vs:
         panels.append((v, "rss_bytes_per_conn", f"{v}: proxy RSS per conn (KiB)", False, 1 / 1024))
+    all_targets = target_order({t for v in stats.runs for t in stats.runs[v]})
     cols = 3
-    pw, ph = 330, 40 + 26 * len(ORDER)
+    pw, ph = 330, 40 + 26 * len(all_targets)
     rows_n = (len(panels) + cols - 1) // cols
     W, H = cols * pw + 20, rows_n * (ph + 20) + 50
     o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
@@ -442,7 +465,7 @@ def write_svg(path, stats):
         arrow = "↑" if higher else "↓"
         o.append(f'<text x="{x0}" y="{y0 + 14}" font-weight="bold">{html.escape(title)} {arrow}</text>')
         vals = []
-        for t in ORDER:
+        for t in all_targets:
             m = stats.med(v, t, f)
             r = stats.rng(v, t, f)
             if m is not None:
@@ -456,7 +479,7 @@ def write_svg(path, stats):
             y = y0 + 24 + j * 26
             w = max(1.0, bw * m / vmax)
             o.append(f'<text x="{x0}" y="{y + 13}">{t}</text>')
-            o.append(f'<rect x="{bx}" y="{y}" width="{w:.1f}" height="18" fill="{COLORS[t]}"/>')
+            o.append(f'<rect x="{bx}" y="{y}" width="{w:.1f}" height="18" fill="{color(t, all_targets)}"/>')
             if hi > lo:
                 xl, xh = bx + bw * lo / vmax, bx + bw * hi / vmax
                 o.append(f'<line x1="{xl:.1f}" y1="{y + 9}" x2="{xh:.1f}" y2="{y + 9}" stroke="black"/>')

@@ -10,6 +10,9 @@
 #
 # Options:  --rounds N (default 3)   --targets "direct wsgate nginx haproxy"
 #           --no-build (use the binaries already built)   --out DIR (raw results directory)
+# Variants: --targets "direct wsgate wsgate-cb nginx haproxy" runs wsgate a second time as
+#           `wsgate-cb` with the extra environment WSGATE_ENV_cb="KEY=VALUE ..." and/or the binary
+#           WSGATE_BIN_cb=PATH (e.g. copy_bidirectional vs the default splice).
 # Env:      CAP (cap-mode limit, default 1000)  IDLE_MAX (default: from the descriptor limit)
 #           WSGATE_BIN (default target/release/wsgate; with it set, nothing of wsgate is built)
 #
@@ -85,6 +88,9 @@ for t in $TARGETS; do
     case "$t" in
         direct) active+=(direct) ;;
         wsgate) if [[ -x "$WSGATE" ]]; then active+=(wsgate); else log "WARNING: $WSGATE missing: wsgate left out"; fi ;;
+        wsgate-*)  # a variant: extra env from WSGATE_ENV_<label>, binary from WSGATE_BIN_<label>
+            lbl="${t#wsgate-}"; lbl="${lbl//-/_}"; bvar="WSGATE_BIN_$lbl"; b="${!bvar:-$WSGATE}"
+            if [[ -x "$b" ]]; then active+=("$t"); else log "WARNING: $b missing: $t left out"; fi ;;
         nginx) if [[ -n "$NGINX" ]]; then active+=(nginx); else log "WARNING: nginx missing"; fi ;;
         haproxy) if [[ -n "$HAPROXY" ]]; then active+=(haproxy); else log "WARNING: haproxy missing"; fi ;;
         *) log "unknown target $t"; exit 2 ;;
@@ -168,14 +174,20 @@ start_proxy() { # target cap(0=none)
     case "$t" in
         direct)
             PROXY_URL="ws://$ECHO_ADDR/" ;;
-        wsgate)
-            WSGATE_UPSTREAM="$ECHO_ADDR" WSGATE_LISTEN=127.0.0.1:0 WSGATE_ADMIN_LISTEN=127.0.0.1:0 \
-                WSGATE_MAX_CLIENTS="$cap" "$WSGATE" > "$WORK/wsgate.out" 2> "$WORK/wsgate.err" &
+        wsgate|wsgate-*)
+            local bin="$WSGATE" extra=() lbl bvar evar
+            if [[ "$t" == wsgate-* ]]; then
+                lbl="${t#wsgate-}"; lbl="${lbl//-/_}"; bvar="WSGATE_BIN_$lbl"; evar="WSGATE_ENV_$lbl"
+                bin="${!bvar:-$WSGATE}"; read -r -a extra <<< "${!evar:-}"
+            fi
+            env WSGATE_UPSTREAM="$ECHO_ADDR" WSGATE_LISTEN=127.0.0.1:0 WSGATE_ADMIN_LISTEN=127.0.0.1:0 \
+                WSGATE_MAX_CLIENTS="$cap" "${extra[@]}" "$bin" > "$WORK/wsgate.out" 2> "$WORK/wsgate.err" &
             PROXY_PID=$!; STARTED+=("$PROXY_PID")
             local a
             a="$(wait_line "$WORK/wsgate.err" 'proxy listening')" \
                 || a="$(wait_line "$WORK/wsgate.out" 'proxy listening')" \
-                || { log "wsgate did not start:"; tail -5 "$WORK/wsgate.err" >&2; return 1; }
+                || { log "$t did not start:"; tail -5 "$WORK/wsgate.err" >&2; return 1; }
+            wait_port "${a##*:}" || { log "$t does not accept on $a"; return 1; }
             PROXY_URL="ws://$a/" ;;
         nginx)
             port="$(free_port)"; dir="$WORK/nginx"; rm -rf "$dir"; mkdir -p "$dir"
