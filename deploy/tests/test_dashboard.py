@@ -13,6 +13,23 @@ def panels():
     return [p for p in all_panels(dashboard()) if p["type"] != "row"]
 
 
+# Panel plugins that ship with Grafana (10.x/11.x); anything else would need a plugin installed.
+CORE_PANEL_TYPES = {"row", "timeseries", "stat", "bargauge", "gauge", "table", "state-timeline",
+                    "heatmap", "text", "piechart", "status-history"}
+
+
+def test_dashboard_is_provisionable():
+    d = dashboard()
+    assert d["uid"] == "wsgate-admission" and d["title"]
+    assert isinstance(d["schemaVersion"], int) and d["schemaVersion"] >= 36
+    assert "id" not in d or d["id"] is None, "a provisioned dashboard must not pin a database id"
+    for p in all_panels(d):
+        assert p["type"] in CORE_PANEL_TYPES, p["type"]
+        assert p["title"]
+        if p["type"] != "row":
+            assert p.get("description"), f"{p['title']}: say what the panel shows"
+
+
 def test_panel_ids_are_unique():
     ids = [p["id"] for p in all_panels(dashboard())]
     assert len(ids) == len(set(ids)), ids

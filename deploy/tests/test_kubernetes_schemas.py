@@ -210,3 +210,14 @@ def test_schema_version_is_current():
     major, minor = (int(x) for x in K8S_VERSION.split(".")[:2])
     assert (major, minor) >= (1, 33), K8S_VERSION
     print(f"validated against Kubernetes {K8S_VERSION} schemas (kubernetes-validate {kubernetes_validate.__version__})")
+
+
+def test_native_example_is_what_the_chart_renders_for_the_same_values(render):
+    """The plain manifest and the chart configure wsgate the same way (same env, probes, ports)."""
+    example, _ = wsgate_container(next(o for o in _examples()["native-sidecar.yaml"] if o["kind"] == "Deployment"))
+    rendered, _ = wsgate_container(render({"maxClients": 500, "logFormat": "json"}).one("Deployment"))
+    assert example["env"] == rendered["env"]
+    assert example["ports"] == rendered["ports"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        for k, v in example[probe].items():
+            assert rendered[probe][k] == v, (probe, k)
