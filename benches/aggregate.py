@@ -331,17 +331,29 @@ def write_markdown(path, stats, env, rows, svg_rel):
     A("| mode | what is measured |")
     A("| --- | --- |")
     A("| latency c=1 / c=64 | C connections, each sends a 32-byte binary message and awaits its echo, "
-      "3 s: msgs/s, RTT percentiles (HDR histogram), proxy CPU µs per message |")
-    A("| throughput | 4 connections × 8 in-flight 64 KiB binary messages, 3 s: MB/s of payload echoed back; "
-      "CPU s per GB proxied (each echoed byte crosses the proxy twice) |")
-    A("| handshake | 3,000 × (connect, upgrade, close handshake), 64 at a time: upgrades/s, failures, "
-      "proxy CPU µs per upgrade |")
-    A(f"| idle n=N | fresh proxy, open N upgraded connections and hold them idle, 1 s settle: "
-      f"(VmRSS after − VmRSS before) / N, fds / N; 8 of them must still echo afterwards. "
-      f"N up to {env.get('idle_max', '?')} (a proxied connection costs the proxy 2 descriptors of "
-      f"the {env.get('nofile_hard', '?')} allowed) |")
+      "3 s: msgs/s, RTT percentiles (HDR histogram), proxy CPU µs per message. The upgrade is done by "
+      "tokio-tungstenite, then the client writes pre-built masked frames and parses the echoes itself "
+      "(half the CPU of tungstenite's data path, which leaves more of the 2 cores to the proxy) |")
+    A("| throughput | 4 connections × 8 in-flight 64 KiB binary messages, 3 s, same raw client: MB/s of "
+      "payload echoed back; proxy CPU s per GB proxied (each echoed byte crosses the proxy twice) |")
+    A("| handshake | 3,000 × (connect, tokio-tungstenite upgrade, close handshake), 64 at a time: "
+      "upgrades/s, failures, proxy CPU µs per upgrade |")
+    A(f"| idle n=N | fresh proxy; open N upgraded connections, each exchanges one 15-byte message right "
+      f"after its upgrade (so buffers kept after the first data are counted too), then all are held "
+      f"idle, 1 s settle: (VmRSS after − VmRSS before) / N, fds / N; 8 of them must still echo "
+      f"afterwards. N up to {env.get('idle_max', '?')} (a proxied connection costs the proxy 2 "
+      f"descriptors of the {env.get('nofile_hard', '?')} allowed) |")
     A(f"| cap | proxy capped at {env.get('cap', 'K')}: 4,000 upgrades launched at once, admitted ones held "
-      "until all have an answer: admitted, 503, hung (no answer in 5 s), time to the 503 |")
+      "until all have an answer: admitted, 503, hung (no answer in 5 s), time from connect to the 503 |")
+    A("")
+    A("Reading the numbers: generator, echo and proxy share 2 cores, so msgs/s and MB/s through a proxy "
+      "are bounded by the *sum* of the three processes' CPU per message; a proxy that costs 20 % less CPU "
+      "per message shows up as a smaller gain in msgs/s. The proxy CPU columns isolate the proxy. "
+      "Times to 503 include the kernel's accept queue: a listener whose backlog is smaller than the "
+      "burst drops SYNs and the client retries after 1 s (nginx is given `backlog=4096`; HAProxy's "
+      "backlog follows its maxconn, capped by `net.core.somaxconn`). With HAProxy, the attempts that race "
+      "past the `srv_conn` check wait in the server queue and get their 503 after `timeout queue` (1 s), "
+      "which is what its p99 shows.")
     A("")
     A("## Results")
     A("")

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # benches/run.sh — wsgate side by side with NGINX and HAProxy (issue 4).
 #
-#   benches/run.sh                 full run (≈6-10 min on 2 cores): builds wsgate and the bench
+#   benches/run.sh                 full run (≈7-10 min on 2 cores): builds wsgate and the bench
 #                                  tool, installs nginx+haproxy from Debian if missing, runs every
 #                                  mode against direct / wsgate / nginx / haproxy interleaved
 #                                  round by round, writes BENCHMARKS.md and benches/benchmarks.svg
 #   benches/run.sh --smoke         every mode at tiny sizes (< ~60 s), exits non-zero if a mode
 #                                  fails; writes nothing into the repo (for CI)
 #
-# Options:  --rounds N (default 3)   --targets "direct wsgate nginx haproxy"
+# Options:  --rounds N (default 5)   --targets "direct wsgate nginx haproxy"
 #           --no-build (use the binaries already built)   --out DIR (raw results directory)
 # Variants: --targets "direct wsgate wsgate-cb nginx haproxy" runs wsgate a second time as
 #           `wsgate-cb` with the extra environment WSGATE_ENV_cb="KEY=VALUE ..." and/or the binary
@@ -30,7 +30,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BENCHES="$ROOT/benches"
 SMOKE=0
 BUILD=1
-ROUNDS=3
+ROUNDS=5
 TARGETS="direct wsgate nginx haproxy"
 OUT=""
 while [[ $# -gt 0 ]]; do
@@ -242,6 +242,12 @@ run_one() {
     echo "$line" >> "$RESULTS"
     if [[ $rc != 0 ]]; then
         FAILS=$((FAILS + 1)); log "FAILED $mode $t: $line"
+        # keep the proxy's own account of it for whoever debugs this
+        case "$t" in
+            wsgate*) cp "$WORK/wsgate.err" "$OUT/fail-r$round-$mode-$t.log" 2>/dev/null || true ;;
+            nginx) cp "$WORK/nginx/error.log" "$OUT/fail-r$round-$mode-$t.log" 2>/dev/null || true ;;
+            haproxy) cp "$WORK/haproxy/stdout" "$OUT/fail-r$round-$mode-$t.log" 2>/dev/null || true ;;
+        esac
     else
         log "ok $mode $t: $(echo "$line" | head -c 300)"
     fi

@@ -173,6 +173,10 @@ struct IdleArgs {
     /// Per-attempt timeout, seconds.
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
+    /// Round trips of a small message on each connection right after its upgrade, before it
+    /// goes idle (so a design that keeps buffers after the first data is caught too).
+    #[arg(long, default_value_t = 1)]
+    warm: u32,
 }
 
 #[derive(Args, Clone)]
@@ -1023,12 +1027,31 @@ async fn idle(a: IdleArgs) -> bool {
     for _ in 0..a.concurrency.max(1) {
         let (addr, url, next, failures, first_err) =
             (addr.clone(), c.url.clone(), next.clone(), failures.clone(), first_err.clone());
-        let count = a.count as u64;
+        let (count, warm) = (a.count as u64, a.warm);
         tasks.push(tokio::spawn(async move {
             let mut held = Vec::new();
             while next.fetch_add(1, Ordering::Relaxed) < count && Instant::now() < hard {
                 match open_timeout(&addr, &url, to).await {
-                    Open::Upgraded(ws) => held.push(ws),
+                    Open::Upgraded(mut ws) => {
+                        let mut good = true;
+                        for _ in 0..warm {
+                            let r = tokio::time::timeout(to, async {
+                                ws.send(Message::Binary(tungstenite::Bytes::from_static(b"hello, upstream"))).await.ok()?;
+                                next_data(&mut ws).await.ok()
+                            })
+                            .await;
+                            if !matches!(r, Ok(Some(_))) {
+                                good = false;
+                                break;
+                            }
+                        }
+                        if good {
+                            held.push(ws);
+                        } else {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                            first_err.lock().expect("lock").get_or_insert("warm-up echo failed".into());
+                        }
+                    }
                     other => {
                         failures.fetch_add(1, Ordering::Relaxed);
                         let e = match other {
@@ -1086,7 +1109,7 @@ async fn idle(a: IdleArgs) -> bool {
         c,
         ok,
         json!({
-            "count": a.count, "held": n, "failures": fails, "first_error": err,
+            "count": a.count, "warm": a.warm, "held": n, "failures": fails, "first_error": err,
             "open_s": round3(open_s), "alive_checked": checked, "alive_ok": alive,
             "rss_base_kib": base.map(|b| b.rss_kib), "rss_kib": after.map(|b| b.rss_kib),
             "proxy_procs": after.map(|b| b.procs),
