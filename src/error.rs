@@ -82,8 +82,10 @@ impl ProxyError {
         }
     }
 
-    /// The synthetic response for this error. 503s carry `Retry-After` and
-    /// `Connection: close`: a shed client should go away, not queue here.
+    /// The synthetic response for this error. Every one carries
+    /// `Connection: close`: a client that asked to upgrade may already be
+    /// sending frames, which must never be parsed as a next request. 503s
+    /// also carry `Retry-After`: a shed client should go away, not queue here.
     pub fn to_response(&self, retry_after_secs: u64) -> Response<ProxyBody> {
         let status = self.status();
         let body = match self {
@@ -104,9 +106,9 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         if status == StatusCode::SERVICE_UNAVAILABLE {
             h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
-            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let ProxyError::BadHandshake(HandshakeError::WebSocketVersion) = self {
             h.insert(
@@ -147,5 +149,6 @@ mod tests {
         assert_eq!(r.headers()[header::CONNECTION], "close");
         let r = ProxyError::BadHandshake(HandshakeError::Key).to_response(3);
         assert!(!r.headers().contains_key(header::RETRY_AFTER));
+        assert_eq!(r.headers()[header::CONNECTION], "close");
     }
 }

@@ -183,6 +183,10 @@ impl Proxy {
                 tracing::info!(%peer, status = resp.status().as_u16(), "upstream declined the websocket upgrade");
                 let (mut head, body) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut head.headers);
+                // As with our own refusals: the client may already be sending
+                // frames after its upgrade request, so this connection ends.
+                head.headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 Ok(Response::from_parts(head, body.boxed()))
             }
             Answer::Switching { head, io, leftover } => {

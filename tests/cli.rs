@@ -1,0 +1,376 @@
+//! The binary as an operator runs it: configuration errors exit 2 naming the
+//! key, value and what is accepted; `check-config`; a taken address exits 1
+//! naming it; SIGTERM drains and exits 0 within the grace.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use support::*;
+use tokio::time::Instant;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
+
+/// A command with a clean WSGATE_* environment.
+fn wsgate(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .env_remove("WS_MAX_CLIENTS")
+        .env("RUST_LOG", "info");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("WSGATE_") {
+            c.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.stdin(Stdio::null());
+    c
+}
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    wsgate(args, env).output().expect("run wsgate")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn invalid_values_exit_2_naming_key_value_and_accepted() {
+    let cases = [
+        ("WSGATE_MAX_CLIENTS", "abc", "max_clients"),
+        ("WSGATE_LISTEN", "nowhere", "listen"),
+        ("WSGATE_RETRY_AFTER", "-3s", "retry_after"),
+        ("WSGATE_LOG_FORMAT", "xml", "log_format"),
+        ("WSGATE_UPSTREAM", "https://app:443", "upstream"),
+        ("WS_MAX_CLIENTS", "many", "max_clients"),
+    ];
+    for (var, value, key) in cases {
+        let o = run(
+            &["check-config"],
+            &[("WSGATE_UPSTREAM", "127.0.0.1:3000"), (var, value)],
+        );
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{var}={value}: {err}");
+        assert!(
+            err.contains(key) && err.contains(value) && err.contains("expected"),
+            "{var}={value}: {err}"
+        );
+    }
+}
+
+#[test]
+fn invalid_value_exits_2_before_binding_anything() {
+    // The listen address is taken by us; a config error must win over the bind.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let o = run(
+        &[],
+        &[
+            ("WSGATE_UPSTREAM", "127.0.0.1:3000"),
+            ("WSGATE_LISTEN", &addr),
+            ("WSGATE_MAX_CLIENTS", "abc"),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+#[test]
+fn unknown_toml_key_exits_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("wsgate.toml");
+    std::fs::write(&file, "upstream = \"127.0.0.1:3000\"\nmax_client = 5\n").expect("write");
+    let o = run(
+        &["--config", file.to_str().expect("utf8"), "check-config"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("unknown key max_client"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn check_config_prints_effective_values_with_precedence() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("wsgate.toml");
+    std::fs::write(
+        &file,
+        "upstream = \"app:3000\"\nmax_clients = 7\nidle_timeout = \"90s\"\n",
+    )
+    .expect("write");
+    let path = file.to_str().expect("utf8");
+    // WSGATE_CONFIG names the file; env wins over the file; WSGATE_ wins over WS_.
+    let o = run(
+        &["check-config"],
+        &[
+            ("WSGATE_CONFIG", path),
+            ("WS_MAX_CLIENTS", "3"),
+            ("WSGATE_MAX_CLIENTS", "9"),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("upstream = \"app:3000\""), "{out}");
+    assert!(out.contains("max_clients = 9"), "{out}");
+    assert!(out.contains("idle_timeout = \"1m 30s\""), "{out}");
+    let o = run(
+        &["check-config"],
+        &[("WSGATE_CONFIG", path), ("WS_MAX_CLIENTS", "-1")],
+    );
+    assert_eq!(o.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("max_clients = 0"));
+    assert!(stderr(&o).contains("negative"), "{}", stderr(&o));
+}
+
+#[test]
+fn taken_listen_or_admin_address_exits_1_naming_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    for var in ["WSGATE_LISTEN", "WSGATE_ADMIN_LISTEN"] {
+        let other = if var == "WSGATE_LISTEN" {
+            "WSGATE_ADMIN_LISTEN"
+        } else {
+            "WSGATE_LISTEN"
+        };
+        let o = run(
+            &[],
+            &[
+                ("WSGATE_UPSTREAM", "127.0.0.1:3000"),
+                (var, &addr),
+                (other, "127.0.0.1:0"),
+            ],
+        );
+        assert_eq!(o.status.code(), Some(1), "{var}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(&addr),
+            "{var}: message names the address: {}",
+            stderr(&o)
+        );
+    }
+}
+
+#[test]
+fn version_and_help() {
+    let o = run(&["--version"], &[]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains(env!("CARGO_PKG_VERSION")));
+    let o = run(&["--help"], &[]);
+    let help = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        help.contains("demo") && help.contains("check-config") && help.contains("--config"),
+        "{help}"
+    );
+}
+
+/// A started binary and the addresses it logged.
+struct Running {
+    child: Child,
+    proxy: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the binary and reads `proxy listening addr=` / `admin listening addr=` from its log.
+fn start(env: &[(&str, &str)]) -> Running {
+    let mut all = vec![
+        ("WSGATE_LISTEN", "127.0.0.1:0"),
+        ("WSGATE_ADMIN_LISTEN", "127.0.0.1:0"),
+    ];
+    all.extend_from_slice(env);
+    let mut child = wsgate(&[], &all)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let (mut proxy, mut admin) = (None, None);
+    while proxy.is_none() || admin.is_none() {
+        let line = lines
+            .next()
+            .expect("wsgate exited before listening")
+            .expect("read");
+        let addr = || {
+            line.split("addr=")
+                .nth(1)
+                .and_then(|a| a.split_whitespace().next()?.parse().ok())
+        };
+        if line.contains("proxy listening") {
+            proxy = addr();
+        } else if line.contains("admin listening") {
+            admin = addr();
+        }
+    }
+    // Keep draining the log so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Running {
+        child,
+        proxy: proxy.expect("proxy addr"),
+        admin: admin.expect("admin addr"),
+    }
+}
+
+fn sigterm(child: &Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+}
+
+/// Polls the child for its exit within `limit`.
+async fn wait_exit(child: &mut Child, limit: Duration) -> (Option<i32>, Duration) {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return (status.code(), start.elapsed());
+        }
+        assert!(start.elapsed() < limit, "did not exit within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn sigterm_with_twenty_idle_clients_exits_0_within_grace() {
+    let up = spawn_echo_upstream().await;
+    let upstream = up.addr.to_string();
+    let mut gate = start(&[
+        ("WSGATE_UPSTREAM", &upstream),
+        ("WSGATE_SHUTDOWN_GRACE", "2s"),
+    ]);
+    let url = format!("ws://{}/", gate.proxy);
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(within("connect", connect(&url)).await.expect("admitted"));
+    }
+    wait_metric(gate.admin, "wsgate_connections_active", 20.0).await;
+    sigterm(&gate.child);
+    // Readiness flips at once while the idle clients are still held.
+    let start = Instant::now();
+    loop {
+        let (status, _) = http_get(gate.admin, "/readyz").await;
+        if status == 503 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "readyz still {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (code, took) = wait_exit(&mut gate.child, Duration::from_secs(4)).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        took < Duration::from_secs(4),
+        "exited after {took:?} (grace 2s)"
+    );
+    // Every idle client was closed by the hard stop.
+    for mut c in clients {
+        within("closed by shutdown", async {
+            while c.next_message().await {}
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn sigterm_with_no_connections_exits_at_once() {
+    let up = spawn_echo_upstream().await;
+    let upstream = up.addr.to_string();
+    let mut gate = start(&[
+        ("WSGATE_UPSTREAM", &upstream),
+        ("WSGATE_SHUTDOWN_GRACE", "25s"),
+    ]);
+    sigterm(&gate.child);
+    let (code, took) = wait_exit(&mut gate.child, Duration::from_secs(3)).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        took < Duration::from_secs(2),
+        "idle process exited after {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn second_sigterm_stops_at_once() {
+    let up = spawn_echo_upstream().await;
+    let upstream = up.addr.to_string();
+    let mut gate = start(&[
+        ("WSGATE_UPSTREAM", &upstream),
+        ("WSGATE_SHUTDOWN_GRACE", "60s"),
+    ]);
+    let _held = within("connect", connect(&format!("ws://{}/", gate.proxy)))
+        .await
+        .expect("admitted");
+    wait_metric(gate.admin, "wsgate_connections_active", 1.0).await;
+    sigterm(&gate.child);
+    wait_metric_http_status(gate.admin, "/readyz", 503).await;
+    sigterm(&gate.child);
+    let (code, took) = wait_exit(&mut gate.child, Duration::from_secs(3)).await;
+    assert_eq!(code, Some(0));
+    assert!(took < Duration::from_secs(2), "second signal took {took:?}");
+}
+
+async fn wait_metric_http_status(addr: std::net::SocketAddr, path: &str, want: u16) {
+    let start = Instant::now();
+    while http_get(addr, path).await.0 != want {
+        assert!(start.elapsed() < DEADLINE, "{path} never answered {want}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn demo_prints_where_to_connect_and_admits_two() {
+    let mut child = wsgate(
+        &["demo"],
+        &[
+            ("WSGATE_LISTEN", "127.0.0.1:0"),
+            ("WSGATE_ADMIN_LISTEN", "127.0.0.1:0"),
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("spawn demo");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let (mut proxy, mut metrics) = (None::<String>, None::<String>);
+    while proxy.is_none() || metrics.is_none() {
+        let line = lines.next().expect("demo banner").expect("read");
+        let t = line.trim_start();
+        if let Some(rest) = t.strip_prefix("proxy") {
+            proxy = rest
+                .trim()
+                .strip_prefix("ws://")
+                .and_then(|r| r.split('/').next())
+                .map(str::to_owned);
+        } else if let Some(rest) = t.strip_prefix("metrics") {
+            metrics = rest
+                .trim()
+                .strip_prefix("http://")
+                .and_then(|r| r.split('/').next())
+                .map(str::to_owned);
+        }
+    }
+    let url = format!("ws://{}/", proxy.expect("proxy"));
+    let admin: std::net::SocketAddr = metrics.expect("metrics").parse().expect("admin addr");
+    let mut a = within("a", connect(&url)).await.expect("first");
+    let _b = within("b", connect(&url)).await.expect("second");
+    echo_text(&mut a, "demo").await;
+    assert_eq!(connect_refused(&url).await.status(), 503);
+    assert_eq!(metric(admin, "wsgate_connections_max").await, 2.0);
+    sigterm(&child);
+    drop(a);
+    drop(_b);
+    let (code, _) = wait_exit(&mut child, Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0));
+}
