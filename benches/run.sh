@@ -11,10 +11,12 @@
 # Options:  --rounds N (default 5)   --targets "direct wsgate nginx haproxy"
 #           --no-build (use the binaries already built)   --out DIR (raw results directory)
 # Variants: --targets "direct wsgate wsgate-cb nginx haproxy" runs wsgate a second time as
-#           `wsgate-cb` with the extra environment WSGATE_ENV_cb="KEY=VALUE ..." and/or the binary
-#           WSGATE_BIN_cb=PATH (e.g. copy_bidirectional vs the default splice).
+#           `wsgate-cb` with the extra environment BENCH_WSGATE_ENV_cb="KEY=VALUE ..." and/or the
+#           binary BENCH_WSGATE_BIN_cb=PATH (e.g. copy_bidirectional vs the default splice).
 # Env:      CAP (cap-mode limit, default 1000)  IDLE_MAX (default: from the descriptor limit)
-#           WSGATE_BIN (default target/release/wsgate; with it set, nothing of wsgate is built)
+#           BENCH_WSGATE_BIN (default target/release/wsgate; with it set, wsgate is not built)
+#           wsgate gets a clean WSGATE_* environment (it refuses unknown WSGATE_ keys): only
+#           UPSTREAM, LISTEN, ADMIN_LISTEN, MAX_CLIENTS and a variant's own variables.
 #
 # Everything runs on 127.0.0.1 only; every load mode is bounded in count and time; the script
 # starts its own echo upstream and its own nginx/haproxy/wsgate instances on ephemeral loopback
@@ -53,11 +55,11 @@ log() { printf '[run.sh %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 # ---------------------------------------------------------------------------------------------
 # build
 BENCH="$BENCHES/wsgate-bench/target/release/wsgate-bench"
-WSGATE="${WSGATE_BIN:-$ROOT/target/release/wsgate}"
+WSGATE="${BENCH_WSGATE_BIN:-$ROOT/target/release/wsgate}"
 if [[ $BUILD == 1 ]]; then
     log "building wsgate-bench"
     (cd "$BENCHES/wsgate-bench" && cargo build --release --quiet)
-    if [[ " $TARGETS " == *" wsgate "* && -z "${WSGATE_BIN:-}" ]]; then
+    if [[ " $TARGETS " == *" wsgate "* && -z "${BENCH_WSGATE_BIN:-}" ]]; then
         log "building wsgate (cargo build --release at the repo root)"
         if ! (cd "$ROOT" && cargo build --release --quiet --bin wsgate); then
             log "WARNING: wsgate does not build; it is left out of this run"
@@ -88,8 +90,8 @@ for t in $TARGETS; do
     case "$t" in
         direct) active+=(direct) ;;
         wsgate) if [[ -x "$WSGATE" ]]; then active+=(wsgate); else log "WARNING: $WSGATE missing: wsgate left out"; fi ;;
-        wsgate-*)  # a variant: extra env from WSGATE_ENV_<label>, binary from WSGATE_BIN_<label>
-            lbl="${t#wsgate-}"; lbl="${lbl//-/_}"; bvar="WSGATE_BIN_$lbl"; b="${!bvar:-$WSGATE}"
+        wsgate-*)  # a variant: extra env from BENCH_WSGATE_ENV_<label>, binary from BENCH_WSGATE_BIN_<label>
+            lbl="${t#wsgate-}"; lbl="${lbl//-/_}"; bvar="BENCH_WSGATE_BIN_$lbl"; b="${!bvar:-$WSGATE}"
             if [[ -x "$b" ]]; then active+=("$t"); else log "WARNING: $b missing: $t left out"; fi ;;
         nginx) if [[ -n "$NGINX" ]]; then active+=(nginx); else log "WARNING: nginx missing"; fi ;;
         haproxy) if [[ -n "$HAPROXY" ]]; then active+=(haproxy); else log "WARNING: haproxy missing"; fi ;;
@@ -177,10 +179,14 @@ start_proxy() { # target cap(0=none)
         wsgate|wsgate-*)
             local bin="$WSGATE" extra=() lbl bvar evar
             if [[ "$t" == wsgate-* ]]; then
-                lbl="${t#wsgate-}"; lbl="${lbl//-/_}"; bvar="WSGATE_BIN_$lbl"; evar="WSGATE_ENV_$lbl"
+                lbl="${t#wsgate-}"; lbl="${lbl//-/_}"; bvar="BENCH_WSGATE_BIN_$lbl"; evar="BENCH_WSGATE_ENV_$lbl"
                 bin="${!bvar:-$WSGATE}"; read -r -a extra <<< "${!evar:-}"
             fi
-            env WSGATE_UPSTREAM="$ECHO_ADDR" WSGATE_LISTEN=127.0.0.1:0 WSGATE_ADMIN_LISTEN=127.0.0.1:0 \
+            local clean=() v
+            for v in $(compgen -e); do
+                [[ "$v" == WSGATE_* || "$v" == WS_MAX_CLIENTS ]] && clean+=(-u "$v")
+            done
+            env "${clean[@]}" WSGATE_UPSTREAM="$ECHO_ADDR" WSGATE_LISTEN=127.0.0.1:0 WSGATE_ADMIN_LISTEN=127.0.0.1:0 \
                 WSGATE_MAX_CLIENTS="$cap" "${extra[@]}" "$bin" > "$WORK/wsgate.out" 2> "$WORK/wsgate.err" &
             PROXY_PID=$!; STARTED+=("$PROXY_PID")
             local a
