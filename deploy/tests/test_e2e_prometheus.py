@@ -129,7 +129,7 @@ def start_wsgate(tmp: Path) -> tuple[subprocess.Popen, str, str]:
         "WSGATE_MAX_CLIENTS": str(CAP),
         "WSGATE_LISTEN": "127.0.0.1:0",
         "WSGATE_ADMIN_LISTEN": "127.0.0.1:0",
-        "WSGATE_SHUTDOWN_GRACE": "5s",
+        "WSGATE_SHUTDOWN_GRACE": "10s",
     })
     stderr = open(tmp / "wsgate.stderr", "wb")
     proc = subprocess.Popen([str(WSGATE_BIN), "demo"], stdout=subprocess.PIPE, stderr=stderr,
@@ -266,7 +266,8 @@ def stack(tmp_path_factory):
         # A few more samples so that rate() windows hold the changes, and rules have evaluated.
         wait_until(lambda: (prom.scalar(f"count_over_time(wsgate_connections_active{sel}[1m])") or 0) >= 6,
                    30, "six samples of wsgate_connections_active")
-        yield {"prom": prom, "proxy": proxy, "admin": admin, "refusals": refusals, "tmp": tmp, "held": held}
+        yield {"prom": prom, "proxy": proxy, "admin": admin, "refusals": refusals, "tmp": tmp, "held": held,
+               "wsgate": wsgate, "conns": conns}
     finally:
         with contextlib.suppress(Exception):
             conns.close()
@@ -440,3 +441,27 @@ def test_held_connections_still_echo(stack):
     for i, ws in enumerate(stack["held"]):
         ws.send(f"still here {i}")
         assert ws.recv(timeout=10) == f"still here {i}"
+
+
+def test_query_errors_are_reported(stack):
+    # Guards the helper every check above relies on: a bad expression must fail, not pass silently.
+    with pytest.raises(AssertionError):
+        stack["prom"].query("sum(wsgate_connections_active")
+
+
+# Keep this test last: it shuts the demo down.
+def test_shutdown_shows_as_not_ready_on_the_dashboard_and_in_the_alert(stack):
+    prom, proc = stack["prom"], stack["wsgate"]
+    sel = f'namespace="{NAMESPACE}", pod="{POD}"'
+    proc.send_signal(signal.SIGTERM)  # our own child, by PID
+    # Connections are still held, so wsgate stays up (draining) for its 10 s grace: Prometheus
+    # must see wsgate_ready drop to 0 meanwhile.
+    wait_until(lambda: prom.scalar(f"wsgate_ready{{{sel}}}") == 0, 8, "Prometheus to see wsgate_ready 0")
+    readiness = next(p for p in all_panels(dashboard()) if p["title"] == "Readiness")
+    assert prom.scalar(substitute(readiness["targets"][0]["expr"], "selected")) == 0
+    not_ready = next(e for n, e in alert_exprs() if n == "rule file: WsgatePodNotReady")
+    (s,) = prom.query(not_ready)["result"]
+    assert s["metric"] == {"namespace": NAMESPACE, "pod": POD}
+    # Once the clients leave, the drain ends and the process exits 0 (SPEC §1, §5).
+    stack["conns"].close()
+    assert proc.wait(timeout=15) == 0
