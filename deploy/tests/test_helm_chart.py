@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 import shutil
 from pathlib import Path
 
@@ -54,7 +55,15 @@ def test_standalone_wsgate_fronts_a_remote_upstream(render):
 
 
 def test_chart_metadata(chart, helm):
+    import tomllib
+
     assert chart.name == "wsgate"
+    assert chart.metadata["appVersion"] == chart.values["image"]["tag"]
+    cargo = tomllib.loads((CHART.parents[2] / "Cargo.toml").read_text())
+    if cargo["package"]["version"] != chart.metadata["appVersion"]:
+        # A warning, not a failure: a version bump in Cargo.toml must not break unrelated CI runs.
+        warnings.warn(f"Chart appVersion {chart.metadata['appVersion']} != Cargo.toml version "
+                      f"{cargo['package']['version']}: bump deploy/helm/wsgate/Chart.yaml and values.yaml image.tag")
     assert chart.metadata["apiVersion"] == "v2"
     assert chart.schema is not None, "values.schema.json must ship with the chart"
     helm.validate_release_name("chat")
