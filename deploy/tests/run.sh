@@ -53,5 +53,5 @@ log "helm engine: $("$VENV/bin/python" -c 'import helm_python as h; print("helm-
 log "kubernetes schemas: $("$VENV/bin/python" -c 'import kubernetes_validate as k; print("kubernetes-validate", k.__version__, "/ Kubernetes", k.latest_version())')"
 log "wsgate binary: $WSGATE_BIN"
 
-# -p no:cacheprovider: no .pytest_cache in the tree. pytest prints its summary line last.
-exec "$VENV/bin/python" -m pytest "$ROOT/deploy/tests" -p no:cacheprovider -rs "$@" </dev/null
+# deploy/tests/pytest.ini: no .pytest_cache in the tree; pytest prints its summary line last.
+exec "$VENV/bin/python" -m pytest -c "$ROOT/deploy/tests/pytest.ini" --rootdir "$ROOT/deploy/tests" "$ROOT/deploy/tests" "$@" </dev/null

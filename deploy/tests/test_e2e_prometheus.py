@@ -86,14 +86,20 @@ def free_port() -> int:
 
 def stop(proc: subprocess.Popen | None, timeout: float = 30) -> int | None:
     """SIGTERM the process we started (by PID), then SIGKILL if it does not exit in time."""
-    if proc is None or proc.poll() is not None:
-        return None if proc is None else proc.returncode
-    proc.send_signal(signal.SIGTERM)
+    if proc is None:
+        return None
     try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait(timeout=10)
+        if proc.poll() is not None:
+            return proc.returncode
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait(timeout=10)
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 class Prom:
@@ -131,9 +137,9 @@ def start_wsgate(tmp: Path) -> tuple[subprocess.Popen, str, str]:
         "WSGATE_ADMIN_LISTEN": "127.0.0.1:0",
         "WSGATE_SHUTDOWN_GRACE": "10s",
     })
-    stderr = open(tmp / "wsgate.stderr", "wb")
-    proc = subprocess.Popen([str(WSGATE_BIN), "demo"], stdout=subprocess.PIPE, stderr=stderr,
-                            stdin=subprocess.DEVNULL, env=env, text=True, bufsize=1)
+    with open(tmp / "wsgate.stderr", "wb") as stderr:  # the child keeps its own descriptor
+        proc = subprocess.Popen([str(WSGATE_BIN), "demo"], stdout=subprocess.PIPE, stderr=stderr,
+                                stdin=subprocess.DEVNULL, env=env, text=True, bufsize=1)
     lines: queue.Queue[str | None] = queue.Queue()
 
     def pump() -> None:
@@ -180,11 +186,12 @@ def start_prometheus(tmp: Path, admin: str) -> tuple[subprocess.Popen, Prom]:
     for attempt in range(3):  # the ephemeral port could be taken between bind and listen
         port = free_port()
         log = tmp / f"prometheus-{attempt}.log"
-        proc = subprocess.Popen(
-            [PROMETHEUS_BIN, f"--config.file={cfg}", f"--storage.tsdb.path={tmp / f'tsdb-{attempt}'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h",
-             "--log.level=warn"],
-            stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        with open(log, "wb") as out:  # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                [PROMETHEUS_BIN, f"--config.file={cfg}", f"--storage.tsdb.path={tmp / f'tsdb-{attempt}'}",
+                 f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h",
+                 "--log.level=warn"],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         base = f"http://127.0.0.1:{port}"
 
         def ready() -> bool:
