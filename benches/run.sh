@@ -5,11 +5,14 @@
 #                                  tool, installs nginx+haproxy from Debian if missing, runs every
 #                                  mode against direct / wsgate / nginx / haproxy interleaved
 #                                  round by round, writes BENCHMARKS.md and benches/benchmarks.svg
+#   benches/run.sh --callgrind     also count instructions per upgrade/message/KiB of each proxy
+#                                  under valgrind's callgrind (deterministic; +1-2 min)
 #   benches/run.sh --smoke         every mode at tiny sizes (< ~60 s), exits non-zero if a mode
 #                                  fails; writes nothing into the repo (for CI)
 #
 # Options:  --rounds N (default 5)   --targets "direct wsgate nginx haproxy"
-#           --no-build (use the binaries already built)   --out DIR (raw results directory)
+#           --no-build (use the binaries already built)
+#           --out DIR (results, report and plot go there; BENCHMARKS.md is left alone)
 # Variants: --targets "direct wsgate wsgate-cb nginx haproxy" runs wsgate a second time as
 #           `wsgate-cb` with the extra environment BENCH_WSGATE_ENV_cb="KEY=VALUE ..." and/or the
 #           binary BENCH_WSGATE_BIN_cb=PATH (e.g. copy_bidirectional vs the default splice).
@@ -31,17 +34,22 @@ fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BENCHES="$ROOT/benches"
 SMOKE=0
+CALLGRIND=0
+WRAP=()          # prefix for proxy commands (valgrind in the callgrind phase)
+WAIT_STEPS=100   # x 0.05 s: how long a proxy may take to start listening
 BUILD=1
 ROUNDS=5
 TARGETS="direct wsgate nginx haproxy"
 OUT=""
+USER_OUT=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --smoke) SMOKE=1 ;;
+        --callgrind) CALLGRIND=1 ;;
         --no-build) BUILD=0 ;;
         --rounds) ROUNDS="$2"; shift ;;
         --targets) TARGETS="$2"; shift ;;
-        --out) OUT="$2"; shift ;;
+        --out) OUT="$2"; USER_OUT=1; shift ;;
         -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
@@ -143,9 +151,9 @@ trap 'exit 130' INT TERM
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
-wait_port() { # port -> 0 once it accepts (bounded 5 s)
+wait_port() { # port -> 0 once it accepts (bounded: WAIT_STEPS x 0.05 s)
     local i
-    for i in $(seq 1 100); do
+    for i in $(seq 1 "$WAIT_STEPS"); do
         if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
         sleep 0.05
     done
@@ -153,7 +161,7 @@ wait_port() { # port -> 0 once it accepts (bounded 5 s)
 }
 wait_line() { # file pattern -> prints the value after addr= (bounded 10 s)
     local i v
-    for i in $(seq 1 200); do
+    for i in $(seq 1 $((WAIT_STEPS * 2))); do
         v="$(sed 's/\x1b\[[0-9;]*m//g' "$1" 2>/dev/null | grep -m1 "$2" | sed -n 's/.*addr=\([0-9.:]*\).*/\1/p' || true)"
         if [[ -n "$v" ]]; then echo "$v"; return 0; fi
         sleep 0.05
@@ -187,7 +195,7 @@ start_proxy() { # target cap(0=none)
                 [[ "$v" == WSGATE_* || "$v" == WS_MAX_CLIENTS ]] && clean+=(-u "$v")
             done
             env "${clean[@]}" WSGATE_UPSTREAM="$ECHO_ADDR" WSGATE_LISTEN=127.0.0.1:0 WSGATE_ADMIN_LISTEN=127.0.0.1:0 \
-                WSGATE_MAX_CLIENTS="$cap" "${extra[@]}" "$bin" > "$WORK/wsgate.out" 2> "$WORK/wsgate.err" &
+                WSGATE_MAX_CLIENTS="$cap" "${extra[@]}" "${WRAP[@]}" "$bin" > "$WORK/wsgate.out" 2> "$WORK/wsgate.err" &
             PROXY_PID=$!; STARTED+=("$PROXY_PID")
             local a
             a="$(wait_line "$WORK/wsgate.err" 'proxy listening')" \
@@ -201,7 +209,9 @@ start_proxy() { # target cap(0=none)
             sed -e "s#@DIR@#$dir#g; s#@PORT@#$port#g; s#@ECHO_PORT@#$echo_port#g; s#@CAP_LINES@#$caplines#g" \
                 "$BENCHES/conf/nginx.conf.tmpl" > "$dir/nginx.conf"
             cp "$dir/nginx.conf" "$OUT/nginx.cap$cap.conf"
-            "$NGINX" -p "$dir/" -e "$dir/error.log" -c "$dir/nginx.conf" > "$dir/stdout" 2>&1 &
+            # under valgrind: one process, no master/worker split, so one PID holds all the work
+            [[ ${#WRAP[@]} -gt 0 ]] && sed -i 's/^master_process on;/master_process off;/' "$dir/nginx.conf"
+            "${WRAP[@]}" "$NGINX" -p "$dir/" -e "$dir/error.log" -c "$dir/nginx.conf" > "$dir/stdout" 2>&1 &
             PROXY_PID=$!; STARTED+=("$PROXY_PID")
             wait_port "$port" || { log "nginx did not start:"; tail -5 "$dir/error.log" >&2; return 1; }
             PROXY_URL="ws://127.0.0.1:$port/" ;;
@@ -215,7 +225,7 @@ start_proxy() { # target cap(0=none)
             sed -e "s#@PORT@#$port#g; s#@ECHO_PORT@#$echo_port#g; s#@CAP_LINES@#$caplines#g; s#@SERVER_OPTS@#$srvopts#g" \
                 "$BENCHES/conf/haproxy.cfg.tmpl" > "$dir/haproxy.cfg"
             cp "$dir/haproxy.cfg" "$OUT/haproxy.cap$cap.cfg"
-            "$HAPROXY" -db -f "$dir/haproxy.cfg" > "$dir/stdout" 2>&1 &
+            "${WRAP[@]}" "$HAPROXY" -db -f "$dir/haproxy.cfg" > "$dir/stdout" 2>&1 &
             PROXY_PID=$!; STARTED+=("$PROXY_PID")
             wait_port "$port" || { log "haproxy did not start:"; tail -5 "$dir/stdout" >&2; return 1; }
             PROXY_URL="ws://127.0.0.1:$port/" ;;
@@ -321,6 +331,61 @@ for ((r = 1; r <= ROUNDS; r++)); do
 done
 log "done in $(( $(date +%s) - T0 )) s; $FAILS failed run(s); raw results: $RESULTS"
 
+# ---------------------------------------------------------------------------------------------
+# optional: instruction counts per upgrade / message / KiB under callgrind (deterministic, unlike
+# the timings above). Each proxy runs under valgrind; counters are zeroed before and dumped after
+# each fixed-size phase; the top functions of each phase go to $OUT/callgrind-TARGET-PHASE.txt.
+cg_phase() { # target phase bench-args... -> prints "IR UNITS"
+    local t="$1" phase="$2"; shift 2
+    local before after dump line units ir i
+    before="$(find "$WORK" -maxdepth 1 -name 'cg.out.*' | wc -l)"
+    callgrind_control -z "$PROXY_PID" >/dev/null 2>&1 || true
+    line="$(timeout 300 "$BENCH" "$@" --url "$PROXY_URL" --target "$t" 2>/dev/null || true)"
+    callgrind_control -d "$PROXY_PID" >/dev/null 2>&1 || true
+    for i in $(seq 1 100); do
+        after="$(find "$WORK" -maxdepth 1 -name 'cg.out.*' | wc -l)"
+        (( after > before )) && break
+        sleep 0.1
+    done
+    dump="$(find "$WORK" -maxdepth 1 -name 'cg.out.*' -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2-)"
+    ir="$(grep -m1 -E '^(summary|totals):' "$dump" 2>/dev/null | awk '{print $2}')"
+    units="$(python3 -c 'import json,sys
+r=json.loads(sys.argv[1]); p=sys.argv[2]
+print({"handshake": r.get("upgrades", 0), "latency": r.get("msgs", 0),
+       "throughput": 2 * r.get("bytes_echoed", 0) / 1024}[p] if r.get("ok") else 0)' "$line" "$phase" 2>/dev/null || echo 0)"
+    python3 "$BENCHES/cg_top.py" "$dump" 30 > "$OUT/callgrind-$t-$phase.txt" 2>/dev/null || true
+    echo "${ir:-0} ${units:-0}"
+}
+if [[ $CALLGRIND == 1 ]]; then
+    if ! command -v valgrind >/dev/null; then
+        log "installing valgrind from Debian"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null || true
+    fi
+    for t in "${active[@]}"; do
+        [[ "$t" == direct ]] && continue
+        log "callgrind: $t"
+        rm -f "$WORK"/cg.out*
+        start_echo || continue
+        WRAP=(valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" -q); WAIT_STEPS=1200
+        if ! start_proxy "$t" 0; then WRAP=(); WAIT_STEPS=100; stop_proxy; stop_echo; FAILS=$((FAILS + 1)); continue; fi
+        WRAP=(); WAIT_STEPS=100
+        # warm-up outside the counted phases (lazy initialisation, first allocations)
+        "$BENCH" handshake --url "$PROXY_URL" --total 20 --conns 2 >/dev/null 2>&1 || true
+        "$BENCH" latency --url "$PROXY_URL" --conns 1 --max-msgs 200 --duration 60 >/dev/null 2>&1 || true
+        read -r hs_ir hs_n < <(cg_phase "$t" handshake handshake --total 300 --conns 4 --max-time 120)
+        read -r lat_ir lat_n < <(cg_phase "$t" latency latency --conns 1 --max-msgs 3000 --duration 120 --max-time 150)
+        read -r thr_ir thr_n < <(cg_phase "$t" throughput throughput --conns 1 --inflight 4 --max-msgs 200 --duration 120 --max-time 150)
+        python3 -c 'import json,sys
+a=sys.argv; f=lambda ir,n: round(float(ir)/float(n)) if float(n) > 0 and float(ir) > 0 else None
+r={"mode":"callgrind","target":a[1],"ok":all(float(x)>0 for x in a[2:]),
+   "ir_per_upgrade":f(a[2],a[3]),"ir_per_msg":f(a[4],a[5]),"ir_per_kib":f(a[6],a[7]),
+   "upgrades":float(a[3]),"msgs":float(a[5]),"kib_proxied":float(a[7])}
+print(json.dumps(r))' "$t" "$hs_ir" "$hs_n" "$lat_ir" "$lat_n" "$thr_ir" "$thr_n" >> "$RESULTS"
+        log "callgrind $t: $(tail -1 "$RESULTS")"
+        stop_proxy; stop_echo
+    done
+fi
+
 if [[ $SMOKE == 1 ]]; then
     python3 "$BENCHES/aggregate.py" --results "$OUT" --check || FAILS=$((FAILS + 1))
     if [[ $FAILS != 0 ]]; then log "smoke: $FAILS failure(s)"; exit 1; fi
@@ -328,8 +393,17 @@ if [[ $SMOKE == 1 ]]; then
     exit 0
 fi
 
-python3 "$BENCHES/aggregate.py" --results "$OUT" --markdown "$ROOT/BENCHMARKS.md" --svg "$BENCHES/benchmarks.svg"
-cp "$RESULTS" "$BENCHES/last-run.jsonl"
-cp "$OUT/env.txt" "$BENCHES/last-run.env"
-log "wrote $ROOT/BENCHMARKS.md and $BENCHES/benchmarks.svg"
+if [[ $USER_OUT == 1 ]]; then
+    # a run into a directory of its own leaves the committed report alone
+    python3 "$BENCHES/aggregate.py" --results "$OUT" --markdown "$OUT/BENCHMARKS.md" --svg "$OUT/benchmarks.svg"
+    log "wrote $OUT/BENCHMARKS.md and $OUT/benchmarks.svg"
+else
+    python3 "$BENCHES/aggregate.py" --results "$OUT" --markdown "$ROOT/BENCHMARKS.md" --svg "$BENCHES/benchmarks.svg"
+    cp "$RESULTS" "$BENCHES/last-run.jsonl"
+    cp "$OUT/env.txt" "$BENCHES/last-run.env"
+    if compgen -G "$OUT/callgrind-*.txt" >/dev/null; then
+        rm -rf "$BENCHES/profile"; mkdir -p "$BENCHES/profile"; cp "$OUT"/callgrind-*.txt "$BENCHES/profile/"
+    fi
+    log "wrote $ROOT/BENCHMARKS.md and $BENCHES/benchmarks.svg"
+fi
 [[ $FAILS == 0 ]]
