@@ -5,8 +5,11 @@ prometheus-adapter rule is then evaluated through Prometheus' HTTP API.
 Set-up (module scope): wsgate demo with cap 4 on ephemeral loopback ports (read from its stdout),
 Prometheus on an ephemeral loopback port scraping it every second with static `namespace` and
 `pod` labels (as a PodMonitor would attach) and loading deploy/prometheus/wsgate-alerts.yaml.
-The test fills the cap with 4 echo connections, gets 3 upgrades refused with 503, closes 2, and
-waits until Prometheus sees 2 active. Only processes started here are stopped, by PID.
+A second demo without a cap (max_clients = 0, pod label wsgate-e2e-unlimited) holds one
+connection, to check that unlimited pods are shown sensibly. The test fills the cap with 4 echo
+connections, gets 3 upgrades refused with 503, closes 2, and waits until Prometheus sees 2
+active. The last test sends SIGTERM and watches readiness fall. Only processes started here are
+stopped, by PID.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ from conftest import (
 WSGATE_BIN = Path(os.environ.get("WSGATE_BIN") or ROOT / "target" / "debug" / "wsgate")
 NAMESPACE = "e2e"
 POD = "wsgate-e2e-0"
+# A second wsgate without a cap (max_clients = 0), holding one connection: it must never look
+# saturated, and must be counted as unlimited.
+POD_UNLIMITED = "wsgate-e2e-unlimited"
 CAP = 4
 HELD_AT_END = 2
 REJECTED = 3
@@ -129,15 +135,15 @@ class Prom:
         return body["data"]
 
 
-def start_wsgate(tmp: Path) -> tuple[subprocess.Popen, str, str]:
+def start_wsgate(tmp: Path, cap: int = CAP, name: str = "wsgate") -> tuple[subprocess.Popen, str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WSGATE_", "WS_MAX_CLIENTS"))}
     env.update({
-        "WSGATE_MAX_CLIENTS": str(CAP),
+        "WSGATE_MAX_CLIENTS": str(cap),
         "WSGATE_LISTEN": "127.0.0.1:0",
         "WSGATE_ADMIN_LISTEN": "127.0.0.1:0",
         "WSGATE_SHUTDOWN_GRACE": "10s",
     })
-    with open(tmp / "wsgate.stderr", "wb") as stderr:  # the child keeps its own descriptor
+    with open(tmp / f"{name}.stderr", "wb") as stderr:  # the child keeps its own descriptor
         proc = subprocess.Popen([str(WSGATE_BIN), "demo"], stdout=subprocess.PIPE, stderr=stderr,
                                 stdin=subprocess.DEVNULL, env=env, text=True, bufsize=1)
     lines: queue.Queue[str | None] = queue.Queue()
@@ -167,17 +173,19 @@ def start_wsgate(tmp: Path) -> tuple[subprocess.Popen, str, str]:
     if proxy is None or metrics is None:
         stop(proc)
         raise AssertionError(f"wsgate demo did not print its addresses; stdout={seen!r} "
-                             f"stderr={(tmp / 'wsgate.stderr').read_text(errors='replace')[-2000:]!r}")
+                             f"stderr={(tmp / f'{name}.stderr').read_text(errors='replace')[-2000:]!r}")
     return proc, proxy, metrics
 
 
-def start_prometheus(tmp: Path, admin: str) -> tuple[subprocess.Popen, Prom]:
+def start_prometheus(tmp: Path, targets: dict[str, str]) -> tuple[subprocess.Popen, Prom]:
+    """targets: admin address -> pod label."""
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES_FILE)],
         "scrape_configs": [{
             "job_name": "wsgate",
-            "static_configs": [{"targets": [admin], "labels": {"namespace": NAMESPACE, "pod": POD}}],
+            "static_configs": [{"targets": [addr], "labels": {"namespace": NAMESPACE, "pod": pod}}
+                               for addr, pod in targets.items()],
         }],
     }
     cfg = tmp / "prometheus.yml"
@@ -234,7 +242,7 @@ def stack(tmp_path_factory):
     from websockets.exceptions import InvalidStatus
 
     tmp = tmp_path_factory.mktemp("e2e")
-    wsgate = prom_proc = None
+    wsgate = unlimited = prom_proc = None
     held: list[Any] = []
     # Every client connection is entered as a context manager, so each is closed on the way out.
     conns = contextlib.ExitStack()
@@ -242,13 +250,18 @@ def stack(tmp_path_factory):
         wsgate, proxy, admin = start_wsgate(tmp)
         wait_until(lambda: metric_value(scrape(admin), "wsgate_connections_max") == CAP, 20,
                    "wsgate /metrics with wsgate_connections_max 4")
-        prom_proc, prom = start_prometheus(tmp, admin)
+        unlimited, proxy_u, admin_u = start_wsgate(tmp, cap=0, name="wsgate-unlimited")
+        prom_proc, prom = start_prometheus(tmp, {admin: POD, admin_u: POD_UNLIMITED})
         sel = f'{{namespace="{NAMESPACE}", pod="{POD}"}}'
         # Let Prometheus see the counters at 0 before anything happens.
         wait_until(lambda: prom.scalar(f'up{sel}') == 1.0, 60, "first successful scrape (up == 1)")
         wait_until(lambda: (prom.scalar(f"count_over_time(wsgate_connections_active{sel}[1m])") or 0) >= 2,
                    30, "two samples before the connections")
 
+        wait_until(lambda: prom.scalar(f'up{{pod="{POD_UNLIMITED}"}}') == 1.0, 30, "unlimited pod scraped")
+        ws_u = conns.enter_context(connect(proxy_u))
+        ws_u.send("unlimited")
+        assert ws_u.recv(timeout=10) == "unlimited"
         for i in range(CAP):
             ws = conns.enter_context(connect(proxy))
             held.append(ws)
@@ -268,6 +281,8 @@ def stack(tmp_path_factory):
                    "wsgate_connections_active == 2 on /metrics")
         wait_until(lambda: prom.scalar(f"wsgate_connections_active{sel}") == HELD_AT_END, 30,
                    "Prometheus to see 2 active")
+        wait_until(lambda: prom.scalar(f'wsgate_connections_active{{pod="{POD_UNLIMITED}"}}') == 1, 30,
+                   "Prometheus to see 1 active on the unlimited pod")
         wait_until(lambda: prom.scalar(f'wsgate_connections_rejected_total{{namespace="{NAMESPACE}", pod="{POD}", reason="capacity"}}') == REJECTED,
                    30, "Prometheus to see 3 capacity rejections")
         # A few more samples so that rate() windows hold the changes, and rules have evaluated.
@@ -279,6 +294,7 @@ def stack(tmp_path_factory):
         with contextlib.suppress(Exception):
             conns.close()
         stop(prom_proc, 15)
+        stop(unlimited, 30)
         rc = stop(wsgate, 30)
         print(f"wsgate demo exited with {rc}")
 
@@ -348,6 +364,25 @@ def test_stat_panels_show_the_known_state(stack):
     assert prom.scalar(substitute(by_title["Cap per pod"], "selected")) == CAP
     assert prom.scalar(substitute(by_title["Readiness"], "selected")) == 1
     assert prom.scalar(substitute(by_title["Saturation now per pod"], "selected")) == 0.5
+
+
+def test_unlimited_pods_are_shown_sensibly(stack):
+    prom = stack["prom"]
+    by_title = {p["title"]: p["targets"] for p in all_panels(dashboard()) if p.get("targets")}
+    # With "All" selected: the saturation views list the capped pod only, at 0.5 (no +Inf, no 0).
+    for title in ("Saturation per pod (active / max)", "Saturation now per pod"):
+        res = prom.query(substitute(by_title[title][0]["expr"], "all"))["result"]
+        assert [(s["metric"]["pod"], float(s["value"][1])) for s in res] == [(POD, 0.5)], (title, res)
+    assert prom.scalar(substitute(by_title["Unlimited pods (max_clients = 0)"][0]["expr"], "all")) == 1
+    assert prom.scalar(substitute(by_title["Capacity (capped pods)"][0]["expr"], "all")) == CAP
+    assert prom.scalar(substitute(by_title["Active connections (selected pods)"][0]["expr"], "all")) == HELD_AT_END + 1
+    caps = prom.query(substitute(by_title["Cap per pod"][0]["expr"], "all"))["result"]
+    assert {s["metric"]["pod"]: float(s["value"][1]) for s in caps} == {POD: CAP, POD_UNLIMITED: 0}
+    # The "max" line of the active panel is drawn for capped pods only.
+    maxes = prom.query(substitute(by_title["Active connections per pod"][1]["expr"], "all"))["result"]
+    assert [s["metric"]["pod"] for s in maxes] == [POD]
+    # The saturation alert's ratio leaves the unlimited pod out as well.
+    assert prom.query(f'wsgate_connections_active{{pod="{POD_UNLIMITED}"}} / (wsgate_connections_max > 0)')["result"] == []
 
 
 def test_rejected_capacity_increase_shows_three(stack):
