@@ -13,15 +13,28 @@ cd "$ROOT"
 export DEBIAN_FRONTEND=noninteractive
 
 log() { printf '[deploy/tests] %s\n' "$*"; }
+if [[ $(id -u) -eq 0 ]]; then SUDO=(); else SUDO=(sudo -n); fi
+
+# apt_install PKG...: apt-get update + install, tried three times (mirrors can hiccup).
+apt_install() {
+  local try
+  for try in 1 2 3; do
+    if "${SUDO[@]}" apt-get update -qq </dev/null &&
+       "${SUDO[@]}" apt-get install -y -qq --no-install-recommends \
+         -o DPkg::Lock::Timeout=300 "$@" </dev/null >/dev/null; then
+      return 0
+    fi
+    log "apt-get failed (try $try), retrying"
+    sleep $((try * 5))
+  done
+  return 1
+}
 
 # 1. Prometheus and promtool from Debian. The package's postinst may try to start a service;
 #    the tests only use the binaries and start their own server on an ephemeral port.
 if [[ ! -x /usr/bin/prometheus || ! -x /usr/bin/promtool ]]; then
   log "installing the Debian prometheus package"
-  if [[ $(id -u) -eq 0 ]]; then SUDO=(); else SUDO=(sudo -n); fi
-  "${SUDO[@]}" apt-get update -qq </dev/null
-  "${SUDO[@]}" apt-get install -y -qq --no-install-recommends \
-    -o DPkg::Lock::Timeout=300 prometheus </dev/null >/dev/null
+  apt_install prometheus
 fi
 export PROMETHEUS_BIN="${PROMETHEUS_BIN:-/usr/bin/prometheus}"
 export PROMTOOL_BIN="${PROMTOOL_BIN:-/usr/bin/promtool}"
@@ -38,8 +51,7 @@ if [[ ! -x "$VENV/bin/python" || ! -f "$STAMP" || "$(cat "$STAMP")" != "$want" ]
   if ! "$PY" -m venv "$VENV" >/dev/null 2>&1; then
     # Debian's system python needs python3-venv for ensurepip.
     log "installing python3-venv"
-    apt-get update -qq </dev/null
-    apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=300 python3-venv </dev/null >/dev/null
+    apt_install python3-venv
     rm -rf "$VENV"
     "$PY" -m venv "$VENV"
   fi
