@@ -3,7 +3,9 @@
 //! Routes:
 //! - `GET /metrics`: Prometheus text exposition of the owned registry.
 //! - `GET /healthz`: 200 `ok` while the process runs.
-//! - `GET /readyz`: 200 while accepting, 503 once draining.
+//! - `GET /readyz`: 200 while accepting; 503 from the shutdown signal on,
+//!   and while saturated (active reached `ready_high_watermark` of the cap
+//!   and has not yet come down to `ready_low_watermark`).
 //!
 //! Anything else is 404 (405 for a known path with another method).
 
@@ -20,12 +22,33 @@ use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
+use crate::admission::Admission;
 use crate::metrics;
 use crate::shutdown::Shutdown;
 
+/// What `/readyz` and `wsgate_ready` are computed from.
+#[derive(Debug, Clone)]
+pub struct Readiness {
+    /// Not ready from the shutdown signal on.
+    pub shutdown: Shutdown,
+    /// Not ready while saturated.
+    pub admission: Admission,
+    /// `wsgate_ready`, kept equal to what `/readyz` answers.
+    pub gauge: prometheus::IntGauge,
+}
+
+impl Readiness {
+    /// Whether `/readyz` answers 200; also updates `wsgate_ready`.
+    pub fn check(&self) -> bool {
+        let ready = !self.shutdown.is_signalled() && !self.admission.is_saturated();
+        self.gauge.set(i64::from(ready));
+        ready
+    }
+}
+
 /// Serves the admin routes until the returned future is dropped (which also
 /// aborts its connection tasks: they live in a `JoinSet`).
-pub async fn serve(listener: TcpListener, registry: Registry, shutdown: Shutdown) {
+pub async fn serve(listener: TcpListener, registry: Registry, readiness: Readiness) {
     let mut connections = JoinSet::new();
     let mut builder = http1::Builder::new();
     builder
@@ -43,9 +66,9 @@ pub async fn serve(listener: TcpListener, registry: Registry, shutdown: Shutdown
             }
         };
         let registry = registry.clone();
-        let shutdown = shutdown.clone();
+        let readiness = readiness.clone();
         let service = service_fn(move |req| {
-            let resp = route(&req, &registry, &shutdown);
+            let resp = route(&req, &registry, &readiness);
             async move { Ok::<_, Infallible>(resp) }
         });
         let conn = builder.serve_connection(TokioIo::new(stream), service);
@@ -60,7 +83,7 @@ pub async fn serve(listener: TcpListener, registry: Registry, shutdown: Shutdown
 fn route(
     req: &Request<Incoming>,
     registry: &Registry,
-    shutdown: &Shutdown,
+    readiness: &Readiness,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     if !matches!(path, "/metrics" | "/healthz" | "/readyz") {
@@ -71,6 +94,7 @@ fn route(
     }
     match path {
         "/metrics" => {
+            readiness.check();
             let mut resp = Response::new(Full::new(Bytes::from(metrics::encode(registry))));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -79,8 +103,11 @@ fn route(
             resp
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        _ if shutdown.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
-        _ => text(StatusCode::OK, "ready\n"),
+        _ if readiness.check() => text(StatusCode::OK, "ready\n"),
+        _ if readiness.shutdown.is_signalled() => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        }
+        _ => text(StatusCode::SERVICE_UNAVAILABLE, "saturated\n"),
     }
 }
 

@@ -1,22 +1,66 @@
-//! Admission: the active count, the cap, and the RAII guard that holds a slot.
+//! Admission: the active count, the cap and the other admission limits, and
+//! the RAII guard that holds a slot.
 //!
 //! A slot is reserved with a compare-and-swap on the active count, so no
-//! interleaving of concurrent reservations can pass the cap. The cap lives in
-//! an atomic so it can change at run time: lowering it below the active count
-//! only stops new admissions, nothing already admitted is touched.
+//! interleaving of concurrent reservations can pass the cap. The cap and the
+//! policy (per-IP cap, rate, dry run, watermarks) can change at run time (hot
+//! reload): lowering the cap below the active count only stops new
+//! admissions, nothing already admitted is touched.
+//!
+//! Checks run in SPEC §7's order, first refusal wins: capacity, per-IP, rate.
+//! A rate token is spent only by an admission (it is taken last). In dry run
+//! (`enforce = false`) every check still runs and the first that would refuse
+//! is reported, but the connection is admitted anyway.
 //!
 //! [`AdmissionGuard`] is the only thing that gives a slot back: dropping it
-//! decrements the count and the `wsgate_connections_active` gauge. It is moved
-//! into the task that owns the spliced connection, so the slot lives exactly as
-//! long as the connection does, whichever way that ends. There is no
-//! `release()` method, so a slot cannot be given back twice or forgotten.
+//! decrements the count, the per-IP count and the `wsgate_connections_active`
+//! gauge. It is moved into the task that owns the spliced connection, so the
+//! slot lives exactly as long as the connection does. There is no `release()`
+//! method, so a slot cannot be given back twice or forgotten.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+#[cfg(loom)]
+use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+#[cfg(loom)]
+use loom::sync::{Arc, Mutex};
+#[cfg(not(loom))]
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+#[cfg(not(loom))]
+use std::sync::{Arc, Mutex};
 
 use prometheus::IntGauge;
+use tokio::time::Instant;
 
-/// The shared active count and cap.
+use crate::config::{RateLimit, Watermarks};
+use crate::metrics::RejectReason;
+
+/// The admission limits besides the cap, replaced as a whole on reload.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Policy {
+    /// Concurrent connections per client address; 0 = off.
+    pub max_per_ip: usize,
+    /// Token bucket; `None` = off.
+    pub rate: Option<RateLimit>,
+    /// false = dry run.
+    pub enforce: bool,
+    /// Readiness hysteresis on saturation; `None` = off.
+    pub watermarks: Option<Watermarks>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            max_per_ip: 0,
+            rate: None,
+            enforce: true,
+            watermarks: None,
+        }
+    }
+}
+
+/// The shared admission state.
 #[derive(Debug, Clone)]
 pub struct Admission {
     inner: Arc<Inner>,
@@ -27,10 +71,53 @@ struct Inner {
     active: AtomicUsize,
     /// 0 = unlimited.
     cap: AtomicUsize,
-    /// `wsgate_connections_active`; moved only by reserve and guard drop.
+    /// `wsgate_connections_active`; moved only by reservations and guard drops.
     active_gauge: IntGauge,
     /// `wsgate_connections_max`; follows the cap.
     max_gauge: IntGauge,
+    policy: Mutex<Policy>,
+    /// Watermark fractions as f64 bits (0 = off): read on every release,
+    /// so they live in atomics rather than behind the policy lock.
+    high_bits: AtomicU64,
+    low_bits: AtomicU64,
+    /// Not ready because of saturation (hysteresis state).
+    saturated: AtomicBool,
+    /// Live connections per client address. Always tracked, so a per-IP cap
+    /// switched on by a reload sees the connections already open.
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    bucket: Mutex<Bucket>,
+}
+
+/// A token bucket, refilled lazily on use.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Option<Instant>,
+}
+
+impl Bucket {
+    fn try_take(&mut self, rate: RateLimit, now: Instant) -> bool {
+        let elapsed = self
+            .last
+            .map_or(f64::INFINITY, |t| now.duration_since(t).as_secs_f64());
+        self.tokens = (self.tokens + elapsed * rate.per_second).min(rate.burst);
+        self.last = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A successful admission.
+#[derive(Debug)]
+pub struct Admitted {
+    /// The slot.
+    pub guard: AdmissionGuard,
+    /// In dry run: the check that would have refused this connection.
+    pub would_reject: Option<RejectReason>,
 }
 
 /// A held slot. Dropping it releases the slot.
@@ -38,23 +125,86 @@ struct Inner {
 #[must_use = "dropping the guard releases the slot at once"]
 pub struct AdmissionGuard {
     inner: Arc<Inner>,
+    /// Set once the per-IP count was incremented for this slot.
+    ip: Option<IpAddr>,
+}
+
+fn fraction_bits(w: Option<Watermarks>) -> (u64, u64) {
+    w.map_or((0, 0), |w| (w.high.to_bits(), w.low.to_bits()))
 }
 
 impl Admission {
-    /// Creates the admission state with `cap` (0 = unlimited).
-    pub fn new(cap: usize, active_gauge: IntGauge, max_gauge: IntGauge) -> Self {
+    /// Creates the admission state with `cap` (0 = unlimited) and `policy`.
+    pub fn new(cap: usize, policy: Policy, active_gauge: IntGauge, max_gauge: IntGauge) -> Self {
         max_gauge.set(i64::try_from(cap).unwrap_or(i64::MAX));
+        let (high, low) = fraction_bits(policy.watermarks);
         Admission {
             inner: Arc::new(Inner {
                 active: AtomicUsize::new(0),
                 cap: AtomicUsize::new(cap),
                 active_gauge,
                 max_gauge,
+                policy: Mutex::new(policy),
+                high_bits: AtomicU64::new(high),
+                low_bits: AtomicU64::new(low),
+                saturated: AtomicBool::new(false),
+                per_ip: Mutex::new(HashMap::new()),
+                bucket: Mutex::new(Bucket {
+                    tokens: 0.0,
+                    last: None,
+                }),
             }),
         }
     }
 
+    /// Runs every check for a new connection from `client`.
+    ///
+    /// # Errors
+    /// The first check that refuses (only when enforcing).
+    pub fn admit(&self, client: IpAddr) -> Result<Admitted, RejectReason> {
+        let policy = *lock(&self.inner.policy);
+        let mut would_reject = None;
+
+        // Capacity. In dry run the slot is taken even over the cap, so the
+        // active gauge shows the real count.
+        let mut guard = match self.try_reserve() {
+            Some(g) => g,
+            None if policy.enforce => return Err(RejectReason::Capacity),
+            None => {
+                would_reject = Some(RejectReason::Capacity);
+                self.reserve_over_cap()
+            }
+        };
+        // From here on an early return drops `guard`, which releases the slot
+        // again: a refused client holds it only for these few instructions.
+        {
+            let mut per_ip = lock(&self.inner.per_ip);
+            let count = per_ip.entry(client).or_insert(0);
+            if policy.max_per_ip > 0 && *count >= policy.max_per_ip {
+                if policy.enforce {
+                    return Err(RejectReason::PerIp);
+                }
+                would_reject.get_or_insert(RejectReason::PerIp);
+            }
+            *count += 1;
+            guard.ip = Some(client);
+        }
+        if let Some(rate) = policy.rate {
+            if !lock(&self.inner.bucket).try_take(rate, Instant::now()) {
+                if policy.enforce {
+                    return Err(RejectReason::Rate);
+                }
+                would_reject.get_or_insert(RejectReason::Rate);
+            }
+        }
+        Ok(Admitted {
+            guard,
+            would_reject,
+        })
+    }
+
     /// Reserves a slot without waiting; `None` when the cap is reached.
+    /// Only the capacity check: [`Admission::admit`] runs all of them.
     pub fn try_reserve(&self) -> Option<AdmissionGuard> {
         let inner = &self.inner;
         let mut current = inner.active.load(Ordering::Acquire);
@@ -69,14 +219,28 @@ impl Admission {
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => {
-                    inner.active_gauge.inc();
-                    return Some(AdmissionGuard {
-                        inner: Arc::clone(inner),
-                    });
-                }
+                Ok(_) => return Some(self.slot_taken(current + 1, cap)),
                 Err(seen) => current = seen,
             }
+        }
+    }
+
+    /// Dry run over the cap: the count stays exact.
+    fn reserve_over_cap(&self) -> AdmissionGuard {
+        let now = self.inner.active.fetch_add(1, Ordering::AcqRel) + 1;
+        self.slot_taken(now, self.inner.cap.load(Ordering::Acquire))
+    }
+
+    fn slot_taken(&self, active_now: usize, cap: usize) -> AdmissionGuard {
+        let inner = &self.inner;
+        inner.active_gauge.inc();
+        let high = f64::from_bits(inner.high_bits.load(Ordering::Acquire));
+        if cap > 0 && high > 0.0 && active_now as f64 >= high * cap as f64 {
+            inner.saturated.store(true, Ordering::Release);
+        }
+        AdmissionGuard {
+            inner: Arc::clone(inner),
+            ip: None,
         }
     }
 
@@ -86,6 +250,33 @@ impl Admission {
         self.inner
             .max_gauge
             .set(i64::try_from(cap).unwrap_or(i64::MAX));
+        self.recompute_saturation();
+    }
+
+    /// Replaces the policy in place. Held slots are untouched.
+    pub fn set_policy(&self, policy: Policy) {
+        let (high, low) = fraction_bits(policy.watermarks);
+        self.inner.high_bits.store(high, Ordering::Release);
+        self.inner.low_bits.store(low, Ordering::Release);
+        if let Some(rate) = policy.rate {
+            let mut bucket = lock(&self.inner.bucket);
+            bucket.tokens = bucket.tokens.min(rate.burst);
+        }
+        *lock(&self.inner.policy) = policy;
+        self.recompute_saturation();
+    }
+
+    /// After a cap or watermark change, judge saturation afresh.
+    fn recompute_saturation(&self) {
+        let cap = self.cap();
+        let high = f64::from_bits(self.inner.high_bits.load(Ordering::Acquire));
+        let saturated = cap > 0 && high > 0.0 && self.active() as f64 >= high * cap as f64;
+        self.inner.saturated.store(saturated, Ordering::Release);
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Policy {
+        *lock(&self.inner.policy)
     }
 
     /// The cap in force (0 = unlimited).
@@ -97,40 +288,85 @@ impl Admission {
     pub fn active(&self) -> usize {
         self.inner.active.load(Ordering::Acquire)
     }
+
+    /// Whether saturation currently makes the instance not ready: set when
+    /// active reaches the high watermark, cleared only at the low one.
+    pub fn is_saturated(&self) -> bool {
+        self.inner.saturated.load(Ordering::Acquire)
+    }
+
+    /// Live connections from `client` (for tests and diagnostics).
+    pub fn active_from(&self, client: IpAddr) -> usize {
+        lock(&self.inner.per_ip).get(&client).copied().unwrap_or(0)
+    }
+}
+
+/// Locks, ignoring poisoning: every critical section here leaves the data
+/// consistent at each step, so a panic elsewhere cannot corrupt it.
+#[cfg(not(loom))]
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(loom)]
+fn lock<T>(m: &Mutex<T>) -> loom::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Drop for AdmissionGuard {
     fn drop(&mut self) {
-        self.inner.active.fetch_sub(1, Ordering::AcqRel);
-        self.inner.active_gauge.dec();
+        let inner = &self.inner;
+        if let Some(ip) = self.ip {
+            let mut per_ip = lock(&inner.per_ip);
+            if let Some(n) = per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_ip.remove(&ip);
+                }
+            }
+        }
+        let now = inner.active.fetch_sub(1, Ordering::AcqRel) - 1;
+        inner.active_gauge.dec();
+        if inner.saturated.load(Ordering::Acquire) {
+            let cap = inner.cap.load(Ordering::Acquire);
+            let low = f64::from_bits(inner.low_bits.load(Ordering::Acquire));
+            if now as f64 <= low * cap as f64 {
+                inner.saturated.store(false, Ordering::Release);
+            }
+        }
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
-    fn admission(cap: usize) -> Admission {
+    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+    const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+
+    fn admission(cap: usize, policy: Policy) -> Admission {
         let a = IntGauge::new("a", "a").expect("valid metric");
         let m = IntGauge::new("m", "m").expect("valid metric");
-        Admission::new(cap, a, m)
+        Admission::new(cap, policy, a, m)
     }
 
     #[test]
     fn reserves_up_to_cap_then_refuses() {
-        let a = admission(2);
-        let g1 = a.try_reserve().expect("slot 1");
-        let _g2 = a.try_reserve().expect("slot 2");
-        assert!(a.try_reserve().is_none());
+        let a = admission(2, Policy::default());
+        let g1 = a.admit(A).expect("slot 1");
+        let _g2 = a.admit(A).expect("slot 2");
+        assert_eq!(a.admit(B).err(), Some(RejectReason::Capacity));
         assert_eq!(a.active(), 2);
         drop(g1);
         assert_eq!(a.active(), 1);
-        assert!(a.try_reserve().is_some());
+        assert!(a.admit(B).is_ok());
     }
 
     #[test]
     fn zero_cap_is_unlimited() {
-        let a = admission(0);
+        let a = admission(0, Policy::default());
         let guards: Vec<_> = (0..1000).map(|_| a.try_reserve().expect("slot")).collect();
         assert_eq!(a.active(), 1000);
         drop(guards);
@@ -139,7 +375,7 @@ mod tests {
 
     #[test]
     fn lowering_cap_only_stops_admissions() {
-        let a = admission(3);
+        let a = admission(3, Policy::default());
         let held: Vec<_> = (0..3).map(|_| a.try_reserve().expect("slot")).collect();
         a.set_cap(1);
         assert_eq!(a.active(), 3, "nothing admitted is dropped");
@@ -150,7 +386,7 @@ mod tests {
 
     #[test]
     fn gauge_follows_guards() {
-        let a = admission(5);
+        let a = admission(5, Policy::default());
         let g = a.try_reserve().expect("slot");
         assert_eq!(a.inner.active_gauge.get(), 1);
         assert_eq!(a.inner.max_gauge.get(), 5);
@@ -159,17 +395,177 @@ mod tests {
     }
 
     #[test]
+    fn per_ip_cap_counts_each_address_and_frees_on_drop() {
+        let a = admission(
+            0,
+            Policy {
+                max_per_ip: 2,
+                ..Policy::default()
+            },
+        );
+        let a1 = a.admit(A).expect("a1");
+        let _a2 = a.admit(A).expect("a2");
+        assert_eq!(a.admit(A).err(), Some(RejectReason::PerIp));
+        assert_eq!(a.active(), 2, "the refused one holds no slot");
+        let _b1 = a.admit(B).expect("another address is not affected");
+        drop(a1);
+        assert_eq!(a.active_from(A), 1);
+        assert!(a.admit(A).is_ok());
+    }
+
+    #[test]
+    fn capacity_is_checked_before_per_ip() {
+        let a = admission(
+            1,
+            Policy {
+                max_per_ip: 1,
+                ..Policy::default()
+            },
+        );
+        let _g = a.admit(A).expect("first");
+        assert_eq!(a.admit(A).err(), Some(RejectReason::Capacity));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limit_admits_burst_then_steady_rate() {
+        let rate = RateLimit {
+            per_second: 10.0,
+            burst: 5.0,
+        };
+        let a = admission(
+            0,
+            Policy {
+                rate: Some(rate),
+                ..Policy::default()
+            },
+        );
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            held.push(a.admit(A).expect("burst"));
+        }
+        assert_eq!(a.admit(A).err(), Some(RejectReason::Rate));
+        assert_eq!(a.active(), 5, "a rate refusal holds no slot");
+        tokio::time::advance(Duration::from_millis(100)).await;
+        held.push(a.admit(A).expect("one token refilled after 100 ms"));
+        assert_eq!(a.admit(A).err(), Some(RejectReason::Rate));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_admission_does_not_spend_a_rate_token() {
+        let rate = RateLimit {
+            per_second: 1.0,
+            burst: 1.0,
+        };
+        let a = admission(
+            1,
+            Policy {
+                rate: Some(rate),
+                ..Policy::default()
+            },
+        );
+        let g = a.admit(A).expect("first");
+        assert_eq!(a.admit(B).err(), Some(RejectReason::Capacity));
+        drop(g);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(a.admit(B).is_ok(), "the capacity refusal spent no token");
+    }
+
+    #[test]
+    fn dry_run_admits_everything_and_names_the_first_refusal() {
+        let a = admission(
+            1,
+            Policy {
+                enforce: false,
+                max_per_ip: 1,
+                ..Policy::default()
+            },
+        );
+        let g1 = a.admit(A).expect("first");
+        assert_eq!(g1.would_reject, None);
+        let g2 = a.admit(A).expect("dry run admits over the cap");
+        assert_eq!(
+            g2.would_reject,
+            Some(RejectReason::Capacity),
+            "first refusal wins"
+        );
+        assert_eq!(
+            a.active(),
+            2,
+            "the gauge shows the real count, over the cap"
+        );
+        let g3 = a.admit(B).expect("dry run");
+        assert_eq!(g3.would_reject, Some(RejectReason::Capacity));
+        drop((g1, g2, g3));
+        assert_eq!(a.active(), 0);
+        assert_eq!(a.active_from(A), 0);
+    }
+
+    #[test]
+    fn watermarks_have_hysteresis() {
+        let w = Watermarks {
+            high: 0.8,
+            low: 0.5,
+        };
+        let a = admission(
+            10,
+            Policy {
+                watermarks: Some(w),
+                ..Policy::default()
+            },
+        );
+        let mut held: Vec<_> = (0..7).map(|_| a.admit(A).expect("slot")).collect();
+        assert!(!a.is_saturated());
+        held.push(a.admit(A).expect("8th"));
+        assert!(a.is_saturated(), "8/10 reaches 0.8");
+        held.truncate(6);
+        assert!(a.is_saturated(), "6/10 is above the low mark");
+        held.truncate(5);
+        assert!(!a.is_saturated(), "5/10 reaches the low mark");
+        held.push(a.admit(A).expect("6th again"));
+        assert!(!a.is_saturated(), "stays ready until the high mark again");
+    }
+
+    #[test]
+    fn policy_and_cap_change_in_place() {
+        let a = admission(10, Policy::default());
+        let held: Vec<_> = (0..6).map(|_| a.admit(A).expect("slot")).collect();
+        a.set_policy(Policy {
+            max_per_ip: 3,
+            watermarks: Some(Watermarks {
+                high: 0.5,
+                low: 0.2,
+            }),
+            ..Policy::default()
+        });
+        assert!(a.is_saturated(), "6/10 is past the new high mark");
+        assert_eq!(
+            a.admit(A).err(),
+            Some(RejectReason::PerIp),
+            "connections already open count"
+        );
+        assert_eq!(held.len(), 6);
+    }
+
+    #[test]
     fn concurrent_reservations_never_pass_the_cap() {
-        let a = admission(10);
+        let a = admission(
+            10,
+            Policy {
+                max_per_ip: 4,
+                ..Policy::default()
+            },
+        );
         let peak = Arc::new(AtomicUsize::new(0));
-        let threads: Vec<_> = (0..8)
-            .map(|_| {
+        let threads: Vec<_> = (0..8u8)
+            .map(|t| {
                 let a = a.clone();
                 let peak = Arc::clone(&peak);
                 std::thread::spawn(move || {
+                    let ip = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, t % 3));
                     for _ in 0..5_000 {
-                        if let Some(g) = a.try_reserve() {
+                        if let Ok(g) = a.admit(ip) {
                             peak.fetch_max(a.active(), Ordering::AcqRel);
+                            assert!(a.active_from(ip) <= 4);
                             drop(g);
                         }
                     }

@@ -45,6 +45,29 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("tcp_keepalive", DURATION),
     ("shutdown_grace", DURATION),
     ("log_format", "text or json"),
+    ("ready_high_watermark", "a fraction from 0 to 1 (0 = off)"),
+    (
+        "ready_low_watermark",
+        "a fraction from 0 to 1, below ready_high_watermark",
+    ),
+    ("shutdown_delay", DURATION),
+    ("drain_period", DURATION),
+    (
+        "admission_rate",
+        "admissions per second, a number >= 0 (0 = off)",
+    ),
+    (
+        "admission_burst",
+        "a whole number >= 0 (0 = same as admission_rate)",
+    ),
+    ("max_clients_per_ip", "a whole number >= 0 (0 = off)"),
+    (
+        "trusted_hops",
+        "a whole number >= 0 (0 = the socket peer is the client)",
+    ),
+    ("enforce", "true or false"),
+    ("max_connection_lifetime", DURATION),
+    ("lifetime_jitter", "a fraction from 0 to 1"),
 ];
 const DURATION: &str = "a duration such as 250ms, 5s or 2m (a bare integer means seconds)";
 const POSITIVE_DURATION: &str =
@@ -181,6 +204,29 @@ pub struct RawConfig {
     pub shutdown_grace: ConfigDuration,
     /// `text` or `json`.
     pub log_format: String,
+    /// Readiness turns 503 once active ≥ this fraction of the cap; 0 = off.
+    pub ready_high_watermark: f64,
+    /// … and 200 again once active ≤ this fraction; unset = high − 0.1.
+    pub ready_low_watermark: Option<f64>,
+    /// After SIGTERM, keep admitting this long (readiness already 503).
+    pub shutdown_delay: ConfigDuration,
+    /// Close remaining connections evenly over this period after the delay.
+    pub drain_period: ConfigDuration,
+    /// Admissions per second (token bucket); 0 = off.
+    pub admission_rate: f64,
+    /// Bucket size; 0 = same as the rate.
+    pub admission_burst: i64,
+    /// Concurrent WebSocket connections per client address; 0 = off.
+    pub max_clients_per_ip: i64,
+    /// How many proxies in front are trusted to append `X-Forwarded-For`.
+    pub trusted_hops: i64,
+    /// false = dry run: admit everything, count what would be refused.
+    pub enforce: bool,
+    /// Close a connection at a deadline drawn from
+    /// [lifetime × (1 − jitter), lifetime]; 0 = off.
+    pub max_connection_lifetime: ConfigDuration,
+    /// Fraction of the lifetime over which deadlines are spread.
+    pub lifetime_jitter: f64,
 }
 
 impl Default for RawConfig {
@@ -199,6 +245,17 @@ impl Default for RawConfig {
             tcp_keepalive: secs(30),
             shutdown_grace: secs(25),
             log_format: "text".into(),
+            ready_high_watermark: 0.0,
+            ready_low_watermark: None,
+            shutdown_delay: secs(0),
+            drain_period: secs(0),
+            admission_rate: 0.0,
+            admission_burst: 0,
+            max_clients_per_ip: 0,
+            trusted_hops: 0,
+            enforce: true,
+            max_connection_lifetime: secs(0),
+            lifetime_jitter: 0.5,
         }
     }
 }
@@ -273,10 +330,46 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Log line format.
     pub log_format: LogFormat,
+    /// Readiness hysteresis on saturation (SPEC §7).
+    pub watermarks: Option<Watermarks>,
+    /// Admissions continue this long after SIGTERM.
+    pub shutdown_delay: Duration,
+    /// Remaining connections are closed evenly over this period.
+    pub drain_period: Duration,
+    /// Token bucket for admissions; `None` = off.
+    pub admission_rate: Option<RateLimit>,
+    /// Per-client-address cap; 0 = off.
+    pub max_clients_per_ip: usize,
+    /// Trusted proxies in front (for the client address).
+    pub trusted_hops: usize,
+    /// false = dry run.
+    pub enforce: bool,
+    /// Connection lifetime limit; `None` = off.
+    pub max_connection_lifetime: Option<Duration>,
+    /// Fraction of the lifetime over which deadlines are spread.
+    pub lifetime_jitter: f64,
     /// What was written, for `check-config` and logging.
     pub raw: RawConfig,
     /// Messages to log once logging is up (e.g. a negative cap taken as 0).
     pub warnings: Vec<String>,
+}
+
+/// Saturation-aware readiness: not ready from `high` × cap until `low` × cap.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Watermarks {
+    /// Fraction of the cap at which readiness turns 503.
+    pub high: f64,
+    /// Fraction of the cap at or below which it turns 200 again.
+    pub low: f64,
+}
+
+/// An admission token bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    /// Tokens added per second.
+    pub per_second: f64,
+    /// Bucket size (at least 1).
+    pub burst: f64,
 }
 
 /// Kubernetes injects `<SERVICE>_PORT`, `<SERVICE>_PORT_8080_TCP...` and
@@ -377,7 +470,71 @@ impl Config {
             "json" => LogFormat::Json,
             other => return Err(ConfigError::invalid("log_format", format!("{other:?}"))),
         };
+        let fraction = |key: &str, v: f64| {
+            if v.is_finite() && (0.0..=1.0).contains(&v) {
+                Ok(v)
+            } else {
+                Err(ConfigError::invalid(key, v))
+            }
+        };
+        let whole =
+            |key: &str, v: i64| usize::try_from(v).map_err(|_| ConfigError::invalid(key, v));
+        let high = fraction("ready_high_watermark", raw.ready_high_watermark)?;
+        let watermarks = if high > 0.0 {
+            let low = match raw.ready_low_watermark {
+                Some(l) => fraction("ready_low_watermark", l)?,
+                None => (high - 0.1).max(0.0),
+            };
+            if low >= high {
+                return Err(ConfigError::Invalid {
+                    key: "ready_low_watermark".into(),
+                    value: low.to_string(),
+                    source_hint: String::new(),
+                    expected: format!("a fraction below ready_high_watermark ({high})"),
+                });
+            }
+            Some(Watermarks { high, low })
+        } else {
+            if let Some(l) = raw.ready_low_watermark {
+                fraction("ready_low_watermark", l)?;
+            }
+            None
+        };
+        let rate = raw.admission_rate;
+        if !rate.is_finite() || rate < 0.0 {
+            return Err(ConfigError::invalid("admission_rate", rate));
+        }
+        let burst = whole("admission_burst", raw.admission_burst)?;
+        let admission_rate = (rate > 0.0).then(|| RateLimit {
+            per_second: rate,
+            burst: if burst == 0 {
+                rate.ceil().max(1.0)
+            } else {
+                burst as f64
+            },
+        });
+        if raw.shutdown_delay.0 + raw.drain_period.0 > raw.shutdown_grace.0 {
+            return Err(ConfigError::Invalid {
+                key: "drain_period".into(),
+                value: humantime::format_duration(raw.drain_period.0).to_string(),
+                source_hint: format!(
+                    " (shutdown_delay {} + drain_period > shutdown_grace {})",
+                    humantime::format_duration(raw.shutdown_delay.0),
+                    humantime::format_duration(raw.shutdown_grace.0)
+                ),
+                expected: "shutdown_delay + drain_period <= shutdown_grace".into(),
+            });
+        }
         Ok(Config {
+            watermarks,
+            shutdown_delay: raw.shutdown_delay.0,
+            drain_period: raw.drain_period.0,
+            admission_rate,
+            max_clients_per_ip: whole("max_clients_per_ip", raw.max_clients_per_ip)?,
+            trusted_hops: whole("trusted_hops", raw.trusted_hops)?,
+            enforce: raw.enforce,
+            max_connection_lifetime: optional(raw.max_connection_lifetime),
+            lifetime_jitter: fraction("lifetime_jitter", raw.lifetime_jitter)?,
             listen,
             upstream,
             admin_listen,
@@ -416,7 +573,11 @@ impl Config {
             "listen = \"{}\"\nupstream = \"{}\"\nadmin_listen = \"{}\"\nmax_clients = {max}\n\
              retry_after = \"{}s\"\nupstream_connect_timeout = \"{}\"\nheader_read_timeout = \"{}\"\n\
              half_close_timeout = \"{}\"\nidle_timeout = \"{}\"\ntcp_keepalive = \"{}\"\n\
-             shutdown_grace = \"{}\"\nlog_format = \"{fmt}\"\n",
+             shutdown_grace = \"{}\"\nlog_format = \"{fmt}\"\n\
+             ready_high_watermark = {}\nready_low_watermark = {}\nshutdown_delay = \"{}\"\n\
+             drain_period = \"{}\"\nadmission_rate = {}\nadmission_burst = {}\n\
+             max_clients_per_ip = {}\ntrusted_hops = {}\nenforce = {}\n\
+             max_connection_lifetime = \"{}\"\nlifetime_jitter = {}\n",
             self.listen,
             self.upstream.authority,
             self.admin_listen,
@@ -427,6 +588,17 @@ impl Config {
             opt(self.idle_timeout),
             opt(self.tcp_keepalive),
             d(self.shutdown_grace),
+            self.watermarks.map_or(0.0, |w| w.high),
+            self.watermarks.map_or(0.0, |w| w.low),
+            d(self.shutdown_delay),
+            d(self.drain_period),
+            self.admission_rate.map_or(0.0, |r| r.per_second),
+            self.admission_rate.map_or(0.0, |r| r.burst),
+            self.max_clients_per_ip,
+            self.trusted_hops,
+            self.enforce,
+            opt(self.max_connection_lifetime),
+            self.lifetime_jitter,
         )
     }
 }
@@ -435,6 +607,25 @@ fn parse_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
     text.trim()
         .parse()
         .map_err(|_| ConfigError::invalid(key, format!("{text:?}")))
+}
+
+/// Where the configuration comes from, kept so SIGHUP can read it afresh.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    /// Built-in defaults (the demo has its own).
+    pub base: RawConfig,
+    /// The TOML file, if one was named.
+    pub file: Option<PathBuf>,
+}
+
+impl ConfigSource {
+    /// Loads `base < file < environment` and validates it.
+    ///
+    /// # Errors
+    /// Any invalid value, unknown key or unreadable file.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        Config::from_figment(&Config::figment(self.base.clone(), self.file.as_deref())?)
+    }
 }
 
 /// Renders a figment value the way the user wrote it.
@@ -644,6 +835,66 @@ mod tests {
         assert_rejected("WSGATE_UPSTREAM", "https://x:1", "upstream");
         assert_rejected("WSGATE_UPSTREAM", "nohostport", "upstream");
         assert_rejected("WS_MAX_CLIENTS", "lots", "max_clients");
+    }
+
+    #[test]
+    fn rollout_keys_parse_with_their_defaults() {
+        Jail::expect_with(|jail| {
+            jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+            let c = load_in_jail(None).expect("valid");
+            assert_eq!(c.watermarks, None);
+            assert_eq!(c.admission_rate, None);
+            assert!(c.enforce);
+            assert_eq!(c.lifetime_jitter, 0.5);
+            jail.set_env("WSGATE_READY_HIGH_WATERMARK", "0.95");
+            jail.set_env("WSGATE_ADMISSION_RATE", "50");
+            jail.set_env("WSGATE_ENFORCE", "false");
+            jail.set_env("WSGATE_MAX_CLIENTS_PER_IP", "3");
+            jail.set_env("WSGATE_TRUSTED_HOPS", "1");
+            jail.set_env("WSGATE_SHUTDOWN_DELAY", "5s");
+            jail.set_env("WSGATE_DRAIN_PERIOD", "15s");
+            jail.set_env("WSGATE_MAX_CONNECTION_LIFETIME", "1h");
+            let c = load_in_jail(None).expect("valid");
+            let w = c.watermarks.expect("on");
+            assert!(
+                (w.low - 0.85).abs() < 1e-9,
+                "low defaults to high - 0.1: {}",
+                w.low
+            );
+            assert_eq!(
+                c.admission_rate,
+                Some(RateLimit {
+                    per_second: 50.0,
+                    burst: 50.0
+                })
+            );
+            assert!(!c.enforce);
+            assert_eq!((c.max_clients_per_ip, c.trusted_hops), (3, 1));
+            assert_eq!(c.max_connection_lifetime, Some(Duration::from_secs(3600)));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn rollout_keys_are_validated() {
+        assert_rejected("WSGATE_READY_HIGH_WATERMARK", "1.5", "ready_high_watermark");
+        assert_rejected("WSGATE_LIFETIME_JITTER", "2", "lifetime_jitter");
+        assert_rejected("WSGATE_ADMISSION_RATE", "-1", "admission_rate");
+        assert_rejected("WSGATE_ADMISSION_BURST", "-2", "admission_burst");
+        assert_rejected("WSGATE_MAX_CLIENTS_PER_IP", "-1", "max_clients_per_ip");
+        assert_rejected("WSGATE_ENFORCE", "maybe", "enforce");
+        assert_rejected("WSGATE_DRAIN_PERIOD", "30s", "drain_period");
+        Jail::expect_with(|jail| {
+            jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+            jail.set_env("WSGATE_READY_HIGH_WATERMARK", "0.8");
+            jail.set_env("WSGATE_READY_LOW_WATERMARK", "0.9");
+            let e = load_in_jail(None).expect_err("low above high").to_string();
+            assert!(
+                e.contains("ready_low_watermark") && e.contains("0.9"),
+                "{e}"
+            );
+            Ok(())
+        });
     }
 
     #[test]

@@ -195,6 +195,31 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr) {
     }
 }
 
+/// The client's address for per-IP limits (SPEC §7 `trusted_hops`): with 0
+/// trusted hops the socket peer; with N ≥ 1 the N-th `X-Forwarded-For` entry
+/// counted from the right (the socket peer being the N-th trusted proxy);
+/// with fewer entries, or an entry that is not an address, the socket peer.
+pub fn client_address(headers: &HeaderMap, peer: IpAddr, trusted_hops: usize) -> IpAddr {
+    if trusted_hops == 0 {
+        return peer;
+    }
+    let entries: Vec<&str> = tokens(headers, &X_FORWARDED_FOR).collect();
+    let Some(index) = entries.len().checked_sub(trusted_hops) else {
+        return peer;
+    };
+    parse_forwarded_address(entries[index]).unwrap_or(peer)
+}
+
+/// `1.2.3.4`, `1.2.3.4:5678`, `::1`, `[::1]` or `[::1]:80`.
+fn parse_forwarded_address(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()))
+        .or_else(|| entry.strip_prefix('[')?.strip_suffix(']')?.parse().ok())
+}
+
 /// Rewrites a validated WebSocket request's headers for the upstream:
 /// hop-by-hop removed, the upgrade pair re-added, `X-Forwarded-*` set, and a
 /// `Host` supplied if the client sent none.
@@ -373,6 +398,37 @@ mod tests {
         assert_eq!(h[&X_FORWARDED_FOR], "1.2.3.4, 5.6.7.8, ::1");
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
         assert_eq!(h[&X_FORWARDED_HOST], "example.com");
+    }
+
+    #[test]
+    fn client_address_follows_trusted_hops() {
+        let peer: IpAddr = "10.0.0.1".parse().expect("ip");
+        let mut h = HeaderMap::new();
+        h.append(
+            &X_FORWARDED_FOR,
+            HeaderValue::from_static("198.51.100.1, 203.0.113.9:4000"),
+        );
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("[2001:db8::7]"));
+        assert_eq!(client_address(&h, peer, 0), peer, "0 hops: the socket peer");
+        assert_eq!(
+            client_address(&h, peer, 1),
+            "2001:db8::7".parse::<IpAddr>().expect("ip")
+        );
+        assert_eq!(
+            client_address(&h, peer, 2),
+            "203.0.113.9".parse::<IpAddr>().expect("ip")
+        );
+        assert_eq!(
+            client_address(&h, peer, 3),
+            "198.51.100.1".parse::<IpAddr>().expect("ip")
+        );
+        assert_eq!(
+            client_address(&h, peer, 4),
+            peer,
+            "fewer entries: the socket peer"
+        );
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("not-an-ip"));
+        assert_eq!(client_address(&h, peer, 1), peer);
     }
 
     #[test]

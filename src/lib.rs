@@ -9,11 +9,12 @@
 //! | module | holds |
 //! | --- | --- |
 //! | [`config`] | the figment provider stack, validation, `ConfigError` |
-//! | [`admission`] | the active count + cap and the RAII `AdmissionGuard` |
+//! | [`admission`] | cap, per-IP, rate, dry run, watermarks; the RAII `AdmissionGuard` |
 //! | [`headers`] | pure header logic: classify, validate, rewrite |
 //! | [`proxy`] | the request handler: upgrade path and plain HTTP forwarding |
 //! | [`tunnel`] | upstream handshake, then the tracked task that owns a slot |
 //! | [`splice`] | the byte mover: readiness-driven, pooled buffers, deadlines |
+//! | [`drain`] | live tunnels in age order; the even-pace drain |
 //! | [`server`] | accept loop and per-connection HTTP/1 serving |
 //! | [`admin`] | `/metrics`, `/healthz`, `/readyz` on their own listener |
 //! | [`metrics`] | metric registration (names fixed by SPEC §4) and encoding |
@@ -30,6 +31,7 @@ pub mod admin;
 pub mod admission;
 pub mod config;
 pub mod demo;
+pub mod drain;
 pub mod error;
 pub mod headers;
 pub mod metrics;
@@ -59,11 +61,13 @@ const HARD_STOP_WAIT: Duration = Duration::from_secs(5);
 
 /// Runs the proxy on already-bound listeners until shut down.
 ///
-/// Shutdown (SPEC §5): the first [`Control::Shutdown`] (or the channel
-/// closing) starts draining: `/readyz` 503, new upgrades 503, the listener
-/// closes, connections continue. When all have ended, or `shutdown_grace`
-/// after the signal, or at a second [`Control::Shutdown`], the rest are
-/// closed and `run` returns.
+/// Timeline (SPEC §5, §7): the first [`Control::Shutdown`] (or the channel
+/// closing) turns readiness 503; admissions continue for `shutdown_delay`;
+/// then the listener closes, new upgrades get 503 `draining`, and the
+/// remaining connections are closed oldest first, evenly over
+/// `drain_period`; at `shutdown_grace` after the signal (or at a second
+/// [`Control::Shutdown`]) whatever is left is closed and `run` returns.
+/// [`Control::Reload`] applies a new configuration in place.
 ///
 /// # Errors
 /// Only set-up failures (metric registration); serving errors are logged.
@@ -75,48 +79,73 @@ pub async fn run(
 ) -> Result<(), Error> {
     let registry = Registry::new();
     let metrics = metrics::Metrics::register(&registry)?;
-    let admission = admission::Admission::new(
-        config.max_clients,
-        metrics.active.clone(),
-        metrics.max.clone(),
-    );
     let shutdown = Shutdown::new();
-    let settings = server::ServerSettings {
-        header_read_timeout: config.header_read_timeout,
-        tcp_keepalive: config.tcp_keepalive,
+    let proxy = proxy::Proxy::new(config, metrics.clone(), shutdown.clone())?;
+    let readiness = admin::Readiness {
+        shutdown: shutdown.clone(),
+        admission: proxy.admission().clone(),
+        gauge: metrics.ready.clone(),
     };
-    let grace = config.shutdown_grace;
-    let proxy = proxy::Proxy::new(config, admission, metrics.clone(), shutdown.clone())?;
+    readiness.check();
 
-    let admin = tokio::spawn(admin::serve(admin_listener, registry, shutdown.clone()));
+    let admin = tokio::spawn(admin::serve(admin_listener, registry, readiness.clone()));
     let accept = tokio::spawn(server::serve(
         proxy_listener,
-        proxy,
-        settings,
+        proxy.clone(),
         shutdown.clone(),
     ));
-    metrics.ready.set(1);
 
-    // Wait for the first shutdown request; a closed channel means the same.
-    let _ = control.recv().await;
-    let deadline = Instant::now() + grace;
-    tracing::info!(grace_ms = grace.as_millis() as u64, "shutdown: draining");
+    // Serve, applying reloads, until the first shutdown request; a closed
+    // channel means the same.
+    while let Some(Control::Reload(loaded)) = control.recv().await {
+        apply_reload(&proxy, &metrics, *loaded);
+    }
+    let signalled_at = Instant::now();
+    let config = proxy.config();
+    tracing::info!(
+        delay_ms = config.shutdown_delay.as_millis() as u64,
+        drain_ms = config.drain_period.as_millis() as u64,
+        grace_ms = config.shutdown_grace.as_millis() as u64,
+        active = proxy.admission().active(),
+        "shutdown: not ready any more"
+    );
+    shutdown.signal_received();
+    readiness.check();
+
+    // Keep admitting through the delay, so clients routed here while the
+    // endpoint removal propagates are not refused.
+    let stop_at_once = tokio::select! {
+        () = tokio::time::sleep(config.shutdown_delay) => false,
+        () = next_shutdown(&mut control) => true,
+    };
+    tracing::info!("shutdown: draining");
     shutdown.start_draining();
-    metrics.ready.set(0);
     if let Err(e) = accept.await {
         tracing::error!(error = %e, "accept loop failed");
     }
-
     let tracker = shutdown.tracker();
     tracker.close();
-    tokio::select! {
-        () = tracker.wait() => tracing::info!("shutdown: every connection ended"),
-        () = sleep_until(deadline) => {
-            tracing::warn!(remaining = tracker.len(), "shutdown: grace over, closing the remaining connections");
+    if !stop_at_once {
+        let drained = async {
+            if !config.drain_period.is_zero() {
+                drain::drain_evenly(proxy.tunnels(), config.drain_period, &metrics.drained).await;
+            }
+            tracker.wait().await;
+        };
+        tokio::select! {
+            () = drained => tracing::info!("shutdown: every connection ended"),
+            () = sleep_until(signalled_at + config.shutdown_grace) => {
+                tracing::warn!(remaining = proxy.tunnels().len(), "shutdown: grace over, closing the remaining connections");
+            }
+            () = next_shutdown(&mut control) => {
+                tracing::warn!(remaining = proxy.tunnels().len(), "shutdown: second signal, closing the remaining connections");
+            }
         }
-        Some(Control::Shutdown) = control.recv() => {
-            tracing::warn!(remaining = tracker.len(), "shutdown: second signal, closing the remaining connections");
-        }
+    } else {
+        tracing::warn!(
+            remaining = proxy.tunnels().len(),
+            "shutdown: second signal, closing the remaining connections"
+        );
     }
     shutdown.stop_now();
     if timeout(HARD_STOP_WAIT, tracker.wait()).await.is_err() {
@@ -129,4 +158,36 @@ pub async fn run(
     // Dropping the aborted admin task drops its connection set too.
     let _ = admin.await;
     Ok(())
+}
+
+/// Waits for the next shutdown request; reloads during shutdown are
+/// refused (the process is going away); a closed channel never resolves.
+async fn next_shutdown(control: &mut mpsc::UnboundedReceiver<Control>) {
+    loop {
+        match control.recv().await {
+            Some(Control::Shutdown) => return,
+            Some(Control::Reload(_)) => tracing::warn!("reload ignored: shutting down"),
+            None => std::future::pending().await,
+        }
+    }
+}
+
+fn apply_reload(
+    proxy: &proxy::Proxy,
+    metrics: &metrics::Metrics,
+    loaded: Result<Config, ConfigError>,
+) {
+    match loaded {
+        Ok(config) => {
+            for w in &config.warnings {
+                tracing::warn!("{w}");
+            }
+            proxy.reload(config);
+            metrics.reload(true);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused; the running configuration stays");
+            metrics.reload(false);
+        }
+    }
 }

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
-use wsgate::config::{Config, LogFormat, RawConfig};
+use wsgate::config::{Config, ConfigSource, LogFormat, RawConfig};
 
 /// A reverse-proxy sidecar that enforces WebSocket admission.
 #[derive(Debug, Parser)]
@@ -41,14 +41,17 @@ fn main() -> ExitCode {
     } else {
         RawConfig::default()
     };
-    let config =
-        match Config::figment(base, cli.config.as_deref()).and_then(|f| Config::from_figment(&f)) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("wsgate: {e}");
-                return ExitCode::from(2);
-            }
-        };
+    let source = ConfigSource {
+        base,
+        file: cli.config.clone(),
+    };
+    let config = match source.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("wsgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if let Some(Command::CheckConfig) = cli.command {
         for w in &config.warnings {
             eprintln!("wsgate: warning: {w}");
@@ -76,7 +79,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(serve(config, demo)) {
+    match runtime.block_on(serve(config, source, demo)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
@@ -107,12 +110,18 @@ async fn bind(what: &str, addr: std::net::SocketAddr) -> Result<TcpListener, wsg
     Ok(listener)
 }
 
-async fn serve(mut config: Config, demo: bool) -> Result<(), wsgate::Error> {
+async fn serve(
+    mut config: Config,
+    mut source: ConfigSource,
+    demo: bool,
+) -> Result<(), wsgate::Error> {
     raise_descriptor_limit(config.max_clients);
     let echo = if demo {
         let echo = bind("demo echo upstream", "127.0.0.1:0".parse()?).await?;
         let addr = echo.local_addr()?;
         config.upstream = wsgate::config::Upstream::parse(&addr.to_string())?;
+        // A reload keeps the upstream anyway; this keeps it from warning.
+        source.base.upstream = Some(addr.to_string());
         Some((tokio::spawn(wsgate::demo::echo_upstream(echo)), addr))
     } else {
         None
@@ -127,7 +136,7 @@ async fn serve(mut config: Config, demo: bool) -> Result<(), wsgate::Error> {
             config.max_clients,
         );
     }
-    let control = wsgate::shutdown::os_signals()?;
+    let control = wsgate::shutdown::os_signals(source)?;
     tracing::info!(
         upstream = %config.upstream.authority,
         max_clients = config.max_clients,

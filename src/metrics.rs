@@ -21,6 +21,10 @@ pub enum RejectReason {
     Capacity,
     /// The process is shutting down.
     Draining,
+    /// The admission rate limit.
+    Rate,
+    /// The per-client-address cap.
+    PerIp,
 }
 
 impl RejectReason {
@@ -29,9 +33,16 @@ impl RejectReason {
         match self {
             RejectReason::Capacity => "capacity",
             RejectReason::Draining => "draining",
+            RejectReason::Rate => "rate",
+            RejectReason::PerIp => "per_ip",
         }
     }
-    const ALL: [RejectReason; 2] = [RejectReason::Capacity, RejectReason::Draining];
+    const ALL: [RejectReason; 4] = [
+        RejectReason::Capacity,
+        RejectReason::Draining,
+        RejectReason::Rate,
+        RejectReason::PerIp,
+    ];
 }
 
 /// How the upstream failed or declined (`kind` label).
@@ -81,6 +92,12 @@ pub struct Metrics {
     http_requests: IntCounterVec,
     /// `wsgate_ready`: 1 while `/readyz` answers 200.
     pub ready: IntGauge,
+    would_reject: IntCounterVec,
+    /// `wsgate_connections_drained_total`: closed by the drain.
+    pub drained: IntCounter,
+    /// `wsgate_connections_expired_total`: closed by `max_connection_lifetime`.
+    pub expired: IntCounter,
+    reloads: IntCounterVec,
 }
 
 /// Buckets for connection lifetimes: WebSockets live from milliseconds to days.
@@ -146,9 +163,37 @@ impl Metrics {
             &["version"],
         )?;
         let ready = IntGauge::new("wsgate_ready", "1 while /readyz answers 200, else 0")?;
+        let would_reject = IntCounterVec::new(
+            Opts::new(
+                "wsgate_connections_would_reject_total",
+                "Dry run (enforce = false): upgrades that would have been refused",
+            ),
+            &["reason"],
+        )?;
+        let drained = IntCounter::new(
+            "wsgate_connections_drained_total",
+            "Connections closed by the gradual drain",
+        )?;
+        let expired = IntCounter::new(
+            "wsgate_connections_expired_total",
+            "Connections closed by max_connection_lifetime",
+        )?;
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "wsgate_config_reloads_total",
+                "SIGHUP configuration reloads",
+            ),
+            &["result"],
+        )?;
 
         for r in RejectReason::ALL {
             rejected.with_label_values(&[r.as_str()]);
+            if r != RejectReason::Draining {
+                would_reject.with_label_values(&[r.as_str()]);
+            }
+        }
+        for r in ["success", "failure"] {
+            reloads.with_label_values(&[r]);
         }
         for k in UpstreamErrorKind::ALL {
             upstream_errors.with_label_values(&[k.as_str()]);
@@ -171,6 +216,10 @@ impl Metrics {
             Box::new(http_requests.clone()),
             Box::new(build_info),
             Box::new(ready.clone()),
+            Box::new(would_reject.clone()),
+            Box::new(drained.clone()),
+            Box::new(expired.clone()),
+            Box::new(reloads.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
         for c in collectors {
@@ -187,12 +236,29 @@ impl Metrics {
             bytes_upstream_to_client: bytes.with_label_values(&["upstream_to_client"]),
             http_requests,
             ready,
+            would_reject,
+            drained,
+            expired,
+            reloads,
         })
     }
 
     /// Counts an upgrade refused by wsgate.
     pub fn rejected(&self, reason: RejectReason) {
         self.rejected.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    /// Counts, in dry run, an upgrade that would have been refused.
+    pub fn would_reject(&self, reason: RejectReason) {
+        self.would_reject
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
+    /// Counts a configuration reload.
+    pub fn reload(&self, success: bool) {
+        let result = if success { "success" } else { "failure" };
+        self.reloads.with_label_values(&[result]).inc();
     }
 
     /// Counts an upstream failure.
@@ -250,6 +316,15 @@ mod tests {
             "wsgate_http_requests_total{class=\"2xx\"} 0",
             "wsgate_http_requests_total{class=\"5xx\"} 0",
             "wsgate_ready 0",
+            "wsgate_connections_rejected_total{reason=\"rate\"} 0",
+            "wsgate_connections_rejected_total{reason=\"per_ip\"} 0",
+            "wsgate_connections_would_reject_total{reason=\"capacity\"} 0",
+            "wsgate_connections_would_reject_total{reason=\"per_ip\"} 0",
+            "wsgate_connections_would_reject_total{reason=\"rate\"} 0",
+            "wsgate_connections_drained_total 0",
+            "wsgate_connections_expired_total 0",
+            "wsgate_config_reloads_total{result=\"success\"} 0",
+            "wsgate_config_reloads_total{result=\"failure\"} 0",
             "process_open_fds",
             "process_resident_memory_bytes",
         ] {

@@ -10,7 +10,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme, Uri};
@@ -22,8 +22,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::admission::Admission;
+use crate::admission::{Admission, Policy};
 use crate::config::Config;
+use crate::drain::Tunnels;
 use crate::error::ProxyError;
 use crate::headers::{self, RequestKind};
 use crate::metrics::{Metrics, RejectReason};
@@ -50,8 +51,11 @@ pub struct Proxy {
 
 #[derive(Debug)]
 struct Inner {
-    config: Config,
+    /// Swapped whole on reload; each request works on one snapshot.
+    config: RwLock<Arc<Config>>,
     admission: Admission,
+    /// Live tunnels, for the drain.
+    tunnels: Tunnels,
     metrics: Metrics,
     shutdown: Shutdown,
     /// Pooled keep-alive connections to the upstream for plain HTTP.
@@ -67,10 +71,15 @@ impl Proxy {
     /// error here would mean validation let a bad value through.
     pub fn new(
         config: Config,
-        admission: Admission,
         metrics: Metrics,
         shutdown: Shutdown,
     ) -> Result<Self, http::uri::InvalidUri> {
+        let admission = Admission::new(
+            config.max_clients,
+            policy_of(&config),
+            metrics.active.clone(),
+            metrics.max.clone(),
+        );
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.upstream_connect_timeout));
@@ -79,8 +88,9 @@ impl Proxy {
         let upstream_authority = config.upstream.authority.parse()?;
         Ok(Proxy {
             inner: Arc::new(Inner {
-                config,
+                config: RwLock::new(Arc::new(config)),
                 admission,
+                tunnels: Tunnels::new(),
                 metrics,
                 shutdown,
                 client,
@@ -94,25 +104,76 @@ impl Proxy {
         &self.inner.admission
     }
 
+    /// The live tunnels (for the drain).
+    pub fn tunnels(&self) -> &Tunnels {
+        &self.inner.tunnels
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(
+            &self
+                .inner
+                .config
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    /// Applies a reloaded configuration in place: caps, limits, watermarks,
+    /// timeouts and lifetimes take effect for new connections; nothing
+    /// already connected is dropped. Addresses and the upstream need a
+    /// restart: they are kept, with a warning.
+    pub fn reload(&self, mut new: Config) {
+        let old = self.config();
+        for (key, changed) in [
+            ("listen", old.listen != new.listen),
+            ("admin_listen", old.admin_listen != new.admin_listen),
+            ("upstream", old.upstream != new.upstream),
+        ] {
+            if changed {
+                tracing::warn!(
+                    key,
+                    "reload: {key} changes only take effect after a restart"
+                );
+            }
+        }
+        new.listen = old.listen;
+        new.admin_listen = old.admin_listen;
+        new.upstream = old.upstream.clone();
+        self.inner.admission.set_cap(new.max_clients);
+        self.inner.admission.set_policy(policy_of(&new));
+        tracing::info!(
+            max_clients = new.max_clients,
+            active = self.inner.admission.active(),
+            "reload: configuration applied"
+        );
+        *self
+            .inner
+            .config
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(new);
+    }
+
     /// Handles one request from a client whose socket peer is `peer`.
     pub async fn handle(
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<Response<ProxyBody>, Infallible> {
-        let retry_after = self.inner.config.retry_after_secs;
+        let config = self.config();
         match headers::classify(req.method(), req.version(), req.headers()) {
-            Ok(RequestKind::WebSocket) => Ok(match self.upgrade(req, peer).await {
+            Ok(RequestKind::WebSocket) => Ok(match self.upgrade(req, peer, &config).await {
                 Ok(resp) => resp,
                 Err(e) => {
                     self.count_failure(&e, peer);
-                    e.to_response(retry_after)
+                    e.to_response(retry_after(&config))
                 }
             }),
             Ok(RequestKind::Plain) => Ok(self.forward(req, peer).await),
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "bad websocket handshake");
-                Ok(ProxyError::BadHandshake(e).to_response(retry_after))
+                Ok(ProxyError::BadHandshake(e).to_response(config.retry_after_secs))
             }
         }
     }
@@ -133,15 +194,22 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
+        config: &Config,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let inner = &*self.inner;
         if inner.shutdown.is_draining() {
             return Err(ProxyError::Rejected(RejectReason::Draining));
         }
-        let guard = inner
+        let client = headers::client_address(req.headers(), peer.ip(), config.trusted_hops);
+        let admitted = inner
             .admission
-            .try_reserve()
-            .ok_or(ProxyError::Rejected(RejectReason::Capacity))?;
+            .admit(client)
+            .map_err(ProxyError::Rejected)?;
+        if let Some(reason) = admitted.would_reject {
+            inner.metrics.would_reject(reason);
+            tracing::debug!(%peer, %client, reason = reason.as_str(), "dry run: would have refused");
+        }
+        let guard = admitted.guard;
         inner.metrics.admitted.inc();
 
         let client_upgrade = hyper::upgrade::on(&mut req);
@@ -154,19 +222,19 @@ impl Proxy {
         headers::upstream_upgrade_headers(
             &mut parts.headers,
             peer.ip(),
-            &inner.config.upstream.authority,
+            &config.upstream.authority,
         );
         let mut upstream_req = Request::new(Empty::<Bytes>::new());
         *upstream_req.method_mut() = parts.method;
         *upstream_req.uri_mut() = origin_form(&parts.uri);
         *upstream_req.headers_mut() = parts.headers;
 
-        let timeout = inner.config.upstream_connect_timeout;
+        let timeout = config.upstream_connect_timeout;
         let answer = tokio::time::timeout(
             timeout,
             tunnel::handshake(
-                &inner.config.upstream,
-                inner.config.tcp_keepalive,
+                &config.upstream,
+                config.tcp_keepalive,
                 upstream_req,
                 &inner.shutdown,
             ),
@@ -197,11 +265,15 @@ impl Proxy {
                 headers::client_switching_headers(&mut head.headers);
                 let ctx = TunnelContext {
                     limits: Limits {
-                        half_close: inner.config.half_close_timeout,
-                        idle: inner.config.idle_timeout,
+                        half_close: config.half_close_timeout,
+                        idle: config.idle_timeout,
                     },
                     metrics: inner.metrics.clone(),
                     shutdown: inner.shutdown.clone(),
+                    tunnels: inner.tunnels.clone(),
+                    lifetime: config
+                        .max_connection_lifetime
+                        .map(|l| (l, config.lifetime_jitter)),
                 };
                 // The guard moves into the tracked task: the slot now lives
                 // as long as the spliced connection, not this request.
@@ -258,6 +330,30 @@ impl Proxy {
     fn counted(&self, resp: Response<ProxyBody>) -> Response<ProxyBody> {
         self.inner.metrics.http_request(resp.status());
         resp
+    }
+}
+
+/// The admission policy a configuration asks for.
+fn policy_of(config: &Config) -> Policy {
+    Policy {
+        max_per_ip: config.max_clients_per_ip,
+        rate: config.admission_rate,
+        enforce: config.enforce,
+        watermarks: config.watermarks,
+    }
+}
+
+/// `Retry-After` for a refused upgrade. With an admission rate set it carries
+/// jitter: clients refused together (a reconnect storm) come back spread over
+/// about the time the bucket needs to refill, not all in the same second.
+fn retry_after(config: &Config) -> u64 {
+    let base = config.retry_after_secs;
+    match config.admission_rate {
+        Some(rate) => {
+            let refill = (rate.burst / rate.per_second).ceil() as u64;
+            base + rand::random_range(0..=base.max(refill))
+        }
+        None => base,
     }
 }
 

@@ -32,31 +32,9 @@ const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
-/// Per-connection settings of the client port.
-#[derive(Debug, Clone, Copy)]
-pub struct ServerSettings {
-    /// Deadline for a complete request head.
-    pub header_read_timeout: Duration,
-    /// Keepalive / user timeout for client sockets.
-    pub tcp_keepalive: Option<Duration>,
-}
-
 /// Accepts connections until draining starts, then returns (closing the
 /// listener).
-pub async fn serve(
-    listener: TcpListener,
-    proxy: Proxy,
-    settings: ServerSettings,
-    shutdown: Shutdown,
-) {
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        .max_header_size(MAX_HEAD_BYTES)
-        // The read buffer must hold a full 64 KiB head to judge it; beyond
-        // that, heads are refused, so no client can make us buffer more.
-        .max_buf_size(2 * MAX_HEAD_BYTES);
+pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: Shutdown) {
     let mut backoff = BACKOFF_MIN;
     let mut errors_since_log = 0u64;
     let mut last_log: Option<Instant> = None;
@@ -70,7 +48,7 @@ pub async fn serve(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = BACKOFF_MIN;
-                spawn_connection(stream, peer, &builder, &proxy, settings, &shutdown);
+                spawn_connection(stream, peer, &proxy, &shutdown);
             }
             // The peer gave up before we accepted it: nothing to do.
             Err(e) if is_per_connection(&e) => {}
@@ -106,15 +84,19 @@ fn is_per_connection(e: &io::Error) -> bool {
     )
 }
 
-fn spawn_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    builder: &http1::Builder,
-    proxy: &Proxy,
-    settings: ServerSettings,
-    shutdown: &Shutdown,
-) {
-    tcp::configure(&stream, settings.tcp_keepalive);
+fn spawn_connection(stream: TcpStream, peer: SocketAddr, proxy: &Proxy, shutdown: &Shutdown) {
+    // Settings come from the configuration in force (hot reload applies to
+    // new connections).
+    let config = proxy.config();
+    tcp::configure(&stream, config.tcp_keepalive);
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .max_header_size(MAX_HEAD_BYTES)
+        // The read buffer must hold a full 64 KiB head to judge it; beyond
+        // that, heads are refused, so no client can make us buffer more.
+        .max_buf_size(2 * MAX_HEAD_BYTES);
     let proxy = proxy.clone();
     let service = service_fn(move |req| {
         let proxy = proxy.clone();

@@ -89,8 +89,19 @@ pub enum Ended {
     Idle,
     /// An IO error (reset, keepalive/user timeout) on one leg.
     Error(Leg, io::Error),
-    /// wsgate stopped it (shutdown grace over).
-    Stopped,
+    /// wsgate ended it, for this reason.
+    Stopped(StopReason),
+}
+
+/// Why wsgate itself ended a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The end of `shutdown_grace` (or a second signal).
+    Grace,
+    /// The gradual drain picked it.
+    Drain,
+    /// `max_connection_lifetime` expired.
+    Lifetime,
 }
 
 /// Bytes moved each way.
@@ -205,7 +216,7 @@ impl Drop for Pipe {
 ///
 /// `client_leftover` / `upstream_leftover` are bytes already read from each
 /// side past the HTTP handshake; they are written to the other side first.
-/// `stop` resolving ends the splice with [`Ended::Stopped`].
+/// `stop` resolving ends the splice with [`Ended::Stopped`] and its reason.
 #[allow(
     clippy::too_many_arguments,
     reason = "one call site; a struct would only rename them"
@@ -218,7 +229,7 @@ pub async fn splice(
     limits: Limits,
     client_to_upstream: &IntCounter,
     upstream_to_client: &IntCounter,
-    stop: impl Future<Output = ()>,
+    stop: impl Future<Output = StopReason>,
 ) -> (Ended, Totals) {
     let mut up = Pipe::new(client_leftover);
     let mut down = Pipe::new(upstream_leftover);
@@ -228,8 +239,8 @@ pub async fn splice(
     let mut stop = std::pin::pin!(stop);
 
     let ended = poll_fn(|cx| {
-        if stop.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Ended::Stopped);
+        if let Poll::Ready(reason) = stop.as_mut().poll(cx) {
+            return Poll::Ready(Ended::Stopped(reason));
         }
         let mut moved = false;
         if !up.done {
@@ -418,10 +429,13 @@ mod tests {
             LIMITS,
             &c2u,
             &u2c,
-            std::future::ready(()),
+            std::future::ready(StopReason::Drain),
         )
         .await;
-        assert!(matches!(ended, Ended::Stopped), "{ended:?}");
+        assert!(
+            matches!(ended, Ended::Stopped(StopReason::Drain)),
+            "{ended:?}"
+        );
     }
 
     #[tokio::test]

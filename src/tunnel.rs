@@ -21,10 +21,11 @@ use tokio::time::Instant;
 
 use crate::admission::AdmissionGuard;
 use crate::config::Upstream;
+use crate::drain::Tunnels;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-use crate::splice::{self, Ended, Leg, Limits};
+use crate::splice::{self, Ended, Leg, Limits, StopReason};
 use crate::tcp;
 
 /// The upstream's answer to the forwarded handshake.
@@ -122,6 +123,30 @@ pub struct TunnelContext {
     pub metrics: Metrics,
     /// To stop at the end of the grace.
     pub shutdown: Shutdown,
+    /// Where the drain finds this tunnel.
+    pub tunnels: Tunnels,
+    /// `max_connection_lifetime` and `lifetime_jitter`, if a lifetime is set.
+    pub lifetime: Option<(Duration, f64)>,
+}
+
+/// A deadline drawn uniformly from [lifetime × (1 − jitter), lifetime], so
+/// connections opened together do not expire together.
+pub fn draw_lifetime(lifetime: Duration, jitter: f64) -> Duration {
+    lifetime.mul_f64(1.0 - jitter * rand::random::<f64>())
+}
+
+/// Resolves at `deadline`, unless draining has started by then: from that
+/// moment the drain owns the pace and lifetimes no longer fire.
+async fn lifetime_expiry(deadline: Option<Instant>, shutdown: &Shutdown) {
+    match deadline {
+        Some(d) => {
+            tokio::time::sleep_until(d).await;
+            if shutdown.is_draining() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// The body of a tracked tunnel task: waits for the client side of the
@@ -136,6 +161,8 @@ pub async fn run(
     ctx: TunnelContext,
 ) {
     let started = Instant::now();
+    let registration = ctx.tunnels.register();
+    let deadline = ctx.lifetime.map(|(l, j)| started + draw_lifetime(l, j));
     let upgraded = tokio::select! {
         r = client_upgrade => r,
         // Grace is over before the client even finished its upgrade.
@@ -162,9 +189,19 @@ pub async fn run(
         ctx.limits,
         &ctx.metrics.bytes_client_to_upstream,
         &ctx.metrics.bytes_upstream_to_client,
-        ctx.shutdown.stopped(),
+        async {
+            tokio::select! {
+                () = ctx.shutdown.stopped() => StopReason::Grace,
+                () = registration.drained() => StopReason::Drain,
+                () = lifetime_expiry(deadline, &ctx.shutdown) => StopReason::Lifetime,
+            }
+        },
     )
     .await;
+    drop(registration);
+    if let Ended::Stopped(StopReason::Lifetime) = ended {
+        ctx.metrics.expired.inc();
+    }
     let lifetime = started.elapsed();
     ctx.metrics.duration.observe(lifetime.as_secs_f64());
     let how = match &ended {
@@ -173,7 +210,9 @@ pub async fn run(
         Ended::Idle => "idle_timeout",
         Ended::Error(Leg::Client, _) => "client_error",
         Ended::Error(Leg::Upstream, _) => "upstream_error",
-        Ended::Stopped => "shutdown",
+        Ended::Stopped(StopReason::Grace) => "shutdown_grace",
+        Ended::Stopped(StopReason::Drain) => "drained",
+        Ended::Stopped(StopReason::Lifetime) => "lifetime_expired",
     };
     let error = match &ended {
         Ended::Error(_, e) => Some(e.to_string()),

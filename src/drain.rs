@@ -1,0 +1,184 @@
+//! The gradual drain: a registry of live tunnels in age order, and the loop
+//! that closes them oldest first at an even pace over `drain_period`.
+//!
+//! Why: holding every connection to the end of the grace and then dropping
+//! them all at once sends every client to the other pods in the same second
+//! (a reconnect storm). Closing them evenly over the drain period spreads the
+//! reconnects. The pace is re-planned after every close as "what is left ÷
+//! time left", so connections that end by themselves slow the drain down
+//! instead of leaving a burst at the end.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use prometheus::IntCounter;
+use tokio::sync::Notify;
+use tokio::time::{sleep, Instant};
+
+/// Live tunnels, oldest first (ids grow with time).
+#[derive(Debug, Clone, Default)]
+pub struct Tunnels {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    next_id: AtomicU64,
+    live: Mutex<BTreeMap<u64, Arc<Notify>>>,
+}
+
+/// A tunnel's entry in the registry; dropping it removes the entry.
+#[derive(Debug)]
+pub struct Registration {
+    id: u64,
+    notify: Arc<Notify>,
+    tunnels: Arc<Inner>,
+}
+
+impl Registration {
+    /// Resolves once the drain picked this tunnel to close.
+    pub async fn drained(&self) {
+        self.notify.notified().await;
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.tunnels
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+impl Tunnels {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a new (youngest) tunnel.
+    pub fn register(&self) -> Registration {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let notify = Arc::new(Notify::new());
+        self.lock().insert(id, Arc::clone(&notify));
+        Registration {
+            id,
+            notify,
+            tunnels: Arc::clone(&self.inner),
+        }
+    }
+
+    /// Live tunnels.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no tunnel is live.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Tells the oldest live tunnel to close; false if there is none.
+    pub fn close_oldest(&self) -> bool {
+        let oldest = self.lock().pop_first();
+        match oldest {
+            // `notify_one` stores a permit if the tunnel is not waiting at
+            // this instant, so the request cannot be lost.
+            Some((_, notify)) => {
+                notify.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Notify>>> {
+        self.inner
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Closes every live tunnel, oldest first, evenly over `period`; counts each
+/// in `drained`. Returns when none is left (at the latest just after
+/// `period`, when whatever remains is closed at once).
+pub async fn drain_evenly(tunnels: &Tunnels, period: Duration, drained: &IntCounter) {
+    let end = Instant::now() + period;
+    loop {
+        let remaining = tunnels.len();
+        if remaining == 0 {
+            return;
+        }
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        let pace = (end - now) / u32::try_from(remaining).unwrap_or(u32::MAX);
+        sleep(pace).await;
+        if tunnels.close_oldest() {
+            drained.inc();
+        }
+    }
+    while tunnels.close_oldest() {
+        drained.inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn closes_oldest_first_at_an_even_pace() {
+        let tunnels = Tunnels::new();
+        let regs: Vec<_> = (0..10).map(|_| tunnels.register()).collect();
+        let drained = IntCounter::new("d", "d").expect("metric");
+        let start = Instant::now();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut waiters = Vec::new();
+        for (i, r) in regs.into_iter().enumerate() {
+            let order = Arc::clone(&order);
+            waiters.push(tokio::spawn(async move {
+                r.drained().await;
+                order.lock().expect("lock").push((i, start.elapsed()));
+                drop(r);
+            }));
+        }
+        drain_evenly(&tunnels, Duration::from_secs(10), &drained).await;
+        for w in waiters {
+            w.await.expect("join");
+        }
+        let order = order.lock().expect("lock").clone();
+        assert_eq!(
+            order.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            (0..10).collect::<Vec<_>>()
+        );
+        for (n, (_, at)) in order.iter().enumerate() {
+            let want = Duration::from_secs(n as u64 + 1);
+            assert!(
+                at.abs_diff(want) < Duration::from_millis(50),
+                "close {n} at {at:?}, want {want:?}"
+            );
+        }
+        assert_eq!(drained.get(), 10);
+        assert!(tunnels.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn replans_when_connections_end_by_themselves() {
+        let tunnels = Tunnels::new();
+        let mut regs: Vec<_> = (0..4).map(|_| tunnels.register()).collect();
+        let drained = IntCounter::new("d", "d").expect("metric");
+        // Two end on their own right away: the other two get 4 s each.
+        regs.truncate(2);
+        let start = Instant::now();
+        drain_evenly(&tunnels, Duration::from_secs(8), &drained).await;
+        assert_eq!(drained.get(), 2);
+        assert!(start.elapsed() >= Duration::from_secs(8) - Duration::from_millis(10));
+    }
+}
