@@ -374,3 +374,54 @@ async fn demo_prints_where_to_connect_and_admits_two() {
     let (code, _) = wait_exit(&mut child, Duration::from_secs(30)).await;
     assert_eq!(code, Some(0));
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_file_and_keeps_the_old_config_when_invalid() {
+    let up = spawn_echo_upstream().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("wsgate.toml");
+    let write = |text: String| std::fs::write(&file, text).expect("write config");
+    write(format!("upstream = \"{}\"\nmax_clients = 3\n", up.addr));
+    let path = file.to_str().expect("utf8").to_owned();
+    let gate = start_with(&["--config", &path], &[]);
+    let url = format!("ws://{}/", gate.proxy);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(within("connect", connect(&url)).await.expect("admitted"));
+    }
+    let hup = || {
+        let ok = Command::new("kill")
+            .args(["-HUP", &gate.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+    };
+    write(format!("upstream = \"{}\"\nmax_clients = 1\n", up.addr));
+    hup();
+    wait_metric(gate.admin, "wsgate_connections_max", 1.0).await;
+    assert_eq!(
+        metric(
+            gate.admin,
+            "wsgate_config_reloads_total{result=\"success\"}"
+        )
+        .await,
+        1.0
+    );
+    for ws in &mut held {
+        echo_text(ws, "not dropped by the reload").await;
+    }
+    assert_eq!(connect_refused(&url).await.status(), 503);
+    write("max_clients = \"lots\"\n".to_owned());
+    hup();
+    wait_metric(
+        gate.admin,
+        "wsgate_config_reloads_total{result=\"failure\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        metric(gate.admin, "wsgate_connections_max").await,
+        1.0,
+        "the old configuration stays"
+    );
+}
