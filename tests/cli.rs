@@ -184,12 +184,17 @@ impl Drop for Running {
 
 /// Starts the binary and reads `proxy listening addr=` / `admin listening addr=` from its log.
 fn start(env: &[(&str, &str)]) -> Running {
+    start_with(&[], env)
+}
+
+/// [`start`] with command-line arguments.
+fn start_with(args: &[&str], env: &[(&str, &str)]) -> Running {
     let mut all = vec![
         ("WSGATE_LISTEN", "127.0.0.1:0"),
         ("WSGATE_ADMIN_LISTEN", "127.0.0.1:0"),
     ];
     all.extend_from_slice(env);
-    let mut child = wsgate(&[], &all)
+    let mut child = wsgate(args, &all)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
