@@ -1,13 +1,13 @@
 //! wsgate-bench: the project's own WebSocket benchmark tool.
 //!
 //! * `echo`        – a fast, hand-rolled WebSocket echo upstream (frame-level echo, no message
-//!                   reassembly, large reads, TCP_NODELAY, multi-thread tokio).
+//!   reassembly, large reads, TCP_NODELAY, multi-thread tokio).
 //! * `latency`     – C connections, one small message in flight each: msgs/s, RTT p50/p99.
 //! * `throughput`  – a few connections keeping several 64 KiB binary messages in flight: MB/s.
 //! * `handshake`   – open-upgrade-close N connections, C at a time: upgrades/s, failures.
 //! * `idle`        – hold N idle connections, report the proxy's RSS delta per connection.
 //! * `cap`         – A upgrades at once against a proxy capped at K: admitted, 503, hung,
-//!                   time-to-503 percentiles.
+//!   time-to-503 percentiles.
 //!
 //! Every load mode is bounded in count *and* time, talks to loopback only, reads the proxy's CPU
 //! time (utime+stime of the process tree under `--proxy-pid`) from /proc before and after, and
@@ -298,7 +298,7 @@ fn raise_nofile() -> (u64, u64) {
                     r.rlim_cur = r.rlim_max;
                 }
             }
-            (r.rlim_cur as u64, r.rlim_max as u64)
+            (r.rlim_cur, r.rlim_max)
         } else {
             (0, 0)
         }
@@ -350,6 +350,7 @@ fn host_port(url: &str) -> String {
     rest.split('/').next().unwrap_or(rest).to_string()
 }
 
+#[allow(clippy::large_enum_variant)]
 enum Open {
     Upgraded(Ws),
     Status(u16),
