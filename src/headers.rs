@@ -72,14 +72,15 @@ pub enum HandshakeError {
 }
 
 /// Iterates the comma-separated tokens of every value of `name`, trimmed.
-/// Values that are not visible ASCII yield no tokens.
+/// A token that is not UTF-8 (obs-text) is skipped on its own: it must not
+/// hide the other tokens of its value (`Connection: x-secret, \x80` still
+/// nominates `x-secret`).
 fn tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> + 'a {
     headers
         .get_all(name)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|t| std::str::from_utf8(t.trim_ascii()).ok())
         .filter(|t| !t.is_empty())
 }
 
