@@ -724,3 +724,47 @@ async fn control_characters_in_header_names_and_values_never_reach_upstream() {
     assert!(by.keys().any(|k| k.starts_with("400")), "most are refused");
     still_serves(&gate).await;
 }
+
+// ---------------------------------------------------------------- Connection with obs-text
+
+/// A `Connection` header whose value also carries a token of obs-text
+/// (bytes ≥ 0x80, which HTTP parsers accept in values) still nominates the
+/// other names in it: the nominated headers never reach the upstream, on the
+/// plain path and on the upgrade path. (Found by `tests/props.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_with_an_obs_text_token_still_removes_what_it_names() {
+    let up = spawn_counting_upstream().await;
+    let gate = gate_for(&up, 1.0).await;
+    let plain = [
+        format!(
+            "GET /obs HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+            gate.addr
+        )
+        .as_bytes(),
+        b"Connection: x-secret, \x80\xff\r\nX-Secret: leaked\r\n\r\n",
+    ]
+    .concat();
+    let o = exchange(gate.addr, plain, false, Duration::from_millis(500)).await;
+    assert_eq!(o.statuses, vec![200], "{o:?}");
+    let upgrade = [
+        upgrade_request(gate.addr)
+            .replace("\r\n\r\n", "\r\n")
+            .as_bytes(),
+        b"Connection: x-secret, \x80\r\nX-Secret: leaked\r\n\r\n",
+    ]
+    .concat();
+    let o = exchange(gate.addr, upgrade, false, Duration::from_millis(300)).await;
+    assert_eq!(o.statuses, vec![101], "{o:?}");
+    let seen = up.requests();
+    assert_eq!(seen.len(), 2);
+    for r in &seen {
+        assert!(
+            !r.headers.iter().any(|(k, _)| k == "x-secret"),
+            "{} {}: a header named in Connection reached the upstream: {:?}",
+            r.method,
+            r.path,
+            r.headers
+        );
+    }
+    still_serves(&gate).await;
+}
