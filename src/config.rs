@@ -68,7 +68,12 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("enforce", "true or false"),
     ("max_connection_lifetime", DURATION),
     ("lifetime_jitter", "a fraction from 0 to 1"),
+    ("close_code_drain", CLOSE_CODE),
+    ("close_code_lifetime", CLOSE_CODE),
+    ("close_code_idle", CLOSE_CODE),
+    ("close_timeout", POSITIVE_DURATION),
 ];
+const CLOSE_CODE: &str = "a WebSocket close code: 1000-1014 except 1004-1006, or 3000-4999";
 const DURATION: &str = "a duration such as 250ms, 5s or 2m (a bare integer means seconds)";
 const POSITIVE_DURATION: &str =
     "a duration greater than zero such as 250ms, 5s or 2m (a bare integer means seconds)";
@@ -227,6 +232,14 @@ pub struct RawConfig {
     pub max_connection_lifetime: ConfigDuration,
     /// Fraction of the lifetime over which deadlines are spread.
     pub lifetime_jitter: f64,
+    /// Close status when draining or at the end of the grace.
+    pub close_code_drain: i64,
+    /// Close status when `max_connection_lifetime` expires.
+    pub close_code_lifetime: i64,
+    /// Close status when `idle_timeout` expires.
+    pub close_code_idle: i64,
+    /// How long to wait for the peers' Close replies before closing TCP.
+    pub close_timeout: ConfigDuration,
 }
 
 impl Default for RawConfig {
@@ -256,6 +269,10 @@ impl Default for RawConfig {
             enforce: true,
             max_connection_lifetime: secs(0),
             lifetime_jitter: 0.5,
+            close_code_drain: 1001,
+            close_code_lifetime: 1001,
+            close_code_idle: 1001,
+            close_timeout: secs(2),
         }
     }
 }
@@ -348,6 +365,8 @@ pub struct Config {
     pub max_connection_lifetime: Option<Duration>,
     /// Fraction of the lifetime over which deadlines are spread.
     pub lifetime_jitter: f64,
+    /// Close frames wsgate sends when it ends a connection (SPEC §8).
+    pub close: CloseSettings,
     /// What was written, for `check-config` and logging.
     pub raw: RawConfig,
     /// Messages to log once logging is up (e.g. a negative cap taken as 0).
@@ -370,6 +389,19 @@ pub struct RateLimit {
     pub per_second: f64,
     /// Bucket size (at least 1).
     pub burst: f64,
+}
+
+/// Close statuses and the reply deadline for connections wsgate ends itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseSettings {
+    /// Draining, or the end of the grace.
+    pub drain: u16,
+    /// `max_connection_lifetime` expired.
+    pub lifetime: u16,
+    /// `idle_timeout` expired.
+    pub idle: u16,
+    /// How long to wait for Close replies before closing TCP.
+    pub timeout: Duration,
 }
 
 /// Kubernetes injects `<SERVICE>_PORT`, `<SERVICE>_PORT_8080_TCP...` and
@@ -525,7 +557,20 @@ impl Config {
                 expected: "shutdown_delay + drain_period <= shutdown_grace".into(),
             });
         }
+        let close_code = |key: &str, v: i64| {
+            u16::try_from(v)
+                .ok()
+                .filter(|c| crate::frames::is_valid_close_code(*c))
+                .ok_or_else(|| ConfigError::invalid(key, v))
+        };
+        let close = CloseSettings {
+            drain: close_code("close_code_drain", raw.close_code_drain)?,
+            lifetime: close_code("close_code_lifetime", raw.close_code_lifetime)?,
+            idle: close_code("close_code_idle", raw.close_code_idle)?,
+            timeout: positive("close_timeout", raw.close_timeout)?,
+        };
         Ok(Config {
+            close,
             watermarks,
             shutdown_delay: raw.shutdown_delay.0,
             drain_period: raw.drain_period.0,
@@ -577,7 +622,9 @@ impl Config {
              ready_high_watermark = {}\nready_low_watermark = {}\nshutdown_delay = \"{}\"\n\
              drain_period = \"{}\"\nadmission_rate = {}\nadmission_burst = {}\n\
              max_clients_per_ip = {}\ntrusted_hops = {}\nenforce = {}\n\
-             max_connection_lifetime = \"{}\"\nlifetime_jitter = {}\n",
+             max_connection_lifetime = \"{}\"\nlifetime_jitter = {}\n\
+             close_code_drain = {}\nclose_code_lifetime = {}\nclose_code_idle = {}\n\
+             close_timeout = \"{}\"\n",
             self.listen,
             self.upstream.authority,
             self.admin_listen,
@@ -599,6 +646,10 @@ impl Config {
             self.enforce,
             opt(self.max_connection_lifetime),
             self.lifetime_jitter,
+            self.close.drain,
+            self.close.lifetime,
+            self.close.idle,
+            d(self.close.timeout),
         )
     }
 }
@@ -892,6 +943,32 @@ mod tests {
             assert!(
                 e.contains("ready_low_watermark") && e.contains("0.9"),
                 "{e}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn close_codes_are_validated() {
+        for bad in ["1005", "999", "2500", "5000", "-1", "abc"] {
+            assert_rejected("WSGATE_CLOSE_CODE_DRAIN", bad, "close_code_drain");
+        }
+        assert_rejected("WSGATE_CLOSE_CODE_LIFETIME", "1006", "close_code_lifetime");
+        assert_rejected("WSGATE_CLOSE_CODE_IDLE", "1004", "close_code_idle");
+        assert_rejected("WSGATE_CLOSE_TIMEOUT", "0s", "close_timeout");
+        Jail::expect_with(|jail| {
+            jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+            jail.set_env("WSGATE_CLOSE_CODE_LIFETIME", "1012");
+            jail.set_env("WSGATE_CLOSE_CODE_IDLE", "4000");
+            let c = load_in_jail(None).expect("valid");
+            assert_eq!(
+                c.close,
+                CloseSettings {
+                    drain: 1001,
+                    lifetime: 1012,
+                    idle: 4000,
+                    timeout: Duration::from_secs(2)
+                }
             );
             Ok(())
         });

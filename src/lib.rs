@@ -15,6 +15,7 @@
 //! | [`tunnel`] | upstream handshake, then the tracked task that owns a slot |
 //! | [`splice`] | the byte mover: readiness-driven, pooled buffers, deadlines |
 //! | [`drain`] | live tunnels in age order; the even-pace drain |
+//! | [`frames`] | RFC 6455 frame-boundary tracker; Close frame encoding |
 //! | [`server`] | accept loop and per-connection HTTP/1 serving |
 //! | [`admin`] | `/metrics`, `/healthz`, `/readyz` on their own listener |
 //! | [`metrics`] | metric registration (names fixed by SPEC §4) and encoding |
@@ -33,6 +34,7 @@ pub mod config;
 pub mod demo;
 pub mod drain;
 pub mod error;
+pub mod frames;
 pub mod headers;
 pub mod metrics;
 pub mod proxy;
@@ -47,7 +49,7 @@ use std::time::Duration;
 use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio::time::{sleep_until, timeout, Instant};
+use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 
 pub use crate::config::{Config, ConfigError};
 pub use crate::shutdown::{Control, Shutdown};
@@ -55,9 +57,9 @@ pub use crate::shutdown::{Control, Shutdown};
 /// A boxed error for start-up plumbing.
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// After the hard stop, how long tasks get to wind down before `run` returns
-/// anyway (they only need to drop their sockets).
-const HARD_STOP_WAIT: Duration = Duration::from_secs(5);
+/// After everything is cut, how long tasks get to drop their sockets
+/// before `run` returns anyway.
+const HARD_STOP_MARGIN: Duration = Duration::from_secs(2);
 
 /// Runs the proxy on already-bound listeners until shut down.
 ///
@@ -114,7 +116,7 @@ pub async fn run(
 
     // Keep admitting through the delay, so clients routed here while the
     // endpoint removal propagates are not refused.
-    let stop_at_once = tokio::select! {
+    let mut second_signal = tokio::select! {
         () = tokio::time::sleep(config.shutdown_delay) => false,
         () = next_shutdown(&mut control) => true,
     };
@@ -125,30 +127,50 @@ pub async fn run(
     }
     let tracker = shutdown.tracker();
     tracker.close();
-    if !stop_at_once {
+    if !second_signal {
         let drained = async {
             if !config.drain_period.is_zero() {
                 drain::drain_evenly(proxy.tunnels(), config.drain_period, &metrics.drained).await;
             }
             tracker.wait().await;
         };
+        // The closing handshakes of whatever is left start `close_timeout`
+        // before the end of the grace, so that the grace stays the bound on
+        // the whole shutdown (it must fit in terminationGracePeriodSeconds).
+        let grace_end = signalled_at + config.shutdown_grace;
+        let close_start = grace_end
+            .checked_sub(config.close.timeout)
+            .unwrap_or(signalled_at)
+            .max(signalled_at);
         tokio::select! {
             () = drained => tracing::info!("shutdown: every connection ended"),
-            () = sleep_until(signalled_at + config.shutdown_grace) => {
-                tracing::warn!(remaining = proxy.tunnels().len(), "shutdown: grace over, closing the remaining connections");
+            () = sleep_until(close_start) => {
+                tracing::warn!(
+                    remaining = proxy.tunnels().len(),
+                    "shutdown: grace ending, closing the remaining connections with Close frames"
+                );
             }
-            () = next_shutdown(&mut control) => {
-                tracing::warn!(remaining = proxy.tunnels().len(), "shutdown: second signal, closing the remaining connections");
-            }
+            () = next_shutdown(&mut control) => second_signal = true,
         }
-    } else {
+    }
+    if !second_signal {
+        // Tunnels still open send their Close frames and wait for the
+        // replies until the end of the grace; another signal cuts them.
+        shutdown.stop_now();
+        let grace_end = (signalled_at + config.shutdown_grace).max(Instant::now());
+        tokio::select! {
+            _ = timeout_at(grace_end, tracker.wait()) => {}
+            () = next_shutdown(&mut control) => second_signal = true,
+        }
+    }
+    if second_signal {
         tracing::warn!(
             remaining = proxy.tunnels().len(),
-            "shutdown: second signal, closing the remaining connections"
+            "shutdown: second signal, cutting the remaining connections"
         );
     }
-    shutdown.stop_now();
-    if timeout(HARD_STOP_WAIT, tracker.wait()).await.is_err() {
+    shutdown.abort_now();
+    if timeout(HARD_STOP_MARGIN, tracker.wait()).await.is_err() {
         tracing::error!(
             remaining = tracker.len(),
             "shutdown: tasks still running after the hard stop"

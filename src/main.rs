@@ -126,6 +126,10 @@ async fn serve(
     } else {
         None
     };
+    // Signal handlers go in before the listeners are bound (and logged), so
+    // a SIGTERM that arrives during start-up is a clean shutdown, not the
+    // default disposition killing the process.
+    let control = wsgate::shutdown::os_signals(source)?;
     let proxy = bind("proxy", config.listen).await?;
     let admin = bind("admin", config.admin_listen).await?;
     if let Some((_, echo_addr)) = &echo {
@@ -136,7 +140,6 @@ async fn serve(
             config.max_clients,
         );
     }
-    let control = wsgate::shutdown::os_signals(source)?;
     tracing::info!(
         upstream = %config.upstream.authority,
         max_clients = config.max_clients,

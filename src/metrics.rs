@@ -98,6 +98,7 @@ pub struct Metrics {
     /// `wsgate_connections_expired_total`: closed by `max_connection_lifetime`.
     pub expired: IntCounter,
     reloads: IntCounterVec,
+    close_frames: IntCounterVec,
 }
 
 /// Buckets for connection lifetimes: WebSockets live from milliseconds to days.
@@ -178,6 +179,16 @@ impl Metrics {
             "wsgate_connections_expired_total",
             "Connections closed by max_connection_lifetime",
         )?;
+        let close_frames = IntCounterVec::new(
+            Opts::new(
+                "wsgate_close_frames_sent_total",
+                "Connections wsgate ended with Close frames (counted once per connection)",
+            ),
+            &["reason"],
+        )?;
+        for r in ["drain", "lifetime", "idle"] {
+            close_frames.with_label_values(&[r]);
+        }
         let reloads = IntCounterVec::new(
             Opts::new(
                 "wsgate_config_reloads_total",
@@ -220,6 +231,7 @@ impl Metrics {
             Box::new(drained.clone()),
             Box::new(expired.clone()),
             Box::new(reloads.clone()),
+            Box::new(close_frames.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
         for c in collectors {
@@ -240,6 +252,7 @@ impl Metrics {
             drained,
             expired,
             reloads,
+            close_frames,
         })
     }
 
@@ -253,6 +266,12 @@ impl Metrics {
         self.would_reject
             .with_label_values(&[reason.as_str()])
             .inc();
+    }
+
+    /// Counts a connection wsgate ended with Close frames; `reason` is
+    /// `drain`, `lifetime` or `idle`.
+    pub fn close_frames_sent(&self, reason: &str) {
+        self.close_frames.with_label_values(&[reason]).inc();
     }
 
     /// Counts a configuration reload.
@@ -325,6 +344,9 @@ mod tests {
             "wsgate_connections_expired_total 0",
             "wsgate_config_reloads_total{result=\"success\"} 0",
             "wsgate_config_reloads_total{result=\"failure\"} 0",
+            "wsgate_close_frames_sent_total{reason=\"drain\"} 0",
+            "wsgate_close_frames_sent_total{reason=\"lifetime\"} 0",
+            "wsgate_close_frames_sent_total{reason=\"idle\"} 0",
             "process_open_fds",
             "process_resident_memory_bytes",
         ] {

@@ -267,6 +267,7 @@ impl Proxy {
                     limits: Limits {
                         half_close: config.half_close_timeout,
                         idle: config.idle_timeout,
+                        close: Some(config.close),
                     },
                     metrics: inner.metrics.clone(),
                     shutdown: inner.shutdown.clone(),

@@ -6,8 +6,9 @@
 //! continue through `shutdown_delay`); `draining` when the delay is over (new
 //! upgrades are refused, the listener closes, HTTP connections get
 //! `graceful_shutdown()`, the gradual drain starts); `hard_stop` when
-//! `shutdown_grace` has passed or at a second signal (every remaining
-//! connection and tunnel ends at once). The tracker holds every
+//! `shutdown_grace` has passed (every remaining tunnel sends its Close
+//! frames and ends within `close_timeout`); `abort` at a second signal
+//! (everything is cut at once). The tracker holds every
 //! connection and tunnel task, because hyper forgets a connection the moment
 //! it is upgraded: without it, a drain would not see the tunnels at all.
 
@@ -23,6 +24,7 @@ pub struct Shutdown {
     signalled: CancellationToken,
     draining: CancellationToken,
     hard_stop: CancellationToken,
+    abort: CancellationToken,
     tracker: TaskTracker,
 }
 
@@ -68,6 +70,17 @@ impl Shutdown {
     /// Resolves when every connection must end now.
     pub async fn stopped(&self) {
         self.hard_stop.cancelled().await;
+    }
+
+    /// Cuts everything at once, without closing handshakes (idempotent).
+    pub fn abort_now(&self) {
+        self.stop_now();
+        self.abort.cancel();
+    }
+
+    /// Resolves when everything must be cut at once.
+    pub async fn aborted(&self) {
+        self.abort.cancelled().await;
     }
 
     /// The tracker every connection and tunnel task is spawned on.

@@ -17,6 +17,18 @@
 //! - A read or write error on either side ends both directions at once.
 //! - `idle_timeout` (if set) ends the splice when no byte moved either way.
 //! - Bytes are counted as they are written, so metrics move live.
+//!
+//! Ending in WebSocket terms (SPEC §8): each direction runs a
+//! [`FrameTracker`] over what it forwards. When wsgate itself ends a
+//! connection (drain, lifetime, idle timeout, end of grace), each direction
+//! injects a Close frame at its next frame boundary — unmasked towards the
+//! client, masked with a random key towards the upstream — and from then on
+//! drops what its source sends, watching only for that peer's Close reply.
+//! TCP is closed once both peers replied (or ended), or at `close_timeout`.
+//! A peer's reply is not passed on: the other peer already received a Close
+//! from wsgate, and a second one would arrive after its closing handshake
+//! completed. If a peer had already started a closing handshake of its own,
+//! wsgate injects nothing and lets it finish within `close_timeout`.
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
@@ -31,6 +43,9 @@ use prometheus::IntCounter;
 use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio::time::{sleep, Instant, Sleep};
+
+use crate::config::CloseSettings;
+use crate::frames::{close_frame, FrameTracker};
 
 /// Size of a pooled copy buffer: large enough that bulk transfers move in
 /// few syscalls; held only while data is in flight.
@@ -67,6 +82,8 @@ pub struct Limits {
     pub half_close: Duration,
     /// End the splice after this long without a byte either way.
     pub idle: Option<Duration>,
+    /// Close frames for connections wsgate ends; `None` = cut TCP at once.
+    pub close: Option<CloseSettings>,
 }
 
 /// Which leg of the splice.
@@ -85,8 +102,6 @@ pub enum Ended {
     Closed,
     /// One direction finished and the other did not within `half_close`.
     HalfCloseTimeout,
-    /// No byte moved for `idle`.
-    Idle,
     /// An IO error (reset, keepalive/user timeout) on one leg.
     Error(Leg, io::Error),
     /// wsgate ended it, for this reason.
@@ -102,6 +117,43 @@ pub enum StopReason {
     Drain,
     /// `max_connection_lifetime` expired.
     Lifetime,
+    /// No byte moved either way for `idle_timeout`.
+    Idle,
+}
+
+impl StopReason {
+    /// The `wsgate_close_frames_sent_total` label (the end of the grace
+    /// counts as the drain), and the Close reason text.
+    pub fn label_and_text(self) -> (&'static str, &'static str) {
+        match self {
+            StopReason::Grace => ("drain", "server shutting down"),
+            StopReason::Drain => ("drain", "server draining, please reconnect"),
+            StopReason::Lifetime => ("lifetime", "connection lifetime reached, please reconnect"),
+            StopReason::Idle => ("idle", "idle timeout"),
+        }
+    }
+
+    fn code(self, close: &CloseSettings) -> u16 {
+        match self {
+            StopReason::Grace | StopReason::Drain => close.drain,
+            StopReason::Lifetime => close.lifetime,
+            StopReason::Idle => close.idle,
+        }
+    }
+}
+
+/// How a splice ended, what it moved, and whether wsgate closed it in
+/// WebSocket terms.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Why it ended.
+    pub ended: Ended,
+    /// Bytes moved each way.
+    pub totals: Totals,
+    /// wsgate injected Close frames (counted once per connection).
+    pub close_frames_sent: bool,
+    /// Both peers answered the Close (or ended) before `close_timeout`.
+    pub close_completed: bool,
 }
 
 /// Bytes moved each way.
@@ -113,6 +165,17 @@ pub struct Totals {
     pub upstream_to_client: u64,
 }
 
+/// What a direction does with the bytes it reads.
+enum Mode {
+    /// Forward everything.
+    Forward,
+    /// Forward up to the next frame boundary, then send this Close frame.
+    InjectAtBoundary(Vec<u8>),
+    /// Our Close is on its way: drop what the source sends, but notice its
+    /// Close reply.
+    Discard,
+}
+
 /// One direction: reads from `src`, writes to `dst`.
 struct Pipe {
     /// Bytes read but not yet written, and how far writing got.
@@ -122,6 +185,15 @@ struct Pipe {
     /// EOF was passed on as a FIN; this direction is finished.
     done: bool,
     bytes: u64,
+    /// Frame boundaries of what `src` sent.
+    tracker: FrameTracker,
+    mode: Mode,
+    /// `pending` ends with our Close frame.
+    close_in_pending: bool,
+    /// Our Close frame reached `dst` (or there was nothing to send).
+    close_sent: bool,
+    /// `src` answered our Close with its own (or ended).
+    replied: bool,
 }
 
 enum PipeError {
@@ -131,11 +203,84 @@ enum PipeError {
 
 impl Pipe {
     fn new(leftover: Bytes) -> Self {
+        let mut tracker = FrameTracker::new();
+        tracker.advance(&leftover);
         Pipe {
             pending: (!leftover.is_empty()).then(|| (Vec::from(leftover), 0)),
             eof: false,
             done: false,
             bytes: 0,
+            tracker,
+            mode: Mode::Forward,
+            close_in_pending: false,
+            close_sent: false,
+            replied: false,
+        }
+    }
+
+    /// Starts closing this direction with `frame`: at once if the stream is
+    /// at a frame boundary, else when the current frame is through.
+    fn begin_close(&mut self, frame: Vec<u8>) {
+        if self.eof || self.done {
+            // The source is gone and a FIN is (being) passed on: nothing can
+            // follow it, and there is no reply to wait for.
+            self.close_sent = true;
+            self.replied = true;
+            return;
+        }
+        if !self.tracker.at_boundary() {
+            self.mode = Mode::InjectAtBoundary(frame);
+            return;
+        }
+        self.queue_close(frame);
+    }
+
+    fn queue_close(&mut self, frame: Vec<u8>) {
+        match &mut self.pending {
+            Some((buf, _)) => buf.extend_from_slice(&frame),
+            None => self.pending = Some((frame, 0)),
+        }
+        self.close_in_pending = true;
+        self.mode = Mode::Discard;
+    }
+
+    /// Whether this direction's part of the closing handshake is over.
+    fn close_finished(&self) -> bool {
+        (self.close_sent && self.replied) || self.done
+    }
+
+    /// Feeds freshly read bytes to the tracker and applies the mode: what
+    /// stays in `buf` is what will be written.
+    fn process(&mut self, buf: &mut Vec<u8>) {
+        match &mut self.mode {
+            Mode::Forward => self.tracker.advance(buf),
+            Mode::InjectAtBoundary(_) => {
+                if let Some(offset) = self.tracker.advance_to_boundary(buf) {
+                    let Mode::InjectAtBoundary(frame) =
+                        std::mem::replace(&mut self.mode, Mode::Discard)
+                    else {
+                        return;
+                    };
+                    self.watch_for_reply(&buf[offset..]);
+                    buf.truncate(offset);
+                    buf.extend_from_slice(&frame);
+                    self.close_in_pending = true;
+                }
+            }
+            Mode::Discard => {
+                let dropped = std::mem::take(buf);
+                self.watch_for_reply(&dropped);
+                *buf = dropped;
+                buf.clear();
+            }
+        }
+    }
+
+    fn watch_for_reply(&mut self, bytes: &[u8]) {
+        let before = self.tracker.closes_seen();
+        self.tracker.advance(bytes);
+        if self.tracker.closes_seen() > before {
+            self.replied = true;
         }
     }
 
@@ -172,8 +317,12 @@ impl Pipe {
                 if let Some((buf, _)) = self.pending.take() {
                     return_buffer(buf);
                 }
+                if std::mem::take(&mut self.close_in_pending) {
+                    self.close_sent = true;
+                }
             }
             if self.eof {
+                self.replied = true;
                 // Pass the EOF on. A peer that already reset makes this fail;
                 // the direction is finished either way.
                 if let Err(e) = SockRef::from(dst).shutdown(Shutdown::Write) {
@@ -192,7 +341,12 @@ impl Pipe {
                 }
                 Ok(_) => {
                     *moved = true;
-                    self.pending = Some((buf, 0));
+                    self.process(&mut buf);
+                    if buf.is_empty() {
+                        return_buffer(buf);
+                    } else {
+                        self.pending = Some((buf, 0));
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return_buffer(buf),
                 Err(e) => {
@@ -212,11 +366,49 @@ impl Drop for Pipe {
     }
 }
 
+/// State while wsgate closes a connection in WebSocket terms.
+struct Closing {
+    reason: StopReason,
+    deadline: Pin<Box<Sleep>>,
+    /// Close frames were injected (false: a peer's own handshake is let finish).
+    injected: bool,
+}
+
+/// Starts the closing handshake for `reason` in both directions.
+fn begin_close(
+    reason: StopReason,
+    close: &CloseSettings,
+    up: &mut Pipe,
+    down: &mut Pipe,
+) -> Closing {
+    let deadline = Box::pin(sleep(close.timeout));
+    if up.tracker.closes_seen() > 0 || down.tracker.closes_seen() > 0 {
+        // The peers are already in a closing handshake: a Close from wsgate
+        // would be a second one. Let theirs finish within the timeout.
+        return Closing {
+            reason,
+            deadline,
+            injected: false,
+        };
+    }
+    let code = reason.code(close);
+    let (_, text) = reason.label_and_text();
+    // Towards the upstream wsgate speaks as the client: masked, random key.
+    up.begin_close(close_frame(code, text, Some(rand::random())));
+    down.begin_close(close_frame(code, text, None));
+    Closing {
+        reason,
+        deadline,
+        injected: true,
+    }
+}
+
 /// Splices `client` and `upstream` until the end, see the module docs.
 ///
 /// `client_leftover` / `upstream_leftover` are bytes already read from each
 /// side past the HTTP handshake; they are written to the other side first.
-/// `stop` resolving ends the splice with [`Ended::Stopped`] and its reason.
+/// `stop` resolving makes wsgate end the connection for that reason (with
+/// Close frames when `limits.close` is set).
 #[allow(
     clippy::too_many_arguments,
     reason = "one call site; a struct would only rename them"
@@ -230,17 +422,23 @@ pub async fn splice(
     client_to_upstream: &IntCounter,
     upstream_to_client: &IntCounter,
     stop: impl Future<Output = StopReason>,
-) -> (Ended, Totals) {
+) -> Outcome {
     let mut up = Pipe::new(client_leftover);
     let mut down = Pipe::new(upstream_leftover);
     let mut idle: Option<Pin<Box<Sleep>>> = limits.idle.map(|d| Box::pin(sleep(d)));
     let mut half_close: Option<Pin<Box<Sleep>>> = None;
+    let mut closing: Option<Closing> = None;
     let mut last_activity = Instant::now();
     let mut stop = std::pin::pin!(stop);
 
-    let ended = poll_fn(|cx| {
-        if let Poll::Ready(reason) = stop.as_mut().poll(cx) {
-            return Poll::Ready(Ended::Stopped(reason));
+    let ended = poll_fn(|cx| loop {
+        if closing.is_none() {
+            if let Poll::Ready(reason) = stop.as_mut().poll(cx) {
+                match &limits.close {
+                    Some(close) => closing = Some(begin_close(reason, close, &mut up, &mut down)),
+                    None => return Poll::Ready(Ended::Stopped(reason)),
+                }
+            }
         }
         let mut moved = false;
         if !up.done {
@@ -265,6 +463,17 @@ pub async fn splice(
                 _ => {}
             }
         }
+        if let Some(c) = &mut closing {
+            let finished = if c.injected {
+                up.close_finished() && down.close_finished()
+            } else {
+                up.done && down.done
+            };
+            if finished || c.deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ended::Stopped(c.reason));
+            }
+            return Poll::Pending;
+        }
         if up.done && down.done {
             return Poll::Ready(Ended::Closed);
         }
@@ -280,23 +489,43 @@ pub async fn splice(
             }
             // The timer is only re-armed when it fires, not on every byte:
             // the clock is read once per poll that moved data, no more.
+            let mut expired = false;
             while timer.as_mut().poll(cx).is_ready() {
                 let deadline = last_activity + limit;
                 if Instant::now() >= deadline {
-                    return Poll::Ready(Ended::Idle);
+                    expired = true;
+                    break;
                 }
                 timer.as_mut().reset(deadline);
             }
+            if expired {
+                match &limits.close {
+                    Some(close) => {
+                        idle = None;
+                        closing = Some(begin_close(StopReason::Idle, close, &mut up, &mut down));
+                        // Poll again so the Close frames go out at once.
+                        continue;
+                    }
+                    None => return Poll::Ready(Ended::Stopped(StopReason::Idle)),
+                }
+            }
         }
-        Poll::Pending
+        return Poll::Pending;
     })
     .await;
 
-    let totals = Totals {
-        client_to_upstream: up.bytes,
-        upstream_to_client: down.bytes,
-    };
-    (ended, totals)
+    Outcome {
+        totals: Totals {
+            client_to_upstream: up.bytes,
+            upstream_to_client: down.bytes,
+        },
+        close_frames_sent: closing.as_ref().is_some_and(|c| c.injected),
+        close_completed: matches!(ended, Ended::Stopped(_))
+            && closing
+                .as_ref()
+                .is_some_and(|c| c.injected && up.close_finished() && down.close_finished()),
+        ended,
+    }
 }
 
 #[cfg(test)]
@@ -329,7 +558,192 @@ mod tests {
     const LIMITS: Limits = Limits {
         half_close: Duration::from_secs(5),
         idle: None,
+        close: None,
     };
+
+    const CLOSE: CloseSettings = CloseSettings {
+        drain: 1001,
+        lifetime: 1012,
+        idle: 4000,
+        timeout: Duration::from_secs(2),
+    };
+
+    /// Reads one whole frame (header + payload) from `s`: (first byte, masked?, payload unmasked).
+    async fn read_frame(s: &mut TcpStream) -> (u8, bool, Vec<u8>) {
+        let mut h = [0u8; 2];
+        s.read_exact(&mut h).await.expect("frame header");
+        let masked = h[1] & 0x80 != 0;
+        let len = match h[1] & 0x7f {
+            126 => {
+                let mut b = [0u8; 2];
+                s.read_exact(&mut b).await.expect("len");
+                u64::from(u16::from_be_bytes(b))
+            }
+            127 => {
+                let mut b = [0u8; 8];
+                s.read_exact(&mut b).await.expect("len");
+                u64::from_be_bytes(b)
+            }
+            n => u64::from(n),
+        };
+        let mut key = [0u8; 4];
+        if masked {
+            s.read_exact(&mut key).await.expect("mask");
+        }
+        let mut payload = vec![0u8; len as usize];
+        s.read_exact(&mut payload).await.expect("payload");
+        if masked {
+            for (i, b) in payload.iter_mut().enumerate() {
+                *b ^= key[i % 4];
+            }
+        }
+        (h[0], masked, payload)
+    }
+
+    #[tokio::test]
+    async fn stop_sends_close_frames_both_ways_and_ends_when_both_reply() {
+        let ((mut client, p_client), (p_up, mut upstream)) = pairs().await;
+        let (c2u, u2c) = counters();
+        let limits = Limits {
+            close: Some(CLOSE),
+            ..LIMITS
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            splice(
+                &p_client,
+                Bytes::new(),
+                &p_up,
+                Bytes::new(),
+                limits,
+                &c2u,
+                &u2c,
+                async {
+                    let _ = rx.await;
+                    StopReason::Lifetime
+                },
+            )
+            .await
+        });
+        tx.send(()).expect("stop");
+        let (b0, masked, payload) = read_frame(&mut client).await;
+        assert_eq!((b0, masked), (0x88, false), "unmasked Close to the client");
+        assert_eq!(&payload[..2], &1012u16.to_be_bytes());
+        assert!(payload.len() > 2, "with a reason");
+        let (b0, masked, payload) = read_frame(&mut upstream).await;
+        assert_eq!((b0, masked), (0x88, true), "masked Close to the upstream");
+        assert_eq!(&payload[..2], &1012u16.to_be_bytes());
+        // Both reply; the splice then ends at once, not at close_timeout.
+        client
+            .write_all(&close_frame(1012, "", Some([1, 2, 3, 4])))
+            .await
+            .expect("reply");
+        upstream
+            .write_all(&close_frame(1012, "", None))
+            .await
+            .expect("reply");
+        let out = tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("ends on replies")
+            .expect("join");
+        assert!(
+            matches!(out.ended, Ended::Stopped(StopReason::Lifetime)),
+            "{:?}",
+            out.ended
+        );
+        assert!(out.close_frames_sent && out.close_completed);
+    }
+
+    #[tokio::test]
+    async fn close_waits_for_the_frame_in_flight_and_drops_later_data() {
+        let ((mut client, p_client), (p_up, mut upstream)) = pairs().await;
+        let (c2u, u2c) = counters();
+        let limits = Limits {
+            close: Some(CLOSE),
+            ..LIMITS
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            splice(
+                &p_client,
+                Bytes::new(),
+                &p_up,
+                Bytes::new(),
+                limits,
+                &c2u,
+                &u2c,
+                async {
+                    let _ = rx.await;
+                    StopReason::Drain
+                },
+            )
+            .await
+        });
+        // Half of a 1000-byte binary frame from the upstream reaches the client...
+        let mut frame = vec![0x82, 126];
+        frame.extend_from_slice(&1000u16.to_be_bytes());
+        frame.extend(std::iter::repeat_n(7u8, 1000));
+        upstream.write_all(&frame[..500]).await.expect("first half");
+        let mut got = vec![0u8; 500];
+        client
+            .read_exact(&mut got)
+            .await
+            .expect("first half through");
+        tx.send(()).expect("stop");
+        // ...the Close waits for the rest of it, then follows it.
+        upstream
+            .write_all(&frame[500..])
+            .await
+            .expect("second half");
+        upstream
+            .write_all(&[0x81, 0x02, b'h', b'i'])
+            .await
+            .expect("a later frame");
+        let mut rest = vec![0u8; frame.len() - 500];
+        client
+            .read_exact(&mut rest)
+            .await
+            .expect("rest of the frame");
+        assert_eq!(&rest[..], &frame[500..]);
+        let (b0, _, payload) = read_frame(&mut client).await;
+        assert_eq!(
+            b0, 0x88,
+            "the Close comes right after the frame in flight, the later frame is dropped"
+        );
+        assert_eq!(&payload[..2], &1001u16.to_be_bytes());
+        let _ = read_frame(&mut upstream).await;
+        drop((client, upstream));
+        let out = tokio::time::timeout(Duration::from_secs(3), task)
+            .await
+            .expect("ends")
+            .expect("join");
+        assert!(out.close_frames_sent);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_is_cut_at_close_timeout_when_a_peer_never_replies() {
+        let ((_client, p_client), (p_up, _upstream)) = pairs().await;
+        let (c2u, u2c) = counters();
+        let limits = Limits {
+            close: Some(CLOSE),
+            ..LIMITS
+        };
+        let start = Instant::now();
+        let out = splice(
+            &p_client,
+            Bytes::new(),
+            &p_up,
+            Bytes::new(),
+            limits,
+            &c2u,
+            &u2c,
+            std::future::ready(StopReason::Grace),
+        )
+        .await;
+        assert!(matches!(out.ended, Ended::Stopped(StopReason::Grace)));
+        assert!(out.close_frames_sent && !out.close_completed);
+        assert!(start.elapsed() >= CLOSE.timeout);
+    }
 
     #[tokio::test]
     async fn copies_both_ways_and_ends_on_double_eof() {
@@ -363,7 +777,7 @@ mod tests {
             "FIN passed on"
         );
         upstream.shutdown().await.expect("fin");
-        let (ended, totals) = task.await.expect("join");
+        let Outcome { ended, totals, .. } = task.await.expect("join");
         assert!(matches!(ended, Ended::Closed), "{ended:?}");
         assert_eq!(
             totals,
@@ -379,7 +793,7 @@ mod tests {
         let ((mut client, p_client), (p_up, _upstream)) = pairs().await;
         let (c2u, u2c) = counters();
         client.shutdown().await.expect("fin");
-        let (ended, _) = splice(
+        let Outcome { ended, .. } = splice(
             &p_client,
             Bytes::new(),
             &p_up,
@@ -402,7 +816,7 @@ mod tests {
             ..LIMITS
         };
         let start = Instant::now();
-        let (ended, _) = splice(
+        let Outcome { ended, .. } = splice(
             &p_client,
             Bytes::new(),
             &p_up,
@@ -413,7 +827,10 @@ mod tests {
             std::future::pending(),
         )
         .await;
-        assert!(matches!(ended, Ended::Idle), "{ended:?}");
+        assert!(
+            matches!(ended, Ended::Stopped(StopReason::Idle)),
+            "{ended:?}"
+        );
         assert!(start.elapsed() >= Duration::from_secs(3));
     }
 
@@ -421,7 +838,7 @@ mod tests {
     async fn stop_ends_the_splice() {
         let ((_client, p_client), (p_up, _upstream)) = pairs().await;
         let (c2u, u2c) = counters();
-        let (ended, _) = splice(
+        let Outcome { ended, .. } = splice(
             &p_client,
             Bytes::new(),
             &p_up,
@@ -447,7 +864,7 @@ mod tests {
             .set_linger(Some(Duration::ZERO))
             .expect("linger");
         drop(client);
-        let (ended, _) = splice(
+        let Outcome { ended, .. } = splice(
             &p_client,
             Bytes::new(),
             &p_up,

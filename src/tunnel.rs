@@ -25,7 +25,7 @@ use crate::drain::Tunnels;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-use crate::splice::{self, Ended, Leg, Limits, StopReason};
+use crate::splice::{self, Ended, Leg, Limits, Outcome, StopReason};
 use crate::tcp;
 
 /// The upstream's answer to the forwarded handshake.
@@ -181,7 +181,7 @@ pub async fn run(
     };
     let client_io = client.io.into_inner();
     let peer = client_io.peer_addr().ok();
-    let (ended, totals) = splice::splice(
+    let splice = splice::splice(
         &client_io,
         client.read_buf,
         &upstream,
@@ -196,18 +196,34 @@ pub async fn run(
                 () = lifetime_expiry(deadline, &ctx.shutdown) => StopReason::Lifetime,
             }
         },
-    )
-    .await;
+    );
+    let outcome = tokio::select! {
+        outcome = splice => outcome,
+        // A second signal: no closing handshake, cut now.
+        () = ctx.shutdown.aborted() => {
+            tracing::debug!(peer = ?peer, "websocket connection cut: shutdown aborted");
+            return;
+        }
+    };
     drop(registration);
+    let Outcome {
+        ended,
+        totals,
+        close_frames_sent,
+        close_completed,
+    } = outcome;
     if let Ended::Stopped(StopReason::Lifetime) = ended {
         ctx.metrics.expired.inc();
+    }
+    if let (true, Ended::Stopped(reason)) = (close_frames_sent, &ended) {
+        ctx.metrics.close_frames_sent(reason.label_and_text().0);
     }
     let lifetime = started.elapsed();
     ctx.metrics.duration.observe(lifetime.as_secs_f64());
     let how = match &ended {
         Ended::Closed => "closed",
         Ended::HalfCloseTimeout => "half_close_timeout",
-        Ended::Idle => "idle_timeout",
+        Ended::Stopped(StopReason::Idle) => "idle_timeout",
         Ended::Error(Leg::Client, _) => "client_error",
         Ended::Error(Leg::Upstream, _) => "upstream_error",
         Ended::Stopped(StopReason::Grace) => "shutdown_grace",
@@ -222,6 +238,8 @@ pub async fn run(
         peer = ?peer,
         ended = how,
         error,
+        close_frames_sent,
+        close_completed,
         lifetime_ms = lifetime.as_millis() as u64,
         client_to_upstream = totals.client_to_upstream,
         upstream_to_client = totals.upstream_to_client,

@@ -50,11 +50,16 @@ const ACTIVE: &str = "wsgate_connections_active";
 /// are in force on both legs instead. Defaults (SPEC §2): keepalive idle
 /// `tcp_keepalive` = 30 s, probes every 10 s, 3 probes, `TCP_USER_TIMEOUT`
 /// 30 s, so a vanished peer is detected after about 30–60 s.
+///
+/// At `idle_timeout` wsgate sends Close frames and waits up to
+/// `close_timeout` for replies a frozen client never sends; that wait is
+/// shortened here so the release time stays about the idle timeout.
 #[tokio::test]
 async fn frozen_client_is_released_by_idle_timeout() {
     let up = spawn_echo_upstream().await;
     let gate = spawn_sidecar(RawConfig {
         idle_timeout: secs(1.0),
+        close_timeout: secs(0.5),
         ..test_config(up.addr)
     })
     .await;
@@ -87,6 +92,7 @@ async fn idle_timeout_spares_a_connection_that_talks() {
     let up = spawn_echo_upstream().await;
     let gate = spawn_sidecar(RawConfig {
         idle_timeout: secs(0.5),
+        close_timeout: secs(0.2),
         ..test_config(up.addr)
     })
     .await;

@@ -1,0 +1,335 @@
+//! A streaming RFC 6455 frame tracker, and Close frame encoding.
+//!
+//! The splice feeds every chunk it forwards through a [`FrameTracker`], one
+//! per direction. The tracker parses only frame *headers* (2–14 bytes,
+//! possibly split across reads) and counts payload bytes down without looking
+//! at them, so at every byte it knows whether the stream sits at a frame
+//! boundary. That is what lets wsgate end a connection in WebSocket terms:
+//! a Close frame can only be injected between two frames, never inside one.
+//! Payload is never copied or unmasked, and extensions such as
+//! permessage-deflate are untouched (control frames are never compressed,
+//! and may sit between the fragments of a message, so any boundary will do).
+
+/// The Close opcode.
+const OPCODE_CLOSE: u8 = 0x8;
+/// The largest header: 2 + 8 (64-bit length) + 4 (mask).
+const MAX_HEADER: usize = 14;
+
+/// Where a stream is, frame-wise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Reading a header; `have` bytes of it so far (0 = at a boundary).
+    Header { buf: [u8; MAX_HEADER], have: u8 },
+    /// Inside a payload, with this many bytes left.
+    Payload { remaining: u64 },
+}
+
+/// Tracks frame boundaries in one direction of a WebSocket byte stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameTracker {
+    state: State,
+    /// Close frames whose header has been seen.
+    closes: u32,
+    /// Frames whose header has been seen.
+    frames: u64,
+}
+
+impl Default for FrameTracker {
+    fn default() -> Self {
+        FrameTracker {
+            state: State::Header {
+                buf: [0; MAX_HEADER],
+                have: 0,
+            },
+            closes: 0,
+            frames: 0,
+        }
+    }
+}
+
+/// The header length implied by its first two bytes.
+fn header_len(second: u8) -> usize {
+    let mask = if second & 0x80 != 0 { 4 } else { 0 };
+    2 + mask
+        + match second & 0x7f {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        }
+}
+
+fn payload_len(header: &[u8]) -> u64 {
+    match header[1] & 0x7f {
+        126 => u64::from(u16::from_be_bytes([header[2], header[3]])),
+        127 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&header[2..10]);
+            u64::from_be_bytes(b)
+        }
+        n => u64::from(n),
+    }
+}
+
+impl FrameTracker {
+    /// A tracker at the start of a stream (a boundary).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether the bytes fed so far end exactly at a frame boundary.
+    pub fn at_boundary(&self) -> bool {
+        matches!(self.state, State::Header { have: 0, .. })
+    }
+
+    /// Close frames seen so far (counted when their header completes).
+    pub fn closes_seen(&self) -> u32 {
+        self.closes
+    }
+
+    /// Frames seen so far (counted when their header completes).
+    pub fn frames_seen(&self) -> u64 {
+        self.frames
+    }
+
+    /// Consumes bytes up to the end of the current header or payload, or
+    /// the end of `data`. Returns how many bytes it took (at least 1 if
+    /// `data` is not empty).
+    fn step(&mut self, data: &[u8]) -> usize {
+        match &mut self.state {
+            State::Payload { remaining } => {
+                let n = (*remaining).min(data.len() as u64);
+                *remaining -= n;
+                if *remaining == 0 {
+                    self.state = State::default_header();
+                }
+                n as usize
+            }
+            State::Header { buf, have } => {
+                let have_now = usize::from(*have);
+                // Until the second byte is in, the length is unknown: take one byte.
+                let want = if have_now < 2 { 2 } else { header_len(buf[1]) };
+                let take = (want - have_now).min(data.len());
+                buf[have_now..have_now + take].copy_from_slice(&data[..take]);
+                let have_now = have_now + take;
+                *have = have_now as u8;
+                if have_now >= 2 && have_now == header_len(buf[1]) {
+                    let opcode = buf[0] & 0x0f;
+                    let len = payload_len(&buf[..have_now]);
+                    self.frames += 1;
+                    if opcode == OPCODE_CLOSE {
+                        self.closes += 1;
+                    }
+                    self.state = if len == 0 {
+                        State::default_header()
+                    } else {
+                        State::Payload { remaining: len }
+                    };
+                }
+                take
+            }
+        }
+    }
+
+    /// Feeds all of `data`.
+    pub fn advance(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let n = self.step(data);
+            data = &data[n..];
+        }
+    }
+
+    /// Feeds `data` up to the first frame boundary and returns its offset
+    /// (0 if the stream is at a boundary already), or `None` if `data` ends
+    /// inside a frame (then all of it was fed).
+    pub fn advance_to_boundary(&mut self, mut data: &[u8]) -> Option<usize> {
+        let mut offset = 0;
+        loop {
+            if self.at_boundary() {
+                return Some(offset);
+            }
+            if data.is_empty() {
+                return None;
+            }
+            let n = self.step(data);
+            offset += n;
+            data = &data[n..];
+        }
+    }
+}
+
+impl State {
+    fn default_header() -> Self {
+        State::Header {
+            buf: [0; MAX_HEADER],
+            have: 0,
+        }
+    }
+}
+
+/// Encodes a Close frame with `code` and `reason` (truncated to fit the
+/// 125-byte control-frame limit at a character boundary). With `mask`, the
+/// frame is masked, as frames towards a server must be.
+pub fn close_frame(code: u16, reason: &str, mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut payload = Vec::with_capacity(2 + end);
+    payload.extend_from_slice(&code.to_be_bytes());
+    payload.extend_from_slice(&reason.as_bytes()[..end]);
+    let mut frame = Vec::with_capacity(6 + payload.len());
+    frame.push(0x80 | OPCODE_CLOSE);
+    let len = payload.len() as u8; // ≤ 125
+    match mask {
+        Some(key) => {
+            frame.push(0x80 | len);
+            frame.extend_from_slice(&key);
+            frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        }
+        None => {
+            frame.push(len);
+            frame.extend_from_slice(&payload);
+        }
+    }
+    frame
+}
+
+/// Whether `code` may be sent in a Close frame (RFC 6455 §7.4): 1000–1014
+/// except the reserved 1004–1006, or 3000–4999.
+pub fn is_valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame as a client would send it (masked) or a server (unmasked).
+    fn frame(opcode: u8, fin: bool, payload: &[u8], masked: bool) -> Vec<u8> {
+        let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
+        let m = if masked { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => f.push(m | n as u8),
+            n if n <= 0xffff => {
+                f.push(m | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(m | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        if masked {
+            f.extend_from_slice(&[1, 2, 3, 4]);
+        }
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn boundaries_of_whole_frames() {
+        let mut t = FrameTracker::new();
+        assert!(t.at_boundary());
+        t.advance(&frame(0x1, true, b"hello", true));
+        assert!(t.at_boundary());
+        t.advance(&frame(0x2, true, &[7; 300], false));
+        assert!(t.at_boundary());
+        t.advance(&frame(0x2, true, &[7; 70_000], true));
+        assert!(t.at_boundary());
+        assert_eq!(t.frames_seen(), 3);
+    }
+
+    #[test]
+    fn header_split_byte_by_byte() {
+        let f = frame(0x2, true, &[1; 70_000], true);
+        let mut t = FrameTracker::new();
+        for (i, b) in f.iter().enumerate() {
+            t.advance(std::slice::from_ref(b));
+            assert_eq!(t.at_boundary(), i == f.len() - 1, "byte {i}");
+        }
+    }
+
+    #[test]
+    fn advance_to_boundary_finds_the_end_of_the_current_frame() {
+        let a = frame(0x1, true, b"abc", false);
+        let b = frame(0x1, true, b"defgh", false);
+        let mut stream = a.clone();
+        stream.extend_from_slice(&b);
+        let mut t = FrameTracker::new();
+        t.advance(&stream[..2]);
+        assert_eq!(t.advance_to_boundary(&stream[2..]), Some(a.len() - 2));
+        let mut t = FrameTracker::new();
+        assert_eq!(
+            t.advance_to_boundary(&stream),
+            Some(0),
+            "already at a boundary"
+        );
+        t.advance(&stream[..1]);
+        assert_eq!(
+            t.advance_to_boundary(&stream[1..3]),
+            None,
+            "ends inside the frame"
+        );
+        assert!(!t.at_boundary());
+    }
+
+    #[test]
+    fn control_frames_between_fragments_are_boundaries() {
+        let mut t = FrameTracker::new();
+        t.advance(&frame(0x1, false, b"part one", true));
+        assert!(t.at_boundary());
+        t.advance(&frame(0x9, true, b"ping", true));
+        assert!(t.at_boundary());
+        t.advance(&frame(0x0, true, b"part two", true));
+        assert!(t.at_boundary());
+    }
+
+    #[test]
+    fn counts_close_frames() {
+        let mut t = FrameTracker::new();
+        t.advance(&frame(0x1, true, b"x", true));
+        assert_eq!(t.closes_seen(), 0);
+        let close = close_frame(1001, "bye", Some([9, 8, 7, 6]));
+        t.advance(&close[..3]);
+        assert_eq!(t.closes_seen(), 0, "header not complete yet");
+        t.advance(&close[3..]);
+        assert_eq!(t.closes_seen(), 1);
+        assert!(t.at_boundary());
+    }
+
+    #[test]
+    fn close_frames_encode_code_and_reason() {
+        let f = close_frame(1001, "going away", None);
+        assert_eq!(&f[..4], &[0x88, 12, 0x03, 0xe9]);
+        assert_eq!(&f[4..], b"going away");
+        let key = [0xa1, 0xb2, 0xc3, 0xd4];
+        let m = close_frame(4000, "x", Some(key));
+        assert_eq!(m[1], 0x80 | 3);
+        assert_eq!(&m[2..6], &key);
+        let unmasked: Vec<u8> = m[6..]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ key[i % 4])
+            .collect();
+        assert_eq!(unmasked, [0x0f, 0xa0, b'x']);
+        let long = close_frame(1000, &"é".repeat(100), None);
+        assert!(
+            long.len() <= 2 + 125,
+            "control frames carry at most 125 bytes"
+        );
+        assert!(
+            std::str::from_utf8(&long[4..]).is_ok(),
+            "cut at a character boundary"
+        );
+    }
+
+    #[test]
+    fn close_code_rules() {
+        for ok in [1000, 1001, 1003, 1007, 1011, 1012, 1014, 3000, 4999] {
+            assert!(is_valid_close_code(ok), "{ok}");
+        }
+        for bad in [0, 999, 1004, 1005, 1006, 1015, 2000, 2999, 5000] {
+            assert!(!is_valid_close_code(bad), "{bad}");
+        }
+    }
+}
