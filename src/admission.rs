@@ -82,6 +82,11 @@ struct Inner {
     low_bits: AtomicU64,
     /// Not ready because of saturation (hysteresis state).
     saturated: AtomicBool,
+    /// Serialises judging `saturated`: each judge re-reads `active` under it,
+    /// so the last judge always sees the latest count. Without it a reserve
+    /// and a release racing could leave the flag stale (found by loom,
+    /// `tests/loom_admission.rs`). Taken only when watermarks are on.
+    judging: Mutex<()>,
     /// Live connections per client address. Always tracked, so a per-IP cap
     /// switched on by a reload sees the connections already open.
     per_ip: Mutex<HashMap<IpAddr, usize>>,
@@ -148,6 +153,7 @@ impl Admission {
                 high_bits: AtomicU64::new(high),
                 low_bits: AtomicU64::new(low),
                 saturated: AtomicBool::new(false),
+                judging: Mutex::new(()),
                 per_ip: Mutex::new(HashMap::new()),
                 bucket: Mutex::new(Bucket {
                     tokens: 0.0,
@@ -236,7 +242,7 @@ impl Admission {
         inner.active_gauge.inc();
         let high = f64::from_bits(inner.high_bits.load(Ordering::Acquire));
         if cap > 0 && high > 0.0 && active_now as f64 >= high * cap as f64 {
-            inner.saturated.store(true, Ordering::Release);
+            inner.judge_saturation();
         }
         AdmissionGuard {
             inner: Arc::clone(inner),
@@ -268,6 +274,7 @@ impl Admission {
 
     /// After a cap or watermark change, judge saturation afresh.
     fn recompute_saturation(&self) {
+        let _judging = lock(&self.inner.judging);
         let cap = self.cap();
         let high = f64::from_bits(self.inner.high_bits.load(Ordering::Acquire));
         let saturated = cap > 0 && high > 0.0 && self.active() as f64 >= high * cap as f64;
@@ -301,6 +308,23 @@ impl Admission {
     }
 }
 
+impl Inner {
+    /// Sets or clears `saturated` from the count as it is now, with
+    /// hysteresis: set at the high watermark, cleared at the low one.
+    fn judge_saturation(&self) {
+        let _judging = lock(&self.judging);
+        let cap = self.cap.load(Ordering::Acquire) as f64;
+        let high = f64::from_bits(self.high_bits.load(Ordering::Acquire));
+        let low = f64::from_bits(self.low_bits.load(Ordering::Acquire));
+        let active = self.active.load(Ordering::Acquire) as f64;
+        if cap > 0.0 && high > 0.0 && active >= high * cap {
+            self.saturated.store(true, Ordering::Release);
+        } else if active <= low * cap || high <= 0.0 {
+            self.saturated.store(false, Ordering::Release);
+        }
+    }
+}
+
 /// Locks, ignoring poisoning: every critical section here leaves the data
 /// consistent at each step, so a panic elsewhere cannot corrupt it.
 #[cfg(not(loom))]
@@ -327,12 +351,12 @@ impl Drop for AdmissionGuard {
         }
         let now = inner.active.fetch_sub(1, Ordering::AcqRel) - 1;
         inner.active_gauge.dec();
-        if inner.saturated.load(Ordering::Acquire) {
-            let cap = inner.cap.load(Ordering::Acquire);
-            let low = f64::from_bits(inner.low_bits.load(Ordering::Acquire));
-            if now as f64 <= low * cap as f64 {
-                inner.saturated.store(false, Ordering::Release);
-            }
+        let cap = inner.cap.load(Ordering::Acquire);
+        let low = f64::from_bits(inner.low_bits.load(Ordering::Acquire));
+        // Not only when the flag reads set: a reserve racing with this
+        // release may be about to set it from a count that is now stale.
+        if inner.high_bits.load(Ordering::Acquire) != 0 && now as f64 <= low * cap as f64 {
+            inner.judge_saturation();
         }
     }
 }
