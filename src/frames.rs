@@ -6,6 +6,9 @@
 //! at them, so at every byte it knows whether the stream sits at a frame
 //! boundary. That is what lets wsgate end a connection in WebSocket terms:
 //! a Close frame can only be injected between two frames, never inside one.
+//! The tracker also follows whether a fragmented data message is open (a
+//! data frame without FIN until its final continuation), so wsgate can wait
+//! for a *message* boundary: a message in flight finishes before the Close.
 //! Payload is never copied or unmasked, and extensions such as
 //! permessage-deflate are untouched (control frames are never compressed,
 //! and may sit between the fragments of a message, so any boundary will do).
@@ -32,6 +35,8 @@ pub struct FrameTracker {
     closes: u32,
     /// Frames whose header has been seen.
     frames: u64,
+    /// A fragmented data message is open (its final frame not seen yet).
+    in_message: bool,
 }
 
 impl Default for FrameTracker {
@@ -43,6 +48,7 @@ impl Default for FrameTracker {
             },
             closes: 0,
             frames: 0,
+            in_message: false,
         }
     }
 }
@@ -81,6 +87,12 @@ impl FrameTracker {
         matches!(self.state, State::Header { have: 0, .. })
     }
 
+    /// Whether the stream is at a frame boundary outside any fragmented
+    /// message: where a Close can go without cutting a message in two.
+    pub fn at_message_boundary(&self) -> bool {
+        self.at_boundary() && !self.in_message
+    }
+
     /// Close frames seen so far (counted when their header completes).
     pub fn closes_seen(&self) -> u32 {
         self.closes
@@ -114,10 +126,16 @@ impl FrameTracker {
                 *have = have_now as u8;
                 if have_now >= 2 && have_now == header_len(buf[1]) {
                     let opcode = buf[0] & 0x0f;
+                    let fin = buf[0] & 0x80 != 0;
                     let len = payload_len(&buf[..have_now]);
                     self.frames += 1;
                     if opcode == OPCODE_CLOSE {
                         self.closes += 1;
+                    }
+                    // Data frames (opcodes 0x0–0x7) open or close a message;
+                    // control frames (0x8–0xF) may sit between fragments.
+                    if opcode & 0x8 == 0 {
+                        self.in_message = !fin;
                     }
                     self.state = if len == 0 {
                         State::default_header()
@@ -138,13 +156,14 @@ impl FrameTracker {
         }
     }
 
-    /// Feeds `data` up to the first frame boundary and returns its offset
-    /// (0 if the stream is at a boundary already), or `None` if `data` ends
-    /// inside a frame (then all of it was fed).
-    pub fn advance_to_boundary(&mut self, mut data: &[u8]) -> Option<usize> {
+    /// Feeds `data` up to the first message boundary (see
+    /// [`FrameTracker::at_message_boundary`]) and returns its offset (0 if
+    /// the stream is at one already), or `None` if `data` ends before one
+    /// (then all of it was fed).
+    pub fn advance_to_message_boundary(&mut self, mut data: &[u8]) -> Option<usize> {
         let mut offset = 0;
         loop {
-            if self.at_boundary() {
+            if self.at_message_boundary() {
                 return Some(offset);
             }
             if data.is_empty() {
@@ -257,16 +276,19 @@ mod tests {
         stream.extend_from_slice(&b);
         let mut t = FrameTracker::new();
         t.advance(&stream[..2]);
-        assert_eq!(t.advance_to_boundary(&stream[2..]), Some(a.len() - 2));
+        assert_eq!(
+            t.advance_to_message_boundary(&stream[2..]),
+            Some(a.len() - 2)
+        );
         let mut t = FrameTracker::new();
         assert_eq!(
-            t.advance_to_boundary(&stream),
+            t.advance_to_message_boundary(&stream),
             Some(0),
             "already at a boundary"
         );
         t.advance(&stream[..1]);
         assert_eq!(
-            t.advance_to_boundary(&stream[1..3]),
+            t.advance_to_message_boundary(&stream[1..3]),
             None,
             "ends inside the frame"
         );
@@ -274,14 +296,22 @@ mod tests {
     }
 
     #[test]
-    fn control_frames_between_fragments_are_boundaries() {
+    fn fragments_are_frame_boundaries_but_not_message_boundaries() {
         let mut t = FrameTracker::new();
         t.advance(&frame(0x1, false, b"part one", true));
-        assert!(t.at_boundary());
+        assert!(t.at_boundary() && !t.at_message_boundary());
         t.advance(&frame(0x9, true, b"ping", true));
-        assert!(t.at_boundary());
-        t.advance(&frame(0x0, true, b"part two", true));
-        assert!(t.at_boundary());
+        assert!(
+            t.at_boundary() && !t.at_message_boundary(),
+            "a control frame between fragments"
+        );
+        t.advance(&frame(0x0, false, b"part two", true));
+        assert!(!t.at_message_boundary());
+        let last = frame(0x0, true, b"part three", true);
+        let mut u = t;
+        assert_eq!(u.advance_to_message_boundary(&last), Some(last.len()));
+        t.advance(&last);
+        assert!(t.at_message_boundary());
     }
 
     #[test]

@@ -21,7 +21,9 @@
 //! Ending in WebSocket terms (SPEC §8): each direction runs a
 //! [`FrameTracker`] over what it forwards. When wsgate itself ends a
 //! connection (drain, lifetime, idle timeout, end of grace), each direction
-//! injects a Close frame at its next frame boundary — unmasked towards the
+//! injects a Close frame at its next message boundary (a frame boundary
+//! outside any fragmented message, so a message in flight finishes first;
+//! one whose sender stalls is cut at `close_timeout`) — unmasked towards the
 //! client, masked with a random key towards the upstream — and from then on
 //! drops what its source sends, watching only for that peer's Close reply.
 //! TCP is closed once both peers replied (or ended), or at `close_timeout`.
@@ -169,7 +171,7 @@ pub struct Totals {
 enum Mode {
     /// Forward everything.
     Forward,
-    /// Forward up to the next frame boundary, then send this Close frame.
+    /// Forward up to the next message boundary, then send this Close frame.
     InjectAtBoundary(Vec<u8>),
     /// Our Close is on its way: drop what the source sends, but notice its
     /// Close reply.
@@ -228,7 +230,7 @@ impl Pipe {
             self.replied = true;
             return;
         }
-        if !self.tracker.at_boundary() {
+        if !self.tracker.at_message_boundary() {
             self.mode = Mode::InjectAtBoundary(frame);
             return;
         }
@@ -255,7 +257,7 @@ impl Pipe {
         match &mut self.mode {
             Mode::Forward => self.tracker.advance(buf),
             Mode::InjectAtBoundary(_) => {
-                if let Some(offset) = self.tracker.advance_to_boundary(buf) {
+                if let Some(offset) = self.tracker.advance_to_message_boundary(buf) {
                     let Mode::InjectAtBoundary(frame) =
                         std::mem::replace(&mut self.mode, Mode::Discard)
                     else {

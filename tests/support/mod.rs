@@ -71,7 +71,40 @@ pub struct Upstream {
     pub addr: SocketAddr,
     /// TCP connections it accepted.
     pub accepts: Arc<AtomicUsize>,
+    /// Every WebSocket message the echo upstream received, Close frames
+    /// included (tungstenite refuses unmasked client frames, so each one
+    /// here arrived masked).
+    pub received: Received,
     task: JoinHandle<()>,
+}
+
+pub type Received = Arc<std::sync::Mutex<Vec<tokio_tungstenite::tungstenite::Message>>>;
+
+impl Upstream {
+    /// The Close frames the upstream received: (code, reason).
+    pub fn closes(&self) -> Vec<(u16, String)> {
+        use tokio_tungstenite::tungstenite::Message;
+        self.received
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter_map(|m| match m {
+                Message::Close(Some(f)) => Some((u16::from(f.code), f.reason.to_string())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The data messages the upstream received.
+    pub fn data_messages(&self) -> Vec<tokio_tungstenite::tungstenite::Message> {
+        self.received
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|m| m.is_text() || m.is_binary())
+            .cloned()
+            .collect()
+    }
 }
 
 impl Drop for Upstream {
@@ -87,6 +120,8 @@ pub async fn spawn_upstream(behaviour: Behaviour) -> Upstream {
     let addr = listener.local_addr().expect("addr");
     let accepts = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&accepts);
+    let received: Received = Arc::default();
+    let log = Arc::clone(&received);
     let task = tokio::spawn(async move {
         let mut conns = tokio::task::JoinSet::new();
         loop {
@@ -95,12 +130,13 @@ pub async fn spawn_upstream(behaviour: Behaviour) -> Upstream {
                 continue;
             };
             counter.fetch_add(1, Ordering::SeqCst);
-            conns.spawn(serve_upstream_conn(stream, behaviour));
+            conns.spawn(serve_upstream_conn(stream, behaviour, Arc::clone(&log)));
         }
     });
     Upstream {
         addr,
         accepts,
+        received,
         task,
     }
 }
@@ -109,14 +145,14 @@ pub async fn spawn_echo_upstream() -> Upstream {
     spawn_upstream(Behaviour::Echo).await
 }
 
-async fn serve_upstream_conn(stream: TcpStream, behaviour: Behaviour) {
+async fn serve_upstream_conn(stream: TcpStream, behaviour: Behaviour, log: Received) {
     if behaviour == Behaviour::Silent {
         let mut stream = stream;
         let mut sink = [0u8; 1024];
         while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
         return;
     }
-    let service = service_fn(move |req| upstream_handle(req, behaviour));
+    let service = service_fn(move |req| upstream_handle(req, behaviour, Arc::clone(&log)));
     let _ = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades()
@@ -134,6 +170,7 @@ fn full(b: impl Into<Bytes>) -> UpBody {
 async fn upstream_handle(
     mut req: Request<Incoming>,
     behaviour: Behaviour,
+    log: Received,
 ) -> Result<Response<UpBody>, Infallible> {
     let is_upgrade = req
         .headers()
@@ -188,6 +225,7 @@ async fn upstream_handle(
             return;
         }
         while let Some(Ok(msg)) = ws.next().await {
+            log.lock().expect("lock").push(msg.clone());
             if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
                 return;
             }
@@ -497,4 +535,60 @@ impl WsExt for Ws {
     async fn next_message(&mut self) -> bool {
         matches!(self.next().await, Some(Ok(_)))
     }
+}
+
+/// A client frame: masked with a fixed key, as RFC 6455 requires of clients.
+pub fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+    let key = [0x37, 0xfa, 0x21, 0x3d];
+    let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&key);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    f
+}
+
+/// Reads one whole frame from a raw socket: (first byte, masked?, payload unmasked).
+pub async fn read_frame(s: &mut TcpStream) -> (u8, bool, Vec<u8>) {
+    let mut h = [0u8; 2];
+    within("frame header", s.read_exact(&mut h))
+        .await
+        .expect("frame header");
+    let masked = h[1] & 0x80 != 0;
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut b = [0u8; 2];
+            s.read_exact(&mut b).await.expect("length");
+            u64::from(u16::from_be_bytes(b))
+        }
+        127 => {
+            let mut b = [0u8; 8];
+            s.read_exact(&mut b).await.expect("length");
+            u64::from_be_bytes(b)
+        }
+        n => u64::from(n),
+    };
+    let mut key = [0u8; 4];
+    if masked {
+        s.read_exact(&mut key).await.expect("mask");
+    }
+    let mut payload = vec![0u8; len as usize];
+    within("frame payload", s.read_exact(&mut payload))
+        .await
+        .expect("payload");
+    if masked {
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b ^= key[i % 4];
+        }
+    }
+    (h[0], masked, payload)
 }
