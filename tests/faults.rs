@@ -4,8 +4,9 @@
 //! back and nothing else is hurt.
 //!
 //! On-demand variants (not in CI, they take minutes):
-//! `cargo nextest run --test faults --run-ignored ignored-only` runs the
-//! 1 GiB backpressure transfers (CI moves 256 MiB each way).
+//! `cargo test --test faults -- --ignored --nocapture --test-threads=1`
+//! runs the 1 GiB backpressure transfers, about 10 s each (CI moves 256 MiB
+//! each way).
 #![allow(clippy::print_stdout, reason = "tests report what they measured")]
 
 mod reliability;

@@ -9,11 +9,12 @@
 //! same properties at scale, on demand:
 //!
 //! ```text
-//! WSGATE_FUZZ_CASES=1000000 cargo nextest run --release --test props --run-ignored ignored-only --no-capture
+//! WSGATE_FUZZ_CASES=1000000 cargo test --release --test props -- --ignored --nocapture
 //! ```
 //!
-//! (default 200,000 cases per property; it prints cases and time per
-//! property; raise `WSGATE_FUZZ_CASES` to run longer).
+//! (default 200,000 cases per property, about 2 minutes in all on 2 cores;
+//! it prints cases and time per property; raise `WSGATE_FUZZ_CASES` to run
+//! longer; `cargo test`, not nextest, whose slow-timeout would cut it).
 #![allow(clippy::print_stdout, reason = "the fuzz run reports its size")]
 
 use std::net::IpAddr;
