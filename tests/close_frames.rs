@@ -52,7 +52,7 @@ async fn upstream_close(up: &Upstream) -> (u16, String) {
 
 #[tokio::test]
 async fn drained_client_sees_1001_with_reason_and_upstream_a_masked_close() {
-    let up = spawn_echo_upstream().await;
+    let up = spawn_recording_upstream().await;
     let gate = spawn_sidecar(RawConfig {
         drain_period: secs(0.2),
         shutdown_grace: secs(5.0),
@@ -80,7 +80,7 @@ async fn drained_client_sees_1001_with_reason_and_upstream_a_masked_close() {
 
 #[tokio::test]
 async fn lifetime_expiry_closes_with_the_configured_code() {
-    let up = spawn_echo_upstream().await;
+    let up = spawn_recording_upstream().await;
     let gate = spawn_sidecar(RawConfig {
         max_connection_lifetime: secs(0.3),
         lifetime_jitter: 0.0,
@@ -113,7 +113,7 @@ async fn lifetime_expiry_closes_with_the_configured_code() {
 
 #[tokio::test]
 async fn idle_timeout_closes_with_the_configured_code() {
-    let up = spawn_echo_upstream().await;
+    let up = spawn_recording_upstream().await;
     let gate = spawn_sidecar(RawConfig {
         idle_timeout: secs(0.3),
         close_code_idle: 4000,
@@ -140,7 +140,7 @@ async fn idle_timeout_closes_with_the_configured_code() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_before_the_close_arrive_complete_both_ways() {
-    let up = spawn_echo_upstream().await;
+    let up = spawn_recording_upstream().await;
     let gate = spawn_sidecar(RawConfig {
         max_connection_lifetime: secs(0.5),
         lifetime_jitter: 0.0,
@@ -199,7 +199,7 @@ async fn messages_before_the_close_arrive_complete_both_ways() {
 
 #[tokio::test]
 async fn a_fragmented_message_in_flight_finishes_before_the_close() {
-    let up = spawn_echo_upstream().await;
+    let up = spawn_recording_upstream().await;
     let gate = spawn_sidecar(RawConfig {
         max_connection_lifetime: secs(0.2),
         lifetime_jitter: 0.0,
@@ -250,7 +250,7 @@ fn pattern(len: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_16_mib_frame_in_flight_finishes_before_the_close() {
-    let up = spawn_echo_upstream().await;
+    let up = spawn_recording_upstream().await;
     let gate = spawn_sidecar(RawConfig {
         max_connection_lifetime: secs(0.3),
         lifetime_jitter: 0.0,
@@ -288,7 +288,7 @@ async fn a_16_mib_frame_in_flight_finishes_before_the_close() {
 
 #[tokio::test]
 async fn a_stalled_frame_is_cut_at_close_timeout() {
-    let up = spawn_echo_upstream().await;
+    let up = spawn_recording_upstream().await;
     let gate = spawn_sidecar(RawConfig {
         max_connection_lifetime: secs(0.2),
         lifetime_jitter: 0.0,

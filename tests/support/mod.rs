@@ -114,6 +114,16 @@ impl Drop for Upstream {
 }
 
 pub async fn spawn_upstream(behaviour: Behaviour) -> Upstream {
+    spawn_upstream_with(behaviour, false).await
+}
+
+/// An echo upstream that keeps every message it receives in `received`
+/// (only for tests that look at them: it never frees them).
+pub async fn spawn_recording_upstream() -> Upstream {
+    spawn_upstream_with(Behaviour::Echo, true).await
+}
+
+async fn spawn_upstream_with(behaviour: Behaviour, record: bool) -> Upstream {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind upstream");
@@ -130,7 +140,11 @@ pub async fn spawn_upstream(behaviour: Behaviour) -> Upstream {
                 continue;
             };
             counter.fetch_add(1, Ordering::SeqCst);
-            conns.spawn(serve_upstream_conn(stream, behaviour, Arc::clone(&log)));
+            conns.spawn(serve_upstream_conn(
+                stream,
+                behaviour,
+                record.then(|| Arc::clone(&log)),
+            ));
         }
     });
     Upstream {
@@ -145,14 +159,14 @@ pub async fn spawn_echo_upstream() -> Upstream {
     spawn_upstream(Behaviour::Echo).await
 }
 
-async fn serve_upstream_conn(stream: TcpStream, behaviour: Behaviour, log: Received) {
+async fn serve_upstream_conn(stream: TcpStream, behaviour: Behaviour, log: Option<Received>) {
     if behaviour == Behaviour::Silent {
         let mut stream = stream;
         let mut sink = [0u8; 1024];
         while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
         return;
     }
-    let service = service_fn(move |req| upstream_handle(req, behaviour, Arc::clone(&log)));
+    let service = service_fn(move |req| upstream_handle(req, behaviour, log.clone()));
     let _ = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades()
@@ -170,7 +184,7 @@ fn full(b: impl Into<Bytes>) -> UpBody {
 async fn upstream_handle(
     mut req: Request<Incoming>,
     behaviour: Behaviour,
-    log: Received,
+    log: Option<Received>,
 ) -> Result<Response<UpBody>, Infallible> {
     let is_upgrade = req
         .headers()
@@ -225,7 +239,9 @@ async fn upstream_handle(
             return;
         }
         while let Some(Ok(msg)) = ws.next().await {
-            log.lock().expect("lock").push(msg.clone());
+            if let Some(log) = &log {
+                log.lock().expect("lock").push(msg.clone());
+            }
             if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
                 return;
             }
