@@ -363,3 +363,76 @@ mod tests {
         }
     }
 }
+
+/// The tracker against a reference parser: tungstenite's own frame header
+/// code formats and parses every frame; any cut of the stream into reads
+/// must give the same boundaries and the same Close count.
+#[cfg(test)]
+mod props {
+    use std::io::Cursor;
+
+    use proptest::prelude::*;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::OpCode;
+    use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+
+    use super::*;
+
+    /// (opcode byte, fin, payload length, masked, rsv1 as permessage-deflate sets it)
+    fn frame_spec() -> impl Strategy<Value = (u8, bool, usize, bool, bool)> {
+        (
+            prop::sample::select(vec![0x0u8, 0x1, 0x2, 0x8, 0x9, 0xA]),
+            any::<bool>(),
+            prop_oneof![0usize..126, 126usize..300, 65_530usize..65_540, 70_000usize..140_000],
+            any::<bool>(),
+            any::<bool>(),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn boundaries_match_tungstenite(
+            specs in prop::collection::vec(frame_spec(), 1..12),
+            cuts in prop::collection::vec(1usize..5_000, 1..64),
+        ) {
+            let mut stream = Vec::new();
+            for (op, fin, len, masked, rsv1) in &specs {
+                let header = FrameHeader {
+                    is_final: *fin,
+                    rsv1: *rsv1,
+                    opcode: OpCode::from(*op),
+                    mask: masked.then_some([1, 2, 3, 4]),
+                    ..FrameHeader::default()
+                };
+                header.format(*len as u64, &mut stream).expect("format");
+                stream.extend(std::iter::repeat_n(0x5a, *len));
+            }
+            // Reference boundaries and Close count from tungstenite's parser.
+            let mut boundaries = std::collections::BTreeSet::from([0usize]);
+            let mut closes = 0;
+            let mut cursor = Cursor::new(&stream[..]);
+            while (cursor.position() as usize) < stream.len() {
+                let (header, len) = FrameHeader::parse(&mut cursor).expect("parse").expect("complete header");
+                if header.opcode == OpCode::from(0x8) {
+                    closes += 1;
+                }
+                let end = cursor.position() + len;
+                cursor.set_position(end);
+                boundaries.insert(end as usize);
+            }
+            // The tracker, fed in reads of the generated sizes.
+            let mut t = FrameTracker::new();
+            let mut offset = 0;
+            let mut i = 0;
+            while offset < stream.len() {
+                let n = cuts[i % cuts.len()].min(stream.len() - offset);
+                t.advance(&stream[offset..offset + n]);
+                offset += n;
+                i += 1;
+                prop_assert_eq!(t.at_boundary(), boundaries.contains(&offset), "at offset {}", offset);
+            }
+            prop_assert_eq!(t.closes_seen(), closes);
+            prop_assert_eq!(t.frames_seen(), specs.len() as u64);
+        }
+    }
+}

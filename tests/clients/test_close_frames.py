@@ -1,0 +1,193 @@
+"""wsgate ends connections in WebSocket terms (SPEC §8), seen by Python `websockets`.
+
+Each test starts the real binary in front of a `websockets` echo server (both on 127.0.0.1,
+port 0), connects with `websockets` as a user would, and checks what the client library reports
+when wsgate ends the connection: the close code and reason, a clean closing handshake, and that
+every message sent before the Close arrived byte-identical, with permessage-deflate negotiated
+end to end through wsgate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
+
+WSGATE_BIN = os.environ.get("WSGATE_BIN", "target/debug/wsgate")
+LOG = logging.getLogger("client")
+
+
+class Upstream:
+    """A `websockets` echo server that records what it received and how it was closed."""
+
+    def __init__(self) -> None:
+        self.received: list[str | bytes] = []
+        self.closes: list[tuple[int | None, str | None]] = []
+        self.server = None
+        self.port = 0
+
+    async def handler(self, ws) -> None:
+        try:
+            async for msg in ws:
+                self.received.append(msg)
+                await ws.send(msg)
+        except ConnectionClosed:
+            pass
+        self.closes.append((ws.close_code, ws.close_reason))
+
+    async def __aenter__(self) -> "Upstream":
+        self.server = await serve(self.handler, "127.0.0.1", 0, compression="deflate")
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+class Wsgate:
+    """The wsgate binary, started as a user starts it, stopped by PID."""
+
+    def __init__(self, upstream_port: int, **env: str) -> None:
+        full = {k: v for k, v in os.environ.items() if not k.startswith("WSGATE_")}
+        full.update(
+            WSGATE_UPSTREAM=f"127.0.0.1:{upstream_port}",
+            WSGATE_LISTEN="127.0.0.1:0",
+            WSGATE_ADMIN_LISTEN="127.0.0.1:0",
+            RUST_LOG="info",
+            **env,
+        )
+        self.proc = subprocess.Popen(
+            [WSGATE_BIN], env=full, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True,
+        )
+        self.proxy = self._wait_for("proxy")
+
+    def _wait_for(self, what: str) -> str:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                raise RuntimeError(f"wsgate exited: {self.proc.wait()}")
+            m = re.search(rf"{what} listening addr=(\S+)", line)
+            if m:
+                return m.group(1)
+        raise RuntimeError(f"wsgate never logged '{what} listening'")
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.proxy}/"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+async def talk_until_closed(ws, n: int = 100_000) -> tuple[list[str], list[str]]:
+    """Sends numbered, compressible messages while reading echoes, until the connection closes."""
+    sent: list[str] = []
+    echoed: list[str] = []
+
+    async def reader() -> None:
+        try:
+            async for msg in ws:
+                echoed.append(msg)
+        except ConnectionClosed:
+            pass
+
+    task = asyncio.create_task(reader())
+    try:
+        for i in range(n):
+            msg = f"message {i} " + "abc" * (i % 200)
+            await ws.send(msg)
+            sent.append(msg)
+            await asyncio.sleep(0.002)
+    except ConnectionClosed:
+        pass
+    await asyncio.wait_for(task, 10)
+    return sent, echoed
+
+
+def check_intact(sent: list[str], got: list) -> None:
+    assert got == sent[: len(got)], "messages before the Close must arrive complete and in order"
+
+
+@pytest.mark.parametrize(
+    ("env", "code", "reason"),
+    [
+        ({"WSGATE_MAX_CONNECTION_LIFETIME": "1s", "WSGATE_LIFETIME_JITTER": "0",
+          "WSGATE_CLOSE_CODE_LIFETIME": "1012"}, 1012, "lifetime"),
+        ({"WSGATE_IDLE_TIMEOUT": "500ms", "WSGATE_CLOSE_CODE_IDLE": "4000"}, 4000, "idle"),
+    ],
+    ids=["lifetime", "idle"],
+)
+def test_websockets_client_sees_the_configured_code(env, code, reason) -> None:
+    async def main() -> None:
+        async with Upstream() as up:
+            gate = Wsgate(up.port, **env)
+            try:
+                async with connect(gate.url, compression="deflate") as ws:
+                    assert "permessage-deflate" in str(ws.response.headers.get("Sec-WebSocket-Extensions")), \
+                        "permessage-deflate negotiated end to end through wsgate"
+                    if reason == "idle":
+                        await ws.send("one message, then silence")
+                        assert await ws.recv() == "one message, then silence"
+                        with pytest.raises(ConnectionClosed) as closed:
+                            await asyncio.wait_for(ws.recv(), 10)
+                        exc = closed.value
+                        sent, echoed = ["one message, then silence"], ["one message, then silence"]
+                    else:
+                        sent, echoed = await talk_until_closed(ws)
+                        exc = None
+                    await asyncio.wait_for(ws.wait_closed(), 10)
+                    LOG.warning("client log: %s", exc or f"closed {ws.close_code} {ws.close_reason}")
+                    assert ws.close_code == code
+                    assert reason in ws.close_reason
+                    # A clean closing handshake: the client received a Close and its reply went out.
+                    assert ws.protocol.close_rcvd is not None and ws.protocol.close_sent is not None
+                    check_intact(sent, echoed)
+                deadline = time.monotonic() + 5
+                while not up.closes and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                assert up.closes and up.closes[0][0] == code, f"upstream saw {up.closes}"
+                check_intact(sent, up.received)
+                assert len(echoed) > 0
+            finally:
+                gate.stop()
+
+    asyncio.run(main())
+
+
+def test_websockets_client_drained_on_sigterm_receives_1001() -> None:
+    async def main() -> None:
+        async with Upstream() as up:
+            gate = Wsgate(up.port, WSGATE_DRAIN_PERIOD="1s", WSGATE_SHUTDOWN_GRACE="5s")
+            try:
+                async with connect(gate.url, compression="deflate") as ws:
+                    await ws.send("before the drain")
+                    assert await ws.recv() == "before the drain"
+                    started = time.monotonic()
+                    gate.proc.send_signal(signal.SIGTERM)
+                    with pytest.raises(ConnectionClosed) as closed:
+                        await asyncio.wait_for(ws.recv(), 10)
+                    print(f"\nclient log (websockets {__import__('websockets').__version__}): "
+                          f"{closed.value!r} after {time.monotonic() - started:.2f}s")
+                    assert ws.close_code == 1001
+                    assert "draining" in ws.close_reason
+                    assert ws.protocol.close_rcvd is not None and ws.protocol.close_sent is not None
+                assert gate.proc.wait(timeout=10) == 0, "wsgate exits 0 after the drain"
+                assert up.closes and up.closes[0][0] == 1001, f"upstream saw {up.closes}"
+            finally:
+                gate.stop()
+
+    asyncio.run(main())
