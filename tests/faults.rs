@@ -413,6 +413,62 @@ async fn upstream_101_without_accept_is_502_and_frees_slot() {
     assert_502_and_free(&gate, "101 without Sec-WebSocket-Accept", TRIES).await;
 }
 
+#[tokio::test]
+async fn upstream_with_a_1mib_response_head_is_502_and_frees_slot() {
+    let up = spawn_raw_upstream(|mut s: TcpStream| async move {
+        let head = read_request_head(&mut s).await;
+        let big = format!(
+            "{}X-Big: {}\r\n\r\n",
+            switching_response(&head).trim_end_matches("\r\n"),
+            "b".repeat(1 << 20)
+        );
+        let _ = s.write_all(big.as_bytes()).await;
+        let mut sink = [0u8; 512];
+        while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    let gate = spawn_sidecar(RawConfigExt::cap(test_config(up.addr), 1)).await;
+    assert_502_and_free(&gate, "101 with a 1 MiB head", TRIES).await;
+}
+
+/// An upstream that trickles its answer a byte at a time, forever: cut at
+/// `upstream_connect_timeout` with 504, slot released, counted as a timeout.
+#[tokio::test]
+async fn upstream_that_trickles_its_answer_is_504_at_the_timeout() {
+    let up = spawn_raw_upstream(|mut s: TcpStream| async move {
+        let _ = read_request_head(&mut s).await;
+        let _ = s.write_all(b"HTTP/1.1 101 Switching Protocols\r\n").await;
+        loop {
+            if s.write_all(b"X").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await; // the trickle's pace
+        }
+    })
+    .await;
+    let gate = spawn_sidecar(RawConfig {
+        upstream_connect_timeout: secs(1.0),
+        ..RawConfigExt::cap(test_config(up.addr), 1)
+    })
+    .await;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let resp = connect_refused(&gate.ws_url()).await;
+        let took = start.elapsed();
+        assert_eq!(resp.status(), 504);
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+            "cut after {took:?}"
+        );
+    }
+    wait_metric(gate.admin, ACTIVE, 0.0).await;
+    assert_eq!(
+        metric(gate.admin, "wsgate_upstream_errors_total{kind=\"timeout\"}").await,
+        3.0
+    );
+    println!("upstream trickling its answer: 3 tries, all 504 at ~1 s, active back to 0");
+}
+
 // ---------------------------------------------------------------- address taken
 
 #[test]

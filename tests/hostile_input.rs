@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
-use reliability::{spawn_counting_upstream, upgrade_request, CountingUpstream};
+use reliability::{spawn_counting_upstream, upgrade_request, CountingUpstream, BYSTANDER_PATH};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -115,14 +115,33 @@ async fn gate_for(up: &CountingUpstream, header_read_timeout: f64) -> Sidecar {
     .await
 }
 
-/// After the abuse: a normal client is admitted and echoed, and every slot
-/// is back.
-async fn still_serves(gate: &Sidecar) {
+/// A WebSocket connection opened before the abuse, to be checked after it.
+async fn bystander(gate: &Sidecar) -> Ws {
+    let mut ws = within(
+        "bystander",
+        connect(&format!("ws://{}{BYSTANDER_PATH}", gate.addr)),
+    )
+    .await
+    .expect("the bystander is admitted");
+    echo_text(&mut ws, "before").await;
+    ws
+}
+
+/// A new client is admitted and echoed.
+async fn new_client_served(gate: &Sidecar) {
     let mut ws = within("normal client after hostile input", connect(&gate.ws_url()))
         .await
         .expect("a normal client is admitted");
     echo_text(&mut ws, "still here").await;
     close_cleanly(ws).await;
+}
+
+/// After the abuse: the bystander opened before it still echoes, a new
+/// client is admitted and echoed, and every slot is back.
+async fn still_serves(gate: &Sidecar, mut bystander: Ws) {
+    echo_text(&mut bystander, "the bystander is unaffected").await;
+    close_cleanly(bystander).await;
+    new_client_served(gate).await;
     wait_metric(gate.admin, ACTIVE, 0.0).await;
 }
 
@@ -153,6 +172,7 @@ async fn slowloris_heads_are_cut_at_header_read_timeout() {
     const N: usize = 50;
     let up = spawn_counting_upstream().await;
     let gate = gate_for(&up, 1.0).await;
+    let by = bystander(&gate).await;
     let addr = gate.addr;
     let lorises: Vec<_> = (0..N)
         .map(|i| {
@@ -184,7 +204,7 @@ async fn slowloris_heads_are_cut_at_header_read_timeout() {
         })
         .collect();
     // Served while the lorises trickle.
-    still_serves(&gate).await;
+    new_client_served(&gate).await;
     let mut cut_after = Vec::new();
     for l in lorises {
         cut_after.push(within("loris", l).await.expect("join"));
@@ -205,7 +225,7 @@ async fn slowloris_heads_are_cut_at_header_read_timeout() {
         1,
         "only the normal client reached the upstream"
     );
-    still_serves(&gate).await;
+    still_serves(&gate, by).await;
 }
 
 // ---------------------------------------------------------------- oversized heads
@@ -214,6 +234,7 @@ async fn slowloris_heads_are_cut_at_header_read_timeout() {
 async fn heads_over_64k_get_431_and_never_reach_upstream() {
     let up = spawn_counting_upstream().await;
     let gate = gate_for(&up, 2.0).await;
+    let by = bystander(&gate).await;
     let mut outcomes = Vec::new();
     // (name, head size target, one big header or many small ones, websocket?)
     let cases = [
@@ -287,7 +308,7 @@ async fn heads_over_64k_get_431_and_never_reach_upstream() {
         0,
         "no oversized head reached the upstream"
     );
-    still_serves(&gate).await;
+    still_serves(&gate, by).await;
 }
 
 // ---------------------------------------------------------------- random bytes
@@ -297,6 +318,7 @@ async fn random_bytes_get_400_or_close_and_never_reach_upstream() {
     const N: usize = 300;
     let up = spawn_counting_upstream().await;
     let gate = gate_for(&up, 1.0).await;
+    let by = bystander(&gate).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
     let mut payloads: Vec<(String, Vec<u8>)> = (0..N)
         .map(|i| {
@@ -346,7 +368,7 @@ async fn random_bytes_get_400_or_close_and_never_reach_upstream() {
     }
     tally("random bytes and garbage", &outcomes);
     assert_eq!(up.count(), 0, "garbage never reached the upstream");
-    still_serves(&gate).await;
+    still_serves(&gate, by).await;
 }
 
 // ---------------------------------------------------------------- truncated requests
@@ -355,6 +377,7 @@ async fn random_bytes_get_400_or_close_and_never_reach_upstream() {
 async fn truncated_requests_get_400_or_close_and_never_reach_upstream() {
     let up = spawn_counting_upstream().await;
     let gate = gate_for(&up, 1.0).await;
+    let by = bystander(&gate).await;
     let upgrade = upgrade_request(gate.addr);
     let plain = format!(
         "GET /plain HTTP/1.1\r\nHost: {}\r\nX-A: b\r\n\r\n",
@@ -396,10 +419,10 @@ async fn truncated_requests_get_400_or_close_and_never_reach_upstream() {
     assert_eq!(up.count(), 0, "no truncated request reached the upstream");
     assert_eq!(
         metric(gate.admin, "wsgate_connections_admitted_total").await,
-        0.0,
-        "no slot taken"
+        1.0,
+        "no slot taken but the bystander's"
     );
-    still_serves(&gate).await;
+    still_serves(&gate, by).await;
 }
 
 // ---------------------------------------------------------------- HTTP/1.0 and header conflicts
@@ -518,6 +541,7 @@ fn handshake_cases(addr: SocketAddr) -> Vec<(&'static str, String, u16, bool)> {
 async fn http10_and_conflicting_upgrade_headers_are_refused_before_the_upstream() {
     let up = spawn_counting_upstream().await;
     let gate = gate_for(&up, 1.0).await;
+    let by = bystander(&gate).await;
     let mut outcomes = Vec::new();
     let mut expected_upstream = 0;
     for (name, req, want, reaches) in handshake_cases(gate.addr) {
@@ -533,8 +557,8 @@ async fn http10_and_conflicting_upgrade_headers_are_refused_before_the_upstream(
         let seen = up.count() - before;
         assert_eq!(seen, usize::from(reaches), "{name}: upstream saw {seen}");
         if want == 101 {
-            // The upgraded connection ends with the exchange: its slot returns.
-            wait_metric(gate.admin, ACTIVE, 0.0).await;
+            // The upgraded connection ends with the exchange: its slot returns (the bystander keeps one).
+            wait_metric(gate.admin, ACTIVE, 1.0).await;
         }
         if name == "Upgrade: h2c only" {
             let last = up.requests().pop().expect("seen");
@@ -550,10 +574,10 @@ async fn http10_and_conflicting_upgrade_headers_are_refused_before_the_upstream(
     assert_eq!(up.count(), expected_upstream);
     assert_eq!(
         metric(gate.admin, "wsgate_connections_admitted_total").await,
-        1.0,
-        "only the valid one took a slot"
+        2.0,
+        "only the valid one (and the bystander) took a slot"
     );
-    still_serves(&gate).await;
+    still_serves(&gate, by).await;
 }
 
 // ---------------------------------------------------------------- smuggling
@@ -568,6 +592,7 @@ async fn http10_and_conflicting_upgrade_headers_are_refused_before_the_upstream(
 async fn smuggling_attempts_never_give_the_upstream_an_extra_request() {
     let up = spawn_counting_upstream().await;
     let gate = gate_for(&up, 1.0).await;
+    let by = bystander(&gate).await;
     let smuggled = |i: usize| format!("GET /p{i}/smuggled HTTP/1.1\r\nHost: x\r\n\r\n");
     let post = |i: usize, headers: &str, body: &str| {
         format!("POST /p{i}/first HTTP/1.1\r\nHost: x\r\n{headers}\r\n\r\n{body}")
@@ -661,7 +686,7 @@ async fn smuggling_attempts_never_give_the_upstream_an_extra_request() {
         outcomes.push(((*name).to_owned(), o.clone()));
     }
     tally("smuggling attempts", &outcomes);
-    still_serves(&gate).await;
+    still_serves(&gate, by).await;
 }
 
 // ---------------------------------------------------------------- control characters
@@ -670,6 +695,7 @@ async fn smuggling_attempts_never_give_the_upstream_an_extra_request() {
 async fn control_characters_in_header_names_and_values_never_reach_upstream() {
     let up = spawn_counting_upstream().await;
     let gate = gate_for(&up, 1.0).await;
+    let by = bystander(&gate).await;
     let mut bad: Vec<(String, Vec<u8>)> = Vec::new();
     for c in (0u8..0x20).chain([0x7f]) {
         if c == b'\t' {
@@ -709,7 +735,7 @@ async fn control_characters_in_header_names_and_values_never_reach_upstream() {
             outcomes.push((what, o));
         }
     }
-    wait_metric(gate.admin, ACTIVE, 0.0).await;
+    wait_metric(gate.admin, ACTIVE, 1.0).await;
     for r in up.requests() {
         for (k, v) in &r.headers {
             let ctl = |b: &u8| (*b < 0x20 && *b != b'\t') || *b == 0x7f;
@@ -719,10 +745,10 @@ async fn control_characters_in_header_names_and_values_never_reach_upstream() {
             );
         }
     }
-    let by = tally("control characters in headers", &outcomes);
+    let by_label = tally("control characters in headers", &outcomes);
     println!("  (upstream saw {} of them, each clean)", up.count());
-    assert!(by.keys().any(|k| k.starts_with("400")), "most are refused");
-    still_serves(&gate).await;
+    assert!(by_label.keys().any(|k| k.starts_with("400")), "most are refused");
+    still_serves(&gate, by).await;
 }
 
 // ---------------------------------------------------------------- Connection with obs-text
@@ -735,6 +761,7 @@ async fn control_characters_in_header_names_and_values_never_reach_upstream() {
 async fn connection_with_an_obs_text_token_still_removes_what_it_names() {
     let up = spawn_counting_upstream().await;
     let gate = gate_for(&up, 1.0).await;
+    let by = bystander(&gate).await;
     let plain = [
         format!(
             "GET /obs HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
@@ -766,5 +793,5 @@ async fn connection_with_an_obs_text_token_still_removes_what_it_names() {
             r.headers
         );
     }
-    still_serves(&gate).await;
+    still_serves(&gate, by).await;
 }

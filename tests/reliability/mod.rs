@@ -358,6 +358,11 @@ pub struct Seen {
     pub body: Vec<u8>,
 }
 
+/// The path a bystander connection uses: a connection opened before the
+/// abuse and checked after it, to show other connections are unaffected.
+/// The counting upstream leaves it out of its counts.
+pub const BYSTANDER_PATH: &str = "/bystander";
+
 /// An upstream that records every request: WebSocket upgrades get an echo,
 /// anything else 200 with `x-upstream: yes` and the request count as body.
 pub struct CountingUpstream {
@@ -373,12 +378,18 @@ impl Drop for CountingUpstream {
 }
 
 impl CountingUpstream {
+    /// Requests seen, not counting the bystander's (see [`BYSTANDER_PATH`]).
     pub fn count(&self) -> usize {
-        self.seen.lock().expect("lock").len()
+        self.requests().len()
     }
 
+    /// Requests seen, in order, without the bystander's.
     pub fn requests(&self) -> Vec<Seen> {
-        self.seen.lock().expect("lock").clone()
+        let seen = self.seen.lock().expect("lock");
+        seen.iter()
+            .filter(|r| r.path != BYSTANDER_PATH)
+            .cloned()
+            .collect()
     }
 }
 
