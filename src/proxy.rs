@@ -315,6 +315,13 @@ impl Proxy {
                 headers::strip_hop_by_hop(&mut head.headers);
                 Response::from_parts(head, body.boxed())
             }
+            Err(e) if caused_by_client_body(&e) => {
+                // The client's own body was malformed (a bad chunk, a short
+                // body): the client's fault, not an upstream failure, so it
+                // must not count as a 5xx.
+                tracing::debug!(%peer, error = ?e, "client request body failed");
+                plain_error(StatusCode::BAD_REQUEST, "wsgate: bad request body\n")
+            }
             Err(e) => {
                 let timed_out = e.is_connect() && caused_by_timeout(&e);
                 tracing::warn!(%peer, error = ?e, "upstream request failed");
@@ -367,6 +374,25 @@ fn caused_by_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
         {
             return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// Whether the request failed because reading the client's body failed:
+/// hyper reports the body stream's error as a user-body error whose source
+/// is the error of the client connection's `Incoming`.
+fn caused_by_client_body(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(h) = c.downcast_ref::<hyper::Error>() {
+            if h.is_user()
+                && std::error::Error::source(h)
+                    .is_some_and(|s| s.downcast_ref::<hyper::Error>().is_some())
+            {
+                return true;
+            }
         }
         cause = c.source();
     }
