@@ -672,6 +672,10 @@ async fn smuggling_attempts_never_give_the_upstream_an_extra_request() {
                 r.path
             );
         }
+        assert!(
+            o.statuses.iter().all(|s| *s < 500),
+            "{name}: client garbage answered as an upstream failure: {o:?}"
+        );
         if name.starts_with("upgrade with") {
             assert_eq!(o.statuses, vec![400], "{name}");
             assert!(mine.is_empty(), "{name}");
@@ -686,6 +690,11 @@ async fn smuggling_attempts_never_give_the_upstream_an_extra_request() {
         outcomes.push(((*name).to_owned(), o.clone()));
     }
     tally("smuggling attempts", &outcomes);
+    assert_eq!(
+        metric(gate.admin, "wsgate_http_requests_total{class=\"5xx\"}").await,
+        0.0,
+        "no client garbage shows as a 5xx on the dashboard"
+    );
     still_serves(&gate, by).await;
 }
 
@@ -747,7 +756,10 @@ async fn control_characters_in_header_names_and_values_never_reach_upstream() {
     }
     let by_label = tally("control characters in headers", &outcomes);
     println!("  (upstream saw {} of them, each clean)", up.count());
-    assert!(by_label.keys().any(|k| k.starts_with("400")), "most are refused");
+    assert!(
+        by_label.keys().any(|k| k.starts_with("400")),
+        "most are refused"
+    );
     still_serves(&gate, by).await;
 }
 
