@@ -20,8 +20,8 @@ use futures_util::{SinkExt, StreamExt};
 use http::{header, HeaderValue, Request};
 use http_body_util::Empty;
 use reliability::{
-    closed_within, raw_upgrade, read_head, read_request_head, run_to_exit, spawn_raw_upstream,
-    status_of, switching_response, upgrade_request, GateProcess, ProcStat, KEY,
+    raw_upgrade, read_head, read_request_head, run_to_exit, spawn_raw_upstream, status_of,
+    switching_response, upgrade_request, GateProcess, ProcStat, KEY,
 };
 use socket2::SockRef;
 use support::*;
@@ -69,11 +69,28 @@ async fn frozen_client_is_released_by_idle_timeout() {
     let start = Instant::now();
     wait_metric(gate.admin, ACTIVE, 0.0).await;
     let took = start.elapsed();
-    println!("frozen client released after {took:?} (idle_timeout 1s)");
+    println!("frozen client released after {took:?} (idle_timeout 1s, close_timeout 0.5s: a Close frame, no reply, then TCP close)");
     assert!(took < Duration::from_secs(3), "released after {took:?}");
+    // What the frozen client would read if it woke up: a Close frame
+    // (SPEC §8: FIN + opcode 8, unmasked, code 1001), then the end.
+    let mut got = Vec::new();
+    let read_all = async {
+        let mut buf = [0u8; 256];
+        while let Ok(n @ 1..) = frozen.read(&mut buf).await {
+            got.extend_from_slice(&buf[..n]);
+        }
+    };
     assert!(
-        closed_within(&mut frozen, Duration::from_secs(2)).await,
+        tokio::time::timeout(Duration::from_secs(2), read_all)
+            .await
+            .is_ok(),
         "the frozen client's socket was closed by wsgate"
+    );
+    assert_eq!(got.first(), Some(&0x88), "a Close frame first: {got:02x?}");
+    assert_eq!(
+        got.get(2..4),
+        Some(&[0x03, 0xe9][..]),
+        "code 1001: {got:02x?}"
     );
     assert_eq!(
         metric(gate.admin, "wsgate_connection_duration_seconds_count").await,
