@@ -382,7 +382,12 @@ mod props {
         (
             prop::sample::select(vec![0x0u8, 0x1, 0x2, 0x8, 0x9, 0xA]),
             any::<bool>(),
-            prop_oneof![0usize..126, 126usize..300, 65_530usize..65_540, 70_000usize..140_000],
+            prop_oneof![
+                0usize..126,
+                126usize..300,
+                65_530usize..65_540,
+                70_000usize..140_000
+            ],
             any::<bool>(),
             any::<bool>(),
         )

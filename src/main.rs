@@ -102,9 +102,8 @@ fn init_tracing(format: LogFormat) {
 }
 
 async fn bind(what: &str, addr: std::net::SocketAddr) -> Result<TcpListener, wsgate::Error> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))?;
+    let listener =
+        wsgate::tcp::listen(addr).map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))?;
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, "{what} listening");
     Ok(listener)

@@ -11,6 +11,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme, Uri};
@@ -20,7 +21,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::admission::{Admission, Policy};
 use crate::config::Config;
@@ -31,6 +32,10 @@ use crate::metrics::{Metrics, RejectReason};
 use crate::shutdown::Shutdown;
 use crate::splice::Limits;
 use crate::tunnel::{self, Answer, TunnelContext};
+
+/// How long a keep-alive connection to the upstream may sit idle in the
+/// plain-HTTP pool before it is closed (evicted on a tick of the same length).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The response body type on the client port: upstream bodies stream
 /// through; wsgate's own answers are short texts.
@@ -56,7 +61,7 @@ struct Inner {
     admission: Admission,
     /// Live tunnels, for the drain.
     tunnels: Tunnels,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
     shutdown: Shutdown,
     /// Pooled keep-alive connections to the upstream for plain HTTP.
     client: Client<HttpConnector, Incoming>,
@@ -84,14 +89,19 @@ impl Proxy {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.upstream_connect_timeout));
         connector.set_keepalive(config.tcp_keepalive);
-        let client = Client::builder(TokioExecutor::new()).build(connector);
+        let client = Client::builder(TokioExecutor::new())
+            // Without a timer the pool never evicts idle connections: each
+            // would hold a descriptor and a task until the upstream closed it.
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(connector);
         let upstream_authority = config.upstream.authority.parse()?;
         Ok(Proxy {
             inner: Arc::new(Inner {
                 config: RwLock::new(Arc::new(config)),
                 admission,
                 tunnels: Tunnels::new(),
-                metrics,
+                metrics: Arc::new(metrics),
                 shutdown,
                 client,
                 upstream_authority,
@@ -269,7 +279,7 @@ impl Proxy {
                         idle: config.idle_timeout,
                         close: Some(config.close),
                     },
-                    metrics: inner.metrics.clone(),
+                    metrics: Arc::clone(&inner.metrics),
                     shutdown: inner.shutdown.clone(),
                     tunnels: inner.tunnels.clone(),
                     lifetime: config

@@ -37,10 +37,13 @@ use std::future::{poll_fn, Future};
 use std::io;
 use std::net::Shutdown;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use prometheus::IntCounter;
 use socket2::SockRef;
 use tokio::net::TcpStream;
@@ -300,7 +303,7 @@ impl Pipe {
             if let Some((buf, pos)) = &mut self.pending {
                 while *pos < buf.len() {
                     ready!(dst.poll_write_ready(cx)).map_err(PipeError::Write)?;
-                    match dst.try_write(&buf[*pos..]) {
+                    match write_some(dst, &buf[*pos..]) {
                         Ok(0) => {
                             return Poll::Ready(Err(PipeError::Write(
                                 io::ErrorKind::WriteZero.into(),
@@ -336,7 +339,7 @@ impl Pipe {
             // Wait for readability *before* taking a buffer: idle costs nothing.
             ready!(src.poll_read_ready(cx)).map_err(PipeError::Read)?;
             let mut buf = take_buffer();
-            match src.try_read_buf(&mut buf) {
+            match read_some(src, &mut buf) {
                 Ok(0) => {
                     return_buffer(buf);
                     self.eof = true;
@@ -357,6 +360,97 @@ impl Pipe {
                 }
             }
         }
+    }
+}
+
+/// Reads into `buf`'s spare capacity. After a short read the socket is
+/// almost surely drained, so read readiness is cleared right away (as
+/// tokio's own `AsyncRead` does); otherwise the next loop would pay one
+/// more `read` syscall just to learn `EAGAIN` — per message, per direction.
+/// Clearing is safe: data that arrives later raises a new edge-triggered
+/// event with a newer tick, which this clear does not erase.
+fn read_some(src: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let spare = buf.capacity() - buf.len();
+    let mut short = None;
+    let result = src.try_io(tokio::io::Interest::READABLE, || {
+        let n = src.try_read_buf(buf)?;
+        if n > 0 && n < spare {
+            short = Some(n);
+            // Makes `try_io` clear the readiness; `short` keeps the count.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (result, short) {
+        (_, Some(n)) => Ok(n),
+        (r, None) => r,
+    }
+}
+
+/// Writes what the socket takes; after a short write the send buffer is
+/// full, so write readiness is cleared at once (see [`read_some`]).
+fn write_some(dst: &TcpStream, data: &[u8]) -> io::Result<usize> {
+    let mut short = None;
+    let result = dst.try_io(tokio::io::Interest::WRITABLE, || {
+        let n = dst.try_write(data)?;
+        if n > 0 && n < data.len() {
+            short = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (result, short) {
+        (_, Some(n)) => Ok(n),
+        (r, None) => r,
+    }
+}
+
+/// Polls a rarely-ready future only when *its own* waker fired.
+///
+/// The splice task is woken for every chunk of data; re-polling the stop
+/// future (cancellation token, drain notification, lifetime timer) on each
+/// of those wake-ups would take their internal locks — one of them shared
+/// by every tunnel — once per message. The gate gives the stop future a
+/// waker of its own that raises a flag, and polls it only when the flag is
+/// up.
+struct Gate {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for Gate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+struct Gated<F> {
+    future: Pin<Box<F>>,
+    gate: Arc<Gate>,
+}
+
+impl<F: Future> Gated<F> {
+    fn new(future: F) -> Self {
+        Gated {
+            future: Box::pin(future),
+            gate: Arc::new(Gate {
+                woken: AtomicBool::new(true),
+                task: AtomicWaker::new(),
+            }),
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<F::Output> {
+        if !self.gate.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        self.gate.task.register(cx.waker());
+        let waker = Waker::from(Arc::clone(&self.gate));
+        self.future.as_mut().poll(&mut Context::from_waker(&waker))
     }
 }
 
@@ -431,11 +525,11 @@ pub async fn splice(
     let mut half_close: Option<Pin<Box<Sleep>>> = None;
     let mut closing: Option<Closing> = None;
     let mut last_activity = Instant::now();
-    let mut stop = std::pin::pin!(stop);
+    let mut stop = Gated::new(stop);
 
     let ended = poll_fn(|cx| loop {
         if closing.is_none() {
-            if let Poll::Ready(reason) = stop.as_mut().poll(cx) {
+            if let Poll::Ready(reason) = stop.poll(cx) {
                 match &limits.close {
                     Some(close) => closing = Some(begin_close(reason, close, &mut up, &mut down)),
                     None => return Poll::Ready(Ended::Stopped(reason)),

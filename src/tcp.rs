@@ -8,13 +8,34 @@
 
 use std::time::Duration;
 
-use socket2::{SockRef, TcpKeepalive};
-use tokio::net::TcpStream;
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::net::{TcpListener, TcpStream};
 
 /// Interval between keepalive probes (SPEC §2).
 const PROBE_INTERVAL: Duration = Duration::from_secs(10);
 /// Unanswered probes before the kernel gives up (SPEC §2).
 const PROBE_COUNT: u32 = 3;
+
+/// Listen backlog: a reconnect storm arrives as one burst of SYNs, and a
+/// full accept queue drops them (the client retries only after a second).
+/// The kernel caps this at `net.core.somaxconn`.
+const LISTEN_BACKLOG: i32 = 65_535;
+
+/// Binds a listener with `SO_REUSEADDR` and a deep accept queue (tokio's
+/// `TcpListener::bind` uses 1024, which a burst of reconnects overflows).
+///
+/// # Errors
+/// The address is taken, not local, or not permitted.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
 
 /// Applies `TCP_NODELAY` and, if `keepalive` is set, keepalive and
 /// `TCP_USER_TIMEOUT`. Failures are logged, not fatal: the connection still
@@ -41,6 +62,18 @@ pub fn configure(stream: &TcpStream, keepalive: Option<Duration>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn listen_binds_port_zero_and_refuses_a_taken_address() {
+        let l = listen("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = l.local_addr().expect("addr");
+        assert_ne!(addr.port(), 0);
+        assert!(
+            listen(addr).is_err(),
+            "a second listener on the same address"
+        );
+        let _c = TcpStream::connect(addr).await.expect("accepting");
+    }
 
     #[tokio::test]
     async fn options_are_applied() {

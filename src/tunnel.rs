@@ -120,7 +120,7 @@ pub struct TunnelContext {
     /// Deadlines for the splice.
     pub limits: Limits,
     /// Byte counters and the duration histogram.
-    pub metrics: Metrics,
+    pub metrics: std::sync::Arc<Metrics>,
     /// To stop at the end of the grace.
     pub shutdown: Shutdown,
     /// Where the drain finds this tunnel.
