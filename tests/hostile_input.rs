@@ -807,3 +807,78 @@ async fn connection_with_an_obs_text_token_still_removes_what_it_names() {
     }
     still_serves(&gate, by).await;
 }
+
+// ---------------------------------------------------------------- hostile frames after the upgrade
+
+/// After the upgrade wsgate tracks frame boundaries so that it can end a
+/// connection with a Close frame between frames. A client that sends a frame
+/// header announcing 2^63 bytes, half a header, a fragmented message that
+/// never ends, or plain garbage, and then freezes, must not hold its slot:
+/// `idle_timeout` fires, no boundary ever comes, and `close_timeout` ends
+/// it at the TCP level. The upstream here reads and discards, so only
+/// wsgate's own deadlines can free the slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_frames_after_the_upgrade_cannot_hold_a_slot() {
+    let up = reliability::spawn_raw_upstream(|mut s: TcpStream| async move {
+        let head = reliability::read_request_head(&mut s).await;
+        if s.write_all(reliability::switching_response(&head).as_bytes())
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut sink = [0u8; 4096];
+        while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    let gate = spawn_sidecar(RawConfig {
+        idle_timeout: ConfigDuration(Duration::from_millis(500)),
+        close_timeout: ConfigDuration(Duration::from_millis(500)),
+        ..test_config(up.addr)
+    })
+    .await;
+    let mut huge = vec![0x82u8, 0xFF];
+    huge.extend_from_slice(&(u64::MAX >> 1).to_be_bytes());
+    huge.extend_from_slice(&[1, 2, 3, 4, 0xAA, 0xBB]);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut garbage = vec![0u8; 1000];
+    rng.fill(&mut garbage[..]);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("a 2^63-byte frame, 2 bytes of it sent", huge),
+        ("half a frame header", vec![0x81]),
+        ("a masked 16-bit-length header, cut", vec![0x82, 0xFE, 0x10]),
+        (
+            "a fragmented message that never ends",
+            vec![0x01, 0x81, 0, 0, 0, 0, b'a', 0x00, 0x81, 0, 0, 0, 0, b'b'],
+        ),
+        ("1000 random bytes", garbage),
+        ("reserved opcode and RSV bits", vec![0xFB, 0x80, 0, 0, 0, 0]),
+    ];
+    let start = Instant::now();
+    let mut clients = Vec::new();
+    for (name, bytes) in &cases {
+        let (mut s, head) = raw_upgrade(gate.addr).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{name}: {head}");
+        s.write_all(bytes).await.expect("send");
+        clients.push(s); // then frozen: never reads, never writes
+    }
+    wait_metric(gate.admin, ACTIVE, cases.len() as f64).await;
+    wait_metric(gate.admin, ACTIVE, 0.0).await;
+    let took = start.elapsed();
+    println!(
+        "hostile frames after the upgrade: {} tried, all released after {took:.2?} (idle 0.5 s + close_timeout 0.5 s)",
+        cases.len()
+    );
+    for (name, _) in &cases {
+        println!("  released: {name}");
+    }
+    assert!(took < Duration::from_secs(4), "released after {took:?}");
+    assert_eq!(
+        metric(gate.admin, "wsgate_connection_duration_seconds_count").await,
+        cases.len() as f64
+    );
+    drop(clients);
+    // The gate still serves (the sink upstream answers 101; a raw upgrade shows it).
+    let (_s, head) = raw_upgrade(gate.addr).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+}
