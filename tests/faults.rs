@@ -20,8 +20,8 @@ use futures_util::{SinkExt, StreamExt};
 use http::{header, HeaderValue, Request};
 use http_body_util::Empty;
 use reliability::{
-    raw_upgrade, read_head, read_request_head, run_to_exit, spawn_raw_upstream, status_of,
-    switching_response, upgrade_request, GateProcess, ProcStat, KEY,
+    closed_within, raw_upgrade, read_head, read_request_head, run_to_exit, spawn_raw_upstream,
+    status_of, switching_response, upgrade_request, GateProcess, ProcStat, KEY,
 };
 use socket2::SockRef;
 use support::*;
@@ -854,4 +854,58 @@ async fn backpressure_client_to_slow_upstream_1gib() {
 #[ignore = "on demand: 1 GiB each way, see the module docs"]
 async fn backpressure_upstream_to_slow_client_1gib() {
     backpressure(Direction::UpstreamToClient, FULL_BYTES).await;
+}
+
+// ---------------------------------------------------------------- shutdown vs a frozen client
+
+/// A client frozen in the middle of a frame (so no message boundary ever
+/// comes for a Close frame) and an upstream that never answers a Close:
+/// shutdown still ends by `shutdown_grace`, the process-level `run` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_not_held_up_by_a_client_frozen_mid_frame() {
+    let up = spawn_raw_upstream(|mut s: TcpStream| async move {
+        let head = read_request_head(&mut s).await;
+        if s.write_all(switching_response(&head).as_bytes())
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut sink = [0u8; 4096];
+        while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    let gate = spawn_sidecar(RawConfig {
+        shutdown_grace: secs(1.0),
+        close_timeout: secs(0.5),
+        ..test_config(up.addr)
+    })
+    .await;
+    let mut frozen = Vec::new();
+    for _ in 0..5 {
+        let mut s = within("upgrade", raw_upgrade(gate.addr)).await;
+        // A masked binary frame announcing 1 MiB, 10 bytes of it sent.
+        let mut f = vec![0x82u8, 0xFF];
+        f.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        f.extend_from_slice(&[9; 14]);
+        s.write_all(&f).await.expect("send");
+        frozen.push(s);
+    }
+    wait_metric(gate.admin, ACTIVE, 5.0).await;
+    let start = Instant::now();
+    gate.signal();
+    let Sidecar { task, .. } = gate;
+    within("run returns after the grace", task)
+        .await
+        .expect("join")
+        .expect("run");
+    let took = start.elapsed();
+    println!("shutdown with 5 clients frozen mid-frame: done after {took:.2?} (grace 1 s)");
+    assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
+    for s in &mut frozen {
+        assert!(
+            closed_within(s, Duration::from_secs(2)).await,
+            "the frozen client was disconnected"
+        );
+    }
 }
