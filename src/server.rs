@@ -35,6 +35,9 @@ const BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// Accepts connections until draining starts, then returns (closing the
 /// listener).
 pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: Shutdown) {
+    // Accepted sockets inherit these; see `tcp::configure_listener`.
+    let listener_keepalive = proxy.config().tcp_keepalive;
+    tcp::configure_listener(&listener, listener_keepalive);
     let mut backoff = BACKOFF_MIN;
     let mut errors_since_log = 0u64;
     let mut last_log: Option<Instant> = None;
@@ -48,7 +51,7 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: Shutdown) {
         match accepted {
             Ok((stream, peer)) => {
                 backoff = BACKOFF_MIN;
-                spawn_connection(stream, peer, &proxy, &shutdown);
+                spawn_connection(stream, peer, listener_keepalive, &proxy, &shutdown);
             }
             // The peer gave up before we accepted it: nothing to do.
             Err(e) if is_per_connection(&e) => {}
@@ -84,11 +87,20 @@ fn is_per_connection(e: &io::Error) -> bool {
     )
 }
 
-fn spawn_connection(stream: TcpStream, peer: SocketAddr, proxy: &Proxy, shutdown: &Shutdown) {
+fn spawn_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener_keepalive: Option<Duration>,
+    proxy: &Proxy,
+    shutdown: &Shutdown,
+) {
     // Settings come from the configuration in force (hot reload applies to
-    // new connections).
+    // new connections). Socket options came with the listener, unless a
+    // reload changed them since.
     let config = proxy.config();
-    tcp::configure(&stream, config.tcp_keepalive);
+    if config.tcp_keepalive != listener_keepalive {
+        tcp::configure_accepted(&stream, config.tcp_keepalive);
+    }
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())

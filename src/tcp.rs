@@ -38,14 +38,42 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Applies `TCP_NODELAY` and, if `keepalive` is set, keepalive and
-/// `TCP_USER_TIMEOUT`. Failures are logged, not fatal: the connection still
-/// works, only less protected.
+/// `TCP_USER_TIMEOUT` to a connected socket (the upstream leg). Failures are
+/// logged, not fatal: the connection still works, only less protected.
 pub fn configure(stream: &TcpStream, keepalive: Option<Duration>) {
-    if let Err(e) = stream.set_nodelay(true) {
+    apply(SockRef::from(stream), keepalive, false);
+}
+
+/// Applies the same options to a listener: Linux copies them into every
+/// socket `accept` returns, which saves six `setsockopt` calls per client
+/// connection. The accept loop calls [`configure_accepted`] only when a
+/// reload has changed `tcp_keepalive` since.
+pub fn configure_listener(listener: &TcpListener, keepalive: Option<Duration>) {
+    apply(SockRef::from(listener), keepalive, true);
+}
+
+/// Sets the options on an accepted socket whose listener carries other ones
+/// (after a reload), including turning keepalive off.
+pub fn configure_accepted(stream: &TcpStream, keepalive: Option<Duration>) {
+    apply(SockRef::from(stream), keepalive, true);
+}
+
+fn apply(sock: SockRef<'_>, keepalive: Option<Duration>, turn_off: bool) {
+    if let Err(e) = sock.set_tcp_nodelay(true) {
         tracing::debug!(error = %e, "setting TCP_NODELAY");
     }
-    let Some(idle) = keepalive else { return };
-    let sock = SockRef::from(stream);
+    let Some(idle) = keepalive else {
+        if turn_off {
+            if let Err(e) = sock.set_keepalive(false) {
+                tracing::debug!(error = %e, "turning TCP keepalive off");
+            }
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            if let Err(e) = sock.set_tcp_user_timeout(None) {
+                tracing::debug!(error = %e, "turning TCP_USER_TIMEOUT off");
+            }
+        }
+        return;
+    };
     let params = TcpKeepalive::new()
         .with_time(idle)
         .with_interval(PROBE_INTERVAL.min(idle))
@@ -73,6 +101,32 @@ mod tests {
             "a second listener on the same address"
         );
         let _c = TcpStream::connect(addr).await.expect("accepting");
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_inherit_the_listener_options() {
+        let l = listen("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        configure_listener(&l, Some(Duration::from_secs(45)));
+        let _c = TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (a, _) = l.accept().await.expect("accept");
+        let sock = SockRef::from(&a);
+        assert!(sock.tcp_nodelay().expect("nodelay"));
+        assert!(sock.keepalive().expect("keepalive"));
+        assert_eq!(
+            sock.tcp_keepalive_time().expect("time"),
+            Duration::from_secs(45)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().expect("retries"), PROBE_COUNT);
+        assert_eq!(
+            sock.tcp_user_timeout().expect("user timeout"),
+            Some(Duration::from_secs(45))
+        );
+        // After a reload that turned keepalive off, an accepted socket is reset.
+        configure_accepted(&a, None);
+        assert!(!sock.keepalive().expect("keepalive"));
+        assert_eq!(sock.tcp_user_timeout().expect("user timeout"), None);
     }
 
     #[tokio::test]
