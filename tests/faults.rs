@@ -109,7 +109,7 @@ async fn frozen_client_is_released_by_idle_timeout() {
 async fn idle_timeout_spares_a_connection_that_talks() {
     let up = spawn_echo_upstream().await;
     let gate = spawn_sidecar(RawConfig {
-        idle_timeout: secs(0.5),
+        idle_timeout: secs(1.0),
         close_timeout: secs(0.2),
         ..test_config(up.addr)
     })
@@ -121,7 +121,7 @@ async fn idle_timeout_spares_a_connection_that_talks() {
     wait_metric(gate.admin, ACTIVE, 2.0).await;
     let start = Instant::now();
     let mut rounds = 0;
-    while start.elapsed() < Duration::from_millis(1500) {
+    while start.elapsed() < Duration::from_millis(2500) {
         echo_text(&mut talker, "still here").await;
         rounds += 1;
         tokio::time::sleep(Duration::from_millis(100)).await; // pacing the talker, not a sync
@@ -194,10 +194,14 @@ async fn keepalive_and_user_timeout_are_set_on_both_legs() {
     wait_metric(gate.admin, ACTIVE, 1.0).await;
     let client_local = client.local_addr().expect("addr");
 
+    // Without wsgate's setting the timer would be off, or at the kernel's
+    // 7200 s; at most 20 s shows `tcp_keepalive` in force (the lower bound
+    // leaves room for a slow /proc read on a busy machine; the getters below
+    // check the exact values).
     let client_leg =
         keepalive_timer(gate.addr, client_local).expect("keepalive armed on wsgate's client leg");
     assert!(
-        (15.0..=20.0).contains(&client_leg),
+        (5.0..=20.0).contains(&client_leg),
         "client leg first probe in {client_leg}s, want ≤ 20s"
     );
     let upstream_leg = proc_net_tcp()
@@ -207,7 +211,7 @@ async fn keepalive_and_user_timeout_are_set_on_both_legs() {
         .expect("wsgate's upstream leg")
         .expect("keepalive armed on wsgate's upstream leg");
     assert!(
-        (15.0..=20.0).contains(&upstream_leg),
+        (5.0..=20.0).contains(&upstream_leg),
         "upstream leg first probe in {upstream_leg}s"
     );
     assert_eq!(
