@@ -95,10 +95,11 @@ fn spawn_connection(
     shutdown: &Shutdown,
 ) {
     // Settings come from the configuration in force (hot reload applies to
-    // new connections). Socket options came with the listener, unless a
-    // reload changed them since.
+    // new connections). Socket options normally came with the listener; not
+    // when a reload changed them since, nor for a connection the kernel
+    // accepted before the listener was configured (one getsockopt tells).
     let config = proxy.config();
-    if config.tcp_keepalive != listener_keepalive {
+    if config.tcp_keepalive != listener_keepalive || !tcp::inherited_options(&stream) {
         tcp::configure_accepted(&stream, config.tcp_keepalive);
     }
     let mut builder = http1::Builder::new();

@@ -52,6 +52,12 @@ pub fn configure_listener(listener: &TcpListener, keepalive: Option<Duration>) {
     apply(SockRef::from(listener), keepalive, true);
 }
 
+/// Whether an accepted socket came with the listener's options
+/// (`TCP_NODELAY` is always among them).
+pub fn inherited_options(stream: &TcpStream) -> bool {
+    stream.nodelay().unwrap_or(false)
+}
+
 /// Sets the options on an accepted socket whose listener carries other ones
 /// (after a reload), including turning keepalive off.
 pub fn configure_accepted(stream: &TcpStream, keepalive: Option<Duration>) {
