@@ -913,3 +913,186 @@ async fn shutdown_is_not_held_up_by_a_client_frozen_mid_frame() {
         );
     }
 }
+
+// ---------------------------------------------------------------- a peer that vanishes
+
+/// A client that completes the upgrade, then vanishes without FIN or RST:
+/// its socket is put in `TCP_REPAIR` mode and closed, which the kernel does
+/// silently (that needs `CAP_NET_ADMIN`; the tests run as root). From then
+/// on nothing comes from that port unless something is sent to it.
+const VANISHING_CLIENT: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.create_connection((host, port))
+s.sendall(("GET / HTTP/1.1\r\nHost: %s:%d\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+           "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n" % (host, port)).encode())
+head = b""
+while not head.endswith(b"\r\n\r\n"):
+    b = s.recv(1)
+    if not b:
+        break
+    head += b
+print(head.split(b"\r\n")[0].decode(), flush=True)
+try:
+    s.setsockopt(socket.IPPROTO_TCP, 19, 1)  # TCP_REPAIR
+except OSError as e:
+    print("no TCP_REPAIR: %s" % e, flush=True)
+    sys.exit(3)
+s.close()
+print("vanished", flush=True)
+"#;
+
+/// The same, as an upstream: answers the upgrade, then vanishes.
+const VANISHING_UPSTREAM: &str = r#"
+import base64, hashlib, socket, sys
+l = socket.socket()
+l.bind(("127.0.0.1", 0))
+l.listen(1)
+print("listening %d" % l.getsockname()[1], flush=True)
+s, _ = l.accept()
+head = b""
+while not head.endswith(b"\r\n\r\n"):
+    b = s.recv(1)
+    if not b:
+        sys.exit(1)
+    head += b
+key = [line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(b"sec-websocket-key:")][0]
+accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+s.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+try:
+    s.setsockopt(socket.IPPROTO_TCP, 19, 1)  # TCP_REPAIR
+except OSError as e:
+    print("no TCP_REPAIR: %s" % e, flush=True)
+    sys.exit(3)
+s.close()
+print("vanished", flush=True)
+sys.stdin.read()  # stay alive (the listener too) until the test ends
+"#;
+
+/// A python3 helper process; killed and reaped on drop.
+struct Py {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Py {
+    fn start(script: &str, args: &[String]) -> Py {
+        let mut child = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 (on every machine of this kind)");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Py { child, lines }
+    }
+
+    /// The next line it prints, within [`DEADLINE`].
+    fn line(&self) -> String {
+        self.lines
+            .recv_timeout(DEADLINE)
+            .expect("python helper printed nothing")
+    }
+}
+
+impl Drop for Py {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Keepalive releases the slot of a client that vanished without FIN or
+/// RST, and without keepalive (and without `idle_timeout`) the slot would
+/// be held: wsgate never writes to a quiet client, so only the keepalive
+/// probe finds out. (On loopback the vanished port answers the probe with
+/// RST, as a rebooted host would; a host gone silent is detected by the
+/// unanswered probes and `TCP_USER_TIMEOUT` instead, which loopback cannot
+/// show without a firewall.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vanished_client_is_released_by_keepalive_and_held_without_it() {
+    let up = spawn_echo_upstream().await;
+    let with = spawn_sidecar(RawConfig {
+        tcp_keepalive: secs(2.0),
+        ..test_config(up.addr)
+    })
+    .await;
+    let without = spawn_sidecar(RawConfig {
+        tcp_keepalive: secs(0.0),
+        ..test_config(up.addr)
+    })
+    .await;
+    let vanish = |gate: &Sidecar| {
+        let py = Py::start(
+            VANISHING_CLIENT,
+            &[gate.addr.ip().to_string(), gate.addr.port().to_string()],
+        );
+        let status = py.line();
+        assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+        let done = py.line();
+        (py, done)
+    };
+    let (_a, done) = tokio::task::block_in_place(|| vanish(&with));
+    if done.starts_with("no TCP_REPAIR") {
+        println!("SKIPPED: cannot make a socket vanish here ({done}); needs CAP_NET_ADMIN");
+        return;
+    }
+    assert_eq!(done, "vanished");
+    let start = Instant::now();
+    let (_b, done) = tokio::task::block_in_place(|| vanish(&without));
+    assert_eq!(done, "vanished");
+    wait_metric(with.admin, ACTIVE, 0.0).await;
+    let took = start.elapsed();
+    println!("vanished client released by keepalive after {took:.2?} (tcp_keepalive 2s)");
+    assert!(took < Duration::from_secs(6), "released after {took:?}");
+    // Without keepalive nothing ever finds out: the slot stays held. (An
+    // observation window, not a synchronisation: twice the detection time.)
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        metric(without.admin, ACTIVE).await,
+        1.0,
+        "with tcp_keepalive=0s and no idle_timeout the vanished client keeps its slot"
+    );
+}
+
+/// The upstream leg: an upstream that answers the upgrade and then vanishes
+/// is found by wsgate's keepalive on that leg; the client is closed and the
+/// slot released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vanished_upstream_is_detected_by_keepalive_and_the_client_closed() {
+    let py = Py::start(VANISHING_UPSTREAM, &[]);
+    let port: u16 = tokio::task::block_in_place(|| py.line())
+        .strip_prefix("listening ")
+        .and_then(|p| p.parse().ok())
+        .expect("the helper's port");
+    let gate = spawn_sidecar(RawConfig {
+        tcp_keepalive: secs(2.0),
+        ..test_config(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+    })
+    .await;
+    let mut client = within("upgrade", raw_upgrade(gate.addr)).await;
+    let done = tokio::task::block_in_place(|| py.line());
+    if done.starts_with("no TCP_REPAIR") {
+        println!("SKIPPED: cannot make a socket vanish here ({done}); needs CAP_NET_ADMIN");
+        return;
+    }
+    assert_eq!(done, "vanished");
+    let start = Instant::now();
+    wait_metric(gate.admin, ACTIVE, 0.0).await;
+    let took = start.elapsed();
+    println!("vanished upstream detected by keepalive after {took:.2?} (tcp_keepalive 2s)");
+    assert!(took < Duration::from_secs(6), "released after {took:?}");
+    assert!(
+        closed_within(&mut client, Duration::from_secs(2)).await,
+        "the client was closed"
+    );
+}
