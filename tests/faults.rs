@@ -46,9 +46,10 @@ const ACTIVE: &str = "wsgate_connections_active";
 /// ACKs every keepalive probe, however frozen the process above it is, so a
 /// frozen *process* is indistinguishable from an idle one at the TCP level.
 /// Keepalive and `TCP_USER_TIMEOUT` catch a vanished *host* (power loss, a
-/// dropped NAT entry), which loopback cannot simulate without privileges;
-/// `keepalive_and_user_timeout_are_set_on_both_legs` checks that the options
-/// are in force on both legs instead. Defaults (SPEC §2): keepalive idle
+/// dropped NAT entry): `keepalive_and_user_timeout_are_set_on_both_legs`
+/// checks that the options are in force on both legs, and the `vanished_*`
+/// tests below make a peer disappear without FIN or RST (root only) and
+/// watch keepalive find it. Defaults (SPEC §2): keepalive idle
 /// `tcp_keepalive` = 30 s, probes every 10 s, 3 probes, `TCP_USER_TIMEOUT`
 /// 30 s, so a vanished peer is detected after about 30–60 s.
 ///
