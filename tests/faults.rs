@@ -1097,3 +1097,37 @@ async fn vanished_upstream_is_detected_by_keepalive_and_the_client_closed() {
         "the client was closed"
     );
 }
+
+// ---------------------------------------------------------------- client leaves mid-handshake
+
+/// A client that leaves (FIN or RST) while wsgate is still waiting for the
+/// upstream's answer: the slot comes back at once (SPEC §3: within 1 s),
+/// not when `upstream_connect_timeout` fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_during_the_upstream_handshake_frees_the_slot_at_once() {
+    let up = spawn_upstream(Behaviour::Silent).await;
+    let gate = spawn_sidecar(RawConfigExt::cap(test_config(up.addr), 1)).await;
+    for reset in [false, true] {
+        let mut s = within("connect", TcpStream::connect(gate.addr))
+            .await
+            .expect("connect");
+        s.write_all(upgrade_request(gate.addr).as_bytes())
+            .await
+            .expect("send");
+        wait_metric(gate.admin, ACTIVE, 1.0).await;
+        let start = Instant::now();
+        if reset {
+            SockRef::from(&s)
+                .set_linger(Some(Duration::ZERO))
+                .expect("linger");
+        }
+        drop(s);
+        wait_metric(gate.admin, ACTIVE, 0.0).await;
+        let took = start.elapsed();
+        println!(
+            "client left ({}) during the upstream handshake: slot back after {took:.1?}",
+            if reset { "RST" } else { "FIN" }
+        );
+        assert!(took < Duration::from_secs(1), "{took:?}");
+    }
+}
