@@ -285,6 +285,7 @@ impl Proxy {
                     lifetime: config
                         .max_connection_lifetime
                         .map(|l| (l, config.lifetime_jitter)),
+                    peer,
                 };
                 // The guard moves into the tracked task: the slot now lives
                 // as long as the spliced connection, not this request.

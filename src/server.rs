@@ -21,6 +21,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{sleep, Instant};
 
+use crate::config::Config;
 use crate::proxy::Proxy;
 use crate::shutdown::Shutdown;
 use crate::tcp;
@@ -38,6 +39,10 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: Shutdown) {
     // Accepted sockets inherit these; see `tcp::configure_listener`.
     let listener_keepalive = proxy.config().tcp_keepalive;
     tcp::configure_listener(&listener, listener_keepalive);
+    // One HTTP/1 builder for all connections (it holds an allocated timer);
+    // rebuilt only when a reload changes the head timeout.
+    let mut head_timeout = proxy.config().header_read_timeout;
+    let mut builder = http1_builder(head_timeout);
     let mut backoff = BACKOFF_MIN;
     let mut errors_since_log = 0u64;
     let mut last_log: Option<Instant> = None;
@@ -51,7 +56,20 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: Shutdown) {
         match accepted {
             Ok((stream, peer)) => {
                 backoff = BACKOFF_MIN;
-                spawn_connection(stream, peer, listener_keepalive, &proxy, &shutdown);
+                let config = proxy.config();
+                if config.header_read_timeout != head_timeout {
+                    head_timeout = config.header_read_timeout;
+                    builder = http1_builder(head_timeout);
+                }
+                spawn_connection(
+                    stream,
+                    peer,
+                    listener_keepalive,
+                    &builder,
+                    &config,
+                    &proxy,
+                    &shutdown,
+                );
             }
             // The peer gave up before we accepted it: nothing to do.
             Err(e) if is_per_connection(&e) => {}
@@ -87,10 +105,24 @@ fn is_per_connection(e: &io::Error) -> bool {
     )
 }
 
+fn http1_builder(header_read_timeout: Duration) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .max_header_size(MAX_HEAD_BYTES)
+        // The read buffer must hold a full 64 KiB head to judge it; beyond
+        // that, heads are refused, so no client can make us buffer more.
+        .max_buf_size(2 * MAX_HEAD_BYTES);
+    builder
+}
+
 fn spawn_connection(
     stream: TcpStream,
     peer: SocketAddr,
     listener_keepalive: Option<Duration>,
+    builder: &http1::Builder,
+    config: &Config,
     proxy: &Proxy,
     shutdown: &Shutdown,
 ) {
@@ -98,18 +130,9 @@ fn spawn_connection(
     // new connections). Socket options normally came with the listener; not
     // when a reload changed them since, nor for a connection the kernel
     // accepted before the listener was configured (one getsockopt tells).
-    let config = proxy.config();
     if config.tcp_keepalive != listener_keepalive || !tcp::inherited_options(&stream) {
         tcp::configure_accepted(&stream, config.tcp_keepalive);
     }
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
-        .max_header_size(MAX_HEAD_BYTES)
-        // The read buffer must hold a full 64 KiB head to judge it; beyond
-        // that, heads are refused, so no client can make us buffer more.
-        .max_buf_size(2 * MAX_HEAD_BYTES);
     let proxy = proxy.clone();
     let service = service_fn(move |req| {
         let proxy = proxy.clone();

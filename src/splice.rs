@@ -413,7 +413,7 @@ fn write_some(dst: &TcpStream, data: &[u8]) -> io::Result<usize> {
 /// by every tunnel — once per message. The gate gives the stop future a
 /// waker of its own that raises a flag, and polls it only when the flag is
 /// up.
-struct Gate {
+pub(crate) struct Gate {
     woken: AtomicBool,
     task: AtomicWaker,
 }
@@ -428,13 +428,13 @@ impl Wake for Gate {
     }
 }
 
-struct Gated<F> {
+pub(crate) struct Gated<F> {
     future: Pin<Box<F>>,
     gate: Arc<Gate>,
 }
 
 impl<F: Future> Gated<F> {
-    fn new(future: F) -> Self {
+    pub(crate) fn new(future: F) -> Self {
         Gated {
             future: Box::pin(future),
             gate: Arc::new(Gate {
@@ -444,7 +444,7 @@ impl<F: Future> Gated<F> {
         }
     }
 
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<F::Output> {
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<F::Output> {
         if !self.gate.woken.swap(false, Ordering::AcqRel) {
             return Poll::Pending;
         }

@@ -25,7 +25,7 @@ use crate::drain::Tunnels;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-use crate::splice::{self, Ended, Leg, Limits, Outcome, StopReason};
+use crate::splice::{self, Ended, Gated, Leg, Limits, Outcome, StopReason};
 use crate::tcp;
 
 /// The upstream's answer to the forwarded handshake.
@@ -127,6 +127,8 @@ pub struct TunnelContext {
     pub tunnels: Tunnels,
     /// `max_connection_lifetime` and `lifetime_jitter`, if a lifetime is set.
     pub lifetime: Option<(Duration, f64)>,
+    /// The client's socket address, for logs.
+    pub peer: std::net::SocketAddr,
 }
 
 /// A deadline drawn uniformly from [lifetime × (1 − jitter), lifetime], so
@@ -180,7 +182,7 @@ pub async fn run(
         }
     };
     let client_io = client.io.into_inner();
-    let peer = client_io.peer_addr().ok();
+    let peer = ctx.peer;
     let splice = splice::splice(
         &client_io,
         client.read_buf,
@@ -197,13 +199,23 @@ pub async fn run(
             }
         },
     );
-    let outcome = tokio::select! {
-        outcome = splice => outcome,
-        // A second signal: no closing handshake, cut now.
-        () = ctx.shutdown.aborted() => {
-            tracing::debug!(peer = ?peer, "websocket connection cut: shutdown aborted");
-            return;
-        }
+    // A second signal cuts at once, without a closing handshake. The abort
+    // token is gated like the stop future: polled only when it fired, not
+    // on every data wake-up.
+    let outcome = {
+        let mut abort = Gated::new(ctx.shutdown.aborted());
+        let mut splice = std::pin::pin!(splice);
+        std::future::poll_fn(|cx| {
+            if abort.poll(cx).is_ready() {
+                return std::task::Poll::Ready(None);
+            }
+            std::future::Future::poll(splice.as_mut(), cx).map(Some)
+        })
+        .await
+    };
+    let Some(outcome) = outcome else {
+        tracing::debug!(%peer, "websocket connection cut: shutdown aborted");
+        return;
     };
     drop(registration);
     let Outcome {
@@ -235,7 +247,7 @@ pub async fn run(
         _ => None,
     };
     tracing::debug!(
-        peer = ?peer,
+        %peer,
         ended = how,
         error,
         close_frames_sent,
