@@ -696,16 +696,27 @@ mod tests {
         (h[0], masked, payload)
     }
 
-    #[tokio::test]
-    async fn stop_sends_close_frames_both_ways_and_ends_when_both_reply() {
-        let ((mut client, p_client), (p_up, mut upstream)) = pairs().await;
-        let (c2u, u2c) = counters();
-        let limits = Limits {
-            close: Some(CLOSE),
-            ..LIMITS
-        };
+    /// A splice with close frames on, in its own task, stopped for `reason`
+    /// when the returned sender fires.
+    fn spawn_closing_splice(
+        p_client: TcpStream,
+        p_up: TcpStream,
+        reason: StopReason,
+    ) -> (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Outcome>,
+    ) {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
+            let (c2u, u2c) = counters();
+            let limits = Limits {
+                close: Some(CLOSE),
+                ..LIMITS
+            };
+            let stop = async {
+                let _ = rx.await;
+                reason
+            };
             splice(
                 &p_client,
                 Bytes::new(),
@@ -714,13 +725,17 @@ mod tests {
                 limits,
                 &c2u,
                 &u2c,
-                async {
-                    let _ = rx.await;
-                    StopReason::Lifetime
-                },
+                stop,
             )
             .await
         });
+        (tx, task)
+    }
+
+    #[tokio::test]
+    async fn stop_sends_close_frames_both_ways_and_ends_when_both_reply() {
+        let ((mut client, p_client), (p_up, mut upstream)) = pairs().await;
+        let (tx, task) = spawn_closing_splice(p_client, p_up, StopReason::Lifetime);
         tx.send(()).expect("stop");
         let (b0, masked, payload) = read_frame(&mut client).await;
         assert_eq!((b0, masked), (0x88, false), "unmasked Close to the client");
@@ -753,28 +768,7 @@ mod tests {
     #[tokio::test]
     async fn close_waits_for_the_frame_in_flight_and_drops_later_data() {
         let ((mut client, p_client), (p_up, mut upstream)) = pairs().await;
-        let (c2u, u2c) = counters();
-        let limits = Limits {
-            close: Some(CLOSE),
-            ..LIMITS
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            splice(
-                &p_client,
-                Bytes::new(),
-                &p_up,
-                Bytes::new(),
-                limits,
-                &c2u,
-                &u2c,
-                async {
-                    let _ = rx.await;
-                    StopReason::Drain
-                },
-            )
-            .await
-        });
+        let (tx, task) = spawn_closing_splice(p_client, p_up, StopReason::Drain);
         // Half of a 1000-byte binary frame from the upstream reaches the client...
         let mut frame = vec![0x82, 126];
         frame.extend_from_slice(&1000u16.to_be_bytes());
