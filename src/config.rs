@@ -74,7 +74,11 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("close_timeout", POSITIVE_DURATION),
 ];
 const CLOSE_CODE: &str = "a WebSocket close code: 1000-1014 except 1004-1006, or 3000-4999";
-const DURATION: &str = "a duration such as 250ms, 5s or 2m (a bare integer means seconds)";
+const DURATION: &str =
+    "a duration such as 250ms, 5s or 2m (a bare integer means seconds), at most 10 years";
+/// Durations are added to instants (deadlines); past this they could
+/// overflow and panic, and no timeout here needs more.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 const POSITIVE_DURATION: &str =
     "a duration greater than zero such as 250ms, 5s or 2m (a bare integer means seconds)";
 
@@ -160,25 +164,32 @@ impl<'de> Deserialize<'de> for ConfigDuration {
                 f.write_str(DURATION)
             }
             fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
-                Ok(ConfigDuration(Duration::from_secs(v)))
+                bounded(Duration::from_secs(v))
+                    .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
             }
             fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
                 u64::try_from(v)
-                    .map(|s| ConfigDuration(Duration::from_secs(s)))
-                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+                    .ok()
+                    .and_then(|s| bounded(Duration::from_secs(s)))
+                    .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
                 let t = v.trim();
-                if let Ok(secs) = t.parse::<u64>() {
-                    return Ok(ConfigDuration(Duration::from_secs(secs)));
-                }
-                humantime::parse_duration(t)
-                    .map(ConfigDuration)
-                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Str(v), &self))
+                let parsed = match t.parse::<u64>() {
+                    Ok(secs) => Some(Duration::from_secs(secs)),
+                    Err(_) => humantime::parse_duration(t).ok(),
+                };
+                parsed
+                    .and_then(bounded)
+                    .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(v), &self))
             }
         }
         d.deserialize_any(Visitor)
     }
+}
+
+fn bounded(d: Duration) -> Option<ConfigDuration> {
+    (d <= MAX_DURATION).then_some(ConfigDuration(d))
 }
 
 /// The configuration as written: what figment deserialises before validation.
@@ -935,6 +946,14 @@ mod tests {
         assert_rejected("WSGATE_MAX_CLIENTS_PER_IP", "-1", "max_clients_per_ip");
         assert_rejected("WSGATE_ENFORCE", "maybe", "enforce");
         assert_rejected("WSGATE_DRAIN_PERIOD", "30s", "drain_period");
+        // Deadlines are instants plus durations: a huge one must be an
+        // error here, not an overflow panic at shutdown.
+        assert_rejected(
+            "WSGATE_SHUTDOWN_GRACE",
+            "18446744073709551615",
+            "shutdown_grace",
+        );
+        assert_rejected("WSGATE_IDLE_TIMEOUT", "500years", "idle_timeout");
         Jail::expect_with(|jail| {
             jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
             jail.set_env("WSGATE_READY_HIGH_WATERMARK", "0.8");
