@@ -134,10 +134,12 @@ pub fn classify(
 
 fn is_valid_key(key: &[u8]) -> bool {
     let key = key.trim_ascii();
+    // Decoded on the stack: this runs for every upgrade attempt.
+    let mut decoded = [0u8; 18];
     key.len() == 24
         && base64::engine::general_purpose::STANDARD
-            .decode(key)
-            .is_ok_and(|k| k.len() == 16)
+            .decode_slice(key, &mut decoded)
+            .is_ok_and(|n| n == 16)
 }
 
 /// Names a header that no client can get removed through `Connection`:
@@ -150,11 +152,17 @@ fn is_protected(name: &str) -> bool {
             .is_some_and(|p| p.eq_ignore_ascii_case(b"sec-websocket-"))
 }
 
+fn is_usual_connection_token(token: &str) -> bool {
+    token.eq_ignore_ascii_case("upgrade") || token.eq_ignore_ascii_case("keep-alive")
+}
+
 /// Removes hop-by-hop headers, those named in `Connection` (except protected
 /// ones) and `Upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // `upgrade` and `keep-alive` name headers that go below anyway:
+    // skipping them keeps this allocation-free for an ordinary upgrade.
     let named: Vec<HeaderName> = tokens(headers, &header::CONNECTION)
-        .filter(|t| !is_protected(t))
+        .filter(|t| !is_protected(t) && !is_usual_connection_token(t))
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for name in named {
@@ -170,6 +178,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// `X-Forwarded-For` gets the socket peer appended to what the client sent;
 /// `X-Forwarded-Proto` and `X-Forwarded-Host` are set from this hop.
 pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr) {
+    if !headers.contains_key(&X_FORWARDED_FOR) {
+        // The common case for a sidecar: the peer is the only entry.
+        let value = HeaderValue::from_str(&peer.to_string())
+            .expect("an IP address is a valid header value");
+        headers.insert(X_FORWARDED_FOR, value);
+        set_proto_and_host(headers);
+        return;
+    }
     let previous: Vec<&str> = headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
@@ -188,6 +204,10 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr) {
         HeaderValue::from_str(&peer.to_string()).expect("an IP address is a valid header value")
     });
     headers.insert(X_FORWARDED_FOR, value);
+    set_proto_and_host(headers);
+}
+
+fn set_proto_and_host(headers: &mut HeaderMap) {
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     if let Some(host) = headers.get(header::HOST).cloned() {
         headers.insert(X_FORWARDED_HOST, host);
