@@ -42,7 +42,10 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("header_read_timeout", POSITIVE_DURATION),
     ("half_close_timeout", POSITIVE_DURATION),
     ("idle_timeout", DURATION),
-    ("tcp_keepalive", DURATION),
+    (
+        "tcp_keepalive",
+        "0s (off) or whole seconds from 1s to 32767s (the kernel's range for keepalive)",
+    ),
     ("shutdown_grace", DURATION),
     ("log_format", "text or json"),
     ("ready_high_watermark", "a fraction from 0 to 1 (0 = off)"),
@@ -417,9 +420,19 @@ pub struct CloseSettings {
 
 /// Kubernetes injects `<SERVICE>_PORT`, `<SERVICE>_PORT_8080_TCP...` and
 /// `<SERVICE>_SERVICE_HOST/PORT...` variables for every Service in the
-/// namespace; a Service named `wsgate` would otherwise trip the unknown-key check.
+/// namespace; a Service named `wsgate` or `wsgate-<anything>` would otherwise
+/// trip the unknown-key check. No wsgate key ends in `port` or contains
+/// `service_` or `port_<digits>`, so these shapes cannot hide a real key.
 fn is_kubernetes_service_link(key: &str) -> bool {
-    key == "port" || key.starts_with("port_") || key.starts_with("service_")
+    key == "port"
+        || key.ends_with("_port")
+        || key.starts_with("service_")
+        || key.contains("_service_")
+        || key.starts_with("port_")
+        || key
+            .split("_port_")
+            .nth(1)
+            .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
 }
 
 impl Config {
@@ -604,7 +617,7 @@ impl Config {
             header_read_timeout: positive("header_read_timeout", raw.header_read_timeout)?,
             half_close_timeout: positive("half_close_timeout", raw.half_close_timeout)?,
             idle_timeout: optional(raw.idle_timeout),
-            tcp_keepalive: optional(raw.tcp_keepalive),
+            tcp_keepalive: keepalive(raw.tcp_keepalive)?,
             shutdown_grace: raw.shutdown_grace.0,
             log_format,
             raw,
@@ -663,6 +676,25 @@ impl Config {
             d(self.close.timeout),
         )
     }
+}
+
+/// The kernel takes keepalive times in whole seconds from 1 to 32767;
+/// anything else would be refused by setsockopt and silently leave the
+/// kernel's two-hour default in force.
+fn keepalive(d: ConfigDuration) -> Result<Option<Duration>, ConfigError> {
+    let d = d.0;
+    if d.is_zero() {
+        return Ok(None);
+    }
+    if d.subsec_nanos() != 0 || !(1..=32_767).contains(&d.as_secs()) {
+        let shown = if d.subsec_nanos() == 0 {
+            format!("{}s", d.as_secs())
+        } else {
+            humantime::format_duration(d).to_string()
+        };
+        return Err(ConfigError::invalid("tcp_keepalive", shown));
+    }
+    Ok(Some(d))
 }
 
 fn parse_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
@@ -954,6 +986,9 @@ mod tests {
             "shutdown_grace",
         );
         assert_rejected("WSGATE_IDLE_TIMEOUT", "500years", "idle_timeout");
+        // Outside what the kernel takes for keepalive: refused, not ignored.
+        assert_rejected("WSGATE_TCP_KEEPALIVE", "500ms", "tcp_keepalive");
+        assert_rejected("WSGATE_TCP_KEEPALIVE", "32768", "tcp_keepalive");
         Jail::expect_with(|jail| {
             jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
             jail.set_env("WSGATE_READY_HIGH_WATERMARK", "0.8");
@@ -1028,6 +1063,9 @@ mod tests {
             jail.set_env("WSGATE_PORT", "tcp://10.0.0.1:8080");
             jail.set_env("WSGATE_PORT_8080_TCP_ADDR", "10.0.0.1");
             jail.set_env("WSGATE_SERVICE_HOST", "10.0.0.1");
+            jail.set_env("WSGATE_ADMIN_PORT", "tcp://10.0.0.2:9090");
+            jail.set_env("WSGATE_ADMIN_PORT_9090_TCP_PROTO", "tcp");
+            jail.set_env("WSGATE_ADMIN_SERVICE_PORT_METRICS", "9090");
             jail.set_env("WSGATE_CONFIG", "/nonexistent.toml");
             load_in_jail(None).expect("service-link variables are not keys");
             Ok(())

@@ -104,6 +104,12 @@ impl Tunnels {
     }
 }
 
+/// The finest pace the drain sleeps at. tokio's timer has a 1 ms
+/// resolution; sleeping once per connection would cap the drain at about a
+/// thousand closes a second and push the rest into one burst at the end.
+/// Below this pace the drain closes a batch per tick instead.
+const MIN_TICK: Duration = Duration::from_millis(10);
+
 /// Closes every live tunnel, oldest first, evenly over `period`; counts each
 /// in `drained`. Returns when none is left (at the latest just after
 /// `period`, when whatever remains is closed at once).
@@ -114,14 +120,23 @@ pub async fn drain_evenly(tunnels: &Tunnels, period: Duration, drained: &IntCoun
         if remaining == 0 {
             return;
         }
-        let now = Instant::now();
-        if now >= end {
+        let planned_at = Instant::now();
+        if planned_at >= end {
             break;
         }
-        let pace = (end - now) / u32::try_from(remaining).unwrap_or(u32::MAX);
-        sleep(pace).await;
-        if tunnels.close_oldest() {
-            drained.inc();
+        let left = end - planned_at;
+        let pace = left / u32::try_from(remaining).unwrap_or(u32::MAX);
+        sleep(pace.max(MIN_TICK)).await;
+        // What is due after the time that actually passed (timers run
+        // late), re-planned from what is left every tick.
+        let elapsed = planned_at.elapsed().min(left);
+        // Rounded, not rounded up: a timer a hair late must not double the
+        // pace (at least one per tick all the same).
+        let due = (remaining as f64 * elapsed.as_secs_f64() / left.as_secs_f64()).round();
+        for _ in 0..(due as usize).clamp(1, remaining) {
+            if tunnels.close_oldest() {
+                drained.inc();
+            }
         }
     }
     while tunnels.close_oldest() {
@@ -167,6 +182,40 @@ mod tests {
         }
         assert_eq!(drained.get(), 10);
         assert!(tunnels.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn thousands_of_connections_are_closed_in_batches_not_one_burst() {
+        let tunnels = Tunnels::new();
+        let regs: Vec<_> = (0..30_000).map(|_| tunnels.register()).collect();
+        let drained = IntCounter::new("d", "d").expect("metric");
+        let start = Instant::now();
+        let watcher = {
+            let tunnels = tunnels.clone();
+            tokio::spawn(async move {
+                // Sample how many are left every second of the drain.
+                let mut left = Vec::new();
+                for _ in 0..5 {
+                    sleep(Duration::from_secs(1)).await;
+                    left.push(tunnels.len());
+                }
+                left
+            })
+        };
+        drain_evenly(&tunnels, Duration::from_secs(5), &drained).await;
+        let left = watcher.await.expect("join");
+        drop(regs);
+        assert_eq!(drained.get(), 30_000);
+        assert!(start.elapsed() <= Duration::from_secs(5) + MIN_TICK);
+        // Even pace: about 6,000 a second, not a burst at the end.
+        for (second, &n) in left.iter().take(4).enumerate() {
+            let want = 30_000 - 6_000 * (second + 1);
+            assert!(
+                n.abs_diff(want) <= 700,
+                "after {}s {n} left, want about {want}",
+                second + 1
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -128,12 +128,6 @@ pub async fn run(
     let tracker = shutdown.tracker();
     tracker.close();
     if !second_signal {
-        let drained = async {
-            if !config.drain_period.is_zero() {
-                drain::drain_evenly(proxy.tunnels(), config.drain_period, &metrics.drained).await;
-            }
-            tracker.wait().await;
-        };
         // The closing handshakes of whatever is left start `close_timeout`
         // before the end of the grace, so that the grace stays the bound on
         // the whole shutdown (it must fit in terminationGracePeriodSeconds).
@@ -142,6 +136,17 @@ pub async fn run(
             .checked_sub(config.close.timeout)
             .unwrap_or(signalled_at)
             .max(signalled_at);
+        // The drain ends by then too, so its own closing handshakes fit in
+        // the grace instead of being cut by it.
+        let drain_period = config
+            .drain_period
+            .min(close_start.saturating_duration_since(Instant::now()));
+        let drained = async {
+            if !drain_period.is_zero() {
+                drain::drain_evenly(proxy.tunnels(), drain_period, &metrics.drained).await;
+            }
+            tracker.wait().await;
+        };
         tokio::select! {
             () = drained => tracing::info!("shutdown: every connection ended"),
             () = sleep_until(close_start) => {

@@ -79,7 +79,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(serve(config, source, demo)) {
+    let result = runtime.block_on(serve(config, source, demo));
+    // DNS lookups run on the blocking pool and cannot be cancelled: do not
+    // let one stuck in a resolver outage hold the exit past the grace.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

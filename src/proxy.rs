@@ -369,8 +369,10 @@ fn retry_after(config: &Config) -> u64 {
     let base = config.retry_after_secs;
     match config.admission_rate {
         Some(rate) => {
-            let refill = (rate.burst / rate.per_second).ceil() as u64;
-            base + rand::random_range(0..=base.max(refill))
+            // Spread over the refill time, but never more than a minute:
+            // a tiny rate must not send clients away for hours.
+            let refill = (rate.burst / rate.per_second).ceil().min(60.0) as u64;
+            base.saturating_add(rand::random_range(0..=base.max(refill)))
         }
         None => base,
     }

@@ -124,6 +124,8 @@ pub enum StopReason {
     Lifetime,
     /// No byte moved either way for `idle_timeout`.
     Idle,
+    /// A second shutdown signal: cut at once, no closing handshake.
+    Abort,
 }
 
 impl StopReason {
@@ -135,12 +137,13 @@ impl StopReason {
             StopReason::Drain => ("drain", "server draining, please reconnect"),
             StopReason::Lifetime => ("lifetime", "connection lifetime reached, please reconnect"),
             StopReason::Idle => ("idle", "idle timeout"),
+            StopReason::Abort => ("drain", "server shutting down"),
         }
     }
 
     fn code(self, close: &CloseSettings) -> u16 {
         match self {
-            StopReason::Grace | StopReason::Drain => close.drain,
+            StopReason::Grace | StopReason::Drain | StopReason::Abort => close.drain,
             StopReason::Lifetime => close.lifetime,
             StopReason::Idle => close.idle,
         }
@@ -155,8 +158,9 @@ pub struct Outcome {
     pub ended: Ended,
     /// Bytes moved each way.
     pub totals: Totals,
-    /// wsgate injected Close frames (counted once per connection).
-    pub close_frames_sent: bool,
+    /// wsgate injected Close frames, for this reason (counted once per
+    /// connection, however the connection then ended).
+    pub close_frames_sent: Option<StopReason>,
     /// Both peers answered the Close (or ended) before `close_timeout`.
     pub close_completed: bool,
 }
@@ -413,7 +417,7 @@ fn write_some(dst: &TcpStream, data: &[u8]) -> io::Result<usize> {
 /// by every tunnel — once per message. The gate gives the stop future a
 /// waker of its own that raises a flag, and polls it only when the flag is
 /// up.
-pub(crate) struct Gate {
+struct Gate {
     woken: AtomicBool,
     task: AtomicWaker,
 }
@@ -428,13 +432,13 @@ impl Wake for Gate {
     }
 }
 
-pub(crate) struct Gated<F> {
+struct Gated<F> {
     future: Pin<Box<F>>,
     gate: Arc<Gate>,
 }
 
 impl<F: Future> Gated<F> {
-    pub(crate) fn new(future: F) -> Self {
+    fn new(future: F) -> Self {
         Gated {
             future: Box::pin(future),
             gate: Arc::new(Gate {
@@ -444,7 +448,7 @@ impl<F: Future> Gated<F> {
         }
     }
 
-    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<F::Output> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<F::Output> {
         if !self.gate.woken.swap(false, Ordering::AcqRel) {
             return Poll::Pending;
         }
@@ -504,7 +508,8 @@ fn begin_close(
 /// `client_leftover` / `upstream_leftover` are bytes already read from each
 /// side past the HTTP handshake; they are written to the other side first.
 /// `stop` resolving makes wsgate end the connection for that reason (with
-/// Close frames when `limits.close` is set).
+/// Close frames when `limits.close` is set); `abort` resolving cuts it at
+/// once, even in the middle of a closing handshake.
 #[allow(
     clippy::too_many_arguments,
     reason = "one call site; a struct would only rename them"
@@ -518,6 +523,7 @@ pub async fn splice(
     client_to_upstream: &IntCounter,
     upstream_to_client: &IntCounter,
     stop: impl Future<Output = StopReason>,
+    abort: impl Future<Output = ()>,
 ) -> Outcome {
     let mut up = Pipe::new(client_leftover);
     let mut down = Pipe::new(upstream_leftover);
@@ -526,8 +532,13 @@ pub async fn splice(
     let mut closing: Option<Closing> = None;
     let mut last_activity = Instant::now();
     let mut stop = Gated::new(stop);
+    let mut abort = Gated::new(abort);
 
     let ended = poll_fn(|cx| loop {
+        if abort.poll(cx).is_ready() {
+            let reason = closing.as_ref().map_or(StopReason::Abort, |c| c.reason);
+            return Poll::Ready(Ended::Stopped(reason));
+        }
         if closing.is_none() {
             if let Poll::Ready(reason) = stop.poll(cx) {
                 match &limits.close {
@@ -615,7 +626,7 @@ pub async fn splice(
             client_to_upstream: up.bytes,
             upstream_to_client: down.bytes,
         },
-        close_frames_sent: closing.as_ref().is_some_and(|c| c.injected),
+        close_frames_sent: closing.as_ref().filter(|c| c.injected).map(|c| c.reason),
         close_completed: matches!(ended, Ended::Stopped(_))
             && closing
                 .as_ref()
@@ -649,6 +660,32 @@ mod tests {
             IntCounter::new("a", "a").expect("metric"),
             IntCounter::new("b", "b").expect("metric"),
         )
+    }
+
+    /// The splice with an abort that never comes.
+    #[allow(clippy::too_many_arguments, reason = "mirrors splice()")]
+    async fn splice_no_abort(
+        client: &TcpStream,
+        client_leftover: Bytes,
+        upstream: &TcpStream,
+        upstream_leftover: Bytes,
+        limits: Limits,
+        c2u: &IntCounter,
+        u2c: &IntCounter,
+        stop: impl Future<Output = StopReason>,
+    ) -> Outcome {
+        splice(
+            client,
+            client_leftover,
+            upstream,
+            upstream_leftover,
+            limits,
+            c2u,
+            u2c,
+            stop,
+            std::future::pending(),
+        )
+        .await
     }
 
     const LIMITS: Limits = Limits {
@@ -717,7 +754,7 @@ mod tests {
                 let _ = rx.await;
                 reason
             };
-            splice(
+            splice_no_abort(
                 &p_client,
                 Bytes::new(),
                 &p_up,
@@ -762,7 +799,7 @@ mod tests {
             "{:?}",
             out.ended
         );
-        assert!(out.close_frames_sent && out.close_completed);
+        assert!(out.close_frames_sent == Some(StopReason::Lifetime) && out.close_completed);
     }
 
     #[tokio::test]
@@ -807,7 +844,7 @@ mod tests {
             .await
             .expect("ends")
             .expect("join");
-        assert!(out.close_frames_sent);
+        assert_eq!(out.close_frames_sent, Some(StopReason::Drain));
     }
 
     #[tokio::test(start_paused = true)]
@@ -819,7 +856,7 @@ mod tests {
             ..LIMITS
         };
         let start = Instant::now();
-        let out = splice(
+        let out = splice_no_abort(
             &p_client,
             Bytes::new(),
             &p_up,
@@ -831,8 +868,55 @@ mod tests {
         )
         .await;
         assert!(matches!(out.ended, Ended::Stopped(StopReason::Grace)));
-        assert!(out.close_frames_sent && !out.close_completed);
+        assert!(out.close_frames_sent == Some(StopReason::Grace) && !out.close_completed);
         assert!(start.elapsed() >= CLOSE.timeout);
+    }
+
+    #[tokio::test]
+    async fn an_abort_mid_handshake_cuts_at_once_and_still_reports_the_close() {
+        let ((mut client, p_client), (p_up, _upstream)) = pairs().await;
+        let (abort_tx, abort_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let (c2u, u2c) = counters();
+            let limits = Limits {
+                close: Some(CLOSE),
+                ..LIMITS
+            };
+            let abort = async {
+                let _ = abort_rx.await;
+            };
+            splice(
+                &p_client,
+                Bytes::new(),
+                &p_up,
+                Bytes::new(),
+                limits,
+                &c2u,
+                &u2c,
+                std::future::ready(StopReason::Grace),
+                abort,
+            )
+            .await
+        });
+        let (b0, _, _) = read_frame(&mut client).await;
+        assert_eq!(b0, 0x88, "the closing handshake started");
+        abort_tx.send(()).expect("abort");
+        // Well before close_timeout (2 s): the abort cut it.
+        let out = tokio::time::timeout(Duration::from_millis(500), task)
+            .await
+            .expect("cut at once")
+            .expect("join");
+        assert!(
+            matches!(out.ended, Ended::Stopped(StopReason::Grace)),
+            "{:?}",
+            out.ended
+        );
+        assert_eq!(
+            out.close_frames_sent,
+            Some(StopReason::Grace),
+            "counted though cut"
+        );
+        assert!(!out.close_completed);
     }
 
     #[tokio::test]
@@ -840,7 +924,7 @@ mod tests {
         let ((mut client, p_client), (p_up, mut upstream)) = pairs().await;
         let (c2u, u2c) = counters();
         let task = tokio::spawn(async move {
-            splice(
+            splice_no_abort(
                 &p_client,
                 Bytes::from_static(b"early"),
                 &p_up,
@@ -883,7 +967,7 @@ mod tests {
         let ((mut client, p_client), (p_up, _upstream)) = pairs().await;
         let (c2u, u2c) = counters();
         client.shutdown().await.expect("fin");
-        let Outcome { ended, .. } = splice(
+        let Outcome { ended, .. } = splice_no_abort(
             &p_client,
             Bytes::new(),
             &p_up,
@@ -906,7 +990,7 @@ mod tests {
             ..LIMITS
         };
         let start = Instant::now();
-        let Outcome { ended, .. } = splice(
+        let Outcome { ended, .. } = splice_no_abort(
             &p_client,
             Bytes::new(),
             &p_up,
@@ -928,7 +1012,7 @@ mod tests {
     async fn stop_ends_the_splice() {
         let ((_client, p_client), (p_up, _upstream)) = pairs().await;
         let (c2u, u2c) = counters();
-        let Outcome { ended, .. } = splice(
+        let Outcome { ended, .. } = splice_no_abort(
             &p_client,
             Bytes::new(),
             &p_up,
@@ -954,7 +1038,7 @@ mod tests {
             .set_linger(Some(Duration::ZERO))
             .expect("linger");
         drop(client);
-        let Outcome { ended, .. } = splice(
+        let Outcome { ended, .. } = splice_no_abort(
             &p_client,
             Bytes::new(),
             &p_up,

@@ -25,7 +25,7 @@ use crate::drain::Tunnels;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-use crate::splice::{self, Ended, Gated, Leg, Limits, Outcome, StopReason};
+use crate::splice::{self, Ended, Leg, Limits, Outcome, StopReason};
 use crate::tcp;
 
 /// The upstream's answer to the forwarded handshake.
@@ -183,7 +183,10 @@ pub async fn run(
     };
     let client_io = client.io.into_inner();
     let peer = ctx.peer;
-    let splice = splice::splice(
+    // The splice watches the abort itself (a second signal cuts at once),
+    // so it always returns its outcome and the metrics below see every
+    // connection, including one cut in the middle of its closing handshake.
+    let outcome = splice::splice(
         &client_io,
         client.read_buf,
         &upstream,
@@ -198,25 +201,9 @@ pub async fn run(
                 () = lifetime_expiry(deadline, &ctx.shutdown) => StopReason::Lifetime,
             }
         },
-    );
-    // A second signal cuts at once, without a closing handshake. The abort
-    // token is gated like the stop future: polled only when it fired, not
-    // on every data wake-up.
-    let outcome = {
-        let mut abort = Gated::new(ctx.shutdown.aborted());
-        let mut splice = std::pin::pin!(splice);
-        std::future::poll_fn(|cx| {
-            if abort.poll(cx).is_ready() {
-                return std::task::Poll::Ready(None);
-            }
-            std::future::Future::poll(splice.as_mut(), cx).map(Some)
-        })
-        .await
-    };
-    let Some(outcome) = outcome else {
-        tracing::debug!(%peer, "websocket connection cut: shutdown aborted");
-        return;
-    };
+        ctx.shutdown.aborted(),
+    )
+    .await;
     drop(registration);
     let Outcome {
         ended,
@@ -227,7 +214,7 @@ pub async fn run(
     if let Ended::Stopped(StopReason::Lifetime) = ended {
         ctx.metrics.expired.inc();
     }
-    if let (true, Ended::Stopped(reason)) = (close_frames_sent, &ended) {
+    if let Some(reason) = close_frames_sent {
         ctx.metrics.close_frames_sent(reason.label_and_text().0);
     }
     let lifetime = started.elapsed();
@@ -241,6 +228,7 @@ pub async fn run(
         Ended::Stopped(StopReason::Grace) => "shutdown_grace",
         Ended::Stopped(StopReason::Drain) => "drained",
         Ended::Stopped(StopReason::Lifetime) => "lifetime_expired",
+        Ended::Stopped(StopReason::Abort) => "shutdown_aborted",
     };
     let error = match &ended {
         Ended::Error(_, e) => Some(e.to_string()),
@@ -250,7 +238,7 @@ pub async fn run(
         %peer,
         ended = how,
         error,
-        close_frames_sent,
+        close_frames_sent = close_frames_sent.is_some(),
         close_completed,
         lifetime_ms = lifetime.as_millis() as u64,
         client_to_upstream = totals.client_to_upstream,

@@ -444,3 +444,50 @@ async fn lifetime_closes_connections_spread_over_the_jitter_window() {
     wait_metric(gate.admin, "wsgate_connections_expired_total", 20.0).await;
     wait_metric(gate.admin, "wsgate_connections_active", 0.0).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_ends_before_the_end_of_grace_handshakes() {
+    // SPEC allows delay + drain = grace; the end-of-grace handshakes start
+    // close_timeout before the grace ends, so the drain is fitted before them
+    // instead of being cut short into one burst.
+    let up = spawn_echo_upstream().await;
+    let mut raw = test_config(up.addr);
+    raw.drain_period = secs(2.0);
+    raw.shutdown_grace = secs(2.0);
+    raw.close_timeout = secs(1.0);
+    let gate = spawn_sidecar(raw).await;
+    let clients = open(&gate, 10).await;
+    let start = Instant::now();
+    let waiters: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                while let Some(Ok(_)) = ws.next().await {}
+                start.elapsed()
+            })
+        })
+        .collect();
+    gate.signal();
+    let mut closes = Vec::new();
+    for w in waiters {
+        closes.push(within("closed", w).await.expect("join"));
+    }
+    closes.sort();
+    println!(
+        "drain fitted before the grace's handshakes: closes from {:?} to {:?}",
+        closes[0], closes[9]
+    );
+    assert!(
+        closes[9] < Duration::from_millis(1500),
+        "drain not fitted: last close at {:?}",
+        closes[9]
+    );
+    assert!(
+        closes[9] - closes[0] > Duration::from_millis(500),
+        "one burst: {closes:?}"
+    );
+    within("run returns", gate.task)
+        .await
+        .expect("join")
+        .expect("clean exit");
+}
