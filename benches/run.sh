@@ -115,6 +115,9 @@ if [[ -z "$OUT" ]]; then
 fi
 mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
+# run a private copy of the binaries: a rebuild elsewhere in the tree must not swap them mid-run
+if [[ -x "$WSGATE" ]]; then cp "$WSGATE" "$WORK/wsgate.bin"; WSGATE="$WORK/wsgate.bin"; fi
+cp "$BENCH" "$WORK/wsgate-bench.bin"; BENCH="$WORK/wsgate-bench.bin"
 : > "$RESULTS"
 STARTED=()   # PIDs we started and have not stopped yet
 
