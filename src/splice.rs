@@ -662,6 +662,27 @@ mod tests {
         )
     }
 
+    /// The splice with no leftovers, fresh counters and no abort.
+    async fn splice_simple(
+        client: &TcpStream,
+        upstream: &TcpStream,
+        limits: Limits,
+        stop: impl Future<Output = StopReason>,
+    ) -> Outcome {
+        let (c2u, u2c) = counters();
+        splice_no_abort(
+            client,
+            Bytes::new(),
+            upstream,
+            Bytes::new(),
+            limits,
+            &c2u,
+            &u2c,
+            stop,
+        )
+        .await
+    }
+
     /// The splice with an abort that never comes.
     #[allow(clippy::too_many_arguments, reason = "mirrors splice()")]
     async fn splice_no_abort(
@@ -850,20 +871,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn close_is_cut_at_close_timeout_when_a_peer_never_replies() {
         let ((_client, p_client), (p_up, _upstream)) = pairs().await;
-        let (c2u, u2c) = counters();
         let limits = Limits {
             close: Some(CLOSE),
             ..LIMITS
         };
         let start = Instant::now();
-        let out = splice_no_abort(
+        let out = splice_simple(
             &p_client,
-            Bytes::new(),
             &p_up,
-            Bytes::new(),
             limits,
-            &c2u,
-            &u2c,
             std::future::ready(StopReason::Grace),
         )
         .await;
@@ -965,42 +981,22 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn half_close_is_bounded() {
         let ((mut client, p_client), (p_up, _upstream)) = pairs().await;
-        let (c2u, u2c) = counters();
         client.shutdown().await.expect("fin");
-        let Outcome { ended, .. } = splice_no_abort(
-            &p_client,
-            Bytes::new(),
-            &p_up,
-            Bytes::new(),
-            LIMITS,
-            &c2u,
-            &u2c,
-            std::future::pending(),
-        )
-        .await;
+        let Outcome { ended, .. } =
+            splice_simple(&p_client, &p_up, LIMITS, std::future::pending()).await;
         assert!(matches!(ended, Ended::HalfCloseTimeout), "{ended:?}");
     }
 
     #[tokio::test(start_paused = true)]
     async fn idle_timeout_fires_without_traffic() {
         let ((_client, p_client), (p_up, _upstream)) = pairs().await;
-        let (c2u, u2c) = counters();
         let limits = Limits {
             idle: Some(Duration::from_secs(3)),
             ..LIMITS
         };
         let start = Instant::now();
-        let Outcome { ended, .. } = splice_no_abort(
-            &p_client,
-            Bytes::new(),
-            &p_up,
-            Bytes::new(),
-            limits,
-            &c2u,
-            &u2c,
-            std::future::pending(),
-        )
-        .await;
+        let Outcome { ended, .. } =
+            splice_simple(&p_client, &p_up, limits, std::future::pending()).await;
         assert!(
             matches!(ended, Ended::Stopped(StopReason::Idle)),
             "{ended:?}"
@@ -1011,15 +1007,10 @@ mod tests {
     #[tokio::test]
     async fn stop_ends_the_splice() {
         let ((_client, p_client), (p_up, _upstream)) = pairs().await;
-        let (c2u, u2c) = counters();
-        let Outcome { ended, .. } = splice_no_abort(
+        let Outcome { ended, .. } = splice_simple(
             &p_client,
-            Bytes::new(),
             &p_up,
-            Bytes::new(),
             LIMITS,
-            &c2u,
-            &u2c,
             std::future::ready(StopReason::Drain),
         )
         .await;
@@ -1032,23 +1023,13 @@ mod tests {
     #[tokio::test]
     async fn reset_from_client_ends_at_once() {
         let ((client, p_client), (p_up, _upstream)) = pairs().await;
-        let (c2u, u2c) = counters();
         // SO_LINGER 0 turns close into RST.
         SockRef::from(&client)
             .set_linger(Some(Duration::ZERO))
             .expect("linger");
         drop(client);
-        let Outcome { ended, .. } = splice_no_abort(
-            &p_client,
-            Bytes::new(),
-            &p_up,
-            Bytes::new(),
-            LIMITS,
-            &c2u,
-            &u2c,
-            std::future::pending(),
-        )
-        .await;
+        let Outcome { ended, .. } =
+            splice_simple(&p_client, &p_up, LIMITS, std::future::pending()).await;
         assert!(matches!(ended, Ended::Error(Leg::Client, _)), "{ended:?}");
     }
 }

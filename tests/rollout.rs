@@ -29,6 +29,20 @@ async fn open(gate: &Sidecar, n: usize) -> Vec<Ws> {
     v
 }
 
+/// For each client, a task that reads until the connection ends and
+/// returns when that was, counted from `start`.
+fn watch_closes(clients: Vec<Ws>, start: Instant) -> Vec<tokio::task::JoinHandle<Duration>> {
+    clients
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                while let Some(Ok(_)) = ws.next().await {}
+                start.elapsed()
+            })
+        })
+        .collect()
+}
+
 async fn readyz(gate: &Sidecar) -> (u16, String) {
     http_get(gate.admin, "/readyz").await
 }
@@ -103,15 +117,7 @@ async fn drain_closes_a_hundred_connections_evenly_over_the_period() {
     let clients = open(&gate, 100).await;
     wait_metric(gate.admin, "wsgate_connections_active", 100.0).await;
     let start = Instant::now();
-    let waiters: Vec<_> = clients
-        .into_iter()
-        .map(|mut ws| {
-            tokio::spawn(async move {
-                while let Some(Ok(_)) = ws.next().await {}
-                start.elapsed()
-            })
-        })
-        .collect();
+    let waiters = watch_closes(clients, start);
     gate.signal();
     // Sample the drained counter while the admin port still answers.
     let mut last_drained = 0.0;
@@ -408,15 +414,7 @@ async fn lifetime_closes_connections_spread_over_the_jitter_window() {
     let gate = spawn_sidecar(raw).await;
     let start = Instant::now();
     let clients = open(&gate, 20).await;
-    let waiters: Vec<_> = clients
-        .into_iter()
-        .map(|mut ws| {
-            tokio::spawn(async move {
-                while let Some(Ok(_)) = ws.next().await {}
-                start.elapsed()
-            })
-        })
-        .collect();
+    let waiters = watch_closes(clients, start);
     let mut ends = Vec::new();
     for w in waiters {
         ends.push(within("expired", w).await.expect("join"));
@@ -458,15 +456,7 @@ async fn drain_ends_before_the_end_of_grace_handshakes() {
     let gate = spawn_sidecar(raw).await;
     let clients = open(&gate, 10).await;
     let start = Instant::now();
-    let waiters: Vec<_> = clients
-        .into_iter()
-        .map(|mut ws| {
-            tokio::spawn(async move {
-                while let Some(Ok(_)) = ws.next().await {}
-                start.elapsed()
-            })
-        })
-        .collect();
+    let waiters = watch_closes(clients, start);
     gate.signal();
     let mut closes = Vec::new();
     for w in waiters {
