@@ -375,30 +375,33 @@ impl Pipe {
 /// event with a newer tick, which this clear does not erase.
 fn read_some(src: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
     let spare = buf.capacity() - buf.len();
-    let mut short = None;
-    let result = src.try_io(tokio::io::Interest::READABLE, || {
-        let n = src.try_read_buf(buf)?;
-        if n > 0 && n < spare {
-            short = Some(n);
-            // Makes `try_io` clear the readiness; `short` keeps the count.
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(n)
-    });
-    match (result, short) {
-        (_, Some(n)) => Ok(n),
-        (r, None) => r,
-    }
+    clearing_when_short(src, tokio::io::Interest::READABLE, spare, || {
+        src.try_read_buf(buf)
+    })
 }
 
 /// Writes what the socket takes; after a short write the send buffer is
 /// full, so write readiness is cleared at once (see [`read_some`]).
 fn write_some(dst: &TcpStream, data: &[u8]) -> io::Result<usize> {
+    clearing_when_short(dst, tokio::io::Interest::WRITABLE, data.len(), || {
+        dst.try_write(data)
+    })
+}
+
+/// Runs `op` (an IO of at most `full` bytes) under `try_io`, and clears the
+/// `interest` readiness when it moved fewer than `full` bytes.
+fn clearing_when_short(
+    stream: &TcpStream,
+    interest: tokio::io::Interest,
+    full: usize,
+    op: impl FnOnce() -> io::Result<usize>,
+) -> io::Result<usize> {
     let mut short = None;
-    let result = dst.try_io(tokio::io::Interest::WRITABLE, || {
-        let n = dst.try_write(data)?;
-        if n > 0 && n < data.len() {
+    let result = stream.try_io(interest, || {
+        let n = op()?;
+        if n > 0 && n < full {
             short = Some(n);
+            // Makes `try_io` clear the readiness; `short` keeps the count.
             return Err(io::ErrorKind::WouldBlock.into());
         }
         Ok(n)
