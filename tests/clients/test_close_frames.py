@@ -87,10 +87,26 @@ class Wsgate:
     def url(self) -> str:
         return f"ws://{self.proxy}/"
 
+    async def exit_code(self, timeout: float = 10) -> int | None:
+        """Waits for the process to exit without blocking the event loop.
+
+        A blocking `proc.wait()` would freeze the in-process upstream too, so it could neither
+        answer wsgate's Close nor record it before the assertions run.
+        """
+        await eventually(lambda: self.proc.poll() is not None, timeout)
+        return self.proc.poll()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=10)
+
+
+async def eventually(condition, timeout: float) -> None:
+    """Polls `condition` every 10 ms, yielding to the event loop, until it holds or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
 
 
 async def talk_until_closed(ws, n: int = 100_000) -> tuple[list[str], list[str]]:
@@ -156,9 +172,7 @@ def test_websockets_client_sees_the_configured_code(env, code, reason) -> None:
                     # A clean closing handshake: the client received a Close and its reply went out.
                     assert ws.protocol.close_rcvd is not None and ws.protocol.close_sent is not None
                     check_intact(sent, echoed)
-                deadline = time.monotonic() + 5
-                while not up.closes and time.monotonic() < deadline:
-                    await asyncio.sleep(0.01)
+                await eventually(lambda: up.closes, 5)
                 assert up.closes and up.closes[0][0] == code, f"upstream saw {up.closes}"
                 check_intact(sent, up.received)
                 assert len(echoed) > 0
@@ -185,7 +199,8 @@ def test_websockets_client_drained_on_sigterm_receives_1001() -> None:
                     assert ws.close_code == 1001
                     assert "draining" in ws.close_reason
                     assert ws.protocol.close_rcvd is not None and ws.protocol.close_sent is not None
-                assert gate.proc.wait(timeout=10) == 0, "wsgate exits 0 after the drain"
+                assert await gate.exit_code() == 0, "wsgate exits 0 after the drain"
+                await eventually(lambda: up.closes, 5)
                 assert up.closes and up.closes[0][0] == 1001, f"upstream saw {up.closes}"
             finally:
                 gate.stop()
