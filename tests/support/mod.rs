@@ -34,6 +34,11 @@ use wsgate::Control;
 /// Everything waits at most this long; a hang fails instead of blocking CI.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
+/// A slot freed by a close wsgate can see (FIN, RST, Close frame, a failed
+/// handshake) must be back within this: the bound the original hub promised.
+/// On loopback it takes milliseconds; the margin is for a loaded CI machine.
+pub const RELEASE_BOUND: Duration = Duration::from_secs(2);
+
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Runs `f` under [`DEADLINE`], failing the test with `what` if it hangs.
