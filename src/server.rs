@@ -21,7 +21,6 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{sleep, Instant};
 
-use crate::config::Config;
 use crate::proxy::Proxy;
 use crate::shutdown::Shutdown;
 use crate::tcp;
@@ -43,6 +42,11 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: Shutdown) {
     // rebuilt only when a reload changes the head timeout.
     let mut head_timeout = proxy.config().header_read_timeout;
     let mut builder = http1_builder(head_timeout);
+    // Connections the kernel completed before the listener was configured
+    // lack its options; they sit at the front of the (FIFO) accept queue, so
+    // once one accepted socket shows the options, every later one has them
+    // too and the check (a getsockopt per connection) stops.
+    let mut check_inherited = true;
     let mut backoff = BACKOFF_MIN;
     let mut errors_since_log = 0u64;
     let mut last_log: Option<Instant> = None;
@@ -61,15 +65,19 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: Shutdown) {
                     head_timeout = config.header_read_timeout;
                     builder = http1_builder(head_timeout);
                 }
-                spawn_connection(
-                    stream,
-                    peer,
-                    listener_keepalive,
-                    &builder,
-                    &config,
-                    &proxy,
-                    &shutdown,
-                );
+                // Settings come from the configuration in force (hot reload
+                // applies to new connections); socket options normally came
+                // with the listener, but not when a reload changed them since.
+                if config.tcp_keepalive != listener_keepalive {
+                    tcp::configure_accepted(&stream, config.tcp_keepalive);
+                } else if check_inherited {
+                    if tcp::inherited_options(&stream) {
+                        check_inherited = false;
+                    } else {
+                        tcp::configure_accepted(&stream, config.tcp_keepalive);
+                    }
+                }
+                spawn_connection(stream, peer, &builder, &proxy, &shutdown);
             }
             // The peer gave up before we accepted it: nothing to do.
             Err(e) if is_per_connection(&e) => {}
@@ -120,19 +128,10 @@ fn http1_builder(header_read_timeout: Duration) -> http1::Builder {
 fn spawn_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    listener_keepalive: Option<Duration>,
     builder: &http1::Builder,
-    config: &Config,
     proxy: &Proxy,
     shutdown: &Shutdown,
 ) {
-    // Settings come from the configuration in force (hot reload applies to
-    // new connections). Socket options normally came with the listener; not
-    // when a reload changed them since, nor for a connection the kernel
-    // accepted before the listener was configured (one getsockopt tells).
-    if config.tcp_keepalive != listener_keepalive || !tcp::inherited_options(&stream) {
-        tcp::configure_accepted(&stream, config.tcp_keepalive);
-    }
     let proxy = proxy.clone();
     let service = service_fn(move |req| {
         let proxy = proxy.clone();

@@ -302,6 +302,7 @@ impl Pipe {
         dst: &TcpStream,
         counter: &IntCounter,
         moved: &mut bool,
+        other_done: bool,
     ) -> Poll<Result<(), PipeError>> {
         loop {
             if let Some((buf, pos)) = &mut self.pending {
@@ -333,9 +334,15 @@ impl Pipe {
             if self.eof {
                 self.replied = true;
                 // Pass the EOF on. A peer that already reset makes this fail;
-                // the direction is finished either way.
-                if let Err(e) = SockRef::from(dst).shutdown(Shutdown::Write) {
-                    tracing::trace!(error = %e, "passing on FIN");
+                // the direction is finished either way. When the other
+                // direction is finished too, the splice ends now and the
+                // caller's close sends this FIN (`dst` has nothing unread
+                // after its own EOF, so close cannot turn into a RST): one
+                // system call fewer per connection.
+                if !other_done {
+                    if let Err(e) = SockRef::from(dst).shutdown(Shutdown::Write) {
+                        tracing::trace!(error = %e, "passing on FIN");
+                    }
                 }
                 self.done = true;
                 return Poll::Ready(Ok(()));
@@ -512,7 +519,9 @@ fn begin_close(
 /// side past the HTTP handshake; they are written to the other side first.
 /// `stop` resolving makes wsgate end the connection for that reason (with
 /// Close frames when `limits.close` is set); `abort` resolving cuts it at
-/// once, even in the middle of a closing handshake.
+/// once, even in the middle of a closing handshake. The caller closes both
+/// sockets as soon as this returns: after a clean double EOF the last FIN is
+/// left to that close.
 #[allow(
     clippy::too_many_arguments,
     reason = "one call site; a struct would only rename them"
@@ -552,7 +561,14 @@ pub async fn splice(
         }
         let mut moved = false;
         if !up.done {
-            match up.poll(cx, client, upstream, client_to_upstream, &mut moved) {
+            match up.poll(
+                cx,
+                client,
+                upstream,
+                client_to_upstream,
+                &mut moved,
+                down.done,
+            ) {
                 Poll::Ready(Err(PipeError::Read(e))) => {
                     return Poll::Ready(Ended::Error(Leg::Client, e))
                 }
@@ -563,7 +579,14 @@ pub async fn splice(
             }
         }
         if !down.done {
-            match down.poll(cx, upstream, client, upstream_to_client, &mut moved) {
+            match down.poll(
+                cx,
+                upstream,
+                client,
+                upstream_to_client,
+                &mut moved,
+                up.done,
+            ) {
                 Poll::Ready(Err(PipeError::Read(e))) => {
                     return Poll::Ready(Ended::Error(Leg::Upstream, e))
                 }

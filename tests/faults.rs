@@ -280,6 +280,47 @@ async fn keepalive_and_user_timeout_are_set_on_both_legs() {
     assert!(sock.tcp_nodelay().expect("TCP_NODELAY"));
 }
 
+/// Connections the kernel completed before wsgate configured its listener
+/// (waiting in the accept queue at start-up) did not inherit the listener's
+/// options: wsgate notices and sets them itself, and the connections after
+/// them inherit as usual.
+#[tokio::test]
+async fn connections_queued_before_start_get_keepalive_too() {
+    let up = spawn_echo_upstream().await;
+    let (config, proxy, admin) = bind_sidecar(RawConfig {
+        tcp_keepalive: secs(20.0),
+        ..test_config(up.addr)
+    })
+    .await;
+    let addr = proxy.local_addr().expect("addr");
+    let mut queued = Vec::new();
+    for _ in 0..3 {
+        queued.push(
+            within("connect", TcpStream::connect(addr))
+                .await
+                .expect("connect"),
+        );
+    }
+    let gate = start_sidecar(config, proxy, admin);
+    let mut clients = Vec::new();
+    for s in queued {
+        clients.push(within("upgrade", upgrade_on(s)).await);
+    }
+    clients.push(within("upgrade", support::raw_upgrade(addr)).await);
+    wait_metric(gate.admin, ACTIVE, 4.0).await;
+    for (i, (client, head)) in clients.iter().enumerate() {
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        let local = client.local_addr().expect("addr");
+        let timer = keepalive_timer(addr, local)
+            .unwrap_or_else(|| panic!("connection {i}: no keepalive on wsgate's client leg"));
+        assert!(
+            (5.0..=20.0).contains(&timer),
+            "connection {i}: first probe in {timer}s"
+        );
+    }
+    gate.signal();
+}
+
 // ---------------------------------------------------------------- upstream killed
 
 /// The upstream process dies with SIGKILL mid-stream: every client is

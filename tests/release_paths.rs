@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use support::*;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wsgate::config::{ConfigDuration, RawConfig};
 
 const ACTIVE: &str = "wsgate_connections_active";
@@ -53,7 +53,10 @@ async fn slot_freed_on_client_fin_with_no_traffic_ever() {
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     wait_metric(gate.admin, ACTIVE, 1.0).await;
     s.shutdown().await.expect("FIN");
-    read_to_eof(&mut s).await;
+    // The upstream answers the passed-on FIN by closing; wsgate's close of
+    // the client leg must be a FIN (clean EOF here), never a reset.
+    let eof = within("EOF", s.read(&mut [0u8; 64])).await;
+    assert!(matches!(eof, Ok(0)), "want a clean EOF, got {eof:?}");
     drop(s);
     let took = time_until_metric(gate.admin, ACTIVE, 0.0).await;
     assert!(took < RELEASE_BOUND, "released after {took:?}");

@@ -326,11 +326,23 @@ pub fn test_config(upstream: SocketAddr) -> RawConfig {
 }
 
 pub async fn spawn_sidecar(raw: RawConfig) -> Sidecar {
+    let (config, proxy, admin) = bind_sidecar(raw).await;
+    start_sidecar(config, proxy, admin)
+}
+
+/// The validated configuration and its two listeners, bound but not served
+/// yet (connections to them wait in the kernel's accept queue).
+pub async fn bind_sidecar(raw: RawConfig) -> (Config, TcpListener, TcpListener) {
     let config = Config::validate(raw).expect("valid test config");
     let proxy = TcpListener::bind(config.listen).await.expect("bind proxy");
     let admin = TcpListener::bind(config.admin_listen)
         .await
         .expect("bind admin");
+    (config, proxy, admin)
+}
+
+/// Starts wsgate in-process on listeners from [`bind_sidecar`].
+pub fn start_sidecar(config: Config, proxy: TcpListener, admin: TcpListener) -> Sidecar {
     let (addr, admin_addr) = (
         proxy.local_addr().expect("addr"),
         admin.local_addr().expect("addr"),
@@ -503,9 +515,16 @@ pub async fn close_cleanly(mut ws: Ws) {
 /// A raw-socket WebSocket upgrade (no library): returns the socket and the
 /// response head. Lets tests close the connection in exact ways (FIN, RST).
 pub async fn raw_upgrade(addr: SocketAddr) -> (TcpStream, String) {
-    let mut s = within("connect", TcpStream::connect(addr))
+    let s = within("connect", TcpStream::connect(addr))
         .await
         .expect("connect");
+    upgrade_on(s).await
+}
+
+/// Sends a WebSocket handshake on a connected socket and reads the response
+/// head byte by byte (nothing after it is consumed).
+pub async fn upgrade_on(mut s: TcpStream) -> (TcpStream, String) {
+    let addr = s.peer_addr().expect("peer");
     let req = format!(
         "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
