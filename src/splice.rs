@@ -448,9 +448,9 @@ struct Gated<F> {
 }
 
 impl<F: Future> Gated<F> {
-    fn new(future: F) -> Self {
+    fn new(future: Pin<Box<F>>) -> Self {
         Gated {
-            future: Box::pin(future),
+            future,
             gate: Arc::new(Gate {
                 woken: AtomicBool::new(true),
                 task: AtomicWaker::new(),
@@ -519,7 +519,10 @@ fn begin_close(
 /// side past the HTTP handshake; they are written to the other side first.
 /// `stop` resolving makes wsgate end the connection for that reason (with
 /// Close frames when `limits.close` is set); `abort` resolving cuts it at
-/// once, even in the middle of a closing handshake. The caller closes both
+/// once, even in the middle of a closing handshake. Both come boxed: an
+/// `async fn` keeps its arguments in its own state for as long as it lives,
+/// so a `stop` passed by value would cost every idle tunnel its full size
+/// again after it has been moved to the heap. The caller closes both
 /// sockets as soon as this returns: after a clean double EOF the last FIN is
 /// left to that close.
 #[allow(
@@ -534,8 +537,8 @@ pub async fn splice(
     limits: Limits,
     client_to_upstream: &IntCounter,
     upstream_to_client: &IntCounter,
-    stop: impl Future<Output = StopReason>,
-    abort: impl Future<Output = ()>,
+    stop: Pin<Box<impl Future<Output = StopReason>>>,
+    abort: Pin<Box<impl Future<Output = ()>>>,
 ) -> Outcome {
     let mut up = Pipe::new(client_leftover);
     let mut down = Pipe::new(upstream_leftover);
@@ -729,8 +732,8 @@ mod tests {
             limits,
             c2u,
             u2c,
-            stop,
-            std::future::pending(),
+            Box::pin(stop),
+            Box::pin(std::future::pending()),
         )
         .await
     }
@@ -935,8 +938,8 @@ mod tests {
                 limits,
                 &c2u,
                 &u2c,
-                std::future::ready(StopReason::Grace),
-                abort,
+                Box::pin(std::future::ready(StopReason::Grace)),
+                Box::pin(abort),
             )
             .await
         });

@@ -194,14 +194,14 @@ pub async fn run(
         ctx.limits,
         &ctx.metrics.bytes_client_to_upstream,
         &ctx.metrics.bytes_upstream_to_client,
-        async {
+        Box::pin(async {
             tokio::select! {
                 () = ctx.shutdown.stopped() => StopReason::Grace,
                 () = registration.drained() => StopReason::Drain,
                 () = lifetime_expiry(deadline, &ctx.shutdown) => StopReason::Lifetime,
             }
-        },
-        ctx.shutdown.aborted(),
+        }),
+        Box::pin(ctx.shutdown.aborted()),
     )
     .await;
     drop(registration);
