@@ -519,27 +519,34 @@ fn begin_close(
 /// side past the HTTP handshake; they are written to the other side first.
 /// `stop` resolving makes wsgate end the connection for that reason (with
 /// Close frames when `limits.close` is set); `abort` resolving cuts it at
-/// once, even in the middle of a closing handshake. Both come boxed: an
-/// `async fn` keeps its arguments in its own state for as long as it lives,
-/// so a `stop` passed by value would cost every idle tunnel its full size
-/// again after it has been moved to the heap. The caller closes both
-/// sockets as soon as this returns: after a clean double EOF the last FIN is
-/// left to that close.
+/// once, even in the middle of a closing handshake. The caller closes both
+/// sockets as soon as the future returns: after a clean double EOF the last
+/// FIN is left to that close.
+///
+/// The future lives as long as the connection, idle or not, so its size is
+/// per-connection memory. An `async fn` keeps a copy of each argument beside
+/// the locals made from it (rust-lang/rust#62958); here the state is built
+/// first and only then moved into the `async` block, and `stop`/`abort`
+/// arrive boxed (the gate keeps them on the heap anyway).
 #[allow(
     clippy::too_many_arguments,
     reason = "one call site; a struct would only rename them"
 )]
-pub async fn splice(
-    client: &TcpStream,
+pub fn splice<'a, S, A>(
+    client: &'a TcpStream,
     client_leftover: Bytes,
-    upstream: &TcpStream,
+    upstream: &'a TcpStream,
     upstream_leftover: Bytes,
     limits: Limits,
-    client_to_upstream: &IntCounter,
-    upstream_to_client: &IntCounter,
-    stop: Pin<Box<impl Future<Output = StopReason>>>,
-    abort: Pin<Box<impl Future<Output = ()>>>,
-) -> Outcome {
+    client_to_upstream: &'a IntCounter,
+    upstream_to_client: &'a IntCounter,
+    stop: Pin<Box<S>>,
+    abort: Pin<Box<A>>,
+) -> impl Future<Output = Outcome> + 'a
+where
+    S: Future<Output = StopReason> + 'a,
+    A: Future<Output = ()> + 'a,
+{
     let mut up = Pipe::new(client_leftover);
     let mut down = Pipe::new(upstream_leftover);
     let mut idle: Option<Pin<Box<Sleep>>> = limits.idle.map(|d| Box::pin(sleep(d)));
@@ -548,119 +555,123 @@ pub async fn splice(
     let mut last_activity = Instant::now();
     let mut stop = Gated::new(stop);
     let mut abort = Gated::new(abort);
-
-    let ended = poll_fn(|cx| loop {
-        if abort.poll(cx).is_ready() {
-            let reason = closing.as_ref().map_or(StopReason::Abort, |c| c.reason);
-            return Poll::Ready(Ended::Stopped(reason));
-        }
-        if closing.is_none() {
-            if let Poll::Ready(reason) = stop.poll(cx) {
-                match &limits.close {
-                    Some(close) => closing = Some(begin_close(reason, close, &mut up, &mut down)),
-                    None => return Poll::Ready(Ended::Stopped(reason)),
+    async move {
+        let ended = poll_fn(|cx| loop {
+            if abort.poll(cx).is_ready() {
+                let reason = closing.as_ref().map_or(StopReason::Abort, |c| c.reason);
+                return Poll::Ready(Ended::Stopped(reason));
+            }
+            if closing.is_none() {
+                if let Poll::Ready(reason) = stop.poll(cx) {
+                    match &limits.close {
+                        Some(close) => {
+                            closing = Some(begin_close(reason, close, &mut up, &mut down))
+                        }
+                        None => return Poll::Ready(Ended::Stopped(reason)),
+                    }
                 }
             }
-        }
-        let mut moved = false;
-        if !up.done {
-            match up.poll(
-                cx,
-                client,
-                upstream,
-                client_to_upstream,
-                &mut moved,
-                down.done,
-            ) {
-                Poll::Ready(Err(PipeError::Read(e))) => {
-                    return Poll::Ready(Ended::Error(Leg::Client, e))
+            let mut moved = false;
+            if !up.done {
+                match up.poll(
+                    cx,
+                    client,
+                    upstream,
+                    client_to_upstream,
+                    &mut moved,
+                    down.done,
+                ) {
+                    Poll::Ready(Err(PipeError::Read(e))) => {
+                        return Poll::Ready(Ended::Error(Leg::Client, e))
+                    }
+                    Poll::Ready(Err(PipeError::Write(e))) => {
+                        return Poll::Ready(Ended::Error(Leg::Upstream, e))
+                    }
+                    _ => {}
                 }
-                Poll::Ready(Err(PipeError::Write(e))) => {
-                    return Poll::Ready(Ended::Error(Leg::Upstream, e))
-                }
-                _ => {}
             }
-        }
-        if !down.done {
-            match down.poll(
-                cx,
-                upstream,
-                client,
-                upstream_to_client,
-                &mut moved,
-                up.done,
-            ) {
-                Poll::Ready(Err(PipeError::Read(e))) => {
-                    return Poll::Ready(Ended::Error(Leg::Upstream, e))
+            if !down.done {
+                match down.poll(
+                    cx,
+                    upstream,
+                    client,
+                    upstream_to_client,
+                    &mut moved,
+                    up.done,
+                ) {
+                    Poll::Ready(Err(PipeError::Read(e))) => {
+                        return Poll::Ready(Ended::Error(Leg::Upstream, e))
+                    }
+                    Poll::Ready(Err(PipeError::Write(e))) => {
+                        return Poll::Ready(Ended::Error(Leg::Client, e))
+                    }
+                    _ => {}
                 }
-                Poll::Ready(Err(PipeError::Write(e))) => {
-                    return Poll::Ready(Ended::Error(Leg::Client, e))
-                }
-                _ => {}
             }
-        }
-        if let Some(c) = &mut closing {
-            let finished = if c.injected {
-                up.close_finished() && down.close_finished()
-            } else {
-                up.done && down.done
-            };
-            if finished || c.deadline.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Ended::Stopped(c.reason));
+            if let Some(c) = &mut closing {
+                let finished = if c.injected {
+                    up.close_finished() && down.close_finished()
+                } else {
+                    up.done && down.done
+                };
+                if finished || c.deadline.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ended::Stopped(c.reason));
+                }
+                return Poll::Pending;
+            }
+            if up.done && down.done {
+                return Poll::Ready(Ended::Closed);
+            }
+            if up.done || down.done {
+                let timer = half_close.get_or_insert_with(|| Box::pin(sleep(limits.half_close)));
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ended::HalfCloseTimeout);
+                }
+            }
+            if let (Some(timer), Some(limit)) = (idle.as_mut(), limits.idle) {
+                if moved {
+                    last_activity = Instant::now();
+                }
+                // The timer is only re-armed when it fires, not on every byte:
+                // the clock is read once per poll that moved data, no more.
+                let mut expired = false;
+                while timer.as_mut().poll(cx).is_ready() {
+                    let deadline = last_activity + limit;
+                    if Instant::now() >= deadline {
+                        expired = true;
+                        break;
+                    }
+                    timer.as_mut().reset(deadline);
+                }
+                if expired {
+                    match &limits.close {
+                        Some(close) => {
+                            idle = None;
+                            closing =
+                                Some(begin_close(StopReason::Idle, close, &mut up, &mut down));
+                            // Poll again so the Close frames go out at once.
+                            continue;
+                        }
+                        None => return Poll::Ready(Ended::Stopped(StopReason::Idle)),
+                    }
+                }
             }
             return Poll::Pending;
-        }
-        if up.done && down.done {
-            return Poll::Ready(Ended::Closed);
-        }
-        if up.done || down.done {
-            let timer = half_close.get_or_insert_with(|| Box::pin(sleep(limits.half_close)));
-            if timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Ended::HalfCloseTimeout);
-            }
-        }
-        if let (Some(timer), Some(limit)) = (idle.as_mut(), limits.idle) {
-            if moved {
-                last_activity = Instant::now();
-            }
-            // The timer is only re-armed when it fires, not on every byte:
-            // the clock is read once per poll that moved data, no more.
-            let mut expired = false;
-            while timer.as_mut().poll(cx).is_ready() {
-                let deadline = last_activity + limit;
-                if Instant::now() >= deadline {
-                    expired = true;
-                    break;
-                }
-                timer.as_mut().reset(deadline);
-            }
-            if expired {
-                match &limits.close {
-                    Some(close) => {
-                        idle = None;
-                        closing = Some(begin_close(StopReason::Idle, close, &mut up, &mut down));
-                        // Poll again so the Close frames go out at once.
-                        continue;
-                    }
-                    None => return Poll::Ready(Ended::Stopped(StopReason::Idle)),
-                }
-            }
-        }
-        return Poll::Pending;
-    })
-    .await;
+        })
+        .await;
 
-    Outcome {
-        totals: Totals {
-            client_to_upstream: up.bytes,
-            upstream_to_client: down.bytes,
-        },
-        close_frames_sent: closing.as_ref().filter(|c| c.injected).map(|c| c.reason),
-        close_completed: matches!(ended, Ended::Stopped(_))
-            && closing
-                .as_ref()
-                .is_some_and(|c| c.injected && up.close_finished() && down.close_finished()),
-        ended,
+        Outcome {
+            totals: Totals {
+                client_to_upstream: up.bytes,
+                upstream_to_client: down.bytes,
+            },
+            close_frames_sent: closing.as_ref().filter(|c| c.injected).map(|c| c.reason),
+            close_completed: matches!(ended, Ended::Stopped(_))
+                && closing
+                    .as_ref()
+                    .is_some_and(|c| c.injected && up.close_finished() && down.close_finished()),
+            ended,
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 //! descriptor. Only a non-101 answer, whose body must still stream to the
 //! client, gets its connection driver spawned on the tracker.
 
+use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -155,99 +156,106 @@ async fn lifetime_expiry(deadline: Option<Instant>, shutdown: &Shutdown) {
 /// upgrade, splices, and records the outcome. `guard` lives exactly as long
 /// as this future, so the slot is released however it ends, including when
 /// the client vanishes before the upgrade completes.
-pub async fn run(
+///
+/// A plain function returning an `async move` block rather than an
+/// `async fn`: the latter would hold every argument twice for the life of
+/// the connection (see [`splice::splice`]).
+pub fn run(
     client_upgrade: OnUpgrade,
     upstream: TcpStream,
     upstream_leftover: Bytes,
     guard: AdmissionGuard,
     ctx: TunnelContext,
-) {
+) -> impl Future<Output = ()> {
     let started = Instant::now();
     let registration = ctx.tunnels.register();
     let deadline = ctx.lifetime.map(|(l, j)| started + draw_lifetime(l, j));
-    let upgraded = tokio::select! {
-        r = client_upgrade => r,
-        // Grace is over before the client even finished its upgrade.
-        () = ctx.shutdown.stopped() => return,
-    };
-    let client = match upgraded.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
-        Ok(Ok(parts)) => parts,
-        Ok(Err(_)) => {
-            tracing::error!("upgraded client connection is not a TCP stream");
-            return;
-        }
-        Err(e) => {
-            tracing::debug!(error = %e, "client upgrade failed");
-            return;
-        }
-    };
-    let client_io = client.io.into_inner();
-    let peer = ctx.peer;
-    // The splice watches the abort itself (a second signal cuts at once),
-    // so it always returns its outcome and the metrics below see every
-    // connection, including one cut in the middle of its closing handshake.
-    let outcome = splice::splice(
-        &client_io,
-        client.read_buf,
-        &upstream,
-        upstream_leftover,
-        ctx.limits,
-        &ctx.metrics.bytes_client_to_upstream,
-        &ctx.metrics.bytes_upstream_to_client,
-        Box::pin(async {
+    async move {
+        let upgraded = tokio::select! {
+            r = client_upgrade => r,
+            // Grace is over before the client even finished its upgrade.
+            () = ctx.shutdown.stopped() => return,
+        };
+        let (client_io, client_leftover) =
+            match upgraded.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
+                Ok(Ok(parts)) => (parts.io.into_inner(), parts.read_buf),
+                Ok(Err(_)) => {
+                    tracing::error!("upgraded client connection is not a TCP stream");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "client upgrade failed");
+                    return;
+                }
+            };
+        // The splice watches the abort itself (a second signal cuts at once),
+        // so it always returns its outcome and the metrics below see every
+        // connection, including one cut in the middle of its closing handshake.
+        let stop = Box::pin(async {
             tokio::select! {
                 () = ctx.shutdown.stopped() => StopReason::Grace,
                 () = registration.drained() => StopReason::Drain,
                 () = lifetime_expiry(deadline, &ctx.shutdown) => StopReason::Lifetime,
             }
-        }),
-        Box::pin(ctx.shutdown.aborted()),
-    )
-    .await;
-    drop(registration);
-    let Outcome {
-        ended,
-        totals,
-        close_frames_sent,
-        close_completed,
-    } = outcome;
-    if let Ended::Stopped(StopReason::Lifetime) = ended {
-        ctx.metrics.expired.inc();
+        });
+        let abort = Box::pin(ctx.shutdown.aborted());
+        let outcome = splice::splice(
+            &client_io,
+            client_leftover,
+            &upstream,
+            upstream_leftover,
+            ctx.limits,
+            &ctx.metrics.bytes_client_to_upstream,
+            &ctx.metrics.bytes_upstream_to_client,
+            stop,
+            abort,
+        )
+        .await;
+        drop(registration);
+        let Outcome {
+            ended,
+            totals,
+            close_frames_sent,
+            close_completed,
+        } = outcome;
+        if let Ended::Stopped(StopReason::Lifetime) = ended {
+            ctx.metrics.expired.inc();
+        }
+        if let Some(reason) = close_frames_sent {
+            ctx.metrics.close_frames_sent(reason.label_and_text().0);
+        }
+        let lifetime = started.elapsed();
+        ctx.metrics.duration.observe(lifetime.as_secs_f64());
+        let how = match &ended {
+            Ended::Closed => "closed",
+            Ended::HalfCloseTimeout => "half_close_timeout",
+            Ended::Stopped(StopReason::Idle) => "idle_timeout",
+            Ended::Error(Leg::Client, _) => "client_error",
+            Ended::Error(Leg::Upstream, _) => "upstream_error",
+            Ended::Stopped(StopReason::Grace) => "shutdown_grace",
+            Ended::Stopped(StopReason::Drain) => "drained",
+            Ended::Stopped(StopReason::Lifetime) => "lifetime_expired",
+            Ended::Stopped(StopReason::Abort) => "shutdown_aborted",
+        };
+        let error = match &ended {
+            Ended::Error(_, e) => Some(e.to_string()),
+            _ => None,
+        };
+        tracing::debug!(
+            peer = %ctx.peer,
+            ended = how,
+            error,
+            close_frames_sent = close_frames_sent.is_some(),
+            close_completed,
+            lifetime_ms = lifetime.as_millis() as u64,
+            client_to_upstream = totals.client_to_upstream,
+            upstream_to_client = totals.upstream_to_client,
+            "websocket connection ended"
+        );
+        // Close both sockets before giving the slot back, so that once the
+        // active gauge has dropped, the descriptors are gone too.
+        drop(client_io);
+        drop(upstream);
+        drop(guard);
     }
-    if let Some(reason) = close_frames_sent {
-        ctx.metrics.close_frames_sent(reason.label_and_text().0);
-    }
-    let lifetime = started.elapsed();
-    ctx.metrics.duration.observe(lifetime.as_secs_f64());
-    let how = match &ended {
-        Ended::Closed => "closed",
-        Ended::HalfCloseTimeout => "half_close_timeout",
-        Ended::Stopped(StopReason::Idle) => "idle_timeout",
-        Ended::Error(Leg::Client, _) => "client_error",
-        Ended::Error(Leg::Upstream, _) => "upstream_error",
-        Ended::Stopped(StopReason::Grace) => "shutdown_grace",
-        Ended::Stopped(StopReason::Drain) => "drained",
-        Ended::Stopped(StopReason::Lifetime) => "lifetime_expired",
-        Ended::Stopped(StopReason::Abort) => "shutdown_aborted",
-    };
-    let error = match &ended {
-        Ended::Error(_, e) => Some(e.to_string()),
-        _ => None,
-    };
-    tracing::debug!(
-        %peer,
-        ended = how,
-        error,
-        close_frames_sent = close_frames_sent.is_some(),
-        close_completed,
-        lifetime_ms = lifetime.as_millis() as u64,
-        client_to_upstream = totals.client_to_upstream,
-        upstream_to_client = totals.upstream_to_client,
-        "websocket connection ended"
-    );
-    // Close both sockets before giving the slot back, so that once the
-    // active gauge has dropped, the descriptors are gone too.
-    drop(client_io);
-    drop(upstream);
-    drop(guard);
 }
