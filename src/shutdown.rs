@@ -1,5 +1,5 @@
-//! Shutdown: the OS signal future and the [`Shutdown`] handle shared by every
-//! task.
+//! Shutdown and reload: the OS signals and the configuration-file watch that
+//! feed [`Control`], and the [`Shutdown`] handle shared by every task.
 //!
 //! Three tokens and one tracker, one per step of the timeline (SPEC §5, §7):
 //! `signalled` at the first SIGTERM/SIGINT (readiness turns 503; admissions
@@ -11,6 +11,9 @@
 //! (everything is cut at once). The tracker holds every
 //! connection and tunnel task, because hyper forgets a connection the moment
 //! it is upgraded: without it, a drain would not see the tunnels at all.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
 
@@ -101,14 +104,19 @@ pub enum Control {
 
 /// Forwards SIGTERM and SIGINT (ctrl-c where there are no Unix signals) as
 /// [`Control::Shutdown`], every time one arrives, and SIGHUP as
-/// [`Control::Reload`] with the configuration loaded afresh from `source`.
-/// Must be called inside the runtime; the handlers are installed before it
-/// returns, so no signal sent after this call is missed.
+/// [`Control::Reload`] with the configuration loaded afresh from `source`;
+/// when `source` names a file, a change of that file reloads too (see
+/// [`watch_config_file`]). Must be called inside the runtime; the handlers
+/// are installed before it returns, so no signal sent after this call is
+/// missed.
 ///
 /// # Errors
 /// Installing the signal handlers can fail (rarely: out of resources).
 pub fn os_signals(source: ConfigSource) -> std::io::Result<mpsc::UnboundedReceiver<Control>> {
     let (tx, rx) = mpsc::unbounded_channel();
+    if let Some(path) = source.file.clone() {
+        tokio::spawn(watch_config_file(source.clone(), path, tx.clone()));
+    }
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -139,4 +147,124 @@ pub fn os_signals(source: ConfigSource) -> std::io::Result<mpsc::UnboundedReceiv
         }
     });
     Ok(rx)
+}
+
+/// How often the configuration file is looked at.
+pub const CONFIG_POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// One version of the configuration file: the file the path resolves to
+/// (a Kubernetes ConfigMap update swaps a symlink to a new file), its size
+/// and its modification time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileVersion {
+    device: u64,
+    inode: u64,
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+impl FileVersion {
+    /// The version at `path` now; `None` when it cannot be read.
+    pub async fn of(path: &Path) -> Option<Self> {
+        let meta = tokio::fs::metadata(path).await.ok()?;
+        #[cfg(unix)]
+        let (device, inode) = {
+            use std::os::unix::fs::MetadataExt;
+            (meta.dev(), meta.ino())
+        };
+        #[cfg(not(unix))]
+        let (device, inode) = (0, 0);
+        Some(FileVersion {
+            device,
+            inode,
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
+    }
+}
+
+/// Whether to reload now, given the version last applied, the one seen at
+/// the previous poll and the one seen now: only a change that has settled
+/// (the same new version on two polls in a row), so a file still being
+/// written in place is never read half-way (an empty file is a valid
+/// configuration too: all defaults, no cap). A file that vanished is not a
+/// change; the running configuration stays.
+pub fn settled_change(
+    applied: Option<FileVersion>,
+    previous: Option<FileVersion>,
+    now: Option<FileVersion>,
+) -> bool {
+    now.is_some() && now == previous && now != applied
+}
+
+/// Polls `path` every [`CONFIG_POLL_INTERVAL`] and sends a
+/// [`Control::Reload`] once a change has settled: with a ConfigMap mounted
+/// as the file, editing the ConfigMap applies it without a restart and
+/// without a signal (the image has no shell to send one from). A stat every
+/// 2 s costs nothing, and unlike an inotify watch on the file it sees the
+/// symlink swap by which the kubelet updates a mounted ConfigMap.
+async fn watch_config_file(
+    source: ConfigSource,
+    path: PathBuf,
+    tx: mpsc::UnboundedSender<Control>,
+) {
+    let mut applied = FileVersion::of(&path).await;
+    let mut previous = applied;
+    let mut ticks = tokio::time::interval(CONFIG_POLL_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await; // the first tick is immediate
+    loop {
+        ticks.tick().await;
+        let now = FileVersion::of(&path).await;
+        if settled_change(applied, previous, now) {
+            applied = now;
+            tracing::info!(path = %path.display(), "configuration file changed: reloading");
+            if tx.send(Control::Reload(Box::new(source.load()))).is_err() {
+                return; // nobody listens any more: the process is ending
+            }
+        }
+        previous = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(inode: u64, len: u64) -> Option<FileVersion> {
+        Some(FileVersion {
+            device: 1,
+            inode,
+            len,
+            modified: None,
+        })
+    }
+
+    #[test]
+    fn reloads_only_a_settled_change() {
+        let (a, b, c) = (version(1, 10), version(1, 20), version(2, 20));
+        assert!(!settled_change(a, a, a), "nothing changed");
+        assert!(
+            !settled_change(a, a, b),
+            "changed since the last poll: may still be written"
+        );
+        assert!(
+            settled_change(a, b, b),
+            "the same new version twice: reload"
+        );
+        assert!(!settled_change(b, b, b), "already applied");
+        assert!(
+            !settled_change(b, b, c) && settled_change(b, c, c),
+            "a swapped symlink"
+        );
+        assert!(!settled_change(a, b, c), "still changing");
+        assert!(
+            !settled_change(a, None, None),
+            "vanished: keep the running configuration"
+        );
+        assert!(
+            settled_change(None, a, a),
+            "a file that appears is read once it settled"
+        );
+    }
 }

@@ -430,3 +430,40 @@ async fn sighup_reloads_the_file_and_keeps_the_old_config_when_invalid() {
         "the old configuration stays"
     );
 }
+
+/// A ConfigMap mounted as the config file is updated by the kubelet without
+/// any signal (and the image has no shell to send one): wsgate notices the
+/// file changed, waits until it has settled, and reloads it.
+#[tokio::test]
+async fn a_changed_config_file_is_reloaded_without_a_signal() {
+    let up = spawn_echo_upstream().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("wsgate.toml");
+    std::fs::write(
+        &file,
+        format!("upstream = \"{}\"\nmax_clients = 3\n", up.addr),
+    )
+    .expect("write config");
+    let path = file.to_str().expect("utf8").to_owned();
+    let gate = start_with(&["--config", &path], &[]);
+    assert_eq!(metric(gate.admin, "wsgate_connections_max").await, 3.0);
+
+    // A new file renamed over the old one, as the kubelet's symlink swap does.
+    let next = dir.path().join("next.toml");
+    std::fs::write(
+        &next,
+        format!("upstream = \"{}\"\nmax_clients = 1\n", up.addr),
+    )
+    .expect("write config");
+    std::fs::rename(&next, &file).expect("rename");
+    wait_metric(gate.admin, "wsgate_connections_max", 1.0).await;
+    let success = "wsgate_config_reloads_total{result=\"success\"}";
+    assert_eq!(metric(gate.admin, success).await, 1.0);
+
+    // An invalid edit in place is refused; the running configuration stays.
+    std::fs::write(&file, "max_clients = \"lots\"\n").expect("write config");
+    let failure = "wsgate_config_reloads_total{result=\"failure\"}";
+    wait_metric(gate.admin, failure, 1.0).await;
+    assert_eq!(metric(gate.admin, "wsgate_connections_max").await, 1.0);
+    assert_eq!(metric(gate.admin, success).await, 1.0, "no second reload");
+}
