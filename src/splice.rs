@@ -100,6 +100,16 @@ pub enum Leg {
     Upstream,
 }
 
+impl Leg {
+    /// The leg on the other side of the splice.
+    fn other(self) -> Leg {
+        match self {
+            Leg::Client => Leg::Upstream,
+            Leg::Upstream => Leg::Client,
+        }
+    }
+}
+
 /// How a splice ended.
 #[derive(Debug)]
 pub enum Ended {
@@ -208,6 +218,17 @@ struct Pipe {
 enum PipeError {
     Read(io::Error),
     Write(io::Error),
+}
+
+impl PipeError {
+    /// How the splice ended, for a direction that reads from `src` and
+    /// writes to the other leg.
+    fn ended(self, src: Leg) -> Ended {
+        match self {
+            PipeError::Read(e) => Ended::Error(src, e),
+            PipeError::Write(e) => Ended::Error(src.other(), e),
+        }
+    }
 }
 
 impl Pipe {
@@ -573,7 +594,7 @@ where
             }
             let mut moved = false;
             if !up.done {
-                match up.poll(
+                if let Poll::Ready(Err(e)) = up.poll(
                     cx,
                     client,
                     upstream,
@@ -581,17 +602,11 @@ where
                     &mut moved,
                     down.done,
                 ) {
-                    Poll::Ready(Err(PipeError::Read(e))) => {
-                        return Poll::Ready(Ended::Error(Leg::Client, e))
-                    }
-                    Poll::Ready(Err(PipeError::Write(e))) => {
-                        return Poll::Ready(Ended::Error(Leg::Upstream, e))
-                    }
-                    _ => {}
+                    return Poll::Ready(e.ended(Leg::Client));
                 }
             }
             if !down.done {
-                match down.poll(
+                if let Poll::Ready(Err(e)) = down.poll(
                     cx,
                     upstream,
                     client,
@@ -599,13 +614,7 @@ where
                     &mut moved,
                     up.done,
                 ) {
-                    Poll::Ready(Err(PipeError::Read(e))) => {
-                        return Poll::Ready(Ended::Error(Leg::Upstream, e))
-                    }
-                    Poll::Ready(Err(PipeError::Write(e))) => {
-                        return Poll::Ready(Ended::Error(Leg::Client, e))
-                    }
-                    _ => {}
+                    return Poll::Ready(e.ended(Leg::Upstream));
                 }
             }
             if let Some(c) = &mut closing {
