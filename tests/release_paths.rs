@@ -24,6 +24,12 @@ async fn baseline(gate: &Sidecar) -> usize {
     open_fds()
 }
 
+/// The slot comes back within [`RELEASE_BOUND`] of the close.
+async fn released_in_time(gate: &Sidecar) {
+    let took = time_until_metric(gate.admin, ACTIVE, 0.0).await;
+    assert!(took < RELEASE_BOUND, "released after {took:?}");
+}
+
 #[tokio::test]
 async fn slot_freed_on_client_close_frame() {
     let up = spawn_echo_upstream().await;
@@ -35,8 +41,7 @@ async fn slot_freed_on_client_close_frame() {
     echo_text(&mut ws, "x").await;
     assert_eq!(metric(gate.admin, ACTIVE).await, 1.0);
     close_cleanly(ws).await;
-    let took = time_until_metric(gate.admin, ACTIVE, 0.0).await;
-    assert!(took < RELEASE_BOUND, "released after {took:?}");
+    released_in_time(&gate).await;
     assert_eq!(
         metric(gate.admin, "wsgate_connection_duration_seconds_count").await,
         1.0
@@ -58,8 +63,7 @@ async fn slot_freed_on_client_fin_with_no_traffic_ever() {
     let eof = within("EOF", s.read(&mut [0u8; 64])).await;
     assert!(matches!(eof, Ok(0)), "want a clean EOF, got {eof:?}");
     drop(s);
-    let took = time_until_metric(gate.admin, ACTIVE, 0.0).await;
-    assert!(took < RELEASE_BOUND, "released after {took:?}");
+    released_in_time(&gate).await;
     wait_fds(fds, 0).await;
 }
 
@@ -73,8 +77,7 @@ async fn slot_freed_on_client_rst() {
     wait_metric(gate.admin, ACTIVE, 1.0).await;
     set_reset_on_close(&s);
     drop(s);
-    let took = time_until_metric(gate.admin, ACTIVE, 0.0).await;
-    assert!(took < RELEASE_BOUND, "released after {took:?}");
+    released_in_time(&gate).await;
     wait_fds(fds, 0).await;
 }
 
@@ -90,8 +93,7 @@ async fn slot_freed_when_upstream_closes() {
     // closes TCP and wsgate passes the close on.
     within("upstream close", async { while ws.next_message().await {} }).await;
     drop(ws);
-    let took = time_until_metric(gate.admin, ACTIVE, 0.0).await;
-    assert!(took < RELEASE_BOUND, "released after {took:?}");
+    released_in_time(&gate).await;
     wait_fds(fds, 0).await;
 }
 
