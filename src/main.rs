@@ -45,6 +45,12 @@ fn main() -> ExitCode {
         base,
         file: cli.config.clone(),
     };
+    // Taken before the file is read, so the watch (see `os_signals`) also
+    // sees a change made while it was being read.
+    let loaded_version = source
+        .file
+        .as_deref()
+        .and_then(wsgate::shutdown::FileVersion::of);
     let config = match source.load() {
         Ok(c) => c,
         Err(e) => {
@@ -79,7 +85,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = runtime.block_on(serve(config, source, demo));
+    let result = runtime.block_on(serve(config, source, loaded_version, demo));
     // DNS lookups run on the blocking pool and cannot be cancelled: do not
     // let one stuck in a resolver outage hold the exit past the grace.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
@@ -116,6 +122,7 @@ async fn bind(what: &str, addr: std::net::SocketAddr) -> Result<TcpListener, wsg
 async fn serve(
     mut config: Config,
     mut source: ConfigSource,
+    loaded_version: Option<wsgate::shutdown::FileVersion>,
     demo: bool,
 ) -> Result<(), wsgate::Error> {
     raise_descriptor_limit(config.max_clients);
@@ -132,7 +139,7 @@ async fn serve(
     // Signal handlers go in before the listeners are bound (and logged), so
     // a SIGTERM that arrives during start-up is a clean shutdown, not the
     // default disposition killing the process.
-    let control = wsgate::shutdown::os_signals(source)?;
+    let control = wsgate::shutdown::os_signals(source, loaded_version)?;
     let proxy = bind("proxy", config.listen).await?;
     let admin = bind("admin", config.admin_listen).await?;
     if let Some((_, echo_addr)) = &echo {

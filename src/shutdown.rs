@@ -106,16 +106,21 @@ pub enum Control {
 /// [`Control::Shutdown`], every time one arrives, and SIGHUP as
 /// [`Control::Reload`] with the configuration loaded afresh from `source`;
 /// when `source` names a file, a change of that file reloads too (see
-/// [`watch_config_file`]). Must be called inside the runtime; the handlers
-/// are installed before it returns, so no signal sent after this call is
-/// missed.
+/// [`watch_config_file`]): `loaded` is the [`FileVersion`] taken just
+/// before the running configuration was read, so a change made at any time
+/// after that read is seen, however late the watch task first runs. Must be
+/// called inside the runtime; the handlers are installed before it returns,
+/// so no signal sent after this call is missed.
 ///
 /// # Errors
 /// Installing the signal handlers can fail (rarely: out of resources).
-pub fn os_signals(source: ConfigSource) -> std::io::Result<mpsc::UnboundedReceiver<Control>> {
+pub fn os_signals(
+    source: ConfigSource,
+    loaded: Option<FileVersion>,
+) -> std::io::Result<mpsc::UnboundedReceiver<Control>> {
     let (tx, rx) = mpsc::unbounded_channel();
     if let Some(path) = source.file.clone() {
-        tokio::spawn(watch_config_file(source.clone(), path, tx.clone()));
+        tokio::spawn(watch_config_file(source.clone(), path, loaded, tx.clone()));
     }
     #[cfg(unix)]
     {
@@ -164,9 +169,10 @@ pub struct FileVersion {
 }
 
 impl FileVersion {
-    /// The version at `path` now; `None` when it cannot be read.
-    pub async fn of(path: &Path) -> Option<Self> {
-        let meta = tokio::fs::metadata(path).await.ok()?;
+    /// The version at `path` now; `None` when it cannot be read. One
+    /// `stat`: blocking, so the watch task runs it on the blocking pool.
+    pub fn of(path: &Path) -> Option<Self> {
+        let meta = std::fs::metadata(path).ok()?;
         #[cfg(unix)]
         let (device, inode) = {
             use std::os::unix::fs::MetadataExt;
@@ -206,16 +212,27 @@ pub fn settled_change(
 async fn watch_config_file(
     source: ConfigSource,
     path: PathBuf,
+    loaded: Option<FileVersion>,
     tx: mpsc::UnboundedSender<Control>,
 ) {
-    let mut applied = FileVersion::of(&path).await;
+    // The baseline is the version the running configuration came from, not
+    // whatever the file is when this task first gets to run: a change made
+    // in between (a busy start) would otherwise be taken as the baseline
+    // and never applied.
+    let mut applied = loaded;
     let mut previous = applied;
     let mut ticks = tokio::time::interval(CONFIG_POLL_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await; // the first tick is immediate
     loop {
         ticks.tick().await;
-        let now = FileVersion::of(&path).await;
+        let now = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || FileVersion::of(&path))
+                .await
+                .ok()
+                .flatten()
+        };
         if settled_change(applied, previous, now) {
             applied = now;
             tracing::info!(path = %path.display(), "configuration file changed: reloading");
@@ -266,5 +283,38 @@ mod tests {
             settled_change(None, a, a),
             "a file that appears is read once it settled"
         );
+    }
+
+    /// The failure CI once caught: the file replaced after the running
+    /// configuration was read but before the watch task first ran. The
+    /// baseline must be the version that was read, so the change is applied.
+    #[tokio::test]
+    async fn a_change_before_the_watch_starts_is_still_applied() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("wsgate.toml");
+        std::fs::write(&file, "upstream = \"127.0.0.1:1\"\nmax_clients = 3\n").expect("write");
+        let loaded = FileVersion::of(&file);
+        assert!(loaded.is_some());
+
+        let next = dir.path().join("next.toml");
+        std::fs::write(&next, "upstream = \"127.0.0.1:1\"\nmax_clients = 1\n").expect("write");
+        std::fs::rename(&next, &file).expect("rename");
+
+        let source = ConfigSource {
+            base: crate::config::RawConfig::default(),
+            file: Some(file.clone()),
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let watch = tokio::spawn(watch_config_file(source, file, loaded, tx));
+        let bound = CONFIG_POLL_INTERVAL * 5;
+        let message = tokio::time::timeout(bound, rx.recv()).await;
+        watch.abort();
+        match message {
+            Ok(Some(Control::Reload(loaded))) => match *loaded {
+                Ok(config) => assert_eq!(config.max_clients, 1),
+                Err(e) => panic!("the new file is valid: {e}"),
+            },
+            other => panic!("no reload within {bound:?}: {other:?}"),
+        }
     }
 }
