@@ -119,15 +119,12 @@ async fn drain_closes_a_hundred_connections_evenly_over_the_period() {
     let start = Instant::now();
     let waiters = watch_closes(clients, start);
     gate.signal();
-    // Sample the drained counter while the admin port still answers.
+    // Sample the drained counter while the admin port still answers: the
+    // process exits as soon as the last tunnel is gone, so a scrape may
+    // find the port closed at the end.
     let mut last_drained = 0.0;
     while !waiters.iter().all(|w| w.is_finished()) && start.elapsed() < Duration::from_secs(8) {
-        if let Ok(v) = tokio::time::timeout(
-            Duration::from_millis(500),
-            metric(gate.admin, "wsgate_connections_drained_total"),
-        )
-        .await
-        {
+        if let Some(v) = try_metric(gate.admin, "wsgate_connections_drained_total").await {
             assert!(v >= last_drained, "drained_total went backwards");
             last_drained = v;
         }

@@ -385,13 +385,13 @@ pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+fn get_request(addr: SocketAddr, path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+}
+
 /// A minimal HTTP/1.1 GET returning (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let text = raw_exchange(
-        addr,
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await;
+    let text = raw_exchange(addr, get_request(addr, path).as_bytes()).await;
     let status = text
         .split_whitespace()
         .nth(1)
@@ -426,6 +426,25 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
 pub async fn metric(admin: SocketAddr, series: &str) -> f64 {
     let text = scrape(admin).await;
     metric_value(&text, series).unwrap_or_else(|| panic!("{series} missing from\n{text}"))
+}
+
+/// The value of `series`, or `None` when the admin port no longer answers
+/// with metrics: for sampling while the process may be exiting.
+pub async fn try_metric(admin: SocketAddr, series: &str) -> Option<f64> {
+    let mut s = TcpStream::connect(admin).await.ok()?;
+    s.write_all(get_request(admin, "/metrics").as_bytes())
+        .await
+        .ok()?;
+    let mut out = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&out);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    (head.split_whitespace().nth(1) == Some("200"))
+        .then(|| metric_value(body, series))
+        .flatten()
 }
 
 /// Polls until `series` equals `want`, or fails after [`DEADLINE`].
