@@ -192,7 +192,7 @@ impl Metrics {
         let reloads = IntCounterVec::new(
             Opts::new(
                 "wsgate_config_reloads_total",
-                "SIGHUP configuration reloads",
+                "Configuration reloads (SIGHUP or a settled change of the --config file)",
             ),
             &["result"],
         )?;

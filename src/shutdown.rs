@@ -12,7 +12,7 @@
 //! connection and tunnel task, because hyper forgets a connection the moment
 //! it is upgraded: without it, a drain would not see the tunnels at all.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
@@ -98,17 +98,18 @@ impl Shutdown {
 pub enum Control {
     /// SIGTERM/SIGINT: the first drains, a second stops at once.
     Shutdown,
-    /// SIGHUP: the configuration read afresh (or why it could not be).
+    /// SIGHUP or a changed configuration file: the configuration read
+    /// afresh (or why it could not be).
     Reload(Box<Result<Config, ConfigError>>),
 }
 
 /// Forwards SIGTERM and SIGINT (ctrl-c where there are no Unix signals) as
 /// [`Control::Shutdown`], every time one arrives, and SIGHUP as
-/// [`Control::Reload`] with the configuration loaded afresh from `source`;
+/// [`Control::Reload`] with the configuration read afresh from `source`;
 /// when `source` names a file, a change of that file reloads too (see
-/// [`watch_config_file`]): `loaded` is the [`FileVersion`] taken just
-/// before the running configuration was read, so a change made at any time
-/// after that read is seen, however late the watch task first runs. Must be
+/// [`reload_on_request`]). `loaded` is the [`FileVersion`] taken just before
+/// the running configuration was read, so a change made at any time after
+/// that read is seen, however late the reload task first runs. Must be
 /// called inside the runtime; the handlers are installed before it returns,
 /// so no signal sent after this call is missed.
 ///
@@ -119,38 +120,36 @@ pub fn os_signals(
     loaded: Option<FileVersion>,
 ) -> std::io::Result<mpsc::UnboundedReceiver<Control>> {
     let (tx, rx) = mpsc::unbounded_channel();
-    if let Some(path) = source.file.clone() {
-        tokio::spawn(watch_config_file(source.clone(), path, loaded, tx.clone()));
-    }
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
+        let hangups = signal(SignalKind::hangup())?;
+        tokio::spawn(reload_on_request(source, loaded, Some(hangups), tx.clone()));
         tokio::spawn(async move {
             loop {
-                let message = tokio::select! {
-                    _ = term.recv() => Control::Shutdown,
-                    _ = int.recv() => Control::Shutdown,
-                    _ = hup.recv() => Control::Reload(Box::new(source.load())),
-                };
-                if tx.send(message).is_err() {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                if tx.send(Control::Shutdown).is_err() {
                     return; // nobody listens any more: the process is ending
                 }
             }
         });
     }
     #[cfg(not(unix))]
-    let _ = source;
-    #[cfg(not(unix))]
-    tokio::spawn(async move {
-        while tokio::signal::ctrl_c().await.is_ok() {
-            if tx.send(Control::Shutdown).is_err() {
-                return;
+    {
+        tokio::spawn(reload_on_request(source, loaded, None, tx.clone()));
+        tokio::spawn(async move {
+            while tokio::signal::ctrl_c().await.is_ok() {
+                if tx.send(Control::Shutdown).is_err() {
+                    return;
+                }
             }
-        }
-    });
+        });
+    }
     Ok(rx)
 }
 
@@ -203,16 +202,81 @@ pub fn settled_change(
     now.is_some() && now == previous && now != applied
 }
 
-/// Polls `path` every [`CONFIG_POLL_INTERVAL`] and sends a
-/// [`Control::Reload`] once a change has settled: with a ConfigMap mounted
-/// as the file, editing the ConfigMap applies it without a restart and
-/// without a signal (the image has no shell to send one from). A stat every
-/// 2 s costs nothing, and unlike an inotify watch on the file it sees the
-/// symlink swap by which the kubelet updates a mounted ConfigMap.
-async fn watch_config_file(
+/// SIGHUP on Unix; nothing elsewhere.
+#[cfg(unix)]
+type Hangups = tokio::signal::unix::Signal;
+/// SIGHUP on Unix; nothing elsewhere.
+#[cfg(not(unix))]
+type Hangups = std::convert::Infallible;
+
+/// The next SIGHUP; never, when there are none to wait for.
+async fn next_hangup(hangups: &mut Option<Hangups>) {
+    match hangups {
+        #[cfg(unix)]
+        Some(h) => {
+            if h.recv().await.is_none() {
+                std::future::pending::<()>().await;
+            }
+        }
+        #[cfg(not(unix))]
+        Some(never) => match *never {},
+        None => std::future::pending().await,
+    }
+}
+
+/// One read of the configuration, with the file's version just before and
+/// just after it: the read is of one version only when the two agree.
+struct Reading {
+    before: Option<FileVersion>,
+    after: Option<FileVersion>,
+    config: Result<Config, ConfigError>,
+}
+
+impl Reading {
+    /// Whether the file stayed the same version through the read and, for
+    /// a poll, is the version that settled (`settled`; `None` for SIGHUP,
+    /// which reads whatever is there).
+    fn is_of_one_version(&self, settled: Option<Option<FileVersion>>) -> bool {
+        self.before == self.after && settled.is_none_or(|version| version == self.before)
+    }
+
+    /// Reads on the blocking pool: the file may sit on a slow volume, and a
+    /// runtime worker must not wait for it. `None` only when the runtime is
+    /// shutting down.
+    async fn take(source: &ConfigSource) -> Option<Self> {
+        let source = source.clone();
+        tokio::task::spawn_blocking(move || {
+            let version = || source.file.as_deref().and_then(FileVersion::of);
+            let before = version();
+            let config = source.load();
+            Reading {
+                before,
+                after: version(),
+                config,
+            }
+        })
+        .await
+        .ok()
+    }
+}
+
+/// Reloads on SIGHUP and, when `source` names a file, once a change of that
+/// file has settled: it is polled every [`CONFIG_POLL_INTERVAL`]. With a
+/// ConfigMap mounted as the file, editing the ConfigMap then applies it
+/// without a restart and without a signal (the image has no shell to send
+/// one from). A stat every 2 s costs nothing, and unlike an inotify watch on
+/// the file it sees the symlink swap by which the kubelet updates a mounted
+/// ConfigMap.
+///
+/// Both triggers share one task and one baseline, so a change is applied
+/// and counted once whichever sees it first. A read during which the file
+/// changed is not applied (it may hold half a file, and a prefix of a TOML
+/// file is often valid TOML: `max_clients = 1` of `max_clients = 1000`);
+/// the change is applied once it has settled.
+async fn reload_on_request(
     source: ConfigSource,
-    path: PathBuf,
     loaded: Option<FileVersion>,
+    mut hangups: Option<Hangups>,
     tx: mpsc::UnboundedSender<Control>,
 ) {
     // The baseline is the version the running configuration came from, not
@@ -221,26 +285,50 @@ async fn watch_config_file(
     // and never applied.
     let mut applied = loaded;
     let mut previous = applied;
+    let watching = source.file.is_some();
     let mut ticks = tokio::time::interval(CONFIG_POLL_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await; // the first tick is immediate
     loop {
-        ticks.tick().await;
-        let now = {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || FileVersion::of(&path))
-                .await
-                .ok()
-                .flatten()
+        let signalled = tokio::select! {
+            () = next_hangup(&mut hangups) => true,
+            _ = ticks.tick(), if watching => false,
         };
-        if settled_change(applied, previous, now) {
-            applied = now;
-            tracing::info!(path = %path.display(), "configuration file changed: reloading");
-            if tx.send(Control::Reload(Box::new(source.load()))).is_err() {
-                return; // nobody listens any more: the process is ending
+        // A poll reloads a version that has settled, and only that version;
+        // a SIGHUP reads whatever is there now.
+        let mut settled = None;
+        if !signalled {
+            let now = match source.file.clone() {
+                Some(path) => tokio::task::spawn_blocking(move || FileVersion::of(&path))
+                    .await
+                    .ok()
+                    .flatten(),
+                None => None,
+            };
+            let changed = settled_change(applied, previous, now);
+            previous = now;
+            if !changed {
+                continue;
             }
+            if let Some(path) = &source.file {
+                tracing::info!(path = %path.display(), "configuration file changed: reloading");
+            }
+            settled = Some(now);
         }
-        previous = now;
+        let Some(reading) = Reading::take(&source).await else {
+            return; // the runtime is shutting down
+        };
+        previous = reading.after;
+        if !reading.is_of_one_version(settled) {
+            tracing::warn!(
+                "configuration file changed while it was read: it is applied once it has settled"
+            );
+            continue;
+        }
+        applied = reading.after;
+        if tx.send(Control::Reload(Box::new(reading.config))).is_err() {
+            return; // nobody listens any more: the process is ending
+        }
     }
 }
 
@@ -285,6 +373,41 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_read_during_a_change_is_not_applied() {
+        let (a, b) = (version(1, 10), version(1, 0));
+        let reading = |before, after| Reading {
+            before,
+            after,
+            // What was read does not matter here, only when.
+            config: Config::load(None),
+        };
+        assert!(
+            reading(a, a).is_of_one_version(Some(a)),
+            "the settled version"
+        );
+        assert!(
+            reading(a, a).is_of_one_version(None),
+            "SIGHUP, file unchanged"
+        );
+        assert!(
+            !reading(a, b).is_of_one_version(Some(a)),
+            "truncated while read"
+        );
+        assert!(
+            !reading(a, b).is_of_one_version(None),
+            "truncated while read after a SIGHUP"
+        );
+        assert!(
+            !reading(b, b).is_of_one_version(Some(a)),
+            "truncated between the poll and the read: not the version that settled"
+        );
+        assert!(
+            reading(None, None).is_of_one_version(None),
+            "no file: SIGHUP re-reads the environment"
+        );
+    }
+
     /// The failure CI once caught: the file replaced after the running
     /// configuration was read but before the watch task first ran. The
     /// baseline must be the version that was read, so the change is applied.
@@ -305,7 +428,7 @@ mod tests {
             file: Some(file.clone()),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let watch = tokio::spawn(watch_config_file(source, file, loaded, tx));
+        let watch = tokio::spawn(reload_on_request(source, loaded, None, tx));
         let bound = CONFIG_POLL_INTERVAL * 5;
         let message = tokio::time::timeout(bound, rx.recv()).await;
         watch.abort();
