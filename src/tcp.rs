@@ -53,7 +53,7 @@ pub fn configure_listener(listener: &TcpListener, keepalive: Option<Duration>) {
 }
 
 /// Whether an accepted socket came with the listener's options
-/// (`TCP_NODELAY` is always among them).
+/// (`TCP_NODELAY` is always among them, and set on the listener last).
 pub fn inherited_options(stream: &TcpStream) -> bool {
     stream.nodelay().unwrap_or(false)
 }
@@ -65,9 +65,16 @@ pub fn configure_accepted(stream: &TcpStream, keepalive: Option<Duration>) {
 }
 
 fn apply(sock: SockRef<'_>, keepalive: Option<Duration>, turn_off: bool) {
+    set_keepalive(&sock, keepalive, turn_off);
+    // Last, because `inherited_options` takes `TCP_NODELAY` as the sign that
+    // an accepted socket got every option: a connection the kernel completes
+    // while the listener is being configured copies whatever is set so far.
     if let Err(e) = sock.set_tcp_nodelay(true) {
         tracing::debug!(error = %e, "setting TCP_NODELAY");
     }
+}
+
+fn set_keepalive(sock: &SockRef<'_>, keepalive: Option<Duration>, turn_off: bool) {
     let Some(idle) = keepalive else {
         if turn_off {
             if let Err(e) = sock.set_keepalive(false) {
