@@ -13,22 +13,9 @@ cd "$ROOT"
 export DEBIAN_FRONTEND=noninteractive
 
 log() { printf '[deploy/tests] %s\n' "$*"; }
-if [[ $(id -u) -eq 0 ]]; then SUDO=(); else SUDO=(sudo -n); fi
 
-# apt_install PKG...: apt-get update + install, tried three times (mirrors can hiccup).
-apt_install() {
-  local try
-  for try in 1 2 3; do
-    if "${SUDO[@]}" apt-get update -qq </dev/null &&
-       "${SUDO[@]}" apt-get install -y -qq --no-install-recommends \
-         -o DPkg::Lock::Timeout=300 "$@" </dev/null >/dev/null; then
-      return 0
-    fi
-    log "apt-get failed (try $try), retrying"
-    sleep $((try * 5))
-  done
-  return 1
-}
+# shellcheck source=../../.ci/apt-install.sh
+source "$ROOT/.ci/apt-install.sh"
 
 # 1. Prometheus and promtool from Debian. The package's postinst may try to start a service;
 #    the tests only use the binaries and start their own server on an ephemeral port.

@@ -11,102 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import re
 import signal
-import subprocess
 import time
 
 import pytest
+from harness import Upstream, Wsgate, eventually
 from websockets.asyncio.client import connect
-from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-WSGATE_BIN = os.environ.get("WSGATE_BIN", "target/debug/wsgate")
 LOG = logging.getLogger("client")
-
-
-class Upstream:
-    """A `websockets` echo server that records what it received and how it was closed."""
-
-    def __init__(self) -> None:
-        self.received: list[str | bytes] = []
-        self.closes: list[tuple[int | None, str | None]] = []
-        self.server = None
-        self.port = 0
-
-    async def handler(self, ws) -> None:
-        try:
-            async for msg in ws:
-                self.received.append(msg)
-                await ws.send(msg)
-        except ConnectionClosed:
-            pass
-        self.closes.append((ws.close_code, ws.close_reason))
-
-    async def __aenter__(self) -> "Upstream":
-        self.server = await serve(self.handler, "127.0.0.1", 0, compression="deflate")
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.server.close()
-        await self.server.wait_closed()
-
-
-class Wsgate:
-    """The wsgate binary, started as a user starts it, stopped by PID."""
-
-    def __init__(self, upstream_port: int, **env: str) -> None:
-        full = {k: v for k, v in os.environ.items() if not k.startswith("WSGATE_")}
-        full.update(
-            WSGATE_UPSTREAM=f"127.0.0.1:{upstream_port}",
-            WSGATE_LISTEN="127.0.0.1:0",
-            WSGATE_ADMIN_LISTEN="127.0.0.1:0",
-            RUST_LOG="info",
-            **env,
-        )
-        self.proc = subprocess.Popen(
-            [WSGATE_BIN], env=full, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True,
-        )
-        self.proxy = self._wait_for("proxy")
-
-    def _wait_for(self, what: str) -> str:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                raise RuntimeError(f"wsgate exited: {self.proc.wait()}")
-            m = re.search(rf"{what} listening addr=(\S+)", line)
-            if m:
-                return m.group(1)
-        raise RuntimeError(f"wsgate never logged '{what} listening'")
-
-    @property
-    def url(self) -> str:
-        return f"ws://{self.proxy}/"
-
-    async def exit_code(self, timeout: float = 10) -> int | None:
-        """Waits for the process to exit without blocking the event loop.
-
-        A blocking `proc.wait()` would freeze the in-process upstream too, so it could neither
-        answer wsgate's Close nor record it before the assertions run.
-        """
-        await eventually(lambda: self.proc.poll() is not None, timeout)
-        return self.proc.poll()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-
-
-async def eventually(condition, timeout: float) -> None:
-    """Polls `condition` every 10 ms, yielding to the event loop, until it holds or time runs out."""
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
 
 
 async def talk_until_closed(ws, n: int = 100_000) -> tuple[list[str], list[str]]:

@@ -1,0 +1,53 @@
+// Node's `ws` library as a wsgate client, driven by tests/clients/test_node_ws.py.
+//
+//   node client.mjs ws://HOST:PORT/
+//
+// Against a cap of 2: opens a and b, checks that a third connection is refused with 503 and
+// Retry-After, echoes a text and a 1 MiB binary message on a, then prints {"event":"ready"} and
+// waits for wsgate to close a and b (the test sends SIGTERM). Every observation is one JSON line
+// on stdout; the test makes the assertions. Exits by itself after 20 s at the latest.
+import WebSocket from "ws";
+
+const url = process.argv[2];
+const say = (event) => console.log(JSON.stringify(event));
+setTimeout(() => { say({ event: "timeout" }); process.exit(1); }, 20_000).unref();
+
+const open = (name) => new Promise((resolve, reject) => {
+  const ws = new WebSocket(url);
+  ws.once("open", () => resolve(ws));
+  ws.once("unexpected-response", (_req, res) => {
+    say({ name, event: "refused", status: res.statusCode, retryAfter: res.headers["retry-after"] ?? null });
+    res.resume();
+    resolve(null);
+  });
+  ws.once("error", reject);
+});
+
+const echo = (ws, data) => new Promise((resolve) => {
+  ws.once("message", (got, isBinary) => resolve({ got, isBinary }));
+  ws.send(data);
+});
+
+const closed = (name, ws) => new Promise((resolve) => {
+  ws.once("close", (code, reason) => {
+    say({ name, event: "close", code, reason: reason.toString() });
+    resolve();
+  });
+});
+
+const a = await open("a");
+const b = await open("b");
+const aClosed = closed("a", a);
+const bClosed = closed("b", b);
+await open("c");
+
+const text = await echo(a, "hello from node ws");
+say({ name: "a", event: "text", data: text.got.toString(), binary: text.isBinary });
+const bulk = Buffer.alloc(1 << 20, 0);
+for (let i = 0; i < bulk.length; i++) bulk[i] = (i * 31 + 7) & 0xff;
+const bin = await echo(a, bulk);
+say({ name: "a", event: "binary", length: bin.got.length, intact: bin.isBinary && bulk.equals(bin.got) });
+
+say({ event: "ready" });
+await Promise.all([aClosed, bClosed]);
+say({ event: "done" });

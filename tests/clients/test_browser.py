@@ -1,0 +1,173 @@
+"""wsgate seen by a real browser: headless Chromium from Debian.
+
+Chromium loads `page.html` through wsgate's plain-HTTP path, and the page opens WebSockets back
+through wsgate: a text and a 64 KiB binary message must echo intact, the third connection over a
+cap of 2 must be refused (the browser's console names the 503), and on SIGTERM the browser must
+see a clean close with 1001 and wsgate's reason. The test drives Chromium over the DevTools
+protocol (itself a WebSocket, spoken here with the `websockets` library).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+
+import pytest
+from harness import Upstream, Wsgate, eventually
+from websockets.asyncio.client import connect
+
+PAGE = (pathlib.Path(__file__).parent / "page.html").read_bytes()
+CHROMIUM = os.environ.get("CHROMIUM_BIN") or shutil.which("chromium")
+
+
+class Chromium:
+    """Headless Chromium with a DevTools endpoint on an ephemeral loopback port, stopped by PID."""
+
+    def __init__(self) -> None:
+        if CHROMIUM is None:
+            raise RuntimeError("chromium not found: tests/clients/run.sh installs it, "
+                               "or set CHROMIUM_BIN")
+        self.profile = tempfile.TemporaryDirectory(prefix="wsgate-chromium-")
+        self.proc = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+             "--disable-extensions", "--disable-background-networking",
+             "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+             f"--user-data-dir={self.profile.name}", "about:blank"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True, start_new_session=True,
+        )
+        self.endpoint = self._devtools_endpoint()
+        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
+
+    def _devtools_endpoint(self) -> str:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                raise RuntimeError(f"chromium exited: {self.proc.wait()}")
+            m = re.search(r"DevTools listening on (ws://\S+)", line)
+            if m:
+                return m.group(1)
+        raise RuntimeError("chromium never announced its DevTools endpoint")
+
+    def stop(self) -> None:
+        # Its helper processes (zygote, renderer) are in the session it leads: ours to stop too.
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self.profile.cleanup()
+
+
+class DevTools:
+    """A minimal DevTools-protocol client: one page, commands and the console entries it logs."""
+
+    def __init__(self, ws) -> None:
+        self.ws = ws
+        self.ids = itertools.count(1)
+        self.session: str | None = None
+        self.console: list[str] = []
+
+    async def call(self, method: str, **params):
+        msg_id = next(self.ids)
+        msg = {"id": msg_id, "method": method, "params": params}
+        if self.session:
+            msg["sessionId"] = self.session
+        await self.ws.send(json.dumps(msg))
+        while True:
+            reply = json.loads(await asyncio.wait_for(self.ws.recv(), 20))
+            if reply.get("method") == "Log.entryAdded":
+                self.console.append(reply["params"]["entry"]["text"])
+            if reply.get("id") == msg_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    async def open_page(self, url: str) -> None:
+        target = await self.call("Target.createTarget", url="about:blank")
+        attached = await self.call("Target.attachToTarget", targetId=target["targetId"],
+                                   flatten=True)
+        self.session = attached["sessionId"]
+        await self.call("Log.enable")
+        await self.call("Page.navigate", url=url)
+
+    async def results(self) -> list[dict]:
+        got = await self.call("Runtime.evaluate",
+                              expression="JSON.stringify(window.results || [])",
+                              returnByValue=True)
+        return json.loads(got["result"].get("value") or "[]")
+
+    async def wait_for(self, condition, timeout: float = 15) -> list[dict]:
+        """Polls the page's results until `condition(results)` holds; fails with them otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            results = await self.results()
+            if condition(results) or time.monotonic() > deadline:
+                return results
+            await asyncio.sleep(0.05)
+
+
+def events(results: list[dict], name: str, event: str) -> list[dict]:
+    return [r for r in results if r["name"] == name and r["event"] == event]
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+                    reason="chromium not installed (tests/clients/run.sh installs it)")
+def test_chromium_through_wsgate_echo_cap_and_drain() -> None:
+    async def main() -> None:
+        async with Upstream(page=PAGE) as up:
+            gate = Wsgate(up.port, WSGATE_MAX_CLIENTS="2", WSGATE_DRAIN_PERIOD="500ms",
+                          WSGATE_SHUTDOWN_GRACE="5s")
+            browser = Chromium()
+            try:
+                async with connect(browser.endpoint, max_size=None) as ws:
+                    tools = DevTools(ws)
+                    await tools.open_page(f"http://{gate.proxy}/")
+
+                    results = await tools.wait_for(lambda r: events(r, "c", "close"))
+                    print(f"\nchromium ({CHROMIUM}) page results: {results}")
+                    assert events(results, "a", "text") == [
+                        {"name": "a", "event": "text", "data": "hello from chromium"}]
+                    assert events(results, "a", "binary") == [
+                        {"name": "a", "event": "binary", "length": 65536, "intact": True}]
+                    assert events(results, "b", "open"), "the second connection fits the cap"
+                    assert not events(results, "c", "open"), "the third is over the cap of 2"
+                    assert events(results, "c", "close")[0]["code"] == 1006
+                    # The browser's console names the status it got.
+                    await tools.results()  # collects console entries logged meanwhile
+                    print(f"chromium console: {tools.console}")
+                    assert any("503" in line for line in tools.console), tools.console
+                    assert gate.metric('wsgate_connections_rejected_total{reason="capacity"}') == 1
+                    assert gate.metric("wsgate_connections_active") == 2
+
+                    gate.proc.send_signal(signal.SIGTERM)
+                    results = await tools.wait_for(
+                        lambda r: events(r, "a", "close") and events(r, "b", "close"))
+                    print(f"after SIGTERM: {results}")
+                    for name in ("a", "b"):
+                        closed = events(results, name, "close")
+                        assert closed, f"{name} not closed: {results}"
+                        assert closed[0]["code"] == 1001, closed
+                        assert "draining" in closed[0]["reason"], closed
+                        assert closed[0]["clean"] is True, closed
+                assert await gate.exit_code() == 0, "wsgate exits 0 after the drain"
+                await eventually(lambda: len(up.closes) >= 2, 5)
+                assert sorted(code for code, _ in up.closes) == [1001, 1001], up.closes
+            finally:
+                browser.stop()
+                gate.stop()
+
+    asyncio.run(main())
