@@ -814,17 +814,29 @@ mod tests {
         tokio::task::JoinHandle<Outcome>,
     ) {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
+        let stop = async move {
+            let _ = rx.await;
+            reason
+        };
+        let task = spawn_closing_splice_with(p_client, p_up, stop, std::future::pending());
+        (tx, task)
+    }
+
+    /// A splice with close frames on, in its own task, with the given stop
+    /// and abort futures.
+    fn spawn_closing_splice_with(
+        p_client: TcpStream,
+        p_up: TcpStream,
+        stop: impl Future<Output = StopReason> + Send + 'static,
+        abort: impl Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<Outcome> {
+        tokio::spawn(async move {
             let (c2u, u2c) = counters();
             let limits = Limits {
                 close: Some(CLOSE),
                 ..LIMITS
             };
-            let stop = async {
-                let _ = rx.await;
-                reason
-            };
-            splice_no_abort(
+            splice(
                 &p_client,
                 Bytes::new(),
                 &p_up,
@@ -832,11 +844,11 @@ mod tests {
                 limits,
                 &c2u,
                 &u2c,
-                stop,
+                Box::pin(stop),
+                Box::pin(abort),
             )
             .await
-        });
-        (tx, task)
+        })
     }
 
     #[tokio::test]
@@ -941,28 +953,11 @@ mod tests {
     async fn an_abort_mid_handshake_cuts_at_once_and_still_reports_the_close() {
         let ((mut client, p_client), (p_up, _upstream)) = pairs().await;
         let (abort_tx, abort_rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let (c2u, u2c) = counters();
-            let limits = Limits {
-                close: Some(CLOSE),
-                ..LIMITS
-            };
-            let abort = async {
-                let _ = abort_rx.await;
-            };
-            splice(
-                &p_client,
-                Bytes::new(),
-                &p_up,
-                Bytes::new(),
-                limits,
-                &c2u,
-                &u2c,
-                Box::pin(std::future::ready(StopReason::Grace)),
-                Box::pin(abort),
-            )
-            .await
-        });
+        let abort = async {
+            let _ = abort_rx.await;
+        };
+        let task =
+            spawn_closing_splice_with(p_client, p_up, std::future::ready(StopReason::Grace), abort);
         let (b0, _, _) = read_frame(&mut client).await;
         assert_eq!(b0, 0x88, "the closing handshake started");
         abort_tx.send(()).expect("abort");
