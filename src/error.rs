@@ -28,7 +28,7 @@ pub enum ProxyError {
     UpstreamConnect(#[source] io::Error),
     /// The upstream connection failed or answered something that is not HTTP.
     #[error("upstream handshake failed: {0}")]
-    UpstreamHandshake(#[source] hyper::Error),
+    UpstreamHandshake(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The upstream answered 101 but not a valid WebSocket acceptance.
     #[error("upstream answered 101 without a valid Sec-WebSocket-Accept")]
     UpstreamBadAccept,

@@ -13,6 +13,7 @@
 //! | [`headers`] | pure header logic: classify, validate, rewrite |
 //! | [`proxy`] | the request handler: upgrade path and plain HTTP forwarding |
 //! | [`tunnel`] | upstream handshake, then the tracked task that owns a slot |
+//! | [`upstream_http`] | the upstream handshake on the wire: request head out, 101 parsed |
 //! | [`splice`] | the byte mover: readiness-driven, pooled buffers, deadlines |
 //! | [`drain`] | live tunnels in age order; the even-pace drain |
 //! | [`frames`] | RFC 6455 frame-boundary tracker; Close frame encoding |
@@ -43,6 +44,7 @@ pub mod shutdown;
 pub mod splice;
 pub mod tcp;
 pub mod tunnel;
+pub mod upstream_http;
 
 use std::time::Duration;
 

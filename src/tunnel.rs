@@ -5,18 +5,20 @@
 //! The handshake runs inline in the request's future (no spawned connection
 //! driver), so when `upstream_connect_timeout` fires, dropping that future
 //! drops the upstream socket too: a silent upstream cannot leak a task or a
-//! descriptor. Only a non-101 answer, whose body must still stream to the
-//! client, gets its connection driver spawned on the tracker.
+//! descriptor. The request head is written and a 101 read by
+//! [`crate::upstream_http`]; only a non-101 answer, whose body must still
+//! stream to the client, gets a hyper connection, driven on the tracker.
 
 use std::future::Future;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -28,6 +30,7 @@ use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::splice::{self, Ended, Leg, Limits, Outcome, StopReason};
 use crate::tcp;
+use crate::upstream_http::{self, AnswerError, Replay};
 
 /// The upstream's answer to the forwarded handshake.
 #[derive(Debug)]
@@ -45,6 +48,11 @@ pub enum Answer {
     Other(Response<Incoming>),
 }
 
+/// How much is read of the upstream's answer at first: a 101 head is a few
+/// hundred bytes; the buffer doubles for larger ones, up to
+/// [`upstream_http::MAX_ANSWER_HEAD`].
+const ANSWER_BUFFER: usize = 1024;
+
 /// Connects to the upstream, forwards `request` and reads the answer head.
 /// The caller bounds this with `upstream_connect_timeout`.
 ///
@@ -56,63 +64,87 @@ pub async fn handshake(
     request: Request<Empty<Bytes>>,
     shutdown: &Shutdown,
 ) -> Result<Answer, ProxyError> {
-    let stream = TcpStream::connect((upstream.host.as_str(), upstream.port))
+    let mut stream = TcpStream::connect((upstream.host.as_str(), upstream.port))
         .await
         .map_err(ProxyError::UpstreamConnect)?;
     tcp::configure(&stream, keepalive);
-
-    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+    stream
+        .write_all(&upstream_http::encode_request(&request))
         .await
-        .map_err(ProxyError::UpstreamHandshake)?;
-    let mut conn = conn.with_upgrades();
+        .map_err(failed)?;
+
+    let mut read = BytesMut::with_capacity(ANSWER_BUFFER);
+    let (head, head_len) = loop {
+        if read.len() == read.capacity() {
+            read.reserve(read.len());
+        }
+        let scanned = read.len();
+        if stream.read_buf(&mut read).await.map_err(failed)? == 0 {
+            return Err(failed(AnswerError::Closed));
+        }
+        // Parse only once the blank line has arrived: a trickled answer
+        // costs one scan of each byte, not one parse per read.
+        if !upstream_http::head_ends_after(&read, scanned) {
+            if read.len() >= upstream_http::MAX_ANSWER_HEAD {
+                return Err(failed(AnswerError::TooLarge));
+            }
+            continue;
+        }
+        if let Some(parsed) = upstream_http::parse_answer(&read).map_err(failed)? {
+            break parsed;
+        }
+    };
+    if head.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // Copied out (usually nothing), so the read buffer is freed now
+        // rather than held by the leftover until the splice starts.
+        return Ok(Answer::Switching {
+            head,
+            io: stream,
+            leftover: Bytes::copy_from_slice(&read[head_len..]),
+        });
+    }
+    refusal(Replay::new(read.freeze(), stream), shutdown).await
+}
+
+/// An answer other than 101, read by a hyper client connection from the
+/// start again, so its body streams to the client in whatever framing the
+/// upstream chose. The connection is driven on the tracker until the body
+/// has been passed on, or the hard stop.
+async fn refusal(replay: Replay, shutdown: &Shutdown) -> Result<Answer, ProxyError> {
+    let (mut sender, mut conn) = hyper::client::conn::http1::Builder::new()
+        .handshake::<_, Empty<Bytes>>(TokioIo::new(replay))
+        .await
+        .map_err(failed)?;
     let mut conn_done = false;
-    let mut send = std::pin::pin!(sender.send_request(request));
-    let mut response = loop {
+    // The request went out already; `Replay` drops what hyper writes. A GET,
+    // like the upgrade request, so the answer's body is framed the same way.
+    let mut send = std::pin::pin!(sender.send_request(Request::new(Empty::new())));
+    let response = loop {
         tokio::select! {
             biased;
-            r = &mut send => break r.map_err(ProxyError::UpstreamHandshake)?,
+            r = &mut send => break r.map_err(failed)?,
             r = &mut conn, if !conn_done => {
                 // The connection ended first; `send` now resolves with its error.
                 conn_done = true;
-                r.map_err(ProxyError::UpstreamHandshake)?;
+                r.map_err(failed)?;
             }
         }
     };
-
-    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        // The body of a refusal still has to stream to the client: drive the
-        // connection on the tracker; it ends with the body or at hard stop.
-        if !conn_done {
-            let shutdown_for_task = shutdown.clone();
-            shutdown.tracker().spawn(async move {
-                tokio::select! {
-                    _ = conn => {}
-                    () = shutdown_for_task.stopped() => {}
-                }
-            });
-        }
-        return Ok(Answer::Other(response));
-    }
-
-    let on_upgrade = hyper::upgrade::on(&mut response);
     if !conn_done {
-        // With upgrades enabled the connection resolves once it has handed
-        // the socket over to `on_upgrade`.
-        conn.await.map_err(ProxyError::UpstreamHandshake)?;
+        let shutdown_for_task = shutdown.clone();
+        shutdown.tracker().spawn(async move {
+            tokio::select! {
+                _ = conn => {}
+                () = shutdown_for_task.stopped() => {}
+            }
+        });
     }
-    let upgraded = on_upgrade.await.map_err(ProxyError::UpstreamHandshake)?;
-    let parts = upgraded.downcast::<TokioIo<TcpStream>>().map_err(|_| {
-        ProxyError::UpstreamConnect(std::io::Error::other(
-            "upgraded upstream is not a TCP stream",
-        ))
-    })?;
-    let (head, _) = response.into_parts();
-    Ok(Answer::Switching {
-        head: Response::from_parts(head, ()),
-        io: parts.io.into_inner(),
-        leftover: parts.read_buf,
-    })
+    Ok(Answer::Other(response))
+}
+
+/// A failed upstream handshake, whatever failed in it.
+fn failed(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> ProxyError {
+    ProxyError::UpstreamHandshake(e.into())
 }
 
 /// What a tunnel task needs besides its two legs.

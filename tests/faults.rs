@@ -456,6 +456,94 @@ async fn upstream_that_answers_garbage_is_502_and_frees_slot() {
     assert_502_and_free(&gate, "upstream answers garbage", TRIES).await;
 }
 
+/// A refusal's body reaches the client intact whatever its framing, also
+/// when it is far larger than wsgate's first read of the answer (and its
+/// head arrives in pieces): chunked, `Content-Length`, and ended by close.
+#[tokio::test]
+async fn refusal_bodies_in_every_framing_pass_through_intact_and_free_the_slot() {
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i * 31 + 7) as u8).collect();
+    let chunked = {
+        let mut wire = b"HTTP/1.1 401 Unauthorized\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for chunk in body.chunks(70_000) {
+            wire.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+            wire.extend_from_slice(chunk);
+            wire.extend_from_slice(b"\r\n");
+        }
+        wire.extend_from_slice(b"0\r\n\r\n");
+        wire
+    };
+    let sized = [
+        format!(
+            "HTTP/1.1 403 Forbidden\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes(),
+        body.clone(),
+    ]
+    .concat();
+    let until_close = [
+        b"HTTP/1.1 429 Too Many Requests\r\nConnection: close\r\n\r\n".to_vec(),
+        body.clone(),
+    ]
+    .concat();
+    for (status, wire) in [(401, chunked), (403, sized), (429, until_close)] {
+        let up = spawn_raw_upstream(move |mut s: TcpStream| {
+            let wire = wire.clone();
+            async move {
+                let _ = read_request_head(&mut s).await;
+                // The head in two pieces, then the rest at once.
+                let _ = s.write_all(&wire[..10]).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = s.write_all(&wire[10..]).await;
+                let _ = s.shutdown().await;
+            }
+        })
+        .await;
+        let gate = spawn_sidecar(RawConfigExt::cap(test_config(up.addr), 1)).await;
+        let (got_status, got_body) =
+            within("refused upgrade", upgrade_refused_with_body(gate.addr)).await;
+        assert_eq!(got_status, status);
+        assert!(
+            got_body == body,
+            "{status}: body of {} bytes, not the upstream's",
+            got_body.len()
+        );
+        wait_metric(gate.admin, ACTIVE, 0.0).await;
+        assert_eq!(
+            metric(
+                gate.admin,
+                "wsgate_upstream_errors_total{kind=\"refused_upgrade\"}"
+            )
+            .await,
+            1.0
+        );
+    }
+}
+
+/// Sends a WebSocket upgrade request with hyper's client and returns the
+/// refusal's status and whole body (decoded from whatever framing it has).
+async fn upgrade_refused_with_body(proxy: std::net::SocketAddr) -> (u16, Vec<u8>) {
+    use http_body_util::BodyExt;
+    let tcp = TcpStream::connect(proxy).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::get("/")
+        .header(header::HOST, proxy.to_string())
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_VERSION, "13")
+        .header(header::SEC_WEBSOCKET_KEY, KEY)
+        .body(Empty::new())
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("answer");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, body.to_vec())
+}
+
 #[tokio::test]
 async fn upstream_101_with_bad_accept_is_502_and_frees_slot() {
     let up = spawn_upstream(Behaviour::BadAccept).await;

@@ -1,0 +1,284 @@
+//! The upstream handshake on the wire: the request head written in one
+//! buffer and the answer head parsed with `httparse`, without a hyper client
+//! connection. An upgrade is the hot path of a proxy whose connections churn,
+//! and hyper's client holds two 8 KiB buffers and its header machinery for
+//! each handshake in flight; a WebSocket answer head is a few hundred bytes.
+//!
+//! Only a 101 is handled here. Any other answer may carry a body in any HTTP
+//! framing, so it is handed to a hyper client connection after all, through
+//! [`Replay`]: the bytes already read are read again, and the request hyper
+//! writes is dropped (it went out already).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Buf, Bytes};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// The largest answer head accepted from the upstream: the same 64 KiB a
+/// client's request head may take.
+pub const MAX_ANSWER_HEAD: usize = 64 * 1024;
+
+/// The most header lines accepted in an answer (hyper's limit too).
+const MAX_ANSWER_HEADERS: usize = 100;
+
+/// Why the upstream's answer could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    /// Not HTTP/1.x, or not valid HTTP.
+    #[error("malformed answer: {0}")]
+    Malformed(&'static str),
+    /// More than [`MAX_ANSWER_HEAD`] bytes without the end of the head.
+    #[error("answer head over {MAX_ANSWER_HEAD} bytes")]
+    TooLarge,
+    /// The connection ended before the head did.
+    #[error("connection closed before a complete answer")]
+    Closed,
+}
+
+/// The request head as it goes on the wire (origin-form target, HTTP/1.1).
+/// Header values cannot hold CR or LF (`HeaderValue` refuses them), so
+/// nothing a client sent can split the head.
+pub fn encode_request<B>(req: &Request<B>) -> Vec<u8> {
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let method = req.method().as_str();
+    let size = method.len()
+        + target.len()
+        + 12
+        + req
+            .headers()
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum::<usize>()
+        + 2;
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in req.headers() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Whether the blank line that ends a head is in `buf`, looking only at what
+/// came after the first `from` bytes (and the two before them, where a line
+/// end may have started). LF-only line ends count too, as `httparse` takes them.
+pub fn head_ends_after(buf: &[u8], from: usize) -> bool {
+    let start = from.saturating_sub(2);
+    buf[start..].windows(2).enumerate().any(|(i, w)| {
+        w[0] == b'\n'
+            && (w[1] == b'\n' || (w[1] == b'\r' && buf.get(start + i + 2) == Some(&b'\n')))
+    })
+}
+
+/// Parses an answer head from the start of `buf`: `None` while incomplete,
+/// otherwise the head and its length in bytes.
+///
+/// # Errors
+/// Anything that is not a well-formed HTTP/1.x status line and headers.
+pub fn parse_answer(buf: &[u8]) -> Result<Option<(Response<()>, usize)>, AnswerError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_ANSWER_HEADERS];
+    let mut answer = httparse::Response::new(&mut slots);
+    let len = match answer.parse(buf) {
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_ANSWER_HEAD => {
+            return Err(AnswerError::TooLarge)
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Ok(httparse::Status::Complete(len)) => len,
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(AnswerError::Malformed("too many headers"))
+        }
+        Err(_) => return Err(AnswerError::Malformed("not an HTTP/1.x answer")),
+    };
+    if len > MAX_ANSWER_HEAD {
+        return Err(AnswerError::TooLarge);
+    }
+    let status = answer
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or(AnswerError::Malformed("status code"))?;
+    let mut headers = HeaderMap::with_capacity(answer.headers.len());
+    for h in answer.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| AnswerError::Malformed("header name"))?;
+        let value =
+            HeaderValue::from_bytes(h.value).map_err(|_| AnswerError::Malformed("header value"))?;
+        headers.append(name, value);
+    }
+    let mut head = Response::new(());
+    *head.status_mut() = status;
+    *head.version_mut() = match answer.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    *head.headers_mut() = headers;
+    Ok(Some((head, len)))
+}
+
+/// The upstream socket seen again from the start of its answer: reads return
+/// the bytes already read, then the socket's; writes are dropped, since the
+/// request was written already. Lets hyper frame the body of an answer that
+/// is not a 101.
+///
+/// Nothing is readable until hyper has written its request: hyper takes
+/// bytes that arrive on an idle connection for an unexpected message.
+#[derive(Debug)]
+pub struct Replay {
+    read: Bytes,
+    io: TcpStream,
+    request_written: bool,
+    reader: Option<Waker>,
+}
+
+impl Replay {
+    /// `read`: what was read from `io` so far, the answer head first.
+    pub fn new(read: Bytes, io: TcpStream) -> Self {
+        Replay {
+            read,
+            io,
+            request_written: false,
+            reader: None,
+        }
+    }
+}
+
+impl AsyncRead for Replay {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.request_written {
+            this.reader = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        if this.read.has_remaining() {
+            let n = this.read.len().min(buf.remaining());
+            buf.put_slice(&this.read[..n]);
+            this.read.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Replay {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.request_written = true;
+        if let Some(reader) = this.reader.take() {
+            reader.wake();
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_request_head_is_what_hyper_would_send() {
+        let req = Request::get("/chat?room=1")
+            .header("host", "up:8080")
+            .header("upgrade", "websocket")
+            .header("x-multi", "a")
+            .header("x-multi", "b")
+            .body(())
+            .expect("request");
+        let head = encode_request(&req);
+        assert_eq!(
+            head,
+            b"GET /chat?room=1 HTTP/1.1\r\nhost: up:8080\r\nupgrade: websocket\r\nx-multi: a\r\nx-multi: b\r\n\r\n"
+        );
+        assert_eq!(head.capacity(), head.len(), "sized exactly");
+    }
+
+    #[test]
+    fn a_101_is_parsed_with_what_follows_it_left_over() {
+        let wire = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\x81\x02hi";
+        for cut in 0..wire.len() - 4 {
+            assert!(
+                parse_answer(&wire[..cut])
+                    .expect("a prefix is fine")
+                    .is_none(),
+                "incomplete at {cut}"
+            );
+        }
+        let (head, len) = parse_answer(wire).expect("valid").expect("complete");
+        assert_eq!(head.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(
+            head.headers()["sec-websocket-accept"],
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        assert_eq!(&wire[len..], b"\x81\x02hi");
+    }
+
+    #[test]
+    fn the_end_of_a_head_is_found_however_the_reads_split_it() {
+        for wire in [
+            &b"HTTP/1.1 101 x\r\na: b\r\n\r\n"[..],
+            b"HTTP/1.1 101 x\na: b\n\n",
+        ] {
+            for cut in 0..wire.len() {
+                // Two reads: `wire[..cut]`, then the rest.
+                assert!(!head_ends_after(&wire[..cut], 0), "too early at {cut}");
+                assert!(
+                    head_ends_after(wire, cut),
+                    "missed with a read split at {cut}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bad_answers_are_errors_not_panics() {
+        let cases: [&[u8]; 6] = [
+            b"garbage garbage\r\n\r\n",
+            b"HTTP/1.1 99999 Nope\r\n\r\n",
+            b"HTTP/2 101 x\r\n\r\n",
+            b"HTTP/1.1 101 x\r\nbad header\r\n\r\n",
+            b"HTTP/1.1 101 x\r\nname: \x01\r\n\r\n",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+        ];
+        for wire in cases {
+            assert!(
+                parse_answer(wire).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(wire)
+            );
+        }
+        let many = format!("HTTP/1.1 101 x\r\n{}\r\n", "a: b\r\n".repeat(101));
+        assert!(matches!(
+            parse_answer(many.as_bytes()),
+            Err(AnswerError::Malformed("too many headers"))
+        ));
+        let long = format!("HTTP/1.1 101 x\r\nx: {}", "y".repeat(MAX_ANSWER_HEAD));
+        assert!(matches!(
+            parse_answer(long.as_bytes()),
+            Err(AnswerError::TooLarge)
+        ));
+    }
+}
