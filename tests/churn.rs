@@ -36,8 +36,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-const ACTIVE: &str = "wsgate_connections_active";
-
 /// How one connection ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Way {

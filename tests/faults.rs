@@ -35,8 +35,6 @@ fn secs(s: f64) -> ConfigDuration {
     ConfigDuration(Duration::from_secs_f64(s))
 }
 
-const ACTIVE: &str = "wsgate_connections_active";
-
 // ---------------------------------------------------------------- frozen client
 
 /// A client that completed the upgrade and then froze (neither reads nor
@@ -385,11 +383,7 @@ async fn assert_502_and_free(gate: &Sidecar, what: &str, tries: usize) {
     // Cap 1: had any try kept its slot, the next would have been 503.
     wait_metric(gate.admin, ACTIVE, 0.0).await;
     let errors = metric(gate.admin, "wsgate_upstream_errors_total{kind=\"connect\"}").await
-        + metric(
-            gate.admin,
-            "wsgate_upstream_errors_total{kind=\"refused_upgrade\"}",
-        )
-        .await;
+        + metric(gate.admin, REFUSED_UPGRADE).await;
     assert_eq!(errors, tries as f64, "{what}: each failure counted");
     assert_eq!(
         metric(
@@ -509,14 +503,7 @@ async fn refusal_bodies_in_every_framing_pass_through_intact_and_free_the_slot()
             got_body.len()
         );
         wait_metric(gate.admin, ACTIVE, 0.0).await;
-        assert_eq!(
-            metric(
-                gate.admin,
-                "wsgate_upstream_errors_total{kind=\"refused_upgrade\"}"
-            )
-            .await,
-            1.0
-        );
+        assert_eq!(metric(gate.admin, REFUSED_UPGRADE).await, 1.0);
     }
 }
 

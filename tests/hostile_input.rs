@@ -24,8 +24,6 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use wsgate::config::{ConfigDuration, RawConfig};
 
-const ACTIVE: &str = "wsgate_connections_active";
-
 /// What came back for one hostile exchange.
 #[derive(Debug, Clone)]
 struct Outcome {

@@ -10,8 +10,6 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wsgate::config::{ConfigDuration, RawConfig};
 
-const ACTIVE: &str = "wsgate_connections_active";
-
 async fn gate_for(up: std::net::SocketAddr, tweak: impl FnOnce(&mut RawConfig)) -> Sidecar {
     let mut raw = test_config(up).cap(4);
     tweak(&mut raw);
@@ -106,14 +104,7 @@ async fn upstream_refusing_the_upgrade_is_passed_through_and_frees_slot() {
     assert_eq!(resp.status(), 403);
     assert_eq!(resp.body().as_deref(), Some(&b"go away"[..]));
     assert_eq!(metric(gate.admin, ACTIVE).await, 0.0);
-    assert_eq!(
-        metric(
-            gate.admin,
-            "wsgate_upstream_errors_total{kind=\"refused_upgrade\"}"
-        )
-        .await,
-        1.0
-    );
+    assert_eq!(metric(gate.admin, REFUSED_UPGRADE).await, 1.0);
     wait_fds(fds, 0).await;
 }
 
@@ -157,14 +148,7 @@ async fn upstream_bad_accept_is_502_and_frees_slot() {
     let gate = gate_for(up.addr, |_| {}).await;
     assert_eq!(connect_refused(&gate.ws_url()).await.status(), 502);
     assert_eq!(metric(gate.admin, ACTIVE).await, 0.0);
-    assert_eq!(
-        metric(
-            gate.admin,
-            "wsgate_upstream_errors_total{kind=\"refused_upgrade\"}"
-        )
-        .await,
-        1.0
-    );
+    assert_eq!(metric(gate.admin, REFUSED_UPGRADE).await, 1.0);
 }
 
 #[tokio::test]

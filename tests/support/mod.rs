@@ -406,6 +406,11 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 // ---------------------------------------------------------------- metrics
 
+/// The gauge of spliced connections holding a slot.
+pub const ACTIVE: &str = "wsgate_connections_active";
+/// Upgrades the upstream answered with something other than 101.
+pub const REFUSED_UPGRADE: &str = "wsgate_upstream_errors_total{kind=\"refused_upgrade\"}";
+
 pub async fn scrape(admin: SocketAddr) -> String {
     let (status, body) = http_get(admin, "/metrics").await;
     assert_eq!(status, 200, "scrape failed");
