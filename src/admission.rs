@@ -34,7 +34,40 @@ use prometheus::IntGauge;
 use tokio::time::Instant;
 
 use crate::config::{RateLimit, Watermarks};
-use crate::metrics::RejectReason;
+
+/// Why wsgate refused an upgrade: the `reason` label of
+/// `wsgate_connections_rejected_total` and `…_would_reject_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// The cap is reached.
+    Capacity,
+    /// The process is shutting down.
+    Draining,
+    /// The admission rate limit.
+    Rate,
+    /// The per-client-address cap.
+    PerIp,
+}
+
+impl RejectReason {
+    /// Every reason, in declaration order.
+    pub const ALL: [RejectReason; 4] = [
+        RejectReason::Capacity,
+        RejectReason::Draining,
+        RejectReason::Rate,
+        RejectReason::PerIp,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            RejectReason::Capacity => "capacity",
+            RejectReason::Draining => "draining",
+            RejectReason::Rate => "rate",
+            RejectReason::PerIp => "per_ip",
+        }
+    }
+}
 
 /// The admission limits besides the cap, replaced as a whole on reload.
 #[derive(Debug, Clone, Copy, PartialEq)]

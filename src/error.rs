@@ -1,77 +1,141 @@
-//! `ProxyError`: every way a request can fail before it is spliced, and the
-//! single place that turns such an error into the response the client sees.
+//! `ProxyError`: every way a request can fail before it is spliced or
+//! passed on, each mapped to a status and a reason.
 //!
-//! Status mapping (SPEC §3): malformed handshake → 400; over the cap or
-//! draining → 503 with `Retry-After` and `Connection: close`; upstream
-//! unreachable or answering nonsense → 502; no answer in time → 504.
+//! Status mapping (SPEC §3): malformed handshake or request → 400; refused
+//! by wsgate (over the cap, draining, …) → 503 with `Retry-After` and
+//! `Connection: close`; upstream unreachable or answering nonsense → 502;
+//! no answer in time → 504. The response itself is built by
+//! [`crate::responses`], so this module imports nothing from the request
+//! path.
 
+use std::error::Error as StdError;
+use std::fmt;
 use std::io;
 use std::time::Duration;
 
-use http::{header, HeaderValue, Response, StatusCode};
+use http::StatusCode;
 
+use crate::admission::RejectReason;
 use crate::headers::HandshakeError;
-use crate::metrics::{RejectReason, UpstreamErrorKind};
-use crate::proxy::{text_body, ProxyBody};
+use crate::responses::Synthetic;
+
+/// A boxed error from the upstream connection or the HTTP client.
+type Cause = Box<dyn StdError + Send + Sync>;
 
 /// Why a request was not proxied.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     /// The WebSocket handshake is malformed.
-    #[error("bad websocket handshake: {0}")]
+    #[error("{0}")]
     BadHandshake(#[from] HandshakeError),
-    /// wsgate refused the upgrade (capacity or draining).
-    #[error("upgrade refused: {}", .0.as_str())]
+    /// wsgate refused the upgrade.
+    #[error("upgrade refused: {}", .0.label())]
     Rejected(RejectReason),
     /// The upstream could not be reached.
-    #[error("upstream connect failed: {0}")]
+    #[error("cannot connect to the upstream: {0}")]
     UpstreamConnect(#[source] io::Error),
     /// The upstream connection failed or answered something that is not HTTP.
-    #[error("upstream handshake failed: {0}")]
-    UpstreamHandshake(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the upstream handshake failed: {}", Causes(.0.as_ref()))]
+    UpstreamHandshake(#[source] Cause),
     /// The upstream answered 101 but not a valid WebSocket acceptance.
-    #[error("upstream answered 101 without a valid Sec-WebSocket-Accept")]
+    #[error("the upstream answered 101 without a valid Sec-WebSocket-Accept")]
     UpstreamBadAccept,
     /// No answer within `upstream_connect_timeout`.
-    #[error("upstream did not answer within {0:?}")]
+    #[error("the upstream did not answer within {0:?}")]
     UpstreamTimeout(Duration),
+    /// A plain request whose target cannot be forwarded.
+    #[error("the request target cannot be forwarded: {0}")]
+    BadTarget(#[source] http::Error),
+    /// A plain request whose own body failed (a bad chunk, a short body):
+    /// the client's fault, not the upstream's.
+    #[error("the client's request body failed: {}", Causes(.0.as_ref()))]
+    ClientBody(#[source] Cause),
+    /// A plain request the upstream did not answer.
+    #[error("the upstream did not answer a plain request: {}", Causes(.0.as_ref()))]
+    UpstreamRequest(#[source] Cause),
+    /// A plain request whose upstream connection timed out.
+    #[error("connecting to the upstream for a plain request timed out: {}", Causes(.0.as_ref()))]
+    UpstreamRequestTimeout(#[source] Cause),
 }
 
-/// Which side an error is attributed to, for logs.
+/// How the upstream failed or declined (`wsgate_upstream_errors_total{kind}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// The client sent something wrong.
-    Client,
-    /// The upstream failed.
-    Upstream,
-    /// wsgate's own policy.
-    Policy,
+pub(crate) enum UpstreamErrorKind {
+    /// Could not connect, or the connection failed before a valid answer.
+    Connect,
+    /// No answer within `upstream_connect_timeout`.
+    Timeout,
+    /// Answered something other than a valid 101.
+    RefusedUpgrade,
+}
+
+impl UpstreamErrorKind {
+    /// Every kind, in declaration order.
+    pub(crate) const ALL: [UpstreamErrorKind; 3] = [
+        UpstreamErrorKind::Connect,
+        UpstreamErrorKind::Timeout,
+        UpstreamErrorKind::RefusedUpgrade,
+    ];
+
+    /// The metric label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::RefusedUpgrade => "refused_upgrade",
+        }
+    }
 }
 
 impl ProxyError {
     /// The status sent to the client.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
-            ProxyError::BadHandshake(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadHandshake(_) | ProxyError::BadTarget(_) | ProxyError::ClientBody(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::Rejected(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamHandshake(_)
-            | ProxyError::UpstreamBadAccept => StatusCode::BAD_GATEWAY,
-            ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            | ProxyError::UpstreamBadAccept
+            | ProxyError::UpstreamRequest(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout(_) | ProxyError::UpstreamRequestTimeout(_) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
         }
     }
 
-    /// Who is to blame.
-    pub fn side(&self) -> Side {
+    /// What the client is told: one static line.
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
-            ProxyError::BadHandshake(_) => Side::Client,
-            ProxyError::Rejected(_) => Side::Policy,
-            _ => Side::Upstream,
+            ProxyError::BadHandshake(e) => e.reason(),
+            ProxyError::Rejected(RejectReason::Capacity) => {
+                "wsgate: too many websocket connections, retry later\n"
+            }
+            ProxyError::Rejected(RejectReason::Draining) => {
+                "wsgate: shutting down, connect to another instance\n"
+            }
+            ProxyError::Rejected(RejectReason::Rate) => {
+                "wsgate: too many new websocket connections, retry later\n"
+            }
+            ProxyError::Rejected(RejectReason::PerIp) => {
+                "wsgate: too many websocket connections from your address, retry later\n"
+            }
+            ProxyError::BadTarget(_) => "bad request target\n",
+            ProxyError::ClientBody(_) => "wsgate: bad request body\n",
+            ProxyError::UpstreamTimeout(_) | ProxyError::UpstreamRequestTimeout(_) => {
+                "wsgate: upstream timed out\n"
+            }
+            ProxyError::UpstreamConnect(_)
+            | ProxyError::UpstreamHandshake(_)
+            | ProxyError::UpstreamBadAccept
+            | ProxyError::UpstreamRequest(_) => "wsgate: upstream unavailable\n",
         }
     }
 
-    /// The `wsgate_upstream_errors_total` kind, if this is an upstream failure.
-    pub fn upstream_kind(&self) -> Option<UpstreamErrorKind> {
+    /// The `wsgate_upstream_errors_total` kind, if this is a failed upgrade
+    /// that is the upstream's fault.
+    pub(crate) fn upstream_kind(&self) -> Option<UpstreamErrorKind> {
         match self {
             ProxyError::UpstreamConnect(_) | ProxyError::UpstreamHandshake(_) => {
                 Some(UpstreamErrorKind::Connect)
@@ -82,47 +146,56 @@ impl ProxyError {
         }
     }
 
-    /// The synthetic response for this error. Every one carries
-    /// `Connection: close`: a client that asked to upgrade may already be
-    /// sending frames, which must never be parsed as a next request. 503s
-    /// also carry `Retry-After`: a shed client should go away, not queue here.
-    pub fn to_response(&self, retry_after_secs: u64) -> Response<ProxyBody> {
+    /// Whether this failed a WebSocket upgrade (as opposed to a plain request).
+    fn on_upgrade_path(&self) -> bool {
+        !matches!(
+            self,
+            ProxyError::BadTarget(_)
+                | ProxyError::ClientBody(_)
+                | ProxyError::UpstreamRequest(_)
+                | ProxyError::UpstreamRequestTimeout(_)
+        )
+    }
+
+    /// The answer the client gets. A failed upgrade always closes the
+    /// connection (see [`Synthetic::close`]); every 503 carries
+    /// `Retry-After: retry_after_secs`.
+    pub(crate) fn answer(&self, retry_after_secs: u64) -> Synthetic {
         let status = self.status();
-        let body = match self {
-            ProxyError::BadHandshake(e) => format!("bad websocket handshake: {e}\n"),
-            ProxyError::Rejected(RejectReason::Capacity) => {
-                "wsgate: too many websocket connections, retry later\n".to_owned()
-            }
-            ProxyError::Rejected(RejectReason::Draining) => {
-                "wsgate: shutting down, connect to another instance\n".to_owned()
-            }
-            ProxyError::UpstreamTimeout(_) => "wsgate: upstream timed out\n".to_owned(),
-            _ => "wsgate: upstream unavailable\n".to_owned(),
-        };
-        let mut resp = Response::new(text_body(body));
-        *resp.status_mut() = status;
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        Synthetic {
+            retry_after: (status == StatusCode::SERVICE_UNAVAILABLE).then_some(retry_after_secs),
+            close: self.on_upgrade_path(),
+            websocket_version: matches!(
+                self,
+                ProxyError::BadHandshake(HandshakeError::WebSocketVersion)
+            ),
+            ..Synthetic::new(status, self.reason())
         }
-        if let ProxyError::BadHandshake(HandshakeError::WebSocketVersion) = self {
-            h.insert(
-                header::SEC_WEBSOCKET_VERSION,
-                HeaderValue::from_static("13"),
-            );
+    }
+}
+
+/// An error and its causes as one sentence: `outer: inner: innermost`.
+/// Errors from the HTTP client say little at the top ("client error
+/// (SendRequest)"); the cause that matters to an operator is at the bottom.
+#[derive(Clone, Copy)]
+pub(crate) struct Causes<'a>(pub(crate) &'a (dyn StdError + 'static));
+
+impl fmt::Display for Causes<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
         }
-        resp
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header;
 
     #[test]
     fn statuses_follow_the_spec() {
@@ -144,11 +217,33 @@ mod tests {
 
     #[test]
     fn rejections_carry_retry_after_and_close() {
-        let r = ProxyError::Rejected(RejectReason::Capacity).to_response(3);
+        let r = ProxyError::Rejected(RejectReason::Capacity)
+            .answer(3)
+            .into_response();
         assert_eq!(r.headers()[header::RETRY_AFTER], "3");
         assert_eq!(r.headers()[header::CONNECTION], "close");
-        let r = ProxyError::BadHandshake(HandshakeError::Key).to_response(3);
+        let r = ProxyError::BadHandshake(HandshakeError::Key)
+            .answer(3)
+            .into_response();
         assert!(!r.headers().contains_key(header::RETRY_AFTER));
         assert_eq!(r.headers()[header::CONNECTION], "close");
+    }
+
+    #[test]
+    fn plain_request_failures_keep_the_connection() {
+        let e = ProxyError::UpstreamRequest(io::Error::other("down").into());
+        let a = e.answer(1);
+        assert_eq!((a.status.as_u16(), a.close), (502, false));
+        assert_eq!(a.text, "wsgate: upstream unavailable\n");
+    }
+
+    #[test]
+    fn causes_read_as_one_sentence() {
+        let inner = io::Error::new(io::ErrorKind::ConnectionReset, "reset by peer");
+        let e = ProxyError::UpstreamHandshake(Box::new(inner));
+        assert_eq!(
+            e.to_string(),
+            "the upstream handshake failed: reset by peer"
+        );
     }
 }

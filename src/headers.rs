@@ -46,30 +46,59 @@ pub enum RequestKind {
 }
 
 /// Why a WebSocket handshake is malformed (each becomes a 400).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HandshakeError {
     /// Not `GET`.
-    #[error("a websocket upgrade must use GET")]
     Method,
     /// Not HTTP/1.1.
-    #[error("a websocket upgrade needs HTTP/1.1")]
     Version,
     /// `Connection` does not carry `upgrade`.
-    #[error("Connection header must include upgrade")]
     Connection,
     /// More than one `Upgrade` header line, or a value that is not a token list.
-    #[error("Upgrade header must appear once and name websocket")]
     Upgrade,
     /// `Sec-WebSocket-Version` missing or not exactly `13`.
-    #[error("Sec-WebSocket-Version must be 13")]
     WebSocketVersion,
     /// `Sec-WebSocket-Key` missing, repeated, or not 16 bytes of base64.
-    #[error("Sec-WebSocket-Key must be one base64 value of 16 bytes")]
     Key,
     /// A body on an upgrade request: its bytes would be read as frames.
-    #[error("a websocket upgrade must not carry a body")]
     Body,
 }
+
+impl HandshakeError {
+    /// The 400's body: one static line per cause, so a refusal allocates
+    /// nothing. The error's `Display` is the same line without its newline.
+    pub fn reason(self) -> &'static str {
+        match self {
+            HandshakeError::Method => "bad websocket handshake: a websocket upgrade must use GET\n",
+            HandshakeError::Version => {
+                "bad websocket handshake: a websocket upgrade needs HTTP/1.1\n"
+            }
+            HandshakeError::Connection => {
+                "bad websocket handshake: Connection header must include upgrade\n"
+            }
+            HandshakeError::Upgrade => {
+                "bad websocket handshake: Upgrade header must appear once and name websocket\n"
+            }
+            HandshakeError::WebSocketVersion => {
+                "bad websocket handshake: Sec-WebSocket-Version must be 13\n"
+            }
+            HandshakeError::Key => {
+                "bad websocket handshake: Sec-WebSocket-Key must be one base64 value of 16 bytes\n"
+            }
+            HandshakeError::Body => {
+                "bad websocket handshake: a websocket upgrade must not carry a body\n"
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.reason().trim_end())
+    }
+}
+
+impl std::error::Error for HandshakeError {}
 
 /// Iterates the comma-separated tokens of every value of `name`, trimmed.
 /// A token that is not UTF-8 (obs-text) is skipped on its own: it must not

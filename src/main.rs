@@ -50,7 +50,7 @@ fn main() -> ExitCode {
     let loaded_version = source
         .file
         .as_deref()
-        .and_then(wsgate::shutdown::FileVersion::of);
+        .and_then(wsgate::reload::FileVersion::of);
     let config = match source.load() {
         Ok(c) => c,
         Err(e) => {
@@ -122,7 +122,7 @@ async fn bind(what: &str, addr: std::net::SocketAddr) -> Result<TcpListener, wsg
 async fn serve(
     mut config: Config,
     mut source: ConfigSource,
-    loaded_version: Option<wsgate::shutdown::FileVersion>,
+    loaded_version: Option<wsgate::reload::FileVersion>,
     demo: bool,
 ) -> Result<(), wsgate::Error> {
     raise_descriptor_limit(config.max_clients);

@@ -8,68 +8,167 @@
 //! The registry is owned, not the global default, so several proxies can run
 //! in one test binary without colliding.
 
+use std::marker::PhantomData;
+
 use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
-/// Why wsgate refused an upgrade (`reason` label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RejectReason {
-    /// The cap is reached.
-    Capacity,
-    /// The process is shutting down.
-    Draining,
-    /// The admission rate limit.
-    Rate,
-    /// The per-client-address cap.
-    PerIp,
+use crate::admission::RejectReason;
+use crate::error::UpstreamErrorKind;
+use crate::splice::StopReason;
+
+/// A closed set of label values: the only way a label reaches a series, so
+/// a misspelt label cannot compile.
+pub(crate) trait Label: Copy + 'static {
+    /// Every value, each at the position [`Label::index`] gives it.
+    const ALL: &'static [Self];
+    /// The label value on the wire.
+    fn label(self) -> &'static str;
+    /// Position in [`Label::ALL`].
+    fn index(self) -> usize;
 }
 
-impl RejectReason {
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RejectReason::Capacity => "capacity",
-            RejectReason::Draining => "draining",
-            RejectReason::Rate => "rate",
-            RejectReason::PerIp => "per_ip",
+impl Label for RejectReason {
+    const ALL: &'static [Self] = &RejectReason::ALL;
+    fn label(self) -> &'static str {
+        RejectReason::label(self)
+    }
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl Label for UpstreamErrorKind {
+    const ALL: &'static [Self] = &UpstreamErrorKind::ALL;
+    fn label(self) -> &'static str {
+        UpstreamErrorKind::label(self)
+    }
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Several stop reasons share one `wsgate_close_frames_sent_total` series
+/// (the end of the grace counts as the drain): their handles are the same
+/// counter.
+impl Label for StopReason {
+    const ALL: &'static [Self] = &StopReason::ALL;
+    fn label(self) -> &'static str {
+        StopReason::label(self)
+    }
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The class of an HTTP status (`wsgate_http_requests_total{class}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HttpClass {
+    /// 1xx.
+    Informational,
+    /// 2xx.
+    Success,
+    /// 3xx.
+    Redirection,
+    /// 4xx.
+    ClientError,
+    /// 5xx (and anything out of range).
+    ServerError,
+}
+
+impl HttpClass {
+    fn of(status: http::StatusCode) -> Self {
+        match status.as_u16() {
+            100..=199 => HttpClass::Informational,
+            200..=299 => HttpClass::Success,
+            300..=399 => HttpClass::Redirection,
+            400..=499 => HttpClass::ClientError,
+            _ => HttpClass::ServerError,
         }
     }
-    const ALL: [RejectReason; 4] = [
-        RejectReason::Capacity,
-        RejectReason::Draining,
-        RejectReason::Rate,
-        RejectReason::PerIp,
+}
+
+impl Label for HttpClass {
+    const ALL: &'static [Self] = &[
+        HttpClass::Informational,
+        HttpClass::Success,
+        HttpClass::Redirection,
+        HttpClass::ClientError,
+        HttpClass::ServerError,
     ];
-}
-
-/// How the upstream failed or declined (`kind` label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamErrorKind {
-    /// Could not connect, or the connection failed before a valid answer.
-    Connect,
-    /// No answer within `upstream_connect_timeout`.
-    Timeout,
-    /// Answered something other than a valid 101.
-    RefusedUpgrade,
-}
-
-impl UpstreamErrorKind {
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
+    fn label(self) -> &'static str {
         match self {
-            UpstreamErrorKind::Connect => "connect",
-            UpstreamErrorKind::Timeout => "timeout",
-            UpstreamErrorKind::RefusedUpgrade => "refused_upgrade",
+            HttpClass::Informational => "1xx",
+            HttpClass::Success => "2xx",
+            HttpClass::Redirection => "3xx",
+            HttpClass::ClientError => "4xx",
+            HttpClass::ServerError => "5xx",
         }
     }
-    const ALL: [UpstreamErrorKind; 3] = [
-        UpstreamErrorKind::Connect,
-        UpstreamErrorKind::Timeout,
-        UpstreamErrorKind::RefusedUpgrade,
-    ];
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// How a configuration reload went (`wsgate_config_reloads_total{result}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReloadResult {
+    /// Applied.
+    Success,
+    /// Refused; the running configuration stays.
+    Failure,
+}
+
+impl Label for ReloadResult {
+    const ALL: &'static [Self] = &[ReloadResult::Success, ReloadResult::Failure];
+    fn label(self) -> &'static str {
+        match self {
+            ReloadResult::Success => "success",
+            ReloadResult::Failure => "failure",
+        }
+    }
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One counter handle per label value, looked up once at start-up:
+/// counting is then an index and an atomic add, with no label hashing on
+/// the hot path.
+#[derive(Debug, Clone)]
+pub(crate) struct Family<L> {
+    /// `None` for a value whose series is deliberately not exported.
+    handles: Box<[Option<IntCounter>]>,
+    label: PhantomData<L>,
+}
+
+impl<L: Label> Family<L> {
+    /// Handles for every value of `L`, each series created at 0.
+    fn new(vec: &IntCounterVec) -> Self {
+        Self::only(vec, |_| true)
+    }
+
+    /// Handles for the values `keep` accepts; the others are not exported.
+    fn only(vec: &IntCounterVec, keep: impl Fn(L) -> bool) -> Self {
+        Family {
+            handles: L::ALL
+                .iter()
+                .map(|l| keep(*l).then(|| vec.with_label_values(&[l.label()])))
+                .collect(),
+            label: PhantomData,
+        }
+    }
+
+    /// Counts one event labelled `l`.
+    pub(crate) fn inc(&self, l: L) {
+        match self.handles.get(l.index()) {
+            Some(Some(counter)) => counter.inc(),
+            _ => debug_assert!(false, "no series for {}", l.label()),
+        }
+    }
 }
 
 /// Cheap clonable handles to every wsgate metric.
@@ -81,32 +180,36 @@ pub struct Metrics {
     pub max: IntGauge,
     /// `wsgate_connections_admitted_total`.
     pub admitted: IntCounter,
-    rejected: IntCounterVec,
-    upstream_errors: IntCounterVec,
+    /// `wsgate_connections_rejected_total{reason}`.
+    pub(crate) rejected: Family<RejectReason>,
+    /// `wsgate_upstream_errors_total{kind}`.
+    pub(crate) upstream_errors: Family<UpstreamErrorKind>,
     /// `wsgate_connection_duration_seconds`.
     pub duration: Histogram,
     /// `wsgate_transferred_bytes_total{direction="client_to_upstream"}`.
     pub bytes_client_to_upstream: IntCounter,
     /// `wsgate_transferred_bytes_total{direction="upstream_to_client"}`.
     pub bytes_upstream_to_client: IntCounter,
-    http_requests: IntCounterVec,
+    /// `wsgate_http_requests_total{class}`.
+    http_requests: Family<HttpClass>,
     /// `wsgate_ready`: 1 while `/readyz` answers 200.
     pub ready: IntGauge,
-    would_reject: IntCounterVec,
+    /// `wsgate_connections_would_reject_total{reason}` (dry run; never `draining`).
+    pub(crate) would_reject: Family<RejectReason>,
     /// `wsgate_connections_drained_total`: closed by the drain.
     pub drained: IntCounter,
     /// `wsgate_connections_expired_total`: closed by `max_connection_lifetime`.
     pub expired: IntCounter,
-    reloads: IntCounterVec,
-    close_frames: IntCounterVec,
+    /// `wsgate_config_reloads_total{result}`.
+    pub(crate) reloads: Family<ReloadResult>,
+    /// `wsgate_close_frames_sent_total{reason}`.
+    pub(crate) close_frames: Family<StopReason>,
 }
 
 /// Buckets for connection lifetimes: WebSockets live from milliseconds to days.
 const DURATION_BUCKETS: &[f64] = &[
     0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0,
 ];
-
-const HTTP_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 impl Metrics {
     /// Creates every metric, registers it on `registry` and zero-initialises
@@ -186,9 +289,6 @@ impl Metrics {
             ),
             &["reason"],
         )?;
-        for r in ["drain", "lifetime", "idle"] {
-            close_frames.with_label_values(&[r]);
-        }
         let reloads = IntCounterVec::new(
             Opts::new(
                 "wsgate_config_reloads_total",
@@ -197,21 +297,6 @@ impl Metrics {
             &["result"],
         )?;
 
-        for r in RejectReason::ALL {
-            rejected.with_label_values(&[r.as_str()]);
-            if r != RejectReason::Draining {
-                would_reject.with_label_values(&[r.as_str()]);
-            }
-        }
-        for r in ["success", "failure"] {
-            reloads.with_label_values(&[r]);
-        }
-        for k in UpstreamErrorKind::ALL {
-            upstream_errors.with_label_values(&[k.as_str()]);
-        }
-        for c in HTTP_CLASSES {
-            http_requests.with_label_values(&[c]);
-        }
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -241,62 +326,25 @@ impl Metrics {
             active,
             max,
             admitted,
-            rejected,
-            upstream_errors,
+            rejected: Family::new(&rejected),
+            upstream_errors: Family::new(&upstream_errors),
             duration,
             bytes_client_to_upstream: bytes.with_label_values(&["client_to_upstream"]),
             bytes_upstream_to_client: bytes.with_label_values(&["upstream_to_client"]),
-            http_requests,
+            http_requests: Family::new(&http_requests),
             ready,
-            would_reject,
+            // Dry run never sees `draining`: a draining refusal is not a policy.
+            would_reject: Family::only(&would_reject, |r| r != RejectReason::Draining),
             drained,
             expired,
-            reloads,
-            close_frames,
+            reloads: Family::new(&reloads),
+            close_frames: Family::new(&close_frames),
         })
-    }
-
-    /// Counts an upgrade refused by wsgate.
-    pub fn rejected(&self, reason: RejectReason) {
-        self.rejected.with_label_values(&[reason.as_str()]).inc();
-    }
-
-    /// Counts, in dry run, an upgrade that would have been refused.
-    pub fn would_reject(&self, reason: RejectReason) {
-        self.would_reject
-            .with_label_values(&[reason.as_str()])
-            .inc();
-    }
-
-    /// Counts a connection wsgate ended with Close frames; `reason` is
-    /// `drain`, `lifetime` or `idle`.
-    pub fn close_frames_sent(&self, reason: &str) {
-        self.close_frames.with_label_values(&[reason]).inc();
-    }
-
-    /// Counts a configuration reload.
-    pub fn reload(&self, success: bool) {
-        let result = if success { "success" } else { "failure" };
-        self.reloads.with_label_values(&[result]).inc();
-    }
-
-    /// Counts an upstream failure.
-    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
-        self.upstream_errors
-            .with_label_values(&[kind.as_str()])
-            .inc();
     }
 
     /// Counts a plain HTTP request by the class of the status sent to the client.
     pub fn http_request(&self, status: http::StatusCode) {
-        let class = match status.as_u16() {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
-        self.http_requests.with_label_values(&[class]).inc();
+        self.http_requests.inc(HttpClass::of(status));
     }
 }
 

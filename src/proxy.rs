@@ -15,20 +15,20 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme, Uri};
-use http::{header, HeaderValue, Request, Response, StatusCode};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Empty, Full};
+use http::{header, HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::admission::{Admission, Policy};
+use crate::admission::{Admission, Policy, RejectReason};
 use crate::config::Config;
 use crate::drain::Tunnels;
-use crate::error::ProxyError;
+use crate::error::{ProxyError, UpstreamErrorKind};
 use crate::headers::{self, RequestKind};
-use crate::metrics::{Metrics, RejectReason};
+use crate::metrics::Metrics;
+use crate::responses::{self, ProxyBody};
 use crate::shutdown::Shutdown;
 use crate::splice::Limits;
 use crate::tunnel::{self, Answer, TunnelContext};
@@ -36,17 +36,6 @@ use crate::tunnel::{self, Answer, TunnelContext};
 /// How long a keep-alive connection to the upstream may sit idle in the
 /// plain-HTTP pool before it is closed (evicted on a tick of the same length).
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The response body type on the client port: upstream bodies stream
-/// through; wsgate's own answers are short texts.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
-
-/// A short text body.
-pub fn text_body(text: impl Into<Bytes>) -> ProxyBody {
-    Full::new(text.into())
-        .map_err(|never: Infallible| match never {})
-        .boxed()
-}
 
 /// The shared state behind every connection's service.
 #[derive(Debug, Clone)]
@@ -172,31 +161,34 @@ impl Proxy {
         peer: SocketAddr,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let config = self.config();
-        match headers::classify(req.method(), req.version(), req.headers()) {
-            Ok(RequestKind::WebSocket) => Ok(match self.upgrade(req, peer, &config).await {
+        let resp = match headers::classify(req.method(), req.version(), req.headers()) {
+            Ok(RequestKind::WebSocket) => match self.upgrade(req, peer, &config).await {
                 Ok(resp) => resp,
                 Err(e) => {
                     self.count_failure(&e, peer);
-                    e.to_response(retry_after(&config))
+                    e.answer(retry_after(&config)).into_response()
                 }
-            }),
-            Ok(RequestKind::Plain) => Ok(self.forward(req, peer).await),
+            },
+            Ok(RequestKind::Plain) => self.forward(req, peer).await,
             Err(e) => {
-                tracing::debug!(%peer, error = %e, "bad websocket handshake");
-                Ok(ProxyError::BadHandshake(e).to_response(config.retry_after_secs))
+                tracing::debug!(%peer, "refused a websocket upgrade from {peer}: {e}");
+                ProxyError::BadHandshake(e)
+                    .answer(config.retry_after_secs)
+                    .into_response()
             }
-        }
+        };
+        Ok(resp)
     }
 
     /// Counts and logs a failed upgrade.
     fn count_failure(&self, e: &ProxyError, peer: SocketAddr) {
         let m = &self.inner.metrics;
         if let ProxyError::Rejected(reason) = e {
-            m.rejected(*reason);
-            tracing::debug!(%peer, reason = reason.as_str(), "upgrade refused");
+            m.rejected.inc(*reason);
+            tracing::debug!(%peer, reason = reason.label(), "refused a websocket upgrade from {peer}: {}", reason.label());
         } else if let Some(kind) = e.upstream_kind() {
-            m.upstream_error(kind);
-            tracing::warn!(%peer, error = %e, "upstream failed a websocket handshake");
+            m.upstream_errors.inc(kind);
+            tracing::warn!(%peer, kind = kind.label(), "a websocket upgrade from {peer} failed: {e}");
         }
     }
 
@@ -216,8 +208,14 @@ impl Proxy {
             .admit(client)
             .map_err(ProxyError::Rejected)?;
         if let Some(reason) = admitted.would_reject {
-            inner.metrics.would_reject(reason);
-            tracing::debug!(%peer, %client, reason = reason.as_str(), "dry run: would have refused");
+            inner.metrics.would_reject.inc(reason);
+            tracing::debug!(
+                %peer,
+                %client,
+                reason = reason.label(),
+                "dry run: admitted a websocket upgrade from {client} that {} would have refused",
+                reason.label()
+            );
         }
         let guard = admitted.guard;
         inner.metrics.admitted.inc();
@@ -257,8 +255,14 @@ impl Proxy {
                 // Passed through as it is; the slot goes back with `guard`.
                 inner
                     .metrics
-                    .upstream_error(crate::metrics::UpstreamErrorKind::RefusedUpgrade);
-                tracing::info!(%peer, status = resp.status().as_u16(), "upstream declined the websocket upgrade");
+                    .upstream_errors
+                    .inc(UpstreamErrorKind::RefusedUpgrade);
+                let status = resp.status().as_u16();
+                tracing::info!(
+                    %peer,
+                    status,
+                    "the upstream declined a websocket upgrade from {peer} with {status}; passed on"
+                );
                 let (mut head, body) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut head.headers);
                 // As with our own refusals: the client may already be sending
@@ -296,13 +300,35 @@ impl Proxy {
                     guard,
                     ctx,
                 ));
-                Ok(Response::from_parts(head, text_body(Bytes::new())))
+                Ok(Response::from_parts(head, responses::body(Bytes::new())))
             }
         }
     }
 
     /// Reverse-proxies a plain HTTP request, streaming bodies both ways.
     async fn forward(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let resp = match self.send_upstream(req, peer).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                if matches!(e, ProxyError::BadTarget(_) | ProxyError::ClientBody(_)) {
+                    tracing::debug!(%peer, "a plain request from {peer} failed: {e}");
+                } else {
+                    tracing::warn!(%peer, "a plain request from {peer} failed: {e}");
+                }
+                e.answer(0).into_response()
+            }
+        };
+        self.inner.metrics.http_request(resp.status());
+        resp
+    }
+
+    /// Sends a plain request upstream; the answer's head, with hop-by-hop
+    /// headers removed, and its streaming body.
+    async fn send_upstream(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let inner = &*self.inner;
         let (mut parts, body) = req.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
@@ -313,42 +339,22 @@ impl Proxy {
         if uri.path_and_query.is_none() {
             uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
         }
-        parts.uri = match Uri::from_parts(uri) {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!(%peer, error = %e, "unforwardable request target");
-                return self.counted(plain_error(StatusCode::BAD_REQUEST, "bad request target\n"));
-            }
-        };
-        let resp = match inner.client.request(Request::from_parts(parts, body)).await {
+        parts.uri = Uri::from_parts(uri).map_err(|e| ProxyError::BadTarget(e.into()))?;
+        match inner.client.request(Request::from_parts(parts, body)).await {
             Ok(resp) => {
                 let (mut head, body) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut head.headers);
-                Response::from_parts(head, body.boxed())
+                Ok(Response::from_parts(head, body.boxed()))
             }
-            Err(e) if caused_by_client_body(&e) => {
-                // The client's own body was malformed (a bad chunk, a short
-                // body): the client's fault, not an upstream failure, so it
-                // must not count as a 5xx.
-                tracing::debug!(%peer, error = ?e, "client request body failed");
-                plain_error(StatusCode::BAD_REQUEST, "wsgate: bad request body\n")
+            // The client's own body was malformed (a bad chunk, a short
+            // body): the client's fault, not an upstream failure, so it
+            // must not count as a 5xx.
+            Err(e) if caused_by_client_body(&e) => Err(ProxyError::ClientBody(e.into())),
+            Err(e) if e.is_connect() && caused_by_timeout(&e) => {
+                Err(ProxyError::UpstreamRequestTimeout(e.into()))
             }
-            Err(e) => {
-                let timed_out = e.is_connect() && caused_by_timeout(&e);
-                tracing::warn!(%peer, error = ?e, "upstream request failed");
-                if timed_out {
-                    plain_error(StatusCode::GATEWAY_TIMEOUT, "wsgate: upstream timed out\n")
-                } else {
-                    plain_error(StatusCode::BAD_GATEWAY, "wsgate: upstream unavailable\n")
-                }
-            }
-        };
-        self.counted(resp)
-    }
-
-    fn counted(&self, resp: Response<ProxyBody>) -> Response<ProxyBody> {
-        self.inner.metrics.http_request(resp.status());
-        resp
+            Err(e) => Err(ProxyError::UpstreamRequest(e.into())),
+        }
     }
 }
 
@@ -415,14 +421,4 @@ fn caused_by_client_body(e: &(dyn std::error::Error + 'static)) -> bool {
 fn origin_form(uri: &Uri) -> Uri {
     uri.path_and_query()
         .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()))
-}
-
-fn plain_error(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
-    let mut resp = Response::new(text_body(text));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
 }

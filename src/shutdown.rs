@@ -1,5 +1,5 @@
-//! Shutdown and reload: the OS signals and the configuration-file watch that
-//! feed [`Control`], and the [`Shutdown`] handle shared by every task.
+//! Shutdown: the OS signals that feed [`Control`], the [`Shutdown`] handle
+//! shared by every task, and the timeline that drives it.
 //!
 //! Three tokens and one tracker, one per step of the timeline (SPEC §5, §7):
 //! `signalled` at the first SIGTERM/SIGINT (readiness turns 503; admissions
@@ -12,14 +12,22 @@
 //! connection and tunnel task, because hyper forgets a connection the moment
 //! it is upgraded: without it, a drain would not see the tunnels at all.
 
-use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
+use prometheus::IntCounter;
 use tokio::sync::mpsc;
-
-use crate::config::{Config, ConfigError, ConfigSource};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, ConfigError, ConfigSource};
+use crate::drain::{self, Tunnels};
+use crate::reload::{self, FileVersion};
+
+/// After everything is cut, how long tasks get to drop their sockets
+/// before the timeline returns anyway.
+const HARD_STOP_MARGIN: Duration = Duration::from_secs(2);
 
 /// Shared shutdown state: clone it into every task.
 #[derive(Debug, Clone, Default)]
@@ -107,7 +115,7 @@ pub enum Control {
 /// [`Control::Shutdown`], every time one arrives, and SIGHUP as
 /// [`Control::Reload`] with the configuration read afresh from `source`;
 /// when `source` names a file, a change of that file reloads too (see
-/// [`reload_on_request`]). `loaded` is the [`FileVersion`] taken just before
+/// [`crate::reload`]). `loaded` is the [`FileVersion`] taken just before
 /// the running configuration was read, so a change made at any time after
 /// that read is seen, however late the reload task first runs. Must be
 /// called inside the runtime; the handlers are installed before it returns,
@@ -126,7 +134,12 @@ pub fn os_signals(
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let hangups = signal(SignalKind::hangup())?;
-        tokio::spawn(reload_on_request(source, loaded, Some(hangups), tx.clone()));
+        tokio::spawn(reload::reload_on_request(
+            source,
+            loaded,
+            Some(hangups),
+            reloads_to(tx.clone()),
+        ));
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -141,7 +154,12 @@ pub fn os_signals(
     }
     #[cfg(not(unix))]
     {
-        tokio::spawn(reload_on_request(source, loaded, None, tx.clone()));
+        tokio::spawn(reload::reload_on_request(
+            source,
+            loaded,
+            None,
+            reloads_to(tx.clone()),
+        ));
         tokio::spawn(async move {
             while tokio::signal::ctrl_c().await.is_ok() {
                 if tx.send(Control::Shutdown).is_err() {
@@ -153,291 +171,137 @@ pub fn os_signals(
     Ok(rx)
 }
 
-/// How often the configuration file is looked at.
-pub const CONFIG_POLL_INTERVAL: Duration = Duration::from_secs(2);
-
-/// One version of the configuration file: the file the path resolves to
-/// (a Kubernetes ConfigMap update swaps a symlink to a new file), its size
-/// and its modification time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileVersion {
-    device: u64,
-    inode: u64,
-    len: u64,
-    modified: Option<SystemTime>,
+/// Hands reloaded configurations to the control channel.
+fn reloads_to(tx: mpsc::UnboundedSender<Control>) -> impl Fn(Result<Config, ConfigError>) -> bool {
+    move |config| tx.send(Control::Reload(Box::new(config))).is_ok()
 }
 
-impl FileVersion {
-    /// The version at `path` now; `None` when it cannot be read. One
-    /// `stat`: blocking, so the watch task runs it on the blocking pool.
-    pub fn of(path: &Path) -> Option<Self> {
-        let meta = std::fs::metadata(path).ok()?;
-        #[cfg(unix)]
-        let (device, inode) = {
-            use std::os::unix::fs::MetadataExt;
-            (meta.dev(), meta.ino())
+/// What the shutdown timeline drives besides the tokens.
+#[derive(Debug)]
+pub(crate) struct Drive<'a> {
+    /// The configuration in force when the signal came.
+    pub(crate) config: &'a Config,
+    /// Live tunnels, for the drain and for the log lines.
+    pub(crate) tunnels: &'a Tunnels,
+    /// `wsgate_connections_drained_total`.
+    pub(crate) drained: &'a IntCounter,
+    /// The accept loop, which returns once draining starts.
+    pub(crate) accept: JoinHandle<()>,
+}
+
+impl Shutdown {
+    /// Runs the shutdown timeline from the first shutdown request to the
+    /// end (SPEC §5, §7): readiness 503 at once; admissions continue for
+    /// `shutdown_delay`; then the listener closes, new upgrades get 503
+    /// `draining`, and the remaining connections are closed oldest first,
+    /// evenly over `drain_period`; at `shutdown_grace` after the signal (or
+    /// at a second [`Control::Shutdown`]) whatever is left is closed.
+    /// Returns once every tracked task has ended, or
+    /// [`HARD_STOP_MARGIN`] after the hard stop.
+    pub(crate) async fn run_timeline(
+        &self,
+        drive: Drive<'_>,
+        control: &mut mpsc::UnboundedReceiver<Control>,
+    ) {
+        let Drive {
+            config,
+            tunnels,
+            drained,
+            accept,
+        } = drive;
+        let signalled_at = Instant::now();
+        tracing::info!(
+            delay_ms = config.shutdown_delay.as_millis() as u64,
+            drain_ms = config.drain_period.as_millis() as u64,
+            grace_ms = config.shutdown_grace.as_millis() as u64,
+            remaining = tunnels.len(),
+            "shutdown requested: not ready any more, still admitting for the shutdown delay"
+        );
+        self.signal_received();
+
+        // Keep admitting through the delay, so clients routed here while the
+        // endpoint removal propagates are not refused.
+        let mut second_signal = tokio::select! {
+            () = tokio::time::sleep(config.shutdown_delay) => false,
+            () = next_shutdown(control) => true,
         };
-        #[cfg(not(unix))]
-        let (device, inode) = (0, 0);
-        Some(FileVersion {
-            device,
-            inode,
-            len: meta.len(),
-            modified: meta.modified().ok(),
-        })
-    }
-}
-
-/// Whether to reload now, given the version last applied, the one seen at
-/// the previous poll and the one seen now: only a change that has settled
-/// (the same new version on two polls in a row), so a file still being
-/// written in place is never read half-way (an empty file is a valid
-/// configuration too: all defaults, no cap). A file that vanished is not a
-/// change; the running configuration stays.
-pub fn settled_change(
-    applied: Option<FileVersion>,
-    previous: Option<FileVersion>,
-    now: Option<FileVersion>,
-) -> bool {
-    now.is_some() && now == previous && now != applied
-}
-
-/// SIGHUP on Unix; nothing elsewhere.
-#[cfg(unix)]
-type Hangups = tokio::signal::unix::Signal;
-/// SIGHUP on Unix; nothing elsewhere.
-#[cfg(not(unix))]
-type Hangups = std::convert::Infallible;
-
-/// The next SIGHUP; never, when there are none to wait for.
-async fn next_hangup(hangups: &mut Option<Hangups>) {
-    match hangups {
-        #[cfg(unix)]
-        Some(h) => {
-            if h.recv().await.is_none() {
-                std::future::pending::<()>().await;
-            }
+        tracing::info!("shutdown: draining, new websocket upgrades are refused");
+        self.start_draining();
+        if let Err(e) = accept.await {
+            tracing::error!("the accept loop failed: {e}");
         }
-        #[cfg(not(unix))]
-        Some(never) => match *never {},
-        None => std::future::pending().await,
-    }
-}
-
-/// One read of the configuration, with the file's version just before and
-/// just after it: the read is of one version only when the two agree.
-struct Reading {
-    before: Option<FileVersion>,
-    after: Option<FileVersion>,
-    config: Result<Config, ConfigError>,
-}
-
-impl Reading {
-    /// Whether the file stayed the same version through the read and, for
-    /// a poll, is the version that settled (`settled`; `None` for SIGHUP,
-    /// which reads whatever is there).
-    fn is_of_one_version(&self, settled: Option<Option<FileVersion>>) -> bool {
-        self.before == self.after && settled.is_none_or(|version| version == self.before)
-    }
-
-    /// Reads on the blocking pool: the file may sit on a slow volume, and a
-    /// runtime worker must not wait for it. `None` only when the runtime is
-    /// shutting down.
-    async fn take(source: &ConfigSource) -> Option<Self> {
-        let source = source.clone();
-        tokio::task::spawn_blocking(move || {
-            let version = || source.file.as_deref().and_then(FileVersion::of);
-            let before = version();
-            let config = source.load();
-            Reading {
-                before,
-                after: version(),
-                config,
-            }
-        })
-        .await
-        .ok()
-    }
-}
-
-/// Reloads on SIGHUP and, when `source` names a file, once a change of that
-/// file has settled: it is polled every [`CONFIG_POLL_INTERVAL`]. With a
-/// ConfigMap mounted as the file, editing the ConfigMap then applies it
-/// without a restart and without a signal (the image has no shell to send
-/// one from). A stat every 2 s costs nothing, and unlike an inotify watch on
-/// the file it sees the symlink swap by which the kubelet updates a mounted
-/// ConfigMap.
-///
-/// Both triggers share one task and one baseline, so a change is applied
-/// and counted once whichever sees it first. A read during which the file
-/// changed is not applied (it may hold half a file, and a prefix of a TOML
-/// file is often valid TOML: `max_clients = 1` of `max_clients = 1000`);
-/// the change is applied once it has settled.
-async fn reload_on_request(
-    source: ConfigSource,
-    loaded: Option<FileVersion>,
-    mut hangups: Option<Hangups>,
-    tx: mpsc::UnboundedSender<Control>,
-) {
-    // The baseline is the version the running configuration came from, not
-    // whatever the file is when this task first gets to run: a change made
-    // in between (a busy start) would otherwise be taken as the baseline
-    // and never applied.
-    let mut applied = loaded;
-    let mut previous = applied;
-    let watching = source.file.is_some();
-    let mut ticks = tokio::time::interval(CONFIG_POLL_INTERVAL);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks.tick().await; // the first tick is immediate
-    loop {
-        let signalled = tokio::select! {
-            () = next_hangup(&mut hangups) => true,
-            _ = ticks.tick(), if watching => false,
-        };
-        // A poll reloads a version that has settled, and only that version;
-        // a SIGHUP reads whatever is there now.
-        let mut settled = None;
-        if !signalled {
-            let now = match source.file.clone() {
-                Some(path) => tokio::task::spawn_blocking(move || FileVersion::of(&path))
-                    .await
-                    .ok()
-                    .flatten(),
-                None => None,
+        let tracker = self.tracker();
+        tracker.close();
+        if !second_signal {
+            // The closing handshakes of whatever is left start `close_timeout`
+            // before the end of the grace, so that the grace stays the bound on
+            // the whole shutdown (it must fit in terminationGracePeriodSeconds).
+            let grace_end = signalled_at + config.shutdown_grace;
+            let close_start = grace_end
+                .checked_sub(config.close.timeout)
+                .unwrap_or(signalled_at)
+                .max(signalled_at);
+            // The drain ends by then too, so its own closing handshakes fit in
+            // the grace instead of being cut by it.
+            let drain_period = config
+                .drain_period
+                .min(close_start.saturating_duration_since(Instant::now()));
+            let all_ended = async {
+                if !drain_period.is_zero() {
+                    drain::drain_evenly(tunnels, drain_period, drained).await;
+                }
+                tracker.wait().await;
             };
-            let changed = settled_change(applied, previous, now);
-            previous = now;
-            if !changed {
-                continue;
+            tokio::select! {
+                () = all_ended => tracing::info!("shutdown: every connection ended"),
+                () = sleep_until(close_start) => {
+                    tracing::warn!(
+                        remaining = tunnels.len(),
+                        "shutdown: the grace is ending, closing the remaining {} connections with Close frames",
+                        tunnels.len()
+                    );
+                }
+                () = next_shutdown(control) => second_signal = true,
             }
-            if let Some(path) = &source.file {
-                tracing::info!(path = %path.display(), "configuration file changed: reloading");
-            }
-            settled = Some(now);
         }
-        let Some(reading) = Reading::take(&source).await else {
-            return; // the runtime is shutting down
-        };
-        previous = reading.after;
-        if !reading.is_of_one_version(settled) {
+        if !second_signal {
+            // Tunnels still open send their Close frames and wait for the
+            // replies until the end of the grace; another signal cuts them.
+            self.stop_now();
+            let grace_end = (signalled_at + config.shutdown_grace).max(Instant::now());
+            tokio::select! {
+                _ = timeout_at(grace_end, tracker.wait()) => {}
+                () = next_shutdown(control) => second_signal = true,
+            }
+        }
+        if second_signal {
             tracing::warn!(
-                "configuration file changed while it was read: it is applied once it has settled"
+                remaining = tunnels.len(),
+                "shutdown: a second signal came, cutting the remaining {} connections",
+                tunnels.len()
             );
-            continue;
         }
-        applied = reading.after;
-        if tx.send(Control::Reload(Box::new(reading.config))).is_err() {
-            return; // nobody listens any more: the process is ending
+        self.abort_now();
+        if timeout(HARD_STOP_MARGIN, tracker.wait()).await.is_err() {
+            tracing::error!(
+                remaining = tracker.len(),
+                "shutdown: {} tasks still running after the hard stop",
+                tracker.len()
+            );
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn version(inode: u64, len: u64) -> Option<FileVersion> {
-        Some(FileVersion {
-            device: 1,
-            inode,
-            len,
-            modified: None,
-        })
-    }
-
-    #[test]
-    fn reloads_only_a_settled_change() {
-        let (a, b, c) = (version(1, 10), version(1, 20), version(2, 20));
-        assert!(!settled_change(a, a, a), "nothing changed");
-        assert!(
-            !settled_change(a, a, b),
-            "changed since the last poll: may still be written"
-        );
-        assert!(
-            settled_change(a, b, b),
-            "the same new version twice: reload"
-        );
-        assert!(!settled_change(b, b, b), "already applied");
-        assert!(
-            !settled_change(b, b, c) && settled_change(b, c, c),
-            "a swapped symlink"
-        );
-        assert!(!settled_change(a, b, c), "still changing");
-        assert!(
-            !settled_change(a, None, None),
-            "vanished: keep the running configuration"
-        );
-        assert!(
-            settled_change(None, a, a),
-            "a file that appears is read once it settled"
-        );
-    }
-
-    #[test]
-    fn a_read_during_a_change_is_not_applied() {
-        let (a, b) = (version(1, 10), version(1, 0));
-        let reading = |before, after| Reading {
-            before,
-            after,
-            // What was read does not matter here, only when.
-            config: Config::load(None),
-        };
-        assert!(
-            reading(a, a).is_of_one_version(Some(a)),
-            "the settled version"
-        );
-        assert!(
-            reading(a, a).is_of_one_version(None),
-            "SIGHUP, file unchanged"
-        );
-        assert!(
-            !reading(a, b).is_of_one_version(Some(a)),
-            "truncated while read"
-        );
-        assert!(
-            !reading(a, b).is_of_one_version(None),
-            "truncated while read after a SIGHUP"
-        );
-        assert!(
-            !reading(b, b).is_of_one_version(Some(a)),
-            "truncated between the poll and the read: not the version that settled"
-        );
-        assert!(
-            reading(None, None).is_of_one_version(None),
-            "no file: SIGHUP re-reads the environment"
-        );
-    }
-
-    /// The failure CI once caught: the file replaced after the running
-    /// configuration was read but before the watch task first ran. The
-    /// baseline must be the version that was read, so the change is applied.
-    #[tokio::test]
-    async fn a_change_before_the_watch_starts_is_still_applied() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let file = dir.path().join("wsgate.toml");
-        std::fs::write(&file, "upstream = \"127.0.0.1:1\"\nmax_clients = 3\n").expect("write");
-        let loaded = FileVersion::of(&file);
-        assert!(loaded.is_some());
-
-        let next = dir.path().join("next.toml");
-        std::fs::write(&next, "upstream = \"127.0.0.1:1\"\nmax_clients = 1\n").expect("write");
-        std::fs::rename(&next, &file).expect("rename");
-
-        let source = ConfigSource {
-            base: crate::config::RawConfig::default(),
-            file: Some(file.clone()),
-        };
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let watch = tokio::spawn(reload_on_request(source, loaded, None, tx));
-        let bound = CONFIG_POLL_INTERVAL * 5;
-        let message = tokio::time::timeout(bound, rx.recv()).await;
-        watch.abort();
-        match message {
-            Ok(Some(Control::Reload(loaded))) => match *loaded {
-                Ok(config) => assert_eq!(config.max_clients, 1),
-                Err(e) => panic!("the new file is valid: {e}"),
-            },
-            other => panic!("no reload within {bound:?}: {other:?}"),
+/// Waits for the next shutdown request; reloads during shutdown are
+/// refused (the process is going away); a closed channel never resolves.
+async fn next_shutdown(control: &mut mpsc::UnboundedReceiver<Control>) {
+    loop {
+        match control.recv().await {
+            Some(Control::Shutdown) => return,
+            Some(Control::Reload(_)) => {
+                tracing::warn!("a reload was requested during shutdown: ignored");
+            }
+            None => std::future::pending().await,
         }
     }
 }

@@ -139,6 +139,20 @@ pub enum StopReason {
 }
 
 impl StopReason {
+    /// Every reason, in declaration order.
+    pub const ALL: [StopReason; 5] = [
+        StopReason::Grace,
+        StopReason::Drain,
+        StopReason::Lifetime,
+        StopReason::Idle,
+        StopReason::Abort,
+    ];
+
+    /// The `wsgate_close_frames_sent_total` label.
+    pub fn label(self) -> &'static str {
+        self.label_and_text().0
+    }
+
     /// The `wsgate_close_frames_sent_total` label (the end of the grace
     /// counts as the drain), and the Close reason text.
     pub fn label_and_text(self) -> (&'static str, &'static str) {

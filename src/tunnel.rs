@@ -254,7 +254,7 @@ pub fn run(
             ctx.metrics.expired.inc();
         }
         if let Some(reason) = close_frames_sent {
-            ctx.metrics.close_frames_sent(reason.label_and_text().0);
+            ctx.metrics.close_frames.inc(reason);
         }
         let lifetime = started.elapsed();
         ctx.metrics.duration.observe(lifetime.as_secs_f64());

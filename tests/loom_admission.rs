@@ -27,9 +27,6 @@ mod admission;
 mod config {
     pub(crate) use wsgate::config::{RateLimit, Watermarks};
 }
-mod metrics {
-    pub(crate) use wsgate::metrics::RejectReason;
-}
 
 use std::net::IpAddr;
 

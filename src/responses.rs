@@ -1,0 +1,105 @@
+//! Every answer wsgate writes itself rather than passing on from the
+//! upstream: a status, a static text body, and the headers that status needs.
+//!
+//! A leaf module: it knows nothing of why a request failed (that is
+//! [`crate::error`]'s job), only how each kind of refusal is said on the
+//! wire, so every 400, 401, 429, 431, 502, 503 and 504 is built here and
+//! nowhere else. Bodies are `&'static str`: a refusal under a reconnect
+//! storm allocates nothing but the response head.
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+
+/// The response body type on the client port: upstream bodies stream
+/// through; wsgate's own answers are short static texts.
+pub(crate) type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// A body holding `bytes` as they are.
+pub(crate) fn body(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes)
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+/// An answer wsgate makes up itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Synthetic {
+    /// The status sent.
+    pub(crate) status: StatusCode,
+    /// The whole body, one line ending in a newline.
+    pub(crate) text: &'static str,
+    /// `Retry-After` in whole seconds: a shed client should come back
+    /// later, not queue here. Set on every 503 and 429.
+    pub(crate) retry_after: Option<u64>,
+    /// `Connection: close`: on the upgrade path the client may already be
+    /// sending frames after its request, which must never be parsed as a
+    /// next request.
+    pub(crate) close: bool,
+    /// `Sec-WebSocket-Version: 13`, which RFC 6455 §4.4 asks for when a
+    /// client offered a version the server does not speak.
+    pub(crate) websocket_version: bool,
+}
+
+impl Synthetic {
+    /// A plain answer: only a status and a text.
+    pub(crate) const fn new(status: StatusCode, text: &'static str) -> Self {
+        Synthetic {
+            status,
+            text,
+            retry_after: None,
+            close: false,
+            websocket_version: false,
+        }
+    }
+
+    /// The response as it goes to the client.
+    pub(crate) fn into_response(self) -> Response<ProxyBody> {
+        let mut resp = Response::new(body(Bytes::from_static(self.text.as_bytes())));
+        *resp.status_mut() = self.status;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if self.close {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let Some(secs) = self.retry_after {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.websocket_version {
+            h.insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_follow_the_flags() {
+        let plain = Synthetic::new(StatusCode::BAD_GATEWAY, "x\n").into_response();
+        assert_eq!(plain.status(), StatusCode::BAD_GATEWAY);
+        assert!(!plain.headers().contains_key(header::CONNECTION));
+        assert!(!plain.headers().contains_key(header::RETRY_AFTER));
+        let shed = Synthetic {
+            retry_after: Some(3),
+            close: true,
+            websocket_version: true,
+            ..Synthetic::new(StatusCode::SERVICE_UNAVAILABLE, "busy\n")
+        }
+        .into_response();
+        assert_eq!(shed.headers()[header::RETRY_AFTER], "3");
+        assert_eq!(shed.headers()[header::CONNECTION], "close");
+        assert_eq!(shed.headers()[header::SEC_WEBSOCKET_VERSION], "13");
+    }
+}
