@@ -184,12 +184,13 @@ fn print_demo_banner(
         )
     };
     println!("wsgate demo");
-    println!("  upstream  ws://{echo}/  (built-in echo)");
+    println!("  upstream  ws://{echo}/  (built-in echo, and a page at /)");
     println!("  proxy     ws://{proxy}/  ({cap})");
     println!("  metrics   http://{admin}/metrics");
     println!();
+    println!("open http://{proxy}/ in a browser: its buttons open WebSockets through wsgate");
     println!(
-        "try, in {} terminals:  websocat ws://{proxy}/",
+        "or try, in {} terminals:  websocat ws://{proxy}/",
         max_clients.max(1) + 1
     );
     println!("watch:   curl -s http://{admin}/metrics | grep ^wsgate_connections");
