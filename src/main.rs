@@ -127,7 +127,7 @@ async fn serve(
 ) -> Result<(), wsgate::Error> {
     raise_descriptor_limit(config.max_clients);
     let echo = if demo {
-        let echo = bind("demo echo upstream", "127.0.0.1:0".parse()?).await?;
+        let echo = bind("demo upstream", "127.0.0.1:0".parse()?).await?;
         let addr = echo.local_addr()?;
         config.upstream = wsgate::config::Upstream::parse(&addr.to_string())?;
         // A reload keeps the upstream anyway; this keeps it from warning.
