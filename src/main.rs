@@ -67,7 +67,7 @@ fn main() -> ExitCode {
             reason = "check-config's output is the effective configuration"
         )]
         {
-            print!("{}", config.describe());
+            print!("{}", config.to_toml());
         }
         return ExitCode::SUCCESS;
     }

@@ -1,0 +1,291 @@
+//! Configuration: the keys wsgate reads, their defaults, and the typed form
+//! the rest of wsgate uses.
+//!
+//! Precedence, lowest first (SPEC §2): built-in defaults < TOML file
+//! (`--config` / `WSGATE_CONFIG`) < `WS_MAX_CLIENTS` (compatibility alias) <
+//! `WSGATE_*` environment variables. Every invalid value becomes a
+//! [`ConfigError`] that names the key, the value as written and what is
+//! accepted; `main` prints it and exits with code 2 before any port is bound.
+//!
+//! # Layout
+//! | file | job |
+//! | --- | --- |
+//! | `mod.rs` | the keys: [`RawConfig`] (as written, with defaults) and [`Config`] (typed) |
+//! | `values.rs` | the kinds of value a key takes: what each accepts, and the check |
+//! | `duration.rs` | [`ConfigDuration`], the 10-year bound, and the kinds of duration |
+//! | `load.rs` | the figment provider stack, environment filtering, figment errors → [`ConfigError`] |
+//! | `validate.rs` | [`RawConfig`] → [`Config`]: each key's check, then the rules across keys |
+//! | `effective.rs` | the effective configuration as TOML, for `wsgate check-config` |
+//! | `error.rs` | [`ConfigError`] |
+//!
+//! # Adding a key
+//! 1. A field in [`RawConfig`]: its `///` doc, the kind of value it takes
+//!    (`#[serde(deserialize_with = "Kind::checked")]`, a kind from
+//!    `values.rs` or `duration.rs`, or a new one there), and its default in
+//!    `RawConfig::default` just below.
+//! 2. Its typed field in [`Config`]; `check-config` prints it under its
+//!    field name (a `rename` or `serialize_with` when the typed form differs
+//!    from the key, see `effective.rs`).
+//! 3. Its line in [`Config::validate`] (`Kind::value("key", &raw.key)?`),
+//!    and any rule it shares with other keys there.
+//! 4. The docs: the SPEC and README tables (and the chart, if it has a value).
+//!
+//! Nothing else: error messages take what is accepted from the kind, the
+//! list of known keys from serde, and `check-config` serialises [`Config`].
+
+mod duration;
+mod effective;
+mod error;
+mod load;
+mod validate;
+mod values;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use self::duration::ConfigDuration;
+pub use self::error::ConfigError;
+pub use self::load::{ConfigSource, ENV_PREFIX, LEGACY_MAX_CLIENTS_ENV};
+pub use self::values::{LogFormat, Upstream};
+
+use self::duration::{AnyDuration, Keepalive, OffOrDuration, PositiveDuration};
+use self::values::{
+    Cap, CloseCode, Fraction, ListenAddress, NonNegative, TrueOrFalse, ValueKind, WholeNumber,
+};
+
+/// The configuration as written: what figment deserialises before
+/// [`Config::validate`]. Each field names the kind of value it takes, which
+/// says what is accepted and checks it while the file and environment are
+/// read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawConfig {
+    /// Client-facing address.
+    #[serde(deserialize_with = "ListenAddress::checked")]
+    pub listen: String,
+    /// `host:port` or `http://host:port` of the upstream; required.
+    #[serde(deserialize_with = "Upstream::checked_optional")]
+    pub upstream: Option<String>,
+    /// Address of `/metrics`, `/healthz`, `/readyz`.
+    #[serde(deserialize_with = "ListenAddress::checked")]
+    pub admin_listen: String,
+    /// Cap on concurrent WebSocket connections; 0 = unlimited, negative = 0.
+    #[serde(deserialize_with = "Cap::checked")]
+    pub max_clients: i64,
+    /// `Retry-After` on every 503 (whole seconds, rounded up, at least 1).
+    #[serde(deserialize_with = "AnyDuration::checked")]
+    pub retry_after: ConfigDuration,
+    /// Connect + handshake response deadline for the upstream.
+    #[serde(deserialize_with = "PositiveDuration::checked")]
+    pub upstream_connect_timeout: ConfigDuration,
+    /// Deadline for a client's full request head.
+    #[serde(deserialize_with = "PositiveDuration::checked")]
+    pub header_read_timeout: ConfigDuration,
+    /// How long the other side may keep sending after one side closed.
+    #[serde(deserialize_with = "PositiveDuration::checked")]
+    pub half_close_timeout: ConfigDuration,
+    /// Close a spliced connection idle this long; 0 = off.
+    #[serde(deserialize_with = "OffOrDuration::checked")]
+    pub idle_timeout: ConfigDuration,
+    /// TCP keepalive idle time and `TCP_USER_TIMEOUT`; 0 = off.
+    #[serde(deserialize_with = "Keepalive::checked")]
+    pub tcp_keepalive: ConfigDuration,
+    /// How long connections may run after SIGTERM/SIGINT.
+    #[serde(deserialize_with = "AnyDuration::checked")]
+    pub shutdown_grace: ConfigDuration,
+    /// `text` or `json`.
+    #[serde(deserialize_with = "LogFormat::checked")]
+    pub log_format: String,
+    /// Readiness turns 503 once active ≥ this fraction of the cap; 0 = off.
+    #[serde(deserialize_with = "Fraction::checked")]
+    pub ready_high_watermark: f64,
+    /// … and 200 again once active ≤ this fraction; unset = high − 0.1.
+    #[serde(deserialize_with = "Fraction::checked_optional")]
+    pub ready_low_watermark: Option<f64>,
+    /// After SIGTERM, keep admitting this long (readiness already 503).
+    #[serde(deserialize_with = "AnyDuration::checked")]
+    pub shutdown_delay: ConfigDuration,
+    /// Close remaining connections evenly over this period after the delay.
+    #[serde(deserialize_with = "AnyDuration::checked")]
+    pub drain_period: ConfigDuration,
+    /// Admissions per second (token bucket); 0 = off.
+    #[serde(deserialize_with = "NonNegative::checked")]
+    pub admission_rate: f64,
+    /// Bucket size; 0 = same as the rate.
+    #[serde(deserialize_with = "WholeNumber::checked")]
+    pub admission_burst: i64,
+    /// Concurrent WebSocket connections per client address; 0 = off.
+    #[serde(deserialize_with = "WholeNumber::checked")]
+    pub max_clients_per_ip: i64,
+    /// How many proxies in front are trusted to append `X-Forwarded-For`;
+    /// 0 = the socket peer is the client.
+    #[serde(deserialize_with = "WholeNumber::checked")]
+    pub trusted_hops: i64,
+    /// false = dry run: admit everything, count what would be refused.
+    #[serde(deserialize_with = "TrueOrFalse::checked")]
+    pub enforce: bool,
+    /// Close a connection at a deadline drawn from
+    /// [lifetime × (1 − jitter), lifetime]; 0 = off.
+    #[serde(deserialize_with = "OffOrDuration::checked")]
+    pub max_connection_lifetime: ConfigDuration,
+    /// Fraction of the lifetime over which deadlines are spread.
+    #[serde(deserialize_with = "Fraction::checked")]
+    pub lifetime_jitter: f64,
+    /// Close status when draining or at the end of the grace.
+    #[serde(deserialize_with = "CloseCode::checked")]
+    pub close_code_drain: i64,
+    /// Close status when `max_connection_lifetime` expires.
+    #[serde(deserialize_with = "CloseCode::checked")]
+    pub close_code_lifetime: i64,
+    /// Close status when `idle_timeout` expires.
+    #[serde(deserialize_with = "CloseCode::checked")]
+    pub close_code_idle: i64,
+    /// How long to wait for the peers' Close replies before closing TCP.
+    #[serde(deserialize_with = "PositiveDuration::checked")]
+    pub close_timeout: ConfigDuration,
+}
+
+/// The built-in defaults (SPEC §2, §7, §8), one line per key.
+impl Default for RawConfig {
+    fn default() -> Self {
+        let secs = |s| ConfigDuration(Duration::from_secs(s));
+        RawConfig {
+            listen: "0.0.0.0:8080".into(),
+            upstream: None,
+            admin_listen: "0.0.0.0:9090".into(),
+            max_clients: 0,
+            retry_after: secs(1),
+            upstream_connect_timeout: secs(5),
+            header_read_timeout: secs(10),
+            half_close_timeout: secs(5),
+            idle_timeout: secs(0),
+            tcp_keepalive: secs(30),
+            shutdown_grace: secs(25),
+            log_format: "text".into(),
+            ready_high_watermark: 0.0,
+            ready_low_watermark: None,
+            shutdown_delay: secs(0),
+            drain_period: secs(0),
+            admission_rate: 0.0,
+            admission_burst: 0,
+            max_clients_per_ip: 0,
+            trusted_hops: 0,
+            enforce: true,
+            max_connection_lifetime: secs(0),
+            lifetime_jitter: 0.5,
+            close_code_drain: 1001,
+            close_code_lifetime: 1001,
+            close_code_idle: 1001,
+            close_timeout: secs(2),
+        }
+    }
+}
+
+/// The validated configuration every other module reads.
+///
+/// Serialising it gives the effective configuration under the keys'
+/// names (`wsgate check-config`; see `effective.rs`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// Client-facing address.
+    pub listen: SocketAddr,
+    /// The upstream service.
+    #[serde(serialize_with = "effective::upstream")]
+    pub upstream: Upstream,
+    /// Admin address.
+    pub admin_listen: SocketAddr,
+    /// Cap on concurrent WebSocket connections; 0 = unlimited.
+    pub max_clients: usize,
+    /// `Retry-After` value in whole seconds (at least 1).
+    #[serde(rename = "retry_after", serialize_with = "effective::seconds")]
+    pub retry_after_secs: u64,
+    /// Connect + handshake deadline.
+    #[serde(serialize_with = "effective::duration")]
+    pub upstream_connect_timeout: Duration,
+    /// Request head deadline.
+    #[serde(serialize_with = "effective::duration")]
+    pub header_read_timeout: Duration,
+    /// Half-close allowance.
+    #[serde(serialize_with = "effective::duration")]
+    pub half_close_timeout: Duration,
+    /// Idle cut-off; `None` = off.
+    #[serde(serialize_with = "effective::off_or_duration")]
+    pub idle_timeout: Option<Duration>,
+    /// Keepalive / user timeout; `None` = off.
+    #[serde(serialize_with = "effective::off_or_duration")]
+    pub tcp_keepalive: Option<Duration>,
+    /// Shutdown grace.
+    #[serde(serialize_with = "effective::duration")]
+    pub shutdown_grace: Duration,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// Readiness hysteresis on saturation (SPEC §7).
+    #[serde(flatten, serialize_with = "effective::watermarks")]
+    pub watermarks: Option<Watermarks>,
+    /// Admissions continue this long after SIGTERM.
+    #[serde(serialize_with = "effective::duration")]
+    pub shutdown_delay: Duration,
+    /// Remaining connections are closed evenly over this period.
+    #[serde(serialize_with = "effective::duration")]
+    pub drain_period: Duration,
+    /// Token bucket for admissions; `None` = off.
+    #[serde(flatten, serialize_with = "effective::admission_rate")]
+    pub admission_rate: Option<RateLimit>,
+    /// Per-client-address cap; 0 = off.
+    pub max_clients_per_ip: usize,
+    /// Trusted proxies in front (for the client address).
+    pub trusted_hops: usize,
+    /// false = dry run.
+    pub enforce: bool,
+    /// Connection lifetime limit; `None` = off.
+    #[serde(serialize_with = "effective::off_or_duration")]
+    pub max_connection_lifetime: Option<Duration>,
+    /// Fraction of the lifetime over which deadlines are spread.
+    pub lifetime_jitter: f64,
+    /// Close frames wsgate sends when it ends a connection (SPEC §8).
+    #[serde(flatten)]
+    pub close: CloseSettings,
+    /// Messages to log once logging is up (e.g. a negative cap taken as 0).
+    #[serde(skip)]
+    pub warnings: Vec<String>,
+}
+
+/// Saturation-aware readiness: not ready from `high` × cap until `low` × cap.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Watermarks {
+    /// Fraction of the cap at which readiness turns 503.
+    pub high: f64,
+    /// Fraction of the cap at or below which it turns 200 again.
+    pub low: f64,
+}
+
+/// An admission token bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    /// Tokens added per second.
+    pub per_second: f64,
+    /// Bucket size (at least 1).
+    pub burst: f64,
+}
+
+/// Close statuses and the reply deadline for connections wsgate ends itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct CloseSettings {
+    /// Draining, or the end of the grace.
+    #[serde(rename = "close_code_drain")]
+    pub drain: u16,
+    /// `max_connection_lifetime` expired.
+    #[serde(rename = "close_code_lifetime")]
+    pub lifetime: u16,
+    /// `idle_timeout` expired.
+    #[serde(rename = "close_code_idle")]
+    pub idle: u16,
+    /// How long to wait for Close replies before closing TCP.
+    #[serde(rename = "close_timeout", serialize_with = "effective::duration")]
+    pub timeout: Duration,
+}

@@ -1,0 +1,291 @@
+//! The configuration as an operator meets it: files and environment
+//! variables in a `figment::Jail`, through loading and validation, to the
+//! typed [`Config`] or the one-line [`ConfigError`].
+
+#![allow(
+    clippy::result_large_err,
+    reason = "figment::Jail's closures return figment::Error"
+)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Jail;
+
+use super::*;
+
+fn load_in_jail(file: Option<&str>) -> Result<Config, ConfigError> {
+    Config::load(file.map(Path::new))
+}
+
+#[test]
+fn defaults_need_only_an_upstream() {
+    Jail::expect_with(|jail| {
+        jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+        let c = load_in_jail(None).expect("valid");
+        assert_eq!(c.listen, "0.0.0.0:8080".parse().expect("addr"));
+        assert_eq!(c.admin_listen, "0.0.0.0:9090".parse().expect("addr"));
+        assert_eq!(c.max_clients, 0);
+        assert_eq!(c.retry_after_secs, 1);
+        assert_eq!(c.upstream_connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.half_close_timeout, Duration::from_secs(5));
+        assert_eq!(c.idle_timeout, None);
+        assert_eq!(c.tcp_keepalive, Some(Duration::from_secs(30)));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(25));
+        assert_eq!(c.log_format, LogFormat::Text);
+        Ok(())
+    });
+}
+
+#[test]
+fn missing_upstream_names_the_key() {
+    Jail::expect_with(|_| {
+        let e = load_in_jail(None).expect_err("upstream is required");
+        assert!(e.to_string().contains("upstream"), "{e}");
+        Ok(())
+    });
+}
+
+#[test]
+fn env_overrides_file_and_file_overrides_defaults() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "w.toml",
+            "upstream = \"app:3000\"\nmax_clients = 7\nretry_after = \"3s\"\n",
+        )?;
+        let c = load_in_jail(Some("w.toml")).expect("valid");
+        assert_eq!(c.max_clients, 7);
+        assert_eq!(c.retry_after_secs, 3);
+        jail.set_env("WSGATE_MAX_CLIENTS", "9");
+        let c = load_in_jail(Some("w.toml")).expect("valid");
+        assert_eq!(c.max_clients, 9);
+        assert_eq!(c.upstream.authority, "app:3000");
+        Ok(())
+    });
+}
+
+#[test]
+fn wsgate_max_clients_wins_over_legacy_alias() {
+    Jail::expect_with(|jail| {
+        jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+        jail.set_env("WS_MAX_CLIENTS", "4");
+        assert_eq!(load_in_jail(None).expect("valid").max_clients, 4);
+        jail.set_env("WSGATE_MAX_CLIENTS", "6");
+        assert_eq!(load_in_jail(None).expect("valid").max_clients, 6);
+        Ok(())
+    });
+}
+
+#[test]
+fn negative_cap_is_unlimited_with_a_warning() {
+    Jail::expect_with(|jail| {
+        jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+        jail.set_env("WS_MAX_CLIENTS", "-5");
+        let c = load_in_jail(None).expect("valid");
+        assert_eq!(c.max_clients, 0);
+        assert_eq!(c.warnings.len(), 1);
+        assert!(c.warnings[0].contains("-5"));
+        Ok(())
+    });
+}
+
+#[test]
+fn durations_accept_humantime_and_bare_seconds() {
+    Jail::expect_with(|jail| {
+        jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+        jail.set_env("WSGATE_HALF_CLOSE_TIMEOUT", "250ms");
+        jail.set_env("WSGATE_SHUTDOWN_GRACE", "2m");
+        jail.set_env("WSGATE_IDLE_TIMEOUT", "7");
+        jail.set_env("WSGATE_RETRY_AFTER", "1500ms");
+        let c = load_in_jail(None).expect("valid");
+        assert_eq!(c.half_close_timeout, Duration::from_millis(250));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(120));
+        assert_eq!(c.idle_timeout, Some(Duration::from_secs(7)));
+        assert_eq!(c.retry_after_secs, 2, "rounded up to whole seconds");
+        Ok(())
+    });
+}
+
+fn assert_rejected(var: &str, value: &str, key: &str) {
+    Jail::expect_with(|jail| {
+        jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+        jail.set_env(var, value);
+        let e = load_in_jail(None)
+            .expect_err("must be rejected")
+            .to_string();
+        assert!(e.contains(key), "message must name the key {key}: {e}");
+        assert!(
+            e.contains(value),
+            "message must name the value {value}: {e}"
+        );
+        assert!(
+            e.contains("expected"),
+            "message must say what is accepted: {e}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn invalid_values_name_key_value_and_accepted() {
+    assert_rejected("WSGATE_MAX_CLIENTS", "abc", "max_clients");
+    assert_rejected("WSGATE_LISTEN", "nowhere", "listen");
+    assert_rejected("WSGATE_ADMIN_LISTEN", "nowhere:x", "admin_listen");
+    assert_rejected("WSGATE_RETRY_AFTER", "-3s", "retry_after");
+    assert_rejected("WSGATE_IDLE_TIMEOUT", "soon", "idle_timeout");
+    assert_rejected("WSGATE_LOG_FORMAT", "xml", "log_format");
+    assert_rejected("WSGATE_UPSTREAM", "https://x:1", "upstream");
+    assert_rejected("WSGATE_UPSTREAM", "nohostport", "upstream");
+    assert_rejected("WS_MAX_CLIENTS", "lots", "max_clients");
+}
+
+#[test]
+fn rollout_keys_parse_with_their_defaults() {
+    Jail::expect_with(|jail| {
+        jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+        let c = load_in_jail(None).expect("valid");
+        assert_eq!(c.watermarks, None);
+        assert_eq!(c.admission_rate, None);
+        assert!(c.enforce);
+        assert_eq!(c.lifetime_jitter, 0.5);
+        jail.set_env("WSGATE_READY_HIGH_WATERMARK", "0.95");
+        jail.set_env("WSGATE_ADMISSION_RATE", "50");
+        jail.set_env("WSGATE_ENFORCE", "false");
+        jail.set_env("WSGATE_MAX_CLIENTS_PER_IP", "3");
+        jail.set_env("WSGATE_TRUSTED_HOPS", "1");
+        jail.set_env("WSGATE_SHUTDOWN_DELAY", "5s");
+        jail.set_env("WSGATE_DRAIN_PERIOD", "15s");
+        jail.set_env("WSGATE_MAX_CONNECTION_LIFETIME", "1h");
+        let c = load_in_jail(None).expect("valid");
+        let w = c.watermarks.expect("on");
+        assert!(
+            (w.low - 0.85).abs() < 1e-9,
+            "low defaults to high - 0.1: {}",
+            w.low
+        );
+        assert_eq!(
+            c.admission_rate,
+            Some(RateLimit {
+                per_second: 50.0,
+                burst: 50.0
+            })
+        );
+        assert!(!c.enforce);
+        assert_eq!((c.max_clients_per_ip, c.trusted_hops), (3, 1));
+        assert_eq!(c.max_connection_lifetime, Some(Duration::from_secs(3600)));
+        Ok(())
+    });
+}
+
+#[test]
+fn rollout_keys_are_validated() {
+    assert_rejected("WSGATE_READY_HIGH_WATERMARK", "1.5", "ready_high_watermark");
+    assert_rejected("WSGATE_LIFETIME_JITTER", "2", "lifetime_jitter");
+    assert_rejected("WSGATE_ADMISSION_RATE", "-1", "admission_rate");
+    assert_rejected("WSGATE_ADMISSION_BURST", "-2", "admission_burst");
+    assert_rejected("WSGATE_MAX_CLIENTS_PER_IP", "-1", "max_clients_per_ip");
+    assert_rejected("WSGATE_ENFORCE", "maybe", "enforce");
+    assert_rejected("WSGATE_DRAIN_PERIOD", "30s", "drain_period");
+    // Deadlines are instants plus durations: a huge one must be an
+    // error here, not an overflow panic at shutdown.
+    assert_rejected(
+        "WSGATE_SHUTDOWN_GRACE",
+        "18446744073709551615",
+        "shutdown_grace",
+    );
+    assert_rejected("WSGATE_IDLE_TIMEOUT", "500years", "idle_timeout");
+    // Outside what the kernel takes for keepalive: refused, not ignored.
+    assert_rejected("WSGATE_TCP_KEEPALIVE", "500ms", "tcp_keepalive");
+    assert_rejected("WSGATE_TCP_KEEPALIVE", "32768", "tcp_keepalive");
+    Jail::expect_with(|jail| {
+        jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+        jail.set_env("WSGATE_READY_HIGH_WATERMARK", "0.8");
+        jail.set_env("WSGATE_READY_LOW_WATERMARK", "0.9");
+        let e = load_in_jail(None).expect_err("low above high").to_string();
+        assert!(
+            e.contains("ready_low_watermark") && e.contains("0.9"),
+            "{e}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn close_codes_are_validated() {
+    for bad in ["1005", "999", "2500", "5000", "-1", "abc"] {
+        assert_rejected("WSGATE_CLOSE_CODE_DRAIN", bad, "close_code_drain");
+    }
+    assert_rejected("WSGATE_CLOSE_CODE_LIFETIME", "1006", "close_code_lifetime");
+    assert_rejected("WSGATE_CLOSE_CODE_IDLE", "1004", "close_code_idle");
+    assert_rejected("WSGATE_CLOSE_TIMEOUT", "0s", "close_timeout");
+    Jail::expect_with(|jail| {
+        jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+        jail.set_env("WSGATE_CLOSE_CODE_LIFETIME", "1012");
+        jail.set_env("WSGATE_CLOSE_CODE_IDLE", "4000");
+        let c = load_in_jail(None).expect("valid");
+        assert_eq!(
+            c.close,
+            CloseSettings {
+                drain: 1001,
+                lifetime: 1012,
+                idle: 4000,
+                timeout: Duration::from_secs(2)
+            }
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn zero_connect_timeout_is_rejected() {
+    assert_rejected(
+        "WSGATE_UPSTREAM_CONNECT_TIMEOUT",
+        "0",
+        "upstream_connect_timeout",
+    );
+}
+
+#[test]
+fn unknown_keys_in_file_and_env_are_rejected() {
+    Jail::expect_with(|jail| {
+        jail.create_file("w.toml", "upstream = \"a:1\"\nmax_client = 3\n")?;
+        let e = load_in_jail(Some("w.toml"))
+            .expect_err("unknown key")
+            .to_string();
+        assert!(e.contains("max_client"), "{e}");
+        Ok(())
+    });
+    Jail::expect_with(|jail| {
+        jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+        jail.set_env("WSGATE_MAX_CLIENT", "3");
+        let e = load_in_jail(None).expect_err("unknown key").to_string();
+        assert!(e.contains("max_client"), "{e}");
+        Ok(())
+    });
+}
+
+#[test]
+fn kubernetes_service_links_and_config_var_are_ignored() {
+    Jail::expect_with(|jail| {
+        jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+        jail.set_env("WSGATE_PORT", "tcp://10.0.0.1:8080");
+        jail.set_env("WSGATE_PORT_8080_TCP_ADDR", "10.0.0.1");
+        jail.set_env("WSGATE_SERVICE_HOST", "10.0.0.1");
+        jail.set_env("WSGATE_ADMIN_PORT", "tcp://10.0.0.2:9090");
+        jail.set_env("WSGATE_ADMIN_PORT_9090_TCP_PROTO", "tcp");
+        jail.set_env("WSGATE_ADMIN_SERVICE_PORT_METRICS", "9090");
+        jail.set_env("WSGATE_CONFIG", "/nonexistent.toml");
+        load_in_jail(None).expect("service-link variables are not keys");
+        Ok(())
+    });
+}
+
+#[test]
+fn missing_config_file_is_an_error() {
+    Jail::expect_with(|_| {
+        let e = load_in_jail(Some("nope.toml")).expect_err("missing file");
+        assert!(e.to_string().contains("nope.toml"));
+        Ok(())
+    });
+}

@@ -1,0 +1,160 @@
+//! [`Config::validate`]: turning what was written into the typed configuration.
+//!
+//! One line per key, each through its kind's check (the same check that
+//! already ran while the file and environment were read, repeated here for a
+//! [`RawConfig`] built in code: the demo, tests, reloads), then the rules
+//! that span several keys, together in [`rules_across_keys`] so they can be
+//! read at once.
+
+use std::time::Duration;
+
+use super::duration::{AnyDuration, Keepalive, OffOrDuration, PositiveDuration};
+use super::values::{
+    Cap, CloseCode, Fraction, ListenAddress, NonNegative, TrueOrFalse, ValueKind, WholeNumber,
+};
+use super::{
+    CloseSettings, Config, ConfigError, LogFormat, RateLimit, RawConfig, Upstream, Watermarks,
+    ENV_PREFIX,
+};
+
+/// How far below `ready_high_watermark` readiness returns when
+/// `ready_low_watermark` is not set (SPEC §7).
+const DEFAULT_HYSTERESIS: f64 = 0.1;
+
+impl Config {
+    /// Turns what was written into the typed configuration.
+    ///
+    /// # Errors
+    /// The first key whose value is not acceptable.
+    pub fn validate(raw: RawConfig) -> Result<Self, ConfigError> {
+        let mut warnings = Vec::new();
+        if raw.max_clients < 0 {
+            warnings.push(format!(
+                "max_clients = {} is negative: taken as 0 (unlimited)",
+                raw.max_clients
+            ));
+        }
+        let Some(upstream) = raw.upstream.as_ref() else {
+            return Err(ConfigError::Invalid {
+                key: "upstream".into(),
+                value: "(not set)".into(),
+                source_hint: format!(" (set it in the config file or {ENV_PREFIX}UPSTREAM)"),
+                expected: Upstream::EXPECTED.into(),
+            });
+        };
+        let config = Config {
+            listen: ListenAddress::value("listen", &raw.listen)?,
+            upstream: Upstream::value("upstream", upstream)?,
+            admin_listen: ListenAddress::value("admin_listen", &raw.admin_listen)?,
+            max_clients: Cap::value("max_clients", &raw.max_clients)?,
+            retry_after_secs: whole_seconds(AnyDuration::value("retry_after", &raw.retry_after)?),
+            upstream_connect_timeout: PositiveDuration::value(
+                "upstream_connect_timeout",
+                &raw.upstream_connect_timeout,
+            )?,
+            header_read_timeout: PositiveDuration::value(
+                "header_read_timeout",
+                &raw.header_read_timeout,
+            )?,
+            half_close_timeout: PositiveDuration::value(
+                "half_close_timeout",
+                &raw.half_close_timeout,
+            )?,
+            idle_timeout: OffOrDuration::value("idle_timeout", &raw.idle_timeout)?,
+            tcp_keepalive: Keepalive::value("tcp_keepalive", &raw.tcp_keepalive)?,
+            shutdown_grace: AnyDuration::value("shutdown_grace", &raw.shutdown_grace)?,
+            log_format: LogFormat::value("log_format", &raw.log_format)?,
+            watermarks: watermarks(
+                Fraction::value("ready_high_watermark", &raw.ready_high_watermark)?,
+                raw.ready_low_watermark
+                    .map(|low| Fraction::value("ready_low_watermark", &low))
+                    .transpose()?,
+            ),
+            shutdown_delay: AnyDuration::value("shutdown_delay", &raw.shutdown_delay)?,
+            drain_period: AnyDuration::value("drain_period", &raw.drain_period)?,
+            admission_rate: admission_rate(
+                NonNegative::value("admission_rate", &raw.admission_rate)?,
+                WholeNumber::value("admission_burst", &raw.admission_burst)?,
+            ),
+            max_clients_per_ip: WholeNumber::value("max_clients_per_ip", &raw.max_clients_per_ip)?,
+            trusted_hops: WholeNumber::value("trusted_hops", &raw.trusted_hops)?,
+            enforce: TrueOrFalse::value("enforce", &raw.enforce)?,
+            max_connection_lifetime: OffOrDuration::value(
+                "max_connection_lifetime",
+                &raw.max_connection_lifetime,
+            )?,
+            lifetime_jitter: Fraction::value("lifetime_jitter", &raw.lifetime_jitter)?,
+            close: CloseSettings {
+                drain: CloseCode::value("close_code_drain", &raw.close_code_drain)?,
+                lifetime: CloseCode::value("close_code_lifetime", &raw.close_code_lifetime)?,
+                idle: CloseCode::value("close_code_idle", &raw.close_code_idle)?,
+                timeout: PositiveDuration::value("close_timeout", &raw.close_timeout)?,
+            },
+            warnings,
+        };
+        rules_across_keys(&config)?;
+        Ok(config)
+    }
+}
+
+/// The rules that tie keys together; each names the key to change.
+fn rules_across_keys(c: &Config) -> Result<(), ConfigError> {
+    // Hysteresis needs a gap: readiness returns below where it left.
+    if let Some(Watermarks { high, low }) = c.watermarks {
+        if low >= high {
+            return Err(ConfigError::invalid(
+                "ready_low_watermark",
+                low.to_string(),
+                format!("a fraction below ready_high_watermark ({high})"),
+            ));
+        }
+    }
+    // The drain must end before the grace does (SPEC §7).
+    if c.shutdown_delay + c.drain_period > c.shutdown_grace {
+        return Err(ConfigError::Invalid {
+            key: "drain_period".into(),
+            value: humantime(c.drain_period),
+            source_hint: format!(
+                " (shutdown_delay {} + drain_period > shutdown_grace {})",
+                humantime(c.shutdown_delay),
+                humantime(c.shutdown_grace)
+            ),
+            expected: "shutdown_delay + drain_period <= shutdown_grace".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Readiness watermarks: off while `high` is 0; an unset `low` is
+/// [`DEFAULT_HYSTERESIS`] below `high`.
+fn watermarks(high: f64, low: Option<f64>) -> Option<Watermarks> {
+    (high > 0.0).then(|| Watermarks {
+        high,
+        low: low.unwrap_or((high - DEFAULT_HYSTERESIS).max(0.0)),
+    })
+}
+
+/// The admission token bucket: off while the rate is 0; a burst of 0
+/// means one second's worth of tokens (at least 1).
+fn admission_rate(rate: f64, burst: usize) -> Option<RateLimit> {
+    (rate > 0.0).then(|| RateLimit {
+        per_second: rate,
+        burst: if burst == 0 {
+            rate.ceil().max(1.0)
+        } else {
+            burst as f64
+        },
+    })
+}
+
+/// `Retry-After` carries whole seconds: rounded up, at least 1 (SPEC §2).
+fn whole_seconds(d: Duration) -> u64 {
+    let part = u64::from(d.subsec_nanos() > 0);
+    (d.as_secs() + part).max(1)
+}
+
+/// A duration as messages show it (`1m 30s`).
+fn humantime(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+

@@ -1,0 +1,415 @@
+//! The kinds of value a key takes: what each accepts, and the check.
+//!
+//! Each kind ([`ValueKind`]) says once, in [`ValueKind::EXPECTED`], what it
+//! accepts, and checks a value in [`ValueKind::check`]. A [`RawConfig`]
+//! field names its kind in `#[serde(deserialize_with = "Kind::checked")]`,
+//! so a value refused while the file and environment are read is reported
+//! by figment with the key, the value as written, where it came from and
+//! that text; `Config::validate` calls [`ValueKind::value`] with the same
+//! check for a [`RawConfig`] built in code. Neither the text nor the check
+//! is repeated per key.
+//!
+//! Durations are kinds too; they live in `duration.rs` with the parser.
+//!
+//! [`RawConfig`]: super::RawConfig
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+
+use serde::de::{self, Deserializer, Unexpected, Visitor};
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+
+/// A kind of configuration value: what it accepts and how it is checked.
+pub(crate) trait ValueKind: Sized {
+    /// How the value is held in [`RawConfig`](super::RawConfig).
+    type Raw: Written;
+    /// What [`Config`](super::Config) keeps once the value is accepted.
+    type Value;
+    /// What is accepted, as error messages give it after "expected".
+    const EXPECTED: &'static str;
+
+    /// The value wsgate uses, or `None` when `raw` is not acceptable.
+    fn check(raw: &Self::Raw) -> Option<Self::Value>;
+
+    /// For `#[serde(deserialize_with)]`: reads a field of this kind,
+    /// refusing (with [`Self::EXPECTED`]) a value of the wrong type or one
+    /// that [`Self::check`] refuses.
+    fn checked<'de, D: Deserializer<'de>>(d: D) -> Result<Self::Raw, D::Error> {
+        Self::Raw::deserialize_as(d, Self::EXPECTED, |raw| Self::check(raw).is_some())
+    }
+
+    /// [`Self::checked`] for an optional field (unset = `None`).
+    fn checked_optional<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Self::Raw>, D::Error> {
+        /// Unset stays `None`; anything else is read as the kind.
+        struct OptionVisitor<K>(PhantomData<K>);
+        impl<'de, K: ValueKind> Visitor<'de> for OptionVisitor<K> {
+            type Value = Option<K::Raw>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(K::EXPECTED)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+                K::checked(d).map(Some)
+            }
+        }
+        d.deserialize_option(OptionVisitor::<Self>(PhantomData))
+    }
+
+    /// The value `key` has in [`Config`](super::Config).
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming `key`, `raw` and [`Self::EXPECTED`].
+    fn value(key: &str, raw: &Self::Raw) -> Result<Self::Value, ConfigError> {
+        Self::check(raw).ok_or_else(|| ConfigError::invalid(key, raw.shown(), Self::EXPECTED))
+    }
+}
+
+/// A type a value is held as in [`RawConfig`](super::RawConfig), read with
+/// the expected text of the key's kind instead of serde's ("i64", "a
+/// boolean").
+pub(crate) trait Written: Sized {
+    /// Reads a value of this type; the wrong type, or a value `accept`
+    /// refuses, is an error whose "expected" is `expected`.
+    fn deserialize_as<'de, D: Deserializer<'de>>(
+        d: D,
+        expected: &'static str,
+        accept: impl Fn(&Self) -> bool,
+    ) -> Result<Self, D::Error>;
+
+    /// The value as an error message shows it.
+    fn shown(&self) -> String;
+}
+
+/// Reads one value of type `T` as written; serde's default `visit_*`
+/// methods refuse every other type with [`Self::expected`].
+pub(crate) struct WrittenVisitor<T, F> {
+    /// What the key accepts.
+    pub(crate) expected: &'static str,
+    /// The kind's check.
+    pub(crate) accept: F,
+    /// The type being read.
+    pub(crate) read: PhantomData<T>,
+}
+
+impl<T, F: Fn(&T) -> bool> WrittenVisitor<T, F> {
+    /// A visitor for one value.
+    pub(crate) fn new(expected: &'static str, accept: F) -> Self {
+        WrittenVisitor {
+            expected,
+            accept,
+            read: PhantomData,
+        }
+    }
+
+    /// `value` if it was read and is accepted; otherwise an error showing
+    /// the value as it was written.
+    pub(crate) fn keep<E: de::Error>(
+        &self,
+        value: Option<T>,
+        as_written: Unexpected<'_>,
+    ) -> Result<T, E> {
+        value
+            .filter(|v| (self.accept)(v))
+            .ok_or_else(|| E::invalid_value(as_written, &self.expected))
+    }
+}
+
+impl<'de, F: Fn(&i64) -> bool> Visitor<'de> for WrittenVisitor<i64, F> {
+    type Value = i64;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.expected)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<i64, E> {
+        self.keep(Some(v), Unexpected::Signed(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<i64, E> {
+        self.keep(i64::try_from(v).ok(), Unexpected::Unsigned(v))
+    }
+}
+
+impl Written for i64 {
+    fn deserialize_as<'de, D: Deserializer<'de>>(
+        d: D,
+        expected: &'static str,
+        accept: impl Fn(&Self) -> bool,
+    ) -> Result<Self, D::Error> {
+        d.deserialize_any(WrittenVisitor::new(expected, accept))
+    }
+    fn shown(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl<'de, F: Fn(&f64) -> bool> Visitor<'de> for WrittenVisitor<f64, F> {
+    type Value = f64;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.expected)
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<f64, E> {
+        self.keep(Some(v), Unexpected::Float(v))
+    }
+    // `1` is a number too: TOML and the environment write whole numbers
+    // without a decimal point.
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<f64, E> {
+        self.keep(Some(v as f64), Unexpected::Signed(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<f64, E> {
+        self.keep(Some(v as f64), Unexpected::Unsigned(v))
+    }
+}
+
+impl Written for f64 {
+    fn deserialize_as<'de, D: Deserializer<'de>>(
+        d: D,
+        expected: &'static str,
+        accept: impl Fn(&Self) -> bool,
+    ) -> Result<Self, D::Error> {
+        d.deserialize_any(WrittenVisitor::new(expected, accept))
+    }
+    fn shown(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl<'de, F: Fn(&bool) -> bool> Visitor<'de> for WrittenVisitor<bool, F> {
+    type Value = bool;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.expected)
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<bool, E> {
+        self.keep(Some(v), Unexpected::Bool(v))
+    }
+}
+
+impl Written for bool {
+    fn deserialize_as<'de, D: Deserializer<'de>>(
+        d: D,
+        expected: &'static str,
+        accept: impl Fn(&Self) -> bool,
+    ) -> Result<Self, D::Error> {
+        d.deserialize_any(WrittenVisitor::new(expected, accept))
+    }
+    fn shown(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl<'de, F: Fn(&String) -> bool> Visitor<'de> for WrittenVisitor<String, F> {
+    type Value = String;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.expected)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+        self.keep(Some(v.to_owned()), Unexpected::Str(v))
+    }
+}
+
+impl Written for String {
+    fn deserialize_as<'de, D: Deserializer<'de>>(
+        d: D,
+        expected: &'static str,
+        accept: impl Fn(&Self) -> bool,
+    ) -> Result<Self, D::Error> {
+        d.deserialize_any(WrittenVisitor::new(expected, accept))
+    }
+    fn shown(&self) -> String {
+        format!("{self:?}")
+    }
+}
+
+/// An address to listen on (`listen`, `admin_listen`).
+#[derive(Debug)]
+pub(crate) struct ListenAddress;
+
+impl ValueKind for ListenAddress {
+    type Raw = String;
+    type Value = SocketAddr;
+    const EXPECTED: &'static str = "an IP socket address such as 0.0.0.0:8080 or [::]:8080";
+    fn check(raw: &String) -> Option<SocketAddr> {
+        raw.trim().parse().ok()
+    }
+}
+
+/// Where the upstream lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// Host name or IP literal (without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// `host:port` as it goes into URIs and `Host` headers (IPv6 bracketed).
+    pub authority: String,
+}
+
+impl Upstream {
+    /// Parses `host:port` or `http://host:port` (a trailing `/` is allowed).
+    ///
+    /// # Errors
+    /// Returns a message saying what is wrong when the text is not of that form.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        let rest = if let Some(r) = t.strip_prefix("http://") {
+            r
+        } else if t.contains("://") {
+            return Err("only http:// is supported".into());
+        } else {
+            t
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains('/') || rest.contains('@') || rest.is_empty() {
+            return Err("expected host:port".into());
+        }
+        let uri: http::uri::Authority = rest.parse().map_err(|_| "expected host:port")?;
+        let port = uri.port_u16().ok_or("a port is required")?;
+        let host = uri.host().trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || port == 0 {
+            return Err("expected host:port with a non-zero port".into());
+        }
+        Ok(Upstream {
+            host: host.to_owned(),
+            port,
+            authority: uri.as_str().to_owned(),
+        })
+    }
+}
+
+impl ValueKind for Upstream {
+    type Raw = String;
+    type Value = Upstream;
+    const EXPECTED: &'static str =
+        "host:port or http://host:port with a non-zero port (https:// is not supported)";
+    fn check(raw: &String) -> Option<Upstream> {
+        Upstream::parse(raw).ok()
+    }
+}
+
+/// The cap on concurrent WebSocket connections (`max_clients`). A negative
+/// cap is taken as 0 for the original hub's sake (`Config::validate`
+/// warns).
+#[derive(Debug)]
+pub(crate) struct Cap;
+
+impl ValueKind for Cap {
+    type Raw = i64;
+    type Value = usize;
+    const EXPECTED: &'static str = "a whole number (0 = unlimited; negative is taken as 0)";
+    fn check(raw: &i64) -> Option<usize> {
+        usize::try_from((*raw).max(0)).ok()
+    }
+}
+
+/// A count: a whole number, 0 or more.
+#[derive(Debug)]
+pub(crate) struct WholeNumber;
+
+impl ValueKind for WholeNumber {
+    type Raw = i64;
+    type Value = usize;
+    const EXPECTED: &'static str = "a whole number >= 0";
+    fn check(raw: &i64) -> Option<usize> {
+        usize::try_from(*raw).ok()
+    }
+}
+
+/// A fraction of something (watermarks, jitter).
+#[derive(Debug)]
+pub(crate) struct Fraction;
+
+impl ValueKind for Fraction {
+    type Raw = f64;
+    type Value = f64;
+    const EXPECTED: &'static str = "a fraction from 0 to 1";
+    fn check(raw: &f64) -> Option<f64> {
+        (raw.is_finite() && (0.0..=1.0).contains(raw)).then_some(*raw)
+    }
+}
+
+/// A rate: any finite number, 0 or more.
+#[derive(Debug)]
+pub(crate) struct NonNegative;
+
+impl ValueKind for NonNegative {
+    type Raw = f64;
+    type Value = f64;
+    const EXPECTED: &'static str = "a number >= 0 (0 = off)";
+    fn check(raw: &f64) -> Option<f64> {
+        (raw.is_finite() && *raw >= 0.0).then_some(*raw)
+    }
+}
+
+/// A switch.
+#[derive(Debug)]
+pub(crate) struct TrueOrFalse;
+
+impl ValueKind for TrueOrFalse {
+    type Raw = bool;
+    type Value = bool;
+    const EXPECTED: &'static str = "true or false";
+    fn check(raw: &bool) -> Option<bool> {
+        Some(*raw)
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl ValueKind for LogFormat {
+    type Raw = String;
+    type Value = LogFormat;
+    const EXPECTED: &'static str = "text or json";
+    fn check(raw: &String) -> Option<LogFormat> {
+        match raw.as_str() {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
+}
+
+/// The status of a Close frame wsgate sends (SPEC §8).
+#[derive(Debug)]
+pub(crate) struct CloseCode;
+
+impl ValueKind for CloseCode {
+    type Raw = i64;
+    type Value = u16;
+    const EXPECTED: &'static str =
+        "a WebSocket close code: 1000-1014 except 1004-1006, or 3000-4999";
+    fn check(raw: &i64) -> Option<u16> {
+        u16::try_from(*raw)
+            .ok()
+            .filter(|c| crate::frames::is_valid_close_code(*c))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_forms() {
+        let u = Upstream::parse("http://app:3000/").expect("valid");
+        assert_eq!((u.host.as_str(), u.port), ("app", 3000));
+        let u = Upstream::parse("[::1]:80").expect("valid");
+        assert_eq!((u.host.as_str(), u.authority.as_str()), ("::1", "[::1]:80"));
+        assert!(Upstream::parse("app").is_err());
+        assert!(Upstream::parse("app:0").is_err());
+        assert!(Upstream::parse("app:3000/path").is_err());
+        assert!(Upstream::parse("ws://app:1").is_err());
+    }
+}
