@@ -68,3 +68,65 @@ pub(super) fn admission_rate<S: Serializer>(
     map.end()
 }
 
+#[cfg(test)]
+#[allow(
+    clippy::result_large_err,
+    reason = "figment::Jail's closures return figment::Error"
+)]
+mod tests {
+    use super::super::RawConfig;
+    use super::*;
+    use figment::Jail;
+
+    /// The key names of a TOML document, in order.
+    fn keys(toml_text: &str) -> Vec<String> {
+        toml_text
+            .lines()
+            .filter_map(|l| l.split_once(" = ").map(|(k, _)| k.to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn every_key_is_printed_in_order() {
+        let raw = RawConfig {
+            upstream: Some("app:3000".into()),
+            ready_low_watermark: Some(0.5),
+            ..RawConfig::default()
+        };
+        let written = toml::to_string(&raw).expect("serialise");
+        let config = Config::validate(raw).expect("valid");
+        assert_eq!(keys(&config.to_toml()), keys(&written));
+        assert_eq!(keys(&written).len(), 27, "{written}");
+    }
+
+    #[test]
+    fn printed_configuration_loads_to_itself() {
+        Jail::expect_with(|jail| {
+            jail.set_env("WSGATE_UPSTREAM", "http://app:3000/");
+            jail.set_env("WS_MAX_CLIENTS", "-5");
+            jail.set_env("WSGATE_RETRY_AFTER", "1500ms");
+            jail.set_env("WSGATE_IDLE_TIMEOUT", "90s");
+            jail.set_env("WSGATE_READY_HIGH_WATERMARK", "0.95");
+            jail.set_env("WSGATE_ADMISSION_RATE", "2.5");
+            jail.set_env("WSGATE_CLOSE_CODE_IDLE", "4000");
+            let printed = Config::load(None).expect("valid").to_toml();
+            assert!(printed.contains("upstream = \"app:3000\""), "{printed}");
+            assert!(printed.contains("max_clients = 0\n"), "{printed}");
+            assert!(printed.contains("retry_after = \"2s\""), "{printed}");
+            assert!(printed.contains("idle_timeout = \"1m 30s\""), "{printed}");
+            assert!(printed.contains("admission_burst = 3\n"), "{printed}");
+            assert!(printed.contains("tcp_keepalive = \"30s\""), "{printed}");
+            assert!(
+                printed.contains("max_connection_lifetime = \"0s\""),
+                "{printed}"
+            );
+            jail.clear_env();
+            jail.create_file("printed.toml", &printed)?;
+            let again = Config::load(Some("printed.toml".as_ref()))
+                .expect("the printed configuration is a valid file")
+                .to_toml();
+            assert_eq!(again, printed);
+            Ok(())
+        });
+    }
+}

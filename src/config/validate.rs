@@ -158,3 +158,103 @@ fn humantime(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConfigDuration;
+
+    /// A configuration built in code (the demo, tests) gets the same checks
+    /// as one read from a file.
+    #[test]
+    fn values_built_in_code_are_checked_too() {
+        let ok = RawConfig {
+            upstream: Some("app:3000".into()),
+            ..RawConfig::default()
+        };
+        Config::validate(ok.clone()).expect("valid");
+        let cases = [
+            (
+                RawConfig {
+                    listen: "nowhere".into(),
+                    ..ok.clone()
+                },
+                "listen",
+                "\"nowhere\"",
+            ),
+            (
+                RawConfig {
+                    upstream: Some("https://app:443".into()),
+                    ..ok.clone()
+                },
+                "upstream",
+                "\"https://app:443\"",
+            ),
+            (
+                RawConfig {
+                    lifetime_jitter: 2.0,
+                    ..ok.clone()
+                },
+                "lifetime_jitter",
+                "2",
+            ),
+            (
+                RawConfig {
+                    admission_burst: -1,
+                    ..ok.clone()
+                },
+                "admission_burst",
+                "-1",
+            ),
+            (
+                RawConfig {
+                    close_code_idle: 1005,
+                    ..ok.clone()
+                },
+                "close_code_idle",
+                "1005",
+            ),
+            (
+                RawConfig {
+                    tcp_keepalive: ConfigDuration(Duration::from_millis(500)),
+                    ..ok.clone()
+                },
+                "tcp_keepalive",
+                "500ms",
+            ),
+            (
+                RawConfig {
+                    close_timeout: ConfigDuration(Duration::ZERO),
+                    ..ok.clone()
+                },
+                "close_timeout",
+                "0s",
+            ),
+            (
+                RawConfig {
+                    idle_timeout: ConfigDuration(Duration::from_secs(u64::MAX)),
+                    ..ok
+                },
+                "idle_timeout",
+                "years",
+            ),
+        ];
+        for (raw, key, value) in cases {
+            let e = Config::validate(raw).expect_err(key).to_string();
+            assert!(
+                e.contains(&format!("{key} = ")) && e.contains(value) && e.contains("expected"),
+                "{key}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_rounded_up() {
+        for (written, secs) in [(0, 1), (1, 1), (999, 1), (1000, 1), (1001, 2), (2500, 3)] {
+            assert_eq!(
+                whole_seconds(Duration::from_millis(written)),
+                secs,
+                "{written}ms"
+            );
+        }
+    }
+}
