@@ -32,18 +32,17 @@
 //! completed. If a peer had already started a closing handshake of its own,
 //! wsgate injects nothing and lets it finish within `close_timeout`.
 
-use std::cell::RefCell;
+mod buffers;
+mod gate;
+
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::Shutdown;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::task::{ready, Context, Poll, Wake, Waker};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::task::AtomicWaker;
 use prometheus::IntCounter;
 use socket2::SockRef;
 use tokio::net::TcpStream;
@@ -51,34 +50,8 @@ use tokio::time::{sleep, Instant, Sleep};
 
 use crate::config::CloseSettings;
 use crate::frames::{close_frame, FrameTracker};
-
-/// Size of a pooled copy buffer: large enough that bulk transfers move in
-/// few syscalls; held only while data is in flight.
-pub const BUF_SIZE: usize = 64 * 1024;
-/// Buffers kept per worker thread for reuse.
-const POOL_PER_THREAD: usize = 32;
-
-thread_local! {
-    static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
-}
-
-fn take_buffer() -> Vec<u8> {
-    POOL.with(|p| p.borrow_mut().pop())
-        .unwrap_or_else(|| Vec::with_capacity(BUF_SIZE))
-}
-
-fn return_buffer(mut buf: Vec<u8>) {
-    if buf.capacity() != BUF_SIZE {
-        return; // a leftover-bytes buffer of another size: let it go
-    }
-    buf.clear();
-    POOL.with(|p| {
-        let mut p = p.borrow_mut();
-        if p.len() < POOL_PER_THREAD {
-            p.push(buf);
-        }
-    });
-}
+use buffers::{return_buffer, take_buffer};
+use gate::Gated;
 
 /// Deadlines that end a splice.
 #[derive(Debug, Clone, Copy)]
@@ -451,55 +424,6 @@ fn clearing_when_short(
     match (result, short) {
         (_, Some(n)) => Ok(n),
         (r, None) => r,
-    }
-}
-
-/// Polls a rarely-ready future only when *its own* waker fired.
-///
-/// The splice task is woken for every chunk of data; re-polling the stop
-/// future (cancellation token, drain notification, lifetime timer) on each
-/// of those wake-ups would take their internal locks — one of them shared
-/// by every tunnel — once per message. The gate gives the stop future a
-/// waker of its own that raises a flag, and polls it only when the flag is
-/// up.
-struct Gate {
-    woken: AtomicBool,
-    task: AtomicWaker,
-}
-
-impl Wake for Gate {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::Release);
-        self.task.wake();
-    }
-}
-
-struct Gated<F> {
-    future: Pin<Box<F>>,
-    gate: Arc<Gate>,
-}
-
-impl<F: Future> Gated<F> {
-    fn new(future: Pin<Box<F>>) -> Self {
-        Gated {
-            future,
-            gate: Arc::new(Gate {
-                woken: AtomicBool::new(true),
-                task: AtomicWaker::new(),
-            }),
-        }
-    }
-
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<F::Output> {
-        if !self.gate.woken.swap(false, Ordering::AcqRel) {
-            return Poll::Pending;
-        }
-        self.gate.task.register(cx.waker());
-        let waker = Waker::from(Arc::clone(&self.gate));
-        self.future.as_mut().poll(&mut Context::from_waker(&waker))
     }
 }
 
