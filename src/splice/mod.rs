@@ -34,24 +34,23 @@
 
 mod buffers;
 mod gate;
+mod pipe;
 
 use std::future::{poll_fn, Future};
 use std::io;
-use std::net::Shutdown;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
 use prometheus::IntCounter;
-use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio::time::{sleep, Instant, Sleep};
 
 use crate::config::CloseSettings;
-use crate::frames::{close_frame, FrameTracker};
-use buffers::{return_buffer, take_buffer};
+use crate::frames::close_frame;
 use gate::Gated;
+use pipe::Pipe;
 
 /// Deadlines that end a splice.
 #[derive(Debug, Clone, Copy)]
@@ -171,270 +170,6 @@ pub struct Totals {
     pub upstream_to_client: u64,
 }
 
-/// What a direction does with the bytes it reads.
-enum Mode {
-    /// Forward everything.
-    Forward,
-    /// Forward up to the next message boundary, then send this Close frame.
-    InjectAtBoundary(Vec<u8>),
-    /// Our Close is on its way: drop what the source sends, but notice its
-    /// Close reply.
-    Discard,
-}
-
-/// One direction: reads from `src`, writes to `dst`.
-struct Pipe {
-    /// Bytes read but not yet written, and how far writing got.
-    pending: Option<(Vec<u8>, usize)>,
-    /// `src` reached EOF.
-    eof: bool,
-    /// EOF was passed on as a FIN; this direction is finished.
-    done: bool,
-    bytes: u64,
-    /// Frame boundaries of what `src` sent.
-    tracker: FrameTracker,
-    mode: Mode,
-    /// `pending` ends with our Close frame.
-    close_in_pending: bool,
-    /// Our Close frame reached `dst` (or there was nothing to send).
-    close_sent: bool,
-    /// `src` answered our Close with its own (or ended).
-    replied: bool,
-}
-
-enum PipeError {
-    Read(io::Error),
-    Write(io::Error),
-}
-
-impl PipeError {
-    /// How the splice ended, for a direction that reads from `src` and
-    /// writes to the other leg.
-    fn ended(self, src: Leg) -> Ended {
-        match self {
-            PipeError::Read(e) => Ended::Error(src, e),
-            PipeError::Write(e) => Ended::Error(src.other(), e),
-        }
-    }
-}
-
-impl Pipe {
-    fn new(leftover: Bytes) -> Self {
-        let mut tracker = FrameTracker::new();
-        tracker.advance(&leftover);
-        Pipe {
-            pending: (!leftover.is_empty()).then(|| (Vec::from(leftover), 0)),
-            eof: false,
-            done: false,
-            bytes: 0,
-            tracker,
-            mode: Mode::Forward,
-            close_in_pending: false,
-            close_sent: false,
-            replied: false,
-        }
-    }
-
-    /// Starts closing this direction with `frame`: at once if the stream is
-    /// at a frame boundary, else when the current frame is through.
-    fn begin_close(&mut self, frame: Vec<u8>) {
-        if self.eof || self.done {
-            // The source is gone and a FIN is (being) passed on: nothing can
-            // follow it, and there is no reply to wait for.
-            self.close_sent = true;
-            self.replied = true;
-            return;
-        }
-        if !self.tracker.at_message_boundary() {
-            self.mode = Mode::InjectAtBoundary(frame);
-            return;
-        }
-        self.queue_close(frame);
-    }
-
-    fn queue_close(&mut self, frame: Vec<u8>) {
-        match &mut self.pending {
-            Some((buf, _)) => buf.extend_from_slice(&frame),
-            None => self.pending = Some((frame, 0)),
-        }
-        self.close_in_pending = true;
-        self.mode = Mode::Discard;
-    }
-
-    /// Whether this direction's part of the closing handshake is over.
-    fn close_finished(&self) -> bool {
-        (self.close_sent && self.replied) || self.done
-    }
-
-    /// Feeds freshly read bytes to the tracker and applies the mode: what
-    /// stays in `buf` is what will be written.
-    fn process(&mut self, buf: &mut Vec<u8>) {
-        match &mut self.mode {
-            Mode::Forward => self.tracker.advance(buf),
-            Mode::InjectAtBoundary(_) => {
-                if let Some(offset) = self.tracker.advance_to_message_boundary(buf) {
-                    let Mode::InjectAtBoundary(frame) =
-                        std::mem::replace(&mut self.mode, Mode::Discard)
-                    else {
-                        return;
-                    };
-                    self.watch_for_reply(&buf[offset..]);
-                    buf.truncate(offset);
-                    buf.extend_from_slice(&frame);
-                    self.close_in_pending = true;
-                }
-            }
-            Mode::Discard => {
-                let dropped = std::mem::take(buf);
-                self.watch_for_reply(&dropped);
-                *buf = dropped;
-                buf.clear();
-            }
-        }
-    }
-
-    fn watch_for_reply(&mut self, bytes: &[u8]) {
-        let before = self.tracker.closes_seen();
-        self.tracker.advance(bytes);
-        if self.tracker.closes_seen() > before {
-            self.replied = true;
-        }
-    }
-
-    /// Drives this direction as far as it can go without blocking. Returns
-    /// `Ready(Ok)` once finished; `Pending` with wakers registered otherwise.
-    fn poll(
-        &mut self,
-        cx: &mut Context<'_>,
-        src: &TcpStream,
-        dst: &TcpStream,
-        counter: &IntCounter,
-        moved: &mut bool,
-        other_done: bool,
-    ) -> Poll<Result<(), PipeError>> {
-        loop {
-            if let Some((buf, pos)) = &mut self.pending {
-                while *pos < buf.len() {
-                    ready!(dst.poll_write_ready(cx)).map_err(PipeError::Write)?;
-                    match write_some(dst, &buf[*pos..]) {
-                        Ok(0) => {
-                            return Poll::Ready(Err(PipeError::Write(
-                                io::ErrorKind::WriteZero.into(),
-                            )))
-                        }
-                        Ok(n) => {
-                            *pos += n;
-                            self.bytes += n as u64;
-                            counter.inc_by(n as u64);
-                            *moved = true;
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Poll::Ready(Err(PipeError::Write(e))),
-                    }
-                }
-                if let Some((buf, _)) = self.pending.take() {
-                    return_buffer(buf);
-                }
-                if std::mem::take(&mut self.close_in_pending) {
-                    self.close_sent = true;
-                }
-            }
-            if self.eof {
-                self.replied = true;
-                // Pass the EOF on. A peer that already reset makes this fail;
-                // the direction is finished either way. When the other
-                // direction is finished too, the splice ends now and the
-                // caller's close sends this FIN (`dst` has nothing unread
-                // after its own EOF, so close cannot turn into a RST): one
-                // system call fewer per connection.
-                if !other_done {
-                    if let Err(e) = SockRef::from(dst).shutdown(Shutdown::Write) {
-                        tracing::trace!(error = %e, "passing on FIN");
-                    }
-                }
-                self.done = true;
-                return Poll::Ready(Ok(()));
-            }
-            // Wait for readability *before* taking a buffer: idle costs nothing.
-            ready!(src.poll_read_ready(cx)).map_err(PipeError::Read)?;
-            let mut buf = take_buffer();
-            match read_some(src, &mut buf) {
-                Ok(0) => {
-                    return_buffer(buf);
-                    self.eof = true;
-                }
-                Ok(_) => {
-                    *moved = true;
-                    self.process(&mut buf);
-                    if buf.is_empty() {
-                        return_buffer(buf);
-                    } else {
-                        self.pending = Some((buf, 0));
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return_buffer(buf),
-                Err(e) => {
-                    return_buffer(buf);
-                    return Poll::Ready(Err(PipeError::Read(e)));
-                }
-            }
-        }
-    }
-}
-
-/// Reads into `buf`'s spare capacity. After a short read the socket is
-/// almost surely drained, so read readiness is cleared right away (as
-/// tokio's own `AsyncRead` does); otherwise the next loop would pay one
-/// more `read` syscall just to learn `EAGAIN` — per message, per direction.
-/// Clearing is safe: data that arrives later raises a new edge-triggered
-/// event with a newer tick, which this clear does not erase.
-fn read_some(src: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
-    let spare = buf.capacity() - buf.len();
-    clearing_when_short(src, tokio::io::Interest::READABLE, spare, || {
-        src.try_read_buf(buf)
-    })
-}
-
-/// Writes what the socket takes; after a short write the send buffer is
-/// full, so write readiness is cleared at once (see [`read_some`]).
-fn write_some(dst: &TcpStream, data: &[u8]) -> io::Result<usize> {
-    clearing_when_short(dst, tokio::io::Interest::WRITABLE, data.len(), || {
-        dst.try_write(data)
-    })
-}
-
-/// Runs `op` (an IO of at most `full` bytes) under `try_io`, and clears the
-/// `interest` readiness when it moved fewer than `full` bytes.
-fn clearing_when_short(
-    stream: &TcpStream,
-    interest: tokio::io::Interest,
-    full: usize,
-    op: impl FnOnce() -> io::Result<usize>,
-) -> io::Result<usize> {
-    let mut short = None;
-    let result = stream.try_io(interest, || {
-        let n = op()?;
-        if n > 0 && n < full {
-            short = Some(n);
-            // Makes `try_io` clear the readiness; `short` keeps the count.
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(n)
-    });
-    match (result, short) {
-        (_, Some(n)) => Ok(n),
-        (r, None) => r,
-    }
-}
-
-impl Drop for Pipe {
-    fn drop(&mut self) {
-        if let Some((buf, _)) = self.pending.take() {
-            return_buffer(buf);
-        }
-    }
-}
-
 /// State while wsgate closes a connection in WebSocket terms.
 struct Closing {
     reason: StopReason,
@@ -451,7 +186,7 @@ fn begin_close(
     down: &mut Pipe,
 ) -> Closing {
     let deadline = Box::pin(sleep(close.timeout));
-    if up.tracker.closes_seen() > 0 || down.tracker.closes_seen() > 0 {
+    if up.saw_close() || down.saw_close() {
         // The peers are already in a closing handshake: a Close from wsgate
         // would be a second one. Let theirs finish within the timeout.
         return Closing {
@@ -531,26 +266,26 @@ where
                 }
             }
             let mut moved = false;
-            if !up.done {
+            if !up.is_done() {
                 if let Poll::Ready(Err(e)) = up.poll(
                     cx,
                     client,
                     upstream,
                     client_to_upstream,
                     &mut moved,
-                    down.done,
+                    down.is_done(),
                 ) {
                     return Poll::Ready(e.ended(Leg::Client));
                 }
             }
-            if !down.done {
+            if !down.is_done() {
                 if let Poll::Ready(Err(e)) = down.poll(
                     cx,
                     upstream,
                     client,
                     upstream_to_client,
                     &mut moved,
-                    up.done,
+                    up.is_done(),
                 ) {
                     return Poll::Ready(e.ended(Leg::Upstream));
                 }
@@ -559,17 +294,17 @@ where
                 let finished = if c.injected {
                     up.close_finished() && down.close_finished()
                 } else {
-                    up.done && down.done
+                    up.is_done() && down.is_done()
                 };
                 if finished || c.deadline.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Ended::Stopped(c.reason));
                 }
                 return Poll::Pending;
             }
-            if up.done && down.done {
+            if up.is_done() && down.is_done() {
                 return Poll::Ready(Ended::Closed);
             }
-            if up.done || down.done {
+            if up.is_done() || down.is_done() {
                 let timer = half_close.get_or_insert_with(|| Box::pin(sleep(limits.half_close)));
                 if timer.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Ended::HalfCloseTimeout);
@@ -609,8 +344,8 @@ where
 
         Outcome {
             totals: Totals {
-                client_to_upstream: up.bytes,
-                upstream_to_client: down.bytes,
+                client_to_upstream: up.bytes(),
+                upstream_to_client: down.bytes(),
             },
             close_frames_sent: closing.as_ref().filter(|c| c.injected).map(|c| c.reason),
             close_completed: matches!(ended, Ended::Stopped(_))
@@ -625,6 +360,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use socket2::SockRef;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 

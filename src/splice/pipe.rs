@@ -1,0 +1,322 @@
+//! One direction of the splice: reads from one socket, writes to the
+//! other, and knows which phase of its life it is in.
+//!
+//! Why a module: the phases (forwarding, injecting a Close at the next
+//! message boundary, waiting for the peer's reply, finished) are the part
+//! of the splice that later features grow (message guards inject their own
+//! Close frames, throttling pauses reads). Kept as one [`Phase`] value, an
+//! impossible combination — a reply awaited while no Close was sent, a
+//! Close queued behind a FIN — cannot be written, and each transition is
+//! one assignment in this file.
+
+use std::io;
+use std::net::Shutdown;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use prometheus::IntCounter;
+use socket2::SockRef;
+use tokio::net::TcpStream;
+
+use super::buffers::{return_buffer, take_buffer};
+use super::{Ended, Leg};
+use crate::frames::FrameTracker;
+
+/// Where a direction is in its life.
+///
+/// ```text
+/// Open ─begin_close, at a message boundary──────────▶ CloseQueued ─written─▶ AwaitingReply ─Close read─▶ Replied
+/// Open ─begin_close, mid-message─▶ InjectAtBoundary ─boundary read─▶ CloseQueued{replied if the rest held it}
+/// CloseQueued{replied: true} ─written─▶ Replied
+/// any phase ─EOF read─▶ Done (the FIN passed on); begin_close leaves Done as it is
+/// ```
+///
+/// EOF is only read once nothing is pending, so it leads to `Done` at once:
+/// there is no phase in which a FIN waits to be passed on.
+enum Phase {
+    /// Forwarding everything `src` sends.
+    Open,
+    /// wsgate is closing the connection and `src` is inside a message:
+    /// forward up to the next message boundary, then this Close frame.
+    InjectAtBoundary(Vec<u8>),
+    /// Our Close frame ends `pending`: what `src` sends from now on is
+    /// dropped, but watched for its Close reply. `replied`: the reply came
+    /// already, in the read that reached the boundary.
+    CloseQueued {
+        /// `src` answered our Close before it was written.
+        replied: bool,
+    },
+    /// Our Close frame reached `dst`; dropping what `src` sends until its
+    /// Close reply.
+    AwaitingReply,
+    /// `src` answered our Close: this direction's part of the closing
+    /// handshake is over. What it still sends is dropped.
+    Replied,
+    /// `src` ended and its EOF was passed on as a FIN: nothing moves any
+    /// more. A closing handshake counts it as finished (nothing can follow
+    /// a FIN, and no reply will come).
+    Done,
+}
+
+/// One direction: reads from `src`, writes to `dst` (both passed to
+/// [`Pipe::poll`], so the splice future holds each socket once).
+pub(crate) struct Pipe {
+    /// Bytes read but not yet written, and how far writing got.
+    pending: Option<(Vec<u8>, usize)>,
+    /// Bytes written to `dst` so far.
+    bytes: u64,
+    /// Frame boundaries of what `src` sent.
+    tracker: FrameTracker,
+    /// Where this direction is.
+    phase: Phase,
+}
+
+/// A direction failed; which side depends on the call.
+pub(crate) enum PipeError {
+    /// Reading from `src` failed.
+    Read(io::Error),
+    /// Writing to `dst` failed.
+    Write(io::Error),
+}
+
+impl PipeError {
+    /// How the splice ended, for a direction that reads from `src` and
+    /// writes to the other leg.
+    pub(crate) fn ended(self, src: Leg) -> Ended {
+        match self {
+            PipeError::Read(e) => Ended::Error(src, e),
+            PipeError::Write(e) => Ended::Error(src.other(), e),
+        }
+    }
+}
+
+impl Pipe {
+    /// A direction that writes `leftover` (bytes read past the handshake)
+    /// first.
+    pub(crate) fn new(leftover: Bytes) -> Self {
+        let mut tracker = FrameTracker::new();
+        tracker.advance(&leftover);
+        Pipe {
+            pending: (!leftover.is_empty()).then(|| (Vec::from(leftover), 0)),
+            bytes: 0,
+            tracker,
+            phase: Phase::Open,
+        }
+    }
+
+    /// Bytes written to `dst` so far.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Whether `src` has sent a Close frame (a closing handshake of the
+    /// peers' own is under way).
+    pub(crate) fn saw_close(&self) -> bool {
+        self.tracker.closes_seen() > 0
+    }
+
+    /// `src` ended and the FIN was passed on.
+    pub(crate) fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
+    /// Whether this direction's part of the closing handshake is over: our
+    /// Close was written and answered, or `src` ended.
+    pub(crate) fn close_finished(&self) -> bool {
+        matches!(self.phase, Phase::Replied | Phase::Done)
+    }
+
+    /// Starts closing this direction with `frame`: at once if the stream is
+    /// at a message boundary, else when the current message is through.
+    pub(crate) fn begin_close(&mut self, frame: Vec<u8>) {
+        // Done: the source is gone and its FIN passed on, nothing can follow
+        // it. Any other phase but Open: closing began already (it begins
+        // once per splice).
+        if !matches!(self.phase, Phase::Open) {
+            return;
+        }
+        if !self.tracker.at_message_boundary() {
+            self.phase = Phase::InjectAtBoundary(frame);
+            return;
+        }
+        match &mut self.pending {
+            Some((buf, _)) => buf.extend_from_slice(&frame),
+            None => self.pending = Some((frame, 0)),
+        }
+        self.phase = Phase::CloseQueued { replied: false };
+    }
+
+    /// Feeds freshly read bytes to the tracker and applies the phase: what
+    /// stays in `buf` is what will be written.
+    fn process(&mut self, buf: &mut Vec<u8>) {
+        match self.phase {
+            Phase::Open => self.tracker.advance(buf),
+            Phase::InjectAtBoundary(ref frame) => {
+                if let Some(offset) = self.tracker.advance_to_message_boundary(buf) {
+                    let replied = feed_watching_for_close(&mut self.tracker, &buf[offset..]);
+                    buf.truncate(offset);
+                    buf.extend_from_slice(frame);
+                    self.phase = Phase::CloseQueued { replied };
+                }
+            }
+            Phase::AwaitingReply => {
+                if feed_watching_for_close(&mut self.tracker, buf) {
+                    self.phase = Phase::Replied;
+                }
+                buf.clear();
+            }
+            // Replied: nothing to watch for any more. CloseQueued and Done
+            // are not reached here: reads wait until `pending` (which holds
+            // a queued Close) is written, and a finished direction is not
+            // polled. Dropping is the safe answer all the same.
+            Phase::CloseQueued { .. } | Phase::Replied | Phase::Done => buf.clear(),
+        }
+    }
+
+    /// `src` ended: passes the EOF on and finishes this direction.
+    fn finish(&mut self, dst: &TcpStream, other_done: bool) {
+        // A peer that already reset makes the shutdown fail; the direction
+        // is finished either way. When the other direction is finished too,
+        // the splice ends now and the caller's close sends this FIN (`dst`
+        // has nothing unread after its own EOF, so close cannot turn into a
+        // RST): one system call fewer per connection.
+        if !other_done {
+            if let Err(e) = SockRef::from(dst).shutdown(Shutdown::Write) {
+                tracing::trace!(error = %e, "passing on FIN");
+            }
+        }
+        self.phase = Phase::Done;
+    }
+
+    /// Drives this direction as far as it can go without blocking. Returns
+    /// `Ready(Ok)` once finished; `Pending` with wakers registered otherwise.
+    /// `counter` counts what is written; `moved` is set when a byte moved.
+    pub(crate) fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &TcpStream,
+        dst: &TcpStream,
+        counter: &IntCounter,
+        moved: &mut bool,
+        other_done: bool,
+    ) -> Poll<Result<(), PipeError>> {
+        loop {
+            if let Some((buf, pos)) = &mut self.pending {
+                while *pos < buf.len() {
+                    ready!(dst.poll_write_ready(cx)).map_err(PipeError::Write)?;
+                    match write_some(dst, &buf[*pos..]) {
+                        Ok(0) => {
+                            return Poll::Ready(Err(PipeError::Write(
+                                io::ErrorKind::WriteZero.into(),
+                            )))
+                        }
+                        Ok(n) => {
+                            *pos += n;
+                            self.bytes += n as u64;
+                            counter.inc_by(n as u64);
+                            *moved = true;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Poll::Ready(Err(PipeError::Write(e))),
+                    }
+                }
+                if let Some((buf, _)) = self.pending.take() {
+                    return_buffer(buf);
+                }
+                // A queued Close was the end of what just went out.
+                if let Phase::CloseQueued { replied } = self.phase {
+                    self.phase = if replied {
+                        Phase::Replied
+                    } else {
+                        Phase::AwaitingReply
+                    };
+                }
+            }
+            // Wait for readability *before* taking a buffer: idle costs nothing.
+            ready!(src.poll_read_ready(cx)).map_err(PipeError::Read)?;
+            let mut buf = take_buffer();
+            match read_some(src, &mut buf) {
+                Ok(0) => {
+                    return_buffer(buf);
+                    self.finish(dst, other_done);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(_) => {
+                    *moved = true;
+                    self.process(&mut buf);
+                    if buf.is_empty() {
+                        return_buffer(buf);
+                    } else {
+                        self.pending = Some((buf, 0));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return_buffer(buf),
+                Err(e) => {
+                    return_buffer(buf);
+                    return Poll::Ready(Err(PipeError::Read(e)));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        if let Some((buf, _)) = self.pending.take() {
+            return_buffer(buf);
+        }
+    }
+}
+
+/// Feeds `bytes` to `tracker`; whether a Close frame began among them (the
+/// peer's reply to ours).
+fn feed_watching_for_close(tracker: &mut FrameTracker, bytes: &[u8]) -> bool {
+    let before = tracker.closes_seen();
+    tracker.advance(bytes);
+    tracker.closes_seen() > before
+}
+
+/// Reads into `buf`'s spare capacity. After a short read the socket is
+/// almost surely drained, so read readiness is cleared right away (as
+/// tokio's own `AsyncRead` does); otherwise the next loop would pay one
+/// more `read` syscall just to learn `EAGAIN` — per message, per direction.
+/// Clearing is safe: data that arrives later raises a new edge-triggered
+/// event with a newer tick, which this clear does not erase.
+fn read_some(src: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let spare = buf.capacity() - buf.len();
+    clearing_when_short(src, tokio::io::Interest::READABLE, spare, || {
+        src.try_read_buf(buf)
+    })
+}
+
+/// Writes what the socket takes; after a short write the send buffer is
+/// full, so write readiness is cleared at once (see [`read_some`]).
+fn write_some(dst: &TcpStream, data: &[u8]) -> io::Result<usize> {
+    clearing_when_short(dst, tokio::io::Interest::WRITABLE, data.len(), || {
+        dst.try_write(data)
+    })
+}
+
+/// Runs `op` (an IO of at most `full` bytes) under `try_io`, and clears the
+/// `interest` readiness when it moved fewer than `full` bytes.
+fn clearing_when_short(
+    stream: &TcpStream,
+    interest: tokio::io::Interest,
+    full: usize,
+    op: impl FnOnce() -> io::Result<usize>,
+) -> io::Result<usize> {
+    let mut short = None;
+    let result = stream.try_io(interest, || {
+        let n = op()?;
+        if n > 0 && n < full {
+            short = Some(n);
+            // Makes `try_io` clear the readiness; `short` keeps the count.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (result, short) {
+        (_, Some(n)) => Ok(n),
+        (r, None) => r,
+    }
+}
