@@ -28,7 +28,7 @@ use crate::drain::Tunnels;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-use crate::splice::{self, Ended, Leg, Limits, Outcome, StopReason};
+use crate::splice::{self, Ended, Leg, Limits, Outcome, Side, StopReason};
 use crate::tcp;
 use crate::upstream_http::{self, AnswerError, Replay};
 
@@ -231,18 +231,17 @@ pub fn run(
             }
         });
         let abort = Box::pin(ctx.shutdown.aborted());
-        let outcome = splice::splice(
-            &client_io,
-            client_leftover,
-            &upstream,
-            upstream_leftover,
-            ctx.limits,
-            &ctx.metrics.bytes_client_to_upstream,
-            &ctx.metrics.bytes_upstream_to_client,
-            stop,
-            abort,
-        )
-        .await;
+        let client_side = Side {
+            stream: &client_io,
+            leftover: client_leftover,
+            forwarded: &ctx.metrics.bytes_client_to_upstream,
+        };
+        let upstream_side = Side {
+            stream: &upstream,
+            leftover: upstream_leftover,
+            forwarded: &ctx.metrics.bytes_upstream_to_client,
+        };
+        let outcome = splice::splice(client_side, upstream_side, ctx.limits, stop, abort).await;
         drop(registration);
         let Outcome {
             ended,

@@ -207,10 +207,21 @@ fn begin_close(
     }
 }
 
+/// One side of the splice, as the caller hands it over.
+#[derive(Debug)]
+pub struct Side<'a> {
+    /// The side's socket.
+    pub stream: &'a TcpStream,
+    /// Bytes already read from this side past the HTTP handshake; they are
+    /// written to the other side first.
+    pub leftover: Bytes,
+    /// Counts the bytes from this side as they are written to the other
+    /// (`wsgate_transferred_bytes_total` for that direction).
+    pub forwarded: &'a IntCounter,
+}
+
 /// Splices `client` and `upstream` until the end, see the module docs.
 ///
-/// `client_leftover` / `upstream_leftover` are bytes already read from each
-/// side past the HTTP handshake; they are written to the other side first.
 /// `stop` resolving makes wsgate end the connection for that reason (with
 /// Close frames when `limits.close` is set); `abort` resolving cuts it at
 /// once, even in the middle of a closing handshake. The caller closes both
@@ -222,18 +233,10 @@ fn begin_close(
 /// the locals made from it (rust-lang/rust#62958); here the state is built
 /// first and only then moved into the `async` block, and `stop`/`abort`
 /// arrive boxed (the gate keeps them on the heap anyway).
-#[allow(
-    clippy::too_many_arguments,
-    reason = "one call site; a struct would only rename them"
-)]
 pub fn splice<'a, S, A>(
-    client: &'a TcpStream,
-    client_leftover: Bytes,
-    upstream: &'a TcpStream,
-    upstream_leftover: Bytes,
+    client: Side<'a>,
+    upstream: Side<'a>,
     limits: Limits,
-    client_to_upstream: &'a IntCounter,
-    upstream_to_client: &'a IntCounter,
     stop: Pin<Box<S>>,
     abort: Pin<Box<A>>,
 ) -> impl Future<Output = Outcome> + 'a
@@ -241,6 +244,16 @@ where
     S: Future<Output = StopReason> + 'a,
     A: Future<Output = ()> + 'a,
 {
+    let Side {
+        stream: client,
+        leftover: client_leftover,
+        forwarded: client_to_upstream,
+    } = client;
+    let Side {
+        stream: upstream,
+        leftover: upstream_leftover,
+        forwarded: upstream_to_client,
+    } = upstream;
     let mut up = Pipe::new(client_leftover);
     let mut down = Pipe::new(upstream_leftover);
     let mut idle: Option<Pin<Box<Sleep>>> = limits.idle.map(|d| Box::pin(sleep(d)));
@@ -385,6 +398,15 @@ mod tests {
         )
     }
 
+    /// A side with no leftover bytes.
+    fn side<'a>(stream: &'a TcpStream, forwarded: &'a IntCounter) -> Side<'a> {
+        Side {
+            stream,
+            leftover: Bytes::new(),
+            forwarded,
+        }
+    }
+
     /// The splice with no leftovers, fresh counters and no abort.
     async fn splice_simple(
         client: &TcpStream,
@@ -393,39 +415,20 @@ mod tests {
         stop: impl Future<Output = StopReason>,
     ) -> Outcome {
         let (c2u, u2c) = counters();
-        splice_no_abort(
-            client,
-            Bytes::new(),
-            upstream,
-            Bytes::new(),
-            limits,
-            &c2u,
-            &u2c,
-            stop,
-        )
-        .await
+        splice_no_abort(side(client, &c2u), side(upstream, &u2c), limits, stop).await
     }
 
     /// The splice with an abort that never comes.
-    #[allow(clippy::too_many_arguments, reason = "mirrors splice()")]
     async fn splice_no_abort(
-        client: &TcpStream,
-        client_leftover: Bytes,
-        upstream: &TcpStream,
-        upstream_leftover: Bytes,
+        client: Side<'_>,
+        upstream: Side<'_>,
         limits: Limits,
-        c2u: &IntCounter,
-        u2c: &IntCounter,
         stop: impl Future<Output = StopReason>,
     ) -> Outcome {
         splice(
             client,
-            client_leftover,
             upstream,
-            upstream_leftover,
             limits,
-            c2u,
-            u2c,
             Box::pin(stop),
             Box::pin(std::future::pending()),
         )
@@ -511,13 +514,9 @@ mod tests {
                 ..LIMITS
             };
             splice(
-                &p_client,
-                Bytes::new(),
-                &p_up,
-                Bytes::new(),
+                side(&p_client, &c2u),
+                side(&p_up, &u2c),
                 limits,
-                &c2u,
-                &u2c,
                 Box::pin(stop),
                 Box::pin(abort),
             )
@@ -658,17 +657,11 @@ mod tests {
         let ((mut client, p_client), (p_up, mut upstream)) = pairs().await;
         let (c2u, u2c) = counters();
         let task = tokio::spawn(async move {
-            splice_no_abort(
-                &p_client,
-                Bytes::from_static(b"early"),
-                &p_up,
-                Bytes::new(),
-                LIMITS,
-                &c2u,
-                &u2c,
-                std::future::pending(),
-            )
-            .await
+            let client = Side {
+                leftover: Bytes::from_static(b"early"),
+                ..side(&p_client, &c2u)
+            };
+            splice_no_abort(client, side(&p_up, &u2c), LIMITS, std::future::pending()).await
         });
         client.write_all(b" hello").await.expect("write");
         let mut got = [0u8; 11];
