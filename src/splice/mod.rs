@@ -120,23 +120,27 @@ impl StopReason {
         StopReason::Abort,
     ];
 
-    /// The `wsgate_close_frames_sent_total` label.
+    /// The `reason` label of `wsgate_close_frames_sent_total` (SPEC §8):
+    /// the end of the grace, and an abort, count as the drain.
     pub fn label(self) -> &'static str {
-        self.label_and_text().0
-    }
-
-    /// The `wsgate_close_frames_sent_total` label (the end of the grace
-    /// counts as the drain), and the Close reason text.
-    pub fn label_and_text(self) -> (&'static str, &'static str) {
         match self {
-            StopReason::Grace => ("drain", "server shutting down"),
-            StopReason::Drain => ("drain", "server draining, please reconnect"),
-            StopReason::Lifetime => ("lifetime", "connection lifetime reached, please reconnect"),
-            StopReason::Idle => ("idle", "idle timeout"),
-            StopReason::Abort => ("drain", "server shutting down"),
+            StopReason::Grace | StopReason::Drain | StopReason::Abort => "drain",
+            StopReason::Lifetime => "lifetime",
+            StopReason::Idle => "idle",
         }
     }
 
+    /// The reason text of wsgate's Close frame.
+    fn close_text(self) -> &'static str {
+        match self {
+            StopReason::Grace | StopReason::Abort => "server shutting down",
+            StopReason::Drain => "server draining, please reconnect",
+            StopReason::Lifetime => "connection lifetime reached, please reconnect",
+            StopReason::Idle => "idle timeout",
+        }
+    }
+
+    /// The Close status code for this reason, as configured.
     fn code(self, close: &CloseSettings) -> u16 {
         match self {
             StopReason::Grace | StopReason::Drain | StopReason::Abort => close.drain,
@@ -196,7 +200,7 @@ fn begin_close(
         };
     }
     let code = reason.code(close);
-    let (_, text) = reason.label_and_text();
+    let text = reason.close_text();
     // Towards the upstream wsgate speaks as the client: masked, random key.
     up.begin_close(close_frame(code, text, Some(rand::random())));
     down.begin_close(close_frame(code, text, None));
