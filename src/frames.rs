@@ -53,8 +53,9 @@ impl Default for FrameTracker {
     }
 }
 
-/// The header length implied by its first two bytes.
-fn header_len(second: u8) -> usize {
+/// The header length implied by its first two bytes (`second` is the
+/// second).
+pub(crate) fn header_len(second: u8) -> usize {
     let mask = if second & 0x80 != 0 { 4 } else { 0 };
     2 + mask
         + match second & 0x7f {
@@ -64,7 +65,8 @@ fn header_len(second: u8) -> usize {
         }
 }
 
-fn payload_len(header: &[u8]) -> u64 {
+/// The payload length a whole header announces.
+pub(crate) fn payload_len(header: &[u8]) -> u64 {
     match header[1] & 0x7f {
         126 => u64::from(u16::from_be_bytes([header[2], header[3]])),
         127 => {
@@ -203,14 +205,20 @@ pub fn close_frame(code: u16, reason: &str, mask: Option<[u8; 4]>) -> Vec<u8> {
         Some(key) => {
             frame.push(0x80 | len);
             frame.extend_from_slice(&key);
-            frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+            apply_mask(&mut payload, key);
         }
-        None => {
-            frame.push(len);
-            frame.extend_from_slice(&payload);
-        }
+        None => frame.push(len),
     }
+    frame.extend_from_slice(&payload);
     frame
+}
+
+/// Masks `data` with `key` in place (RFC 6455 §5.3); unmasking is the same
+/// operation.
+pub(crate) fn apply_mask(data: &mut [u8], key: [u8; 4]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b ^= key[i % 4];
+    }
 }
 
 /// Whether `code` may be sent in a Close frame (RFC 6455 §7.4): 1000–1014

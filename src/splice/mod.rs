@@ -377,6 +377,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frames;
     use socket2::SockRef;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -452,36 +453,36 @@ mod tests {
         timeout: Duration::from_secs(2),
     };
 
-    /// Reads one whole frame (header + payload) from `s`: (first byte, masked?, payload unmasked).
+    /// Reads one whole frame from `s`: (first byte, masked?, payload
+    /// unmasked), parsed with the tracker's own header helpers.
     async fn read_frame(s: &mut TcpStream) -> (u8, bool, Vec<u8>) {
-        let mut h = [0u8; 2];
-        s.read_exact(&mut h).await.expect("frame header");
-        let masked = h[1] & 0x80 != 0;
-        let len = match h[1] & 0x7f {
-            126 => {
-                let mut b = [0u8; 2];
-                s.read_exact(&mut b).await.expect("len");
-                u64::from(u16::from_be_bytes(b))
-            }
-            127 => {
-                let mut b = [0u8; 8];
-                s.read_exact(&mut b).await.expect("len");
-                u64::from_be_bytes(b)
-            }
-            n => u64::from(n),
-        };
-        let mut key = [0u8; 4];
-        if masked {
-            s.read_exact(&mut key).await.expect("mask");
-        }
-        let mut payload = vec![0u8; len as usize];
+        let mut header = [0u8; 14];
+        s.read_exact(&mut header[..2]).await.expect("frame header");
+        let len = frames::header_len(header[1]);
+        s.read_exact(&mut header[2..len])
+            .await
+            .expect("frame header");
+        let mut payload = vec![0u8; frames::payload_len(&header[..len]) as usize];
         s.read_exact(&mut payload).await.expect("payload");
+        let masked = header[1] & 0x80 != 0;
         if masked {
-            for (i, b) in payload.iter_mut().enumerate() {
-                *b ^= key[i % 4];
-            }
+            let key = header[len - 4..len].try_into().expect("a 4-byte key");
+            frames::apply_mask(&mut payload, key);
         }
-        (h[0], masked, payload)
+        (header[0], masked, payload)
+    }
+
+    /// The splice task's outcome, which must come within `limit` (`what`
+    /// says what ends it).
+    async fn outcome_within(
+        limit: Duration,
+        task: tokio::task::JoinHandle<Outcome>,
+        what: &str,
+    ) -> Outcome {
+        tokio::time::timeout(limit, task)
+            .await
+            .expect(what)
+            .expect("join")
     }
 
     /// A splice with close frames on, in its own task, stopped for `reason`
@@ -549,10 +550,7 @@ mod tests {
             .write_all(&close_frame(1012, "", None))
             .await
             .expect("reply");
-        let out = tokio::time::timeout(Duration::from_secs(1), task)
-            .await
-            .expect("ends on replies")
-            .expect("join");
+        let out = outcome_within(Duration::from_secs(1), task, "ends on replies").await;
         assert!(
             matches!(out.ended, Ended::Stopped(StopReason::Lifetime)),
             "{:?}",
@@ -599,10 +597,7 @@ mod tests {
         assert_eq!(&payload[..2], &1001u16.to_be_bytes());
         let _ = read_frame(&mut upstream).await;
         drop((client, upstream));
-        let out = tokio::time::timeout(Duration::from_secs(3), task)
-            .await
-            .expect("ends")
-            .expect("join");
+        let out = outcome_within(Duration::from_secs(3), task, "ends").await;
         assert_eq!(out.close_frames_sent, Some(StopReason::Drain));
     }
 
@@ -639,10 +634,7 @@ mod tests {
         assert_eq!(b0, 0x88, "the closing handshake started");
         abort_tx.send(()).expect("abort");
         // Well before close_timeout (2 s): the abort cut it.
-        let out = tokio::time::timeout(Duration::from_millis(500), task)
-            .await
-            .expect("cut at once")
-            .expect("join");
+        let out = outcome_within(Duration::from_millis(500), task, "cut at once").await;
         assert!(
             matches!(out.ended, Ended::Stopped(StopReason::Grace)),
             "{:?}",
