@@ -173,6 +173,21 @@ impl Pipe {
         }
     }
 
+    /// `pending` is all written: its buffer goes back to the pool, and a
+    /// Close queued at its end is now sent.
+    fn pending_written(&mut self) {
+        if let Some((buf, _)) = self.pending.take() {
+            return_buffer(buf);
+        }
+        if let Phase::CloseQueued { replied } = self.phase {
+            self.phase = if replied {
+                Phase::Replied
+            } else {
+                Phase::AwaitingReply
+            };
+        }
+    }
+
     /// `src` ended: passes the EOF on and finishes this direction.
     fn finish(&mut self, dst: &TcpStream, other_done: bool) {
         // A peer that already reset makes the shutdown fail; the direction
@@ -220,17 +235,7 @@ impl Pipe {
                         Err(e) => return Poll::Ready(Err(PipeError::Write(e))),
                     }
                 }
-                if let Some((buf, _)) = self.pending.take() {
-                    return_buffer(buf);
-                }
-                // A queued Close was the end of what just went out.
-                if let Phase::CloseQueued { replied } = self.phase {
-                    self.phase = if replied {
-                        Phase::Replied
-                    } else {
-                        Phase::AwaitingReply
-                    };
-                }
+                self.pending_written();
             }
             // Wait for readability *before* taking a buffer: idle costs nothing.
             ready!(src.poll_read_ready(cx)).map_err(PipeError::Read)?;
@@ -318,5 +323,77 @@ fn clearing_when_short(
     match (result, short) {
         (_, Some(n)) => Ok(n),
         (r, None) => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frames::close_frame;
+
+    /// An unmasked binary frame of `len` bytes of 7.
+    fn binary(len: u8) -> Vec<u8> {
+        let mut f = vec![0x82, len];
+        f.extend(std::iter::repeat_n(7, usize::from(len)));
+        f
+    }
+
+    #[test]
+    fn a_close_begun_mid_message_waits_for_the_boundary_and_notices_a_reply_behind_it() {
+        let ours = close_frame(1001, "bye", None);
+        let frame = binary(10);
+        let mut pipe = Pipe::new(Bytes::copy_from_slice(&frame[..4]));
+        pipe.begin_close(ours.clone());
+        assert!(matches!(pipe.phase, Phase::InjectAtBoundary(_)));
+        pipe.pending_written();
+        assert!(
+            matches!(pipe.phase, Phase::InjectAtBoundary(_)),
+            "still mid-message"
+        );
+        // The rest of the frame, then the peer's own Close, in one read.
+        let mut buf = frame[4..].to_vec();
+        buf.extend_from_slice(&close_frame(1000, "", Some([1, 2, 3, 4])));
+        pipe.process(&mut buf);
+        let mut expected = frame[4..].to_vec();
+        expected.extend_from_slice(&ours);
+        assert_eq!(
+            buf, expected,
+            "the frame's rest, then our Close; the reply is dropped"
+        );
+        assert!(matches!(pipe.phase, Phase::CloseQueued { replied: true }));
+        assert!(!pipe.close_finished(), "not before our Close is written");
+        pipe.pending_written();
+        assert!(matches!(pipe.phase, Phase::Replied) && pipe.close_finished());
+    }
+
+    #[test]
+    fn a_close_at_a_boundary_is_queued_and_replies_are_dropped() {
+        let ours = close_frame(1001, "bye", None);
+        let mut pipe = Pipe::new(Bytes::new());
+        pipe.begin_close(ours.clone());
+        assert!(matches!(pipe.phase, Phase::CloseQueued { replied: false }));
+        assert_eq!(pipe.pending.as_ref().map(|(b, _)| b.clone()), Some(ours));
+        pipe.pending_written();
+        assert!(matches!(pipe.phase, Phase::AwaitingReply));
+        let mut buf = binary(3);
+        pipe.process(&mut buf);
+        assert!(
+            buf.is_empty() && !pipe.close_finished(),
+            "data dropped, still waiting"
+        );
+        let mut buf = close_frame(1001, "", Some([9, 9, 9, 9]));
+        pipe.process(&mut buf);
+        assert!(
+            buf.is_empty() && pipe.close_finished(),
+            "the reply ends it, dropped too"
+        );
+    }
+
+    #[test]
+    fn a_finished_direction_stays_finished() {
+        let mut pipe = Pipe::new(Bytes::new());
+        pipe.phase = Phase::Done;
+        pipe.begin_close(close_frame(1001, "", None));
+        assert!(pipe.is_done() && pipe.close_finished() && pipe.pending.is_none());
     }
 }
