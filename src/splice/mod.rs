@@ -19,7 +19,7 @@
 //! - Bytes are counted as they are written, so metrics move live.
 //!
 //! Ending in WebSocket terms (SPEC §8): each direction runs a
-//! [`FrameTracker`] over what it forwards. When wsgate itself ends a
+//! [`FrameTracker`](crate::frames::FrameTracker) over what it forwards. When wsgate itself ends a
 //! connection (drain, lifetime, idle timeout, end of grace), each direction
 //! injects a Close frame at its next message boundary (a frame boundary
 //! outside any fragmented message, so a message in flight finishes first;
@@ -31,6 +31,11 @@
 //! from wsgate, and a second one would arrive after its closing handshake
 //! completed. If a peer had already started a closing handshake of its own,
 //! wsgate injects nothing and lets it finish within `close_timeout`.
+//!
+//! Layout: this file holds the splice's own loop (both directions, the
+//! deadlines, the stop and abort); `pipe` is one direction and the phases
+//! of its life; `buffers` the per-thread buffer pool; `gate` the waker gate
+//! that keeps the stop and abort futures off the per-message path.
 
 mod buffers;
 mod gate;
