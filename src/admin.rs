@@ -28,18 +28,18 @@ use crate::shutdown::Shutdown;
 
 /// What `/readyz` and `wsgate_ready` are computed from.
 #[derive(Debug, Clone)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     /// Not ready from the shutdown signal on.
-    pub shutdown: Shutdown,
+    pub(crate) shutdown: Shutdown,
     /// Not ready while saturated.
-    pub admission: Admission,
+    pub(crate) admission: Admission,
     /// `wsgate_ready`, kept equal to what `/readyz` answers.
-    pub gauge: prometheus::IntGauge,
+    pub(crate) gauge: prometheus::IntGauge,
 }
 
 impl Readiness {
     /// Whether `/readyz` answers 200; also updates `wsgate_ready`.
-    pub fn check(&self) -> bool {
+    pub(crate) fn check(&self) -> bool {
         let ready = !self.shutdown.is_signalled() && !self.admission.is_saturated();
         self.gauge.set(i64::from(ready));
         ready
@@ -48,7 +48,7 @@ impl Readiness {
 
 /// Serves the admin routes until the returned future is dropped (which also
 /// aborts its connection tasks: they live in a `JoinSet`).
-pub async fn serve(listener: TcpListener, registry: Registry, readiness: Readiness) {
+pub(crate) async fn serve(listener: TcpListener, registry: Registry, readiness: Readiness) {
     let mut connections = JoinSet::new();
     let mut builder = http1::Builder::new();
     builder

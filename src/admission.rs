@@ -38,7 +38,7 @@ use crate::config::{RateLimit, Watermarks};
 /// Why wsgate refused an upgrade: the `reason` label of
 /// `wsgate_connections_rejected_total` and `…_would_reject_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RejectReason {
+pub(crate) enum RejectReason {
     /// The cap is reached.
     Capacity,
     /// The process is shutting down.
@@ -51,7 +51,7 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// Every reason, in declaration order.
-    pub const ALL: [RejectReason; 4] = [
+    pub(crate) const ALL: [RejectReason; 4] = [
         RejectReason::Capacity,
         RejectReason::Draining,
         RejectReason::Rate,
@@ -59,7 +59,7 @@ impl RejectReason {
     ];
 
     /// The metric label.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             RejectReason::Capacity => "capacity",
             RejectReason::Draining => "draining",
@@ -71,15 +71,15 @@ impl RejectReason {
 
 /// The admission limits besides the cap, replaced as a whole on reload.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Policy {
+pub(crate) struct Policy {
     /// Concurrent connections per client address; 0 = off.
-    pub max_per_ip: usize,
+    pub(crate) max_per_ip: usize,
     /// Token bucket; `None` = off.
-    pub rate: Option<RateLimit>,
+    pub(crate) rate: Option<RateLimit>,
     /// false = dry run.
-    pub enforce: bool,
+    pub(crate) enforce: bool,
     /// Readiness hysteresis on saturation; `None` = off.
-    pub watermarks: Option<Watermarks>,
+    pub(crate) watermarks: Option<Watermarks>,
 }
 
 impl Default for Policy {
@@ -95,7 +95,7 @@ impl Default for Policy {
 
 /// The shared admission state.
 #[derive(Debug, Clone)]
-pub struct Admission {
+pub(crate) struct Admission {
     inner: Arc<Inner>,
 }
 
@@ -151,17 +151,17 @@ impl Bucket {
 
 /// A successful admission.
 #[derive(Debug)]
-pub struct Admitted {
+pub(crate) struct Admitted {
     /// The slot.
-    pub guard: AdmissionGuard,
+    pub(crate) guard: AdmissionGuard,
     /// In dry run: the check that would have refused this connection.
-    pub would_reject: Option<RejectReason>,
+    pub(crate) would_reject: Option<RejectReason>,
 }
 
 /// A held slot. Dropping it releases the slot.
 #[derive(Debug)]
 #[must_use = "dropping the guard releases the slot at once"]
-pub struct AdmissionGuard {
+pub(crate) struct AdmissionGuard {
     inner: Arc<Inner>,
     /// Set once the per-IP count was incremented for this slot.
     ip: Option<IpAddr>,
@@ -173,7 +173,12 @@ fn fraction_bits(w: Option<Watermarks>) -> (u64, u64) {
 
 impl Admission {
     /// Creates the admission state with `cap` (0 = unlimited) and `policy`.
-    pub fn new(cap: usize, policy: Policy, active_gauge: IntGauge, max_gauge: IntGauge) -> Self {
+    pub(crate) fn new(
+        cap: usize,
+        policy: Policy,
+        active_gauge: IntGauge,
+        max_gauge: IntGauge,
+    ) -> Self {
         max_gauge.set(i64::try_from(cap).unwrap_or(i64::MAX));
         let (high, low) = fraction_bits(policy.watermarks);
         Admission {
@@ -200,7 +205,7 @@ impl Admission {
     ///
     /// # Errors
     /// The first check that refuses (only when enforcing).
-    pub fn admit(&self, client: IpAddr) -> Result<Admitted, RejectReason> {
+    pub(crate) fn admit(&self, client: IpAddr) -> Result<Admitted, RejectReason> {
         let policy = *lock(&self.inner.policy);
         let mut would_reject = None;
 
@@ -244,7 +249,7 @@ impl Admission {
 
     /// Reserves a slot without waiting; `None` when the cap is reached.
     /// Only the capacity check: [`Admission::admit`] runs all of them.
-    pub fn try_reserve(&self) -> Option<AdmissionGuard> {
+    pub(crate) fn try_reserve(&self) -> Option<AdmissionGuard> {
         let inner = &self.inner;
         let mut current = inner.active.load(Ordering::Acquire);
         loop {
@@ -284,7 +289,7 @@ impl Admission {
     }
 
     /// Changes the cap in place (0 = unlimited). Held slots are untouched.
-    pub fn set_cap(&self, cap: usize) {
+    pub(crate) fn set_cap(&self, cap: usize) {
         self.inner.cap.store(cap, Ordering::Release);
         self.inner
             .max_gauge
@@ -293,7 +298,7 @@ impl Admission {
     }
 
     /// Replaces the policy in place. Held slots are untouched.
-    pub fn set_policy(&self, policy: Policy) {
+    pub(crate) fn set_policy(&self, policy: Policy) {
         let (high, low) = fraction_bits(policy.watermarks);
         self.inner.high_bits.store(high, Ordering::Release);
         self.inner.low_bits.store(low, Ordering::Release);
@@ -314,29 +319,25 @@ impl Admission {
         self.inner.saturated.store(saturated, Ordering::Release);
     }
 
-    /// The policy in force.
-    pub fn policy(&self) -> Policy {
-        *lock(&self.inner.policy)
-    }
-
     /// The cap in force (0 = unlimited).
-    pub fn cap(&self) -> usize {
+    pub(crate) fn cap(&self) -> usize {
         self.inner.cap.load(Ordering::Acquire)
     }
 
     /// Slots held right now.
-    pub fn active(&self) -> usize {
+    pub(crate) fn active(&self) -> usize {
         self.inner.active.load(Ordering::Acquire)
     }
 
     /// Whether saturation currently makes the instance not ready: set when
     /// active reaches the high watermark, cleared only at the low one.
-    pub fn is_saturated(&self) -> bool {
+    pub(crate) fn is_saturated(&self) -> bool {
         self.inner.saturated.load(Ordering::Acquire)
     }
 
-    /// Live connections from `client` (for tests and diagnostics).
-    pub fn active_from(&self, client: IpAddr) -> usize {
+    /// Live connections from `client` (for the unit and loom tests).
+    #[cfg(test)]
+    pub(crate) fn active_from(&self, client: IpAddr) -> usize {
         lock(&self.inner.per_ip).get(&client).copied().unwrap_or(0)
     }
 }

@@ -19,7 +19,7 @@ use tokio::time::{sleep, Instant};
 
 /// Live tunnels, oldest first (ids grow with time).
 #[derive(Debug, Clone, Default)]
-pub struct Tunnels {
+pub(crate) struct Tunnels {
     inner: Arc<Inner>,
 }
 
@@ -31,7 +31,7 @@ struct Inner {
 
 /// A tunnel's entry in the registry; dropping it removes the entry.
 #[derive(Debug)]
-pub struct Registration {
+pub(crate) struct Registration {
     id: u64,
     notify: Arc<Notify>,
     tunnels: Arc<Inner>,
@@ -39,7 +39,7 @@ pub struct Registration {
 
 impl Registration {
     /// Resolves once the drain picked this tunnel to close.
-    pub async fn drained(&self) {
+    pub(crate) async fn drained(&self) {
         self.notify.notified().await;
     }
 }
@@ -56,12 +56,12 @@ impl Drop for Registration {
 
 impl Tunnels {
     /// An empty registry.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Registers a new (youngest) tunnel.
-    pub fn register(&self) -> Registration {
+    pub(crate) fn register(&self) -> Registration {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let notify = Arc::new(Notify::new());
         self.lock().insert(id, Arc::clone(&notify));
@@ -73,17 +73,12 @@ impl Tunnels {
     }
 
     /// Live tunnels.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.lock().len()
     }
 
-    /// Whether no tunnel is live.
-    pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
-    }
-
     /// Tells the oldest live tunnel to close; false if there is none.
-    pub fn close_oldest(&self) -> bool {
+    pub(crate) fn close_oldest(&self) -> bool {
         let oldest = self.lock().pop_first();
         match oldest {
             // `notify_one` stores a permit if the tunnel is not waiting at
@@ -113,7 +108,7 @@ const MIN_TICK: Duration = Duration::from_millis(10);
 /// Closes every live tunnel, oldest first, evenly over `period`; counts each
 /// in `drained`. Returns when none is left (at the latest just after
 /// `period`, when whatever remains is closed at once).
-pub async fn drain_evenly(tunnels: &Tunnels, period: Duration, drained: &IntCounter) {
+pub(crate) async fn drain_evenly(tunnels: &Tunnels, period: Duration, drained: &IntCounter) {
     let end = Instant::now() + period;
     loop {
         let remaining = tunnels.len();
@@ -181,7 +176,7 @@ mod tests {
             );
         }
         assert_eq!(drained.get(), 10);
-        assert!(tunnels.is_empty());
+        assert_eq!(tunnels.len(), 0);
     }
 
     #[tokio::test(start_paused = true)]

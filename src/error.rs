@@ -24,7 +24,7 @@ type Cause = Box<dyn StdError + Send + Sync>;
 
 /// Why a request was not proxied.
 #[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
+pub(crate) enum ProxyError {
     /// The WebSocket handshake is malformed.
     #[error("{0}")]
     BadHandshake(#[from] HandshakeError),

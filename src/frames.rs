@@ -29,11 +29,13 @@ enum State {
 
 /// Tracks frame boundaries in one direction of a WebSocket byte stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FrameTracker {
+pub(crate) struct FrameTracker {
     state: State,
     /// Close frames whose header has been seen.
     closes: u32,
-    /// Frames whose header has been seen.
+    /// Frames whose header has been seen: for the tests only, so that the
+    /// tracker in every connection's data path carries no counter nobody reads.
+    #[cfg(test)]
     frames: u64,
     /// A fragmented data message is open (its final frame not seen yet).
     in_message: bool,
@@ -47,6 +49,7 @@ impl Default for FrameTracker {
                 have: 0,
             },
             closes: 0,
+            #[cfg(test)]
             frames: 0,
             in_message: false,
         }
@@ -80,28 +83,29 @@ pub(crate) fn payload_len(header: &[u8]) -> u64 {
 
 impl FrameTracker {
     /// A tracker at the start of a stream (a boundary).
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Whether the bytes fed so far end exactly at a frame boundary.
-    pub fn at_boundary(&self) -> bool {
+    pub(crate) fn at_boundary(&self) -> bool {
         matches!(self.state, State::Header { have: 0, .. })
     }
 
     /// Whether the stream is at a frame boundary outside any fragmented
     /// message: where a Close can go without cutting a message in two.
-    pub fn at_message_boundary(&self) -> bool {
+    pub(crate) fn at_message_boundary(&self) -> bool {
         self.at_boundary() && !self.in_message
     }
 
     /// Close frames seen so far (counted when their header completes).
-    pub fn closes_seen(&self) -> u32 {
+    pub(crate) fn closes_seen(&self) -> u32 {
         self.closes
     }
 
     /// Frames seen so far (counted when their header completes).
-    pub fn frames_seen(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn frames_seen(&self) -> u64 {
         self.frames
     }
 
@@ -130,7 +134,10 @@ impl FrameTracker {
                     let opcode = buf[0] & 0x0f;
                     let fin = buf[0] & 0x80 != 0;
                     let len = payload_len(&buf[..have_now]);
-                    self.frames += 1;
+                    #[cfg(test)]
+                    {
+                        self.frames += 1;
+                    }
                     if opcode == OPCODE_CLOSE {
                         self.closes += 1;
                     }
@@ -151,7 +158,7 @@ impl FrameTracker {
     }
 
     /// Feeds all of `data`.
-    pub fn advance(&mut self, mut data: &[u8]) {
+    pub(crate) fn advance(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             let n = self.step(data);
             data = &data[n..];
@@ -162,7 +169,7 @@ impl FrameTracker {
     /// [`FrameTracker::at_message_boundary`]) and returns its offset (0 if
     /// the stream is at one already), or `None` if `data` ends before one
     /// (then all of it was fed).
-    pub fn advance_to_message_boundary(&mut self, mut data: &[u8]) -> Option<usize> {
+    pub(crate) fn advance_to_message_boundary(&mut self, mut data: &[u8]) -> Option<usize> {
         let mut offset = 0;
         loop {
             if self.at_message_boundary() {
@@ -190,7 +197,7 @@ impl State {
 /// Encodes a Close frame with `code` and `reason` (truncated to fit the
 /// 125-byte control-frame limit at a character boundary). With `mask`, the
 /// frame is masked, as frames towards a server must be.
-pub fn close_frame(code: u16, reason: &str, mask: Option<[u8; 4]>) -> Vec<u8> {
+pub(crate) fn close_frame(code: u16, reason: &str, mask: Option<[u8; 4]>) -> Vec<u8> {
     let mut end = reason.len().min(123);
     while !reason.is_char_boundary(end) {
         end -= 1;
@@ -223,7 +230,7 @@ pub(crate) fn apply_mask(data: &mut [u8], key: [u8; 4]) {
 
 /// Whether `code` may be sent in a Close frame (RFC 6455 §7.4): 1000–1014
 /// except the reserved 1004–1006, or 3000–4999.
-pub fn is_valid_close_code(code: u16) -> bool {
+pub(crate) fn is_valid_close_code(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 

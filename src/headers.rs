@@ -30,15 +30,15 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 /// `X-Forwarded-For`.
-pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// `X-Forwarded-Proto`.
-pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 /// `X-Forwarded-Host`.
-pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// What kind of request the client sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RequestKind {
+pub(crate) enum RequestKind {
     /// A valid WebSocket upgrade handshake.
     WebSocket,
     /// Anything else: reverse-proxied as plain HTTP.
@@ -47,7 +47,7 @@ pub enum RequestKind {
 
 /// Why a WebSocket handshake is malformed (each becomes a 400).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HandshakeError {
+pub(crate) enum HandshakeError {
     /// Not `GET`.
     Method,
     /// Not HTTP/1.1.
@@ -67,7 +67,7 @@ pub enum HandshakeError {
 impl HandshakeError {
     /// The 400's body: one static line per cause, so a refusal allocates
     /// nothing. The error's `Display` is the same line without its newline.
-    pub fn reason(self) -> &'static str {
+    pub(crate) fn reason(self) -> &'static str {
         match self {
             HandshakeError::Method => "bad websocket handshake: a websocket upgrade must use GET\n",
             HandshakeError::Version => {
@@ -121,7 +121,7 @@ fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
 ///
 /// # Errors
 /// A request that asks for `Upgrade: websocket` but is malformed.
-pub fn classify(
+pub(crate) fn classify(
     method: &Method,
     version: Version,
     headers: &HeaderMap,
@@ -187,7 +187,7 @@ fn is_usual_connection_token(token: &str) -> bool {
 
 /// Removes hop-by-hop headers, those named in `Connection` (except protected
 /// ones) and `Upgrade`.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // `upgrade` and `keep-alive` name headers that go below anyway:
     // skipping them keeps this allocation-free for an ordinary upgrade.
     let named: Vec<HeaderName> = tokens(headers, &header::CONNECTION)
@@ -206,7 +206,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Sets the `X-Forwarded-*` headers for a request going upstream:
 /// `X-Forwarded-For` gets the socket peer appended to what the client sent;
 /// `X-Forwarded-Proto` and `X-Forwarded-Host` are set from this hop.
-pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr) {
+pub(crate) fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr) {
     if !headers.contains_key(&X_FORWARDED_FOR) {
         // The common case for a sidecar: the peer is the only entry.
         let value = HeaderValue::from_str(&peer.to_string())
@@ -249,7 +249,7 @@ fn set_proto_and_host(headers: &mut HeaderMap) {
 /// trusted hops the socket peer; with N ≥ 1 the N-th `X-Forwarded-For` entry
 /// counted from the right (the socket peer being the N-th trusted proxy);
 /// with fewer entries, or an entry that is not an address, the socket peer.
-pub fn client_address(headers: &HeaderMap, peer: IpAddr, trusted_hops: usize) -> IpAddr {
+pub(crate) fn client_address(headers: &HeaderMap, peer: IpAddr, trusted_hops: usize) -> IpAddr {
     if trusted_hops == 0 {
         return peer;
     }
@@ -273,7 +273,11 @@ fn parse_forwarded_address(entry: &str) -> Option<IpAddr> {
 /// Rewrites a validated WebSocket request's headers for the upstream:
 /// hop-by-hop removed, the upgrade pair re-added, `X-Forwarded-*` set, and a
 /// `Host` supplied if the client sent none.
-pub fn upstream_upgrade_headers(headers: &mut HeaderMap, peer: IpAddr, upstream_authority: &str) {
+pub(crate) fn upstream_upgrade_headers(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    upstream_authority: &str,
+) {
     strip_hop_by_hop(headers);
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -288,14 +292,14 @@ pub fn upstream_upgrade_headers(headers: &mut HeaderMap, peer: IpAddr, upstream_
 /// Rewrites the upstream's 101 headers for the client: hop-by-hop removed,
 /// the upgrade pair re-added; `Sec-WebSocket-Accept`, `-Protocol` and
 /// `-Extensions` pass through untouched.
-pub fn client_switching_headers(headers: &mut HeaderMap) {
+pub(crate) fn client_switching_headers(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
 }
 
 /// Whether the upstream's 101 carries the accept value derived from our key.
-pub fn accept_matches(response: &HeaderMap, key: &HeaderValue) -> bool {
+pub(crate) fn accept_matches(response: &HeaderMap, key: &HeaderValue) -> bool {
     let expected =
         tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes().trim_ascii());
     let mut accepts = response.get_all(header::SEC_WEBSOCKET_ACCEPT).iter();

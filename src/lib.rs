@@ -6,47 +6,51 @@
 //! HTTP passes through uncounted. Metrics are on a separate admin port.
 //!
 //! # Layout
+//! In the order a connection meets them (each file's `//!` says its one job):
+//!
 //! | module | holds |
 //! | --- | --- |
-//! | [`config`] | the figment provider stack, validation, `ConfigError` |
-//! | [`admission`] | cap, per-IP, rate, dry run, watermarks; the RAII `AdmissionGuard` |
-//! | [`headers`] | pure header logic: classify, validate, rewrite |
-//! | [`proxy`] | the request handler: upgrade path and plain HTTP forwarding |
-//! | [`tunnel`] | upstream handshake, then the tracked task that owns a slot |
-//! | [`upstream_http`] | the upstream handshake on the wire: request head out, 101 parsed |
-//! | [`splice`] | the byte mover: readiness-driven, pooled buffers, deadlines |
-//! | [`drain`] | live tunnels in age order; the even-pace drain |
-//! | [`frames`] | RFC 6455 frame-boundary tracker; Close frame encoding |
-//! | [`server`] | accept loop and per-connection HTTP/1 serving |
-//! | [`admin`] | `/metrics`, `/healthz`, `/readyz` on their own listener |
-//! | [`metrics`] | metric registration (names fixed by SPEC §4) and encoding |
-//! | [`shutdown`] | drain / hard-stop tokens, the task tracker, OS signals |
-//! | [`tcp`] | socket options: `TCP_NODELAY`, keepalive, `TCP_USER_TIMEOUT` |
-//! | [`error`] | `ProxyError` and its mapping to status codes |
-//! | [`demo`] | the `wsgate demo` echo upstream and defaults |
+//! | `server` | the accept loop and per-connection HTTP/1 serving |
+//! | `tcp` | socket options: `TCP_NODELAY`, keepalive, `TCP_USER_TIMEOUT` |
+//! | `proxy` | the request handler: classify, admit, forward the upgrade or the plain request |
+//! | `headers` | pure header logic: classify, validate, rewrite |
+//! | `admission` | cap, per-IP, rate, dry run, watermarks; `RejectReason`; the RAII `AdmissionGuard` |
+//! | `error` | `ProxyError`: every way a request fails, mapped to a status and a reason |
+//! | `responses` | every answer wsgate writes itself (400 … 504), with static bodies |
+//! | `tunnel` | the upstream handshake, then the tracked task that owns a slot |
+//! | `upstream_http` | the upstream handshake on the wire: request head out, 101 parsed |
+//! | `splice/` | the byte mover: per-direction phases, buffer pool, waker gate, deadlines |
+//! | `frames` | RFC 6455 frame-boundary tracker; Close frame encoding |
+//! | `drain` | live tunnels in age order; the even-pace drain |
+//! | `shutdown` | signals → `Control`, the `Shutdown` tokens and tracker, the shutdown timeline |
+//! | `reload` | SIGHUP and the config-file watch |
+//! | `config/` | the keys, their defaults, validation, the figment stack, `check-config` output |
+//! | `metrics` | metric registration (names fixed by SPEC), labelled handles, encoding |
+//! | `admin` | `/metrics`, `/healthz`, `/readyz` on their own listener |
+//! | `demo` | `wsgate demo`: the page-and-echo upstream and its defaults |
 //!
 //! [`run`] takes listeners that are already bound and a channel of
 //! [`Control`] messages, so tests start the real thing on port 0 and drive
 //! shutdown without signals.
 
-pub mod admin;
-pub mod admission;
+pub(crate) mod admin;
+pub(crate) mod admission;
 pub mod config;
 pub mod demo;
-pub mod drain;
-pub mod error;
-pub mod frames;
-pub mod headers;
-pub mod metrics;
-pub mod proxy;
-pub mod reload;
-pub mod responses;
-pub mod server;
-pub mod shutdown;
-pub mod splice;
-pub mod tcp;
-pub mod tunnel;
-pub mod upstream_http;
+pub(crate) mod drain;
+pub(crate) mod error;
+pub(crate) mod frames;
+pub(crate) mod headers;
+pub(crate) mod metrics;
+pub(crate) mod proxy;
+pub(crate) mod reload;
+pub(crate) mod responses;
+pub(crate) mod server;
+pub(crate) mod shutdown;
+pub(crate) mod splice;
+pub(crate) mod tcp;
+pub(crate) mod tunnel;
+pub(crate) mod upstream_http;
 
 use prometheus::Registry;
 use tokio::net::TcpListener;
@@ -54,8 +58,10 @@ use tokio::sync::mpsc;
 
 pub use crate::config::{Config, ConfigError};
 use crate::metrics::{Metrics, ReloadResult};
+pub use crate::reload::{FileVersion, CONFIG_POLL_INTERVAL};
 use crate::shutdown::Drive;
-pub use crate::shutdown::{Control, Shutdown};
+pub use crate::shutdown::{os_signals, Control, Shutdown};
+pub use crate::tcp::listen;
 
 /// A boxed error for start-up plumbing.
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -64,7 +70,7 @@ pub type Error = Box<dyn std::error::Error + Send + Sync>;
 ///
 /// [`Control::Reload`] applies a new configuration in place. The first
 /// [`Control::Shutdown`] (or the channel closing) starts the shutdown
-/// timeline ([`Shutdown::run_timeline`]: readiness 503, the delay, the
+/// timeline (`Shutdown::run_timeline`: readiness 503, the delay, the
 /// paced drain, the grace); `run` returns when it is over.
 ///
 /// # Errors

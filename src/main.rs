@@ -47,10 +47,7 @@ fn main() -> ExitCode {
     };
     // Taken before the file is read, so the watch (see `os_signals`) also
     // sees a change made while it was being read.
-    let loaded_version = source
-        .file
-        .as_deref()
-        .and_then(wsgate::reload::FileVersion::of);
+    let loaded_version = source.file.as_deref().and_then(wsgate::FileVersion::of);
     let config = match source.load() {
         Ok(c) => c,
         Err(e) => {
@@ -113,7 +110,7 @@ fn init_tracing(format: LogFormat) {
 
 async fn bind(what: &str, addr: std::net::SocketAddr) -> Result<TcpListener, wsgate::Error> {
     let listener =
-        wsgate::tcp::listen(addr).map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))?;
+        wsgate::listen(addr).map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))?;
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, "{what} listening");
     Ok(listener)
@@ -122,7 +119,7 @@ async fn bind(what: &str, addr: std::net::SocketAddr) -> Result<TcpListener, wsg
 async fn serve(
     mut config: Config,
     mut source: ConfigSource,
-    loaded_version: Option<wsgate::reload::FileVersion>,
+    loaded_version: Option<wsgate::FileVersion>,
     demo: bool,
 ) -> Result<(), wsgate::Error> {
     raise_descriptor_limit(config.max_clients);
@@ -139,7 +136,7 @@ async fn serve(
     // Signal handlers go in before the listeners are bound (and logged), so
     // a SIGTERM that arrives during start-up is a clean shutdown, not the
     // default disposition killing the process.
-    let control = wsgate::shutdown::os_signals(source, loaded_version)?;
+    let control = wsgate::os_signals(source, loaded_version)?;
     let proxy = bind("proxy", config.listen).await?;
     let admin = bind("admin", config.admin_listen).await?;
     if let Some((_, echo_addr)) = &echo {

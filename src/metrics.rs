@@ -173,33 +173,33 @@ impl<L: Label> Family<L> {
 
 /// Cheap clonable handles to every wsgate metric.
 #[derive(Debug, Clone)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     /// `wsgate_connections_active`: slots held right now (moved only by admission).
-    pub active: IntGauge,
+    pub(crate) active: IntGauge,
     /// `wsgate_connections_max`: the cap in force, 0 = unlimited.
-    pub max: IntGauge,
+    pub(crate) max: IntGauge,
     /// `wsgate_connections_admitted_total`.
-    pub admitted: IntCounter,
+    pub(crate) admitted: IntCounter,
     /// `wsgate_connections_rejected_total{reason}`.
     pub(crate) rejected: Family<RejectReason>,
     /// `wsgate_upstream_errors_total{kind}`.
     pub(crate) upstream_errors: Family<UpstreamErrorKind>,
     /// `wsgate_connection_duration_seconds`.
-    pub duration: Histogram,
+    pub(crate) duration: Histogram,
     /// `wsgate_transferred_bytes_total{direction="client_to_upstream"}`.
-    pub bytes_client_to_upstream: IntCounter,
+    pub(crate) bytes_client_to_upstream: IntCounter,
     /// `wsgate_transferred_bytes_total{direction="upstream_to_client"}`.
-    pub bytes_upstream_to_client: IntCounter,
+    pub(crate) bytes_upstream_to_client: IntCounter,
     /// `wsgate_http_requests_total{class}`.
     http_requests: Family<HttpClass>,
     /// `wsgate_ready`: 1 while `/readyz` answers 200.
-    pub ready: IntGauge,
+    pub(crate) ready: IntGauge,
     /// `wsgate_connections_would_reject_total{reason}` (dry run; never `draining`).
     pub(crate) would_reject: Family<RejectReason>,
     /// `wsgate_connections_drained_total`: closed by the drain.
-    pub drained: IntCounter,
+    pub(crate) drained: IntCounter,
     /// `wsgate_connections_expired_total`: closed by `max_connection_lifetime`.
-    pub expired: IntCounter,
+    pub(crate) expired: IntCounter,
     /// `wsgate_config_reloads_total{result}`.
     pub(crate) reloads: Family<ReloadResult>,
     /// `wsgate_close_frames_sent_total{reason}`.
@@ -217,7 +217,7 @@ impl Metrics {
     ///
     /// # Errors
     /// Fails only if a name is registered twice on the same registry.
-    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+    pub(crate) fn register(registry: &Registry) -> prometheus::Result<Self> {
         let active = IntGauge::new(
             "wsgate_connections_active",
             "WebSocket slots held right now",
@@ -343,13 +343,13 @@ impl Metrics {
     }
 
     /// Counts a plain HTTP request by the class of the status sent to the client.
-    pub fn http_request(&self, status: http::StatusCode) {
+    pub(crate) fn http_request(&self, status: http::StatusCode) {
         self.http_requests.inc(HttpClass::of(status));
     }
 }
 
 /// Encodes everything in `registry` in the Prometheus text format.
-pub fn encode(registry: &Registry) -> Vec<u8> {
+pub(crate) fn encode(registry: &Registry) -> Vec<u8> {
     let mut out = Vec::with_capacity(8 * 1024);
     // Encoding into a Vec cannot fail on IO; a collector error would only drop
     // that family, which is better than failing the whole scrape.

@@ -39,7 +39,7 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The shared state behind every connection's service.
 #[derive(Debug, Clone)]
-pub struct Proxy {
+pub(crate) struct Proxy {
     inner: Arc<Inner>,
 }
 
@@ -63,7 +63,7 @@ impl Proxy {
     /// # Errors
     /// The upstream authority from a validated config always parses; an
     /// error here would mean validation let a bad value through.
-    pub fn new(
+    pub(crate) fn new(
         config: Config,
         metrics: Metrics,
         shutdown: Shutdown,
@@ -99,17 +99,17 @@ impl Proxy {
     }
 
     /// The admission state (for tests and the admin server).
-    pub fn admission(&self) -> &Admission {
+    pub(crate) fn admission(&self) -> &Admission {
         &self.inner.admission
     }
 
     /// The live tunnels (for the drain).
-    pub fn tunnels(&self) -> &Tunnels {
+    pub(crate) fn tunnels(&self) -> &Tunnels {
         &self.inner.tunnels
     }
 
     /// The configuration in force.
-    pub fn config(&self) -> Arc<Config> {
+    pub(crate) fn config(&self) -> Arc<Config> {
         Arc::clone(
             &self
                 .inner
@@ -123,7 +123,7 @@ impl Proxy {
     /// timeouts and lifetimes take effect for new connections; nothing
     /// already connected is dropped. Addresses and the upstream need a
     /// restart: they are kept, with a warning.
-    pub fn reload(&self, mut new: Config) {
+    pub(crate) fn reload(&self, mut new: Config) {
         let old = self.config();
         for (key, changed) in [
             ("listen", old.listen != new.listen),
@@ -155,7 +155,7 @@ impl Proxy {
     }
 
     /// Handles one request from a client whose socket peer is `peer`.
-    pub async fn handle(
+    pub(crate) async fn handle(
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,

@@ -54,7 +54,7 @@ impl FileVersion {
 /// written in place is never read half-way (an empty file is a valid
 /// configuration too: all defaults, no cap). A file that vanished is not a
 /// change; the running configuration stays.
-pub fn settled_change(
+pub(crate) fn settled_change(
     applied: Option<FileVersion>,
     previous: Option<FileVersion>,
     now: Option<FileVersion>,

@@ -26,7 +26,7 @@ use crate::shutdown::Shutdown;
 use crate::tcp;
 
 /// Request heads above this size get 431 (SPEC §3).
-pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// How often a persisting accept error is logged.
 const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
@@ -34,7 +34,7 @@ const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 /// Accepts connections until draining starts, then returns (closing the
 /// listener).
-pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: Shutdown) {
+pub(crate) async fn serve(listener: TcpListener, proxy: Proxy, shutdown: Shutdown) {
     // Accepted sockets inherit these; see `tcp::configure_listener`.
     let listener_keepalive = proxy.config().tcp_keepalive;
     tcp::configure_listener(&listener, listener_keepalive);

@@ -46,56 +46,56 @@ impl Shutdown {
     }
 
     /// A shutdown signal arrived: readiness turns 503 (idempotent).
-    pub fn signal_received(&self) {
+    pub(crate) fn signal_received(&self) {
         self.signalled.cancel();
     }
 
     /// Whether a shutdown signal arrived.
-    pub fn is_signalled(&self) -> bool {
+    pub(crate) fn is_signalled(&self) -> bool {
         self.signalled.is_cancelled()
     }
 
     /// Starts draining (idempotent); implies the signal.
-    pub fn start_draining(&self) {
+    pub(crate) fn start_draining(&self) {
         self.signalled.cancel();
         self.draining.cancel();
     }
 
     /// Whether draining has started.
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.is_cancelled()
     }
 
     /// Resolves when draining starts.
-    pub async fn draining(&self) {
+    pub(crate) async fn draining(&self) {
         self.draining.cancelled().await;
     }
 
     /// Cuts every remaining connection (idempotent); implies draining.
-    pub fn stop_now(&self) {
+    pub(crate) fn stop_now(&self) {
         self.signalled.cancel();
         self.draining.cancel();
         self.hard_stop.cancel();
     }
 
     /// Resolves when every connection must end now.
-    pub async fn stopped(&self) {
+    pub(crate) async fn stopped(&self) {
         self.hard_stop.cancelled().await;
     }
 
     /// Cuts everything at once, without closing handshakes (idempotent).
-    pub fn abort_now(&self) {
+    pub(crate) fn abort_now(&self) {
         self.stop_now();
         self.abort.cancel();
     }
 
     /// Resolves when everything must be cut at once.
-    pub async fn aborted(&self) {
+    pub(crate) async fn aborted(&self) {
         self.abort.cancelled().await;
     }
 
     /// The tracker every connection and tunnel task is spawned on.
-    pub fn tracker(&self) -> &TaskTracker {
+    pub(crate) fn tracker(&self) -> &TaskTracker {
         &self.tracker
     }
 }
@@ -115,7 +115,7 @@ pub enum Control {
 /// [`Control::Shutdown`], every time one arrives, and SIGHUP as
 /// [`Control::Reload`] with the configuration read afresh from `source`;
 /// when `source` names a file, a change of that file reloads too (see
-/// [`crate::reload`]). `loaded` is the [`FileVersion`] taken just before
+/// the `reload` module). `loaded` is the [`FileVersion`] taken just before
 /// the running configuration was read, so a change made at any time after
 /// that read is seen, however late the reload task first runs. Must be
 /// called inside the runtime; the handlers are installed before it returns,

@@ -40,7 +40,7 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Applies `TCP_NODELAY` and, if `keepalive` is set, keepalive and
 /// `TCP_USER_TIMEOUT` to a connected socket (the upstream leg). Failures are
 /// logged, not fatal: the connection still works, only less protected.
-pub fn configure(stream: &TcpStream, keepalive: Option<Duration>) {
+pub(crate) fn configure(stream: &TcpStream, keepalive: Option<Duration>) {
     apply(SockRef::from(stream), keepalive, false);
 }
 
@@ -48,19 +48,19 @@ pub fn configure(stream: &TcpStream, keepalive: Option<Duration>) {
 /// socket `accept` returns, which saves six `setsockopt` calls per client
 /// connection. The accept loop calls [`configure_accepted`] only when a
 /// reload has changed `tcp_keepalive` since.
-pub fn configure_listener(listener: &TcpListener, keepalive: Option<Duration>) {
+pub(crate) fn configure_listener(listener: &TcpListener, keepalive: Option<Duration>) {
     apply(SockRef::from(listener), keepalive, true);
 }
 
 /// Whether an accepted socket came with the listener's options
 /// (`TCP_NODELAY` is always among them, and set on the listener last).
-pub fn inherited_options(stream: &TcpStream) -> bool {
+pub(crate) fn inherited_options(stream: &TcpStream) -> bool {
     stream.nodelay().unwrap_or(false)
 }
 
 /// Sets the options on an accepted socket whose listener carries other ones
 /// (after a reload), including turning keepalive off.
-pub fn configure_accepted(stream: &TcpStream, keepalive: Option<Duration>) {
+pub(crate) fn configure_accepted(stream: &TcpStream, keepalive: Option<Duration>) {
     apply(SockRef::from(stream), keepalive, true);
 }
 

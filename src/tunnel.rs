@@ -34,7 +34,7 @@ use crate::upstream_http::{self, AnswerError, Replay};
 
 /// The upstream's answer to the forwarded handshake.
 #[derive(Debug)]
-pub enum Answer {
+pub(crate) enum Answer {
     /// 101: the upstream leg is ready to splice.
     Switching {
         /// The 101 head (its headers go to the client).
@@ -58,7 +58,7 @@ const ANSWER_BUFFER: usize = 1024;
 ///
 /// # Errors
 /// Connect failures and broken or non-HTTP answers.
-pub async fn handshake(
+pub(crate) async fn handshake(
     upstream: &Upstream,
     keepalive: Option<Duration>,
     request: Request<Empty<Bytes>>,
@@ -149,24 +149,24 @@ fn failed(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> ProxyError 
 
 /// What a tunnel task needs besides its two legs.
 #[derive(Debug, Clone)]
-pub struct TunnelContext {
+pub(crate) struct TunnelContext {
     /// Deadlines for the splice.
-    pub limits: Limits,
+    pub(crate) limits: Limits,
     /// Byte counters and the duration histogram.
-    pub metrics: std::sync::Arc<Metrics>,
+    pub(crate) metrics: std::sync::Arc<Metrics>,
     /// To stop at the end of the grace.
-    pub shutdown: Shutdown,
+    pub(crate) shutdown: Shutdown,
     /// Where the drain finds this tunnel.
-    pub tunnels: Tunnels,
+    pub(crate) tunnels: Tunnels,
     /// `max_connection_lifetime` and `lifetime_jitter`, if a lifetime is set.
-    pub lifetime: Option<(Duration, f64)>,
+    pub(crate) lifetime: Option<(Duration, f64)>,
     /// The client's socket address, for logs.
-    pub peer: std::net::SocketAddr,
+    pub(crate) peer: std::net::SocketAddr,
 }
 
 /// A deadline drawn uniformly from [lifetime × (1 − jitter), lifetime], so
 /// connections opened together do not expire together.
-pub fn draw_lifetime(lifetime: Duration, jitter: f64) -> Duration {
+pub(crate) fn draw_lifetime(lifetime: Duration, jitter: f64) -> Duration {
     lifetime.mul_f64(1.0 - jitter * rand::random::<f64>())
 }
 
@@ -192,7 +192,7 @@ async fn lifetime_expiry(deadline: Option<Instant>, shutdown: &Shutdown) {
 /// A plain function returning an `async move` block rather than an
 /// `async fn`: the latter would hold every argument twice for the life of
 /// the connection (see [`splice::splice`]).
-pub fn run(
+pub(crate) fn run(
     client_upgrade: OnUpgrade,
     upstream: TcpStream,
     upstream_leftover: Bytes,
@@ -288,5 +288,73 @@ pub fn run(
         drop(client_io);
         drop(upstream);
         drop(guard);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::header::{self, HeaderValue};
+    use socket2::SockRef;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// The upstream leg as the tunnel code builds it carries every option,
+    /// read back by getter: keepalive idle time, interval, probe count,
+    /// `TCP_USER_TIMEOUT` and `TCP_NODELAY`.
+    #[tokio::test]
+    async fn the_upstream_leg_carries_every_socket_option() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        // An upstream that accepts any upgrade: the accept value is not
+        // checked here (`proxy` does that), only the socket.
+        let upstream_task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !upstream_http::head_ends_after(&head, 0) {
+                let n = s.read(&mut buf).await.expect("read");
+                assert!(n > 0, "request head cut short");
+                head.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                .await
+                .expect("write");
+            s
+        });
+        let upstream = Upstream::parse(&addr.to_string()).expect("upstream");
+        let mut req = Request::new(Empty::<Bytes>::new());
+        *req.uri_mut() = "/".parse().expect("uri");
+        let h = req.headers_mut();
+        h.insert(
+            header::HOST,
+            HeaderValue::from_str(&addr.to_string()).expect("host"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        let keepalive = Duration::from_secs(20);
+        let answer = tokio::time::timeout(
+            Duration::from_secs(10),
+            handshake(&upstream, Some(keepalive), req, &Shutdown::new()),
+        )
+        .await
+        .expect("in time")
+        .expect("handshake");
+        let Answer::Switching { io, .. } = answer else {
+            panic!("expected 101")
+        };
+        let sock = SockRef::from(&io);
+        assert!(sock.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(sock.tcp_keepalive_time().expect("TCP_KEEPIDLE"), keepalive);
+        assert_eq!(
+            sock.tcp_keepalive_interval().expect("TCP_KEEPINTVL"),
+            Duration::from_secs(10)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().expect("TCP_KEEPCNT"), 3);
+        assert_eq!(
+            sock.tcp_user_timeout().expect("TCP_USER_TIMEOUT"),
+            Some(keepalive)
+        );
+        assert!(sock.tcp_nodelay().expect("TCP_NODELAY"));
+        drop(upstream_task.await.expect("upstream"));
     }
 }

@@ -20,14 +20,14 @@ use tokio::net::TcpStream;
 
 /// The largest answer head accepted from the upstream: the same 64 KiB a
 /// client's request head may take.
-pub const MAX_ANSWER_HEAD: usize = 64 * 1024;
+pub(crate) const MAX_ANSWER_HEAD: usize = 64 * 1024;
 
 /// The most header lines accepted in an answer (hyper's limit too).
 const MAX_ANSWER_HEADERS: usize = 100;
 
 /// Why the upstream's answer could not be used.
 #[derive(Debug, thiserror::Error)]
-pub enum AnswerError {
+pub(crate) enum AnswerError {
     /// Not HTTP/1.x, or not valid HTTP.
     #[error("malformed answer: {0}")]
     Malformed(&'static str),
@@ -42,7 +42,7 @@ pub enum AnswerError {
 /// The request head as it goes on the wire (origin-form target, HTTP/1.1).
 /// Header values cannot hold CR or LF (`HeaderValue` refuses them), so
 /// nothing a client sent can split the head.
-pub fn encode_request<B>(req: &Request<B>) -> Vec<u8> {
+pub(crate) fn encode_request<B>(req: &Request<B>) -> Vec<u8> {
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let method = req.method().as_str();
     let size = method.len()
@@ -72,7 +72,7 @@ pub fn encode_request<B>(req: &Request<B>) -> Vec<u8> {
 /// Whether the blank line that ends a head is in `buf`, looking only at what
 /// came after the first `from` bytes (and the two before them, where a line
 /// end may have started). LF-only line ends count too, as `httparse` takes them.
-pub fn head_ends_after(buf: &[u8], from: usize) -> bool {
+pub(crate) fn head_ends_after(buf: &[u8], from: usize) -> bool {
     let start = from.saturating_sub(2);
     buf[start..].windows(2).enumerate().any(|(i, w)| {
         w[0] == b'\n'
@@ -85,7 +85,7 @@ pub fn head_ends_after(buf: &[u8], from: usize) -> bool {
 ///
 /// # Errors
 /// Anything that is not a well-formed HTTP/1.x status line and headers.
-pub fn parse_answer(buf: &[u8]) -> Result<Option<(Response<()>, usize)>, AnswerError> {
+pub(crate) fn parse_answer(buf: &[u8]) -> Result<Option<(Response<()>, usize)>, AnswerError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_ANSWER_HEADERS];
     let mut answer = httparse::Response::new(&mut slots);
     let len = match answer.parse(buf) {
@@ -132,7 +132,7 @@ pub fn parse_answer(buf: &[u8]) -> Result<Option<(Response<()>, usize)>, AnswerE
 /// Nothing is readable until hyper has written its request: hyper takes
 /// bytes that arrive on an idle connection for an unexpected message.
 #[derive(Debug)]
-pub struct Replay {
+pub(crate) struct Replay {
     read: Bytes,
     io: TcpStream,
     request_written: bool,
@@ -141,7 +141,7 @@ pub struct Replay {
 
 impl Replay {
     /// `read`: what was read from `io` so far, the answer head first.
-    pub fn new(read: Bytes, io: TcpStream) -> Self {
+    pub(crate) fn new(read: Bytes, io: TcpStream) -> Self {
         Replay {
             read,
             io,

@@ -432,7 +432,7 @@ async fn sighup_reloads_the_file_and_keeps_the_old_config_when_invalid() {
     // The file watch shares the SIGHUP's baseline: each edit was read once,
     // by the signal, and is not read again when it has settled. Absence can
     // only be shown by waiting: two polls and a margin.
-    tokio::time::sleep(wsgate::reload::CONFIG_POLL_INTERVAL * 2 + Duration::from_millis(500)).await;
+    tokio::time::sleep(wsgate::CONFIG_POLL_INTERVAL * 2 + Duration::from_millis(500)).await;
     for (result, count) in [("success", 1.0), ("failure", 1.0)] {
         let series = format!("wsgate_config_reloads_total{{result=\"{result}\"}}");
         assert_eq!(metric(gate.admin, &series).await, count, "{result}");

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use http::{header, HeaderValue, Request};
+use http::{header, Request};
 use http_body_util::Empty;
 use reliability::{
     closed_within, raw_upgrade, read_head, read_request_head, run_to_exit, spawn_raw_upstream,
@@ -179,8 +179,9 @@ fn keepalive_timer(local: std::net::SocketAddr, remote: std::net::SocketAddr) ->
 /// armed at `tcp_keepalive` on the client leg and on the upstream leg (and
 /// not on the test's own client socket, nor with `tcp_keepalive = 0s`); and
 /// the upstream socket that `tunnel::handshake` returns carries interval,
-/// probe count and `TCP_USER_TIMEOUT` (the client leg goes through the same
-/// `tcp::configure`, whose unit test checks the same getters).
+/// probe count and `TCP_USER_TIMEOUT` (checked by getters in tunnel.rs's
+/// unit test; the client leg goes through the same `tcp::configure`, whose
+/// unit test checks the same getters).
 #[tokio::test]
 async fn keepalive_and_user_timeout_are_set_on_both_legs() {
     let up = spawn_echo_upstream().await;
@@ -233,49 +234,6 @@ async fn keepalive_and_user_timeout_are_set_on_both_legs() {
         None,
         "tcp_keepalive=0s: off"
     );
-
-    // The upstream leg as the tunnel code builds it: every option, by getter.
-    let upstream = wsgate::config::Upstream::parse(&up.addr.to_string()).expect("upstream");
-    let mut req = Request::new(Empty::<Bytes>::new());
-    *req.uri_mut() = "/".parse().expect("uri");
-    let h = req.headers_mut();
-    h.insert(
-        header::HOST,
-        HeaderValue::from_str(&up.addr.to_string()).expect("host"),
-    );
-    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(
-        header::SEC_WEBSOCKET_VERSION,
-        HeaderValue::from_static("13"),
-    );
-    h.insert(header::SEC_WEBSOCKET_KEY, HeaderValue::from_static(KEY));
-    let shutdown = wsgate::Shutdown::new();
-    let answer = within(
-        "handshake",
-        wsgate::tunnel::handshake(&upstream, Some(Duration::from_secs(20)), req, &shutdown),
-    )
-    .await
-    .expect("handshake");
-    let wsgate::tunnel::Answer::Switching { io, .. } = answer else {
-        panic!("expected 101")
-    };
-    let sock = SockRef::from(&io);
-    assert!(sock.keepalive().expect("SO_KEEPALIVE"));
-    assert_eq!(
-        sock.tcp_keepalive_time().expect("TCP_KEEPIDLE"),
-        Duration::from_secs(20)
-    );
-    assert_eq!(
-        sock.tcp_keepalive_interval().expect("TCP_KEEPINTVL"),
-        Duration::from_secs(10)
-    );
-    assert_eq!(sock.tcp_keepalive_retries().expect("TCP_KEEPCNT"), 3);
-    assert_eq!(
-        sock.tcp_user_timeout().expect("TCP_USER_TIMEOUT"),
-        Some(Duration::from_secs(20))
-    );
-    assert!(sock.tcp_nodelay().expect("TCP_NODELAY"));
 }
 
 /// Connections the kernel completed before wsgate configured its listener

@@ -13,7 +13,20 @@
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
-use wsgate::frames::{close_frame, FrameTracker};
+
+/// The module under test, compiled into this test crate (as
+/// `tests/loom_admission.rs` does with admission): the tracker is not part
+/// of wsgate's public surface.
+#[allow(
+    dead_code,
+    unreachable_pub,
+    missing_docs,
+    reason = "the library's module, included by path"
+)]
+#[path = "../src/frames.rs"]
+mod frames;
+
+use frames::{close_frame, FrameTracker};
 
 fn runner(cases: u32) -> TestRunner {
     TestRunner::new(Config {

@@ -23,7 +23,20 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Version};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
-use wsgate::headers::{
+
+/// The module under test, compiled into this test crate (as
+/// `tests/loom_admission.rs` does with admission): its functions are not
+/// part of wsgate's public surface.
+#[allow(
+    dead_code,
+    unreachable_pub,
+    missing_docs,
+    reason = "the library's module, included by path"
+)]
+#[path = "../src/headers.rs"]
+mod headers;
+
+use headers::{
     classify, set_forwarded, strip_hop_by_hop, upstream_upgrade_headers, RequestKind,
     X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO,
 };

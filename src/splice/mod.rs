@@ -59,18 +59,18 @@ use pipe::Pipe;
 
 /// Deadlines that end a splice.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// After one direction finished, how long the other may continue.
-    pub half_close: Duration,
+    pub(crate) half_close: Duration,
     /// End the splice after this long without a byte either way.
-    pub idle: Option<Duration>,
+    pub(crate) idle: Option<Duration>,
     /// Close frames for connections wsgate ends; `None` = cut TCP at once.
-    pub close: Option<CloseSettings>,
+    pub(crate) close: Option<CloseSettings>,
 }
 
 /// Which leg of the splice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Leg {
+pub(crate) enum Leg {
     /// The client's connection.
     Client,
     /// The upstream's connection.
@@ -89,7 +89,7 @@ impl Leg {
 
 /// How a splice ended.
 #[derive(Debug)]
-pub enum Ended {
+pub(crate) enum Ended {
     /// Both directions finished cleanly (EOF passed on both ways).
     Closed,
     /// One direction finished and the other did not within `half_close`.
@@ -102,7 +102,7 @@ pub enum Ended {
 
 /// Why wsgate itself ended a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopReason {
+pub(crate) enum StopReason {
     /// The end of `shutdown_grace` (or a second signal).
     Grace,
     /// The gradual drain picked it.
@@ -117,7 +117,7 @@ pub enum StopReason {
 
 impl StopReason {
     /// Every reason, in declaration order.
-    pub const ALL: [StopReason; 5] = [
+    pub(crate) const ALL: [StopReason; 5] = [
         StopReason::Grace,
         StopReason::Drain,
         StopReason::Lifetime,
@@ -127,7 +127,7 @@ impl StopReason {
 
     /// The `reason` label of `wsgate_close_frames_sent_total` (SPEC §8):
     /// the end of the grace, and an abort, count as the drain.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             StopReason::Grace | StopReason::Drain | StopReason::Abort => "drain",
             StopReason::Lifetime => "lifetime",
@@ -158,25 +158,25 @@ impl StopReason {
 /// How a splice ended, what it moved, and whether wsgate closed it in
 /// WebSocket terms.
 #[derive(Debug)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     /// Why it ended.
-    pub ended: Ended,
+    pub(crate) ended: Ended,
     /// Bytes moved each way.
-    pub totals: Totals,
+    pub(crate) totals: Totals,
     /// wsgate injected Close frames, for this reason (counted once per
     /// connection, however the connection then ended).
-    pub close_frames_sent: Option<StopReason>,
+    pub(crate) close_frames_sent: Option<StopReason>,
     /// Both peers answered the Close (or ended) before `close_timeout`.
-    pub close_completed: bool,
+    pub(crate) close_completed: bool,
 }
 
 /// Bytes moved each way.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Totals {
+pub(crate) struct Totals {
     /// Client → upstream.
-    pub client_to_upstream: u64,
+    pub(crate) client_to_upstream: u64,
     /// Upstream → client.
-    pub upstream_to_client: u64,
+    pub(crate) upstream_to_client: u64,
 }
 
 /// State while wsgate closes a connection in WebSocket terms.
@@ -218,15 +218,15 @@ fn begin_close(
 
 /// One side of the splice, as the caller hands it over.
 #[derive(Debug)]
-pub struct Side<'a> {
+pub(crate) struct Side<'a> {
     /// The side's socket.
-    pub stream: &'a TcpStream,
+    pub(crate) stream: &'a TcpStream,
     /// Bytes already read from this side past the HTTP handshake; they are
     /// written to the other side first.
-    pub leftover: Bytes,
+    pub(crate) leftover: Bytes,
     /// Counts the bytes from this side as they are written to the other
     /// (`wsgate_transferred_bytes_total` for that direction).
-    pub forwarded: &'a IntCounter,
+    pub(crate) forwarded: &'a IntCounter,
 }
 
 /// Splices `client` and `upstream` until the end, see the module docs.
@@ -242,7 +242,7 @@ pub struct Side<'a> {
 /// the locals made from it (rust-lang/rust#62958); here the state is built
 /// first and only then moved into the `async` block, and `stop`/`abort`
 /// arrive boxed (the gate keeps them on the heap anyway).
-pub fn splice<'a, S, A>(
+pub(crate) fn splice<'a, S, A>(
     client: Side<'a>,
     upstream: Side<'a>,
     limits: Limits,
