@@ -2,7 +2,7 @@
 //! upstream: a status, a static text body, and the headers that status needs.
 //!
 //! A leaf module: it knows nothing of why a request failed (that is
-//! [`crate::error`]'s job), only how each kind of refusal is said on the
+//! the `error` module's job), only how each kind of refusal is said on the
 //! wire, so every 400, 401, 429, 431, 502, 503 and 504 is built here and
 //! nowhere else. Bodies are `&'static str`: a refusal under a reconnect
 //! storm allocates nothing but the response head.
