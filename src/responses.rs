@@ -3,8 +3,9 @@
 //!
 //! A leaf module: it knows nothing of why a request failed (that is
 //! the `error` module's job), only how each kind of refusal is said on the
-//! wire, so every 400, 401, 429, 431, 502, 503 and 504 is built here and
-//! nowhere else. Bodies are `&'static str`: a refusal under a reconnect
+//! wire, so every 4xx and 5xx wsgate makes up is built here and nowhere else
+//! (the one exception is hyper's own 431 for a request head over 64 KiB).
+//! Bodies are `&'static str`: a refusal under a reconnect
 //! storm allocates nothing but the response head.
 
 use std::convert::Infallible;
