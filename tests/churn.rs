@@ -22,7 +22,6 @@
 //! rather than nextest, whose slow-timeout would end a 10-minute test.
 #![allow(clippy::print_stdout, reason = "tests report their figures")]
 
-mod reliability;
 mod support;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -30,7 +29,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use reliability::{alive_tasks, ProcStat};
 use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
@@ -71,7 +69,7 @@ struct Bench {
     full: Sidecar,
     down: Sidecar,
     _held: Ws,
-    _upstreams: (Upstream, Upstream, Upstream),
+    _upstreams: (Upstream, Upstream, Upstream, ClosedPort),
 }
 
 impl Bench {
@@ -82,7 +80,8 @@ impl Bench {
         let echo = spawn_sidecar(RawConfigExt::cap(test_config(echo_up.addr), 200)).await;
         let closing = spawn_sidecar(test_config(closing_up.addr)).await;
         let full = spawn_sidecar(RawConfigExt::cap(test_config(full_up.addr), 1)).await;
-        let down = spawn_sidecar(test_config(closed_port().await)).await;
+        let down_up = closed_port();
+        let down = spawn_sidecar(test_config(down_up.addr)).await;
         let held = within("hold the only slot", connect(&full.ws_url()))
             .await
             .expect("admitted");
@@ -92,7 +91,7 @@ impl Bench {
             full,
             down,
             _held: held,
-            _upstreams: (echo_up, closing_up, full_up),
+            _upstreams: (echo_up, closing_up, full_up, down_up),
         }
     }
 
@@ -480,7 +479,7 @@ async fn soak_churn_and_traffic() {
 #[ignore = "on demand: waits out the upstream pool's idle timeout"]
 async fn plain_http_keep_alive_connections_to_the_upstream_are_closed_when_idle() {
     const BURST: usize = 50;
-    let up = reliability::spawn_counting_upstream().await;
+    let up = spawn_counting_upstream().await;
     let gate = spawn_sidecar(test_config(up.addr)).await;
     // The gate is up (its admin answers) and its tasks have settled.
     wait_metric(gate.admin, ACTIVE, 0.0).await;

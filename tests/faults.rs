@@ -9,7 +9,6 @@
 //! each way).
 #![allow(clippy::print_stdout, reason = "tests report what they measured")]
 
-mod reliability;
 mod support;
 
 use std::sync::atomic::Ordering;
@@ -19,10 +18,6 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{header, Request};
 use http_body_util::Empty;
-use reliability::{
-    closed_within, raw_upgrade, read_head, read_request_head, run_to_exit, spawn_raw_upstream,
-    status_of, switching_response, upgrade_request, GateProcess, ProcStat, KEY,
-};
 use socket2::SockRef;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -63,7 +58,7 @@ async fn frozen_client_is_released_by_idle_timeout() {
         ..test_config(up.addr)
     })
     .await;
-    let mut frozen = within("upgrade", raw_upgrade(gate.addr)).await;
+    let mut frozen = within("upgrade", raw_tunnel(gate.addr)).await;
     wait_metric(gate.admin, ACTIVE, 1.0).await;
     let start = Instant::now();
     wait_metric(gate.admin, ACTIVE, 0.0).await;
@@ -113,7 +108,7 @@ async fn idle_timeout_spares_a_connection_that_talks() {
         ..test_config(up.addr)
     })
     .await;
-    let _frozen = within("upgrade", raw_upgrade(gate.addr)).await;
+    let _frozen = within("upgrade", raw_tunnel(gate.addr)).await;
     let mut talker = within("connect", connect(&gate.ws_url()))
         .await
         .expect("admitted");
@@ -190,7 +185,7 @@ async fn keepalive_and_user_timeout_are_set_on_both_legs() {
         ..test_config(up.addr)
     })
     .await;
-    let client = within("upgrade", raw_upgrade(gate.addr)).await;
+    let client = within("upgrade", raw_tunnel(gate.addr)).await;
     wait_metric(gate.admin, ACTIVE, 1.0).await;
     let client_local = client.local_addr().expect("addr");
 
@@ -227,7 +222,7 @@ async fn keepalive_and_user_timeout_are_set_on_both_legs() {
         ..test_config(up.addr)
     })
     .await;
-    let c2 = within("upgrade", raw_upgrade(off.addr)).await;
+    let c2 = within("upgrade", raw_tunnel(off.addr)).await;
     wait_metric(off.admin, ACTIVE, 1.0).await;
     assert_eq!(
         keepalive_timer(off.addr, c2.local_addr().expect("addr")),
@@ -262,7 +257,7 @@ async fn connections_queued_before_start_get_keepalive_too() {
     for s in queued {
         clients.push(within("upgrade", upgrade_on(s)).await);
     }
-    clients.push(within("upgrade", support::raw_upgrade(addr)).await);
+    clients.push(within("upgrade", raw_upgrade(addr)).await);
     wait_metric(gate.admin, ACTIVE, 4.0).await;
     for (i, (client, head)) in clients.iter().enumerate() {
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
@@ -400,8 +395,7 @@ async fn upstream_that_answers_garbage_is_502_and_frees_slot() {
             .write_all(b"SSH-2.0-OpenSSH_9.6\r\n\x00\xff\xfe garbage \r\n\r\n")
             .await;
         let _ = s.shutdown().await;
-        let mut sink = [0u8; 512];
-        while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+        discard_until_eof(&mut s).await;
     })
     .await;
     let gate = spawn_sidecar(RawConfigExt::cap(test_config(up.addr), 1)).await;
@@ -501,8 +495,7 @@ async fn upstream_101_without_accept_is_502_and_frees_slot() {
     let up = spawn_raw_upstream(|mut s: TcpStream| async move {
         let _ = read_request_head(&mut s).await;
         let _ = s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").await;
-        let mut sink = [0u8; 512];
-        while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+        discard_until_eof(&mut s).await;
     })
     .await;
     let gate = spawn_sidecar(RawConfigExt::cap(test_config(up.addr), 1)).await;
@@ -519,8 +512,7 @@ async fn upstream_with_a_1mib_response_head_is_502_and_frees_slot() {
             "b".repeat(1 << 20)
         );
         let _ = s.write_all(big.as_bytes()).await;
-        let mut sink = [0u8; 512];
-        while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+        discard_until_eof(&mut s).await;
     })
     .await;
     let gate = spawn_sidecar(RawConfigExt::cap(test_config(up.addr), 1)).await;
@@ -791,8 +783,7 @@ async fn backpressure(direction: Direction, total: u64) {
                     let _ = s.shutdown().await;
                 } else {
                     send_pattern(&mut s, &pat, total).await;
-                    let mut sink = [0u8; 64];
-                    while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+                    discard_until_eof(&mut s).await;
                 }
             }
         })
@@ -820,8 +811,7 @@ async fn backpressure(direction: Direction, total: u64) {
         let mut s = open(4 << 20, up_dir).await;
         if up_dir {
             send_pattern(&mut s, &pat, 4 << 20).await;
-            let mut sink = [0u8; 64];
-            while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+            discard_until_eof(&mut s).await;
         } else {
             let (n, ok) = receive_pattern(&mut s, &pat, Duration::ZERO).await;
             assert!(n == 4 << 20 && ok);
@@ -853,8 +843,7 @@ async fn backpressure(direction: Direction, total: u64) {
         if up_dir {
             send_pattern(&mut s, &pat, total).await;
             let r = result_rx.recv().await.expect("upstream result");
-            let mut sink = [0u8; 64];
-            while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+            discard_until_eof(&mut s).await;
             r
         } else {
             receive_pattern(&mut s, &pat, pause).await
@@ -942,18 +931,7 @@ async fn backpressure_upstream_to_slow_client_1gib() {
 /// shutdown still ends by `shutdown_grace`, the process-level `run` returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_is_not_held_up_by_a_client_frozen_mid_frame() {
-    let up = spawn_raw_upstream(|mut s: TcpStream| async move {
-        let head = read_request_head(&mut s).await;
-        if s.write_all(switching_response(&head).as_bytes())
-            .await
-            .is_err()
-        {
-            return;
-        }
-        let mut sink = [0u8; 4096];
-        while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
-    })
-    .await;
+    let up = spawn_sink_upstream().await;
     let gate = spawn_sidecar(RawConfig {
         shutdown_grace: secs(1.0),
         close_timeout: secs(0.5),
@@ -962,7 +940,7 @@ async fn shutdown_is_not_held_up_by_a_client_frozen_mid_frame() {
     .await;
     let mut frozen = Vec::new();
     for _ in 0..5 {
-        let mut s = within("upgrade", raw_upgrade(gate.addr)).await;
+        let mut s = within("upgrade", raw_tunnel(gate.addr)).await;
         // A masked binary frame announcing 1 MiB, 10 bytes of it sent.
         let mut f = vec![0x82u8, 0xFF];
         f.extend_from_slice(&(1u64 << 20).to_be_bytes());
@@ -1154,7 +1132,7 @@ async fn vanished_upstream_is_detected_by_keepalive_and_the_client_closed() {
         ..test_config(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
     })
     .await;
-    let mut client = within("upgrade", raw_upgrade(gate.addr)).await;
+    let mut client = within("upgrade", raw_tunnel(gate.addr)).await;
     let done = tokio::task::block_in_place(|| py.line());
     if done.starts_with("no TCP_REPAIR") {
         println!("SKIPPED: cannot make a socket vanish here ({done}); needs CAP_NET_ADMIN");

@@ -9,7 +9,6 @@
 //! admitted and echoed, and `wsgate_connections_active` is back to 0.
 #![allow(clippy::print_stdout, reason = "tests report what they tried")]
 
-mod reliability;
 mod support;
 
 use std::collections::BTreeMap;
@@ -17,7 +16,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
-use reliability::{spawn_counting_upstream, upgrade_request, CountingUpstream, BYSTANDER_PATH};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -817,18 +815,7 @@ async fn connection_with_an_obs_text_token_still_removes_what_it_names() {
 /// wsgate's own deadlines can free the slots.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_frames_after_the_upgrade_cannot_hold_a_slot() {
-    let up = reliability::spawn_raw_upstream(|mut s: TcpStream| async move {
-        let head = reliability::read_request_head(&mut s).await;
-        if s.write_all(reliability::switching_response(&head).as_bytes())
-            .await
-            .is_err()
-        {
-            return;
-        }
-        let mut sink = [0u8; 4096];
-        while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
-    })
-    .await;
+    let up = spawn_sink_upstream().await;
     let gate = spawn_sidecar(RawConfig {
         idle_timeout: ConfigDuration(Duration::from_millis(500)),
         close_timeout: ConfigDuration(Duration::from_millis(500)),

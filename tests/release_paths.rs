@@ -110,8 +110,8 @@ async fn upstream_refusing_the_upgrade_is_passed_through_and_frees_slot() {
 
 #[tokio::test]
 async fn upstream_down_is_502_and_frees_slot() {
-    let down = closed_port().await;
-    let gate = gate_for(down, |_| {}).await;
+    let down = closed_port();
+    let gate = gate_for(down.addr, |_| {}).await;
     let fds = baseline(&gate).await;
     assert_eq!(connect_refused(&gate.ws_url()).await.status(), 502);
     assert_eq!(metric(gate.admin, ACTIVE).await, 0.0);

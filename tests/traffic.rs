@@ -185,7 +185,8 @@ async fn metrics_are_not_served_on_the_client_port() {
 
 #[tokio::test]
 async fn plain_http_to_a_down_upstream_is_502() {
-    let gate = spawn_sidecar(test_config(closed_port().await)).await;
+    let down = closed_port();
+    let gate = spawn_sidecar(test_config(down.addr)).await;
     let (status, _) = http_get(gate.addr, "/").await;
     assert_eq!(status, 502);
     assert_eq!(

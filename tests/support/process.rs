@@ -1,0 +1,294 @@
+//! The wsgate binary run as a child process, and /proc readings of a
+//! process (descriptors, RSS, CPU time) and of the runtime (live tasks).
+//!
+//! Why a child process: descriptor limits, CPU time, RSS and SIGKILL are
+//! properties of a process; measuring them on the test process would mix in
+//! the clients and upstreams the test runs itself. Whole-process readings of
+//! the test process itself ([`open_fds`], [`ProcStat::own`]) are sound
+//! because nextest runs each test in a process of its own.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Every wait on a child process is bounded by this.
+pub const CHILD_DEADLINE: Duration = Duration::from_secs(15);
+
+// ---------------------------------------------------------------- child process
+
+/// A wsgate binary running as a child; SIGKILLed and reaped on drop.
+pub struct GateProcess {
+    child: Child,
+    pub pid: u32,
+    pub stdout: Arc<Mutex<String>>,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+impl GateProcess {
+    /// Starts `wsgate ARGS` with `env` (on top of a cleared `WSGATE_*`/`RUST_LOG`),
+    /// optionally under `prlimit --nofile=N:N` (soft and hard, because wsgate
+    /// raises its soft limit to the hard one at start-up).
+    pub fn start(args: &[&str], env: &[(&str, String)], nofile: Option<u64>) -> GateProcess {
+        let bin = env!("CARGO_BIN_EXE_wsgate");
+        let mut cmd = match nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .env("WSGATE_LOG_FORMAT", "text")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("WSGATE_") || k == "WS_MAX_CLIENTS" {
+                cmd.env_remove(k);
+            }
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start the wsgate binary");
+        let pid = child.id();
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        collect(child.stdout.take().expect("stdout"), Arc::clone(&stdout));
+        collect(child.stderr.take().expect("stderr"), Arc::clone(&stderr));
+        GateProcess {
+            child,
+            pid,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// `wsgate demo` on port 0 with `env` on top; returns it with the
+    /// addresses from its banner: (echo upstream, proxy, admin).
+    pub fn demo(env: &[(&str, String)]) -> (GateProcess, SocketAddr, SocketAddr, SocketAddr) {
+        let mut all = vec![
+            ("WSGATE_LISTEN", "127.0.0.1:0".to_owned()),
+            ("WSGATE_ADMIN_LISTEN", "127.0.0.1:0".to_owned()),
+        ];
+        all.extend(env.iter().cloned());
+        let gate = GateProcess::start(&["demo"], &all, None);
+        let echo = gate.wait_addr(&gate.stdout, "upstream  ws://");
+        let proxy = gate.wait_addr(&gate.stdout, "proxy     ws://");
+        let admin = gate.wait_addr(&gate.stdout, "metrics   http://");
+        (gate, echo, proxy, admin)
+    }
+
+    /// `wsgate` in front of `upstream` on port 0; returns it with (proxy, admin)
+    /// as read from its start-up log.
+    pub fn proxy(
+        upstream: SocketAddr,
+        env: &[(&str, String)],
+        nofile: Option<u64>,
+    ) -> (GateProcess, SocketAddr, SocketAddr) {
+        let mut all = vec![
+            ("WSGATE_LISTEN", "127.0.0.1:0".to_owned()),
+            ("WSGATE_ADMIN_LISTEN", "127.0.0.1:0".to_owned()),
+            ("WSGATE_UPSTREAM", upstream.to_string()),
+        ];
+        all.extend(env.iter().cloned());
+        let gate = GateProcess::start(&[], &all, nofile);
+        let proxy = gate.wait_addr(&gate.stderr, "proxy listening addr=");
+        let admin = gate.wait_addr(&gate.stderr, "admin listening addr=");
+        (gate, proxy, admin)
+    }
+
+    /// Polls `stream` until it holds `prefix` followed by an address.
+    fn wait_addr(&self, stream: &Arc<Mutex<String>>, prefix: &str) -> SocketAddr {
+        let text = self.wait_for(stream, prefix);
+        let rest = &text[text.find(prefix).expect("found") + prefix.len()..];
+        let addr: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+            .collect();
+        addr.parse()
+            .unwrap_or_else(|_| panic!("no address after {prefix:?} in {text}"))
+    }
+
+    /// Polls `stream` until it contains `needle` (a whole line read); returns its text.
+    pub fn wait_for(&self, stream: &Arc<Mutex<String>>, needle: &str) -> String {
+        let start = std::time::Instant::now();
+        loop {
+            let text = stream.lock().expect("lock").clone();
+            if let Some(i) = text.find(needle) {
+                if text[i..].contains('\n') {
+                    return text;
+                }
+            }
+            assert!(
+                start.elapsed() < CHILD_DEADLINE,
+                "wsgate child never printed {needle:?}; stdout:\n{}\nstderr:\n{}",
+                self.stdout.lock().expect("lock"),
+                self.stderr.lock().expect("lock")
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Everything the child wrote to stderr so far.
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().expect("lock").clone()
+    }
+
+    /// Sends a signal with `kill(1)` to this child (and only this child).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {}", self.pid);
+    }
+
+    /// Waits (bounded) for the child to exit; its exit status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                start.elapsed() < CHILD_DEADLINE,
+                "wsgate child {} did not exit",
+                self.pid
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The process id of the wsgate process itself (prlimit execs it, so it
+    /// is the same pid).
+    pub fn stat(&self) -> ProcStat {
+        ProcStat::read(self.pid)
+    }
+}
+
+impl Drop for GateProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn collect(pipe: impl std::io::Read + Send + 'static, into: Arc<Mutex<String>>) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(pipe);
+        let mut line = String::new();
+        while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
+            into.lock().expect("lock").push_str(&line);
+            line.clear();
+        }
+    });
+}
+
+/// Runs the wsgate binary to completion (bounded) with `env`; (exit code, stderr).
+pub fn run_to_exit(args: &[&str], env: &[(&str, String)]) -> (Option<i32>, String) {
+    let mut gate = GateProcess::start(args, env, None);
+    let status = gate.wait_exit();
+    // The collector threads finish at EOF, which follows the exit closely.
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(2) && !gate.stderr_text().contains("wsgate:") {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (status.code(), gate.stderr_text())
+}
+
+// ---------------------------------------------------------------- /proc
+
+/// What /proc says about one process.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcStat {
+    /// Resident set size, KiB.
+    pub rss_kib: u64,
+    /// Open descriptors.
+    pub fds: usize,
+    /// User + system CPU time, clock ticks (1/100 s on Linux).
+    pub cpu_ticks: u64,
+}
+
+impl ProcStat {
+    pub fn read(pid: u32) -> ProcStat {
+        ProcStat {
+            rss_kib: rss_kib(&format!("/proc/{pid}/status")),
+            fds: fd_count(&format!("/proc/{pid}/fd")),
+            cpu_ticks: cpu_ticks(pid),
+        }
+    }
+
+    pub fn own() -> ProcStat {
+        ProcStat::read(std::process::id())
+    }
+}
+
+fn rss_kib(path: &str) -> u64 {
+    let status = std::fs::read_to_string(path).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn fd_count(path: &str) -> usize {
+    std::fs::read_dir(path).map(|d| d.count()).unwrap_or(0)
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the line, i.e. the 12th and 13th after ")".
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let get = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    get(11) + get(12)
+}
+
+/// Live tokio tasks on the current runtime.
+pub fn alive_tasks() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
+}
+
+// ---------------------------------------------------------------- this process
+
+/// Open descriptors of this (test) process, which hosts upstream, sidecar
+/// and clients alike: every leak shows up here.
+pub fn open_fds() -> usize {
+    fd_count("/proc/self/fd")
+}
+
+/// Polls until the descriptor count is back to `baseline` (± `slack`), or
+/// fails after [`crate::support::DEADLINE`].
+pub async fn wait_fds(baseline: usize, slack: usize) {
+    let start = Instant::now();
+    loop {
+        let now = open_fds();
+        if now <= baseline + slack {
+            return;
+        }
+        assert!(
+            start.elapsed() < crate::support::DEADLINE,
+            "descriptors: baseline {baseline}, still {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
