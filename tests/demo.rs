@@ -3,10 +3,8 @@
 //! the one over the cap of 2 gets 503, closing one lets the next in, and any
 //! other path is 404. A `curl` of the proxy must never meet a 502 here.
 
-mod reliability;
 mod support;
 
-use reliability::GateProcess;
 use support::*;
 
 /// One `GET` on a fresh connection; (status, headers as written, body).
