@@ -1,10 +1,27 @@
 //! TCP socket options applied to both legs of every connection.
 //!
 //! `TCP_NODELAY`: WebSocket messages are small and latency-bound; Nagle would
-//! hold them back. Keepalive (idle `tcp_keepalive`, probes every 10 s, 3
-//! probes) plus `TCP_USER_TIMEOUT` of the same length: a peer that vanished
-//! without FIN or RST (power loss, a dropped NAT entry) is detected by the
-//! kernel, the read fails, and the tunnel ends and releases its slot.
+//! hold them back.
+//!
+//! Keepalive (first probe after `tcp_keepalive` of silence, then one every
+//! `min(10 s, tcp_keepalive)`) plus `TCP_USER_TIMEOUT` = `tcp_keepalive`: a
+//! peer that vanished without FIN or RST is detected by the kernel, the read
+//! or write fails, and the tunnel ends and releases its slot. What ends the
+//! connection, and when, as measured on Linux on both legs
+//! (`tests/keepalive.rs`, `vanished_peer_detection_times`; the kernel's
+//! timers may fire up to about 2 s late):
+//!
+//! - peer's socket gone, its host up (crashed and rebooted): the first probe
+//!   is answered with RST, after `tcp_keepalive` (30 s default; 2 s at `2s`);
+//! - peer's host silent (power loss, a dropped NAT entry), connection idle:
+//!   the first probe goes unanswered, and when the second is due the user
+//!   timeout has passed and the kernel aborts, after `tcp_keepalive +
+//!   min(10 s, tcp_keepalive)` (41 s measured at the default; 4 s at `2s`).
+//!   The third probe is never sent: on Linux the user timeout, not
+//!   `PROBE_COUNT`, decides;
+//! - peer's host silent while wsgate has bytes to send it: the user timeout
+//!   ends it `tcp_keepalive` after the first unacknowledged byte (30.5 s at
+//!   the default; 2.3 s at `2s`).
 
 use std::time::Duration;
 
@@ -13,9 +30,11 @@ use std::net::SocketAddr;
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Interval between keepalive probes (SPEC §2).
+/// Interval between keepalive probes (SPEC §2), or the idle time if shorter.
 const PROBE_INTERVAL: Duration = Duration::from_secs(10);
-/// Unanswered probes before the kernel gives up (SPEC §2).
+/// Unanswered probes before the kernel gives up (SPEC §2) where there is no
+/// `TCP_USER_TIMEOUT` (not Linux). On Linux the user timeout ends the
+/// connection first, when the second probe is due (see the module docs).
 const PROBE_COUNT: u32 = 3;
 
 /// Listen backlog: a reconnect storm arrives as one burst of SYNs, and a
