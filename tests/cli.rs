@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
@@ -199,13 +198,12 @@ fn start_with(args: &[&str], env: &[(&str, &str)]) -> Running {
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn");
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    // Read on a thread that keeps draining the log, so the child never
+    // blocks on a full pipe.
+    let lines = Lines::new(child.stderr.take().expect("stderr"));
     let (mut proxy, mut admin) = (None, None);
     while proxy.is_none() || admin.is_none() {
-        let line = lines
-            .next()
-            .expect("wsgate exited before listening")
-            .expect("read");
+        let line = lines.next("wsgate listening");
         let addr = || {
             line.split("addr=")
                 .nth(1)
@@ -217,8 +215,6 @@ fn start_with(args: &[&str], env: &[(&str, &str)]) -> Running {
             admin = addr();
         }
     }
-    // Keep draining the log so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
     Running {
         child,
         proxy: proxy.expect("proxy addr"),
@@ -347,10 +343,10 @@ async fn demo_prints_where_to_connect_and_admits_two() {
     .stderr(Stdio::null())
     .spawn()
     .expect("spawn demo");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let lines = Lines::new(child.stdout.take().expect("stdout"));
     let (mut proxy, mut metrics) = (None::<String>, None::<String>);
     while proxy.is_none() || metrics.is_none() {
-        let line = lines.next().expect("demo banner").expect("read");
+        let line = lines.next("the demo banner");
         let t = line.trim_start();
         if let Some(rest) = t.strip_prefix("proxy") {
             proxy = rest

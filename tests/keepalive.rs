@@ -241,7 +241,7 @@ sys.stdin.read()  # stay alive (the listener too) until the test ends
 /// A python3 helper process; killed and reaped on drop.
 struct Py {
     child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
+    lines: Lines,
 }
 
 impl Py {
@@ -254,22 +254,13 @@ impl Py {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("python3 (on every machine of this kind)");
-        let out = child.stdout.take().expect("stdout");
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let lines = Lines::new(child.stdout.take().expect("stdout"));
         Py { child, lines }
     }
 
-    /// The next line it prints, within [`DEADLINE`].
+    /// The next line it prints, within [`CHILD_DEADLINE`].
     fn line(&self) -> String {
-        self.lines
-            .recv_timeout(DEADLINE)
-            .expect("python helper printed nothing")
+        self.lines.next("a line from the python helper")
     }
 }
 

@@ -87,8 +87,11 @@ class DevTools:
         if self.session:
             msg["sessionId"] = self.session
         await self.ws.send(json.dumps(msg))
+        deadline = time.monotonic() + 20
         while True:
-            reply = json.loads(await asyncio.wait_for(self.ws.recv(), 20))
+            left = deadline - time.monotonic()
+            assert left > 0, f"{method}: no reply within 20 s"
+            reply = json.loads(await asyncio.wait_for(self.ws.recv(), left))
             if reply.get("method") == "Log.entryAdded":
                 self.console.append(reply["params"]["entry"]["text"])
             if reply.get("id") == msg_id:

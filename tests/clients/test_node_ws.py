@@ -22,12 +22,16 @@ CLIENT = pathlib.Path(__file__).parent / "node" / "client.mjs"
 NODE = shutil.which("node")
 
 
-async def next_event(lines: asyncio.StreamReader, seen: list[dict]) -> dict:
-    line = await asyncio.wait_for(lines.readline(), 20)
-    assert line, f"the node client exited early; it reported {seen}"
-    event = json.loads(line)
-    seen.append(event)
-    return event
+async def until_event(lines: asyncio.StreamReader, seen: list[dict], name: str) -> None:
+    """Reads the node client's events into `seen` until `name`, within 20 s."""
+    async def read() -> None:
+        while True:
+            line = await lines.readline()
+            assert line, f"the node client exited early; it reported {seen}"
+            seen.append(json.loads(line))
+            if seen[-1].get("event") == name:
+                return
+    await asyncio.wait_for(read(), 20)
 
 
 @pytest.mark.skipif(NODE is None and not os.environ.get("CI"), reason="node not installed")
@@ -42,8 +46,7 @@ def test_node_ws_client_echo_cap_and_drain() -> None:
                 stdout=asyncio.subprocess.PIPE)
             seen: list[dict] = []
             try:
-                while (await next_event(client.stdout, seen)).get("event") != "ready":
-                    pass
+                await until_event(client.stdout, seen, "ready")
                 print(f"\nnode ws reported: {seen}")
                 assert {"name": "c", "event": "refused", "status": 503, "retryAfter": "3"} in seen
                 assert {"name": "a", "event": "text", "data": "hello from node ws",
@@ -53,8 +56,7 @@ def test_node_ws_client_echo_cap_and_drain() -> None:
                 assert gate.metric("wsgate_connections_active") == 2
 
                 gate.proc.send_signal(signal.SIGTERM)
-                while (await next_event(client.stdout, seen)).get("event") != "done":
-                    pass
+                await until_event(client.stdout, seen, "done")
                 print(f"after SIGTERM: {seen[-3:]}")
                 for name in ("a", "b"):
                     closes = [e for e in seen if e.get("name") == name and e["event"] == "close"]

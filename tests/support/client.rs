@@ -168,17 +168,21 @@ pub async fn raw_tunnel(addr: SocketAddr) -> TcpStream {
     s
 }
 
-/// Reads until EOF or error, within [`crate::support::DEADLINE`] per read;
-/// returns the number of bytes read.
+/// Reads until EOF or error, all within [`crate::support::DEADLINE`] (a
+/// peer that keeps sending cannot hold it forever); returns the number of
+/// bytes read.
 pub async fn read_to_eof(s: &mut TcpStream) -> usize {
     let mut total = 0;
     let mut buf = [0u8; 4096];
-    loop {
-        match within("read to EOF", s.read(&mut buf)).await {
-            Ok(0) | Err(_) => return total,
-            Ok(n) => total += n,
+    within("read to EOF", async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n,
+            }
         }
-    }
+    })
+    .await
 }
 
 /// Reads whatever comes until EOF, reset or `limit`; true if the peer closed.

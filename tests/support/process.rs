@@ -194,6 +194,31 @@ fn collect(pipe: impl std::io::Read + Send + 'static, into: Arc<Mutex<String>>) 
     });
 }
 
+/// The lines of a child's pipe, read on a thread of their own so that a
+/// wait for the next one has a deadline. The thread reads to EOF even when
+/// nobody takes the lines any more, so the child never blocks on a full pipe.
+pub struct Lines(std::sync::mpsc::Receiver<String>);
+
+impl Lines {
+    pub fn new(pipe: impl std::io::Read + Send + 'static) -> Lines {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Lines(rx)
+    }
+
+    /// The next line; fails, naming `what` was awaited, when none comes
+    /// within [`CHILD_DEADLINE`] or the pipe closed first.
+    pub fn next(&self, what: &str) -> String {
+        self.0
+            .recv_timeout(CHILD_DEADLINE)
+            .unwrap_or_else(|e| panic!("no line ({e}) while waiting for {what}"))
+    }
+}
+
 /// Runs the wsgate binary to completion (bounded) with `env`; (exit code, stderr).
 pub fn run_to_exit(args: &[&str], env: &[(&str, String)]) -> (Option<i32>, String) {
     let mut gate = GateProcess::start(args, env, None);
