@@ -73,17 +73,8 @@ enum Way {
     UpstreamTimeout,
 }
 
-/// The ways of the CI churn test.
-const WAYS: [Way; 6] = [
-    Way::CloseFrame,
-    Way::Fin,
-    Way::Rst,
-    Way::UpstreamClose,
-    Way::OverCap,
-    Way::UpstreamDown,
-];
-
-/// The ways of the soak: those of the churn test and the two timeouts.
+/// The ways of the soak: those of the churn test ([`WAYS`]) and the two
+/// timeouts.
 const SOAK_WAYS: [Way; 8] = [
     Way::CloseFrame,
     Way::Fin,
@@ -94,6 +85,9 @@ const SOAK_WAYS: [Way; 8] = [
     Way::IdleTimeout,
     Way::UpstreamTimeout,
 ];
+
+/// The ways of the CI churn test: the soak's but the timeouts.
+const WAYS: &[Way] = SOAK_WAYS.split_at(6).0;
 
 /// `idle_timeout` of the idle gate and `upstream_connect_timeout` of the
 /// slow gate: short, so that the timeout ways cost the soak little time.
@@ -149,6 +143,21 @@ impl Bench {
             _held: held,
             _upstreams: (echo_up, closing_up, full_up, down_up, silent_up),
         }
+    }
+
+    /// Starts the gates, ends one connection each of `ways`, so that lazily
+    /// created state (pools, timers, worker threads) is in the baseline,
+    /// and waits for rest; returns the bench and the figures then.
+    async fn warmed(ways: &[Way]) -> (Arc<Bench>, Figures) {
+        let bench = Arc::new(Bench::start().await);
+        for (i, way) in ways.iter().enumerate() {
+            within("one of each way", bench.one(*way, i))
+                .await
+                .expect("one of each way");
+        }
+        bench.settle().await;
+        let at_rest = back_to(figures()).await;
+        (bench, at_rest)
     }
 
     fn gates(&self) -> [&Sidecar; 6] {
@@ -344,32 +353,42 @@ async fn churn(
 }
 
 async fn report_metrics(bench: &Bench) {
-    let echo = &bench.echo;
-    let admitted = metric(echo.admin, "wsgate_connections_admitted_total").await;
-    let lifetimes = metric(echo.admin, "wsgate_connection_duration_seconds_count").await;
-    let rejected = metric(
-        bench.full.admin,
-        "wsgate_connections_rejected_total{reason=\"capacity\"}",
-    )
-    .await;
-    let down = metric(
-        bench.down.admin,
-        "wsgate_upstream_errors_total{kind=\"connect\"}",
-    )
-    .await;
-    let idle = metric(
-        bench.idle.admin,
-        "wsgate_close_frames_sent_total{reason=\"idle\"}",
-    )
-    .await;
-    let slow = metric(
-        bench.slow.admin,
-        "wsgate_upstream_errors_total{kind=\"timeout\"}",
-    )
-    .await;
-    println!(
-        "metrics: echo gate admitted {admitted}, lifetimes recorded {lifetimes}; full gate 503s {rejected}; down gate 502s {down}; idle gate idle Close frames {idle}; slow gate 504s {slow}"
-    );
+    let mut line = "metrics:".to_owned();
+    for (gate, what, series) in [
+        (
+            &bench.echo,
+            "echo gate admitted",
+            "wsgate_connections_admitted_total",
+        ),
+        (
+            &bench.echo,
+            "lifetimes recorded",
+            "wsgate_connection_duration_seconds_count",
+        ),
+        (
+            &bench.full,
+            "full gate 503s",
+            "wsgate_connections_rejected_total{reason=\"capacity\"}",
+        ),
+        (
+            &bench.down,
+            "down gate 502s",
+            "wsgate_upstream_errors_total{kind=\"connect\"}",
+        ),
+        (
+            &bench.idle,
+            "idle gate idle Close frames",
+            "wsgate_close_frames_sent_total{reason=\"idle\"}",
+        ),
+        (
+            &bench.slow,
+            "slow gate 504s",
+            "wsgate_upstream_errors_total{kind=\"timeout\"}",
+        ),
+    ] {
+        line.push_str(&format!(" {what} {};", metric(gate.admin, series).await));
+    }
+    println!("{}", line.trim_end_matches(';'));
 }
 
 /// Every admitted connection ended (its lifetime recorded), is still held,
@@ -400,25 +419,16 @@ async fn assert_accounted(bench: &Bench) {
 async fn six_thousand_connections_ended_every_way_leave_nothing_behind() {
     const TOTAL: usize = 6_000;
     const CONCURRENCY: usize = 50;
-    let bench = Arc::new(Bench::start().await);
-    // Warm-up: one of each way, so lazily created state (pools, timers,
-    // worker threads) is in the baseline.
-    for (i, way) in WAYS.iter().enumerate() {
-        within("warm-up", bench.one(*way, i))
-            .await
-            .expect("warm-up");
-    }
-    bench.settle().await;
-    let base = back_to(figures()).await;
+    let (bench, base) = Bench::warmed(WAYS).await;
     let start = Instant::now();
 
     let counts = churn(
         &bench,
-        &WAYS,
+        WAYS,
         CONCURRENCY,
         |n| n >= TOTAL,
         Duration::ZERO,
-        ended(&WAYS),
+        ended(WAYS),
     )
     .await;
     let took = start.elapsed();
@@ -546,14 +556,7 @@ async fn soak_churn_and_traffic() {
         "net.ipv4.tcp_tw_reuse is {:?}: TIME_WAIT would exhaust the ephemeral ports (see the module docs)",
         tw_reuse.trim()
     );
-    let bench = Arc::new(Bench::start().await);
-    for (i, way) in SOAK_WAYS.iter().enumerate() {
-        within("one of each way", bench.one(*way, i))
-            .await
-            .expect("one of each way");
-    }
-    bench.settle().await;
-    let cold = back_to(figures()).await;
+    let (bench, cold) = Bench::warmed(&SOAK_WAYS).await;
     let warm_up_counts = churn(
         &bench,
         &SOAK_WAYS,

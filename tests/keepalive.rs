@@ -36,6 +36,15 @@ fn secs(s: f64) -> ConfigDuration {
     ConfigDuration(Duration::from_secs_f64(s))
 }
 
+/// The test configuration in front of `up` with `tcp_keepalive` = `idle`
+/// seconds (0: off).
+fn keepalive_config(up: std::net::SocketAddr, idle: f64) -> RawConfig {
+    RawConfig {
+        tcp_keepalive: secs(idle),
+        ..test_config(up)
+    }
+}
+
 // ---------------------------------------------------------------- options in force
 
 /// One row of /proc/net/tcp: (local, remote, state, timer kind, timer ticks).
@@ -91,11 +100,7 @@ fn keepalive_timer(local: std::net::SocketAddr, remote: std::net::SocketAddr) ->
 #[tokio::test]
 async fn keepalive_and_user_timeout_are_set_on_both_legs() {
     let up = spawn_echo_upstream().await;
-    let gate = spawn_sidecar(RawConfig {
-        tcp_keepalive: secs(20.0),
-        ..test_config(up.addr)
-    })
-    .await;
+    let gate = spawn_sidecar(keepalive_config(up.addr, 20.0)).await;
     let client = within("upgrade", raw_tunnel(gate.addr)).await;
     wait_metric(gate.admin, ACTIVE, 1.0).await;
     let client_local = client.local_addr().expect("addr");
@@ -128,11 +133,7 @@ async fn keepalive_and_user_timeout_are_set_on_both_legs() {
     println!("keepalive timers: client leg {client_leg}s, upstream leg {upstream_leg}s (tcp_keepalive 20s)");
 
     // tcp_keepalive = 0s turns it off on both legs.
-    let off = spawn_sidecar(RawConfig {
-        tcp_keepalive: secs(0.0),
-        ..test_config(up.addr)
-    })
-    .await;
+    let off = spawn_sidecar(keepalive_config(up.addr, 0.0)).await;
     let c2 = within("upgrade", raw_tunnel(off.addr)).await;
     wait_metric(off.admin, ACTIVE, 1.0).await;
     assert_eq!(
@@ -149,11 +150,7 @@ async fn keepalive_and_user_timeout_are_set_on_both_legs() {
 #[tokio::test]
 async fn connections_queued_before_start_get_keepalive_too() {
     let up = spawn_echo_upstream().await;
-    let (config, proxy, admin) = bind_sidecar(RawConfig {
-        tcp_keepalive: secs(20.0),
-        ..test_config(up.addr)
-    })
-    .await;
+    let (config, proxy, admin) = bind_sidecar(keepalive_config(up.addr, 20.0)).await;
     let addr = proxy.local_addr().expect("addr");
     let mut queued = Vec::new();
     for _ in 0..3 {
@@ -185,56 +182,57 @@ async fn connections_queued_before_start_get_keepalive_too() {
 
 // ---------------------------------------------------------------- a peer that vanishes
 
-/// A client that completes the upgrade, then vanishes without FIN or RST:
-/// its socket is put in `TCP_REPAIR` mode and closed, which the kernel does
-/// silently (that needs `CAP_NET_ADMIN`; the tests run as root). From then
-/// on nothing comes from that port unless something is sent to it.
+/// What both vanishing peers share: reading a head, and vanishing without
+/// FIN or RST: the socket is put in `TCP_REPAIR` mode and closed, which the
+/// kernel does silently (that needs `CAP_NET_ADMIN`; the tests run as
+/// root). From then on nothing comes from that port unless something is
+/// sent to it, and that is answered with RST.
+const VANISH_PY: &str = r#"
+import base64, hashlib, socket, sys
+
+def read_head(s):
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        b = s.recv(1)
+        if not b:
+            break
+        head += b
+    return head
+
+def vanish(s):
+    try:
+        s.setsockopt(socket.IPPROTO_TCP, 19, 1)  # TCP_REPAIR
+    except OSError as e:
+        print("no TCP_REPAIR: %s" % e, flush=True)
+        sys.exit(3)
+    s.close()
+    print("vanished", flush=True)
+"#;
+
+/// A client that completes the upgrade, then vanishes (see [`VANISH_PY`]).
 const VANISHING_CLIENT: &str = r#"
-import socket, sys
 host, port = sys.argv[1], int(sys.argv[2])
 s = socket.create_connection((host, port))
 s.sendall(("GET / HTTP/1.1\r\nHost: %s:%d\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n" % (host, port)).encode())
-head = b""
-while not head.endswith(b"\r\n\r\n"):
-    b = s.recv(1)
-    if not b:
-        break
-    head += b
-print(head.split(b"\r\n")[0].decode(), flush=True)
-try:
-    s.setsockopt(socket.IPPROTO_TCP, 19, 1)  # TCP_REPAIR
-except OSError as e:
-    print("no TCP_REPAIR: %s" % e, flush=True)
-    sys.exit(3)
-s.close()
-print("vanished", flush=True)
+print(read_head(s).split(b"\r\n")[0].decode(), flush=True)
+vanish(s)
 "#;
 
 /// The same, as an upstream: answers the upgrade, then vanishes.
 const VANISHING_UPSTREAM: &str = r#"
-import base64, hashlib, socket, sys
 l = socket.socket()
 l.bind(("127.0.0.1", 0))
 l.listen(1)
 print("listening %d" % l.getsockname()[1], flush=True)
 s, _ = l.accept()
-head = b""
-while not head.endswith(b"\r\n\r\n"):
-    b = s.recv(1)
-    if not b:
-        sys.exit(1)
-    head += b
+head = read_head(s)
+if not head.endswith(b"\r\n\r\n"):
+    sys.exit(1)
 key = [line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(b"sec-websocket-key:")][0]
 accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
 s.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
-try:
-    s.setsockopt(socket.IPPROTO_TCP, 19, 1)  # TCP_REPAIR
-except OSError as e:
-    print("no TCP_REPAIR: %s" % e, flush=True)
-    sys.exit(3)
-s.close()
-print("vanished", flush=True)
+vanish(s)
 sys.stdin.read()  # stay alive (the listener too) until the test ends
 "#;
 
@@ -245,10 +243,11 @@ struct Py {
 }
 
 impl Py {
+    /// Runs `script` after [`VANISH_PY`].
     fn start(script: &str, args: &[String]) -> Py {
         let mut child = std::process::Command::new("python3")
             .arg("-c")
-            .arg(script)
+            .arg(format!("{VANISH_PY}{script}"))
             .args(args)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -292,16 +291,8 @@ mod needs_cap_net_admin {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn vanished_client_is_released_by_keepalive_and_held_without_it() {
         let up = spawn_echo_upstream().await;
-        let with = spawn_sidecar(RawConfig {
-            tcp_keepalive: secs(2.0),
-            ..test_config(up.addr)
-        })
-        .await;
-        let without = spawn_sidecar(RawConfig {
-            tcp_keepalive: secs(0.0),
-            ..test_config(up.addr)
-        })
-        .await;
+        let with = spawn_sidecar(keepalive_config(up.addr, 2.0)).await;
+        let without = spawn_sidecar(keepalive_config(up.addr, 0.0)).await;
         let vanish = |gate: &Sidecar| {
             let py = Py::start(
                 VANISHING_CLIENT,
@@ -341,10 +332,10 @@ mod needs_cap_net_admin {
             .strip_prefix("listening ")
             .and_then(|p| p.parse().ok())
             .expect("the helper's port");
-        let gate = spawn_sidecar(RawConfig {
-            tcp_keepalive: secs(2.0),
-            ..test_config(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
-        })
+        let gate = spawn_sidecar(keepalive_config(
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            2.0,
+        ))
         .await;
         let mut client = within("upgrade", raw_tunnel(gate.addr)).await;
         let done = tokio::task::block_in_place(|| py.line());
@@ -483,12 +474,7 @@ async fn spawn_ticking_upstream() -> RawUpstream {
 /// at three times the expected time), and if it was still held, what `ss`
 /// says about the gate's sockets.
 async fn detection(idle: f64, leg: Leg, vanish: Vanish) -> (Option<Duration>, String) {
-    let gate_for = |up: std::net::SocketAddr| {
-        spawn_sidecar(RawConfig {
-            tcp_keepalive: secs(idle),
-            ..test_config(up)
-        })
-    };
+    let gate_for = |up: std::net::SocketAddr| spawn_sidecar(keepalive_config(up, idle));
     let limit = Duration::from_secs_f64(expected(idle, vanish).0 * 3.0 + 10.0);
     match (leg, vanish) {
         (Leg::Client, Vanish::SocketGone) => {
