@@ -7,21 +7,23 @@
 //! `min(10 s, tcp_keepalive)`) plus `TCP_USER_TIMEOUT` = `tcp_keepalive`: a
 //! peer that vanished without FIN or RST is detected by the kernel, the read
 //! or write fails, and the tunnel ends and releases its slot. What ends the
-//! connection, and when, as measured on Linux on both legs
-//! (`tests/keepalive.rs`, `vanished_peer_detection_times`; the kernel's
-//! timers may fire up to about 2 s late):
+//! connection, and when, as measured on Linux 6.18 on both legs
+//! (`tests/keepalive.rs`, `vanished_peer_detection_times`, four runs; the
+//! kernel's timers may fire up to about 2 s late):
 //!
 //! - peer's socket gone, its host up (crashed and rebooted): the first probe
-//!   is answered with RST, after `tcp_keepalive` (30 s default; 2 s at `2s`);
+//!   is answered with RST, after `tcp_keepalive` (30.1–31.9 s at the
+//!   default; 2.0–2.1 s at `2s`);
 //! - peer's host silent (power loss, a dropped NAT entry), connection idle:
 //!   the first probe goes unanswered, and when the second is due the user
 //!   timeout has passed and the kernel aborts, after `tcp_keepalive +
-//!   min(10 s, tcp_keepalive)` (41 s measured at the default; 4 s at `2s`).
+//!   min(10 s, tcp_keepalive)` (40.3–42.1 s at the default; 4.0–4.1 s at
+//!   `2s`).
 //!   The third probe is never sent: on Linux the user timeout, not
 //!   `PROBE_COUNT`, decides;
 //! - peer's host silent while wsgate has bytes to send it: the user timeout
-//!   ends it `tcp_keepalive` after the first unacknowledged byte (30.5 s at
-//!   the default; 2.3 s at `2s`).
+//!   ends it `tcp_keepalive` after the first unacknowledged byte (30.4–30.6 s
+//!   at the default; 2.2–2.5 s at `2s`).
 
 use std::time::Duration;
 
