@@ -36,7 +36,7 @@ impl<'de> Deserialize<'de> for ConfigDuration {
     }
 }
 
-impl<'de, F: Fn(&ConfigDuration) -> bool> Visitor<'de> for WrittenVisitor<ConfigDuration, F> {
+impl<'de> Visitor<'de> for WrittenVisitor<ConfigDuration> {
     type Value = ConfigDuration;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.expected)
@@ -65,13 +65,6 @@ impl<'de, F: Fn(&ConfigDuration) -> bool> Visitor<'de> for WrittenVisitor<Config
 }
 
 impl Written for ConfigDuration {
-    fn deserialize_as<'de, D: Deserializer<'de>>(
-        d: D,
-        expected: &'static str,
-        accept: impl Fn(&Self) -> bool,
-    ) -> Result<Self, D::Error> {
-        d.deserialize_any(WrittenVisitor::new(expected, accept))
-    }
     fn shown(&self) -> String {
         humantime::format_duration(self.0).to_string()
     }

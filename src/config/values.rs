@@ -37,15 +37,27 @@ pub(crate) trait ValueKind: Sized {
     /// For `#[serde(deserialize_with)]`: reads a field of this kind,
     /// refusing (with [`Self::EXPECTED`]) a value of the wrong type or one
     /// that [`Self::check`] refuses.
-    fn checked<'de, D: Deserializer<'de>>(d: D) -> Result<Self::Raw, D::Error> {
-        Self::Raw::deserialize_as(d, Self::EXPECTED, |raw| Self::check(raw).is_some())
+    fn checked<'de, D: Deserializer<'de>>(d: D) -> Result<Self::Raw, D::Error>
+    where
+        WrittenVisitor<Self::Raw>: Visitor<'de, Value = Self::Raw>,
+    {
+        d.deserialize_any(WrittenVisitor {
+            expected: Self::EXPECTED,
+            accept: |raw| Self::check(raw).is_some(),
+        })
     }
 
     /// [`Self::checked`] for an optional field (unset = `None`).
-    fn checked_optional<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Self::Raw>, D::Error> {
+    fn checked_optional<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Self::Raw>, D::Error>
+    where
+        WrittenVisitor<Self::Raw>: Visitor<'de, Value = Self::Raw>,
+    {
         /// Unset stays `None`; anything else is read as the kind.
         struct OptionVisitor<K>(PhantomData<K>);
-        impl<'de, K: ValueKind> Visitor<'de> for OptionVisitor<K> {
+        impl<'de, K: ValueKind> Visitor<'de> for OptionVisitor<K>
+        where
+            WrittenVisitor<K::Raw>: Visitor<'de, Value = K::Raw>,
+        {
             type Value = Option<K::Raw>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(K::EXPECTED)
@@ -72,43 +84,25 @@ pub(crate) trait ValueKind: Sized {
     }
 }
 
-/// A type a value is held as in [`RawConfig`](super::RawConfig), read with
-/// the expected text of the key's kind instead of serde's ("i64", "a
-/// boolean").
+/// A type a value is held as in [`RawConfig`](super::RawConfig). It is
+/// read by [`WrittenVisitor`], with the expected text of the key's kind
+/// instead of serde's ("i64", "a boolean").
 pub(crate) trait Written: Sized {
-    /// Reads a value of this type; the wrong type, or a value `accept`
-    /// refuses, is an error whose "expected" is `expected`.
-    fn deserialize_as<'de, D: Deserializer<'de>>(
-        d: D,
-        expected: &'static str,
-        accept: impl Fn(&Self) -> bool,
-    ) -> Result<Self, D::Error>;
-
     /// The value as an error message shows it.
     fn shown(&self) -> String;
 }
 
 /// Reads one value of type `T` as written; serde's default `visit_*`
-/// methods refuse every other type with [`Self::expected`].
-pub(crate) struct WrittenVisitor<T, F> {
+/// methods refuse every other type with [`Self::expected`]. One `Visitor`
+/// impl per [`Written`] type says which forms of it are accepted.
+pub(crate) struct WrittenVisitor<T> {
     /// What the key accepts.
     pub(crate) expected: &'static str,
     /// The kind's check.
-    pub(crate) accept: F,
-    /// The type being read.
-    pub(crate) read: PhantomData<T>,
+    pub(crate) accept: fn(&T) -> bool,
 }
 
-impl<T, F: Fn(&T) -> bool> WrittenVisitor<T, F> {
-    /// A visitor for one value.
-    pub(crate) fn new(expected: &'static str, accept: F) -> Self {
-        WrittenVisitor {
-            expected,
-            accept,
-            read: PhantomData,
-        }
-    }
-
+impl<T> WrittenVisitor<T> {
     /// `value` if it was read and is accepted; otherwise an error showing
     /// the value as it was written.
     pub(crate) fn keep<E: de::Error>(
@@ -122,7 +116,7 @@ impl<T, F: Fn(&T) -> bool> WrittenVisitor<T, F> {
     }
 }
 
-impl<'de, F: Fn(&i64) -> bool> Visitor<'de> for WrittenVisitor<i64, F> {
+impl<'de> Visitor<'de> for WrittenVisitor<i64> {
     type Value = i64;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.expected)
@@ -136,19 +130,12 @@ impl<'de, F: Fn(&i64) -> bool> Visitor<'de> for WrittenVisitor<i64, F> {
 }
 
 impl Written for i64 {
-    fn deserialize_as<'de, D: Deserializer<'de>>(
-        d: D,
-        expected: &'static str,
-        accept: impl Fn(&Self) -> bool,
-    ) -> Result<Self, D::Error> {
-        d.deserialize_any(WrittenVisitor::new(expected, accept))
-    }
     fn shown(&self) -> String {
         self.to_string()
     }
 }
 
-impl<'de, F: Fn(&f64) -> bool> Visitor<'de> for WrittenVisitor<f64, F> {
+impl<'de> Visitor<'de> for WrittenVisitor<f64> {
     type Value = f64;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.expected)
@@ -167,19 +154,12 @@ impl<'de, F: Fn(&f64) -> bool> Visitor<'de> for WrittenVisitor<f64, F> {
 }
 
 impl Written for f64 {
-    fn deserialize_as<'de, D: Deserializer<'de>>(
-        d: D,
-        expected: &'static str,
-        accept: impl Fn(&Self) -> bool,
-    ) -> Result<Self, D::Error> {
-        d.deserialize_any(WrittenVisitor::new(expected, accept))
-    }
     fn shown(&self) -> String {
         self.to_string()
     }
 }
 
-impl<'de, F: Fn(&bool) -> bool> Visitor<'de> for WrittenVisitor<bool, F> {
+impl<'de> Visitor<'de> for WrittenVisitor<bool> {
     type Value = bool;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.expected)
@@ -190,19 +170,12 @@ impl<'de, F: Fn(&bool) -> bool> Visitor<'de> for WrittenVisitor<bool, F> {
 }
 
 impl Written for bool {
-    fn deserialize_as<'de, D: Deserializer<'de>>(
-        d: D,
-        expected: &'static str,
-        accept: impl Fn(&Self) -> bool,
-    ) -> Result<Self, D::Error> {
-        d.deserialize_any(WrittenVisitor::new(expected, accept))
-    }
     fn shown(&self) -> String {
         self.to_string()
     }
 }
 
-impl<'de, F: Fn(&String) -> bool> Visitor<'de> for WrittenVisitor<String, F> {
+impl<'de> Visitor<'de> for WrittenVisitor<String> {
     type Value = String;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.expected)
@@ -213,13 +186,6 @@ impl<'de, F: Fn(&String) -> bool> Visitor<'de> for WrittenVisitor<String, F> {
 }
 
 impl Written for String {
-    fn deserialize_as<'de, D: Deserializer<'de>>(
-        d: D,
-        expected: &'static str,
-        accept: impl Fn(&Self) -> bool,
-    ) -> Result<Self, D::Error> {
-        d.deserialize_any(WrittenVisitor::new(expected, accept))
-    }
     fn shown(&self) -> String {
         format!("{self:?}")
     }
