@@ -50,8 +50,8 @@ pub(crate) enum ProxyError {
     /// the client's fault, not the upstream's.
     #[error("the client's request body failed: {}", Causes(.0.as_ref()))]
     ClientBody(#[source] Cause),
-    /// A plain request the upstream did not answer.
-    #[error("the upstream did not answer a plain request: {}", Causes(.0.as_ref()))]
+    /// A plain request the upstream could not be reached for, or did not answer.
+    #[error("the plain request to the upstream failed: {}", Causes(.0.as_ref()))]
     UpstreamRequest(#[source] Cause),
     /// A plain request whose upstream connection timed out.
     #[error("connecting to the upstream for a plain request timed out: {}", Causes(.0.as_ref()))]
