@@ -22,6 +22,21 @@ from websockets.http11 import Response
 WSGATE_BIN = os.environ.get("WSGATE_BIN", "target/debug/wsgate")
 
 
+def read_until(proc: subprocess.Popen, stream, pattern: str, seen: list[str]) -> str:
+    """Reads `stream` of `proc` line by line (each kept in `seen`) until `pattern` matches, within
+    10 s; returns the pattern's first group. The process exiting first is an error, with what it said."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            raise RuntimeError(f"wsgate exited: {proc.wait()}; it printed: {seen}")
+        seen.append(line)
+        m = re.search(pattern, line)
+        if m:
+            return m.group(1)
+    raise RuntimeError(f"wsgate never printed {pattern!r}: {seen}")
+
+
 class Upstream:
     """A `websockets` echo server that records what it received and how it was closed.
 
@@ -86,16 +101,7 @@ class Wsgate:
         threading.Thread(target=self._drain_log, daemon=True).start()
 
     def _wait_for(self, what: str) -> str:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                raise RuntimeError(f"wsgate exited: {self.proc.wait()}")
-            self.log.append(line)
-            m = re.search(rf"{what} listening addr=(\S+)", line)
-            if m:
-                return m.group(1)
-        raise RuntimeError(f"wsgate never logged '{what} listening'")
+        return read_until(self.proc, self.proc.stderr, rf"{what} listening addr=(\S+)", self.log)
 
     def _drain_log(self) -> None:
         for line in self.proc.stderr:

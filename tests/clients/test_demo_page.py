@@ -19,7 +19,7 @@ import threading
 import time
 
 import pytest
-from harness import WSGATE_BIN, eventually
+from harness import WSGATE_BIN, eventually, read_until
 from test_browser import CHROMIUM, Chromium, DevTools
 from websockets.asyncio.client import connect
 
@@ -46,16 +46,7 @@ class Demo:
             self.log.append(line)
 
     def _banner_addr(self, pattern: str) -> str:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"wsgate demo exited: {self.proc.wait()}; log: {self.log}")
-            self.banner.append(line)
-            m = re.search(pattern, line)
-            if m:
-                return m.group(1)
-        raise RuntimeError(f"wsgate demo never printed {pattern!r}: {self.banner}")
+        return read_until(self.proc, self.proc.stdout, pattern, self.banner)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
