@@ -1,11 +1,13 @@
 //! Shared test support, one module for every test binary: real upstreams on
 //! port 0 ([`upstream`]), the sidecar started through its real entry point
 //! (here), clients down to raw bytes ([`client`]), metric matchers that poll
-//! with a deadline instead of sleeping ([`metrics`]), and the wsgate binary
-//! as a child process with /proc readings ([`process`]).
+//! with a deadline instead of sleeping ([`metrics`]), the wsgate binary
+//! as a child process with /proc readings ([`process`]), and JWTs signed
+//! with the test keys in `tests/fixtures/jwt` ([`jwt`]).
 //!
 //! Everything is re-exported here, so a test file says `mod support;` and
-//! `use support::*;`.
+//! `use support::*;`; except [`jwt`], whose names (`token`) are too generic
+//! for a glob: it is `support::jwt::token(..)`.
 #![allow(
     dead_code,
     unreachable_pub,
@@ -15,6 +17,7 @@
 )]
 
 pub mod client;
+pub mod jwt;
 pub mod metrics;
 pub mod process;
 pub mod upstream;

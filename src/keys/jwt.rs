@@ -1,0 +1,1234 @@
+//! The JWT verifier behind every `jwt_claim:` key rule (SPEC §9): a token
+//! in, its verified claims out, with the keys read from a JWKS file that is
+//! re-read when it changes.
+//!
+//! Why it is shaped this way:
+//! - **Each key verifies one algorithm, fixed by the key.** RS256 for `RSA`,
+//!   ES256 for `EC` P-256, EdDSA for `OKP` Ed25519, HS256 for `oct`; a JWK
+//!   whose own `alg` says otherwise is refused when the file is read. The
+//!   token's `alg` only picks among the keys, it never decides how a key is
+//!   used: that is what refuses `alg: none` and the algorithm confusion where
+//!   an HS256 token is "signed" with an RSA public key as the HMAC secret.
+//! - **Keys are picked by `kid`** when the token names one (an unknown `kid`
+//!   is refused, not tried against every key); without a `kid`, every key of
+//!   the token's algorithm is tried.
+//! - **Claims come out only after the signature and the time, issuer and
+//!   audience checks passed**: an unverified claim is never used as a key.
+//! - **Keys are swapped whole.** A reload builds a new key set and swaps an
+//!   `Arc`; `verify` takes a read lock only long enough to clone that `Arc`,
+//!   so verifications never wait for one another or for a reload, and a
+//!   verification never sees half a key set. A file that does not parse
+//!   keeps the old keys (a half-rotated Secret must not lock everyone out).
+//! - **The file is polled, not watched** (as the configuration file is, see
+//!   `reload`): a Kubernetes Secret is updated by swapping a symlink.
+//!
+//! The checking itself (signatures, `exp`/`nbf`/`iss`/`aud`, the `crit`
+//! header) is jsonwebtoken's; this module chooses the keys and the rules.
+
+use std::fmt;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::reload::{settled_change, FileVersion, CONFIG_POLL_INTERVAL};
+
+/// Clock skew allowed on `exp` and `nbf`, in seconds. Pods keep NTP time,
+/// but an identity provider's clock may not agree to the second, and a token
+/// minted "now" there must not be refused here as not yet valid. 30 s covers
+/// that skew while keeping an expired token usable for at most half a minute
+/// longer (jsonwebtoken's default, 60 s, is twice that for no gain: a token
+/// is checked once, at the upgrade).
+const LEEWAY_SECS: u64 = 30;
+
+/// Longer tokens are refused before any decoding: real ones are well under
+/// a kilobyte, and 8 KiB is the header line most proxies accept anyway. It
+/// bounds the base64 and JSON work an unauthenticated client can ask for.
+const MAX_TOKEN_LEN: usize = 8 * 1024;
+
+/// An HS256 secret shorter than the hash (32 bytes) is refused, as RFC 7518
+/// §3.2 requires: a short secret can be brute-forced from one token.
+const MIN_HMAC_SECRET_LEN: usize = 32;
+
+/// RSA modulus sizes accepted: below 2048 bits is too weak to trust; 8192
+/// is the most the RSA implementation verifies (it would refuse every token
+/// of a larger key, which is better said once when the file is read).
+const RSA_MODULUS_BITS: RangeInclusive<u64> = 2048..=8192;
+
+/// The largest RSA public exponent the RSA implementation accepts (larger
+/// ones make verification a denial-of-service vector).
+const RSA_MAX_EXPONENT: u64 = (1 << 33) - 1;
+
+/// Expectations besides the signature.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Expect {
+    /// `jwt_issuer`: when set, a token's `iss` must be present and equal.
+    pub(crate) issuer: Option<String>,
+    /// `jwt_audience`: when set, a token's `aud` must be present and be (or
+    /// contain) it. When unset, `aud` is not looked at.
+    pub(crate) audience: Option<String>,
+}
+
+/// Why a token was refused. Messages are short and never include the token
+/// (they are logged).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum JwtError {
+    /// Not three base64url parts of JSON, too long, or a claim of the wrong
+    /// type (`exp` as a string).
+    #[error("malformed token")]
+    Malformed,
+    /// `exp` is past, beyond the leeway.
+    #[error("token expired")]
+    Expired,
+    /// `nbf` is ahead, beyond the leeway.
+    #[error("token not yet valid")]
+    NotYetValid,
+    /// `iss` is missing or not `jwt_issuer`.
+    #[error("wrong issuer")]
+    Issuer,
+    /// `aud` is missing or does not hold `jwt_audience`.
+    #[error("wrong audience")]
+    Audience,
+    /// No key of the token's `kid` and algorithm verifies its signature.
+    #[error("bad signature")]
+    Signature,
+    /// The token names a `kid` the key set does not have.
+    #[error("unknown key id")]
+    UnknownKid,
+    /// `alg` is `none`, not one of RS256, ES256, EdDSA and HS256, or not
+    /// the algorithm of the key the token names.
+    #[error("algorithm refused")]
+    AlgorithmRefused,
+}
+
+/// Why a JWKS document cannot be used. One line each, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum JwksError {
+    /// The file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Unreadable {
+        /// The `jwt_jwks_file`.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The bytes are not JSON.
+    #[error("not JSON: {0}")]
+    NotJson(serde_json::Error),
+    /// JSON, but not an object with a `keys` array.
+    #[error("not a JWKS document (an object with a \"keys\" array): {0}")]
+    NotJwks(serde_json::Error),
+    /// No signing key is left once keys for encryption are set aside.
+    #[error("no usable key: a signing key (RSA, EC P-256, OKP Ed25519 or oct) is needed")]
+    NoUsableKey,
+    /// One key is unusable; `index` is its place in `keys`, from 0.
+    #[error("keys[{index}]{}: {reason}", kid_note(kid))]
+    BadKey {
+        /// Its place in the `keys` array, from 0.
+        index: usize,
+        /// Its `kid`, when it has a string one.
+        kid: Option<String>,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// ` (kid "…")` after a key's place, when it has one.
+fn kid_note(kid: &Option<String>) -> String {
+    kid.as_deref()
+        .map(|kid| format!(" (kid {kid:?})"))
+        .unwrap_or_default()
+}
+
+/// The verified claims of a token.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Claims(Map<String, Value>);
+
+impl Claims {
+    /// The key value of claim `name`: a string as is, an integer or a bool
+    /// written out; `None` for a claim that is absent, null, an object, an
+    /// array or a fractional number (`1.0` and `1` are one number written two
+    /// ways: as a key it would be ambiguous).
+    pub(crate) fn key(&self, name: &str) -> Option<String> {
+        match self.0.get(name)? {
+            Value::String(s) => Some(s.clone()),
+            Value::Bool(b) => Some(b.to_string()),
+            Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
+            _ => None,
+        }
+    }
+}
+
+/// The algorithms wsgate verifies: one per key type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Alg {
+    Rs256,
+    Es256,
+    EdDsa,
+    Hs256,
+}
+
+impl Alg {
+    const ALL: [Alg; 4] = [Alg::Rs256, Alg::Es256, Alg::EdDsa, Alg::Hs256];
+
+    /// `None` for every algorithm jsonwebtoken knows but wsgate refuses.
+    fn of(algorithm: Algorithm) -> Option<Alg> {
+        match algorithm {
+            Algorithm::RS256 => Some(Alg::Rs256),
+            Algorithm::ES256 => Some(Alg::Es256),
+            Algorithm::EdDSA => Some(Alg::EdDsa),
+            Algorithm::HS256 => Some(Alg::Hs256),
+            _ => None,
+        }
+    }
+
+    fn algorithm(self) -> Algorithm {
+        match self {
+            Alg::Rs256 => Algorithm::RS256,
+            Alg::Es256 => Algorithm::ES256,
+            Alg::EdDsa => Algorithm::EdDSA,
+            Alg::Hs256 => Algorithm::HS256,
+        }
+    }
+
+    /// The JOSE name, as a JWK's `alg` writes it.
+    fn name(self) -> &'static str {
+        match self {
+            Alg::Rs256 => "RS256",
+            Alg::Es256 => "ES256",
+            Alg::EdDsa => "EdDSA",
+            Alg::Hs256 => "HS256",
+        }
+    }
+
+    /// Its place in [`Alg::ALL`] and in [`Snapshot::validations`].
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One usable key of the JWKS.
+#[derive(Clone)]
+struct Key {
+    kid: Option<String>,
+    alg: Alg,
+    decoding: DecodingKey,
+}
+
+/// Names the key, never its material.
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Key")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg.name())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything one verification reads, swapped whole: the keys, and the
+/// rules built from the expectations (one per algorithm, built once here
+/// rather than per token).
+#[derive(Clone)]
+struct Snapshot {
+    path: PathBuf,
+    expect: Expect,
+    keys: Arc<[Key]>,
+    validations: [Validation; 4],
+}
+
+/// The one verifier for every `jwt_claim` rule. Cheap to call from many
+/// tasks at once; reloads and reconfigurations swap its state whole.
+pub(crate) struct Verifier {
+    /// What `verify` reads. The lock is held only to clone or swap the `Arc`.
+    current: RwLock<Arc<Snapshot>>,
+    /// The file version the keys were read from (`None` when unknown), for
+    /// the watch to see a change; the lock also makes reloads and
+    /// reconfigurations take turns.
+    applied: Mutex<Option<FileVersion>>,
+    /// Wakes the watch when `reconfigure` names a new file, to read it at
+    /// once rather than after two polls.
+    path_changed: Notify,
+}
+
+/// The path, the expectations and the keys (`kid` and algorithm): no key
+/// material.
+impl fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let snapshot = self.snapshot();
+        f.debug_struct("Verifier")
+            .field("path", &snapshot.path)
+            .field("expect", &snapshot.expect)
+            .field("keys", &snapshot.keys)
+            .finish()
+    }
+}
+
+impl Verifier {
+    /// Reads and parses the JWKS at `path`.
+    ///
+    /// # Errors
+    /// The file is unreadable, not JSON, not a JWKS, has a bad key or no
+    /// usable key; the message says which in one line.
+    pub(crate) fn load(path: &Path, expect: Expect) -> Result<Verifier, JwksError> {
+        // The version before the read: if the file changes during it, the
+        // watch sees a newer version and reads it again.
+        let version = FileVersion::of(path);
+        let keys = read_keys(path)?;
+        Ok(Verifier {
+            current: RwLock::new(Arc::new(Snapshot {
+                path: path.to_owned(),
+                validations: validations(&expect),
+                expect,
+                keys: keys.into(),
+            })),
+            applied: Mutex::new(version),
+            path_changed: Notify::new(),
+        })
+    }
+
+    /// Parses a JWKS document (pure; config validation uses it too): the
+    /// number of usable keys. Keys marked for encryption (`"use": "enc"`, or
+    /// `key_ops` without `verify`) are set aside, not counted and not an
+    /// error: identity providers publish them beside their signing keys.
+    ///
+    /// # Errors
+    /// Not JSON, not a JWKS, a bad key (named by place and `kid`), or no
+    /// usable key.
+    pub(crate) fn check_jwks(bytes: &[u8]) -> Result<usize, JwksError> {
+        parse_jwks(bytes).map(|keys| keys.len())
+    }
+
+    /// Verifies `token` now: the claims, once the signature, `exp`, `nbf`,
+    /// `iss` and `aud` have passed. `exp` and `nbf` are checked when present
+    /// but not required: tokens for services often carry no `exp`, and a
+    /// token that should expire is the issuer's to mark.
+    ///
+    /// # Errors
+    /// Why the token is refused (see [`JwtError`]).
+    pub(crate) fn verify(&self, token: &str) -> Result<Claims, JwtError> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(JwtError::Malformed);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| header_refusal(token))?;
+        let alg = Alg::of(header.alg).ok_or(JwtError::AlgorithmRefused)?;
+        let snapshot = self.snapshot();
+        let validation = &snapshot.validations[alg.index()];
+        let (mut kid_known, mut tried) = (false, false);
+        for key in snapshot.keys.iter() {
+            if let Some(kid) = &header.kid {
+                if key.kid.as_ref() != Some(kid) {
+                    continue;
+                }
+                kid_known = true;
+            }
+            if key.alg != alg {
+                continue;
+            }
+            tried = true;
+            match jsonwebtoken::decode::<Map<String, Value>>(token, &key.decoding, validation) {
+                Ok(data) => return Ok(Claims(data.claims)),
+                // Without a `kid` (or with one shared by several keys) the
+                // next key of this algorithm may be the signer.
+                Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => {}
+                Err(e) => return Err(refusal(e.kind())),
+            }
+        }
+        Err(if tried {
+            JwtError::Signature
+        } else if header.kid.is_some() && !kid_known {
+            JwtError::UnknownKid
+        } else {
+            JwtError::AlgorithmRefused
+        })
+    }
+
+    /// Applies a reloaded configuration (path and expectations) in place.
+    /// New expectations apply to the next token. A new path is read by
+    /// [`watch`] at once, on the blocking pool (this runs on a runtime
+    /// thread and does no IO); until then the keys already read stay.
+    /// Without a watch running, call [`Verifier::reload_keys`].
+    pub(crate) fn reconfigure(&self, path: &Path, expect: Expect) {
+        let mut applied = self.lock_applied();
+        let current = self.snapshot();
+        let path_changed = current.path != path;
+        if !path_changed && current.expect == expect {
+            return;
+        }
+        self.install(Snapshot {
+            path: path.to_owned(),
+            validations: validations(&expect),
+            expect,
+            keys: Arc::clone(&current.keys),
+        });
+        if path_changed {
+            // Unknown: whatever version the new file has is a change.
+            *applied = None;
+            self.path_changed.notify_one();
+        }
+    }
+
+    /// Re-reads the JWKS file (blocking IO: call it off the runtime). On a
+    /// bad file the old keys stay. The version read is remembered either way,
+    /// so the watch reports a bad file once, not at every poll.
+    ///
+    /// # Errors
+    /// Why the file cannot be used; the keys are unchanged.
+    pub(crate) fn reload_keys(&self) -> Result<usize, JwksError> {
+        loop {
+            let path = self.snapshot().path.clone();
+            let version = FileVersion::of(&path);
+            let read = read_keys(&path);
+            let mut applied = self.lock_applied();
+            let current = self.snapshot();
+            if current.path != path {
+                // Reconfigured to another file during the read: read that.
+                continue;
+            }
+            *applied = version;
+            let keys = read?;
+            let count = keys.len();
+            self.install(Snapshot {
+                keys: keys.into(),
+                ..Snapshot::clone(&current)
+            });
+            return Ok(count);
+        }
+    }
+
+    /// The state now; the lock is held only for the clone.
+    fn snapshot(&self) -> Arc<Snapshot> {
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Swaps in a new state (the caller holds `applied`, so writers take
+    /// turns and none undoes another).
+    fn install(&self, snapshot: Snapshot) {
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(snapshot);
+    }
+
+    fn lock_applied(&self) -> MutexGuard<'_, Option<FileVersion>> {
+        self.applied.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The version of the configured file now (a `stat`: blocking).
+    fn version_now(&self) -> Option<FileVersion> {
+        FileVersion::of(&self.snapshot().path)
+    }
+}
+
+/// Polls the JWKS file every [`CONFIG_POLL_INTERVAL`] and reloads the keys
+/// once a change has settled (the same new version on two polls, so a file
+/// being written is not read half-way), and at once when
+/// [`Verifier::reconfigure`] names a new file, until `stop` is cancelled.
+/// Stats and reads run on the blocking pool. Logs each reload: the number of
+/// keys, or the error and that the old keys stay.
+pub(crate) async fn watch(verifier: Arc<Verifier>, stop: CancellationToken) {
+    let mut previous = *verifier.lock_applied();
+    let mut ticks = tokio::time::interval(CONFIG_POLL_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await; // the first tick is immediate
+    loop {
+        let path_changed = tokio::select! {
+            () = stop.cancelled() => return,
+            () = verifier.path_changed.notified() => true,
+            _ = ticks.tick() => false,
+        };
+        if !path_changed {
+            let v = Arc::clone(&verifier);
+            let Ok(now) = tokio::task::spawn_blocking(move || v.version_now()).await else {
+                return; // the runtime is shutting down
+            };
+            let applied = *verifier.lock_applied();
+            let changed = settled_change(applied, previous, now);
+            previous = now;
+            if !changed {
+                continue;
+            }
+        }
+        let v = Arc::clone(&verifier);
+        let Ok(reloaded) = tokio::task::spawn_blocking(move || v.reload_keys()).await else {
+            return; // the runtime is shutting down
+        };
+        previous = *verifier.lock_applied();
+        let path = verifier.snapshot().path.clone();
+        match reloaded {
+            Ok(n) => tracing::info!(path = %path.display(), "jwks reloaded: {n} keys"),
+            Err(e) => tracing::error!(
+                path = %path.display(),
+                "jwks reload failed, the old keys stay: {e}"
+            ),
+        }
+    }
+}
+
+/// The rules for tokens of each algorithm, from the expectations.
+fn validations(expect: &Expect) -> [Validation; 4] {
+    Alg::ALL.map(|alg| {
+        let mut v = Validation::new(alg.algorithm());
+        v.leeway = LEEWAY_SECS;
+        v.validate_exp = true;
+        v.validate_nbf = true;
+        // Nothing is required by default (jsonwebtoken requires `exp`): see
+        // `Verifier::verify`. A configured issuer or audience is required.
+        v.required_spec_claims.clear();
+        if let Some(issuer) = &expect.issuer {
+            v.set_issuer(&[issuer]);
+            v.required_spec_claims.insert("iss".to_owned());
+        }
+        match &expect.audience {
+            Some(audience) => {
+                v.set_audience(&[audience]);
+                v.required_spec_claims.insert("aud".to_owned());
+            }
+            // jsonwebtoken refuses any token with an `aud` when none is
+            // expected; SPEC §9 checks the audience only when one is set.
+            None => v.validate_aud = false,
+        }
+        v
+    })
+}
+
+/// The refusal for a jsonwebtoken error. Key errors cannot happen with keys
+/// checked at load; should one, the token is simply not verified.
+fn refusal(kind: &ErrorKind) -> JwtError {
+    match kind {
+        ErrorKind::InvalidSignature => JwtError::Signature,
+        ErrorKind::ExpiredSignature => JwtError::Expired,
+        ErrorKind::ImmatureSignature => JwtError::NotYetValid,
+        ErrorKind::InvalidIssuer => JwtError::Issuer,
+        ErrorKind::InvalidAudience => JwtError::Audience,
+        ErrorKind::MissingRequiredClaim(claim) | ErrorKind::InvalidClaimFormat(claim)
+            if claim == "iss" =>
+        {
+            JwtError::Issuer
+        }
+        ErrorKind::MissingRequiredClaim(claim) | ErrorKind::InvalidClaimFormat(claim)
+            if claim == "aud" =>
+        {
+            JwtError::Audience
+        }
+        ErrorKind::InvalidAlgorithm
+        | ErrorKind::UnsupportedAlgorithm
+        | ErrorKind::InvalidAlgorithmName
+        | ErrorKind::MissingAlgorithm => JwtError::AlgorithmRefused,
+        ErrorKind::InvalidToken
+        | ErrorKind::Base64(_)
+        | ErrorKind::Json(_)
+        | ErrorKind::Utf8(_)
+        | ErrorKind::InvalidClaimFormat(_)
+        | ErrorKind::MissingRequiredClaim(_) => JwtError::Malformed,
+        _ => JwtError::Signature,
+    }
+}
+
+/// Why a header did not parse: an `alg` jsonwebtoken does not know at all
+/// (`none` above all) is refused as an algorithm, anything else is
+/// malformed. Runs only for refused tokens.
+fn header_refusal(token: &str) -> JwtError {
+    #[derive(Deserialize)]
+    struct AlgOnly {
+        alg: String,
+    }
+    let Some((header, _)) = token.split_once('.') else {
+        return JwtError::Malformed;
+    };
+    let Ok(json) = URL_SAFE_NO_PAD.decode(header) else {
+        return JwtError::Malformed;
+    };
+    match serde_json::from_slice::<AlgOnly>(&json) {
+        Ok(h) if h.alg.parse::<Algorithm>().is_err() => JwtError::AlgorithmRefused,
+        _ => JwtError::Malformed,
+    }
+}
+
+fn read_keys(path: &Path) -> Result<Vec<Key>, JwksError> {
+    let bytes = std::fs::read(path).map_err(|source| JwksError::Unreadable {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_jwks(&bytes)
+}
+
+/// A JWKS document: `{"keys": [...]}`. Each key is parsed on its own, so an
+/// error can name the key.
+#[derive(Deserialize)]
+struct Document {
+    keys: Vec<Value>,
+}
+
+/// The JWK members wsgate reads (RFC 7517, 7518 §6, 8037); others such as
+/// `x5c` are ignored.
+#[derive(Deserialize)]
+struct Jwk {
+    kty: String,
+    kid: Option<String>,
+    alg: Option<String>,
+    #[serde(rename = "use")]
+    usage: Option<String>,
+    key_ops: Option<Vec<String>>,
+    crv: Option<String>,
+    n: Option<String>,
+    e: Option<String>,
+    x: Option<String>,
+    y: Option<String>,
+    k: Option<String>,
+}
+
+fn parse_jwks(bytes: &[u8]) -> Result<Vec<Key>, JwksError> {
+    let document: Document = serde_json::from_slice(bytes).map_err(|e| {
+        if e.is_data() {
+            JwksError::NotJwks(e)
+        } else {
+            JwksError::NotJson(e)
+        }
+    })?;
+    let mut keys = Vec::with_capacity(document.keys.len());
+    for (index, value) in document.keys.into_iter().enumerate() {
+        let bad = |reason: String, kid: Option<String>| JwksError::BadKey { index, kid, reason };
+        let string_kid = value.get("kid").and_then(Value::as_str).map(str::to_owned);
+        let jwk = Jwk::deserialize(value).map_err(|e| bad(e.to_string(), string_kid))?;
+        match key_of(&jwk) {
+            Ok(Some(key)) => keys.push(key),
+            Ok(None) => {}
+            Err(reason) => return Err(bad(reason, jwk.kid)),
+        }
+    }
+    if keys.is_empty() {
+        return Err(JwksError::NoUsableKey);
+    }
+    Ok(keys)
+}
+
+/// The key a JWK describes; `None` for a key not meant for signatures.
+fn key_of(jwk: &Jwk) -> Result<Option<Key>, String> {
+    let for_signatures = jwk.usage.as_deref() != Some("enc")
+        && jwk
+            .key_ops
+            .as_ref()
+            .is_none_or(|ops| ops.iter().any(|op| op == "verify"));
+    if !for_signatures {
+        return Ok(None);
+    }
+    let curve = |expected: &str| match jwk.crv.as_deref() {
+        Some(crv) if crv == expected => Ok(()),
+        Some(crv) => Err(format!("curve {crv:?} is not supported ({expected} is)")),
+        None => Err("missing \"crv\"".to_owned()),
+    };
+    let alg = match jwk.kty.as_str() {
+        "RSA" => Alg::Rs256,
+        "EC" => {
+            curve("P-256")?;
+            Alg::Es256
+        }
+        "OKP" => {
+            curve("Ed25519")?;
+            Alg::EdDsa
+        }
+        "oct" => Alg::Hs256,
+        other => {
+            return Err(format!(
+                "unsupported kty {other:?} (RSA, EC, OKP and oct are)"
+            ))
+        }
+    };
+    if let Some(named) = jwk.alg.as_deref() {
+        if named != alg.name() {
+            return Err(format!(
+                "alg {named:?} is refused: a {} key verifies {} only",
+                jwk.kty,
+                alg.name()
+            ));
+        }
+    }
+    let decoding = match alg {
+        Alg::Rs256 => {
+            let (n, e) = (member(&jwk.n, "n")?, member(&jwk.e, "e")?);
+            check_rsa(n, e)?;
+            DecodingKey::from_rsa_components(n, e).map_err(invalid("invalid RSA key"))?
+        }
+        Alg::Es256 => {
+            let (x, y) = (member(&jwk.x, "x")?, member(&jwk.y, "y")?);
+            check_coordinate(x, "x")?;
+            check_coordinate(y, "y")?;
+            DecodingKey::from_ec_components(x, y).map_err(invalid("invalid P-256 key"))?
+        }
+        Alg::EdDsa => {
+            let x = member(&jwk.x, "x")?;
+            check_coordinate(x, "x")?;
+            DecodingKey::from_ed_components(x).map_err(invalid("invalid Ed25519 key"))?
+        }
+        Alg::Hs256 => {
+            let secret = URL_SAFE_NO_PAD
+                .decode(member(&jwk.k, "k")?)
+                .map_err(|e| format!("\"k\" is not base64url: {e}"))?;
+            if secret.len() < MIN_HMAC_SECRET_LEN {
+                return Err(format!(
+                    "the HS256 secret has {} bytes; at least {MIN_HMAC_SECRET_LEN} are needed",
+                    secret.len()
+                ));
+            }
+            DecodingKey::from_secret(&secret).map_err(invalid("invalid HS256 secret"))?
+        }
+    };
+    if matches!(alg, Alg::Es256 | Alg::EdDsa) {
+        // Building a verifier parses the curve point, which the
+        // constructors above do not: a bad point is caught here, once, not
+        // as a "bad signature" on every token. The signature is empty, so
+        // only whether the key parses matters.
+        jsonwebtoken::crypto::verify("", b"", &decoding, alg.algorithm())
+            .map_err(invalid("not a point on the curve"))?;
+    }
+    Ok(Some(Key {
+        kid: jwk.kid.clone(),
+        alg,
+        decoding,
+    }))
+}
+
+/// A JWK member the key type needs.
+fn member<'a>(value: &'a Option<String>, name: &str) -> Result<&'a str, String> {
+    value.as_deref().ok_or_else(|| format!("missing {name:?}"))
+}
+
+/// A P-256 coordinate or an Ed25519 public key is 32 bytes. jsonwebtoken
+/// does not check: it takes the first 32 bytes of a longer Ed25519 key, and
+/// panics on a shorter one when it builds a verifier, which would be at
+/// every token.
+fn check_coordinate(value: &str, name: &str) -> Result<(), String> {
+    match URL_SAFE_NO_PAD.decode(value) {
+        Ok(bytes) if bytes.len() == 32 => Ok(()),
+        Ok(bytes) => Err(format!("{name:?} has {} bytes; 32 are needed", bytes.len())),
+        Err(e) => Err(format!("{name:?} is not base64url: {e}")),
+    }
+}
+
+/// Says what a key failed to be, and jsonwebtoken's reason.
+fn invalid(what: &'static str) -> impl Fn(jsonwebtoken::errors::Error) -> String {
+    move |e| format!("{what}: {e}")
+}
+
+/// What the RSA implementation would refuse at every verification, said
+/// once at load: a modulus outside [`RSA_MODULUS_BITS`] or even, an
+/// exponent that is even, below 3 or above [`RSA_MAX_EXPONENT`].
+fn check_rsa(n: &str, e: &str) -> Result<(), String> {
+    let decode = |value: &str, name: &str| {
+        URL_SAFE_NO_PAD
+            .decode(value)
+            .map_err(|err| format!("{name:?} is not base64url: {err}"))
+    };
+    let (n, e) = (decode(n, "n")?, decode(e, "e")?);
+    let n = trim_leading_zeros(&n);
+    let bits = match n.first() {
+        Some(first) => (n.len() as u64 - 1) * 8 + u64::from(8 - first.leading_zeros()),
+        None => 0,
+    };
+    let odd = |bytes: &[u8]| bytes.last().is_some_and(|b| b & 1 == 1);
+    if !RSA_MODULUS_BITS.contains(&bits) || !odd(n) {
+        return Err(format!(
+            "the modulus has {bits} bits; an odd one of {} to {} bits is needed",
+            RSA_MODULUS_BITS.start(),
+            RSA_MODULUS_BITS.end()
+        ));
+    }
+    let e = trim_leading_zeros(&e);
+    let exponent = (e.len() <= 8).then(|| e.iter().fold(0u64, |acc, b| acc << 8 | u64::from(*b)));
+    match exponent {
+        Some(e) if (3..=RSA_MAX_EXPONENT).contains(&e) && e % 2 == 1 => Ok(()),
+        _ => Err(format!(
+            "the exponent must be odd, from 3 to {RSA_MAX_EXPONENT}"
+        )),
+    }
+}
+
+fn trim_leading_zeros(bytes: &[u8]) -> &[u8] {
+    let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
+    &bytes[start..]
+}
+
+// The tokens the tests below verify are minted by the integration tests'
+// helper, so both mint them one way.
+#[cfg(test)]
+#[allow(
+    dead_code,
+    unreachable_pub,
+    reason = "shared with tests/; not all of it is used here"
+)]
+#[path = "../../tests/support/jwt.rs"]
+mod test_tokens;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use serde_json::json;
+
+    use super::test_tokens::{fixtures_dir, hs256_token, token, token_without_kid, unix_now};
+
+    const ALGS: [&str; 4] = ["RS256", "ES256", "EdDSA", "HS256"];
+
+    fn verifier(expect: Expect) -> Verifier {
+        Verifier::load(&fixtures_dir().join("jwks.json"), expect).expect("the fixture JWKS loads")
+    }
+
+    fn claims(sub: &str) -> Value {
+        json!({ "sub": sub, "exp": unix_now() + 600 })
+    }
+
+    /// A copy of a fixture JWKS in a temporary folder, to replace.
+    fn jwks_copy(fixture: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("jwks.json");
+        std::fs::copy(fixtures_dir().join(fixture), &path).expect("copy");
+        (dir, path)
+    }
+
+    /// Replaces `path` whole, as a Secret update does.
+    fn replace(path: &Path, bytes: &[u8]) {
+        let next = path.with_extension("next");
+        std::fs::write(&next, bytes).expect("write");
+        std::fs::rename(&next, path).expect("rename");
+    }
+
+    #[test]
+    fn every_algorithm_verifies_and_yields_the_subject() {
+        let v = verifier(Expect::default());
+        for alg in ALGS {
+            let verified = v.verify(&token(alg, claims(alg)));
+            assert_eq!(
+                verified.map(|c| c.key("sub")),
+                Ok(Some(alg.to_owned())),
+                "{alg}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_token_without_kid_is_tried_against_the_keys_of_its_algorithm() {
+        let v = verifier(Expect::default());
+        for alg in ALGS {
+            let verified = v.verify(&token_without_kid(alg, claims("no-kid")));
+            assert_eq!(
+                verified.map(|c| c.key("sub")),
+                Ok(Some("no-kid".into())),
+                "{alg}"
+            );
+        }
+    }
+
+    #[test]
+    fn expired_is_refused_past_the_leeway_only() {
+        let v = verifier(Expect::default());
+        let now = unix_now();
+        let expired = token("ES256", json!({ "sub": "a", "exp": now - 3600 }));
+        assert_eq!(v.verify(&expired), Err(JwtError::Expired));
+        let within_leeway = token("ES256", json!({ "sub": "a", "exp": now - LEEWAY_SECS / 3 }));
+        assert!(v.verify(&within_leeway).is_ok());
+    }
+
+    #[test]
+    fn not_yet_valid_is_refused_past_the_leeway_only() {
+        let v = verifier(Expect::default());
+        let now = unix_now();
+        let early = token("RS256", json!({ "sub": "a", "nbf": now + 600 }));
+        assert_eq!(v.verify(&early), Err(JwtError::NotYetValid));
+        let skewed = token("RS256", json!({ "sub": "a", "nbf": now + LEEWAY_SECS / 3 }));
+        assert!(v.verify(&skewed).is_ok());
+    }
+
+    #[test]
+    fn exp_is_not_required_but_must_be_a_number() {
+        let v = verifier(Expect::default());
+        assert!(v.verify(&token("EdDSA", json!({ "sub": "a" }))).is_ok());
+        let string_exp = token("EdDSA", json!({ "sub": "a", "exp": "never" }));
+        assert_eq!(v.verify(&string_exp), Err(JwtError::Malformed));
+    }
+
+    #[test]
+    fn issuer_is_checked_when_set() {
+        let expect = Expect {
+            issuer: Some("https://idp.example".into()),
+            audience: None,
+        };
+        let v = verifier(expect);
+        let with = |iss: Value| token("HS256", json!({ "sub": "a", "iss": iss }));
+        assert!(v.verify(&with(json!("https://idp.example"))).is_ok());
+        assert_eq!(
+            v.verify(&with(json!("https://evil.example"))),
+            Err(JwtError::Issuer)
+        );
+        assert_eq!(v.verify(&with(json!(42))), Err(JwtError::Issuer));
+        let without = token("HS256", json!({ "sub": "a" }));
+        assert_eq!(v.verify(&without), Err(JwtError::Issuer));
+    }
+
+    #[test]
+    fn audience_is_checked_when_set_and_ignored_otherwise() {
+        let expect = Expect {
+            issuer: None,
+            audience: Some("wsgate".into()),
+        };
+        let v = verifier(expect);
+        let with = |aud: Value| token("RS256", json!({ "sub": "a", "aud": aud }));
+        assert!(v.verify(&with(json!("wsgate"))).is_ok());
+        assert!(v.verify(&with(json!(["other", "wsgate"]))).is_ok());
+        assert_eq!(v.verify(&with(json!("other"))), Err(JwtError::Audience));
+        assert_eq!(
+            v.verify(&token("RS256", json!({ "sub": "a" }))),
+            Err(JwtError::Audience)
+        );
+
+        let unset = verifier(Expect::default());
+        assert!(unset.verify(&with(json!("anyone"))).is_ok());
+    }
+
+    #[test]
+    fn a_tampered_payload_fails_the_signature() {
+        let v = verifier(Expect::default());
+        for alg in ALGS {
+            let genuine = token(alg, claims("alice"));
+            let forged_payload = URL_SAFE_NO_PAD.encode(json!({ "sub": "admin" }).to_string());
+            let parts: Vec<&str> = genuine.split('.').collect();
+            let forged = format!("{}.{forged_payload}.{}", parts[0], parts[2]);
+            assert_eq!(v.verify(&forged), Err(JwtError::Signature), "{alg}");
+        }
+    }
+
+    #[test]
+    fn alg_none_is_refused() {
+        let v = verifier(Expect::default());
+        let part = |j: Value| URL_SAFE_NO_PAD.encode(j.to_string());
+        let payload = part(claims("admin"));
+        for header in [
+            json!({ "alg": "none" }),
+            json!({ "alg": "none", "kid": "rsa-1" }),
+        ] {
+            let unsigned = format!("{}.{payload}.", part(header));
+            assert_eq!(v.verify(&unsigned), Err(JwtError::AlgorithmRefused));
+        }
+    }
+
+    #[test]
+    fn algorithms_other_than_the_four_are_refused() {
+        let v = verifier(Expect::default());
+        let part = |j: Value| URL_SAFE_NO_PAD.encode(j.to_string());
+        let payload = part(claims("a"));
+        for alg in ["RS384", "PS256", "HS512", "ES384"] {
+            let t = format!("{}.{payload}.c2ln", part(json!({ "alg": alg })));
+            assert_eq!(v.verify(&t), Err(JwtError::AlgorithmRefused), "{alg}");
+        }
+    }
+
+    /// The classic confusion: an HS256 token whose HMAC secret is the RSA
+    /// public key, which an attacker can read. The RSA key verifies RS256
+    /// only, so the token's `alg` cannot make it an HMAC secret.
+    #[test]
+    fn hs256_signed_with_the_rsa_public_key_is_refused() {
+        let public_pem = std::fs::read(fixtures_dir().join("rsa.pub.pem")).expect("pem");
+        let v = verifier(Expect::default());
+        let naming_rsa = hs256_token(&public_pem, Some("rsa-1"), claims("admin"));
+        assert_eq!(v.verify(&naming_rsa), Err(JwtError::AlgorithmRefused));
+        // Without a kid it is tried against the HS256 key only, whose secret
+        // it was not signed with.
+        let no_kid = hs256_token(&public_pem, None, claims("admin"));
+        assert_eq!(v.verify(&no_kid), Err(JwtError::Signature));
+
+        // A key set of the RSA key alone has nothing to check HS256 with.
+        let jwks: Value =
+            serde_json::from_slice(&std::fs::read(fixtures_dir().join("jwks.json")).expect("jwks"))
+                .expect("json");
+        let rsa_only = json!({ "keys": [jwks["keys"][0]] });
+        let (_dir, path) = jwks_copy("jwks.json");
+        replace(&path, rsa_only.to_string().as_bytes());
+        let v = Verifier::load(&path, Expect::default()).expect("rsa only");
+        assert_eq!(v.verify(&no_kid), Err(JwtError::AlgorithmRefused));
+        assert_eq!(v.verify(&naming_rsa), Err(JwtError::AlgorithmRefused));
+    }
+
+    #[test]
+    fn a_kid_of_another_algorithm_is_refused() {
+        let v = verifier(Expect::default());
+        // An ES256 token naming the Ed25519 key.
+        let part = |j: Value| URL_SAFE_NO_PAD.encode(j.to_string());
+        let genuine = token("ES256", claims("a"));
+        let signature = genuine.rsplit('.').next().expect("three parts");
+        let t = format!(
+            "{}.{}.{signature}",
+            part(json!({ "alg": "ES256", "kid": "ed-1" })),
+            part(claims("a"))
+        );
+        assert_eq!(v.verify(&t), Err(JwtError::AlgorithmRefused));
+    }
+
+    #[test]
+    fn an_unknown_kid_is_refused() {
+        let v = verifier(Expect::default());
+        let rotated = token("RS256-rotated", claims("a"));
+        assert_eq!(v.verify(&rotated), Err(JwtError::UnknownKid));
+    }
+
+    #[test]
+    fn malformed_tokens_are_refused() {
+        let v = verifier(Expect::default());
+        let too_long = format!("{}.e30.c2ln", "e".repeat(MAX_TOKEN_LEN));
+        for t in [
+            "",
+            "abc",
+            "a.b.c",
+            "e30.e30.",
+            "!!.??.##",
+            too_long.as_str(),
+        ] {
+            assert_eq!(v.verify(t), Err(JwtError::Malformed), "{t:.20}");
+        }
+        // A signed payload that is not an object.
+        let array = token("HS256", json!(["sub", "a"]));
+        assert_eq!(v.verify(&array), Err(JwtError::Malformed));
+    }
+
+    #[test]
+    fn a_replaced_jwks_is_applied_by_reload_keys() {
+        let (_dir, path) = jwks_copy("jwks.json");
+        let v = Verifier::load(&path, Expect::default()).expect("load");
+        let (old, new) = (
+            token("RS256", claims("old")),
+            token("RS256-rotated", claims("new")),
+        );
+        assert!(v.verify(&old).is_ok());
+        assert_eq!(v.verify(&new), Err(JwtError::UnknownKid));
+
+        let rotated = std::fs::read(fixtures_dir().join("jwks-rotated.json")).expect("read");
+        replace(&path, &rotated);
+        assert_eq!(v.reload_keys().expect("the rotated JWKS is valid"), 4);
+        assert_eq!(v.verify(&new).map(|c| c.key("sub")), Ok(Some("new".into())));
+        assert_eq!(v.verify(&old), Err(JwtError::UnknownKid));
+    }
+
+    #[test]
+    fn a_corrupt_replacement_keeps_the_old_keys() {
+        let (_dir, path) = jwks_copy("jwks.json");
+        let v = Verifier::load(&path, Expect::default()).expect("load");
+        let t = token("EdDSA", claims("a"));
+        for corrupt in [&b"{\"keys\": [{\"kty\""[..], b"", b"{\"keys\": []}"] {
+            replace(&path, corrupt);
+            assert!(v.reload_keys().is_err());
+            assert!(v.verify(&t).is_ok(), "the old keys stay");
+        }
+        std::fs::remove_file(&path).expect("remove");
+        assert!(matches!(v.reload_keys(), Err(JwksError::Unreadable { .. })));
+        assert!(v.verify(&t).is_ok(), "the old keys stay");
+    }
+
+    #[test]
+    fn reconfigure_applies_expectations_at_once_and_a_new_path_on_reload() {
+        let v = verifier(Expect::default());
+        let t = token("ES256", json!({ "sub": "a", "iss": "one" }));
+        assert!(v.verify(&t).is_ok());
+        let expect_two = Expect {
+            issuer: Some("two".into()),
+            audience: None,
+        };
+        v.reconfigure(&fixtures_dir().join("jwks.json"), expect_two.clone());
+        assert_eq!(v.verify(&t), Err(JwtError::Issuer));
+
+        let rotated = token("RS256-rotated", json!({ "sub": "a", "iss": "two" }));
+        v.reconfigure(&fixtures_dir().join("jwks-rotated.json"), expect_two);
+        assert_eq!(v.verify(&rotated), Err(JwtError::UnknownKid), "no IO yet");
+        v.reload_keys().expect("reload");
+        assert!(v.verify(&rotated).is_ok());
+    }
+
+    #[test]
+    fn check_jwks_counts_signing_keys_and_names_a_bad_one() {
+        let fixture = std::fs::read(fixtures_dir().join("jwks.json")).expect("read");
+        assert_eq!(Verifier::check_jwks(&fixture).expect("valid"), 4);
+
+        assert!(matches!(
+            Verifier::check_jwks(b"not json"),
+            Err(JwksError::NotJson(_))
+        ));
+        assert!(matches!(
+            Verifier::check_jwks(b"[1, 2]"),
+            Err(JwksError::NotJwks(_))
+        ));
+        assert!(matches!(
+            Verifier::check_jwks(b"{}"),
+            Err(JwksError::NotJwks(_))
+        ));
+        assert!(matches!(
+            Verifier::check_jwks(br#"{"keys": []}"#),
+            Err(JwksError::NoUsableKey)
+        ));
+
+        let mut jwks: Value = serde_json::from_slice(&fixture).expect("json");
+        let with_extra = |jwks: &Value, extra: Value| {
+            let mut jwks = jwks.clone();
+            jwks["keys"].as_array_mut().expect("keys").push(extra);
+            Verifier::check_jwks(jwks.to_string().as_bytes())
+        };
+        let error = with_extra(&jwks, json!({ "kty": "XYZ", "kid": "odd" })).expect_err("kty");
+        assert!(
+            matches!(error, JwksError::BadKey { index: 4, .. }),
+            "{error}"
+        );
+        assert_eq!(
+            error.to_string(),
+            "keys[4] (kid \"odd\"): unsupported kty \"XYZ\" (RSA, EC, OKP and oct are)"
+        );
+
+        // A key whose `alg` does not fit its type: the RSA key as HS256.
+        let mut confused = jwks["keys"][0].clone();
+        confused["alg"] = json!("HS256");
+        let error = with_extra(&jwks, confused).expect_err("alg");
+        assert!(error.to_string().contains("verifies RS256 only"), "{error}");
+
+        // Keys that cannot be trusted or used, each refused for its reason.
+        let refused = |key: Value, reason: &str| {
+            let error = with_extra(&jwks, key).expect_err(reason).to_string();
+            assert!(
+                error.starts_with("keys[4]") && error.contains(reason),
+                "{error}"
+            );
+        };
+        let short = json!({ "kty": "oct", "k": URL_SAFE_NO_PAD.encode(b"short") });
+        refused(short, "the HS256 secret has 5 bytes");
+        let mut p384 = jwks["keys"][1].clone();
+        p384["crv"] = json!("P-384");
+        refused(p384, "curve \"P-384\" is not supported");
+        let mut off_curve = jwks["keys"][1].clone();
+        off_curve["y"] = off_curve["x"].clone();
+        refused(off_curve, "not a point on the curve");
+        let mut short_ed = jwks["keys"][2].clone();
+        short_ed["x"] = json!(URL_SAFE_NO_PAD.encode([1u8; 31]));
+        refused(short_ed, "\"x\" has 31 bytes; 32 are needed");
+        let mut long_ed = jwks["keys"][2].clone();
+        long_ed["x"] = json!(URL_SAFE_NO_PAD.encode([1u8; 33]));
+        refused(long_ed, "\"x\" has 33 bytes; 32 are needed");
+        let mut long_ec = jwks["keys"][1].clone();
+        long_ec["y"] = json!(URL_SAFE_NO_PAD.encode([1u8; 33]));
+        refused(long_ec, "\"y\" has 33 bytes; 32 are needed");
+        let mut small_rsa = jwks["keys"][0].clone();
+        small_rsa["n"] = json!(URL_SAFE_NO_PAD.encode([0xc5u8; 128]));
+        refused(small_rsa, "the modulus has 1024 bits");
+        let mut even_e = jwks["keys"][0].clone();
+        even_e["e"] = json!("AQAA");
+        refused(even_e, "the exponent must be odd");
+        let mut no_n = jwks["keys"][0].clone();
+        no_n.as_object_mut().expect("object").remove("n");
+        refused(no_n, "missing \"n\"");
+        refused(json!({ "kid": 7 }), "invalid type");
+
+        // An encryption key beside the signing keys is set aside.
+        let mut enc = jwks["keys"][0].clone();
+        enc["use"] = json!("enc");
+        enc["alg"] = json!("RSA-OAEP");
+        assert_eq!(with_extra(&jwks, enc.clone()).expect("enc skipped"), 4);
+        jwks["keys"] = json!([enc]);
+        assert!(matches!(
+            Verifier::check_jwks(jwks.to_string().as_bytes()),
+            Err(JwksError::NoUsableKey)
+        ));
+    }
+
+    #[test]
+    fn load_errors_say_why() {
+        let missing = fixtures_dir().join("no-such.json");
+        let error = Verifier::load(&missing, Expect::default()).expect_err("missing");
+        assert!(error.to_string().starts_with("cannot read "), "{error}");
+        assert!(error.to_string().contains("no-such.json"), "{error}");
+    }
+
+    #[test]
+    fn claim_keys_are_strings_integers_and_bools_only() {
+        let c = Claims(
+            json!({
+                "s": "tenant-1", "i": 42, "neg": -7, "b": true, "f": 1.5,
+                "nil": null, "o": {}, "a": ["x"]
+            })
+            .as_object()
+            .cloned()
+            .expect("object"),
+        );
+        assert_eq!(c.key("s").as_deref(), Some("tenant-1"));
+        assert_eq!(c.key("i").as_deref(), Some("42"));
+        assert_eq!(c.key("neg").as_deref(), Some("-7"));
+        assert_eq!(c.key("b").as_deref(), Some("true"));
+        for none in ["f", "nil", "o", "a", "absent"] {
+            assert_eq!(c.key(none), None, "{none}");
+        }
+    }
+
+    #[test]
+    fn debug_shows_no_key_material() {
+        let v = verifier(Expect::default());
+        let shown = format!("{v:?}");
+        let jwks: Value =
+            serde_json::from_slice(&std::fs::read(fixtures_dir().join("jwks.json")).expect("jwks"))
+                .expect("json");
+        assert!(
+            shown.contains("rsa-1") && shown.contains("EdDSA"),
+            "{shown}"
+        );
+        for key in jwks["keys"].as_array().expect("keys") {
+            for member in ["n", "x", "y", "k"] {
+                if let Some(material) = key[member].as_str() {
+                    assert!(!shown.contains(&material[..16]), "{member} shown: {shown}");
+                }
+            }
+        }
+        let secret = std::fs::read_to_string(fixtures_dir().join("hs256.secret")).expect("secret");
+        assert!(!shown.contains(&secret[..16]));
+    }
+
+    /// The watch applies a replaced file once it settled, and ends on `stop`.
+    #[tokio::test]
+    async fn watch_applies_a_rotation_and_stops() {
+        let (_dir, path) = jwks_copy("jwks.json");
+        let v = Arc::new(Verifier::load(&path, Expect::default()).expect("load"));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(watch(Arc::clone(&v), stop.clone()));
+
+        let rotated = std::fs::read(fixtures_dir().join("jwks-rotated.json")).expect("read");
+        replace(&path, &rotated);
+        let new = token("RS256-rotated", claims("new"));
+        let bound = CONFIG_POLL_INTERVAL * 5;
+        let applied = tokio::time::timeout(bound, async {
+            while v.verify(&new).is_err() {
+                tokio::time::sleep(CONFIG_POLL_INTERVAL / 4).await;
+            }
+        })
+        .await;
+        assert!(applied.is_ok(), "not applied within {bound:?}");
+
+        stop.cancel();
+        let ended = tokio::time::timeout(CONFIG_POLL_INTERVAL, task).await;
+        assert!(matches!(ended, Ok(Ok(()))), "the watch ends on stop");
+    }
+
+    /// A new path from `reconfigure` is read at once, without waiting for
+    /// two polls.
+    #[tokio::test]
+    async fn watch_reads_a_new_path_at_once() {
+        let v = Arc::new(verifier(Expect::default()));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(watch(Arc::clone(&v), stop.clone()));
+        v.reconfigure(&fixtures_dir().join("jwks-rotated.json"), Expect::default());
+        let new = token("RS256-rotated", claims("new"));
+        let applied = tokio::time::timeout(CONFIG_POLL_INTERVAL, async {
+            while v.verify(&new).is_err() {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        stop.cancel();
+        assert!(applied.is_ok(), "not read within one poll interval");
+        assert!(matches!(task.await, Ok(())));
+    }
+}
