@@ -7,14 +7,15 @@
 //! reload): lowering the cap below the active count only stops new
 //! admissions, nothing already admitted is touched.
 //!
-//! Checks run in SPEC §7's order, first refusal wins: capacity, per-IP, rate.
-//! A rate token is spent only by an admission (it is taken last). In dry run
+//! Checks run in SPEC §7/§9's order, first refusal wins: capacity, per-IP,
+//! the key rules (supplied by the caller as [`KeyChecks`]), rate. A rate
+//! token is spent only by an admission (it is taken last). In dry run
 //! (`enforce = false`) every check still runs and the first that would refuse
 //! is reported, but the connection is admitted anyway.
 //!
 //! [`AdmissionGuard`] is the only thing that gives a slot back: dropping it
 //! decrements the count, the per-IP count and the `wsgate_connections_active`
-//! gauge. It is moved into the task that owns the spliced connection, so the
+//! gauge, and drops the key holds it owns (each gives its key share back). It is moved into the task that owns the spliced connection, so the
 //! slot lives exactly as long as the connection does. There is no `release()`
 //! method, so a slot cannot be given back twice or forgotten.
 
@@ -34,6 +35,7 @@ use prometheus::IntGauge;
 use tokio::time::Instant;
 
 use crate::config::{RateLimit, Watermarks};
+use crate::keys::KeyHold;
 
 /// Why wsgate refused an upgrade: the `reason` label of
 /// `wsgate_connections_rejected_total` and `…_would_reject_total`.
@@ -47,15 +49,28 @@ pub(crate) enum RejectReason {
     Rate,
     /// The per-client-address cap.
     PerIp,
+    /// A key rule: the key holds its limit.
+    Key,
+    /// A key rule: the request has no usable key (`missing = reject`, or
+    /// a value that cannot be a key).
+    KeyMissing,
+    /// A key rule: the table already tracks `max_keys` values.
+    KeyTableFull,
+    /// A `jwt_claim` rule: the token is present but not valid.
+    Jwt,
 }
 
 impl RejectReason {
     /// Every reason, in declaration order.
-    pub(crate) const ALL: [RejectReason; 4] = [
+    pub(crate) const ALL: [RejectReason; 8] = [
         RejectReason::Capacity,
         RejectReason::Draining,
         RejectReason::Rate,
         RejectReason::PerIp,
+        RejectReason::Key,
+        RejectReason::KeyMissing,
+        RejectReason::KeyTableFull,
+        RejectReason::Jwt,
     ];
 
     /// The metric label.
@@ -65,7 +80,44 @@ impl RejectReason {
             RejectReason::Draining => "draining",
             RejectReason::Rate => "rate",
             RejectReason::PerIp => "per_ip",
+            RejectReason::Key => "key",
+            RejectReason::KeyMissing => "key_missing",
+            RejectReason::KeyTableFull => "key_table_full",
+            RejectReason::Jwt => "jwt",
         }
+    }
+}
+
+/// The key-rule checks (SPEC §9), run after per-IP and before rate. The
+/// caller supplies them (`keys::KeyRequest`), so this module needs to know
+/// nothing about requests; [`NoKeys`] when there are none.
+pub(crate) trait KeyChecks {
+    /// Takes this request's key shares, pushing each into `holds` as soon
+    /// as it is taken, so a later refusal gives them back with the guard.
+    ///
+    /// # Errors
+    /// The first rule that refuses (only when `enforce`); `Ok(Some(_))` in
+    /// dry run names the first that would have.
+    fn reserve_keys(
+        &mut self,
+        enforce: bool,
+        holds: &mut Vec<KeyHold>,
+    ) -> Result<Option<RejectReason>, RejectReason>;
+}
+
+/// No key rules (the unit and loom tests).
+#[cfg(test)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NoKeys;
+
+#[cfg(test)]
+impl KeyChecks for NoKeys {
+    fn reserve_keys(
+        &mut self,
+        _enforce: bool,
+        _holds: &mut Vec<KeyHold>,
+    ) -> Result<Option<RejectReason>, RejectReason> {
+        Ok(None)
     }
 }
 
@@ -165,6 +217,9 @@ pub(crate) struct AdmissionGuard {
     inner: Arc<Inner>,
     /// Set once the per-IP count was incremented for this slot.
     ip: Option<IpAddr>,
+    /// The key shares this connection holds (empty without key rules: no
+    /// allocation). Given back first when the guard drops.
+    keys: Vec<KeyHold>,
 }
 
 fn fraction_bits(w: Option<Watermarks>) -> (u64, u64) {
@@ -201,11 +256,26 @@ impl Admission {
         }
     }
 
-    /// Runs every check for a new connection from `client`.
+    /// Runs every check for a new connection from `client` without key
+    /// rules (the unit and loom tests).
     ///
     /// # Errors
     /// The first check that refuses (only when enforcing).
+    #[cfg(test)]
     pub(crate) fn admit(&self, client: IpAddr) -> Result<Admitted, RejectReason> {
+        self.admit_with_keys(client, &mut NoKeys)
+    }
+
+    /// Runs every check for a new connection from `client`, with `keys`
+    /// between per-IP and rate.
+    ///
+    /// # Errors
+    /// The first check that refuses (only when enforcing).
+    pub(crate) fn admit_with_keys(
+        &self,
+        client: IpAddr,
+        keys: &mut impl KeyChecks,
+    ) -> Result<Admitted, RejectReason> {
         let policy = *lock(&self.inner.policy);
         let mut would_reject = None;
 
@@ -232,6 +302,9 @@ impl Admission {
             }
             *count += 1;
             guard.ip = Some(client);
+        }
+        if let Some(reason) = keys.reserve_keys(policy.enforce, &mut guard.keys)? {
+            would_reject.get_or_insert(reason);
         }
         if let Some(rate) = policy.rate {
             if !lock(&self.inner.bucket).try_take(rate, Instant::now()) {
@@ -285,6 +358,7 @@ impl Admission {
         AdmissionGuard {
             inner: Arc::clone(inner),
             ip: None,
+            keys: Vec::new(),
         }
     }
 
@@ -373,6 +447,9 @@ fn lock<T>(m: &Mutex<T>) -> loom::sync::MutexGuard<'_, T> {
 
 impl Drop for AdmissionGuard {
     fn drop(&mut self) {
+        // Key shares first: once the slot is free, a reconnect of the same
+        // tenant must find its key share free too.
+        self.keys.clear();
         let inner = &self.inner;
         if let Some(ip) = self.ip {
             let mut per_ip = lock(&inner.per_ip);

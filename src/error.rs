@@ -31,6 +31,11 @@ pub(crate) enum ProxyError {
     /// wsgate refused the upgrade.
     #[error("upgrade refused: {}", .0.label())]
     Rejected(RejectReason),
+    /// A key rule refused the upgrade, with the status it answers (SPEC §9:
+    /// 429 or 503 over the limit, 400 or 401 without a usable key, 401 for
+    /// a bad token, 503 for a full key table).
+    #[error("upgrade refused by a key rule: {}", .0.label())]
+    KeyRejected(RejectReason, StatusCode),
     /// The upstream could not be reached.
     #[error("cannot connect to the upstream: {0}")]
     UpstreamConnect(#[source] io::Error),
@@ -95,6 +100,7 @@ impl ProxyError {
                 StatusCode::BAD_REQUEST
             }
             ProxyError::Rejected(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::KeyRejected(_, status) => *status,
             ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamHandshake(_)
             | ProxyError::UpstreamBadAccept
@@ -121,6 +127,21 @@ impl ProxyError {
             ProxyError::Rejected(RejectReason::PerIp) => {
                 "wsgate: too many websocket connections from your address, retry later\n"
             }
+            ProxyError::Rejected(RejectReason::Key) | ProxyError::KeyRejected(RejectReason::Key, _) => {
+                "wsgate: too many websocket connections for your key, retry later\n"
+            }
+            ProxyError::Rejected(RejectReason::KeyMissing)
+            | ProxyError::KeyRejected(RejectReason::KeyMissing, _) => {
+                "wsgate: this endpoint needs a key the request does not carry (or one that is not usable)\n"
+            }
+            ProxyError::Rejected(RejectReason::KeyTableFull)
+            | ProxyError::KeyRejected(RejectReason::KeyTableFull, _) => {
+                "wsgate: too many distinct keys connected, retry later\n"
+            }
+            ProxyError::Rejected(RejectReason::Jwt) | ProxyError::KeyRejected(RejectReason::Jwt, _) => {
+                "wsgate: the token is not valid\n"
+            }
+            ProxyError::KeyRejected(_, _) => "wsgate: refused by a key rule\n",
             ProxyError::BadTarget(_) => "bad request target\n",
             ProxyError::ClientBody(_) => "wsgate: bad request body\n",
             ProxyError::UpstreamTimeout(_) | ProxyError::UpstreamRequestTimeout(_) => {
@@ -159,11 +180,15 @@ impl ProxyError {
 
     /// The answer the client gets. A failed upgrade always closes the
     /// connection (see [`Synthetic::close`]); every 503 carries
-    /// `Retry-After: retry_after_secs`.
+    /// `Retry-After: retry_after_secs`, and so does every 429.
     pub(crate) fn answer(&self, retry_after_secs: u64) -> Synthetic {
         let status = self.status();
         Synthetic {
-            retry_after: (status == StatusCode::SERVICE_UNAVAILABLE).then_some(retry_after_secs),
+            retry_after: matches!(
+                status,
+                StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+            )
+            .then_some(retry_after_secs),
             close: self.on_upgrade_path(),
             websocket_version: matches!(
                 self,

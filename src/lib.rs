@@ -15,6 +15,7 @@
 //! | `proxy` | the request handler: classify, admit, forward the upgrade or the plain request |
 //! | `headers` | pure header logic: classify, validate, rewrite |
 //! | `admission` | cap, per-IP, rate, dry run, watermarks; `RejectReason`; the RAII `AdmissionGuard` |
+//! | `keys/` | limits per key (SPEC §9): rules, key tables, key extraction, the JWT verifier |
 //! | `error` | `ProxyError`: every way a request fails, mapped to a status and a reason |
 //! | `responses` | every answer wsgate writes itself (400 … 504), with static bodies |
 //! | `tunnel` | the upstream handshake, then the tracked task that owns a slot |
@@ -26,7 +27,7 @@
 //! | `reload` | SIGHUP and the config-file watch |
 //! | `config/` | the keys, their defaults, validation, the figment stack, `check-config` output |
 //! | `metrics` | metric registration (names fixed by SPEC), labelled handles, encoding |
-//! | `admin` | `/metrics`, `/healthz`, `/readyz` on their own listener |
+//! | `admin/` | `/metrics`, `/healthz`, `/readyz`, `/keys` on their own listener; the admin token |
 //! | `demo` | `wsgate demo`: the page-and-echo upstream and its defaults |
 //!
 //! [`run`] takes listeners that are already bound and a channel of
@@ -41,6 +42,7 @@ pub(crate) mod drain;
 pub(crate) mod error;
 pub(crate) mod frames;
 pub(crate) mod headers;
+pub(crate) mod keys;
 pub(crate) mod metrics;
 pub(crate) mod proxy;
 pub(crate) mod reload;
@@ -92,7 +94,16 @@ pub async fn run(
     };
     readiness.check();
 
-    let admin = tokio::spawn(admin::serve(admin_listener, registry, readiness));
+    let token = admin::AdminToken::new(proxy.config().admin_token_file.clone());
+    let admin = tokio::spawn(admin::serve(
+        admin_listener,
+        admin::AdminState {
+            registry,
+            readiness,
+            keys: proxy.keys().clone(),
+            token: token.clone(),
+        },
+    ));
     let accept = tokio::spawn(server::serve(
         proxy_listener,
         proxy.clone(),
@@ -102,7 +113,7 @@ pub async fn run(
     // Serve, applying reloads, until the first shutdown request; a closed
     // channel means the same.
     while let Some(Control::Reload(loaded)) = control.recv().await {
-        apply_reload(&proxy, &metrics, *loaded);
+        apply_reload(&proxy, &token, &metrics, *loaded);
     }
     let config = proxy.config();
     let drive = Drive {
@@ -118,12 +129,18 @@ pub async fn run(
     Ok(())
 }
 
-fn apply_reload(proxy: &proxy::Proxy, metrics: &Metrics, loaded: Result<Config, ConfigError>) {
+fn apply_reload(
+    proxy: &proxy::Proxy,
+    token: &admin::AdminToken,
+    metrics: &Metrics,
+    loaded: Result<Config, ConfigError>,
+) {
     match loaded {
         Ok(config) => {
             for w in &config.warnings {
                 tracing::warn!("{w}");
             }
+            token.set_path(config.admin_token_file.clone());
             proxy.reload(config);
             metrics.reloads.inc(ReloadResult::Success);
         }

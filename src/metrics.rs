@@ -12,8 +12,8 @@ use std::marker::PhantomData;
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::admission::RejectReason;
@@ -204,6 +204,46 @@ pub(crate) struct Metrics {
     pub(crate) reloads: Family<ReloadResult>,
     /// `wsgate_close_frames_sent_total{reason}`.
     pub(crate) close_frames: Family<StopReason>,
+    /// The per-rule series of limits per key (SPEC §9).
+    pub(crate) keys: KeyMetrics,
+}
+
+/// The per-rule series of SPEC §9, labelled by rule name (never by a key
+/// value): they exist for the rules in force, created when a rule appears
+/// and removed when a reload drops it.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyMetrics {
+    /// `wsgate_key_rejected_total{rule}`.
+    rejected: IntCounterVec,
+    /// `wsgate_keys_tracked{rule}`.
+    tracked: IntGaugeVec,
+    /// `wsgate_key_busiest_ratio{rule}`.
+    busiest: GaugeVec,
+}
+
+impl KeyMetrics {
+    /// `wsgate_key_rejected_total{rule}`.
+    pub(crate) fn rejected(&self, rule: &str) -> IntCounter {
+        self.rejected.with_label_values(&[rule])
+    }
+
+    /// `wsgate_keys_tracked{rule}`.
+    pub(crate) fn tracked(&self, rule: &str) -> IntGauge {
+        self.tracked.with_label_values(&[rule])
+    }
+
+    /// `wsgate_key_busiest_ratio{rule}`.
+    pub(crate) fn busiest(&self, rule: &str) -> Gauge {
+        self.busiest.with_label_values(&[rule])
+    }
+
+    /// Drops a removed rule's series. Handles still held (by connections
+    /// admitted under the rule) keep working but are no longer exported.
+    pub(crate) fn remove(&self, rule: &str) {
+        let _ = self.rejected.remove_label_values(&[rule]);
+        let _ = self.tracked.remove_label_values(&[rule]);
+        let _ = self.busiest.remove_label_values(&[rule]);
+    }
 }
 
 /// Buckets for connection lifetimes: WebSockets live from milliseconds to days.
@@ -289,6 +329,27 @@ impl Metrics {
             ),
             &["reason"],
         )?;
+        let key_rejected = IntCounterVec::new(
+            Opts::new(
+                "wsgate_key_rejected_total",
+                "WebSocket upgrades refused by a key rule, by rule",
+            ),
+            &["rule"],
+        )?;
+        let keys_tracked = IntGaugeVec::new(
+            Opts::new(
+                "wsgate_keys_tracked",
+                "Distinct key values with connections now, by rule",
+            ),
+            &["rule"],
+        )?;
+        let key_busiest = GaugeVec::new(
+            Opts::new(
+                "wsgate_key_busiest_ratio",
+                "Highest active / limit among a rule's key values (1 = some key is full)",
+            ),
+            &["rule"],
+        )?;
         let reloads = IntCounterVec::new(
             Opts::new(
                 "wsgate_config_reloads_total",
@@ -317,6 +378,9 @@ impl Metrics {
             Box::new(expired.clone()),
             Box::new(reloads.clone()),
             Box::new(close_frames.clone()),
+            Box::new(key_rejected.clone()),
+            Box::new(keys_tracked.clone()),
+            Box::new(key_busiest.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
         for c in collectors {
@@ -338,6 +402,11 @@ impl Metrics {
             drained,
             expired,
             reloads: Family::new(&reloads),
+            keys: KeyMetrics {
+                rejected: key_rejected,
+                tracked: keys_tracked,
+                busiest: key_busiest,
+            },
             close_frames: Family::new(&close_frames),
         })
     }

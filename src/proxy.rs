@@ -3,7 +3,8 @@
 //!
 //! Order on the upgrade path (SPEC §3), each step before the next costs
 //! anything: validate the handshake (400) → refuse if draining (503) →
-//! reserve a slot without waiting (503 over the cap) → connect and forward
+//! reserve a slot without waiting (503 over the cap, per-IP, key rules,
+//! rate; `admission` and `keys`) → connect and forward
 //! the handshake within `upstream_connect_timeout` (502/504) → return the
 //! upstream's 101 and hand the slot to a tracked tunnel task. Errors before
 //! the hand-over drop the slot guard, which is the release.
@@ -27,6 +28,7 @@ use crate::config::Config;
 use crate::drain::Tunnels;
 use crate::error::{ProxyError, UpstreamErrorKind};
 use crate::headers::{self, RequestKind};
+use crate::keys::{KeyLimits, KeyRequest};
 use crate::metrics::Metrics;
 use crate::responses::{self, ProxyBody};
 use crate::shutdown::Shutdown;
@@ -48,6 +50,8 @@ struct Inner {
     /// Swapped whole on reload; each request works on one snapshot.
     config: RwLock<Arc<Config>>,
     admission: Admission,
+    /// Limits per key: the rules in force and their tables.
+    keys: KeyLimits,
     /// Live tunnels, for the drain.
     tunnels: Tunnels,
     metrics: Arc<Metrics>,
@@ -85,10 +89,12 @@ impl Proxy {
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .build(connector);
         let upstream_authority = config.upstream.authority.parse()?;
+        let keys = KeyLimits::new(&config, metrics.keys.clone());
         Ok(Proxy {
             inner: Arc::new(Inner {
                 config: RwLock::new(Arc::new(config)),
                 admission,
+                keys,
                 tunnels: Tunnels::new(),
                 metrics: Arc::new(metrics),
                 shutdown,
@@ -101,6 +107,11 @@ impl Proxy {
     /// The admission state (for tests and the admin server).
     pub(crate) fn admission(&self) -> &Admission {
         &self.inner.admission
+    }
+
+    /// The limits per key (for `/keys` and the busiest-ratio gauges).
+    pub(crate) fn keys(&self) -> &KeyLimits {
+        &self.inner.keys
     }
 
     /// The live tunnels (for the drain).
@@ -142,6 +153,7 @@ impl Proxy {
         new.upstream = old.upstream.clone();
         self.inner.admission.set_cap(new.max_clients);
         self.inner.admission.set_policy(policy_of(&new));
+        self.inner.keys.apply(&new);
         tracing::info!(
             max_clients = new.max_clients,
             active = self.inner.admission.active(),
@@ -183,7 +195,7 @@ impl Proxy {
     /// Counts and logs a failed upgrade.
     fn count_failure(&self, e: &ProxyError, peer: SocketAddr) {
         let m = &self.inner.metrics;
-        if let ProxyError::Rejected(reason) = e {
+        if let ProxyError::Rejected(reason) | ProxyError::KeyRejected(reason, _) = e {
             m.rejected.inc(*reason);
             tracing::debug!(%peer, reason = reason.label(), "refused a websocket upgrade from {peer}: {}", reason.label());
         } else if let Some(kind) = e.upstream_kind() {
@@ -203,10 +215,22 @@ impl Proxy {
             return Err(ProxyError::Rejected(RejectReason::Draining));
         }
         let client = headers::client_address(req.headers(), peer.ip(), config.trusted_hops);
+        let rules = inner.keys.rules();
+        let mut keys = KeyRequest::new(
+            &inner.keys,
+            &rules,
+            &config.jwt_from,
+            req.headers(),
+            req.uri(),
+        );
         let admitted = inner
             .admission
-            .admit(client)
-            .map_err(ProxyError::Rejected)?;
+            .admit_with_keys(client, &mut keys)
+            .map_err(|reason| match keys.refusal_status(reason) {
+                Some(status) => ProxyError::KeyRejected(reason, status),
+                None => ProxyError::Rejected(reason),
+            })?;
+        drop(keys);
         if let Some(reason) = admitted.would_reject {
             inner.metrics.would_reject.inc(reason);
             tracing::debug!(

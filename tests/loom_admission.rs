@@ -28,6 +28,14 @@ mod config {
     pub(crate) use wsgate::config::{RateLimit, Watermarks};
 }
 
+/// What `admission.rs` reaches through `crate::keys`: the guard owns key
+/// holds, which this model does not take (the key table has its own
+/// property test in `src/keys/table.rs`).
+mod keys {
+    #[derive(Debug)]
+    pub(crate) struct KeyHold;
+}
+
 use std::net::IpAddr;
 
 use admission::{Admission, Policy};

@@ -96,7 +96,47 @@ mod tests {
         let written = toml::to_string(&raw).expect("serialise");
         let config = Config::validate(raw).expect("valid");
         assert_eq!(keys(&config.to_toml()), keys(&written));
-        assert_eq!(keys(&written).len(), 27, "{written}");
+        assert_eq!(keys(&written).len(), 29, "{written}");
+    }
+
+    /// Key rules print as `[[key_limits]]` tables that load to the same rules.
+    #[test]
+    fn key_rules_print_and_load_to_themselves() {
+        Jail::expect_with(|jail| {
+            jail.set_env("WSGATE_UPSTREAM", "app:3000");
+            jail.create_file(
+                "rules.toml",
+                r#"
+                [[key_limits]]
+                name = "tenant"
+                key = "header:X-Tenant"
+                max_per_key = 2
+                [key_limits.overrides]
+                "big\"one\\" = 10
+                internal = 0
+
+                [[key_limits]]
+                name = "room"
+                key = "path_segment:2"
+                max_per_key = 50
+                path_prefix = "/rooms/"
+                missing = "reject"
+                status = 503
+                max_keys = 10
+                "#,
+            )?;
+            let printed = Config::load(Some("rules.toml".as_ref()))
+                .expect("valid")
+                .to_toml();
+            assert!(printed.contains("key = \"header:x-tenant\""), "{printed}");
+            assert!(printed.contains("missing = \"reject\""), "{printed}");
+            jail.create_file("printed.toml", &printed)?;
+            let again = Config::load(Some("printed.toml".as_ref())).expect("loads");
+            assert_eq!(again.to_toml(), printed);
+            assert_eq!(again.key_limits.len(), 2);
+            assert_eq!(again.key_limits[0].limit_for("big\"one\\"), 10);
+            Ok(())
+        });
     }
 
     #[test]

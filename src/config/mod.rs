@@ -36,6 +36,7 @@
 mod duration;
 mod effective;
 mod error;
+mod key_limits;
 mod load;
 mod validate;
 mod values;
@@ -50,6 +51,10 @@ use serde::{Deserialize, Serialize};
 
 pub use self::duration::ConfigDuration;
 pub use self::error::ConfigError;
+pub use self::key_limits::{
+    is_usable_key, JwtSettings, KeyRule, KeySource, MissingKey, RawKeyRule, TokenSource,
+    MAX_KEY_LEN,
+};
 pub use self::load::{ConfigSource, ENV_PREFIX, LEGACY_MAX_CLIENTS_ENV};
 pub use self::values::{LogFormat, Upstream};
 
@@ -148,6 +153,19 @@ pub struct RawConfig {
     /// How long to wait for the peers' Close replies before closing TCP.
     #[serde(deserialize_with = "PositiveDuration::checked")]
     pub close_timeout: ConfigDuration,
+    /// A file holding the admin token (`GET /keys`); unset = those paths are 404.
+    pub admin_token_file: Option<String>,
+    /// The JWKS document for `jwt_claim` rules (re-read when it changes).
+    pub jwt_jwks_file: Option<String>,
+    /// Required `iss` of tokens, when set.
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` of tokens, when set.
+    pub jwt_audience: Option<String>,
+    /// Where the token is: `header:Authorization` (Bearer), `query:P`, `cookie:C`.
+    pub jwt_from: String,
+    /// `[[key_limits]]`: concurrent connections per key (SPEC §9). Last:
+    /// TOML writes tables after plain values.
+    pub key_limits: Vec<RawKeyRule>,
 }
 
 /// The built-in defaults (SPEC §2, §7, §8), one line per key.
@@ -182,6 +200,12 @@ impl Default for RawConfig {
             close_code_lifetime: 1001,
             close_code_idle: 1001,
             close_timeout: secs(2),
+            admin_token_file: None,
+            jwt_jwks_file: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_from: "header:Authorization".into(),
+            key_limits: Vec::new(),
         }
     }
 }
@@ -250,6 +274,17 @@ pub struct Config {
     /// Close frames wsgate sends when it ends a connection (SPEC §8).
     #[serde(flatten)]
     pub close: CloseSettings,
+    /// The admin token's file; `None` = protected admin paths are 404.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<std::path::PathBuf>,
+    /// The JWT verifier's keys and expectations; `None` without a JWKS file.
+    #[serde(flatten)]
+    pub jwt: Option<JwtSettings>,
+    /// Where the JWT is read from.
+    #[serde(serialize_with = "key_limits::written")]
+    pub jwt_from: TokenSource,
+    /// Limits per key, in the order they are checked.
+    pub key_limits: Vec<KeyRule>,
     /// Messages to log once logging is up (e.g. a negative cap taken as 0).
     #[serde(skip)]
     pub warnings: Vec<String>,

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use super::duration::{AnyDuration, Keepalive, OffOrDuration, PositiveDuration};
+use super::key_limits;
 use super::values::{
     Cap, CloseCode, Fraction, ListenAddress, NonNegative, TrueOrFalse, ValueKind, WholeNumber,
 };
@@ -42,6 +43,11 @@ impl Config {
                 expected: Upstream::EXPECTED.into(),
             });
         };
+        let jwt = key_limits::jwt(
+            raw.jwt_jwks_file.as_deref(),
+            raw.jwt_issuer.as_deref(),
+            raw.jwt_audience.as_deref(),
+        )?;
         let config = Config {
             listen: ListenAddress::value("listen", &raw.listen)?,
             upstream: Upstream::value("upstream", upstream)?,
@@ -90,6 +96,10 @@ impl Config {
                 idle: CloseCode::value("close_code_idle", &raw.close_code_idle)?,
                 timeout: PositiveDuration::value("close_timeout", &raw.close_timeout)?,
             },
+            admin_token_file: key_limits::admin_token_file(raw.admin_token_file.as_deref())?,
+            jwt: jwt.clone(),
+            jwt_from: key_limits::token_source(&raw.jwt_from)?,
+            key_limits: key_limits::rules(&raw.key_limits, jwt.as_ref())?,
             warnings,
         };
         rules_across_keys(&config)?;

@@ -6,8 +6,14 @@
 //! - `GET /readyz`: 200 while accepting; 503 from the shutdown signal on,
 //!   and while saturated (active reached `ready_high_watermark` of the cap
 //!   and has not yet come down to `ready_low_watermark`).
+//! - `GET /keys?rule=NAME&top=N`: the busiest key values of a key rule, as
+//!   JSON (SPEC §9); needs the admin token (`token.rs`).
 //!
 //! Anything else is 404 (405 for a known path with another method).
+
+mod token;
+
+pub(crate) use self::token::AdminToken;
 
 use std::convert::Infallible;
 
@@ -23,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use crate::admission::Admission;
+use crate::keys::KeyLimits;
 use crate::metrics;
 use crate::shutdown::Shutdown;
 
@@ -46,9 +53,25 @@ impl Readiness {
     }
 }
 
+/// What the admin routes answer from.
+#[derive(Debug, Clone)]
+pub(crate) struct AdminState {
+    /// Every wsgate metric.
+    pub(crate) registry: Registry,
+    /// `/readyz`.
+    pub(crate) readiness: Readiness,
+    /// `/keys`, and the busiest-ratio gauges refreshed at each scrape.
+    pub(crate) keys: KeyLimits,
+    /// Who may use the operator paths.
+    pub(crate) token: AdminToken,
+}
+
+/// The most values `/keys` lists at once (`top` above it is clamped).
+const MAX_TOP: usize = 1000;
+
 /// Serves the admin routes until the returned future is dropped (which also
 /// aborts its connection tasks: they live in a `JoinSet`).
-pub(crate) async fn serve(listener: TcpListener, registry: Registry, readiness: Readiness) {
+pub(crate) async fn serve(listener: TcpListener, state: AdminState) {
     let mut connections = JoinSet::new();
     let mut builder = http1::Builder::new();
     builder
@@ -65,10 +88,9 @@ pub(crate) async fn serve(listener: TcpListener, registry: Registry, readiness: 
                 continue;
             }
         };
-        let registry = registry.clone();
-        let readiness = readiness.clone();
+        let state = state.clone();
         let service = service_fn(move |req| {
-            let resp = route(&req, &registry, &readiness);
+            let resp = route(&req, &state);
             async move { Ok::<_, Infallible>(resp) }
         });
         let conn = builder.serve_connection(TokioIo::new(stream), service);
@@ -80,22 +102,32 @@ pub(crate) async fn serve(listener: TcpListener, registry: Registry, readiness: 
     }
 }
 
-fn route(
-    req: &Request<Incoming>,
-    registry: &Registry,
-    readiness: &Readiness,
-) -> Response<Full<Bytes>> {
+fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    let readiness = &state.readiness;
     let path = req.uri().path();
-    if !matches!(path, "/metrics" | "/healthz" | "/readyz") {
+    if path == "/keys" {
+        if let Err(status) = state.token.check(req.headers()) {
+            return match status {
+                StatusCode::NOT_FOUND => text(status, "not found\n"),
+                _ => text(
+                    status,
+                    "unauthorized: send Authorization: Bearer <admin token>\n",
+                ),
+            };
+        }
+    }
+    if !matches!(path, "/metrics" | "/healthz" | "/readyz" | "/keys") {
         return text(StatusCode::NOT_FOUND, "not found\n");
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
     match path {
+        "/keys" => keys(req.uri().query().unwrap_or(""), &state.keys),
         "/metrics" => {
             readiness.check();
-            let mut resp = Response::new(Full::new(Bytes::from(metrics::encode(registry))));
+            state.keys.refresh_gauges();
+            let mut resp = Response::new(Full::new(Bytes::from(metrics::encode(&state.registry))));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -109,6 +141,41 @@ fn route(
         }
         _ => text(StatusCode::SERVICE_UNAVAILABLE, "saturated\n"),
     }
+}
+
+/// `GET /keys?rule=NAME&top=N` (token already checked).
+fn keys(query: &str, limits: &KeyLimits) -> Response<Full<Bytes>> {
+    let mut rule = None;
+    let mut top = Some(20);
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "rule" => rule = Some(v.into_owned()),
+            "top" => top = v.parse::<usize>().ok(),
+            _ => {}
+        }
+    }
+    let Some(top) = top else {
+        return text(StatusCode::BAD_REQUEST, "top must be a whole number\n");
+    };
+    let Some(rule) = rule else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "name a key rule: /keys?rule=NAME\n",
+        );
+    };
+    let Some(answer) = limits.top(&rule, top.min(MAX_TOP)) else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "no key rule of that name is in force\n",
+        );
+    };
+    let body = serde_json::to_vec(&answer).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
