@@ -222,6 +222,7 @@ def test_prometheusrule_thresholds_are_values(render):
         "rejecting": {"threshold": 5, "for": "3m"},
         "upstreamErrors": {"threshold": 50, "for": "4m"},
         "notReady": {"for": "15m"},
+        "keyPinned": {"threshold": 0.9, "for": "20m"},
     }}).one("PrometheusRule")
     rules = {r["alert"]: r for r in pr["spec"]["groups"][0]["rules"]}
     assert rules["WsgateSaturationHigh"]["expr"].strip().endswith("> 0.9")
@@ -231,6 +232,9 @@ def test_prometheusrule_thresholds_are_values(render):
     assert rules["WsgateRejectingConnections"]["for"] == "3m"
     assert rules["WsgateUpstreamErrors"]["expr"].strip().endswith("> 50")
     assert rules["WsgatePodNotReady"]["for"] == "15m"
+    assert rules["WsgateKeyPinnedAtLimit"]["expr"].strip().endswith(">= 0.9")
+    assert rules["WsgateKeyPinnedAtLimit"]["for"] == "20m"
+    assert "90% or more" in rules["WsgateKeyPinnedAtLimit"]["annotations"]["description"]
     for r in rules.values():
         assert r["labels"] == {"severity": "page", "team": "chat"}
 

@@ -8,7 +8,8 @@ import yaml
 
 from conftest import PROMTOOL_BIN, RULES_FILE, RULES_TEST_FILE
 
-EXPECTED_ALERTS = {"WsgateSaturationHigh", "WsgateRejectingConnections", "WsgateUpstreamErrors", "WsgatePodNotReady"}
+EXPECTED_ALERTS = {"WsgateSaturationHigh", "WsgateRejectingConnections", "WsgateUpstreamErrors", "WsgatePodNotReady",
+                   "WsgateKeyPinnedAtLimit"}
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -30,7 +31,7 @@ def test_check_rules():
     assert f"SUCCESS: {len(EXPECTED_ALERTS)} rules found" in res.stdout
 
 
-def test_rule_file_has_the_four_alerts_with_severity_and_text():
+def test_rule_file_has_the_alerts_with_severity_and_text():
     rules = [r for g in yaml.safe_load(RULES_FILE.read_text())["groups"] for r in g["rules"]]
     assert {r["alert"] for r in rules} == EXPECTED_ALERTS
     for r in rules:
@@ -39,6 +40,12 @@ def test_rule_file_has_the_four_alerts_with_severity_and_text():
         assert r.get("for"), f"{r['alert']} needs a for: so one bad scrape does not page"
     sat = next(r for r in rules if r["alert"] == "WsgateSaturationHigh")
     assert sat["for"] == "5m" and "> 0" in sat["expr"], "unlimited pods (max = 0) must be excluded"
+    pinned = next(r for r in rules if r["alert"] == "WsgateKeyPinnedAtLimit")
+    # One alert per rule (and namespace), whichever pod holds the full key; never a key value in a
+    # label (SPEC §9 has none to give).
+    assert pinned["for"] == "10m"
+    assert pinned["expr"].split() == "max by (namespace, rule) (wsgate_key_busiest_ratio) >= 1".split()
+    assert "/keys?rule={{ $labels.rule }}" in pinned["annotations"]["description"]
 
 
 def test_promtool_unit_tests_pass():
