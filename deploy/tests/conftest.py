@@ -46,7 +46,7 @@ SPEC_KEYS = [
 # the chart sets it only when the value is given.
 OPTIONAL_ENV = {"WSGATE_READY_LOW_WATERMARK"}
 
-# The metric names of SPEC.md §4, §7, §8 (names are fixed: dashboard and alerts may use only these).
+# The metric names of SPEC.md §4, §7, §8, §9 (names are fixed: dashboard and alerts may use only these).
 SPEC_METRICS = {
     "wsgate_connections_active", "wsgate_connections_max", "wsgate_connections_admitted_total",
     "wsgate_connections_rejected_total", "wsgate_upstream_errors_total",
@@ -58,6 +58,8 @@ SPEC_METRICS = {
     "wsgate_close_frames_sent_total", "process_resident_memory_bytes", "process_open_fds",
     "process_max_fds", "process_cpu_seconds_total", "process_virtual_memory_bytes",
     "process_start_time_seconds",
+    # §9 limits per key (per-rule series exist only for configured rules)
+    "wsgate_key_rejected_total", "wsgate_keys_tracked", "wsgate_key_busiest_ratio",
 }
 
 CRD_KINDS = {"PodMonitor", "PrometheusRule", "ServiceMonitor"}

@@ -113,3 +113,27 @@ def test_required_views_are_present():
                    "process_open_fds", "wsgate_ready", "wsgate_connections_drained_total",
                    'reason=~"rate|per_ip"'):
         assert needle in exprs, needle
+
+
+def test_limits_per_key_row():
+    """SPEC §9: refusals by rule, keys tracked and the busiest key's ratio, with thresholds at 0.8 / 1."""
+    d = dashboard()
+    rows = [p["title"] for p in d["panels"] if p["type"] == "row"]
+    assert rows.index("Limits per key") == rows.index("Admission") + 1, rows
+    by_title = {p["title"]: p for p in panels()}
+    refusals = by_title["Key-limit refusals by rule"]
+    assert refusals["targets"][0]["expr"].startswith("sum by (rule) (rate(wsgate_key_rejected_total{")
+    assert refusals["targets"][0]["legendFormat"] == "{{rule}}"
+    assert refusals["fieldConfig"]["defaults"]["unit"] == "cps"
+    assert 'reason=~"key|key_missing|key_table_full|jwt"' in refusals["targets"][1]["expr"]
+    tracked = by_title["Keys tracked"]
+    assert tracked["targets"][0]["expr"].startswith("max by (rule) (wsgate_keys_tracked{")
+    busiest = by_title["Busiest key ratio"]
+    (t,) = busiest["targets"]
+    assert t["expr"].startswith("max by (rule) (wsgate_key_busiest_ratio{")
+    defaults = busiest["fieldConfig"]["defaults"]
+    assert defaults["unit"] == "percentunit"
+    assert [s["value"] for s in defaults["thresholds"]["steps"]] == [None, 0.8, 1]
+    assert [s["color"] for s in defaults["thresholds"]["steps"]] == ["green", "orange", "red"]
+    # A limit lowered under the active count leaves the ratio above 1: the axis must not clip it.
+    assert "max" not in defaults
