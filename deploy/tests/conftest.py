@@ -139,6 +139,34 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Limits per key (SPEC §9). Not in VALUE_SETS: its WSGATE_CONFIG names a path that exists only in the
+# pod, so the binary tests there could not load it; test_helm_key_limits.py renders, lints and
+# validates it instead, and test_binary_accepts_chart_env.py feeds its config.toml to the binary.
+# An override key with a quote and a backslash checks the chart's TOML escaping.
+WEIRD_KEY = 'acme "eu"\\west'
+KEY_LIMITS_VALUES: dict[str, Any] = {
+    "keyLimits": [
+        {"name": "tenant", "key": "header:X-Tenant-Id", "maxPerKey": 50,
+         "overrides": {"big-customer": 500, "internal": 0, WEIRD_KEY: 7}},
+        {"name": "user", "key": "jwt_claim:sub", "maxPerKey": 5, "pathPrefix": "/chat", "missing": "reject",
+         "status": 503, "maxKeys": 1000000, "fleet": False},
+        {"name": "room", "key": "path_segment:2", "maxPerKey": 200, "missing": "allow"},
+    ],
+    "jwt": {"jwksSecret": {"name": "auth-jwks", "key": "jwks.json"}, "issuer": "https://auth.example.com/",
+            "audience": "chat", "from": "query:access_token"},
+    "adminToken": {"secretName": "wsgate-admin", "key": "token"},
+}
+# keyLimits field (camelCase value) -> [[key_limits]] key in wsgate's TOML.
+KEY_LIMIT_FIELDS = {"name": "name", "key": "key", "maxPerKey": "max_per_key", "overrides": "overrides",
+                    "pathPrefix": "path_prefix", "missing": "missing", "status": "status",
+                    "maxKeys": "max_keys", "fleet": "fleet"}
+
+
+def expected_key_limits(values: dict[str, Any]) -> list[dict[str, Any]]:
+    """The [[key_limits]] tables a set of values should produce: the fields given, renamed."""
+    return [{KEY_LIMIT_FIELDS[k]: v for k, v in rule.items()} for rule in values.get("keyLimits", [])]
+
+
 class Rendered:
     """The objects one `helm template` run produced, keyed for easy lookup."""
 
@@ -162,6 +190,16 @@ class Rendered:
     def maybe(self, kind: str) -> dict[str, Any] | None:
         found = [o for o in self.objects if o["kind"] == kind]
         return found[0] if found else None
+
+    def named(self, kind: str, suffix: str) -> dict[str, Any] | None:
+        found = [o for o in self.objects if o["kind"] == kind and o["metadata"]["name"].endswith(suffix)]
+        assert len(found) <= 1, found
+        return found[0] if found else None
+
+    def config_toml(self) -> str | None:
+        """config.toml of the keyLimits ConfigMap (<fullname>-config), None when it is not rendered."""
+        cm = self.named("ConfigMap", "-config")
+        return cm["data"]["config.toml"] if cm else None
 
 
 @pytest.fixture(scope="session")

@@ -77,6 +77,164 @@ two values. Fails the render with a message naming the values.
 {{- if and (not (kindIs "invalid" .Values.readyLowWatermark)) (ge (float64 .Values.readyLowWatermark) (float64 .Values.readyHighWatermark)) -}}
 {{- fail (printf "readyLowWatermark (%v) must be below readyHighWatermark (%v)" .Values.readyLowWatermark .Values.readyHighWatermark) -}}
 {{- end -}}
+{{- include "wsgate.validateKeyLimits" . -}}
+{{- end -}}
+
+{{/*
+wsgate.validateKeyLimits: what values.schema.json cannot say about keyLimits and jwt, because
+JSON Schema cannot compare list items with each other or look at another value.
+*/}}
+{{- define "wsgate.validateKeyLimits" -}}
+{{- $jwks := .Values.jwt.jwksSecret.name -}}
+{{- $seen := dict -}}
+{{- range $i, $r := .Values.keyLimits -}}
+{{- if hasKey $seen (toString $r.name) -}}
+{{- fail (printf "keyLimits[%d]: the rule name %q is used twice (keyLimits[%v] has it too); names must be unique: they are the rule label of the metrics and of /keys?rule=" $i $r.name (get $seen (toString $r.name))) -}}
+{{- end -}}
+{{- $_ := set $seen (toString $r.name) $i -}}
+{{- if and (hasPrefix "jwt_claim:" (toString $r.key)) (not $jwks) -}}
+{{- fail (printf "keyLimits[%d] (%s): key %q needs jwt.jwksSecret.name, the Secret with the JWKS that verifies the tokens; an unverified claim is never used as a key" $i $r.name $r.key) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (not $jwks) (or .Values.jwt.issuer .Values.jwt.audience .Values.jwt.from) -}}
+{{- fail "jwt.issuer, jwt.audience and jwt.from take effect only with jwt.jwksSecret.name (the Secret with the JWKS): set it, or unset them" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Limits per key (SPEC §9): where the chart mounts the config file and the Secrets. Directories,
+never subPath mounts: the kubelet updates a ConfigMap or Secret volume in place by swapping a
+symlink in the directory, and a subPath mount pins the file that was there at start, so edits
+would never reach wsgate.
+*/}}
+{{- define "wsgate.configDir" -}}/etc/wsgate/config{{- end -}}
+{{- define "wsgate.jwksDir" -}}/etc/wsgate/jwks{{- end -}}
+{{- define "wsgate.adminTokenDir" -}}/etc/wsgate/admin{{- end -}}
+
+{{/*
+wsgate.configFile: the path of the rendered config file, or "" when nothing needs one (no
+keyLimits and no JWT verifier: then the chart renders exactly what it did before them).
+*/}}
+{{- define "wsgate.configFile" -}}
+{{- if or .Values.keyLimits .Values.jwt.jwksSecret.name -}}
+{{- include "wsgate.configDir" . }}/config.toml
+{{- end -}}
+{{- end -}}
+
+{{/*
+wsgate.tomlString: a string as a TOML basic string. toJson of a string is a JSON string, and every
+escape JSON uses (\" \\ \n \t \b \f \r \uXXXX, including Go's \u003c \u003e \u0026 for < > &)
+means the same in TOML. The one difference: TOML forbids a raw DEL (U+007F) that JSON leaves
+as it is, so it is escaped too. Quotes and backslashes in key values and overrides are safe.
+*/}}
+{{- define "wsgate.tomlString" -}}
+{{- toJson (toString .) | replace "\x7f" "\\u007f" -}}
+{{- end -}}
+
+{{/*
+wsgate.configToml: config.toml for the ConfigMap: the JWT verifier's top-level keys, then one
+[[key_limits]] table per rule, in values order (wsgate checks rules in file order). Optional rule
+fields are written only when given, so wsgate's own defaults apply otherwise. Integers through
+int64, so large values never come out as 1e+06.
+*/}}
+{{- define "wsgate.configToml" -}}
+# Rendered by the wsgate Helm chart from keyLimits and jwt (SPEC §9). All other settings reach
+# wsgate as WSGATE_* environment variables, which take precedence over this file.
+{{- with .Values.jwt }}
+{{- if .jwksSecret.name }}
+jwt_jwks_file = {{ include "wsgate.tomlString" (printf "%s/jwks.json" (include "wsgate.jwksDir" $)) }}
+{{- with .issuer }}
+jwt_issuer = {{ include "wsgate.tomlString" . }}
+{{- end }}
+{{- with .audience }}
+jwt_audience = {{ include "wsgate.tomlString" . }}
+{{- end }}
+{{- with .from }}
+jwt_from = {{ include "wsgate.tomlString" . }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range $r := .Values.keyLimits }}
+
+[[key_limits]]
+name = {{ include "wsgate.tomlString" $r.name }}
+key = {{ include "wsgate.tomlString" $r.key }}
+max_per_key = {{ $r.maxPerKey | int64 }}
+{{- if hasKey $r "pathPrefix" }}
+path_prefix = {{ include "wsgate.tomlString" $r.pathPrefix }}
+{{- end }}
+{{- if hasKey $r "missing" }}
+missing = {{ include "wsgate.tomlString" $r.missing }}
+{{- end }}
+{{- if hasKey $r "status" }}
+status = {{ $r.status | int64 }}
+{{- end }}
+{{- if hasKey $r "maxKeys" }}
+max_keys = {{ $r.maxKeys | int64 }}
+{{- end }}
+{{- if hasKey $r "fleet" }}
+fleet = {{ $r.fleet | toString }}
+{{- end }}
+{{- with $r.overrides }}
+[key_limits.overrides]
+{{- range $value, $limit := . }}
+{{ include "wsgate.tomlString" $value }} = {{ $limit | int64 }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/*
+wsgate.volumeMounts / wsgate.volumes: the config file and the Secrets, each only when used; both
+empty otherwise. A chart that includes wsgate.container into its own pod spec must add
+wsgate.volumes to that pod (see README: Using the container in your own chart).
+*/}}
+{{- define "wsgate.volumeMounts" -}}
+{{- if include "wsgate.configFile" . }}
+- name: wsgate-config
+  mountPath: {{ include "wsgate.configDir" . }}
+  readOnly: true
+{{- end }}
+{{- if .Values.jwt.jwksSecret.name }}
+- name: wsgate-jwks
+  mountPath: {{ include "wsgate.jwksDir" . }}
+  readOnly: true
+{{- end }}
+{{- if .Values.adminToken.secretName }}
+- name: wsgate-admin-token
+  mountPath: {{ include "wsgate.adminTokenDir" . }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "wsgate.volumes" -}}
+{{- if include "wsgate.configFile" . }}
+- name: wsgate-config
+  configMap:
+    name: {{ include "wsgate.fullname" . }}-config
+{{- end }}
+{{- with .Values.jwt.jwksSecret }}
+{{- if .name }}
+# The Secret's key under a fixed file name. Mode stays the default 0644: the files belong to
+# root and wsgate runs as 65532, so anything tighter would need a pod fsGroup.
+- name: wsgate-jwks
+  secret:
+    secretName: {{ .name }}
+    items:
+      - key: {{ .key }}
+        path: jwks.json
+{{- end }}
+{{- end }}
+{{- with .Values.adminToken }}
+{{- if .secretName }}
+- name: wsgate-admin-token
+  secret:
+    secretName: {{ .secretName }}
+    items:
+      - key: {{ .key }}
+        path: token
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{/*
@@ -140,6 +298,15 @@ wsgate.env: one WSGATE_* variable per configuration value (SPEC §2, §7, §8).
   value: {{ $v.closeCodeIdle | int64 | quote }}
 - name: WSGATE_CLOSE_TIMEOUT
   value: {{ $v.closeTimeout | toString | quote }}
+{{- with include "wsgate.configFile" . }}
+# keyLimits / jwt (SPEC §9), rendered into the mounted ConfigMap; reloaded in place on an edit.
+- name: WSGATE_CONFIG
+  value: {{ . | quote }}
+{{- end }}
+{{- if $v.adminToken.secretName }}
+- name: WSGATE_ADMIN_TOKEN_FILE
+  value: {{ printf "%s/token" (include "wsgate.adminTokenDir" .) | quote }}
+{{- end }}
 {{- with $v.extraEnv }}
 {{ toYaml . }}
 {{- end }}
@@ -178,6 +345,10 @@ ports:
     protocol: TCP
 env:
 {{- include "wsgate.env" . | nindent 2 }}
+{{- with include "wsgate.volumeMounts" . | trim }}
+volumeMounts:
+  {{- . | nindent 2 }}
+{{- end }}
 {{- if $v.probes.startup.enabled }}
 startupProbe:
   httpGet:
