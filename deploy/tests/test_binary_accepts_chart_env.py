@@ -123,3 +123,56 @@ def test_binary_accepts_the_full_chart_env(render, name):
 
 def test_binary_accepts_the_full_example_env():
     _full(example_env("native-sidecar.yaml"))
+
+
+# A JWKS with one HS256 key, for when the repository has no JWT fixture of its own.
+TINY_JWKS = '{"keys":[{"kty":"oct","kid":"t","alg":"HS256","k":"c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"}]}'
+
+
+def test_binary_accepts_the_rendered_key_limits_config(render, tmp_path):
+    """SPEC §9: the config.toml the chart renders from keyLimits and jwt (KEY_LIMITS_VALUES: three
+    rules, every field, an override key with a quote and a backslash) is loaded by
+    `wsgate check-config --config`, and the effective configuration it prints has the rules as
+    given. The JWKS and admin-token paths of the pod do not exist here: the environment points
+    them at local files, as it overrides the file in the pod too.
+
+    Fails until the binary implements key_limits, jwt_* and admin_token_file (no skip, no xfail:
+    it is the check that the chart and the binary agree)."""
+    import tomllib
+
+    from conftest import KEY_LIMITS_VALUES, expected_key_limits
+
+    r = render(KEY_LIMITS_VALUES)
+    (cm,) = [o for o in r.objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-config")]
+    config = tmp_path / "config.toml"
+    config.write_text(cm["data"]["config.toml"])
+    fixture = ROOT / "tests" / "fixtures" / "jwt" / "jwks.json"
+    if fixture.is_file():
+        jwks = fixture
+    else:
+        jwks = tmp_path / "jwks" / "jwks.json"
+        jwks.parent.mkdir()
+        jwks.write_text(TINY_JWKS)
+    token = tmp_path / "admin" / "token"
+    token.parent.mkdir()
+    token.write_text("s3cret-admin-token\n")
+    if not WSGATE_BIN.exists():
+        pytest.skip(f"wsgate binary not built at {WSGATE_BIN}")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "WSGATE_UPSTREAM": "127.0.0.1:1",
+           "WSGATE_JWT_JWKS_FILE": str(jwks), "WSGATE_ADMIN_TOKEN_FILE": str(token)}
+    res = subprocess.run([str(WSGATE_BIN), "check-config", "--config", str(config)], env=env,
+                         capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, f"exit {res.returncode}\n--- config.toml\n{config.read_text()}\n--- stderr\n{res.stderr}"
+    printed = tomllib.loads(res.stdout)  # check-config prints the effective configuration as TOML
+    assert "key_limits" in printed, res.stdout
+    want = expected_key_limits(KEY_LIMITS_VALUES)
+    assert [rule["name"] for rule in printed["key_limits"]] == [rule["name"] for rule in want], res.stdout
+    for got, rule in zip(printed["key_limits"], want):
+        # Fields the values left out are printed with wsgate's defaults; those given must be as given.
+        for field, value in rule.items():
+            assert got.get(field) == value, (rule["name"], field, got.get(field), value)
+    assert printed["jwt_jwks_file"] == str(jwks)  # the environment overrides the file
+    assert printed["jwt_issuer"] == KEY_LIMITS_VALUES["jwt"]["issuer"]
+    assert printed["jwt_audience"] == KEY_LIMITS_VALUES["jwt"]["audience"]
+    assert printed["jwt_from"] == KEY_LIMITS_VALUES["jwt"]["from"]
+    assert printed["admin_token_file"] == str(token)
