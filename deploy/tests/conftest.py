@@ -143,7 +143,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
 # pod, so the binary tests there could not load it; test_helm_key_limits.py renders, lints and
 # validates it instead, and test_binary_accepts_chart_env.py feeds its config.toml to the binary.
 # An override key with a quote and a backslash checks the chart's TOML escaping.
-WEIRD_KEY = 'acme "eu"\\west'
+WEIRD_KEY = 'acme"eu"\\west'
 KEY_LIMITS_VALUES: dict[str, Any] = {
     "keyLimits": [
         {"name": "tenant", "key": "header:X-Tenant-Id", "maxPerKey": 50,
