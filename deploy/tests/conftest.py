@@ -249,3 +249,40 @@ def all_panels(dash: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(p)
         out.extend(p.get("panels", []) or [])
     return out
+
+
+def parent_chart(tmp_path: Path, wsgate_values: dict, with_volumes: bool = False) -> Path:
+    """A chart `myapp` that has wsgate as a subchart and includes `wsgate.container` in its own
+    Deployment (and `wsgate.volumes` with `with_volumes`), the way the chart README says to."""
+    parent = tmp_path / "myapp"
+    (parent / "templates").mkdir(parents=True)
+    (parent / "Chart.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "v2", "name": "myapp", "version": "1.0.0",
+        "dependencies": [{"name": "wsgate", "version": "0.1.0"}],
+    }))
+    (parent / "values.yaml").write_text(yaml.safe_dump({"wsgate": wsgate_values}))
+    shutil.copytree(CHART, parent / "charts" / "wsgate")
+    (parent / "templates" / "deployment.yaml").write_text("""\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: myapp
+spec:
+  selector:
+    matchLabels: {app: myapp}
+  template:
+    metadata:
+      labels: {app: myapp}
+    spec:
+      enableServiceLinks: false
+      terminationGracePeriodSeconds: {{ .Values.wsgate.terminationGracePeriodSeconds }}
+      initContainers:
+        - {{ include "wsgate.container" (dict "Values" .Values.wsgate) | nindent 10 | trim }}
+      containers:
+        - name: myapp
+          image: registry.example.com/myapp:2
+""" + ("""\
+      volumes:
+        {{- include "wsgate.volumes" (dict "Values" .Values.wsgate "Release" .Release "Chart" (dict "Name" "wsgate")) | trim | nindent 8 }}
+""" if with_volumes else ""))
+    return parent

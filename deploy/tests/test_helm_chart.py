@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import re
 import warnings
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import (
+    parent_chart,
     CHART,
     CHART_DASHBOARD,
     DASHBOARD,
@@ -313,40 +313,10 @@ def test_chart_readme_documents_every_value(chart):
     assert "shutdownDelay" in readme and "probe period" in readme.lower()
 
 
-def _parent_chart(tmp_path: Path, wsgate_values: dict) -> Path:
-    parent = tmp_path / "myapp"
-    (parent / "templates").mkdir(parents=True)
-    (parent / "Chart.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "v2", "name": "myapp", "version": "1.0.0",
-        "dependencies": [{"name": "wsgate", "version": "0.1.0"}],
-    }))
-    (parent / "values.yaml").write_text(yaml.safe_dump({"wsgate": wsgate_values}))
-    shutil.copytree(CHART, parent / "charts" / "wsgate")
-    (parent / "templates" / "deployment.yaml").write_text("""\
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: myapp
-spec:
-  selector:
-    matchLabels: {app: myapp}
-  template:
-    metadata:
-      labels: {app: myapp}
-    spec:
-      enableServiceLinks: false
-      terminationGracePeriodSeconds: {{ .Values.wsgate.terminationGracePeriodSeconds }}
-      initContainers:
-        - {{ include "wsgate.container" (dict "Values" .Values.wsgate) | nindent 10 | trim }}
-      containers:
-        - name: myapp
-          image: registry.example.com/myapp:2
-""")
-    return parent
 
 
 def test_named_template_can_be_included_by_another_chart(helm, tmp_path):
-    parent = _parent_chart(tmp_path, {"maxClients": 64, "deployment": {"enabled": False},
+    parent = parent_chart(tmp_path, {"maxClients": 64, "deployment": {"enabled": False},
                                       "service": {"enabled": False}, "app": {"port": 5000}})
     with helm.Chart.load(str(parent)) as c:
         out = c.render({}, name="myapp", namespace="prod")
@@ -364,7 +334,7 @@ def test_named_template_can_be_included_by_another_chart(helm, tmp_path):
 
 
 def test_named_template_enforces_the_grace_check_for_other_charts(helm, tmp_path):
-    parent = _parent_chart(tmp_path, {"shutdownGrace": "40s", "deployment": {"enabled": False},
+    parent = parent_chart(tmp_path, {"shutdownGrace": "40s", "deployment": {"enabled": False},
                                       "service": {"enabled": False}})
     with helm.Chart.load(str(parent)) as c:
         with pytest.raises(helm.HelmRenderError, match="shutdownGrace"):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import re
-import shutil
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import pytest
 import yaml
 
 from conftest import (
+    parent_chart,
     CHART,
     KEY_LIMITS_VALUES,
     WEIRD_KEY,
@@ -337,37 +337,8 @@ def test_readme_example_is_what_the_chart_renders(render):
 def test_included_by_another_chart_with_its_volumes(helm, tmp_path: Path):
     """A parent chart that includes wsgate.container also includes wsgate.volumes; the subchart
     renders the ConfigMap under the name the volume refers to."""
-    parent = tmp_path / "myapp"
-    (parent / "templates").mkdir(parents=True)
-    (parent / "Chart.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "v2", "name": "myapp", "version": "1.0.0",
-        "dependencies": [{"name": "wsgate", "version": "0.1.0"}],
-    }))
-    (parent / "values.yaml").write_text(yaml.safe_dump({"wsgate": {
-        **KEY_LIMITS_VALUES, "deployment": {"enabled": False}, "service": {"enabled": False}}}))
-    shutil.copytree(CHART, parent / "charts" / "wsgate")
-    (parent / "templates" / "deployment.yaml").write_text("""\
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: myapp
-spec:
-  selector:
-    matchLabels: {app: myapp}
-  template:
-    metadata:
-      labels: {app: myapp}
-    spec:
-      enableServiceLinks: false
-      terminationGracePeriodSeconds: {{ .Values.wsgate.terminationGracePeriodSeconds }}
-      initContainers:
-        - {{ include "wsgate.container" (dict "Values" .Values.wsgate) | nindent 10 | trim }}
-      containers:
-        - name: myapp
-          image: registry.example.com/myapp:2
-      volumes:
-        {{- include "wsgate.volumes" (dict "Values" .Values.wsgate "Release" .Release "Chart" (dict "Name" "wsgate")) | trim | nindent 8 }}
-""")
+    parent = parent_chart(tmp_path, {**KEY_LIMITS_VALUES, "deployment": {"enabled": False},
+                                     "service": {"enabled": False}}, with_volumes=True)
     with helm.Chart.load(str(parent)) as c:
         out = c.render({}, name="myapp", namespace="prod")
     docs = [d for name, text in out.items() if not name.endswith("NOTES.txt")
