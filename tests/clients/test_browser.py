@@ -69,7 +69,21 @@ class Chromium:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
-        self.profile.cleanup()
+        # The browser can exit before its helpers (crashpad, a renderer) have stopped writing into
+        # the profile: stop whatever is left of the session, then remove the profile, retrying
+        # while a helper that was just killed may still be finishing a write (bounded: 2 s).
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for attempt in range(10):
+            try:
+                self.profile.cleanup()
+                return
+            except OSError:
+                if attempt == 9:
+                    raise
+                time.sleep(0.2)
 
 
 class DevTools:
