@@ -336,7 +336,7 @@ def write_markdown(path, stats, env, rows, svg_rel):
       "(half the CPU of tungstenite's data path, which leaves more of the 2 cores to the proxy) |")
     A("| throughput | 4 connections × 8 in-flight 64 KiB binary messages, 3 s, same raw client: MB/s of "
       "payload echoed back; proxy CPU s per GB proxied (each echoed byte crosses the proxy twice) |")
-    A("| handshake | 3,000 × (connect, tokio-tungstenite upgrade, close handshake), 64 at a time: "
+    A(f"| handshake | {int(env.get('hs_total') or 3000):,} × (connect, tokio-tungstenite upgrade, close handshake), 64 at a time: "
       "upgrades/s, failures, proxy CPU µs per upgrade |")
     A(f"| idle n=N | fresh proxy; open N upgraded connections, each exchanges one 15-byte message right "
       f"after its upgrade (so buffers kept after the first data are counted too), then all are held "

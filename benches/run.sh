@@ -13,10 +13,14 @@
 # Options:  --rounds N (default 5)   --targets "direct wsgate nginx haproxy"
 #           --no-build (use the binaries already built)
 #           --out DIR (results, report and plot go there; BENCHMARKS.md is left alone)
+#           --modes "latency throughput handshake idle cap" (default: all five; e.g. --modes handshake)
 # Variants: --targets "direct wsgate wsgate-cb nginx haproxy" runs wsgate a second time as
 #           `wsgate-cb` with the extra environment BENCH_WSGATE_ENV_cb="KEY=VALUE ..." and/or the
-#           binary BENCH_WSGATE_BIN_cb=PATH (e.g. copy_bidirectional vs the default splice).
+#           binary BENCH_WSGATE_BIN_cb=PATH (e.g. copy_bidirectional vs the default splice);
+#           BENCH_WSGATE_QUERY_cb="a=1&b=2" is appended to that variant's URL as ?a=1&b=2
+#           (e.g. a JWT in ?access_token=, see benches/key-rules.sh).
 # Env:      CAP (cap-mode limit, default 1000)  IDLE_MAX (default: from the descriptor limit)
+#           HS_TOTAL (upgrades per handshake-mode run, default 3000)
 #           BENCH_WSGATE_BIN (default target/release/wsgate; with it set, wsgate is not built)
 #           wsgate gets a clean WSGATE_* environment (it refuses unknown WSGATE_ keys): only
 #           UPSTREAM, LISTEN, ADMIN_LISTEN, MAX_CLIENTS and a variant's own variables.
@@ -40,6 +44,7 @@ WAIT_STEPS=100   # x 0.05 s: how long a proxy may take to start listening
 BUILD=1
 ROUNDS=5
 TARGETS="direct wsgate nginx haproxy"
+MODES="latency throughput handshake idle cap"
 OUT=""
 USER_OUT=0
 while [[ $# -gt 0 ]]; do
@@ -49,12 +54,17 @@ while [[ $# -gt 0 ]]; do
         --no-build) BUILD=0 ;;
         --rounds) ROUNDS="$2"; shift ;;
         --targets) TARGETS="$2"; shift ;;
+        --modes) MODES="$2"; shift ;;
         --out) OUT="$2"; USER_OUT=1; shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
 done
+for m in $MODES; do
+    case "$m" in latency|throughput|handshake|idle|cap) ;; *) echo "run.sh: unknown mode $m" >&2; exit 2 ;; esac
+done
+has_mode() { [[ " $MODES " == *" $1 "* ]]; }
 CAP="${CAP:-1000}"
 if [[ $SMOKE == 1 ]]; then ROUNDS=1; CAP="${CAP_SMOKE:-20}"; fi
 
@@ -188,10 +198,11 @@ start_proxy() { # target cap(0=none)
         direct)
             PROXY_URL="ws://$ECHO_ADDR/" ;;
         wsgate|wsgate-*)
-            local bin="$WSGATE" extra=() lbl bvar evar
+            local bin="$WSGATE" extra=() lbl bvar evar qvar query=""
             if [[ "$t" == wsgate-* ]]; then
                 lbl="${t#wsgate-}"; lbl="${lbl//-/_}"; bvar="BENCH_WSGATE_BIN_$lbl"; evar="BENCH_WSGATE_ENV_$lbl"
-                bin="${!bvar:-$WSGATE}"; read -r -a extra <<< "${!evar:-}"
+                qvar="BENCH_WSGATE_QUERY_$lbl"
+                bin="${!bvar:-$WSGATE}"; read -r -a extra <<< "${!evar:-}"; query="${!qvar:-}"
             fi
             local clean=() v
             for v in $(compgen -e); do
@@ -205,7 +216,7 @@ start_proxy() { # target cap(0=none)
                 || a="$(wait_line "$WORK/wsgate.out" 'proxy listening')" \
                 || { log "$t did not start:"; tail -5 "$WORK/wsgate.err" >&2; return 1; }
             wait_port "${a##*:}" || { log "$t does not accept on $a"; return 1; }
-            PROXY_URL="ws://$a/" ;;
+            PROXY_URL="ws://$a/${query:+?$query}" ;;
         nginx)
             port="$(free_port)"; dir="$WORK/nginx"; rm -rf "$dir"; mkdir -p "$dir"
             caplines=""; [[ "$cap" != 0 ]] && caplines="limit_conn wscap $cap; limit_conn_status 503;"
@@ -286,7 +297,7 @@ if [[ $SMOKE == 1 ]]; then
     LAT_CONNS=(1 8)
 else
     LAT=(--duration 3); THR=(--duration 3 --conns 4 --inflight 8)
-    HS=(--total 3000 --conns 64 --max-time 30); IDLE_COUNTS=(1000 4000 "$IDLE_MAX"); CAPN=(--attempts 4000 --timeout 5)
+    HS=(--total "${HS_TOTAL:-3000}" --conns 64 --max-time 30); IDLE_COUNTS=(1000 4000 "$IDLE_MAX"); CAPN=(--attempts 4000 --timeout 5)
     LAT_CONNS=(1 64)
 fi
 
@@ -308,6 +319,8 @@ fi
     echo "cap=$CAP"
     echo "idle_max=$IDLE_MAX"
     echo "smoke=$SMOKE"
+    echo "modes=$MODES"
+    echo "hs_total=${HS[1]}"
 } > "$OUT/env.txt"
 
 log "targets: ${active[*]}; rounds: $ROUNDS; results: $RESULTS"
@@ -316,21 +329,27 @@ for ((r = 1; r <= ROUNDS; r++)); do
     # rotate the order each round so no target always runs first (A B C D, B C D A, ...)
     order=("${active[@]:$(( (r - 1) % ${#active[@]} ))}" "${active[@]:0:$(( (r - 1) % ${#active[@]} ))}")
     log "round $r/$ROUNDS: ${order[*]}"
-    for c in "${LAT_CONNS[@]}"; do
-        for t in "${order[@]}"; do run_one "$r" "$t" latency 0 -- --conns "$c" "${LAT[@]}"; done
-    done
-    for t in "${order[@]}"; do run_one "$r" "$t" throughput 0 -- "${THR[@]}"; done
-    for t in "${order[@]}"; do run_one "$r" "$t" handshake 0 -- "${HS[@]}"; done
-    for n in "${IDLE_COUNTS[@]}"; do
-        for t in "${order[@]}"; do
-            [[ "$t" == direct ]] && continue   # no proxy process to weigh
-            run_one "$r" "$t" idle 0 -- --count "$n" --max-time 60
+    if has_mode latency; then
+        for c in "${LAT_CONNS[@]}"; do
+            for t in "${order[@]}"; do run_one "$r" "$t" latency 0 -- --conns "$c" "${LAT[@]}"; done
         done
-    done
-    for t in "${order[@]}"; do
-        [[ "$t" == direct ]] && continue       # nothing enforces a cap
-        run_one "$r" "$t" cap "$CAP" -- --cap "$CAP" "${CAPN[@]}" --max-time 30
-    done
+    fi
+    if has_mode throughput; then for t in "${order[@]}"; do run_one "$r" "$t" throughput 0 -- "${THR[@]}"; done; fi
+    if has_mode handshake; then for t in "${order[@]}"; do run_one "$r" "$t" handshake 0 -- "${HS[@]}"; done; fi
+    if has_mode idle; then
+        for n in "${IDLE_COUNTS[@]}"; do
+            for t in "${order[@]}"; do
+                [[ "$t" == direct ]] && continue   # no proxy process to weigh
+                run_one "$r" "$t" idle 0 -- --count "$n" --max-time 60
+            done
+        done
+    fi
+    if has_mode cap; then
+        for t in "${order[@]}"; do
+            [[ "$t" == direct ]] && continue       # nothing enforces a cap
+            run_one "$r" "$t" cap "$CAP" -- --cap "$CAP" "${CAPN[@]}" --max-time 30
+        done
+    fi
 done
 log "done in $(( $(date +%s) - T0 )) s; $FAILS failed run(s); raw results: $RESULTS"
 
