@@ -5,13 +5,16 @@
 //! whose form differs from what is written their written form again:
 //! durations in humantime (`1m 30s`), "off" as `0s` or `0`, the upstream as
 //! `host:port`. The output is itself a configuration file that loads to the
-//! same values (tested below), every key with the value wsgate uses.
+//! same values (tested below), every key with the value wsgate uses, but
+//! for one: a password in `fleet_redis_url` is printed as `***`.
 
 use std::time::Duration;
 
 use serde::ser::{SerializeMap, Serializer};
 
-use super::{Config, RateLimit, Upstream, Watermarks};
+use serde::Serialize;
+
+use super::{fleet, Config, FleetSettings, RateLimit, Upstream, Watermarks};
 
 impl Config {
     /// The effective configuration as a TOML document: every key, with the
@@ -55,6 +58,15 @@ pub(super) fn watermarks<S: Serializer>(w: &Option<Watermarks>, s: S) -> Result<
     map.end()
 }
 
+/// The seven `fleet_*` keys; while fleet limits are off, an empty
+/// `fleet_redis_url` and the defaults of the rest.
+pub(super) fn fleet<S: Serializer>(f: &Option<FleetSettings>, s: S) -> Result<S::Ok, S::Error> {
+    match f {
+        Some(f) => f.serialize(s),
+        None => fleet::shown_when_off().serialize(s),
+    }
+}
+
 /// `admission_rate` and `admission_burst` (the bucket in use, a whole
 /// number as the key takes it); both 0 when off.
 pub(super) fn admission_rate<S: Serializer>(
@@ -96,7 +108,7 @@ mod tests {
         let written = toml::to_string(&raw).expect("serialise");
         let config = Config::validate(raw).expect("valid");
         assert_eq!(keys(&config.to_toml()), keys(&written));
-        assert_eq!(keys(&written).len(), 29, "{written}");
+        assert_eq!(keys(&written).len(), 36, "{written}");
     }
 
     /// Key rules print as `[[key_limits]]` tables that load to the same rules.
@@ -135,6 +147,46 @@ mod tests {
             assert_eq!(again.to_toml(), printed);
             assert_eq!(again.key_limits.len(), 2);
             assert_eq!(again.key_limits[0].limit_for("big\"one\\"), 10);
+            Ok(())
+        });
+    }
+
+    /// With fleet limits on, the seven keys print as set and load to
+    /// themselves; a password in the URL prints as `***`.
+    #[test]
+    fn fleet_keys_print_and_load_to_themselves_with_the_password_hidden() {
+        Jail::expect_with(|jail| {
+            jail.set_env("WSGATE_UPSTREAM", "app:3000");
+            jail.set_env("WSGATE_FLEET_REDIS_URL", "redis://redis:6379/1");
+            jail.set_env("WSGATE_FLEET_MAX_CLIENTS", "100");
+            jail.set_env("WSGATE_FLEET_LEASE_TTL", "90s");
+            jail.set_env("WSGATE_FLEET_FAIL_MODE", "closed");
+            jail.set_env("WSGATE_FLEET_INSTANCE_ID", "pod-a");
+            let printed = Config::load(None).expect("valid").to_toml();
+            for line in [
+                "fleet_redis_url = \"redis://redis:6379/1\"\n",
+                "fleet_namespace = \"wsgate\"\n",
+                "fleet_max_clients = 100\n",
+                "fleet_lease_ttl = \"1m 30s\"\n",
+                "fleet_timeout = \"100ms\"\n",
+                "fleet_fail_mode = \"closed\"\n",
+                "fleet_instance_id = \"pod-a\"\n",
+            ] {
+                assert!(printed.contains(line), "{line}: {printed}");
+            }
+            jail.clear_env();
+            jail.create_file("printed.toml", &printed)?;
+            let again = Config::load(Some("printed.toml".as_ref())).expect("loads");
+            assert_eq!(again.to_toml(), printed);
+            jail.set_env("WSGATE_FLEET_REDIS_URL", "redis://app:s3cret@redis:6379/1");
+            let printed = Config::load(Some("printed.toml".as_ref()))
+                .expect("valid")
+                .to_toml();
+            assert!(
+                printed.contains("fleet_redis_url = \"redis://app:***@redis:6379/1\"\n")
+                    && !printed.contains("s3cret"),
+                "{printed}"
+            );
             Ok(())
         });
     }

@@ -239,10 +239,12 @@ impl Field<'_> {
     }
 }
 
-/// Checks every rule, in order. `jwt` is the verifier's settings, if any.
+/// Checks every rule, in order. `jwt` is the verifier's settings, if any;
+/// `fleet_on` says whether `fleet_redis_url` is set (`fleet = true` needs it).
 pub(super) fn rules(
     raw: &[RawKeyRule],
     jwt: Option<&JwtSettings>,
+    fleet_on: bool,
 ) -> Result<Vec<KeyRule>, ConfigError> {
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(raw.len());
@@ -310,11 +312,11 @@ pub(super) fn rules(
             .filter(|n| *n >= 1)
             .ok_or_else(|| at.err("max_keys", max_keys.to_string(), "a whole number >= 1"))?;
         let fleet = r.fleet.unwrap_or(false);
-        if fleet {
+        if fleet && !fleet_on {
             return Err(at.err(
                 "fleet",
                 "true".into(),
-                "false: fleet-wide counting needs fleet_redis_url (SPEC §10), which this version does not have yet",
+                "false while fleet_redis_url is empty: fleet-wide counting needs fleet_redis_url (SPEC §10)",
             ));
         }
         let mut overrides = BTreeMap::new();
@@ -446,7 +448,7 @@ mod tests {
 
     #[test]
     fn defaults_fill_a_minimal_rule() {
-        let rules = rules(&[rule("tenant", "header:x-tenant", 2)], None).expect("valid");
+        let rules = rules(&[rule("tenant", "header:x-tenant", 2)], None, false).expect("valid");
         let r = &rules[0];
         assert_eq!(r.path_prefix, "/");
         assert_eq!(r.missing, MissingKey::Shared);
@@ -461,7 +463,7 @@ mod tests {
         let mut r = rule("tenant", "header:x-tenant", 2);
         r.overrides.insert("big".into(), 10);
         r.overrides.insert("internal".into(), 0);
-        let rules = rules(&[r], None).expect("valid");
+        let rules = rules(&[r], None, false).expect("valid");
         assert_eq!(rules[0].limit_for("big"), 10);
         assert_eq!(rules[0].limit_for("internal"), 0);
         assert_eq!(rules[0].limit_for("small"), 2);
@@ -539,9 +541,23 @@ mod tests {
             ),
         ];
         for (raw, want) in cases {
-            let e = rules(&raw, None).expect_err(want).to_string();
+            let e = rules(&raw, None, false).expect_err(want).to_string();
             assert!(e.contains(want) && e.contains("expected"), "{want}: {e}");
         }
+    }
+
+    #[test]
+    fn fleet_rules_need_a_redis_url() {
+        let mut r = rule("tenant", "header:x-tenant", 2);
+        r.fleet = Some(true);
+        let e = rules(&[r.clone()], None, false)
+            .expect_err("no fleet_redis_url")
+            .to_string();
+        assert!(
+            e.contains("key_limits[tenant].fleet = true") && e.contains("needs fleet_redis_url"),
+            "{e}"
+        );
+        assert!(rules(&[r], None, true).expect("with a URL")[0].fleet);
     }
 
     #[test]

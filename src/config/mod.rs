@@ -15,14 +15,17 @@
 //! | `duration.rs` | [`ConfigDuration`], the 10-year bound, and the kinds of duration |
 //! | `load.rs` | the figment provider stack, environment filtering, figment errors → [`ConfigError`] |
 //! | `validate.rs` | [`RawConfig`] → [`Config`]: each key's check, then the rules across keys |
+//! | `key_limits.rs` | the `[[key_limits]]` rules and the `jwt_*` keys (SPEC §9) |
+//! | `fleet.rs` | the `fleet_*` keys (SPEC §10), their kinds, and the Redis URL kept secret |
 //! | `effective.rs` | the effective configuration as TOML, for `wsgate check-config` |
 //! | `error.rs` | [`ConfigError`] |
 //!
 //! # Adding a key
 //! 1. A field in [`RawConfig`]: its `///` doc, the kind of value it takes
 //!    (`#[serde(deserialize_with = "Kind::checked")]`, a kind from
-//!    `values.rs` or `duration.rs`, or a new one there), and its default in
-//!    `RawConfig::default` just below.
+//!    `values.rs` or `duration.rs`, or a new one there; a group of keys
+//!    with a file of its own, like `fleet.rs`, keeps its kinds there), and
+//!    its default in `RawConfig::default` just below.
 //! 2. Its typed field in [`Config`]; `check-config` prints it under its
 //!    field name (a `rename` or `serialize_with` when the typed form differs
 //!    from the key, see `effective.rs`).
@@ -36,6 +39,7 @@
 mod duration;
 mod effective;
 mod error;
+mod fleet;
 mod key_limits;
 mod load;
 mod validate;
@@ -51,6 +55,7 @@ use serde::{Deserialize, Serialize};
 
 pub use self::duration::ConfigDuration;
 pub use self::error::ConfigError;
+pub use self::fleet::{FailMode, FleetSettings, RedisUrl};
 pub use self::key_limits::{
     is_usable_key, JwtSettings, KeyRule, KeySource, MissingKey, RawKeyRule, TokenSource,
     MAX_KEY_LEN,
@@ -59,6 +64,7 @@ pub use self::load::{ConfigSource, ENV_PREFIX, LEGACY_MAX_CLIENTS_ENV};
 pub use self::values::{LogFormat, Upstream};
 
 use self::duration::{AnyDuration, Keepalive, OffOrDuration, PositiveDuration};
+use self::fleet::{FleetCap, InstanceId, LeaseTtl, Namespace};
 use self::values::{
     Cap, CloseCode, Fraction, ListenAddress, NonNegative, TrueOrFalse, ValueKind, WholeNumber,
 };
@@ -163,6 +169,29 @@ pub struct RawConfig {
     pub jwt_audience: Option<String>,
     /// Where the token is: `header:Authorization` (Bearer), `query:P`, `cookie:C`.
     pub jwt_from: String,
+    /// The Redis of fleet-wide limits (SPEC §10); empty = off. It may hold
+    /// a password: [`Config`], `check-config` and errors show it redacted
+    /// ([`RedisUrl`]); this raw form (and its `Debug`) has it whole.
+    #[serde(deserialize_with = "RedisUrl::checked")]
+    pub fleet_redis_url: String,
+    /// Prefix of every Redis key; fleets with different namespaces do not share.
+    #[serde(deserialize_with = "Namespace::checked")]
+    pub fleet_namespace: String,
+    /// Cap on the fleet's concurrent WebSocket connections; 0 = off.
+    #[serde(deserialize_with = "FleetCap::checked")]
+    pub fleet_max_clients: i64,
+    /// A hold in Redis expires this long after its instance last renewed it.
+    #[serde(deserialize_with = "LeaseTtl::checked")]
+    pub fleet_lease_ttl: ConfigDuration,
+    /// Limit on one Redis round trip during an admission.
+    #[serde(deserialize_with = "PositiveDuration::checked")]
+    pub fleet_timeout: ConfigDuration,
+    /// Redis unreachable or slow: `open` (local limits alone) or `closed` (503).
+    #[serde(deserialize_with = "FailMode::checked")]
+    pub fleet_fail_mode: String,
+    /// Identity of this instance's holds; empty = `$HOSTNAME-<8 random hex>`.
+    #[serde(deserialize_with = "InstanceId::checked")]
+    pub fleet_instance_id: String,
     /// `[[key_limits]]`: concurrent connections per key (SPEC §9). Last:
     /// TOML writes tables after plain values.
     pub key_limits: Vec<RawKeyRule>,
@@ -205,6 +234,13 @@ impl Default for RawConfig {
             jwt_issuer: None,
             jwt_audience: None,
             jwt_from: "header:Authorization".into(),
+            fleet_redis_url: String::new(),
+            fleet_namespace: "wsgate".into(),
+            fleet_max_clients: 0,
+            fleet_lease_ttl: secs(30),
+            fleet_timeout: ConfigDuration(Duration::from_millis(100)),
+            fleet_fail_mode: "open".into(),
+            fleet_instance_id: String::new(),
             key_limits: Vec::new(),
         }
     }
@@ -283,6 +319,10 @@ pub struct Config {
     /// Where the JWT is read from.
     #[serde(serialize_with = "key_limits::written")]
     pub jwt_from: TokenSource,
+    /// Fleet-wide limits through Redis (SPEC §10); `None` = off
+    /// (`check-config` prints the keys all the same, with an empty URL).
+    #[serde(flatten, serialize_with = "effective::fleet")]
+    pub fleet: Option<FleetSettings>,
     /// Limits per key, in the order they are checked.
     pub key_limits: Vec<KeyRule>,
     /// Messages to log once logging is up (e.g. a negative cap taken as 0).

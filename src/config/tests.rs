@@ -289,3 +289,304 @@ fn missing_config_file_is_an_error() {
         Ok(())
     });
 }
+
+/// The seven `fleet_*` keys (SPEC §10) as `check-config` prints them.
+const FLEET_KEYS: [&str; 7] = [
+    "fleet_redis_url",
+    "fleet_namespace",
+    "fleet_max_clients",
+    "fleet_lease_ttl",
+    "fleet_timeout",
+    "fleet_fail_mode",
+    "fleet_instance_id",
+];
+
+#[test]
+fn fleet_is_off_by_default_and_printed_with_its_defaults() {
+    Jail::expect_with(|jail| {
+        jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+        let c = load_in_jail(None).expect("valid");
+        assert_eq!(c.fleet, None);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let printed = c.to_toml();
+        for line in [
+            "fleet_redis_url = \"\"\n",
+            "fleet_namespace = \"wsgate\"\n",
+            "fleet_max_clients = 0\n",
+            "fleet_lease_ttl = \"30s\"\n",
+            "fleet_timeout = \"100ms\"\n",
+            "fleet_fail_mode = \"open\"\n",
+            "fleet_instance_id = \"",
+        ] {
+            assert!(printed.contains(line), "{line}: {printed}");
+        }
+        let printed_keys: Vec<&str> = printed
+            .lines()
+            .filter_map(|l| l.split_once(" = ").map(|(k, _)| k))
+            .filter(|k| k.starts_with("fleet_"))
+            .collect();
+        assert_eq!(printed_keys, FLEET_KEYS);
+        Ok(())
+    });
+}
+
+#[test]
+fn fleet_defaults_apply_once_a_url_is_set_from_the_environment() {
+    Jail::expect_with(|jail| {
+        jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+        jail.set_env("WSGATE_FLEET_REDIS_URL", "redis://redis:6379/0");
+        jail.set_env("WSGATE_FLEET_MAX_CLIENTS", "500");
+        let c = load_in_jail(None).expect("valid");
+        let f = c.fleet.clone().expect("fleet limits on");
+        assert_eq!(f.redis_url.as_str(), "redis://redis:6379/0");
+        assert_eq!(f.namespace, "wsgate");
+        assert_eq!(f.max_clients, 500);
+        assert_eq!(f.lease_ttl, Duration::from_secs(30));
+        assert_eq!(f.timeout, Duration::from_millis(100));
+        assert_eq!(f.fail_mode, FailMode::Open);
+        let (host, hex) = f.instance_id.rsplit_once('-').expect("HOST-suffix");
+        assert!(!host.is_empty() && hex.len() == 8, "{}", f.instance_id);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        // A reload of the same configuration is no change: the drawn
+        // instance id stays.
+        assert_eq!(load_in_jail(None).expect("valid").fleet, c.fleet);
+        Ok(())
+    });
+}
+
+#[test]
+fn fleet_keys_from_a_file_and_the_environment_over_it() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "w.toml",
+            r#"
+            upstream = "app:3000"
+            fleet_redis_url = "unix:///run/redis.sock?pass=s3cret"
+            fleet_namespace = "chat-eu.1"
+            fleet_max_clients = 7
+            fleet_lease_ttl = "1m"
+            fleet_timeout = "250ms"
+            fleet_fail_mode = "closed"
+            fleet_instance_id = "pod-a"
+            "#,
+        )?;
+        let f = load_in_jail(Some("w.toml")).expect("valid").fleet;
+        let f = f.expect("on");
+        assert_eq!(f.redis_url.as_str(), "unix:///run/redis.sock?pass=s3cret");
+        assert_eq!(
+            (f.namespace.as_str(), f.max_clients, f.instance_id.as_str()),
+            ("chat-eu.1", 7, "pod-a")
+        );
+        assert_eq!(
+            (f.lease_ttl, f.timeout, f.fail_mode),
+            (
+                Duration::from_secs(60),
+                Duration::from_millis(250),
+                FailMode::Closed
+            )
+        );
+        jail.set_env("WSGATE_FLEET_REDIS_URL", "rediss://redis:6380");
+        jail.set_env("WSGATE_FLEET_MAX_CLIENTS", "9");
+        let f = load_in_jail(Some("w.toml")).expect("valid").fleet;
+        let f = f.expect("on");
+        assert_eq!(f.redis_url.as_str(), "rediss://redis:6380");
+        assert_eq!(f.max_clients, 9);
+        Ok(())
+    });
+}
+
+#[test]
+fn fleet_keys_are_refused_past_their_edges() {
+    assert_rejected(
+        "WSGATE_FLEET_REDIS_URL",
+        "http://redis:6379",
+        "fleet_redis_url",
+    );
+    assert_rejected("WSGATE_FLEET_REDIS_URL", "redis://", "fleet_redis_url");
+    assert_rejected("WSGATE_FLEET_NAMESPACE", "a b", "fleet_namespace");
+    assert_rejected("WSGATE_FLEET_NAMESPACE", "{chat}", "fleet_namespace");
+    assert_rejected("WSGATE_FLEET_NAMESPACE", "chat:eu", "fleet_namespace");
+    assert_rejected("WSGATE_FLEET_NAMESPACE", &"n".repeat(65), "fleet_namespace");
+    assert_rejected("WSGATE_FLEET_MAX_CLIENTS", "-1", "fleet_max_clients");
+    assert_rejected(
+        "WSGATE_FLEET_MAX_CLIENTS",
+        "4294967296",
+        "fleet_max_clients",
+    );
+    assert_rejected("WSGATE_FLEET_MAX_CLIENTS", "lots", "fleet_max_clients");
+    assert_rejected("WSGATE_FLEET_LEASE_TTL", "2999ms", "fleet_lease_ttl");
+    assert_rejected("WSGATE_FLEET_LEASE_TTL", "3601", "fleet_lease_ttl");
+    assert_rejected("WSGATE_FLEET_TIMEOUT", "0s", "fleet_timeout");
+    assert_rejected("WSGATE_FLEET_FAIL_MODE", "maybe", "fleet_fail_mode");
+    assert_rejected("WSGATE_FLEET_INSTANCE_ID", "pod a", "fleet_instance_id");
+    assert_rejected(
+        "WSGATE_FLEET_INSTANCE_ID",
+        &"i".repeat(129),
+        "fleet_instance_id",
+    );
+}
+
+#[test]
+fn fleet_keys_are_accepted_at_their_edges() {
+    Jail::expect_with(|jail| {
+        jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+        jail.set_env("WSGATE_FLEET_REDIS_URL", "redis://127.0.0.1:6379");
+        jail.set_env("WSGATE_FLEET_NAMESPACE", "n".repeat(64));
+        jail.set_env("WSGATE_FLEET_MAX_CLIENTS", "4294967295");
+        jail.set_env("WSGATE_FLEET_LEASE_TTL", "3s");
+        jail.set_env("WSGATE_FLEET_TIMEOUT", "999ms");
+        jail.set_env("WSGATE_FLEET_INSTANCE_ID", "!".repeat(128));
+        let f = load_in_jail(None).expect("valid").fleet.expect("on");
+        assert_eq!(
+            (f.max_clients, f.lease_ttl, f.timeout),
+            (u32::MAX, Duration::from_secs(3), Duration::from_millis(999))
+        );
+        assert_eq!((f.namespace.len(), f.instance_id.len()), (64, 128));
+        jail.set_env("WSGATE_FLEET_LEASE_TTL", "1h");
+        jail.set_env("WSGATE_FLEET_TIMEOUT", "19m 59s");
+        jail.set_env("WSGATE_FLEET_MAX_CLIENTS", "0");
+        jail.set_env("WSGATE_FLEET_NAMESPACE", "a");
+        jail.set_env("WSGATE_FLEET_INSTANCE_ID", "a");
+        let f = load_in_jail(None).expect("valid").fleet.expect("on");
+        assert_eq!(f.lease_ttl, Duration::from_secs(3600));
+        Ok(())
+    });
+}
+
+#[test]
+fn fleet_timeout_must_stay_below_a_third_of_the_lease() {
+    for (ttl, timeout) in [("3s", "1s"), ("30s", "10s"), ("1h", "20m")] {
+        Jail::expect_with(|jail| {
+            jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+            jail.set_env("WSGATE_FLEET_LEASE_TTL", ttl);
+            jail.set_env("WSGATE_FLEET_TIMEOUT", timeout);
+            let e = load_in_jail(None).expect_err(timeout).to_string();
+            assert!(
+                e.contains(&format!("fleet_timeout = {timeout}"))
+                    && e.contains(&format!("fleet_lease_ttl {ttl}"))
+                    && e.contains("expected"),
+                "{e}"
+            );
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn fleet_max_clients_needs_a_redis_url() {
+    Jail::expect_with(|jail| {
+        jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+        jail.set_env("WSGATE_FLEET_MAX_CLIENTS", "0");
+        assert_eq!(load_in_jail(None).expect("0 is off").fleet, None);
+        jail.set_env("WSGATE_FLEET_MAX_CLIENTS", "5");
+        let e = load_in_jail(None).expect_err("no URL").to_string();
+        assert!(
+            e.contains("fleet_max_clients = 5") && e.contains("needs fleet_redis_url"),
+            "{e}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn a_redis_url_that_counts_nothing_is_a_warning() {
+    const RULE: &str =
+        "[[key_limits]]\nname = \"tenant\"\nkey = \"header:x-tenant\"\nmax_per_key = 2\n";
+    Jail::expect_with(|jail| {
+        jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+        jail.set_env("WSGATE_FLEET_REDIS_URL", "redis://redis:6379");
+        jail.create_file("local.toml", RULE)?;
+        jail.create_file("fleet.toml", &format!("{RULE}fleet = true\n"))?;
+        let c = load_in_jail(Some("local.toml")).expect("valid");
+        assert_eq!(
+            c.warnings,
+            ["fleet_redis_url is set but nothing is counted fleet-wide: \
+              set fleet_max_clients or fleet = true on a key rule"]
+        );
+        assert!(c.fleet.is_some());
+        let c = load_in_jail(Some("fleet.toml")).expect("valid");
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        assert!(c.key_limits[0].fleet);
+        jail.set_env("WSGATE_FLEET_MAX_CLIENTS", "1");
+        let c = load_in_jail(Some("local.toml")).expect("valid");
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        Ok(())
+    });
+}
+
+#[test]
+fn a_fleet_key_rule_needs_a_redis_url() {
+    Jail::expect_with(|jail| {
+        jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+        jail.create_file(
+            "w.toml",
+            "[[key_limits]]\nname = \"tenant\"\nkey = \"header:x-tenant\"\nmax_per_key = 2\nfleet = true\n",
+        )?;
+        let e = load_in_jail(Some("w.toml"))
+            .expect_err("no URL")
+            .to_string();
+        assert!(
+            e.contains("key_limits[tenant].fleet = true") && e.contains("fleet_redis_url"),
+            "{e}"
+        );
+        jail.set_env("WSGATE_FLEET_REDIS_URL", "redis://redis:6379");
+        let c = load_in_jail(Some("w.toml")).expect("valid with a URL");
+        assert!(c.key_limits[0].fleet);
+        Ok(())
+    });
+}
+
+/// The Redis password never leaves `RedisUrl::as_str`: not in errors (from
+/// figment or from a configuration built in code), `Debug` or `check-config`.
+#[test]
+fn the_redis_password_is_never_shown() {
+    const SECRET: &str = "s3cret-Pa55";
+    Jail::expect_with(|jail| {
+        jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+        for bad in [
+            format!("redis://app:{SECRET}@0.0.0.0:6379"),
+            format!("redis://:{SECRET}@redis:6379/db"),
+            format!("rediss://:{SECRET}@redis/#insecure"),
+            format!("redis://:{SECRET}/x@redis"),
+            format!("unix://relative.sock?pass={SECRET}"),
+        ] {
+            jail.set_env("WSGATE_FLEET_REDIS_URL", &bad);
+            let e = load_in_jail(None).expect_err(&bad);
+            let shown = format!("{e} {e:?}");
+            assert!(!shown.contains(SECRET), "{shown}");
+            assert!(
+                shown.contains("fleet_redis_url = \"")
+                    && shown.contains("***")
+                    && shown.contains("WSGATE_FLEET_REDIS_URL"),
+                "{shown}"
+            );
+            let raw = RawConfig {
+                upstream: Some("app:3000".into()),
+                fleet_redis_url: bad.clone(),
+                ..RawConfig::default()
+            };
+            let e = Config::validate(raw).expect_err(&bad);
+            let shown = format!("{e} {e:?}");
+            assert!(!shown.contains(SECRET) && shown.contains("***"), "{shown}");
+        }
+        for good in [
+            format!("redis://app:{SECRET}@redis:6379/0"),
+            format!("unix:///run/redis.sock?db=1&pass={SECRET}"),
+        ] {
+            jail.set_env("WSGATE_FLEET_REDIS_URL", &good);
+            jail.set_env("WSGATE_FLEET_MAX_CLIENTS", "10");
+            let c = load_in_jail(None).expect(&good);
+            let f = c.fleet.as_ref().expect("on");
+            assert_eq!(f.redis_url.as_str(), good, "the client gets it whole");
+            for shown in [format!("{c:?}"), format!("{f:?}"), c.to_toml()] {
+                assert!(!shown.contains(SECRET) && shown.contains("***"), "{shown}");
+            }
+            // A later error about another key does not show the URL either.
+            jail.set_env("WSGATE_FLEET_TIMEOUT", "20s");
+            let e = load_in_jail(None).expect_err("timeout");
+            assert!(!format!("{e} {e:?}").contains(SECRET), "{e}");
+            jail.set_env("WSGATE_FLEET_TIMEOUT", "100ms");
+        }
+        Ok(())
+    });
+}

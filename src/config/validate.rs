@@ -9,10 +9,10 @@
 use std::time::Duration;
 
 use super::duration::{AnyDuration, Keepalive, OffOrDuration, PositiveDuration};
-use super::key_limits;
 use super::values::{
     Cap, CloseCode, Fraction, ListenAddress, NonNegative, TrueOrFalse, ValueKind, WholeNumber,
 };
+use super::{fleet, key_limits};
 use super::{
     CloseSettings, Config, ConfigError, LogFormat, RateLimit, RawConfig, Upstream, Watermarks,
     ENV_PREFIX,
@@ -48,7 +48,9 @@ impl Config {
             raw.jwt_issuer.as_deref(),
             raw.jwt_audience.as_deref(),
         )?;
-        let config = Config {
+        let fleet = fleet::settings(&raw)?;
+        let fleet_on = fleet.is_some();
+        let mut config = Config {
             listen: ListenAddress::value("listen", &raw.listen)?,
             upstream: Upstream::value("upstream", upstream)?,
             admin_listen: ListenAddress::value("admin_listen", &raw.admin_listen)?,
@@ -99,10 +101,14 @@ impl Config {
             admin_token_file: key_limits::admin_token_file(raw.admin_token_file.as_deref())?,
             jwt: jwt.clone(),
             jwt_from: key_limits::token_source(&raw.jwt_from)?,
-            key_limits: key_limits::rules(&raw.key_limits, jwt.as_ref())?,
+            fleet,
+            key_limits: key_limits::rules(&raw.key_limits, jwt.as_ref(), fleet_on)?,
             warnings,
         };
         rules_across_keys(&config)?;
+        if let Some(unused) = fleet_counts_nothing(&config) {
+            config.warnings.push(unused);
+        }
         Ok(config)
     }
 }
@@ -133,6 +139,17 @@ fn rules_across_keys(c: &Config) -> Result<(), ConfigError> {
         });
     }
     Ok(())
+}
+
+/// A warning when a Redis is set but nothing is counted there: not an
+/// error, since a fleet may add its limits in a later reload.
+fn fleet_counts_nothing(c: &Config) -> Option<String> {
+    let fleet = c.fleet.as_ref()?;
+    (fleet.max_clients == 0 && !c.key_limits.iter().any(|r| r.fleet)).then(|| {
+        "fleet_redis_url is set but nothing is counted fleet-wide: \
+         set fleet_max_clients or fleet = true on a key rule"
+            .to_owned()
+    })
 }
 
 /// Readiness watermarks: off while `high` is 0; an unset `low` is
