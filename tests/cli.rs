@@ -47,6 +47,7 @@ fn invalid_values_exit_2_naming_key_value_and_accepted() {
         ("WSGATE_LOG_FORMAT", "xml", "log_format"),
         ("WSGATE_UPSTREAM", "https://app:443", "upstream"),
         ("WS_MAX_CLIENTS", "many", "max_clients"),
+        ("WSGATE_FLEET_NAMESPACE", "a b", "fleet_namespace"),
     ];
     for (var, value, key) in cases {
         let o = run(
