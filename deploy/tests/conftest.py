@@ -156,6 +156,23 @@ KEY_LIMITS_VALUES: dict[str, Any] = {
             "audience": "chat", "from": "query:access_token"},
     "adminToken": {"secretName": "wsgate-admin", "key": "token"},
 }
+# Fleet-wide limits (SPEC §10), every value set, with a fleet = true key rule. Not in VALUE_SETS
+# either: a binary without §10 refuses WSGATE_FLEET_* as unknown keys, so test_helm_fleet.py renders,
+# lints and validates it and test_binary_accepts_chart_env.py feeds its env to the binary on its own.
+FLEET_VALUES: dict[str, Any] = {
+    "maxClients": 500,
+    "fleet": {"redisUrlSecret": {"name": "wsgate-redis", "key": "url"}, "namespace": "chat-eu",
+              "maxClients": 2000, "leaseTtl": "45s", "timeout": "250ms", "failMode": "closed"},
+    "keyLimits": [
+        {"name": "tenant", "key": "header:X-Tenant-Id", "maxPerKey": 100, "fleet": True},
+        {"name": "room", "key": "path_segment:2", "maxPerKey": 20},
+    ],
+}
+# fleet value -> the WSGATE_* variable it becomes (WSGATE_FLEET_REDIS_URL: redisUrl or redisUrlSecret).
+FLEET_ENV = {"namespace": "WSGATE_FLEET_NAMESPACE", "maxClients": "WSGATE_FLEET_MAX_CLIENTS",
+             "leaseTtl": "WSGATE_FLEET_LEASE_TTL", "timeout": "WSGATE_FLEET_TIMEOUT",
+             "failMode": "WSGATE_FLEET_FAIL_MODE"}
+
 # keyLimits field (camelCase value) -> [[key_limits]] key in wsgate's TOML.
 KEY_LIMIT_FIELDS = {"name": "name", "key": "key", "maxPerKey": "max_per_key", "overrides": "overrides",
                     "pathPrefix": "path_prefix", "missing": "missing", "status": "status",
@@ -251,9 +268,11 @@ def all_panels(dash: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def parent_chart(tmp_path: Path, wsgate_values: dict, with_volumes: bool = False) -> Path:
+def parent_chart(tmp_path: Path, wsgate_values: dict, with_volumes: bool = False,
+                 container_context: str = '(dict "Values" .Values.wsgate)') -> Path:
     """A chart `myapp` that has wsgate as a subchart and includes `wsgate.container` in its own
-    Deployment (and `wsgate.volumes` with `with_volumes`), the way the chart README says to."""
+    Deployment (and `wsgate.volumes` with `with_volumes`), the way the chart README says to.
+    `container_context` is what the parent passes to `wsgate.container`."""
     parent = tmp_path / "myapp"
     (parent / "templates").mkdir(parents=True)
     (parent / "Chart.yaml").write_text(yaml.safe_dump({
@@ -262,7 +281,7 @@ def parent_chart(tmp_path: Path, wsgate_values: dict, with_volumes: bool = False
     }))
     (parent / "values.yaml").write_text(yaml.safe_dump({"wsgate": wsgate_values}))
     shutil.copytree(CHART, parent / "charts" / "wsgate")
-    (parent / "templates" / "deployment.yaml").write_text("""\
+    (parent / "templates" / "deployment.yaml").write_text(("""\
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -277,12 +296,12 @@ spec:
       enableServiceLinks: false
       terminationGracePeriodSeconds: {{ .Values.wsgate.terminationGracePeriodSeconds }}
       initContainers:
-        - {{ include "wsgate.container" (dict "Values" .Values.wsgate) | nindent 10 | trim }}
+        - {{ include "wsgate.container" CONTAINER_CONTEXT | nindent 10 | trim }}
       containers:
         - name: myapp
           image: registry.example.com/myapp:2
 """ + ("""\
       volumes:
         {{- include "wsgate.volumes" (dict "Values" .Values.wsgate "Release" .Release "Chart" (dict "Name" "wsgate")) | trim | nindent 8 }}
-""" if with_volumes else ""))
+""" if with_volumes else "")).replace("CONTAINER_CONTEXT", container_context))
     return parent

@@ -78,6 +78,7 @@ two values. Fails the render with a message naming the values.
 {{- fail (printf "readyLowWatermark (%v) must be below readyHighWatermark (%v)" .Values.readyLowWatermark .Values.readyHighWatermark) -}}
 {{- end -}}
 {{- include "wsgate.validateKeyLimits" . -}}
+{{- include "wsgate.validateFleet" . -}}
 {{- end -}}
 
 {{/*
@@ -98,6 +99,76 @@ JSON Schema cannot compare list items with each other or look at another value.
 {{- end -}}
 {{- if and (not $jwks) (or .Values.jwt.issuer .Values.jwt.audience .Values.jwt.from) -}}
 {{- fail "jwt.issuer, jwt.audience and jwt.from take effect only with jwt.jwksSecret.name (the Secret with the JWKS): set it, or unset them" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+wsgate.fleetEnabled: "true" when a Redis is configured for the fleet-wide limits (SPEC §10), else "".
+Only then does the chart render the WSGATE_FLEET_* variables.
+*/}}
+{{- define "wsgate.fleetEnabled" -}}
+{{- if or .Values.fleet.redisUrl .Values.fleet.redisUrlSecret.name -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+wsgate.fleetNamespace: fleet.namespace, or the release's fullname when it is empty, so that two
+releases sharing one Redis do not share caps. A parent chart that includes wsgate.container with
+only its Values has no release to name: it must set fleet.namespace, or pass Release and Chart.
+*/}}
+{{- define "wsgate.fleetNamespace" -}}
+{{- if .Values.fleet.namespace -}}
+{{- .Values.fleet.namespace -}}
+{{- else if and (hasKey . "Release") (hasKey . "Chart") -}}
+{{- include "wsgate.fullname" . -}}
+{{- else -}}
+{{- fail "fleet.namespace is empty, and wsgate.container was included without Release and Chart, so the release's fullname (the default fleet namespace) is unknown: set fleet.namespace, or include it with (dict \"Values\" .Values.wsgate \"Release\" .Release \"Chart\" (dict \"Name\" \"wsgate\"))" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+wsgate.validateFleet: what values.schema.json cannot say about the fleet-wide limits (SPEC §10),
+because it cannot look at another value or compare durations.
+*/}}
+{{- define "wsgate.validateFleet" -}}
+{{- $f := .Values.fleet -}}
+{{- if not (has (toString $f.failMode) (list "open" "closed")) -}}
+{{- fail (printf "fleet.failMode %q: must be open (Redis unreachable: admit on the per-pod limits alone) or closed (Redis unreachable: new WebSocket upgrades get 503 fleet_unavailable)" (toString $f.failMode)) -}}
+{{- end -}}
+{{- if and $f.redisUrl $f.redisUrlSecret.name -}}
+{{- fail "fleet.redisUrl and fleet.redisUrlSecret.name are both set: set one, redisUrl for a URL without a password or redisUrlSecret for a Secret holding the whole URL" -}}
+{{- end -}}
+{{- $fleetRules := list -}}
+{{- range .Values.keyLimits -}}
+{{- if .fleet -}}
+{{- $fleetRules = append $fleetRules (toString .name) -}}
+{{- end -}}
+{{- end -}}
+{{- if not (include "wsgate.fleetEnabled" .) -}}
+{{- if gt (int64 $f.maxClients) 0 -}}
+{{- fail (printf "fleet.maxClients (%v) counts the connections of all pods in a Redis they share: set fleet.redisUrl or fleet.redisUrlSecret.name, or leave fleet.maxClients at 0" (int64 $f.maxClients)) -}}
+{{- end -}}
+{{- with $fleetRules -}}
+{{- fail (printf "keyLimits rule(s) %s have fleet: true, which counts across pods in a Redis they share: set fleet.redisUrl or fleet.redisUrlSecret.name, or drop fleet: true to count per pod" (join ", " .)) -}}
+{{- end -}}
+{{- else -}}
+{{- if or (regexMatch "^[a-z]+://[^/@]*:[^/@]*@" $f.redisUrl) (regexMatch "[?&](pass|password)=" $f.redisUrl) -}}
+{{- fail "fleet.redisUrl holds a password, which would be rendered in plain text into the Deployment: put the whole URL into a Secret and set fleet.redisUrlSecret.name (and .key) instead" -}}
+{{- end -}}
+{{- $ttl := include "wsgate.durationSeconds" $f.leaseTtl | float64 -}}
+{{- $timeout := include "wsgate.durationSeconds" $f.timeout | float64 -}}
+{{- if or (lt $ttl 3.0) (gt $ttl 3600.0) -}}
+{{- fail (printf "fleet.leaseTtl (%v) must be between 3s and 1h; wsgate would exit with code 2" $f.leaseTtl) -}}
+{{- end -}}
+{{- if le $timeout 0.0 -}}
+{{- fail (printf "fleet.timeout (%v) must be longer than 0: it bounds each Redis round trip of an admission" $f.timeout) -}}
+{{- end -}}
+{{- if ge (mulf $timeout 3.0) $ttl -}}
+{{- fail (printf "fleet.timeout (%v) must be below fleet.leaseTtl / 3 (%v / 3): holds are renewed every leaseTtl / 3, and a renewal has to finish within that interval; wsgate would exit with code 2" $f.timeout $f.leaseTtl) -}}
+{{- end -}}
+{{- $ns := include "wsgate.fleetNamespace" . -}}
+{{- if not (regexMatch "^[A-Za-z0-9_.-]{1,64}$" $ns) -}}
+{{- fail (printf "the fleet namespace %q (fleet.namespace, or the release's fullname when it is empty) must be 1 to 64 of A-Z a-z 0-9 _ . -: set fleet.namespace" $ns) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
@@ -238,7 +309,8 @@ wsgate.volumes to that pod (see README: Using the container in your own chart).
 {{- end -}}
 
 {{/*
-wsgate.env: one WSGATE_* variable per configuration value (SPEC §2, §7, §8).
+wsgate.env: one WSGATE_* variable per configuration value (SPEC §2, §7, §8), plus the
+WSGATE_FLEET_* ones (SPEC §10) when a Redis is configured.
 */}}
 {{- define "wsgate.env" -}}
 {{- $v := .Values -}}
@@ -298,6 +370,31 @@ wsgate.env: one WSGATE_* variable per configuration value (SPEC §2, §7, §8).
   value: {{ $v.closeCodeIdle | int64 | quote }}
 - name: WSGATE_CLOSE_TIMEOUT
   value: {{ $v.closeTimeout | toString | quote }}
+{{- if include "wsgate.fleetEnabled" . }}
+# Fleet-wide limits through Redis (SPEC §10). WSGATE_FLEET_INSTANCE_ID stays unset: wsgate then
+# uses $HOSTNAME (the pod name) plus a random suffix.
+- name: WSGATE_FLEET_REDIS_URL
+{{- with $v.fleet.redisUrlSecret }}
+{{- if .name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .name | quote }}
+      key: {{ .key | quote }}
+{{- else }}
+  value: {{ $v.fleet.redisUrl | quote }}
+{{- end }}
+{{- end }}
+- name: WSGATE_FLEET_NAMESPACE
+  value: {{ include "wsgate.fleetNamespace" . | quote }}
+- name: WSGATE_FLEET_MAX_CLIENTS
+  value: {{ $v.fleet.maxClients | int64 | quote }}
+- name: WSGATE_FLEET_LEASE_TTL
+  value: {{ $v.fleet.leaseTtl | toString | quote }}
+- name: WSGATE_FLEET_TIMEOUT
+  value: {{ $v.fleet.timeout | toString | quote }}
+- name: WSGATE_FLEET_FAIL_MODE
+  value: {{ $v.fleet.failMode | quote }}
+{{- end }}
 {{- with include "wsgate.configFile" . }}
 # keyLimits / jwt (SPEC §9), rendered into the mounted ConfigMap; reloaded in place on an edit.
 - name: WSGATE_CONFIG
