@@ -447,7 +447,8 @@ def test_prometheus_loaded_the_rules_and_evaluates_them_without_error(stack):
 
     rules = wait_until(evaluated, 30, "every rule evaluated once")
     assert {r["name"] for r in rules} == {"WsgateSaturationHigh", "WsgateRejectingConnections",
-                                          "WsgateUpstreamErrors", "WsgatePodNotReady", "WsgateKeyPinnedAtLimit"}
+                                          "WsgateUpstreamErrors", "WsgatePodNotReady", "WsgateKeyPinnedAtLimit",
+                                          "WsgateFleetRedisDown"}
     for r in rules:
         assert r["health"] == "ok", r
 

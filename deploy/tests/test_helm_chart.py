@@ -223,6 +223,7 @@ def test_prometheusrule_thresholds_are_values(render):
         "upstreamErrors": {"threshold": 50, "for": "4m"},
         "notReady": {"for": "15m"},
         "keyPinned": {"threshold": 0.9, "for": "20m"},
+        "fleetRedisDown": {"for": "3m"},
     }}).one("PrometheusRule")
     rules = {r["alert"]: r for r in pr["spec"]["groups"][0]["rules"]}
     assert rules["WsgateSaturationHigh"]["expr"].strip().endswith("> 0.9")
@@ -235,6 +236,9 @@ def test_prometheusrule_thresholds_are_values(render):
     assert rules["WsgateKeyPinnedAtLimit"]["expr"].strip().endswith(">= 0.9")
     assert rules["WsgateKeyPinnedAtLimit"]["for"] == "20m"
     assert "90% or more" in rules["WsgateKeyPinnedAtLimit"]["annotations"]["description"]
+    assert rules["WsgateFleetRedisDown"]["for"] == "3m"
+    assert "(for 3m)" in rules["WsgateFleetRedisDown"]["annotations"]["summary"]
+    assert "timing out for 3m" in rules["WsgateFleetRedisDown"]["annotations"]["description"]
     for r in rules.values():
         assert r["labels"] == {"severity": "page", "team": "chat"}
 

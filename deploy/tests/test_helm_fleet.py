@@ -205,6 +205,7 @@ SCHEMA_REFUSES = {
     "bad Secret key": {"fleet": {"redisUrlSecret": {"name": "redis", "key": "a/b"}}},
     "unknown fleet value": {"fleet": {"redis_url": URL}},
     "fleet rule as a string": {"keyLimits": [{**R, "fleet": "true"}]},
+    "alert for: not a duration": {"prometheusRule": {"fleetRedisDown": {"for": "a minute"}}},
 }
 
 

@@ -9,7 +9,7 @@ import yaml
 from conftest import PROMTOOL_BIN, RULES_FILE, RULES_TEST_FILE
 
 EXPECTED_ALERTS = {"WsgateSaturationHigh", "WsgateRejectingConnections", "WsgateUpstreamErrors", "WsgatePodNotReady",
-                   "WsgateKeyPinnedAtLimit"}
+                   "WsgateKeyPinnedAtLimit", "WsgateFleetRedisDown"}
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -46,6 +46,14 @@ def test_rule_file_has_the_alerts_with_severity_and_text():
     assert pinned["for"] == "10m"
     assert pinned["expr"].split() == "max by (namespace, rule) (wsgate_key_busiest_ratio) >= 1".split()
     assert "/keys?rule={{ $labels.rule }}" in pinned["annotations"]["description"]
+    # SPEC §10: wsgate_fleet_up exists only where fleet_redis_url is set, so an absent series (no
+    # fleet configured) never fires; per pod, since each pod has its own path to Redis.
+    redis = next(r for r in rules if r["alert"] == "WsgateFleetRedisDown")
+    assert redis["for"] == "1m" and redis["labels"]["severity"] == "warning"
+    assert redis["expr"].split() == "min by (namespace, pod) (wsgate_fleet_up) == 0".split()
+    for needle in ("fleet_fail_mode open", "with closed", "503 fleet_unavailable", "(pods - 1) x the per-pod cap",
+                   "Existing connections are not dropped", "Check"):
+        assert needle in redis["annotations"]["description"], needle
 
 
 def test_promtool_unit_tests_pass():
