@@ -137,3 +137,56 @@ def test_limits_per_key_row():
     assert [s["color"] for s in defaults["thresholds"]["steps"]] == ["green", "orange", "red"]
     # A limit lowered under the active count leaves the ratio above 1: the axis must not clip it.
     assert "max" not in defaults
+
+
+def test_fleet_limits_row():
+    """SPEC §10: fleet count vs fleet limit (max over pods, never a sum: every pod reports the same
+    fleet-wide number), Redis up per pod, round-trip latency p50/p99 by op, requests by op and
+    result, and the fleet / fleet_unavailable refusals."""
+    d = dashboard()
+    rows = [p["title"] for p in d["panels"] if p["type"] == "row"]
+    assert rows.index("Fleet limits (Redis)") == rows.index("Limits per key") + 1, rows
+    by_title = {p["title"]: p for p in panels()}
+    sel = '{namespace=~"$namespace", pod=~"$pod"}'
+
+    active = by_title["Fleet active vs fleet limit"]
+    a, b = active["targets"]
+    assert a["expr"] == f"max by (namespace) (wsgate_fleet_active{sel})"
+    assert b["expr"] == 'max by (namespace) (wsgate_fleet_max{namespace=~"$namespace", pod=~"$pod"} > 0)', \
+        "fleet_max_clients = 0 (off) must not draw a limit line at 0"
+    assert active["fieldConfig"]["defaults"]["unit"] == "short"
+    exprs = " ".join(t["expr"] for p in panels() for t in p["targets"])
+    assert "sum(wsgate_fleet_active" not in exprs and "sum by (namespace) (wsgate_fleet_active" not in exprs
+
+    up = by_title["Redis up per pod"]
+    assert up["type"] == "state-timeline"
+    (t,) = up["targets"]
+    assert t["expr"] == f"max by (namespace, pod) (wsgate_fleet_up{sel})" and t["legendFormat"] == "{{pod}}"
+    texts = {k: v["text"] for k, v in up["fieldConfig"]["defaults"]["mappings"][0]["options"].items()}
+    assert texts == {"1": "up", "0": "down"}
+
+    latency = by_title["Redis round-trip latency p50 / p99 by op"]
+    assert latency["fieldConfig"]["defaults"]["unit"] == "s"
+    p50, p99 = (t["expr"] for t in latency["targets"])
+    bucket = f"rate(wsgate_fleet_request_duration_seconds_bucket{sel}[$__rate_interval])"
+    assert p50 == f"histogram_quantile(0.5, sum by (op, le) ({bucket}))"
+    assert p99 == f"histogram_quantile(0.99, sum by (op, le) ({bucket}))"
+    assert [t["legendFormat"] for t in latency["targets"]] == ["{{op}} p50", "{{op}} p99"]
+
+    requests = by_title["Fleet requests per second by op and result"]
+    (t,) = requests["targets"]
+    assert t["expr"] == f"sum by (op, result) (rate(wsgate_fleet_requests_total{sel}[$__rate_interval]))"
+    assert t["legendFormat"] == "{{op}} {{result}}"
+    assert requests["fieldConfig"]["defaults"]["unit"] == "reqps"
+
+    refusals = by_title["Fleet refusals per second"]
+    (t,) = refusals["targets"]
+    assert t["expr"].startswith("sum by (reason) (rate(wsgate_connections_rejected_total{")
+    assert 'reason=~"fleet|fleet_unavailable"' in t["expr"]
+    assert refusals["fieldConfig"]["defaults"]["unit"] == "cps"
+
+    # Every wsgate_fleet_* name the dashboard uses is a SPEC §10 metric (conftest.SPEC_METRICS).
+    used = {n for n in METRIC_RE.findall(exprs) if n.startswith("wsgate_fleet_")}
+    assert used == {"wsgate_fleet_active", "wsgate_fleet_max", "wsgate_fleet_up",
+                    "wsgate_fleet_request_duration_seconds_bucket", "wsgate_fleet_requests_total"}
+    assert used <= SPEC_METRICS
