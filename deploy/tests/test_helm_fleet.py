@@ -324,6 +324,31 @@ def test_included_by_another_chart(helm, tmp_path):
         _parent_docs(helm, parent)
 
 
+def _readme_section() -> str:
+    readme = (CHART / "README.md").read_text()
+    return readme.split("## Limits across replicas", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_example_renders_as_it_says(render):
+    section = _readme_section()
+    values = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    env = fleet_env(render(values))
+    assert set(env) == FLEET_NAMES
+    secret = values["fleet"]["redisUrlSecret"]
+    assert env["WSGATE_FLEET_REDIS_URL"]["valueFrom"]["secretKeyRef"] == secret
+    # The Secret recipe creates the Secret and key the example names.
+    assert f"kubectl create secret generic {secret['name']} --from-literal={secret['key']}=" in section
+
+
+def test_readme_names_every_fleet_value_and_failure_mode(chart):
+    section = _readme_section()
+    for key in chart.values["fleet"]:
+        assert f"`{key}" in section or f"`fleet.{key}" in section, key
+    for needle in ("fleet_unavailable", "(pods − 1)", "leaseTtl / 3", "{namespace}", "Redis Cluster", "readiness",
+                   "WsgateFleetRedisDown", "fleet: true"):
+        assert needle in section, needle
+
+
 def test_fleet_variables_sit_before_the_config_file_and_extra_env(render):
     """The fleet variables come after the SPEC §2/§7/§8 ones and before WSGATE_CONFIG and extraEnv,
     so that extraEnv can still override any of them."""
