@@ -8,8 +8,10 @@
 //! admissions, nothing already admitted is touched.
 //!
 //! Checks run in SPEC §7/§9's order, first refusal wins: capacity, per-IP,
-//! the key rules (supplied by the caller as [`KeyChecks`]), rate. A rate
-//! token is spent only by an admission (it is taken last). In dry run
+//! the key rules (supplied by the caller as [`KeyChecks`]), then the
+//! caller's fleet check (async, `crate::fleet`), then rate
+//! ([`Admission::take_rate_token`]). A rate token is spent only by an
+//! admission (it is taken last). In dry run
 //! (`enforce = false`) every check still runs and the first that would refuse
 //! is reported, but the connection is admitted anyway.
 //!
@@ -35,6 +37,7 @@ use prometheus::IntGauge;
 use tokio::time::Instant;
 
 use crate::config::{RateLimit, Watermarks};
+use crate::fleet::FleetHold;
 use crate::keys::KeyHold;
 
 /// Why wsgate refused an upgrade: the `reason` label of
@@ -58,11 +61,15 @@ pub(crate) enum RejectReason {
     KeyTableFull,
     /// A `jwt_claim` rule: the token is present but not valid.
     Jwt,
+    /// The fleet is at `fleet_max_clients` (SPEC §10).
+    Fleet,
+    /// Redis is down or slow and `fleet_fail_mode = closed`.
+    FleetUnavailable,
 }
 
 impl RejectReason {
     /// Every reason, in declaration order.
-    pub(crate) const ALL: [RejectReason; 8] = [
+    pub(crate) const ALL: [RejectReason; 10] = [
         RejectReason::Capacity,
         RejectReason::Draining,
         RejectReason::Rate,
@@ -71,6 +78,8 @@ impl RejectReason {
         RejectReason::KeyMissing,
         RejectReason::KeyTableFull,
         RejectReason::Jwt,
+        RejectReason::Fleet,
+        RejectReason::FleetUnavailable,
     ];
 
     /// The metric label.
@@ -84,6 +93,8 @@ impl RejectReason {
             RejectReason::KeyMissing => "key_missing",
             RejectReason::KeyTableFull => "key_table_full",
             RejectReason::Jwt => "jwt",
+            RejectReason::Fleet => "fleet",
+            RejectReason::FleetUnavailable => "fleet_unavailable",
         }
     }
 }
@@ -220,6 +231,8 @@ pub(crate) struct AdmissionGuard {
     /// The key shares this connection holds (empty without key rules: no
     /// allocation). Given back first when the guard drops.
     keys: Vec<KeyHold>,
+    /// The connection's hold in the fleet limits (SPEC §10), if it has one.
+    fleet: Option<FleetHold>,
 }
 
 fn fraction_bits(w: Option<Watermarks>) -> (u64, u64) {
@@ -263,11 +276,14 @@ impl Admission {
     /// The first check that refuses (only when enforcing).
     #[cfg(test)]
     pub(crate) fn admit(&self, client: IpAddr) -> Result<Admitted, RejectReason> {
-        self.admit_with_keys(client, &mut NoKeys)
+        let mut admitted = self.admit_with_keys(client, &mut NoKeys)?;
+        self.take_rate_token(&mut admitted)?;
+        Ok(admitted)
     }
 
-    /// Runs every check for a new connection from `client`, with `keys`
-    /// between per-IP and rate.
+    /// Runs the local checks for a new connection from `client`: capacity,
+    /// per-IP, then `keys`. The caller runs the fleet check (async, §10)
+    /// next and [`Admission::take_rate_token`] last.
     ///
     /// # Errors
     /// The first check that refuses (only when enforcing).
@@ -306,18 +322,29 @@ impl Admission {
         if let Some(reason) = keys.reserve_keys(policy.enforce, &mut guard.keys)? {
             would_reject.get_or_insert(reason);
         }
+        Ok(Admitted {
+            guard,
+            would_reject,
+        })
+    }
+
+    /// The last check, rate: run after the fleet check (SPEC §9's order),
+    /// so a token is spent only by an admission. A refusal drops
+    /// `admitted`'s guard, which gives back everything earlier checks took.
+    ///
+    /// # Errors
+    /// [`RejectReason::Rate`] (only when enforcing).
+    pub(crate) fn take_rate_token(&self, admitted: &mut Admitted) -> Result<(), RejectReason> {
+        let policy = *lock(&self.inner.policy);
         if let Some(rate) = policy.rate {
             if !lock(&self.inner.bucket).try_take(rate, Instant::now()) {
                 if policy.enforce {
                     return Err(RejectReason::Rate);
                 }
-                would_reject.get_or_insert(RejectReason::Rate);
+                admitted.would_reject.get_or_insert(RejectReason::Rate);
             }
         }
-        Ok(Admitted {
-            guard,
-            would_reject,
-        })
+        Ok(())
     }
 
     /// Reserves a slot without waiting; `None` when the cap is reached.
@@ -359,6 +386,7 @@ impl Admission {
             inner: Arc::clone(inner),
             ip: None,
             keys: Vec::new(),
+            fleet: None,
         }
     }
 
@@ -445,11 +473,21 @@ fn lock<T>(m: &Mutex<T>) -> loom::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+impl AdmissionGuard {
+    /// Gives the guard the connection's fleet hold, so it lives and ends
+    /// with the slot.
+    pub(crate) fn hold_fleet(&mut self, hold: FleetHold) {
+        self.fleet = Some(hold);
+    }
+}
+
 impl Drop for AdmissionGuard {
     fn drop(&mut self) {
         // Key shares first: once the slot is free, a reconnect of the same
         // tenant must find its key share free too.
         self.keys.clear();
+        // The fleet hold's release is queued for the worker at once.
+        self.fleet = None;
         let inner = &self.inner;
         if let Some(ip) = self.ip {
             let mut per_ip = lock(&inner.per_ip);

@@ -141,6 +141,12 @@ impl ProxyError {
             ProxyError::Rejected(RejectReason::Jwt) | ProxyError::KeyRejected(RejectReason::Jwt, _) => {
                 "wsgate: the token is not valid\n"
             }
+            ProxyError::Rejected(RejectReason::Fleet) => {
+                "wsgate: too many websocket connections across the service, retry later\n"
+            }
+            ProxyError::Rejected(RejectReason::FleetUnavailable) => {
+                "wsgate: the shared connection count is unavailable, retry later\n"
+            }
             ProxyError::KeyRejected(_, _) => "wsgate: refused by a key rule\n",
             ProxyError::BadTarget(_) => "bad request target\n",
             ProxyError::ClientBody(_) => "wsgate: bad request body\n",

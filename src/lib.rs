@@ -16,6 +16,7 @@
 //! | `headers` | pure header logic: classify, validate, rewrite |
 //! | `admission` | cap, per-IP, rate, dry run, watermarks; `RejectReason`; the RAII `AdmissionGuard` |
 //! | `keys/` | limits per key (SPEC §9): rules, key tables, key extraction, the JWT verifier |
+//! | `fleet/` | fleet-wide limits through Redis (SPEC §10): holds as leases, the admission script, the renewing worker |
 //! | `error` | `ProxyError`: every way a request fails, mapped to a status and a reason |
 //! | `responses` | every answer wsgate writes itself (400 … 504), with static bodies |
 //! | `tunnel` | the upstream handshake, then the tracked task that owns a slot |
@@ -40,6 +41,7 @@ pub mod config;
 pub mod demo;
 pub(crate) mod drain;
 pub(crate) mod error;
+pub(crate) mod fleet;
 pub(crate) mod frames;
 pub(crate) mod headers;
 pub(crate) mod keys;
@@ -54,16 +56,22 @@ pub(crate) mod tcp;
 pub(crate) mod tunnel;
 pub(crate) mod upstream_http;
 
+use std::time::Duration;
+
 use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 pub use crate::config::{Config, ConfigError};
-use crate::metrics::{Metrics, ReloadResult};
+use crate::metrics::{FleetMetrics, Metrics, ReloadResult};
 pub use crate::reload::{FileVersion, CONFIG_POLL_INTERVAL};
 use crate::shutdown::Drive;
 pub use crate::shutdown::{os_signals, Control, Shutdown};
 pub use crate::tcp::listen;
+
+/// How long start-up waits for the first connection to the fleet's Redis.
+const FLEET_START_WAIT: Duration = Duration::from_secs(2);
 
 /// A boxed error for start-up plumbing.
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -86,7 +94,21 @@ pub async fn run(
     let registry = Registry::new();
     let metrics = Metrics::register(&registry)?;
     let shutdown = Shutdown::new();
-    let proxy = proxy::Proxy::new(config, metrics.clone(), shutdown.clone())?;
+    // The fleet worker outlives the shutdown timeline: connections closed
+    // by the drain still give their holds back through it.
+    let fleet_stop = CancellationToken::new();
+    let (fleet, fleet_worker) = match &config.fleet {
+        Some(settings) => {
+            let fleet_metrics = FleetMetrics::register(&registry)?;
+            let (fleet, worker) = fleet::Fleet::start(settings, fleet_metrics, fleet_stop.clone())?;
+            // The first clients are judged by Redis when it is there; a
+            // Redis that is not costs start-up at most this long.
+            fleet.first_attempt(FLEET_START_WAIT).await;
+            (Some(fleet), Some(worker))
+        }
+        None => (None, None),
+    };
+    let proxy = proxy::Proxy::new(config, metrics.clone(), shutdown.clone(), fleet)?;
     let readiness = admin::Readiness {
         shutdown: shutdown.clone(),
         admission: proxy.admission().clone(),
@@ -123,6 +145,10 @@ pub async fn run(
         accept,
     };
     shutdown.run_timeline(drive, &mut control).await;
+    fleet_stop.cancel();
+    if let Some(worker) = fleet_worker {
+        let _ = worker.await;
+    }
     admin.abort();
     // Dropping the aborted admin task drops its connection set too.
     let _ = admin.await;

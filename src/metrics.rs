@@ -246,6 +246,131 @@ impl KeyMetrics {
     }
 }
 
+/// A Redis operation of the fleet limits (`op` label, SPEC §10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FleetOp {
+    /// The admission script.
+    Admit,
+    /// Giving holds back.
+    Release,
+    /// The batched renewal of an instance's holds.
+    Renew,
+}
+
+/// How a fleet Redis operation went (`result` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FleetResult {
+    /// Answered.
+    Ok,
+    /// Failed: connection lost, refused, or a Redis error.
+    Error,
+    /// No answer within its deadline.
+    Timeout,
+}
+
+impl FleetOp {
+    const ALL: [FleetOp; 3] = [FleetOp::Admit, FleetOp::Release, FleetOp::Renew];
+    fn label(self) -> &'static str {
+        match self {
+            FleetOp::Admit => "admit",
+            FleetOp::Release => "release",
+            FleetOp::Renew => "renew",
+        }
+    }
+}
+
+impl FleetResult {
+    const ALL: [FleetResult; 3] = [FleetResult::Ok, FleetResult::Error, FleetResult::Timeout];
+    fn label(self) -> &'static str {
+        match self {
+            FleetResult::Ok => "ok",
+            FleetResult::Error => "error",
+            FleetResult::Timeout => "timeout",
+        }
+    }
+}
+
+/// The series of SPEC §10. Registered only when `fleet_redis_url` is set:
+/// an instance without a fleet has no Redis to report on, and an absent
+/// `wsgate_fleet_up` keeps `WsgateFleetRedisDown` quiet there.
+#[derive(Debug, Clone)]
+pub(crate) struct FleetMetrics {
+    /// `wsgate_fleet_up`.
+    pub(crate) up: IntGauge,
+    /// `wsgate_fleet_active`: the fleet-wide count seen last.
+    pub(crate) active: IntGauge,
+    /// `wsgate_fleet_max`: `fleet_max_clients` in force; 0 = off.
+    pub(crate) max: IntGauge,
+    /// `wsgate_fleet_requests_total{op,result}`, indexed `[op][result]`.
+    requests: [[IntCounter; 3]; 3],
+    /// `wsgate_fleet_request_duration_seconds{op}`, indexed by op.
+    duration: [Histogram; 3],
+}
+
+/// Round trips on loopback take ~0.1 ms; `fleet_timeout` is 100 ms by default.
+const FLEET_BUCKETS: &[f64] = &[
+    0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+impl FleetMetrics {
+    /// Creates the fleet series on `registry`, every one at 0.
+    ///
+    /// # Errors
+    /// Fails only if they are registered twice on the same registry.
+    pub(crate) fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let up = IntGauge::new(
+            "wsgate_fleet_up",
+            "1 while the last Redis round trip of the fleet limits succeeded",
+        )?;
+        let active = IntGauge::new(
+            "wsgate_fleet_active",
+            "Fleet-wide connections under fleet_max_clients, as seen at the last admission or renewal",
+        )?;
+        let max = IntGauge::new("wsgate_fleet_max", "fleet_max_clients in force; 0 = off")?;
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "wsgate_fleet_requests_total",
+                "Redis operations of the fleet limits, by operation and result",
+            ),
+            &["op", "result"],
+        )?;
+        let duration = prometheus::HistogramVec::new(
+            HistogramOpts::new(
+                "wsgate_fleet_request_duration_seconds",
+                "Round-trip time of the fleet limits' Redis operations",
+            )
+            .buckets(FLEET_BUCKETS.to_vec()),
+            &["op"],
+        )?;
+        let collectors: Vec<Box<dyn Collector>> = vec![
+            Box::new(up.clone()),
+            Box::new(active.clone()),
+            Box::new(max.clone()),
+            Box::new(requests.clone()),
+            Box::new(duration.clone()),
+        ];
+        for c in collectors {
+            registry.register(c)?;
+        }
+        Ok(FleetMetrics {
+            up,
+            active,
+            max,
+            requests: FleetOp::ALL.map(|op| {
+                FleetResult::ALL.map(|r| requests.with_label_values(&[op.label(), r.label()]))
+            }),
+            duration: FleetOp::ALL.map(|op| duration.with_label_values(&[op.label()])),
+        })
+    }
+
+    /// Counts one operation and its time (a timeout counts as its deadline,
+    /// so the tail of the histogram shows how slow Redis was).
+    pub(crate) fn observe(&self, op: FleetOp, result: FleetResult, took: std::time::Duration) {
+        self.requests[op as usize][result as usize].inc();
+        self.duration[op as usize].observe(took.as_secs_f64());
+    }
+}
+
 /// Buckets for connection lifetimes: WebSockets live from milliseconds to days.
 const DURATION_BUCKETS: &[f64] = &[
     0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0,

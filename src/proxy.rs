@@ -3,8 +3,9 @@
 //!
 //! Order on the upgrade path (SPEC §3), each step before the next costs
 //! anything: validate the handshake (400) → refuse if draining (503) →
-//! reserve a slot without waiting (503 over the cap, per-IP, key rules,
-//! rate; `admission` and `keys`) → connect and forward
+//! reserve a slot without waiting (503 over the cap, per-IP, key rules;
+//! `admission` and `keys`) → the fleet limits (one Redis round trip at
+//! most `fleet_timeout` long; `fleet`) → rate → connect and forward
 //! the handshake within `upstream_connect_timeout` (502/504) → return the
 //! upstream's 101 and hand the slot to a tracked tunnel task. Errors before
 //! the hand-over drop the slot guard, which is the release.
@@ -23,12 +24,13 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::admission::{Admission, Policy, RejectReason};
+use crate::admission::{Admission, Admitted, Policy, RejectReason};
 use crate::config::Config;
 use crate::drain::Tunnels;
 use crate::error::{ProxyError, UpstreamErrorKind};
+use crate::fleet::{Fleet, FleetRefusal, Scope};
 use crate::headers::{self, RequestKind};
-use crate::keys::{KeyLimits, KeyRequest};
+use crate::keys::{FleetKey, KeyLimits, KeyRequest};
 use crate::metrics::Metrics;
 use crate::responses::{self, ProxyBody};
 use crate::shutdown::Shutdown;
@@ -52,6 +54,8 @@ struct Inner {
     admission: Admission,
     /// Limits per key: the rules in force and their tables.
     keys: KeyLimits,
+    /// Fleet-wide limits through Redis; `None` without `fleet_redis_url`.
+    fleet: Option<Fleet>,
     /// Live tunnels, for the drain.
     tunnels: Tunnels,
     metrics: Arc<Metrics>,
@@ -71,6 +75,7 @@ impl Proxy {
         config: Config,
         metrics: Metrics,
         shutdown: Shutdown,
+        fleet: Option<Fleet>,
     ) -> Result<Self, http::uri::InvalidUri> {
         let admission = Admission::new(
             config.max_clients,
@@ -95,6 +100,7 @@ impl Proxy {
                 config: RwLock::new(Arc::new(config)),
                 admission,
                 keys,
+                fleet,
                 tunnels: Tunnels::new(),
                 metrics: Arc::new(metrics),
                 shutdown,
@@ -154,6 +160,17 @@ impl Proxy {
         self.inner.admission.set_cap(new.max_clients);
         self.inner.admission.set_policy(policy_of(&new));
         self.inner.keys.apply(&new);
+        match (&self.inner.fleet, &new.fleet) {
+            (Some(fleet), Some(settings)) => fleet.apply(settings),
+            (None, None) => {}
+            _ => {
+                tracing::warn!(
+                    key = "fleet_redis_url",
+                    "reload: turning fleet limits on or off only takes effect after a restart"
+                );
+                new.fleet = old.fleet.clone();
+            }
+        }
         tracing::info!(
             max_clients = new.max_clients,
             active = self.inner.admission.active(),
@@ -164,6 +181,51 @@ impl Proxy {
             .config
             .write()
             .unwrap_or_else(PoisonError::into_inner) = Arc::new(new);
+    }
+
+    /// The fleet check (SPEC §10), after the local ones and before rate:
+    /// one Redis round trip at most `fleet_timeout` long. The hold goes
+    /// into the slot's guard.
+    async fn check_fleet(
+        &self,
+        fleet: &Fleet,
+        keys: Vec<FleetKey>,
+        admitted: &mut Admitted,
+        enforce: bool,
+    ) -> Result<(), ProxyError> {
+        let total = fleet.total_scope();
+        let offset = usize::from(total.is_some());
+        let scopes: Vec<Scope> = total
+            .into_iter()
+            .chain(
+                keys.iter()
+                    .map(|k| fleet.key_scope(k.rule(), &k.value, k.limit)),
+            )
+            .collect();
+        let answer = fleet.admit(scopes, enforce).await;
+        if let Some(hold) = answer.hold {
+            admitted.guard.hold_fleet(hold);
+        }
+        let refusal = match answer.refused {
+            None => return Ok(()),
+            Some(FleetRefusal::Unavailable) => ProxyError::Rejected(RejectReason::FleetUnavailable),
+            Some(FleetRefusal::Full(i)) => match i.checked_sub(offset).and_then(|k| keys.get(k)) {
+                Some(key) if enforce => {
+                    ProxyError::KeyRejected(RejectReason::Key, key.refusal_status())
+                }
+                Some(_) => ProxyError::Rejected(RejectReason::Key),
+                None => ProxyError::Rejected(RejectReason::Fleet),
+            },
+        };
+        if enforce {
+            return Err(refusal);
+        }
+        let reason = match refusal {
+            ProxyError::Rejected(r) | ProxyError::KeyRejected(r, _) => r,
+            _ => RejectReason::Fleet,
+        };
+        admitted.would_reject.get_or_insert(reason);
+        Ok(())
     }
 
     /// Handles one request from a client whose socket peer is `peer`.
@@ -223,14 +285,26 @@ impl Proxy {
             req.headers(),
             req.uri(),
         );
-        let admitted = inner
-            .admission
-            .admit_with_keys(client, &mut keys)
-            .map_err(|reason| match keys.refusal_status(reason) {
-                Some(status) => ProxyError::KeyRejected(reason, status),
-                None => ProxyError::Rejected(reason),
-            })?;
+        let mut admitted =
+            inner
+                .admission
+                .admit_with_keys(client, &mut keys)
+                .map_err(|reason| match keys.refusal_status(reason) {
+                    Some(status) => ProxyError::KeyRejected(reason, status),
+                    None => ProxyError::Rejected(reason),
+                })?;
+        let fleet_keys = keys.take_fleet_keys();
         drop(keys);
+        if let Some(fleet) = &inner.fleet {
+            // An early return drops `admitted`'s guard: everything the
+            // local checks took goes back.
+            self.check_fleet(fleet, fleet_keys, &mut admitted, config.enforce)
+                .await?;
+        }
+        inner
+            .admission
+            .take_rate_token(&mut admitted)
+            .map_err(ProxyError::Rejected)?;
         if let Some(reason) = admitted.would_reject {
             inner.metrics.would_reject.inc(reason);
             tracing::debug!(

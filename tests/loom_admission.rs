@@ -36,6 +36,14 @@ mod keys {
     pub(crate) struct KeyHold;
 }
 
+/// What `admission.rs` reaches through `crate::fleet`: the guard owns the
+/// connection's fleet hold, which this model does not take (the fleet is
+/// tested against a real Redis in `tests/fleet.rs`).
+mod fleet {
+    #[derive(Debug)]
+    pub(crate) struct FleetHold;
+}
+
 use std::net::IpAddr;
 
 use admission::{Admission, Policy};

@@ -242,6 +242,33 @@ pub(crate) struct KeyRequest<'a> {
     uri: &'a Uri,
     token: Token,
     refused: Option<(Arc<Rule>, RejectReason)>,
+    /// The key values of `fleet = true` rules this request took, for the
+    /// fleet check that follows (SPEC §10).
+    fleet: Vec<FleetKey>,
+}
+
+/// One key value of a `fleet = true` rule that a request falls under.
+#[derive(Debug)]
+pub(crate) struct FleetKey {
+    rule: Arc<Rule>,
+    /// The key value ("" for the shared bucket of requests without one).
+    pub(crate) value: String,
+    /// The value's limit (≥ 1: an unlimited value has no fleet count).
+    pub(crate) limit: u32,
+}
+
+impl FleetKey {
+    /// The rule's name.
+    pub(crate) fn rule(&self) -> &str {
+        &self.rule.config.name
+    }
+
+    /// The rule refused this value fleet-wide: counts it against the rule
+    /// and gives the rule's status (SPEC §9: like any key rule, reason `key`).
+    pub(crate) fn refusal_status(&self) -> StatusCode {
+        self.rule.rejected.inc();
+        StatusCode::from_u16(self.rule.config.status).unwrap_or(StatusCode::TOO_MANY_REQUESTS)
+    }
 }
 
 impl<'a> KeyRequest<'a> {
@@ -261,7 +288,14 @@ impl<'a> KeyRequest<'a> {
             uri,
             token: Token::Unread,
             refused: None,
+            fleet: Vec::new(),
         }
+    }
+
+    /// The `fleet = true` rule values this request took (after
+    /// [`KeyChecks::reserve_keys`]).
+    pub(crate) fn take_fleet_keys(&mut self) -> Vec<FleetKey> {
+        std::mem::take(&mut self.fleet)
     }
 
     /// The status for a refusal by `reason` (SPEC §9), and counts it
@@ -324,7 +358,7 @@ impl<'a> KeyRequest<'a> {
     /// does not apply to it.
     fn reserve(
         &mut self,
-        rule: &Rule,
+        rule: &Arc<Rule>,
         enforce: bool,
     ) -> Result<(Option<KeyHold>, bool), RejectReason> {
         let key = match self.find(rule)? {
@@ -344,7 +378,16 @@ impl<'a> KeyRequest<'a> {
             .table
             .reserve(&key, limit, rule.config.max_keys, !enforce)
         {
-            Ok(hold) => Ok((Some(hold), would)),
+            Ok(hold) => {
+                if rule.config.fleet && limit > 0 {
+                    self.fleet.push(FleetKey {
+                        rule: Arc::clone(rule),
+                        value: key.into_owned(),
+                        limit,
+                    });
+                }
+                Ok((Some(hold), would))
+            }
             Err(Full::Key) => Err(RejectReason::Key),
             Err(Full::Table) => Err(RejectReason::KeyTableFull),
         }

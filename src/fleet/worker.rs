@@ -1,0 +1,400 @@
+//! The fleet worker: one task per instance that owns the Redis connection's
+//! life (connect, reconnect), renews every live hold in one call per
+//! interval, and gives released holds back in batches.
+//!
+//! Renewals and releases both go through this one task, in order, so a
+//! renewal can never put back a hold whose release was queued after the
+//! renewal's snapshot. After a reconnect, the holds are renewed *before*
+//! admissions may use the new connection: a Redis that restarted empty has
+//! this instance's holds again before it judges anyone.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::AsyncConnectionConfig;
+use tokio::sync::mpsc;
+use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::scripts::millis;
+use super::{Live, Release, Shared};
+use crate::metrics::{FleetOp, FleetResult};
+
+/// How long one connection attempt (TCP, TLS, AUTH, script loads) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pause between connection attempts while Redis is down.
+const RECONNECT_DELAY: Duration = Duration::from_millis(500);
+/// Holds per renewal script call.
+const RENEW_CHUNK: usize = 1000;
+/// Releases taken off the queue per batch.
+const RELEASE_BATCH: usize = 4096;
+/// The last attempt to give everything back when the process stops.
+const FINAL_FLUSH: Duration = Duration::from_secs(1);
+
+/// Why a Redis call failed.
+enum Failure {
+    /// An error answer or a lost connection.
+    Error,
+    /// No answer in time.
+    Timeout,
+}
+
+/// Runs until `stop`; then gives back every hold it still has, once.
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    client: redis::Client,
+    mut queue: mpsc::UnboundedReceiver<Release>,
+    stop: CancellationToken,
+) {
+    // Redis calls of the worker may take up to one renewal interval.
+    let interval = shared.lease / 3;
+    let mut pending: Vec<Release> = Vec::new();
+    let mut next_renewal = Instant::now() + interval;
+    let mut down_since: Option<Instant> = Some(Instant::now());
+    let mut batch = Vec::with_capacity(RELEASE_BATCH);
+
+    while !stop.is_cancelled() {
+        let Some((generation, mut conn)) = shared.connection() else {
+            let attempt = reconnect(&shared, &client, interval).await;
+            shared.first_attempt.send_replace(true);
+            match attempt {
+                Ok((generation, mut conn)) => {
+                    if let Some(since) = down_since.take() {
+                        tracing::info!(
+                            down_for = ?since.elapsed(),
+                            "fleet: connected to Redis, holds renewed"
+                        );
+                    }
+                    next_renewal = Instant::now() + interval;
+                    if flush(&shared, &mut conn, &mut pending, interval)
+                        .await
+                        .is_err()
+                    {
+                        shared.lost(generation);
+                    }
+                }
+                Err(e) => {
+                    if down_since.is_none() {
+                        down_since = Some(Instant::now());
+                        tracing::warn!(
+                            "fleet: lost Redis ({e}); admissions follow fleet_fail_mode until it is back"
+                        );
+                    }
+                    tracing::debug!("fleet: Redis unreachable: {e}");
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        () = sleep(RECONNECT_DELAY) => {}
+                    }
+                    while let Ok(r) = queue.try_recv() {
+                        pending.push(r);
+                    }
+                    forget_expired(&shared, &mut pending);
+                }
+            }
+            continue;
+        };
+
+        tokio::select! {
+            () = stop.cancelled() => {}
+            n = queue.recv_many(&mut batch, RELEASE_BATCH) => {
+                if n == 0 {
+                    break; // every sender is gone: the fleet was dropped
+                }
+                pending.append(&mut batch);
+                if flush(&shared, &mut conn, &mut pending, interval).await.is_err() {
+                    lost(&shared, generation, &mut down_since);
+                }
+            }
+            () = sleep_until(next_renewal) => {
+                next_renewal = Instant::now() + interval;
+                // Failed releases are retried before the renewal (a hold
+                // given back must not stay counted for a whole lease).
+                let ok = flush(&shared, &mut conn, &mut pending, interval).await.is_ok()
+                    && renew(&shared, &mut conn, interval).await.is_ok();
+                if !ok {
+                    lost(&shared, generation, &mut down_since);
+                }
+            }
+            () = shared.lost.notified() => {}
+        }
+    }
+
+    // Stopping: everything still live goes back too (the process ends).
+    while let Ok(r) = queue.try_recv() {
+        pending.push(r);
+    }
+    let now = Instant::now();
+    pending.extend(
+        shared
+            .live_holds()
+            .drain()
+            .map(|(_, live)| Release { live, since: now }),
+    );
+    if pending.is_empty() {
+        return;
+    }
+    if let Some((_, mut conn)) = shared.connection() {
+        if flush(&shared, &mut conn, &mut pending, FINAL_FLUSH)
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+    tracing::warn!(
+        holds = pending.len(),
+        "fleet: could not give holds back on exit; they expire after fleet_lease_ttl"
+    );
+}
+
+fn lost(shared: &Shared, generation: u64, down_since: &mut Option<Instant>) {
+    shared.lost(generation);
+    if down_since.is_none() {
+        *down_since = Some(Instant::now());
+        tracing::warn!("fleet: lost Redis; admissions follow fleet_fail_mode until it is back");
+    }
+}
+
+/// Connects, loads the scripts, renews every live hold on the new
+/// connection, and only then lets admissions use it.
+async fn reconnect(
+    shared: &Shared,
+    client: &redis::Client,
+    interval: Duration,
+) -> Result<(u64, MultiplexedConnection), String> {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        // Each call has its own deadline (fleet_timeout, or the interval).
+        .set_response_timeout(None);
+    let connect = async {
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        shared
+            .scripts
+            .admit
+            .prepare_invoke()
+            .load_async(&mut conn)
+            .await?;
+        shared
+            .scripts
+            .renew
+            .prepare_invoke()
+            .load_async(&mut conn)
+            .await?;
+        Ok::<_, redis::RedisError>(conn)
+    };
+    let mut conn = match timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
+    };
+    renew(shared, &mut conn, interval)
+        .await
+        .map_err(|_| "the renewal after connecting failed".to_owned())?;
+    let mut link = shared.link.write().unwrap_or_else(PoisonError::into_inner);
+    link.generation += 1;
+    link.conn = Some(conn.clone());
+    shared.timeouts.store(0, Ordering::Relaxed);
+    shared.metrics.up.set(1);
+    Ok((link.generation, conn))
+}
+
+/// Pushes every live hold one lease ahead (re-creating any Redis lost) and
+/// reads the fleet-wide count: one script call per [`RENEW_CHUNK`] holds,
+/// so Redis, which runs one script at a time, serves admissions between
+/// the chunks instead of stalling them for the whole renewal (10,000 holds
+/// take ~20 ms of Redis time in one call; README "Limits across replicas").
+async fn renew(
+    shared: &Shared,
+    conn: &mut MultiplexedConnection,
+    deadline: Duration,
+) -> Result<(), Failure> {
+    let snapshot: Vec<Arc<Live>> = shared.live_holds().values().cloned().collect();
+    let mut by_set: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for live in &snapshot {
+        for set in &*live.sets {
+            by_set.entry(set).or_default().push(&live.member);
+        }
+    }
+    // The fleet-wide set goes first, even when this instance holds nothing
+    // in it, so every renewal also reads the fleet's count.
+    let all: &str = shared.names.all();
+    let counting_all = shared.max_clients.load(Ordering::Acquire) > 0;
+    let mut sets: Vec<(&str, Vec<&str>)> = Vec::with_capacity(by_set.len() + 1);
+    if counting_all || by_set.contains_key(all) {
+        let members = by_set.remove(all).unwrap_or_default();
+        sets.push((all, members));
+    }
+    sets.extend(by_set);
+
+    let started = Instant::now();
+    let calls = async {
+        let mut count = -1;
+        for chunk in chunks(&sets, RENEW_CHUNK) {
+            let mut call = shared.scripts.renew.prepare_invoke();
+            let total = chunk.iter().position(|(set, _)| *set == all);
+            call.arg(millis(shared.lease))
+                .arg(total.map_or(0, |i| i + 1));
+            for (set, members) in &chunk {
+                call.key(*set).arg(members.len()).arg(*members);
+            }
+            let n: i64 = call.invoke_async(conn).await?;
+            if n >= 0 {
+                count = n;
+            }
+        }
+        Ok::<_, redis::RedisError>(count)
+    };
+    let answer = timeout(deadline, calls).await;
+    let took = started.elapsed();
+    match answer {
+        Ok(Ok(count)) => {
+            shared
+                .metrics
+                .observe(FleetOp::Renew, FleetResult::Ok, took);
+            if count >= 0 {
+                shared.metrics.active.set(count);
+            }
+            Ok(())
+        }
+        Ok(Err(e)) => {
+            shared
+                .metrics
+                .observe(FleetOp::Renew, FleetResult::Error, took);
+            tracing::debug!("fleet renewal failed: {e}");
+            Err(Failure::Error)
+        }
+        Err(_) => {
+            shared
+                .metrics
+                .observe(FleetOp::Renew, FleetResult::Timeout, took);
+            Err(Failure::Timeout)
+        }
+    }
+}
+
+/// Cuts `sets` (set, members) into calls of at most `max` members each, in
+/// order; a set with no members still gets its call (it is read).
+fn chunks<'a>(
+    sets: &'a [(&'a str, Vec<&'a str>)],
+    max: usize,
+) -> Vec<Vec<(&'a str, &'a [&'a str])>> {
+    let mut out: Vec<Vec<(&str, &[&str])>> = Vec::new();
+    let mut current: Vec<(&str, &[&str])> = Vec::new();
+    let mut room = max;
+    for (set, members) in sets {
+        let mut rest: &[&str] = members;
+        loop {
+            let take = rest.len().min(room);
+            let (now, later) = rest.split_at(take);
+            current.push((set, now));
+            room -= take;
+            rest = later;
+            if room == 0 {
+                out.push(std::mem::take(&mut current));
+                room = max;
+            }
+            if rest.is_empty() {
+                break;
+            }
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+/// Takes the pending releases out of Redis in one pipeline (one `ZREM` per
+/// set). What fails stays pending, to be retried.
+async fn flush(
+    shared: &Shared,
+    conn: &mut MultiplexedConnection,
+    pending: &mut Vec<Release>,
+    deadline: Duration,
+) -> Result<(), Failure> {
+    forget_expired(shared, pending);
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let mut by_set: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for r in pending.iter() {
+        for set in &*r.live.sets {
+            by_set.entry(set).or_default().push(&r.live.member);
+        }
+    }
+    let mut pipe = redis::pipe();
+    for (set, members) in &by_set {
+        pipe.cmd("ZREM").arg(*set).arg(members.as_slice()).ignore();
+    }
+    let started = Instant::now();
+    let answer = timeout(deadline, pipe.query_async::<()>(conn)).await;
+    let took = started.elapsed();
+    drop(by_set);
+    match answer {
+        Ok(Ok(())) => {
+            shared
+                .metrics
+                .observe(FleetOp::Release, FleetResult::Ok, took);
+            pending.clear();
+            Ok(())
+        }
+        Ok(Err(e)) => {
+            shared
+                .metrics
+                .observe(FleetOp::Release, FleetResult::Error, took);
+            tracing::debug!("fleet release failed: {e}");
+            Err(Failure::Error)
+        }
+        Err(_) => {
+            shared
+                .metrics
+                .observe(FleetOp::Release, FleetResult::Timeout, took);
+            Err(Failure::Timeout)
+        }
+    }
+}
+
+/// Drops releases older than a lease: Redis has expired those holds itself.
+fn forget_expired(shared: &Shared, pending: &mut Vec<Release>) {
+    pending.retain(|r| r.since.elapsed() < shared.lease);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunks;
+
+    #[test]
+    fn renewal_chunks_hold_at_most_max_members_in_order() {
+        let a: Vec<String> = (0..2500).map(|i| format!("a{i}")).collect();
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let sets = vec![
+            ("all", a.clone()),
+            ("empty", Vec::new()),
+            ("k", vec!["x", "y"]),
+        ];
+        let calls = chunks(&sets, 1000);
+        assert_eq!(calls.len(), 3);
+        for call in &calls {
+            assert!(call.iter().map(|(_, m)| m.len()).sum::<usize>() <= 1000);
+        }
+        // Every member once, in order, and the empty set still read.
+        let flat: Vec<(&str, &str)> = calls
+            .iter()
+            .flatten()
+            .flat_map(|(set, m)| m.iter().map(move |x| (*set, *x)))
+            .collect();
+        assert_eq!(flat.len(), 2502);
+        assert_eq!(flat[0], ("all", "a0"));
+        assert_eq!(flat[2499], ("all", "a2499"));
+        assert!(calls
+            .iter()
+            .flatten()
+            .any(|(set, m)| *set == "empty" && m.is_empty()));
+        assert_eq!(chunks(&[], 1000).len(), 0);
+    }
+}
