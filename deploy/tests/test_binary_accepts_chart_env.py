@@ -192,10 +192,7 @@ FLEET_CASES = {
 def test_binary_accepts_the_chart_fleet_env(render, tmp_path, case):
     """SPEC §10: the WSGATE_FLEET_* variables the chart renders (and, for FLEET_VALUES, the
     config.toml with a `fleet = true` rule) are accepted by `wsgate check-config`, which prints the
-    values the chart asked for. check-config only validates: no Redis is needed.
-
-    xfail, naming the refusal, while the binary answers "unknown key fleet_*" or refuses
-    `fleet = true` as not implemented (SPEC §10 is being built in src/); any other refusal fails."""
+    values the chart asked for. check-config only validates: no Redis is needed."""
     import tomllib
 
     from conftest import FLEET_VALUES
@@ -215,9 +212,6 @@ def test_binary_accepts_the_chart_fleet_env(render, tmp_path, case):
         config.write_text(r.config_toml())
         env["WSGATE_CONFIG"] = str(config)
     res = check_config(env)
-    refusal = re.search(r"unknown key (fleet_\w+)|fleet[^\n]*(this version does not have|not available)", res.stderr)
-    if res.returncode == 2 and refusal:
-        pytest.xfail(f"binary does not implement SPEC §10 yet: {refusal.group(0)}")
     assert res.returncode == 0, f"exit {res.returncode}\n--- env\n{env}\n--- stderr\n{res.stderr}"
     printed = tomllib.loads(res.stdout)
     for name, want in env.items():
