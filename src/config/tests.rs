@@ -354,6 +354,23 @@ fn fleet_defaults_apply_once_a_url_is_set_from_the_environment() {
     });
 }
 
+/// figment reads an all-digit environment value as a number; a text key
+/// takes it as written.
+#[test]
+fn all_digit_text_from_the_environment_is_taken_as_written() {
+    Jail::expect_with(|jail| {
+        jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+        jail.set_env("WSGATE_FLEET_REDIS_URL", "redis://redis:6379/0");
+        jail.set_env("WSGATE_FLEET_MAX_CLIENTS", "5");
+        jail.set_env("WSGATE_FLEET_NAMESPACE", "2024");
+        jail.set_env("WSGATE_FLEET_INSTANCE_ID", "12345");
+        let f = load_in_jail(None).expect("valid").fleet.expect("fleet on");
+        assert_eq!(f.namespace, "2024");
+        assert_eq!(f.instance_id, "12345");
+        Ok(())
+    });
+}
+
 #[test]
 fn fleet_keys_from_a_file_and_the_environment_over_it() {
     Jail::expect_with(|jail| {

@@ -183,6 +183,14 @@ impl<'de> Visitor<'de> for WrittenVisitor<String> {
     fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
         self.keep(Some(v.to_owned()), Unexpected::Str(v))
     }
+    // figment reads `WSGATE_FLEET_NAMESPACE=2024` as a number: a text key
+    // takes the digits as written.
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<String, E> {
+        self.keep(Some(v.to_string()), Unexpected::Signed(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<String, E> {
+        self.keep(Some(v.to_string()), Unexpected::Unsigned(v))
+    }
 }
 
 impl Written for String {
