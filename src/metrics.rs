@@ -365,9 +365,11 @@ impl FleetMetrics {
 
     /// Counts one operation and its time (a timeout counts as its deadline,
     /// so the tail of the histogram shows how slow Redis was).
+    /// `wsgate_fleet_up` follows it: 1 while the last round trip succeeded.
     pub(crate) fn observe(&self, op: FleetOp, result: FleetResult, took: std::time::Duration) {
         self.requests[op as usize][result as usize].inc();
         self.duration[op as usize].observe(took.as_secs_f64());
+        self.up.set(i64::from(result == FleetResult::Ok));
     }
 }
 
