@@ -3,7 +3,8 @@
 //! (here), clients down to raw bytes ([`client`]), metric matchers that poll
 //! with a deadline instead of sleeping ([`metrics`]), the wsgate binary
 //! as a child process with /proc readings ([`process`]), and JWTs signed
-//! with the test keys in `tests/fixtures/jwt` ([`jwt`]).
+//! with the test keys in `tests/fixtures/jwt` ([`jwt`]), and a real
+//! `redis-server` for the fleet tests ([`redis`]).
 //!
 //! Everything is re-exported here, so a test file says `mod support;` and
 //! `use support::*;`; except [`jwt`], whose names (`token`) are too generic
@@ -20,11 +21,14 @@ pub mod client;
 pub mod jwt;
 pub mod metrics;
 pub mod process;
+pub mod redis;
 pub mod upstream;
 
 pub use client::*;
 pub use metrics::*;
 pub use process::*;
+// `self::`: the `redis` crate (wsgate's own dependency) has the same name.
+pub use self::redis::*;
 pub use upstream::*;
 
 use std::net::SocketAddr;

@@ -92,13 +92,24 @@ impl GateProcess {
         env: &[(&str, String)],
         nofile: Option<u64>,
     ) -> (GateProcess, SocketAddr, SocketAddr) {
+        GateProcess::proxy_with_args(upstream, &[], env, nofile)
+    }
+
+    /// [`GateProcess::proxy`] with command-line arguments, e.g.
+    /// `["--config", FILE]` for what only a TOML file can say (`[[key_limits]]`).
+    pub fn proxy_with_args(
+        upstream: SocketAddr,
+        args: &[&str],
+        env: &[(&str, String)],
+        nofile: Option<u64>,
+    ) -> (GateProcess, SocketAddr, SocketAddr) {
         let mut all = vec![
             ("WSGATE_LISTEN", "127.0.0.1:0".to_owned()),
             ("WSGATE_ADMIN_LISTEN", "127.0.0.1:0".to_owned()),
             ("WSGATE_UPSTREAM", upstream.to_string()),
         ];
         all.extend(env.iter().cloned());
-        let gate = GateProcess::start(&[], &all, nofile);
+        let gate = GateProcess::start(args, &all, nofile);
         let proxy = gate.wait_addr(&gate.stderr, "proxy listening addr=");
         let admin = gate.wait_addr(&gate.stderr, "admin listening addr=");
         (gate, proxy, admin)
