@@ -34,6 +34,55 @@ pub async fn connect_refused(
     }
 }
 
+/// How an upgrade ended, without failing the test: for tests that count.
+#[derive(Debug)]
+pub enum Upgrade {
+    /// 101: the client.
+    Admitted(Box<Ws>),
+    /// An HTTP refusal: its status and `Retry-After`.
+    Refused(u16, Option<String>),
+    /// Anything else (I/O error, a bad handshake), as text.
+    Failed(String),
+}
+
+/// An upgrade to `url` with extra request `headers`, unbounded (the caller
+/// bounds it), never panicking.
+pub async fn upgrade_outcome(url: &str, headers: &[(&str, &str)]) -> Upgrade {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+    let mut req = match url.into_client_request() {
+        Ok(r) => r,
+        Err(e) => return Upgrade::Failed(format!("bad request for {url}: {e}")),
+    };
+    for (k, v) in headers {
+        req.headers_mut().append(
+            HeaderName::from_bytes(k.as_bytes()).expect("header name"),
+            HeaderValue::from_str(v).expect("header value"),
+        );
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((ws, _)) => Upgrade::Admitted(Box::new(ws)),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Upgrade::Refused(
+            resp.status().as_u16(),
+            resp.headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        ),
+        Err(e) => Upgrade::Failed(e.to_string()),
+    }
+}
+
+/// [`upgrade_outcome`] within [`crate::support::DEADLINE`]: the client, or
+/// the refusal's status and `Retry-After`; fails the test on anything else.
+pub async fn try_upgrade(url: &str, headers: &[(&str, &str)]) -> Result<Ws, (u16, Option<String>)> {
+    match within("upgrade", upgrade_outcome(url, headers)).await {
+        Upgrade::Admitted(ws) => Ok(*ws),
+        Upgrade::Refused(status, retry_after) => Err((status, retry_after)),
+        Upgrade::Failed(e) => panic!("expected an upgrade or an HTTP refusal from {url}, got {e}"),
+    }
+}
+
 /// Echo round trip of one text message.
 pub async fn echo_text(ws: &mut Ws, text: &str) {
     within("send", ws.send(Message::text(text)))

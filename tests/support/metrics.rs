@@ -81,3 +81,33 @@ pub async fn time_until_metric(admin: SocketAddr, series: &str, want: f64) -> Du
     wait_metric(admin, series, want).await;
     start.elapsed()
 }
+
+/// The value of the series of metric `name` whose labels are exactly
+/// `labels`, in whatever order the exposition lists them.
+pub fn labelled_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    want.sort();
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let rest = series.strip_prefix(name)?;
+        let mut got: Vec<String> = match rest {
+            "" => Vec::new(),
+            r => r
+                .strip_prefix('{')?
+                .strip_suffix('}')?
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        };
+        got.sort();
+        (got == want).then(|| value.trim().parse().ok()).flatten()
+    })
+}
+
+/// [`labelled_value`] from a fresh scrape; fails if the series is missing.
+pub async fn labelled_metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = scrape(admin).await;
+    labelled_value(&text, name, labels)
+        .unwrap_or_else(|| panic!("{name}{labels:?} missing from\n{text}"))
+}
