@@ -12,9 +12,327 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use futures_util::{SinkExt, StreamExt};
 use support::*;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+/// While Redis is down, slow or paused an admission may take `fleet_timeout`
+/// (SPEC §10) plus this: the handshake, the upstream's 101, a loaded machine.
+const ADMISSION_MARGIN: Duration = Duration::from_millis(400);
+
+/// The recovery promises are "within one renewal interval (plus the client's
+/// reconnect, at most 2 s)"; a probe (one `redis-cli`, one scrape) costs some
+/// tens of milliseconds on a loaded CI machine, which this allows for.
+const PROBE_SLACK: Duration = Duration::from_millis(500);
+
+/// The reconnect part of the recovery promises (SPEC §10).
+const RECONNECT: Duration = Duration::from_secs(2);
+
+/// Polls `check` (an expression of type `Result<(), String>`, which may
+/// `.await`) every 25 ms until it is `Ok`, failing with the last `Err` once
+/// `limit` has passed; evaluates to the time it took.
+macro_rules! eventually {
+    ($what:expr, $limit:expr, $check:expr) => {{
+        let start = Instant::now();
+        let limit: Duration = $limit;
+        loop {
+            let result: Result<(), String> = $check;
+            match result {
+                Ok(()) => break start.elapsed(),
+                Err(last) => assert!(
+                    start.elapsed() < limit,
+                    "{}: not within {limit:?}; last seen: {last}",
+                    $what
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }};
+}
+
+// ---------------------------------------------------------------- fleet configuration
+
+/// The SPEC §10 keys of one fleet, written into the TOML file each
+/// instance is started with (`[[key_limits]]` exist only in a file).
+#[derive(Debug, Clone)]
+struct Fleet {
+    url: String,
+    namespace: String,
+    max_clients: u64,
+    lease_ttl: Duration,
+    timeout: Duration,
+    fail_mode: &'static str,
+    /// `[[key_limits]]` tables, each with `fleet = true`.
+    rules: Vec<toml::Table>,
+}
+
+impl Fleet {
+    /// SPEC §10's defaults (lease 30 s, timeout 100 ms, `open`, no cap) on `url`.
+    fn new(url: &str, namespace: &str) -> Fleet {
+        Fleet {
+            url: url.to_owned(),
+            namespace: namespace.to_owned(),
+            max_clients: 0,
+            lease_ttl: Duration::from_secs(30),
+            timeout: Duration::from_millis(100),
+            fail_mode: "open",
+            rules: Vec::new(),
+        }
+    }
+
+    fn max(mut self, n: u64) -> Fleet {
+        self.max_clients = n;
+        self
+    }
+
+    fn lease(mut self, d: Duration) -> Fleet {
+        self.lease_ttl = d;
+        self
+    }
+
+    fn timeout(mut self, d: Duration) -> Fleet {
+        self.timeout = d;
+        self
+    }
+
+    fn mode(mut self, m: &'static str) -> Fleet {
+        self.fail_mode = m;
+        self
+    }
+
+    /// A `fleet = true` rule keyed on `key` with `max_per_key`.
+    fn rule(mut self, name: &str, key: &str, max_per_key: i64) -> Fleet {
+        let mut t = toml::Table::new();
+        t.insert("name".into(), name.into());
+        t.insert("key".into(), key.into());
+        t.insert("max_per_key".into(), max_per_key.into());
+        t.insert("fleet".into(), true.into());
+        self.rules.push(t);
+        self
+    }
+
+    /// Renewals run every `fleet_lease_ttl / 3` (SPEC §10).
+    fn renewal(&self) -> Duration {
+        self.lease_ttl / 3
+    }
+
+    /// The TOML file of one instance; `instance` sets `fleet_instance_id`
+    /// (`None`: the default, `$HOSTNAME` plus a random suffix).
+    fn toml(&self, instance: Option<&str>) -> String {
+        let ms = |d: Duration| format!("{}ms", d.as_millis());
+        let mut t = toml::Table::new();
+        t.insert("fleet_redis_url".into(), self.url.clone().into());
+        t.insert("fleet_namespace".into(), self.namespace.clone().into());
+        t.insert(
+            "fleet_max_clients".into(),
+            i64::try_from(self.max_clients).expect("small").into(),
+        );
+        t.insert("fleet_lease_ttl".into(), ms(self.lease_ttl).into());
+        t.insert("fleet_timeout".into(), ms(self.timeout).into());
+        t.insert("fleet_fail_mode".into(), self.fail_mode.into());
+        if let Some(id) = instance {
+            t.insert("fleet_instance_id".into(), id.into());
+        }
+        if !self.rules.is_empty() {
+            t.insert(
+                "key_limits".into(),
+                toml::Value::Array(self.rules.iter().cloned().map(Into::into).collect()),
+            );
+        }
+        toml::to_string(&t).expect("render the TOML")
+    }
+
+    /// `{NS}:all`: the holds counted against `fleet_max_clients`.
+    fn all_key(&self) -> String {
+        format!("{{{}}}:all", self.namespace)
+    }
+
+    /// `{NS}:key:RULE:VALUE`: the holds of one key value of a fleet rule.
+    fn key_key(&self, rule: &str, value: &str) -> String {
+        format!("{{{}}}:key:{rule}:{value}", self.namespace)
+    }
+
+    /// Every key of the namespace (`--scan --pattern '{NS}*'`).
+    fn keys(&self, redis: &RedisServer) -> Vec<String> {
+        redis.keys(&format!("{{{}}}*", self.namespace))
+    }
+
+    /// `Ok` when Redis holds nothing for the namespace.
+    fn redis_empty(&self, redis: &RedisServer) -> Result<(), String> {
+        let keys = self.keys(redis);
+        if keys.is_empty() {
+            Ok(())
+        } else {
+            let all = redis.zrange_with_scores(&self.all_key());
+            Err(format!(
+                "Redis still holds {keys:?} ({} all: {all:?})",
+                self.all_key()
+            ))
+        }
+    }
+
+    /// `Ok` when `{NS}:all` has exactly `n` members.
+    fn all_is(&self, redis: &RedisServer, n: u64) -> Result<(), String> {
+        match redis.zcard(&self.all_key()) {
+            got if got == n => Ok(()),
+            got => Err(format!("ZCARD {} = {got}, want {n}", self.all_key())),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- instances
+
+/// One wsgate process of the fleet: `wsgate --config FILE`, with the
+/// listen addresses (port 0) and the upstream in the environment.
+struct Gate {
+    process: GateProcess,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Gate {
+    fn start(upstream: SocketAddr, fleet: &Fleet, instance: Option<&str>) -> Gate {
+        Gate::start_with_env(upstream, fleet, instance, &[])
+    }
+
+    fn start_with_env(
+        upstream: SocketAddr,
+        fleet: &Fleet,
+        instance: Option<&str>,
+        env: &[(&str, String)],
+    ) -> Gate {
+        let dir = tempfile::tempdir().expect("tempdir for the config file");
+        let file = dir.path().join("wsgate.toml");
+        std::fs::write(&file, fleet.toml(instance)).expect("write the config file");
+        let path = file.to_str().expect("utf-8 path").to_owned();
+        let (process, proxy, admin) =
+            GateProcess::proxy_with_args(upstream, &["--config", &path], env, None);
+        Gate {
+            process,
+            proxy,
+            admin,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/", self.proxy)
+    }
+
+    /// An upgrade with `headers`: the client, or the refusal (status, `Retry-After`).
+    async fn upgrade(&self, headers: &[(&str, &str)]) -> Result<Ws, (u16, Option<String>)> {
+        try_upgrade(&self.url(), headers).await
+    }
+
+    /// An upgrade that must be admitted; echoes once to prove it.
+    async fn admit(&self, headers: &[(&str, &str)]) -> Ws {
+        let mut ws = self.upgrade(headers).await.unwrap_or_else(|e| {
+            panic!(
+                "{}: upgrade refused: {e:?}
+{}",
+                self.proxy,
+                self.log()
+            )
+        });
+        echo_text(&mut ws, "admitted").await;
+        ws
+    }
+
+    async fn metric(&self, series: &str) -> f64 {
+        metric(self.admin, series).await
+    }
+
+    async fn rejected(&self, reason: &str) -> f64 {
+        self.metric(&format!(
+            "wsgate_connections_rejected_total{{reason=\"{reason}\"}}"
+        ))
+        .await
+    }
+
+    /// `wsgate_fleet_requests_total{op, result}`.
+    async fn fleet_requests(&self, op: &str, result: &str) -> f64 {
+        labelled_metric(
+            self.admin,
+            "wsgate_fleet_requests_total",
+            &[("op", op), ("result", result)],
+        )
+        .await
+    }
+
+    /// Open descriptors of the wsgate process.
+    fn fds(&self) -> usize {
+        self.process.stat().fds
+    }
+
+    fn log(&self) -> String {
+        self.process.stderr_text()
+    }
+}
+
+/// Raises this process's `RLIMIT_NOFILE` soft limit to at least `n` (the
+/// clients and the in-process upstream of a thousand connections).
+fn raise_nofile(n: u64) {
+    let got = rlimit::increase_nofile_limit(n).expect("raise RLIMIT_NOFILE");
+    assert!(got >= n, "RLIMIT_NOFILE is {got}, this test needs {n}");
+}
+
+/// The first admission of a new instance (retried: the instance may still
+/// be connecting to Redis), an echo, a clean close; then waits until the
+/// instance is idle, Redis holds nothing for the namespace and
+/// `wsgate_fleet_up` is 1. Leaves lazily made state in every baseline.
+async fn warm_up(gate: &Gate, fleet: &Fleet, redis: &RedisServer) {
+    let start = Instant::now();
+    let mut ws = loop {
+        match gate.upgrade(&[]).await {
+            Ok(ws) => break ws,
+            Err(e) => assert!(
+                start.elapsed() < DEADLINE,
+                "a new instance never admitted: {e:?}; its log:\n{}",
+                gate.log()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    echo_text(&mut ws, "warm-up").await;
+    close_cleanly(ws).await;
+    settle(&[gate], fleet, redis).await;
+    wait_metric(gate.admin, "wsgate_fleet_up", 1.0).await;
+}
+
+/// Waits (bounded) until every one of `gates` is idle and Redis holds
+/// nothing for the namespace.
+async fn settle(gates: &[&Gate], fleet: &Fleet, redis: &RedisServer) {
+    eventually!("every instance idle and Redis empty", DEADLINE, {
+        let mut active = Vec::new();
+        for g in gates {
+            active.push(g.metric(ACTIVE).await);
+        }
+        if active.iter().any(|&a| a != 0.0) {
+            Err(format!("{ACTIVE} = {active:?}"))
+        } else {
+            fleet.redis_empty(redis)
+        }
+    });
+}
+
+/// Sums `series` over `gates`.
+async fn sum(gates: &[Gate], series: &str) -> f64 {
+    let mut total = 0.0;
+    for g in gates {
+        total += g.metric(series).await;
+    }
+    total
+}
+
+/// Closes every client cleanly, all at once.
+async fn close_all(clients: Vec<Ws>) {
+    futures_util::future::join_all(clients.into_iter().map(close_cleanly)).await;
+}
 
 /// The harness on its own: start, commands, pause (SIGSTOP: no answer, the
 /// socket stays), resume, restart (same port, empty), SIGKILL, drop (the
@@ -120,4 +438,762 @@ fn redis_harness_starts_pauses_restarts_and_kills() {
     let _ = std::io::Write::write_all(&mut &plain, b"PING\r\n");
     let _ = std::io::Read::read_to_string(&mut &plain, &mut answer);
     assert!(!answer.contains("PONG"), "TLS port answered plain text");
+}
+
+// ---------------------------------------------------------------- the cap under concurrency
+
+/// Three instances share `fleet_max_clients = 100`; 1,000 upgrades at once,
+/// spread over the three: exactly 100 are admitted, 900 get 503 with
+/// `Retry-After` and are counted as `reason="fleet"` by the instance that
+/// refused them; `{NS}:all` holds 100 members scored by their expiry (Redis
+/// time, within `fleet_lease_ttl`); afterwards every instance is idle and
+/// Redis holds nothing. `closed` with a 5 s timeout: the promise is about a
+/// healthy Redis, and any Redis trouble shows up as `fleet_unavailable`
+/// (asserted 0) instead of as an overshoot. The three instances keep the
+/// default `fleet_instance_id`: on one host their holds must not collide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_admit_exactly_the_fleet_cap_of_1000_concurrent_upgrades() {
+    raise_nofile(4096);
+    let redis = RedisServer::start();
+    let up = spawn_echo_upstream().await;
+    let fleet = Fleet::new(&redis.url(), "cap")
+        .max(100)
+        .timeout(Duration::from_secs(5))
+        .mode("closed");
+    let gates: Vec<Gate> = (0..3).map(|_| Gate::start(up.addr, &fleet, None)).collect();
+    for g in &gates {
+        warm_up(g, &fleet, &redis).await;
+        assert_eq!(g.metric("wsgate_fleet_max").await, 100.0);
+    }
+
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..1000)
+        .map(|i| {
+            let url = gates[i % 3].url();
+            tokio::spawn(async move { (i % 3, upgrade_outcome(&url, &[]).await) })
+        })
+        .collect();
+    let mut admitted = Vec::new();
+    let mut refused = [0usize; 3];
+    let mut odd = Vec::new();
+    for t in tasks {
+        let (g, outcome) = within("one of the 1,000 upgrades", t).await.expect("join");
+        match outcome {
+            Upgrade::Admitted(ws) => admitted.push(*ws),
+            Upgrade::Refused(503, Some(_)) => refused[g] += 1,
+            other => odd.push(format!("{other:?}")),
+        }
+    }
+    let took = start.elapsed();
+    println!(
+        "1,000 concurrent upgrades over 3 instances: {} admitted, refused per instance {refused:?}, in {took:?}",
+        admitted.len()
+    );
+    assert!(odd.is_empty(), "neither 101 nor 503 + Retry-After: {odd:?}");
+    assert_eq!(
+        admitted.len(),
+        100,
+        "the fleet admitted more or less than its cap"
+    );
+    for (g, gate) in gates.iter().enumerate() {
+        assert_eq!(
+            gate.rejected("fleet").await,
+            refused[g] as f64,
+            "instance {g} counts the refusals its clients saw"
+        );
+        assert_eq!(gate.rejected("fleet_unavailable").await, 0.0);
+    }
+    assert_eq!(
+        sum(
+            &gates,
+            "wsgate_connections_rejected_total{reason=\"fleet\"}"
+        )
+        .await,
+        900.0
+    );
+    assert_eq!(sum(&gates, ACTIVE).await, 100.0);
+    fleet
+        .all_is(&redis, 100)
+        .expect("one hold per admitted connection");
+    let now = redis.time_ms() as f64;
+    let lease_ms = fleet.lease_ttl.as_millis() as f64;
+    for (member, expiry) in redis.zrange_with_scores(&fleet.all_key()) {
+        assert!(
+            expiry > now && expiry <= now + lease_ms + 1000.0,
+            "hold {member} expires at {expiry}, Redis time {now}, lease {lease_ms} ms"
+        );
+    }
+    let stray: Vec<String> = redis
+        .keys("*")
+        .into_iter()
+        .filter(|k| !k.starts_with("{cap}:"))
+        .collect();
+    assert!(stray.is_empty(), "keys outside the namespace: {stray:?}");
+    for ws in &mut admitted {
+        echo_text(ws, "one of the hundred").await;
+    }
+
+    close_all(admitted).await;
+    let refs: Vec<&Gate> = gates.iter().collect();
+    settle(&refs, &fleet, &redis).await;
+}
+
+// ---------------------------------------------------------------- a fleet key rule
+
+/// A `fleet = true` rule (`header:X-Tenant`, 5 per tenant) across two
+/// instances: tenant a's five connections, spread over both, fill its
+/// share; the sixth is refused with 429 and `Retry-After` (reason `key`) on
+/// either instance; tenant b still connects; when one of a's connections on
+/// the first instance closes, a new one is admitted on the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_key_rule_counts_a_tenant_across_instances() {
+    let redis = RedisServer::start();
+    let up = spawn_echo_upstream().await;
+    let fleet = Fleet::new(&redis.url(), "tenants")
+        .rule("tenant", "header:X-Tenant", 5)
+        .timeout(Duration::from_secs(5))
+        .mode("closed");
+    let gates = [
+        Gate::start(up.addr, &fleet, Some("gate-a")),
+        Gate::start(up.addr, &fleet, Some("gate-b")),
+    ];
+    for g in &gates {
+        warm_up(g, &fleet, &redis).await;
+    }
+    let a = [("x-tenant", "a")];
+    let mut tenant_a = Vec::new();
+    for i in 0..5 {
+        tenant_a.push(gates[i % 2].admit(&a).await);
+    }
+    let a_key = fleet.key_key("tenant", "a");
+    assert_eq!(redis.zcard(&a_key), 5, "{:?}", fleet.keys(&redis));
+    for g in &gates {
+        assert_eq!(
+            g.upgrade(&a).await.err(),
+            Some((429, Some("1".into()))),
+            "the sixth of tenant a on {}",
+            g.proxy
+        );
+        assert_eq!(g.rejected("key").await, 1.0);
+        assert_eq!(
+            g.metric("wsgate_key_rejected_total{rule=\"tenant\"}").await,
+            1.0
+        );
+        assert_eq!(g.rejected("fleet_unavailable").await, 0.0);
+    }
+    let b = [("x-tenant", "b")];
+    let tenant_b = vec![gates[0].admit(&b).await, gates[1].admit(&b).await];
+    assert_eq!(redis.zcard(&fleet.key_key("tenant", "b")), 2);
+    assert_eq!(redis.zcard(&a_key), 5);
+
+    // One of a's connections on the first instance closes (tenant_a[0] is on gates[0]).
+    close_cleanly(tenant_a.remove(0)).await;
+    let mut again = None;
+    let took = eventually!(
+        "tenant a's share back on the other instance",
+        RELEASE_BOUND,
+        match gates[1].upgrade(&a).await {
+            Ok(ws) => {
+                again = Some(ws);
+                Ok(())
+            }
+            Err(e) => Err(format!("{e:?}")),
+        }
+    );
+    println!("tenant a's share was free on the other instance {took:?} after the close");
+    let mut again = again.expect("admitted");
+    echo_text(&mut again, "back").await;
+    tenant_a.push(again);
+    assert_eq!(redis.zcard(&a_key), 5);
+    assert_eq!(gates[0].upgrade(&a).await.err().map(|e| e.0), Some(429));
+
+    close_all(tenant_a).await;
+    close_all(tenant_b).await;
+    settle(&[&gates[0], &gates[1]], &fleet, &redis).await;
+}
+
+// ---------------------------------------------------------------- an instance killed
+
+/// An instance holding 30 of `fleet_max_clients = 40` is killed with
+/// SIGKILL (it releases nothing). At once, the other instance can admit
+/// only 10; the dead instance's holds expire within `fleet_lease_ttl` (3 s)
+/// of its last renewal, so within 3 s (+2 s of margin) of the kill the other
+/// instance has all 40; once those close Redis is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_frees_its_fleet_slots_within_the_lease_ttl() {
+    let redis = RedisServer::start();
+    let up = spawn_echo_upstream().await;
+    let fleet = Fleet::new(&redis.url(), "killed")
+        .max(40)
+        .lease(Duration::from_secs(3))
+        .timeout(Duration::from_millis(500))
+        .mode("closed");
+    let mut doomed = Gate::start(up.addr, &fleet, Some("doomed"));
+    let survivor = Gate::start(up.addr, &fleet, Some("survivor"));
+    warm_up(&doomed, &fleet, &redis).await;
+    warm_up(&survivor, &fleet, &redis).await;
+    let mut held_by_doomed = Vec::new();
+    for _ in 0..30 {
+        held_by_doomed.push(doomed.admit(&[]).await);
+    }
+    fleet.all_is(&redis, 30).expect("30 holds");
+
+    doomed.process.signal("KILL");
+    doomed.process.wait_exit();
+    let killed = Instant::now();
+    let mut on_survivor = Vec::new();
+    for _ in 0..10 {
+        on_survivor.push(survivor.admit(&[]).await);
+    }
+    assert_eq!(
+        survivor.upgrade(&[]).await.err().map(|e| e.0),
+        Some(503),
+        "the dead instance's 30 holds still count"
+    );
+    let checked = killed.elapsed();
+    assert!(
+        checked < Duration::from_secs(2),
+        "too slow to check 'at once' ({checked:?}): the holds may have expired meanwhile"
+    );
+    assert_eq!(survivor.rejected("fleet").await, 1.0);
+
+    let limit = fleet.lease_ttl + Duration::from_secs(2);
+    let mut first_free = None;
+    while on_survivor.len() < 40 {
+        match survivor.upgrade(&[]).await {
+            Ok(mut ws) => {
+                echo_text(&mut ws, "a slot of the dead instance").await;
+                first_free.get_or_insert(killed.elapsed());
+                on_survivor.push(ws);
+            }
+            Err((503, _)) => {
+                assert!(
+                    killed.elapsed() < limit,
+                    "{} of the dead instance's 30 slots still held {:?} after the kill \
+                     (lease_ttl {:?}); Redis: {:?}",
+                    40 - on_survivor.len(),
+                    killed.elapsed(),
+                    fleet.lease_ttl,
+                    redis.zrange_with_scores(&fleet.all_key())
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(other) => panic!("wanted 101 or 503, got {other:?}"),
+        }
+    }
+    let all_free = killed.elapsed();
+    println!(
+        "kill -9 with 30 holds (lease_ttl 3 s): first slot free after {:?}, all 30 after {all_free:?}",
+        first_free.expect("some")
+    );
+    assert!(all_free <= limit, "all 30 free after {all_free:?}");
+    assert_eq!(
+        survivor.upgrade(&[]).await.err().map(|e| e.0),
+        Some(503),
+        "the 41st"
+    );
+    let now = redis.time_ms();
+    let live = redis.cli(&["ZCOUNT", &fleet.all_key(), &format!("({now}"), "+inf"]);
+    assert_eq!(live, "40", "unexpired holds");
+
+    drop(held_by_doomed);
+    close_all(on_survivor).await;
+    settle(&[&survivor], &fleet, &redis).await;
+}
+
+// ---------------------------------------------------------------- Redis killed
+
+/// Redis killed with SIGKILL under an instance with 5 connections: new
+/// upgrades are answered within `fleet_timeout` (+ margin), admitted on the
+/// local limits with `open`, refused 503 `fleet_unavailable` with `closed`;
+/// `wsgate_fleet_up` is 0; every existing connection keeps echoing for a
+/// whole lease. Redis started again (empty) on the same port: within one
+/// renewal interval (+2 s) `wsgate_fleet_up` is 1 and `{NS}:all` counts
+/// exactly the live connections.
+async fn redis_killed(mode: &'static str) {
+    let mut redis = RedisServer::start();
+    let up = spawn_echo_upstream().await;
+    let fleet = Fleet::new(&redis.url(), "down")
+        .max(100)
+        .lease(Duration::from_secs(3))
+        .timeout(Duration::from_millis(100))
+        .mode(mode);
+    let gate = Gate::start(up.addr, &fleet, Some("only"));
+    warm_up(&gate, &fleet, &redis).await;
+    let mut live = Vec::new();
+    for _ in 0..5 {
+        live.push(gate.admit(&[]).await);
+    }
+    fleet.all_is(&redis, 5).expect("5 holds");
+
+    redis.kill9();
+    let killed = Instant::now();
+    let bound = fleet.timeout + ADMISSION_MARGIN;
+    let mut slowest = Duration::ZERO;
+    for i in 0..5 {
+        let start = Instant::now();
+        let outcome = gate.upgrade(&[]).await;
+        let took = start.elapsed();
+        slowest = slowest.max(took);
+        assert!(
+            took <= bound,
+            "upgrade {i} with Redis down took {took:?} (bound {bound:?})"
+        );
+        match (mode, outcome) {
+            ("open", Ok(mut ws)) => {
+                echo_text(&mut ws, "admitted on local limits").await;
+                live.push(ws);
+            }
+            ("closed", Err((503, Some(_)))) => {}
+            (_, other) => panic!("{mode}: upgrade {i} with Redis down: {other:?}"),
+        }
+    }
+    println!("{mode}: slowest upgrade with Redis down: {slowest:?}");
+    let unavailable = if mode == "closed" { 5.0 } else { 0.0 };
+    assert_eq!(gate.rejected("fleet_unavailable").await, unavailable);
+    assert_eq!(gate.rejected("fleet").await, 0.0);
+    eventually!("wsgate_fleet_up 0 with Redis down", DEADLINE, {
+        match gate.metric("wsgate_fleet_up").await {
+            0.0 => Ok(()),
+            v => Err(format!("wsgate_fleet_up {v}")),
+        }
+    });
+    // A measurement window, not a synchronisation: the connections live
+    // through a whole lease (failed renewals included) without Redis.
+    while killed.elapsed() < fleet.lease_ttl + Duration::from_secs(1) {
+        for ws in &mut live {
+            echo_text(ws, "still here without Redis").await;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(gate.metric(ACTIVE).await, live.len() as f64);
+
+    redis.start_again();
+    let want = live.len() as u64;
+    let took = eventually!(
+        "holds back after Redis came back",
+        fleet.renewal() + RECONNECT + PROBE_SLACK,
+        match gate.metric("wsgate_fleet_up").await {
+            1.0 => fleet.all_is(&redis, want),
+            v => Err(format!("wsgate_fleet_up {v}")),
+        }
+    );
+    println!("{mode}: {want} holds back {took:?} after Redis restarted");
+    for ws in &mut live {
+        echo_text(ws, "after Redis came back").await;
+    }
+    live.push(gate.admit(&[]).await);
+    fleet
+        .all_is(&redis, want + 1)
+        .expect("a new admission is counted");
+
+    close_all(live).await;
+    settle(&[&gate], &fleet, &redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_with_fail_open_admits_on_local_limits() {
+    redis_killed("open").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_with_fail_closed_refuses_as_fleet_unavailable() {
+    redis_killed("closed").await;
+}
+
+// ---------------------------------------------------------------- Redis restarted empty
+
+/// Redis restarted empty under 40 live connections (two instances, 20
+/// each; `fleet_lease_ttl` 3 s, so renewals every second): within one
+/// renewal interval (+2 s) `{NS}:all` counts 40 again, and with
+/// `fleet_max_clients = 45` only 5 more are admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_gets_the_live_holds_back_within_a_renewal() {
+    let mut redis = RedisServer::start();
+    let up = spawn_echo_upstream().await;
+    let fleet = Fleet::new(&redis.url(), "restart")
+        .max(45)
+        .lease(Duration::from_secs(3))
+        .timeout(Duration::from_millis(500))
+        .mode("closed");
+    let gates = [
+        Gate::start(up.addr, &fleet, Some("one")),
+        Gate::start(up.addr, &fleet, Some("two")),
+    ];
+    for g in &gates {
+        warm_up(g, &fleet, &redis).await;
+    }
+    let mut live = Vec::new();
+    for i in 0..40 {
+        live.push(gates[i % 2].admit(&[]).await);
+    }
+    fleet.all_is(&redis, 40).expect("40 holds");
+
+    redis.restart();
+    let took = eventually!(
+        "40 holds back after an empty restart",
+        fleet.renewal() + RECONNECT + PROBE_SLACK,
+        fleet.all_is(&redis, 40)
+    );
+    println!("40 holds back {took:?} after Redis restarted empty (renewal every 1 s)");
+    for i in 0..5 {
+        live.push(gates[i % 2].admit(&[]).await);
+    }
+    for g in &gates {
+        assert_eq!(
+            g.upgrade(&[]).await.err().map(|e| e.0),
+            Some(503),
+            "the 46th on {}",
+            g.proxy
+        );
+    }
+    assert_eq!(
+        sum(
+            &gates,
+            "wsgate_connections_rejected_total{reason=\"fleet\"}"
+        )
+        .await,
+        2.0
+    );
+    fleet.all_is(&redis, 45).expect("45 holds");
+    for ws in &mut live {
+        echo_text(ws, "all 45").await;
+    }
+    close_all(live).await;
+    settle(&[&gates[0], &gates[1]], &fleet, &redis).await;
+}
+
+// ---------------------------------------------------------------- Redis paused
+
+/// Redis paused (SIGSTOP) for 5 s while a client makes upgrades one after
+/// another (`fleet_timeout` 100 ms, `open`): no upgrade takes longer than
+/// the timeout + 400 ms; `wsgate_fleet_up` is 0 by the end of the pause.
+/// After SIGCONT, within one renewal (+2 s), `wsgate_fleet_up` is 1 and
+/// `{NS}:all` counts exactly the live connections; after they close, the
+/// wsgate process has the descriptors it had before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_redis_never_holds_an_admission_longer_than_fleet_timeout() {
+    let redis = RedisServer::start();
+    let up = spawn_echo_upstream().await;
+    let fleet = Fleet::new(&redis.url(), "paused")
+        .max(1000)
+        .lease(Duration::from_secs(3))
+        .timeout(Duration::from_millis(100))
+        .mode("open");
+    let gate = Gate::start(up.addr, &fleet, Some("only"));
+    warm_up(&gate, &fleet, &redis).await;
+    let baseline = gate.fds();
+    let mut live = Vec::new();
+    for _ in 0..5 {
+        live.push(gate.admit(&[]).await);
+    }
+
+    redis.pause();
+    let paused = Instant::now();
+    let mut times = Vec::new();
+    let mut i = 0;
+    while paused.elapsed() < Duration::from_secs(5) {
+        let start = Instant::now();
+        let outcome = gate.upgrade(&[]).await;
+        times.push(start.elapsed());
+        let mut ws = outcome.unwrap_or_else(|e| {
+            panic!("open: upgrade {i} while Redis is paused was refused: {e:?}")
+        });
+        echo_text(&mut ws, "during the pause").await;
+        // Every other one closes at once: its release meets the pause too.
+        if i % 2 == 0 {
+            live.push(ws);
+        } else {
+            close_cleanly(ws).await;
+        }
+        i += 1;
+    }
+    let up_during = gate.metric("wsgate_fleet_up").await;
+    redis.resume();
+    let slowest = times.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "Redis paused 5 s: {} upgrades one after another, slowest {slowest:?}, median {:?} (fleet_timeout {:?})",
+        times.len(),
+        {
+            let mut t = times.clone();
+            t.sort();
+            t.get(t.len() / 2).copied().unwrap_or_default()
+        },
+        fleet.timeout
+    );
+    let bound = fleet.timeout + ADMISSION_MARGIN;
+    assert!(
+        slowest <= bound,
+        "an upgrade took {slowest:?} while Redis was paused (bound {bound:?})"
+    );
+    assert_eq!(up_during, 0.0, "wsgate_fleet_up at the end of a 5 s pause");
+
+    let want = live.len() as u64;
+    let took = eventually!(
+        "counts right after SIGCONT",
+        fleet.renewal() + RECONNECT + PROBE_SLACK,
+        match gate.metric("wsgate_fleet_up").await {
+            1.0 => fleet.all_is(&redis, want),
+            v => Err(format!("wsgate_fleet_up {v}")),
+        }
+    );
+    eprintln!("after SIGCONT: fleet_up 1 and {want} holds after {took:?}");
+    for ws in &mut live {
+        echo_text(ws, "after the pause").await;
+    }
+    close_all(live).await;
+    settle(&[&gate], &fleet, &redis).await;
+    eventually!("wsgate's descriptors back to the baseline", DEADLINE, {
+        match gate.fds() {
+            n if n <= baseline => Ok(()),
+            n => Err(format!("{n} descriptors, baseline {baseline}")),
+        }
+    });
+}
+
+// ---------------------------------------------------------------- transports
+
+/// One admission and its release through `url`: the hold appears in
+/// `{NS}:all` and goes again; `wsgate_fleet_up` 1; one admit and one
+/// release counted as ok.
+async fn round_trip(redis: &RedisServer, url: &str, env: &[(&str, String)]) {
+    let up = spawn_echo_upstream().await;
+    let fleet = Fleet::new(url, "transport")
+        .max(10)
+        .timeout(Duration::from_secs(2))
+        .mode("closed");
+    let gate = Gate::start_with_env(up.addr, &fleet, Some("t"), env);
+    warm_up(&gate, &fleet, redis).await;
+    let (admits, releases) = (
+        gate.fleet_requests("admit", "ok").await,
+        gate.fleet_requests("release", "ok").await,
+    );
+    assert!(
+        admits >= 1.0 && releases >= 1.0,
+        "the warm-up: admits {admits}, releases {releases}"
+    );
+    let ws = gate.admit(&[]).await;
+    fleet.all_is(redis, 1).expect("the hold is in Redis");
+    assert_eq!(gate.metric("wsgate_fleet_up").await, 1.0);
+    assert_eq!(gate.fleet_requests("admit", "ok").await, admits + 1.0);
+    close_cleanly(ws).await;
+    settle(&[&gate], &fleet, redis).await;
+    eventually!("the release counted", DEADLINE, {
+        match gate.fleet_requests("release", "ok").await {
+            n if n == releases + 1.0 => Ok(()),
+            n => Err(format!("release ok {n}, before {releases}")),
+        }
+    });
+    assert_eq!(gate.rejected("fleet_unavailable").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_over_tcp() {
+    let redis = RedisServer::start();
+    assert!(redis.url().starts_with("redis://127.0.0.1:"));
+    round_trip(&redis, &redis.url(), &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_over_a_unix_socket() {
+    let redis = RedisServer::start_with(RedisOptions {
+        transport: RedisTransport::Unix,
+        password: None,
+    });
+    assert!(redis.url().starts_with("unix:///"));
+    round_trip(&redis, &redis.url(), &[]).await;
+}
+
+/// `redis://:secret@host:port/0` and `unix:///path?pass=secret`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_with_a_password_over_tcp_and_a_unix_socket() {
+    for transport in [RedisTransport::Tcp, RedisTransport::Unix] {
+        let redis = RedisServer::start_with(RedisOptions {
+            transport,
+            password: Some("secret".into()),
+        });
+        let url = redis.url();
+        assert!(
+            url.contains(":secret@") || url.ends_with("?pass=secret"),
+            "{url}"
+        );
+        round_trip(&redis, &url, &[]).await;
+    }
+}
+
+/// A wrong password: `wsgate_fleet_up` stays 0, and with `closed` every
+/// upgrade gets 503 `fleet_unavailable`; nothing reaches Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_with_a_wrong_password_is_down_and_closed_refuses() {
+    let redis = RedisServer::start_with(RedisOptions {
+        transport: RedisTransport::Tcp,
+        password: Some("secret".into()),
+    });
+    let up = spawn_echo_upstream().await;
+    let fleet = Fleet::new(&redis.url_with_password(Some("wrong")), "wrongpass")
+        .max(10)
+        .mode("closed");
+    let gate = Gate::start(up.addr, &fleet, Some("t"));
+    for i in 0..3 {
+        let start = Instant::now();
+        let refused = gate.upgrade(&[]).await.err();
+        let took = start.elapsed();
+        assert_eq!(refused.as_ref().map(|e| e.0), Some(503), "upgrade {i}");
+        assert!(refused.and_then(|e| e.1).is_some(), "Retry-After");
+        assert!(
+            took <= fleet.timeout + ADMISSION_MARGIN,
+            "upgrade {i} took {took:?}"
+        );
+    }
+    assert_eq!(gate.rejected("fleet_unavailable").await, 3.0);
+    assert_eq!(gate.metric("wsgate_fleet_up").await, 0.0);
+    assert_eq!(gate.metric(ACTIVE).await, 0.0);
+    assert_eq!(redis.dbsize(), 0, "nothing written with a wrong password");
+}
+
+/// `rediss://127.0.0.1:PORT` to a TLS-only Redis, the test CA as wsgate's
+/// only root (`SSL_CERT_FILE`, read by rustls-native-certs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_over_tls() {
+    let redis = RedisServer::start_with(RedisOptions {
+        transport: RedisTransport::Tls,
+        password: None,
+    });
+    assert!(redis.url().starts_with("rediss://127.0.0.1:"));
+    round_trip(&redis, &redis.url(), &[("SSL_CERT_FILE", redis_tls_ca())]).await;
+}
+
+// ---------------------------------------------------------------- churn
+
+/// One churn connection: upgrade, one echo, a clean close. `Ok(true)`
+/// admitted, `Ok(false)` a clean 503 with `Retry-After`, `Err` anything else.
+async fn churn_one(url: &str, n: usize) -> Result<bool, String> {
+    match upgrade_outcome(url, &[]).await {
+        Upgrade::Admitted(ws) => {
+            let mut ws = *ws;
+            let text = format!("churn {n}");
+            ws.send(Message::text(text.clone()))
+                .await
+                .map_err(|e| format!("send: {e}"))?;
+            match ws.next().await {
+                Some(Ok(m)) if m == Message::text(text) => {}
+                other => return Err(format!("echo: {other:?}")),
+            }
+            ws.close(None).await.map_err(|e| format!("close: {e}"))?;
+            while ws.next().await.is_some() {}
+            Ok(true)
+        }
+        Upgrade::Refused(503, Some(_)) => Ok(false),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+/// 20,000 connections (upgrade, one echo, close; 64 at a time) through two
+/// instances sharing `fleet_max_clients = 200`: every one is admitted or
+/// cleanly refused with 503 `fleet`, each costs exactly one admit round
+/// trip; afterwards both are idle, Redis is empty for the namespace and
+/// both processes are back to their descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_of_20000_connections_through_two_instances_leaves_nothing_behind() {
+    const TOTAL: usize = 20_000;
+    const WORKERS: usize = 64;
+    raise_nofile(4096);
+    let redis = RedisServer::start();
+    let up = spawn_echo_upstream().await;
+    let fleet = Fleet::new(&redis.url(), "churn")
+        .max(200)
+        .timeout(Duration::from_secs(5))
+        .mode("closed");
+    let gates = [
+        Gate::start(up.addr, &fleet, Some("one")),
+        Gate::start(up.addr, &fleet, Some("two")),
+    ];
+    let mut baseline = Vec::new();
+    let mut admits_before = 0.0;
+    for g in &gates {
+        warm_up(g, &fleet, &redis).await;
+        baseline.push(g.fds());
+        for result in ["ok", "error", "timeout"] {
+            admits_before += g.fleet_requests("admit", result).await;
+        }
+    }
+    let urls = std::sync::Arc::new([gates[0].url(), gates[1].url()]);
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|_| {
+            let (urls, next) = (std::sync::Arc::clone(&urls), std::sync::Arc::clone(&next));
+            tokio::spawn(async move {
+                let (mut admitted, mut refused, mut errors) = (0usize, 0usize, Vec::new());
+                loop {
+                    let n = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if n >= TOTAL {
+                        return (admitted, refused, errors);
+                    }
+                    match tokio::time::timeout(DEADLINE, churn_one(&urls[n % 2], n)).await {
+                        Ok(Ok(true)) => admitted += 1,
+                        Ok(Ok(false)) => refused += 1,
+                        Ok(Err(e)) => errors.push(format!("#{n}: {e}")),
+                        Err(_) => errors.push(format!("#{n}: no end within {DEADLINE:?}")),
+                    }
+                }
+            })
+        })
+        .collect();
+    let (mut admitted, mut refused, mut errors) = (0, 0, Vec::new());
+    for w in workers {
+        let (a, r, e) = w.await.expect("worker");
+        admitted += a;
+        refused += r;
+        errors.extend(e);
+    }
+    let took = start.elapsed();
+    println!(
+        "churn: {TOTAL} connections ({WORKERS} at a time) through 2 instances in {took:?} \
+         ({:.0}/s): {admitted} admitted, {refused} refused",
+        TOTAL as f64 / took.as_secs_f64()
+    );
+    assert!(
+        errors.is_empty(),
+        "{} errors, the first: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    assert_eq!(admitted + refused, TOTAL);
+    assert_eq!(
+        sum(
+            &gates,
+            "wsgate_connections_rejected_total{reason=\"fleet\"}"
+        )
+        .await,
+        refused as f64
+    );
+    assert_eq!(
+        sum(
+            &gates,
+            "wsgate_connections_rejected_total{reason=\"fleet_unavailable\"}"
+        )
+        .await,
+        0.0
+    );
+    let mut admits_after = 0.0;
+    for g in &gates {
+        for result in ["ok", "error", "timeout"] {
+            admits_after += g.fleet_requests("admit", result).await;
+        }
+    }
+    assert_eq!(
+        admits_after - admits_before,
+        TOTAL as f64,
+        "one admit round trip per upgrade"
+    );
+    settle(&[&gates[0], &gates[1]], &fleet, &redis).await;
+    for (g, base) in gates.iter().zip(baseline) {
+        eventually!("wsgate's descriptors back to the baseline", DEADLINE, {
+            match g.fds() {
+                n if n <= base => Ok(()),
+                n => Err(format!("{}: {n} descriptors, baseline {base}", g.proxy)),
+            }
+        });
+    }
 }
