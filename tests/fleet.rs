@@ -880,6 +880,7 @@ async fn a_paused_redis_never_holds_an_admission_longer_than_fleet_timeout() {
         .lease(Duration::from_secs(3))
         .timeout(Duration::from_millis(100))
         .mode("open");
+    raise_nofile(4096);
     let gate = Gate::start(up.addr, &fleet, Some("only"));
     warm_up(&gate, &fleet, &redis).await;
     let baseline = gate.fds();
@@ -907,6 +908,10 @@ async fn a_paused_redis_never_holds_an_admission_longer_than_fleet_timeout() {
             close_cleanly(ws).await;
         }
         i += 1;
+        // Pacing, not a synchronisation: an instance that skips a Redis it
+        // knows is down answers in milliseconds; this keeps the connections
+        // of 5 s to a few hundred.
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let up_during = gate.metric("wsgate_fleet_up").await;
     redis.resume();
@@ -964,14 +969,17 @@ async fn round_trip(redis: &RedisServer, url: &str, env: &[(&str, String)]) {
         .mode("closed");
     let gate = Gate::start_with_env(up.addr, &fleet, Some("t"), env);
     warm_up(&gate, &fleet, redis).await;
+    eventually!("the warm-up's release counted", DEADLINE, {
+        match gate.fleet_requests("release", "ok").await {
+            n if n >= 1.0 => Ok(()),
+            n => Err(format!("release ok {n}")),
+        }
+    });
     let (admits, releases) = (
         gate.fleet_requests("admit", "ok").await,
         gate.fleet_requests("release", "ok").await,
     );
-    assert!(
-        admits >= 1.0 && releases >= 1.0,
-        "the warm-up: admits {admits}, releases {releases}"
-    );
+    assert!(admits >= 1.0, "the warm-up's admission: {admits}");
     let ws = gate.admit(&[]).await;
     fleet.all_is(redis, 1).expect("the hold is in Redis");
     assert_eq!(gate.metric("wsgate_fleet_up").await, 1.0);
