@@ -68,6 +68,8 @@ struct Fleet {
     fail_mode: &'static str,
     /// `[[key_limits]]` tables, each with `fleet = true`.
     rules: Vec<toml::Table>,
+    /// Other top-level keys (`max_clients`, `enforce`, …).
+    extra: toml::Table,
 }
 
 impl Fleet {
@@ -81,7 +83,14 @@ impl Fleet {
             timeout: Duration::from_millis(100),
             fail_mode: "open",
             rules: Vec::new(),
+            extra: toml::Table::new(),
         }
+    }
+
+    /// Another top-level key of the file.
+    fn set(mut self, key: &str, value: impl Into<toml::Value>) -> Fleet {
+        self.extra.insert(key.into(), value.into());
+        self
     }
 
     fn max(mut self, n: u64) -> Fleet {
@@ -124,7 +133,7 @@ impl Fleet {
     /// (`None`: the default, `$HOSTNAME` plus a random suffix).
     fn toml(&self, instance: Option<&str>) -> String {
         let ms = |d: Duration| format!("{}ms", d.as_millis());
-        let mut t = toml::Table::new();
+        let mut t = self.extra.clone();
         t.insert("fleet_redis_url".into(), self.url.clone().into());
         t.insert("fleet_namespace".into(), self.namespace.clone().into());
         t.insert(
@@ -512,6 +521,10 @@ async fn three_instances_admit_exactly_the_fleet_cap_of_1000_concurrent_upgrades
         900.0
     );
     assert_eq!(sum(&gates, ACTIVE).await, 100.0);
+    for g in &gates {
+        let seen = g.metric("wsgate_fleet_active").await;
+        assert!(seen <= 100.0, "wsgate_fleet_active {seen} over the cap");
+    }
     fleet
         .all_is(&redis, 100)
         .expect("one hold per admitted connection");
@@ -856,6 +869,23 @@ async fn redis_restarted_empty_gets_the_live_holds_back_within_a_renewal() {
         2.0
     );
     fleet.all_is(&redis, 45).expect("45 holds");
+    // wsgate_fleet_active: the fleet-wide count seen at the last admission
+    // or renewal; after the next renewal both instances see 45.
+    eventually!(
+        "wsgate_fleet_active 45 on both instances",
+        fleet.renewal() + PROBE_SLACK,
+        {
+            let seen = [
+                gates[0].metric("wsgate_fleet_active").await,
+                gates[1].metric("wsgate_fleet_active").await,
+            ];
+            if seen == [45.0, 45.0] {
+                Ok(())
+            } else {
+                Err(format!("wsgate_fleet_active {seen:?}"))
+            }
+        }
+    );
     for ws in &mut live {
         echo_text(ws, "all 45").await;
     }
@@ -1204,4 +1234,227 @@ async fn churn_of_20000_connections_through_two_instances_leaves_nothing_behind(
             }
         });
     }
+}
+
+// ---------------------------------------------------------------- configuration, metrics, check order
+
+/// The §10 keys through `WSGATE_*`: a lease under 3 s, a timeout not under
+/// a third of the lease, an unknown fail mode and a URL that is not Redis
+/// exit 2 naming the key; a valid set exits 0, and `check-config` shows the
+/// URL without its password.
+#[test]
+fn fleet_configuration_is_validated_and_hides_the_password() {
+    let base = |extra: &[(&'static str, &'static str)]| {
+        let mut env = vec![
+            ("WSGATE_UPSTREAM", "127.0.0.1:3000".to_owned()),
+            (
+                "WSGATE_FLEET_REDIS_URL",
+                "redis://:hunter2@127.0.0.1:6379/0".to_owned(),
+            ),
+        ];
+        env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        env
+    };
+    let cases: [(&[(&str, &str)], &str); 5] = [
+        (&[("WSGATE_FLEET_LEASE_TTL", "2s")], "fleet_lease_ttl"),
+        (
+            &[
+                ("WSGATE_FLEET_LEASE_TTL", "3s"),
+                ("WSGATE_FLEET_TIMEOUT", "1s"),
+            ],
+            "fleet_timeout",
+        ),
+        (&[("WSGATE_FLEET_FAIL_MODE", "maybe")], "fleet_fail_mode"),
+        (
+            &[("WSGATE_FLEET_REDIS_URL", "http://127.0.0.1:6379")],
+            "fleet_redis_url",
+        ),
+        (&[("WSGATE_FLEET_MAX_CLIENTS", "many")], "fleet_max_clients"),
+    ];
+    for (extra, key) in cases {
+        let (code, stderr) = run_to_exit(&["check-config"], &base(extra));
+        assert_eq!(code, Some(2), "{extra:?}: {stderr}");
+        assert!(
+            stderr.contains(key),
+            "{extra:?}: the message names {key}: {stderr}"
+        );
+    }
+    let mut ok = GateProcess::start(
+        &["check-config"],
+        &base(&[
+            ("WSGATE_FLEET_LEASE_TTL", "3s"),
+            ("WSGATE_FLEET_TIMEOUT", "999ms"),
+            ("WSGATE_FLEET_FAIL_MODE", "closed"),
+            ("WSGATE_FLEET_MAX_CLIENTS", "500"),
+            ("WSGATE_FLEET_NAMESPACE", "prod-eu"),
+        ]),
+        None,
+    );
+    let status = ok.wait_exit();
+    let out = ok.wait_for(&ok.stdout, "fleet_namespace");
+    assert_eq!(status.code(), Some(0), "{}", ok.stderr_text());
+    assert!(out.contains("prod-eu") && out.contains("500"), "{out}");
+    assert!(
+        !out.contains("hunter2") && !ok.stderr_text().contains("hunter2"),
+        "check-config printed the Redis password:\n{out}"
+    );
+}
+
+/// The `wsgate_fleet_*` series exist only with `fleet_redis_url` set, and
+/// then every labelled one from start-up (SPEC §4: no "no data").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_metrics_exist_from_start_up_and_only_with_a_redis_url() {
+    let redis = RedisServer::start();
+    let up = spawn_echo_upstream().await;
+    let (_plain, _, plain_admin) = GateProcess::proxy(up.addr, &[], None);
+    let text = scrape(plain_admin).await;
+    assert!(
+        !text.contains("wsgate_fleet_"),
+        "fleet series without fleet_redis_url:\n{text}"
+    );
+    let fleet = Fleet::new(&redis.url(), "metrics").max(7);
+    let gate = Gate::start(up.addr, &fleet, Some("m"));
+    let text = scrape(gate.admin).await;
+    for op in ["admit", "release", "renew"] {
+        for result in ["ok", "error", "timeout"] {
+            assert!(
+                labelled_value(
+                    &text,
+                    "wsgate_fleet_requests_total",
+                    &[("op", op), ("result", result)]
+                )
+                .is_some(),
+                "wsgate_fleet_requests_total{{op={op},result={result}}} missing:\n{text}"
+            );
+        }
+        assert!(
+            text.contains(&format!(
+                "wsgate_fleet_request_duration_seconds_count{{op=\"{op}\"}}"
+            )),
+            "duration histogram for {op} missing:\n{text}"
+        );
+    }
+    for series in ["wsgate_fleet_up", "wsgate_fleet_active"] {
+        assert!(
+            metric_value(&text, series).is_some(),
+            "{series} missing:\n{text}"
+        );
+    }
+    assert_eq!(metric_value(&text, "wsgate_fleet_max"), Some(7.0));
+    for reason in ["fleet", "fleet_unavailable"] {
+        assert_eq!(
+            metric_value(
+                &text,
+                &format!("wsgate_connections_rejected_total{{reason=\"{reason}\"}}")
+            ),
+            Some(0.0),
+            "{reason}"
+        );
+    }
+}
+
+/// Fleets with different namespaces on one Redis do not share: each has
+/// its own cap of 1 and its own keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleets_with_different_namespaces_do_not_share() {
+    let redis = RedisServer::start();
+    let up = spawn_echo_upstream().await;
+    let blue = Fleet::new(&redis.url(), "blue")
+        .max(1)
+        .timeout(Duration::from_secs(2))
+        .mode("closed");
+    let green = Fleet::new(&redis.url(), "green")
+        .max(1)
+        .timeout(Duration::from_secs(2))
+        .mode("closed");
+    let b = Gate::start(up.addr, &blue, Some("b"));
+    let g = Gate::start(up.addr, &green, Some("g"));
+    warm_up(&b, &blue, &redis).await;
+    warm_up(&g, &green, &redis).await;
+    let wb = b.admit(&[]).await;
+    let wg = g.admit(&[]).await;
+    assert_eq!(b.upgrade(&[]).await.err().map(|e| e.0), Some(503));
+    assert_eq!(g.upgrade(&[]).await.err().map(|e| e.0), Some(503));
+    blue.all_is(&redis, 1).expect("blue");
+    green.all_is(&redis, 1).expect("green");
+    close_cleanly(wb).await;
+    settle(&[&b], &blue, &redis).await;
+    green
+        .all_is(&redis, 1)
+        .expect("green untouched by blue's release");
+    close_cleanly(wg).await;
+    settle(&[&g], &green, &redis).await;
+}
+
+/// Check order (SPEC §9): capacity before fleet, rate after it. A capacity
+/// refusal takes no fleet hold; a rate refusal gives the hold it took back;
+/// a fleet refusal holds no local slot. Dry run (`enforce = false`) admits
+/// over the fleet cap and counts it as `would_reject{reason="fleet"}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_around_the_fleet_check_give_back_what_they_took() {
+    let redis = RedisServer::start();
+    let up = spawn_echo_upstream().await;
+    // Capacity: local cap 1, fleet cap 5.
+    let fleet = Fleet::new(&redis.url(), "order")
+        .max(5)
+        .timeout(Duration::from_secs(2))
+        .mode("closed")
+        .set("max_clients", 1);
+    let capped = Gate::start(up.addr, &fleet, Some("capped"));
+    warm_up(&capped, &fleet, &redis).await;
+    let one = capped.admit(&[]).await;
+    assert_eq!(capped.upgrade(&[]).await.err().map(|e| e.0), Some(503));
+    assert_eq!(capped.rejected("capacity").await, 1.0);
+    fleet
+        .all_is(&redis, 1)
+        .expect("the capacity refusal took no hold");
+    close_cleanly(one).await;
+    settle(&[&capped], &fleet, &redis).await;
+    drop(capped);
+
+    // Rate after fleet: a burst of 2 (the warm-up takes one), then refusals.
+    let fleet = fleet
+        .set("max_clients", 0)
+        .set("admission_rate", 0.001)
+        .set("admission_burst", 2);
+    let rated = Gate::start(up.addr, &fleet, Some("rated"));
+    warm_up(&rated, &fleet, &redis).await;
+    let one = rated.admit(&[]).await;
+    for _ in 0..3 {
+        assert_eq!(rated.upgrade(&[]).await.err().map(|e| e.0), Some(503));
+    }
+    assert_eq!(rated.rejected("rate").await, 3.0);
+    eventually!("the rate refusals' holds given back", RELEASE_BOUND, {
+        fleet.all_is(&redis, 1)
+    });
+    close_cleanly(one).await;
+    settle(&[&rated], &fleet, &redis).await;
+    drop(rated);
+
+    // Fleet refusals hold no local slot; dry run admits and counts.
+    let fleet = Fleet::new(&redis.url(), "order")
+        .max(1)
+        .timeout(Duration::from_secs(2))
+        .mode("closed");
+    let full = Gate::start(up.addr, &fleet, Some("full"));
+    warm_up(&full, &fleet, &redis).await;
+    let one = full.admit(&[]).await;
+    assert_eq!(full.upgrade(&[]).await.err().map(|e| e.0), Some(503));
+    assert_eq!(
+        full.metric(ACTIVE).await,
+        1.0,
+        "a fleet refusal holds no slot"
+    );
+    let dry = Gate::start(up.addr, &fleet.clone().set("enforce", false), Some("dry"));
+    let mut over = dry.admit(&[]).await;
+    echo_text(&mut over, "over the fleet cap, dry run").await;
+    assert_eq!(
+        dry.metric("wsgate_connections_would_reject_total{reason=\"fleet\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(dry.rejected("fleet").await, 0.0);
+    close_cleanly(over).await;
+    close_cleanly(one).await;
+    settle(&[&full, &dry], &fleet, &redis).await;
 }
