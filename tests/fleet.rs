@@ -184,12 +184,22 @@ impl Fleet {
         }
     }
 
-    /// `Ok` when `{NS}:all` has exactly `n` members.
+    /// `Ok` when `{NS}:all` has exactly `n` members, none of them expired.
     fn all_is(&self, redis: &RedisServer, n: u64) -> Result<(), String> {
-        match redis.zcard(&self.all_key()) {
-            got if got == n => Ok(()),
-            got => Err(format!("ZCARD {} = {got}, want {n}", self.all_key())),
-        }
+        holds_are(redis, &self.all_key(), n)
+    }
+}
+
+/// `Ok` when sorted set `key` has exactly `n` members and none has expired
+/// (an expired member lingers until a script drops it, so ZCARD alone could
+/// count a hold whose renewal was lost).
+fn holds_are(redis: &RedisServer, key: &str, n: u64) -> Result<(), String> {
+    match (redis.zcard(key), redis.zcount_unexpired(key)) {
+        (all, live) if all == n && live == n => Ok(()),
+        (all, live) => Err(format!(
+            "{key}: ZCARD {all}, unexpired {live}, want {n}; {:?}",
+            redis.zrange_with_scores(key)
+        )),
     }
 }
 
@@ -250,6 +260,14 @@ impl Gate {
         });
         echo_text(&mut ws, "admitted").await;
         ws
+    }
+
+    /// An upgrade that must be admitted, without a message (for upstreams
+    /// that do not echo).
+    async fn admit_without_echo(&self) -> Ws {
+        self.upgrade(&[])
+            .await
+            .unwrap_or_else(|e| panic!("{}: upgrade refused: {e:?}\n{}", self.proxy, self.log()))
     }
 
     async fn metric(&self, series: &str) -> f64 {
@@ -579,7 +597,7 @@ async fn a_fleet_key_rule_counts_a_tenant_across_instances() {
         tenant_a.push(gates[i % 2].admit(&a).await);
     }
     let a_key = fleet.key_key("tenant", "a");
-    assert_eq!(redis.zcard(&a_key), 5, "{:?}", fleet.keys(&redis));
+    holds_are(&redis, &a_key, 5).expect("tenant a's five holds");
     for g in &gates {
         assert_eq!(
             g.upgrade(&a).await.err(),
@@ -596,8 +614,8 @@ async fn a_fleet_key_rule_counts_a_tenant_across_instances() {
     }
     let b = [("x-tenant", "b")];
     let tenant_b = vec![gates[0].admit(&b).await, gates[1].admit(&b).await];
-    assert_eq!(redis.zcard(&fleet.key_key("tenant", "b")), 2);
-    assert_eq!(redis.zcard(&a_key), 5);
+    holds_are(&redis, &fleet.key_key("tenant", "b"), 2).expect("tenant b's two holds");
+    holds_are(&redis, &a_key, 5).expect("tenant a's five holds");
 
     // One of a's connections on the first instance closes (tenant_a[0] is on gates[0]).
     close_cleanly(tenant_a.remove(0)).await;
@@ -617,7 +635,7 @@ async fn a_fleet_key_rule_counts_a_tenant_across_instances() {
     let mut again = again.expect("admitted");
     echo_text(&mut again, "back").await;
     tenant_a.push(again);
-    assert_eq!(redis.zcard(&a_key), 5);
+    holds_are(&redis, &a_key, 5).expect("tenant a's five holds again");
     assert_eq!(gates[0].upgrade(&a).await.err().map(|e| e.0), Some(429));
 
     close_all(tenant_a).await;
@@ -705,9 +723,9 @@ async fn a_killed_instance_frees_its_fleet_slots_within_the_lease_ttl() {
         Some(503),
         "the 41st"
     );
-    let now = redis.time_ms();
-    let live = redis.cli(&["ZCOUNT", &fleet.all_key(), &format!("({now}"), "+inf"]);
-    assert_eq!(live, "40", "unexpired holds");
+    fleet
+        .all_is(&redis, 40)
+        .expect("the survivor's 40 holds, the dead instance's gone");
 
     drop(held_by_doomed);
     close_all(on_survivor).await;
@@ -828,7 +846,8 @@ async fn redis_restarted_empty_gets_the_live_holds_back_within_a_renewal() {
         .max(45)
         .lease(Duration::from_secs(3))
         .timeout(Duration::from_millis(500))
-        .mode("closed");
+        .mode("closed")
+        .rule("tenant", "header:X-Tenant", 100);
     let gates = [
         Gate::start(up.addr, &fleet, Some("one")),
         Gate::start(up.addr, &fleet, Some("two")),
@@ -836,22 +855,62 @@ async fn redis_restarted_empty_gets_the_live_holds_back_within_a_renewal() {
     for g in &gates {
         warm_up(g, &fleet, &redis).await;
     }
+    let t = [("x-tenant", "t")];
+    let tenant_key = fleet.key_key("tenant", "t");
     let mut live = Vec::new();
     for i in 0..40 {
-        live.push(gates[i % 2].admit(&[]).await);
+        live.push(gates[i % 2].admit(&t).await);
     }
     fleet.all_is(&redis, 40).expect("40 holds");
+    holds_are(&redis, &tenant_key, 40).expect("40 holds of the fleet rule");
+
+    // Renewals: within one interval every hold's expiry moves past what an
+    // admission now would give it, and each instance renews its 20 holds in
+    // one batched call per interval (about 3 calls in 3 s, not 60).
+    let lease_ms = fleet.lease_ttl.as_millis() as f64;
+    let now = redis.time_ms() as f64;
+    eventually!(
+        "every hold renewed",
+        fleet.renewal() + PROBE_SLACK,
+        match redis
+            .zrange_with_scores(&fleet.all_key())
+            .into_iter()
+            .find(|(_, expiry)| *expiry <= now + lease_ms)
+        {
+            None => Ok(()),
+            Some(stale) => Err(format!("not renewed yet: {stale:?}")),
+        }
+    );
+    let mut renewals = Vec::new();
+    for g in &gates {
+        renewals.push(g.fleet_requests("renew", "ok").await);
+    }
+    // A measurement window, not a synchronisation.
+    tokio::time::sleep(fleet.lease_ttl).await;
+    for (g, before) in gates.iter().zip(renewals) {
+        let calls = g.fleet_requests("renew", "ok").await - before;
+        assert!(
+            (2.0..=5.0).contains(&calls),
+            "{} renewal calls in {:?} for 20 holds, renewal every {:?}",
+            calls,
+            fleet.lease_ttl,
+            fleet.renewal()
+        );
+    }
 
     redis.restart();
     let took = eventually!(
         "40 holds back after an empty restart",
         fleet.renewal() + RECONNECT + PROBE_SLACK,
-        fleet.all_is(&redis, 40)
+        fleet
+            .all_is(&redis, 40)
+            .and_then(|()| holds_are(&redis, &tenant_key, 40))
     );
     println!("40 holds back {took:?} after Redis restarted empty (renewal every 1 s)");
     for i in 0..5 {
-        live.push(gates[i % 2].admit(&[]).await);
+        live.push(gates[i % 2].admit(&t).await);
     }
+    holds_are(&redis, &tenant_key, 45).expect("45 holds of the fleet rule");
     for g in &gates {
         assert_eq!(
             g.upgrade(&[]).await.err().map(|e| e.0),
@@ -896,20 +955,25 @@ async fn redis_restarted_empty_gets_the_live_holds_back_within_a_renewal() {
 // ---------------------------------------------------------------- Redis paused
 
 /// Redis paused (SIGSTOP) for 5 s while a client makes upgrades one after
-/// another (`fleet_timeout` 100 ms, `open`): no upgrade takes longer than
-/// the timeout + 400 ms; `wsgate_fleet_up` is 0 by the end of the pause.
-/// After SIGCONT, within one renewal (+2 s), `wsgate_fleet_up` is 1 and
-/// `{NS}:all` counts exactly the live connections; after they close, the
-/// wsgate process has the descriptors it had before.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_redis_never_holds_an_admission_longer_than_fleet_timeout() {
+/// another (`fleet_timeout` 100 ms): no upgrade takes longer than the
+/// timeout + 400 ms, whatever the mode; `wsgate_fleet_up` is 0 by the end of
+/// the pause. After SIGCONT, within one renewal (+2 s), `wsgate_fleet_up` is
+/// 1 and `{NS}:all` counts exactly the live connections; after they close,
+/// the wsgate process has the descriptors it had before.
+///
+/// `open`: every upgrade is admitted (every other one closes at once, its
+/// release meeting the pause too); lease 3 s. `closed`: every upgrade is
+/// refused (503 `fleet_unavailable`), and an admission script that Redis
+/// runs late, after SIGCONT, must not leave a hold behind for a refused
+/// client: the lease (9 s) outlasts the bound, so expiry cannot hide one.
+async fn redis_paused(mode: &'static str, lease: Duration) {
     let redis = RedisServer::start();
     let up = spawn_echo_upstream().await;
     let fleet = Fleet::new(&redis.url(), "paused")
         .max(1000)
-        .lease(Duration::from_secs(3))
+        .lease(lease)
         .timeout(Duration::from_millis(100))
-        .mode("open");
+        .mode(mode);
     raise_nofile(4096);
     let gate = Gate::start(up.addr, &fleet, Some("only"));
     warm_up(&gate, &fleet, &redis).await;
@@ -927,15 +991,18 @@ async fn a_paused_redis_never_holds_an_admission_longer_than_fleet_timeout() {
         let start = Instant::now();
         let outcome = gate.upgrade(&[]).await;
         times.push(start.elapsed());
-        let mut ws = outcome.unwrap_or_else(|e| {
-            panic!("open: upgrade {i} while Redis is paused was refused: {e:?}")
-        });
-        echo_text(&mut ws, "during the pause").await;
-        // Every other one closes at once: its release meets the pause too.
-        if i % 2 == 0 {
-            live.push(ws);
-        } else {
-            close_cleanly(ws).await;
+        match (mode, outcome) {
+            ("open", Ok(mut ws)) => {
+                echo_text(&mut ws, "during the pause").await;
+                // Every other one closes at once: its release meets the pause too.
+                if i % 2 == 0 {
+                    live.push(ws);
+                } else {
+                    close_cleanly(ws).await;
+                }
+            }
+            ("closed", Err((503, Some(_)))) => {}
+            (_, other) => panic!("{mode}: upgrade {i} while Redis is paused: {other:?}"),
         }
         i += 1;
         // Pacing, not a synchronisation: an instance that skips a Redis it
@@ -947,7 +1014,7 @@ async fn a_paused_redis_never_holds_an_admission_longer_than_fleet_timeout() {
     redis.resume();
     let slowest = times.iter().max().copied().unwrap_or_default();
     eprintln!(
-        "Redis paused 5 s: {} upgrades one after another, slowest {slowest:?}, median {:?} (fleet_timeout {:?})",
+        "{mode}: Redis paused 5 s: {} upgrades one after another, slowest {slowest:?}, median {:?} (fleet_timeout {:?})",
         times.len(),
         {
             let mut t = times.clone();
@@ -972,7 +1039,16 @@ async fn a_paused_redis_never_holds_an_admission_longer_than_fleet_timeout() {
             v => Err(format!("wsgate_fleet_up {v}")),
         }
     );
-    eprintln!("after SIGCONT: fleet_up 1 and {want} holds after {took:?}");
+    eprintln!("{mode}: after SIGCONT: fleet_up 1 and {want} holds after {took:?}");
+    // And it stays right: a late script or a queued release seen after the
+    // first good reading would show within one more renewal interval.
+    tokio::time::sleep(fleet.renewal()).await;
+    fleet
+        .all_is(&redis, want)
+        .expect("the count one renewal later");
+    if mode == "closed" {
+        assert_eq!(gate.rejected("fleet_unavailable").await, times.len() as f64);
+    }
     for ws in &mut live {
         echo_text(ws, "after the pause").await;
     }
@@ -984,6 +1060,16 @@ async fn a_paused_redis_never_holds_an_admission_longer_than_fleet_timeout() {
             n => Err(format!("{n} descriptors, baseline {baseline}")),
         }
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_redis_never_holds_an_admission_longer_than_fleet_timeout() {
+    redis_paused("open", Duration::from_secs(3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_redis_with_fail_closed_refuses_in_time_and_leaves_no_hold() {
+    redis_paused("closed", Duration::from_secs(9)).await;
 }
 
 // ---------------------------------------------------------------- transports
@@ -1457,4 +1543,155 @@ async fn refusals_around_the_fleet_check_give_back_what_they_took() {
     close_cleanly(over).await;
     close_cleanly(one).await;
     settle(&[&full, &dry], &fleet, &redis).await;
+}
+
+/// 300 upgrades of one tenant at once over three instances, with a
+/// `fleet = true` rule of 10 per tenant: exactly 10 are admitted, the
+/// other 290 get 429 (reason `key`), and Redis holds 10 for the tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_key_rule_holds_under_concurrent_upgrades() {
+    raise_nofile(4096);
+    let redis = RedisServer::start();
+    let up = spawn_echo_upstream().await;
+    let fleet = Fleet::new(&redis.url(), "hot")
+        .rule("tenant", "header:X-Tenant", 10)
+        .timeout(Duration::from_secs(5))
+        .mode("closed");
+    let gates: Vec<Gate> = ["x", "y", "z"]
+        .iter()
+        .map(|id| Gate::start(up.addr, &fleet, Some(id)))
+        .collect();
+    for g in &gates {
+        warm_up(g, &fleet, &redis).await;
+    }
+    let tasks: Vec<_> = (0..300)
+        .map(|i| {
+            let url = gates[i % 3].url();
+            tokio::spawn(async move { upgrade_outcome(&url, &[("x-tenant", "hot")]).await })
+        })
+        .collect();
+    let (mut admitted, mut refused, mut odd) = (Vec::new(), 0, Vec::new());
+    for t in tasks {
+        match within("one of the 300 upgrades", t).await.expect("join") {
+            Upgrade::Admitted(ws) => admitted.push(*ws),
+            Upgrade::Refused(429, Some(_)) => refused += 1,
+            other => odd.push(format!("{other:?}")),
+        }
+    }
+    assert!(odd.is_empty(), "neither 101 nor 429 + Retry-After: {odd:?}");
+    assert_eq!(
+        admitted.len(),
+        10,
+        "the tenant got more or less than its share"
+    );
+    assert_eq!(refused, 290);
+    assert_eq!(
+        sum(&gates, "wsgate_connections_rejected_total{reason=\"key\"}").await,
+        290.0
+    );
+    holds_are(&redis, &fleet.key_key("tenant", "hot"), 10).expect("ten holds");
+    close_all(admitted).await;
+    let refs: Vec<&Gate> = gates.iter().collect();
+    settle(&refs, &fleet, &redis).await;
+}
+
+/// Every way a connection ends gives its hold back at once (the lease is
+/// the default 30 s, so an expiry cannot stand in for a release): client
+/// FIN, client RST, the upstream closing, the upstream refusing the
+/// upgrade (403), the upstream unreachable (502), and shutdown (SIGTERM,
+/// the connection closed at the end of `shutdown_grace`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_close_path_gives_the_hold_back() {
+    let redis = RedisServer::start();
+    let echo = spawn_echo_upstream().await;
+    let closing = spawn_upstream(Behaviour::CloseAfterUpgrade).await;
+    let refusing = spawn_upstream(Behaviour::Refuse).await;
+    let down = closed_port();
+    let fleet = Fleet::new(&redis.url(), "paths")
+        .max(10)
+        .timeout(Duration::from_secs(2))
+        .mode("closed")
+        .set("shutdown_grace", "1s");
+    let gate = Gate::start(echo.addr, &fleet, Some("echo"));
+    warm_up(&gate, &fleet, &redis).await;
+    // The hold is back in Redis within the release bound; the error names
+    // the instance's own count too (a slot still held vs a lost release).
+    let released = |what: &'static str, gate: &'static str, admin: SocketAddr| {
+        let (fleet, redis) = (&fleet, &redis);
+        async move {
+            let took = eventually!(what, RELEASE_BOUND, {
+                match fleet.redis_empty(redis) {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(format!(
+                        "{e}; {gate}'s {ACTIVE} = {:?}",
+                        try_metric(admin, ACTIVE).await
+                    )),
+                }
+            });
+            println!("{what}: hold released after {took:?}");
+        }
+    };
+
+    let mut fin = raw_tunnel(gate.proxy).await;
+    fleet.all_is(&redis, 1).expect("the FIN connection's hold");
+    tokio::io::AsyncWriteExt::shutdown(&mut fin)
+        .await
+        .expect("FIN");
+    read_to_eof(&mut fin).await;
+    released("client FIN", "echo", gate.admin).await;
+
+    let rst = raw_tunnel(gate.proxy).await;
+    fleet.all_is(&redis, 1).expect("the RST connection's hold");
+    set_reset_on_close(&rst);
+    drop(rst);
+    released("client RST", "echo", gate.admin).await;
+
+    let gate_closing = Gate::start(closing.addr, &fleet, Some("closing"));
+    let mut ws = gate_closing.admit_without_echo().await;
+    within("upstream close", async {
+        while ws.next().await.is_some() {}
+    })
+    .await;
+    // The closing handshake is complete; the client's FIN ends the
+    // connection (until then wsgate waits up to `half_close_timeout`).
+    drop(ws);
+    released("upstream close", "closing", gate_closing.admin).await;
+
+    let gate_refusing = Gate::start(refusing.addr, &fleet, Some("refusing"));
+    assert_eq!(
+        gate_refusing.upgrade(&[]).await.err().map(|e| e.0),
+        Some(403)
+    );
+    released(
+        "upstream refused the upgrade",
+        "refusing",
+        gate_refusing.admin,
+    )
+    .await;
+
+    let gate_down = Gate::start(down.addr, &fleet, Some("down"));
+    assert_eq!(gate_down.upgrade(&[]).await.err().map(|e| e.0), Some(502));
+    released("upstream unreachable", "down", gate_down.admin).await;
+    for g in [&gate_closing, &gate_refusing, &gate_down] {
+        assert!(
+            g.fleet_requests("admit", "ok").await >= 1.0,
+            "{}: the hold was taken before the upstream was tried",
+            g.proxy
+        );
+    }
+
+    let mut shut = Gate::start(echo.addr, &fleet, Some("shut"));
+    let mut ws = shut.admit(&[]).await;
+    fleet
+        .all_is(&redis, 1)
+        .expect("the shutdown connection's hold");
+    shut.process.signal("TERM");
+    within("closed by the shutdown", async {
+        while ws.next().await.is_some() {}
+    })
+    .await;
+    let status = shut.process.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", shut.log());
+    released("shutdown (SIGTERM)", "shut", shut.admin).await;
+    settle(&[&gate], &fleet, &redis).await;
 }

@@ -415,6 +415,17 @@ impl RedisServer {
             .collect()
     }
 
+    /// Members of sorted set `key` scored above the server's clock (TIME,
+    /// in ms): the holds not expired yet, read atomically in one script.
+    pub fn zcount_unexpired(&self, key: &str) -> u64 {
+        let script = "local t = redis.call('TIME') \
+            local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) \
+            return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')";
+        let out = self.cli(&["EVAL", script, "1", key]);
+        out.parse()
+            .unwrap_or_else(|_| panic!("ZCOUNT unexpired {key}: not a number: {out:?}"))
+    }
+
     /// The server's clock (TIME), in milliseconds since the epoch.
     pub fn time_ms(&self) -> u64 {
         let out = self.cli(&["TIME"]);
