@@ -1695,3 +1695,135 @@ async fn every_close_path_gives_the_hold_back() {
     released("shutdown (SIGTERM)", "shut", shut.admin).await;
     settle(&[&gate], &fleet, &redis).await;
 }
+
+/// A `fleet = true` rule's `overrides` and `status` apply fleet-wide:
+/// limit 1 per tenant, `big` 3, `vip` unlimited (0, never counted in
+/// Redis), `status = 503`; across two instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_rule_keeps_its_overrides_and_status() {
+    let redis = RedisServer::start();
+    let up = spawn_echo_upstream().await;
+    let mut fleet = Fleet::new(&redis.url(), "over")
+        .rule("tenant", "header:X-Tenant", 1)
+        .timeout(Duration::from_secs(2))
+        .mode("closed");
+    let mut overrides = toml::Table::new();
+    overrides.insert("big".into(), 3.into());
+    overrides.insert("vip".into(), 0.into());
+    fleet.rules[0].insert("overrides".into(), overrides.into());
+    fleet.rules[0].insert("status".into(), 503.into());
+    let gates = [
+        Gate::start(up.addr, &fleet, Some("p")),
+        Gate::start(up.addr, &fleet, Some("q")),
+    ];
+    for g in &gates {
+        warm_up(g, &fleet, &redis).await;
+    }
+    let tenant = |t: &'static str| [("x-tenant", t)];
+    let mut held = vec![gates[0].admit(&tenant("small")).await];
+    assert_eq!(
+        gates[1].upgrade(&tenant("small")).await.err(),
+        Some((503, Some("1".into()))),
+        "small's one slot is taken on the other instance"
+    );
+    for i in 0..3 {
+        held.push(gates[i % 2].admit(&tenant("big")).await);
+    }
+    assert_eq!(
+        gates[0].upgrade(&tenant("big")).await.err().map(|e| e.0),
+        Some(503)
+    );
+    for i in 0..6 {
+        held.push(gates[i % 2].admit(&tenant("vip")).await);
+    }
+    assert_eq!(
+        sum(&gates, "wsgate_connections_rejected_total{reason=\"key\"}").await,
+        2.0
+    );
+    holds_are(&redis, &fleet.key_key("tenant", "big"), 3).expect("big");
+    assert!(
+        !fleet.keys(&redis).iter().any(|k| k.ends_with(":vip")),
+        "an unlimited value is not counted in Redis: {:?}",
+        fleet.keys(&redis)
+    );
+    close_all(held).await;
+    settle(&[&gates[0], &gates[1]], &fleet, &redis).await;
+}
+
+/// An instance started while Redis is down starts anyway (within the 2 s it
+/// may wait for Redis), is ready, and follows its fail mode (`closed`: 503
+/// `fleet_unavailable`, at once); once Redis is up it connects within the
+/// reconnect bound (2 s) and then judges by Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_started_while_redis_is_down_connects_when_it_comes_up() {
+    let mut redis = RedisServer::start();
+    redis.kill9();
+    let up = spawn_echo_upstream().await;
+    let fleet = Fleet::new(&redis.url(), "late")
+        .max(1)
+        .lease(Duration::from_secs(3))
+        .timeout(Duration::from_millis(100))
+        .mode("closed");
+    let started = Instant::now();
+    let gate = Gate::start(up.addr, &fleet, Some("early"));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "start-up waited {took:?} for a Redis that is down"
+    );
+    assert_eq!(
+        http_get(gate.admin, "/readyz").await.0,
+        200,
+        "ready without Redis"
+    );
+    let start = Instant::now();
+    assert_eq!(gate.upgrade(&[]).await.err().map(|e| e.0), Some(503));
+    assert!(start.elapsed() <= fleet.timeout + ADMISSION_MARGIN);
+    assert_eq!(gate.rejected("fleet_unavailable").await, 1.0);
+    assert_eq!(gate.metric("wsgate_fleet_up").await, 0.0);
+
+    redis.start_again();
+    let took = eventually!(
+        "connected once Redis is up",
+        RECONNECT + PROBE_SLACK,
+        match gate.metric("wsgate_fleet_up").await {
+            1.0 => Ok(()),
+            v => Err(format!("wsgate_fleet_up {v}")),
+        }
+    );
+    println!("connected {took:?} after Redis came up");
+    let ws = gate.admit(&[]).await;
+    fleet.all_is(&redis, 1).expect("judged by Redis now");
+    assert_eq!(gate.upgrade(&[]).await.err().map(|e| e.0), Some(503));
+    assert_eq!(gate.rejected("fleet").await, 1.0);
+    close_cleanly(ws).await;
+    settle(&[&gate], &fleet, &redis).await;
+}
+
+/// `wsgate_fleet_up` is "1 while the last Redis round trip succeeded"
+/// (SPEC §10): after one admission that timed out (Redis paused for a
+/// moment, `open`), it reads 0 until a round trip succeeds again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_up_reads_0_after_a_round_trip_timed_out() {
+    let redis = RedisServer::start();
+    let up = spawn_echo_upstream().await;
+    let fleet = Fleet::new(&redis.url(), "blip")
+        .max(10)
+        .lease(Duration::from_secs(30))
+        .timeout(Duration::from_millis(100))
+        .mode("open");
+    let gate = Gate::start(up.addr, &fleet, Some("b"));
+    warm_up(&gate, &fleet, &redis).await;
+    redis.pause();
+    let outcome = gate.upgrade(&[]).await;
+    let up_after = gate.metric("wsgate_fleet_up").await;
+    let timeouts = gate.fleet_requests("admit", "timeout").await;
+    redis.resume();
+    let ws = outcome.expect("open: admitted on local limits");
+    assert_eq!(timeouts, 1.0, "the admission's round trip timed out");
+    assert_eq!(
+        up_after, 0.0,
+        "wsgate_fleet_up after a round trip that timed out"
+    );
+    drop(ws);
+}
