@@ -835,9 +835,13 @@ async fn redis_killed_with_fail_closed_refuses_as_fleet_unavailable() {
 // ---------------------------------------------------------------- Redis restarted empty
 
 /// Redis restarted empty under 40 live connections (two instances, 20
-/// each; `fleet_lease_ttl` 3 s, so renewals every second): within one
-/// renewal interval (+2 s) `{NS}:all` counts 40 again, and with
-/// `fleet_max_clients = 45` only 5 more are admitted.
+/// each, all of one tenant of a `fleet = true` rule; `fleet_lease_ttl` 3 s,
+/// so renewals every second). Before: within one interval every hold's
+/// expiry moves a lease ahead, in one batched call per instance and
+/// interval. After the restart: within one renewal interval (+2 s)
+/// `{NS}:all` and the tenant's set count 40 again, with
+/// `fleet_max_clients = 45` only 5 more are admitted, and after the next
+/// renewal both instances' `wsgate_fleet_active` read 45.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_empty_gets_the_live_holds_back_within_a_renewal() {
     let mut redis = RedisServer::start();
