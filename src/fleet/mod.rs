@@ -86,6 +86,15 @@ pub(crate) enum FleetRefusal {
     Unavailable,
 }
 
+/// Whether an admission script may have reached Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    /// Redis was known down: nothing was sent.
+    No,
+    /// Sent, but no answer came (or an error did): it may have run.
+    Maybe,
+}
+
 /// One connection's hold. Dropping it gives the hold back.
 #[derive(Debug)]
 pub(crate) struct FleetHold {
@@ -252,7 +261,7 @@ impl Fleet {
             sets: scopes.iter().map(|sc| Arc::clone(&sc.set)).collect(),
         });
         let Some((generation, mut conn)) = s.connection() else {
-            return self.without_redis(id, live, enforce);
+            return self.without_redis(id, live, enforce, Sent::No);
         };
 
         let mut call = s.scripts.admit.prepare_invoke();
@@ -298,7 +307,7 @@ impl Fleet {
                 if e.is_connection_dropped() || e.is_unrecoverable_error() || e.is_io_error() {
                     s.lost(generation);
                 }
-                self.without_redis(id, live, enforce)
+                self.without_redis(id, live, enforce, Sent::Maybe)
             }
             Err(_elapsed) => {
                 s.metrics
@@ -309,20 +318,22 @@ impl Fleet {
                 // The script may still run later: in closed mode its hold
                 // is queued for release (after the script, on the same
                 // connection); in open mode it is live and renewed anyway.
-                self.without_redis(id, live, enforce)
+                self.without_redis(id, live, enforce, Sent::Maybe)
             }
         }
     }
 
     /// Redis could not be asked, or did not answer: the mode decides.
-    fn without_redis(&self, id: u64, live: Arc<Live>, enforce: bool) -> FleetAdmission {
+    fn without_redis(&self, id: u64, live: Arc<Live>, enforce: bool, sent: Sent) -> FleetAdmission {
         let s = &*self.shared;
         if s.closed_mode.load(Ordering::Acquire) {
-            // The release is harmless if the hold never reached Redis.
-            let _ = s.releases.send(Release {
-                live: Arc::clone(&live),
-                since: Instant::now(),
-            });
+            if sent == Sent::Maybe {
+                // Harmless if the script never ran.
+                let _ = s.releases.send(Release {
+                    live: Arc::clone(&live),
+                    since: Instant::now(),
+                });
+            }
             if enforce {
                 return FleetAdmission {
                     hold: None,
