@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Runs the deployment tests (deploy/tests) with real engines: Helm's Go engine (helm-python-sdk),
 # the Kubernetes OpenAPI schemas (kubernetes-validate), promtool and a Prometheus server scraping
-# a running `wsgate demo`. Installs what it needs itself; safe to run again; no stdin needed.
+# running `wsgate demo`s (one with fleet limits through a private redis-server). Installs what it
+# needs itself; safe to run again; no stdin needed.
 #
 #   bash deploy/tests/run.sh [extra pytest args]
 #
-# Environment: WSGATE_BIN (default target/debug/wsgate), DEPLOY_VENV (default target/deploy-venv).
+# Environment: WSGATE_BIN (default target/debug/wsgate), DEPLOY_VENV (default target/deploy-venv),
+# PROMETHEUS_BIN, PROMTOOL_BIN, REDIS_SERVER_BIN (default the Debian packages' binaries).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -25,6 +27,15 @@ if [[ ! -x /usr/bin/prometheus || ! -x /usr/bin/promtool ]]; then
 fi
 export PROMETHEUS_BIN="${PROMETHEUS_BIN:-/usr/bin/prometheus}"
 export PROMTOOL_BIN="${PROMTOOL_BIN:-/usr/bin/promtool}"
+
+# 1b. redis-server from Debian, for the end-to-end test's fleet pod (SPEC §10). Only the binary is
+#     used: the test starts a private server on an ephemeral loopback port, without persistence
+#     (a service the package's postinst may start is not used).
+if [[ -z "${REDIS_SERVER_BIN:-}" && ! -x /usr/bin/redis-server ]]; then
+  log "installing the Debian redis-server package"
+  apt_install redis-server
+fi
+export REDIS_SERVER_BIN="${REDIS_SERVER_BIN:-/usr/bin/redis-server}"
 
 # 2. A Python venv with pinned packages, rebuilt only when requirements.txt changes.
 VENV="${DEPLOY_VENV:-$ROOT/target/deploy-venv}"
@@ -48,6 +59,7 @@ fi
 
 export WSGATE_BIN="${WSGATE_BIN:-$ROOT/target/debug/wsgate}"
 log "prometheus: $("$PROMETHEUS_BIN" --version 2>&1 | head -n1)"
+log "redis: $("$REDIS_SERVER_BIN" --version 2>&1 | head -n1)"
 log "helm engine: $("$VENV/bin/python" -c 'import helm_python as h; print("helm-python-sdk", h.__version__, "/ Helm SDK", h.helm_sdk_version())')"
 log "kubernetes schemas: $("$VENV/bin/python" -c 'import kubernetes_validate as k; print("kubernetes-validate", k.__version__, "/ Kubernetes", k.latest_version())')"
 log "wsgate binary: $WSGATE_BIN"
