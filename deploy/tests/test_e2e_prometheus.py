@@ -8,16 +8,24 @@ Prometheus on an ephemeral loopback port scraping it every second with static `n
 A second demo without a cap (max_clients = 0, pod label wsgate-e2e-unlimited) holds one
 connection, to check that unlimited pods are shown sensibly. The test fills the cap with 4 echo
 connections, gets 3 upgrades refused with 503, closes 2, and waits until Prometheus sees 2
-active. The last test sends SIGTERM and watches readiness fall. Only processes started here are
-stopped, by PID.
+active. The last test sends SIGTERM and watches readiness fall.
+
+Fleet-wide limits (SPEC §10): a private redis-server on an ephemeral loopback port (no
+persistence) and a third demo (pod label wsgate-e2e-fleet, local cap 10) with fleet_max_clients 3
+and fleet_fail_mode closed. It holds 3 connections and gets 1 upgrade refused (503, reason
+fleet). The dashboard's "Fleet limits (Redis)" row is checked against that state.
+
+Only processes started here are stopped, by PID.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,6 +57,21 @@ POD_UNLIMITED = "wsgate-e2e-unlimited"
 CAP = 4
 HELD_AT_END = 2
 REJECTED = 3
+# A third wsgate with fleet-wide limits through a private Redis (SPEC §10): fleet_max_clients 3,
+# fail mode closed, a local cap above the fleet cap (3 / 10 = 0.3: below every saturation
+# threshold the tests use), holding 3 connections and refusing 1 upgrade with reason fleet.
+POD_FLEET = "wsgate-e2e-fleet"
+FLEET_MAX = 3
+FLEET_LOCAL_CAP = 10
+FLEET_HELD = 3
+FLEET_REJECTED = 1
+REDIS_SERVER_BIN = (os.environ.get("REDIS_SERVER_BIN") or shutil.which("redis-server")
+                    or "/usr/bin/redis-server")
+# The dashboard row of SPEC §10, and its panels that read wsgate_fleet_* series (which only pods
+# with a Redis URL have).
+FLEET_ROW = "Fleet limits (Redis)"
+FLEET_SERIES_PANELS = ("Fleet active vs fleet limit", "Redis up per pod", "Redis round-trip latency p50 / p99 by op",
+                       "Fleet requests per second by op and result")
 
 PROXY_RE = re.compile(r"^\s*proxy\s+ws://(\S+?)/")
 METRICS_RE = re.compile(r"^\s*metrics\s+http://(\S+?)/metrics")
@@ -57,6 +80,7 @@ METRICS_RE = re.compile(r"^\s*metrics\s+http://(\S+?)/metrics")
 SUBSTITUTIONS = {
     "selected": {"$namespace": NAMESPACE, "$pod": POD},
     "all": {"$namespace": ".*", "$pod": ".*"},
+    "fleet": {"$namespace": NAMESPACE, "$pod": POD_FLEET},
 }
 GRAFANA_INTERVALS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
 
@@ -135,13 +159,15 @@ class Prom:
         return body["data"]
 
 
-def start_wsgate(tmp: Path, cap: int = CAP, name: str = "wsgate") -> tuple[subprocess.Popen, str, str]:
+def start_wsgate(tmp: Path, cap: int = CAP, name: str = "wsgate",
+                 extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WSGATE_", "WS_MAX_CLIENTS"))}
     env.update({
         "WSGATE_MAX_CLIENTS": str(cap),
         "WSGATE_LISTEN": "127.0.0.1:0",
         "WSGATE_ADMIN_LISTEN": "127.0.0.1:0",
         "WSGATE_SHUTDOWN_GRACE": "10s",
+        **(extra_env or {}),
     })
     with open(tmp / f"{name}.stderr", "wb") as stderr:  # the child keeps its own descriptor
         proc = subprocess.Popen([str(WSGATE_BIN), "demo"], stdout=subprocess.PIPE, stderr=stderr,
@@ -175,6 +201,42 @@ def start_wsgate(tmp: Path, cap: int = CAP, name: str = "wsgate") -> tuple[subpr
         raise AssertionError(f"wsgate demo did not print its addresses; stdout={seen!r} "
                              f"stderr={(tmp / f'{name}.stderr').read_text(errors='replace')[-2000:]!r}")
     return proc, proxy, metrics
+
+
+def redis_ping(port: int) -> bool:
+    """One PING in RESP over a fresh connection; True on +PONG."""
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        s.sendall(b"*1\r\n$4\r\nPING\r\n")
+        return s.recv(64).startswith(b"+PONG")
+
+
+def start_redis(tmp: Path) -> tuple[subprocess.Popen, int]:
+    """A private redis-server on an ephemeral loopback port, without persistence."""
+    assert Path(REDIS_SERVER_BIN).exists(), f"no redis-server at {REDIS_SERVER_BIN}: run deploy/tests/run.sh"
+    data = tmp / "redis"
+    data.mkdir()
+    last = ""
+    for attempt in range(3):  # the ephemeral port could be taken between bind and listen
+        port = free_port()
+        log = tmp / f"redis-{attempt}.log"
+        with open(log, "wb") as out:  # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                [REDIS_SERVER_BIN, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(data), "--daemonize", "no"],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+        def pong() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError("exited")
+            return redis_ping(port)
+
+        try:
+            wait_until(pong, 20, "redis-server to answer PING")
+            return proc, port
+        except AssertionError:
+            stop(proc, 10)
+            last = log.read_text(errors="replace")[-3000:]
+    raise AssertionError(f"redis-server did not start: {last}")
 
 
 def start_prometheus(tmp: Path, targets: dict[str, str]) -> tuple[subprocess.Popen, Prom]:
@@ -242,7 +304,7 @@ def stack(tmp_path_factory):
     from websockets.exceptions import InvalidStatus
 
     tmp = tmp_path_factory.mktemp("e2e")
-    wsgate = unlimited = prom_proc = None
+    wsgate = unlimited = fleet = redis = prom_proc = None
     held: list[Any] = []
     # Every client connection is entered as a context manager, so each is closed on the way out.
     conns = contextlib.ExitStack()
@@ -251,7 +313,15 @@ def stack(tmp_path_factory):
         wait_until(lambda: metric_value(scrape(admin), "wsgate_connections_max") == CAP, 20,
                    "wsgate /metrics with wsgate_connections_max 4")
         unlimited, proxy_u, admin_u = start_wsgate(tmp, cap=0, name="wsgate-unlimited")
-        prom_proc, prom = start_prometheus(tmp, {admin: POD, admin_u: POD_UNLIMITED})
+        redis, redis_port = start_redis(tmp)
+        fleet, proxy_f, admin_f = start_wsgate(tmp, cap=FLEET_LOCAL_CAP, name="wsgate-fleet", extra_env={
+            "WSGATE_FLEET_REDIS_URL": f"redis://127.0.0.1:{redis_port}",
+            "WSGATE_FLEET_MAX_CLIENTS": str(FLEET_MAX),
+            "WSGATE_FLEET_FAIL_MODE": "closed",
+        })
+        wait_until(lambda: metric_value(scrape(admin_f), "wsgate_fleet_up") == 1, 20,
+                   "the fleet pod to reach Redis (wsgate_fleet_up 1 on /metrics)")
+        prom_proc, prom = start_prometheus(tmp, {admin: POD, admin_u: POD_UNLIMITED, admin_f: POD_FLEET})
         sel = f'{{namespace="{NAMESPACE}", pod="{POD}"}}'
         # Let Prometheus see the counters at 0 before anything happens.
         wait_until(lambda: prom.scalar(f'up{sel}') == 1.0, 60, "first successful scrape (up == 1)")
@@ -259,6 +329,23 @@ def stack(tmp_path_factory):
                    30, "two samples before the connections")
 
         wait_until(lambda: prom.scalar(f'up{{pod="{POD_UNLIMITED}"}}') == 1.0, 30, "unlimited pod scraped")
+        # The fleet pod's counters and histogram must be seen at 0 before its admissions, so
+        # that rate() and increase() hold them.
+        sel_f = f'{{namespace="{NAMESPACE}", pod="{POD_FLEET}"}}'
+        wait_until(lambda: (prom.scalar(f"count_over_time(wsgate_fleet_up{sel_f}[1m])") or 0) >= 2,
+                   30, "two samples of the fleet pod before its connections")
+        held_fleet = []
+        for i in range(FLEET_HELD):
+            ws = conns.enter_context(connect(proxy_f))
+            held_fleet.append(ws)
+            ws.send(f"fleet {i}")
+            assert ws.recv(timeout=10) == f"fleet {i}", "the demo upstream echoes through the fleet pod"
+        fleet_refusals = []
+        for _ in range(FLEET_REJECTED):
+            with pytest.raises(InvalidStatus) as err:
+                with connect(proxy_f):
+                    pass
+            fleet_refusals.append(err.value.response)
         ws_u = conns.enter_context(connect(proxy_u))
         ws_u.send("unlimited")
         assert ws_u.recv(timeout=10) == "unlimited"
@@ -285,15 +372,26 @@ def stack(tmp_path_factory):
                    "Prometheus to see 1 active on the unlimited pod")
         wait_until(lambda: prom.scalar(f'wsgate_connections_rejected_total{{namespace="{NAMESPACE}", pod="{POD}", reason="capacity"}}') == REJECTED,
                    30, "Prometheus to see 3 capacity rejections")
-        # A few more samples so that rate() windows hold the changes, and rules have evaluated.
-        wait_until(lambda: (prom.scalar(f"count_over_time(wsgate_connections_active{sel}[1m])") or 0) >= 6,
-                   30, "six samples of wsgate_connections_active")
+        wait_until(lambda: prom.scalar(f"wsgate_fleet_active{sel_f}") == FLEET_HELD, 30,
+                   "Prometheus to see fleet active 3 on the fleet pod")
+        wait_until(lambda: prom.scalar(f'wsgate_connections_rejected_total{{namespace="{NAMESPACE}", pod="{POD_FLEET}", reason="fleet"}}') == FLEET_REJECTED,
+                   30, "Prometheus to see 1 fleet rejection")
+        # More samples so that rate() windows hold the changes, and rules have evaluated. Also
+        # bounds increase()'s extrapolation: a counter seen at 0 first is extrapolated only to the
+        # window's end, by up to 1.1 scrape intervals, i.e. by 1.1 / (samples - 1) of its rise;
+        # with 12 samples 3 refusals read at most 3.3 (the checks allow 0.5). With 6 samples a
+        # run read 3.54.
+        wait_until(lambda: (prom.scalar(f"count_over_time(wsgate_connections_active{sel}[1m])") or 0) >= 12,
+                   30, "twelve samples of wsgate_connections_active")
         yield {"prom": prom, "proxy": proxy, "admin": admin, "refusals": refusals, "tmp": tmp, "held": held,
-               "wsgate": wsgate, "conns": conns}
+               "wsgate": wsgate, "conns": conns, "redis": redis, "proxy_fleet": proxy_f, "admin_fleet": admin_f,
+               "held_fleet": held_fleet, "fleet_refusals": fleet_refusals}
     finally:
         with contextlib.suppress(Exception):
             conns.close()
         stop(prom_proc, 15)
+        stop(fleet, 30)
+        stop(redis, 15)
         stop(unlimited, 30)
         rc = stop(wsgate, 30)
         print(f"wsgate demo exited with {rc}")
@@ -339,11 +437,35 @@ def test_every_dashboard_expression_evaluates(stack, variant):
             empty.append(title)
     print(f"{len(targets)} dashboard expressions evaluated ({variant}); empty results: {empty}")
     # Series that exist from start-up must give data.
-    for must in ("Saturation per pod (active / max)", "Active connections per pod", "Admitted per second",
-                 "Rejected per second by reason", "Upstream errors per second by kind",
-                 "Bytes per second by direction", "Resident memory per pod", "Open file descriptors per pod",
-                 "Readiness", "Cap per pod", "Versions"):
+    musts = ["Saturation per pod (active / max)", "Active connections per pod", "Admitted per second",
+             "Rejected per second by reason", "Upstream errors per second by kind",
+             "Bytes per second by direction", "Resident memory per pod", "Open file descriptors per pod",
+             "Readiness", "Cap per pod", "Versions"]
+    # The fleet row has data wherever the fleet pod is selected, and none of the wsgate_fleet_*
+    # panels has any for a pod without a Redis URL.
+    fleet_row = [p["title"] for p in row_panels(FLEET_ROW)]
+    assert set(FLEET_SERIES_PANELS) <= set(fleet_row), fleet_row
+    if variant == "selected":
+        for title in FLEET_SERIES_PANELS:
+            assert title in empty, f"{title}: data for {POD}, which has no fleet limits"
+    else:
+        musts += fleet_row
+    for must in musts:
         assert must not in empty, f"{must}: no data"
+
+
+def row_panels(title: str) -> list[dict[str, Any]]:
+    """The panels of a dashboard row: nested in a collapsed row, or following an open one."""
+    panels = dashboard()["panels"]
+    i = next(i for i, p in enumerate(panels) if p.get("type") == "row" and p["title"] == title)
+    if panels[i].get("panels"):
+        return panels[i]["panels"]
+    out = []
+    for p in panels[i + 1:]:
+        if p.get("type") == "row":
+            break
+        out.append(p)
+    return out
 
 
 def test_saturation_panel_returns_half_for_the_pod(stack):
@@ -369,18 +491,22 @@ def test_stat_panels_show_the_known_state(stack):
 def test_unlimited_pods_are_shown_sensibly(stack):
     prom = stack["prom"]
     by_title = {p["title"]: p["targets"] for p in all_panels(dashboard()) if p.get("targets")}
-    # With "All" selected: the saturation views list the capped pod only, at 0.5 (no +Inf, no 0).
+    # With "All" selected: the saturation views list the capped pods only (the fleet pod has a
+    # local cap of 10 and holds 3), never the unlimited one (no +Inf, no 0).
     for title in ("Saturation per pod (active / max)", "Saturation now per pod"):
         res = prom.query(substitute(by_title[title][0]["expr"], "all"))["result"]
-        assert [(s["metric"]["pod"], float(s["value"][1])) for s in res] == [(POD, 0.5)], (title, res)
+        assert {s["metric"]["pod"]: float(s["value"][1]) for s in res} == {
+            POD: 0.5, POD_FLEET: FLEET_HELD / FLEET_LOCAL_CAP}, (title, res)
     assert prom.scalar(substitute(by_title["Unlimited pods (max_clients = 0)"][0]["expr"], "all")) == 1
-    assert prom.scalar(substitute(by_title["Capacity (capped pods)"][0]["expr"], "all")) == CAP
-    assert prom.scalar(substitute(by_title["Active connections (selected pods)"][0]["expr"], "all")) == HELD_AT_END + 1
+    assert prom.scalar(substitute(by_title["Capacity (capped pods)"][0]["expr"], "all")) == CAP + FLEET_LOCAL_CAP
+    assert (prom.scalar(substitute(by_title["Active connections (selected pods)"][0]["expr"], "all"))
+            == HELD_AT_END + 1 + FLEET_HELD)
     caps = prom.query(substitute(by_title["Cap per pod"][0]["expr"], "all"))["result"]
-    assert {s["metric"]["pod"]: float(s["value"][1]) for s in caps} == {POD: CAP, POD_UNLIMITED: 0}
+    assert {s["metric"]["pod"]: float(s["value"][1]) for s in caps} == {
+        POD: CAP, POD_UNLIMITED: 0, POD_FLEET: FLEET_LOCAL_CAP}
     # The "max" line of the active panel is drawn for capped pods only.
     maxes = prom.query(substitute(by_title["Active connections per pod"][1]["expr"], "all"))["result"]
-    assert [s["metric"]["pod"] for s in maxes] == [POD]
+    assert sorted(s["metric"]["pod"] for s in maxes) == sorted([POD, POD_FLEET])
     # The saturation alert's ratio leaves the unlimited pod out as well.
     assert prom.query(f'wsgate_connections_active{{pod="{POD_UNLIMITED}"}} / (wsgate_connections_max > 0)')["result"] == []
 
@@ -397,6 +523,73 @@ def test_rejected_capacity_increase_shows_three(stack):
     reasons = {s["metric"]["reason"]: round(float(s["value"][1])) for s in by_reason}
     assert reasons["capacity"] == REJECTED
     assert reasons.get("draining", 0) == 0
+
+
+def fleet_row_targets() -> dict[str, list[dict[str, Any]]]:
+    return {p["title"]: p["targets"] for p in row_panels(FLEET_ROW)}
+
+
+def series_by(data: dict[str, Any], *labels: str) -> dict[Any, float]:
+    """Instant vector -> {label value (or tuple of values): sample value}."""
+    out = {}
+    for s in data["result"]:
+        key = tuple(s["metric"].get(label) for label in labels)
+        out[key[0] if len(key) == 1 else key] = float(s["value"][1])
+    return out
+
+
+def test_fleet_pod_refuses_over_the_fleet_cap_with_503(stack):
+    # 3 held of a fleet cap of 3 (local cap 10): the 4th upgrade is refused by the fleet limit.
+    for resp in stack["fleet_refusals"]:
+        assert resp.status_code == 503
+        assert int(resp.headers["Retry-After"]) >= 1
+    text = scrape(stack["admin_fleet"])
+    assert metric_value(text, "wsgate_connections_active") == FLEET_HELD
+    assert metric_value(text, "wsgate_connections_rejected_total", 'reason="fleet"') == FLEET_REJECTED
+    assert metric_value(text, "wsgate_connections_rejected_total", 'reason="capacity"') == 0
+
+
+@pytest.mark.parametrize("variant", ["fleet", "all"])
+def test_fleet_row_shows_the_fleet_pod(stack, variant):
+    """Every expression of the "Fleet limits (Redis)" row, for the fleet pod alone and for "All"
+    (where only the fleet pod has wsgate_fleet_* series)."""
+    prom = stack["prom"]
+    row = fleet_row_targets()
+    q = lambda title, i=0: prom.query(substitute(row[title][i]["expr"], variant))  # noqa: E731
+
+    # Fleet active vs fleet limit: 3 of 3, one line each per namespace.
+    assert series_by(q("Fleet active vs fleet limit", 0), "namespace") == {NAMESPACE: FLEET_HELD}
+    assert series_by(q("Fleet active vs fleet limit", 1), "namespace") == {NAMESPACE: FLEET_MAX}
+    # Redis up per pod: the fleet pod only (the other pods have no fleet series).
+    assert series_by(q("Redis up per pod"), "pod") == {POD_FLEET: 1}
+    # Latency quantiles: the admissions went through Redis, so op admit has a number (not NaN).
+    for i, quantile in enumerate(("p50", "p99")):
+        by_op = series_by(q("Redis round-trip latency p50 / p99 by op", i), "op")
+        assert "admit" in by_op, (quantile, by_op)
+        assert math.isfinite(by_op["admit"]) and 0 < by_op["admit"] < 5, (quantile, by_op)
+    # Requests per second by op and result: 4 admissions answered by Redis (3 admitted, 1 over).
+    reqs = series_by(q("Fleet requests per second by op and result"), "op", "result")
+    assert reqs.get(("admit", "ok"), 0) > 0, reqs
+    assert reqs.get(("admit", "error"), 0) == 0 and reqs.get(("admit", "timeout"), 0) == 0, reqs
+    # Fleet refusals per second: reason fleet only while Redis is up.
+    refusals = series_by(q("Fleet refusals per second"), "reason")
+    assert refusals.get("fleet", 0) > 0 and refusals.get("fleet_unavailable", 0) == 0, refusals
+
+
+def test_rejected_fleet_increase_shows_one(stack):
+    prom = stack["prom"]
+    sel = f'namespace="{NAMESPACE}", pod="{POD_FLEET}"'
+    assert prom.scalar(f'wsgate_connections_rejected_total{{{sel}, reason="fleet"}}') == FLEET_REJECTED
+    inc = prom.scalar(f'sum(increase(wsgate_connections_rejected_total{{{sel}, reason="fleet"}}[1h]))')
+    # increase() extrapolates to the window's end by up to half a scrape interval.
+    assert inc is not None and abs(inc - FLEET_REJECTED) < 0.5, inc
+    by_reason = series_by(prom.query(f"sum by (reason) (increase(wsgate_connections_rejected_total{{{sel}}}[1h]))"),
+                          "reason")
+    assert round(by_reason["fleet"]) == FLEET_REJECTED
+    assert all(round(v) == 0 for r, v in by_reason.items() if r != "fleet"), by_reason
+    # Only the fleet pod refused with reason fleet.
+    others = prom.query(f'sum by (pod) (wsgate_connections_rejected_total{{pod!="{POD_FLEET}", reason=~"fleet.*"}}) > 0')
+    assert others["result"] == [], others
 
 
 def test_template_variable_queries_find_the_pod(stack):
@@ -419,9 +612,15 @@ def test_every_alert_expression_evaluates(stack):
     assert len(exprs) >= 8
     for name, expr in exprs:
         prom.query(expr)
-    # At this state (2 of 4, 3 refused) only the rejecting alert's condition holds.
+    # At this state (2 of 4, 3 refused; fleet pod 3 of 3 with 1 refused, Redis up) only the
+    # rejecting alert's condition holds: for the capped pod (capacity) and the fleet pod (fleet).
     firing = {name.split(": ")[1] for name, expr in exprs if prom.query(expr)["result"]}
     assert firing == {"WsgateRejectingConnections"}, firing
+    for name, expr in exprs:
+        if name.endswith(": WsgateRejectingConnections"):
+            res = prom.query(expr)["result"]
+            assert sorted((s["metric"]["pod"], s["metric"]["reason"]) for s in res) == [
+                (POD, "capacity"), (POD_FLEET, "fleet")], (name, res)
 
 
 def test_chart_alert_expressions_evaluate_with_custom_thresholds(stack, render):
@@ -430,8 +629,11 @@ def test_chart_alert_expressions_evaluate_with_custom_thresholds(stack, render):
     rules = {r["alert"]: r["expr"] for g in pr["spec"]["groups"] for r in g["rules"]}
     prom = stack["prom"]
     sat = prom.query(rules["WsgateSaturationHigh"])["result"]
-    assert [float(s["value"][1]) for s in sat] == [0.5], "0.5 > 0.4 must match"
-    assert prom.query(rules["WsgateRejectingConnections"])["result"], "3 > 2 must match"
+    assert {s["metric"]["pod"]: float(s["value"][1]) for s in sat} == {POD: 0.5}, \
+        "0.5 > 0.4 must match, the fleet pod's 0.3 must not"
+    rejecting = prom.query(rules["WsgateRejectingConnections"])["result"]
+    assert [(s["metric"]["pod"], s["metric"]["reason"]) for s in rejecting] == [(POD, "capacity")], \
+        "3 > 2 must match, the fleet pod's 1 must not"
     for expr in rules.values():
         prom.query(expr)
 
@@ -454,11 +656,13 @@ def test_prometheus_loaded_the_rules_and_evaluates_them_without_error(stack):
 
     def rejecting_active():
         alerts = prom.get("/api/v1/alerts")["alerts"]
-        return [a for a in alerts if a["labels"]["alertname"] == "WsgateRejectingConnections"]
+        found = [a for a in alerts if a["labels"]["alertname"] == "WsgateRejectingConnections"]
+        return found if len(found) >= 2 else None
 
-    (alert,) = wait_until(rejecting_active, 30, "WsgateRejectingConnections to be pending")
-    assert alert["state"] in ("pending", "firing")
-    assert alert["labels"]["pod"] == POD and alert["labels"]["reason"] == "capacity"
+    alerts = wait_until(rejecting_active, 30, "WsgateRejectingConnections to be pending for both pods")
+    assert all(a["state"] in ("pending", "firing") for a in alerts), alerts
+    assert sorted((a["labels"]["pod"], a["labels"]["reason"]) for a in alerts) == [
+        (POD, "capacity"), (POD_FLEET, "fleet")], alerts
     others = [a["labels"]["alertname"] for a in prom.get("/api/v1/alerts")["alerts"]
               if a["labels"]["alertname"] != "WsgateRejectingConnections"]
     assert others == []
