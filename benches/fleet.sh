@@ -8,6 +8,8 @@
 #       handshake runs are HS_TOTAL=10000 upgrades unless HS_TOTAL is set;
 #       then benches/fleet-latency.py against the same Redis (the added admission latency,
 #       sequential upgrades; FLEET_LATENCY=0 skips it, FLEET_LATENCY_ARGS="..." passes options)
+#   benches/fleet.sh --rounds 0 --callgrind --no-build --out DIR   instructions per upgrade/message
+#       (FLEET_LATENCY=0 FLEET_ENV_EXTRA=WSGATE_FLEET_TIMEOUT=1s: see below)
 #
 # Targets (all the same echo upstream, loopback, no local cap):
 #   wsgate           this tree, fleet limits off
@@ -77,7 +79,9 @@ redis_stats() { # label -> commandstats, key count and {wsgate}:all size
 
 # 10,000 upgrades a run (as key-rules.sh): proxy CPU is read in 10 ms ticks
 export HS_TOTAL="${HS_TOTAL:-10000}"
-export BENCH_WSGATE_ENV_fleet="WSGATE_FLEET_REDIS_URL=$REDIS_URL WSGATE_FLEET_MAX_CLIENTS=1000000"
+# FLEET_ENV_EXTRA="KEY=VALUE ..." goes to both fleet variants (e.g. WSGATE_FLEET_TIMEOUT=1s under
+# --callgrind, where valgrind slows wsgate's side of the round trip past the default 100ms)
+export BENCH_WSGATE_ENV_fleet="WSGATE_FLEET_REDIS_URL=$REDIS_URL WSGATE_FLEET_MAX_CLIENTS=1000000${FLEET_ENV_EXTRA:+ $FLEET_ENV_EXTRA}"
 export BENCH_WSGATE_ENV_fleetkey="$BENCH_WSGATE_ENV_fleet WSGATE_CONFIG=$ROOT/benches/conf/fleet-key-rule.toml"
 
 redis-cli -p "$REDIS_PORT" config resetstat >/dev/null
