@@ -331,15 +331,24 @@ async fn flush(
     for (set, members) in &by_set {
         pipe.cmd("ZREM").arg(*set).arg(members.as_slice()).ignore();
     }
+    // The fleet-wide count after the releases, so the gauge follows them
+    // down instead of waiting for the next renewal.
+    let all: &str = shared.names.all();
+    if by_set.contains_key(all) {
+        pipe.cmd("ZCARD").arg(all);
+    }
     let started = Instant::now();
-    let answer = timeout(deadline, pipe.query_async::<()>(conn)).await;
+    let answer = timeout(deadline, pipe.query_async::<Vec<i64>>(conn)).await;
     let took = started.elapsed();
     drop(by_set);
     match answer {
-        Ok(Ok(())) => {
+        Ok(Ok(count)) => {
             shared
                 .metrics
                 .observe(FleetOp::Release, FleetResult::Ok, took);
+            if let Some(&n) = count.first() {
+                shared.metrics.active.set(n);
+            }
             pending.clear();
             Ok(())
         }
