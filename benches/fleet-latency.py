@@ -33,40 +33,11 @@ import tempfile
 import time
 import urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WSGATE = os.environ.get("BENCH_WSGATE_BIN", os.path.join(ROOT, "target/release/wsgate"))
-BENCH = os.path.join(ROOT, "benches/wsgate-bench/target/release/wsgate-bench")
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
+from fleet_common import ANSI, BENCH, WSGATE, free_port, wait_line
 
 
 def log(msg):
     print("[fleet-latency %s] %s" % (time.strftime("%H:%M:%S", time.gmtime()), msg), file=sys.stderr, flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_line(path, pattern, proc, timeout=10.0):
-    """The addr= value of the first line of `path` matching `pattern`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(path, errors="replace") as f:
-                for line in f:
-                    line = ANSI.sub("", line)
-                    if pattern in line:
-                        m = re.search(r"addr=([0-9.:]+)", line)
-                        if m:
-                            return m.group(1)
-        except FileNotFoundError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    raise RuntimeError("no %r in %s" % (pattern, path))
 
 
 class Procs:
@@ -259,10 +230,11 @@ def main():
             "mean_us": round((s1 - s0) / (n1 - n0) * 1e6, 1) if n1 > n0 else None,
             "p50_us_interpolated": round(hist_quantile(d, 0.5) * 1e6, 1) if n1 > n0 else None,
             "p99_us_interpolated": round(hist_quantile(d, 0.99) * 1e6, 1) if n1 > n0 else None,
-            # the smallest bucket is 0.2 ms: below it the interpolation is a straight line from 0
+            # below the smallest bucket the interpolation is a straight line from 0
             "p50_bucket_le_s": next((le for le, c in d if c >= 0.5 * (n1 - n0)), None) if n1 > n0 else None,
             "p99_bucket_le_s": next((le for le, c in d if c >= 0.99 * (n1 - n0)), None) if n1 > n0 else None,
-            "share_le_200us": round(d[0][1] / (n1 - n0), 4) if n1 > n0 and d else None,
+            "share_le_200us": round(next((c for le, c in d if le >= 0.0002), 0) / (n1 - n0), 4)
+            if n1 > n0 else None,
             "buckets_le_s": [[("+Inf" if le == float("inf") else le), c] for le, c in d],
         },
         "fleet_requests_total": requests,

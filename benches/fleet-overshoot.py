@@ -41,16 +41,12 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WSGATE = os.environ.get("BENCH_WSGATE_BIN", os.path.join(ROOT, "target/release/wsgate"))
-BENCH = os.path.join(ROOT, "benches/wsgate-bench/target/release/wsgate-bench")
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
+from fleet_common import ANSI, BENCH, WSGATE, Resp, free_port, wait_line
 ALL_KEY = b"{wsgate}:all"
 ACTIVE = re.compile(r"^wsgate_connections_active (\S+)$", re.M)
 
@@ -59,69 +55,12 @@ def log(msg):
     print("[fleet-overshoot %s] %s" % (time.strftime("%H:%M:%S", time.gmtime()), msg), file=sys.stderr, flush=True)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_line(path, pattern, proc, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(path, errors="replace") as f:
-                for line in f:
-                    line = ANSI.sub("", line)
-                    if pattern in line:
-                        m = re.search(r"addr=([0-9.:]+)", line)
-                        if m:
-                            return m.group(1)
-        except FileNotFoundError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    raise RuntimeError("no %r in %s" % (pattern, path))
-
-
-# ---------------------------------------------------------------------------------------------
-# Redis over a raw socket (RESP)
-
-class Resp:
-    def __init__(self, port):
-        self.s = socket.create_connection(("127.0.0.1", port))
-        self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.f = self.s.makefile("rb")
-
-    def call(self, *args):
-        out = [b"*%d\r\n" % len(args)]
-        for x in args:
-            x = x if isinstance(x, bytes) else str(x).encode()
-            out.append(b"$%d\r\n%s\r\n" % (len(x), x))
-        self.s.sendall(b"".join(out))
-        return self.read()
-
-    def read(self):
-        line = self.f.readline()
-        kind, rest = line[:1], line[1:-2]
-        if kind == b"-":
-            raise RuntimeError(rest.decode())
-        if kind == b":":
-            return int(rest)
-        if kind == b"+":
-            return rest
-        if kind == b"$":
-            n = int(rest)
-            return None if n < 0 else self.f.read(n + 2)[:-2]
-        return [self.read() for _ in range(int(rest))]
-
-
 # ---------------------------------------------------------------------------------------------
 # samplers (each its own process; result: dict on the queue)
 
 def zcard_sampler(port, stop, q):
     r = Resp(port)
-    n = mx = over = 0
+    n = mx = 0
     hist = collections.Counter()
     t0 = time.monotonic()
     while not stop.is_set():

@@ -10,62 +10,17 @@ worker's chunk) and of a whole instance's HOLDS in one call, and per released ho
 """
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from fleet_common import ROOT, Resp, free_port
+
 SRC = open(os.path.join(ROOT, "src/fleet/scripts.rs")).read()
 ADMIT = re.search(r'const ADMIT: &str = r"(.*?)";', SRC, re.S).group(1)
 RENEW = re.search(r'const RENEW: &str = r"(.*?)";', SRC, re.S).group(1)
 HOLDS, OTHER, CHUNK = (int(a) for a in (sys.argv[1:] + ["10000", "190000", "1000"][len(sys.argv) - 1:])[:3])
-
-
-def enc(*args):
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        a = a if isinstance(a, bytes) else str(a).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-    return b"".join(out)
-
-
-class Conn:
-    def __init__(self, port):
-        self.s = socket.create_connection(("127.0.0.1", port))
-        self.f = self.s.makefile("rb")
-
-    def read(self):
-        line = self.f.readline()
-        kind, rest = line[:1], line[1:-2]
-        if kind == b"-":
-            raise RuntimeError(rest.decode())
-        if kind in b"+:":
-            return rest
-        if kind == b"$":
-            n = int(rest)
-            return None if n < 0 else self.f.read(n + 2)[:-2]
-        return [self.read() for _ in range(int(rest))]
-
-    def call(self, *args):
-        self.s.sendall(enc(*args))
-        return self.read()
-
-    def pipeline(self, cmds):
-        self.s.sendall(b"".join(enc(*c) for c in cmds))
-        return [self.read() for _ in cmds]
-
-    def usec(self, cmd):
-        info = self.call("INFO", "commandstats").decode()
-        m = re.search(r"cmdstat_%s:calls=(\d+),usec=(\d+)" % cmd, info)
-        return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main():
@@ -80,7 +35,7 @@ def main():
             deadline = time.monotonic() + 10
             while True:
                 try:
-                    c = Conn(port)
+                    c = Resp(port)
                     c.call("PING")
                     break
                 except OSError:
@@ -91,6 +46,13 @@ def main():
         finally:
             redis.kill()
             redis.wait()
+
+
+def command_stats(c, cmd):
+    """Calls and microseconds of `cmd` since the last CONFIG RESETSTAT."""
+    info = c.call("INFO", "commandstats").decode()
+    m = re.search(r"cmdstat_%s:calls=(\d+),usec=(\d+)" % cmd, info)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 def run(c):
@@ -104,7 +66,7 @@ def run(c):
     for base in range(0, HOLDS, 1000):
         c.pipeline([("EVALSHA", admit, 1, key, lease, f"me:{i}", 0, 10**9)
                     for i in range(base, min(HOLDS, base + 1000))])
-    calls, usec = c.usec("evalsha")
+    calls, usec = command_stats(c, "evalsha")
     print(f"admission, set of {OTHER + HOLDS} holds: {usec / calls:.1f} us of Redis CPU per call")
     members = [f"me:{i}" for i in range(HOLDS)]
     for size in (CHUNK, HOLDS):
@@ -113,12 +75,12 @@ def run(c):
             for base in range(0, HOLDS, size):
                 part = members[base:base + size]
                 c.call("EVALSHA", renew, 1, key, lease, 1, len(part), *part)
-        calls, usec = c.usec("evalsha")
+        calls, usec = command_stats(c, "evalsha")
         print(f"renewal of {HOLDS} holds in calls of {size}: {usec / calls / 1000:.2f} ms of Redis CPU"
               f" per call, {usec / 5 / 1000:.1f} ms per renewal")
     c.call("CONFIG", "RESETSTAT")
     c.pipeline([("ZREM", key, *members[i:i + 100]) for i in range(0, HOLDS, 100)])
-    calls, usec = c.usec("zrem")
+    calls, usec = command_stats(c, "zrem")
     print(f"release in batches of 100: {usec / HOLDS:.2f} us of Redis CPU per hold")
 
 

@@ -1,0 +1,78 @@
+"""What the fleet benchmarks share (benches/fleet-*.py): paths, a free loopback port, reading an
+address from a wsgate log, and a minimal RESP client for Redis (stdlib only: the benchmarks need no
+venv)."""
+import os
+import re
+import socket
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WSGATE = os.environ.get("BENCH_WSGATE_BIN", os.path.join(ROOT, "target/release/wsgate"))
+BENCH = os.path.join(ROOT, "benches/wsgate-bench/target/release/wsgate-bench")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_line(path, pattern, proc, timeout=10.0):
+    """The addr= value of the first line of `path` matching `pattern`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(path, errors="replace") as f:
+                for line in f:
+                    line = ANSI.sub("", line)
+                    if pattern in line:
+                        m = re.search(r"addr=([0-9.:]+)", line)
+                        if m:
+                            return m.group(1)
+        except FileNotFoundError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise RuntimeError("no %r in %s" % (pattern, path))
+
+
+def encode(*args):
+    """One RESP command."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        a = a if isinstance(a, bytes) else str(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(out)
+
+
+class Resp:
+    """A Redis connection speaking RESP2: call, pipeline, replies decoded (integers as int)."""
+
+    def __init__(self, port):
+        self.s = socket.create_connection(("127.0.0.1", port))
+        self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.f = self.s.makefile("rb")
+
+    def call(self, *args):
+        self.s.sendall(encode(*args))
+        return self.read()
+
+    def pipeline(self, cmds):
+        self.s.sendall(b"".join(encode(*c) for c in cmds))
+        return [self.read() for _ in cmds]
+
+    def read(self):
+        line = self.f.readline()
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"-":
+            raise RuntimeError(rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind == b"+":
+            return rest
+        if kind == b"$":
+            n = int(rest)
+            return None if n < 0 else self.f.read(n + 2)[:-2]
+        return [self.read() for _ in range(int(rest))]
