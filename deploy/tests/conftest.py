@@ -110,6 +110,17 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+def assert_render_refuses(helm, chart, render, values: dict[str, Any], message: str) -> None:
+    """`values` pass the chart's schema but the templates refuse them with `message` (also when
+    another chart owns the pod and this one renders only the ConfigMap of key rules)."""
+    chart.validate_schema(deep_merge(chart.values, values))  # the schema alone lets it through
+    with pytest.raises(helm.HelmRenderError, match=message):
+        render(values)
+    if "keyLimits" in values:
+        with pytest.raises(helm.HelmRenderError, match=message):
+            render({**values, "deployment": {"enabled": False}})
+
+
 # Value sets rendered, linted and validated by several tests.
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from conftest import (
+    assert_render_refuses,
     parent_chart,
     CHART,
     KEY_LIMITS_VALUES,
@@ -311,13 +312,7 @@ RENDER_REFUSES = {
 @pytest.mark.parametrize("case", sorted(RENDER_REFUSES))
 def test_render_refuses_what_the_schema_cannot_say(helm, chart, render, case):
     values, message = RENDER_REFUSES[case]
-    chart.validate_schema(deep_merge(chart.values, values))  # the schema alone lets it through
-    with pytest.raises(helm.HelmRenderError, match=message):
-        render(values)
-    if "keyLimits" in values:
-        # Also when another chart owns the pod and this one renders only the ConfigMap.
-        with pytest.raises(helm.HelmRenderError, match=message):
-            render({**values, "deployment": {"enabled": False}})
+    assert_render_refuses(helm, chart, render, values, message)
 
 
 def _readme_example() -> tuple[dict[str, Any], str]:
