@@ -110,6 +110,13 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+def assert_lint_clean(helm, values: dict[str, Any]) -> None:
+    """`helm lint --strict` of the chart with `values`: no errors, no warnings."""
+    report = helm.lint(str(CHART), values, strict=True, namespace="prod")
+    assert report["errors"] == [], report
+    assert [m for m in report["messages"] if m["severity"] >= 2] == [], report
+
+
 def assert_render_refuses(helm, chart, render, values: dict[str, Any], message: str) -> None:
     """`values` pass the chart's schema but the templates refuse them with `message` (also when
     another chart owns the pod and this one renders only the ConfigMap of key rules)."""

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from conftest import (
+    assert_lint_clean,
     assert_render_refuses,
     CHART,
     FLEET_ENV,
@@ -64,9 +65,7 @@ def fleet_env(r) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_lint_reports_no_errors_or_warnings(helm, name):
-    report = helm.lint(str(CHART), VARIANTS[name], strict=True, namespace="prod")
-    assert report["errors"] == [], report
-    assert [m for m in report["messages"] if m["severity"] >= 2] == [], report
+    assert_lint_clean(helm, VARIANTS[name])
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from conftest import (
+    assert_lint_clean,
     assert_render_refuses,
     parent_chart,
     CHART,
@@ -64,9 +65,7 @@ def parsed_config(r) -> dict[str, Any]:
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_lint_reports_no_errors_or_warnings(helm, name):
-    report = helm.lint(str(CHART), VARIANTS[name], strict=True, namespace="prod")
-    assert report["errors"] == [], report
-    assert [m for m in report["messages"] if m["severity"] >= 2] == [], report
+    assert_lint_clean(helm, VARIANTS[name])
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
