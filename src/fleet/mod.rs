@@ -35,6 +35,7 @@ mod scripts;
 mod worker;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
@@ -275,13 +276,15 @@ impl Fleet {
             call.arg(sc.limit);
         }
         let timeout = Duration::from_micros(s.timeout_micros.load(Ordering::Acquire));
-        let started = Instant::now();
-        let answer =
-            tokio::time::timeout(timeout, call.invoke_async::<(i64, i64)>(&mut conn)).await;
-        let took = started.elapsed();
+        let answer = s
+            .call(
+                FleetOp::Admit,
+                timeout,
+                call.invoke_async::<(i64, i64)>(&mut conn),
+            )
+            .await;
         match answer {
-            Ok(Ok((full, count))) => {
-                s.metrics.observe(FleetOp::Admit, FleetResult::Ok, took);
+            Outcome::Answered((full, count)) => {
                 s.timeouts.store(0, Ordering::Relaxed);
                 if has_total {
                     s.metrics.active.set(count);
@@ -301,17 +304,13 @@ impl Fleet {
                     refused,
                 }
             }
-            Ok(Err(e)) => {
-                s.metrics.observe(FleetOp::Admit, FleetResult::Error, took);
-                tracing::debug!("fleet admission failed: {e}");
+            Outcome::Failed(e) => {
                 if e.is_connection_dropped() || e.is_unrecoverable_error() || e.is_io_error() {
                     s.lost(generation);
                 }
                 self.without_redis(id, live, enforce, Sent::Maybe)
             }
-            Err(_elapsed) => {
-                s.metrics
-                    .observe(FleetOp::Admit, FleetResult::Timeout, took);
+            Outcome::TimedOut => {
                 if s.timeouts.fetch_add(1, Ordering::Relaxed) + 1 >= TIMEOUTS_BEFORE_DOWN {
                     s.lost(generation);
                 }
@@ -362,7 +361,36 @@ impl Fleet {
     }
 }
 
+/// How one Redis call went.
+#[derive(Debug)]
+enum Outcome<T> {
+    Answered(T),
+    Failed(redis::RedisError),
+    TimedOut,
+}
+
 impl Shared {
+    /// Runs one Redis call with a deadline and counts it under `op`
+    /// (`wsgate_fleet_requests_total`, the round-trip histogram, `_up`).
+    async fn call<T>(
+        &self,
+        op: FleetOp,
+        deadline: Duration,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Outcome<T> {
+        let started = Instant::now();
+        let (outcome, result) = match tokio::time::timeout(deadline, call).await {
+            Ok(Ok(v)) => (Outcome::Answered(v), FleetResult::Ok),
+            Ok(Err(e)) => {
+                tracing::debug!("fleet {op:?} failed: {e}");
+                (Outcome::Failed(e), FleetResult::Error)
+            }
+            Err(_) => (Outcome::TimedOut, FleetResult::Timeout),
+        };
+        self.metrics.observe(op, result, started.elapsed());
+        outcome
+    }
+
     /// The connection in use, unless Redis is known down.
     fn connection(&self) -> Option<(u64, MultiplexedConnection)> {
         let link = self.link.read().unwrap_or_else(PoisonError::into_inner);

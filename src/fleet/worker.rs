@@ -20,8 +20,8 @@ use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::scripts::millis;
-use super::{Live, Release, Shared};
-use crate::metrics::{FleetOp, FleetResult};
+use super::{Live, Outcome, Release, Shared};
+use crate::metrics::FleetOp;
 
 /// How long one connection attempt (TCP, TLS, AUTH, script loads) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -33,14 +33,6 @@ const RENEW_CHUNK: usize = 1000;
 const RELEASE_BATCH: usize = 4096;
 /// The last attempt to give everything back when the process stops.
 const FINAL_FLUSH: Duration = Duration::from_secs(1);
-
-/// Why a Redis call failed.
-enum Failure {
-    /// An error answer or a lost connection.
-    Error,
-    /// No answer in time.
-    Timeout,
-}
 
 /// Runs until `stop`; then gives back every hold it still has, once.
 pub(super) async fn run(
@@ -69,10 +61,7 @@ pub(super) async fn run(
                         );
                     }
                     next_renewal = Instant::now() + interval;
-                    if flush(&shared, &mut conn, &mut pending, interval)
-                        .await
-                        .is_err()
-                    {
+                    if !flush(&shared, &mut conn, &mut pending, interval).await {
                         shared.lost(generation);
                     }
                 }
@@ -104,7 +93,7 @@ pub(super) async fn run(
                     break; // every sender is gone: the fleet was dropped
                 }
                 pending.append(&mut batch);
-                if flush(&shared, &mut conn, &mut pending, interval).await.is_err() {
+                if !flush(&shared, &mut conn, &mut pending, interval).await {
                     lost(&shared, generation, &mut down_since);
                 }
             }
@@ -112,8 +101,8 @@ pub(super) async fn run(
                 next_renewal = Instant::now() + interval;
                 // Failed releases are retried before the renewal (a hold
                 // given back must not stay counted for a whole lease).
-                let ok = flush(&shared, &mut conn, &mut pending, interval).await.is_ok()
-                    && renew(&shared, &mut conn, interval).await.is_ok();
+                let ok = flush(&shared, &mut conn, &mut pending, interval).await
+                    && renew(&shared, &mut conn, interval).await;
                 if !ok {
                     lost(&shared, generation, &mut down_since);
                 }
@@ -137,10 +126,7 @@ pub(super) async fn run(
         return;
     }
     if let Some((_, mut conn)) = shared.connection() {
-        if flush(&shared, &mut conn, &mut pending, FINAL_FLUSH)
-            .await
-            .is_ok()
-        {
+        if flush(&shared, &mut conn, &mut pending, FINAL_FLUSH).await {
             return;
         }
     }
@@ -192,9 +178,9 @@ async fn reconnect(
         Ok(Err(e)) => return Err(e.to_string()),
         Err(_) => return Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
     };
-    renew(shared, &mut conn, interval)
-        .await
-        .map_err(|_| "the renewal after connecting failed".to_owned())?;
+    if !renew(shared, &mut conn, interval).await {
+        return Err("the renewal after connecting failed".to_owned());
+    }
     let mut link = shared.link.write().unwrap_or_else(PoisonError::into_inner);
     link.generation += 1;
     link.conn = Some(conn.clone());
@@ -208,11 +194,8 @@ async fn reconnect(
 /// so Redis, which runs one script at a time, serves admissions between
 /// the chunks instead of stalling them for the whole renewal (10,000 holds
 /// take ~20 ms of Redis time in one call; README "Limits across replicas").
-async fn renew(
-    shared: &Shared,
-    conn: &mut MultiplexedConnection,
-    deadline: Duration,
-) -> Result<(), Failure> {
+/// `false` when Redis failed or did not answer within `deadline`.
+async fn renew(shared: &Shared, conn: &mut MultiplexedConnection, deadline: Duration) -> bool {
     let snapshot: Vec<Arc<Live>> = shared.live_holds().values().cloned().collect();
     let mut by_set: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for live in &snapshot {
@@ -231,7 +214,6 @@ async fn renew(
     }
     sets.extend(by_set);
 
-    let started = Instant::now();
     let calls = async {
         let mut count = -1;
         for chunk in chunks(&sets, RENEW_CHUNK) {
@@ -249,31 +231,14 @@ async fn renew(
         }
         Ok::<_, redis::RedisError>(count)
     };
-    let answer = timeout(deadline, calls).await;
-    let took = started.elapsed();
-    match answer {
-        Ok(Ok(count)) => {
-            shared
-                .metrics
-                .observe(FleetOp::Renew, FleetResult::Ok, took);
+    match shared.call(FleetOp::Renew, deadline, calls).await {
+        Outcome::Answered(count) => {
             if count >= 0 {
                 shared.metrics.active.set(count);
             }
-            Ok(())
+            true
         }
-        Ok(Err(e)) => {
-            shared
-                .metrics
-                .observe(FleetOp::Renew, FleetResult::Error, took);
-            tracing::debug!("fleet renewal failed: {e}");
-            Err(Failure::Error)
-        }
-        Err(_) => {
-            shared
-                .metrics
-                .observe(FleetOp::Renew, FleetResult::Timeout, took);
-            Err(Failure::Timeout)
-        }
+        Outcome::Failed(_) | Outcome::TimedOut => false,
     }
 }
 
@@ -310,16 +275,16 @@ fn chunks<'a>(
 }
 
 /// Takes the pending releases out of Redis in one pipeline (one `ZREM` per
-/// set). What fails stays pending, to be retried.
+/// set). What fails stays pending, to be retried; `false` then.
 async fn flush(
     shared: &Shared,
     conn: &mut MultiplexedConnection,
     pending: &mut Vec<Release>,
     deadline: Duration,
-) -> Result<(), Failure> {
+) -> bool {
     forget_expired(shared, pending);
     if pending.is_empty() {
-        return Ok(());
+        return true;
     }
     let mut by_set: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for r in pending.iter() {
@@ -337,34 +302,23 @@ async fn flush(
     if by_set.contains_key(all) {
         pipe.cmd("ZCARD").arg(all);
     }
-    let started = Instant::now();
-    let answer = timeout(deadline, pipe.query_async::<Vec<i64>>(conn)).await;
-    let took = started.elapsed();
+    let answer = shared
+        .call(
+            FleetOp::Release,
+            deadline,
+            pipe.query_async::<Vec<i64>>(conn),
+        )
+        .await;
     drop(by_set);
     match answer {
-        Ok(Ok(count)) => {
-            shared
-                .metrics
-                .observe(FleetOp::Release, FleetResult::Ok, took);
+        Outcome::Answered(count) => {
             if let Some(&n) = count.first() {
                 shared.metrics.active.set(n);
             }
             pending.clear();
-            Ok(())
+            true
         }
-        Ok(Err(e)) => {
-            shared
-                .metrics
-                .observe(FleetOp::Release, FleetResult::Error, took);
-            tracing::debug!("fleet release failed: {e}");
-            Err(Failure::Error)
-        }
-        Err(_) => {
-            shared
-                .metrics
-                .observe(FleetOp::Release, FleetResult::Timeout, took);
-            Err(Failure::Timeout)
-        }
+        Outcome::Failed(_) | Outcome::TimedOut => false,
     }
 }
 
