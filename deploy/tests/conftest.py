@@ -117,6 +117,17 @@ def assert_lint_clean(helm, values: dict[str, Any]) -> None:
     assert [m for m in report["messages"] if m["severity"] >= 2] == [], report
 
 
+def assert_schema_refuses(helm, chart, render, case: str, values: dict[str, Any]) -> None:
+    """The chart's schema refuses `values`: at render, in the schema alone, and in `helm lint`."""
+    with pytest.raises(helm.HelmValuesError) as err:
+        render(values)
+    print(f"{case}: {err.value}")
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(deep_merge(chart.values, values))
+    report = helm.lint(str(CHART), values, namespace="prod")
+    assert report["errors"] or any(m["severity"] >= 3 for m in report["messages"]), report
+
+
 def assert_render_refuses(helm, chart, render, values: dict[str, Any], message: str) -> None:
     """`values` pass the chart's schema but the templates refuse them with `message` (also when
     another chart owns the pod and this one renders only the ConfigMap of key rules)."""

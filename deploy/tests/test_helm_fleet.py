@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from conftest import (
+    assert_schema_refuses,
     assert_lint_clean,
     assert_render_refuses,
     CHART,
@@ -211,14 +212,7 @@ SCHEMA_REFUSES = {
 
 @pytest.mark.parametrize("case", sorted(SCHEMA_REFUSES))
 def test_schema_refuses_bad_values(helm, chart, render, case):
-    values = SCHEMA_REFUSES[case]
-    with pytest.raises(helm.HelmValuesError) as err:
-        render(values)
-    print(f"{case}: {err.value}")
-    with pytest.raises(helm.HelmValuesError):
-        chart.validate_schema(deep_merge(chart.values, values))
-    report = helm.lint(str(CHART), values, namespace="prod")
-    assert report["errors"] or any(m["severity"] >= 3 for m in report["messages"]), report
+    assert_schema_refuses(helm, chart, render, case, SCHEMA_REFUSES[case])
 
 
 def test_schema_accepts_every_documented_form(chart):
