@@ -33,7 +33,7 @@ import tempfile
 import time
 import urllib.request
 
-from fleet_common import ANSI, BENCH, WSGATE, free_port, wait_line
+from fleet_common import BENCH, WSGATE, free_port, report_warnings, wait_line
 
 
 def log(msg):
@@ -198,12 +198,7 @@ def main():
     finally:
         procs.stop_all()
         # anything wsgate logged above INFO is worth a look
-        for f in sorted(os.listdir(work)):
-            if f.endswith(".err"):
-                for line in open(os.path.join(work, f), errors="replace"):
-                    line = ANSI.sub("", line)
-                    if " WARN " in line or " ERROR " in line:
-                        log("%s: %s" % (f, line.rstrip()))
+        report_warnings(work, log)
         shutil.rmtree(work, ignore_errors=True)
 
     b0, s0, n0 = admit_hist(before)

@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 
-from fleet_common import ANSI, BENCH, WSGATE, Resp, free_port, wait_line
+from fleet_common import BENCH, WSGATE, Resp, free_port, report_warnings, wait_line
 ALL_KEY = b"{wsgate}:all"
 ACTIVE = re.compile(r"^wsgate_connections_active (\S+)$", re.M)
 
@@ -300,12 +300,7 @@ def main():
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
-        for f in sorted(os.listdir(work)):
-            if f.endswith(".err"):
-                for line in open(os.path.join(work, f), errors="replace"):
-                    line = ANSI.sub("", line)
-                    if " WARN " in line or " ERROR " in line:
-                        log("%s: %s" % (f, line.rstrip()))
+        report_warnings(work, log)
         shutil.rmtree(work, ignore_errors=True)
 
     short = {k: v for k, v in result.items() if not k.endswith("_hist")}

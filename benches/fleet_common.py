@@ -38,6 +38,16 @@ def wait_line(path, pattern, proc, timeout=10.0):
     raise RuntimeError("no %r in %s" % (pattern, path))
 
 
+def report_warnings(work, log):
+    """Passes to `log` every WARN or ERROR line of the `*.err` logs in `work`."""
+    for f in sorted(os.listdir(work)):
+        if f.endswith(".err"):
+            for line in open(os.path.join(work, f), errors="replace"):
+                line = ANSI.sub("", line)
+                if " WARN " in line or " ERROR " in line:
+                    log("%s: %s" % (f, line.rstrip()))
+
+
 def encode(*args):
     """One RESP command."""
     out = [b"*%d\r\n" % len(args)]
