@@ -39,6 +39,9 @@ pub(crate) struct FrameTracker {
     frames: u64,
     /// A fragmented data message is open (its final frame not seen yet).
     in_message: bool,
+    /// Messages seen: each data message once (at its first frame) and each
+    /// control frame (`wsgate_messages_total`).
+    messages: u64,
 }
 
 impl Default for FrameTracker {
@@ -52,6 +55,7 @@ impl Default for FrameTracker {
             #[cfg(test)]
             frames: 0,
             in_message: false,
+            messages: 0,
         }
     }
 }
@@ -81,6 +85,46 @@ pub(crate) fn payload_len(header: &[u8]) -> u64 {
     }
 }
 
+/// What one frame header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Header {
+    /// The opcode (low 4 bits of the first byte).
+    pub(crate) opcode: u8,
+    /// Payload bytes that follow the header.
+    pub(crate) payload_len: u64,
+    /// Bytes of the header itself (2–14).
+    pub(crate) len: usize,
+}
+
+impl Header {
+    /// A control frame (Close, Ping, Pong, or a reserved control opcode).
+    pub(crate) fn is_control(&self) -> bool {
+        self.opcode & 0x8 != 0
+    }
+
+    /// A continuation frame (the rest of a fragmented message).
+    pub(crate) fn is_continuation(&self) -> bool {
+        self.opcode == 0
+    }
+
+    /// A Close frame.
+    pub(crate) fn is_close(&self) -> bool {
+        self.opcode == OPCODE_CLOSE
+    }
+
+    /// The header at the start of `data`, if all of it is there.
+    pub(crate) fn parse(data: &[u8]) -> Option<Header> {
+        let second = *data.get(1)?;
+        let len = header_len(second);
+        let bytes = data.get(..len)?;
+        Some(Header {
+            opcode: bytes[0] & 0x0f,
+            payload_len: payload_len(bytes),
+            len,
+        })
+    }
+}
+
 impl FrameTracker {
     /// A tracker at the start of a stream (a boundary).
     pub(crate) fn new() -> Self {
@@ -101,6 +145,21 @@ impl FrameTracker {
     /// Close frames seen so far (counted when their header completes).
     pub(crate) fn closes_seen(&self) -> u32 {
         self.closes
+    }
+
+    /// Messages seen so far: data messages (counted at their first frame)
+    /// and control frames, each once its header completes.
+    pub(crate) fn messages_seen(&self) -> u64 {
+        self.messages
+    }
+
+    /// Payload bytes left in the current frame; `None` between frames or
+    /// inside a header.
+    pub(crate) fn payload_remaining(&self) -> Option<u64> {
+        match self.state {
+            State::Payload { remaining } => Some(remaining),
+            State::Header { .. } => None,
+        }
     }
 
     /// Frames seen so far (counted when their header completes).
@@ -141,6 +200,8 @@ impl FrameTracker {
                     if opcode == OPCODE_CLOSE {
                         self.closes += 1;
                     }
+                    // Every opcode but a continuation starts a message.
+                    self.messages += u64::from(opcode != 0);
                     // Data frames (opcodes 0x0–0x7) open or close a message;
                     // control frames (0x8–0xF) may sit between fragments.
                     if opcode & 0x8 == 0 {

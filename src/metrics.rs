@@ -18,7 +18,7 @@ use prometheus::{
 
 use crate::admission::RejectReason;
 use crate::error::UpstreamErrorKind;
-use crate::splice::StopReason;
+use crate::splice::{Guard, GuardAction, StopReason};
 
 /// A closed set of label values: the only way a label reaches a series, so
 /// a misspelt label cannot compile.
@@ -206,6 +206,52 @@ pub(crate) struct Metrics {
     pub(crate) close_frames: Family<StopReason>,
     /// The per-rule series of limits per key (SPEC §9).
     pub(crate) keys: KeyMetrics,
+    /// `wsgate_messages_total{direction="client_to_upstream"}`.
+    pub(crate) messages_client_to_upstream: IntCounter,
+    /// `wsgate_messages_total{direction="upstream_to_client"}`.
+    pub(crate) messages_upstream_to_client: IntCounter,
+    /// `wsgate_message_guard_total{guard,action}` (SPEC §11).
+    pub(crate) guards: GuardMetrics,
+}
+
+/// `wsgate_message_guard_total{guard,action}`: one handle per pair that can
+/// happen (the size guard only closes, the byte guard only throttles).
+#[derive(Debug, Clone)]
+pub(crate) struct GuardMetrics {
+    size_close: IntCounter,
+    rate_close: IntCounter,
+    rate_throttle: IntCounter,
+    bytes_throttle: IntCounter,
+}
+
+impl GuardMetrics {
+    /// Counts one action of `guard` (a throttle once per episode).
+    pub(crate) fn count(&self, guard: Guard, action: GuardAction) {
+        let counter = match (guard, action) {
+            (Guard::Size, _) => &self.size_close,
+            (Guard::Rate, GuardAction::Close) => &self.rate_close,
+            (Guard::Rate, GuardAction::Throttle) => &self.rate_throttle,
+            (Guard::Bytes, _) => &self.bytes_throttle,
+        };
+        counter.inc();
+    }
+
+    /// Handles that count into no registry (tests of the splice).
+    #[cfg(test)]
+    pub(crate) fn unregistered() -> Self {
+        let vec =
+            IntCounterVec::new(Opts::new("g", "g"), &["guard", "action"]).expect("a valid metric");
+        Self::of(&vec)
+    }
+
+    fn of(vec: &IntCounterVec) -> Self {
+        GuardMetrics {
+            size_close: vec.with_label_values(&["size", "close"]),
+            rate_close: vec.with_label_values(&["rate", "close"]),
+            rate_throttle: vec.with_label_values(&["rate", "throttle"]),
+            bytes_throttle: vec.with_label_values(&["bytes", "throttle"]),
+        }
+    }
 }
 
 /// The per-rule series of SPEC §9, labelled by rule name (never by a key
@@ -488,6 +534,21 @@ impl Metrics {
             &["result"],
         )?;
 
+        let messages = IntCounterVec::new(
+            Opts::new(
+                "wsgate_messages_total",
+                "WebSocket messages spliced: each data message once, and each control frame",
+            ),
+            &["direction"],
+        )?;
+        let guard_actions = IntCounterVec::new(
+            Opts::new(
+                "wsgate_message_guard_total",
+                "Message guard actions: connections closed, throttle episodes begun",
+            ),
+            &["guard", "action"],
+        )?;
+
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -511,6 +572,8 @@ impl Metrics {
             Box::new(key_rejected.clone()),
             Box::new(keys_tracked.clone()),
             Box::new(key_busiest.clone()),
+            Box::new(messages.clone()),
+            Box::new(guard_actions.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
         for c in collectors {
@@ -538,6 +601,9 @@ impl Metrics {
                 busiest: key_busiest,
             },
             close_frames: Family::new(&close_frames),
+            messages_client_to_upstream: messages.with_label_values(&["client_to_upstream"]),
+            messages_upstream_to_client: messages.with_label_values(&["upstream_to_client"]),
+            guards: GuardMetrics::of(&guard_actions),
         })
     }
 
@@ -594,6 +660,12 @@ mod tests {
             "wsgate_close_frames_sent_total{reason=\"drain\"} 0",
             "wsgate_close_frames_sent_total{reason=\"lifetime\"} 0",
             "wsgate_close_frames_sent_total{reason=\"idle\"} 0",
+            "wsgate_messages_total{direction=\"client_to_upstream\"} 0",
+            "wsgate_messages_total{direction=\"upstream_to_client\"} 0",
+            "wsgate_message_guard_total{action=\"close\",guard=\"size\"} 0",
+            "wsgate_message_guard_total{action=\"close\",guard=\"rate\"} 0",
+            "wsgate_message_guard_total{action=\"throttle\",guard=\"rate\"} 0",
+            "wsgate_message_guard_total{action=\"throttle\",guard=\"bytes\"} 0",
             "process_open_fds",
             "process_resident_memory_bytes",
         ] {

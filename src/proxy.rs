@@ -381,6 +381,7 @@ impl Proxy {
                         idle: config.idle_timeout,
                         close: Some(config.close),
                     },
+                    guards: config.message_guards,
                     metrics: Arc::clone(&inner.metrics),
                     shutdown: inner.shutdown.clone(),
                     tunnels: inner.tunnels.clone(),

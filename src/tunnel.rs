@@ -23,12 +23,13 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::admission::AdmissionGuard;
+use crate::config::MessageGuards;
 use crate::config::Upstream;
 use crate::drain::Tunnels;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-use crate::splice::{self, Ended, Leg, Limits, Outcome, Side, StopReason};
+use crate::splice::{self, Ended, Guard, Guards, Leg, Limits, Outcome, Side, StopReason};
 use crate::tcp;
 use crate::upstream_http::{self, AnswerError, Replay};
 
@@ -152,6 +153,9 @@ fn failed(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> ProxyError 
 pub(crate) struct TunnelContext {
     /// Deadlines for the splice.
     pub(crate) limits: Limits,
+    /// Message guards on what the client sends (SPEC §11), as configured
+    /// when the connection was admitted.
+    pub(crate) guards: MessageGuards,
     /// Byte counters and the duration histogram.
     pub(crate) metrics: std::sync::Arc<Metrics>,
     /// To stop at the end of the grace.
@@ -235,13 +239,17 @@ pub(crate) fn run(
             stream: &client_io,
             leftover: client_leftover,
             forwarded: &ctx.metrics.bytes_client_to_upstream,
+            messages: &ctx.metrics.messages_client_to_upstream,
         };
         let upstream_side = Side {
             stream: &upstream,
             leftover: upstream_leftover,
             forwarded: &ctx.metrics.bytes_upstream_to_client,
+            messages: &ctx.metrics.messages_upstream_to_client,
         };
-        let outcome = splice::splice(client_side, upstream_side, ctx.limits, stop, abort).await;
+        let guards = Guards::new(&ctx.guards, &ctx.metrics.guards);
+        let outcome =
+            splice::splice(client_side, upstream_side, ctx.limits, guards, stop, abort).await;
         drop(registration);
         let Outcome {
             ended,
@@ -267,6 +275,8 @@ pub(crate) fn run(
             Ended::Stopped(StopReason::Drain) => "drained",
             Ended::Stopped(StopReason::Lifetime) => "lifetime_expired",
             Ended::Stopped(StopReason::Abort) => "shutdown_aborted",
+            Ended::Guard(Guard::Size) => "message_too_big",
+            Ended::Guard(Guard::Rate | Guard::Bytes) => "message_rate",
         };
         let error = match &ended {
             Ended::Error(_, e) => Some(e.to_string()),

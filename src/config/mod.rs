@@ -17,6 +17,7 @@
 //! | `validate.rs` | [`RawConfig`] → [`Config`]: each key's check, then the rules across keys |
 //! | `key_limits.rs` | the `[[key_limits]]` rules and the `jwt_*` keys (SPEC §9) |
 //! | `fleet.rs` | the `fleet_*` keys (SPEC §10), their kinds, and the Redis URL kept secret |
+//! | `guards.rs` | the message-guard keys (SPEC §11) and their typed form |
 //! | `effective.rs` | the effective configuration as TOML, for `wsgate check-config` |
 //! | `error.rs` | [`ConfigError`] |
 //!
@@ -40,6 +41,7 @@ mod duration;
 mod effective;
 mod error;
 mod fleet;
+mod guards;
 mod key_limits;
 mod load;
 mod validate;
@@ -56,6 +58,7 @@ use serde::{Deserialize, Serialize};
 pub use self::duration::ConfigDuration;
 pub use self::error::ConfigError;
 pub use self::fleet::{FailMode, FleetSettings, RedisUrl};
+pub use self::guards::{Bucket, MessageGuards, RateAction};
 pub use self::key_limits::{
     is_usable_key, JwtSettings, KeyRule, KeySource, MissingKey, RawKeyRule, TokenSource,
     MAX_KEY_LEN,
@@ -65,6 +68,7 @@ pub use self::values::{LogFormat, Upstream};
 
 use self::duration::{AnyDuration, Keepalive, OffOrDuration, PositiveDuration};
 use self::fleet::{FleetCap, InstanceId, LeaseTtl, Namespace};
+use self::guards::RateAction as RateActionKind;
 use self::values::{
     Cap, CloseCode, Fraction, ListenAddress, NonNegative, TrueOrFalse, ValueKind, WholeNumber,
 };
@@ -192,6 +196,24 @@ pub struct RawConfig {
     /// Identity of this instance's holds; empty = `$HOSTNAME-<8 random hex>`.
     #[serde(deserialize_with = "InstanceId::checked")]
     pub fleet_instance_id: String,
+    /// Payload bytes of one client message (SPEC §11); 0 = off.
+    #[serde(deserialize_with = "WholeNumber::checked")]
+    pub max_message_size: i64,
+    /// Messages per second from a client (control frames count); 0 = off.
+    #[serde(deserialize_with = "NonNegative::checked")]
+    pub message_rate: f64,
+    /// Bucket size of `message_rate`; 0 = one second's worth.
+    #[serde(deserialize_with = "WholeNumber::checked")]
+    pub message_burst: i64,
+    /// `throttle` (stop reading) or `close` (Close 1008) over `message_rate`.
+    #[serde(deserialize_with = "RateActionKind::checked")]
+    pub message_rate_action: String,
+    /// Payload bytes per second from a client (always throttles); 0 = off.
+    #[serde(deserialize_with = "WholeNumber::checked")]
+    pub byte_rate: i64,
+    /// Bucket size of `byte_rate`; 0 = one second's worth.
+    #[serde(deserialize_with = "WholeNumber::checked")]
+    pub byte_burst: i64,
     /// `[[key_limits]]`: concurrent connections per key (SPEC §9). Last:
     /// TOML writes tables after plain values.
     pub key_limits: Vec<RawKeyRule>,
@@ -241,6 +263,12 @@ impl Default for RawConfig {
             fleet_timeout: ConfigDuration(Duration::from_millis(100)),
             fleet_fail_mode: "open".into(),
             fleet_instance_id: String::new(),
+            max_message_size: 0,
+            message_rate: 0.0,
+            message_burst: 0,
+            message_rate_action: "throttle".into(),
+            byte_rate: 0,
+            byte_burst: 0,
             key_limits: Vec::new(),
         }
     }
@@ -323,6 +351,9 @@ pub struct Config {
     /// (`check-config` prints the keys all the same, with an empty URL).
     #[serde(flatten, serialize_with = "effective::fleet")]
     pub fleet: Option<FleetSettings>,
+    /// Limits on what a client sends inside a connection (SPEC §11).
+    #[serde(flatten, serialize_with = "guards::written")]
+    pub message_guards: MessageGuards,
     /// Limits per key, in the order they are checked.
     pub key_limits: Vec<KeyRule>,
     /// Messages to log once logging is up (e.g. a negative cap taken as 0).

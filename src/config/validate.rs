@@ -12,7 +12,7 @@ use super::duration::{AnyDuration, Keepalive, OffOrDuration, PositiveDuration};
 use super::values::{
     Cap, CloseCode, Fraction, ListenAddress, NonNegative, TrueOrFalse, ValueKind, WholeNumber,
 };
-use super::{fleet, key_limits};
+use super::{fleet, guards, key_limits};
 use super::{
     CloseSettings, Config, ConfigError, LogFormat, RateLimit, RawConfig, Upstream, Watermarks,
     ENV_PREFIX,
@@ -102,6 +102,7 @@ impl Config {
             jwt: jwt.clone(),
             jwt_from: key_limits::token_source(&raw.jwt_from)?,
             fleet,
+            message_guards: guards::settings(&raw)?,
             key_limits: key_limits::rules(&raw.key_limits, jwt.as_ref(), fleet_on)?,
             warnings,
         };

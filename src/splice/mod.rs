@@ -39,6 +39,7 @@
 
 mod buffers;
 mod gate;
+mod guards;
 mod pipe;
 
 use std::future::{poll_fn, Future};
@@ -55,7 +56,8 @@ use tokio::time::{sleep, Instant, Sleep};
 use crate::config::CloseSettings;
 use crate::frames::close_frame;
 use gate::Gated;
-use pipe::Pipe;
+pub(crate) use guards::{Guard, GuardAction, Guards};
+use pipe::{Counters, Pipe};
 
 /// Deadlines that end a splice.
 #[derive(Debug, Clone, Copy)]
@@ -98,6 +100,8 @@ pub(crate) enum Ended {
     Error(Leg, io::Error),
     /// wsgate ended it, for this reason.
     Stopped(StopReason),
+    /// A message guard refused a frame from the client and ended it (SPEC §11).
+    Guard(Guard),
 }
 
 /// Why wsgate itself ended a connection.
@@ -164,7 +168,8 @@ pub(crate) struct Outcome {
     /// Bytes moved each way.
     pub(crate) totals: Totals,
     /// wsgate injected Close frames, for this reason (counted once per
-    /// connection, however the connection then ended).
+    /// connection, however the connection then ended). A guard's Close is
+    /// not counted here but in `wsgate_message_guard_total`.
     pub(crate) close_frames_sent: Option<StopReason>,
     /// Both peers answered the Close (or ended) before `close_timeout`.
     pub(crate) close_completed: bool,
@@ -179,9 +184,28 @@ pub(crate) struct Totals {
     pub(crate) upstream_to_client: u64,
 }
 
+/// Why wsgate is closing a connection.
+#[derive(Debug, Clone, Copy)]
+enum Cause {
+    /// A stop from outside the splice, or the idle timeout.
+    Stop(StopReason),
+    /// A message guard refused a frame.
+    Guard(Guard),
+}
+
+impl Cause {
+    /// How the splice ends for this cause.
+    fn ended(self) -> Ended {
+        match self {
+            Cause::Stop(reason) => Ended::Stopped(reason),
+            Cause::Guard(guard) => Ended::Guard(guard),
+        }
+    }
+}
+
 /// State while wsgate closes a connection in WebSocket terms.
 struct Closing {
-    reason: StopReason,
+    cause: Cause,
     deadline: Pin<Box<Sleep>>,
     /// Close frames were injected (false: a peer's own handshake is let finish).
     injected: bool,
@@ -199,7 +223,7 @@ fn begin_close(
         // The peers are already in a closing handshake: a Close from wsgate
         // would be a second one. Let theirs finish within the timeout.
         return Closing {
-            reason,
+            cause: Cause::Stop(reason),
             deadline,
             injected: false,
         };
@@ -210,8 +234,24 @@ fn begin_close(
     up.begin_close(close_frame(code, text, Some(rand::random())));
     down.begin_close(close_frame(code, text, None));
     Closing {
-        reason,
+        cause: Cause::Stop(reason),
         deadline,
+        injected: true,
+    }
+}
+
+/// The client → upstream direction refused a frame and sent the upstream
+/// its Close: the client gets the guard's Close at its next message
+/// boundary, then both replies are awaited as for any close.
+fn begin_guard_close(guard: Guard, close: &CloseSettings, down: &mut Pipe) -> Closing {
+    down.begin_close(close_frame(
+        guard.client_code(),
+        guard.client_reason(),
+        None,
+    ));
+    Closing {
+        cause: Cause::Guard(guard),
+        deadline: Box::pin(sleep(close.timeout)),
         injected: true,
     }
 }
@@ -227,9 +267,14 @@ pub(crate) struct Side<'a> {
     /// Counts the bytes from this side as they are written to the other
     /// (`wsgate_transferred_bytes_total` for that direction).
     pub(crate) forwarded: &'a IntCounter,
+    /// Counts the messages from this side as they are forwarded
+    /// (`wsgate_messages_total` for that direction).
+    pub(crate) messages: &'a IntCounter,
 }
 
 /// Splices `client` and `upstream` until the end, see the module docs.
+///
+/// `guards` (message guards, SPEC §11) apply to what the client sends.
 ///
 /// `stop` resolving makes wsgate end the connection for that reason (with
 /// Close frames when `limits.close` is set); `abort` resolving cuts it at
@@ -246,6 +291,7 @@ pub(crate) fn splice<'a, S, A>(
     client: Side<'a>,
     upstream: Side<'a>,
     limits: Limits,
+    guards: Option<Box<Guards>>,
     stop: Pin<Box<S>>,
     abort: Pin<Box<A>>,
 ) -> impl Future<Output = Outcome> + 'a
@@ -256,15 +302,25 @@ where
     let Side {
         stream: client,
         leftover: client_leftover,
-        forwarded: client_to_upstream,
+        forwarded,
+        messages,
     } = client;
+    let client_to_upstream = Counters {
+        bytes: forwarded,
+        messages,
+    };
     let Side {
         stream: upstream,
         leftover: upstream_leftover,
-        forwarded: upstream_to_client,
+        forwarded,
+        messages,
     } = upstream;
-    let mut up = Pipe::new(client_leftover);
-    let mut down = Pipe::new(upstream_leftover);
+    let upstream_to_client = Counters {
+        bytes: forwarded,
+        messages,
+    };
+    let mut up = Pipe::new(client_leftover, guards);
+    let mut down = Pipe::new(upstream_leftover, None);
     let mut idle: Option<Pin<Box<Sleep>>> = limits.idle.map(|d| Box::pin(sleep(d)));
     let mut half_close: Option<Pin<Box<Sleep>>> = None;
     let mut closing: Option<Closing> = None;
@@ -274,8 +330,10 @@ where
     async move {
         let ended = poll_fn(|cx| loop {
             if abort.poll(cx).is_ready() {
-                let reason = closing.as_ref().map_or(StopReason::Abort, |c| c.reason);
-                return Poll::Ready(Ended::Stopped(reason));
+                let cause = closing
+                    .as_ref()
+                    .map_or(Cause::Stop(StopReason::Abort), |c| c.cause);
+                return Poll::Ready(cause.ended());
             }
             if closing.is_none() {
                 if let Poll::Ready(reason) = stop.poll(cx) {
@@ -299,6 +357,13 @@ where
                 ) {
                     return Poll::Ready(e.ended(Leg::Client));
                 }
+                if let Some(guard) = up.take_tripped() {
+                    // Only an open direction trips: nothing is closing yet.
+                    match &limits.close {
+                        Some(close) => closing = Some(begin_guard_close(guard, close, &mut down)),
+                        None => return Poll::Ready(Ended::Guard(guard)),
+                    }
+                }
             }
             if !down.is_done() {
                 if let Poll::Ready(Err(e)) = down.poll(
@@ -319,7 +384,7 @@ where
                     up.is_done() && down.is_done()
                 };
                 if finished || c.deadline.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Ended::Stopped(c.reason));
+                    return Poll::Ready(c.cause.ended());
                 }
                 return Poll::Pending;
             }
@@ -369,8 +434,13 @@ where
                 client_to_upstream: up.bytes(),
                 upstream_to_client: down.bytes(),
             },
-            close_frames_sent: closing.as_ref().filter(|c| c.injected).map(|c| c.reason),
-            close_completed: matches!(ended, Ended::Stopped(_))
+            close_frames_sent: closing.as_ref().filter(|c| c.injected).and_then(|c| {
+                match c.cause {
+                    Cause::Stop(reason) => Some(reason),
+                    Cause::Guard(_) => None,
+                }
+            }),
+            close_completed: matches!(ended, Ended::Stopped(_) | Ended::Guard(_))
                 && closing
                     .as_ref()
                     .is_some_and(|c| c.injected && up.close_finished() && down.close_finished()),
@@ -408,12 +478,14 @@ mod tests {
         )
     }
 
-    /// A side with no leftover bytes.
+    /// A side with no leftover bytes; bytes and messages count into the
+    /// same counter.
     fn side<'a>(stream: &'a TcpStream, forwarded: &'a IntCounter) -> Side<'a> {
         Side {
             stream,
             leftover: Bytes::new(),
             forwarded,
+            messages: forwarded,
         }
     }
 
@@ -439,6 +511,7 @@ mod tests {
             client,
             upstream,
             limits,
+            None,
             Box::pin(stop),
             Box::pin(std::future::pending()),
         )
@@ -527,6 +600,7 @@ mod tests {
                 side(&p_client, &c2u),
                 side(&p_up, &u2c),
                 limits,
+                None,
                 Box::pin(stop),
                 Box::pin(abort),
             )

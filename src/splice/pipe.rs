@@ -19,8 +19,9 @@ use socket2::SockRef;
 use tokio::net::TcpStream;
 
 use super::buffers::{return_buffer, take_buffer};
+use super::guards::{Guard, Guards, Verdict};
 use super::{Ended, Leg};
-use crate::frames::FrameTracker;
+use crate::frames::{close_frame, FrameTracker};
 
 /// Where a direction is in its life.
 ///
@@ -69,6 +70,25 @@ pub(crate) struct Pipe {
     tracker: FrameTracker,
     /// Where this direction is.
     phase: Phase,
+    /// Messages forwarded (the tracker's count where forwarding last
+    /// stopped), and how many of them the metric has.
+    messages: u64,
+    messages_counted: u64,
+    /// The message guards (client → upstream only); `None` = off, and the
+    /// plain path.
+    guards: Option<Box<Guards>>,
+    /// A guard refused a frame and this direction sent the upstream its
+    /// Close: the splice closes the other direction.
+    tripped: Option<Guard>,
+}
+
+/// The metrics a direction moves as it forwards.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Counters<'a> {
+    /// Bytes written.
+    pub(crate) bytes: &'a IntCounter,
+    /// Messages forwarded.
+    pub(crate) messages: &'a IntCounter,
 }
 
 /// A direction failed; which side depends on the call.
@@ -92,16 +112,34 @@ impl PipeError {
 
 impl Pipe {
     /// A direction that writes `leftover` (bytes read past the handshake)
-    /// first.
-    pub(crate) fn new(leftover: Bytes) -> Self {
+    /// first; with `guards`, those bytes are checked like any read.
+    pub(crate) fn new(leftover: Bytes, mut guards: Option<Box<Guards>>) -> Self {
         let mut tracker = FrameTracker::new();
-        tracker.advance(&leftover);
+        let mut pending = None;
+        match &mut guards {
+            Some(g) => g.hold_leftover(Vec::from(leftover)),
+            None if leftover.is_empty() => {}
+            None => {
+                tracker.advance(&leftover);
+                pending = Some((Vec::from(leftover), 0));
+            }
+        }
         Pipe {
-            pending: (!leftover.is_empty()).then(|| (Vec::from(leftover), 0)),
+            pending,
             bytes: 0,
+            messages: tracker.messages_seen(),
+            messages_counted: 0,
             tracker,
             phase: Phase::Open,
+            guards,
+            tripped: None,
         }
+    }
+
+    /// The guard that refused a frame, once: the splice then closes the
+    /// other direction with that guard's Close.
+    pub(crate) fn take_tripped(&mut self) -> Option<Guard> {
+        self.tripped.take()
     }
 
     /// Bytes written to `dst` so far.
@@ -149,10 +187,18 @@ impl Pipe {
     /// Feeds freshly read bytes to the tracker and applies the phase: what
     /// stays in `buf` is what will be written.
     fn process(&mut self, buf: &mut Vec<u8>) {
+        if self.guards.is_some() && matches!(self.phase, Phase::Open | Phase::InjectAtBoundary(_)) {
+            return self.process_guarded(buf);
+        }
         match self.phase {
-            Phase::Open => self.tracker.advance(buf),
+            Phase::Open => {
+                self.tracker.advance(buf);
+                self.messages = self.tracker.messages_seen();
+            }
             Phase::InjectAtBoundary(ref frame) => {
-                if let Some(offset) = self.tracker.advance_to_message_boundary(buf) {
+                let boundary = self.tracker.advance_to_message_boundary(buf);
+                self.messages = self.tracker.messages_seen();
+                if let Some(offset) = boundary {
                     let replied = feed_watching_for_close(&mut self.tracker, &buf[offset..]);
                     buf.truncate(offset);
                     buf.extend_from_slice(frame);
@@ -165,12 +211,76 @@ impl Pipe {
                 }
                 buf.clear();
             }
-            // Replied: nothing to watch for any more. CloseQueued and Done
-            // are not reached here: reads wait until `pending` (which holds
-            // a queued Close) is written, and a finished direction is not
-            // polled. Dropping is the safe answer all the same.
-            Phase::CloseQueued { .. } | Phase::Replied | Phase::Done => buf.clear(),
+            // Not reached: reads (and held-back bytes) wait until `pending`,
+            // which holds the queued Close, is written. Watching for the
+            // reply keeps the tracker right all the same.
+            Phase::CloseQueued { ref mut replied } => {
+                *replied |= feed_watching_for_close(&mut self.tracker, buf);
+                buf.clear();
+            }
+            // Replied: nothing to watch for any more. Done is not reached: a
+            // finished direction is not polled.
+            Phase::Replied | Phase::Done => buf.clear(),
         }
+    }
+
+    /// [`Pipe::process`] while forwarding with guards on: the guards say
+    /// how much of `buf` goes on; the rest is a cut-short header kept for
+    /// the next read, bytes held back for tokens, or a refused frame, which
+    /// ends this direction with a Close to the upstream (or with the Close
+    /// a closing direction already waits to send).
+    fn process_guarded(&mut self, buf: &mut Vec<u8>) {
+        let Some(guards) = self.guards.as_deref_mut() else {
+            return;
+        };
+        let closing = matches!(self.phase, Phase::InjectAtBoundary(_));
+        let verdict = guards.scan(&mut self.tracker, buf, closing);
+        self.messages = self.tracker.messages_seen();
+        let (at, refused) = match verdict {
+            Verdict::Pass => return,
+            Verdict::Partial(at) => {
+                guards.keep_for_next_read(&buf[at..]);
+                buf.truncate(at);
+                return;
+            }
+            Verdict::Wait { at, until, guard } => {
+                guards.hold(buf, at, until, guard);
+                return;
+            }
+            Verdict::Boundary(at) => (at, None),
+            Verdict::Refuse { at, guard } => {
+                guards.count_close(guard);
+                (at, Some(guard))
+            }
+        };
+        let frame = match std::mem::replace(&mut self.phase, Phase::Open) {
+            Phase::InjectAtBoundary(frame) => frame,
+            // Open: only a refusal stops a scan that does not look for a
+            // boundary. Towards the upstream wsgate speaks as the client: masked.
+            _ => {
+                let guard = refused.unwrap_or(Guard::Size);
+                self.tripped = Some(guard);
+                close_frame(1001, guard.upstream_reason(), Some(rand::random()))
+            }
+        };
+        let replied = feed_watching_for_close(&mut self.tracker, &buf[at..]);
+        buf.truncate(at);
+        buf.extend_from_slice(&frame);
+        self.phase = Phase::CloseQueued { replied };
+    }
+
+    /// Counts the messages forwarded since the last call.
+    fn count_messages(&mut self, counter: &IntCounter) {
+        if self.messages != self.messages_counted {
+            counter.inc_by(self.messages - self.messages_counted);
+            self.messages_counted = self.messages;
+        }
+    }
+
+    /// Whether this direction still forwards what `src` sends (so the
+    /// guards' waits apply); later phases only watch for a Close reply.
+    fn forwarding(&self) -> bool {
+        matches!(self.phase, Phase::Open | Phase::InjectAtBoundary(_))
     }
 
     /// `pending` is all written: its buffer goes back to the pool, and a
@@ -205,16 +315,17 @@ impl Pipe {
 
     /// Drives this direction as far as it can go without blocking. Returns
     /// `Ready(Ok)` once finished; `Pending` with wakers registered otherwise.
-    /// `counter` counts what is written; `moved` is set when a byte moved.
+    /// `counters` count what is forwarded; `moved` is set when a byte moved.
     pub(crate) fn poll(
         &mut self,
         cx: &mut Context<'_>,
         src: &TcpStream,
         dst: &TcpStream,
-        counter: &IntCounter,
+        counters: Counters<'_>,
         moved: &mut bool,
         other_done: bool,
     ) -> Poll<Result<(), PipeError>> {
+        let counter = counters.bytes;
         loop {
             if let Some((buf, pos)) = &mut self.pending {
                 while *pos < buf.len() {
@@ -237,30 +348,61 @@ impl Pipe {
                 }
                 self.pending_written();
             }
+            // Bytes the guards held back go before anything new is read:
+            // not reading is what pushes back on the client.
+            let wait = self.forwarding();
+            if let Some(guards) = self.guards.as_deref_mut() {
+                if let Some(mut buf) = ready!(guards.poll_held(cx, wait)) {
+                    self.process(&mut buf);
+                    self.count_messages(counters.messages);
+                    self.queue(buf);
+                    continue;
+                }
+            }
             // Wait for readability *before* taking a buffer: idle costs nothing.
             ready!(src.poll_read_ready(cx)).map_err(PipeError::Read)?;
             let mut buf = take_buffer();
+            if let Some(guards) = &self.guards {
+                buf.extend_from_slice(guards.carry());
+            }
             match read_some(src, &mut buf) {
                 Ok(0) => {
+                    // A header cut short by the EOF is a broken frame: dropped.
                     return_buffer(buf);
                     self.finish(dst, other_done);
                     return Poll::Ready(Ok(()));
                 }
                 Ok(_) => {
                     *moved = true;
-                    self.process(&mut buf);
-                    if buf.is_empty() {
-                        return_buffer(buf);
-                    } else {
-                        self.pending = Some((buf, 0));
+                    if let Some(guards) = self.guards.as_deref_mut() {
+                        guards.carried();
                     }
+                    self.process(&mut buf);
+                    self.count_messages(counters.messages);
+                    self.queue(buf);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return_buffer(buf),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Some(guards) = self.guards.as_deref_mut() {
+                        guards.caught_up();
+                    }
+                    return_buffer(buf);
+                }
                 Err(e) => {
                     return_buffer(buf);
                     return Poll::Ready(Err(PipeError::Read(e)));
                 }
             }
+        }
+    }
+}
+
+impl Pipe {
+    /// What [`Pipe::process`] left in `buf` is written next.
+    fn queue(&mut self, buf: Vec<u8>) {
+        if buf.is_empty() {
+            return_buffer(buf);
+        } else {
+            self.pending = Some((buf, 0));
         }
     }
 }
@@ -342,7 +484,7 @@ mod tests {
     fn a_close_begun_mid_message_waits_for_the_boundary_and_notices_a_reply_behind_it() {
         let ours = close_frame(1001, "bye", None);
         let frame = binary(10);
-        let mut pipe = Pipe::new(Bytes::copy_from_slice(&frame[..4]));
+        let mut pipe = Pipe::new(Bytes::copy_from_slice(&frame[..4]), None);
         pipe.begin_close(ours.clone());
         assert!(matches!(pipe.phase, Phase::InjectAtBoundary(_)));
         pipe.pending_written();
@@ -369,7 +511,7 @@ mod tests {
     #[test]
     fn a_close_at_a_boundary_is_queued_and_replies_are_dropped() {
         let ours = close_frame(1001, "bye", None);
-        let mut pipe = Pipe::new(Bytes::new());
+        let mut pipe = Pipe::new(Bytes::new(), None);
         pipe.begin_close(ours.clone());
         assert!(matches!(pipe.phase, Phase::CloseQueued { replied: false }));
         assert_eq!(pipe.pending.as_ref().map(|(b, _)| b.clone()), Some(ours));
@@ -391,7 +533,7 @@ mod tests {
 
     #[test]
     fn a_finished_direction_stays_finished() {
-        let mut pipe = Pipe::new(Bytes::new());
+        let mut pipe = Pipe::new(Bytes::new(), None);
         pipe.phase = Phase::Done;
         pipe.begin_close(close_frame(1001, "", None));
         assert!(pipe.is_done() && pipe.close_finished() && pipe.pending.is_none());

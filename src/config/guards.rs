@@ -1,0 +1,192 @@
+//! The message-guard keys (SPEC §11): limits on what a client sends inside
+//! an admitted connection, and their typed form.
+//!
+//! All of them are off at 0. The typed form keeps each guard as an
+//! `Option`, resolved once here (a burst of 0 becomes its documented
+//! default), so the splice never interprets a raw value.
+
+use serde::ser::{SerializeMap, Serializer};
+use serde::Serialize;
+
+use super::values::{NonNegative, ValueKind, WholeNumber};
+use super::{ConfigError, RawConfig};
+
+/// What the message-rate guard does with a client over its bucket
+/// (`message_rate_action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateAction {
+    /// Stop reading from the client until a token is free.
+    Throttle,
+    /// End the connection: Close 1008 to the client, 1001 to the upstream.
+    Close,
+}
+
+impl ValueKind for RateAction {
+    type Raw = String;
+    type Value = RateAction;
+    const EXPECTED: &'static str = "throttle or close";
+    fn check(raw: &String) -> Option<RateAction> {
+        match raw.as_str() {
+            "throttle" => Some(RateAction::Throttle),
+            "close" => Some(RateAction::Close),
+            _ => None,
+        }
+    }
+}
+
+/// A token bucket's refill rate and size.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bucket {
+    /// Tokens added per second (> 0).
+    pub per_second: f64,
+    /// Tokens the bucket holds at most (≥ 1); it starts full.
+    pub size: f64,
+}
+
+/// The message guards of one connection; `None` = that guard is off.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MessageGuards {
+    /// Payload bytes one message may carry, all its fragments together.
+    pub max_message_size: Option<u64>,
+    /// Messages (data messages and control frames) per second.
+    pub message_rate: Option<Bucket>,
+    /// What happens to a client over `message_rate`.
+    pub message_rate_action: RateAction,
+    /// Payload bytes per second (always throttles).
+    pub byte_rate: Option<Bucket>,
+}
+
+impl MessageGuards {
+    /// Every guard off.
+    pub const OFF: MessageGuards = MessageGuards {
+        max_message_size: None,
+        message_rate: None,
+        message_rate_action: RateAction::Throttle,
+        byte_rate: None,
+    };
+
+    /// Whether any guard is on (off: the splice takes its plain path).
+    pub fn any(&self) -> bool {
+        self.max_message_size.is_some() || self.message_rate.is_some() || self.byte_rate.is_some()
+    }
+}
+
+/// The guards from their six keys.
+///
+/// # Errors
+/// The first key whose value is not acceptable, by name.
+pub(super) fn settings(raw: &RawConfig) -> Result<MessageGuards, ConfigError> {
+    let size = WholeNumber::value("max_message_size", &raw.max_message_size)?;
+    let rate = NonNegative::value("message_rate", &raw.message_rate)?;
+    let burst = WholeNumber::value("message_burst", &raw.message_burst)?;
+    let action = RateAction::value("message_rate_action", &raw.message_rate_action)?;
+    let bytes = WholeNumber::value("byte_rate", &raw.byte_rate)?;
+    let byte_burst = WholeNumber::value("byte_burst", &raw.byte_burst)?;
+    Ok(MessageGuards {
+        max_message_size: (size > 0).then_some(size as u64),
+        message_rate: bucket(rate, burst),
+        message_rate_action: action,
+        byte_rate: bucket(bytes as f64, byte_burst),
+    })
+}
+
+/// A bucket: off while the rate is 0; a size of 0 means one second's worth
+/// (at least 1 token).
+fn bucket(rate: f64, size: usize) -> Option<Bucket> {
+    (rate > 0.0).then(|| Bucket {
+        per_second: rate,
+        size: if size == 0 {
+            rate.ceil().max(1.0)
+        } else {
+            size as f64
+        },
+    })
+}
+
+/// `check-config` prints the six keys with the values in force (a burst of
+/// 0 shown as what it resolved to).
+pub(super) fn written<S: Serializer>(g: &MessageGuards, s: S) -> Result<S::Ok, S::Error> {
+    let (rate, burst) = g
+        .message_rate
+        .map_or((0.0, 0), |b| (b.per_second, b.size as u64));
+    let (bytes, byte_burst) = g
+        .byte_rate
+        .map_or((0, 0), |b| (b.per_second as u64, b.size as u64));
+    let mut map = s.serialize_map(Some(6))?;
+    map.serialize_entry("max_message_size", &g.max_message_size.unwrap_or(0))?;
+    map.serialize_entry("message_rate", &rate)?;
+    map.serialize_entry("message_burst", &burst)?;
+    map.serialize_entry("message_rate_action", &g.message_rate_action)?;
+    map.serialize_entry("byte_rate", &bytes)?;
+    map.serialize_entry("byte_burst", &byte_burst)?;
+    map.end()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(edit: impl FnOnce(&mut RawConfig)) -> RawConfig {
+        let mut r = RawConfig::default();
+        edit(&mut r);
+        r
+    }
+
+    #[test]
+    fn off_by_default() {
+        let g = settings(&RawConfig::default()).expect("defaults");
+        assert_eq!(g, MessageGuards::OFF);
+        assert!(!g.any());
+    }
+
+    #[test]
+    fn bursts_default_to_one_second() {
+        let g = settings(&raw(|r| {
+            r.message_rate = 2.5;
+            r.byte_rate = 1024;
+        }))
+        .expect("valid");
+        assert_eq!(
+            g.message_rate,
+            Some(Bucket {
+                per_second: 2.5,
+                size: 3.0
+            })
+        );
+        assert_eq!(
+            g.byte_rate,
+            Some(Bucket {
+                per_second: 1024.0,
+                size: 1024.0
+            })
+        );
+        let g = settings(&raw(|r| {
+            r.message_rate = 0.2;
+            r.message_burst = 0;
+        }))
+        .expect("valid");
+        assert_eq!(
+            g.message_rate.map(|b| b.size),
+            Some(1.0),
+            "at least one token"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases: [(&str, RawConfig); 4] = [
+            ("max_message_size", raw(|r| r.max_message_size = -1)),
+            ("message_rate", raw(|r| r.message_rate = -5.0)),
+            (
+                "message_rate_action",
+                raw(|r| r.message_rate_action = "drop".into()),
+            ),
+            ("byte_burst", raw(|r| r.byte_burst = -2)),
+        ];
+        for (key, r) in cases {
+            let e = settings(&r).expect_err(key).to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+    }
+}

@@ -1,0 +1,515 @@
+//! Message guards (SPEC §11): what a client may send inside an admitted
+//! connection — message size, messages per second, payload bytes per
+//! second — checked on the client → upstream direction as frame headers
+//! pass, without buffering a message.
+//!
+//! How it stays exact without buffering:
+//! - A frame header is only ever forwarded whole. When a read ends inside a
+//!   header, those few bytes (at most 13) are held back and put in front of
+//!   the next read, so a frame that is then refused has not had a single
+//!   byte forwarded.
+//! - The decision for a frame is taken on its header, before anything of
+//!   the frame goes on: too big (its announced length takes the message
+//!   past `max_message_size`) → refused; no message token → held back
+//!   (throttle) or refused (close).
+//! - Held back means *not read*: the unforwarded rest of the read (at most
+//!   one 64 KiB buffer) waits here for its tokens, and the socket is not
+//!   read again until it has gone, so TCP pushes back on the client and
+//!   nothing is dropped or grows.
+//! - Payload bytes take tokens from the byte bucket as they go; a frame may
+//!   be forwarded in pieces.
+//!
+//! A client's Close frame is never held back or refused by the rate guard:
+//! it ends the connection, which is what a guard wants anyway.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::{sleep_until, Instant, Sleep};
+
+use super::buffers::take_buffer;
+use crate::config::{Bucket, MessageGuards, RateAction};
+use crate::frames::{FrameTracker, Header};
+use crate::metrics::GuardMetrics;
+
+/// Which guard acted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Guard {
+    /// `max_message_size`.
+    Size,
+    /// `message_rate`.
+    Rate,
+    /// `byte_rate`.
+    Bytes,
+}
+
+/// What a guard did (`action` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GuardAction {
+    /// Ended the connection.
+    Close,
+    /// Began holding the client back.
+    Throttle,
+}
+
+impl Guard {
+    /// The Close code sent to the client: 1009 "Message Too Big", 1008
+    /// "Policy Violation" (RFC 6455 §7.4.1).
+    pub(crate) fn client_code(self) -> u16 {
+        match self {
+            Guard::Size => 1009,
+            Guard::Rate | Guard::Bytes => 1008,
+        }
+    }
+
+    /// The reason text of the client's Close.
+    pub(crate) fn client_reason(self) -> &'static str {
+        match self {
+            Guard::Size => "message too big",
+            Guard::Rate | Guard::Bytes => "message rate exceeded",
+        }
+    }
+
+    /// The reason text of the upstream's Close (code 1001).
+    pub(crate) fn upstream_reason(self) -> &'static str {
+        match self {
+            Guard::Size => "client message too big",
+            Guard::Rate | Guard::Bytes => "client exceeded message rate",
+        }
+    }
+}
+
+/// Where the scan of a read stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// All of it may go on.
+    Pass,
+    /// `data[..at]` may go on; `data[at..]` is the start of a header, held
+    /// back until the rest of it is read.
+    Partial(usize),
+    /// `data[..at]` may go on; the rest waits for tokens until `until`.
+    Wait {
+        /// Where the held-back part starts.
+        at: usize,
+        /// When the missing tokens will be there.
+        until: Instant,
+        /// The guard that holds it back.
+        guard: Guard,
+    },
+    /// `data[..at]` may go on; the frame at `at` is refused and the
+    /// connection ends.
+    Refuse {
+        /// Where the refused frame starts.
+        at: usize,
+        /// The guard that refused it.
+        guard: Guard,
+    },
+    /// `data[..at]` may go on and ends at a message boundary (asked for by
+    /// a closing direction that waits for one).
+    Boundary(usize),
+}
+
+/// A token bucket on tokio's clock.
+#[derive(Debug)]
+struct TokenBucket {
+    per_second: f64,
+    size: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    fn new(b: Bucket, now: Instant) -> Self {
+        TokenBucket {
+            per_second: b.per_second,
+            size: b.size,
+            tokens: b.size,
+            at: now,
+        }
+    }
+
+    /// Adds the tokens earned since the last refill.
+    fn refill(&mut self, now: Instant) {
+        let earned = now.saturating_duration_since(self.at).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + earned).min(self.size);
+        self.at = now;
+    }
+
+    /// When the bucket will hold `n` tokens (`n` ≤ size).
+    fn ready_at(&self, n: f64) -> Instant {
+        let missing = (n - self.tokens).max(0.0);
+        self.at + Duration::from_secs_f64(missing / self.per_second)
+    }
+}
+
+/// A throttled byte stream wakes at most this often: each wake-up lets
+/// through at least 1/50 s worth of bytes.
+const BYTE_WAKEUPS_PER_SECOND: f64 = 50.0;
+
+/// The guards of one connection's client → upstream direction.
+#[derive(Debug)]
+pub(crate) struct Guards {
+    max_message_size: Option<u64>,
+    /// Payload bytes of the message in progress, forwarded so far.
+    message_len: u64,
+    messages: Option<TokenBucket>,
+    close_over_rate: bool,
+    bytes: Option<TokenBucket>,
+    /// The start of a header the last read cut short (see the module docs).
+    carry: Vec<u8>,
+    /// Read but held back for tokens.
+    held: Option<Vec<u8>>,
+    /// Fires when the held bytes may be tried again.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// A throttle episode is under way (counted once, when it began).
+    throttling: bool,
+    metrics: GuardMetrics,
+}
+
+impl Guards {
+    /// Guards with full buckets; `None` when every guard is off.
+    pub(crate) fn new(settings: &MessageGuards, metrics: &GuardMetrics) -> Option<Box<Self>> {
+        if !settings.any() {
+            return None;
+        }
+        let now = Instant::now();
+        Some(Box::new(Guards {
+            max_message_size: settings.max_message_size,
+            message_len: 0,
+            messages: settings.message_rate.map(|b| TokenBucket::new(b, now)),
+            close_over_rate: settings.message_rate_action == RateAction::Close,
+            bytes: settings.byte_rate.map(|b| TokenBucket::new(b, now)),
+            carry: Vec::new(),
+            held: None,
+            timer: None,
+            throttling: false,
+            metrics: metrics.clone(),
+        }))
+    }
+
+    /// Decides how much of `data` may go on. `tracker` must sit at the
+    /// start of `data` and not inside a header; it is advanced over exactly
+    /// what may go on. With `to_message_boundary`, the scan stops at the
+    /// first message boundary.
+    pub(crate) fn scan(
+        &mut self,
+        tracker: &mut FrameTracker,
+        data: &[u8],
+        to_message_boundary: bool,
+    ) -> Verdict {
+        // The clock is read once per scan, and only by the rate guards.
+        let mut clock: Option<Instant> = None;
+        let mut now = || *clock.get_or_insert_with(Instant::now);
+        let mut at = 0;
+        loop {
+            if to_message_boundary && tracker.at_message_boundary() {
+                return Verdict::Boundary(at);
+            }
+            let rest = &data[at..];
+            if rest.is_empty() {
+                return Verdict::Pass;
+            }
+            if let Some(remaining) = tracker.payload_remaining() {
+                let mut n = remaining.min(rest.len() as u64);
+                if let Some(bucket) = &mut self.bytes {
+                    bucket.refill(now());
+                    let tokens = bucket.tokens.floor() as u64;
+                    if tokens == 0 {
+                        // Wait for a useful amount, not for one byte.
+                        let want = (n as f64)
+                            .min(bucket.size)
+                            .min((bucket.per_second / BYTE_WAKEUPS_PER_SECOND).max(1.0));
+                        return Verdict::Wait {
+                            at,
+                            until: bucket.ready_at(want),
+                            guard: Guard::Bytes,
+                        };
+                    }
+                    n = n.min(tokens);
+                    bucket.tokens -= n as f64;
+                }
+                let n = n as usize;
+                tracker.advance(&rest[..n]);
+                at += n;
+                continue;
+            }
+            let Some(header) = Header::parse(rest) else {
+                return Verdict::Partial(at);
+            };
+            let message_len = if header.is_control() {
+                self.message_len
+            } else {
+                let before = if header.is_continuation() {
+                    self.message_len
+                } else {
+                    0
+                };
+                let total = before.saturating_add(header.payload_len);
+                if self.max_message_size.is_some_and(|max| total > max) {
+                    return Verdict::Refuse {
+                        at,
+                        guard: Guard::Size,
+                    };
+                }
+                total
+            };
+            if !header.is_continuation() && !header.is_close() {
+                if let Some(bucket) = &mut self.messages {
+                    bucket.refill(now());
+                    if bucket.tokens < 1.0 {
+                        return if self.close_over_rate {
+                            Verdict::Refuse {
+                                at,
+                                guard: Guard::Rate,
+                            }
+                        } else {
+                            Verdict::Wait {
+                                at,
+                                until: bucket.ready_at(1.0),
+                                guard: Guard::Rate,
+                            }
+                        };
+                    }
+                    bucket.tokens -= 1.0;
+                }
+            }
+            self.message_len = message_len;
+            tracker.advance(&rest[..header.len]);
+            at += header.len;
+        }
+    }
+
+    /// Holds back `buf[at..]` until `until` (`buf` keeps what may go on),
+    /// counting the start of a throttle episode.
+    pub(crate) fn hold(&mut self, buf: &mut Vec<u8>, at: usize, until: Instant, guard: Guard) {
+        let held = if at == 0 {
+            std::mem::take(buf)
+        } else {
+            let mut held = take_buffer();
+            held.extend_from_slice(&buf[at..]);
+            buf.truncate(at);
+            held
+        };
+        self.held = Some(held);
+        match &mut self.timer {
+            Some(timer) => timer.as_mut().reset(until),
+            None => self.timer = Some(Box::pin(sleep_until(until))),
+        }
+        if !self.throttling {
+            self.throttling = true;
+            self.metrics.count(guard, GuardAction::Throttle);
+        }
+    }
+
+    /// Counts a connection a guard ended.
+    pub(crate) fn count_close(&self, guard: Guard) {
+        self.metrics.count(guard, GuardAction::Close);
+    }
+
+    /// The held-back bytes once they may be tried again (at once unless
+    /// `wait`); `Ready(None)` when nothing is held.
+    pub(crate) fn poll_held(&mut self, cx: &mut Context<'_>, wait: bool) -> Poll<Option<Vec<u8>>> {
+        if self.held.is_none() {
+            return Poll::Ready(None);
+        }
+        if wait {
+            if let Some(timer) = &mut self.timer {
+                if timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            }
+        }
+        Poll::Ready(self.held.take())
+    }
+
+    /// Bytes read earlier to go in front of the next read (see the module
+    /// docs); cleared with [`Guards::carried`] once that read succeeded.
+    pub(crate) fn carry(&self) -> &[u8] {
+        &self.carry
+    }
+
+    /// The carried bytes are in a successful read now.
+    pub(crate) fn carried(&mut self) {
+        self.carry.clear();
+    }
+
+    /// Keeps `bytes` (a cut-short header) for the next read.
+    pub(crate) fn keep_for_next_read(&mut self, bytes: &[u8]) {
+        self.carry.extend_from_slice(bytes);
+    }
+
+    /// The client had nothing more to send: a throttle episode is over.
+    pub(crate) fn caught_up(&mut self) {
+        self.throttling = false;
+    }
+
+    /// Leftover bytes read with the handshake: scanned like any read, on
+    /// the first poll.
+    pub(crate) fn hold_leftover(&mut self, leftover: Vec<u8>) {
+        if !leftover.is_empty() {
+            self.held = Some(leftover);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MessageGuards;
+
+    /// A masked client frame.
+    fn frame(opcode: u8, fin: bool, len: usize) -> Vec<u8> {
+        let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
+        match len {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n <= 0xffff => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&[1, 2, 3, 4]);
+        f.extend(std::iter::repeat_n(0x33, len));
+        f
+    }
+
+    fn guards(edit: impl FnOnce(&mut MessageGuards)) -> Box<Guards> {
+        let mut settings = MessageGuards::OFF;
+        edit(&mut settings);
+        Guards::new(&settings, &GuardMetrics::unregistered()).expect("a guard is on")
+    }
+
+    fn rate(per_second: f64, size: f64) -> Option<Bucket> {
+        Some(Bucket { per_second, size })
+    }
+
+    #[test]
+    fn all_off_is_no_guards() {
+        assert!(Guards::new(&MessageGuards::OFF, &GuardMetrics::unregistered()).is_none());
+    }
+
+    #[test]
+    fn size_counts_every_fragment_and_refuses_at_the_crossing_header() {
+        let mut g = guards(|s| s.max_message_size = Some(100));
+        let mut t = FrameTracker::new();
+        let mut stream = frame(0x2, false, 60);
+        stream.extend(frame(0x9, true, 4)); // a ping between fragments
+        let crossing = stream.len() + frame(0x0, false, 40).len();
+        stream.extend(frame(0x0, false, 40)); // 100: still fine
+        stream.extend(frame(0x0, true, 1)); // 101: refused
+        assert_eq!(
+            g.scan(&mut t, &stream, false),
+            Verdict::Refuse {
+                at: crossing,
+                guard: Guard::Size
+            }
+        );
+        // A new message starts from zero.
+        let mut g = guards(|s| s.max_message_size = Some(100));
+        let mut t = FrameTracker::new();
+        let mut stream = frame(0x1, true, 100);
+        stream.extend(frame(0x2, true, 100));
+        assert_eq!(g.scan(&mut t, &stream, false), Verdict::Pass);
+        assert!(t.at_message_boundary());
+    }
+
+    #[test]
+    fn a_header_cut_short_is_held_back() {
+        let mut g = guards(|s| s.max_message_size = Some(1 << 20));
+        let mut t = FrameTracker::new();
+        let f = frame(0x2, true, 70_000); // a 14-byte header
+        let mut data = frame(0x1, true, 3);
+        let first = data.len();
+        data.extend_from_slice(&f[..5]);
+        assert_eq!(g.scan(&mut t, &data, false), Verdict::Partial(first));
+        assert!(
+            t.at_boundary(),
+            "the tracker did not take the partial header"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn message_rate_throttles_after_the_burst_and_refills() {
+        let mut g = guards(|s| s.message_rate = rate(10.0, 2.0));
+        let mut t = FrameTracker::new();
+        let one = frame(0x1, true, 5);
+        let stream: Vec<u8> = one.iter().copied().cycle().take(one.len() * 3).collect();
+        let Verdict::Wait { at, until, guard } = g.scan(&mut t, &stream, false) else {
+            panic!("the third message must wait")
+        };
+        assert_eq!((at, guard), (2 * one.len(), Guard::Rate));
+        assert_eq!(until - Instant::now(), Duration::from_millis(100));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(g.scan(&mut t, &stream[at..], false), Verdict::Pass);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn control_frames_count_but_a_close_always_passes() {
+        let mut g = guards(|s| {
+            s.message_rate = rate(1.0, 1.0);
+            s.message_rate_action = RateAction::Close;
+        });
+        let mut t = FrameTracker::new();
+        let mut stream = frame(0x9, true, 0); // a ping takes the only token
+        let second = stream.len();
+        stream.extend(frame(0xA, true, 0));
+        assert_eq!(
+            g.scan(&mut t, &stream, false),
+            Verdict::Refuse {
+                at: second,
+                guard: Guard::Rate
+            }
+        );
+        let mut t = FrameTracker::new();
+        let mut stream = frame(0x1, true, 1);
+        stream.extend(frame(0x8, true, 2));
+        let mut g = guards(|s| s.message_rate = rate(1.0, 1.0));
+        assert_eq!(g.scan(&mut t, &stream, false), Verdict::Pass);
+        assert_eq!(t.closes_seen(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn byte_rate_forwards_a_payload_in_pieces() {
+        let mut g = guards(|s| s.byte_rate = rate(1000.0, 100.0));
+        let mut t = FrameTracker::new();
+        let f = frame(0x2, true, 250);
+        let header = f.len() - 250;
+        let Verdict::Wait { at, until, guard } = g.scan(&mut t, &f, false) else {
+            panic!("250 bytes exceed a 100-byte bucket")
+        };
+        assert_eq!((at, guard), (header + 100, Guard::Bytes));
+        // 1000 B/s woken at most 50 times a second: 20 bytes a wake-up.
+        assert_eq!(until - Instant::now(), Duration::from_millis(20));
+        tokio::time::advance(Duration::from_millis(150)).await;
+        let Verdict::Wait { at: next, .. } = g.scan(&mut t, &f[at..], false) else {
+            panic!("150 ms earn 150 bytes, but the bucket holds 100")
+        };
+        assert_eq!(next, 100);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(g.scan(&mut t, &f[at + next..], false), Verdict::Pass);
+        assert!(t.at_boundary());
+    }
+
+    #[test]
+    fn a_closing_direction_stops_at_the_message_boundary() {
+        let mut g = guards(|s| s.max_message_size = Some(1000));
+        let mut t = FrameTracker::new();
+        assert_eq!(
+            g.scan(&mut t, b"", true),
+            Verdict::Boundary(0),
+            "already at one"
+        );
+        t.advance(&frame(0x1, false, 10));
+        let mut rest = frame(0x9, true, 0);
+        rest.extend(frame(0x0, true, 10));
+        let end = rest.len();
+        rest.extend(frame(0x1, true, 10));
+        assert_eq!(g.scan(&mut t, &rest, true), Verdict::Boundary(end));
+    }
+}
