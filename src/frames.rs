@@ -391,6 +391,34 @@ mod tests {
     }
 
     #[test]
+    fn counts_messages_once_and_control_frames_each() {
+        let mut t = FrameTracker::new();
+        t.advance(&frame(0x1, false, b"one", true));
+        t.advance(&frame(0x9, true, b"", true));
+        t.advance(&frame(0x0, false, b"two", true));
+        t.advance(&frame(0x0, true, b"three", true));
+        t.advance(&frame(0x2, true, &[0; 200], true));
+        assert_eq!(t.messages_seen(), 3, "two data messages and a ping");
+    }
+
+    #[test]
+    fn header_parse_needs_the_whole_header() {
+        let f = frame(0x2, false, &[0; 300], true);
+        assert_eq!(Header::parse(&f[..1]), None);
+        assert_eq!(Header::parse(&f[..7]), None, "2 + 2 + 4 bytes");
+        let h = Header::parse(&f).expect("whole");
+        assert_eq!(
+            h,
+            Header {
+                opcode: 0x2,
+                payload_len: 300,
+                len: 8
+            }
+        );
+        assert!(!h.is_control() && !h.is_continuation() && !h.is_close());
+    }
+
+    #[test]
     fn counts_close_frames() {
         let mut t = FrameTracker::new();
         t.advance(&frame(0x1, true, b"x", true));

@@ -539,3 +539,121 @@ mod tests {
         assert!(pipe.is_done() && pipe.close_finished() && pipe.pending.is_none());
     }
 }
+
+/// The size guard against a reference: random messages (fragmented, with
+/// pings between fragments) cut into random reads. The pipe must forward
+/// the stream byte-identical up to the header of the first frame that takes
+/// its message past the limit, then exactly one masked Close 1001, and
+/// nothing of the refused frame.
+#[cfg(test)]
+mod size_guard_props {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::config::MessageGuards;
+    use crate::frames::{apply_mask, Header};
+    use crate::metrics::GuardMetrics;
+
+    /// What the pipe forwards of one read, as `poll` does it: carried bytes
+    /// first; what it leaves in the buffer counts as written.
+    fn read(pipe: &mut Pipe, bytes: &[u8]) -> Vec<u8> {
+        let mut buf = Vec::new();
+        if let Some(g) = pipe.guards.as_deref_mut() {
+            buf.extend_from_slice(g.carry());
+            g.carried();
+        }
+        buf.extend_from_slice(bytes);
+        pipe.process(&mut buf);
+        pipe.pending_written();
+        buf
+    }
+
+    /// A masked client frame; `key` varies so payloads differ on the wire.
+    fn frame(out: &mut Vec<u8>, opcode: u8, fin: bool, len: usize, key: u8) {
+        out.push(if fin { 0x80 } else { 0 } | opcode);
+        match len {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n if n <= 0xffff => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&[key, key ^ 0x5a, 3, 4]);
+        out.extend((0..len).map(|i| (i as u8).wrapping_mul(31) ^ key));
+    }
+
+    /// (fragment payload lengths, a ping after each fragment?) per message.
+    fn messages() -> impl Strategy<Value = Vec<Vec<(usize, bool)>>> {
+        let fragment = (
+            prop_oneof![0usize..200, 200usize..1200, 65_530usize..65_540],
+            any::<bool>(),
+        );
+        prop::collection::vec(prop::collection::vec(fragment, 1..5), 1..8)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn refuses_exactly_the_first_message_over_the_limit(
+            msgs in messages(),
+            limit in 1u64..3_000,
+            exact in any::<Option<prop::sample::Index>>(),
+            cuts in prop::collection::vec(1usize..3_000, 1..64),
+        ) {
+            // Often the limit is exactly one message's size: the boundary case.
+            let limit = exact.map_or(limit, |pick| {
+                let m = &msgs[pick.index(msgs.len())];
+                m.iter().map(|&(len, _)| len as u64).sum::<u64>().max(1)
+            });
+            let mut stream = Vec::new();
+            let mut refused_at = None;
+            for (m, fragments) in msgs.iter().enumerate() {
+                let mut total = 0u64;
+                for (i, &(len, ping)) in fragments.iter().enumerate() {
+                    total += len as u64;
+                    if total > limit && refused_at.is_none() {
+                        refused_at = Some(stream.len());
+                    }
+                    let opcode = if i == 0 { 0x2 } else { 0x0 };
+                    frame(&mut stream, opcode, i + 1 == fragments.len(), len, (m * 7 + i) as u8);
+                    if ping {
+                        frame(&mut stream, 0x9, true, 4, 0xee);
+                    }
+                }
+            }
+            let settings = MessageGuards { max_message_size: Some(limit), ..MessageGuards::OFF };
+            let guards = Guards::new(&settings, &GuardMetrics::unregistered());
+            let mut pipe = Pipe::new(Bytes::new(), guards);
+            let mut out = Vec::new();
+            let (mut offset, mut i) = (0, 0);
+            while offset < stream.len() {
+                let n = cuts[i % cuts.len()].min(stream.len() - offset);
+                out.extend(read(&mut pipe, &stream[offset..offset + n]));
+                offset += n;
+                i += 1;
+            }
+            match refused_at {
+                None => {
+                    prop_assert!(out == stream, "everything within the limit goes on byte-identical");
+                    prop_assert!(pipe.take_tripped().is_none());
+                }
+                Some(at) => {
+                    prop_assert!(out.len() > at && out[..at] == stream[..at], "forwarded up to the refused frame");
+                    let close = &out[at..];
+                    let header = Header::parse(close).expect("a whole Close header");
+                    prop_assert!(header.is_close() && close[1] & 0x80 != 0, "a masked Close");
+                    prop_assert_eq!(close.len() as u64, header.len as u64 + header.payload_len, "and nothing after it");
+                    let key: [u8; 4] = close[header.len - 4..header.len].try_into().expect("key");
+                    let mut payload = close[header.len..].to_vec();
+                    apply_mask(&mut payload, key);
+                    prop_assert_eq!(&payload[..2], &1001u16.to_be_bytes());
+                    prop_assert_eq!(pipe.take_tripped(), Some(Guard::Size));
+                }
+            }
+        }
+    }
+}
