@@ -44,8 +44,10 @@ class Upstream:
     browser can load it through wsgate's plain-HTTP path and open its WebSockets from there.
     """
 
-    def __init__(self, page: bytes | None = None) -> None:
+    def __init__(self, page: bytes | None = None, max_size: int | None = 2**20) -> None:
         self.received: list[str | bytes] = []
+        self.arrivals: list[float] = []  # time.monotonic() of each message in `received`
+        self.max_size = max_size  # the largest message it accepts (websockets' default: 1 MiB)
         self.closes: list[tuple[int | None, str | None]] = []
         self.page = page
         self.server = None
@@ -54,8 +56,12 @@ class Upstream:
     async def handler(self, ws) -> None:
         try:
             async for msg in ws:
+                self.arrivals.append(time.monotonic())
                 self.received.append(msg)
-                await ws.send(msg)
+                try:
+                    await ws.send(msg)
+                except ConnectionClosed:
+                    pass  # a Close came in: still record the messages that arrived before it
         except ConnectionClosed:
             pass
         self.closes.append((ws.close_code, ws.close_reason))
@@ -69,7 +75,7 @@ class Upstream:
 
     async def __aenter__(self) -> "Upstream":
         self.server = await serve(self.handler, "127.0.0.1", 0, compression="deflate",
-                                  process_request=self.process_request)
+                                  process_request=self.process_request, max_size=self.max_size)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
@@ -112,11 +118,12 @@ class Wsgate:
         return f"ws://{self.proxy}/"
 
     def metric(self, series: str) -> float:
-        """The value of one series on the admin port, e.g. `wsgate_connections_active`."""
+        """The value of one series on the admin port, e.g. `wsgate_connections_active` or
+        `wsgate_message_guard_total{guard="size",action="close"}` (labels in any order)."""
         with urllib.request.urlopen(f"http://{self.admin}/metrics", timeout=5) as r:
             for line in r.read().decode().splitlines():
                 name, _, value = line.rpartition(" ")
-                if name == series:
+                if series_key(name) == series_key(series):
                     return float(value)
         raise AssertionError(f"{series} missing from /metrics")
 
@@ -133,6 +140,12 @@ class Wsgate:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=10)
+
+
+def series_key(series: str) -> tuple[str, frozenset[tuple[str, str]]]:
+    """A series' name and its set of labels, so the labels' order does not matter."""
+    name, _, labels = series.partition("{")
+    return name, frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels))
 
 
 async def eventually(condition, timeout: float) -> None:

@@ -6,6 +6,15 @@
 // Retry-After, echoes a text and a 1 MiB binary message on a, then prints {"event":"ready"} and
 // waits for wsgate to close a and b (the test sends SIGTERM). Every observation is one JSON line
 // on stdout; the test makes the assertions. Exits by itself after 20 s at the latest.
+//
+//   node client.mjs ws://HOST:PORT/ guard-size        (tests/clients/test_node_guards.py)
+//
+// Against max_message_size = 65536, without permessage-deflate (so wire size = payload size):
+// echoes 65536 bytes, then sends 65537 and reports the close.
+//
+//   node client.mjs ws://HOST:PORT/ guard-rate-close  (tests/clients/test_node_guards.py)
+//
+// Against message_rate_action = close: sends 200 text messages at once and reports the close.
 import WebSocket from "ws";
 
 const url = process.argv[2];
@@ -34,6 +43,46 @@ const closed = (name, ws) => new Promise((resolve) => {
     resolve();
   });
 });
+
+const pattern = (n) => {
+  const buf = Buffer.alloc(n);
+  for (let i = 0; i < n; i++) buf[i] = (i * 31 + 7) & 0xff;
+  return buf;
+};
+
+const openGuarded = (options) => new Promise((resolve, reject) => {
+  const ws = new WebSocket(url, options);
+  ws.once("open", () => resolve(ws));
+  ws.once("error", reject);
+});
+
+const guardModes = {
+  "guard-size": async () => {
+    const ws = await openGuarded({ perMessageDeflate: false });
+    const wsClosed = closed("g", ws);
+    const fits = pattern(65536);
+    const got = await echo(ws, fits);
+    say({ name: "g", event: "binary", length: got.got.length, intact: got.isBinary && fits.equals(got.got) });
+    ws.send(pattern(65537));
+    say({ name: "g", event: "sent", length: 65537 });
+    await wsClosed;
+  },
+  "guard-rate-close": async () => {
+    const ws = await openGuarded({});
+    const wsClosed = closed("g", ws);
+    for (let i = 0; i < 200; i++) ws.send(`message ${i}`);
+    say({ name: "g", event: "sent", count: 200 });
+    await wsClosed;
+  },
+};
+
+const mode = process.argv[3];
+if (mode !== undefined) {
+  if (!(mode in guardModes)) { say({ event: "unknown mode", mode }); process.exit(2); }
+  await guardModes[mode]();
+  say({ event: "done" });
+  process.exit(0);
+}
 
 const a = await open("a");
 const b = await open("b");
