@@ -1482,3 +1482,51 @@ fn invalid_guard_settings_exit_2_naming_key_and_value() {
         );
     }
 }
+
+/// A reload reaches new connections only: a connection admitted under a
+/// 64 KiB limit keeps it after the limit is lowered to 1 KiB, while one
+/// admitted after the reload is held to 1 KiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_to_new_connections_and_live_ones_keep_their_guards() {
+    let up = FrameUpstream::spawn().await;
+    let raw = size_guarded(up.addr);
+    let gate = spawn_sidecar(raw.clone()).await;
+    let mut before = tunnel(gate.addr, "/before").await;
+    let before_log = up.conn("/before").await;
+
+    let lowered = RawConfig {
+        max_message_size: 1024,
+        ..raw
+    };
+    let _ = gate.control.send(wsgate::Control::Reload(Box::new(
+        wsgate::config::Config::validate(lowered),
+    )));
+    wait_metric(
+        gate.admin,
+        "wsgate_config_reloads_total{result=\"success\"}",
+        1.0,
+    )
+    .await;
+
+    let mut after = tunnel(gate.addr, "/after").await;
+    after
+        .write_all(&client_frame(0x2, true, &pattern(2048)))
+        .await
+        .expect("write");
+    let ((code, _), _) = client_sees_close(&mut after).await;
+    assert_eq!(code, 1009, "a new connection has the new limit");
+
+    before
+        .write_all(&client_frame(0x2, true, &pattern(2048)))
+        .await
+        .expect("write");
+    until("the live connection's 2 KiB message", DEADLINE, || {
+        lock(&before_log)
+            .frames
+            .iter()
+            .any(|f| f.payload.len() == 2048)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(guard_metric(gate.admin, "size", "close").await, 1.0);
+}
