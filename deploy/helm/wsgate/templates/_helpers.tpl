@@ -79,6 +79,7 @@ two values. Fails the render with a message naming the values.
 {{- end -}}
 {{- include "wsgate.validateKeyLimits" . -}}
 {{- include "wsgate.validateFleet" . -}}
+{{- include "wsgate.validateMessageGuards" . -}}
 {{- end -}}
 
 {{/*
@@ -309,8 +310,63 @@ wsgate.volumes to that pod (see README: Using the container in your own chart).
 {{- end -}}
 
 {{/*
+wsgate.number: a number for an environment variable, never in float notation: whole numbers as
+integers (1000000, not 1e+06), others as given (0.5).
+*/}}
+{{- define "wsgate.number" -}}
+{{- $f := float64 . -}}
+{{- if eq $f (floor $f) -}}{{- int64 $f -}}{{- else -}}{{- toString . -}}{{- end -}}
+{{- end -}}
+
+{{/*
+wsgate.messageGuardsEnv: the WSGATE_* variables of the message guards (SPEC §11), each only when its
+value differs from the default (0 = off, messageRateAction throttle), so that a release without
+guards renders exactly what it did before them. "" when every guard is off.
+*/}}
+{{- define "wsgate.messageGuardsEnv" -}}
+{{- $g := .Values.messageGuards | default dict -}}
+{{- if gt (int64 ($g.maxMessageSize | default 0)) 0 }}
+- name: WSGATE_MAX_MESSAGE_SIZE
+  value: {{ $g.maxMessageSize | int64 | quote }}
+{{- end }}
+{{- if gt (float64 ($g.messageRate | default 0)) 0.0 }}
+- name: WSGATE_MESSAGE_RATE
+  value: {{ include "wsgate.number" $g.messageRate | quote }}
+{{- end }}
+{{- if gt (int64 ($g.messageBurst | default 0)) 0 }}
+- name: WSGATE_MESSAGE_BURST
+  value: {{ $g.messageBurst | int64 | quote }}
+{{- end }}
+{{- if ne (toString ($g.messageRateAction | default "throttle")) "throttle" }}
+- name: WSGATE_MESSAGE_RATE_ACTION
+  value: {{ $g.messageRateAction | toString | quote }}
+{{- end }}
+{{- if gt (int64 ($g.byteRate | default 0)) 0 }}
+- name: WSGATE_BYTE_RATE
+  value: {{ $g.byteRate | int64 | quote }}
+{{- end }}
+{{- if gt (int64 ($g.byteBurst | default 0)) 0 }}
+- name: WSGATE_BYTE_BURST
+  value: {{ $g.byteBurst | int64 | quote }}
+{{- end }}
+{{- end -}}
+
+{{/*
+wsgate.validateMessageGuards: messageRateAction, which the schema refuses first; checked here as well
+for a parent chart that skips schema validation or pins an older copy of the schema.
+*/}}
+{{- define "wsgate.validateMessageGuards" -}}
+{{- $g := .Values.messageGuards | default dict -}}
+{{- $action := toString ($g.messageRateAction | default "throttle") -}}
+{{- if not (has $action (list "throttle" "close")) -}}
+{{- fail (printf "messageGuards.messageRateAction %q: must be throttle (stop reading from the client until the rate allows the next message) or close (end the connection with Close 1008)" $action) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
 wsgate.env: one WSGATE_* variable per configuration value (SPEC §2, §7, §8), plus the
-WSGATE_FLEET_* ones (SPEC §10) when a Redis is configured.
+WSGATE_FLEET_* ones (SPEC §10) when a Redis is configured and those of the message guards
+(SPEC §11) that are set.
 */}}
 {{- define "wsgate.env" -}}
 {{- $v := .Values -}}
@@ -394,6 +450,10 @@ WSGATE_FLEET_* ones (SPEC §10) when a Redis is configured.
   value: {{ $v.fleet.timeout | toString | quote }}
 - name: WSGATE_FLEET_FAIL_MODE
   value: {{ $v.fleet.failMode | quote }}
+{{- end }}
+{{- with include "wsgate.messageGuardsEnv" . }}
+# Message guards (SPEC §11): only the values that are not off / not the default.
+{{- . }}
 {{- end }}
 {{- with include "wsgate.configFile" . }}
 # keyLimits / jwt (SPEC §9), rendered into the mounted ConfigMap; reloaded in place on an edit.
