@@ -46,7 +46,7 @@ SPEC_KEYS = [
 # the chart sets it only when the value is given.
 OPTIONAL_ENV = {"WSGATE_READY_LOW_WATERMARK"}
 
-# The metric names of SPEC.md §4, §7, §8, §9, §10 (names are fixed: dashboard and alerts may use only these).
+# The metric names of SPEC.md §4, §7, §8, §9, §10, §11 (names are fixed: dashboard and alerts may use only these).
 SPEC_METRICS = {
     "wsgate_connections_active", "wsgate_connections_max", "wsgate_connections_admitted_total",
     "wsgate_connections_rejected_total", "wsgate_upstream_errors_total",
@@ -66,6 +66,9 @@ SPEC_METRICS = {
     "wsgate_fleet_up", "wsgate_fleet_requests_total", "wsgate_fleet_request_duration_seconds_bucket",
     "wsgate_fleet_request_duration_seconds_sum", "wsgate_fleet_request_duration_seconds_count",
     "wsgate_fleet_active", "wsgate_fleet_max",
+    # §11 message guards: on every instance from start-up, every label value at 0
+    # (guard, action = size/close, rate/close, rate/throttle, bytes/throttle; direction).
+    "wsgate_message_guard_total", "wsgate_messages_total",
 }
 
 CRD_KINDS = {"PodMonitor", "PrometheusRule", "ServiceMonitor"}
@@ -207,6 +210,24 @@ FLEET_VALUES: dict[str, Any] = {
 FLEET_ENV = {"namespace": "WSGATE_FLEET_NAMESPACE", "maxClients": "WSGATE_FLEET_MAX_CLIENTS",
              "leaseTtl": "WSGATE_FLEET_LEASE_TTL", "timeout": "WSGATE_FLEET_TIMEOUT",
              "failMode": "WSGATE_FLEET_FAIL_MODE"}
+
+# Message guards (SPEC §11), every value away from its default. Not in VALUE_SETS either: a binary
+# without §11 refuses WSGATE_MAX_MESSAGE_SIZE and the rest as unknown keys, so
+# test_helm_message_guards.py renders, lints and validates it and test_binary_accepts_chart_env.py
+# feeds its env to the binary on its own. 16 MiB checks that large integers never come out as 1.6e+07.
+MESSAGE_GUARDS_VALUES: dict[str, Any] = {
+    "messageGuards": {"maxMessageSize": 16777216, "messageRate": 2.5, "messageBurst": 10,
+                      "messageRateAction": "close", "byteRate": 1048576, "byteBurst": 4194304},
+}
+# messageGuards value -> (the WSGATE_* variable it becomes, its default: off, rendered as nothing).
+MESSAGE_GUARDS_ENV: dict[str, tuple[str, Any]] = {
+    "maxMessageSize": ("WSGATE_MAX_MESSAGE_SIZE", 0),
+    "messageRate": ("WSGATE_MESSAGE_RATE", 0),
+    "messageBurst": ("WSGATE_MESSAGE_BURST", 0),
+    "messageRateAction": ("WSGATE_MESSAGE_RATE_ACTION", "throttle"),
+    "byteRate": ("WSGATE_BYTE_RATE", 0),
+    "byteBurst": ("WSGATE_BYTE_BURST", 0),
+}
 
 # keyLimits field (camelCase value) -> [[key_limits]] key in wsgate's TOML.
 KEY_LIMIT_FIELDS = {"name": "name", "key": "key", "maxPerKey": "max_per_key", "overrides": "overrides",

@@ -230,3 +230,39 @@ def test_binary_accepts_the_chart_fleet_env(render, tmp_path, case):
     for rule in printed.get("key_limits", []):
         given = next(x for x in values.get("keyLimits", []) if x["name"] == rule["name"])
         assert rule["fleet"] == given.get("fleet", False), rule
+
+
+# SPEC §11: the message guards, as the chart renders them with every value set, and as the plain
+# manifests show them (commented out) once uncommented.
+GUARD_CASES = ["chart-every-value", "native-manifest-uncommented"]
+
+
+@pytest.mark.parametrize("case", GUARD_CASES)
+def test_binary_accepts_the_message_guard_env(render, case):
+    """The WSGATE_* variables of the message guards are accepted by `wsgate check-config`, which
+    prints the values the chart (or the manifest) asked for; with them the rest of the environment
+    is accepted too."""
+    import tomllib
+
+    from conftest import MESSAGE_GUARDS_ENV, MESSAGE_GUARDS_VALUES
+    from test_helm_message_guards import _manifest_guard_block
+
+    names = {name: key for key, (name, _) in MESSAGE_GUARDS_ENV.items()}
+    if case == "chart-every-value":
+        env = env_of(wsgate_container(render(MESSAGE_GUARDS_VALUES).one("Deployment"))[0])
+    else:
+        env = {**example_env("native-sidecar.yaml"),
+               **{e["name"]: e["value"] for e in _manifest_guard_block("native-sidecar.yaml")}}
+    assert set(names) <= set(env), env
+    res = check_config(env)
+    assert res.returncode == 0, f"exit {res.returncode}\n--- env\n{env}\n--- stderr\n{res.stderr}"
+    printed = tomllib.loads(res.stdout)
+    for name in names:
+        key = name.removeprefix("WSGATE_").lower()
+        assert key in printed, f"check-config printed no {key}: {res.stdout}"
+        got, want = printed[key], env[name]
+        if key == "message_rate_action":
+            assert got == want, (key, got, want)
+        else:
+            assert float(got) == float(want), (key, got, want)
+    assert_effective(res, env)

@@ -190,3 +190,34 @@ def test_fleet_limits_row():
     assert used == {"wsgate_fleet_active", "wsgate_fleet_max", "wsgate_fleet_up",
                     "wsgate_fleet_request_duration_seconds_bucket", "wsgate_fleet_requests_total"}
     assert used <= SPEC_METRICS
+
+
+def test_message_guards_row():
+    """SPEC §11: guard actions per second by guard and action, and messages per second by direction,
+    in a row after the fleet row, with the namespace/pod selectors of every other panel."""
+    d = dashboard()
+    rows = [p["title"] for p in d["panels"] if p["type"] == "row"]
+    assert rows.index("Message guards") == rows.index("Fleet limits (Redis)") + 1, rows
+    by_title = {p["title"]: p for p in panels()}
+    sel = '{namespace=~"$namespace", pod=~"$pod"}'
+
+    guards = by_title["Guard actions by kind"]
+    (t,) = guards["targets"]
+    assert t["expr"] == f"sum by (guard, action) (rate(wsgate_message_guard_total{sel}[$__rate_interval]))"
+    assert t["legendFormat"] == "{{guard}} {{action}}"
+    assert guards["fieldConfig"]["defaults"]["unit"] == "cps"
+    # The description explains every guard/action pair and that a throttle counts once per episode.
+    for needle in ("size close", "1009", "rate close", "1008", "rate throttle", "bytes throttle", "once per episode"):
+        assert needle in guards["description"], needle
+
+    messages = by_title["Messages per second by direction"]
+    (t,) = messages["targets"]
+    assert t["expr"] == f"sum by (direction) (rate(wsgate_messages_total{sel}[$__rate_interval]))"
+    assert t["legendFormat"] == "{{direction}}"
+    assert messages["fieldConfig"]["defaults"]["unit"] == "cps"
+
+    for p in (guards, messages):
+        assert p["type"] == "timeseries" and p["fieldConfig"]["defaults"]["min"] == 0
+    exprs = " ".join(t["expr"] for p in panels() for t in p["targets"])
+    used = {n for n in METRIC_RE.findall(exprs) if n.startswith(("wsgate_message_guard", "wsgate_messages"))}
+    assert used == {"wsgate_message_guard_total", "wsgate_messages_total"} <= SPEC_METRICS

@@ -17,6 +17,12 @@ fleet). The dashboard's "Fleet limits (Redis)" row is checked against that state
 kills Redis (SIGKILL) and checks wsgate_fleet_up, the WsgateFleetRedisDown alert, the
 fleet_unavailable refusals and that the held connections still echo.
 
+Message guards (SPEC §11): the unlimited demo runs with every guard but the rate close (GUARDS_ENV);
+its one held connection stays far below them. A later test sends it a message over the size limit
+(Close 1009), a burst of messages over the message rate and a burst of bytes over the byte rate
+(both throttled, delivered in order), and checks the dashboard's "Message guards" row against that;
+the other pods, without guards, show every guard series at 0.
+
 Only processes started here are stopped, by PID.
 """
 
@@ -74,6 +80,13 @@ REDIS_SERVER_BIN = (os.environ.get("REDIS_SERVER_BIN") or shutil.which("redis-se
 FLEET_ROW = "Fleet limits (Redis)"
 FLEET_SERIES_PANELS = ("Fleet active vs fleet limit", "Redis up per pod", "Redis round-trip latency p50 / p99 by op",
                        "Fleet requests per second by op and result")
+
+# The message guards of the unlimited pod (SPEC §11): size 1 KiB; 20 messages/s after 5, throttled;
+# 4 KiB/s after 2 KiB, throttled. Its held connection sends one 9-byte message (and a ping per 20 s).
+GUARDS_ENV = {"WSGATE_MAX_MESSAGE_SIZE": "1024", "WSGATE_MESSAGE_RATE": "20", "WSGATE_MESSAGE_BURST": "5",
+              "WSGATE_MESSAGE_RATE_ACTION": "throttle", "WSGATE_BYTE_RATE": "4096", "WSGATE_BYTE_BURST": "2048"}
+GUARD_PAIRS = {("size", "close"), ("rate", "close"), ("rate", "throttle"), ("bytes", "throttle")}
+GUARDS_ROW = "Message guards"
 
 PROXY_RE = re.compile(r"^\s*proxy\s+ws://(\S+?)/")
 METRICS_RE = re.compile(r"^\s*metrics\s+http://(\S+?)/metrics")
@@ -314,7 +327,7 @@ def stack(tmp_path_factory):
         wsgate, proxy, admin = start_wsgate(tmp)
         wait_until(lambda: metric_value(scrape(admin), "wsgate_connections_max") == CAP, 20,
                    "wsgate /metrics with wsgate_connections_max 4")
-        unlimited, proxy_u, admin_u = start_wsgate(tmp, cap=0, name="wsgate-unlimited")
+        unlimited, proxy_u, admin_u = start_wsgate(tmp, cap=0, name="wsgate-unlimited", extra_env=GUARDS_ENV)
         redis, redis_port = start_redis(tmp)
         fleet, proxy_f, admin_f = start_wsgate(tmp, cap=FLEET_LOCAL_CAP, name="wsgate-fleet", extra_env={
             "WSGATE_FLEET_REDIS_URL": f"redis://127.0.0.1:{redis_port}",
@@ -387,7 +400,8 @@ def stack(tmp_path_factory):
                    30, "twelve samples of wsgate_connections_active")
         yield {"prom": prom, "proxy": proxy, "admin": admin, "refusals": refusals, "tmp": tmp, "held": held,
                "wsgate": wsgate, "conns": conns, "redis": redis, "proxy_fleet": proxy_f, "admin_fleet": admin_f,
-               "held_fleet": held_fleet, "fleet_refusals": fleet_refusals}
+               "held_fleet": held_fleet, "fleet_refusals": fleet_refusals, "proxy_unlimited": proxy_u,
+               "admin_unlimited": admin_u}
     finally:
         with contextlib.suppress(Exception):
             conns.close()
@@ -442,7 +456,7 @@ def test_every_dashboard_expression_evaluates(stack, variant):
     musts = ["Saturation per pod (active / max)", "Active connections per pod", "Admitted per second",
              "Rejected per second by reason", "Upstream errors per second by kind",
              "Bytes per second by direction", "Resident memory per pod", "Open file descriptors per pod",
-             "Readiness", "Cap per pod", "Versions"]
+             "Readiness", "Cap per pod", "Versions", "Guard actions by kind", "Messages per second by direction"]
     # The fleet row has data wherever the fleet pod is selected, and none of the wsgate_fleet_*
     # panels has any for a pod without a Redis URL.
     fleet_row = [p["title"] for p in row_panels(FLEET_ROW)]
@@ -690,6 +704,101 @@ def test_held_connections_still_echo(stack):
     for i, ws in enumerate(stack["held"]):
         ws.send(f"still here {i}")
         assert ws.recv(timeout=10) == f"still here {i}"
+
+
+def guard_counts(text: str) -> dict[tuple[str, str], float]:
+    """wsgate_message_guard_total on /metrics: {(guard, action): value}."""
+    out = {}
+    for m in re.finditer(r'^wsgate_message_guard_total\{([^}]*)\}\s+(\S+)$', text, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        out[(labels["guard"], labels["action"])] = float(m.group(2))
+    return out
+
+
+def test_message_guard_series_exist_from_start_up(stack):
+    """SPEC §11: every guard/action pair and both message directions on a pod without guards, the
+    guard series at 0; its echoes counted as messages both ways."""
+    text = scrape(stack["admin"])
+    assert guard_counts(text) == {pair: 0 for pair in GUARD_PAIRS}, text
+    for direction in ("client_to_upstream", "upstream_to_client"):
+        n = metric_value(text, "wsgate_messages_total", f'direction="{direction}"')
+        assert n is not None and n >= CAP, (direction, n)
+
+
+def connect_uncompressed(proxy: str):
+    """No permessage-deflate: the guards then count exactly the bytes the test sends."""
+    from websockets.sync.client import connect as ws_connect
+
+    return ws_connect(f"ws://{proxy}/", open_timeout=10, close_timeout=5, compression=None)
+
+
+def test_message_guards_row_shows_the_guards_at_work(stack):
+    """The unlimited pod (GUARDS_ENV): a 2 KiB message is refused with Close 1009; 30 messages sent at
+    once arrive in order at about 20/s after 5; 5 KB sent at once arrive at about 4 KiB/s after
+    2 KiB. /metrics and the dashboard's "Message guards" row show it; the other pods show 0."""
+    from websockets.exceptions import ConnectionClosedError
+
+    prom, admin_u, proxy_u = stack["prom"], stack["admin_unlimited"], stack["proxy_unlimited"]
+    sel = f'namespace="{NAMESPACE}", pod="{POD_UNLIMITED}"'
+    # Prometheus has seen the guard counters at 0, so rate() holds what follows.
+    wait_until(lambda: (prom.scalar(f'count_over_time(wsgate_message_guard_total{{{sel}, guard="size"}}[1m])') or 0)
+               >= 2, 30, "two samples of the unlimited pod's guard counters")
+    before = scrape(admin_u)
+    assert guard_counts(before) == {pair: 0 for pair in GUARD_PAIRS}, before
+    sent_before = metric_value(before, "wsgate_messages_total", 'direction="client_to_upstream"')
+
+    # Size: one incompressible message of 2 KiB > 1 KiB: never forwarded, Close 1009 to the client.
+    with connect_uncompressed(proxy_u) as ws:
+        ws.send(os.urandom(2048))
+        with pytest.raises(ConnectionClosedError) as err:
+            ws.recv(timeout=10)
+    assert err.value.rcvd is not None and err.value.rcvd.code == 1009, err.value
+
+    # Message rate, throttle: 30 messages at once; 5 pass at once, the rest at 20/s, in order.
+    with connect_uncompressed(proxy_u) as ws:
+        started = time.monotonic()
+        for i in range(30):
+            ws.send(f"m{i}")
+        got = [ws.recv(timeout=10) for _ in range(30)]
+        took = time.monotonic() - started
+    assert got == [f"m{i}" for i in range(30)]
+    assert took >= 1.0, f"30 messages at 20/s after a burst of 5 took {took:.2f}s"
+
+    # Byte rate: 5 messages of 1000 bytes (within the message burst) at once; 2048 bytes pass at
+    # once, the rest at 4096 bytes/s.
+    payloads = [os.urandom(1000) for _ in range(5)]
+    with connect_uncompressed(proxy_u) as ws:
+        started = time.monotonic()
+        for data in payloads:
+            ws.send(data)
+        got = [ws.recv(timeout=10) for _ in payloads]
+        took = time.monotonic() - started
+    assert got == payloads
+    assert took >= 0.3, f"5000 bytes at 4096/s after a burst of 2048 took {took:.2f}s"
+
+    after = scrape(admin_u)
+    counts = guard_counts(after)
+    assert counts[("size", "close")] == 1 and counts[("rate", "close")] == 0, counts
+    assert counts[("rate", "throttle")] >= 1 and counts[("bytes", "throttle")] >= 1, counts
+    sent_after = metric_value(after, "wsgate_messages_total", 'direction="client_to_upstream"')
+    assert sent_after - sent_before >= 35, (sent_before, sent_after)
+
+    wait_until(lambda: prom.scalar(f'wsgate_message_guard_total{{{sel}, guard="bytes", action="throttle"}}')
+               == counts[("bytes", "throttle")], 30, "Prometheus to see the byte throttling")
+    panels = {p["title"]: p["targets"][0]["expr"] for p in row_panels(GUARDS_ROW)}
+    assert set(panels) == {"Guard actions by kind", "Messages per second by direction"}, panels
+
+    # "All": the unlimited pod's guard actions; the rate close never happened (that pod throttles).
+    by_kind = series_by(prom.query(substitute(panels["Guard actions by kind"], "all")), "guard", "action")
+    assert set(by_kind) == GUARD_PAIRS, by_kind
+    assert by_kind[("size", "close")] > 0 and by_kind[("rate", "throttle")] > 0 and by_kind[("bytes", "throttle")] > 0
+    assert by_kind[("rate", "close")] == 0, by_kind
+    # The capped pod alone: no guards, every pair at 0.
+    assert series_by(prom.query(substitute(panels["Guard actions by kind"], "selected")), "guard", "action") == {
+        pair: 0 for pair in GUARD_PAIRS}
+    by_direction = series_by(prom.query(substitute(panels["Messages per second by direction"], "all")), "direction")
+    assert set(by_direction) == {"client_to_upstream", "upstream_to_client"}, by_direction
+    assert by_direction["client_to_upstream"] > 0 and by_direction["upstream_to_client"] > 0, by_direction
 
 
 def test_query_errors_are_reported(stack):
