@@ -762,6 +762,7 @@ def test_message_guards_row_shows_the_guards_at_work(stack):
         got = [ws.recv(timeout=10) for _ in range(30)]
         took = time.monotonic() - started
     assert got == [f"m{i}" for i in range(30)]
+    print(f"30 messages at 20/s after a burst of 5: {took:.2f}s")
     assert took >= 1.0, f"30 messages at 20/s after a burst of 5 took {took:.2f}s"
 
     # Byte rate: 5 messages of 1000 bytes (within the message burst) at once; 2048 bytes pass at
@@ -774,10 +775,12 @@ def test_message_guards_row_shows_the_guards_at_work(stack):
         got = [ws.recv(timeout=10) for _ in payloads]
         took = time.monotonic() - started
     assert got == payloads
-    assert took >= 0.3, f"5000 bytes at 4096/s after a burst of 2048 took {took:.2f}s"
+    print(f"5000 bytes at 4096/s after a burst of 2048: {took:.2f}s")
+    assert took >= 0.5, f"5000 bytes at 4096/s after a burst of 2048 took {took:.2f}s"
 
     after = scrape(admin_u)
     counts = guard_counts(after)
+    print(f"wsgate_message_guard_total on the guarded pod: {counts}")
     assert counts[("size", "close")] == 1 and counts[("rate", "close")] == 0, counts
     assert counts[("rate", "throttle")] >= 1 and counts[("bytes", "throttle")] >= 1, counts
     sent_after = metric_value(after, "wsgate_messages_total", 'direction="client_to_upstream"')
