@@ -295,30 +295,42 @@ pub(crate) fn is_valid_close_code(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
+/// A frame with `payload` as it is (the tracker never looks at payload, so
+/// it is not masked even when `mask` puts a key in the header).
+#[cfg(test)]
+pub(crate) fn encode_frame(
+    opcode: u8,
+    fin: bool,
+    payload: &[u8],
+    mask: Option<[u8; 4]>,
+) -> Vec<u8> {
+    let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
+    let m = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => f.push(m | n as u8),
+        n if n <= 0xffff => {
+            f.push(m | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(m | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    if let Some(key) = mask {
+        f.extend_from_slice(&key);
+    }
+    f.extend_from_slice(payload);
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// A frame as a client would send it (masked) or a server (unmasked).
     fn frame(opcode: u8, fin: bool, payload: &[u8], masked: bool) -> Vec<u8> {
-        let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
-        let m = if masked { 0x80 } else { 0 };
-        match payload.len() {
-            n if n < 126 => f.push(m | n as u8),
-            n if n <= 0xffff => {
-                f.push(m | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(m | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        if masked {
-            f.extend_from_slice(&[1, 2, 3, 4]);
-        }
-        f.extend_from_slice(payload);
-        f
+        encode_frame(opcode, fin, payload, masked.then_some([1, 2, 3, 4]))
     }
 
     #[test]

@@ -8,8 +8,9 @@
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 
+use super::validate::rate_limit;
 use super::values::{NonNegative, ValueKind, WholeNumber};
-use super::{ConfigError, RawConfig};
+use super::{ConfigError, RateLimit, RawConfig};
 
 /// What the message-rate guard does with a client over its bucket
 /// (`message_rate_action`).
@@ -35,26 +36,17 @@ impl ValueKind for RateAction {
     }
 }
 
-/// A token bucket's refill rate and size.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Bucket {
-    /// Tokens added per second (> 0).
-    pub per_second: f64,
-    /// Tokens the bucket holds at most (≥ 1); it starts full.
-    pub size: f64,
-}
-
 /// The message guards of one connection; `None` = that guard is off.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MessageGuards {
     /// Payload bytes one message may carry, all its fragments together.
     pub max_message_size: Option<u64>,
     /// Messages (data messages and control frames) per second.
-    pub message_rate: Option<Bucket>,
+    pub message_rate: Option<RateLimit>,
     /// What happens to a client over `message_rate`.
     pub message_rate_action: RateAction,
     /// Payload bytes per second (always throttles).
-    pub byte_rate: Option<Bucket>,
+    pub byte_rate: Option<RateLimit>,
 }
 
 impl MessageGuards {
@@ -85,22 +77,9 @@ pub(super) fn settings(raw: &RawConfig) -> Result<MessageGuards, ConfigError> {
     let byte_burst = WholeNumber::value("byte_burst", &raw.byte_burst)?;
     Ok(MessageGuards {
         max_message_size: (size > 0).then_some(size as u64),
-        message_rate: bucket(rate, burst),
+        message_rate: rate_limit(rate, burst),
         message_rate_action: action,
-        byte_rate: bucket(bytes as f64, byte_burst),
-    })
-}
-
-/// A bucket: off while the rate is 0; a size of 0 means one second's worth
-/// (at least 1 token).
-fn bucket(rate: f64, size: usize) -> Option<Bucket> {
-    (rate > 0.0).then(|| Bucket {
-        per_second: rate,
-        size: if size == 0 {
-            rate.ceil().max(1.0)
-        } else {
-            size as f64
-        },
+        byte_rate: rate_limit(bytes as f64, byte_burst),
     })
 }
 
@@ -109,10 +88,10 @@ fn bucket(rate: f64, size: usize) -> Option<Bucket> {
 pub(super) fn written<S: Serializer>(g: &MessageGuards, s: S) -> Result<S::Ok, S::Error> {
     let (rate, burst) = g
         .message_rate
-        .map_or((0.0, 0), |b| (b.per_second, b.size as u64));
+        .map_or((0.0, 0), |b| (b.per_second, b.burst as u64));
     let (bytes, byte_burst) = g
         .byte_rate
-        .map_or((0, 0), |b| (b.per_second as u64, b.size as u64));
+        .map_or((0, 0), |b| (b.per_second as u64, b.burst as u64));
     let mut map = s.serialize_map(Some(6))?;
     map.serialize_entry("max_message_size", &g.max_message_size.unwrap_or(0))?;
     map.serialize_entry("message_rate", &rate)?;
@@ -149,16 +128,16 @@ mod tests {
         .expect("valid");
         assert_eq!(
             g.message_rate,
-            Some(Bucket {
+            Some(RateLimit {
                 per_second: 2.5,
-                size: 3.0
+                burst: 3.0
             })
         );
         assert_eq!(
             g.byte_rate,
-            Some(Bucket {
+            Some(RateLimit {
                 per_second: 1024.0,
-                size: 1024.0
+                burst: 1024.0
             })
         );
         let g = settings(&raw(|r| {
@@ -167,7 +146,7 @@ mod tests {
         }))
         .expect("valid");
         assert_eq!(
-            g.message_rate.map(|b| b.size),
+            g.message_rate.map(|b| b.burst),
             Some(1.0),
             "at least one token"
         );

@@ -58,7 +58,7 @@ use serde::{Deserialize, Serialize};
 pub use self::duration::ConfigDuration;
 pub use self::error::ConfigError;
 pub use self::fleet::{FailMode, FleetSettings, RedisUrl};
-pub use self::guards::{Bucket, MessageGuards, RateAction};
+pub use self::guards::{MessageGuards, RateAction};
 pub use self::key_limits::{
     is_usable_key, JwtSettings, KeyRule, KeySource, MissingKey, RawKeyRule, TokenSource,
     MAX_KEY_LEN,
@@ -370,7 +370,7 @@ pub struct Watermarks {
     pub low: f64,
 }
 
-/// An admission token bucket.
+/// A token bucket's rate and size (admissions, message guards).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RateLimit {
     /// Tokens added per second.

@@ -80,7 +80,7 @@ impl Config {
             ),
             shutdown_delay: AnyDuration::value("shutdown_delay", &raw.shutdown_delay)?,
             drain_period: AnyDuration::value("drain_period", &raw.drain_period)?,
-            admission_rate: admission_rate(
+            admission_rate: rate_limit(
                 NonNegative::value("admission_rate", &raw.admission_rate)?,
                 WholeNumber::value("admission_burst", &raw.admission_burst)?,
             ),
@@ -162,9 +162,9 @@ fn watermarks(high: f64, low: Option<f64>) -> Option<Watermarks> {
     })
 }
 
-/// The admission token bucket: off while the rate is 0; a burst of 0
-/// means one second's worth of tokens (at least 1).
-fn admission_rate(rate: f64, burst: usize) -> Option<RateLimit> {
+/// A token bucket (admissions, message guards): off while the rate is 0;
+/// a burst of 0 means one second's worth of tokens (at least 1).
+pub(super) fn rate_limit(rate: f64, burst: usize) -> Option<RateLimit> {
     (rate > 0.0).then(|| RateLimit {
         per_second: rate,
         burst: if burst == 0 {

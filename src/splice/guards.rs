@@ -30,7 +30,7 @@ use std::time::Duration;
 use tokio::time::{sleep_until, Instant, Sleep};
 
 use super::buffers::take_buffer;
-use crate::config::{Bucket, MessageGuards, RateAction};
+use crate::config::{MessageGuards, RateAction, RateLimit};
 use crate::frames::{FrameTracker, Header};
 use crate::metrics::GuardMetrics;
 
@@ -122,11 +122,11 @@ struct TokenBucket {
 
 impl TokenBucket {
     /// A full bucket.
-    fn new(b: Bucket, now: Instant) -> Self {
+    fn new(b: RateLimit, now: Instant) -> Self {
         TokenBucket {
             per_second: b.per_second,
-            size: b.size,
-            tokens: b.size,
+            size: b.burst,
+            tokens: b.burst,
             at: now,
         }
     }
@@ -359,24 +359,11 @@ impl Guards {
 mod tests {
     use super::*;
     use crate::config::MessageGuards;
+    use crate::frames::encode_frame;
 
-    /// A masked client frame.
+    /// A masked client frame of `len` bytes.
     fn frame(opcode: u8, fin: bool, len: usize) -> Vec<u8> {
-        let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
-        match len {
-            n if n < 126 => f.push(0x80 | n as u8),
-            n if n <= 0xffff => {
-                f.push(0x80 | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(0x80 | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        f.extend_from_slice(&[1, 2, 3, 4]);
-        f.extend(std::iter::repeat_n(0x33, len));
-        f
+        encode_frame(opcode, fin, &vec![0x33; len], Some([1, 2, 3, 4]))
     }
 
     fn guards(edit: impl FnOnce(&mut MessageGuards)) -> Box<Guards> {
@@ -385,8 +372,8 @@ mod tests {
         Guards::new(&settings, &GuardMetrics::unregistered()).expect("a guard is on")
     }
 
-    fn rate(per_second: f64, size: f64) -> Option<Bucket> {
-        Some(Bucket { per_second, size })
+    fn rate(per_second: f64, burst: f64) -> Option<RateLimit> {
+        Some(RateLimit { per_second, burst })
     }
 
     #[test]

@@ -551,7 +551,7 @@ mod size_guard_props {
 
     use super::*;
     use crate::config::MessageGuards;
-    use crate::frames::{apply_mask, Header};
+    use crate::frames::{apply_mask, encode_frame, Header};
     use crate::metrics::GuardMetrics;
 
     /// What the pipe forwards of one read, as `poll` does it: carried bytes
@@ -570,20 +570,13 @@ mod size_guard_props {
 
     /// A masked client frame; `key` varies so payloads differ on the wire.
     fn frame(out: &mut Vec<u8>, opcode: u8, fin: bool, len: usize, key: u8) {
-        out.push(if fin { 0x80 } else { 0 } | opcode);
-        match len {
-            n if n < 126 => out.push(0x80 | n as u8),
-            n if n <= 0xffff => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&[key, key ^ 0x5a, 3, 4]);
-        out.extend((0..len).map(|i| (i as u8).wrapping_mul(31) ^ key));
+        let payload: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31) ^ key).collect();
+        out.extend(encode_frame(
+            opcode,
+            fin,
+            &payload,
+            Some([key, key ^ 0x5a, 3, 4]),
+        ));
     }
 
     /// (fragment payload lengths, a ping after each fragment?) per message.
