@@ -531,6 +531,88 @@ mod tests {
         );
     }
 
+    /// A drain that waits for the end of a message still holds the client
+    /// to its size limit: the oversized fragment is not forwarded, the
+    /// drain's own Close goes in its place, and the splice is not asked for
+    /// a second, guard Close (it is closing already).
+    #[test]
+    fn a_closing_direction_still_refuses_an_oversized_fragment() {
+        use crate::config::MessageGuards;
+        use crate::frames::encode_frame;
+        use crate::metrics::GuardMetrics;
+
+        let settings = MessageGuards {
+            max_message_size: Some(100),
+            ..MessageGuards::OFF
+        };
+        let guards = Guards::new(&settings, &GuardMetrics::unregistered());
+        let mut pipe = Pipe::new(Bytes::new(), guards);
+        let key = Some([1, 2, 3, 4]);
+        let first = encode_frame(0x2, false, &[7; 60], key);
+        let mut buf = first.clone();
+        pipe.process(&mut buf);
+        assert_eq!(buf, first, "within the limit: forwarded");
+        let drain = close_frame(1001, "draining", Some([5, 6, 7, 8]));
+        pipe.begin_close(drain.clone());
+        assert!(
+            matches!(pipe.phase, Phase::InjectAtBoundary(_)),
+            "mid-message"
+        );
+        let mut buf = encode_frame(0x0, true, &[7; 41], key);
+        pipe.process(&mut buf);
+        assert_eq!(
+            buf, drain,
+            "the 101st byte's fragment is dropped, the drain's Close sent"
+        );
+        assert!(matches!(pipe.phase, Phase::CloseQueued { replied: false }));
+        assert_eq!(pipe.take_tripped(), None);
+    }
+
+    /// Bytes held back for tokens when a drain begins at a message boundary
+    /// are not forwarded after the drain's Close: they are watched for the
+    /// client's reply like anything it sends from then on.
+    #[tokio::test(start_paused = true)]
+    async fn bytes_held_for_tokens_are_not_forwarded_after_a_close() {
+        use crate::config::{MessageGuards, RateLimit};
+        use crate::frames::encode_frame;
+        use crate::metrics::GuardMetrics;
+
+        let settings = MessageGuards {
+            message_rate: Some(RateLimit {
+                per_second: 1.0,
+                burst: 1.0,
+            }),
+            ..MessageGuards::OFF
+        };
+        let guards = Guards::new(&settings, &GuardMetrics::unregistered());
+        let mut pipe = Pipe::new(Bytes::new(), guards);
+        let key = Some([1, 2, 3, 4]);
+        let one = encode_frame(0x1, true, b"one", key);
+        let mut buf = one.clone();
+        buf.extend(encode_frame(0x1, true, b"two", key));
+        pipe.process(&mut buf);
+        assert_eq!(buf, one, "the second message waits for a token");
+        pipe.begin_close(close_frame(1001, "draining", Some([5, 6, 7, 8])));
+        assert!(matches!(pipe.phase, Phase::CloseQueued { .. }));
+        pipe.pending_written();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let Some(Poll::Ready(Some(held))) = pipe
+            .guards
+            .as_deref_mut()
+            .map(|g| g.poll_held(&mut cx, false))
+        else {
+            panic!("held bytes")
+        };
+        let mut buf = held;
+        buf.extend(close_frame(1000, "", Some([9, 9, 9, 9])));
+        pipe.process(&mut buf);
+        assert!(buf.is_empty(), "dropped, not forwarded");
+        assert!(
+            pipe.close_finished(),
+            "the client's reply behind them was seen"
+        );
+    }
+
     #[test]
     fn a_finished_direction_stays_finished() {
         let mut pipe = Pipe::new(Bytes::new(), None);
