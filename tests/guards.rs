@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -104,6 +104,11 @@ impl ConnLog {
 
     fn count(&self, opcode: u8) -> usize {
         self.frames.iter().filter(|f| f.opcode() == opcode).count()
+    }
+
+    /// From the first byte received to the last.
+    fn span(&self) -> Duration {
+        self.last_byte.expect("bytes") - self.first_byte.expect("bytes")
     }
 }
 
@@ -312,6 +317,48 @@ fn server_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
 
 // ---------------------------------------------------------------- helpers
 
+/// wsgate in front of its own [`FrameUpstream`], both kept for the whole
+/// test.
+struct Guarded {
+    _up: FrameUpstream,
+    gate: Sidecar,
+    /// This process's descriptors before the client connected, for
+    /// [`wait_fds`].
+    fds: usize,
+}
+
+impl Guarded {
+    /// wsgate's admin address (metrics).
+    fn admin(&self) -> SocketAddr {
+        self.gate.admin
+    }
+
+    /// After a refusal: [`assert_released_and_counted_once`], then, with
+    /// the client's socket `s` dropped, every descriptor of this process is
+    /// back.
+    async fn assert_all_released(&self, s: TcpStream, refusal: &Refusal) {
+        assert_released_and_counted_once(self.admin(), refusal).await;
+        drop(s);
+        wait_fds(self.fds, 0).await;
+    }
+}
+
+/// A [`FrameUpstream`], wsgate in front of it with `config(upstream)`, and
+/// a raw client upgraded on `path` ([`tunnel`]): the two, the client, and
+/// what the upstream receives on the client's connection.
+async fn through(
+    config: impl FnOnce(SocketAddr) -> RawConfig,
+    path: &str,
+) -> (Guarded, TcpStream, Log) {
+    let up = FrameUpstream::spawn().await;
+    let gate = spawn_sidecar(config(up.addr)).await;
+    let fds = open_fds();
+    let s = tunnel(gate.addr, path).await;
+    let log = up.conn(path).await;
+    let guarded = Guarded { _up: up, gate, fds };
+    (guarded, s, log)
+}
+
 /// Polls `f` every 5 ms until it gives a value; fails after `limit`.
 async fn until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
@@ -354,7 +401,9 @@ async fn tunnel(addr: SocketAddr, path: &str) -> TcpStream {
 
 /// Reads frames until wsgate's Close; returns its (code, reason) and the
 /// frames before it (first byte, payload). wsgate's frames are unmasked.
-async fn client_sees_close(s: &mut TcpStream) -> ((u16, String), Vec<(u8, Vec<u8>)>) {
+async fn client_sees_close(
+    s: &mut (impl AsyncRead + Unpin),
+) -> ((u16, String), Vec<(u8, Vec<u8>)>) {
     let mut before = Vec::new();
     loop {
         let (b0, masked, payload) = read_frame(s).await;
@@ -366,12 +415,15 @@ async fn client_sees_close(s: &mut TcpStream) -> ((u16, String), Vec<(u8, Vec<u8
     }
 }
 
+/// A client's Close frame with `code`.
+fn close_frame(code: u16) -> Vec<u8> {
+    client_frame(0x8, true, &code.to_be_bytes())
+}
+
 /// The client's reply to wsgate's Close; then wsgate closes TCP. Returns
 /// how many bytes came after the Close (none should).
 async fn reply_close(s: &mut TcpStream, code: u16) -> usize {
-    s.write_all(&client_frame(0x8, true, &code.to_be_bytes()))
-        .await
-        .expect("close reply");
+    s.write_all(&close_frame(code)).await.expect("close reply");
     read_to_eof(s).await
 }
 
@@ -404,9 +456,37 @@ async fn upstream_close(log: &Log) -> (u16, String) {
     .await
 }
 
+/// `max_message_size` = [`LIMIT`].
 fn size_guarded(upstream: SocketAddr) -> RawConfig {
     RawConfig {
         max_message_size: LIMIT as i64,
+        ..test_config(upstream)
+    }
+}
+
+/// `message_rate = 100`, `message_burst = 10`, the default action
+/// (throttle).
+fn rate_guarded(upstream: SocketAddr) -> RawConfig {
+    RawConfig {
+        message_rate: 100.0,
+        message_burst: 10,
+        ..test_config(upstream)
+    }
+}
+
+/// [`rate_guarded`] with `message_rate_action = close`.
+fn rate_closing(upstream: SocketAddr) -> RawConfig {
+    RawConfig {
+        message_rate_action: "close".into(),
+        ..rate_guarded(upstream)
+    }
+}
+
+/// `byte_rate = 1 MiB/s`, `byte_burst = 64 KiB`.
+fn byte_guarded(upstream: SocketAddr) -> RawConfig {
+    RawConfig {
+        byte_rate: 1 << 20,
+        byte_burst: 65536,
         ..test_config(upstream)
     }
 }
@@ -426,6 +506,108 @@ fn assert_upstream_close(log: &ConnLog, reason: &str) {
     );
 }
 
+/// The upstream saw exactly one frame header, wsgate's Close: nothing of
+/// the refused frame, not even its header.
+fn assert_only_the_close_header(log: &ConnLog) {
+    assert_eq!(
+        log.headers.len(),
+        1,
+        "headers the upstream saw: {:?}",
+        log.headers
+    );
+}
+
+/// How a guard ends a connection: the Close the client gets, the reason
+/// of the 1001 the upstream gets, and the guard's metric label.
+struct Refusal {
+    code: u16,
+    reason: &'static str,
+    upstream_reason: &'static str,
+    guard: &'static str,
+}
+
+impl Refusal {
+    /// The payload length of wsgate's Close to the upstream (code and
+    /// reason).
+    fn upstream_close_len(&self) -> u64 {
+        2 + self.upstream_reason.len() as u64
+    }
+}
+
+/// The size guard's refusal.
+const TOO_BIG: Refusal = Refusal {
+    code: 1009,
+    reason: "message too big",
+    upstream_reason: "client message too big",
+    guard: "size",
+};
+
+/// The message rate guard's refusal (`message_rate_action = close`).
+const RATE_EXCEEDED: Refusal = Refusal {
+    code: 1008,
+    reason: "message rate exceeded",
+    upstream_reason: "client exceeded message rate",
+    guard: "rate",
+};
+
+/// A guard closed the connection with `code`: the client reads wsgate's
+/// Close with that code, the upstream receives a Close, and after the
+/// client's reply with the same code nothing more comes. Returns wsgate's
+/// reason and the frames the client read before the Close.
+async fn assert_guard_closed(
+    s: &mut TcpStream,
+    log: &Log,
+    code: u16,
+) -> (String, Vec<(u8, Vec<u8>)>) {
+    let ((got, reason), before) = client_sees_close(s).await;
+    assert_eq!(got, code, "wsgate's Close to the client: {reason}");
+    upstream_close(log).await;
+    assert_eq!(reply_close(s, code).await, 0, "bytes after the Close");
+    (reason, before)
+}
+
+/// [`assert_guard_closed`] with `refusal`'s code and reason, then the
+/// upstream connection ends with wsgate's masked Close 1001 as its last
+/// frame ([`assert_upstream_close`]). Returns the frames the client read
+/// before the Close; what else the upstream received is the caller's to
+/// check.
+async fn assert_refused(s: &mut TcpStream, log: &Log, refusal: &Refusal) -> Vec<(u8, Vec<u8>)> {
+    let (reason, before) = assert_guard_closed(s, log, refusal.code).await;
+    assert_eq!(reason, refusal.reason);
+    until("the upstream connection ends", DEADLINE, || {
+        lock(log).ended.then_some(())
+    })
+    .await;
+    assert_upstream_close(&lock(log), refusal.upstream_reason);
+    before
+}
+
+/// After a refusal: the slot is released and the guard counted exactly one
+/// close.
+async fn assert_released_and_counted_once(admin: SocketAddr, refusal: &Refusal) {
+    wait_metric(admin, ACTIVE, 0.0).await;
+    assert_eq!(guard_metric(admin, refusal.guard, "close").await, 1.0);
+}
+
+/// After the client's Close 1000: wsgate answers with Close 1000, closes
+/// TCP, and the slot is released. `context` names the case in a failure.
+async fn assert_client_close_answered(mut s: TcpStream, admin: SocketAddr, context: &str) {
+    let (b0, _, reply) = read_frame(&mut s).await;
+    assert_eq!((b0, close_payload(&reply).0), (0x88, 1000), "{context}");
+    read_to_eof(&mut s).await;
+    drop(s);
+    wait_metric(admin, ACTIVE, 0.0).await;
+}
+
+/// Waits up to `limit` until the upstream has received at least `n` data
+/// frames.
+async fn wait_data_frames(log: &Log, n: usize, limit: Duration) {
+    until(&format!("{n} data frames at the upstream"), limit, || {
+        (lock(log).data().len() >= n).then_some(())
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------- size
 
 /// A message of exactly `max_message_size` passes, in one frame and in 8
@@ -433,9 +615,7 @@ fn assert_upstream_close(log: &ConnLog, reason: &str) {
 /// nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_of_exactly_the_limit_passes_byte_identical_both_ways() {
-    let up = FrameUpstream::spawn().await;
-    let gate = spawn_sidecar(size_guarded(up.addr)).await;
-    let mut s = tunnel(gate.addr, ECHO_PATH).await;
+    let (g, mut s, log) = through(size_guarded, ECHO_PATH).await;
     let payload = pattern(LIMIT);
 
     s.write_all(&client_frame(0x2, true, &payload))
@@ -461,7 +641,6 @@ async fn a_message_of_exactly_the_limit_passes_byte_identical_both_ways() {
     }
     assert!(back == payload, "the fragmented message changed on its way");
 
-    let log = up.conn(ECHO_PATH).await;
     {
         let l = lock(&log);
         let data = l.data();
@@ -471,16 +650,10 @@ async fn a_message_of_exactly_the_limit_passes_byte_identical_both_ways() {
         let joined: Vec<u8> = data[1..].iter().flat_map(|f| f.payload.clone()).collect();
         assert!(joined == payload);
     }
-    assert_eq!(guard_metric(gate.admin, "size", "close").await, 0.0);
+    assert_eq!(guard_metric(g.admin(), "size", "close").await, 0.0);
 
-    s.write_all(&client_frame(0x8, true, &1000u16.to_be_bytes()))
-        .await
-        .expect("close");
-    let (b0, _, reply) = read_frame(&mut s).await;
-    assert_eq!((b0, close_payload(&reply).0), (0x88, 1000));
-    read_to_eof(&mut s).await;
-    drop(s);
-    wait_metric(gate.admin, ACTIVE, 0.0).await;
+    s.write_all(&close_frame(1000)).await.expect("close");
+    assert_client_close_answered(s, g.admin(), "the client's Close").await;
 }
 
 /// One byte over the limit in a single frame: the client gets Close 1009,
@@ -489,35 +662,17 @@ async fn a_message_of_exactly_the_limit_passes_byte_identical_both_ways() {
 /// every descriptor are where they should be.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_byte_over_the_limit_in_one_frame_is_refused_at_its_header() {
-    let up = FrameUpstream::spawn().await;
-    let gate = spawn_sidecar(size_guarded(up.addr)).await;
-    let fds = open_fds();
-    let mut s = tunnel(gate.addr, "/").await;
-    let log = up.conn("/").await;
+    let (g, mut s, log) = through(size_guarded, "/").await;
 
     s.write_all(&client_frame(0x2, true, &pattern(LIMIT + 1)))
         .await
         .expect("write");
-    let ((code, reason), before) = client_sees_close(&mut s).await;
-    assert_eq!((code, reason.as_str()), (1009, "message too big"));
+    let before = assert_refused(&mut s, &log, &TOO_BIG).await;
     assert!(before.is_empty(), "frames before the Close: {before:?}");
-
-    upstream_close(&log).await;
-    assert_eq!(reply_close(&mut s, 1009).await, 0, "bytes after the Close");
-    until("the upstream connection ends", DEADLINE, || {
-        lock(&log).ended.then_some(())
-    })
-    .await;
     {
         let l = lock(&log);
-        assert_eq!(
-            l.headers.len(),
-            1,
-            "headers the upstream saw: {:?}",
-            l.headers
-        );
-        assert_upstream_close(&l, "client message too big");
-        let close_frame_len = 2 + 4 + 2 + "client message too big".len() as u64;
+        assert_only_the_close_header(&l);
+        let close_frame_len = 2 + 4 + TOO_BIG.upstream_close_len();
         assert_eq!(
             (l.bytes, l.trailing),
             (close_frame_len, 0),
@@ -525,10 +680,7 @@ async fn one_byte_over_the_limit_in_one_frame_is_refused_at_its_header() {
         );
     }
 
-    wait_metric(gate.admin, ACTIVE, 0.0).await;
-    assert_eq!(guard_metric(gate.admin, "size", "close").await, 1.0);
-    drop(s);
-    wait_fds(fds, 0).await;
+    g.assert_all_released(s, &TOO_BIG).await;
 }
 
 /// 64 KiB + 1 in 8 fragments, with a ping between them: the fragments
@@ -538,11 +690,7 @@ async fn one_byte_over_the_limit_in_one_frame_is_refused_at_its_header() {
 /// Close 1009.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_byte_over_the_limit_in_8_fragments_stops_at_the_crossing_fragment() {
-    let up = FrameUpstream::spawn().await;
-    let gate = spawn_sidecar(size_guarded(up.addr)).await;
-    let fds = open_fds();
-    let mut s = tunnel(gate.addr, "/").await;
-    let log = up.conn("/").await;
+    let (g, mut s, log) = through(size_guarded, "/").await;
 
     let payload = pattern(LIMIT + 1);
     // 7 × 8192 = 57,344 bytes pass; the 8th, 8193 bytes, crosses the limit.
@@ -565,22 +713,15 @@ async fn one_byte_over_the_limit_in_8_fragments_stops_at_the_crossing_fragment()
     let rest: Vec<u8> = (4..8).flat_map(frame).collect();
     s.write_all(&rest).await.expect("fragments 5 to 8");
 
-    let ((code, reason), before) = client_sees_close(&mut s).await;
-    assert_eq!((code, reason.as_str()), (1009, "message too big"));
+    let before = assert_refused(&mut s, &log, &TOO_BIG).await;
     assert!(before.is_empty(), "frames before the Close: {before:?}");
-    upstream_close(&log).await;
-    assert_eq!(reply_close(&mut s, 1009).await, 0, "bytes after the Close");
-    until("the upstream connection ends", DEADLINE, || {
-        lock(&log).ended.then_some(())
-    })
-    .await;
     {
         let l = lock(&log);
         let want_headers: Vec<(u8, u64)> = [(0x02, 8192), (0x00, 8192), (0x00, 8192), (0x00, 8192)]
             .into_iter()
             .chain([(0x89, 17)])
             .chain([(0x00, 8192); 3])
-            .chain([(0x88, 2 + "client message too big".len() as u64)])
+            .chain([(0x88, TOO_BIG.upstream_close_len())])
             .collect();
         assert_eq!(l.headers, want_headers, "frame headers the upstream saw");
         let joined: Vec<u8> = l.data().iter().flat_map(|f| f.payload.clone()).collect();
@@ -588,14 +729,10 @@ async fn one_byte_over_the_limit_in_8_fragments_stops_at_the_crossing_fragment()
             joined == payload[..7 * 8192],
             "the 7 fragments within the limit arrived intact"
         );
-        assert_upstream_close(&l, "client message too big");
         assert_eq!(l.trailing, 0);
     }
 
-    wait_metric(gate.admin, ACTIVE, 0.0).await;
-    assert_eq!(guard_metric(gate.admin, "size", "close").await, 1.0);
-    drop(s);
-    wait_fds(fds, 0).await;
+    g.assert_all_released(s, &TOO_BIG).await;
 }
 
 /// A read that ends inside the header of an oversized frame: the bytes
@@ -603,11 +740,8 @@ async fn one_byte_over_the_limit_in_8_fragments_stops_at_the_crossing_fragment()
 /// one, whatever the reads look like.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_frame_whose_header_is_split_across_reads_is_not_forwarded_at_all() {
-    let up = FrameUpstream::spawn().await;
-    let gate = spawn_sidecar(size_guarded(up.addr)).await;
-    let mut s = tunnel(gate.addr, "/").await;
+    let (_g, mut s, log) = through(size_guarded, "/").await;
     s.set_nodelay(true).expect("TCP_NODELAY");
-    let log = up.conn("/").await;
     let small = client_frame(0x1, true, b"before");
     let big = client_frame(0x2, true, &pattern(LIMIT + 1));
     assert_eq!(big.len(), 14 + LIMIT + 1, "a 64-bit length and a mask");
@@ -629,24 +763,16 @@ async fn an_oversized_frame_whose_header_is_split_across_reads_is_not_forwarded_
     tokio::time::sleep(Duration::from_millis(50)).await;
     s.write_all(&big[14..]).await.expect("write");
 
-    let ((code, reason), _) = client_sees_close(&mut s).await;
-    assert_eq!((code, reason.as_str()), (1009, "message too big"));
-    upstream_close(&log).await;
-    assert_eq!(reply_close(&mut s, 1009).await, 0, "bytes after the Close");
-    until("the upstream connection ends", DEADLINE, || {
-        lock(&log).ended.then_some(())
-    })
-    .await;
+    assert_refused(&mut s, &log, &TOO_BIG).await;
     let l = lock(&log);
-    let close_len = 2 + 4 + 2 + "client message too big".len();
     assert_eq!(
         l.headers,
-        vec![(0x81, 6), (0x88, close_len as u64 - 6)],
+        vec![(0x81, 6), (0x88, TOO_BIG.upstream_close_len())],
         "frame headers the upstream saw"
     );
     assert_eq!(l.data()[0].payload, b"before");
-    assert_upstream_close(&l, "client message too big");
-    assert_eq!((l.bytes, l.trailing), ((small.len() + close_len) as u64, 0));
+    let close_len = 2 + 4 + TOO_BIG.upstream_close_len();
+    assert_eq!((l.bytes, l.trailing), (small.len() as u64 + close_len, 0));
 }
 
 /// An oversized frame the client sends in the same write as its upgrade
@@ -663,28 +789,11 @@ async fn an_oversized_frame_sent_with_the_handshake_is_refused_too() {
     s.write_all(&bytes).await.expect("write");
     let head = read_head(&mut s).await;
     assert_eq!(status_of(&head), 101, "{head}");
-    let ((code, reason), before) = client_sees_close(&mut s).await;
-    assert_eq!((code, reason.as_str()), (1009, "message too big"));
-    assert!(before.is_empty(), "frames before the Close: {before:?}");
     let log = up.conn("/").await;
-    upstream_close(&log).await;
-    assert_eq!(reply_close(&mut s, 1009).await, 0, "bytes after the Close");
-    until("the upstream connection ends", DEADLINE, || {
-        lock(&log).ended.then_some(())
-    })
-    .await;
-    {
-        let l = lock(&log);
-        assert_eq!(
-            l.headers.len(),
-            1,
-            "headers the upstream saw: {:?}",
-            l.headers
-        );
-        assert_upstream_close(&l, "client message too big");
-    }
-    wait_metric(gate.admin, ACTIVE, 0.0).await;
-    assert_eq!(guard_metric(gate.admin, "size", "close").await, 1.0);
+    let before = assert_refused(&mut s, &log, &TOO_BIG).await;
+    assert!(before.is_empty(), "frames before the Close: {before:?}");
+    assert_only_the_close_header(&lock(&log));
+    assert_released_and_counted_once(gate.admin, &TOO_BIG).await;
 }
 
 /// Control frames are not subject to the size guard: with
@@ -692,13 +801,11 @@ async fn an_oversized_frame_sent_with_the_handshake_is_refused_too() {
 /// message passes; a 101-byte message is refused.
 #[tokio::test]
 async fn control_frames_are_not_subject_to_the_size_guard() {
-    let up = FrameUpstream::spawn().await;
-    let gate = spawn_sidecar(RawConfig {
+    let config = |up| RawConfig {
         max_message_size: 100,
-        ..test_config(up.addr)
-    })
-    .await;
-    let mut s = tunnel(gate.addr, ECHO_PATH).await;
+        ..test_config(up)
+    };
+    let (g, mut s, _) = through(config, ECHO_PATH).await;
     s.write_all(&client_frame(0x9, true, &[7u8; 125]))
         .await
         .expect("ping");
@@ -713,8 +820,7 @@ async fn control_frames_are_not_subject_to_the_size_guard() {
     let ((code, _), _) = client_sees_close(&mut s).await;
     assert_eq!(code, 1009);
     assert_eq!(reply_close(&mut s, 1009).await, 0);
-    wait_metric(gate.admin, ACTIVE, 0.0).await;
-    assert_eq!(guard_metric(gate.admin, "size", "close").await, 1.0);
+    assert_released_and_counted_once(g.admin(), &TOO_BIG).await;
 }
 
 // ---------------------------------------------------------------- message rate
@@ -844,10 +950,7 @@ async fn rate_throttle_delivers_everything_in_order_at_the_rate_and_spares_other
     // The backlog drains at 100/s: allow half as long again, and 5 s.
     let backlog = sent.saturating_sub(lock(&log).data().len());
     let drain = Duration::from_secs_f64(backlog as f64 / 100.0 * 1.5 + 5.0);
-    until(&format!("{sent} messages at the upstream"), drain, || {
-        (lock(&log).data().len() >= sent).then_some(())
-    })
-    .await;
+    wait_data_frames(&log, sent, drain).await;
 
     let (first, last, count) = {
         let l = lock(&log);
@@ -876,9 +979,7 @@ async fn rate_throttle_delivers_everything_in_order_at_the_rate_and_spares_other
     let growth = rss_5s as i64 - rss_1s as i64;
 
     // The client closes: its Close is never held back.
-    wr.write_all(&client_frame(0x8, true, &1000u16.to_be_bytes()))
-        .await
-        .expect("close");
+    wr.write_all(&close_frame(1000)).await.expect("close");
     let mut tail = Vec::new();
     within("the flood connection ends", rd.read_to_end(&mut tail))
         .await
@@ -913,34 +1014,14 @@ async fn rate_throttle_delivers_everything_in_order_at_the_rate_and_spares_other
 /// comes back (cap 1: the next client is admitted).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_close_sends_1008_and_1001_and_frees_the_slot() {
-    let up = FrameUpstream::spawn().await;
-    let gate = spawn_sidecar(
-        RawConfig {
-            message_rate: 100.0,
-            message_burst: 10,
-            message_rate_action: "close".into(),
-            ..test_config(up.addr)
-        }
-        .cap(1),
-    )
-    .await;
-    let fds = open_fds();
-    let mut s = tunnel(gate.addr, "/first").await;
-    let log = up.conn("/first").await;
+    let (g, mut s, log) = through(|up| rate_closing(up).cap(1), "/first").await;
     let burst: Vec<u8> = (0..50u32)
         .flat_map(|i| client_frame(0x1, true, format!("message {i}").as_bytes()))
         .collect();
     s.write_all(&burst).await.expect("50 messages at once");
 
-    let ((code, reason), before) = client_sees_close(&mut s).await;
-    assert_eq!((code, reason.as_str()), (1008, "message rate exceeded"));
+    let before = assert_refused(&mut s, &log, &RATE_EXCEEDED).await;
     assert!(before.is_empty(), "frames before the Close: {before:?}");
-    upstream_close(&log).await;
-    assert_eq!(reply_close(&mut s, 1008).await, 0, "bytes after the Close");
-    until("the upstream connection ends", DEADLINE, || {
-        lock(&log).ended.then_some(())
-    })
-    .await;
     {
         let l = lock(&log);
         let data = l.data();
@@ -954,22 +1035,25 @@ async fn rate_close_sends_1008_and_1001_and_frees_the_slot() {
         for (i, f) in data.iter().enumerate() {
             assert_eq!(f.payload, format!("message {i}").as_bytes());
         }
-        assert_upstream_close(&l, "client exceeded message rate");
     }
 
-    wait_metric(gate.admin, ACTIVE, 0.0).await;
-    assert_eq!(guard_metric(gate.admin, "rate", "close").await, 1.0);
-    assert_eq!(guard_metric(gate.admin, "rate", "throttle").await, 0.0);
-    drop(s);
-    wait_fds(fds, 0).await;
+    g.assert_all_released(s, &RATE_EXCEEDED).await;
+    assert_eq!(guard_metric(g.admin(), "rate", "throttle").await, 0.0);
     let mut next = within(
         "the next client",
-        connect(&format!("ws://{}/echo", gate.addr)),
+        connect(&format!("ws://{}/echo", g.gate.addr)),
     )
     .await
     .expect("the slot came back");
     echo_text(&mut next, "the slot is free again").await;
     close_cleanly(next).await;
+}
+
+/// Ten thousand pings, each carrying its number (big-endian `u32`).
+fn ping_flood() -> Vec<u8> {
+    (0..10_000u32)
+        .flat_map(|i| client_frame(0x9, true, &i.to_be_bytes()))
+        .collect()
 }
 
 /// Ten thousand pings as fast as possible, throttle: control frames count
@@ -978,20 +1062,10 @@ async fn rate_close_sends_1008_and_1001_and_frees_the_slot() {
 /// that vanishes while throttled still gets its slot released.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ping_flood_is_throttled_to_the_message_rate() {
-    let up = FrameUpstream::spawn().await;
-    let gate = spawn_sidecar(RawConfig {
-        message_rate: 100.0,
-        message_burst: 10,
-        ..test_config(up.addr)
-    })
-    .await;
-    let s = tunnel(gate.addr, "/pings").await;
+    let (g, s, log) = through(rate_guarded, "/pings").await;
     set_reset_on_close(&s);
-    let log = up.conn("/pings").await;
     let (rd, mut wr) = s.into_split();
-    let pings: Vec<u8> = (0..10_000u32)
-        .flat_map(|i| client_frame(0x9, true, &i.to_be_bytes()))
-        .collect();
+    let pings = ping_flood();
     let writer = tokio::spawn(async move {
         let _ = wr.write_all(&pings).await;
         wr
@@ -1016,7 +1090,7 @@ async fn a_ping_flood_is_throttled_to_the_message_rate() {
         )
     };
     let expected = 10.0 + 100.0 * window.as_secs_f64();
-    let throttles = wait_guard_at_least(gate.admin, "rate", "throttle", 1.0).await;
+    let throttles = wait_guard_at_least(g.admin(), "rate", "throttle", 1.0).await;
     println!(
         "{in_window} pings in {window:?} (expected {expected}); throttle episodes {throttles}"
     );
@@ -1030,7 +1104,7 @@ async fn a_ping_flood_is_throttled_to_the_message_rate() {
     writer.abort();
     drop(writer.await);
     drop(rd);
-    wait_metric(gate.admin, ACTIVE, 0.0).await;
+    wait_metric(g.admin(), ACTIVE, 0.0).await;
 }
 
 /// Ten thousand pings as fast as possible with `message_rate_action =
@@ -1038,36 +1112,21 @@ async fn a_ping_flood_is_throttled_to_the_message_rate() {
 /// client and 1001 to the upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ping_flood_with_action_close_gets_1008() {
-    let up = FrameUpstream::spawn().await;
-    let gate = spawn_sidecar(RawConfig {
-        message_rate: 100.0,
-        message_burst: 10,
-        message_rate_action: "close".into(),
-        ..test_config(up.addr)
-    })
-    .await;
-    let s = tunnel(gate.addr, "/pings").await;
-    let log = up.conn("/pings").await;
+    let (g, s, log) = through(rate_closing, "/pings").await;
     let (mut rd, mut wr) = s.into_split();
-    let pings: Vec<u8> = (0..10_000u32)
-        .flat_map(|i| client_frame(0x9, true, &i.to_be_bytes()))
-        .collect();
+    let pings = ping_flood();
     let writer = tokio::spawn(async move {
         // wsgate drops what follows its Close while it waits for our reply.
         wr.write_all(&pings).await.expect("10,000 pings");
         wr
     });
 
-    let mut before = Vec::new();
-    let (code, reason) = loop {
-        let (b0, masked, payload) = read_frame_from(&mut rd).await;
-        assert!(!masked);
-        if b0 == 0x88 {
-            break close_payload(&payload);
-        }
-        before.push(b0);
-    };
-    assert_eq!((code, reason.as_str()), (1008, "message rate exceeded"));
+    let ((code, reason), frames) = client_sees_close(&mut rd).await;
+    assert_eq!(
+        (code, reason.as_str()),
+        (RATE_EXCEEDED.code, RATE_EXCEEDED.reason)
+    );
+    let before: Vec<u8> = frames.iter().map(|(b0, _)| *b0).collect();
     assert!(
         before.iter().all(|&b| b == 0x8a) && before.len() <= 11,
         "before the Close: {before:?}"
@@ -1075,9 +1134,7 @@ async fn a_ping_flood_with_action_close_gets_1008() {
     let mut wr = within("the pings are written", writer)
         .await
         .expect("writer");
-    wr.write_all(&client_frame(0x8, true, &1008u16.to_be_bytes()))
-        .await
-        .expect("close reply");
+    wr.write_all(&close_frame(1008)).await.expect("close reply");
     let mut tail = Vec::new();
     within("wsgate closes", rd.read_to_end(&mut tail))
         .await
@@ -1088,36 +1145,9 @@ async fn a_ping_flood_with_action_close_gets_1008() {
         let l = lock(&log);
         let pings = l.count(0x9);
         assert!((10..=11).contains(&pings), "{pings} pings forwarded");
-        assert_upstream_close(&l, "client exceeded message rate");
+        assert_upstream_close(&l, RATE_EXCEEDED.upstream_reason);
     }
-    wait_metric(gate.admin, ACTIVE, 0.0).await;
-    assert_eq!(guard_metric(gate.admin, "rate", "close").await, 1.0);
-}
-
-/// [`read_frame`] on a read half.
-async fn read_frame_from(s: &mut OwnedReadHalf) -> (u8, bool, Vec<u8>) {
-    let mut h = [0u8; 2];
-    within("frame header", s.read_exact(&mut h))
-        .await
-        .expect("frame header");
-    let masked = h[1] & 0x80 != 0;
-    let len = match h[1] & 0x7f {
-        126 => u64::from(s.read_u16().await.expect("length")),
-        127 => s.read_u64().await.expect("length"),
-        n => u64::from(n),
-    };
-    let mut key = [0u8; 4];
-    if masked {
-        s.read_exact(&mut key).await.expect("mask");
-    }
-    let mut payload = vec![0u8; len as usize];
-    within("frame payload", s.read_exact(&mut payload))
-        .await
-        .expect("payload");
-    for (i, b) in payload.iter_mut().enumerate() {
-        *b ^= key[i % 4];
-    }
-    (h[0], masked, payload)
+    assert_released_and_counted_once(g.admin(), &RATE_EXCEEDED).await;
 }
 
 /// A data message takes one token however many fragments it has: with a
@@ -1125,16 +1155,11 @@ async fn read_frame_from(s: &mut OwnedReadHalf) -> (u8, bool, Vec<u8>) {
 /// each all pass, and the 11th message is the one refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fragmented_message_takes_one_token() {
-    let up = FrameUpstream::spawn().await;
-    let gate = spawn_sidecar(RawConfig {
+    let config = |up| RawConfig {
         message_rate: 1.0,
-        message_burst: 10,
-        message_rate_action: "close".into(),
-        ..test_config(up.addr)
-    })
-    .await;
-    let mut s = tunnel(gate.addr, "/").await;
-    let log = up.conn("/").await;
+        ..rate_closing(up)
+    };
+    let (_g, mut s, log) = through(config, "/").await;
     let mut bytes = Vec::new();
     for i in 0..10u8 {
         bytes.extend(client_frame(0x1, false, &[b'a' + i]));
@@ -1144,10 +1169,7 @@ async fn a_fragmented_message_takes_one_token() {
     bytes.extend(client_frame(0x1, true, b"the eleventh"));
     s.write_all(&bytes).await.expect("write");
 
-    let ((code, _), _) = client_sees_close(&mut s).await;
-    assert_eq!(code, 1008);
-    upstream_close(&log).await;
-    assert_eq!(reply_close(&mut s, 1008).await, 0);
+    assert_guard_closed(&mut s, &log, 1008).await;
     let l = lock(&log);
     let data = l.data();
     assert_eq!(
@@ -1158,7 +1180,7 @@ async fn a_fragmented_message_takes_one_token() {
     );
     let texts: Vec<u8> = data.iter().flat_map(|f| f.payload.clone()).collect();
     assert_eq!(texts, b"a-!b-!c-!d-!e-!f-!g-!h-!i-!j-!".to_vec());
-    assert_upstream_close(&l, "client exceeded message rate");
+    assert_upstream_close(&l, RATE_EXCEEDED.upstream_reason);
 }
 
 /// A Close from the client takes no token: with the bucket empty (rate
@@ -1168,18 +1190,15 @@ async fn a_fragmented_message_takes_one_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_close_from_the_client_is_never_held_back() {
     for action in ["throttle", "close"] {
-        let up = FrameUpstream::spawn().await;
-        let gate = spawn_sidecar(RawConfig {
+        let config = |up| RawConfig {
             message_rate: 0.5,
             message_burst: 1,
             message_rate_action: action.into(),
-            ..test_config(up.addr)
-        })
-        .await;
-        let mut s = tunnel(gate.addr, "/").await;
-        let log = up.conn("/").await;
+            ..test_config(up)
+        };
+        let (g, mut s, log) = through(config, "/").await;
         let mut bytes = client_frame(0x1, true, b"one");
-        bytes.extend(client_frame(0x8, true, &1000u16.to_be_bytes()));
+        bytes.extend(close_frame(1000));
         s.write_all(&bytes).await.expect("write");
         let (code, _) = upstream_close(&log).await;
         {
@@ -1192,13 +1211,9 @@ async fn a_close_from_the_client_is_never_held_back() {
                 "{action}: the Close waited {waited:?} behind an empty bucket"
             );
         }
-        let (b0, _, reply) = read_frame(&mut s).await;
-        assert_eq!((b0, close_payload(&reply).0), (0x88, 1000), "{action}");
-        read_to_eof(&mut s).await;
-        drop(s);
-        wait_metric(gate.admin, ACTIVE, 0.0).await;
+        assert_client_close_answered(s, g.admin(), action).await;
         assert_eq!(
-            guard_metric(gate.admin, "rate", "close").await,
+            guard_metric(g.admin(), "rate", "close").await,
             0.0,
             "{action}"
         );
@@ -1212,15 +1227,7 @@ async fn a_close_from_the_client_is_never_held_back() {
 /// first byte to its last at the upstream, and arrives intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn byte_rate_throttles_a_10_mib_upload_to_the_rate_intact() {
-    let up = FrameUpstream::spawn().await;
-    let gate = spawn_sidecar(RawConfig {
-        byte_rate: 1 << 20,
-        byte_burst: 65536,
-        ..test_config(up.addr)
-    })
-    .await;
-    let s = tunnel(gate.addr, "/upload").await;
-    let log = up.conn("/upload").await;
+    let (g, s, log) = through(byte_guarded, "/upload").await;
     let (_rd, mut wr) = s.into_split();
     let message = |i: usize| {
         let mut p = pattern(65536);
@@ -1235,12 +1242,7 @@ async fn byte_rate_throttles_a_10_mib_upload_to_the_rate_intact() {
         }
         wr
     });
-    until(
-        "160 messages at the upstream",
-        Duration::from_secs(30),
-        || (lock(&log).data().len() >= 160).then_some(()),
-    )
-    .await;
+    wait_data_frames(&log, 160, Duration::from_secs(30)).await;
     let _wr = within("the writer finishes", writer).await.expect("writer");
     let (span, payload_bytes) = {
         let l = lock(&log);
@@ -1252,11 +1254,13 @@ async fn byte_rate_throttles_a_10_mib_upload_to_the_rate_intact() {
                 "message {i} altered or out of order"
             );
         }
-        let span = l.last_byte.expect("bytes") - l.first_byte.expect("bytes");
-        (span, data.iter().map(|f| f.payload.len()).sum::<usize>())
+        (
+            l.span(),
+            data.iter().map(|f| f.payload.len()).sum::<usize>(),
+        )
     };
     let expected = (payload_bytes - 65536) as f64 / f64::from(1u32 << 20);
-    let throttles = wait_guard_at_least(gate.admin, "bytes", "throttle", 1.0).await;
+    let throttles = wait_guard_at_least(g.admin(), "bytes", "throttle", 1.0).await;
     println!(
         "{payload_bytes} bytes in {:.2} s at the upstream (expected {expected:.2} s); throttle \
          episodes {throttles}",
@@ -1275,12 +1279,7 @@ async fn byte_rate_throttles_a_10_mib_upload_to_the_rate_intact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_to_client_is_never_limited() {
     let up = FrameUpstream::spawn().await;
-    let gate = spawn_sidecar(RawConfig {
-        byte_rate: 1 << 20,
-        byte_burst: 65536,
-        ..test_config(up.addr)
-    })
-    .await;
+    let gate = spawn_sidecar(byte_guarded(up.addr)).await;
     let s = tunnel(gate.addr, DOWNLOAD_PATH).await;
     // At the end the client vanishes with its throttled upload still
     // queued: RST, so the slot does not wait for the queue to drain.
@@ -1345,15 +1344,7 @@ async fn upstream_to_client_is_never_limited() {
 /// at 1 MiB/s take (2 MiB − 64 KiB) / 1 MiB/s ± 10 %, intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn byte_rate_passes_frames_larger_than_the_burst_in_pieces() {
-    let up = FrameUpstream::spawn().await;
-    let gate = spawn_sidecar(RawConfig {
-        byte_rate: 1 << 20,
-        byte_burst: 65536,
-        ..test_config(up.addr)
-    })
-    .await;
-    let s = tunnel(gate.addr, "/upload").await;
-    let log = up.conn("/upload").await;
+    let (_g, s, log) = through(byte_guarded, "/upload").await;
     let (_rd, mut wr) = s.into_split();
     let payload = pattern(512 << 10);
     let frames: Vec<u8> = (0..4)
@@ -1363,16 +1354,13 @@ async fn byte_rate_passes_frames_larger_than_the_burst_in_pieces() {
         wr.write_all(&frames).await.expect("upload");
         wr
     });
-    until("4 frames at the upstream", Duration::from_secs(20), || {
-        (lock(&log).data().len() >= 4).then_some(())
-    })
-    .await;
+    wait_data_frames(&log, 4, Duration::from_secs(20)).await;
     let _wr = within("the writer finishes", writer).await.expect("writer");
     let span = {
         let l = lock(&log);
         assert_eq!(l.data().len(), 4);
         assert!(l.data().iter().all(|f| f.payload == payload), "altered");
-        l.last_byte.expect("bytes") - l.first_byte.expect("bytes")
+        l.span()
     };
     let expected = ((2 << 20) - 65536) as f64 / f64::from(1u32 << 20);
     println!("2 MiB in {span:?} (expected {expected:.3} s)");

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -277,8 +277,9 @@ pub fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
     f
 }
 
-/// Reads one whole frame from a raw socket: (first byte, masked?, payload unmasked).
-pub async fn read_frame(s: &mut TcpStream) -> (u8, bool, Vec<u8>) {
+/// Reads one whole frame from a raw socket or one half of it: (first byte,
+/// masked?, payload unmasked).
+pub async fn read_frame(s: &mut (impl AsyncRead + Unpin)) -> (u8, bool, Vec<u8>) {
     let mut h = [0u8; 2];
     within("frame header", s.read_exact(&mut h))
         .await
