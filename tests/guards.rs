@@ -999,10 +999,24 @@ async fn rate_throttle_delivers_everything_in_order_at_the_rate_and_spares_other
         (90.0..=110.0).contains(&rate),
         "{rate:.1} messages/s after the burst, wanted 100 ± 10 %"
     );
-    assert!(p99 < Duration::from_millis(50), "bystander RTT p99 {p99:?}");
-    assert!(growth < 2048, "RSS grew {growth} KiB during the flood");
+    // A bystander that waited for the flood's tokens would see ~100 ms per
+    // round trip at the median (and seconds at the tail); CI's load alone
+    // can add tens of ms to a few samples, not to the median.
+    let median = sorted[sorted.len() / 2];
     assert!(
-        (1.0..=3.0).contains(&throttles),
+        median < Duration::from_millis(25),
+        "bystander RTT median {median:?}"
+    );
+    assert!(
+        p99 < Duration::from_millis(250),
+        "bystander RTT p99 {p99:?}"
+    );
+    assert!(growth < 2048, "RSS grew {growth} KiB during the flood");
+    // One episode while the kernel's buffers hold a backlog; a writer the
+    // machine's load stalls for a second may end one early and begin
+    // another. Counting per message would give ~`sent`.
+    assert!(
+        (1.0..=10.0).contains(&throttles),
         "throttle counted {throttles} times: once per episode, not per message"
     );
     assert_eq!(guard_metric(admin, "rate", "close").await, 0.0);
