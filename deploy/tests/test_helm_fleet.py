@@ -22,7 +22,6 @@ import yaml
 
 from conftest import (
     assert_schema_refuses,
-    assert_lint_clean,
     assert_render_refuses,
     CHART,
     FLEET_ENV,
@@ -32,7 +31,6 @@ from conftest import (
     parent_chart,
     wsgate_container,
 )
-from test_kubernetes_schemas import validate_all
 
 URL = "redis://redis.prod.svc:6379/0"
 SECRET_URL = {"name": "wsgate-redis", "key": "url"}
@@ -62,16 +60,6 @@ def env_entries(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def fleet_env(r) -> dict[str, dict[str, Any]]:
     return {n: e for n, e in env_entries(wsgate_of(r)).items() if n.startswith("WSGATE_FLEET_")}
-
-
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_lint_reports_no_errors_or_warnings(helm, name):
-    assert_lint_clean(helm, VARIANTS[name])
-
-
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_rendered_objects_are_valid_kubernetes(render, name, tmp_path):
-    validate_all(render(VARIANTS[name]).objects, tmp_path)
 
 
 def test_every_value_reaches_its_variable(render):

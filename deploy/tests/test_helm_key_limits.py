@@ -20,7 +20,6 @@ import yaml
 
 from conftest import (
     assert_schema_refuses,
-    assert_lint_clean,
     assert_render_refuses,
     parent_chart,
     CHART,
@@ -62,16 +61,6 @@ def parsed_config(r) -> dict[str, Any]:
     text = r.config_toml()
     assert text is not None, "no keyLimits ConfigMap rendered"
     return tomllib.loads(text)
-
-
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_lint_reports_no_errors_or_warnings(helm, name):
-    assert_lint_clean(helm, VARIANTS[name])
-
-
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_rendered_objects_are_valid_kubernetes(render, name, tmp_path):
-    validate_all(render(VARIANTS[name]).objects, tmp_path)
 
 
 def test_config_map_is_mounted_as_a_directory_and_named_by_wsgate_config(render):

@@ -23,14 +23,12 @@ from conftest import (
     KUBE_DIR,
     MESSAGE_GUARDS_ENV,
     MESSAGE_GUARDS_VALUES,
-    assert_lint_clean,
     assert_schema_refuses,
     deep_merge,
     env_of,
     parent_chart,
     wsgate_container,
 )
-from test_kubernetes_schemas import validate_all
 
 GUARD_NAMES = {name for name, _ in MESSAGE_GUARDS_ENV.values()}
 
@@ -60,16 +58,6 @@ def wsgate_of(r) -> dict[str, Any]:
 
 def guard_env(r) -> dict[str, str]:
     return {n: v for n, v in env_of(wsgate_of(r)).items() if n in GUARD_NAMES}
-
-
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_lint_reports_no_errors_or_warnings(helm, name):
-    assert_lint_clean(helm, VARIANTS[name])
-
-
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_rendered_objects_are_valid_kubernetes(render, name, tmp_path):
-    validate_all(render(VARIANTS[name]).objects, tmp_path)
 
 
 def test_every_value_reaches_its_variable(render):
