@@ -32,10 +32,17 @@
 //! completed. If a peer had already started a closing handshake of its own,
 //! wsgate injects nothing and lets it finish within `close_timeout`.
 //!
+//! Message guards (SPEC §11): the client → upstream direction may carry
+//! [`Guards`] that decide, frame header by frame header, what goes on, what
+//! waits for tokens, and what is refused. A refusal sends the upstream a
+//! Close 1001 at once, and the client the guard's Close (1009, 1008) at its
+//! next message boundary; then the closing handshake runs as above.
+//!
 //! Layout: this file holds the splice's own loop (both directions, the
 //! deadlines, the stop and abort); `pipe` is one direction and the phases
-//! of its life; `buffers` the per-thread buffer pool; `gate` the waker gate
-//! that keeps the stop and abort futures off the per-message path.
+//! of its life; `guards` the message guards; `buffers` the per-thread
+//! buffer pool; `gate` the waker gate that keeps the stop and abort futures
+//! off the per-message path.
 
 mod buffers;
 mod gate;

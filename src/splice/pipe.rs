@@ -187,7 +187,7 @@ impl Pipe {
     /// Feeds freshly read bytes to the tracker and applies the phase: what
     /// stays in `buf` is what will be written.
     fn process(&mut self, buf: &mut Vec<u8>) {
-        if self.guards.is_some() && matches!(self.phase, Phase::Open | Phase::InjectAtBoundary(_)) {
+        if self.guards.is_some() && self.forwarding() {
             return self.process_guarded(buf);
         }
         match self.phase {
