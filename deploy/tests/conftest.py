@@ -324,6 +324,17 @@ def all_panels(dash: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def chart_readme_section(heading: str) -> str:
+    """The chart README's `## heading` section, up to the next `## `."""
+    readme = (CHART / "README.md").read_text()
+    return readme.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+
+
+def fenced(section: str, lang: str) -> str:
+    """The first ```lang block of `section`."""
+    return re.search(rf"```{lang}\n(.*?)```", section, re.S).group(1)
+
+
 def parent_chart(tmp_path: Path, wsgate_values: dict, with_volumes: bool = False,
                  container_context: str = '(dict "Values" .Values.wsgate)') -> Path:
     """A chart `myapp` that has wsgate as a subchart and includes `wsgate.container` in its own

@@ -11,7 +11,6 @@ environment takes precedence over it anyway. A change of a fleet value therefore
 from __future__ import annotations
 
 import copy
-import re
 import shutil
 import tomllib
 from pathlib import Path
@@ -21,6 +20,8 @@ import pytest
 import yaml
 
 from conftest import (
+    chart_readme_section,
+    fenced,
     assert_schema_refuses,
     assert_render_refuses,
     CHART,
@@ -300,14 +301,9 @@ def test_included_by_another_chart(helm, tmp_path):
         _parent_docs(helm, parent)
 
 
-def _readme_section() -> str:
-    readme = (CHART / "README.md").read_text()
-    return readme.split("## Limits across replicas", 1)[1].split("\n## ", 1)[0]
-
-
 def test_readme_example_renders_as_it_says(render):
-    section = _readme_section()
-    values = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    section = chart_readme_section("Limits across replicas")
+    values = yaml.safe_load(fenced(section, "yaml"))
     env = fleet_env(render(values))
     assert set(env) == FLEET_NAMES
     secret = values["fleet"]["redisUrlSecret"]
@@ -317,7 +313,7 @@ def test_readme_example_renders_as_it_says(render):
 
 
 def test_readme_names_every_fleet_value_and_failure_mode(chart):
-    section = _readme_section()
+    section = chart_readme_section("Limits across replicas")
     for key in chart.values["fleet"]:
         assert f"`{key}" in section or f"`fleet.{key}" in section, key
     for needle in ("fleet_unavailable", "(pods − 1)", "leaseTtl / 3", "{namespace}", "Redis Cluster", "readiness",

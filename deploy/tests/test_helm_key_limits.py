@@ -10,7 +10,6 @@ with the values given, so quoting and escaping are checked, not just eyeballed.
 from __future__ import annotations
 
 import copy
-import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,11 @@ import pytest
 import yaml
 
 from conftest import (
+    chart_readme_section,
+    fenced,
     assert_schema_refuses,
     assert_render_refuses,
     parent_chart,
-    CHART,
     KEY_LIMITS_VALUES,
     WEIRD_KEY,
     deep_merge,
@@ -298,10 +298,9 @@ def test_render_refuses_what_the_schema_cannot_say(helm, chart, render, case):
 
 
 def _readme_example() -> tuple[dict[str, Any], str]:
-    readme = (CHART / "README.md").read_text()
-    section = readme.split("## Limits per tenant", 1)[1].split("\n## ", 1)[0]
-    values = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
-    toml_text = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
+    section = chart_readme_section("Limits per tenant")
+    values = yaml.safe_load(fenced(section, "yaml"))
+    toml_text = fenced(section, "toml")
     return values, toml_text
 
 

@@ -19,6 +19,8 @@ import pytest
 import yaml
 
 from conftest import (
+    chart_readme_section,
+    fenced,
     CHART,
     KUBE_DIR,
     MESSAGE_GUARDS_ENV,
@@ -211,14 +213,9 @@ def test_included_by_another_chart(helm, tmp_path):
     assert report["errors"] == [], report
 
 
-def _readme_section() -> str:
-    readme = (CHART / "README.md").read_text()
-    return readme.split("## Message guards", 1)[1].split("\n## ", 1)[0]
-
-
 def test_readme_example_renders_as_it_says(render):
-    section = _readme_section()
-    values = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    section = chart_readme_section("Message guards")
+    values = yaml.safe_load(fenced(section, "yaml"))
     env = guard_env(render(values))
     # messageRateAction: throttle is the default, so the example renders no variable for it.
     assert env == {"WSGATE_MAX_MESSAGE_SIZE": "1048576", "WSGATE_MESSAGE_RATE": "50", "WSGATE_MESSAGE_BURST": "200",
@@ -226,7 +223,7 @@ def test_readme_example_renders_as_it_says(render):
 
 
 def test_readme_documents_every_value_and_the_semantics(chart):
-    section = _readme_section()
+    section = chart_readme_section("Message guards")
     for key, (env, default) in MESSAGE_GUARDS_ENV.items():
         row = next((line for line in section.splitlines() if line.startswith(f"| `messageGuards.{key}` |")), None)
         assert row, f"no table row for messageGuards.{key}"
