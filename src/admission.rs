@@ -479,6 +479,22 @@ impl AdmissionGuard {
     pub(crate) fn hold_fleet(&mut self, hold: FleetHold) {
         self.fleet = Some(hold);
     }
+
+    /// The key values this connection holds, as `rule=value` separated by
+    /// spaces, in rule order (the access log's `keys`; key values are
+    /// visible ASCII, so a space cannot occur inside one).
+    pub(crate) fn keys_text(&self) -> String {
+        let mut text = String::new();
+        for hold in &self.keys {
+            if !text.is_empty() {
+                text.push(' ');
+            }
+            text.push_str(hold.rule());
+            text.push('=');
+            text.push_str(hold.key());
+        }
+        text
+    }
 }
 
 impl Drop for AdmissionGuard {

@@ -1,5 +1,7 @@
-//! The gradual drain: a registry of live tunnels in age order, and the loop
-//! that closes them oldest first at an even pace over `drain_period`.
+//! The gradual drain: a registry of live tunnels in age order, the loop
+//! that closes them oldest first at an even pace over `drain_period`, and
+//! the operator's drain (`POST /drain`, SPEC §12) that runs the same loop
+//! for part of them while the instance stays ready.
 //!
 //! Why: holding every connection to the end of the grace and then dropping
 //! them all at once sends every client to the other pods in the same second
@@ -16,6 +18,9 @@ use std::time::Duration;
 use prometheus::IntCounter;
 use tokio::sync::Notify;
 use tokio::time::{sleep, Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::splice::StopReason;
 
 /// Live tunnels, oldest first (ids grow with time).
 #[derive(Debug, Clone, Default)]
@@ -26,21 +31,44 @@ pub(crate) struct Tunnels {
 #[derive(Debug, Default)]
 struct Inner {
     next_id: AtomicU64,
-    live: Mutex<BTreeMap<u64, Arc<Notify>>>,
+    live: Mutex<BTreeMap<u64, Arc<Entry>>>,
+}
+
+/// How a drain reaches one tunnel.
+#[derive(Debug, Default)]
+struct Entry {
+    notify: Notify,
+    /// Set before `notify`: the operator's drain picked it, not the shutdown's.
+    by_operator: std::sync::atomic::AtomicBool,
+}
+
+/// Which drain closes a tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DrainKind {
+    /// The shutdown timeline's drain (`drain_period`).
+    Shutdown,
+    /// An operator's `POST /drain`.
+    Operator,
 }
 
 /// A tunnel's entry in the registry; dropping it removes the entry.
 #[derive(Debug)]
 pub(crate) struct Registration {
     id: u64,
-    notify: Arc<Notify>,
+    entry: Arc<Entry>,
     tunnels: Arc<Inner>,
 }
 
 impl Registration {
-    /// Resolves once the drain picked this tunnel to close.
-    pub(crate) async fn drained(&self) {
-        self.notify.notified().await;
+    /// Resolves once a drain picked this tunnel to close, with the reason
+    /// the tunnel then closes for.
+    pub(crate) async fn drained(&self) -> StopReason {
+        self.entry.notify.notified().await;
+        if self.entry.by_operator.load(Ordering::Acquire) {
+            StopReason::AdminDrain
+        } else {
+            StopReason::Drain
+        }
     }
 }
 
@@ -63,11 +91,11 @@ impl Tunnels {
     /// Registers a new (youngest) tunnel.
     pub(crate) fn register(&self) -> Registration {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let notify = Arc::new(Notify::new());
-        self.lock().insert(id, Arc::clone(&notify));
+        let entry = Arc::new(Entry::default());
+        self.lock().insert(id, Arc::clone(&entry));
         Registration {
             id,
-            notify,
+            entry,
             tunnels: Arc::clone(&self.inner),
         }
     }
@@ -78,20 +106,23 @@ impl Tunnels {
     }
 
     /// Tells the oldest live tunnel to close; false if there is none.
-    pub(crate) fn close_oldest(&self) -> bool {
+    pub(crate) fn close_oldest(&self, kind: DrainKind) -> bool {
         let oldest = self.lock().pop_first();
         match oldest {
-            // `notify_one` stores a permit if the tunnel is not waiting at
-            // this instant, so the request cannot be lost.
-            Some((_, notify)) => {
-                notify.notify_one();
+            Some((_, entry)) => {
+                entry
+                    .by_operator
+                    .store(kind == DrainKind::Operator, Ordering::Release);
+                // `notify_one` stores a permit if the tunnel is not waiting
+                // at this instant, so the request cannot be lost.
+                entry.notify.notify_one();
                 true
             }
             None => false,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Notify>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Entry>>> {
         self.inner
             .live
             .lock()
@@ -109,11 +140,48 @@ const MIN_TICK: Duration = Duration::from_millis(10);
 /// in `drained`. Returns when none is left (at the latest just after
 /// `period`, when whatever remains is closed at once).
 pub(crate) async fn drain_evenly(tunnels: &Tunnels, period: Duration, drained: &IntCounter) {
+    let plan = Plan {
+        count: None,
+        kind: DrainKind::Shutdown,
+    };
+    drain_paced(tunnels, period, plan, || drained.inc()).await;
+}
+
+/// How many tunnels a paced drain closes, and for which drain.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    /// `None` = every tunnel, including those that come later.
+    count: Option<usize>,
+    kind: DrainKind,
+}
+
+/// Closes `plan`'s tunnels, oldest first, evenly over `period`: each tick
+/// the pace is re-planned as what is left to close ÷ time left, so
+/// tunnels that end by themselves slow the drain rather than leave a burst
+/// at the end. `closed_one` is called for each close; returns how many.
+async fn drain_paced(
+    tunnels: &Tunnels,
+    period: Duration,
+    plan: Plan,
+    mut closed_one: impl FnMut(),
+) -> usize {
     let end = Instant::now() + period;
+    let mut closed = 0;
+    let left_to_close = |closed: usize| {
+        let live = tunnels.len();
+        plan.count
+            .map_or(live, |n| n.saturating_sub(closed).min(live))
+    };
+    let mut close_one = |closed: &mut usize| {
+        if tunnels.close_oldest(plan.kind) {
+            closed_one();
+            *closed += 1;
+        }
+    };
     loop {
-        let remaining = tunnels.len();
+        let remaining = left_to_close(closed);
         if remaining == 0 {
-            return;
+            return closed;
         }
         let planned_at = Instant::now();
         if planned_at >= end {
@@ -129,13 +197,140 @@ pub(crate) async fn drain_evenly(tunnels: &Tunnels, period: Duration, drained: &
         // pace (at least one per tick all the same).
         let due = (remaining as f64 * elapsed.as_secs_f64() / left.as_secs_f64()).round();
         for _ in 0..(due as usize).clamp(1, remaining) {
-            if tunnels.close_oldest() {
-                drained.inc();
-            }
+            close_one(&mut closed);
         }
     }
-    while tunnels.close_oldest() {
-        drained.inc();
+    for _ in 0..left_to_close(closed) {
+        close_one(&mut closed);
+    }
+    closed
+}
+
+/// The operator's drain (`POST /drain`): at most one at a time, stoppable.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AdminDrain {
+    state: Arc<Mutex<AdminState>>,
+}
+
+#[derive(Debug, Default)]
+struct AdminState {
+    /// The running drain's stop token; `None` when none runs.
+    running: Option<CancellationToken>,
+    /// Drains started so far: a finishing drain clears `running` only if
+    /// no later one took its place.
+    generation: u64,
+    /// The current (or last) drain's plan and progress.
+    planned: usize,
+    period: Duration,
+    drained: Arc<AtomicU64>,
+}
+
+/// Where the operator's drain is (the answers of `/drain`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AdminDrainStatus {
+    /// A drain is running.
+    pub(crate) running: bool,
+    /// Connections it set out to close.
+    pub(crate) planned: usize,
+    /// Connections it closed so far.
+    pub(crate) drained: u64,
+    /// Its period.
+    pub(crate) period: Duration,
+}
+
+/// What the operator asked to drain.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Amount {
+    /// This fraction of the live connections (rounded to the nearest).
+    Fraction(f64),
+    /// This many (or all, if fewer are live).
+    Count(usize),
+}
+
+impl AdminDrain {
+    /// Starts a drain of `amount` over `period`, unless one runs already
+    /// (`Err` with its status). Connections closed are counted in
+    /// `drained`; `stop` (the shutdown's drain starting) ends it.
+    pub(crate) fn start(
+        &self,
+        tunnels: &Tunnels,
+        amount: Amount,
+        period: Duration,
+        drained: IntCounter,
+        stop: CancellationToken,
+    ) -> Result<AdminDrainStatus, AdminDrainStatus> {
+        let mut state = self.lock();
+        if state.running.is_some() {
+            return Err(status_of(&state));
+        }
+        let live = tunnels.len();
+        let planned = match amount {
+            Amount::Fraction(f) => ((live as f64 * f).round() as usize).min(live),
+            Amount::Count(n) => n.min(live),
+        };
+        state.planned = planned;
+        state.period = period;
+        state.drained = Arc::new(AtomicU64::new(0));
+        if planned == 0 {
+            return Ok(status_of(&state));
+        }
+        let cancel = stop.child_token();
+        state.running = Some(cancel.clone());
+        state.generation += 1;
+        let generation = state.generation;
+        let progress = Arc::clone(&state.drained);
+        let this = self.clone();
+        let tunnels = tunnels.clone();
+        tokio::spawn(async move {
+            let plan = Plan {
+                count: Some(planned),
+                kind: DrainKind::Operator,
+            };
+            let closed_one = || {
+                drained.inc();
+                progress.fetch_add(1, Ordering::Relaxed);
+            };
+            tokio::select! {
+                closed = drain_paced(&tunnels, period, plan, closed_one) => {
+                    tracing::info!(closed, planned, "admin drain finished");
+                }
+                () = cancel.cancelled() => tracing::info!("admin drain stopped"),
+            }
+            let mut state = this.lock();
+            if state.generation == generation {
+                state.running = None;
+            }
+        });
+        Ok(status_of(&state))
+    }
+
+    /// Stops the running drain, if any; its status as it stopped.
+    pub(crate) fn stop(&self) -> Option<AdminDrainStatus> {
+        let mut state = self.lock();
+        let token = state.running.take()?;
+        token.cancel();
+        Some(AdminDrainStatus {
+            running: false,
+            ..status_of(&state)
+        })
+    }
+
+    /// The current (or last) drain.
+    pub(crate) fn status(&self) -> AdminDrainStatus {
+        status_of(&self.lock())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, AdminState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn status_of(state: &AdminState) -> AdminDrainStatus {
+    AdminDrainStatus {
+        running: state.running.is_some(),
+        planned: state.planned,
+        drained: state.drained.load(Ordering::Relaxed),
+        period: state.period,
     }
 }
 

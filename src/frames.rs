@@ -28,11 +28,19 @@ enum State {
 }
 
 /// Tracks frame boundaries in one direction of a WebSocket byte stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct FrameTracker {
     state: State,
     /// Close frames whose header has been seen.
     closes: u32,
+    /// The first Close frame's status and reason, read as its payload
+    /// passes (the access log, SPEC §12). Boxed and only allocated once a
+    /// Close is seen: every connection carries two trackers for its whole
+    /// life, and most never see a Close until their last moment.
+    first_close: Option<Box<CloseSeen>>,
+    /// Data messages seen (text, binary; a fragmented one once), without
+    /// the control frames that `messages` also counts.
+    data_messages: u64,
     /// Frames whose header has been seen: for the tests only, so that the
     /// tracker in every connection's data path carries no counter nobody reads.
     #[cfg(test)]
@@ -52,6 +60,8 @@ impl Default for FrameTracker {
                 have: 0,
             },
             closes: 0,
+            first_close: None,
+            data_messages: 0,
             #[cfg(test)]
             frames: 0,
             in_message: false,
@@ -125,6 +135,64 @@ impl Header {
     }
 }
 
+/// The largest payload a Close frame may carry (RFC 6455 §5.5: 125, a
+/// 2-byte status and up to 123 bytes of reason). A longer one, which a
+/// peer may announce but may not send, is read no further than this.
+const MAX_CLOSE_PAYLOAD: usize = 125;
+
+/// The payload of a Close frame, as far as it has passed, unmasked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CloseSeen {
+    /// The masking key of the frame, if it was masked.
+    mask: Option<[u8; 4]>,
+    /// Payload bytes not yet passed (the announced length, bounded).
+    left: usize,
+    /// What passed so far, unmasked.
+    payload: Vec<u8>,
+}
+
+impl CloseSeen {
+    fn new(header: &[u8], len: u64) -> Self {
+        let mask = (header[1] & 0x80 != 0).then(|| {
+            let n = header.len();
+            [header[n - 4], header[n - 3], header[n - 2], header[n - 1]]
+        });
+        let left = usize::try_from(len).map_or(MAX_CLOSE_PAYLOAD, |l| l.min(MAX_CLOSE_PAYLOAD));
+        CloseSeen {
+            mask,
+            left,
+            payload: Vec::with_capacity(left),
+        }
+    }
+
+    /// Takes the next payload bytes of the frame (at most what is left).
+    fn take(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(self.left);
+        let start = self.payload.len();
+        self.payload.extend_from_slice(&bytes[..n]);
+        if let Some(key) = self.mask {
+            for (i, b) in self.payload[start..].iter_mut().enumerate() {
+                *b ^= key[(start + i) % 4];
+            }
+        }
+        self.left -= n;
+    }
+
+    /// The status code, if the payload carried one (RFC 6455 §5.5.1).
+    pub(crate) fn code(&self) -> Option<u16> {
+        match self.payload.as_slice() {
+            [a, b, ..] => Some(u16::from_be_bytes([*a, *b])),
+            _ => None,
+        }
+    }
+
+    /// The reason bytes (after the status code), as sent: not yet checked
+    /// for UTF-8 nor escaped.
+    pub(crate) fn reason(&self) -> &[u8] {
+        self.payload.get(2..).unwrap_or_default()
+    }
+}
+
 impl FrameTracker {
     /// A tracker at the start of a stream (a boundary).
     pub(crate) fn new() -> Self {
@@ -153,6 +221,23 @@ impl FrameTracker {
         self.messages
     }
 
+    /// Data messages seen so far (control frames not counted).
+    pub(crate) fn data_messages_seen(&self) -> u64 {
+        self.data_messages
+    }
+
+    /// The first Close frame seen, as much of its payload as has passed.
+    #[cfg(test)]
+    pub(crate) fn first_close(&self) -> Option<&CloseSeen> {
+        self.first_close.as_deref()
+    }
+
+    /// Takes the first Close frame seen out of the tracker (at the end of
+    /// the splice, for the access log).
+    pub(crate) fn take_first_close(&mut self) -> Option<Box<CloseSeen>> {
+        self.first_close.take()
+    }
+
     /// Payload bytes left in the current frame; `None` between frames or
     /// inside a header.
     pub(crate) fn payload_remaining(&self) -> Option<u64> {
@@ -175,6 +260,12 @@ impl FrameTracker {
         match &mut self.state {
             State::Payload { remaining } => {
                 let n = (*remaining).min(data.len() as u64);
+                if let Some(close) = self.first_close.as_deref_mut() {
+                    // Only the first Close is read; `left` is 0 past it.
+                    if close.left > 0 {
+                        close.take(&data[..n as usize]);
+                    }
+                }
                 *remaining -= n;
                 if *remaining == 0 {
                     self.state = State::default_header();
@@ -199,9 +290,14 @@ impl FrameTracker {
                     }
                     if opcode == OPCODE_CLOSE {
                         self.closes += 1;
+                        if self.first_close.is_none() {
+                            self.first_close =
+                                Some(Box::new(CloseSeen::new(&buf[..have_now], len)));
+                        }
                     }
                     // Every opcode but a continuation starts a message.
                     self.messages += u64::from(opcode != 0);
+                    self.data_messages += u64::from(opcode != 0 && opcode & 0x8 == 0);
                     // Data frames (opcodes 0x0–0x7) open or close a message;
                     // control frames (0x8–0xF) may sit between fragments.
                     if opcode & 0x8 == 0 {
@@ -333,6 +429,42 @@ mod tests {
         encode_frame(opcode, fin, payload, masked.then_some([1, 2, 3, 4]))
     }
 
+    /// The first Close is read as it passes, unmasked, across reads cut
+    /// anywhere; later Closes and other payloads are not kept.
+    #[test]
+    fn the_first_close_is_captured_whatever_the_reads() {
+        let mut stream = frame(0x1, true, b"hello", true);
+        stream.extend(frame(0x9, true, b"ping", true));
+        stream.extend(close_frame(
+            4000,
+            "gone \u{e9}",
+            Some([0xde, 0xad, 0xbe, 0xef]),
+        ));
+        stream.extend(close_frame(1000, "second", Some([1, 1, 1, 1])));
+        for cut in 0..stream.len() {
+            let mut t = FrameTracker::new();
+            t.advance(&stream[..cut]);
+            t.advance(&stream[cut..]);
+            let close = t.first_close().expect("a close");
+            assert_eq!(close.code(), Some(4000), "cut at {cut}");
+            assert_eq!(close.reason(), "gone \u{e9}".as_bytes(), "cut at {cut}");
+            assert_eq!((t.data_messages_seen(), t.messages_seen()), (1, 4));
+        }
+        // Unmasked (from a server), and a Close with no status at all.
+        let mut t = FrameTracker::new();
+        t.advance(&close_frame(1001, "bye", None));
+        assert_eq!(t.first_close().map(CloseSeen::code), Some(Some(1001)));
+        let mut t = FrameTracker::new();
+        t.advance(&[0x88, 0x00]);
+        let close = t.first_close().expect("a close");
+        assert_eq!((close.code(), close.reason()), (None, &b""[..]));
+        // A Close that announces more than 125 bytes keeps only 125.
+        let mut t = FrameTracker::new();
+        t.advance(&frame(0x8, true, &[b'x'; 300], false));
+        assert_eq!(t.take_first_close().map(|c| c.payload.len()), Some(125));
+        assert!(t.first_close().is_none(), "taken");
+    }
+
     #[test]
     fn boundaries_of_whole_frames() {
         let mut t = FrameTracker::new();
@@ -396,7 +528,7 @@ mod tests {
         t.advance(&frame(0x0, false, b"part two", true));
         assert!(!t.at_message_boundary());
         let last = frame(0x0, true, b"part three", true);
-        let mut u = t;
+        let mut u = t.clone();
         assert_eq!(u.advance_to_message_boundary(&last), Some(last.len()));
         t.advance(&last);
         assert!(t.at_message_boundary());

@@ -23,18 +23,21 @@
 //! | `upstream_http` | the upstream handshake on the wire: request head out, 101 parsed |
 //! | `splice/` | the byte mover: per-direction phases, buffer pool, waker gate, deadlines |
 //! | `frames` | RFC 6455 frame-boundary tracker; Close frame encoding |
-//! | `drain` | live tunnels in age order; the even-pace drain |
+//! | `drain` | live tunnels in age order; the even-pace drain; the operator's drain |
+//! | `session` | how a session ended: `closed_by`, `end`, the Close code and reason |
+//! | `access_log` | one record per session; refusals summarised every 10 s at most |
 //! | `shutdown` | signals → `Control`, the `Shutdown` tokens and tracker, the shutdown timeline |
 //! | `reload` | SIGHUP and the config-file watch |
 //! | `config/` | the keys, their defaults, validation, the figment stack, `check-config` output |
 //! | `metrics` | metric registration (names fixed by SPEC), labelled handles, encoding |
-//! | `admin/` | `/metrics`, `/healthz`, `/readyz`, `/keys` on their own listener; the admin token |
+//! | `admin/` | `/metrics`, `/healthz`, `/readyz`, `/keys`, `/drain` on their own listener; the admin token |
 //! | `demo` | `wsgate demo`: the page-and-echo upstream and its defaults |
 //!
 //! [`run`] takes listeners that are already bound and a channel of
 //! [`Control`] messages, so tests start the real thing on port 0 and drive
 //! shutdown without signals.
 
+pub(crate) mod access_log;
 pub(crate) mod admin;
 pub(crate) mod admission;
 pub mod config;
@@ -50,6 +53,7 @@ pub(crate) mod proxy;
 pub(crate) mod reload;
 pub(crate) mod responses;
 pub(crate) mod server;
+pub(crate) mod session;
 pub(crate) mod shutdown;
 pub(crate) mod splice;
 pub(crate) mod tcp;
@@ -122,8 +126,10 @@ pub async fn run(
         admin::AdminState {
             registry,
             readiness,
-            keys: proxy.keys().clone(),
+            proxy: proxy.clone(),
             token: token.clone(),
+            drain: drain::AdminDrain::default(),
+            admin_drained: metrics.admin_drained.clone(),
         },
     ));
     let accept = tokio::spawn(server::serve(
@@ -145,6 +151,8 @@ pub async fn run(
         accept,
     };
     shutdown.run_timeline(drive, &mut control).await;
+    // Refusals of the last window, before the exit.
+    proxy.refusals().flush();
     fleet_stop.cancel();
     if let Some(worker) = fleet_worker {
         let _ = worker.await;

@@ -104,7 +104,14 @@ fn init_tracing(format: LogFormat) {
         .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        // Fields at the top level of each object (not under "fields"), so
+        // `jq '.close_code'` reads the access log (SPEC §12) as it is.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
     }
 }
 

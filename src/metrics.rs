@@ -9,6 +9,7 @@
 //! in one test binary without colliding.
 
 use std::marker::PhantomData;
+use std::sync::OnceLock;
 
 use prometheus::core::Collector;
 use prometheus::{
@@ -18,6 +19,7 @@ use prometheus::{
 
 use crate::admission::RejectReason;
 use crate::error::UpstreamErrorKind;
+use crate::session::{CloseStatus, ClosedBy, End, SessionEnd, ALL_CODE_LABELS};
 use crate::splice::{Guard, GuardAction, StopReason};
 
 /// A closed set of label values: the only way a label reaches a series, so
@@ -212,6 +214,90 @@ pub(crate) struct Metrics {
     pub(crate) messages_upstream_to_client: IntCounter,
     /// `wsgate_message_guard_total{guard,action}` (SPEC §11).
     pub(crate) guards: GuardMetrics,
+    /// `wsgate_sessions_ended_total` and `wsgate_close_codes_total` (SPEC §12).
+    pub(crate) sessions: SessionMetrics,
+    /// `wsgate_admin_drained_total`: closed by an operator's `POST /drain`.
+    pub(crate) admin_drained: IntCounter,
+}
+
+/// `wsgate_sessions_ended_total{closed_by,end}` and
+/// `wsgate_close_codes_total{closed_by,code}`: a handle per label pair,
+/// made on first use (no label hashing per session after that); the pairs
+/// that can happen are made at start-up so they are exported at 0.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionMetrics {
+    ended_vec: IntCounterVec,
+    ended: std::sync::Arc<[OnceLock<IntCounter>]>,
+    codes_vec: IntCounterVec,
+    codes: std::sync::Arc<[OnceLock<IntCounter>]>,
+}
+
+impl SessionMetrics {
+    fn of(ended_vec: IntCounterVec, codes_vec: IntCounterVec) -> Self {
+        let slots = |n| (0..n).map(|_| OnceLock::new()).collect();
+        let m = SessionMetrics {
+            ended: slots(End::ALL.len() * ClosedBy::ALL.len()),
+            codes: slots(ALL_CODE_LABELS.len() * ClosedBy::ALL.len()),
+            ended_vec,
+            codes_vec,
+        };
+        for end in End::ALL {
+            for by in ClosedBy::ALL {
+                if end.happens_with(by) {
+                    m.ended_handle(by, end);
+                }
+            }
+        }
+        for (i, code) in ALL_CODE_LABELS.iter().enumerate() {
+            let peers = *code != "none";
+            if peers {
+                m.code_handle(ClosedBy::Client, i);
+                m.code_handle(ClosedBy::Upstream, i);
+            }
+            if matches!(*code, "1001" | "1008" | "1009" | "none") {
+                m.code_handle(ClosedBy::Wsgate, i);
+            }
+            if !peers {
+                m.code_handle(ClosedBy::Nobody, i);
+            }
+        }
+        m
+    }
+
+    /// Makes the series of the codes wsgate is configured to send.
+    pub(crate) fn expect_codes(&self, close: &crate::config::CloseSettings) {
+        for code in [close.drain, close.lifetime, close.idle] {
+            self.code(ClosedBy::Wsgate, CloseStatus::Code(code));
+        }
+    }
+
+    /// Counts one ended session.
+    pub(crate) fn count(&self, session: &SessionEnd) {
+        self.ended_handle(session.closed_by, session.end).inc();
+        self.code(session.closed_by, session.status).inc();
+    }
+
+    fn ended_handle(&self, by: ClosedBy, end: End) -> &IntCounter {
+        let i = end as usize * ClosedBy::ALL.len() + by as usize;
+        self.ended[i].get_or_init(|| self.ended_vec.with_label_values(&[by.label(), end.label()]))
+    }
+
+    fn code(&self, by: ClosedBy, status: CloseStatus) -> &IntCounter {
+        let label = status.label();
+        let i = ALL_CODE_LABELS
+            .iter()
+            .position(|l| *l == label)
+            .unwrap_or(ALL_CODE_LABELS.len() - 1);
+        self.code_handle(by, i)
+    }
+
+    fn code_handle(&self, by: ClosedBy, code: usize) -> &IntCounter {
+        let i = code * ClosedBy::ALL.len() + by as usize;
+        self.codes[i].get_or_init(|| {
+            self.codes_vec
+                .with_label_values(&[by.label(), ALL_CODE_LABELS[code]])
+        })
+    }
 }
 
 /// `wsgate_message_guard_total{guard,action}`: one handle per pair that can
@@ -549,6 +635,25 @@ impl Metrics {
             &["guard", "action"],
         )?;
 
+        let sessions_ended = IntCounterVec::new(
+            Opts::new(
+                "wsgate_sessions_ended_total",
+                "WebSocket sessions ended, by who sent the first Close frame and why they ended",
+            ),
+            &["closed_by", "end"],
+        )?;
+        let close_codes = IntCounterVec::new(
+            Opts::new(
+                "wsgate_close_codes_total",
+                "Status codes of the sessions' first Close frames (none = no Close frame)",
+            ),
+            &["closed_by", "code"],
+        )?;
+        let admin_drained = IntCounter::new(
+            "wsgate_admin_drained_total",
+            "Connections closed by an operator's POST /drain",
+        )?;
+
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -574,6 +679,9 @@ impl Metrics {
             Box::new(key_busiest.clone()),
             Box::new(messages.clone()),
             Box::new(guard_actions.clone()),
+            Box::new(sessions_ended.clone()),
+            Box::new(close_codes.clone()),
+            Box::new(admin_drained.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
         for c in collectors {
@@ -604,6 +712,8 @@ impl Metrics {
             messages_client_to_upstream: messages.with_label_values(&["client_to_upstream"]),
             messages_upstream_to_client: messages.with_label_values(&["upstream_to_client"]),
             guards: GuardMetrics::of(&guard_actions),
+            sessions: SessionMetrics::of(sessions_ended, close_codes),
+            admin_drained,
         })
     }
 
@@ -666,10 +776,28 @@ mod tests {
             "wsgate_message_guard_total{action=\"close\",guard=\"rate\"} 0",
             "wsgate_message_guard_total{action=\"throttle\",guard=\"rate\"} 0",
             "wsgate_message_guard_total{action=\"throttle\",guard=\"bytes\"} 0",
+            "wsgate_sessions_ended_total{closed_by=\"client\",end=\"client_close\"} 0",
+            "wsgate_sessions_ended_total{closed_by=\"none\",end=\"client_eof\"} 0",
+            "wsgate_sessions_ended_total{closed_by=\"wsgate\",end=\"admin_drain\"} 0",
+            "wsgate_sessions_ended_total{closed_by=\"none\",end=\"shutdown\"} 0",
+            "wsgate_sessions_ended_total{closed_by=\"upstream\",end=\"half_close_timeout\"} 0",
+            "wsgate_close_codes_total{closed_by=\"client\",code=\"1000\"} 0",
+            "wsgate_close_codes_total{closed_by=\"upstream\",code=\"4xxx\"} 0",
+            "wsgate_close_codes_total{closed_by=\"none\",code=\"none\"} 0",
+            "wsgate_close_codes_total{closed_by=\"wsgate\",code=\"1009\"} 0",
+            "wsgate_admin_drained_total 0",
             "process_open_fds",
             "process_resident_memory_bytes",
         ] {
             assert!(text.contains(series), "missing {series} in\n{text}");
+        }
+        // Pairs that cannot happen are not exported.
+        for absent in [
+            "closed_by=\"wsgate\",end=\"client_close\"",
+            "closed_by=\"client\",code=\"none\"",
+            "closed_by=\"none\",code=\"1000\"",
+        ] {
+            assert!(!text.contains(absent), "{absent} exported");
         }
         assert!(text.contains(&format!(
             "wsgate_build_info{{version=\"{}\"}} 1",

@@ -24,6 +24,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::access_log::{Refusal, Refusals, SessionInfo};
 use crate::admission::{Admission, Admitted, Policy, RejectReason};
 use crate::config::Config;
 use crate::drain::Tunnels;
@@ -59,6 +60,8 @@ struct Inner {
     /// Live tunnels, for the drain.
     tunnels: Tunnels,
     metrics: Arc<Metrics>,
+    /// Refusals counted for the access log's summary lines.
+    refusals: Refusals,
     shutdown: Shutdown,
     /// Pooled keep-alive connections to the upstream for plain HTTP.
     client: Client<HttpConnector, Incoming>,
@@ -95,6 +98,9 @@ impl Proxy {
             .build(connector);
         let upstream_authority = config.upstream.authority.parse()?;
         let keys = KeyLimits::new(&config, metrics.keys.clone());
+        let refusals = Refusals::default();
+        refusals.set_enabled(config.access_log);
+        metrics.sessions.expect_codes(&config.close);
         Ok(Proxy {
             inner: Arc::new(Inner {
                 config: RwLock::new(Arc::new(config)),
@@ -103,6 +109,7 @@ impl Proxy {
                 fleet,
                 tunnels: Tunnels::new(),
                 metrics: Arc::new(metrics),
+                refusals,
                 shutdown,
                 client,
                 upstream_authority,
@@ -123,6 +130,11 @@ impl Proxy {
     /// The live tunnels (for the drain).
     pub(crate) fn tunnels(&self) -> &Tunnels {
         &self.inner.tunnels
+    }
+
+    /// The refusal counts of the access log (flushed at exit).
+    pub(crate) fn refusals(&self) -> &Refusals {
+        &self.inner.refusals
     }
 
     /// The configuration in force.
@@ -160,6 +172,8 @@ impl Proxy {
         self.inner.admission.set_cap(new.max_clients);
         self.inner.admission.set_policy(policy_of(&new));
         self.inner.keys.apply(&new);
+        self.inner.refusals.set_enabled(new.access_log);
+        self.inner.metrics.sessions.expect_codes(&new.close);
         match (&self.inner.fleet, &new.fleet) {
             (Some(fleet), Some(settings)) => fleet.apply(settings),
             (None, None) => {}
@@ -246,6 +260,7 @@ impl Proxy {
             Ok(RequestKind::Plain) => self.forward(req, peer).await,
             Err(e) => {
                 tracing::debug!(%peer, "refused a websocket upgrade from {peer}: {e}");
+                self.inner.refusals.count(Refusal::BadHandshake);
                 ProxyError::BadHandshake(e)
                     .answer(config.retry_after_secs)
                     .into_response()
@@ -254,15 +269,21 @@ impl Proxy {
         Ok(resp)
     }
 
-    /// Counts and logs a failed upgrade.
+    /// Counts and logs a failed upgrade: one debug line each; the access
+    /// log summarises them (an upstream that is down fails every upgrade,
+    /// and a line each would flood the log exactly then).
     fn count_failure(&self, e: &ProxyError, peer: SocketAddr) {
         let m = &self.inner.metrics;
         if let ProxyError::Rejected(reason) | ProxyError::KeyRejected(reason, _) = e {
             m.rejected.inc(*reason);
+            self.inner.refusals.count(Refusal::Rejected(*reason));
             tracing::debug!(%peer, reason = reason.label(), "refused a websocket upgrade from {peer}: {}", reason.label());
         } else if let Some(kind) = e.upstream_kind() {
             m.upstream_errors.inc(kind);
-            tracing::warn!(%peer, kind = kind.label(), "a websocket upgrade from {peer} failed: {e}");
+            self.inner.refusals.count(Refusal::Upstream(kind));
+            tracing::debug!(%peer, kind = kind.label(), "a websocket upgrade from {peer} failed: {e}");
+        } else if let ProxyError::BadHandshake(_) = e {
+            self.inner.refusals.count(Refusal::BadHandshake);
         }
     }
 
@@ -317,6 +338,17 @@ impl Proxy {
         }
         let guard = admitted.guard;
         inner.metrics.admitted.inc();
+        // Taken now, before the head goes to the upstream; completed with
+        // the upstream's subprotocol below.
+        let session = config.access_log.then(|| {
+            Box::new(SessionInfo {
+                id: rand::random(),
+                client,
+                path: req.uri().path().into(),
+                subprotocol: "".into(),
+                keys: guard.keys_text().into(),
+            })
+        });
 
         let client_upgrade = hyper::upgrade::on(&mut req);
         let (mut parts, _empty_body) = req.into_parts();
@@ -355,8 +387,11 @@ impl Proxy {
                     .metrics
                     .upstream_errors
                     .inc(UpstreamErrorKind::RefusedUpgrade);
+                inner
+                    .refusals
+                    .count(Refusal::Upstream(UpstreamErrorKind::RefusedUpgrade));
                 let status = resp.status().as_u16();
-                tracing::info!(
+                tracing::debug!(
                     %peer,
                     status,
                     "the upstream declined a websocket upgrade from {peer} with {status}; passed on"
@@ -375,6 +410,12 @@ impl Proxy {
                 }
                 let (mut head, ()) = head.into_parts();
                 headers::client_switching_headers(&mut head.headers);
+                let session = session.map(|mut s| {
+                    if let Some(p) = head.headers.get(header::SEC_WEBSOCKET_PROTOCOL) {
+                        s.subprotocol = String::from_utf8_lossy(p.as_bytes()).into();
+                    }
+                    s
+                });
                 let ctx = TunnelContext {
                     limits: Limits {
                         half_close: config.half_close_timeout,
@@ -389,6 +430,7 @@ impl Proxy {
                         .max_connection_lifetime
                         .map(|l| (l, config.lifetime_jitter)),
                     peer,
+                    session,
                 };
                 // The guard moves into the tracked task: the slot now lives
                 // as long as the spliced connection, not this request.

@@ -55,6 +55,12 @@ impl Shutdown {
         self.signalled.is_cancelled()
     }
 
+    /// A token cancelled when a shutdown signal arrives (what an operator's
+    /// drain stops at: the shutdown's own drain takes over).
+    pub(crate) fn signalled_token(&self) -> CancellationToken {
+        self.signalled.clone()
+    }
+
     /// Starts draining (idempotent); implies the signal.
     pub(crate) fn start_draining(&self) {
         self.signalled.cancel();

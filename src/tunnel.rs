@@ -22,12 +22,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::access_log::{self, SessionInfo};
 use crate::admission::AdmissionGuard;
 use crate::config::MessageGuards;
 use crate::config::Upstream;
 use crate::drain::Tunnels;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
+use crate::session::SessionEnd;
 use crate::shutdown::Shutdown;
 use crate::splice::{self, Ended, Guard, Guards, Leg, Limits, Outcome, Side, StopReason};
 use crate::tcp;
@@ -166,6 +168,9 @@ pub(crate) struct TunnelContext {
     pub(crate) lifetime: Option<(Duration, f64)>,
     /// The client's socket address, for logs.
     pub(crate) peer: std::net::SocketAddr,
+    /// What the access-log record says besides the end; `None` with
+    /// `access_log = false`.
+    pub(crate) session: Option<Box<SessionInfo>>,
 }
 
 /// A deadline drawn uniformly from [lifetime × (1 − jitter), lifetime], so
@@ -230,7 +235,7 @@ pub(crate) fn run(
         let stop = Box::pin(async {
             tokio::select! {
                 () = ctx.shutdown.stopped() => StopReason::Grace,
-                () = registration.drained() => StopReason::Drain,
+                reason = registration.drained() => reason,
                 () = lifetime_expiry(deadline, &ctx.shutdown) => StopReason::Lifetime,
             }
         });
@@ -256,6 +261,9 @@ pub(crate) fn run(
             totals,
             close_frames_sent,
             close_completed,
+            first_close,
+            first_eof,
+            traffic,
         } = outcome;
         if let Ended::Stopped(StopReason::Lifetime) = ended {
             ctx.metrics.expired.inc();
@@ -265,6 +273,16 @@ pub(crate) fn run(
         }
         let lifetime = started.elapsed();
         ctx.metrics.duration.observe(lifetime.as_secs_f64());
+        let end = SessionEnd::of(
+            &ended,
+            first_close.as_ref(),
+            first_eof,
+            ctx.limits.close.as_ref(),
+        );
+        ctx.metrics.sessions.count(&end);
+        if let Some(info) = &ctx.session {
+            access_log::session(info, &end, &traffic, lifetime);
+        }
         let how = match &ended {
             Ended::Closed => "closed",
             Ended::HalfCloseTimeout => "half_close_timeout",
@@ -273,6 +291,7 @@ pub(crate) fn run(
             Ended::Error(Leg::Upstream, _) => "upstream_error",
             Ended::Stopped(StopReason::Grace) => "shutdown_grace",
             Ended::Stopped(StopReason::Drain) => "drained",
+            Ended::Stopped(StopReason::AdminDrain) => "admin_drained",
             Ended::Stopped(StopReason::Lifetime) => "lifetime_expired",
             Ended::Stopped(StopReason::Abort) => "shutdown_aborted",
             Ended::Guard(Guard::Size) => "message_too_big",

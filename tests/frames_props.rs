@@ -58,17 +58,17 @@ fn prop_chunking(data: &[u8], cuts: &[usize]) -> Result<(), TestCaseError> {
     let mut t = FrameTracker::new();
     t.advance(&data[..data.len() / 3]);
     let rest = &data[data.len() / 3..];
-    let mut probe = t;
+    let mut probe = t.clone();
     match probe.advance_to_message_boundary(rest) {
         Some(off) => {
             prop_assert!(off <= rest.len());
             prop_assert!(probe.at_message_boundary());
-            let mut same = t;
+            let mut same = t.clone();
             same.advance(&rest[..off]);
             prop_assert_eq!(same, probe);
         }
         None => {
-            let mut same = t;
+            let mut same = t.clone();
             same.advance(rest);
             prop_assert_eq!(same, probe);
         }

@@ -7,10 +7,15 @@
 //!   and while saturated (active reached `ready_high_watermark` of the cap
 //!   and has not yet come down to `ready_low_watermark`).
 //! - `GET /keys?rule=NAME&top=N`: the busiest key values of a key rule, as
-//!   JSON (SPEC §9); needs the admin token (`token.rs`).
+//!   JSON (SPEC §9).
+//! - `POST`, `DELETE`, `GET /drain`: the operator's drain (SPEC §12,
+//!   `drain.rs`).
 //!
-//! Anything else is 404 (405 for a known path with another method).
+//! `/keys` and `/drain` need the admin token (`token.rs`): without a token
+//! file they are 404, without the right token 401. Anything else is 404
+//! (405 for a known path with another method).
 
+mod drain;
 mod token;
 
 pub(crate) use self::token::AdminToken;
@@ -29,8 +34,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use crate::admission::Admission;
+use crate::drain::AdminDrain;
 use crate::keys::KeyLimits;
 use crate::metrics;
+use crate::proxy::Proxy;
 use crate::shutdown::Shutdown;
 
 /// What `/readyz` and `wsgate_ready` are computed from.
@@ -60,11 +67,19 @@ pub(crate) struct AdminState {
     pub(crate) registry: Registry,
     /// `/readyz`.
     pub(crate) readiness: Readiness,
-    /// `/keys`, and the busiest-ratio gauges refreshed at each scrape.
-    pub(crate) keys: KeyLimits,
+    /// The proxy: its configuration, key limits (`/keys`, and the
+    /// busiest-ratio gauges refreshed at each scrape) and live tunnels.
+    pub(crate) proxy: Proxy,
     /// Who may use the operator paths.
     pub(crate) token: AdminToken,
+    /// The operator's drain (`/drain`).
+    pub(crate) drain: AdminDrain,
+    /// `wsgate_admin_drained_total`.
+    pub(crate) admin_drained: prometheus::IntCounter,
 }
+
+/// The paths that need the admin token.
+const OPERATOR_PATHS: [&str; 2] = ["/keys", "/drain"];
 
 /// The most values `/keys` lists at once (`top` above it is clamped).
 const MAX_TOP: usize = 1000;
@@ -90,8 +105,8 @@ pub(crate) async fn serve(listener: TcpListener, state: AdminState) {
         };
         let state = state.clone();
         let service = service_fn(move |req| {
-            let resp = route(&req, &state);
-            async move { Ok::<_, Infallible>(resp) }
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(route(req, &state).await) }
         });
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         connections.spawn(async move {
@@ -102,19 +117,28 @@ pub(crate) async fn serve(listener: TcpListener, state: AdminState) {
     }
 }
 
-fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+async fn route(req: Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
     let readiness = &state.readiness;
     let path = req.uri().path();
-    if path == "/keys" {
+    if OPERATOR_PATHS.contains(&path) {
         if let Err(status) = state.token.check(req.headers()) {
             return match status {
                 StatusCode::NOT_FOUND => text(status, "not found\n"),
-                _ => text(
-                    status,
-                    "unauthorized: send Authorization: Bearer <admin token>\n",
-                ),
+                _ => {
+                    let mut resp = text(
+                        status,
+                        "unauthorized: send Authorization: Bearer <admin token>\n",
+                    );
+                    resp.headers_mut()
+                        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                    resp
+                }
             };
         }
+    }
+    if path == "/drain" {
+        let method = req.method().clone();
+        return drain::answer(&method, req.into_body(), state).await;
     }
     if !matches!(path, "/metrics" | "/healthz" | "/readyz" | "/keys") {
         return text(StatusCode::NOT_FOUND, "not found\n");
@@ -123,10 +147,10 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
     match path {
-        "/keys" => keys(req.uri().query().unwrap_or(""), &state.keys),
+        "/keys" => keys(req.uri().query().unwrap_or(""), state.proxy.keys()),
         "/metrics" => {
             readiness.check();
-            state.keys.refresh_gauges();
+            state.proxy.keys().refresh_gauges();
             let mut resp = Response::new(Full::new(Bytes::from(metrics::encode(&state.registry))));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -169,8 +193,14 @@ fn keys(query: &str, limits: &KeyLimits) -> Response<Full<Bytes>> {
             "no key rule of that name is in force\n",
         );
     };
-    let body = serde_json::to_vec(&answer).unwrap_or_default();
+    json_answer(StatusCode::OK, &answer)
+}
+
+/// A JSON answer.
+fn json_answer(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(body).unwrap_or_default();
     let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

@@ -116,6 +116,9 @@ pub struct RawConfig {
     /// `text` or `json`.
     #[serde(deserialize_with = "LogFormat::checked")]
     pub log_format: String,
+    /// One access-log record per WebSocket session, and refusal summaries.
+    #[serde(deserialize_with = "TrueOrFalse::checked")]
+    pub access_log: bool,
     /// Readiness turns 503 once active ≥ this fraction of the cap; 0 = off.
     #[serde(deserialize_with = "Fraction::checked")]
     pub ready_high_watermark: f64,
@@ -163,7 +166,7 @@ pub struct RawConfig {
     /// How long to wait for the peers' Close replies before closing TCP.
     #[serde(deserialize_with = "PositiveDuration::checked")]
     pub close_timeout: ConfigDuration,
-    /// A file holding the admin token (`GET /keys`); unset = those paths are 404.
+    /// A file holding the admin token (`/keys`, `/drain`); unset = those paths are 404.
     pub admin_token_file: Option<String>,
     /// The JWKS document for `jwt_claim` rules (re-read when it changes).
     pub jwt_jwks_file: Option<String>,
@@ -236,6 +239,7 @@ impl Default for RawConfig {
             tcp_keepalive: secs(30),
             shutdown_grace: secs(25),
             log_format: "text".into(),
+            access_log: true,
             ready_high_watermark: 0.0,
             ready_low_watermark: None,
             shutdown_delay: secs(0),
@@ -312,6 +316,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Log line format.
     pub log_format: LogFormat,
+    /// The access log (SPEC §12) is written.
+    pub access_log: bool,
     /// Readiness hysteresis on saturation (SPEC §7).
     #[serde(flatten, serialize_with = "effective::watermarks")]
     pub watermarks: Option<Watermarks>,
@@ -338,7 +344,8 @@ pub struct Config {
     /// Close frames wsgate sends when it ends a connection (SPEC §8).
     #[serde(flatten)]
     pub close: CloseSettings,
-    /// The admin token's file; `None` = protected admin paths are 404.
+    /// The admin token's file; `None` = the operator paths (`/keys`,
+    /// `/drain`) are 404.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_token_file: Option<std::path::PathBuf>,
     /// The JWT verifier's keys and expectations; `None` without a JWKS file.

@@ -72,6 +72,7 @@ impl Config {
             tcp_keepalive: Keepalive::value("tcp_keepalive", &raw.tcp_keepalive)?,
             shutdown_grace: AnyDuration::value("shutdown_grace", &raw.shutdown_grace)?,
             log_format: LogFormat::value("log_format", &raw.log_format)?,
+            access_log: TrueOrFalse::value("access_log", &raw.access_log)?,
             watermarks: watermarks(
                 Fraction::value("ready_high_watermark", &raw.ready_high_watermark)?,
                 raw.ready_low_watermark

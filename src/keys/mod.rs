@@ -106,7 +106,7 @@ impl KeyLimits {
                     .find(|o| o.config.name == rule.name && o.config.key == rule.key);
                 let table = match kept {
                     Some(o) => Arc::clone(&o.table),
-                    None => KeyTable::new(inner.metrics.tracked(&rule.name)),
+                    None => KeyTable::new(&rule.name, inner.metrics.tracked(&rule.name)),
                 };
                 Arc::new(Rule {
                     config: rule.clone(),

@@ -26,16 +26,19 @@ pub(crate) enum Full {
 /// Concurrent connections per key value for one rule.
 #[derive(Debug)]
 pub(crate) struct KeyTable {
+    /// The rule's name, for the access log's `keys` field.
+    rule: Arc<str>,
     counts: Mutex<HashMap<Box<str>, u32>>,
     /// `wsgate_keys_tracked{rule}`: moved with every entry added or removed.
     tracked: IntGauge,
 }
 
 impl KeyTable {
-    /// An empty table whose size is mirrored in `tracked`.
-    pub(crate) fn new(tracked: IntGauge) -> Arc<Self> {
+    /// An empty table of rule `rule` whose size is mirrored in `tracked`.
+    pub(crate) fn new(rule: &str, tracked: IntGauge) -> Arc<Self> {
         tracked.set(0);
         Arc::new(KeyTable {
+            rule: rule.into(),
             counts: Mutex::new(HashMap::new()),
             tracked,
         })
@@ -136,9 +139,13 @@ pub(crate) struct KeyHold {
 
 impl KeyHold {
     /// The key value held.
-    #[cfg(test)]
     pub(crate) fn key(&self) -> &str {
         &self.key
+    }
+
+    /// The name of the rule it is held under.
+    pub(crate) fn rule(&self) -> &str {
+        &self.table.rule
     }
 }
 
@@ -154,7 +161,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn table() -> Arc<KeyTable> {
-        KeyTable::new(IntGauge::new("t", "t").expect("metric"))
+        KeyTable::new("t", IntGauge::new("t", "t").expect("metric"))
     }
 
     #[test]

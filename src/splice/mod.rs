@@ -61,7 +61,7 @@ use tokio::net::TcpStream;
 use tokio::time::{sleep, Instant, Sleep};
 
 use crate::config::CloseSettings;
-use crate::frames::close_frame;
+use crate::frames::{close_frame, CloseSeen};
 use gate::Gated;
 pub(crate) use guards::{Guard, GuardAction, Guards};
 use pipe::{Counters, Pipe};
@@ -118,6 +118,8 @@ pub(crate) enum StopReason {
     Grace,
     /// The gradual drain picked it.
     Drain,
+    /// An operator's `POST /drain` picked it (SPEC §12).
+    AdminDrain,
     /// `max_connection_lifetime` expired.
     Lifetime,
     /// No byte moved either way for `idle_timeout`.
@@ -128,38 +130,45 @@ pub(crate) enum StopReason {
 
 impl StopReason {
     /// Every reason, in declaration order.
-    pub(crate) const ALL: [StopReason; 5] = [
+    pub(crate) const ALL: [StopReason; 6] = [
         StopReason::Grace,
         StopReason::Drain,
+        StopReason::AdminDrain,
         StopReason::Lifetime,
         StopReason::Idle,
         StopReason::Abort,
     ];
 
     /// The `reason` label of `wsgate_close_frames_sent_total` (SPEC §8):
-    /// the end of the grace, and an abort, count as the drain.
+    /// the end of the grace, an operator's drain and an abort count as the
+    /// drain.
     pub(crate) fn label(self) -> &'static str {
         match self {
-            StopReason::Grace | StopReason::Drain | StopReason::Abort => "drain",
+            StopReason::Grace | StopReason::Drain | StopReason::AdminDrain | StopReason::Abort => {
+                "drain"
+            }
             StopReason::Lifetime => "lifetime",
             StopReason::Idle => "idle",
         }
     }
 
     /// The reason text of wsgate's Close frame.
-    fn close_text(self) -> &'static str {
+    pub(crate) fn close_text(self) -> &'static str {
         match self {
             StopReason::Grace | StopReason::Abort => "server shutting down",
             StopReason::Drain => "server draining, please reconnect",
+            StopReason::AdminDrain => "server rebalancing, please reconnect",
             StopReason::Lifetime => "connection lifetime reached, please reconnect",
             StopReason::Idle => "idle timeout",
         }
     }
 
     /// The Close status code for this reason, as configured.
-    fn code(self, close: &CloseSettings) -> u16 {
+    pub(crate) fn code(self, close: &CloseSettings) -> u16 {
         match self {
-            StopReason::Grace | StopReason::Drain | StopReason::Abort => close.drain,
+            StopReason::Grace | StopReason::Drain | StopReason::AdminDrain | StopReason::Abort => {
+                close.drain
+            }
             StopReason::Lifetime => close.lifetime,
             StopReason::Idle => close.idle,
         }
@@ -180,6 +189,36 @@ pub(crate) struct Outcome {
     pub(crate) close_frames_sent: Option<StopReason>,
     /// Both peers answered the Close (or ended) before `close_timeout`.
     pub(crate) close_completed: bool,
+    /// Who sent the session's first Close frame, and what it said; `None`
+    /// when nobody sent one.
+    pub(crate) first_close: Option<FirstClose>,
+    /// Whose EOF (FIN) was read first, if one was.
+    pub(crate) first_eof: Option<Leg>,
+    /// Bytes read and data messages seen, each way.
+    pub(crate) traffic: Traffic,
+}
+
+/// The first Close frame of a session: whose, and what it said.
+#[derive(Debug)]
+pub(crate) enum FirstClose {
+    /// A peer's, as much of it as passed.
+    Peer(Leg, Option<Box<CloseSeen>>),
+    /// wsgate's own, sent for this cause before any peer's.
+    Wsgate(Cause),
+}
+
+/// What a session's peers sent: bytes wsgate read from each (frame headers
+/// included) and the data messages among them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Traffic {
+    /// Bytes read from the client.
+    pub(crate) bytes_in: u64,
+    /// Bytes read from the upstream.
+    pub(crate) bytes_out: u64,
+    /// Data messages from the client.
+    pub(crate) msgs_in: u64,
+    /// Data messages from the upstream.
+    pub(crate) msgs_out: u64,
 }
 
 /// Bytes moved each way.
@@ -192,8 +231,8 @@ pub(crate) struct Totals {
 }
 
 /// Why wsgate is closing a connection.
-#[derive(Debug, Clone, Copy)]
-enum Cause {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cause {
     /// A stop from outside the splice, or the idle timeout.
     Stop(StopReason),
     /// A message guard refused a frame.
@@ -202,7 +241,7 @@ enum Cause {
 
 impl Cause {
     /// How the splice ends for this cause.
-    fn ended(self) -> Ended {
+    pub(crate) fn ended(self) -> Ended {
         match self {
             Cause::Stop(reason) => Ended::Stopped(reason),
             Cause::Guard(guard) => Ended::Guard(guard),
@@ -260,6 +299,47 @@ fn begin_guard_close(guard: Guard, close: &CloseSettings, down: &mut Pipe) -> Cl
         cause: Cause::Guard(guard),
         deadline: Box::pin(sleep(close.timeout)),
         injected: true,
+    }
+}
+
+/// Who sent a session's first Close frame (while the splice runs).
+#[derive(Debug, Clone, Copy)]
+enum Closer {
+    Peer(Leg),
+    Wsgate(Cause),
+}
+
+/// The first Close frame and the first EOF of a session, noted after each
+/// step of the splice so the access log can say who ended it (SPEC §12).
+#[derive(Debug, Default)]
+struct Firsts {
+    close: Option<Closer>,
+    eof: Option<Leg>,
+}
+
+impl Firsts {
+    /// Notes what is new since the last call. wsgate's own Close counts
+    /// only if it went out before any peer's: `begin_close` injects none
+    /// once a peer's Close was seen, and each poll of a direction is
+    /// followed by a call here, so a peer's earlier Close is noted first.
+    fn observe(&mut self, closing: Option<&Closing>, up: &Pipe, down: &Pipe) {
+        if self.close.is_none() {
+            self.close = match closing {
+                Some(c) if c.injected => Some(Closer::Wsgate(c.cause)),
+                _ if up.saw_close() => Some(Closer::Peer(Leg::Client)),
+                _ if down.saw_close() => Some(Closer::Peer(Leg::Upstream)),
+                _ => None,
+            };
+        }
+        if self.eof.is_none() {
+            self.eof = if up.is_done() {
+                Some(Leg::Client)
+            } else if down.is_done() {
+                Some(Leg::Upstream)
+            } else {
+                None
+            };
+        }
     }
 }
 
@@ -331,6 +411,7 @@ where
     let mut idle: Option<Pin<Box<Sleep>>> = limits.idle.map(|d| Box::pin(sleep(d)));
     let mut half_close: Option<Pin<Box<Sleep>>> = None;
     let mut closing: Option<Closing> = None;
+    let mut firsts = Firsts::default();
     let mut last_activity = Instant::now();
     let mut stop = Gated::new(stop);
     let mut abort = Gated::new(abort);
@@ -346,7 +427,8 @@ where
                 if let Poll::Ready(reason) = stop.poll(cx) {
                     match &limits.close {
                         Some(close) => {
-                            closing = Some(begin_close(reason, close, &mut up, &mut down))
+                            closing = Some(begin_close(reason, close, &mut up, &mut down));
+                            firsts.observe(closing.as_ref(), &up, &down);
                         }
                         None => return Poll::Ready(Ended::Stopped(reason)),
                     }
@@ -371,6 +453,7 @@ where
                         None => return Poll::Ready(Ended::Guard(guard)),
                     }
                 }
+                firsts.observe(closing.as_ref(), &up, &down);
             }
             if !down.is_done() {
                 if let Poll::Ready(Err(e)) = down.poll(
@@ -383,6 +466,7 @@ where
                 ) {
                     return Poll::Ready(e.ended(Leg::Upstream));
                 }
+                firsts.observe(closing.as_ref(), &up, &down);
             }
             if let Some(c) = &mut closing {
                 let finished = if c.injected {
@@ -425,6 +509,7 @@ where
                             idle = None;
                             closing =
                                 Some(begin_close(StopReason::Idle, close, &mut up, &mut down));
+                            firsts.observe(closing.as_ref(), &up, &down);
                             // Poll again so the Close frames go out at once.
                             continue;
                         }
@@ -435,11 +520,28 @@ where
             return Poll::Pending;
         })
         .await;
+        // What the last poll saw before it returned early (a Close read
+        // just before an error, say).
+        firsts.observe(closing.as_ref(), &up, &down);
 
         Outcome {
             totals: Totals {
                 client_to_upstream: up.bytes(),
                 upstream_to_client: down.bytes(),
+            },
+            first_close: firsts.close.map(|who| match who {
+                Closer::Peer(Leg::Client) => FirstClose::Peer(Leg::Client, up.take_first_close()),
+                Closer::Peer(Leg::Upstream) => {
+                    FirstClose::Peer(Leg::Upstream, down.take_first_close())
+                }
+                Closer::Wsgate(cause) => FirstClose::Wsgate(cause),
+            }),
+            first_eof: firsts.eof,
+            traffic: Traffic {
+                bytes_in: up.received(),
+                bytes_out: down.received(),
+                msgs_in: up.data_messages(),
+                msgs_out: down.data_messages(),
             },
             close_frames_sent: closing.as_ref().filter(|c| c.injected).and_then(|c| {
                 match c.cause {

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use super::buffers::{return_buffer, take_buffer};
 use super::guards::{Guard, Guards, Verdict};
 use super::{Ended, Leg};
-use crate::frames::{close_frame, FrameTracker};
+use crate::frames::{close_frame, CloseSeen, FrameTracker};
 
 /// Where a direction is in its life.
 ///
@@ -66,6 +66,9 @@ pub(crate) struct Pipe {
     pending: Option<(Vec<u8>, usize)>,
     /// Bytes written to `dst` so far.
     bytes: u64,
+    /// Bytes read from `src` so far, with those that came with the
+    /// handshake (the access log's `bytes_in` / `bytes_out`).
+    received: u64,
     /// Frame boundaries of what `src` sent.
     tracker: FrameTracker,
     /// Where this direction is.
@@ -116,6 +119,7 @@ impl Pipe {
     pub(crate) fn new(leftover: Bytes, mut guards: Option<Box<Guards>>) -> Self {
         let mut tracker = FrameTracker::new();
         let mut pending = None;
+        let received = leftover.len() as u64;
         match &mut guards {
             Some(g) => g.hold_leftover(Vec::from(leftover)),
             None if leftover.is_empty() => {}
@@ -127,6 +131,7 @@ impl Pipe {
         Pipe {
             pending,
             bytes: 0,
+            received,
             messages: tracker.messages_seen(),
             messages_counted: 0,
             tracker,
@@ -145,6 +150,22 @@ impl Pipe {
     /// Bytes written to `dst` so far.
     pub(crate) fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// Bytes read from `src` so far.
+    pub(crate) fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// Data messages `src` sent (control frames not counted).
+    pub(crate) fn data_messages(&self) -> u64 {
+        self.tracker.data_messages_seen()
+    }
+
+    /// The first Close frame `src` sent, if it sent one (taken: called
+    /// once, when the splice ends).
+    pub(crate) fn take_first_close(&mut self) -> Option<Box<CloseSeen>> {
+        self.tracker.take_first_close()
     }
 
     /// Whether `src` has sent a Close frame (a closing handshake of the
@@ -372,8 +393,9 @@ impl Pipe {
                     self.finish(dst, other_done);
                     return Poll::Ready(Ok(()));
                 }
-                Ok(_) => {
+                Ok(n) => {
                     *moved = true;
+                    self.received += n as u64;
                     if let Some(guards) = self.guards.as_deref_mut() {
                         guards.carried();
                     }

@@ -1,0 +1,541 @@
+//! How a WebSocket session ended, in the terms of SPEC §12: who sent the
+//! first Close frame (`closed_by`), why it ended (`end`), and the status
+//! code and reason of that Close. Pure functions of the splice's
+//! [`Outcome`]; the metrics and the access log (`access_log`) both read
+//! the [`SessionEnd`] made here, so they cannot disagree.
+//!
+//! The rules, in order:
+//! - the half-close timeout ended it: `half_close_timeout`, whoever closed;
+//! - wsgate's own Close went out before any peer's: the cause that made
+//!   wsgate close (`drain`, `admin_drain`, `lifetime`, `idle`, `size`,
+//!   `rate`, `shutdown`), `closed_by = wsgate`;
+//! - a peer's Close came first: `client_close` / `upstream_close`, however
+//!   TCP ended afterwards (a peer that closes and then resets has still
+//!   closed the session);
+//! - no Close at all: `keepalive` for a timed-out leg (TCP keepalive or
+//!   `TCP_USER_TIMEOUT`), `client_eof` / `upstream_eof` for the side whose
+//!   FIN or RST came first, `shutdown` for a cut at the second signal,
+//!   `error` for any other failure; `closed_by = none`.
+
+use std::io;
+
+use crate::config::CloseSettings;
+use crate::splice::{Cause, Ended, FirstClose, Guard, Leg, StopReason};
+
+/// Who sent a session's first Close frame (`closed_by`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClosedBy {
+    /// The client.
+    Client,
+    /// The upstream.
+    Upstream,
+    /// wsgate itself.
+    Wsgate,
+    /// Nobody: TCP ended without a Close frame.
+    Nobody,
+}
+
+impl ClosedBy {
+    /// Every value, in declaration order.
+    pub(crate) const ALL: [ClosedBy; 4] = [
+        ClosedBy::Client,
+        ClosedBy::Upstream,
+        ClosedBy::Wsgate,
+        ClosedBy::Nobody,
+    ];
+
+    /// The `closed_by` value in the log and the metric label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            ClosedBy::Client => "client",
+            ClosedBy::Upstream => "upstream",
+            ClosedBy::Wsgate => "wsgate",
+            ClosedBy::Nobody => "none",
+        }
+    }
+}
+
+/// Why a session ended (`end`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum End {
+    /// The client's Close frame came first.
+    ClientClose,
+    /// The upstream's Close frame came first.
+    UpstreamClose,
+    /// No Close; the client's FIN or RST came first.
+    ClientEof,
+    /// No Close; the upstream's FIN or RST came first.
+    UpstreamEof,
+    /// The shutdown drain (`drain_period`).
+    Drain,
+    /// An operator's `POST /drain`.
+    AdminDrain,
+    /// `max_connection_lifetime`.
+    Lifetime,
+    /// `idle_timeout`.
+    Idle,
+    /// `max_message_size`.
+    Size,
+    /// `message_rate` with `message_rate_action = close`.
+    Rate,
+    /// One side finished and the other did not within `half_close_timeout`.
+    HalfCloseTimeout,
+    /// A leg timed out: TCP keepalive or `TCP_USER_TIMEOUT`.
+    Keepalive,
+    /// The end of `shutdown_grace`, or a second signal.
+    Shutdown,
+    /// Any other failure.
+    Error,
+}
+
+impl End {
+    /// Every value, in declaration order.
+    pub(crate) const ALL: [End; 14] = [
+        End::ClientClose,
+        End::UpstreamClose,
+        End::ClientEof,
+        End::UpstreamEof,
+        End::Drain,
+        End::AdminDrain,
+        End::Lifetime,
+        End::Idle,
+        End::Size,
+        End::Rate,
+        End::HalfCloseTimeout,
+        End::Keepalive,
+        End::Shutdown,
+        End::Error,
+    ];
+
+    /// The `end` value in the log and the metric label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            End::ClientClose => "client_close",
+            End::UpstreamClose => "upstream_close",
+            End::ClientEof => "client_eof",
+            End::UpstreamEof => "upstream_eof",
+            End::Drain => "drain",
+            End::AdminDrain => "admin_drain",
+            End::Lifetime => "lifetime",
+            End::Idle => "idle",
+            End::Size => "size",
+            End::Rate => "rate",
+            End::HalfCloseTimeout => "half_close_timeout",
+            End::Keepalive => "keepalive",
+            End::Shutdown => "shutdown",
+            End::Error => "error",
+        }
+    }
+
+    /// Whether a session can end this way with `closed_by` (the series
+    /// created at start-up; the rules above make the others impossible).
+    pub(crate) fn happens_with(self, closed_by: ClosedBy) -> bool {
+        match self {
+            End::ClientClose => closed_by == ClosedBy::Client,
+            End::UpstreamClose => closed_by == ClosedBy::Upstream,
+            End::ClientEof | End::UpstreamEof | End::Keepalive | End::Error => {
+                closed_by == ClosedBy::Nobody
+            }
+            End::Drain | End::AdminDrain | End::Lifetime | End::Idle | End::Size | End::Rate => {
+                closed_by == ClosedBy::Wsgate
+            }
+            End::Shutdown => matches!(closed_by, ClosedBy::Wsgate | ClosedBy::Nobody),
+            End::HalfCloseTimeout => closed_by != ClosedBy::Wsgate,
+        }
+    }
+}
+
+/// The status of the session's first Close frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseStatus {
+    /// No Close frame at all (the log says 1006, RFC 6455 §7.1.5).
+    NoFrame,
+    /// A Close frame without a status code (the log says 1005).
+    NoCode,
+    /// A Close frame with this code.
+    Code(u16),
+}
+
+impl CloseStatus {
+    /// The access log's `close_code`: always a number, 1005 and 1006
+    /// standing for "no status" and "no Close frame" as RFC 6455 §7.1.5
+    /// has APIs report them.
+    pub(crate) fn logged(self) -> u16 {
+        match self {
+            CloseStatus::NoFrame => 1006,
+            CloseStatus::NoCode => 1005,
+            CloseStatus::Code(code) => code,
+        }
+    }
+
+    /// The `code` label of `wsgate_close_codes_total`: bounded, whatever a
+    /// peer sends (`1000`…`1015`, `3xxx`, `4xxx`, `none`, `other`).
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            CloseStatus::NoFrame => "none",
+            CloseStatus::NoCode => "1005",
+            CloseStatus::Code(code) => match code {
+                1000..=1015 => CODE_LABELS[usize::from(code - 1000)],
+                3000..=3999 => "3xxx",
+                4000..=4999 => "4xxx",
+                _ => "other",
+            },
+        }
+    }
+}
+
+/// The labels of the codes 1000–1015, each its own series.
+const CODE_LABELS: [&str; 16] = [
+    "1000", "1001", "1002", "1003", "1004", "1005", "1006", "1007", "1008", "1009", "1010", "1011",
+    "1012", "1013", "1014", "1015",
+];
+
+/// Every value of the `code` label.
+pub(crate) const ALL_CODE_LABELS: [&str; 20] = [
+    "1000", "1001", "1002", "1003", "1004", "1005", "1006", "1007", "1008", "1009", "1010", "1011",
+    "1012", "1013", "1014", "1015", "3xxx", "4xxx", "none", "other",
+];
+
+/// How a session ended, as the access log and the metrics report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SessionEnd {
+    /// Who sent the first Close frame.
+    pub(crate) closed_by: ClosedBy,
+    /// Why it ended.
+    pub(crate) end: End,
+    /// The first Close frame's status.
+    pub(crate) status: CloseStatus,
+    /// The first Close frame's reason, escaped and bounded (see
+    /// [`escape_reason`]).
+    pub(crate) reason: String,
+}
+
+/// The longest reason a Close frame can carry, and the most the access log
+/// writes of one after escaping.
+pub(crate) const MAX_REASON: usize = 123;
+
+impl SessionEnd {
+    /// Reads the splice's outcome. `close` gives the codes wsgate sent for
+    /// its own causes.
+    pub(crate) fn of(
+        ended: &Ended,
+        first_close: Option<&FirstClose>,
+        first_eof: Option<Leg>,
+        close: Option<&CloseSettings>,
+    ) -> SessionEnd {
+        let (closed_by, status, reason) = match first_close {
+            None => (ClosedBy::Nobody, CloseStatus::NoFrame, String::new()),
+            Some(FirstClose::Peer(leg, frame)) => {
+                let closed_by = match leg {
+                    Leg::Client => ClosedBy::Client,
+                    Leg::Upstream => ClosedBy::Upstream,
+                };
+                let (status, reason) = match frame {
+                    Some(f) => (
+                        f.code().map_or(CloseStatus::NoCode, CloseStatus::Code),
+                        escape_reason(f.reason()),
+                    ),
+                    None => (CloseStatus::NoCode, String::new()),
+                };
+                (closed_by, status, reason)
+            }
+            Some(FirstClose::Wsgate(cause)) => {
+                let (code, text) = sent_by_wsgate(*cause, close);
+                (ClosedBy::Wsgate, CloseStatus::Code(code), text.to_owned())
+            }
+        };
+        let end = match (ended, first_close) {
+            (Ended::HalfCloseTimeout, _) => End::HalfCloseTimeout,
+            (_, Some(FirstClose::Wsgate(cause))) => wsgate_end(*cause),
+            (_, Some(FirstClose::Peer(Leg::Client, _))) => End::ClientClose,
+            (_, Some(FirstClose::Peer(Leg::Upstream, _))) => End::UpstreamClose,
+            // No Close frame from anyone.
+            (Ended::Stopped(reason), None) => wsgate_end(Cause::Stop(*reason)),
+            (Ended::Guard(guard), None) => wsgate_end(Cause::Guard(*guard)),
+            (Ended::Error(leg, e), None) => match e.kind() {
+                io::ErrorKind::TimedOut => End::Keepalive,
+                io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::UnexpectedEof
+                | io::ErrorKind::NotConnected => eof(*leg),
+                _ => End::Error,
+            },
+            (Ended::Closed, None) => eof(first_eof.unwrap_or(Leg::Client)),
+        };
+        SessionEnd {
+            closed_by,
+            end,
+            status,
+            reason,
+        }
+    }
+}
+
+/// The end for a side whose FIN or RST came first.
+fn eof(leg: Leg) -> End {
+    match leg {
+        Leg::Client => End::ClientEof,
+        Leg::Upstream => End::UpstreamEof,
+    }
+}
+
+/// The end for a cause that made wsgate close the session.
+fn wsgate_end(cause: Cause) -> End {
+    match cause {
+        Cause::Stop(StopReason::Grace | StopReason::Abort) => End::Shutdown,
+        Cause::Stop(StopReason::Drain) => End::Drain,
+        Cause::Stop(StopReason::AdminDrain) => End::AdminDrain,
+        Cause::Stop(StopReason::Lifetime) => End::Lifetime,
+        Cause::Stop(StopReason::Idle) => End::Idle,
+        Cause::Guard(Guard::Size) => End::Size,
+        Cause::Guard(Guard::Rate | Guard::Bytes) => End::Rate,
+    }
+}
+
+/// The code and reason wsgate sends the client for `cause` (wsgate sends
+/// its own Close for a stop only with close settings: `close` is `Some`).
+fn sent_by_wsgate(cause: Cause, close: Option<&CloseSettings>) -> (u16, &'static str) {
+    match cause {
+        Cause::Stop(reason) => (close.map_or(1001, |c| reason.code(c)), reason.close_text()),
+        Cause::Guard(guard) => (guard.client_code(), guard.client_reason()),
+    }
+}
+
+/// A Close reason as the log writes it: invalid UTF-8 replaced by U+FFFD,
+/// control characters (U+0000–U+001F, U+007F) written as `\xNN` so a
+/// peer cannot forge log lines or move a terminal's cursor, and at most
+/// [`MAX_REASON`] bytes, cut between characters (never inside an escape).
+pub(crate) fn escape_reason(raw: &[u8]) -> String {
+    let text = String::from_utf8_lossy(raw);
+    let mut out = String::with_capacity(text.len().min(MAX_REASON));
+    for c in text.chars() {
+        let escaped = c.is_ascii_control();
+        let width = if escaped { 4 } else { c.len_utf8() };
+        if out.len() + width > MAX_REASON {
+            break;
+        }
+        if escaped {
+            out.push_str(&format!("\\x{:02x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frames::{close_frame, FrameTracker};
+    use std::time::Duration;
+
+    const CLOSE: CloseSettings = CloseSettings {
+        drain: 1001,
+        lifetime: 1012,
+        idle: 4000,
+        timeout: Duration::from_secs(2),
+    };
+
+    /// A peer's first Close as the tracker captures it from `frame`.
+    fn peer(leg: Leg, frame: &[u8]) -> FirstClose {
+        let mut t = FrameTracker::new();
+        t.advance(frame);
+        FirstClose::Peer(leg, t.take_first_close())
+    }
+
+    #[test]
+    fn a_peer_close_names_the_peer_its_code_and_reason() {
+        let first = peer(Leg::Client, &close_frame(1000, "bye", Some([9, 8, 7, 6])));
+        let end = SessionEnd::of(
+            &Ended::Closed,
+            Some(&first),
+            Some(Leg::Upstream),
+            Some(&CLOSE),
+        );
+        assert_eq!(
+            end,
+            SessionEnd {
+                closed_by: ClosedBy::Client,
+                end: End::ClientClose,
+                status: CloseStatus::Code(1000),
+                reason: "bye".into(),
+            }
+        );
+        // The same Close, then a reset: still the client's close.
+        let reset = Ended::Error(Leg::Client, io::ErrorKind::ConnectionReset.into());
+        let end = SessionEnd::of(&reset, Some(&first), None, Some(&CLOSE));
+        assert_eq!(
+            (end.closed_by, end.end),
+            (ClosedBy::Client, End::ClientClose)
+        );
+
+        let first = peer(Leg::Upstream, &close_frame(4000, "app says", None));
+        let end = SessionEnd::of(
+            &Ended::Closed,
+            Some(&first),
+            Some(Leg::Upstream),
+            Some(&CLOSE),
+        );
+        assert_eq!(
+            (end.closed_by, end.end, end.status, end.reason.as_str()),
+            (
+                ClosedBy::Upstream,
+                End::UpstreamClose,
+                CloseStatus::Code(4000),
+                "app says"
+            )
+        );
+        assert_eq!(end.status.label(), "4xxx");
+    }
+
+    #[test]
+    fn a_close_without_a_status_is_1005_and_no_close_is_1006() {
+        let first = peer(Leg::Client, &[0x88, 0x00]);
+        let end = SessionEnd::of(&Ended::Closed, Some(&first), None, Some(&CLOSE));
+        assert_eq!(end.status, CloseStatus::NoCode);
+        assert_eq!((end.status.logged(), end.status.label()), (1005, "1005"));
+        let end = SessionEnd::of(&Ended::Closed, None, Some(Leg::Upstream), Some(&CLOSE));
+        assert_eq!(
+            (
+                end.closed_by,
+                end.end,
+                end.status.logged(),
+                end.status.label()
+            ),
+            (ClosedBy::Nobody, End::UpstreamEof, 1006, "none")
+        );
+    }
+
+    #[test]
+    fn without_a_close_the_failure_says_how_tcp_ended() {
+        let cases = [
+            (io::ErrorKind::TimedOut, Leg::Client, End::Keepalive),
+            (io::ErrorKind::ConnectionReset, Leg::Client, End::ClientEof),
+            (io::ErrorKind::BrokenPipe, Leg::Upstream, End::UpstreamEof),
+            (io::ErrorKind::PermissionDenied, Leg::Upstream, End::Error),
+        ];
+        for (kind, leg, want) in cases {
+            let end = SessionEnd::of(&Ended::Error(leg, kind.into()), None, None, Some(&CLOSE));
+            assert_eq!(
+                (end.end, end.closed_by),
+                (want, ClosedBy::Nobody),
+                "{kind:?}"
+            );
+        }
+        let end = SessionEnd::of(
+            &Ended::HalfCloseTimeout,
+            None,
+            Some(Leg::Client),
+            Some(&CLOSE),
+        );
+        assert_eq!(
+            (end.end, end.closed_by),
+            (End::HalfCloseTimeout, ClosedBy::Nobody)
+        );
+        let cut = Ended::Stopped(StopReason::Abort);
+        let end = SessionEnd::of(&cut, None, None, Some(&CLOSE));
+        assert_eq!(
+            (end.end, end.closed_by, end.status),
+            (End::Shutdown, ClosedBy::Nobody, CloseStatus::NoFrame)
+        );
+    }
+
+    #[test]
+    fn wsgate_names_its_cause_and_the_code_it_sent() {
+        let cases = [
+            (Cause::Stop(StopReason::Drain), End::Drain, 1001),
+            (Cause::Stop(StopReason::AdminDrain), End::AdminDrain, 1001),
+            (Cause::Stop(StopReason::Grace), End::Shutdown, 1001),
+            (Cause::Stop(StopReason::Lifetime), End::Lifetime, 1012),
+            (Cause::Stop(StopReason::Idle), End::Idle, 4000),
+            (Cause::Guard(Guard::Size), End::Size, 1009),
+            (Cause::Guard(Guard::Rate), End::Rate, 1008),
+        ];
+        for (cause, want, code) in cases {
+            // Even when a peer then resets instead of replying.
+            for ended in [
+                cause.ended(),
+                Ended::Error(Leg::Client, io::ErrorKind::ConnectionReset.into()),
+            ] {
+                let end =
+                    SessionEnd::of(&ended, Some(&FirstClose::Wsgate(cause)), None, Some(&CLOSE));
+                assert_eq!(
+                    (end.end, end.closed_by, end.status),
+                    (want, ClosedBy::Wsgate, CloseStatus::Code(code)),
+                    "{cause:?}"
+                );
+                assert!(!end.reason.is_empty());
+                assert!(want.happens_with(end.closed_by));
+            }
+        }
+        // A stop that found the peers already closing: the peer closed it.
+        let first = peer(Leg::Upstream, &close_frame(1000, "", None));
+        let end = SessionEnd::of(
+            &Ended::Stopped(StopReason::Drain),
+            Some(&first),
+            None,
+            Some(&CLOSE),
+        );
+        assert_eq!(
+            (end.end, end.closed_by),
+            (End::UpstreamClose, ClosedBy::Upstream)
+        );
+    }
+
+    #[test]
+    fn code_labels_are_bounded() {
+        let label = |c| CloseStatus::Code(c).label();
+        assert_eq!(
+            [
+                label(1000),
+                label(1015),
+                label(1016),
+                label(2999),
+                label(3000)
+            ],
+            ["1000", "1015", "other", "other", "3xxx"]
+        );
+        assert_eq!(
+            [label(4999), label(5000), label(0)],
+            ["4xxx", "other", "other"]
+        );
+        for l in [
+            label(1000),
+            label(1015),
+            label(3999),
+            label(4000),
+            label(65535),
+        ] {
+            assert!(ALL_CODE_LABELS.contains(&l));
+        }
+    }
+
+    #[test]
+    fn reasons_are_escaped_and_bounded() {
+        assert_eq!(escape_reason(b"a\x1b[31m\nb\x7f"), "a\\x1b[31m\\x0ab\\x7f");
+        assert_eq!(escape_reason(b"caf\xc3\xa9 \xff"), "caf\u{e9} \u{fffd}");
+        // 123 bytes with control characters: escaped, still at most 123.
+        let mut raw = b"\x1b[2J\r\n".to_vec();
+        raw.resize(123, b'x');
+        let out = escape_reason(&raw);
+        assert!(out.len() <= MAX_REASON, "{} bytes", out.len());
+        assert!(out.starts_with("\\x1b[2J\\x0d\\x0a") && out.ends_with('x'));
+        assert!(!out.chars().any(|c| c.is_control()));
+        // Never cut inside an escape or a character.
+        let out = escape_reason(&[b'\n'; 100]);
+        assert_eq!(out.len(), 120);
+        let out = escape_reason("é".repeat(70).as_bytes());
+        assert_eq!(out.len(), 122);
+    }
+
+    #[test]
+    fn every_end_happens_with_some_closer() {
+        for end in End::ALL {
+            assert!(
+                ClosedBy::ALL.iter().any(|c| end.happens_with(*c)),
+                "{end:?}"
+            );
+        }
+    }
+}
