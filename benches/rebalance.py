@@ -34,6 +34,10 @@ delays, and the load average. Exit 0 when balanced within period + 5 s, 1 otherw
     python3 benches/rebalance.py [--baseline] [--clients 1000] [--fraction 0.3333 | --count N]
                                  [--period 10s] [--observe 10] [--balance roundrobin|leastconn]
                                  [--max-clients 2000] [--echo python|websocat] [--out DIR]
+                                 [--wsgate-env WSGATE_KEY=VALUE ...]
+
+The echo defaults to the Python one: websocat 1.13's `mirror:` answers a Close by dropping TCP
+without a Close of its own.
 
 Needs haproxy (installed from Debian through .ci/apt-install.sh when missing, as run.sh does) and
 `websockets` (the script re-runs itself with /tmp/wsc-venv/bin/python when the running Python
@@ -666,7 +670,7 @@ def main():
             "clients_reconnects_after_t0": len(opens_after),
             "reconnect_delay_ms": {"n": len(gaps), "p50": pct(gaps, 50) and round(pct(gaps, 50) * 1000, 1),
                                    "p99": pct(gaps, 99) and round(pct(gaps, 99) * 1000, 1),
-                                   "max": gaps and round(max(gaps) * 1000, 1)},
+                                   "max": round(max(gaps) * 1000, 1) if gaps else None},
             "reconnect_attempts_hist": cres["attempts"],
             "per_second": per_s,
             "loadavg": {"t0": load0, "period_plus_5s": load_p5, "end": load_end},
