@@ -413,6 +413,7 @@ def main():
         subprocess.run(["service", "haproxy", "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
     work = tempfile.mkdtemp(prefix="wsgate-rebalance.")
@@ -678,7 +679,7 @@ def main():
         }
         ok = result["balanced_within_period_plus_5s"]
     except (Stop, KeyboardInterrupt) as e:
-        log("interrupted (%s): stopping everything" % (e or "Ctrl-C"))
+        log("interrupted (%s): stopping everything" % (str(e) or "Ctrl-C"))
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
