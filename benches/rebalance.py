@@ -394,6 +394,9 @@ def main():
     a = ap.parse_args()
     if a.fraction is None and a.count is None:
         a.fraction = 0.3333
+    if a.observe < 5:
+        log("--observe %.1f: raised to 5 (the verdict is at period + 5 s)" % a.observe)
+        a.observe = 5.0
     if not os.access(WSGATE, os.X_OK):
         sys.exit("rebalance: missing %s (cargo build --release --bins)" % WSGATE)
 
