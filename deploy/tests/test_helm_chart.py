@@ -223,6 +223,7 @@ def test_prometheusrule_thresholds_are_values(render):
         "notReady": {"for": "15m"},
         "keyPinned": {"threshold": 0.9, "for": "20m"},
         "fleetRedisDown": {"for": "3m"},
+        "abnormalCloses": {"threshold": 0.07, "minSessions": 50, "for": "15m"},
     }}).one("PrometheusRule")
     rules = {r["alert"]: r for r in pr["spec"]["groups"][0]["rules"]}
     assert rules["WsgateSaturationHigh"]["expr"].strip().endswith("> 0.9")
@@ -238,6 +239,13 @@ def test_prometheusrule_thresholds_are_values(render):
     assert rules["WsgateFleetRedisDown"]["for"] == "3m"
     assert "(for 3m)" in rules["WsgateFleetRedisDown"]["annotations"]["summary"]
     assert "timing out for 3m" in rules["WsgateFleetRedisDown"]["annotations"]["description"]
+    abnormal = rules["WsgateAbnormalCloses"]
+    ratio, guard = abnormal["expr"].split("\nand\n")
+    assert ratio.strip().endswith("> 0.07") and guard.strip().endswith(">= 50"), abnormal["expr"]
+    assert abnormal["for"] == "15m"
+    # 0.07 x 100 is 7.000000000000001 in floating point: the text says 7%.
+    assert "More than 7% of the WebSocket sessions" in abnormal["annotations"]["description"]
+    assert "(at least 50 ended in that window), for 15m:" in abnormal["annotations"]["description"]
     for r in rules.values():
         assert r["labels"] == {"severity": "page", "team": "chat"}
 

@@ -9,7 +9,7 @@ import yaml
 from conftest import PROMTOOL_BIN, RULES_FILE, RULES_TEST_FILE
 
 EXPECTED_ALERTS = {"WsgateSaturationHigh", "WsgateRejectingConnections", "WsgateUpstreamErrors", "WsgatePodNotReady",
-                   "WsgateKeyPinnedAtLimit", "WsgateFleetRedisDown"}
+                   "WsgateKeyPinnedAtLimit", "WsgateFleetRedisDown", "WsgateAbnormalCloses"}
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -54,6 +54,20 @@ def test_rule_file_has_the_alerts_with_severity_and_text():
     for needle in ("fleet_fail_mode open", "with closed", "503 fleet_unavailable", "(pods - 1) x the per-pod cap",
                    "Existing connections are not dropped", "Check"):
         assert needle in redis["annotations"]["description"], needle
+    # SPEC §12: per pod, abnormal (no Close frame, or 1006) over every ended session, above 5 % for
+    # 10m, and only where at least 20 sessions ended in the 5 minutes (the volume guard).
+    abnormal = next(r for r in rules if r["alert"] == "WsgateAbnormalCloses")
+    assert abnormal["for"] == "10m" and abnormal["labels"]["severity"] == "warning"
+    assert abnormal["expr"].split() == """(
+        sum by (namespace, pod) (rate(wsgate_close_codes_total{code=~"none|1006"}[5m]))
+        /
+        sum by (namespace, pod) (rate(wsgate_close_codes_total[5m]))
+      ) > 0.05
+      and
+      sum by (namespace, pod) (increase(wsgate_close_codes_total[5m])) >= 20""".split()
+    for needle in ("More than 5%", "at least 20 ended", "for 10m", "code none", "1006", "wsgate_sessions_ended_total",
+                   "client_eof", "upstream_eof", "keepalive", "wsgate::access"):
+        assert needle in abnormal["annotations"]["description"], needle
 
 
 def test_promtool_unit_tests_pass():
