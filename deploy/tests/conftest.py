@@ -69,6 +69,31 @@ SPEC_METRICS = {
     # §11 message guards: on every instance from start-up, every label value at 0
     # (guard, action = size/close, rate/close, rate/throttle, bytes/throttle; direction).
     "wsgate_message_guard_total", "wsgate_messages_total",
+    # §12 session telemetry: on every instance from start-up (SESSIONS_ENDED_AT_START, CLOSE_CODES_AT_START).
+    "wsgate_sessions_ended_total", "wsgate_close_codes_total", "wsgate_admin_drained_total",
+}
+
+# SPEC §12 (and the issue 14 contract): the fields of every access-log record, in order, and the
+# values of `closed_by` and `end`.
+ACCESS_LOG_FIELDS = ["session", "client", "path", "subprotocol", "keys", "duration_ms", "bytes_in", "bytes_out",
+                     "msgs_in", "msgs_out", "close_code", "close_reason", "closed_by", "end"]
+CLOSED_BY = ["client", "upstream", "wsgate", "none"]
+END_CAUSES = ["client_close", "upstream_close", "client_eof", "upstream_eof", "keepalive", "error",
+              "half_close_timeout", "drain", "admin_drain", "lifetime", "idle", "size", "rate", "shutdown"]
+# The (closed_by, end) series of wsgate_sessions_ended_total that exist at 0 from start-up.
+SESSIONS_ENDED_AT_START = {
+    ("client", "client_close"), ("upstream", "upstream_close"),
+    *(("none", e) for e in ("client_eof", "upstream_eof", "keepalive", "error", "shutdown")),
+    *(("wsgate", e) for e in ("drain", "admin_drain", "lifetime", "idle", "size", "rate", "shutdown")),
+    *((c, "half_close_timeout") for c in ("client", "upstream", "none")),
+}
+# The `code` values of wsgate_close_codes_total, and the (closed_by, code) series at 0 from start-up
+# with the default close_code_* (1001; the contract adds the configured ones).
+CLOSE_CODES = [str(c) for c in range(1000, 1016)] + ["3xxx", "4xxx", "none", "other"]
+CLOSE_CODES_AT_START = {
+    *((by, code) for by in ("client", "upstream") for code in CLOSE_CODES if code != "none"),
+    ("none", "none"),
+    *(("wsgate", code) for code in ("1001", "1008", "1009", "none")),
 }
 
 CRD_KINDS = {"PodMonitor", "PrometheusRule", "ServiceMonitor"}

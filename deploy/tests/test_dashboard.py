@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 
-from conftest import SPEC_METRICS, all_panels, dashboard
+import yaml
+
+from conftest import CLOSED_BY, END_CAUSES, RULES_FILE, SPEC_METRICS, all_panels, dashboard
 
 METRIC_RE = re.compile(r"\b((?:wsgate|process)_[a-z_]+)\b")
 
@@ -221,3 +223,68 @@ def test_message_guards_row():
     exprs = " ".join(t["expr"] for p in panels() for t in p["targets"])
     used = {n for n in METRIC_RE.findall(exprs) if n.startswith(("wsgate_message_guard", "wsgate_messages"))}
     assert used == {"wsgate_message_guard_total", "wsgate_messages_total"} <= SPEC_METRICS
+
+
+def test_sessions_row():
+    """SPEC §12: sessions ended by end (stacked) and by closed_by (stacked), close codes per second, the
+    abnormal-close ratio with the alert's 5 % as a threshold line, and admin drains per pod, in a row
+    after the message guards, with the selectors of every other panel."""
+    d = dashboard()
+    rows = [p["title"] for p in d["panels"] if p["type"] == "row"]
+    assert rows.index("Sessions") == rows.index("Message guards") + 1, rows
+    by_title = {p["title"]: p for p in panels()}
+    sel = '{namespace=~"$namespace", pod=~"$pod"}'
+
+    by_end = by_title["Sessions ended by cause"]
+    (t,) = by_end["targets"]
+    assert t["expr"] == f"sum by (end) (rate(wsgate_sessions_ended_total{sel}[$__rate_interval]))"
+    assert t["legendFormat"] == "{{end}}"
+    by_who = by_title["Sessions ended by who closed"]
+    (t,) = by_who["targets"]
+    assert t["expr"] == f"sum by (closed_by) (rate(wsgate_sessions_ended_total{sel}[$__rate_interval]))"
+    assert t["legendFormat"] == "{{closed_by}}"
+    for p in (by_end, by_who):
+        assert p["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal", p["title"]
+    # The descriptions explain every value of the label they split by.
+    for value in END_CAUSES:
+        assert value in by_end["description"], value
+    for value in CLOSED_BY:
+        assert value in by_who["description"], value
+
+    codes = by_title["Close codes per second"]
+    (t,) = codes["targets"]
+    assert t["expr"] == f"sum by (code) (rate(wsgate_close_codes_total{sel}[$__rate_interval]))"
+    assert t["legendFormat"] == "{{code}}"
+    for value in ("1000", "1001", "1005", "3xxx", "4xxx", "other", "none"):
+        assert value in codes["description"], value
+
+    ratio = by_title["Abnormal-close ratio"]
+    (t,) = ratio["targets"]
+    total = f"sum(rate(wsgate_close_codes_total{sel}[$__rate_interval]))"
+    abnormal = 'sum(rate(wsgate_close_codes_total{namespace=~"$namespace", pod=~"$pod", code=~"none|1006"}[$__rate_interval]))'
+    # No sessions ended: no value rather than 0 / 0.
+    assert t["expr"] == f"{abnormal} / ({total} > 0)"
+    defaults = ratio["fieldConfig"]["defaults"]
+    assert defaults["unit"] == "percentunit"
+    assert [(s["color"], s["value"]) for s in defaults["thresholds"]["steps"]] == [("green", None), ("red", 0.05)]
+    assert defaults["custom"]["thresholdsStyle"] == {"mode": "line"}
+    assert "stacking" not in defaults["custom"]
+    # The line is the alert's threshold.
+    rule = next(r for g in yaml.safe_load(RULES_FILE.read_text())["groups"] for r in g["rules"]
+                if r["alert"] == "WsgateAbnormalCloses")
+    assert "> 0.05\n" in rule["expr"]
+
+    drains = by_title["Admin drains per second"]
+    (t,) = drains["targets"]
+    assert t["expr"] == f"sum by (pod) (rate(wsgate_admin_drained_total{sel}[$__rate_interval]))"
+    assert t["legendFormat"] == "{{pod}}"
+
+    for p in (by_end, by_who, codes, drains):
+        assert p["type"] == "timeseries" and p["fieldConfig"]["defaults"]["unit"] == "cps", p["title"]
+    for p in (by_end, by_who, codes, ratio, drains):
+        assert p["fieldConfig"]["defaults"]["min"] == 0, p["title"]
+    exprs = " ".join(t["expr"] for p in panels() for t in p["targets"])
+    used = {n for n in METRIC_RE.findall(exprs)
+            if n.startswith(("wsgate_sessions", "wsgate_close_codes", "wsgate_admin"))}
+    assert used == {"wsgate_sessions_ended_total", "wsgate_close_codes_total", "wsgate_admin_drained_total"}
+    assert used <= SPEC_METRICS
