@@ -45,6 +45,10 @@ SPEC_KEYS = [
 # ready_low_watermark defaults to "0.1 below high" in the binary, which a fixed value cannot say:
 # the chart sets it only when the value is given.
 OPTIONAL_ENV = {"WSGATE_READY_LOW_WATERMARK"}
+# SPEC §12's key that the chart sets on every pod, like the keys above (admin_token_file is set only
+# with adminToken). §12 names it in its text, not in a key table, so it stays out of SPEC_KEYS, which
+# test_env_list_matches_the_shared_spec compares with the tables of §2, §7 and §8.
+TELEMETRY_KEYS = ["access_log"]
 
 # The metric names of SPEC.md §4, §7, §8, §9, §10, §11 (names are fixed: dashboard and alerts may use only these).
 SPEC_METRICS = {
@@ -101,6 +105,11 @@ CRD_KINDS = {"PodMonitor", "PrometheusRule", "ServiceMonitor"}
 
 def spec_env_names() -> list[str]:
     return ["WSGATE_" + k.upper() for k in SPEC_KEYS]
+
+
+def chart_env_names() -> list[str]:
+    """Every variable the chart sets on every pod: the SPEC keys of §2, §7, §8 and TELEMETRY_KEYS."""
+    return spec_env_names() + ["WSGATE_" + k.upper() for k in TELEMETRY_KEYS]
 
 
 def spec_md_keys() -> list[str] | None:
@@ -176,6 +185,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "maxClients": 250,
         "ports": {"client": 8081, "admin": 9191},
         "logFormat": "json",
+        "accessLog": False,
         "readyHighWatermark": 0.9,
         "readyLowWatermark": 0.7,
         "admissionRate": 50,

@@ -22,6 +22,7 @@ from conftest import (
     OPTIONAL_ENV,
     RULES_FILE,
     VALUE_SETS,
+    chart_env_names,
     env_of,
     spec_env_names,
     spec_md_keys,
@@ -75,9 +76,9 @@ def test_default_render_has_deployment_and_service_only(render):
 
 def test_every_spec_key_is_an_env_var(render):
     env = env_of(wsgate_container(render().one("Deployment"))[0])
-    wanted = set(spec_env_names()) - OPTIONAL_ENV
+    wanted = set(chart_env_names()) - OPTIONAL_ENV
     assert wanted <= set(env), f"missing: {sorted(wanted - set(env))}"
-    assert set(env) <= set(spec_env_names()), f"unknown: {sorted(set(env) - set(spec_env_names()))}"
+    assert set(env) <= set(chart_env_names()), f"unknown: {sorted(set(env) - set(chart_env_names()))}"
     # The optional one appears once it is given.
     env2 = env_of(wsgate_container(render({"readyHighWatermark": 0.9, "readyLowWatermark": 0.5}).one("Deployment"))[0])
     assert env2["WSGATE_READY_LOW_WATERMARK"] == "0.5"
@@ -93,7 +94,7 @@ def test_env_list_matches_the_shared_spec():
 
 def test_every_spec_key_has_a_camelcase_value(chart):
     values = chart.values
-    for env in spec_env_names():
+    for env in chart_env_names():
         key = env.removeprefix("WSGATE_").lower()
         if key in ("listen", "admin_listen"):
             continue  # derived from ports.client / ports.admin and listenHost
@@ -111,6 +112,7 @@ def test_values_reach_the_container(render):
     assert env["WSGATE_ADMIN_LISTEN"] == "0.0.0.0:9191"
     assert env["WSGATE_UPSTREAM"] == "127.0.0.1:3000"
     assert env["WSGATE_LOG_FORMAT"] == "json"
+    assert env["WSGATE_ACCESS_LOG"] == "false"
     assert env["WSGATE_ADMISSION_RATE"] == "50"
     assert env["WSGATE_ADMISSION_BURST"] == "100"
     assert env["WSGATE_MAX_CLIENTS_PER_IP"] == "20"
@@ -264,7 +266,7 @@ def test_hpa_targets_the_deployment_on_active_connections(render):
 # Refused by values.schema.json (so `helm lint` reports them too) ...
 SCHEMA_REFUSES = {
     "negative maxClients", "fractional maxClients", "string maxClients", "unknown logFormat",
-    "bad duration", "reserved close code", "unknown value",
+    "bad duration", "reserved close code", "unknown value", "access log not a boolean",
 }
 # ... or by wsgate.validate's `fail` at render time. Helm's lint runs templates in lint mode,
 # where `fail` only logs, so lint cannot report these: install/template/render do.
@@ -281,6 +283,8 @@ BAD_VALUES = {
     "bad duration": {"retryAfter": "soon"},
     "reserved close code": {"closeCodeDrain": 1005},
     "low watermark above high": {"readyHighWatermark": 0.5, "readyLowWatermark": 0.6},
+    "low watermark above the automatic high": {"maxClients": 100, "readyLowWatermark": 0.9},
+    "access log not a boolean": {"accessLog": "yes"},
     "unknown value": {"maxClient": 4},
     "no app with a native sidecar": {"app": {"enabled": False}, "upstream": "backend:80"},
     "no app and no upstream": {"app": {"enabled": False}, "nativeSidecar": False},

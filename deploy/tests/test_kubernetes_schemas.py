@@ -23,10 +23,10 @@ from conftest import (
     PROMTOOL_BIN,
     RULES_FILE,
     VALUE_SETS,
+    chart_env_names,
     env_of,
     kube_files,
     load_yaml_docs,
-    spec_env_names,
     wsgate_container,
 )
 
@@ -138,7 +138,7 @@ def test_example_deployments_follow_the_contract(file, native):
     assert pod["enableServiceLinks"] is False
     assert pod["terminationGracePeriodSeconds"] == 30
     env = env_of(c)
-    assert set(spec_env_names()) - OPTIONAL_ENV <= set(env) <= set(spec_env_names())
+    assert set(chart_env_names()) - OPTIONAL_ENV <= set(env) <= set(chart_env_names())
     assert env["WSGATE_SHUTDOWN_GRACE"] == "25s"
     assert env["WSGATE_SHUTDOWN_DELAY"] == "5s"
     assert env["WSGATE_DRAIN_PERIOD"] == "15s"

@@ -74,12 +74,33 @@ two values. Fails the render with a message naming the values.
 {{- fail "app.enabled=false: set upstream (host:port of the service wsgate fronts)" -}}
 {{- end -}}
 {{- end -}}
-{{- if and (not (kindIs "invalid" .Values.readyLowWatermark)) (ge (float64 .Values.readyLowWatermark) (float64 .Values.readyHighWatermark)) -}}
-{{- fail (printf "readyLowWatermark (%v) must be below readyHighWatermark (%v)" .Values.readyLowWatermark .Values.readyHighWatermark) -}}
+{{- $high := include "wsgate.readyHighWatermark" . -}}
+{{- if and (not (kindIs "invalid" .Values.readyLowWatermark)) (ge (float64 .Values.readyLowWatermark) (float64 $high)) -}}
+{{- $how := "" -}}
+{{- if kindIs "invalid" .Values.readyHighWatermark -}}
+{{- $how = ternary ", automatic: 0.9 because maxClients is set" ", automatic: off because maxClients is 0" (gt (int64 .Values.maxClients) 0) -}}
+{{- end -}}
+{{- fail (printf "readyLowWatermark (%v) must be below readyHighWatermark (%v%s)" .Values.readyLowWatermark $high $how) -}}
 {{- end -}}
 {{- include "wsgate.validateKeyLimits" . -}}
 {{- include "wsgate.validateFleet" . -}}
 {{- include "wsgate.validateMessageGuards" . -}}
+{{- end -}}
+
+{{/*
+wsgate.readyHighWatermark: the ready_high_watermark the container gets. readyHighWatermark null
+(the default) = automatic: 0.9 whenever maxClients > 0, 0 (off) when it is 0; an explicit number,
+0 included, wins. SPEC §7: without it a rolling update sends the drained clients round-robin to a
+replacement that is already full, and they are refused while other pods have room.
+*/}}
+{{- define "wsgate.readyHighWatermark" -}}
+{{- if not (kindIs "invalid" .Values.readyHighWatermark) -}}
+{{- .Values.readyHighWatermark | toString -}}
+{{- else if gt (int64 .Values.maxClients) 0 -}}
+0.9
+{{- else -}}
+0
+{{- end -}}
 {{- end -}}
 
 {{/*
@@ -364,7 +385,7 @@ for a parent chart that skips schema validation or pins an older copy of the sch
 {{- end -}}
 
 {{/*
-wsgate.env: one WSGATE_* variable per configuration value (SPEC §2, §7, §8), plus the
+wsgate.env: one WSGATE_* variable per configuration value (SPEC §2, §7, §8, and §12's access_log), plus the
 WSGATE_FLEET_* ones (SPEC §10) when a Redis is configured and those of the message guards
 (SPEC §11) that are set.
 */}}
@@ -394,8 +415,10 @@ WSGATE_FLEET_* ones (SPEC §10) when a Redis is configured and those of the mess
   value: {{ $v.shutdownGrace | toString | quote }}
 - name: WSGATE_LOG_FORMAT
   value: {{ $v.logFormat | quote }}
+- name: WSGATE_ACCESS_LOG
+  value: {{ $v.accessLog | toString | quote }}
 - name: WSGATE_READY_HIGH_WATERMARK
-  value: {{ $v.readyHighWatermark | toString | quote }}
+  value: {{ include "wsgate.readyHighWatermark" . | quote }}
 {{- if not (kindIs "invalid" $v.readyLowWatermark) }}
 - name: WSGATE_READY_LOW_WATERMARK
   value: {{ $v.readyLowWatermark | toString | quote }}
