@@ -359,10 +359,16 @@ def all_panels(dash: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def readme_section(path: Path, heading: str) -> str:
+    """The `## heading` section of a README, up to the next `## ` (its `###` subsections included)."""
+    readme = path.read_text()
+    assert f"\n## {heading}\n" in readme, f"{path} has no section ## {heading}"
+    return readme.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
 def chart_readme_section(heading: str) -> str:
     """The chart README's `## heading` section, up to the next `## `."""
-    readme = (CHART / "README.md").read_text()
-    return readme.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    return readme_section(CHART / "README.md", heading)
 
 
 def fenced(section: str, lang: str) -> str:

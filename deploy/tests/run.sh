@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the deployment tests (deploy/tests) with real engines: Helm's Go engine (helm-python-sdk),
 # the Kubernetes OpenAPI schemas (kubernetes-validate), promtool and a Prometheus server scraping
-# running `wsgate demo`s (one with fleet limits through a private redis-server). Installs what it
-# needs itself; safe to run again; no stdin needed.
+# running `wsgate demo`s (one with fleet limits through a private redis-server), jq and curl for the
+# README's examples. Installs what it needs itself; safe to run again; no stdin needed.
 #
 #   bash deploy/tests/run.sh [extra pytest args]
 #
@@ -36,6 +36,16 @@ if [[ -z "${REDIS_SERVER_BIN:-}" && ! -x /usr/bin/redis-server ]]; then
   apt_install redis-server
 fi
 export REDIS_SERVER_BIN="${REDIS_SERVER_BIN:-/usr/bin/redis-server}"
+
+# 1c. jq and curl from Debian: test_helm_session_telemetry.py runs the README's jq examples of the
+#     access log and its rebalancing Job's curl loop (against a local stand-in for the pods).
+missing=()
+command -v jq >/dev/null || missing+=(jq)
+command -v curl >/dev/null || missing+=(curl)
+if ((${#missing[@]})); then
+  log "installing the Debian packages ${missing[*]}"
+  apt_install "${missing[@]}"
+fi
 
 # 2. A Python venv with pinned packages, rebuilt only when requirements.txt changes.
 VENV="${DEPLOY_VENV:-$ROOT/target/deploy-venv}"
