@@ -266,3 +266,37 @@ def test_binary_accepts_the_message_guard_env(render, case):
         else:
             assert float(got) == float(want), (key, got, want)
     assert_effective(res, env)
+
+
+# SPEC §12 and §7 (issue 14): the access log switch and the automatic ready_high_watermark, as the
+# chart renders them, and what the binary makes of them (its low watermark defaults to 0.1 below
+# the high one, so the automatic 0.9 gives 0.8; off gives no watermarks at all, printed as 0).
+SESSION_CASES = {
+    "capped: watermark automatic": ({"maxClients": 1500}, {"access_log": True, "ready_high_watermark": 0.9,
+                                                          "ready_low_watermark": 0.8}),
+    "capped, access log off": ({"maxClients": 1500, "accessLog": False}, {"access_log": False,
+                                                                          "ready_high_watermark": 0.9}),
+    "capped, watermark explicitly off": ({"maxClients": 1500, "readyHighWatermark": 0}, {
+        "ready_high_watermark": 0, "ready_low_watermark": 0}),
+    "capped, explicit watermarks": ({"maxClients": 1500, "readyHighWatermark": 0.95, "readyLowWatermark": 0.85}, {
+        "ready_high_watermark": 0.95, "ready_low_watermark": 0.85}),
+    "uncapped: watermark off": ({}, {"access_log": True, "ready_high_watermark": 0}),
+}
+
+
+@pytest.mark.parametrize("case", list(SESSION_CASES))
+def test_binary_takes_the_access_log_and_watermark_the_chart_renders(render, case):
+    import tomllib
+
+    values, want = SESSION_CASES[case]
+    env = env_of(wsgate_container(render(values).one("Deployment"))[0])
+    res = check_config(env)
+    assert res.returncode == 0, f"exit {res.returncode}\n--- env\n{env}\n--- stderr\n{res.stderr}"
+    printed = tomllib.loads(res.stdout)
+    for key, value in want.items():
+        assert key in printed, f"check-config printed no {key}: {res.stdout}"
+        if isinstance(value, bool):
+            assert printed[key] is value, (key, printed[key])
+        else:
+            assert abs(float(printed[key]) - value) < 1e-9, (key, printed[key], value)
+    assert_effective(res, env)

@@ -23,6 +23,12 @@ its one held connection stays far below them. A later test sends it a message ov
 (both throttled, delivered in order), and checks the dashboard's "Message guards" row against that;
 the other pods, without guards, show every guard series at 0.
 
+Session telemetry (SPEC §12): the capped demo logs as JSON (WSGATE_LOG_FORMAT=json). The two
+connections the set-up closes (client Close 1000) must show up as two access-log records with
+end client_close, in wsgate_sessions_ended_total and wsgate_close_codes_total as Prometheus scrapes
+them, and in the dashboard's "Sessions" row; the 3 refusals as one refusal summary line. The
+README's jq examples are run over that real log.
+
 Only processes started here are stopped, by PID.
 """
 
@@ -47,10 +53,16 @@ import requests
 import yaml
 
 from conftest import (
+    ACCESS_LOG_FIELDS,
+    CLOSE_CODES,
+    CLOSE_CODES_AT_START,
+    CLOSED_BY,
+    END_CAUSES,
     KUBE_DIR,
     PROMETHEUS_BIN,
     ROOT,
     RULES_FILE,
+    SESSIONS_ENDED_AT_START,
     all_panels,
     dashboard,
     load_yaml_docs,
@@ -87,6 +99,9 @@ GUARDS_ENV = {"WSGATE_MAX_MESSAGE_SIZE": "1024", "WSGATE_MESSAGE_RATE": "20", "W
               "WSGATE_MESSAGE_RATE_ACTION": "throttle", "WSGATE_BYTE_RATE": "4096", "WSGATE_BYTE_BURST": "2048"}
 GUARD_PAIRS = {("size", "close"), ("rate", "close"), ("rate", "throttle"), ("bytes", "throttle")}
 GUARDS_ROW = "Message guards"
+SESSIONS_ROW = "Sessions"
+# The capped pod logs as JSON, so its access-log records can be parsed (and the README's jq run on them).
+CAPPED_ENV = {"WSGATE_LOG_FORMAT": "json"}
 
 PROXY_RE = re.compile(r"^\s*proxy\s+ws://(\S+?)/")
 METRICS_RE = re.compile(r"^\s*metrics\s+http://(\S+?)/metrics")
@@ -324,7 +339,7 @@ def stack(tmp_path_factory):
     # Every client connection is entered as a context manager, so each is closed on the way out.
     conns = contextlib.ExitStack()
     try:
-        wsgate, proxy, admin = start_wsgate(tmp)
+        wsgate, proxy, admin = start_wsgate(tmp, extra_env=CAPPED_ENV)
         wait_until(lambda: metric_value(scrape(admin), "wsgate_connections_max") == CAP, 20,
                    "wsgate /metrics with wsgate_connections_max 4")
         unlimited, proxy_u, admin_u = start_wsgate(tmp, cap=0, name="wsgate-unlimited", extra_env=GUARDS_ENV)
@@ -456,7 +471,11 @@ def test_every_dashboard_expression_evaluates(stack, variant):
     musts = ["Saturation per pod (active / max)", "Active connections per pod", "Admitted per second",
              "Rejected per second by reason", "Upstream errors per second by kind",
              "Bytes per second by direction", "Resident memory per pod", "Open file descriptors per pod",
-             "Readiness", "Cap per pod", "Versions", "Guard actions by kind", "Messages per second by direction"]
+             "Readiness", "Cap per pod", "Versions", "Guard actions by kind", "Messages per second by direction",
+             # Every session series exists from start-up; the ratio has no value while no session
+             # ended within the rate window, so it is not among these.
+             "Sessions ended by cause", "Sessions ended by who closed", "Close codes per second",
+             "Admin drains per second"]
     # The fleet row has data wherever the fleet pod is selected, and none of the wsgate_fleet_*
     # panels has any for a pod without a Redis URL.
     fleet_row = [p["title"] for p in row_panels(FLEET_ROW)]
@@ -630,6 +649,7 @@ def test_every_alert_expression_evaluates(stack):
         prom.query(expr)
     # At this state (2 of 4, 3 refused; fleet pod 3 of 3 with 1 refused, Redis up) only the
     # rejecting alert's condition holds: for the capped pod (capacity) and the fleet pod (fleet).
+    # (No pod has ended 20 sessions, so WsgateAbnormalCloses' volume guard keeps it silent.)
     firing = {name.split(": ")[1] for name, expr in exprs if prom.query(expr)["result"]}
     assert firing == {"WsgateRejectingConnections"}, firing
     for name, expr in exprs:
@@ -666,7 +686,7 @@ def test_prometheus_loaded_the_rules_and_evaluates_them_without_error(stack):
     rules = wait_until(evaluated, 30, "every rule evaluated once")
     assert {r["name"] for r in rules} == {"WsgateSaturationHigh", "WsgateRejectingConnections",
                                           "WsgateUpstreamErrors", "WsgatePodNotReady", "WsgateKeyPinnedAtLimit",
-                                          "WsgateFleetRedisDown"}
+                                          "WsgateFleetRedisDown", "WsgateAbnormalCloses"}
     for r in rules:
         assert r["health"] == "ok", r
 
@@ -785,6 +805,9 @@ def test_message_guards_row_shows_the_guards_at_work(stack):
     assert counts[("rate", "throttle")] >= 1 and counts[("bytes", "throttle")] >= 1, counts
     sent_after = metric_value(after, "wsgate_messages_total", 'direction="client_to_upstream"')
     assert sent_after - sent_before >= 35, (sent_before, sent_after)
+    # SPEC §12: the refused message ended its session with end size, wsgate's Close 1009 to the client.
+    assert session_counts(after)[("wsgate", "size")] == 1, session_counts(after)
+    assert close_code_counts(after)[("wsgate", "1009")] == 1, close_code_counts(after)
 
     wait_until(lambda: prom.scalar(f'wsgate_message_guard_total{{{sel}, guard="bytes", action="throttle"}}')
                == counts[("bytes", "throttle")], 30, "Prometheus to see the byte throttling")
@@ -802,6 +825,130 @@ def test_message_guards_row_shows_the_guards_at_work(stack):
     by_direction = series_by(prom.query(substitute(panels["Messages per second by direction"], "all")), "direction")
     assert set(by_direction) == {"client_to_upstream", "upstream_to_client"}, by_direction
     assert by_direction["client_to_upstream"] > 0 and by_direction["upstream_to_client"] > 0, by_direction
+
+
+def labelled(text: str, name: str, *labels: str) -> dict[tuple[str, ...], float]:
+    """A labelled counter on /metrics: {(label values in the order given): value}."""
+    out = {}
+    for m in re.finditer(rf"^{name}\{{([^}}]*)\}}\s+(\S+)$", text, re.M):
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        out[tuple(got[label] for label in labels)] = float(m.group(2))
+    return out
+
+
+def session_counts(text: str) -> dict[tuple[str, str], float]:
+    return labelled(text, "wsgate_sessions_ended_total", "closed_by", "end")
+
+
+def close_code_counts(text: str) -> dict[tuple[str, str], float]:
+    return labelled(text, "wsgate_close_codes_total", "closed_by", "code")
+
+
+def test_session_series_exist_from_start_up_and_count_the_closed_sessions(stack):
+    """SPEC §12 on every pod's /metrics: the start-up series of wsgate_sessions_ended_total and
+    wsgate_close_codes_total, label values only from the contract's bounded sets, and
+    wsgate_admin_drained_total at 0. On the capped pod exactly the two sessions the set-up closed
+    (client Close 1000) and nothing else, the same two in both families."""
+    for admin in (stack["admin"], stack["admin_unlimited"], stack["admin_fleet"]):
+        text = scrape(admin)
+        sessions, codes = session_counts(text), close_code_counts(text)
+        assert SESSIONS_ENDED_AT_START <= set(sessions), SESSIONS_ENDED_AT_START - set(sessions)
+        assert CLOSE_CODES_AT_START <= set(codes), CLOSE_CODES_AT_START - set(codes)
+        assert {by for by, _ in sessions} <= set(CLOSED_BY) and {end for _, end in sessions} <= set(END_CAUSES)
+        assert {by for by, _ in codes} <= set(CLOSED_BY) and {code for _, code in codes} <= set(CLOSE_CODES)
+        assert metric_value(text, "wsgate_admin_drained_total") == 0
+        # Every ended session counts once in each family (the abnormal-close alert divides one by the other).
+        assert sum(sessions.values()) == sum(codes.values()), admin
+    text = scrape(stack["admin"])
+    assert {k: v for k, v in session_counts(text).items() if v} == {("client", "client_close"): CAP - HELD_AT_END}
+    assert {k: v for k, v in close_code_counts(text).items() if v} == {("client", "1000"): CAP - HELD_AT_END}
+
+
+def test_prometheus_scrapes_the_session_series(stack):
+    prom = stack["prom"]
+    sel = f'namespace="{NAMESPACE}", pod="{POD}"'
+    wait_until(lambda: prom.scalar(f"sum(wsgate_sessions_ended_total{{{sel}}})") == CAP - HELD_AT_END, 30,
+               "Prometheus to see the two closed sessions")
+    ended = series_by(prom.query(f"sum by (closed_by, end) (wsgate_sessions_ended_total{{{sel}}}) > 0"),
+                      "closed_by", "end")
+    assert ended == {("client", "client_close"): CAP - HELD_AT_END}, ended
+    codes = series_by(prom.query(f"sum by (closed_by, code) (wsgate_close_codes_total{{{sel}}}) > 0"),
+                      "closed_by", "code")
+    assert codes == {("client", "1000"): CAP - HELD_AT_END}, codes
+    # The three metric names of SPEC §12, scraped from every pod.
+    names = prom.query(f'count by (__name__, pod) ({{__name__=~"wsgate_(sessions_ended|close_codes|admin_drained)_total",'
+                       f' namespace="{NAMESPACE}"}})')["result"]
+    assert {(s["metric"]["__name__"], s["metric"]["pod"]) for s in names} == {
+        (name, pod) for name in ("wsgate_sessions_ended_total", "wsgate_close_codes_total", "wsgate_admin_drained_total")
+        for pod in (POD, POD_UNLIMITED, POD_FLEET)}
+    drained = series_by(prom.query(f'wsgate_admin_drained_total{{namespace="{NAMESPACE}"}}'), "pod")
+    assert drained == {POD: 0, POD_UNLIMITED: 0, POD_FLEET: 0}
+
+
+def test_sessions_row_shows_the_closed_sessions(stack):
+    """The "Sessions" row for the capped pod, over the last hour (so the closes, some time ago, are
+    inside the window): only client_close, only client, only 1000, an abnormal ratio of 0, no drains."""
+    prom = stack["prom"]
+    row = {p["title"]: p["targets"][0]["expr"] for p in row_panels(SESSIONS_ROW)}
+    assert set(row) == {"Sessions ended by cause", "Sessions ended by who closed", "Close codes per second",
+                        "Abnormal-close ratio", "Admin drains per second"}, row
+    q = lambda title: prom.query(substitute(row[title].replace("$__rate_interval", "1h"), "selected"))  # noqa: E731
+    by_end = series_by(q("Sessions ended by cause"), "end")
+    assert set(by_end) <= set(END_CAUSES) and {e for e, v in by_end.items() if v > 0} == {"client_close"}, by_end
+    by_who = series_by(q("Sessions ended by who closed"), "closed_by")
+    assert set(by_who) == set(CLOSED_BY) and {c for c, v in by_who.items() if v > 0} == {"client"}, by_who
+    by_code = series_by(q("Close codes per second"), "code")
+    assert set(by_code) <= set(CLOSE_CODES) and {c for c, v in by_code.items() if v > 0} == {"1000"}, by_code
+    assert prom.scalar(substitute(row["Abnormal-close ratio"].replace("$__rate_interval", "1h"), "selected")) == 0
+    assert series_by(q("Admin drains per second"), "pod") == {POD: 0}
+
+
+def access_log(tmp: Path) -> list[dict[str, Any]]:
+    """The capped pod's JSON log lines (stderr) so far."""
+    import json
+
+    return [json.loads(line) for line in (tmp / "wsgate.stderr").read_text().splitlines() if line.startswith("{")]
+
+
+def test_access_log_records_the_closed_sessions(stack):
+    """The two sessions the set-up closed, as their JSON records: every field of the contract, the
+    client's Close 1000 first, and the bytes and messages the test sent (one 7-byte text message,
+    then a Close with a status code: 2 + 4 + 7 and 2 + 4 + 2 bytes, masked)."""
+    records = [r for r in access_log(stack["tmp"]) if r.get("target") == "wsgate::access" and r["message"] == "session"]
+    assert len(records) == CAP - HELD_AT_END, records
+    for r in records:
+        assert set(ACCESS_LOG_FIELDS) <= set(r), set(ACCESS_LOG_FIELDS) - set(r)
+        assert r["level"] == "INFO" and re.fullmatch(r"[0-9a-f]{16}", r["session"]), r
+        assert (r["end"], r["closed_by"], r["close_code"], r["close_reason"]) == ("client_close", "client", 1000, ""), r
+        assert (r["client"], r["path"], r["subprotocol"], r["keys"]) == ("127.0.0.1", "/", "", ""), r
+        assert (r["msgs_in"], r["msgs_out"]) == (1, 1), r
+        assert r["bytes_in"] == (2 + 4 + len("hello 0")) + (2 + 4 + 2), r
+        assert r["bytes_out"] >= 2 + len("hello 0"), r
+        assert 0 <= r["duration_ms"] < 60_000, r
+    assert len({r["session"] for r in records}) == len(records)
+
+
+def test_refusals_are_one_summary_line(stack):
+    """The 3 capacity refusals: one summary line (the 10 s window opened by the first has ended),
+    with the count by reason and nothing for reasons that did not occur; no line per refusal."""
+    def summaries():
+        return [r for r in access_log(stack["tmp"]) if r.get("target") == "wsgate::access" and r["message"] == "refusals"]
+
+    (line,) = wait_until(summaries, 20, "the refusal summary line")
+    fields = {k: v for k, v in line.items() if k not in ("timestamp", "level", "target", "message")}
+    assert fields == {"window_s": 10, "total": REJECTED, "capacity": REJECTED}, line
+
+
+def test_readme_jq_examples_on_the_real_log(stack):
+    """The main README's jq filters, over the capped pod's real JSON log: by end cause the two
+    client closes; nobody vanished with 1006; the one refusal summary."""
+    from test_helm_session_telemetry import README, jq_commands, readme_section, run_jq
+
+    lines = (stack["tmp"] / "wsgate.stderr").read_text().splitlines()
+    who_1006, by_end, summaries = (run_jq(c, lines) for c in jq_commands(readme_section(README, "Reading the access log")))
+    assert who_1006 == []
+    assert by_end == [[{"end": "client_close", "sessions": CAP - HELD_AT_END}]]
+    assert [s["total"] for s in summaries] == [REJECTED]
 
 
 def test_query_errors_are_reported(stack):
