@@ -916,8 +916,12 @@ def test_access_log_records_the_closed_sessions(stack):
     then a Close with a status code: 2 + 4 + 7 and 2 + 4 + 2 bytes, masked)."""
     records = [r for r in access_log(stack["tmp"]) if r.get("target") == "wsgate::access" and r["message"] == "session"]
     assert len(records) == CAP - HELD_AT_END, records
+    from test_helm_session_telemetry import access_log_examples
+
+    readme_example, _ = access_log_examples()
     for r in records:
-        assert set(ACCESS_LOG_FIELDS) <= set(r), set(ACCESS_LOG_FIELDS) - set(r)
+        # Every field, in the order of the README's example.
+        assert list(r) == list(readme_example) == ["timestamp", "level", "message", *ACCESS_LOG_FIELDS, "target"], r
         assert r["level"] == "INFO" and re.fullmatch(r"[0-9a-f]{16}", r["session"]), r
         assert (r["end"], r["closed_by"], r["close_code"], r["close_reason"]) == ("client_close", "client", 1000, ""), r
         assert (r["client"], r["path"], r["subprotocol"], r["keys"]) == ("127.0.0.1", "/", "", ""), r

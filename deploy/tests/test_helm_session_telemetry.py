@@ -362,11 +362,21 @@ def access_log_examples() -> tuple[dict[str, Any], dict[str, Any]]:
 def test_access_log_section_documents_every_field_and_end():
     section = readme_section(README, "Reading the access log")
     session, refusals = access_log_examples()
-    # The example record: the four fields of every JSON log line, then the record's, in order.
-    assert list(session) == ["timestamp", "level", "target", "message", *ACCESS_LOG_FIELDS]
+    # The example record, in the order wsgate writes it: the event's fields between the message and
+    # the target.
+    assert list(session) == ["timestamp", "level", "message", *ACCESS_LOG_FIELDS, "target"]
     assert (session["level"], session["target"]) == ("INFO", "wsgate::access")
     assert re.fullmatch(r"[0-9a-f]{16}", session["session"])
     assert session["closed_by"] in CLOSED_BY and session["end"] in END_CAUSES
+    # The text example is the same record.
+    (text,) = re.findall(r"```text\n(.*?)\n```", section, re.S)
+    head, _, pairs = text.partition(" session ")
+    assert head.split() == [session["timestamp"], "INFO", "wsgate::access:"], head
+    parsed = {k: json.loads(v) if v.startswith('"') else v for k, v in re.findall(r'(\w+)=("[^"]*"|\S+)', pairs)}
+    assert list(parsed) == ACCESS_LOG_FIELDS
+    assert parsed == {k: v if isinstance(v, str) and k in ("path", "subprotocol", "keys", "close_reason", "closed_by",
+                                                           "end") else str(v) for k, v in
+                      ((k, session[k]) for k in ACCESS_LOG_FIELDS)}, parsed
     # Every field has its row, every end its row.
     rows = [line for line in section.splitlines() if line.startswith("| `")]
     for field in ACCESS_LOG_FIELDS:
@@ -412,8 +422,8 @@ def test_access_log_jq_examples_find_what_they_say(tmp_path):
     vanished = {**session, "session": "0123456789abcdef", "client": "198.51.100.4", "path": "/feed",
                 "keys": "tenant=globex", "duration_ms": 98765, "close_code": 1006, "close_reason": "",
                 "closed_by": "none", "end": "client_eof"}
-    other = {"timestamp": session["timestamp"], "level": "INFO", "target": "wsgate", "message": "proxy listening",
-             "addr": "0.0.0.0:8080"}
+    other = {"timestamp": session["timestamp"], "level": "INFO", "message": "proxy listening", "addr": "0.0.0.0:8080",
+             "target": "wsgate"}
     log = [json.dumps(x) for x in (other, session, vanished, refusals, session)]
     cmds = jq_commands(readme_section(README, "Reading the access log"))
     assert len(cmds) == 3, cmds
