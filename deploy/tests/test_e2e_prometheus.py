@@ -27,7 +27,8 @@ Session telemetry (SPEC §12): the capped demo logs as JSON (WSGATE_LOG_FORMAT=j
 connections the set-up closes (client Close 1000) must show up as two access-log records with
 end client_close, in wsgate_sessions_ended_total and wsgate_close_codes_total as Prometheus scrapes
 them, and in the dashboard's "Sessions" row; the 3 refusals as one refusal summary line. The
-README's jq examples are run over that real log.
+README's jq examples are run over that real log. The unlimited demo has an admin token: a late test
+drains its held connection with POST /drain (Close 1001) and finds it in the metrics and the row.
 
 Only processes started here are stopped, by PID.
 """
@@ -102,6 +103,8 @@ GUARDS_ROW = "Message guards"
 SESSIONS_ROW = "Sessions"
 # The capped pod logs as JSON, so its access-log records can be parsed (and the README's jq run on them).
 CAPPED_ENV = {"WSGATE_LOG_FORMAT": "json"}
+# The unlimited pod has an admin token (SPEC §12), so a late test can drain its held connection.
+ADMIN_TOKEN = "e2e-admin-token"
 
 PROXY_RE = re.compile(r"^\s*proxy\s+ws://(\S+?)/")
 METRICS_RE = re.compile(r"^\s*metrics\s+http://(\S+?)/metrics")
@@ -342,7 +345,9 @@ def stack(tmp_path_factory):
         wsgate, proxy, admin = start_wsgate(tmp, extra_env=CAPPED_ENV)
         wait_until(lambda: metric_value(scrape(admin), "wsgate_connections_max") == CAP, 20,
                    "wsgate /metrics with wsgate_connections_max 4")
-        unlimited, proxy_u, admin_u = start_wsgate(tmp, cap=0, name="wsgate-unlimited", extra_env=GUARDS_ENV)
+        (tmp / "admin-token").write_text(ADMIN_TOKEN + "\n")
+        unlimited, proxy_u, admin_u = start_wsgate(tmp, cap=0, name="wsgate-unlimited", extra_env={
+            **GUARDS_ENV, "WSGATE_ADMIN_TOKEN_FILE": str(tmp / "admin-token")})
         redis, redis_port = start_redis(tmp)
         fleet, proxy_f, admin_f = start_wsgate(tmp, cap=FLEET_LOCAL_CAP, name="wsgate-fleet", extra_env={
             "WSGATE_FLEET_REDIS_URL": f"redis://127.0.0.1:{redis_port}",
@@ -416,7 +421,7 @@ def stack(tmp_path_factory):
         yield {"prom": prom, "proxy": proxy, "admin": admin, "refusals": refusals, "tmp": tmp, "held": held,
                "wsgate": wsgate, "conns": conns, "redis": redis, "proxy_fleet": proxy_f, "admin_fleet": admin_f,
                "held_fleet": held_fleet, "fleet_refusals": fleet_refusals, "proxy_unlimited": proxy_u,
-               "admin_unlimited": admin_u}
+               "admin_unlimited": admin_u, "held_unlimited": ws_u}
     finally:
         with contextlib.suppress(Exception):
             conns.close()
@@ -953,6 +958,48 @@ def test_readme_jq_examples_on_the_real_log(stack):
     assert who_1006 == []
     assert by_end == [[{"end": "client_close", "sessions": CAP - HELD_AT_END}]]
     assert [s["total"] for s in summaries] == [REJECTED]
+
+
+# After every test that counts the unlimited pod's connections or sessions.
+def test_admin_drain_closes_with_1001_and_shows_on_the_dashboard(stack):
+    """POST /drain on the unlimited pod (the only one with an admin token) closes its one held
+    connection with Close 1001 "server rebalancing, please reconnect" while the pod stays ready;
+    wsgate_admin_drained_total, the session families and the "Sessions" row's drains panel show it.
+    The pods without a token answer 404, a wrong token gets 401."""
+    from websockets.exceptions import ConnectionClosedOK
+
+    prom, admin_u = stack["prom"], stack["admin_unlimited"]
+    bearer = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    assert requests.post(f"http://{stack['admin']}/drain", json={"count": 1}, headers=bearer, timeout=5).status_code == 404
+    assert requests.post(f"http://{admin_u}/drain", json={"count": 1}, timeout=5).status_code == 401
+    assert requests.post(f"http://{admin_u}/drain", json={"count": 1}, headers={"Authorization": "Bearer nope"},
+                         timeout=5).status_code == 401
+    before = scrape(admin_u)
+    assert metric_value(before, "wsgate_connections_active") == 1
+    r = requests.post(f"http://{admin_u}/drain", json={"fraction": 1, "period": "1s"}, headers=bearer, timeout=5)
+    assert (r.status_code, r.json()) == (202, {"planned": 1, "period_ms": 1000}), r.text
+    with pytest.raises(ConnectionClosedOK) as err:
+        stack["held_unlimited"].recv(timeout=10)
+    assert (err.value.rcvd.code, err.value.rcvd.reason) == (1001, "server rebalancing, please reconnect")
+    assert requests.get(f"http://{admin_u}/readyz", timeout=5).status_code == 200
+
+    def drained():
+        text = scrape(admin_u)
+        return text if metric_value(text, "wsgate_admin_drained_total") == 1 else None
+
+    after = wait_until(drained, 10, "wsgate_admin_drained_total 1 on the unlimited pod")
+    gained = {k: v - session_counts(before).get(k, 0) for k, v in session_counts(after).items()}
+    assert {k: v for k, v in gained.items() if v} == {("wsgate", "admin_drain"): 1}, gained
+    gained = {k: v - close_code_counts(before).get(k, 0) for k, v in close_code_counts(after).items()}
+    assert {k: v for k, v in gained.items() if v} == {("wsgate", "1001"): 1}, gained
+    status = requests.get(f"http://{admin_u}/drain", headers=bearer, timeout=5).json()
+    assert status == {"running": False, "planned": 1, "drained": 1, "period_ms": 1000}, status
+
+    sel = f'namespace="{NAMESPACE}", pod="{POD_UNLIMITED}"'
+    wait_until(lambda: prom.scalar(f"wsgate_admin_drained_total{{{sel}}}") == 1, 30, "Prometheus to see the admin drain")
+    panel = next(p for p in row_panels(SESSIONS_ROW) if p["title"] == "Admin drains per second")
+    by_pod = series_by(prom.query(substitute(panel["targets"][0]["expr"], "all")), "pod")
+    assert by_pod[POD_UNLIMITED] > 0 and by_pod[POD] == 0 and by_pod[POD_FLEET] == 0, by_pod
 
 
 def test_query_errors_are_reported(stack):

@@ -509,7 +509,7 @@ def test_rebalancing_job_runs_against_a_stand_in_for_the_pods(tmp_path):
         def do_POST(self):  # noqa: N802 - the http.server API
             body = self.rfile.read(int(self.headers["Content-Length"])).decode()
             seen.append((self.headers["Host"].split(":")[0], self.path, self.headers["Authorization"], body))
-            answer = b'{"planned":5,"period_ms":60000}'
+            answer = b'{"period_ms":60000,"planned":5}'
             self.send_response(202)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(answer)))
@@ -538,4 +538,4 @@ def test_rebalancing_job_runs_against_a_stand_in_for_the_pods(tmp_path):
     assert res.returncode == 0, res.stderr
     assert [(host, path, auth, json.loads(body)) for host, path, auth, body in seen] == [
         (ip, "/drain", "Bearer t0ken", json.loads(envs["BODY"])) for ip in ("127.0.0.1", "127.0.0.2")]
-    assert res.stdout.splitlines() == [f'{ip}: {{"planned":5,"period_ms":60000}}' for ip in ("127.0.0.1", "127.0.0.2")]
+    assert res.stdout.splitlines() == [f'{ip}: {{"period_ms":60000,"planned":5}}' for ip in ("127.0.0.1", "127.0.0.2")]
