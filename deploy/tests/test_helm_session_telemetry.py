@@ -15,7 +15,6 @@ import re
 import shlex
 import shutil
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -415,7 +414,7 @@ def run_jq(args: list[str], lines: list[str]) -> list[Any]:
     return [json.loads(line) for line in res.stdout.splitlines()]
 
 
-def test_access_log_jq_examples_find_what_they_say(tmp_path):
+def test_access_log_jq_examples_find_what_they_say():
     """The section's jq filters, run by jq over a log: the example record, the example summary, a
     session that ended with 1006 (no Close frame), and one of wsgate's other JSON log lines."""
     session, refusals = access_log_examples()
@@ -492,7 +491,7 @@ def test_rebalancing_job_is_valid_kubernetes_and_drains_every_listed_pod(tmp_pat
     assert res.returncode == 0, res.stderr
 
 
-def test_rebalancing_job_runs_against_a_stand_in_for_the_pods(tmp_path):
+def test_rebalancing_job_runs_against_a_stand_in_for_the_pods():
     """The Job's script, run by sh with curl on this machine against a local HTTP server standing
     in for two pods' admin ports (the script's port 9090 replaced by the server's): each pod gets
     one POST /drain with the Bearer token and the body, in the order listed."""
