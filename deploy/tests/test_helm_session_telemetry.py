@@ -325,6 +325,7 @@ def test_chart_readme_explains_the_automatic_watermark():
 # ---- the main README -------------------------------------------------------------------------------
 
 README = ROOT / "README.md"
+BENCH_README = ROOT / "benches" / "README.md"
 
 
 def github_anchor(heading: str) -> str:
@@ -437,11 +438,13 @@ def test_access_log_jq_examples_find_what_they_say():
     assert summaries == [refusals]
 
 
-def test_rebalancing_section_formula_and_placeholder():
+def test_rebalancing_section_formula_and_measured_figures():
     section = readme_section(README, "Rebalancing after a scale-out")
-    # The measured figures come from another piece of work: one clearly marked line until then.
-    assert section.count("Measured:") == 1
-    assert "\nMeasured: see benches/README.md, Rebalancing after a scale-out\n" in section
+    # The measured figures are benches/rebalance.py's, as benches/README.md records them.
+    assert section.count("Measured (") == 1
+    bench = readme_section(BENCH_README, "Rebalancing after a scale-out")
+    for figures in ("333 / 334 / 333", "445 / 444 / 111", "112 / 111 / 111", "334 / 333 / 333", "8.8 s"):
+        assert figures in section and figures in bench, figures
     # The worked example is the formula's: N old pods with C each, M new, each old pod drains
     # C - N*C/(N+M), the fraction M/(N+M).
     n, c, m = 2, 1500, 1
@@ -451,7 +454,7 @@ def test_rebalancing_section_formula_and_placeholder():
     assert "**M ÷ (N + M)**" in section and '`{"fraction": 0.33}`' in section and round(m / (n + m), 2) == 0.33
     assert f'`{{"count": {c - even}}}`' in section and f"({round(0.33 * c)})" in section
     for needle in ("max_connection_lifetime", "POST /drain", "DELETE /drain", "GET /drain", "409", "least-connections",
-                   "C × (1 − f)", "node maintenance", "admin_drain", "wsgate_admin_drained_total"):
+                   "C × (1 − f)", '{"fraction": 1}', "node maintenance", "admin_drain", "wsgate_admin_drained_total"):
         assert needle in section, needle
 
 
