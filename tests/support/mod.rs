@@ -23,6 +23,8 @@ pub mod metrics;
 pub mod process;
 pub mod redis;
 pub mod upstream;
+// Not glob-exported: `use support::access::*;` where needed (its names stay out of every other binary).
+pub mod access;
 
 pub use client::*;
 pub use metrics::*;
