@@ -1,0 +1,1322 @@
+//! The access log (SPEC §12, issue 14), black-box: the real wsgate binary
+//! with `log_format = json`, an upstream on port 0 that hands each upgraded
+//! connection to the test ([`HandoffUpstream`]), and raw clients. Every way
+//! a session can end is driven on the wire, and its one `wsgate::access`
+//! `session` record is parsed from stderr and checked field by field
+//! ([`assert_record`]): a 16-hex session id, the client address, the path
+//! without its query, the chosen subprotocol, the key values, the exact
+//! bytes and data messages each side wrote (counted as the test writes
+//! them, Close frames and control frames included in the bytes, control
+//! frames never in the messages), the close code and reason, who sent the
+//! first Close and why the session ended, and a duration inside the window
+//! the test measured around it. The two session metrics move by exactly one
+//! on the right labels and nowhere else, and the slot comes back.
+//!
+//! A vanished client (TCP keepalive) needs `CAP_NET_ADMIN`: that test is in
+//! [`needs_cap_net_admin`], which `.ci/run` leaves out where it is missing.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::access::*;
+use support::*;
+use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
+
+/// How long a test holds a session open before it ends it, so that the
+/// duration's lower bound is not trivially 0.
+const HOLD: Duration = Duration::from_millis(200);
+
+/// The path every test sends (the record must drop the query) and the path
+/// the record must show.
+const PATH_SENT: &str = "/chat?x=1";
+const PATH: &str = "/chat";
+
+/// The reasons wsgate sends the client when it ends a session (contract).
+const DRAIN_REASON: &str = "server draining, please reconnect";
+const ADMIN_DRAIN_REASON: &str = "server rebalancing, please reconnect";
+const LIFETIME_REASON: &str = "connection lifetime reached, please reconnect";
+const IDLE_REASON: &str = "idle timeout";
+const SIZE_REASON: &str = "message too big";
+const RATE_REASON: &str = "message rate exceeded";
+const SHUTDOWN_REASON: &str = "server shutting down";
+
+/// `WSGATE_LOG_FORMAT=json` and `extra`.
+fn json_env(extra: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+    let mut env = vec![("WSGATE_LOG_FORMAT", "json".to_owned())];
+    env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    env
+}
+
+/// A client Close frame with `code` and `reason`.
+fn client_close(code: u16, reason: &[u8]) -> Vec<u8> {
+    client_frame(0x8, true, &close_body(code, reason))
+}
+
+/// An upstream Close frame with `code` and `reason`.
+fn upstream_close(code: u16, reason: &[u8]) -> Vec<u8> {
+    server_frame(0x88, &close_body(code, reason))
+}
+
+/// One session through `gate` on [`PATH_SENT`]: the client socket, the
+/// upstream's side of it, when the 101 was read, and when the test started
+/// connecting (the duration's upper bound starts there).
+struct Session {
+    c: tokio::net::TcpStream,
+    u: UpConn,
+    t0: Instant,
+    admitted: Instant,
+    /// What the client / the upstream wrote after the upgrade.
+    cin: Tally,
+    cout: Tally,
+}
+
+/// Opens a session on `path` and runs the usual exchange, counting every
+/// byte: the client sends a text message, the upstream reads it and
+/// answers with a text message of 130 bytes (a 16-bit length), which the
+/// client reads.
+async fn open(gate: &Gate, up: &HandoffUpstream, path: &str, headers: &[&str]) -> Session {
+    let t0 = Instant::now();
+    let (c, _, admitted) = upgrade_path(gate.proxy, path, headers, &[]).await;
+    let u = up.next().await;
+    assert!(
+        u.head.starts_with(&format!("GET {path} HTTP/1.1\r\n")),
+        "the upstream got {:?}",
+        u.head
+    );
+    let mut s = Session {
+        c,
+        u,
+        t0,
+        admitted,
+        cin: Tally::default(),
+        cout: Tally::default(),
+    };
+    send(&mut s.c, &mut s.cin, &client_frame(0x1, true, b"hello"), 1).await;
+    expect_frame(
+        &mut s.u.s,
+        0x81,
+        true,
+        b"hello",
+        "the client's text upstream",
+    )
+    .await;
+    let answer = [b'a'; 130];
+    send(&mut s.u.s, &mut s.cout, &server_frame(0x81, &answer), 1).await;
+    expect_frame(
+        &mut s.c,
+        0x81,
+        false,
+        &answer,
+        "the upstream's text at the client",
+    )
+    .await;
+    s
+}
+
+/// wsgate ended the session with `code`: the client reads an unmasked
+/// Close with `reason`, the upstream a masked Close with `code`; each
+/// replies with the same code (counted), and wsgate closes both
+/// connections (nothing else comes on either).
+async fn answer_wsgate_close(s: &mut Session, code: u16, reason: &str) {
+    let (got, why) = expect_close(&mut s.c, false, "wsgate's Close to the client").await;
+    assert_eq!(
+        (got, String::from_utf8_lossy(&why).as_ref()),
+        (code, reason),
+        "wsgate's Close to the client"
+    );
+    let (up_code, _) = expect_close(&mut s.u.s, true, "wsgate's Close to the upstream").await;
+    assert!(
+        up_code == code || up_code == 1001,
+        "wsgate's Close to the upstream: {up_code}"
+    );
+    send(&mut s.c, &mut s.cin, &client_close(code, b""), 0).await;
+    send(&mut s.u.s, &mut s.cout, &upstream_close(up_code, b""), 0).await;
+    assert_eq!(
+        read_rest(&mut s.c).await,
+        b"",
+        "after the closing handshake"
+    );
+    assert_eq!(
+        read_rest(&mut s.u.s).await,
+        b"",
+        "after the closing handshake"
+    );
+}
+
+/// The record of `path`, checked against `want` with the duration's upper
+/// bound from `t0` to when the record was seen; returns the record.
+async fn check_record(
+    gate: &Gate,
+    path: &str,
+    t0: Instant,
+    lower_ms: u64,
+    want: impl FnOnce(std::ops::RangeInclusive<u64>) -> Expected,
+) -> serde_json::Map<String, Value> {
+    let (rec, seen) = access_record(gate, path).await;
+    let window = lower_ms..=ms_ceil(t0, seen);
+    assert!(
+        window.start() <= window.end(),
+        "bad window {window:?}: the record came before the session could end"
+    );
+    assert_record(&rec, &want(window));
+    rec
+}
+
+// ---------------------------------------------------------------- peers end it
+
+/// Client Close 1000 with a reason; data both ways, a frame the client sent
+/// with its handshake and one the upstream sent with its 101 (both
+/// counted), a fragmented message (counted once) with a ping inside it, the
+/// upstream's pong (bytes, not messages); two key rules that apply, one
+/// that does not (its prefix), in file order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_close_1000_with_a_reason() {
+    let greeting = server_frame(0x81, b"welcome");
+    let up = HandoffUpstream::spawn(greeting.clone()).await;
+    let mut config = tempfile::Builder::new()
+        .suffix(".toml")
+        .tempfile()
+        .expect("temp file");
+    std::io::Write::write_all(
+        &mut config,
+        br#"
+[[key_limits]]
+name = "tenant"
+key = "header:X-Tenant"
+max_per_key = 10
+
+[[key_limits]]
+name = "admin"
+key = "header:X-Tenant"
+max_per_key = 10
+path_prefix = "/admin"
+
+[[key_limits]]
+name = "room"
+key = "path_segment:2"
+max_per_key = 10
+
+[[key_limits]]
+name = "q"
+key = "query:x"
+max_per_key = 10
+"#,
+    )
+    .expect("write the config");
+    let config_path = config.path().to_str().expect("utf-8 path").to_owned();
+    let gate = start_gate(up.addr, &["--config", &config_path], &json_env(&[])).await;
+    let before = session_metrics(gate.admin).await;
+
+    let (mut cin, mut cout) = (Tally::default(), Tally::default());
+    cout.bytes += greeting.len() as u64;
+    cout.msgs += 1;
+    let early = client_frame(0x1, true, b"sent with the handshake");
+    let t0 = Instant::now();
+    let (mut c, _, admitted) =
+        upgrade_path(gate.proxy, "/chat/room1?x=1", &["X-Tenant: acme"], &early).await;
+    cin.bytes += early.len() as u64;
+    cin.msgs += 1;
+    let mut u = up.next().await;
+    assert!(
+        u.head.starts_with("GET /chat/room1?x=1 HTTP/1.1\r\n"),
+        "{}",
+        u.head
+    );
+    expect_frame(&mut c, 0x81, false, b"welcome", "the greeting").await;
+    expect_frame(
+        &mut u.s,
+        0x81,
+        true,
+        b"sent with the handshake",
+        "early frame",
+    )
+    .await;
+
+    send(&mut c, &mut cin, &client_frame(0x1, true, b"hello"), 1).await;
+    send(&mut c, &mut cin, &client_frame(0x2, false, &[1, 2, 3]), 1).await;
+    send(&mut c, &mut cin, &client_frame(0x9, true, b"ping?"), 0).await;
+    send(&mut c, &mut cin, &client_frame(0x0, true, &[4, 5]), 0).await;
+    expect_frame(&mut u.s, 0x81, true, b"hello", "text").await;
+    expect_frame(&mut u.s, 0x02, true, &[1, 2, 3], "first fragment").await;
+    expect_frame(&mut u.s, 0x89, true, b"ping?", "ping").await;
+    expect_frame(&mut u.s, 0x80, true, &[4, 5], "last fragment").await;
+    let big = [7u8; 300];
+    send(&mut u.s, &mut cout, &server_frame(0x8a, b"ping?"), 0).await;
+    send(&mut u.s, &mut cout, &server_frame(0x82, &big), 1).await;
+    expect_frame(&mut c, 0x8a, false, b"ping?", "pong").await;
+    expect_frame(&mut c, 0x82, false, &big, "binary").await;
+
+    tokio::time::sleep(HOLD).await;
+    let closing = Instant::now();
+    send(&mut c, &mut cin, &client_close(1000, b"bye"), 0).await;
+    let (code, reason) = expect_close(&mut u.s, true, "the client's Close, forwarded").await;
+    assert_eq!((code, reason.as_slice()), (1000, &b"bye"[..]));
+    send(&mut u.s, &mut cout, &upstream_close(1000, b"bye"), 0).await;
+    u.s.shutdown().await.expect("upstream FIN");
+    let (code, _) = expect_close(&mut c, false, "the upstream's reply").await;
+    assert_eq!(code, 1000);
+    assert_eq!(read_rest(&mut c).await, b"");
+    drop(c);
+    assert_eq!(read_rest(&mut u.s).await, b"");
+
+    check_record(&gate, "/chat/room1", t0, ms_floor(admitted, closing), |d| {
+        assert_eq!((cin.msgs, cout.msgs), (3, 2), "what the test sent");
+        Expected {
+            keys: "tenant=acme room=room1 q=1".into(),
+            ..Expected::new(
+                "/chat/room1",
+                &cin,
+                &cout,
+                ("client", "client_close"),
+                (1000, "bye"),
+                d,
+            )
+        }
+    })
+    .await;
+    assert_counted_once(
+        gate.admin,
+        &before,
+        ("client", "client_close"),
+        ("client", "1000"),
+    )
+    .await;
+    wait_metric(gate.admin, ACTIVE, 0.0).await;
+}
+
+/// The upstream's Close 4000 with a reason comes first; the client answers
+/// it; the upstream chose a subprotocol (the last of the two offered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_close_4000_with_a_reason_and_a_subprotocol() {
+    let up = HandoffUpstream::spawn(Vec::new()).await;
+    let gate = start_gate(up.addr, &[], &json_env(&[])).await;
+    let before = session_metrics(gate.admin).await;
+    let t0 = Instant::now();
+    let (c, head, admitted) = upgrade_path(
+        gate.proxy,
+        PATH_SENT,
+        &["Sec-WebSocket-Protocol: chat.v1, chat.v2"],
+        &[],
+    )
+    .await;
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-protocol: chat.v2\r\n"),
+        "the client got the upstream's choice: {head}"
+    );
+    let u = up.next().await;
+    let mut s = Session {
+        c,
+        u,
+        t0,
+        admitted,
+        cin: Tally::default(),
+        cout: Tally::default(),
+    };
+    send(
+        &mut s.c,
+        &mut s.cin,
+        &client_frame(0x2, true, &[0u8; 10]),
+        1,
+    )
+    .await;
+    expect_frame(&mut s.u.s, 0x82, true, &[0u8; 10], "binary upstream").await;
+    send(&mut s.u.s, &mut s.cout, &server_frame(0x81, b"one"), 1).await;
+    send(&mut s.u.s, &mut s.cout, &server_frame(0x81, b"two"), 1).await;
+    expect_frame(&mut s.c, 0x81, false, b"one", "first").await;
+    expect_frame(&mut s.c, 0x81, false, b"two", "second").await;
+
+    tokio::time::sleep(HOLD).await;
+    let closing = Instant::now();
+    let reason = "upstream going away";
+    send(
+        &mut s.u.s,
+        &mut s.cout,
+        &upstream_close(4000, reason.as_bytes()),
+        0,
+    )
+    .await;
+    let (code, why) = expect_close(&mut s.c, false, "the upstream's Close").await;
+    assert_eq!((code, why.as_slice()), (4000, reason.as_bytes()));
+    send(&mut s.c, &mut s.cin, &client_close(4000, b""), 0).await;
+    let (code, _) = expect_close(&mut s.u.s, true, "the client's reply").await;
+    assert_eq!(code, 4000);
+    drop(s.u.s);
+    assert_eq!(read_rest(&mut s.c).await, b"");
+    drop(s.c);
+
+    check_record(&gate, PATH, t0, ms_floor(admitted, closing), |d| Expected {
+        subprotocol: "chat.v2".into(),
+        ..Expected::new(
+            PATH,
+            &s.cin,
+            &s.cout,
+            ("upstream", "upstream_close"),
+            (4000, reason),
+            d,
+        )
+    })
+    .await;
+    assert_counted_once(
+        gate.admin,
+        &before,
+        ("upstream", "upstream_close"),
+        ("upstream", "4xxx"),
+    )
+    .await;
+    wait_metric(gate.admin, ACTIVE, 0.0).await;
+}
+
+/// The client sends FIN without a Close; the upstream then ends too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_fin_without_a_close_is_client_eof() {
+    let up = HandoffUpstream::spawn(Vec::new()).await;
+    let gate = start_gate(up.addr, &[], &json_env(&[])).await;
+    let before = session_metrics(gate.admin).await;
+    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    tokio::time::sleep(HOLD).await;
+    let closing = Instant::now();
+    s.c.shutdown().await.expect("client FIN");
+    assert_eq!(
+        read_rest(&mut s.u.s).await,
+        b"",
+        "the FIN reaches the upstream"
+    );
+    drop(s.u.s);
+    assert_eq!(read_rest(&mut s.c).await, b"");
+    drop(s.c);
+
+    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, closing), |d| {
+        Expected::new(PATH, &s.cin, &s.cout, ("none", "client_eof"), (1006, ""), d)
+    })
+    .await;
+    assert_counted_once(
+        gate.admin,
+        &before,
+        ("none", "client_eof"),
+        ("none", "none"),
+    )
+    .await;
+    wait_metric(gate.admin, ACTIVE, 0.0).await;
+}
+
+/// The client resets the connection (SO_LINGER 0) without a Close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_rst_without_a_close_is_client_eof() {
+    let up = HandoffUpstream::spawn(Vec::new()).await;
+    let gate = start_gate(up.addr, &[], &json_env(&[])).await;
+    let before = session_metrics(gate.admin).await;
+    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    set_reset_on_close(&s.c);
+    tokio::time::sleep(HOLD).await;
+    let closing = Instant::now();
+    drop(s.c);
+    assert_eq!(
+        read_rest(&mut s.u.s).await,
+        b"",
+        "the upstream leg ends, without a Close"
+    );
+
+    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, closing), |d| {
+        Expected::new(PATH, &s.cin, &s.cout, ("none", "client_eof"), (1006, ""), d)
+    })
+    .await;
+    assert_counted_once(
+        gate.admin,
+        &before,
+        ("none", "client_eof"),
+        ("none", "none"),
+    )
+    .await;
+    wait_metric(gate.admin, ACTIVE, 0.0).await;
+}
+
+/// The upstream sends FIN without a Close; the client then ends too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_fin_without_a_close_is_upstream_eof() {
+    let up = HandoffUpstream::spawn(Vec::new()).await;
+    let gate = start_gate(up.addr, &[], &json_env(&[])).await;
+    let before = session_metrics(gate.admin).await;
+    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    tokio::time::sleep(HOLD).await;
+    let closing = Instant::now();
+    s.u.s.shutdown().await.expect("upstream FIN");
+    assert_eq!(read_rest(&mut s.c).await, b"", "the FIN reaches the client");
+    drop(s.c);
+    assert_eq!(read_rest(&mut s.u.s).await, b"");
+
+    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, closing), |d| {
+        Expected::new(
+            PATH,
+            &s.cin,
+            &s.cout,
+            ("none", "upstream_eof"),
+            (1006, ""),
+            d,
+        )
+    })
+    .await;
+    assert_counted_once(
+        gate.admin,
+        &before,
+        ("none", "upstream_eof"),
+        ("none", "none"),
+    )
+    .await;
+    wait_metric(gate.admin, ACTIVE, 0.0).await;
+}
+
+/// The client sends FIN; the upstream keeps its side open (and sends one
+/// more message, which is counted) past `half_close_timeout`: wsgate ends
+/// both, without a Close frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_timeout_after_a_client_fin() {
+    let up = HandoffUpstream::spawn(Vec::new()).await;
+    let gate = start_gate(
+        up.addr,
+        &[],
+        &json_env(&[("WSGATE_HALF_CLOSE_TIMEOUT", "500ms")]),
+    )
+    .await;
+    let before = session_metrics(gate.admin).await;
+    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    tokio::time::sleep(HOLD).await;
+    let fin_at = Instant::now();
+    s.c.shutdown().await.expect("client FIN");
+    // The upstream sees the FIN, writes on, and never ends by itself.
+    let mut byte = [0u8; 1];
+    let n = within(
+        "the FIN at the upstream",
+        tokio::io::AsyncReadExt::read(&mut s.u.s, &mut byte),
+    )
+    .await
+    .expect("read");
+    assert_eq!(n, 0, "EOF at the upstream");
+    send(
+        &mut s.u.s,
+        &mut s.cout,
+        &server_frame(0x81, b"still here"),
+        1,
+    )
+    .await;
+    expect_frame(&mut s.c, 0x81, false, b"still here", "after the FIN").await;
+    assert_eq!(read_rest(&mut s.c).await, b"", "wsgate ends the client leg");
+
+    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, fin_at) + 500, |d| {
+        Expected::new(
+            PATH,
+            &s.cin,
+            &s.cout,
+            ("none", "half_close_timeout"),
+            (1006, ""),
+            d,
+        )
+    })
+    .await;
+    assert_counted_once(
+        gate.admin,
+        &before,
+        ("none", "half_close_timeout"),
+        ("none", "none"),
+    )
+    .await;
+    wait_metric(gate.admin, ACTIVE, 0.0).await;
+    drop(s.u.s);
+}
+
+// ---------------------------------------------------------------- wsgate ends it
+
+/// SIGTERM with `drain_period`: the oldest session is drained with
+/// `close_code_drain` and its reason. A younger one that never answers
+/// wsgate's Close keeps the process up for `close_timeout`, long enough to
+/// read the metrics; it is drained too, and the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drain_closes_with_1001() {
+    let up = HandoffUpstream::spawn(Vec::new()).await;
+    let mut gate = start_gate(
+        up.addr,
+        &[],
+        &json_env(&[
+            ("WSGATE_DRAIN_PERIOD", "1s"),
+            ("WSGATE_SHUTDOWN_GRACE", "6s"),
+            ("WSGATE_CLOSE_TIMEOUT", "4s"),
+        ]),
+    )
+    .await;
+    let before = session_metrics(gate.admin).await;
+    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    let (mut keeper, _, keeper_admitted) = upgrade_path(gate.proxy, "/keeper", &[], &[]).await;
+    let keeper_up = up.next().await;
+    wait_metric(gate.admin, ACTIVE, 2.0).await;
+    tokio::time::sleep(HOLD).await;
+    let signalled = Instant::now();
+    gate.process.signal("TERM");
+    answer_wsgate_close(&mut s, 1001, DRAIN_REASON).await;
+
+    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, signalled), |d| {
+        Expected::new(
+            PATH,
+            &s.cin,
+            &s.cout,
+            ("wsgate", "drain"),
+            (1001, DRAIN_REASON),
+            d,
+        )
+    })
+    .await;
+    assert_counted_once(gate.admin, &before, ("wsgate", "drain"), ("wsgate", "1001")).await;
+    wait_metric(gate.admin, ACTIVE, 1.0).await;
+
+    // The keeper is drained too; it never answers.
+    let (code, _) = expect_close(&mut keeper, false, "the keeper's Close").await;
+    assert_eq!(code, 1001);
+    let status = tokio::task::block_in_place(|| gate.process.wait_exit());
+    assert!(status.success(), "exit {status:?}");
+    check_record(
+        &gate,
+        "/keeper",
+        s.t0,
+        ms_floor(keeper_admitted, signalled),
+        |d| {
+            Expected::new(
+                "/keeper",
+                &Tally::default(),
+                &Tally::default(),
+                ("wsgate", "drain"),
+                (1001, DRAIN_REASON),
+                d,
+            )
+        },
+    )
+    .await;
+    drop(keeper_up);
+}
+
+/// The end of `shutdown_grace`: wsgate closes what is left with
+/// `close_code_drain` (here 1012) and "server shutting down", starting
+/// `close_timeout` before the grace ends. A second session that never
+/// answers keeps the process up until the grace ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_of_grace_closes_with_close_code_drain() {
+    let up = HandoffUpstream::spawn(Vec::new()).await;
+    let mut gate = start_gate(
+        up.addr,
+        &[],
+        &json_env(&[
+            ("WSGATE_SHUTDOWN_GRACE", "5s"),
+            ("WSGATE_CLOSE_TIMEOUT", "4s"),
+            ("WSGATE_CLOSE_CODE_DRAIN", "1012"),
+        ]),
+    )
+    .await;
+    let before = session_metrics(gate.admin).await;
+    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    let (mut keeper, _, keeper_admitted) = upgrade_path(gate.proxy, "/keeper", &[], &[]).await;
+    let keeper_up = up.next().await;
+    wait_metric(gate.admin, ACTIVE, 2.0).await;
+    tokio::time::sleep(HOLD).await;
+    let signalled = Instant::now();
+    gate.process.signal("TERM");
+    answer_wsgate_close(&mut s, 1012, SHUTDOWN_REASON).await;
+
+    // The closing handshakes start at grace − close_timeout = 1 s.
+    check_record(
+        &gate,
+        PATH,
+        s.t0,
+        ms_floor(s.admitted, signalled) + 1000,
+        |d| {
+            Expected::new(
+                PATH,
+                &s.cin,
+                &s.cout,
+                ("wsgate", "shutdown"),
+                (1012, SHUTDOWN_REASON),
+                d,
+            )
+        },
+    )
+    .await;
+    assert_counted_once(
+        gate.admin,
+        &before,
+        ("wsgate", "shutdown"),
+        ("wsgate", "1012"),
+    )
+    .await;
+    wait_metric(gate.admin, ACTIVE, 1.0).await;
+
+    let (code, _) = expect_close(&mut keeper, false, "the keeper's Close").await;
+    assert_eq!(code, 1012);
+    let status = tokio::task::block_in_place(|| gate.process.wait_exit());
+    assert!(status.success(), "exit {status:?}");
+    check_record(
+        &gate,
+        "/keeper",
+        s.t0,
+        ms_floor(keeper_admitted, signalled) + 1000,
+        |d| {
+            Expected::new(
+                "/keeper",
+                &Tally::default(),
+                &Tally::default(),
+                ("wsgate", "shutdown"),
+                (1012, SHUTDOWN_REASON),
+                d,
+            )
+        },
+    )
+    .await;
+    drop(keeper_up);
+}
+
+/// A second signal before any Close frame cuts TCP: `shutdown`, but
+/// `closed_by` none and 1006. (The process is gone at once, so there are no
+/// metrics to read; the record must still be written.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_cuts_without_a_close() {
+    let up = HandoffUpstream::spawn(Vec::new()).await;
+    let mut gate = start_gate(up.addr, &[], &json_env(&[("WSGATE_SHUTDOWN_GRACE", "30s")])).await;
+    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    tokio::time::sleep(HOLD).await;
+    let signalled = Instant::now();
+    gate.process.signal("TERM");
+    wait_stderr(&gate, "shutdown: draining").await;
+    gate.process.signal("TERM");
+    assert_eq!(read_rest(&mut s.c).await, b"", "cut without a Close frame");
+    let status = tokio::task::block_in_place(|| gate.process.wait_exit());
+    assert!(status.success(), "exit {status:?}");
+    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, signalled), |d| {
+        Expected::new(PATH, &s.cin, &s.cout, ("none", "shutdown"), (1006, ""), d)
+    })
+    .await;
+}
+
+/// `POST /drain {"count": 1}` with the admin token: the session gets
+/// `close_code_drain` and the rebalancing reason; the instance stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_drain_closes_with_1001() {
+    let token = "access-log-test-token";
+    let mut file = tempfile::NamedTempFile::new().expect("token file");
+    std::io::Write::write_all(&mut file, token.as_bytes()).expect("write the token");
+    let token_path = file.path().to_str().expect("utf-8 path").to_owned();
+    let up = HandoffUpstream::spawn(Vec::new()).await;
+    let gate = start_gate(
+        up.addr,
+        &[],
+        &json_env(&[("WSGATE_ADMIN_TOKEN_FILE", &token_path)]),
+    )
+    .await;
+    let before = session_metrics(gate.admin).await;
+    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    tokio::time::sleep(HOLD).await;
+    let requested = Instant::now();
+    let bearer = format!("Bearer {token}");
+    let (status, body) = http_request(
+        gate.admin,
+        "POST",
+        "/drain",
+        &[
+            ("Authorization", &bearer),
+            ("Content-Type", "application/json"),
+        ],
+        r#"{"count": 1, "period": "100ms"}"#,
+    )
+    .await;
+    assert_eq!(status, 202, "POST /drain: {body}");
+    let answer: Value = serde_json::from_str(&body).expect("a JSON answer");
+    assert_eq!(answer["planned"], 1, "{body}");
+    answer_wsgate_close(&mut s, 1001, ADMIN_DRAIN_REASON).await;
+
+    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, requested), |d| {
+        Expected::new(
+            PATH,
+            &s.cin,
+            &s.cout,
+            ("wsgate", "admin_drain"),
+            (1001, ADMIN_DRAIN_REASON),
+            d,
+        )
+    })
+    .await;
+    assert_counted_once(
+        gate.admin,
+        &before,
+        ("wsgate", "admin_drain"),
+        ("wsgate", "1001"),
+    )
+    .await;
+    wait_metric(gate.admin, ACTIVE, 0.0).await;
+    wait_metric(gate.admin, "wsgate_admin_drained_total", 1.0).await;
+}
+
+/// `max_connection_lifetime` (no jitter) with `close_code_lifetime` 1012.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifetime_closes_with_close_code_lifetime() {
+    let up = HandoffUpstream::spawn(Vec::new()).await;
+    let gate = start_gate(
+        up.addr,
+        &[],
+        &json_env(&[
+            ("WSGATE_MAX_CONNECTION_LIFETIME", "1s"),
+            ("WSGATE_LIFETIME_JITTER", "0"),
+            ("WSGATE_CLOSE_CODE_LIFETIME", "1012"),
+        ]),
+    )
+    .await;
+    let before = session_metrics(gate.admin).await;
+    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    answer_wsgate_close(&mut s, 1012, LIFETIME_REASON).await;
+
+    check_record(&gate, PATH, s.t0, 1000, |d| {
+        Expected::new(
+            PATH,
+            &s.cin,
+            &s.cout,
+            ("wsgate", "lifetime"),
+            (1012, LIFETIME_REASON),
+            d,
+        )
+    })
+    .await;
+    assert_counted_once(
+        gate.admin,
+        &before,
+        ("wsgate", "lifetime"),
+        ("wsgate", "1012"),
+    )
+    .await;
+    wait_metric(gate.admin, ACTIVE, 0.0).await;
+}
+
+/// `idle_timeout` after the last byte; behind one trusted proxy, the
+/// client is the address that proxy put in `X-Forwarded-For`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_closes_with_close_code_idle() {
+    let up = HandoffUpstream::spawn(Vec::new()).await;
+    let gate = start_gate(
+        up.addr,
+        &[],
+        &json_env(&[
+            ("WSGATE_IDLE_TIMEOUT", "500ms"),
+            ("WSGATE_TRUSTED_HOPS", "1"),
+        ]),
+    )
+    .await;
+    let before = session_metrics(gate.admin).await;
+    let mut s = open(&gate, &up, PATH_SENT, &["X-Forwarded-For: 203.0.113.7"]).await;
+    // The last byte: the upstream's, written after this instant.
+    let last = Instant::now();
+    send(&mut s.u.s, &mut s.cout, &server_frame(0x82, &[9; 20]), 1).await;
+    expect_frame(&mut s.c, 0x82, false, &[9; 20], "the last message").await;
+    answer_wsgate_close(&mut s, 1001, IDLE_REASON).await;
+
+    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, last) + 500, |d| {
+        Expected {
+            client: "203.0.113.7".into(),
+            ..Expected::new(
+                PATH,
+                &s.cin,
+                &s.cout,
+                ("wsgate", "idle"),
+                (1001, IDLE_REASON),
+                d,
+            )
+        }
+    })
+    .await;
+    assert_counted_once(gate.admin, &before, ("wsgate", "idle"), ("wsgate", "1001")).await;
+    wait_metric(gate.admin, ACTIVE, 0.0).await;
+}
+
+/// `max_message_size`: two messages within it pass; a frame that would
+/// take a message past it gets Close 1009 (the upstream a Close 1001). The
+/// client sent that frame whole and wsgate reads it (dropping it) before
+/// the client's reply, so its bytes count. Whether the refused message
+/// counts in `msgs_in` the contract does not settle ("data messages the
+/// client sent" vs never forwarded): either is accepted, and printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn size_guard_closes_with_1009() {
+    let up = HandoffUpstream::spawn(Vec::new()).await;
+    let gate = start_gate(
+        up.addr,
+        &[],
+        &json_env(&[("WSGATE_MAX_MESSAGE_SIZE", "1024")]),
+    )
+    .await;
+    let before = session_metrics(gate.admin).await;
+    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    let limit = [5u8; 1024];
+    send(&mut s.c, &mut s.cin, &client_frame(0x2, true, &limit), 1).await;
+    expect_frame(&mut s.u.s, 0x82, true, &limit, "a message at the limit").await;
+    tokio::time::sleep(HOLD).await;
+    let closing = Instant::now();
+    send(
+        &mut s.c,
+        &mut s.cin,
+        &client_frame(0x2, true, &[6u8; 2000]),
+        0,
+    )
+    .await;
+    answer_wsgate_close(&mut s, 1009, SIZE_REASON).await;
+
+    let rec = check_record(&gate, PATH, s.t0, ms_floor(s.admitted, closing), |d| {
+        Expected {
+            msgs_in: s.cin.msgs..=s.cin.msgs + 1,
+            ..Expected::new(
+                PATH,
+                &s.cin,
+                &s.cout,
+                ("wsgate", "size"),
+                (1009, SIZE_REASON),
+                d,
+            )
+        }
+    })
+    .await;
+    println!(
+        "msgs_in {} for {} forwarded messages and one refused",
+        rec["msgs_in"], s.cin.msgs
+    );
+    assert_counted_once(gate.admin, &before, ("wsgate", "size"), ("wsgate", "1009")).await;
+    wait_metric(gate.admin, ACTIVE, 0.0).await;
+}
+
+/// `message_rate` with `close`: a bucket of 3 refilling every 10 s; three
+/// text messages pass, and a ping (control frames count for the rate, not
+/// as messages) is the one over the bucket: Close 1008.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_guard_closes_with_1008() {
+    let up = HandoffUpstream::spawn(Vec::new()).await;
+    let gate = start_gate(
+        up.addr,
+        &[],
+        &json_env(&[
+            ("WSGATE_MESSAGE_RATE", "0.1"),
+            ("WSGATE_MESSAGE_BURST", "3"),
+            ("WSGATE_MESSAGE_RATE_ACTION", "close"),
+        ]),
+    )
+    .await;
+    let before = session_metrics(gate.admin).await;
+    // `open` sends the first of the three.
+    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    for text in [&b"two"[..], b"three"] {
+        send(&mut s.c, &mut s.cin, &client_frame(0x1, true, text), 1).await;
+        expect_frame(&mut s.u.s, 0x81, true, text, "a message within the bucket").await;
+    }
+    tokio::time::sleep(HOLD).await;
+    let closing = Instant::now();
+    send(
+        &mut s.c,
+        &mut s.cin,
+        &client_frame(0x9, true, b"one too many"),
+        0,
+    )
+    .await;
+    answer_wsgate_close(&mut s, 1008, RATE_REASON).await;
+
+    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, closing), |d| {
+        Expected::new(
+            PATH,
+            &s.cin,
+            &s.cout,
+            ("wsgate", "rate"),
+            (1008, RATE_REASON),
+            d,
+        )
+    })
+    .await;
+    assert_counted_once(gate.admin, &before, ("wsgate", "rate"), ("wsgate", "1008")).await;
+    wait_metric(gate.admin, ACTIVE, 0.0).await;
+}
+
+// ---------------------------------------------------------------- the record itself
+
+/// Close reasons with control characters, 123 bytes long (the most a Close
+/// frame carries): each control character is written `\xNN`, the result is
+/// at most 123 bytes, cut at a character boundary and never inside an
+/// escape; invalid UTF-8 becomes U+FFFD; the JSON line parses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_in_a_close_reason_are_escaped_and_bounded() {
+    let mut cut_at_escape = b"\x1b[31m\n".to_vec();
+    cut_at_escape.extend("é".repeat(54).as_bytes());
+    cut_at_escape.extend(b"z\x070123456");
+    let mut cut_in_char = b"\n".to_vec();
+    cut_in_char.extend("é".repeat(61).as_bytes());
+    let cases: [(&str, Vec<u8>, String); 3] = [
+        (
+            "/r1",
+            cut_at_escape,
+            format!("\\x1b[31m\\x0a{}z", "é".repeat(54)),
+        ),
+        ("/r2", cut_in_char, format!("\\x0a{}", "é".repeat(59))),
+        (
+            "/r3",
+            b"bad\xffbyte\x7fend".to_vec(),
+            "bad\u{fffd}byte\\x7fend".to_owned(),
+        ),
+    ];
+    assert_eq!(cases[0].1.len(), 123);
+    assert_eq!(cases[1].1.len(), 123);
+
+    let up = HandoffUpstream::spawn(Vec::new()).await;
+    let gate = start_gate(up.addr, &[], &json_env(&[])).await;
+    for (path, raw, escaped) in &cases {
+        let t0 = Instant::now();
+        let (mut c, _, admitted) = upgrade_path(gate.proxy, path, &[], &[]).await;
+        let mut u = up.next().await;
+        let (mut cin, mut cout) = (Tally::default(), Tally::default());
+        let closing = Instant::now();
+        send(&mut c, &mut cin, &client_close(1000, raw), 0).await;
+        let (code, got) = expect_close(&mut u.s, true, "the client's Close, forwarded").await;
+        assert_eq!((code, &got), (1000, raw), "forwarded unchanged");
+        send(&mut u.s, &mut cout, &upstream_close(1000, b""), 0).await;
+        u.s.shutdown().await.expect("upstream FIN");
+        expect_close(&mut c, false, "the reply").await;
+        assert_eq!(read_rest(&mut c).await, b"");
+        drop(c);
+
+        let rec = check_record(&gate, path, t0, ms_floor(admitted, closing), |d| {
+            Expected::new(
+                path,
+                &cin,
+                &cout,
+                ("client", "client_close"),
+                (1000, escaped.as_str()),
+                d,
+            )
+        })
+        .await;
+        let reason = rec["close_reason"].as_str().expect("a string");
+        assert!(reason.len() <= 123, "{} bytes: {reason:?}", reason.len());
+        assert!(
+            !reason.chars().any(|ch| ch.is_control()),
+            "a raw control character in {reason:?}"
+        );
+    }
+}
+
+/// `access_log = false`: no record (nor any other `wsgate::access` line)
+/// up to the process's last line, but the metrics still move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_false_writes_no_record_but_counts() {
+    let up = HandoffUpstream::spawn(Vec::new()).await;
+    let mut gate = start_gate(up.addr, &[], &json_env(&[("WSGATE_ACCESS_LOG", "false")])).await;
+    let before = session_metrics(gate.admin).await;
+    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    send(&mut s.c, &mut s.cin, &client_close(1000, b"bye"), 0).await;
+    expect_close(&mut s.u.s, true, "the client's Close").await;
+    send(&mut s.u.s, &mut s.cout, &upstream_close(1000, b""), 0).await;
+    drop(s.u.s);
+    expect_close(&mut s.c, false, "the reply").await;
+    assert_eq!(read_rest(&mut s.c).await, b"");
+    drop(s.c);
+    assert_counted_once(
+        gate.admin,
+        &before,
+        ("client", "client_close"),
+        ("client", "1000"),
+    )
+    .await;
+    wait_metric(gate.admin, ACTIVE, 0.0).await;
+
+    gate.process.signal("TERM");
+    let status = tokio::task::block_in_place(|| gate.process.wait_exit());
+    assert!(status.success(), "exit {status:?}");
+    let text = wait_stderr(&gate, "shutdown complete").await;
+    assert!(
+        !text.contains(ACCESS_TARGET),
+        "access_log = false, yet:\n{text}"
+    );
+}
+
+/// The default text format: the record is one line of `wsgate::access`,
+/// message `session`, with every field as `name=value` (strings may be
+/// quoted); parsed into the same fields, it says what the JSON one would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_format_record_has_every_field() {
+    let up = HandoffUpstream::spawn(Vec::new()).await;
+    let gate = start_gate(up.addr, &[], &[]).await;
+    let before = session_metrics(gate.admin).await;
+    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    tokio::time::sleep(HOLD).await;
+    let closing = Instant::now();
+    send(&mut s.c, &mut s.cin, &client_close(1000, b"bye"), 0).await;
+    expect_close(&mut s.u.s, true, "the client's Close").await;
+    send(&mut s.u.s, &mut s.cout, &upstream_close(1000, b"bye"), 0).await;
+    drop(s.u.s);
+    expect_close(&mut s.c, false, "the reply").await;
+    assert_eq!(read_rest(&mut s.c).await, b"");
+    drop(s.c);
+
+    let start = Instant::now();
+    let line = loop {
+        let text = gate.stderr();
+        if let Some(l) = text
+            .lines()
+            .find(|l| l.contains(&format!(" {ACCESS_TARGET}: {SESSION_MESSAGE} ")))
+        {
+            break l.to_owned();
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no text session record; stderr:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let seen = Instant::now();
+    assert!(line.contains(" INFO "), "{line}");
+    assert!(
+        line.contains("end=\"client_close\"") || line.contains("end=client_close"),
+        "{line}"
+    );
+    assert!(!line.contains(PATH_SENT), "the query string leaked: {line}");
+    let rec = text_fields(&line);
+    assert_record(
+        &rec,
+        &Expected::new(
+            PATH,
+            &s.cin,
+            &s.cout,
+            ("client", "client_close"),
+            (1000, "bye"),
+            ms_floor(s.admitted, closing)..=ms_ceil(s.t0, seen),
+        ),
+    );
+    assert_counted_once(
+        gate.admin,
+        &before,
+        ("client", "client_close"),
+        ("client", "1000"),
+    )
+    .await;
+}
+
+/// The fields of a text-format record (`… INFO wsgate::access: session
+/// name=value …`) as the JSON record would have them: the numeric fields
+/// as numbers, every other value as a string (unquoted, or quoted with
+/// `\"` and `\\` escapes), plus `level`, `target` and `message`.
+fn text_fields(line: &str) -> serde_json::Map<String, Value> {
+    const NUMBERS: [&str; 6] = [
+        "duration_ms",
+        "bytes_in",
+        "bytes_out",
+        "msgs_in",
+        "msgs_out",
+        "close_code",
+    ];
+    let marker = format!(" {ACCESS_TARGET}: {SESSION_MESSAGE} ");
+    let rest = &line[line.find(&marker).expect("the record") + marker.len()..];
+    let mut rec = serde_json::Map::new();
+    rec.insert("level".into(), "INFO".into());
+    rec.insert("target".into(), ACCESS_TARGET.into());
+    rec.insert("message".into(), SESSION_MESSAGE.into());
+    let mut chars = rest.chars().peekable();
+    loop {
+        while chars.peek() == Some(&' ') {
+            chars.next();
+        }
+        let name: String = chars.by_ref().take_while(|&ch| ch != '=').collect();
+        if name.is_empty() {
+            break;
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(ch) = chars.next() {
+                match ch {
+                    '\\' => value.extend(chars.next()),
+                    '"' => break,
+                    other => value.push(other),
+                }
+            }
+        } else {
+            value = chars.by_ref().take_while(|&ch| ch != ' ').collect();
+        }
+        let v = if NUMBERS.contains(&name.as_str()) {
+            value
+                .parse::<u64>()
+                .map(Value::from)
+                .unwrap_or(Value::String(value))
+        } else {
+            Value::String(value)
+        };
+        rec.insert(name, v);
+    }
+    rec
+}
+
+// ---------------------------------------------------------------- keepalive
+
+/// A client that vanishes without FIN or RST while its port stays taken by
+/// a socket that no longer answers in sequence: wsgate's keepalive probes go
+/// unanswered and `TCP_USER_TIMEOUT` ends the client leg with `ETIMEDOUT`.
+///
+/// Closing a socket in `TCP_REPAIR` mode is silent, but the next probe
+/// would then be answered with RST (`ECONNRESET`, a `client_eof`): so the
+/// helper puts, in repair mode, a socket on the same four-tuple whose
+/// sequence numbers are half the sequence space away. Its answers to the
+/// probes are out of window for wsgate and dropped, as a host gone silent
+/// would be. Needs `CAP_NET_ADMIN`.
+const VANISHING_CLIENT: &str = r#"
+import socket, struct, sys
+TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ = 19, 20, 21
+host, port, path, frames, expect = sys.argv[1], int(sys.argv[2]), sys.argv[3], bytes.fromhex(sys.argv[4]), int(sys.argv[5])
+s = socket.create_connection((host, port))
+s.sendall(("GET %s HTTP/1.1\r\nHost: %s:%d\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+           "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n" % (path, host, port)).encode())
+head = b""
+while not head.endswith(b"\r\n\r\n"):
+    b = s.recv(1)
+    if not b:
+        break
+    head += b
+print(head.split(b"\r\n")[0].decode(), flush=True)
+sys.stdin.readline()
+s.sendall(frames)
+got = b""
+while len(got) < expect:
+    b = s.recv(expect - len(got))
+    if not b:
+        break
+    got += b
+print("sent, read %d" % len(got), flush=True)
+sys.stdin.readline()
+local, peer = s.getsockname(), s.getpeername()
+try:
+    s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+except OSError as e:
+    print("no TCP_REPAIR: %s" % e, flush=True)
+    sys.exit(3)
+seqs = {}
+for q in (1, 2):
+    s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, q)
+    seqs[q] = struct.unpack("I", s.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ, 4))[0]
+s.close()
+ghost = socket.socket()
+ghost.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+ghost.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ghost.bind(local)
+for q in (1, 2):
+    ghost.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, q)
+    ghost.setsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ, struct.pack("I", (seqs[q] + (1 << 31)) % (1 << 32)))
+ghost.connect(peer)
+print("vanished", flush=True)
+sys.stdin.read()
+"#;
+
+/// The python3 helper; killed and reaped on drop.
+struct Py {
+    child: std::process::Child,
+    lines: Lines,
+}
+
+impl Py {
+    fn start(script: &str, args: &[String]) -> Py {
+        let mut child = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 (on every machine of this kind)");
+        let lines = Lines::new(child.stdout.take().expect("stdout"));
+        Py { child, lines }
+    }
+
+    /// The next line it prints (within [`CHILD_DEADLINE`]).
+    fn line(&self) -> String {
+        tokio::task::block_in_place(|| self.lines.next("a line from the python helper"))
+    }
+
+    /// Tells it to go on to its next step.
+    fn go(&mut self) {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        std::io::Write::write_all(stdin, b"go\n").expect("write to the helper");
+        std::io::Write::flush(stdin).expect("flush");
+    }
+}
+
+impl Drop for Py {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Tests that make a socket vanish with `TCP_REPAIR` and so need
+/// `CAP_NET_ADMIN`. The module name is the marker `.ci/run` filters on
+/// (`test(/needs_cap_net_admin::/)`) where the capability is missing; where
+/// they run, they must pass: there is no skipping branch inside.
+mod needs_cap_net_admin {
+    use super::*;
+
+    /// The client vanishes after an exchange; `tcp_keepalive = 1s` (probes
+    /// after 1 s of silence, `TCP_USER_TIMEOUT` 1 s) ends its leg with
+    /// `ETIMEDOUT`: `keepalive`, no Close frame.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keepalive_ends_a_vanished_client() {
+        let up = HandoffUpstream::spawn(Vec::new()).await;
+        let gate = start_gate(up.addr, &[], &json_env(&[("WSGATE_TCP_KEEPALIVE", "1s")])).await;
+        let before = session_metrics(gate.admin).await;
+        let (mut cin, mut cout) = (Tally::default(), Tally::default());
+        let frames = [
+            client_frame(0x1, true, b"hello"),
+            client_frame(0x9, true, b"ping"),
+            client_frame(0x2, true, &[1; 200]),
+        ];
+        let hex: String = frames.concat().iter().map(|b| format!("{b:02x}")).collect();
+        let down = server_frame(0x81, b"from the upstream");
+
+        let t0 = Instant::now();
+        let mut py = Py::start(
+            VANISHING_CLIENT,
+            &[
+                gate.proxy.ip().to_string(),
+                gate.proxy.port().to_string(),
+                PATH_SENT.to_owned(),
+                hex,
+                down.len().to_string(),
+            ],
+        );
+        let status = py.line();
+        assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+        let admitted = Instant::now();
+        let mut u = up.next().await;
+        send(&mut u.s, &mut cout, &down, 1).await;
+        let sending = Instant::now();
+        py.go();
+        assert_eq!(
+            py.line(),
+            format!("sent, read {}", down.len()),
+            "the helper's exchange"
+        );
+        for (f, msgs) in frames.iter().zip([1, 0, 1]) {
+            cin.bytes += f.len() as u64;
+            cin.msgs += msgs;
+        }
+        expect_frame(&mut u.s, 0x81, true, b"hello", "text").await;
+        expect_frame(&mut u.s, 0x89, true, b"ping", "ping").await;
+        expect_frame(&mut u.s, 0x82, true, &[1; 200], "binary").await;
+        py.go();
+        assert_eq!(
+            py.line(),
+            "vanished",
+            "TCP_REPAIR refused: this test needs CAP_NET_ADMIN \
+             (.ci/run leaves it out where it is missing)"
+        );
+
+        check_record(&gate, PATH, t0, ms_floor(admitted, sending) + 1000, |d| {
+            Expected::new(PATH, &cin, &cout, ("none", "keepalive"), (1006, ""), d)
+        })
+        .await;
+        assert_counted_once(gate.admin, &before, ("none", "keepalive"), ("none", "none")).await;
+        wait_metric(gate.admin, ACTIVE, 0.0).await;
+        drop(u);
+    }
+}
