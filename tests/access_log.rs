@@ -14,6 +14,10 @@
 //!
 //! A vanished client (TCP keepalive) needs `CAP_NET_ADMIN`: that test is in
 //! [`needs_cap_net_admin`], which `.ci/run` leaves out where it is missing.
+#![allow(
+    clippy::print_stdout,
+    reason = "each test prints the record it checked (nextest shows it on failure)"
+)]
 
 mod support;
 
@@ -161,6 +165,7 @@ async fn check_record(
         window.start() <= window.end(),
         "bad window {window:?}: the record came before the session could end"
     );
+    println!("record of {path}: {}", Value::Object(rec.clone()));
     assert_record(&rec, &want(window));
     rec
 }
@@ -478,7 +483,7 @@ async fn half_close_timeout_after_a_client_fin() {
     let gate = start_gate(
         up.addr,
         &[],
-        &json_env(&[("WSGATE_HALF_CLOSE_TIMEOUT", "500ms")]),
+        &json_env(&[("WSGATE_HALF_CLOSE_TIMEOUT", "1s")]),
     )
     .await;
     let before = session_metrics(gate.admin).await;
@@ -505,16 +510,22 @@ async fn half_close_timeout_after_a_client_fin() {
     expect_frame(&mut s.c, 0x81, false, b"still here", "after the FIN").await;
     assert_eq!(read_rest(&mut s.c).await, b"", "wsgate ends the client leg");
 
-    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, fin_at) + 500, |d| {
-        Expected::new(
-            PATH,
-            &s.cin,
-            &s.cout,
-            ("none", "half_close_timeout"),
-            (1006, ""),
-            d,
-        )
-    })
+    check_record(
+        &gate,
+        PATH,
+        s.t0,
+        ms_floor(s.admitted, fin_at) + 1000,
+        |d| {
+            Expected::new(
+                PATH,
+                &s.cin,
+                &s.cout,
+                ("none", "half_close_timeout"),
+                (1006, ""),
+                d,
+            )
+        },
+    )
     .await;
     assert_counted_once(
         gate.admin,
@@ -686,13 +697,19 @@ async fn a_second_signal_cuts_without_a_close() {
     gate.process.signal("TERM");
     wait_stderr(&gate, "shutdown: draining").await;
     gate.process.signal("TERM");
-    assert_eq!(read_rest(&mut s.c).await, b"", "cut without a Close frame");
+    let at_client = read_rest(&mut s.c).await;
     let status = tokio::task::block_in_place(|| gate.process.wait_exit());
     assert!(status.success(), "exit {status:?}");
+    println!("after the second signal the client read {at_client:?}");
     check_record(&gate, PATH, s.t0, ms_floor(s.admitted, signalled), |d| {
         Expected::new(PATH, &s.cin, &s.cout, ("none", "shutdown"), (1006, ""), d)
     })
     .await;
+    assert_eq!(
+        String::from_utf8_lossy(&at_client),
+        "",
+        "cut without a Close frame"
+    );
 }
 
 /// `POST /drain {"count": 1}` with the admin token: the session gets
@@ -761,7 +778,7 @@ async fn lifetime_closes_with_close_code_lifetime() {
         up.addr,
         &[],
         &json_env(&[
-            ("WSGATE_MAX_CONNECTION_LIFETIME", "1s"),
+            ("WSGATE_MAX_CONNECTION_LIFETIME", "1500ms"),
             ("WSGATE_LIFETIME_JITTER", "0"),
             ("WSGATE_CLOSE_CODE_LIFETIME", "1012"),
         ]),
@@ -771,7 +788,7 @@ async fn lifetime_closes_with_close_code_lifetime() {
     let mut s = open(&gate, &up, PATH_SENT, &[]).await;
     answer_wsgate_close(&mut s, 1012, LIFETIME_REASON).await;
 
-    check_record(&gate, PATH, s.t0, 1000, |d| {
+    check_record(&gate, PATH, s.t0, 1500, |d| {
         Expected::new(
             PATH,
             &s.cin,
@@ -800,10 +817,7 @@ async fn idle_timeout_closes_with_close_code_idle() {
     let gate = start_gate(
         up.addr,
         &[],
-        &json_env(&[
-            ("WSGATE_IDLE_TIMEOUT", "500ms"),
-            ("WSGATE_TRUSTED_HOPS", "1"),
-        ]),
+        &json_env(&[("WSGATE_IDLE_TIMEOUT", "1s"), ("WSGATE_TRUSTED_HOPS", "1")]),
     )
     .await;
     let before = session_metrics(gate.admin).await;
@@ -814,7 +828,7 @@ async fn idle_timeout_closes_with_close_code_idle() {
     expect_frame(&mut s.c, 0x82, false, &[9; 20], "the last message").await;
     answer_wsgate_close(&mut s, 1001, IDLE_REASON).await;
 
-    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, last) + 500, |d| {
+    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, last) + 1000, |d| {
         Expected {
             client: "203.0.113.7".into(),
             ..Expected::new(
@@ -1069,6 +1083,7 @@ async fn text_format_record_has_every_field() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let seen = Instant::now();
+    println!("text record: {line}");
     assert!(line.contains(" INFO "), "{line}");
     assert!(
         line.contains("end=\"client_close\"") || line.contains("end=client_close"),
@@ -1166,7 +1181,12 @@ const VANISHING_CLIENT: &str = r#"
 import socket, struct, sys
 TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ = 19, 20, 21
 host, port, path, frames, expect = sys.argv[1], int(sys.argv[2]), sys.argv[3], bytes.fromhex(sys.argv[4]), int(sys.argv[5])
-s = socket.create_connection((host, port))
+# Bound explicitly (SO_REUSEADDR): a port that connect() picks may be shared
+# with other connections, and the replacement below could not bind it.
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((host, 0))
+s.connect((host, port))
 s.sendall(("GET %s HTTP/1.1\r\nHost: %s:%d\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n" % (path, host, port)).encode())
 head = b""
