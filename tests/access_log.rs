@@ -538,6 +538,128 @@ async fn half_close_timeout_after_a_client_fin() {
     drop(s.u.s);
 }
 
+/// A client Close without a status code: `close_code` 1005 (RFC 6455
+/// §7.1.5), no reason, `code="1005"` in the metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_close_without_a_status_is_1005() {
+    let up = HandoffUpstream::spawn(Vec::new()).await;
+    let gate = start_gate(up.addr, &[], &json_env(&[])).await;
+    let before = session_metrics(gate.admin).await;
+    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    tokio::time::sleep(HOLD).await;
+    let closing = Instant::now();
+    send(&mut s.c, &mut s.cin, &client_frame(0x8, true, b""), 0).await;
+    expect_frame(&mut s.u.s, 0x88, true, b"", "the client's empty Close").await;
+    send(&mut s.u.s, &mut s.cout, &server_frame(0x88, b""), 0).await;
+    drop(s.u.s);
+    expect_frame(&mut s.c, 0x88, false, b"", "the upstream's empty Close").await;
+    assert_eq!(read_rest(&mut s.c).await, b"");
+    drop(s.c);
+
+    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, closing), |d| {
+        Expected::new(
+            PATH,
+            &s.cin,
+            &s.cout,
+            ("client", "client_close"),
+            (1005, ""),
+            d,
+        )
+    })
+    .await;
+    assert_counted_once(
+        gate.admin,
+        &before,
+        ("client", "client_close"),
+        ("client", "1005"),
+    )
+    .await;
+    wait_metric(gate.admin, ACTIVE, 0.0).await;
+}
+
+/// The client's Close is on its way (the upstream has it, and has not
+/// answered) when an admin drain picks the session: wsgate sends nothing of
+/// its own and lets the client's handshake finish, so the session ends as
+/// `client_close` with the client's code, not as `admin_drain`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_after_the_clients_close_leaves_it_client_close() {
+    let token = "access-log-test-token";
+    let mut file = tempfile::NamedTempFile::new().expect("token file");
+    std::io::Write::write_all(&mut file, token.as_bytes()).expect("write the token");
+    let token_path = file.path().to_str().expect("utf-8 path").to_owned();
+    let up = HandoffUpstream::spawn(Vec::new()).await;
+    let gate = start_gate(
+        up.addr,
+        &[],
+        &json_env(&[("WSGATE_ADMIN_TOKEN_FILE", &token_path)]),
+    )
+    .await;
+    let before = session_metrics(gate.admin).await;
+    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    let closing = Instant::now();
+    send(&mut s.c, &mut s.cin, &client_close(4001, b"leaving"), 0).await;
+    let (code, _) = expect_close(&mut s.u.s, true, "the client's Close, forwarded").await;
+    assert_eq!(code, 4001);
+
+    let bearer = format!("Bearer {token}");
+    let auth = [("Authorization", bearer.as_str())];
+    let (status, body) = http_request(
+        gate.admin,
+        "POST",
+        "/drain",
+        &auth,
+        r#"{"count": 1, "period": "100ms"}"#,
+    )
+    .await;
+    assert_eq!(status, 202, "POST /drain: {body}");
+    // Until the drain has run its course (a condition, polled).
+    let start = Instant::now();
+    loop {
+        let (status, body) = http_request(gate.admin, "GET", "/drain", &auth, "").await;
+        assert_eq!(status, 200, "GET /drain: {body}");
+        let state: Value = serde_json::from_str(&body).expect("a JSON answer");
+        if state["running"] == false {
+            println!("GET /drain after the drain: {body}");
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the admin drain never ended: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    send(&mut s.u.s, &mut s.cout, &upstream_close(4001, b"ok"), 0).await;
+    drop(s.u.s);
+    let (code, reason) = expect_close(&mut s.c, false, "the only Close the client gets").await;
+    assert_eq!(
+        (code, String::from_utf8_lossy(&reason).as_ref()),
+        (4001, "ok"),
+        "the upstream's reply, not a Close of wsgate's"
+    );
+    assert_eq!(read_rest(&mut s.c).await, b"");
+    drop(s.c);
+
+    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, closing), |d| {
+        Expected::new(
+            PATH,
+            &s.cin,
+            &s.cout,
+            ("client", "client_close"),
+            (4001, "leaving"),
+            d,
+        )
+    })
+    .await;
+    assert_counted_once(
+        gate.admin,
+        &before,
+        ("client", "client_close"),
+        ("client", "4xxx"),
+    )
+    .await;
+    wait_metric(gate.admin, ACTIVE, 0.0).await;
+}
+
 // ---------------------------------------------------------------- wsgate ends it
 
 /// SIGTERM with `drain_period`: the oldest session is drained with
