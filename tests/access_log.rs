@@ -971,9 +971,9 @@ async fn idle_timeout_closes_with_close_code_idle() {
 /// `max_message_size`: two messages within it pass; a frame that would
 /// take a message past it gets Close 1009 (the upstream a Close 1001). The
 /// client sent that frame whole and wsgate reads it (dropping it) before
-/// the client's reply, so its bytes count. Whether the refused message
-/// counts in `msgs_in` the contract does not settle ("data messages the
-/// client sent" vs never forwarded): either is accepted, and printed.
+/// the client's reply, so its bytes count; and the refused message counts
+/// in `msgs_in` too: `msgs_in` is the data messages the client *sent*
+/// (the contract's words), forwarded or not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn size_guard_closes_with_1009() {
     let up = HandoffUpstream::spawn(Vec::new()).await;
@@ -994,29 +994,23 @@ async fn size_guard_closes_with_1009() {
         &mut s.c,
         &mut s.cin,
         &client_frame(0x2, true, &[6u8; 2000]),
-        0,
+        1,
     )
     .await;
     answer_wsgate_close(&mut s, 1009, SIZE_REASON).await;
 
-    let rec = check_record(&gate, PATH, s.t0, ms_floor(s.admitted, closing), |d| {
-        Expected {
-            msgs_in: s.cin.msgs..=s.cin.msgs + 1,
-            ..Expected::new(
-                PATH,
-                &s.cin,
-                &s.cout,
-                ("wsgate", "size"),
-                (1009, SIZE_REASON),
-                d,
-            )
-        }
+    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, closing), |d| {
+        assert_eq!(s.cin.msgs, 3, "two forwarded, one refused");
+        Expected::new(
+            PATH,
+            &s.cin,
+            &s.cout,
+            ("wsgate", "size"),
+            (1009, SIZE_REASON),
+            d,
+        )
     })
     .await;
-    println!(
-        "msgs_in {} for {} forwarded messages and one refused",
-        rec["msgs_in"], s.cin.msgs
-    );
     assert_counted_once(gate.admin, &before, ("wsgate", "size"), ("wsgate", "1009")).await;
     wait_metric(gate.admin, ACTIVE, 0.0).await;
 }
