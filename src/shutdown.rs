@@ -91,8 +91,11 @@ impl Shutdown {
 
     /// Cuts everything at once, without closing handshakes (idempotent).
     pub(crate) fn abort_now(&self) {
-        self.stop_now();
+        // The abort first: a tunnel woken by the hard stop on another worker
+        // must already see it, or it would start the end-of-grace closing
+        // handshake that the abort is there to skip.
         self.abort.cancel();
+        self.stop_now();
     }
 
     /// Resolves when everything must be cut at once.
