@@ -17,6 +17,7 @@
     reason = "each test binary uses a subset"
 )]
 
+pub mod admin;
 pub mod client;
 pub mod jwt;
 pub mod metrics;
