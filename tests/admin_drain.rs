@@ -352,12 +352,12 @@ async fn the_default_period_is_drain_period() {
 /// youngest stay and echo; a client connecting during the drain is admitted,
 /// echoes and stays; `/readyz` is 200 throughout; a second POST is 409;
 /// `GET /drain` shows it running, then done; the admin counter says 20 and
-/// the shutdown drain's counter 0.
+/// the shutdown drain's counter 0; the upstream got Close 1001 too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn count_drain_closes_the_oldest_evenly_and_keeps_admitting() {
     const M: usize = 30;
     const N: usize = 20;
-    let up = spawn_echo_upstream().await;
+    let up = spawn_recording_upstream().await;
     let token = TokenFile::new(TOKEN);
     let (_gate, proxy, admin) = start_with_token(up.addr, &token, &[]);
     let op = Operator::new(admin, Some(TOKEN));
@@ -432,6 +432,17 @@ async fn count_drain_closes_the_oldest_evenly_and_keeps_admitting() {
         "the oldest {N} are the ones drained"
     );
     assert_eq!(open_now.len(), M - N);
+    // The upstream side of each drained connection got its own Close (the
+    // recording upstream's tungstenite accepts only masked frames).
+    let start_up = Instant::now();
+    while up.closes().len() < N && start_up.elapsed() < DEADLINE {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        up.closes(),
+        vec![(1001, REASON.to_owned()); N],
+        "the upstream's Close frames"
+    );
 
     let mut times: Vec<Duration> = drained.iter().map(|(_, t)| *t).collect();
     times.sort();

@@ -156,6 +156,9 @@ def test_fraction_drain_closes_half_evenly_with_1001(tmp_path) -> None:
                     await echoes(clients[i], f"survivor {i}")
                 assert not late_watch.done(), "the client admitted during the drain was closed"
                 await echoes(late, "still here")
+                # The upstream side of each drained connection got wsgate's Close too.
+                await eventually(lambda: len(up.closes) >= 50, 10)
+                assert up.closes == [(1001, REASON)] * 50, f"upstream saw {up.closes}"
                 assert gate.metric("wsgate_admin_drained_total") == 50
                 assert gate.metric("wsgate_connections_drained_total") == 0
                 assert gate.metric("wsgate_connections_active") == 51
