@@ -408,6 +408,125 @@ mod tests {
         }
     }
 
+    /// Which registration was closed, and for which reason, in order.
+    type Closed = Arc<Mutex<Vec<(usize, StopReason)>>>;
+
+    /// Registrations whose drain waiters report, in order, the reason each
+    /// was closed for.
+    fn watched(tunnels: &Tunnels, n: usize) -> (Closed, Vec<tokio::task::JoinHandle<()>>) {
+        let closed = Arc::new(Mutex::new(Vec::new()));
+        let waiters = (0..n)
+            .map(|i| {
+                let r = tunnels.register();
+                let closed = Arc::clone(&closed);
+                tokio::spawn(async move {
+                    let reason = r.drained().await;
+                    closed.lock().expect("lock").push((i, reason));
+                    drop(r);
+                })
+            })
+            .collect();
+        (closed, waiters)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_operator_drain_closes_its_count_oldest_first_and_runs_alone() {
+        let tunnels = Tunnels::new();
+        let (closed, waiters) = watched(&tunnels, 10);
+        let admin = AdminDrain::default();
+        let metric = IntCounter::new("a", "a").expect("metric");
+        let stop = CancellationToken::new();
+        let period = Duration::from_secs(4);
+        let started = admin
+            .start(
+                &tunnels,
+                Amount::Fraction(0.35),
+                period,
+                metric.clone(),
+                stop.clone(),
+            )
+            .expect("started");
+        assert_eq!((started.planned, started.running), (4, true));
+        // One at a time.
+        let busy = admin
+            .start(
+                &tunnels,
+                Amount::Count(1),
+                period,
+                metric.clone(),
+                stop.clone(),
+            )
+            .expect_err("409");
+        assert_eq!((busy.planned, busy.running), (4, true));
+        sleep(period + Duration::from_millis(50)).await;
+        let status = admin.status();
+        assert_eq!((status.running, status.drained), (false, 4));
+        assert_eq!(metric.get(), 4);
+        let got = closed.lock().expect("lock").clone();
+        assert_eq!(
+            got,
+            (0..4)
+                .map(|i| (i, StopReason::AdminDrain))
+                .collect::<Vec<_>>(),
+            "the four oldest, for the operator"
+        );
+        assert_eq!(tunnels.len(), 6);
+        // The shutdown's drain, later, names its own reason.
+        close_rest(&tunnels);
+        for w in waiters {
+            w.await.expect("join");
+        }
+        assert!(closed.lock().expect("lock")[4..]
+            .iter()
+            .all(|(_, r)| *r == StopReason::Drain));
+    }
+
+    fn close_rest(tunnels: &Tunnels) {
+        while tunnels.close_oldest(DrainKind::Shutdown) {}
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn delete_or_a_shutdown_signal_stops_an_operator_drain() {
+        for by_signal in [false, true] {
+            let tunnels = Tunnels::new();
+            let (closed, _waiters) = watched(&tunnels, 10);
+            let admin = AdminDrain::default();
+            let metric = IntCounter::new("a", "a").expect("metric");
+            let signal = CancellationToken::new();
+            admin
+                .start(
+                    &tunnels,
+                    Amount::Count(10),
+                    Duration::from_secs(10),
+                    metric.clone(),
+                    signal.clone(),
+                )
+                .expect("started");
+            sleep(Duration::from_millis(3_500)).await;
+            if by_signal {
+                signal.cancel();
+                tokio::task::yield_now().await;
+            } else {
+                let stopped = admin.stop().expect("it was running");
+                assert_eq!((stopped.running, stopped.drained), (false, 3));
+            }
+            sleep(Duration::from_secs(10)).await;
+            assert!(!admin.status().running);
+            assert_eq!(metric.get(), 3, "no close after the stop");
+            assert_eq!(closed.lock().expect("lock").len(), 3);
+            assert!(admin.stop().is_none(), "nothing left to stop");
+            // Free again.
+            let next = admin.start(
+                &tunnels,
+                Amount::Count(1),
+                Duration::from_secs(1),
+                metric.clone(),
+                CancellationToken::new(),
+            );
+            assert_eq!(next.map(|s| s.planned), Ok(1));
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn replans_when_connections_end_by_themselves() {
         let tunnels = Tunnels::new();

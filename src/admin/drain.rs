@@ -177,7 +177,10 @@ fn period(value: Value) -> Result<Duration, String> {
     match serde_json::from_value::<ConfigDuration>(value) {
         Ok(ConfigDuration(d)) if !d.is_zero() && d <= MAX_PERIOD => Ok(d),
         Ok(_) => Err(format!("period: {written} must be above 0 and at most 1h")),
-        Err(e) => Err(format!("period: {e}")),
+        Err(_) => Err(format!(
+            "period: {written} is not a duration such as \"500ms\", \"30s\" or \"2m\" \
+             (a bare integer means seconds), above 0 and at most 1h"
+        )),
     }
 }
 
