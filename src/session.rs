@@ -337,6 +337,11 @@ mod tests {
         timeout: Duration::from_secs(2),
     };
 
+    /// How a session ended, with wsgate's codes from `CLOSE`.
+    fn end_of(ended: &Ended, first: Option<&FirstClose>, eof: Option<Leg>) -> SessionEnd {
+        SessionEnd::of(ended, first, eof, Some(&CLOSE))
+    }
+
     /// A peer's first Close as the tracker captures it from `frame`.
     fn peer(leg: Leg, frame: &[u8]) -> FirstClose {
         let mut t = FrameTracker::new();
@@ -347,12 +352,7 @@ mod tests {
     #[test]
     fn a_peer_close_names_the_peer_its_code_and_reason() {
         let first = peer(Leg::Client, &close_frame(1000, "bye", Some([9, 8, 7, 6])));
-        let end = SessionEnd::of(
-            &Ended::Closed,
-            Some(&first),
-            Some(Leg::Upstream),
-            Some(&CLOSE),
-        );
+        let end = end_of(&Ended::Closed, Some(&first), Some(Leg::Upstream));
         assert_eq!(
             end,
             SessionEnd {
@@ -364,19 +364,14 @@ mod tests {
         );
         // The same Close, then a reset: still the client's close.
         let reset = Ended::Error(Leg::Client, io::ErrorKind::ConnectionReset.into());
-        let end = SessionEnd::of(&reset, Some(&first), None, Some(&CLOSE));
+        let end = end_of(&reset, Some(&first), None);
         assert_eq!(
             (end.closed_by, end.end),
             (ClosedBy::Client, End::ClientClose)
         );
 
         let first = peer(Leg::Upstream, &close_frame(4000, "app says", None));
-        let end = SessionEnd::of(
-            &Ended::Closed,
-            Some(&first),
-            Some(Leg::Upstream),
-            Some(&CLOSE),
-        );
+        let end = end_of(&Ended::Closed, Some(&first), Some(Leg::Upstream));
         assert_eq!(
             (end.closed_by, end.end, end.status, end.reason.as_str()),
             (
@@ -392,10 +387,10 @@ mod tests {
     #[test]
     fn a_close_without_a_status_is_1005_and_no_close_is_1006() {
         let first = peer(Leg::Client, &[0x88, 0x00]);
-        let end = SessionEnd::of(&Ended::Closed, Some(&first), None, Some(&CLOSE));
+        let end = end_of(&Ended::Closed, Some(&first), None);
         assert_eq!(end.status, CloseStatus::NoCode);
         assert_eq!((end.status.logged(), end.status.label()), (1005, "1005"));
-        let end = SessionEnd::of(&Ended::Closed, None, Some(Leg::Upstream), Some(&CLOSE));
+        let end = end_of(&Ended::Closed, None, Some(Leg::Upstream));
         assert_eq!(
             (
                 end.closed_by,
@@ -416,25 +411,20 @@ mod tests {
             (io::ErrorKind::PermissionDenied, Leg::Upstream, End::Error),
         ];
         for (kind, leg, want) in cases {
-            let end = SessionEnd::of(&Ended::Error(leg, kind.into()), None, None, Some(&CLOSE));
+            let end = end_of(&Ended::Error(leg, kind.into()), None, None);
             assert_eq!(
                 (end.end, end.closed_by),
                 (want, ClosedBy::Nobody),
                 "{kind:?}"
             );
         }
-        let end = SessionEnd::of(
-            &Ended::HalfCloseTimeout,
-            None,
-            Some(Leg::Client),
-            Some(&CLOSE),
-        );
+        let end = end_of(&Ended::HalfCloseTimeout, None, Some(Leg::Client));
         assert_eq!(
             (end.end, end.closed_by),
             (End::HalfCloseTimeout, ClosedBy::Nobody)
         );
         let cut = Ended::Stopped(StopReason::Abort);
-        let end = SessionEnd::of(&cut, None, None, Some(&CLOSE));
+        let end = end_of(&cut, None, None);
         assert_eq!(
             (end.end, end.closed_by, end.status),
             (End::Shutdown, ClosedBy::Nobody, CloseStatus::NoFrame)
@@ -458,8 +448,7 @@ mod tests {
                 cause.ended(),
                 Ended::Error(Leg::Client, io::ErrorKind::ConnectionReset.into()),
             ] {
-                let end =
-                    SessionEnd::of(&ended, Some(&FirstClose::Wsgate(cause)), None, Some(&CLOSE));
+                let end = end_of(&ended, Some(&FirstClose::Wsgate(cause)), None);
                 assert_eq!(
                     (end.end, end.closed_by, end.status),
                     (want, ClosedBy::Wsgate, CloseStatus::Code(code)),
@@ -471,12 +460,7 @@ mod tests {
         }
         // A stop that found the peers already closing: the peer closed it.
         let first = peer(Leg::Upstream, &close_frame(1000, "", None));
-        let end = SessionEnd::of(
-            &Ended::Stopped(StopReason::Drain),
-            Some(&first),
-            None,
-            Some(&CLOSE),
-        );
+        let end = end_of(&Ended::Stopped(StopReason::Drain), Some(&first), None);
         assert_eq!(
             (end.end, end.closed_by),
             (End::UpstreamClose, ClosedBy::Upstream)
