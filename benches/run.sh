@@ -172,10 +172,10 @@ wait_port() { # port -> 0 once it accepts (bounded: WAIT_STEPS x 0.05 s)
     done
     return 1
 }
-wait_line() { # file pattern -> prints the value after addr= (bounded 10 s)
+wait_line() { # file pattern -> prints the value after addr= (text logs) or "addr":" (JSON logs) (bounded 10 s)
     local i v
     for i in $(seq 1 $((WAIT_STEPS * 2))); do
-        v="$(sed 's/\x1b\[[0-9;]*m//g' "$1" 2>/dev/null | grep -m1 "$2" | sed -n 's/.*addr=\([0-9.:]*\).*/\1/p' || true)"
+        v="$(sed 's/\x1b\[[0-9;]*m//g' "$1" 2>/dev/null | grep -m1 "$2" | sed -n -E 's/.*addr(=|":")([0-9.:]+).*/\2/p' || true)"
         if [[ -n "$v" ]]; then echo "$v"; return 0; fi
         sleep 0.05
     done
