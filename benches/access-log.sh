@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# benches/access-log.sh — the cost of SPEC §12's access log per upgrade, side by side (run.sh variants).
+#
+#   benches/access-log.sh [run.sh options]
+#       = HS_TOTAL=10000 benches/run.sh --modes "handshake latency" \
+#             --targets "wsgate-base wsgate wsgate-nolog wsgate-json" [run.sh options]
+#       (later options win, e.g. --rounds 1 --modes handshake --out /tmp/x --no-build);
+#       then a check that the access log wrote one record per session (ACCESS_CHECK=0 skips it)
+#   benches/access-log.sh --rounds 0 --callgrind --no-build --out DIR   instructions per upgrade/message/KiB
+#
+# Targets (all the same echo upstream, loopback, no cap; wsgate's stderr goes to a file in /tmp,
+# as run.sh does for every wsgate):
+#   wsgate-base   the binary from before SPEC §12 (commit 4ec9ce3): BENCH_WSGATE_BIN_base, default
+#                 target/base/release/wsgate (build it from 4ec9ce3 with CARGO_TARGET_DIR=target/base;
+#                 run.sh leaves the target out when it is missing)
+#   wsgate        this tree, the defaults: access log on, text format (one line per session)
+#   wsgate-nolog  WSGATE_ACCESS_LOG=false: no record, no SessionInfo; the sessions_ended and
+#                 close_codes metrics are still counted
+#   wsgate-json   WSGATE_LOG_FORMAT=json: the same record as one JSON object per session
+# Handshake runs are HS_TOTAL=10000 upgrades (64 at a time) unless HS_TOTAL is set: proxy CPU is
+# read in 10 ms ticks, and the access log's cost is per upgrade.
+#
+# The check (after run.sh, unless ACCESS_CHECK=0): run.sh keeps neither the admin address nor
+# wsgate's stderr (it overwrites and then deletes it), so wsgate, wsgate-nolog and wsgate-json are
+# started once more here with an admin port and their stderr in a file, driven by
+# `handshake --total ACCESS_CHECK_N --conns 64` (default 3000), and then: records
+# (`wsgate::access` "session" lines; JSON objects with that target under wsgate-json) are counted
+# and compared with the upgrades the load tool made and with the sum of wsgate_sessions_ended_total
+# scraped from /metrics. wsgate and wsgate-json must have exactly one record per upgrade,
+# wsgate-nolog none, and all three one sessions_ended count per upgrade. Written to
+# OUT/access-check.txt with --out (with one sample record and the records' end/closed_by counts);
+# exit 1 when a count is off.
+set -euo pipefail
+
+# Same niceness as run.sh gives its processes (the machine is shared).
+if [[ "$(nice)" == "0" && -z "${WSGATE_BENCH_NO_NICE:-}" ]]; then
+    exec nice -n 10 "$0" "$@"
+fi
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+log() { printf '[access-log.sh %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+
+OUT=""
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+    [[ "${args[$i]}" == --out ]] && OUT="${args[$((i + 1))]:-}"
+done
+
+export HS_TOTAL="${HS_TOTAL:-10000}"
+export BENCH_WSGATE_BIN_base="${BENCH_WSGATE_BIN_base:-$ROOT/target/base/release/wsgate}"
+export BENCH_WSGATE_ENV_nolog="WSGATE_ACCESS_LOG=false"
+export BENCH_WSGATE_ENV_json="WSGATE_LOG_FORMAT=json"
+
+LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
+log "load average at start: $LOAD_START"
+rc=0
+"$ROOT/benches/run.sh" --modes "handshake latency" \
+    --targets "wsgate-base wsgate wsgate-nolog wsgate-json" "$@" || rc=$?
+LOAD_END="$(cut -d' ' -f1-3 /proc/loadavg)"
+log "load average at start: $LOAD_START, at end: $LOAD_END"
+[[ -n "$OUT" && -d "$OUT" ]] && printf 'start=%s\nend=%s\n' "$LOAD_START" "$LOAD_END" > "$OUT/loadavg.txt"
+
+[[ "${ACCESS_CHECK:-1}" == 0 ]] && exit "$rc"
+
+# ---------------------------------------------------------------------------------------------
+# the check: one record per session? (run.sh keeps no admin address and no stderr)
+BENCH="$ROOT/benches/wsgate-bench/target/release/wsgate-bench"
+WSGATE="${BENCH_WSGATE_BIN:-$ROOT/target/release/wsgate}"
+N="${ACCESS_CHECK_N:-3000}"
+[[ -x "$BENCH" && -x "$WSGATE" ]] || { log "check skipped: $BENCH or $WSGATE missing"; exit "$rc"; }
+WORK="$(mktemp -d /tmp/wsgate-access.XXXXXX)"
+PIDS=()
+stop_all() {
+    local p
+    for p in "${PIDS[@]}"; do
+        kill -TERM "$p" 2>/dev/null || continue
+        for _ in $(seq 1 30); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+    PIDS=()
+}
+trap 'stop_all; rm -rf "$WORK"' EXIT
+trap 'exit 130' INT TERM
+
+addr_in() { # file pattern -> the address of the first matching line, text or JSON (bounded 10 s)
+    local v
+    for _ in $(seq 1 200); do
+        v="$(sed 's/\x1b\[[0-9;]*m//g' "$1" 2>/dev/null | grep -m1 "$2" | sed -n -E 's/.*addr(=|":")([0-9.:]+).*/\2/p' || true)"
+        [[ -n "$v" ]] && { echo "$v"; return 0; }
+        sleep 0.05
+    done
+    return 1
+}
+sessions_ended() { # admin addr -> sum of wsgate_sessions_ended_total over its series
+    python3 -c 'import sys, urllib.request
+body = urllib.request.urlopen("http://%s/metrics" % sys.argv[1], timeout=5).read().decode()
+print(int(sum(float(l.split()[-1]) for l in body.splitlines() if l.startswith("wsgate_sessions_ended_total"))))' "$1"
+}
+records() { # stderr file -> "COUNT" then a sample record and the end/closed_by counts (stdout)
+    python3 -c 'import collections, json, re, sys
+n = 0; sample = None; ends = collections.Counter()
+for line in open(sys.argv[1], errors="replace"):
+    line = line.rstrip("\n")
+    if line.startswith("{"):
+        try:
+            o = json.loads(line)
+        except ValueError:
+            continue
+        if o.get("target") != "wsgate::access" or o.get("message") != "session":
+            continue
+        end, by = o.get("end"), o.get("closed_by")
+    elif " wsgate::access: session " in line:
+        f = dict(re.findall(r"(\w+)=(\"[^\"]*\"|\S+)", line))
+        end, by = (f.get(k, "").strip(chr(34)) for k in ("end", "closed_by"))
+    else:
+        continue
+    n += 1; sample = sample or line; ends["end=%s closed_by=%s" % (end, by)] += 1
+print(n)
+print("  sample: %s" % (sample or "(no record)"))
+print("  " + (", ".join("%s: %d" % kv for kv in sorted(ends.items())) or "(no record)"))' "$1"
+}
+
+report=()
+check_fail=0
+for lbl in "" nolog json; do
+    t="wsgate${lbl:+-$lbl}"
+    extra=()
+    if [[ -n "$lbl" ]]; then evar="BENCH_WSGATE_ENV_$lbl"; read -r -a extra <<< "${!evar}"; fi
+    "$BENCH" echo --listen 127.0.0.1:0 > "$WORK/echo.out" 2>&1 &
+    PIDS+=($!)
+    echo_addr="$(addr_in "$WORK/echo.out" 'echo listening')" || { log "check: echo did not start"; exit 1; }
+    clean=()
+    for v in $(compgen -e); do [[ "$v" == WSGATE_* ]] && clean+=(-u "$v"); done
+    env "${clean[@]}" WSGATE_UPSTREAM="$echo_addr" WSGATE_LISTEN=127.0.0.1:0 WSGATE_ADMIN_LISTEN=127.0.0.1:0 \
+        WSGATE_MAX_CLIENTS=0 "${extra[@]}" "$WSGATE" > "$WORK/wsgate.out" 2> "$WORK/wsgate.err" &
+    PIDS+=($!)
+    proxy="$(addr_in "$WORK/wsgate.err" 'proxy listening')" || { log "check: $t did not start"; exit 1; }
+    admin="$(addr_in "$WORK/wsgate.err" 'admin listening')" || { log "check: no admin address"; exit 1; }
+    hs="$("$BENCH" handshake --url "ws://$proxy/" --total "$N" --conns 64 --max-time 60 --target "$t" 2>/dev/null || true)"
+    upgrades="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1] or "{}").get("upgrades", 0))' "$hs")"
+    # the last sessions end just after the load tool saw their Close: wait for the counter (≤ 10 s)
+    ended=0
+    for _ in $(seq 1 100); do
+        ended="$(sessions_ended "$admin" || echo 0)"
+        (( ended >= upgrades )) && break
+        sleep 0.1
+    done
+    sleep 0.2
+    ended="$(sessions_ended "$admin" || echo 0)"
+    out="$(records "$WORK/wsgate.err")"
+    n="$(head -1 <<< "$out")"
+    want="$upgrades"; [[ "$lbl" == nolog ]] && want=0
+    line="# $t (${extra[*]:-defaults}): upgrades $upgrades, wsgate_sessions_ended_total $ended, access records $n (want $want)"
+    report+=("$line" "$(tail -n +2 <<< "$out")")
+    if [[ "$upgrades" == 0 || "$ended" != "$upgrades" || "$n" != "$want" ]]; then
+        check_fail=1; log "check FAILED: ${line#\# }"
+    else
+        log "check ok: ${line#\# }"
+    fi
+    stop_all
+done
+printf '%s\n' "${report[@]}" >&2
+[[ -n "$OUT" && -d "$OUT" ]] && printf '%s\n' "${report[@]}" > "$OUT/access-check.txt"
+[[ $check_fail == 0 ]] || rc=1
+exit "$rc"
