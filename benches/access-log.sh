@@ -23,13 +23,15 @@
 # The check (after run.sh, unless ACCESS_CHECK=0): run.sh keeps neither the admin address nor
 # wsgate's stderr (it overwrites and then deletes it), so wsgate, wsgate-nolog and wsgate-json are
 # started once more here with an admin port and their stderr in a file, driven by
-# `handshake --total ACCESS_CHECK_N --conns 64` (default 3000), and then: records
+# `handshake --total ACCESS_CHECK_N --conns 64` (default 10000), and then: records
 # (`wsgate::access` "session" lines; JSON objects with that target under wsgate-json) are counted
 # and compared with the upgrades the load tool made and with the sum of wsgate_sessions_ended_total
 # scraped from /metrics. wsgate and wsgate-json must have exactly one record per upgrade,
 # wsgate-nolog none, and all three one sessions_ended count per upgrade. Written to
 # OUT/access-check.txt with --out (with one sample record and the records' end/closed_by counts);
-# exit 1 when a count is off.
+# exit 1 when a count is off. Also printed, from /proc/PID/stat and /proc/PID/io over that one
+# load: write-like system calls (syscw) and bytes written (wchar) per upgrade, which show the
+# record's write(2), and user vs system CPU per upgrade (one run each, not a median).
 set -euo pipefail
 
 # Same niceness as run.sh gives its processes (the machine is shared).
@@ -66,7 +68,7 @@ log "load average at start: $LOAD_START, at end: $LOAD_END"
 # the check: one record per session? (run.sh keeps no admin address and no stderr)
 BENCH="$ROOT/benches/wsgate-bench/target/release/wsgate-bench"
 WSGATE="${BENCH_WSGATE_BIN:-$ROOT/target/release/wsgate}"
-N="${ACCESS_CHECK_N:-3000}"
+N="${ACCESS_CHECK_N:-10000}"
 [[ -x "$BENCH" && -x "$WSGATE" ]] || { log "check skipped: $BENCH or $WSGATE missing"; exit "$rc"; }
 WORK="$(mktemp -d /tmp/wsgate-access.XXXXXX)"
 PIDS=()
@@ -91,6 +93,12 @@ addr_in() { # file pattern -> the address of the first matching line, text or JS
         sleep 0.05
     done
     return 1
+}
+proc_counts() { # pid -> "utime stime syscw wchar" (ticks, ticks, calls, bytes; all threads)
+    python3 -c 'import sys
+st = open("/proc/%s/stat" % sys.argv[1]).read().rsplit(")", 1)[1].split()
+io = dict(l.split(": ") for l in open("/proc/%s/io" % sys.argv[1]).read().splitlines())
+print(st[11], st[12], io["syscw"], io["wchar"])' "$1"
 }
 sessions_ended() { # admin addr -> sum of wsgate_sessions_ended_total over its series
     python3 -c 'import sys, urllib.request
@@ -137,6 +145,8 @@ for lbl in "" nolog json; do
     PIDS+=($!)
     proxy="$(addr_in "$WORK/wsgate.err" 'proxy listening')" || { log "check: $t did not start"; exit 1; }
     admin="$(addr_in "$WORK/wsgate.err" 'admin listening')" || { log "check: no admin address"; exit 1; }
+    wpid="${PIDS[-1]}"
+    before="$(proc_counts "$wpid")"
     hs="$("$BENCH" handshake --url "ws://$proxy/" --total "$N" --conns 64 --max-time 60 --target "$t" 2>/dev/null || true)"
     upgrades="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1] or "{}").get("upgrades", 0))' "$hs")"
     # the last sessions end just after the load tool saw their Close: wait for the counter (≤ 10 s)
@@ -148,11 +158,18 @@ for lbl in "" nolog json; do
     done
     sleep 0.2
     ended="$(sessions_ended "$admin" || echo 0)"
+    after="$(proc_counts "$wpid")"
+    per="$(python3 -c 'import sys
+b, a, n = [int(x) for x in sys.argv[1].split()], [int(x) for x in sys.argv[2].split()], max(1, int(sys.argv[3]))
+tck = int(sys.argv[4])
+print("per upgrade: %.2f write-like system calls, %.0f bytes written, CPU %.0f us user + %.0f us system (one run, %d ms ticks)" % (
+    (a[2] - b[2]) / n, (a[3] - b[3]) / n, (a[0] - b[0]) * 1e6 / tck / n, (a[1] - b[1]) * 1e6 / tck / n, 1000 // tck))' \
+        "$before" "$after" "$upgrades" "$(getconf CLK_TCK)")"
     out="$(records "$WORK/wsgate.err")"
     n="$(head -1 <<< "$out")"
     want="$upgrades"; [[ "$lbl" == nolog ]] && want=0
     line="# $t (${extra[*]:-defaults}): upgrades $upgrades, wsgate_sessions_ended_total $ended, access records $n (want $want)"
-    report+=("$line" "$(tail -n +2 <<< "$out")")
+    report+=("$line" "  $per" "$(tail -n +2 <<< "$out")")
     if [[ "$upgrades" == 0 || "$ended" != "$upgrades" || "$n" != "$want" ]]; then
         check_fail=1; log "check FAILED: ${line#\# }"
     else
