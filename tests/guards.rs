@@ -297,24 +297,6 @@ async fn read_frames(
     }
 }
 
-/// An unmasked (server → client) frame.
-fn server_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![b0];
-    match payload.len() {
-        n if n < 126 => f.push(n as u8),
-        n if n <= 0xffff => {
-            f.push(126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(payload);
-    f
-}
-
 // ---------------------------------------------------------------- helpers
 
 /// wsgate in front of its own [`FrameUpstream`], both kept for the whole

@@ -432,24 +432,6 @@ pub async fn assert_counted_once(
 
 // ---------------------------------------------------------------- frames
 
-/// A server frame (unmasked): first byte `b0` (FIN, opcode), then `payload`.
-pub fn server_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![b0];
-    match payload.len() {
-        n if n < 126 => f.push(n as u8),
-        n if n <= 0xffff => {
-            f.push(126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(payload);
-    f
-}
-
 /// A Close payload: status code, then the reason's bytes.
 pub fn close_body(code: u16, reason: &[u8]) -> Vec<u8> {
     let mut p = code.to_be_bytes().to_vec();

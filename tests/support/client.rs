@@ -277,6 +277,25 @@ pub fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// A server frame: unmasked, as RFC 6455 requires of servers; first byte
+/// `b0` (FIN and opcode), then the length and `payload`.
+pub fn server_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![b0];
+    match payload.len() {
+        n if n < 126 => f.push(n as u8),
+        n if n <= 0xffff => {
+            f.push(126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(payload);
+    f
+}
+
 /// Reads one whole frame from a raw socket or one half of it: (first byte,
 /// masked?, payload unmasked).
 pub async fn read_frame(s: &mut (impl AsyncRead + Unpin)) -> (u8, bool, Vec<u8>) {
