@@ -1292,9 +1292,10 @@ fn text_fields(line: &str) -> serde_json::Map<String, Value> {
 /// helper puts, in repair mode, a socket on the same four-tuple whose
 /// sequence numbers are half the sequence space away. Its answers to the
 /// probes are out of window for wsgate and dropped, as a host gone silent
-/// would be. Needs `CAP_NET_ADMIN`.
+/// would be. Needs `CAP_NET_ADMIN`. (A [`Py`] script: `read_head` and
+/// `send_upgrade` are [`PY_PRELUDE`]'s.)
 const VANISHING_CLIENT: &str = r#"
-import socket, struct, sys
+import struct
 TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ = 19, 20, 21
 host, port, path, frames, expect = sys.argv[1], int(sys.argv[2]), sys.argv[3], bytes.fromhex(sys.argv[4]), int(sys.argv[5])
 # Bound explicitly (SO_REUSEADDR): a port that connect() picks may be shared
@@ -1303,15 +1304,8 @@ s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((host, 0))
 s.connect((host, port))
-s.sendall(("GET %s HTTP/1.1\r\nHost: %s:%d\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-           "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n" % (path, host, port)).encode())
-head = b""
-while not head.endswith(b"\r\n\r\n"):
-    b = s.recv(1)
-    if not b:
-        break
-    head += b
-print(head.split(b"\r\n")[0].decode(), flush=True)
+send_upgrade(s, host, port, path)
+print(read_head(s).split(b"\r\n")[0].decode(), flush=True)
 sys.stdin.readline()
 s.sendall(frames)
 got = b""
@@ -1344,46 +1338,6 @@ ghost.connect(peer)
 print("vanished", flush=True)
 sys.stdin.read()
 "#;
-
-/// The python3 helper; killed and reaped on drop.
-struct Py {
-    child: std::process::Child,
-    lines: Lines,
-}
-
-impl Py {
-    fn start(script: &str, args: &[String]) -> Py {
-        let mut child = std::process::Command::new("python3")
-            .arg("-c")
-            .arg(script)
-            .args(args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3 (on every machine of this kind)");
-        let lines = Lines::new(child.stdout.take().expect("stdout"));
-        Py { child, lines }
-    }
-
-    /// The next line it prints (within [`CHILD_DEADLINE`]).
-    fn line(&self) -> String {
-        tokio::task::block_in_place(|| self.lines.next("a line from the python helper"))
-    }
-
-    /// Tells it to go on to its next step.
-    fn go(&mut self) {
-        let stdin = self.child.stdin.as_mut().expect("stdin");
-        std::io::Write::write_all(stdin, b"go\n").expect("write to the helper");
-        std::io::Write::flush(stdin).expect("flush");
-    }
-}
-
-impl Drop for Py {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Tests that make a socket vanish with `TCP_REPAIR` and so need
 /// `CAP_NET_ADMIN`. The module name is the marker `.ci/run` filters on
@@ -1420,7 +1374,7 @@ mod needs_cap_net_admin {
                 down.len().to_string(),
             ],
         );
-        let status = py.line();
+        let status = tokio::task::block_in_place(|| py.line());
         assert!(status.starts_with("HTTP/1.1 101"), "{status}");
         let admitted = Instant::now();
         let mut u = up.next().await;
@@ -1428,7 +1382,7 @@ mod needs_cap_net_admin {
         let sending = Instant::now();
         py.go();
         assert_eq!(
-            py.line(),
+            tokio::task::block_in_place(|| py.line()),
             format!("sent, read {}", down.len()),
             "the helper's exchange"
         );
@@ -1441,7 +1395,7 @@ mod needs_cap_net_admin {
         expect_frame(&mut u.s, 0x82, true, &[1; 200], "binary").await;
         py.go();
         assert_eq!(
-            py.line(),
+            tokio::task::block_in_place(|| py.line()),
             "vanished",
             "TCP_REPAIR refused: this test needs CAP_NET_ADMIN \
              (.ci/run leaves it out where it is missing)"

@@ -182,22 +182,13 @@ async fn connections_queued_before_start_get_keepalive_too() {
 
 // ---------------------------------------------------------------- a peer that vanishes
 
-/// What both vanishing peers share: reading a head, and vanishing without
-/// FIN or RST: the socket is put in `TCP_REPAIR` mode and closed, which the
-/// kernel does silently (that needs `CAP_NET_ADMIN`; the tests run as
-/// root). From then on nothing comes from that port unless something is
-/// sent to it, and that is answered with RST.
+/// What both vanishing peers share (after [`PY_PRELUDE`]'s `read_head`
+/// and `send_upgrade`): vanishing without FIN or RST: the socket is put in
+/// `TCP_REPAIR` mode and closed, which the kernel does silently (that needs
+/// `CAP_NET_ADMIN`; the tests run as root). From then on nothing comes from
+/// that port unless something is sent to it, and that is answered with RST.
 const VANISH_PY: &str = r#"
-import base64, hashlib, socket, sys
-
-def read_head(s):
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):
-        b = s.recv(1)
-        if not b:
-            break
-        head += b
-    return head
+import base64, hashlib
 
 def vanish(s):
     try:
@@ -213,8 +204,7 @@ def vanish(s):
 const VANISHING_CLIENT: &str = r#"
 host, port = sys.argv[1], int(sys.argv[2])
 s = socket.create_connection((host, port))
-s.sendall(("GET / HTTP/1.1\r\nHost: %s:%d\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-           "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n" % (host, port)).encode())
+send_upgrade(s, host, port, "/")
 print(read_head(s).split(b"\r\n")[0].decode(), flush=True)
 vanish(s)
 "#;
@@ -236,38 +226,9 @@ vanish(s)
 sys.stdin.read()  # stay alive (the listener too) until the test ends
 "#;
 
-/// A python3 helper process; killed and reaped on drop.
-struct Py {
-    child: std::process::Child,
-    lines: Lines,
-}
-
-impl Py {
-    /// Runs `script` after [`VANISH_PY`].
-    fn start(script: &str, args: &[String]) -> Py {
-        let mut child = std::process::Command::new("python3")
-            .arg("-c")
-            .arg(format!("{VANISH_PY}{script}"))
-            .args(args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3 (on every machine of this kind)");
-        let lines = Lines::new(child.stdout.take().expect("stdout"));
-        Py { child, lines }
-    }
-
-    /// The next line it prints, within [`CHILD_DEADLINE`].
-    fn line(&self) -> String {
-        self.lines.next("a line from the python helper")
-    }
-}
-
-impl Drop for Py {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A python3 helper ([`Py`]) running `script` after [`VANISH_PY`].
+fn vanishing(script: &str, args: &[String]) -> Py {
+    Py::start(&format!("{VANISH_PY}{script}"), args)
 }
 
 /// Tests that make a socket vanish with `TCP_REPAIR` and so need
@@ -294,7 +255,7 @@ mod needs_cap_net_admin {
         let with = spawn_sidecar(keepalive_config(up.addr, 2.0)).await;
         let without = spawn_sidecar(keepalive_config(up.addr, 0.0)).await;
         let vanish = |gate: &Sidecar| {
-            let py = Py::start(
+            let py = vanishing(
                 VANISHING_CLIENT,
                 &[gate.addr.ip().to_string(), gate.addr.port().to_string()],
             );
@@ -327,7 +288,7 @@ mod needs_cap_net_admin {
     /// slot released.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn vanished_upstream_is_detected_by_keepalive_and_the_client_closed() {
-        let py = Py::start(VANISHING_UPSTREAM, &[]);
+        let py = vanishing(VANISHING_UPSTREAM, &[]);
         let port: u16 = tokio::task::block_in_place(|| py.line())
             .strip_prefix("listening ")
             .and_then(|p| p.parse().ok())
@@ -480,7 +441,7 @@ async fn detection(idle: f64, leg: Leg, vanish: Vanish) -> (Option<Duration>, St
         (Leg::Client, Vanish::SocketGone) => {
             let up = spawn_echo_upstream().await;
             let gate = gate_for(up.addr).await;
-            let py = Py::start(
+            let py = vanishing(
                 VANISHING_CLIENT,
                 &[gate.addr.ip().to_string(), gate.addr.port().to_string()],
             );
@@ -494,7 +455,7 @@ async fn detection(idle: f64, leg: Leg, vanish: Vanish) -> (Option<Duration>, St
             )
         }
         (Leg::Upstream, Vanish::SocketGone) => {
-            let py = Py::start(VANISHING_UPSTREAM, &[]);
+            let py = vanishing(VANISHING_UPSTREAM, &[]);
             let port: u16 = tokio::task::block_in_place(|| py.line())
                 .strip_prefix("listening ")
                 .and_then(|p| p.parse().ok())

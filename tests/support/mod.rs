@@ -2,7 +2,8 @@
 //! port 0 ([`upstream`]), the sidecar started through its real entry point
 //! (here), clients down to raw bytes ([`client`]), metric matchers that poll
 //! with a deadline instead of sleeping ([`metrics`]), the wsgate binary
-//! as a child process with /proc readings ([`process`]), and JWTs signed
+//! as a child process with /proc readings, and python3 helpers
+//! ([`process`]), and JWTs signed
 //! with the test keys in `tests/fixtures/jwt` ([`jwt`]), and a real
 //! `redis-server` for the fleet tests ([`redis`]).
 //!

@@ -1,5 +1,6 @@
-//! The wsgate binary run as a child process, and /proc readings of a
-//! process (descriptors, RSS, CPU time) and of the runtime (live tasks).
+//! The wsgate binary run as a child process, python3 helper processes
+//! ([`Py`]), and /proc readings of a process (descriptors, RSS, CPU time)
+//! and of the runtime (live tasks).
 //!
 //! Why a child process: descriptor limits, CPU time, RSS and SIGKILL are
 //! properties of a process; measuring them on the test process would mix in
@@ -227,6 +228,73 @@ impl Lines {
         self.0
             .recv_timeout(CHILD_DEADLINE)
             .unwrap_or_else(|e| panic!("no line ({e}) while waiting for {what}"))
+    }
+}
+
+// ---------------------------------------------------------------- python helpers
+
+/// What every [`Py`] script starts with: `socket` and `sys` imported,
+/// `send_upgrade(s, host, port, path)` (a WebSocket upgrade request for
+/// `path`, with RFC 6455's sample key) and `read_head(s)` (an HTTP head read
+/// one byte at a time up to its blank line, or to EOF).
+pub const PY_PRELUDE: &str = r#"
+import socket, sys
+
+def send_upgrade(s, host, port, path):
+    s.sendall(("GET %s HTTP/1.1\r\nHost: %s:%d\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+               "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n" % (path, host, port)).encode())
+
+def read_head(s):
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        b = s.recv(1)
+        if not b:
+            break
+        head += b
+    return head
+"#;
+
+/// A python3 helper process (for what a test cannot do from Rust, such as
+/// `TCP_REPAIR`), its stdin and stdout piped; killed and reaped on drop.
+pub struct Py {
+    child: Child,
+    lines: Lines,
+}
+
+impl Py {
+    /// Runs `script`, after [`PY_PRELUDE`], with `args` as `sys.argv[1:]`.
+    pub fn start(script: &str, args: &[String]) -> Py {
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(format!("{PY_PRELUDE}{script}"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 (on every machine of this kind)");
+        let lines = Lines::new(child.stdout.take().expect("stdout"));
+        Py { child, lines }
+    }
+
+    /// The next line it prints, within [`CHILD_DEADLINE`]. It blocks the
+    /// thread: async tests call it inside `tokio::task::block_in_place`.
+    pub fn line(&self) -> String {
+        self.lines.next("a line from the python helper")
+    }
+
+    /// Writes `go` and a newline to its stdin: the cue for a script that
+    /// waits with `sys.stdin.readline()` to go on to its next step.
+    pub fn go(&mut self) {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        std::io::Write::write_all(stdin, b"go\n").expect("write to the helper");
+        std::io::Write::flush(stdin).expect("flush");
+    }
+}
+
+impl Drop for Py {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
