@@ -10,7 +10,10 @@
 //! frames never in the messages), the close code and reason, who sent the
 //! first Close and why the session ended, and a duration inside the window
 //! the test measured around it. The two session metrics move by exactly one
-//! on the right labels and nowhere else, and the slot comes back.
+//! on the right labels and nowhere else, and the slot comes back. Each
+//! test is its scenario on a [`Rig`] (the binary, the upstream, the metrics
+//! before) and one call that checks all three, [`Rig::assert_ended`], for
+//! the way it ended ([`Ended`]).
 //!
 //! A vanished client (TCP keepalive) needs `CAP_NET_ADMIN`: that test is in
 //! [`needs_cap_net_admin`], which `.ci/run` leaves out where it is missing.
@@ -64,60 +67,220 @@ fn upstream_close(code: u16, reason: &[u8]) -> Vec<u8> {
     server_frame(0x88, &close_body(code, reason))
 }
 
-/// One session through `gate` on [`PATH_SENT`]: the client socket, the
-/// upstream's side of it, when the 101 was read, and when the test started
-/// connecting (the duration's upper bound starts there).
-struct Session {
-    c: tokio::net::TcpStream,
-    u: UpConn,
+/// The admin token of the drain tests.
+const TOKEN: &str = "access-log-test-token";
+
+/// A file holding [`TOKEN`] (removed when the file is dropped) and its path.
+fn token_file() -> (tempfile::NamedTempFile, String) {
+    let mut file = tempfile::NamedTempFile::new().expect("token file");
+    std::io::Write::write_all(&mut file, TOKEN.as_bytes()).expect("write the token");
+    let path = file.path().to_str().expect("utf-8 path").to_owned();
+    (file, path)
+}
+
+/// What the test saw of one session: the path its record must show, when
+/// the test started connecting (the duration's upper bound starts there),
+/// when the 101 was read (a lower bound's start), and what the client /
+/// the upstream wrote after the upgrade.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    path: &'static str,
     t0: Instant,
     admitted: Instant,
-    /// What the client / the upstream wrote after the upgrade.
     cin: Tally,
     cout: Tally,
 }
 
-/// Opens a session on `path` and runs the usual exchange, counting every
-/// byte: the client sends a text message, the upstream reads it and
-/// answers with a text message of 130 bytes (a 16-bit length), which the
-/// client reads.
-async fn open(gate: &Gate, up: &HandoffUpstream, path: &str, headers: &[&str]) -> Session {
-    let t0 = Instant::now();
-    let (c, _, admitted) = upgrade_path(gate.proxy, path, headers, &[]).await;
-    let u = up.next().await;
-    assert!(
-        u.head.starts_with(&format!("GET {path} HTTP/1.1\r\n")),
-        "the upstream got {:?}",
-        u.head
-    );
-    let mut s = Session {
-        c,
-        u,
-        t0,
-        admitted,
-        cin: Tally::default(),
-        cout: Tally::default(),
-    };
-    send(&mut s.c, &mut s.cin, &client_frame(0x1, true, b"hello"), 1).await;
-    expect_frame(
-        &mut s.u.s,
-        0x81,
-        true,
-        b"hello",
-        "the client's text upstream",
-    )
-    .await;
-    let answer = [b'a'; 130];
-    send(&mut s.u.s, &mut s.cout, &server_frame(0x81, &answer), 1).await;
-    expect_frame(
-        &mut s.c,
-        0x81,
-        false,
-        &answer,
-        "the upstream's text at the client",
-    )
-    .await;
-    s
+impl Seen {
+    /// Nothing written yet.
+    fn new(path: &'static str, t0: Instant, admitted: Instant) -> Seen {
+        Seen {
+            path,
+            t0,
+            admitted,
+            cin: Tally::default(),
+            cout: Tally::default(),
+        }
+    }
+}
+
+/// One session through the gate on [`PATH_SENT`]: the client socket, the
+/// upstream's side of it, and what the test saw of it (a field of its own,
+/// so that it can still be read once the test has dropped the sockets).
+struct Session {
+    c: tokio::net::TcpStream,
+    u: UpConn,
+    seen: Seen,
+}
+
+impl Session {
+    /// The client writes `bytes`, counted with `msgs` data messages.
+    async fn client_sends(&mut self, bytes: &[u8], msgs: u64) {
+        send(&mut self.c, &mut self.seen.cin, bytes, msgs).await;
+    }
+
+    /// The upstream writes `bytes`, counted with `msgs` data messages.
+    async fn upstream_sends(&mut self, bytes: &[u8], msgs: u64) {
+        send(&mut self.u.s, &mut self.seen.cout, bytes, msgs).await;
+    }
+}
+
+/// How a session ended, as its record and the two session metrics say.
+#[derive(Debug, Clone, Copy)]
+struct Ended<'a> {
+    /// `closed_by` and `end`: fields of the record, and the labels of
+    /// `wsgate_sessions_ended_total`.
+    by: (&'a str, &'a str),
+    /// The record's `close_code` and `close_reason`.
+    close: (u16, &'a str),
+    /// The `code` label of `wsgate_close_codes_total` (whose `closed_by` is
+    /// `by`'s).
+    code: &'a str,
+}
+
+impl<'a> Ended<'a> {
+    /// With a closing handshake that `closed_by` began.
+    fn closed(closed_by: &'a str, end: &'a str, close: (u16, &'a str), code: &'a str) -> Self {
+        Ended {
+            by: (closed_by, end),
+            close,
+            code,
+        }
+    }
+
+    /// Without a Close frame: `closed_by` none, close code 1006 with no
+    /// reason, and the `code` label none.
+    fn without_close(end: &'a str) -> Self {
+        Ended::closed("none", end, (1006, ""), "none")
+    }
+}
+
+/// The wsgate binary in front of a [`HandoffUpstream`], and both session
+/// metrics as they stood before any session: what every test here starts
+/// from.
+struct Rig {
+    up: HandoffUpstream,
+    gate: Gate,
+    before: SessionMetrics,
+}
+
+impl Rig {
+    /// JSON logs with `extra` settings ([`json_env`]); an upstream that
+    /// sends nothing with its 101.
+    async fn start(extra: &[(&'static str, &str)]) -> Rig {
+        Rig::start_with(Vec::new(), &[], &json_env(extra)).await
+    }
+
+    /// An upstream that sends `greeting` with each 101, and `wsgate ARGS`
+    /// with the environment `env` ([`start_gate`]).
+    async fn start_with(greeting: Vec<u8>, args: &[&str], env: &[(&str, String)]) -> Rig {
+        let up = HandoffUpstream::spawn(greeting).await;
+        let gate = start_gate(up.addr, args, env).await;
+        let before = session_metrics(gate.admin).await;
+        Rig { up, gate, before }
+    }
+
+    /// Opens a session on [`PATH_SENT`] with `headers` and runs the usual
+    /// exchange, counting every byte: the client sends a text message, the
+    /// upstream reads it and answers with a text message of 130 bytes (a
+    /// 16-bit length), which the client reads.
+    async fn open(&self, headers: &[&str]) -> Session {
+        let t0 = Instant::now();
+        let (c, _, admitted) = upgrade_path(self.gate.proxy, PATH_SENT, headers, &[]).await;
+        let u = self.up.next().await;
+        assert!(
+            u.head.starts_with(&format!("GET {PATH_SENT} HTTP/1.1\r\n")),
+            "the upstream got {:?}",
+            u.head
+        );
+        let mut s = Session {
+            c,
+            u,
+            seen: Seen::new(PATH, t0, admitted),
+        };
+        s.client_sends(&client_frame(0x1, true, b"hello"), 1).await;
+        expect_frame(
+            &mut s.u.s,
+            0x81,
+            true,
+            b"hello",
+            "the client's text upstream",
+        )
+        .await;
+        let answer = [b'a'; 130];
+        s.upstream_sends(&server_frame(0x81, &answer), 1).await;
+        expect_frame(
+            &mut s.c,
+            0x81,
+            false,
+            &answer,
+            "the upstream's text at the client",
+        )
+        .await;
+        s
+    }
+
+    /// The record of `seen`'s session says it ended as `ended`: checked
+    /// ([`assert_record`]) against [`Expected::new`] of `seen` and `ended`,
+    /// changed by `adjust`, with a duration from `lower_ms` up to the time
+    /// from `seen.t0` to when the record appeared. Prints the record and
+    /// returns it.
+    async fn record_says(
+        &self,
+        seen: &Seen,
+        lower_ms: u64,
+        ended: Ended<'_>,
+        adjust: impl FnOnce(Expected) -> Expected,
+    ) -> serde_json::Map<String, Value> {
+        let (rec, at) = access_record(&self.gate, seen.path).await;
+        let window = lower_ms..=ms_ceil(seen.t0, at);
+        assert!(
+            window.start() <= window.end(),
+            "bad window {window:?}: the record came before the session could end"
+        );
+        println!("record of {}: {}", seen.path, Value::Object(rec.clone()));
+        let want = Expected::new(
+            seen.path,
+            &seen.cin,
+            &seen.cout,
+            ended.by,
+            ended.close,
+            window,
+        );
+        assert_record(&rec, &adjust(want));
+        rec
+    }
+
+    /// Both session metrics counted one session that ended as `ended`, and
+    /// nothing else, since the rig started ([`assert_counted_once`]).
+    async fn assert_counted(&self, ended: Ended<'_>) {
+        let code = (ended.by.0, ended.code);
+        assert_counted_once(self.gate.admin, &self.before, ended.by, code).await;
+    }
+
+    /// Everything a session that ended as `ended` leaves behind: its record
+    /// ([`Rig::record_says`]), both metrics counting it once
+    /// ([`Rig::assert_counted`]), and its slot given back, `active`
+    /// sessions left.
+    async fn assert_ended_as(
+        &self,
+        seen: &Seen,
+        lower_ms: u64,
+        ended: Ended<'_>,
+        adjust: impl FnOnce(Expected) -> Expected,
+        active: f64,
+    ) {
+        self.record_says(seen, lower_ms, ended, adjust).await;
+        self.assert_counted(ended).await;
+        wait_metric(self.gate.admin, ACTIVE, active).await;
+    }
+
+    /// [`Rig::assert_ended_as`] with the record as [`Expected::new`] makes
+    /// it, and no session left.
+    async fn assert_ended(&self, seen: &Seen, lower_ms: u64, ended: Ended<'_>) {
+        self.assert_ended_as(seen, lower_ms, ended, |e| e, 0.0)
+            .await;
+    }
 }
 
 /// wsgate ended the session with `code`: the client reads an unmasked
@@ -136,8 +299,8 @@ async fn answer_wsgate_close(s: &mut Session, code: u16, reason: &str) {
         up_code == code || up_code == 1001,
         "wsgate's Close to the upstream: {up_code}"
     );
-    send(&mut s.c, &mut s.cin, &client_close(code, b""), 0).await;
-    send(&mut s.u.s, &mut s.cout, &upstream_close(up_code, b""), 0).await;
+    s.client_sends(&client_close(code, b""), 0).await;
+    s.upstream_sends(&upstream_close(up_code, b""), 0).await;
     assert_eq!(
         read_rest(&mut s.c).await,
         b"",
@@ -150,26 +313,6 @@ async fn answer_wsgate_close(s: &mut Session, code: u16, reason: &str) {
     );
 }
 
-/// The record of `path`, checked against `want` with the duration's upper
-/// bound from `t0` to when the record was seen; returns the record.
-async fn check_record(
-    gate: &Gate,
-    path: &str,
-    t0: Instant,
-    lower_ms: u64,
-    want: impl FnOnce(std::ops::RangeInclusive<u64>) -> Expected,
-) -> serde_json::Map<String, Value> {
-    let (rec, seen) = access_record(gate, path).await;
-    let window = lower_ms..=ms_ceil(t0, seen);
-    assert!(
-        window.start() <= window.end(),
-        "bad window {window:?}: the record came before the session could end"
-    );
-    println!("record of {path}: {}", Value::Object(rec.clone()));
-    assert_record(&rec, &want(window));
-    rec
-}
-
 // ---------------------------------------------------------------- peers end it
 
 /// Client Close 1000 with a reason; data both ways, a frame the client sent
@@ -180,7 +323,6 @@ async fn check_record(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_close_1000_with_a_reason() {
     let greeting = server_frame(0x81, b"welcome");
-    let up = HandoffUpstream::spawn(greeting.clone()).await;
     let mut config = tempfile::Builder::new()
         .suffix(".toml")
         .tempfile()
@@ -212,19 +354,28 @@ max_per_key = 10
     )
     .expect("write the config");
     let config_path = config.path().to_str().expect("utf-8 path").to_owned();
-    let gate = start_gate(up.addr, &["--config", &config_path], &json_env(&[])).await;
-    let before = session_metrics(gate.admin).await;
+    let rig = Rig::start_with(
+        greeting.clone(),
+        &["--config", &config_path],
+        &json_env(&[]),
+    )
+    .await;
 
     let (mut cin, mut cout) = (Tally::default(), Tally::default());
     cout.bytes += greeting.len() as u64;
     cout.msgs += 1;
     let early = client_frame(0x1, true, b"sent with the handshake");
     let t0 = Instant::now();
-    let (mut c, _, admitted) =
-        upgrade_path(gate.proxy, "/chat/room1?x=1", &["X-Tenant: acme"], &early).await;
+    let (mut c, _, admitted) = upgrade_path(
+        rig.gate.proxy,
+        "/chat/room1?x=1",
+        &["X-Tenant: acme"],
+        &early,
+    )
+    .await;
     cin.bytes += early.len() as u64;
     cin.msgs += 1;
-    let mut u = up.next().await;
+    let mut u = rig.up.next().await;
     assert!(
         u.head.starts_with("GET /chat/room1?x=1 HTTP/1.1\r\n"),
         "{}",
@@ -267,41 +418,33 @@ max_per_key = 10
     drop(c);
     assert_eq!(read_rest(&mut u.s).await, b"");
 
-    check_record(&gate, "/chat/room1", t0, ms_floor(admitted, closing), |d| {
-        assert_eq!((cin.msgs, cout.msgs), (3, 2), "what the test sent");
-        Expected {
+    assert_eq!((cin.msgs, cout.msgs), (3, 2), "what the test sent");
+    let seen = Seen {
+        cin,
+        cout,
+        ..Seen::new("/chat/room1", t0, admitted)
+    };
+    rig.assert_ended_as(
+        &seen,
+        ms_floor(admitted, closing),
+        Ended::closed("client", "client_close", (1000, "bye"), "1000"),
+        |e| Expected {
             keys: "tenant=acme room=room1 q=1".into(),
-            ..Expected::new(
-                "/chat/room1",
-                &cin,
-                &cout,
-                ("client", "client_close"),
-                (1000, "bye"),
-                d,
-            )
-        }
-    })
-    .await;
-    assert_counted_once(
-        gate.admin,
-        &before,
-        ("client", "client_close"),
-        ("client", "1000"),
+            ..e
+        },
+        0.0,
     )
     .await;
-    wait_metric(gate.admin, ACTIVE, 0.0).await;
 }
 
 /// The upstream's Close 4000 with a reason comes first; the client answers
 /// it; the upstream chose a subprotocol (the last of the two offered).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_close_4000_with_a_reason_and_a_subprotocol() {
-    let up = HandoffUpstream::spawn(Vec::new()).await;
-    let gate = start_gate(up.addr, &[], &json_env(&[])).await;
-    let before = session_metrics(gate.admin).await;
+    let rig = Rig::start(&[]).await;
     let t0 = Instant::now();
     let (c, head, admitted) = upgrade_path(
-        gate.proxy,
+        rig.gate.proxy,
         PATH_SENT,
         &["Sec-WebSocket-Protocol: chat.v1, chat.v2"],
         &[],
@@ -312,76 +455,52 @@ async fn upstream_close_4000_with_a_reason_and_a_subprotocol() {
             .contains("sec-websocket-protocol: chat.v2\r\n"),
         "the client got the upstream's choice: {head}"
     );
-    let u = up.next().await;
+    let u = rig.up.next().await;
     let mut s = Session {
         c,
         u,
-        t0,
-        admitted,
-        cin: Tally::default(),
-        cout: Tally::default(),
+        seen: Seen::new(PATH, t0, admitted),
     };
-    send(
-        &mut s.c,
-        &mut s.cin,
-        &client_frame(0x2, true, &[0u8; 10]),
-        1,
-    )
-    .await;
+    s.client_sends(&client_frame(0x2, true, &[0u8; 10]), 1)
+        .await;
     expect_frame(&mut s.u.s, 0x82, true, &[0u8; 10], "binary upstream").await;
-    send(&mut s.u.s, &mut s.cout, &server_frame(0x81, b"one"), 1).await;
-    send(&mut s.u.s, &mut s.cout, &server_frame(0x81, b"two"), 1).await;
+    s.upstream_sends(&server_frame(0x81, b"one"), 1).await;
+    s.upstream_sends(&server_frame(0x81, b"two"), 1).await;
     expect_frame(&mut s.c, 0x81, false, b"one", "first").await;
     expect_frame(&mut s.c, 0x81, false, b"two", "second").await;
 
     tokio::time::sleep(HOLD).await;
     let closing = Instant::now();
     let reason = "upstream going away";
-    send(
-        &mut s.u.s,
-        &mut s.cout,
-        &upstream_close(4000, reason.as_bytes()),
-        0,
-    )
-    .await;
+    s.upstream_sends(&upstream_close(4000, reason.as_bytes()), 0)
+        .await;
     let (code, why) = expect_close(&mut s.c, false, "the upstream's Close").await;
     assert_eq!((code, why.as_slice()), (4000, reason.as_bytes()));
-    send(&mut s.c, &mut s.cin, &client_close(4000, b""), 0).await;
+    s.client_sends(&client_close(4000, b""), 0).await;
     let (code, _) = expect_close(&mut s.u.s, true, "the client's reply").await;
     assert_eq!(code, 4000);
     drop(s.u.s);
     assert_eq!(read_rest(&mut s.c).await, b"");
     drop(s.c);
 
-    check_record(&gate, PATH, t0, ms_floor(admitted, closing), |d| Expected {
-        subprotocol: "chat.v2".into(),
-        ..Expected::new(
-            PATH,
-            &s.cin,
-            &s.cout,
-            ("upstream", "upstream_close"),
-            (4000, reason),
-            d,
-        )
-    })
-    .await;
-    assert_counted_once(
-        gate.admin,
-        &before,
-        ("upstream", "upstream_close"),
-        ("upstream", "4xxx"),
+    rig.assert_ended_as(
+        &s.seen,
+        ms_floor(admitted, closing),
+        Ended::closed("upstream", "upstream_close", (4000, reason), "4xxx"),
+        |e| Expected {
+            subprotocol: "chat.v2".into(),
+            ..e
+        },
+        0.0,
     )
     .await;
-    wait_metric(gate.admin, ACTIVE, 0.0).await;
 }
 
 /// The client sends FIN without a Close; the upstream then ends too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_fin_without_a_close_is_client_eof() {
-    let up = HandoffUpstream::spawn(Vec::new()).await;
-    let gate = start_gate(up.addr, &[], &json_env(&[])).await;
-    let before = session_metrics(gate.admin).await;
-    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    let rig = Rig::start(&[]).await;
+    let mut s = rig.open(&[]).await;
     tokio::time::sleep(HOLD).await;
     let closing = Instant::now();
     s.c.shutdown().await.expect("client FIN");
@@ -394,27 +513,16 @@ async fn client_fin_without_a_close_is_client_eof() {
     assert_eq!(read_rest(&mut s.c).await, b"");
     drop(s.c);
 
-    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, closing), |d| {
-        Expected::new(PATH, &s.cin, &s.cout, ("none", "client_eof"), (1006, ""), d)
-    })
-    .await;
-    assert_counted_once(
-        gate.admin,
-        &before,
-        ("none", "client_eof"),
-        ("none", "none"),
-    )
-    .await;
-    wait_metric(gate.admin, ACTIVE, 0.0).await;
+    let lower = ms_floor(s.seen.admitted, closing);
+    rig.assert_ended(&s.seen, lower, Ended::without_close("client_eof"))
+        .await;
 }
 
 /// The client resets the connection (SO_LINGER 0) without a Close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_rst_without_a_close_is_client_eof() {
-    let up = HandoffUpstream::spawn(Vec::new()).await;
-    let gate = start_gate(up.addr, &[], &json_env(&[])).await;
-    let before = session_metrics(gate.admin).await;
-    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    let rig = Rig::start(&[]).await;
+    let mut s = rig.open(&[]).await;
     set_reset_on_close(&s.c);
     tokio::time::sleep(HOLD).await;
     let closing = Instant::now();
@@ -425,27 +533,16 @@ async fn client_rst_without_a_close_is_client_eof() {
         "the upstream leg ends, without a Close"
     );
 
-    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, closing), |d| {
-        Expected::new(PATH, &s.cin, &s.cout, ("none", "client_eof"), (1006, ""), d)
-    })
-    .await;
-    assert_counted_once(
-        gate.admin,
-        &before,
-        ("none", "client_eof"),
-        ("none", "none"),
-    )
-    .await;
-    wait_metric(gate.admin, ACTIVE, 0.0).await;
+    let lower = ms_floor(s.seen.admitted, closing);
+    rig.assert_ended(&s.seen, lower, Ended::without_close("client_eof"))
+        .await;
 }
 
 /// The upstream sends FIN without a Close; the client then ends too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_fin_without_a_close_is_upstream_eof() {
-    let up = HandoffUpstream::spawn(Vec::new()).await;
-    let gate = start_gate(up.addr, &[], &json_env(&[])).await;
-    let before = session_metrics(gate.admin).await;
-    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    let rig = Rig::start(&[]).await;
+    let mut s = rig.open(&[]).await;
     tokio::time::sleep(HOLD).await;
     let closing = Instant::now();
     s.u.s.shutdown().await.expect("upstream FIN");
@@ -453,25 +550,9 @@ async fn upstream_fin_without_a_close_is_upstream_eof() {
     drop(s.c);
     assert_eq!(read_rest(&mut s.u.s).await, b"");
 
-    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, closing), |d| {
-        Expected::new(
-            PATH,
-            &s.cin,
-            &s.cout,
-            ("none", "upstream_eof"),
-            (1006, ""),
-            d,
-        )
-    })
-    .await;
-    assert_counted_once(
-        gate.admin,
-        &before,
-        ("none", "upstream_eof"),
-        ("none", "none"),
-    )
-    .await;
-    wait_metric(gate.admin, ACTIVE, 0.0).await;
+    let lower = ms_floor(s.seen.admitted, closing);
+    rig.assert_ended(&s.seen, lower, Ended::without_close("upstream_eof"))
+        .await;
 }
 
 /// The client sends FIN; the upstream keeps its side open (and sends one
@@ -479,15 +560,8 @@ async fn upstream_fin_without_a_close_is_upstream_eof() {
 /// both, without a Close frame.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_timeout_after_a_client_fin() {
-    let up = HandoffUpstream::spawn(Vec::new()).await;
-    let gate = start_gate(
-        up.addr,
-        &[],
-        &json_env(&[("WSGATE_HALF_CLOSE_TIMEOUT", "1s")]),
-    )
-    .await;
-    let before = session_metrics(gate.admin).await;
-    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    let rig = Rig::start(&[("WSGATE_HALF_CLOSE_TIMEOUT", "1s")]).await;
+    let mut s = rig.open(&[]).await;
     tokio::time::sleep(HOLD).await;
     let fin_at = Instant::now();
     s.c.shutdown().await.expect("client FIN");
@@ -500,41 +574,14 @@ async fn half_close_timeout_after_a_client_fin() {
     .await
     .expect("read");
     assert_eq!(n, 0, "EOF at the upstream");
-    send(
-        &mut s.u.s,
-        &mut s.cout,
-        &server_frame(0x81, b"still here"),
-        1,
-    )
-    .await;
+    s.upstream_sends(&server_frame(0x81, b"still here"), 1)
+        .await;
     expect_frame(&mut s.c, 0x81, false, b"still here", "after the FIN").await;
     assert_eq!(read_rest(&mut s.c).await, b"", "wsgate ends the client leg");
 
-    check_record(
-        &gate,
-        PATH,
-        s.t0,
-        ms_floor(s.admitted, fin_at) + 1000,
-        |d| {
-            Expected::new(
-                PATH,
-                &s.cin,
-                &s.cout,
-                ("none", "half_close_timeout"),
-                (1006, ""),
-                d,
-            )
-        },
-    )
-    .await;
-    assert_counted_once(
-        gate.admin,
-        &before,
-        ("none", "half_close_timeout"),
-        ("none", "none"),
-    )
-    .await;
-    wait_metric(gate.admin, ACTIVE, 0.0).await;
+    let lower = ms_floor(s.seen.admitted, fin_at) + 1000;
+    rig.assert_ended(&s.seen, lower, Ended::without_close("half_close_timeout"))
+        .await;
     drop(s.u.s);
 }
 
@@ -542,39 +589,21 @@ async fn half_close_timeout_after_a_client_fin() {
 /// §7.1.5), no reason, `code="1005"` in the metric.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_close_without_a_status_is_1005() {
-    let up = HandoffUpstream::spawn(Vec::new()).await;
-    let gate = start_gate(up.addr, &[], &json_env(&[])).await;
-    let before = session_metrics(gate.admin).await;
-    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    let rig = Rig::start(&[]).await;
+    let mut s = rig.open(&[]).await;
     tokio::time::sleep(HOLD).await;
     let closing = Instant::now();
-    send(&mut s.c, &mut s.cin, &client_frame(0x8, true, b""), 0).await;
+    s.client_sends(&client_frame(0x8, true, b""), 0).await;
     expect_frame(&mut s.u.s, 0x88, true, b"", "the client's empty Close").await;
-    send(&mut s.u.s, &mut s.cout, &server_frame(0x88, b""), 0).await;
+    s.upstream_sends(&server_frame(0x88, b""), 0).await;
     drop(s.u.s);
     expect_frame(&mut s.c, 0x88, false, b"", "the upstream's empty Close").await;
     assert_eq!(read_rest(&mut s.c).await, b"");
     drop(s.c);
 
-    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, closing), |d| {
-        Expected::new(
-            PATH,
-            &s.cin,
-            &s.cout,
-            ("client", "client_close"),
-            (1005, ""),
-            d,
-        )
-    })
-    .await;
-    assert_counted_once(
-        gate.admin,
-        &before,
-        ("client", "client_close"),
-        ("client", "1005"),
-    )
-    .await;
-    wait_metric(gate.admin, ACTIVE, 0.0).await;
+    let lower = ms_floor(s.seen.admitted, closing);
+    let ended = Ended::closed("client", "client_close", (1005, ""), "1005");
+    rig.assert_ended(&s.seen, lower, ended).await;
 }
 
 /// The client's Close is on its way (the upstream has it, and has not
@@ -583,28 +612,18 @@ async fn client_close_without_a_status_is_1005() {
 /// `client_close` with the client's code, not as `admin_drain`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_after_the_clients_close_leaves_it_client_close() {
-    let token = "access-log-test-token";
-    let mut file = tempfile::NamedTempFile::new().expect("token file");
-    std::io::Write::write_all(&mut file, token.as_bytes()).expect("write the token");
-    let token_path = file.path().to_str().expect("utf-8 path").to_owned();
-    let up = HandoffUpstream::spawn(Vec::new()).await;
-    let gate = start_gate(
-        up.addr,
-        &[],
-        &json_env(&[("WSGATE_ADMIN_TOKEN_FILE", &token_path)]),
-    )
-    .await;
-    let before = session_metrics(gate.admin).await;
-    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    let (_token, token_path) = token_file();
+    let rig = Rig::start(&[("WSGATE_ADMIN_TOKEN_FILE", &token_path)]).await;
+    let mut s = rig.open(&[]).await;
     let closing = Instant::now();
-    send(&mut s.c, &mut s.cin, &client_close(4001, b"leaving"), 0).await;
+    s.client_sends(&client_close(4001, b"leaving"), 0).await;
     let (code, _) = expect_close(&mut s.u.s, true, "the client's Close, forwarded").await;
     assert_eq!(code, 4001);
 
-    let bearer = format!("Bearer {token}");
+    let bearer = format!("Bearer {TOKEN}");
     let auth = [("Authorization", bearer.as_str())];
     let (status, body) = http_request(
-        gate.admin,
+        rig.gate.admin,
         "POST",
         "/drain",
         &auth,
@@ -615,7 +634,7 @@ async fn a_drain_after_the_clients_close_leaves_it_client_close() {
     // Until the drain has run its course (a condition, polled).
     let start = Instant::now();
     loop {
-        let (status, body) = http_request(gate.admin, "GET", "/drain", &auth, "").await;
+        let (status, body) = http_request(rig.gate.admin, "GET", "/drain", &auth, "").await;
         assert_eq!(status, 200, "GET /drain: {body}");
         let state: Value = serde_json::from_str(&body).expect("a JSON answer");
         if state["running"] == false {
@@ -628,7 +647,7 @@ async fn a_drain_after_the_clients_close_leaves_it_client_close() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    send(&mut s.u.s, &mut s.cout, &upstream_close(4001, b"ok"), 0).await;
+    s.upstream_sends(&upstream_close(4001, b"ok"), 0).await;
     drop(s.u.s);
     let (code, reason) = expect_close(&mut s.c, false, "the only Close the client gets").await;
     assert_eq!(
@@ -639,28 +658,45 @@ async fn a_drain_after_the_clients_close_leaves_it_client_close() {
     assert_eq!(read_rest(&mut s.c).await, b"");
     drop(s.c);
 
-    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, closing), |d| {
-        Expected::new(
-            PATH,
-            &s.cin,
-            &s.cout,
-            ("client", "client_close"),
-            (4001, "leaving"),
-            d,
-        )
-    })
-    .await;
-    assert_counted_once(
-        gate.admin,
-        &before,
-        ("client", "client_close"),
-        ("client", "4xxx"),
-    )
-    .await;
-    wait_metric(gate.admin, ACTIVE, 0.0).await;
+    let lower = ms_floor(s.seen.admitted, closing);
+    let ended = Ended::closed("client", "client_close", (4001, "leaving"), "4xxx");
+    rig.assert_ended(&s.seen, lower, ended).await;
 }
 
 // ---------------------------------------------------------------- wsgate ends it
+
+/// SIGTERM with `env`, and two sessions: the one [`Rig::open`] makes, and
+/// a younger one on `/keeper` that never answers wsgate's Close (it keeps
+/// the process up, long enough to read the metrics). wsgate ends both as
+/// `ended`, with its close code and reason to the client, no earlier than
+/// `after_ms` past the signal: the first is answered, its record checked,
+/// counted once, and one session is left; the keeper gets the same code, the
+/// process exits 0, and the keeper's record says the same.
+async fn shutdown_with_a_keeper(env: &[(&'static str, &str)], ended: Ended<'_>, after_ms: u64) {
+    let mut rig = Rig::start(env).await;
+    let mut s = rig.open(&[]).await;
+    let (mut keeper, _, keeper_admitted) = upgrade_path(rig.gate.proxy, "/keeper", &[], &[]).await;
+    let keeper_up = rig.up.next().await;
+    wait_metric(rig.gate.admin, ACTIVE, 2.0).await;
+    tokio::time::sleep(HOLD).await;
+    let signalled = Instant::now();
+    rig.gate.process.signal("TERM");
+    let (code, reason) = ended.close;
+    answer_wsgate_close(&mut s, code, reason).await;
+
+    let lower = ms_floor(s.seen.admitted, signalled) + after_ms;
+    rig.assert_ended_as(&s.seen, lower, ended, |e| e, 1.0).await;
+
+    // The keeper is closed too; it never answers.
+    let (keeper_code, _) = expect_close(&mut keeper, false, "the keeper's Close").await;
+    assert_eq!(keeper_code, code);
+    let status = tokio::task::block_in_place(|| rig.gate.process.wait_exit());
+    assert!(status.success(), "exit {status:?}");
+    let keeper_seen = Seen::new("/keeper", s.seen.t0, keeper_admitted);
+    let lower = ms_floor(keeper_admitted, signalled) + after_ms;
+    rig.record_says(&keeper_seen, lower, ended, |e| e).await;
+    drop(keeper_up);
+}
 
 /// SIGTERM with `drain_period`: the oldest session is drained with
 /// `close_code_drain` and its reason. A younger one that never answers
@@ -668,64 +704,13 @@ async fn a_drain_after_the_clients_close_leaves_it_client_close() {
 /// read the metrics; it is drained too, and the process exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drain_closes_with_1001() {
-    let up = HandoffUpstream::spawn(Vec::new()).await;
-    let mut gate = start_gate(
-        up.addr,
-        &[],
-        &json_env(&[
-            ("WSGATE_DRAIN_PERIOD", "1s"),
-            ("WSGATE_SHUTDOWN_GRACE", "6s"),
-            ("WSGATE_CLOSE_TIMEOUT", "4s"),
-        ]),
-    )
-    .await;
-    let before = session_metrics(gate.admin).await;
-    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
-    let (mut keeper, _, keeper_admitted) = upgrade_path(gate.proxy, "/keeper", &[], &[]).await;
-    let keeper_up = up.next().await;
-    wait_metric(gate.admin, ACTIVE, 2.0).await;
-    tokio::time::sleep(HOLD).await;
-    let signalled = Instant::now();
-    gate.process.signal("TERM");
-    answer_wsgate_close(&mut s, 1001, DRAIN_REASON).await;
-
-    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, signalled), |d| {
-        Expected::new(
-            PATH,
-            &s.cin,
-            &s.cout,
-            ("wsgate", "drain"),
-            (1001, DRAIN_REASON),
-            d,
-        )
-    })
-    .await;
-    assert_counted_once(gate.admin, &before, ("wsgate", "drain"), ("wsgate", "1001")).await;
-    wait_metric(gate.admin, ACTIVE, 1.0).await;
-
-    // The keeper is drained too; it never answers.
-    let (code, _) = expect_close(&mut keeper, false, "the keeper's Close").await;
-    assert_eq!(code, 1001);
-    let status = tokio::task::block_in_place(|| gate.process.wait_exit());
-    assert!(status.success(), "exit {status:?}");
-    check_record(
-        &gate,
-        "/keeper",
-        s.t0,
-        ms_floor(keeper_admitted, signalled),
-        |d| {
-            Expected::new(
-                "/keeper",
-                &Tally::default(),
-                &Tally::default(),
-                ("wsgate", "drain"),
-                (1001, DRAIN_REASON),
-                d,
-            )
-        },
-    )
-    .await;
-    drop(keeper_up);
+    let env = [
+        ("WSGATE_DRAIN_PERIOD", "1s"),
+        ("WSGATE_SHUTDOWN_GRACE", "6s"),
+        ("WSGATE_CLOSE_TIMEOUT", "4s"),
+    ];
+    let drained = Ended::closed("wsgate", "drain", (1001, DRAIN_REASON), "1001");
+    shutdown_with_a_keeper(&env, drained, 0).await;
 }
 
 /// The end of `shutdown_grace`: wsgate closes what is left with
@@ -734,76 +719,14 @@ async fn shutdown_drain_closes_with_1001() {
 /// answers keeps the process up until the grace ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn end_of_grace_closes_with_close_code_drain() {
-    let up = HandoffUpstream::spawn(Vec::new()).await;
-    let mut gate = start_gate(
-        up.addr,
-        &[],
-        &json_env(&[
-            ("WSGATE_SHUTDOWN_GRACE", "5s"),
-            ("WSGATE_CLOSE_TIMEOUT", "4s"),
-            ("WSGATE_CLOSE_CODE_DRAIN", "1012"),
-        ]),
-    )
-    .await;
-    let before = session_metrics(gate.admin).await;
-    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
-    let (mut keeper, _, keeper_admitted) = upgrade_path(gate.proxy, "/keeper", &[], &[]).await;
-    let keeper_up = up.next().await;
-    wait_metric(gate.admin, ACTIVE, 2.0).await;
-    tokio::time::sleep(HOLD).await;
-    let signalled = Instant::now();
-    gate.process.signal("TERM");
-    answer_wsgate_close(&mut s, 1012, SHUTDOWN_REASON).await;
-
+    let env = [
+        ("WSGATE_SHUTDOWN_GRACE", "5s"),
+        ("WSGATE_CLOSE_TIMEOUT", "4s"),
+        ("WSGATE_CLOSE_CODE_DRAIN", "1012"),
+    ];
+    let shut = Ended::closed("wsgate", "shutdown", (1012, SHUTDOWN_REASON), "1012");
     // The closing handshakes start at grace − close_timeout = 1 s.
-    check_record(
-        &gate,
-        PATH,
-        s.t0,
-        ms_floor(s.admitted, signalled) + 1000,
-        |d| {
-            Expected::new(
-                PATH,
-                &s.cin,
-                &s.cout,
-                ("wsgate", "shutdown"),
-                (1012, SHUTDOWN_REASON),
-                d,
-            )
-        },
-    )
-    .await;
-    assert_counted_once(
-        gate.admin,
-        &before,
-        ("wsgate", "shutdown"),
-        ("wsgate", "1012"),
-    )
-    .await;
-    wait_metric(gate.admin, ACTIVE, 1.0).await;
-
-    let (code, _) = expect_close(&mut keeper, false, "the keeper's Close").await;
-    assert_eq!(code, 1012);
-    let status = tokio::task::block_in_place(|| gate.process.wait_exit());
-    assert!(status.success(), "exit {status:?}");
-    check_record(
-        &gate,
-        "/keeper",
-        s.t0,
-        ms_floor(keeper_admitted, signalled) + 1000,
-        |d| {
-            Expected::new(
-                "/keeper",
-                &Tally::default(),
-                &Tally::default(),
-                ("wsgate", "shutdown"),
-                (1012, SHUTDOWN_REASON),
-                d,
-            )
-        },
-    )
-    .await;
-    drop(keeper_up);
+    shutdown_with_a_keeper(&env, shut, 1000).await;
 }
 
 /// A second signal before any Close frame cuts TCP: `shutdown`, but
@@ -811,22 +734,20 @@ async fn end_of_grace_closes_with_close_code_drain() {
 /// metrics to read; the record must still be written.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_cuts_without_a_close() {
-    let up = HandoffUpstream::spawn(Vec::new()).await;
-    let mut gate = start_gate(up.addr, &[], &json_env(&[("WSGATE_SHUTDOWN_GRACE", "30s")])).await;
-    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    let mut rig = Rig::start(&[("WSGATE_SHUTDOWN_GRACE", "30s")]).await;
+    let mut s = rig.open(&[]).await;
     tokio::time::sleep(HOLD).await;
     let signalled = Instant::now();
-    gate.process.signal("TERM");
-    wait_stderr(&gate, "shutdown: draining").await;
-    gate.process.signal("TERM");
+    rig.gate.process.signal("TERM");
+    wait_stderr(&rig.gate, "shutdown: draining").await;
+    rig.gate.process.signal("TERM");
     let at_client = read_rest(&mut s.c).await;
-    let status = tokio::task::block_in_place(|| gate.process.wait_exit());
+    let status = tokio::task::block_in_place(|| rig.gate.process.wait_exit());
     assert!(status.success(), "exit {status:?}");
     println!("after the second signal the client read {at_client:?}");
-    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, signalled), |d| {
-        Expected::new(PATH, &s.cin, &s.cout, ("none", "shutdown"), (1006, ""), d)
-    })
-    .await;
+    let lower = ms_floor(s.seen.admitted, signalled);
+    rig.record_says(&s.seen, lower, Ended::without_close("shutdown"), |e| e)
+        .await;
     assert_eq!(
         String::from_utf8_lossy(&at_client),
         "",
@@ -838,24 +759,14 @@ async fn a_second_signal_cuts_without_a_close() {
 /// `close_code_drain` and the rebalancing reason; the instance stays up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_drain_closes_with_1001() {
-    let token = "access-log-test-token";
-    let mut file = tempfile::NamedTempFile::new().expect("token file");
-    std::io::Write::write_all(&mut file, token.as_bytes()).expect("write the token");
-    let token_path = file.path().to_str().expect("utf-8 path").to_owned();
-    let up = HandoffUpstream::spawn(Vec::new()).await;
-    let gate = start_gate(
-        up.addr,
-        &[],
-        &json_env(&[("WSGATE_ADMIN_TOKEN_FILE", &token_path)]),
-    )
-    .await;
-    let before = session_metrics(gate.admin).await;
-    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    let (_token, token_path) = token_file();
+    let rig = Rig::start(&[("WSGATE_ADMIN_TOKEN_FILE", &token_path)]).await;
+    let mut s = rig.open(&[]).await;
     tokio::time::sleep(HOLD).await;
     let requested = Instant::now();
-    let bearer = format!("Bearer {token}");
+    let bearer = format!("Bearer {TOKEN}");
     let (status, body) = http_request(
-        gate.admin,
+        rig.gate.admin,
         "POST",
         "/drain",
         &[
@@ -870,102 +781,51 @@ async fn admin_drain_closes_with_1001() {
     assert_eq!(answer["planned"], 1, "{body}");
     answer_wsgate_close(&mut s, 1001, ADMIN_DRAIN_REASON).await;
 
-    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, requested), |d| {
-        Expected::new(
-            PATH,
-            &s.cin,
-            &s.cout,
-            ("wsgate", "admin_drain"),
-            (1001, ADMIN_DRAIN_REASON),
-            d,
-        )
-    })
-    .await;
-    assert_counted_once(
-        gate.admin,
-        &before,
-        ("wsgate", "admin_drain"),
-        ("wsgate", "1001"),
-    )
-    .await;
-    wait_metric(gate.admin, ACTIVE, 0.0).await;
-    wait_metric(gate.admin, "wsgate_admin_drained_total", 1.0).await;
+    let lower = ms_floor(s.seen.admitted, requested);
+    let ended = Ended::closed("wsgate", "admin_drain", (1001, ADMIN_DRAIN_REASON), "1001");
+    rig.assert_ended(&s.seen, lower, ended).await;
+    wait_metric(rig.gate.admin, "wsgate_admin_drained_total", 1.0).await;
 }
 
 /// `max_connection_lifetime` (no jitter) with `close_code_lifetime` 1012.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifetime_closes_with_close_code_lifetime() {
-    let up = HandoffUpstream::spawn(Vec::new()).await;
-    let gate = start_gate(
-        up.addr,
-        &[],
-        &json_env(&[
-            ("WSGATE_MAX_CONNECTION_LIFETIME", "1500ms"),
-            ("WSGATE_LIFETIME_JITTER", "0"),
-            ("WSGATE_CLOSE_CODE_LIFETIME", "1012"),
-        ]),
-    )
+    let rig = Rig::start(&[
+        ("WSGATE_MAX_CONNECTION_LIFETIME", "1500ms"),
+        ("WSGATE_LIFETIME_JITTER", "0"),
+        ("WSGATE_CLOSE_CODE_LIFETIME", "1012"),
+    ])
     .await;
-    let before = session_metrics(gate.admin).await;
-    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    let mut s = rig.open(&[]).await;
     answer_wsgate_close(&mut s, 1012, LIFETIME_REASON).await;
 
-    check_record(&gate, PATH, s.t0, 1500, |d| {
-        Expected::new(
-            PATH,
-            &s.cin,
-            &s.cout,
-            ("wsgate", "lifetime"),
-            (1012, LIFETIME_REASON),
-            d,
-        )
-    })
-    .await;
-    assert_counted_once(
-        gate.admin,
-        &before,
-        ("wsgate", "lifetime"),
-        ("wsgate", "1012"),
-    )
-    .await;
-    wait_metric(gate.admin, ACTIVE, 0.0).await;
+    let ended = Ended::closed("wsgate", "lifetime", (1012, LIFETIME_REASON), "1012");
+    rig.assert_ended(&s.seen, 1500, ended).await;
 }
 
 /// `idle_timeout` after the last byte; behind one trusted proxy, the
 /// client is the address that proxy put in `X-Forwarded-For`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_timeout_closes_with_close_code_idle() {
-    let up = HandoffUpstream::spawn(Vec::new()).await;
-    let gate = start_gate(
-        up.addr,
-        &[],
-        &json_env(&[("WSGATE_IDLE_TIMEOUT", "1s"), ("WSGATE_TRUSTED_HOPS", "1")]),
-    )
-    .await;
-    let before = session_metrics(gate.admin).await;
-    let mut s = open(&gate, &up, PATH_SENT, &["X-Forwarded-For: 203.0.113.7"]).await;
+    let rig = Rig::start(&[("WSGATE_IDLE_TIMEOUT", "1s"), ("WSGATE_TRUSTED_HOPS", "1")]).await;
+    let mut s = rig.open(&["X-Forwarded-For: 203.0.113.7"]).await;
     // The last byte: the upstream's, written after this instant.
     let last = Instant::now();
-    send(&mut s.u.s, &mut s.cout, &server_frame(0x82, &[9; 20]), 1).await;
+    s.upstream_sends(&server_frame(0x82, &[9; 20]), 1).await;
     expect_frame(&mut s.c, 0x82, false, &[9; 20], "the last message").await;
     answer_wsgate_close(&mut s, 1001, IDLE_REASON).await;
 
-    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, last) + 1000, |d| {
-        Expected {
+    rig.assert_ended_as(
+        &s.seen,
+        ms_floor(s.seen.admitted, last) + 1000,
+        Ended::closed("wsgate", "idle", (1001, IDLE_REASON), "1001"),
+        |e| Expected {
             client: "203.0.113.7".into(),
-            ..Expected::new(
-                PATH,
-                &s.cin,
-                &s.cout,
-                ("wsgate", "idle"),
-                (1001, IDLE_REASON),
-                d,
-            )
-        }
-    })
+            ..e
+        },
+        0.0,
+    )
     .await;
-    assert_counted_once(gate.admin, &before, ("wsgate", "idle"), ("wsgate", "1001")).await;
-    wait_metric(gate.admin, ACTIVE, 0.0).await;
 }
 
 /// `max_message_size`: two messages within it pass; a frame that would
@@ -976,43 +836,21 @@ async fn idle_timeout_closes_with_close_code_idle() {
 /// (the contract's words), forwarded or not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn size_guard_closes_with_1009() {
-    let up = HandoffUpstream::spawn(Vec::new()).await;
-    let gate = start_gate(
-        up.addr,
-        &[],
-        &json_env(&[("WSGATE_MAX_MESSAGE_SIZE", "1024")]),
-    )
-    .await;
-    let before = session_metrics(gate.admin).await;
-    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    let rig = Rig::start(&[("WSGATE_MAX_MESSAGE_SIZE", "1024")]).await;
+    let mut s = rig.open(&[]).await;
     let limit = [5u8; 1024];
-    send(&mut s.c, &mut s.cin, &client_frame(0x2, true, &limit), 1).await;
+    s.client_sends(&client_frame(0x2, true, &limit), 1).await;
     expect_frame(&mut s.u.s, 0x82, true, &limit, "a message at the limit").await;
     tokio::time::sleep(HOLD).await;
     let closing = Instant::now();
-    send(
-        &mut s.c,
-        &mut s.cin,
-        &client_frame(0x2, true, &[6u8; 2000]),
-        1,
-    )
-    .await;
+    s.client_sends(&client_frame(0x2, true, &[6u8; 2000]), 1)
+        .await;
     answer_wsgate_close(&mut s, 1009, SIZE_REASON).await;
 
-    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, closing), |d| {
-        assert_eq!(s.cin.msgs, 3, "two forwarded, one refused");
-        Expected::new(
-            PATH,
-            &s.cin,
-            &s.cout,
-            ("wsgate", "size"),
-            (1009, SIZE_REASON),
-            d,
-        )
-    })
-    .await;
-    assert_counted_once(gate.admin, &before, ("wsgate", "size"), ("wsgate", "1009")).await;
-    wait_metric(gate.admin, ACTIVE, 0.0).await;
+    assert_eq!(s.seen.cin.msgs, 3, "two forwarded, one refused");
+    let lower = ms_floor(s.seen.admitted, closing);
+    let ended = Ended::closed("wsgate", "size", (1009, SIZE_REASON), "1009");
+    rig.assert_ended(&s.seen, lower, ended).await;
 }
 
 /// `message_rate` with `close`: a bucket of 3 refilling every 10 s; three
@@ -1020,48 +858,27 @@ async fn size_guard_closes_with_1009() {
 /// as messages) is the one over the bucket: Close 1008.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_guard_closes_with_1008() {
-    let up = HandoffUpstream::spawn(Vec::new()).await;
-    let gate = start_gate(
-        up.addr,
-        &[],
-        &json_env(&[
-            ("WSGATE_MESSAGE_RATE", "0.1"),
-            ("WSGATE_MESSAGE_BURST", "3"),
-            ("WSGATE_MESSAGE_RATE_ACTION", "close"),
-        ]),
-    )
+    let rig = Rig::start(&[
+        ("WSGATE_MESSAGE_RATE", "0.1"),
+        ("WSGATE_MESSAGE_BURST", "3"),
+        ("WSGATE_MESSAGE_RATE_ACTION", "close"),
+    ])
     .await;
-    let before = session_metrics(gate.admin).await;
     // `open` sends the first of the three.
-    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    let mut s = rig.open(&[]).await;
     for text in [&b"two"[..], b"three"] {
-        send(&mut s.c, &mut s.cin, &client_frame(0x1, true, text), 1).await;
+        s.client_sends(&client_frame(0x1, true, text), 1).await;
         expect_frame(&mut s.u.s, 0x81, true, text, "a message within the bucket").await;
     }
     tokio::time::sleep(HOLD).await;
     let closing = Instant::now();
-    send(
-        &mut s.c,
-        &mut s.cin,
-        &client_frame(0x9, true, b"one too many"),
-        0,
-    )
-    .await;
+    s.client_sends(&client_frame(0x9, true, b"one too many"), 0)
+        .await;
     answer_wsgate_close(&mut s, 1008, RATE_REASON).await;
 
-    check_record(&gate, PATH, s.t0, ms_floor(s.admitted, closing), |d| {
-        Expected::new(
-            PATH,
-            &s.cin,
-            &s.cout,
-            ("wsgate", "rate"),
-            (1008, RATE_REASON),
-            d,
-        )
-    })
-    .await;
-    assert_counted_once(gate.admin, &before, ("wsgate", "rate"), ("wsgate", "1008")).await;
-    wait_metric(gate.admin, ACTIVE, 0.0).await;
+    let lower = ms_floor(s.seen.admitted, closing);
+    let ended = Ended::closed("wsgate", "rate", (1008, RATE_REASON), "1008");
+    rig.assert_ended(&s.seen, lower, ended).await;
 }
 
 // ---------------------------------------------------------------- the record itself
@@ -1093,34 +910,26 @@ async fn control_characters_in_a_close_reason_are_escaped_and_bounded() {
     assert_eq!(cases[0].1.len(), 123);
     assert_eq!(cases[1].1.len(), 123);
 
-    let up = HandoffUpstream::spawn(Vec::new()).await;
-    let gate = start_gate(up.addr, &[], &json_env(&[])).await;
+    let rig = Rig::start(&[]).await;
     for (path, raw, escaped) in &cases {
         let t0 = Instant::now();
-        let (mut c, _, admitted) = upgrade_path(gate.proxy, path, &[], &[]).await;
-        let mut u = up.next().await;
-        let (mut cin, mut cout) = (Tally::default(), Tally::default());
+        let (mut c, _, admitted) = upgrade_path(rig.gate.proxy, path, &[], &[]).await;
+        let mut u = rig.up.next().await;
+        let mut seen = Seen::new(path, t0, admitted);
         let closing = Instant::now();
-        send(&mut c, &mut cin, &client_close(1000, raw), 0).await;
+        send(&mut c, &mut seen.cin, &client_close(1000, raw), 0).await;
         let (code, got) = expect_close(&mut u.s, true, "the client's Close, forwarded").await;
         assert_eq!((code, &got), (1000, raw), "forwarded unchanged");
-        send(&mut u.s, &mut cout, &upstream_close(1000, b""), 0).await;
+        send(&mut u.s, &mut seen.cout, &upstream_close(1000, b""), 0).await;
         u.s.shutdown().await.expect("upstream FIN");
         expect_close(&mut c, false, "the reply").await;
         assert_eq!(read_rest(&mut c).await, b"");
         drop(c);
 
-        let rec = check_record(&gate, path, t0, ms_floor(admitted, closing), |d| {
-            Expected::new(
-                path,
-                &cin,
-                &cout,
-                ("client", "client_close"),
-                (1000, escaped.as_str()),
-                d,
-            )
-        })
-        .await;
+        let ended = Ended::closed("client", "client_close", (1000, escaped.as_str()), "1000");
+        let rec = rig
+            .record_says(&seen, ms_floor(admitted, closing), ended, |e| e)
+            .await;
         let reason = rec["close_reason"].as_str().expect("a string");
         assert!(reason.len() <= 123, "{} bytes: {reason:?}", reason.len());
         assert!(
@@ -1134,30 +943,28 @@ async fn control_characters_in_a_close_reason_are_escaped_and_bounded() {
 /// up to the process's last line, but the metrics still move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_false_writes_no_record_but_counts() {
-    let up = HandoffUpstream::spawn(Vec::new()).await;
-    let mut gate = start_gate(up.addr, &[], &json_env(&[("WSGATE_ACCESS_LOG", "false")])).await;
-    let before = session_metrics(gate.admin).await;
-    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
-    send(&mut s.c, &mut s.cin, &client_close(1000, b"bye"), 0).await;
+    let mut rig = Rig::start(&[("WSGATE_ACCESS_LOG", "false")]).await;
+    let mut s = rig.open(&[]).await;
+    s.client_sends(&client_close(1000, b"bye"), 0).await;
     expect_close(&mut s.u.s, true, "the client's Close").await;
-    send(&mut s.u.s, &mut s.cout, &upstream_close(1000, b""), 0).await;
+    s.upstream_sends(&upstream_close(1000, b""), 0).await;
     drop(s.u.s);
     expect_close(&mut s.c, false, "the reply").await;
     assert_eq!(read_rest(&mut s.c).await, b"");
     drop(s.c);
-    assert_counted_once(
-        gate.admin,
-        &before,
-        ("client", "client_close"),
-        ("client", "1000"),
-    )
+    rig.assert_counted(Ended::closed(
+        "client",
+        "client_close",
+        (1000, "bye"),
+        "1000",
+    ))
     .await;
-    wait_metric(gate.admin, ACTIVE, 0.0).await;
+    wait_metric(rig.gate.admin, ACTIVE, 0.0).await;
 
-    gate.process.signal("TERM");
-    let status = tokio::task::block_in_place(|| gate.process.wait_exit());
+    rig.gate.process.signal("TERM");
+    let status = tokio::task::block_in_place(|| rig.gate.process.wait_exit());
     assert!(status.success(), "exit {status:?}");
-    let text = wait_stderr(&gate, "shutdown complete").await;
+    let text = wait_stderr(&rig.gate, "shutdown complete").await;
     assert!(
         !text.contains(ACCESS_TARGET),
         "access_log = false, yet:\n{text}"
@@ -1169,15 +976,13 @@ async fn access_log_false_writes_no_record_but_counts() {
 /// quoted); parsed into the same fields, it says what the JSON one would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_format_record_has_every_field() {
-    let up = HandoffUpstream::spawn(Vec::new()).await;
-    let gate = start_gate(up.addr, &[], &[]).await;
-    let before = session_metrics(gate.admin).await;
-    let mut s = open(&gate, &up, PATH_SENT, &[]).await;
+    let rig = Rig::start_with(Vec::new(), &[], &[]).await;
+    let mut s = rig.open(&[]).await;
     tokio::time::sleep(HOLD).await;
     let closing = Instant::now();
-    send(&mut s.c, &mut s.cin, &client_close(1000, b"bye"), 0).await;
+    s.client_sends(&client_close(1000, b"bye"), 0).await;
     expect_close(&mut s.u.s, true, "the client's Close").await;
-    send(&mut s.u.s, &mut s.cout, &upstream_close(1000, b"bye"), 0).await;
+    s.upstream_sends(&upstream_close(1000, b"bye"), 0).await;
     drop(s.u.s);
     expect_close(&mut s.c, false, "the reply").await;
     assert_eq!(read_rest(&mut s.c).await, b"");
@@ -1185,7 +990,7 @@ async fn text_format_record_has_every_field() {
 
     let start = Instant::now();
     let line = loop {
-        let text = gate.stderr();
+        let text = rig.gate.stderr();
         if let Some(l) = text
             .lines()
             .find(|l| l.contains(&format!(" {ACCESS_TARGET}: {SESSION_MESSAGE} ")))
@@ -1198,7 +1003,7 @@ async fn text_format_record_has_every_field() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    let seen = Instant::now();
+    let logged = Instant::now();
     println!("text record: {line}");
     assert!(line.contains(" INFO "), "{line}");
     assert!(
@@ -1207,24 +1012,19 @@ async fn text_format_record_has_every_field() {
     );
     assert!(!line.contains(PATH_SENT), "the query string leaked: {line}");
     let rec = text_fields(&line);
+    let ended = Ended::closed("client", "client_close", (1000, "bye"), "1000");
     assert_record(
         &rec,
         &Expected::new(
             PATH,
-            &s.cin,
-            &s.cout,
-            ("client", "client_close"),
-            (1000, "bye"),
-            ms_floor(s.admitted, closing)..=ms_ceil(s.t0, seen),
+            &s.seen.cin,
+            &s.seen.cout,
+            ended.by,
+            ended.close,
+            ms_floor(s.seen.admitted, closing)..=ms_ceil(s.seen.t0, logged),
         ),
     );
-    assert_counted_once(
-        gate.admin,
-        &before,
-        ("client", "client_close"),
-        ("client", "1000"),
-    )
-    .await;
+    rig.assert_counted(ended).await;
 }
 
 /// The fields of a text-format record (`… INFO wsgate::access: session
@@ -1351,9 +1151,7 @@ mod needs_cap_net_admin {
     /// `ETIMEDOUT`: `keepalive`, no Close frame.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn keepalive_ends_a_vanished_client() {
-        let up = HandoffUpstream::spawn(Vec::new()).await;
-        let gate = start_gate(up.addr, &[], &json_env(&[("WSGATE_TCP_KEEPALIVE", "1s")])).await;
-        let before = session_metrics(gate.admin).await;
+        let rig = Rig::start(&[("WSGATE_TCP_KEEPALIVE", "1s")]).await;
         let (mut cin, mut cout) = (Tally::default(), Tally::default());
         let frames = [
             client_frame(0x1, true, b"hello"),
@@ -1367,8 +1165,8 @@ mod needs_cap_net_admin {
         let mut py = Py::start(
             VANISHING_CLIENT,
             &[
-                gate.proxy.ip().to_string(),
-                gate.proxy.port().to_string(),
+                rig.gate.proxy.ip().to_string(),
+                rig.gate.proxy.port().to_string(),
                 PATH_SENT.to_owned(),
                 hex,
                 down.len().to_string(),
@@ -1377,7 +1175,7 @@ mod needs_cap_net_admin {
         let status = tokio::task::block_in_place(|| py.line());
         assert!(status.starts_with("HTTP/1.1 101"), "{status}");
         let admitted = Instant::now();
-        let mut u = up.next().await;
+        let mut u = rig.up.next().await;
         send(&mut u.s, &mut cout, &down, 1).await;
         let sending = Instant::now();
         py.go();
@@ -1401,12 +1199,14 @@ mod needs_cap_net_admin {
              (.ci/run leaves it out where it is missing)"
         );
 
-        check_record(&gate, PATH, t0, ms_floor(admitted, sending) + 1000, |d| {
-            Expected::new(PATH, &cin, &cout, ("none", "keepalive"), (1006, ""), d)
-        })
-        .await;
-        assert_counted_once(gate.admin, &before, ("none", "keepalive"), ("none", "none")).await;
-        wait_metric(gate.admin, ACTIVE, 0.0).await;
+        let seen = Seen {
+            cin,
+            cout,
+            ..Seen::new(PATH, t0, admitted)
+        };
+        let lower = ms_floor(admitted, sending) + 1000;
+        rig.assert_ended(&seen, lower, Ended::without_close("keepalive"))
+            .await;
         drop(u);
     }
 }
