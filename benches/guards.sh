@@ -67,29 +67,11 @@ BENCH="$ROOT/benches/wsgate-bench/target/release/wsgate-bench"
 WSGATE="${BENCH_WSGATE_BIN:-$ROOT/target/release/wsgate}"
 [[ -x "$BENCH" && -x "$WSGATE" ]] || { log "check skipped: $BENCH or $WSGATE missing"; exit "$rc"; }
 WORK="$(mktemp -d /tmp/wsgate-guards.XXXXXX)"
-PIDS=()
-stop_all() {
-    local p
-    for p in "${PIDS[@]}"; do
-        kill -TERM "$p" 2>/dev/null || continue
-        for _ in $(seq 1 30); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$p" 2>/dev/null || true
-        wait "$p" 2>/dev/null || true
-    done
-    PIDS=()
-}
+# shellcheck source=variant-check.sh
+source "$ROOT/benches/variant-check.sh"
 trap 'stop_all; rm -rf "$WORK"' EXIT
 trap 'exit 130' INT TERM
 
-addr_in() { # file pattern -> the addr= of the first matching line (bounded 10 s)
-    local v
-    for _ in $(seq 1 200); do
-        v="$(sed 's/\x1b\[[0-9;]*m//g' "$1" 2>/dev/null | grep -m1 "$2" | sed -n 's/.*addr=\([0-9.:]*\).*/\1/p' || true)"
-        [[ -n "$v" ]] && { echo "$v"; return 0; }
-        sleep 0.05
-    done
-    return 1
-}
 scrape() { # admin addr -> the guard and message series
     python3 -c 'import sys, urllib.request
 body = urllib.request.urlopen("http://%s/metrics" % sys.argv[1], timeout=5).read().decode()

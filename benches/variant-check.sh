@@ -1,0 +1,29 @@
+# benches/variant-check.sh — sourced by the variant scripts (guards.sh, access-log.sh) for the
+# check they run after run.sh: the processes it starts (PIDS, stop_all) and the address a started
+# process logs (addr_in). Not a script of its own.
+
+PIDS=()
+
+# Stops every process in PIDS (TERM, then KILL after 3 s) and reaps it.
+stop_all() {
+    local p
+    for p in "${PIDS[@]}"; do
+        kill -TERM "$p" 2>/dev/null || continue
+        for _ in $(seq 1 30); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+    PIDS=()
+}
+
+# file pattern -> the address of the first matching line, text (addr=) or JSON ("addr":"")
+# log lines alike (bounded 10 s).
+addr_in() {
+    local v
+    for _ in $(seq 1 200); do
+        v="$(sed 's/\x1b\[[0-9;]*m//g' "$1" 2>/dev/null | grep -m1 "$2" | sed -n -E 's/.*addr(=|":")([0-9.:]+).*/\2/p' || true)"
+        [[ -n "$v" ]] && { echo "$v"; return 0; }
+        sleep 0.05
+    done
+    return 1
+}
