@@ -42,25 +42,15 @@ fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 log() { printf '[access-log.sh %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
-OUT=""
-args=("$@")
-for ((i = 0; i < ${#args[@]}; i++)); do
-    [[ "${args[$i]}" == --out ]] && OUT="${args[$((i + 1))]:-}"
-done
+# shellcheck source=variant-check.sh
+source "$ROOT/benches/variant-check.sh"
 
 export HS_TOTAL="${HS_TOTAL:-10000}"
 export BENCH_WSGATE_BIN_base="${BENCH_WSGATE_BIN_base:-$ROOT/target/base/release/wsgate}"
 export BENCH_WSGATE_ENV_nolog="WSGATE_ACCESS_LOG=false"
 export BENCH_WSGATE_ENV_json="WSGATE_LOG_FORMAT=json"
 
-LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
-log "load average at start: $LOAD_START"
-rc=0
-"$ROOT/benches/run.sh" --modes "handshake latency" \
-    --targets "wsgate-base wsgate wsgate-nolog wsgate-json" "$@" || rc=$?
-LOAD_END="$(cut -d' ' -f1-3 /proc/loadavg)"
-log "load average at start: $LOAD_START, at end: $LOAD_END"
-[[ -n "$OUT" && -d "$OUT" ]] && printf 'start=%s\nend=%s\n' "$LOAD_START" "$LOAD_END" > "$OUT/loadavg.txt"
+run_variants "handshake latency" "wsgate-base wsgate wsgate-nolog wsgate-json" "$@"
 
 [[ "${ACCESS_CHECK:-1}" == 0 ]] && exit "$rc"
 
@@ -71,8 +61,6 @@ WSGATE="${BENCH_WSGATE_BIN:-$ROOT/target/release/wsgate}"
 N="${ACCESS_CHECK_N:-10000}"
 [[ -x "$BENCH" && -x "$WSGATE" ]] || { log "check skipped: $BENCH or $WSGATE missing"; exit "$rc"; }
 WORK="$(mktemp -d /tmp/wsgate-access.XXXXXX)"
-# shellcheck source=variant-check.sh
-source "$ROOT/benches/variant-check.sh"
 trap 'stop_all; rm -rf "$WORK"' EXIT
 trap 'exit 130' INT TERM
 

@@ -33,7 +33,7 @@ import tempfile
 import time
 import urllib.request
 
-from fleet_common import BENCH, WSGATE, free_port, report_warnings, wait_line
+from fleet_common import BENCH, WSGATE, free_port, report_warnings, stop_processes, wait_line
 
 
 def log(msg):
@@ -52,14 +52,7 @@ class Procs:
         return p
 
     def stop_all(self):
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+        stop_processes(self.procs)
 
 
 def start_wsgate(procs, work, name, upstream, extra):

@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 
-from fleet_common import BENCH, WSGATE, Resp, free_port, report_warnings, wait_line
+from fleet_common import BENCH, WSGATE, Resp, free_port, report_warnings, stop_processes, wait_line
 ALL_KEY = b"{wsgate}:all"
 ACTIVE = re.compile(r"^wsgate_connections_active (\S+)$", re.M)
 
@@ -292,14 +292,7 @@ def main():
             "zcard_hist": zc["hist"], "active_sum_hist": act["hist"],
         }
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+        stop_processes(procs)
         report_warnings(work, log)
         shutil.rmtree(work, ignore_errors=True)
 

@@ -4,6 +4,7 @@ venv)."""
 import os
 import re
 import socket
+import subprocess
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,6 +37,18 @@ def wait_line(path, pattern, proc, timeout=10.0):
             break
         time.sleep(0.05)
     raise RuntimeError("no %r in %s" % (pattern, path))
+
+
+def stop_processes(procs):
+    """Stops subprocesses by PID, newest first: SIGTERM, then SIGKILL after 5 s; each reaped."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
 
 def report_warnings(work, log):

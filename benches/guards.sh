@@ -37,11 +37,8 @@ fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 log() { printf '[guards.sh %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
-OUT=""
-args=("$@")
-for ((i = 0; i < ${#args[@]}; i++)); do
-    [[ "${args[$i]}" == --out ]] && OUT="${args[$((i + 1))]:-}"
-done
+# shellcheck source=variant-check.sh
+source "$ROOT/benches/variant-check.sh"
 
 SIZE="${GUARDS_SIZE:-1048576}"
 RATE="${GUARDS_RATE:-10000000}"
@@ -50,14 +47,7 @@ export BENCH_WSGATE_BIN_base="${BENCH_WSGATE_BIN_base:-$ROOT/target/base/release
 export BENCH_WSGATE_ENV_size="WSGATE_MAX_MESSAGE_SIZE=$SIZE"
 export BENCH_WSGATE_ENV_guards="WSGATE_MAX_MESSAGE_SIZE=$SIZE WSGATE_MESSAGE_RATE=$RATE WSGATE_MESSAGE_RATE_ACTION=throttle WSGATE_BYTE_RATE=$BYTE_RATE"
 
-LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
-log "load average at start: $LOAD_START"
-rc=0
-"$ROOT/benches/run.sh" --modes "latency throughput" \
-    --targets "wsgate-base wsgate wsgate-size wsgate-guards" "$@" || rc=$?
-LOAD_END="$(cut -d' ' -f1-3 /proc/loadavg)"
-log "load average at start: $LOAD_START, at end: $LOAD_END"
-[[ -n "$OUT" && -d "$OUT" ]] && printf 'start=%s\nend=%s\n' "$LOAD_START" "$LOAD_END" > "$OUT/loadavg.txt"
+run_variants "latency throughput" "wsgate-base wsgate wsgate-size wsgate-guards" "$@"
 
 [[ "${GUARDS_CHECK:-1}" == 0 ]] && exit "$rc"
 
@@ -67,8 +57,6 @@ BENCH="$ROOT/benches/wsgate-bench/target/release/wsgate-bench"
 WSGATE="${BENCH_WSGATE_BIN:-$ROOT/target/release/wsgate}"
 [[ -x "$BENCH" && -x "$WSGATE" ]] || { log "check skipped: $BENCH or $WSGATE missing"; exit "$rc"; }
 WORK="$(mktemp -d /tmp/wsgate-guards.XXXXXX)"
-# shellcheck source=variant-check.sh
-source "$ROOT/benches/variant-check.sh"
 trap 'stop_all; rm -rf "$WORK"' EXIT
 trap 'exit 130' INT TERM
 

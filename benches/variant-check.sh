@@ -1,6 +1,28 @@
-# benches/variant-check.sh — sourced by the variant scripts (guards.sh, access-log.sh) for the
-# check they run after run.sh: the processes it starts (PIDS, stop_all) and the address a started
-# process logs (addr_in). Not a script of its own.
+# benches/variant-check.sh — sourced by the variant scripts (guards.sh, access-log.sh): run.sh over
+# their variants with the load average around it (run_variants), and for the check they run after
+# it, the processes it starts (PIDS, stop_all) and the address a started process logs (addr_in).
+# Not a script of its own. The sourcing script defines ROOT and log().
+
+# run_variants MODES TARGETS [run.sh options...]: runs run.sh, logs the load average at start and
+# end (and writes it to OUT/loadavg.txt with --out DIR); sets OUT and rc (run.sh's exit status).
+run_variants() {
+    local modes="$1" targets="$2" i start end
+    shift 2
+    local args=("$@")
+    OUT=""
+    for ((i = 0; i < ${#args[@]}; i++)); do
+        [[ "${args[$i]}" == --out ]] && OUT="${args[$((i + 1))]:-}"
+    done
+    start="$(cut -d' ' -f1-3 /proc/loadavg)"
+    log "load average at start: $start"
+    rc=0
+    "$ROOT/benches/run.sh" --modes "$modes" --targets "$targets" "$@" || rc=$?
+    end="$(cut -d' ' -f1-3 /proc/loadavg)"
+    log "load average at start: $start, at end: $end"
+    if [[ -n "$OUT" && -d "$OUT" ]]; then
+        printf 'start=%s\nend=%s\n' "$start" "$end" > "$OUT/loadavg.txt"
+    fi
+}
 
 PIDS=()
 
