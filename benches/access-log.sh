@@ -56,13 +56,8 @@ run_variants "handshake latency" "wsgate-base wsgate wsgate-nolog wsgate-json" "
 
 # ---------------------------------------------------------------------------------------------
 # the check: one record per session? (run.sh keeps no admin address and no stderr)
-BENCH="$ROOT/benches/wsgate-bench/target/release/wsgate-bench"
-WSGATE="${BENCH_WSGATE_BIN:-$ROOT/target/release/wsgate}"
 N="${ACCESS_CHECK_N:-10000}"
-[[ -x "$BENCH" && -x "$WSGATE" ]] || { log "check skipped: $BENCH or $WSGATE missing"; exit "$rc"; }
-WORK="$(mktemp -d /tmp/wsgate-access.XXXXXX)"
-trap 'stop_all; rm -rf "$WORK"' EXIT
-trap 'exit 130' INT TERM
+check_setup access || exit "$rc"
 
 proc_counts() { # pid -> "utime stime syscw wchar" (ticks, ticks, calls, bytes; all threads)
     python3 -c 'import sys

@@ -53,12 +53,7 @@ run_variants "latency throughput" "wsgate-base wsgate wsgate-size wsgate-guards"
 
 # ---------------------------------------------------------------------------------------------
 # the check: did any guard act? (run.sh keeps no admin address, so the variants run once more here)
-BENCH="$ROOT/benches/wsgate-bench/target/release/wsgate-bench"
-WSGATE="${BENCH_WSGATE_BIN:-$ROOT/target/release/wsgate}"
-[[ -x "$BENCH" && -x "$WSGATE" ]] || { log "check skipped: $BENCH or $WSGATE missing"; exit "$rc"; }
-WORK="$(mktemp -d /tmp/wsgate-guards.XXXXXX)"
-trap 'stop_all; rm -rf "$WORK"' EXIT
-trap 'exit 130' INT TERM
+check_setup guards || exit "$rc"
 
 scrape() { # admin addr -> the guard and message series
     python3 -c 'import sys, urllib.request

@@ -26,6 +26,20 @@ run_variants() {
 
 PIDS=()
 
+# check_setup NAME: the check's load tool (BENCH), binary (WSGATE) and work directory (WORK,
+# removed on exit with everything in PIDS stopped); fails when the tool or the binary is missing.
+check_setup() {
+    BENCH="$ROOT/benches/wsgate-bench/target/release/wsgate-bench"
+    WSGATE="${BENCH_WSGATE_BIN:-$ROOT/target/release/wsgate}"
+    if [[ ! -x "$BENCH" || ! -x "$WSGATE" ]]; then
+        log "check skipped: $BENCH or $WSGATE missing"
+        return 1
+    fi
+    WORK="$(mktemp -d "/tmp/wsgate-$1.XXXXXX")"
+    trap 'stop_all; rm -rf "$WORK"' EXIT
+    trap 'exit 130' INT TERM
+}
+
 # Stops every process in PIDS (TERM, then KILL after 3 s) and reaps it.
 stop_all() {
     local p
