@@ -72,16 +72,20 @@ fn main() -> ExitCode {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(config.workers) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("wsgate: cannot start the runtime: {e}");
             return ExitCode::from(1);
         }
     };
+    let threads = runtime.metrics().num_workers();
+    let kind = if config.workers == 1 {
+        "single-threaded"
+    } else {
+        "multi-threaded"
+    };
+    tracing::info!(runtime = %kind, threads, "runtime started");
     let result = runtime.block_on(serve(config, source, loaded_version, demo));
     // DNS lookups run on the blocking pool and cannot be cancelled: do not
     // let one stuck in a resolver outage hold the exit past the grace.
@@ -94,6 +98,26 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// The runtime that runs every connection. One thread by default: a
+/// sidecar usually gets a core or less, and a single-threaded runtime
+/// never parks one worker to wake another, never steals and keeps no
+/// per-batch scheduler statistics — that costs less CPU per message and
+/// per upgrade than two workers sharing the same cores (see README,
+/// "CPU and worker threads"). `workers = 0` takes one per available CPU
+/// (CPU quota and affinity), like tokio's default.
+fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if workers == 1 {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+    }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if workers > 1 {
+        builder.worker_threads(workers);
+    }
+    builder.enable_all().build()
 }
 
 fn init_tracing(format: LogFormat) {

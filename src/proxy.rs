@@ -150,14 +150,15 @@ impl Proxy {
 
     /// Applies a reloaded configuration in place: caps, limits, watermarks,
     /// timeouts and lifetimes take effect for new connections; nothing
-    /// already connected is dropped. Addresses and the upstream need a
-    /// restart: they are kept, with a warning.
+    /// already connected is dropped. Addresses, the upstream and the
+    /// worker count need a restart: they are kept, with a warning.
     pub(crate) fn reload(&self, mut new: Config) {
         let old = self.config();
         for (key, changed) in [
             ("listen", old.listen != new.listen),
             ("admin_listen", old.admin_listen != new.admin_listen),
             ("upstream", old.upstream != new.upstream),
+            ("workers", old.workers != new.workers),
         ] {
             if changed {
                 tracing::warn!(
@@ -169,6 +170,7 @@ impl Proxy {
         new.listen = old.listen;
         new.admin_listen = old.admin_listen;
         new.upstream = old.upstream.clone();
+        new.workers = old.workers;
         self.inner.admission.set_cap(new.max_clients);
         self.inner.admission.set_policy(policy_of(&new));
         self.inner.keys.apply(&new);

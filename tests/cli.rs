@@ -48,6 +48,9 @@ fn invalid_values_exit_2_naming_key_value_and_accepted() {
         ("WSGATE_UPSTREAM", "https://app:443", "upstream"),
         ("WS_MAX_CLIENTS", "many", "max_clients"),
         ("WSGATE_FLEET_NAMESPACE", "a b", "fleet_namespace"),
+        ("WSGATE_WORKERS", "-1", "workers"),
+        ("WSGATE_WORKERS", "257", "workers"),
+        ("WSGATE_WORKERS", "two", "workers"),
     ];
     for (var, value, key) in cases {
         let o = run(
@@ -471,4 +474,49 @@ async fn a_changed_config_file_is_reloaded_without_a_signal() {
     wait_metric(gate.admin, failure, 1.0).await;
     assert_eq!(metric(gate.admin, "wsgate_connections_max").await, 1.0);
     assert_eq!(metric(gate.admin, success).await, 1.0, "no second reload");
+}
+
+/// `workers` = 1 (the default: a single-threaded runtime), 0 (one per
+/// CPU) and 2 each carry concurrent sessions end to end, and give every
+/// slot back; the log says which runtime runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_worker_setting_carries_concurrent_sessions() {
+    let up = spawn_echo_upstream().await;
+    for workers in ["1", "0", "2"] {
+        let env = [
+            ("WSGATE_WORKERS", workers.to_owned()),
+            ("WSGATE_MAX_CLIENTS", "16".to_owned()),
+        ];
+        let (gate, proxy, admin) =
+            tokio::task::block_in_place(|| GateProcess::proxy(up.addr, &env, None));
+        let url = format!("ws://{proxy}/");
+        let sessions = (0..8).map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let mut ws = within("connect", connect(&url)).await.expect("admitted");
+                for j in 0..20 {
+                    echo_text(&mut ws, &format!("w{i}-{j}")).await;
+                }
+                close_cleanly(ws).await;
+            })
+        });
+        for s in sessions.collect::<Vec<_>>() {
+            s.await.expect("session");
+        }
+        wait_metric(admin, "wsgate_connections_active", 0.0).await;
+        let sent = metric(
+            admin,
+            "wsgate_messages_total{direction=\"client_to_upstream\"}",
+        )
+        .await;
+        // 8 × (20 texts + the Close).
+        assert_eq!(sent, 168.0, "workers = {workers}");
+        let log = gate.stderr_text();
+        let want = if workers == "1" {
+            "runtime=single-threaded"
+        } else {
+            "runtime=multi-threaded"
+        };
+        assert!(log.contains(want), "workers = {workers}: {log}");
+    }
 }

@@ -71,6 +71,7 @@ use self::fleet::{FleetCap, InstanceId, LeaseTtl, Namespace};
 use self::guards::RateAction as RateActionKind;
 use self::values::{
     Cap, CloseCode, Fraction, ListenAddress, NonNegative, TrueOrFalse, ValueKind, WholeNumber,
+    Workers,
 };
 
 /// The configuration as written: what figment deserialises before
@@ -119,6 +120,9 @@ pub struct RawConfig {
     /// One access-log record per WebSocket session, and refusal summaries.
     #[serde(deserialize_with = "TrueOrFalse::checked")]
     pub access_log: bool,
+    /// Runtime threads: 1 = one thread, 0 = one per available CPU.
+    #[serde(deserialize_with = "Workers::checked")]
+    pub workers: i64,
     /// Readiness turns 503 once active ≥ this fraction of the cap; 0 = off.
     #[serde(deserialize_with = "Fraction::checked")]
     pub ready_high_watermark: f64,
@@ -240,6 +244,7 @@ impl Default for RawConfig {
             shutdown_grace: secs(25),
             log_format: "text".into(),
             access_log: true,
+            workers: 1,
             ready_high_watermark: 0.0,
             ready_low_watermark: None,
             shutdown_delay: secs(0),
@@ -318,6 +323,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The access log (SPEC §12) is written.
     pub access_log: bool,
+    /// Threads that run connections: 1 = a single-threaded runtime,
+    /// 0 = one worker per available CPU (quota and affinity), N = N.
+    pub workers: usize,
     /// Readiness hysteresis on saturation (SPEC §7).
     #[serde(flatten, serialize_with = "effective::watermarks")]
     pub watermarks: Option<Watermarks>,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use super::duration::{AnyDuration, Keepalive, OffOrDuration, PositiveDuration};
 use super::values::{
     Cap, CloseCode, Fraction, ListenAddress, NonNegative, TrueOrFalse, ValueKind, WholeNumber,
+    Workers,
 };
 use super::{fleet, guards, key_limits};
 use super::{
@@ -73,6 +74,7 @@ impl Config {
             shutdown_grace: AnyDuration::value("shutdown_grace", &raw.shutdown_grace)?,
             log_format: LogFormat::value("log_format", &raw.log_format)?,
             access_log: TrueOrFalse::value("access_log", &raw.access_log)?,
+            workers: Workers::value("workers", &raw.workers)?,
             watermarks: watermarks(
                 Fraction::value("ready_high_watermark", &raw.ready_high_watermark)?,
                 raw.ready_low_watermark

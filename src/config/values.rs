@@ -293,6 +293,27 @@ impl ValueKind for WholeNumber {
     }
 }
 
+/// `workers`: how many threads run connections. More than the machine
+/// could ever use is a typo, not a wish.
+#[derive(Debug)]
+pub(crate) struct Workers;
+
+/// The most `workers` accepted.
+const MAX_WORKERS: i64 = 256;
+
+impl ValueKind for Workers {
+    type Raw = i64;
+    type Value = usize;
+    const EXPECTED: &'static str =
+        "a whole number from 0 to 256 (1 = one thread, 0 = one per available CPU)";
+    fn check(raw: &i64) -> Option<usize> {
+        (0..=MAX_WORKERS)
+            .contains(raw)
+            .then(|| usize::try_from(*raw).ok())
+            .flatten()
+    }
+}
+
 /// A fraction of something (watermarks, jitter).
 #[derive(Debug)]
 pub(crate) struct Fraction;
