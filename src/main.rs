@@ -122,12 +122,15 @@ fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
 
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let terminal = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_ansi(terminal);
     match format {
-        LogFormat::Text => builder.init(),
+        LogFormat::Text if terminal => builder.init(),
+        // The same text without the cost of styling every field name.
+        LogFormat::Text => builder.fmt_fields(wsgate::log_fields::PlainFields).init(),
         // Fields at the top level of each object (not under "fields"), so
         // `jq '.close_code'` reads the access log (SPEC §12) as it is.
         LogFormat::Json => builder
