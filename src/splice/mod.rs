@@ -1,5 +1,6 @@
-//! The splice: moves bytes both ways between two TCP streams until both are
-//! done, one fails, a timeout fires or wsgate stops it.
+//! The splice: moves bytes both ways between two stream sockets (TCP, or a
+//! Unix socket on the upstream leg) until both are done, one fails, a
+//! timeout fires or wsgate stops it.
 //!
 //! Why not `tokio::io::copy_bidirectional`: it allocates two 8 KiB buffers
 //! per connection up front and keeps them for the connection's whole life,
@@ -42,12 +43,13 @@
 //! deadlines, the stop and abort); `pipe` is one direction and the phases
 //! of its life; `guards` the message guards; `buffers` the per-thread
 //! buffer pool; `gate` the waker gate that keeps the stop and abort futures
-//! off the per-message path.
+//! off the per-message path; `socket` the operations a leg's socket offers.
 
 mod buffers;
 mod gate;
 mod guards;
 mod pipe;
+mod socket;
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -65,6 +67,7 @@ use crate::frames::{close_frame, CloseSeen};
 use gate::Gated;
 pub(crate) use guards::{Guard, GuardAction, Guards};
 use pipe::{Counters, Pipe};
+pub(crate) use socket::Socket;
 
 /// Deadlines that end a splice.
 #[derive(Debug, Clone, Copy)]
@@ -343,11 +346,12 @@ impl Firsts {
     }
 }
 
-/// One side of the splice, as the caller hands it over.
+/// One side of the splice, as the caller hands it over: a TCP socket
+/// unless said otherwise.
 #[derive(Debug)]
-pub(crate) struct Side<'a> {
+pub(crate) struct Side<'a, S = TcpStream> {
     /// The side's socket.
-    pub(crate) stream: &'a TcpStream,
+    pub(crate) stream: &'a S,
     /// Bytes already read from this side past the HTTP handshake; they are
     /// written to the other side first.
     pub(crate) leftover: Bytes,
@@ -363,6 +367,10 @@ pub(crate) struct Side<'a> {
 ///
 /// `guards` (message guards, SPEC §11) apply to what the client sends.
 ///
+/// Generic over each leg's [`Socket`]: a Unix upstream (SPEC §13) gets its
+/// own copy of the loop, and the TCP one stays as it is (no dynamic
+/// dispatch per read or write).
+///
 /// `stop` resolving makes wsgate end the connection for that reason (with
 /// Close frames when `limits.close` is set); `abort` resolving cuts it at
 /// once, even in the middle of a closing handshake. The caller closes both
@@ -374,15 +382,17 @@ pub(crate) struct Side<'a> {
 /// the locals made from it (rust-lang/rust#62958); here the state is built
 /// first and only then moved into the `async` block, and `stop`/`abort`
 /// arrive boxed (the gate keeps them on the heap anyway).
-pub(crate) fn splice<'a, S, A>(
-    client: Side<'a>,
-    upstream: Side<'a>,
+pub(crate) fn splice<'a, C, U, S, A>(
+    client: Side<'a, C>,
+    upstream: Side<'a, U>,
     limits: Limits,
     guards: Option<Box<Guards>>,
     stop: Pin<Box<S>>,
     abort: Pin<Box<A>>,
 ) -> impl Future<Output = Outcome> + 'a
 where
+    C: Socket + 'a,
+    U: Socket + 'a,
     S: Future<Output = StopReason> + 'a,
     A: Future<Output = ()> + 'a,
 {
@@ -610,9 +620,9 @@ mod tests {
     }
 
     /// The splice with an abort that never comes.
-    async fn splice_no_abort(
+    async fn splice_no_abort<U: Socket>(
         client: Side<'_>,
-        upstream: Side<'_>,
+        upstream: Side<'_, U>,
         limits: Limits,
         stop: impl Future<Output = StopReason>,
     ) -> Outcome {
@@ -869,6 +879,57 @@ mod tests {
             Totals {
                 client_to_upstream: 11,
                 upstream_to_client: 4
+            }
+        );
+    }
+
+    /// A Unix socket on the upstream leg (SPEC §13): bytes both ways, each
+    /// FIN passed on, a clean end on the double EOF.
+    #[tokio::test]
+    async fn copies_both_ways_over_a_unix_upstream_leg() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut client = TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (p_client, _) = l.accept().await.expect("accept");
+        let (p_up, mut upstream) = tokio::net::UnixStream::pair().expect("unix pair");
+        let (c2u, u2c) = counters();
+        let task = tokio::spawn(async move {
+            let up = Side {
+                stream: &p_up,
+                leftover: Bytes::from_static(b"101 leftover "),
+                forwarded: &u2c,
+                messages: &u2c,
+            };
+            splice_no_abort(side(&p_client, &c2u), up, LIMITS, std::future::pending()).await
+        });
+        client.write_all(b"up").await.expect("write");
+        let mut got = [0u8; 2];
+        upstream.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"up");
+        upstream.write_all(b"down").await.expect("write");
+        let mut got = [0u8; 17];
+        client.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"101 leftover down");
+        upstream.shutdown().await.expect("fin");
+        assert_eq!(
+            client.read(&mut [0u8; 1]).await.expect("eof"),
+            0,
+            "the Unix leg's FIN passed on"
+        );
+        client.shutdown().await.expect("fin");
+        assert_eq!(
+            upstream.read(&mut [0u8; 1]).await.expect("eof"),
+            0,
+            "the client's FIN passed on"
+        );
+        let Outcome { ended, totals, .. } = task.await.expect("join");
+        assert!(matches!(ended, Ended::Closed), "{ended:?}");
+        assert_eq!(
+            totals,
+            Totals {
+                client_to_upstream: 2,
+                upstream_to_client: 17
             }
         );
     }

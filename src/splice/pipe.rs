@@ -10,16 +10,14 @@
 //! one assignment in this file.
 
 use std::io;
-use std::net::Shutdown;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use prometheus::IntCounter;
-use socket2::SockRef;
-use tokio::net::TcpStream;
 
 use super::buffers::{return_buffer, take_buffer};
 use super::guards::{Guard, Guards, Verdict};
+use super::socket::Socket;
 use super::{Ended, Leg};
 use crate::frames::{close_frame, CloseSeen, FrameTracker};
 
@@ -320,14 +318,14 @@ impl Pipe {
     }
 
     /// `src` ended: passes the EOF on and finishes this direction.
-    fn finish(&mut self, dst: &TcpStream, other_done: bool) {
+    fn finish(&mut self, dst: &impl Socket, other_done: bool) {
         // A peer that already reset makes the shutdown fail; the direction
         // is finished either way. When the other direction is finished too,
         // the splice ends now and the caller's close sends this FIN (`dst`
         // has nothing unread after its own EOF, so close cannot turn into a
         // RST): one system call fewer per connection.
         if !other_done {
-            if let Err(e) = SockRef::from(dst).shutdown(Shutdown::Write) {
+            if let Err(e) = dst.shutdown_write() {
                 tracing::trace!(error = %e, "passing on FIN");
             }
         }
@@ -340,8 +338,8 @@ impl Pipe {
     pub(crate) fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        src: &TcpStream,
-        dst: &TcpStream,
+        src: &impl Socket,
+        dst: &impl Socket,
         counters: Counters<'_>,
         moved: &mut bool,
         other_done: bool,
@@ -451,7 +449,7 @@ fn feed_watching_for_close(tracker: &mut FrameTracker, bytes: &[u8]) -> bool {
 /// more `read` syscall just to learn `EAGAIN` — per message, per direction.
 /// Clearing is safe: data that arrives later raises a new edge-triggered
 /// event with a newer tick, which this clear does not erase.
-fn read_some(src: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+fn read_some(src: &impl Socket, buf: &mut Vec<u8>) -> io::Result<usize> {
     let spare = buf.capacity() - buf.len();
     clearing_when_short(src, tokio::io::Interest::READABLE, spare, || {
         src.try_read_buf(buf)
@@ -460,7 +458,7 @@ fn read_some(src: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
 
 /// Writes what the socket takes; after a short write the send buffer is
 /// full, so write readiness is cleared at once (see [`read_some`]).
-fn write_some(dst: &TcpStream, data: &[u8]) -> io::Result<usize> {
+fn write_some(dst: &impl Socket, data: &[u8]) -> io::Result<usize> {
     clearing_when_short(dst, tokio::io::Interest::WRITABLE, data.len(), || {
         dst.try_write(data)
     })
@@ -469,7 +467,7 @@ fn write_some(dst: &TcpStream, data: &[u8]) -> io::Result<usize> {
 /// Runs `op` (an IO of at most `full` bytes) under `try_io`, and clears the
 /// `interest` readiness when it moved fewer than `full` bytes.
 fn clearing_when_short(
-    stream: &TcpStream,
+    stream: &impl Socket,
     interest: tokio::io::Interest,
     full: usize,
     op: impl FnOnce() -> io::Result<usize>,
