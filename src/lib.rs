@@ -21,6 +21,7 @@
 //! | `responses` | every answer wsgate writes itself (400 … 504), with static bodies |
 //! | `tunnel` | the upstream handshake, then the tracked task that owns a slot |
 //! | `upstream_http` | the upstream handshake on the wire: request head out, 101 parsed |
+//! | `upstream_client` | the pooled plain-HTTP client to the upstream, over TCP or a Unix socket |
 //! | `splice/` | the byte mover: per-direction phases, buffer pool, waker gate, deadlines |
 //! | `frames` | RFC 6455 frame-boundary tracker; Close frame encoding |
 //! | `drain` | live tunnels in age order; the even-pace drain; the operator's drain |
@@ -60,6 +61,7 @@ pub(crate) mod shutdown;
 pub(crate) mod splice;
 pub(crate) mod tcp;
 pub(crate) mod tunnel;
+pub(crate) mod upstream_client;
 pub(crate) mod upstream_http;
 
 use std::time::Duration;

@@ -182,7 +182,7 @@ async fn serve(
         );
     }
     tracing::info!(
-        upstream = %config.upstream.authority,
+        upstream = %config.upstream.shown(),
         max_clients = config.max_clients,
         "wsgate {} running",
         env!("CARGO_PKG_VERSION")

@@ -13,16 +13,12 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme, Uri};
 use http::{header, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::access_log::{Refusal, Refusals, SessionInfo};
 use crate::admission::{Admission, Admitted, Policy, RejectReason};
@@ -37,10 +33,7 @@ use crate::responses::{self, ProxyBody};
 use crate::shutdown::Shutdown;
 use crate::splice::Limits;
 use crate::tunnel::{self, Answer, TunnelContext};
-
-/// How long a keep-alive connection to the upstream may sit idle in the
-/// plain-HTTP pool before it is closed (evicted on a tick of the same length).
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::upstream_client::UpstreamClient;
 
 /// The shared state behind every connection's service.
 #[derive(Debug, Clone)]
@@ -64,7 +57,7 @@ struct Inner {
     refusals: Refusals,
     shutdown: Shutdown,
     /// Pooled keep-alive connections to the upstream for plain HTTP.
-    client: Client<HttpConnector, Incoming>,
+    client: UpstreamClient,
     upstream_authority: Authority,
 }
 
@@ -86,16 +79,7 @@ impl Proxy {
             metrics.active.clone(),
             metrics.max.clone(),
         );
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.upstream_connect_timeout));
-        connector.set_keepalive(config.tcp_keepalive);
-        let client = Client::builder(TokioExecutor::new())
-            // Without a timer the pool never evicts idle connections: each
-            // would hold a descriptor and a task until the upstream closed it.
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build(connector);
+        let client = UpstreamClient::new(&config);
         let upstream_authority = config.upstream.authority.parse()?;
         let keys = KeyLimits::new(&config, metrics.keys.clone());
         let refusals = Refusals::default();

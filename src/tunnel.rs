@@ -8,6 +8,10 @@
 //! descriptor. The request head is written and a 101 read by
 //! [`crate::upstream_http`]; only a non-101 answer, whose body must still
 //! stream to the client, gets a hyper connection, driven on the tracker.
+//!
+//! The upstream leg is TCP or a Unix socket (SPEC §13), [`UpstreamIo`]: the
+//! handshake and the splice are generic over the socket, and the tunnel
+//! picks the copy once, when it starts.
 
 use std::future::Future;
 use std::time::Duration;
@@ -18,14 +22,14 @@ use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
 
 use crate::access_log::{self, SessionInfo};
 use crate::admission::AdmissionGuard;
 use crate::config::MessageGuards;
-use crate::config::Upstream;
+use crate::config::{Endpoint, Upstream};
 use crate::drain::Tunnels;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
@@ -43,12 +47,22 @@ pub(crate) enum Answer {
         /// The 101 head (its headers go to the client).
         head: Response<()>,
         /// The upstream socket.
-        io: TcpStream,
+        io: UpstreamIo,
         /// Bytes the upstream sent right after its 101.
         leftover: Bytes,
     },
     /// Anything else, passed to the client as it is.
     Other(Response<Incoming>),
+}
+
+/// The upstream leg's socket: TCP, or a Unix socket for a `unix:`
+/// upstream (SPEC §13).
+#[derive(Debug)]
+pub(crate) enum UpstreamIo {
+    /// A `host:port` upstream.
+    Tcp(TcpStream),
+    /// A `unix:/path` upstream.
+    Unix(UnixStream),
 }
 
 /// How much is read of the upstream's answer at first: a 101 head is a few
@@ -59,18 +73,48 @@ const ANSWER_BUFFER: usize = 1024;
 /// Connects to the upstream, forwards `request` and reads the answer head.
 /// The caller bounds this with `upstream_connect_timeout`.
 ///
+/// `keepalive` applies to a TCP upstream only: a Unix socket has no
+/// keepalive or user timeout, and needs none (its peer is on the same host:
+/// when the app dies, the kernel closes its end and the splice reads EOF).
+///
 /// # Errors
-/// Connect failures and broken or non-HTTP answers.
+/// Connect failures (for a Unix socket also a missing file, a refused
+/// connection or no permission: the upstream is unreachable either way),
+/// and broken or non-HTTP answers.
 pub(crate) async fn handshake(
     upstream: &Upstream,
     keepalive: Option<Duration>,
     request: Request<Empty<Bytes>>,
     shutdown: &Shutdown,
 ) -> Result<Answer, ProxyError> {
-    let mut stream = TcpStream::connect((upstream.host.as_str(), upstream.port))
-        .await
-        .map_err(ProxyError::UpstreamConnect)?;
-    tcp::configure(&stream, keepalive);
+    match &upstream.endpoint {
+        Endpoint::Tcp { host, port } => {
+            let stream = TcpStream::connect((host.as_str(), *port))
+                .await
+                .map_err(ProxyError::UpstreamConnect)?;
+            tcp::configure(&stream, keepalive);
+            exchange(stream, request, shutdown, UpstreamIo::Tcp).await
+        }
+        Endpoint::Unix(path) => {
+            let stream = UnixStream::connect(path)
+                .await
+                .map_err(ProxyError::UpstreamConnect)?;
+            exchange(stream, request, shutdown, UpstreamIo::Unix).await
+        }
+    }
+}
+
+/// Writes the request head on a connected upstream `stream` and reads the
+/// answer head; `leg` names the socket for the splice after a 101.
+async fn exchange<S>(
+    mut stream: S,
+    request: Request<Empty<Bytes>>,
+    shutdown: &Shutdown,
+    leg: fn(S) -> UpstreamIo,
+) -> Result<Answer, ProxyError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     stream
         .write_all(&upstream_http::encode_request(&request))
         .await
@@ -102,7 +146,7 @@ pub(crate) async fn handshake(
         // rather than held by the leftover until the splice starts.
         return Ok(Answer::Switching {
             head,
-            io: stream,
+            io: leg(stream),
             leftover: Bytes::copy_from_slice(&read[head_len..]),
         });
     }
@@ -113,7 +157,10 @@ pub(crate) async fn handshake(
 /// start again, so its body streams to the client in whatever framing the
 /// upstream chose. The connection is driven on the tracker until the body
 /// has been passed on, or the hard stop.
-async fn refusal(replay: Replay, shutdown: &Shutdown) -> Result<Answer, ProxyError> {
+async fn refusal<S>(replay: Replay<S>, shutdown: &Shutdown) -> Result<Answer, ProxyError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, mut conn) = hyper::client::conn::http1::Builder::new()
         .handshake::<_, Empty<Bytes>>(TokioIo::new(replay))
         .await
@@ -203,7 +250,7 @@ async fn lifetime_expiry(deadline: Option<Instant>, shutdown: &Shutdown) {
 /// the connection (see [`splice::splice`]).
 pub(crate) fn run(
     client_upgrade: OnUpgrade,
-    upstream: TcpStream,
+    upstream: UpstreamIo,
     upstream_leftover: Bytes,
     guard: AdmissionGuard,
     ctx: TunnelContext,
@@ -246,15 +293,33 @@ pub(crate) fn run(
             forwarded: &ctx.metrics.bytes_client_to_upstream,
             messages: &ctx.metrics.messages_client_to_upstream,
         };
-        let upstream_side = Side {
-            stream: &upstream,
-            leftover: upstream_leftover,
-            forwarded: &ctx.metrics.bytes_upstream_to_client,
-            messages: &ctx.metrics.messages_upstream_to_client,
-        };
         let guards = Guards::new(&ctx.guards, &ctx.metrics.guards);
-        let outcome =
-            splice::splice(client_side, upstream_side, ctx.limits, guards, stop, abort).await;
+        let (forwarded, messages) = (
+            &ctx.metrics.bytes_upstream_to_client,
+            &ctx.metrics.messages_upstream_to_client,
+        );
+        // One copy of the splice per kind of upstream socket, picked here
+        // once (see `splice::Socket`).
+        let outcome = match &upstream {
+            UpstreamIo::Tcp(stream) => {
+                let upstream_side = Side {
+                    stream,
+                    leftover: upstream_leftover,
+                    forwarded,
+                    messages,
+                };
+                splice::splice(client_side, upstream_side, ctx.limits, guards, stop, abort).await
+            }
+            UpstreamIo::Unix(stream) => {
+                let upstream_side = Side {
+                    stream,
+                    leftover: upstream_leftover,
+                    forwarded,
+                    messages,
+                };
+                splice::splice(client_side, upstream_side, ctx.limits, guards, stop, abort).await
+            }
+        };
         drop(registration);
         let Outcome {
             ended,
@@ -368,8 +433,12 @@ mod tests {
         .await
         .expect("in time")
         .expect("handshake");
-        let Answer::Switching { io, .. } = answer else {
-            panic!("expected 101")
+        let Answer::Switching {
+            io: UpstreamIo::Tcp(io),
+            ..
+        } = answer
+        else {
+            panic!("expected 101 over TCP")
         };
         let sock = SockRef::from(&io);
         assert!(sock.keepalive().expect("SO_KEEPALIVE"));
@@ -385,5 +454,86 @@ mod tests {
         );
         assert!(sock.tcp_nodelay().expect("TCP_NODELAY"));
         drop(upstream_task.await.expect("upstream"));
+    }
+
+    /// A request with only a path and the upgrade header.
+    fn upgrade_request() -> Request<Empty<Bytes>> {
+        let mut req = Request::new(Empty::<Bytes>::new());
+        *req.uri_mut() = "/".parse().expect("uri");
+        req.headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        req
+    }
+
+    /// SPEC §13: over a Unix socket the handshake is the same bytes, and a
+    /// 101 hands the splice a Unix leg with what followed the head.
+    #[tokio::test]
+    async fn a_unix_upstream_is_reached_through_its_socket_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ws.sock");
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        let upstream_task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !upstream_http::head_ends_after(&head, 0) {
+                let n = s.read(&mut buf).await.expect("read");
+                assert!(n > 0, "request head cut short");
+                head.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\nearly")
+                .await
+                .expect("write");
+            (s, head)
+        });
+        let upstream =
+            Upstream::parse(&format!("unix:{}", path.display())).expect("a unix upstream");
+        let answer = tokio::time::timeout(
+            Duration::from_secs(10),
+            handshake(
+                &upstream,
+                Some(Duration::from_secs(20)),
+                upgrade_request(),
+                &Shutdown::new(),
+            ),
+        )
+        .await
+        .expect("in time")
+        .expect("handshake");
+        let Answer::Switching {
+            io: UpstreamIo::Unix(_),
+            leftover,
+            ..
+        } = answer
+        else {
+            panic!("expected 101 over the Unix socket")
+        };
+        assert_eq!(&leftover[..], b"early");
+        let (_s, head) = upstream_task.await.expect("upstream");
+        assert!(head.starts_with(b"GET / HTTP/1.1\r\n"));
+    }
+
+    /// A missing socket file, or one nobody listens on: the upstream is
+    /// unreachable (502, `kind="connect"`), like a refused TCP connect.
+    #[tokio::test]
+    async fn a_missing_or_dead_socket_file_is_a_connect_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("missing.sock");
+        let dead = dir.path().join("dead.sock");
+        // Bound, then closed: the file stays, nothing listens (ECONNREFUSED).
+        drop(std::os::unix::net::UnixListener::bind(&dead).expect("bind"));
+        for path in [missing, dead] {
+            let upstream =
+                Upstream::parse(&format!("unix:{}", path.display())).expect("a unix upstream");
+            let e = handshake(&upstream, None, upgrade_request(), &Shutdown::new())
+                .await
+                .expect_err("nothing to connect to");
+            assert!(
+                matches!(e, ProxyError::UpstreamConnect(_)),
+                "{}: {e:?}",
+                path.display()
+            );
+            assert_eq!(e.status(), http::StatusCode::BAD_GATEWAY);
+        }
     }
 }

@@ -16,7 +16,6 @@ use std::task::{Context, Poll, Waker};
 use bytes::{Buf, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 /// The largest answer head accepted from the upstream: the same 64 KiB a
 /// client's request head may take.
@@ -131,17 +130,19 @@ pub(crate) fn parse_answer(buf: &[u8]) -> Result<Option<(Response<()>, usize)>, 
 ///
 /// Nothing is readable until hyper has written its request: hyper takes
 /// bytes that arrive on an idle connection for an unexpected message.
+///
+/// `IO` is the upstream socket, TCP or Unix (SPEC §13).
 #[derive(Debug)]
-pub(crate) struct Replay {
+pub(crate) struct Replay<IO> {
     read: Bytes,
-    io: TcpStream,
+    io: IO,
     request_written: bool,
     reader: Option<Waker>,
 }
 
-impl Replay {
+impl<IO> Replay<IO> {
     /// `read`: what was read from `io` so far, the answer head first.
-    pub(crate) fn new(read: Bytes, io: TcpStream) -> Self {
+    pub(crate) fn new(read: Bytes, io: IO) -> Self {
         Replay {
             read,
             io,
@@ -151,7 +152,7 @@ impl Replay {
     }
 }
 
-impl AsyncRead for Replay {
+impl<IO: AsyncRead + Unpin> AsyncRead for Replay<IO> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -172,7 +173,7 @@ impl AsyncRead for Replay {
     }
 }
 
-impl AsyncWrite for Replay {
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Replay<IO> {
     fn poll_write(
         self: Pin<&mut Self>,
         _: &mut Context<'_>,

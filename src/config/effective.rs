@@ -4,9 +4,10 @@
 //! printed without code here. The helpers below give the few typed fields
 //! whose form differs from what is written their written form again:
 //! durations in humantime (`1m 30s`), "off" as `0s` or `0`, the upstream as
-//! `host:port`. The output is itself a configuration file that loads to the
-//! same values (tested below), every key with the value wsgate uses, but
-//! for one: a password in `fleet_redis_url` is printed as `***`.
+//! `host:port` or `unix:/path`. The output is itself a configuration file
+//! that loads to the same values (tested below), every key with the value
+//! wsgate uses, but for one: a password in `fleet_redis_url` is printed as
+//! `***`.
 
 use std::time::Duration;
 
@@ -44,9 +45,9 @@ pub(super) fn seconds<S: Serializer>(secs: &u64, s: S) -> Result<S::Ok, S::Error
     duration(&Duration::from_secs(*secs), s)
 }
 
-/// The upstream as `host:port`.
+/// The upstream as `host:port`, or `unix:/path`.
 pub(super) fn upstream<S: Serializer>(u: &Upstream, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&u.authority)
+    s.serialize_str(&u.shown())
 }
 
 /// `ready_high_watermark` and `ready_low_watermark`; both 0 when off.
@@ -187,6 +188,24 @@ mod tests {
                     && !printed.contains("s3cret"),
                 "{printed}"
             );
+            Ok(())
+        });
+    }
+
+    /// SPEC §13: `check-config` prints a Unix upstream as it was given.
+    #[test]
+    fn a_unix_upstream_prints_as_given_and_loads_to_itself() {
+        Jail::expect_with(|jail| {
+            jail.set_env("WSGATE_UPSTREAM", "unix:/run/app/ws.sock");
+            let printed = Config::load(None).expect("valid").to_toml();
+            assert!(
+                printed.contains("upstream = \"unix:/run/app/ws.sock\"\n"),
+                "{printed}"
+            );
+            jail.clear_env();
+            jail.create_file("printed.toml", &printed)?;
+            let again = Config::load(Some("printed.toml".as_ref())).expect("loads");
+            assert_eq!(again.to_toml(), printed);
             Ok(())
         });
     }

@@ -64,7 +64,7 @@ pub use self::key_limits::{
     MAX_KEY_LEN,
 };
 pub use self::load::{ConfigSource, ENV_PREFIX, LEGACY_MAX_CLIENTS_ENV};
-pub use self::values::{LogFormat, Upstream};
+pub use self::values::{Endpoint, LogFormat, Upstream};
 
 use self::duration::{AnyDuration, Keepalive, OffOrDuration, PositiveDuration};
 use self::fleet::{FleetCap, InstanceId, LeaseTtl, Namespace};
@@ -84,7 +84,8 @@ pub struct RawConfig {
     /// Client-facing address.
     #[serde(deserialize_with = "ListenAddress::checked")]
     pub listen: String,
-    /// `host:port` or `http://host:port` of the upstream; required.
+    /// `host:port`, `http://host:port` or `unix:/absolute/path` of the
+    /// upstream; required.
     #[serde(deserialize_with = "Upstream::checked_optional")]
     pub upstream: Option<String>,
     /// Address of `/metrics`, `/healthz`, `/readyz`.

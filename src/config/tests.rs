@@ -137,6 +137,8 @@ fn invalid_values_name_key_value_and_accepted() {
     assert_rejected("WSGATE_LOG_FORMAT", "xml", "log_format");
     assert_rejected("WSGATE_UPSTREAM", "https://x:1", "upstream");
     assert_rejected("WSGATE_UPSTREAM", "nohostport", "upstream");
+    assert_rejected("WSGATE_UPSTREAM", "unix:run/ws.sock", "upstream");
+    assert_rejected("WSGATE_UPSTREAM", "unix:", "upstream");
     assert_rejected("WS_MAX_CLIENTS", "lots", "max_clients");
 }
 

@@ -16,6 +16,7 @@
 use std::fmt;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use serde::de::{self, Deserializer, Unexpected, Visitor};
 use serde::{Deserialize, Serialize};
@@ -215,21 +216,51 @@ impl ValueKind for ListenAddress {
 /// Where the upstream lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
-    /// Host name or IP literal (without brackets).
-    pub host: String,
-    /// TCP port.
-    pub port: u16,
-    /// `host:port` as it goes into URIs and `Host` headers (IPv6 bracketed).
+    /// How wsgate reaches it.
+    pub endpoint: Endpoint,
+    /// What goes into URIs and `Host` headers: `host:port` (IPv6
+    /// bracketed); `localhost` for a Unix socket (SPEC §13), which has no
+    /// host name of its own.
     pub authority: String,
 }
 
+/// The address wsgate connects to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// TCP to a host and port.
+    Tcp {
+        /// Host name or IP literal (without brackets).
+        host: String,
+        /// TCP port.
+        port: u16,
+    },
+    /// A Unix domain socket at this absolute path.
+    Unix(PathBuf),
+}
+
+/// The prefix of the Unix socket form (`unix:/run/app/ws.sock`).
+const UNIX_PREFIX: &str = "unix:";
+
+/// The longest socket path: `sun_path` holds 108 bytes on Linux, the last
+/// of them the terminating NUL. A longer path cannot be connected to at
+/// all, so it is refused at start-up rather than on every upgrade.
+const MAX_UNIX_PATH: usize = 107;
+
+/// The `Host` a Unix upstream gets when the client sent none.
+const UNIX_AUTHORITY: &str = "localhost";
+
 impl Upstream {
-    /// Parses `host:port` or `http://host:port` (a trailing `/` is allowed).
+    /// Parses `host:port`, `http://host:port` (a trailing `/` is allowed)
+    /// or `unix:/absolute/path`.
     ///
     /// # Errors
-    /// Returns a message saying what is wrong when the text is not of that form.
+    /// Returns a message saying what is wrong when the text is not of one
+    /// of those forms.
     pub fn parse(text: &str) -> Result<Self, String> {
         let t = text.trim();
+        if let Some(path) = t.strip_prefix(UNIX_PREFIX) {
+            return Self::unix(path);
+        }
         let rest = if let Some(r) = t.strip_prefix("http://") {
             r
         } else if t.contains("://") {
@@ -248,10 +279,44 @@ impl Upstream {
             return Err("expected host:port with a non-zero port".into());
         }
         Ok(Upstream {
-            host: host.to_owned(),
-            port,
+            endpoint: Endpoint::Tcp {
+                host: host.to_owned(),
+                port,
+            },
             authority: uri.as_str().to_owned(),
         })
+    }
+
+    /// The Unix socket form, from what follows `unix:`.
+    fn unix(path: &str) -> Result<Self, String> {
+        if path.is_empty() {
+            return Err("unix: needs a socket path".into());
+        }
+        if !path.starts_with('/') {
+            return Err("the socket path must be absolute".into());
+        }
+        if path.contains('\0') {
+            return Err("the socket path cannot contain NUL".into());
+        }
+        if path.len() > MAX_UNIX_PATH {
+            return Err(format!(
+                "the socket path is {} bytes, over the {MAX_UNIX_PATH} a Unix socket takes",
+                path.len()
+            ));
+        }
+        Ok(Upstream {
+            endpoint: Endpoint::Unix(PathBuf::from(path)),
+            authority: UNIX_AUTHORITY.to_owned(),
+        })
+    }
+
+    /// The upstream as configuration writes it: `host:port`, or
+    /// `unix:/path` (`check-config`, logs).
+    pub fn shown(&self) -> String {
+        match &self.endpoint {
+            Endpoint::Tcp { .. } => self.authority.clone(),
+            Endpoint::Unix(path) => format!("{UNIX_PREFIX}{}", path.display()),
+        }
     }
 }
 
@@ -259,7 +324,8 @@ impl ValueKind for Upstream {
     type Raw = String;
     type Value = Upstream;
     const EXPECTED: &'static str =
-        "host:port or http://host:port with a non-zero port (https:// is not supported)";
+        "host:port or http://host:port with a non-zero port (https:// is not supported), \
+         or unix:/absolute/path to a Unix socket (at most 107 bytes)";
     fn check(raw: &String) -> Option<Upstream> {
         Upstream::parse(raw).ok()
     }
@@ -399,12 +465,54 @@ mod tests {
     #[test]
     fn upstream_forms() {
         let u = Upstream::parse("http://app:3000/").expect("valid");
-        assert_eq!((u.host.as_str(), u.port), ("app", 3000));
+        assert_eq!(
+            u.endpoint,
+            Endpoint::Tcp {
+                host: "app".into(),
+                port: 3000
+            }
+        );
         let u = Upstream::parse("[::1]:80").expect("valid");
-        assert_eq!((u.host.as_str(), u.authority.as_str()), ("::1", "[::1]:80"));
+        assert_eq!(u.authority, "[::1]:80");
+        assert!(matches!(&u.endpoint, Endpoint::Tcp { host, .. } if host == "::1"));
         assert!(Upstream::parse("app").is_err());
         assert!(Upstream::parse("app:0").is_err());
         assert!(Upstream::parse("app:3000/path").is_err());
         assert!(Upstream::parse("ws://app:1").is_err());
+    }
+
+    #[test]
+    fn unix_socket_upstream() {
+        let u = Upstream::parse("unix:/run/app/ws.sock").expect("valid");
+        assert_eq!(u.endpoint, Endpoint::Unix("/run/app/ws.sock".into()));
+        assert_eq!(
+            u.authority, "localhost",
+            "the Host when the client sent none"
+        );
+        assert_eq!(u.shown(), "unix:/run/app/ws.sock", "printed back as given");
+        assert_eq!(
+            Upstream::parse("app:3000").expect("valid").shown(),
+            "app:3000"
+        );
+        // Exactly the sun_path limit, and one byte over it.
+        let longest = format!("/{}", "a".repeat(MAX_UNIX_PATH - 1));
+        assert!(Upstream::parse(&format!("unix:{longest}")).is_ok());
+        let too_long = Upstream::parse(&format!("unix:{longest}a")).expect_err("108 bytes");
+        assert!(too_long.contains("108 bytes"), "{too_long}");
+        for (bad, why) in [
+            ("unix:", "needs a socket path"),
+            ("unix:run/app/ws.sock", "absolute"),
+            ("unix:./ws.sock", "absolute"),
+            ("unix:/run/a\0b", "NUL"),
+        ] {
+            let e = Upstream::parse(bad).expect_err(bad);
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        // The URL spelling other tools use names the same file (the kernel
+        // reads `///run` as `/run`) and is printed back as written.
+        let url = Upstream::parse("unix:///run/app/ws.sock").expect("an absolute path");
+        assert_eq!(url.shown(), "unix:///run/app/ws.sock");
+        assert!(Upstream::check(&"unix:ws.sock".to_owned()).is_none());
+        assert!(Upstream::EXPECTED.contains("unix:/absolute/path"));
     }
 }
