@@ -172,7 +172,7 @@ pub async fn read_head(s: &mut TcpStream) -> String {
 
 /// [`read_head`] without the deadline: for upstreams, which wait as long as
 /// wsgate keeps the connection (the test around them has its deadlines).
-pub(crate) async fn read_head_unbounded(s: &mut TcpStream) -> String {
+pub(crate) async fn read_head_unbounded(s: &mut (impl AsyncRead + Unpin)) -> String {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {

@@ -104,10 +104,21 @@ impl GateProcess {
         env: &[(&str, String)],
         nofile: Option<u64>,
     ) -> (GateProcess, SocketAddr, SocketAddr) {
+        GateProcess::proxy_to(&upstream.to_string(), args, env, nofile)
+    }
+
+    /// [`GateProcess::proxy_with_args`] with `WSGATE_UPSTREAM` as written,
+    /// e.g. `unix:/path` (SPEC §13).
+    pub fn proxy_to(
+        upstream: &str,
+        args: &[&str],
+        env: &[(&str, String)],
+        nofile: Option<u64>,
+    ) -> (GateProcess, SocketAddr, SocketAddr) {
         let mut all = vec![
             ("WSGATE_LISTEN", "127.0.0.1:0".to_owned()),
             ("WSGATE_ADMIN_LISTEN", "127.0.0.1:0".to_owned()),
-            ("WSGATE_UPSTREAM", upstream.to_string()),
+            ("WSGATE_UPSTREAM", upstream.to_owned()),
         ];
         all.extend(env.iter().cloned());
         let gate = GateProcess::start(args, &all, nofile);

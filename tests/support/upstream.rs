@@ -2,11 +2,14 @@
 //! ways ([`Behaviour`]), one that records every request it sees
 //! ([`CountingUpstream`]), a raw one that hands each connection to the test
 //! ([`spawn_raw_upstream`]), and an address that refuses ([`closed_port`]).
-//! All of them accept through one loop, [`spawn_raw_upstream`].
+//! All of them accept through one loop, [`spawn_raw_upstream`]. The same
+//! behaviours on a Unix socket in a temp dir (SPEC §13) are
+//! [`UnixUpstream`]s, accepting through [`spawn_unix_raw_upstream_at`].
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,8 +21,8 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
@@ -98,7 +101,7 @@ pub async fn spawn_sink_upstream() -> RawUpstream {
 }
 
 /// Reads an HTTP request head from `s` (up to the blank line); returns it.
-pub async fn read_request_head(s: &mut TcpStream) -> String {
+pub async fn read_request_head(s: &mut (impl AsyncRead + Unpin)) -> String {
     read_head_unbounded(s).await
 }
 
@@ -242,7 +245,10 @@ async fn spawn_upstream_with(behaviour: Behaviour, record: bool) -> Upstream {
     }
 }
 
-async fn serve_upstream_conn(mut stream: TcpStream, behaviour: Behaviour, log: Option<Received>) {
+async fn serve_upstream_conn<S>(mut stream: S, behaviour: Behaviour, log: Option<Received>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     if behaviour == Behaviour::Silent {
         discard_until_eof(&mut stream).await;
         return;
@@ -251,9 +257,10 @@ async fn serve_upstream_conn(mut stream: TcpStream, behaviour: Behaviour, log: O
     serve_http(stream, service).await;
 }
 
-/// Serves HTTP/1.1 with upgrades on one connection.
-async fn serve_http<S>(stream: TcpStream, service: S)
+/// Serves HTTP/1.1 with upgrades on one connection (TCP or Unix).
+async fn serve_http<IO, S>(stream: IO, service: S)
 where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<UpBody>, Error = Infallible>,
     S::Future: Send + 'static,
 {
@@ -482,4 +489,122 @@ async fn counting_handle(
     r.headers_mut()
         .insert("x-upstream", HeaderValue::from_static("yes"));
     Ok(r)
+}
+
+// ---------------------------------------------------------------- unix socket
+
+/// An upstream on a Unix domain socket (SPEC §13): the same behaviours as
+/// the TCP ones, at a socket file. Requests it serves with the counting
+/// handler are recorded in `seen`.
+pub struct UnixUpstream {
+    /// The socket file.
+    pub path: PathBuf,
+    /// Connections it accepted.
+    pub accepts: Arc<AtomicUsize>,
+    /// Requests recorded by [`spawn_unix_counting_upstream`] (empty for the others).
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    task: JoinHandle<()>,
+    /// The temp dir holding the socket file, when this upstream made it.
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl UnixUpstream {
+    /// The `upstream` value that names it: `unix:/path`.
+    pub fn upstream(&self) -> String {
+        format!("unix:{}", self.path.display())
+    }
+}
+
+impl Drop for UnixUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A fresh temp dir and the socket path in it (`ws.sock`).
+pub fn unix_socket_path() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ws.sock");
+    (dir, path)
+}
+
+/// Listens at `path` and runs `f` on each connection, like
+/// [`spawn_raw_upstream`]; the caller owns the directory.
+pub fn spawn_unix_raw_upstream_at<F, Fut>(path: &Path, f: F) -> UnixUpstream
+where
+    F: Fn(UnixStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    start_unix(path, None, Arc::default(), f)
+}
+
+/// [`spawn_unix_raw_upstream_at`] in a temp dir of its own.
+pub fn spawn_unix_raw_upstream<F, Fut>(f: F) -> UnixUpstream
+where
+    F: Fn(UnixStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (dir, path) = unix_socket_path();
+    start_unix(&path, Some(dir), Arc::default(), f)
+}
+
+/// The accept loop of every [`UnixUpstream`].
+fn start_unix<F, Fut>(
+    path: &Path,
+    dir: Option<tempfile::TempDir>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    f: F,
+) -> UnixUpstream
+where
+    F: Fn(UnixStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = UnixListener::bind(path).expect("bind the upstream's socket");
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepts);
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            while conns.try_join_next().is_some() {}
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            conns.spawn(f(stream));
+        }
+    });
+    UnixUpstream {
+        path: path.to_owned(),
+        accepts,
+        seen,
+        task,
+        _dir: dir,
+    }
+}
+
+/// An upstream behaving as `behaviour` says, at `path`.
+pub fn spawn_unix_upstream_at(path: &Path, behaviour: Behaviour) -> UnixUpstream {
+    spawn_unix_raw_upstream_at(path, move |stream| {
+        serve_upstream_conn(stream, behaviour, None)
+    })
+}
+
+/// An upstream behaving as `behaviour` says, in a temp dir of its own.
+pub fn spawn_unix_upstream(behaviour: Behaviour) -> UnixUpstream {
+    spawn_unix_raw_upstream(move |stream| serve_upstream_conn(stream, behaviour, None))
+}
+
+/// The counting upstream ([`spawn_counting_upstream`]) on a Unix socket:
+/// every request is recorded in `seen`.
+pub fn spawn_unix_counting_upstream() -> UnixUpstream {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    let (dir, path) = unix_socket_path();
+    start_unix(&path, Some(dir), seen, move |stream| {
+        let record = Arc::clone(&record);
+        serve_http(
+            stream,
+            service_fn(move |req| counting_handle(req, Arc::clone(&record))),
+        )
+    })
 }
