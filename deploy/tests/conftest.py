@@ -209,6 +209,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     },
     "standalone-no-service": {"app": {"enabled": False}, "nativeSidecar": False, "upstream": "chat-backend:3000",
                               "service": {"enabled": False}, "maxClients": 1},
+    # SPEC §13: the app's Unix socket in a shared emptyDir.
+    "unix-socket-emptydir": {"upstream": "unix:/run/app/ws.sock", "upstreamSocket": {"emptyDir": True},
+                             "maxClients": 100},
 }
 
 

@@ -85,6 +85,22 @@ two values. Fails the render with a message naming the values.
 {{- include "wsgate.validateKeyLimits" . -}}
 {{- include "wsgate.validateFleet" . -}}
 {{- include "wsgate.validateMessageGuards" . -}}
+{{- include "wsgate.validateUpstreamSocket" . -}}
+{{- end -}}
+
+{{/*
+wsgate.validateUpstreamSocket: with upstreamSocket.emptyDir, `upstream` must name a socket file in
+the shared directory, or wsgate would look for the app's socket where the app cannot put it.
+*/}}
+{{- define "wsgate.validateUpstreamSocket" -}}
+{{- $s := .Values.upstreamSocket -}}
+{{- if $s.emptyDir -}}
+{{- $dir := printf "unix:%s/" (trimSuffix "/" (toString $s.mountPath)) -}}
+{{- $file := trimPrefix $dir (toString .Values.upstream) -}}
+{{- if or (not (hasPrefix $dir (toString .Values.upstream))) (not $file) (contains "/" $file) -}}
+{{- fail (printf "upstreamSocket.emptyDir shares %s between the app and wsgate: set upstream to %s<file>, the socket the app creates there (upstream is %q)" $s.mountPath $dir (toString .Values.upstream)) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/*
@@ -298,6 +314,19 @@ wsgate.volumes to that pod (see README: Using the container in your own chart).
   mountPath: {{ include "wsgate.adminTokenDir" . }}
   readOnly: true
 {{- end }}
+{{- include "wsgate.upstreamSocketMount" . }}
+{{- end -}}
+
+{{/*
+wsgate.upstreamSocketMount: the shared emptyDir of an upstream on a Unix socket (SPEC §13), the
+same mount for the wsgate and the app container (read-write: connecting to a socket needs write
+permission on its file); empty without upstreamSocket.emptyDir.
+*/}}
+{{- define "wsgate.upstreamSocketMount" -}}
+{{- if .Values.upstreamSocket.emptyDir }}
+- name: wsgate-upstream-socket
+  mountPath: {{ .Values.upstreamSocket.mountPath }}
+{{- end }}
 {{- end -}}
 
 {{- define "wsgate.volumes" -}}
@@ -327,6 +356,11 @@ wsgate.volumes to that pod (see README: Using the container in your own chart).
       - key: {{ .key }}
         path: token
 {{- end }}
+{{- end }}
+{{- if .Values.upstreamSocket.emptyDir }}
+# The directory the app creates its socket in and wsgate connects through (SPEC §13).
+- name: wsgate-upstream-socket
+  emptyDir: {}
 {{- end }}
 {{- end -}}
 
