@@ -536,4 +536,34 @@ mod tests {
             assert_eq!(e.status(), http::StatusCode::BAD_GATEWAY);
         }
     }
+
+    /// A listener whose accept queue is full refuses a Unix connect at once
+    /// (`EAGAIN`; TCP would wait): 502, not a wait for the 504.
+    #[tokio::test]
+    async fn a_full_accept_queue_is_a_connect_error_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("full.sock");
+        let listener = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)
+            .expect("socket");
+        listener
+            .bind(&socket2::SockAddr::unix(&path).expect("address"))
+            .expect("bind");
+        listener.listen(1).expect("listen");
+        // Fill the queue (Linux takes backlog + 1), never accepting.
+        let mut queued = Vec::new();
+        while let Ok(s) = UnixStream::connect(&path).await {
+            queued.push(s);
+            assert!(queued.len() < 64, "the accept queue never filled");
+        }
+        let upstream =
+            Upstream::parse(&format!("unix:{}", path.display())).expect("a unix upstream");
+        let e = tokio::time::timeout(
+            Duration::from_secs(1),
+            handshake(&upstream, None, upgrade_request(), &Shutdown::new()),
+        )
+        .await
+        .expect("at once, not after a timeout")
+        .expect_err("the queue is full");
+        assert!(matches!(e, ProxyError::UpstreamConnect(_)), "{e:?}");
+    }
 }
