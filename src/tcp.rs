@@ -1,4 +1,6 @@
-//! TCP socket options applied to both legs of every connection.
+//! TCP socket options applied to both legs of every connection (the client
+//! leg only when the upstream is a Unix socket, SPEC §13: its leg has no
+//! such options, and a peer on the same host cannot vanish unseen).
 //!
 //! `TCP_NODELAY`: WebSocket messages are small and latency-bound; Nagle would
 //! hold them back.
