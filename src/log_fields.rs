@@ -122,7 +122,10 @@ impl fmt::Write for Escaping<'_, '_> {
 
 /// ESC, BEL, BS, FF, DEL and the C1 controls.
 fn drives_a_terminal(c: char) -> bool {
-    matches!(c, '\x1b' | '\x07' | '\x08' | '\x0c' | '\x7f' | '\u{80}'..='\u{9f}')
+    matches!(
+        c,
+        '\x1b' | '\x07' | '\x08' | '\x0c' | '\x7f' | '\u{80}'..='\u{9f}'
+    )
 }
 
 #[cfg(test)]
@@ -172,7 +175,11 @@ mod tests {
         } else {
             tracing::subscriber::with_default(builder.finish(), emit);
         }
-        let bytes = sink.0.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let bytes = sink
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         String::from_utf8(bytes).expect("utf-8")
     }
 
@@ -200,7 +207,12 @@ mod tests {
             || tracing::info!(r#type = "raw", "identifier"),
             || tracing::info!(error = ?std::io::Error::other("boom"), "debug field"),
             || tracing::info!(only = 1_u64),
-            || tracing::info!("bell\x07 bs\x08 ff\x0c del\x7f c1\u{85} esc\x1b[0m {}", "\x1b"),
+            || {
+                tracing::info!(
+                    "bell\x07 bs\x08 ff\x0c del\x7f c1\u{85} esc\x1b[0m {}",
+                    "\x1b"
+                )
+            },
         ];
         for emit in cases {
             let (plain, default) = (line(true, emit), line(false, emit));
