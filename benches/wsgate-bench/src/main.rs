@@ -1,7 +1,9 @@
 //! wsgate-bench: the project's own WebSocket benchmark tool.
 //!
-//! * `echo`        – a fast, hand-rolled WebSocket echo upstream (frame-level echo, no message
-//!   reassembly, large reads, TCP_NODELAY, multi-thread tokio).
+//! * `echo`        – the echo upstream: `--kind frame` (default) a fast, hand-rolled frame-level
+//!   echo (no message reassembly, large reads, TCP_NODELAY, multi-thread tokio); `--kind
+//!   tungstenite` a tokio-tungstenite message echo on a current-thread runtime (writes each message
+//!   back as the library frames it, flushing after each). `--unix PATH` listens there too.
 //! * `latency`     – C connections, one small message in flight each: msgs/s, RTT p50/p99.
 //! * `throughput`  – a few connections keeping several 64 KiB binary messages in flight: MB/s.
 //! * `handshake`   – open-upgrade-close N connections, C at a time: upgrades/s, failures.
@@ -10,8 +12,10 @@
 //!   time-to-503 percentiles.
 //!
 //! Every load mode is bounded in count *and* time, talks to loopback only, reads the proxy's CPU
-//! time (utime+stime of the process tree under `--proxy-pid`) from /proc before and after, and
-//! prints exactly one JSON line on stdout. Exit code 1 when the mode failed its own sanity checks.
+//! time (utime+stime of the process tree under `--proxy-pid`) from /proc before and after (and,
+//! in latency, throughput and handshake, the echo's and the generator's own, for the whole
+//! machine's CPU per unit), and prints exactly one JSON line on stdout. Exit code 1 when the mode
+//! failed its own sanity checks.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
@@ -23,9 +27,10 @@ use clap::{Args, Parser, Subcommand};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::{Barrier, Notify, Semaphore};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
@@ -34,7 +39,8 @@ type Ws = WebSocketStream<TcpStream>;
 #[derive(Parser)]
 #[command(name = "wsgate-bench", version, about = "WebSocket proxy benchmark (loopback only)")]
 struct Cli {
-    /// Tokio worker threads for this process.
+    /// Tokio worker threads for this process; 0 = a current-thread runtime (one thread does it
+    /// all). `echo --kind tungstenite` always runs on a current-thread runtime.
     #[arg(long, global = true, default_value_t = 2)]
     threads: usize,
     #[command(subcommand)]
@@ -43,7 +49,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the echo upstream; prints `echo listening addr=IP:PORT` on stdout.
+    /// Run the echo upstream; prints `echo listening addr=IP:PORT kind=K` (and, with --unix,
+    /// `echo listening unix=PATH`) on stdout.
     Echo(EchoArgs),
     /// C connections, each sending a small message and awaiting its echo, one at a time.
     Latency(LatencyArgs),
@@ -61,6 +68,28 @@ enum Cmd {
 struct EchoArgs {
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: String,
+    /// `frame`: hand-rolled frame-level echo (multi-thread runtime, --threads workers);
+    /// `tungstenite`: tokio-tungstenite echo of whole messages on a current-thread runtime.
+    #[arg(long, default_value = "frame")]
+    kind: EchoKind,
+    /// Also listen on a Unix stream socket at PATH (an existing file there is removed first).
+    #[arg(long)]
+    unix: Option<std::path::PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum EchoKind {
+    Frame,
+    Tungstenite,
+}
+
+impl EchoKind {
+    fn name(self) -> &'static str {
+        match self {
+            EchoKind::Frame => "frame",
+            EchoKind::Tungstenite => "tungstenite",
+        }
+    }
 }
 
 #[derive(Args, Clone)]
@@ -287,6 +316,54 @@ fn cpu_delta(a: Option<ProcSnap>, b: Option<ProcSnap>) -> Option<f64> {
     Some(b?.cpu_s - a?.cpu_s)
 }
 
+/// The load generator's own CPU time (user + system, all threads), seconds: getrusage(SELF).
+fn self_cpu_s() -> f64 {
+    // SAFETY: getrusage fills a local struct.
+    unsafe {
+        let mut r: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut r) != 0 {
+            return 0.0;
+        }
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(r.ru_utime) + tv(r.ru_stime)
+    }
+}
+
+/// CPU seconds of one measurement window: the proxy's (None for `direct`), the echo's and the
+/// generator's own; `machine` is their sum (None when the echo was not measured).
+struct CpuWindow {
+    proxy: Option<f64>,
+    echo: Option<f64>,
+    gen: f64,
+}
+
+impl CpuWindow {
+    fn machine(&self) -> Option<f64> {
+        Some(self.echo? + self.gen + self.proxy.unwrap_or(0.0))
+    }
+}
+
+/// Snapshots of the proxy tree, the echo and this process at the start of a window.
+struct CpuMark {
+    proxy: Option<ProcSnap>,
+    echo: Option<ProcSnap>,
+    gen: f64,
+}
+
+impl CpuMark {
+    fn now(c: &Common) -> Self {
+        CpuMark { proxy: snap(&c.proxy_pid), echo: c.echo_pid.and_then(|p| snap(&[p])), gen: self_cpu_s() }
+    }
+    fn since(&self, c: &Common) -> CpuWindow {
+        let end = CpuMark::now(c);
+        CpuWindow {
+            proxy: cpu_delta(self.proxy, end.proxy),
+            echo: cpu_delta(self.echo, end.echo),
+            gen: end.gen - self.gen,
+        }
+    }
+}
+
 fn raise_nofile() -> (u64, u64) {
     // SAFETY: plain getrlimit/setrlimit on a local struct.
     unsafe {
@@ -332,9 +409,13 @@ fn opt(x: Option<f64>) -> Value {
     }
 }
 
+/// `--threads` of this process (0 = current-thread runtime), copied into every JSON line.
+static GEN_THREADS: AtomicU64 = AtomicU64::new(0);
+
 fn emit(mode: &str, c: &Common, ok: bool, mut v: Value) -> bool {
     let obj = v.as_object_mut().expect("object");
     obj.insert("mode".into(), json!(mode));
+    obj.insert("gen_threads".into(), json!(GEN_THREADS.load(Ordering::Relaxed)));
     obj.insert("target".into(), json!(c.target));
     obj.insert("round".into(), json!(c.round));
     obj.insert("ok".into(), json!(ok));
@@ -395,8 +476,32 @@ async fn next_data(ws: &mut Ws) -> Result<usize, String> {
 
 async fn echo_main(a: EchoArgs) -> std::io::Result<()> {
     let l = TcpListener::bind(&a.listen).await?;
-    println!("echo listening addr={}", l.local_addr()?);
+    let unix = match &a.unix {
+        Some(p) => {
+            let _ = std::fs::remove_file(p);
+            Some(UnixListener::bind(p)?)
+        }
+        None => None,
+    };
+    // both lines only once both sockets listen
+    println!("echo listening addr={} kind={}", l.local_addr()?, a.kind.name());
+    if let Some(p) = &a.unix {
+        println!("echo listening unix={}", p.display());
+    }
     std::io::stdout().flush()?;
+    let kind = a.kind;
+    if let Some(u) = unix {
+        tokio::spawn(async move {
+            loop {
+                match u.accept().await {
+                    Ok((s, _)) => {
+                        tokio::spawn(echo_serve(kind, s));
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+        });
+    }
     loop {
         let (s, _) = match l.accept().await {
             Ok(x) => x,
@@ -406,10 +511,38 @@ async fn echo_main(a: EchoArgs) -> std::io::Result<()> {
                 continue;
             }
         };
-        tokio::spawn(async move {
-            let _ = echo_conn(s).await;
-        });
+        let _ = s.set_nodelay(true);
+        tokio::spawn(echo_serve(kind, s));
     }
+}
+
+async fn echo_serve<S: AsyncRead + AsyncWrite + Unpin>(kind: EchoKind, s: S) {
+    match kind {
+        EchoKind::Frame => {
+            let _ = echo_conn(s).await;
+        }
+        EchoKind::Tungstenite => {
+            let _ = echo_tungstenite(s).await;
+        }
+    }
+}
+
+/// The echo a WebSocket library makes: tokio-tungstenite reads whole messages (reassembling
+/// fragments, unmasking) and each is sent back with `send` (the library frames it into its write
+/// buffer, header and payload, and flushes). Pings are answered by the library; a Close is
+/// answered by it too, and the loop keeps reading until the closing handshake is done.
+async fn echo_tungstenite<S: AsyncRead + AsyncWrite + Unpin>(s: S) -> Result<(), tungstenite::Error> {
+    let cfg = WebSocketConfig::default().max_message_size(Some(64 << 20)).max_frame_size(Some(64 << 20));
+    let mut ws = tokio_tungstenite::accept_async_with_config(s, Some(cfg)).await?;
+    while let Some(m) = ws.next().await {
+        match m? {
+            m @ (Message::Text(_) | Message::Binary(_)) => ws.send(m).await?,
+            // the reply Close is queued by the library and written by the next read
+            Message::Close(_) => {}
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn find_head_end(b: &[u8]) -> Option<usize> {
@@ -429,8 +562,7 @@ fn unmask(p: &mut [u8], m: [u8; 4]) {
     }
 }
 
-async fn echo_conn(mut s: TcpStream) -> std::io::Result<()> {
-    s.set_nodelay(true)?;
+async fn echo_conn<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> std::io::Result<()> {
     let mut inb: Vec<u8> = Vec::with_capacity(2048);
     let end = loop {
         if s.read_buf(&mut inb).await? == 0 {
@@ -734,8 +866,7 @@ async fn latency(a: LatencyArgs) -> bool {
         }));
     }
     barrier.wait().await;
-    let p0 = snap(&c.proxy_pid);
-    let e0 = c.echo_pid.and_then(|p| snap(&[p]));
+    let m0 = CpuMark::now(c);
     let t0 = Instant::now();
     let mut h = new_hist();
     let mut keep = Vec::new();
@@ -746,15 +877,15 @@ async fn latency(a: LatencyArgs) -> bool {
         }
     }
     let el = t0.elapsed().as_secs_f64();
-    let p1 = snap(&c.proxy_pid);
-    let e1 = c.echo_pid.and_then(|p| snap(&[p]));
+    let w = m0.since(c);
     for mut ws in keep {
         let _ = tokio::time::timeout(Duration::from_millis(200), ws.close(None)).await;
     }
     let msgs = h.len();
-    let cpu = cpu_delta(p0, p1);
+    let cpu = w.proxy;
     let errs = errors.load(Ordering::Relaxed);
     let ok = msgs > 0 && errs == 0;
+    let per_msg = |x: Option<f64>| opt(x.map(|c| c * 1e6 / msgs.max(1) as f64));
     emit(
         "latency",
         c,
@@ -765,9 +896,13 @@ async fn latency(a: LatencyArgs) -> bool {
             "p50_us": us(&h, 0.5), "p99_us": us(&h, 0.99), "p999_us": us(&h, 0.999), "max_us": us(&h, 1.0),
             "errors": errs,
             "proxy_cpu_s": opt(cpu),
-            "cpu_us_per_msg": opt(cpu.map(|c| c * 1e6 / msgs.max(1) as f64)),
-            "echo_cpu_s": opt(cpu_delta(e0, e1)),
-            "echo_cpu_us_per_msg": opt(cpu_delta(e0, e1).map(|c| c * 1e6 / msgs.max(1) as f64)),
+            "cpu_us_per_msg": per_msg(cpu),
+            "echo_cpu_s": opt(w.echo),
+            "echo_cpu_us_per_msg": per_msg(w.echo),
+            "gen_cpu_s": opt(Some(w.gen)),
+            "gen_cpu_us_per_msg": per_msg(Some(w.gen)),
+            "machine_cpu_s": opt(w.machine()),
+            "machine_cpu_us_per_msg": per_msg(w.machine()),
         }),
     )
 }
@@ -848,20 +983,19 @@ async fn throughput(a: ThroughputArgs) -> bool {
         }));
     }
     barrier.wait().await;
-    let p0 = snap(&c.proxy_pid);
-    let e0 = c.echo_pid.and_then(|p| snap(&[p]));
+    let m0 = CpuMark::now(c);
     let t0 = Instant::now();
     let mut bytes = 0u64;
     for t in tasks {
         bytes += t.await.unwrap_or(0);
     }
     let el = t0.elapsed().as_secs_f64();
-    let p1 = snap(&c.proxy_pid);
-    let e1 = c.echo_pid.and_then(|p| snap(&[p]));
-    let cpu = cpu_delta(p0, p1);
+    let w = m0.since(c);
+    let cpu = w.proxy;
     let errs = errors.load(Ordering::Relaxed);
     // each echoed payload byte crossed the proxy twice (there and back)
     let gb_proxied = 2.0 * bytes as f64 / 1e9;
+    let per_gb = |x: Option<f64>| opt(x.map(|c| c / gb_proxied.max(1e-12)));
     emit(
         "throughput",
         c,
@@ -872,9 +1006,13 @@ async fn throughput(a: ThroughputArgs) -> bool {
             "mb_per_s": round3(bytes as f64 / 1e6 / el),
             "errors": errs,
             "proxy_cpu_s": opt(cpu),
-            "cpu_s_per_gb": opt(cpu.map(|c| c / gb_proxied.max(1e-12))),
-            "echo_cpu_s": opt(cpu_delta(e0, e1)),
-            "echo_cpu_s_per_gb": opt(cpu_delta(e0, e1).map(|c| c / gb_proxied.max(1e-12))),
+            "cpu_s_per_gb": per_gb(cpu),
+            "echo_cpu_s": opt(w.echo),
+            "echo_cpu_s_per_gb": per_gb(w.echo),
+            "gen_cpu_s": opt(Some(w.gen)),
+            "gen_cpu_s_per_gb": per_gb(Some(w.gen)),
+            "machine_cpu_s": opt(w.machine()),
+            "machine_cpu_s_per_gb": per_gb(w.machine()),
         }),
     )
 }
@@ -949,8 +1087,7 @@ async fn handshake(a: HandshakeArgs) -> bool {
     let next = Arc::new(AtomicU64::new(0));
     let failures = Arc::new(AtomicU64::new(0));
     let fail_kinds = Arc::new(std::sync::Mutex::new(HashMap::<String, u64>::new()));
-    let p0 = snap(&c.proxy_pid);
-    let e0 = c.echo_pid.and_then(|p| snap(&[p]));
+    let m0 = CpuMark::now(c);
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..a.conns {
@@ -988,12 +1125,12 @@ async fn handshake(a: HandshakeArgs) -> bool {
         }
     }
     let el = t0.elapsed().as_secs_f64();
-    let p1 = snap(&c.proxy_pid);
-    let e1 = c.echo_pid.and_then(|p| snap(&[p]));
+    let w = m0.since(c);
     let okn = h.len();
     let fails = failures.load(Ordering::Relaxed);
-    let cpu = cpu_delta(p0, p1);
+    let cpu = w.proxy;
     let kinds = fail_kinds.lock().expect("lock").clone();
+    let per_up = |x: Option<f64>| opt(x.map(|c| c * 1e6 / okn.max(1) as f64));
     emit(
         "handshake",
         c,
@@ -1004,9 +1141,13 @@ async fn handshake(a: HandshakeArgs) -> bool {
             "upgrades_per_s": round3(okn as f64 / el),
             "upgrade_p50_us": us(&h, 0.5), "upgrade_p99_us": us(&h, 0.99),
             "proxy_cpu_s": opt(cpu),
-            "cpu_us_per_upgrade": opt(cpu.map(|c| c * 1e6 / okn.max(1) as f64)),
-            "echo_cpu_s": opt(cpu_delta(e0, e1)),
-            "echo_cpu_us_per_upgrade": opt(cpu_delta(e0, e1).map(|c| c * 1e6 / okn.max(1) as f64)),
+            "cpu_us_per_upgrade": per_up(cpu),
+            "echo_cpu_s": opt(w.echo),
+            "echo_cpu_us_per_upgrade": per_up(w.echo),
+            "gen_cpu_s": opt(Some(w.gen)),
+            "gen_cpu_us_per_upgrade": per_up(Some(w.gen)),
+            "machine_cpu_s": opt(w.machine()),
+            "machine_cpu_us_per_upgrade": per_up(w.machine()),
         }),
     )
 }
@@ -1110,7 +1251,7 @@ async fn idle(a: IdleArgs) -> bool {
         c,
         ok,
         json!({
-            "count": a.count, "warm": a.warm, "held": n, "failures": fails, "first_error": err,
+            "count": a.count, "concurrency": a.concurrency.max(1), "warm": a.warm, "held": n, "failures": fails, "first_error": err,
             "open_s": round3(open_s), "alive_checked": checked, "alive_ok": alive,
             "rss_base_kib": base.map(|b| b.rss_kib), "rss_kib": after.map(|b| b.rss_kib),
             "proxy_procs": after.map(|b| b.procs),
@@ -1229,11 +1370,14 @@ async fn cap(a: CapArgs) -> bool {
 fn main() {
     let cli = Cli::parse();
     let _ = raise_nofile();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cli.threads.max(1))
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    GEN_THREADS.store(cli.threads as u64, Ordering::Relaxed);
+    let current = cli.threads == 0 || matches!(&cli.cmd, Cmd::Echo(a) if a.kind == EchoKind::Tungstenite);
+    let rt = if current {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(cli.threads).enable_all().build()
+    }
+    .expect("tokio runtime");
     let ok = rt.block_on(async move {
         match cli.cmd {
             Cmd::Echo(a) => match echo_main(a).await {
