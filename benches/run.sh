@@ -7,10 +7,18 @@
 #                                  round by round, writes BENCHMARKS.md and benches/benchmarks.svg
 #   benches/run.sh --callgrind     also count instructions per upgrade/message/KiB of each proxy
 #                                  under valgrind's callgrind (deterministic; +1-2 min)
-#   benches/run.sh --smoke         every mode at tiny sizes (< ~60 s), exits non-zero if a mode
-#                                  fails; writes nothing into the repo (for CI)
+#   benches/run.sh --smoke         every mode of both set-ups at tiny sizes (< ~2 min), exits
+#                                  non-zero if a mode fails; writes nothing into the repo (for CI)
 #
-# Options:  --rounds N (default 5)   --targets "direct wsgate nginx haproxy"
+# Set-ups (issue 15), --setup ours|efficient|both (default both; rounds interleave them too):
+#   ours       frame-level echo (`wsgate-bench echo --kind frame`, 2 workers), nginx
+#              `worker_processes 2` + `proxy_buffer_size 4k`, haproxy `nbthread 2`, generator on
+#              a 2-worker runtime
+#   efficient  the peers at their most CPU-efficient here: nginx `worker_processes 1` +
+#              `proxy_buffer_size 16k`, haproxy `nbthread 1`; the echo is tokio-tungstenite on a
+#              current-thread runtime (`--kind tungstenite`); the generator is single-threaded
+#
+# Options:  --rounds N (default 5)   --targets "direct wsgate nginx haproxy"   --setup S
 #           --no-build (use the binaries already built)
 #           --out DIR (results, report and plot go there; BENCHMARKS.md is left alone)
 #           --modes "latency throughput handshake idle cap" (default: all five; e.g. --modes handshake)
@@ -18,9 +26,16 @@
 #           `wsgate-cb` with the extra environment BENCH_WSGATE_ENV_cb="KEY=VALUE ..." and/or the
 #           binary BENCH_WSGATE_BIN_cb=PATH (e.g. copy_bidirectional vs the default splice);
 #           BENCH_WSGATE_QUERY_cb="a=1&b=2" is appended to that variant's URL as ?a=1&b=2
-#           (e.g. a JWT in ?access_token=, see benches/key-rules.sh).
+#           (e.g. a JWT in ?access_token=, see benches/key-rules.sh);
+#           BENCH_WSGATE_WRAP_cb="taskset -c 0" is a command prefix (e.g. pin to one core);
+#           BENCH_WSGATE_UPSTREAM_cb=unix makes the variant's WSGATE_UPSTREAM unix:<echo socket>
+#           (the echo then also listens on a Unix socket, `echo --unix`);
+#           BENCH_WSGATE_SETUP_cb="efficient" runs the variant in those set-ups only (default:
+#           all). Worker count: BENCH_WSGATE_ENV_cb="TOKIO_WORKER_THREADS=1" (or WSGATE_WORKERS=1
+#           once wsgate has that key); TOKIO_WORKER_THREADS from the caller is not passed on.
 # Env:      CAP (cap-mode limit, default 1000)  IDLE_MAX (default: from the descriptor limit)
 #           HS_TOTAL (upgrades per handshake-mode run, default 3000)
+#           IDLE_CONC (handshakes in flight while idle mode opens its connections, default 128)
 #           BENCH_WSGATE_BIN (default target/release/wsgate; with it set, wsgate is not built)
 #           wsgate gets a clean WSGATE_* environment (it refuses unknown WSGATE_ keys): only
 #           UPSTREAM, LISTEN, ADMIN_LISTEN, MAX_CLIENTS and a variant's own variables.
@@ -47,6 +62,7 @@ TARGETS="direct wsgate nginx haproxy"
 MODES="latency throughput handshake idle cap"
 OUT=""
 USER_OUT=0
+SETUP_ARG=both
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --smoke) SMOKE=1 ;;
@@ -56,7 +72,8 @@ while [[ $# -gt 0 ]]; do
         --targets) TARGETS="$2"; shift ;;
         --modes) MODES="$2"; shift ;;
         --out) OUT="$2"; USER_OUT=1; shift ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        --setup) SETUP_ARG="$2"; shift ;;
+        -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -65,7 +82,23 @@ for m in $MODES; do
     case "$m" in latency|throughput|handshake|idle|cap) ;; *) echo "run.sh: unknown mode $m" >&2; exit 2 ;; esac
 done
 has_mode() { [[ " $MODES " == *" $1 "* ]]; }
+case "$SETUP_ARG" in
+    ours|efficient) SETUPS=("$SETUP_ARG") ;;
+    both) SETUPS=(ours efficient) ;;
+    *) echo "run.sh: unknown set-up $SETUP_ARG (ours, efficient, both)" >&2; exit 2 ;;
+esac
+# setup_params NAME: the peers' parameters, the echo and the generator of one set-up
+SETUP=""
+setup_params() {
+    SETUP="$1"
+    case "$1" in
+        ours) NGX_WORKERS=2; NGX_BUF=4k; NGX_BUSY=""; HAP_NBTHREAD=2; ECHO_KIND=frame; GEN_THREADS=2 ;;
+        efficient) NGX_WORKERS=1; NGX_BUF=16k; NGX_BUSY="proxy_busy_buffers_size 16k;"; HAP_NBTHREAD=1
+                   ECHO_KIND=tungstenite; GEN_THREADS=0 ;;
+    esac
+}
 CAP="${CAP:-1000}"
+IDLE_CONC="${IDLE_CONC:-128}"
 if [[ $SMOKE == 1 ]]; then ROUNDS=1; CAP="${CAP_SMOKE:-20}"; fi
 
 log() { printf '[run.sh %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
@@ -116,6 +149,21 @@ for t in $TARGETS; do
         *) log "unknown target $t"; exit 2 ;;
     esac
 done
+
+# variant_var TARGET SUFFIX: the value of BENCH_WSGATE_<SUFFIX>_<label> of a wsgate-<label> target
+variant_var() {
+    [[ "$1" == wsgate-* ]] || return 0
+    local lbl="${1#wsgate-}" v
+    lbl="${lbl//-/_}"; v="BENCH_WSGATE_${2}_$lbl"
+    printf '%s' "${!v:-}"
+}
+# in_setup TARGET: does the target run in the current set-up (BENCH_WSGATE_SETUP_<label>)?
+in_setup() {
+    local only
+    only="$(variant_var "$1" SETUP)"
+    [[ -z "$only" || " $only " == *" $SETUP "* ]]
+}
+setup_targets() { local t out=(); for t in "${active[@]}"; do in_setup "$t" && out+=("$t"); done; echo "${out[*]}"; }
 
 # ---------------------------------------------------------------------------------------------
 # scratch space and cleanup of exactly what we started
@@ -182,11 +230,23 @@ wait_line() { # file pattern -> prints the value after addr= (text logs) or "add
     return 1
 }
 
-ECHO_PID=""; ECHO_ADDR=""
-start_echo() {
-    "$BENCH" echo --listen 127.0.0.1:0 > "$WORK/echo.out" 2> "$WORK/echo.err" &
+ECHO_PID=""; ECHO_ADDR=""; ECHO_SOCK=""
+start_echo() { # [target]: a variant with BENCH_WSGATE_UPSTREAM_x=unix gets an echo on a Unix socket too
+    local unix=() i
+    ECHO_SOCK=""
+    if [[ "$(variant_var "${1:-}" UPSTREAM)" == unix ]]; then
+        ECHO_SOCK="$WORK/echo.sock"; unix=(--unix "$ECHO_SOCK")
+    fi
+    "$BENCH" echo --kind "$ECHO_KIND" --listen 127.0.0.1:0 "${unix[@]}" > "$WORK/echo.out" 2> "$WORK/echo.err" &
     ECHO_PID=$!; STARTED+=("$ECHO_PID")
     ECHO_ADDR="$(wait_line "$WORK/echo.out" 'echo listening')" || { log "echo did not start"; return 1; }
+    if [[ -n "$ECHO_SOCK" ]]; then
+        for i in $(seq 1 "$WAIT_STEPS"); do
+            grep -q 'echo listening unix=' "$WORK/echo.out" && return 0
+            sleep 0.05
+        done
+        log "echo did not listen on $ECHO_SOCK"; return 1
+    fi
 }
 stop_echo() { [[ -n "$ECHO_PID" ]] && { stop_pid "$ECHO_PID"; forget_pid "$ECHO_PID"; ECHO_PID=""; }; }
 
@@ -198,18 +258,24 @@ start_proxy() { # target cap(0=none)
         direct)
             PROXY_URL="ws://$ECHO_ADDR/" ;;
         wsgate|wsgate-*)
-            local bin="$WSGATE" extra=() lbl bvar evar qvar query=""
+            local bin="$WSGATE" extra=() vwrap=() query="" upstream="$ECHO_ADDR"
             if [[ "$t" == wsgate-* ]]; then
-                lbl="${t#wsgate-}"; lbl="${lbl//-/_}"; bvar="BENCH_WSGATE_BIN_$lbl"; evar="BENCH_WSGATE_ENV_$lbl"
-                qvar="BENCH_WSGATE_QUERY_$lbl"
-                bin="${!bvar:-$WSGATE}"; read -r -a extra <<< "${!evar:-}"; query="${!qvar:-}"
+                bin="$(variant_var "$t" BIN)"; bin="${bin:-$WSGATE}"
+                read -r -a extra <<< "$(variant_var "$t" ENV)"
+                read -r -a vwrap <<< "$(variant_var "$t" WRAP)"
+                query="$(variant_var "$t" QUERY)"
+                if [[ "$(variant_var "$t" UPSTREAM)" == unix ]]; then
+                    [[ -n "$ECHO_SOCK" ]] || { log "$t: the echo has no Unix socket"; return 1; }
+                    upstream="unix:$ECHO_SOCK"
+                fi
             fi
             local clean=() v
             for v in $(compgen -e); do
-                [[ "$v" == WSGATE_* || "$v" == WS_MAX_CLIENTS ]] && clean+=(-u "$v")
+                [[ "$v" == WSGATE_* || "$v" == WS_MAX_CLIENTS || "$v" == TOKIO_WORKER_THREADS ]] && clean+=(-u "$v")
             done
-            env "${clean[@]}" WSGATE_UPSTREAM="$ECHO_ADDR" WSGATE_LISTEN=127.0.0.1:0 WSGATE_ADMIN_LISTEN=127.0.0.1:0 \
-                WSGATE_MAX_CLIENTS="$cap" "${extra[@]}" "${WRAP[@]}" "$bin" > "$WORK/wsgate.out" 2> "$WORK/wsgate.err" &
+            # a variant's wrapper (taskset ...) goes outside valgrind, so valgrind sees wsgate itself
+            env "${clean[@]}" WSGATE_UPSTREAM="$upstream" WSGATE_LISTEN=127.0.0.1:0 WSGATE_ADMIN_LISTEN=127.0.0.1:0 \
+                WSGATE_MAX_CLIENTS="$cap" "${extra[@]}" "${vwrap[@]}" "${WRAP[@]}" "$bin" > "$WORK/wsgate.out" 2> "$WORK/wsgate.err" &
             PROXY_PID=$!; STARTED+=("$PROXY_PID")
             local a
             a="$(wait_line "$WORK/wsgate.err" 'proxy listening')" \
@@ -221,8 +287,9 @@ start_proxy() { # target cap(0=none)
             port="$(free_port)"; dir="$WORK/nginx"; rm -rf "$dir"; mkdir -p "$dir"
             caplines=""; [[ "$cap" != 0 ]] && caplines="limit_conn wscap $cap; limit_conn_status 503;"
             sed -e "s#@DIR@#$dir#g; s#@PORT@#$port#g; s#@ECHO_PORT@#$echo_port#g; s#@CAP_LINES@#$caplines#g" \
+                -e "s#@WORKERS@#$NGX_WORKERS#g; s#@BUFFER_SIZE@#$NGX_BUF#g; s#@BUSY_LINE@#$NGX_BUSY#g" \
                 "$BENCHES/conf/nginx.conf.tmpl" > "$dir/nginx.conf"
-            cp "$dir/nginx.conf" "$OUT/nginx.cap$cap.conf"
+            cp "$dir/nginx.conf" "$OUT/nginx-$SETUP.cap$cap.conf"
             # under valgrind: one process, no master/worker split, so one PID holds all the work
             [[ ${#WRAP[@]} -gt 0 ]] && sed -i 's/^master_process on;/master_process off;/' "$dir/nginx.conf"
             "${WRAP[@]}" "$NGINX" -p "$dir/" -e "$dir/error.log" -c "$dir/nginx.conf" > "$dir/stdout" 2>&1 &
@@ -237,8 +304,9 @@ start_proxy() { # target cap(0=none)
                 srvopts="maxconn $cap"
             fi
             sed -e "s#@PORT@#$port#g; s#@ECHO_PORT@#$echo_port#g; s#@CAP_LINES@#$caplines#g; s#@SERVER_OPTS@#$srvopts#g" \
+                -e "s#@NBTHREAD@#$HAP_NBTHREAD#g" \
                 "$BENCHES/conf/haproxy.cfg.tmpl" > "$dir/haproxy.cfg"
-            cp "$dir/haproxy.cfg" "$OUT/haproxy.cap$cap.cfg"
+            cp "$dir/haproxy.cfg" "$OUT/haproxy-$SETUP.cap$cap.cfg"
             "${WRAP[@]}" "$HAPROXY" -db -f "$dir/haproxy.cfg" > "$dir/stdout" 2>&1 &
             PROXY_PID=$!; STARTED+=("$PROXY_PID")
             wait_port "$port" || { log "haproxy did not start:"; tail -5 "$dir/stdout" >&2; return 1; }
@@ -251,35 +319,49 @@ stop_proxy() {
 }
 
 FAILS=0
+size_fields() { # bench args -> ,"conns":N / ,"count":N for a line that has no figures (the report's grouping)
+    local out=""
+    while [[ $# -gt 0 ]]; do
+        case "$1" in --conns) out+=",\"conns\":$2" ;; --count) out+=",\"count\":$2" ;; esac
+        shift
+    done
+    printf '%s' "$out"
+}
+with_setup() { # JSON object line -> the same with "setup":"<current set-up>" first
+    printf '{"setup":"%s",%s\n' "$SETUP" "${1#\{}"
+}
 # run_one round target mode cap -- bench args...
 run_one() {
     local round="$1" t="$2" mode="$3" cap="$4"; shift 5
-    local rc=0 line pids=""
-    if ! start_echo; then FAILS=$((FAILS + 1)); return; fi
+    local rc=0 line pids="" failname
+    failname="$OUT/fail-r$round-$SETUP-$mode-$t.log"
+    if ! start_echo "$t"; then FAILS=$((FAILS + 1)); stop_echo; return; fi
     if ! start_proxy "$t" "$cap"; then
-        printf '{"mode":"%s","target":"%s","round":%s,"ok":false,"error":"proxy did not start"}\n' "$mode" "$t" "$round" >> "$RESULTS"
+        with_setup "$(printf '{"mode":"%s","target":"%s","round":%s%s,"ok":false,"error":"proxy did not start"}' "$mode" "$t" "$round" "$(size_fields "$@")")" >> "$RESULTS"
+        case "$t" in wsgate*) cp "$WORK/wsgate.err" "$failname" 2>/dev/null || true ;; esac
         FAILS=$((FAILS + 1)); stop_proxy; stop_echo; return
     fi
     sleep 0.2
     [[ -n "$PROXY_PID" ]] && pids="--proxy-pid $PROXY_PID"
     # shellcheck disable=SC2086
-    line="$(timeout 120 "$BENCH" "$mode" --url "$PROXY_URL" $pids --echo-pid "$ECHO_PID" \
+    line="$(timeout 120 "$BENCH" --threads "$GEN_THREADS" "$mode" --url "$PROXY_URL" $pids --echo-pid "$ECHO_PID" \
         --target "$t" --round "$round" "$@" 2> "$WORK/bench.err")" || rc=$?
     if [[ -z "$line" ]]; then
-        line="$(printf '{"mode":"%s","target":"%s","round":%s,"ok":false,"error":"exit %s: %s"}' \
-            "$mode" "$t" "$round" "$rc" "$(head -c 200 "$WORK/bench.err" | tr -d '"\\\n')")"
+        line="$(printf '{"mode":"%s","target":"%s","round":%s%s,"ok":false,"error":"exit %s: %s"}' \
+            "$mode" "$t" "$round" "$(size_fields "$@")" "$rc" "$(head -c 200 "$WORK/bench.err" | tr -d '"\\\n')")"
     fi
+    line="$(with_setup "$line")"
     echo "$line" >> "$RESULTS"
     if [[ $rc != 0 ]]; then
-        FAILS=$((FAILS + 1)); log "FAILED $mode $t: $line"
+        FAILS=$((FAILS + 1)); log "FAILED $SETUP $mode $t: $line"
         # keep the proxy's own account of it for whoever debugs this
         case "$t" in
-            wsgate*) cp "$WORK/wsgate.err" "$OUT/fail-r$round-$mode-$t.log" 2>/dev/null || true ;;
-            nginx) cp "$WORK/nginx/error.log" "$OUT/fail-r$round-$mode-$t.log" 2>/dev/null || true ;;
-            haproxy) cp "$WORK/haproxy/stdout" "$OUT/fail-r$round-$mode-$t.log" 2>/dev/null || true ;;
+            wsgate*) cp "$WORK/wsgate.err" "$failname" 2>/dev/null || true ;;
+            nginx) cp "$WORK/nginx/error.log" "$failname" 2>/dev/null || true ;;
+            haproxy) cp "$WORK/haproxy/stdout" "$failname" 2>/dev/null || true ;;
         esac
     else
-        log "ok $mode $t: $(echo "$line" | head -c 300)"
+        log "ok $SETUP $mode $t: $(echo "$line" | head -c 300)"
     fi
     stop_proxy; stop_echo
 }
@@ -316,6 +398,22 @@ fi
     echo "rustc=$(rustc --version 2>/dev/null || true)"
     echo "rounds=$ROUNDS"
     echo "targets=${active[*]}"
+    echo "setups=${SETUPS[*]}"
+    for s in "${SETUPS[@]}"; do
+        setup_params "$s"
+        echo "targets_$s=$(setup_targets)"
+        echo "setup_$s=nginx worker_processes $NGX_WORKERS, proxy_buffer_size $NGX_BUF; haproxy nbthread $HAP_NBTHREAD; echo --kind $ECHO_KIND; generator --threads $GEN_THREADS"
+    done
+    echo "idle_conc=$IDLE_CONC"
+    for t in "${active[@]}"; do
+        [[ "$t" == wsgate-* ]] || continue
+        d=""
+        for k in ENV WRAP UPSTREAM BIN QUERY SETUP; do
+            v="$(variant_var "$t" "$k")"
+            [[ -n "$v" ]] && d+="${d:+; }${k,,} \`$v\`"
+        done
+        echo "variant_$t=${d:-same as wsgate}"
+    done
     echo "cap=$CAP"
     echo "idle_max=$IDLE_MAX"
     echo "smoke=$SMOKE"
@@ -323,12 +421,15 @@ fi
     echo "hs_total=${HS[1]}"
 } > "$OUT/env.txt"
 
-log "targets: ${active[*]}; rounds: $ROUNDS; results: $RESULTS"
+log "targets: ${active[*]}; set-ups: ${SETUPS[*]}; rounds: $ROUNDS; results: $RESULTS"
 T0=$(date +%s)
-for ((r = 1; r <= ROUNDS; r++)); do
+run_round() { # round: every mode for the targets of the current set-up
+    local r="$1" t c n here=() order
+    read -r -a here <<< "$(setup_targets)"
+    [[ ${#here[@]} -gt 0 ]] || return 0
     # rotate the order each round so no target always runs first (A B C D, B C D A, ...)
-    order=("${active[@]:$(( (r - 1) % ${#active[@]} ))}" "${active[@]:0:$(( (r - 1) % ${#active[@]} ))}")
-    log "round $r/$ROUNDS: ${order[*]}"
+    order=("${here[@]:$(( (r - 1) % ${#here[@]} ))}" "${here[@]:0:$(( (r - 1) % ${#here[@]} ))}")
+    log "round $r/$ROUNDS, set-up $SETUP: ${order[*]}"
     if has_mode latency; then
         for c in "${LAT_CONNS[@]}"; do
             for t in "${order[@]}"; do run_one "$r" "$t" latency 0 -- --conns "$c" "${LAT[@]}"; done
@@ -340,7 +441,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
         for n in "${IDLE_COUNTS[@]}"; do
             for t in "${order[@]}"; do
                 [[ "$t" == direct ]] && continue   # no proxy process to weigh
-                run_one "$r" "$t" idle 0 -- --count "$n" --max-time 60
+                run_one "$r" "$t" idle 0 -- --count "$n" --concurrency "$IDLE_CONC" --max-time 60
             done
         done
     fi
@@ -350,19 +451,27 @@ for ((r = 1; r <= ROUNDS; r++)); do
             run_one "$r" "$t" cap "$CAP" -- --cap "$CAP" "${CAPN[@]}" --max-time 30
         done
     fi
+}
+for ((r = 1; r <= ROUNDS; r++)); do
+    # the set-ups alternate round by round too (ours efficient, efficient ours, ...)
+    for ((k = 0; k < ${#SETUPS[@]}; k++)); do
+        setup_params "${SETUPS[$(( (r - 1 + k) % ${#SETUPS[@]} ))]}"
+        run_round "$r"
+    done
 done
 log "done in $(( $(date +%s) - T0 )) s; $FAILS failed run(s); raw results: $RESULTS"
 
 # ---------------------------------------------------------------------------------------------
 # optional: instruction counts per upgrade / message / KiB under callgrind (deterministic, unlike
 # the timings above). Each proxy runs under valgrind; counters are zeroed before and dumped after
-# each fixed-size phase; the top functions of each phase go to $OUT/callgrind-TARGET-PHASE.txt.
+# each fixed-size phase; the top functions of each phase go to $OUT/callgrind-SETUP-TARGET-PHASE.txt.
+# Once per set-up (the echo, nginx's buffer size and the generator differ; nginx runs as one process).
 cg_phase() { # target phase bench-args... -> prints "IR UNITS"
     local t="$1" phase="$2"; shift 2
     local before after dump line units ir i
     before="$(find "$WORK" -maxdepth 1 -name 'cg.out.*' | wc -l)"
     callgrind_control -z "$PROXY_PID" >/dev/null 2>&1 || true
-    line="$(timeout 300 "$BENCH" "$@" --url "$PROXY_URL" --target "$t" 2>/dev/null || true)"
+    line="$(timeout 300 "$BENCH" --threads "$GEN_THREADS" "$@" --url "$PROXY_URL" --target "$t" 2>/dev/null || true)"
     callgrind_control -d "$PROXY_PID" >/dev/null 2>&1 || true
     for i in $(seq 1 100); do
         after="$(find "$WORK" -maxdepth 1 -name 'cg.out.*' | wc -l)"
@@ -375,7 +484,7 @@ cg_phase() { # target phase bench-args... -> prints "IR UNITS"
 r=json.loads(sys.argv[1]); p=sys.argv[2]
 print({"handshake": r.get("upgrades", 0), "latency": r.get("msgs", 0),
        "throughput": 2 * r.get("bytes_echoed", 0) / 1024}[p] if r.get("ok") else 0)' "$line" "$phase" 2>/dev/null || echo 0)"
-    python3 "$BENCHES/cg_top.py" "$dump" 30 > "$OUT/callgrind-$t-$phase.txt" 2>/dev/null || true
+    python3 "$BENCHES/cg_top.py" "$dump" 30 > "$OUT/callgrind-$SETUP-$t-$phase.txt" 2>/dev/null || true
     echo "${ir:-0} ${units:-0}"
 }
 if [[ $CALLGRIND == 1 ]]; then
@@ -383,17 +492,20 @@ if [[ $CALLGRIND == 1 ]]; then
         log "installing valgrind from Debian"
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null || true
     fi
+    for cg_setup in "${SETUPS[@]}"; do
+    setup_params "$cg_setup"
     for t in "${active[@]}"; do
         [[ "$t" == direct ]] && continue
-        log "callgrind: $t"
+        in_setup "$t" || continue
+        log "callgrind ($SETUP): $t"
         rm -f "$WORK"/cg.out*
-        start_echo || continue
+        if ! start_echo "$t"; then stop_echo; FAILS=$((FAILS + 1)); continue; fi
         WRAP=(valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" -q); WAIT_STEPS=1200
         if ! start_proxy "$t" 0; then WRAP=(); WAIT_STEPS=100; stop_proxy; stop_echo; FAILS=$((FAILS + 1)); continue; fi
         WRAP=(); WAIT_STEPS=100
         # warm-up outside the counted phases (lazy initialisation, first allocations)
-        "$BENCH" handshake --url "$PROXY_URL" --total 20 --conns 2 >/dev/null 2>&1 || true
-        "$BENCH" latency --url "$PROXY_URL" --conns 1 --max-msgs 200 --duration 60 >/dev/null 2>&1 || true
+        "$BENCH" --threads "$GEN_THREADS" handshake --url "$PROXY_URL" --total 20 --conns 2 >/dev/null 2>&1 || true
+        "$BENCH" --threads "$GEN_THREADS" latency --url "$PROXY_URL" --conns 1 --max-msgs 200 --duration 60 >/dev/null 2>&1 || true
         read -r hs_ir hs_n < <(cg_phase "$t" handshake handshake --total 300 --conns 4 --max-time 120)
         read -r lat_ir lat_n < <(cg_phase "$t" latency latency --conns 1 --max-msgs 3000 --duration 120 --max-time 150)
         read -r thr_ir thr_n < <(cg_phase "$t" throughput throughput --conns 1 --inflight 4 --max-msgs 200 --duration 120 --max-time 150)
@@ -402,9 +514,11 @@ a=sys.argv; f=lambda ir,n: round(float(ir)/float(n)) if float(n) > 0 and float(i
 r={"mode":"callgrind","target":a[1],"ok":all(float(x)>0 for x in a[2:]),
    "ir_per_upgrade":f(a[2],a[3]),"ir_per_msg":f(a[4],a[5]),"ir_per_kib":f(a[6],a[7]),
    "upgrades":float(a[3]),"msgs":float(a[5]),"kib_proxied":float(a[7])}
-print(json.dumps(r))' "$t" "$hs_ir" "$hs_n" "$lat_ir" "$lat_n" "$thr_ir" "$thr_n" >> "$RESULTS"
-        log "callgrind $t: $(tail -1 "$RESULTS")"
+print(json.dumps(r))' "$t" "$hs_ir" "$hs_n" "$lat_ir" "$lat_n" "$thr_ir" "$thr_n" > "$WORK/cg.line"
+        with_setup "$(cat "$WORK/cg.line")" >> "$RESULTS"
+        log "callgrind $SETUP $t: $(tail -1 "$RESULTS")"
         stop_proxy; stop_echo
+    done
     done
 fi
 
