@@ -237,6 +237,9 @@ start_echo() { # [target]: a variant with BENCH_WSGATE_UPSTREAM_x=unix gets an e
     if [[ "$(variant_var "${1:-}" UPSTREAM)" == unix ]]; then
         ECHO_SOCK="$WORK/echo.sock"; unix=(--unix "$ECHO_SOCK")
     fi
+    # remove the last echo's output first: the new process truncates it only once it runs, and
+    # wait_line must not read the previous (stopped) echo's address in the meantime
+    rm -f "$WORK/echo.out" "$WORK/echo.err"
     "$BENCH" echo --kind "$ECHO_KIND" --listen 127.0.0.1:0 "${unix[@]}" > "$WORK/echo.out" 2> "$WORK/echo.err" &
     ECHO_PID=$!; STARTED+=("$ECHO_PID")
     ECHO_ADDR="$(wait_line "$WORK/echo.out" 'echo listening')" || { log "echo did not start"; return 1; }
@@ -273,7 +276,9 @@ start_proxy() { # target cap(0=none)
             for v in $(compgen -e); do
                 [[ "$v" == WSGATE_* || "$v" == WS_MAX_CLIENTS || "$v" == TOKIO_WORKER_THREADS ]] && clean+=(-u "$v")
             done
-            # a variant's wrapper (taskset ...) goes outside valgrind, so valgrind sees wsgate itself
+            # a variant's wrapper (taskset ...) goes outside valgrind, so valgrind sees wsgate itself;
+            # the last wsgate's logs go first (see start_echo: no stale address may be read)
+            rm -f "$WORK/wsgate.out" "$WORK/wsgate.err"
             env "${clean[@]}" WSGATE_UPSTREAM="$upstream" WSGATE_LISTEN=127.0.0.1:0 WSGATE_ADMIN_LISTEN=127.0.0.1:0 \
                 WSGATE_MAX_CLIENTS="$cap" "${extra[@]}" "${vwrap[@]}" "${WRAP[@]}" "$bin" > "$WORK/wsgate.out" 2> "$WORK/wsgate.err" &
             PROXY_PID=$!; STARTED+=("$PROXY_PID")

@@ -113,6 +113,7 @@ PER_CONN=$(( MB * 1000000 / 4 / 65536 + 1 ))
 SUMMARY_ARGS=()
 for t in $TARGETS; do
     log "$t: echo + proxy"
+    rm -f "$WORK/echo.out" "$WORK/wsgate.out"   # no stale address from the previous target
     "$BENCH" echo --kind tungstenite --listen 127.0.0.1:0 > "$WORK/echo.out" 2>&1 &
     echo_pid=$!; STARTED+=("$echo_pid")
     echo_addr="$(addr_of "$WORK/echo.out" 'echo listening')" || { log "echo did not start"; exit 1; }
