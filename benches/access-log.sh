@@ -3,7 +3,7 @@
 #
 #   benches/access-log.sh [run.sh options]
 #       = HS_TOTAL=10000 benches/run.sh --modes "handshake latency" \
-#             --targets "wsgate-base wsgate wsgate-nolog wsgate-json" [run.sh options]
+#             --targets "wsgate-base wsgate wsgate-nolog wsgate-json" --setup ours [run.sh options]
 #       (later options win, e.g. --rounds 1 --modes handshake --out /tmp/x --no-build);
 #       then a check that the access log wrote one record per session (ACCESS_CHECK=0 skips it)
 #   benches/access-log.sh --rounds 0 --callgrind --no-build --out DIR   instructions per upgrade/message/KiB

@@ -3,7 +3,7 @@
 #
 #   benches/fleet.sh [run.sh options]
 #       = benches/run.sh --modes "latency handshake" \
-#             --targets "wsgate wsgate-fleet wsgate-fleetkey" [run.sh options]
+#             --targets "wsgate wsgate-fleet wsgate-fleetkey" --setup ours [run.sh options]
 #       (later options win, e.g. --rounds 1 --modes handshake --out /tmp/x --no-build);
 #       handshake runs are HS_TOTAL=10000 upgrades unless HS_TOTAL is set;
 #       then benches/fleet-latency.py against the same Redis (the added admission latency,
@@ -89,7 +89,7 @@ LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
 log "load average at start: $LOAD_START"
 rc=0
 "$ROOT/benches/run.sh" --modes "latency handshake" \
-    --targets "wsgate wsgate-fleet wsgate-fleetkey" "$@" || rc=$?
+    --targets "wsgate wsgate-fleet wsgate-fleetkey" --setup ours "$@" || rc=$?
 after="$(redis_stats "after run.sh (stats reset before it); EVALSHA = admissions + one renewal per wsgate start")"
 log "Redis after run.sh:"; echo "$after" >&2
 [[ -n "$OUT" && -d "$OUT" ]] && echo "$after" > "$OUT/redis-after-run.txt"

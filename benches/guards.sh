@@ -3,7 +3,7 @@
 #
 #   benches/guards.sh [run.sh options]
 #       = benches/run.sh --modes "latency throughput" \
-#             --targets "wsgate-base wsgate wsgate-size wsgate-guards" [run.sh options]
+#             --targets "wsgate-base wsgate wsgate-size wsgate-guards" --setup ours [run.sh options]
 #       (later options win, e.g. --rounds 1 --modes latency --out /tmp/x --no-build);
 #       then a check that no guard ever acted (GUARDS_CHECK=0 skips it, see below)
 #   benches/guards.sh --rounds 0 --callgrind --no-build --out DIR   instructions per message/upgrade/KiB

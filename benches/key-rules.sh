@@ -3,7 +3,7 @@
 #
 #   benches/key-rules.sh [run.sh options]
 #       = benches/run.sh --modes "latency handshake" \
-#             --targets "wsgate-base wsgate wsgate-hdr wsgate-jwt wsgate-hs" [run.sh options]
+#             --targets "wsgate-base wsgate wsgate-hdr wsgate-jwt wsgate-hs" --setup ours [run.sh options]
 #       (later options win, e.g. --rounds 1 --modes handshake --out /tmp/x --no-build);
 #       handshake runs are HS_TOTAL=10000 upgrades unless HS_TOTAL is set
 #
@@ -50,4 +50,4 @@ BENCH_WSGATE_QUERY_hs="access_token=$(mint HS256 hs-1)"
 export BENCH_WSGATE_QUERY_jwt BENCH_WSGATE_QUERY_hs
 
 exec "$ROOT/benches/run.sh" --modes "latency handshake" \
-    --targets "wsgate-base wsgate wsgate-hdr wsgate-jwt wsgate-hs" "$@"
+    --targets "wsgate-base wsgate wsgate-hdr wsgate-jwt wsgate-hs" --setup ours "$@"

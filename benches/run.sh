@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # benches/run.sh — wsgate side by side with NGINX and HAProxy (issue 4).
 #
-#   benches/run.sh                 full run (≈7-10 min on 2 cores): builds wsgate and the bench
+#   benches/run.sh                 full run (≈15 min on 2 cores): builds wsgate and the bench
 #                                  tool, installs nginx+haproxy from Debian if missing, runs every
 #                                  mode against direct / wsgate / nginx / haproxy interleaved
 #                                  round by round, writes BENCHMARKS.md and benches/benchmarks.svg
 #   benches/run.sh --callgrind     also count instructions per upgrade/message/KiB of each proxy
 #                                  under valgrind's callgrind (deterministic; +1-2 min)
-#   benches/run.sh --smoke         every mode of both set-ups at tiny sizes (< ~2 min), exits
+#   benches/run.sh --smoke         every mode of both set-ups at tiny sizes (< ~1 min), exits
 #                                  non-zero if a mode fails; writes nothing into the repo (for CI)
 #
 # Set-ups (issue 15), --setup ours|efficient|both (default both; rounds interleave them too):
@@ -220,11 +220,13 @@ wait_port() { # port -> 0 once it accepts (bounded: WAIT_STEPS x 0.05 s)
     done
     return 1
 }
-wait_line() { # file pattern -> prints the value after addr= (text logs) or "addr":" (JSON logs) (bounded 10 s)
+wait_line() { # file pattern [pid] -> prints the value after addr= (text logs) or "addr":" (JSON logs)
+    # (bounded 10 s; at once when the process pid has exited, e.g. wsgate refusing its configuration)
     local i v
     for i in $(seq 1 $((WAIT_STEPS * 2))); do
         v="$(sed 's/\x1b\[[0-9;]*m//g' "$1" 2>/dev/null | grep -m1 "$2" | sed -n -E 's/.*addr(=|":")([0-9.:]+).*/\2/p' || true)"
         if [[ -n "$v" ]]; then echo "$v"; return 0; fi
+        if [[ -n "${3:-}" ]] && is_gone "$3"; then return 1; fi
         sleep 0.05
     done
     return 1
@@ -283,8 +285,8 @@ start_proxy() { # target cap(0=none)
                 WSGATE_MAX_CLIENTS="$cap" "${extra[@]}" "${vwrap[@]}" "${WRAP[@]}" "$bin" > "$WORK/wsgate.out" 2> "$WORK/wsgate.err" &
             PROXY_PID=$!; STARTED+=("$PROXY_PID")
             local a
-            a="$(wait_line "$WORK/wsgate.err" 'proxy listening')" \
-                || a="$(wait_line "$WORK/wsgate.out" 'proxy listening')" \
+            a="$(wait_line "$WORK/wsgate.err" 'proxy listening' "$PROXY_PID")" \
+                || a="$(wait_line "$WORK/wsgate.out" 'proxy listening' "$PROXY_PID")" \
                 || { log "$t did not start:"; tail -5 "$WORK/wsgate.err" >&2; return 1; }
             wait_port "${a##*:}" || { log "$t does not accept on $a"; return 1; }
             PROXY_URL="ws://$a/${query:+?$query}" ;;

@@ -16,7 +16,7 @@ run_variants() {
     start="$(cut -d' ' -f1-3 /proc/loadavg)"
     log "load average at start: $start"
     rc=0
-    "$ROOT/benches/run.sh" --modes "$modes" --targets "$targets" "$@" || rc=$?
+    "$ROOT/benches/run.sh" --modes "$modes" --targets "$targets" --setup ours "$@" || rc=$?
     end="$(cut -d' ' -f1-3 /proc/loadavg)"
     log "load average at start: $start, at end: $end"
     if [[ -n "$OUT" && -d "$OUT" ]]; then
