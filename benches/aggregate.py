@@ -33,7 +33,8 @@ SETUP_DESC = {
         "echo upstream": "`wsgate-bench echo --kind tungstenite`: tokio-tungstenite on a current-thread "
                          "runtime; reads whole messages and sends each back as the library frames it "
                          "(header + payload into its write buffer, flush after each message)",
-        "nginx": "`worker_processes 1`, `proxy_buffer_size 16k`",
+        "nginx": "`worker_processes 1`, `proxy_buffer_size 16k` (and `proxy_busy_buffers_size 16k`, which "
+                 "nginx requires beside it; a tunnel does not use it)",
         "haproxy": "`nbthread 1`",
         "load generator": "current-thread runtime (`--threads 0`): one thread",
     },

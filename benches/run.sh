@@ -73,7 +73,7 @@ while [[ $# -gt 0 ]]; do
         --modes) MODES="$2"; shift ;;
         --out) OUT="$2"; USER_OUT=1; shift ;;
         --setup) SETUP_ARG="$2"; shift ;;
-        -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
