@@ -13,7 +13,7 @@
 //!   past `max_message_size`) → refused; no message token → held back
 //!   (throttle) or refused (close).
 //! - Held back means *not read*: the unforwarded rest of the read (at most
-//!   one 64 KiB buffer) waits here for its tokens, and the socket is not
+//!   one 32 KiB buffer) waits here for its tokens, and the socket is not
 //!   read again until it has gone, so TCP pushes back on the client and
 //!   nothing is dropped or grows.
 //! - Payload bytes take tokens from the byte bucket as they go; a frame may
