@@ -27,7 +27,7 @@
 //! | `drain` | live tunnels in age order; the even-pace drain; the operator's drain |
 //! | `session` | how a session ended: `closed_by`, `end`, the Close code and reason |
 //! | `access_log` | one record per session; refusals summarised every 10 s at most |
-//! | `log_fields` | the plain (uncoloured) field formatter for text log lines |
+//! | `log_format` | how log lines are written: the plain field formatter, the cached timestamp |
 //! | `shutdown` | signals → `Control`, the `Shutdown` tokens and tracker, the shutdown timeline |
 //! | `reload` | SIGHUP and the config-file watch |
 //! | `config/` | the keys, their defaults, validation, the figment stack, `check-config` output |
@@ -50,7 +50,7 @@ pub(crate) mod fleet;
 pub(crate) mod frames;
 pub(crate) mod headers;
 pub(crate) mod keys;
-pub mod log_fields;
+pub mod log_format;
 pub(crate) mod metrics;
 pub(crate) mod proxy;
 pub(crate) mod reload;

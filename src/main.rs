@@ -126,11 +126,12 @@ fn init_tracing(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_timer(wsgate::log_format::Timestamp)
         .with_ansi(terminal);
     match format {
         LogFormat::Text if terminal => builder.init(),
         // The same text without the cost of styling every field name.
-        LogFormat::Text => builder.fmt_fields(wsgate::log_fields::PlainFields).init(),
+        LogFormat::Text => builder.fmt_fields(wsgate::log_format::PlainFields).init(),
         // Fields at the top level of each object (not under "fields"), so
         // `jq '.close_code'` reads the access log (SPEC §12) as it is.
         LogFormat::Json => builder
