@@ -137,13 +137,18 @@ fn spawn_connection(
         let proxy = proxy.clone();
         async move { proxy.handle(req, peer).await }
     });
-    let conn = builder
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades();
+    // Boxed where it is made: the connection (hyper's state and buffers'
+    // bookkeeping, the service) is large, and spawning moves the future it
+    // lives in several times (into the tracker's wrapper, into the task);
+    // behind a box each move copies a pointer, not the connection.
+    let mut conn = Box::pin(
+        builder
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades(),
+    );
     let shutdown_for_task = shutdown.clone();
     shutdown.tracker().spawn(async move {
         let shutdown = shutdown_for_task;
-        let mut conn = std::pin::pin!(conn);
         let result = tokio::select! {
             r = conn.as_mut() => r,
             () = shutdown.draining() => {
