@@ -49,6 +49,8 @@ OPTIONAL_ENV = {"WSGATE_READY_LOW_WATERMARK"}
 # with adminToken). §12 names it in its text, not in a key table, so it stays out of SPEC_KEYS, which
 # test_env_list_matches_the_shared_spec compares with the tables of §2, §7 and §8.
 TELEMETRY_KEYS = ["access_log"]
+# wsgate's own key for its runtime (issue 15), not in SPEC.md: set on every pod like the keys above.
+RUNTIME_KEYS = ["workers"]
 
 # The metric names of SPEC.md §4, §7, §8, §9, §10, §11 (names are fixed: dashboard and alerts may use only these).
 SPEC_METRICS = {
@@ -108,8 +110,9 @@ def spec_env_names() -> list[str]:
 
 
 def chart_env_names() -> list[str]:
-    """Every variable the chart sets on every pod: the SPEC keys of §2, §7, §8 and TELEMETRY_KEYS."""
-    return spec_env_names() + ["WSGATE_" + k.upper() for k in TELEMETRY_KEYS]
+    """Every variable the chart sets on every pod: the SPEC keys of §2, §7, §8, TELEMETRY_KEYS and
+    RUNTIME_KEYS."""
+    return spec_env_names() + ["WSGATE_" + k.upper() for k in TELEMETRY_KEYS + RUNTIME_KEYS]
 
 
 def spec_md_keys() -> list[str] | None:

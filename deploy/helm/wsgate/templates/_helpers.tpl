@@ -419,7 +419,7 @@ for a parent chart that skips schema validation or pins an older copy of the sch
 {{- end -}}
 
 {{/*
-wsgate.env: one WSGATE_* variable per configuration value (SPEC §2, §7, §8, and §12's access_log), plus the
+wsgate.env: one WSGATE_* variable per configuration value (SPEC §2, §7, §8, §12's access_log, workers), plus the
 WSGATE_FLEET_* ones (SPEC §10) when a Redis is configured and those of the message guards
 (SPEC §11) that are set.
 */}}
@@ -451,6 +451,10 @@ WSGATE_FLEET_* ones (SPEC §10) when a Redis is configured and those of the mess
   value: {{ $v.logFormat | quote }}
 - name: WSGATE_ACCESS_LOG
   value: {{ $v.accessLog | toString | quote }}
+{{- if not (kindIs "invalid" $v.workers) }}
+- name: WSGATE_WORKERS
+  value: {{ $v.workers | toString | quote }}
+{{- end }}
 - name: WSGATE_READY_HIGH_WATERMARK
   value: {{ include "wsgate.readyHighWatermark" . | quote }}
 {{- if not (kindIs "invalid" $v.readyLowWatermark) }}
