@@ -393,6 +393,23 @@ mod tests {
 
     use super::*;
 
+    /// An upstream's side of the handshake, over TCP or a Unix socket:
+    /// reads the request head, writes `answer`, returns the head.
+    async fn answer_upgrade<S: AsyncRead + AsyncWrite + Unpin>(
+        s: &mut S,
+        answer: &[u8],
+    ) -> Vec<u8> {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !upstream_http::head_ends_after(&head, 0) {
+            let n = s.read(&mut buf).await.expect("read");
+            assert!(n > 0, "request head cut short");
+            head.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(answer).await.expect("write");
+        head
+    }
+
     /// The upstream leg as the tunnel code builds it carries every option,
     /// read back by getter: keepalive idle time, interval, probe count,
     /// `TCP_USER_TIMEOUT` and `TCP_NODELAY`.
@@ -404,16 +421,11 @@ mod tests {
         // checked here (`proxy` does that), only the socket.
         let upstream_task = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.expect("accept");
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !upstream_http::head_ends_after(&head, 0) {
-                let n = s.read(&mut buf).await.expect("read");
-                assert!(n > 0, "request head cut short");
-                head.extend_from_slice(&buf[..n]);
-            }
-            s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
-                .await
-                .expect("write");
+            answer_upgrade(
+                &mut s,
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            )
+            .await;
             s
         });
         let upstream = Upstream::parse(&addr.to_string()).expect("upstream");
@@ -474,16 +486,11 @@ mod tests {
         let listener = tokio::net::UnixListener::bind(&path).expect("bind");
         let upstream_task = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.expect("accept");
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !upstream_http::head_ends_after(&head, 0) {
-                let n = s.read(&mut buf).await.expect("read");
-                assert!(n > 0, "request head cut short");
-                head.extend_from_slice(&buf[..n]);
-            }
-            s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\nearly")
-                .await
-                .expect("write");
+            let head = answer_upgrade(
+                &mut s,
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\nearly",
+            )
+            .await;
             (s, head)
         });
         let upstream =

@@ -300,21 +300,12 @@ async fn upstream_fin_mid_session_gives_the_slot_back() {
         let _ = s.shutdown().await;
         discard_until_eof(&mut s).await;
     });
-    let (gate, proxy, admin) = gate(&up.upstream(), &[]);
-    let fds = baseline_fds(&gate, admin).await;
-    let mut s = within("upgrade", raw_tunnel(proxy)).await;
-    wait_metric(admin, ACTIVE, 1.0).await;
-    s.write_all(&client_frame(0x1, true, b"hello"))
-        .await
-        .expect("send");
-    assert!(
-        closed_within(&mut s, DEADLINE).await,
-        "the upstream's FIN reached the client"
-    );
-    drop(s);
-    released_in_time(admin).await;
-    assert_eq!(sessions_ended(admin, "none", "upstream_eof").await, 1.0);
-    wait_gate_fds(&gate, fds).await;
+    the_client_leg_closes_and_the_slot_comes_back(
+        &up,
+        &client_frame(0x1, true, b"hello"),
+        "the upstream's FIN reached the client",
+    )
+    .await;
 }
 
 /// The upstream goes away with bytes it never read (a crash): on a Unix
@@ -328,17 +319,29 @@ async fn upstream_reset_mid_session_gives_the_slot_back() {
         let _ = s.readable().await;
         drop(s);
     });
+    the_client_leg_closes_and_the_slot_comes_back(
+        &up,
+        &client_frame(0x2, true, &[7; 100]),
+        "the client's leg was closed",
+    )
+    .await;
+}
+
+/// A session through `up` in which the client sends `frame` and the
+/// upstream then ends it: the client's leg is closed (`what`), the
+/// session counts as `upstream_eof`, the slot and every descriptor of
+/// wsgate come back.
+async fn the_client_leg_closes_and_the_slot_comes_back(
+    up: &UnixUpstream,
+    frame: &[u8],
+    what: &str,
+) {
     let (gate, proxy, admin) = gate(&up.upstream(), &[]);
     let fds = baseline_fds(&gate, admin).await;
     let mut s = within("upgrade", raw_tunnel(proxy)).await;
     wait_metric(admin, ACTIVE, 1.0).await;
-    s.write_all(&client_frame(0x2, true, &[7; 100]))
-        .await
-        .expect("send");
-    assert!(
-        closed_within(&mut s, DEADLINE).await,
-        "the client's leg was closed"
-    );
+    s.write_all(frame).await.expect("send");
+    assert!(closed_within(&mut s, DEADLINE).await, "{what}");
     drop(s);
     released_in_time(admin).await;
     assert_eq!(sessions_ended(admin, "none", "upstream_eof").await, 1.0);
