@@ -2,9 +2,9 @@
 //! ways ([`Behaviour`]), one that records every request it sees
 //! ([`CountingUpstream`]), a raw one that hands each connection to the test
 //! ([`spawn_raw_upstream`]), and an address that refuses ([`closed_port`]).
-//! All of them accept through one loop, [`spawn_raw_upstream`]. The same
-//! behaviours on a Unix socket in a temp dir (SPEC §13) are
-//! [`UnixUpstream`]s, accepting through [`spawn_unix_raw_upstream_at`].
+//! All of them accept through one loop, [`serve_each`], on TCP or, for the
+//! same behaviours on a Unix socket in a temp dir (SPEC §13), as
+//! [`UnixUpstream`]s through [`spawn_unix_raw_upstream_at`].
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -47,6 +47,49 @@ impl Drop for RawUpstream {
     }
 }
 
+/// A listening socket of either kind an upstream stands on.
+pub trait Listener: Send + 'static {
+    /// What an accept gives.
+    type Stream: Send + 'static;
+    /// The next connection.
+    fn accept_one(&self) -> impl Future<Output = std::io::Result<Self::Stream>> + Send + '_;
+}
+
+impl Listener for TcpListener {
+    type Stream = TcpStream;
+    async fn accept_one(&self) -> std::io::Result<TcpStream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+impl Listener for UnixListener {
+    type Stream = UnixStream;
+    async fn accept_one(&self) -> std::io::Result<UnixStream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+/// The accept loop of every upstream here: runs `f` on each connection in
+/// a task of its own, counting accepts into `accepts`.
+fn serve_each<L, F, Fut>(listener: L, accepts: Arc<AtomicUsize>, f: F) -> JoinHandle<()>
+where
+    L: Listener,
+    F: Fn(L::Stream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            while conns.try_join_next().is_some() {}
+            let Ok(stream) = listener.accept_one().await else {
+                continue;
+            };
+            accepts.fetch_add(1, Ordering::SeqCst);
+            conns.spawn(f(stream));
+        }
+    })
+}
+
 /// Accepts on `127.0.0.1:0` and runs `f` on each connection (a raw,
 /// possibly misbehaving upstream).
 pub async fn spawn_raw_upstream<F, Fut>(f: F) -> RawUpstream
@@ -59,18 +102,7 @@ where
         .expect("bind upstream");
     let addr = listener.local_addr().expect("addr");
     let accepts = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&accepts);
-    let task = tokio::spawn(async move {
-        let mut conns = tokio::task::JoinSet::new();
-        loop {
-            while conns.try_join_next().is_some() {}
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            counter.fetch_add(1, Ordering::SeqCst);
-            conns.spawn(f(stream));
-        }
-    });
+    let task = serve_each(listener, Arc::clone(&accepts), f);
     RawUpstream {
         addr,
         accepts,
@@ -561,18 +593,7 @@ where
 {
     let listener = UnixListener::bind(path).expect("bind the upstream's socket");
     let accepts = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&accepts);
-    let task = tokio::spawn(async move {
-        let mut conns = tokio::task::JoinSet::new();
-        loop {
-            while conns.try_join_next().is_some() {}
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            counter.fetch_add(1, Ordering::SeqCst);
-            conns.spawn(f(stream));
-        }
-    });
+    let task = serve_each(listener, Arc::clone(&accepts), f);
     UnixUpstream {
         path: path.to_owned(),
         accepts,
