@@ -260,6 +260,9 @@ pub(crate) fn run(
     let started = Instant::now();
     let registration = ctx.tunnels.register();
     let deadline = ctx.lifetime.map(|(l, j)| started + draw_lifetime(l, j));
+    // Made here, not in the task: the task then holds the guards' box (or
+    // nothing), not a copy of their settings for the connection's life.
+    let guards = Guards::new(&ctx.guards, &ctx.metrics.guards);
     async move {
         let upgraded = tokio::select! {
             r = client_upgrade => r,
@@ -295,7 +298,6 @@ pub(crate) fn run(
             forwarded: &ctx.metrics.bytes_client_to_upstream,
             messages: &ctx.metrics.messages_client_to_upstream,
         };
-        let guards = Guards::new(&ctx.guards, &ctx.metrics.guards);
         let (forwarded, messages) = (
             &ctx.metrics.bytes_upstream_to_client,
             &ctx.metrics.messages_upstream_to_client,
