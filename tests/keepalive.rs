@@ -182,35 +182,10 @@ async fn connections_queued_before_start_get_keepalive_too() {
 
 // ---------------------------------------------------------------- a peer that vanishes
 
-/// What both vanishing peers share (after [`PY_PRELUDE`]'s `read_head`
-/// and `send_upgrade`): vanishing without FIN or RST: the socket is put in
-/// `TCP_REPAIR` mode and closed, which the kernel does silently (that needs
-/// `CAP_NET_ADMIN`; the tests run as root). From then on nothing comes from
-/// that port unless something is sent to it, and that is answered with RST.
-const VANISH_PY: &str = r#"
-import base64, hashlib
-
-def vanish(s):
-    try:
-        s.setsockopt(socket.IPPROTO_TCP, 19, 1)  # TCP_REPAIR
-    except OSError as e:
-        print("no TCP_REPAIR: %s" % e, flush=True)
-        sys.exit(3)
-    s.close()
-    print("vanished", flush=True)
-"#;
-
-/// A client that completes the upgrade, then vanishes (see [`VANISH_PY`]).
-const VANISHING_CLIENT: &str = r#"
-host, port = sys.argv[1], int(sys.argv[2])
-s = socket.create_connection((host, port))
-send_upgrade(s, host, port, "/")
-print(read_head(s).split(b"\r\n")[0].decode(), flush=True)
-vanish(s)
-"#;
-
-/// The same, as an upstream: answers the upgrade, then vanishes.
+/// Like [`VANISHING_CLIENT`], as an upstream: answers the upgrade, then
+/// vanishes.
 const VANISHING_UPSTREAM: &str = r#"
+import base64, hashlib
 l = socket.socket()
 l.bind(("127.0.0.1", 0))
 l.listen(1)
@@ -226,9 +201,9 @@ vanish(s)
 sys.stdin.read()  # stay alive (the listener too) until the test ends
 "#;
 
-/// A python3 helper ([`Py`]) running `script` after [`VANISH_PY`].
+/// A python3 helper ([`Py`]) running `script` (`vanish` is [`PY_PRELUDE`]'s).
 fn vanishing(script: &str, args: &[String]) -> Py {
-    Py::start(&format!("{VANISH_PY}{script}"), args)
+    Py::start(script, args)
 }
 
 /// Tests that make a socket vanish with `TCP_REPAIR` and so need

@@ -112,6 +112,20 @@ fn host_seen(up: &UnixUpstream, path: &str) -> String {
         .join(", ")
 }
 
+/// An upgraded upstream that reads until its socket ends, then says so
+/// on the channel (one message per connection).
+fn upstream_reporting_eof() -> (UnixUpstream, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    let (eof_tx, eof_rx) = tokio::sync::mpsc::unbounded_channel();
+    let up = upgraded_upstream(move |mut s: UnixStream| {
+        let eof_tx = eof_tx.clone();
+        async move {
+            discard_until_eof(&mut s).await;
+            let _ = eof_tx.send(());
+        }
+    });
+    (up, eof_rx)
+}
+
 /// An upstream that answers the upgrade with a valid 101 and hands the
 /// socket to `then`.
 fn upgraded_upstream<F, Fut>(then: F) -> UnixUpstream
@@ -352,14 +366,7 @@ async fn the_client_leg_closes_and_the_slot_comes_back(
 /// comes back and the upstream's socket is closed (it reads EOF).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_reset_gives_the_slot_back_and_closes_the_unix_leg() {
-    let (eof_tx, mut eof_rx) = tokio::sync::mpsc::unbounded_channel();
-    let up = upgraded_upstream(move |mut s: UnixStream| {
-        let eof_tx = eof_tx.clone();
-        async move {
-            discard_until_eof(&mut s).await;
-            let _ = eof_tx.send(());
-        }
-    });
+    let (up, mut eof_rx) = upstream_reporting_eof();
     let (gate, proxy, admin) = gate(&up.upstream(), &[]);
     let fds = baseline_fds(&gate, admin).await;
     let s = within("upgrade", raw_tunnel(proxy)).await;
@@ -460,38 +467,13 @@ fn check_config_prints_a_unix_upstream_as_given() {
 mod needs_cap_net_admin {
     use super::*;
 
-    /// A client that completes the upgrade, then vanishes without FIN or
-    /// RST: its socket is put in `TCP_REPAIR` mode and closed, which the
-    /// kernel does silently. (A [`Py`] script after [`PY_PRELUDE`].)
-    const VANISHING_CLIENT: &str = r#"
-host, port = sys.argv[1], int(sys.argv[2])
-s = socket.create_connection((host, port))
-send_upgrade(s, host, port, "/")
-print(read_head(s).split(b"\r\n")[0].decode(), flush=True)
-try:
-    s.setsockopt(socket.IPPROTO_TCP, 19, 1)  # TCP_REPAIR
-except OSError as e:
-    print("no TCP_REPAIR: %s" % e, flush=True)
-    sys.exit(3)
-s.close()
-print("vanished", flush=True)
-sys.stdin.read()
-"#;
-
     /// SPEC §13: `tcp_keepalive` still applies to the client leg with a
     /// Unix upstream: a client that vanished is found by the keepalive
     /// probe (answered with RST) and its slot released, and the upstream's
     /// socket closed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_vanished_client_is_found_by_keepalive_on_the_client_leg() {
-        let (eof_tx, mut eof_rx) = tokio::sync::mpsc::unbounded_channel();
-        let up = upgraded_upstream(move |mut s: UnixStream| {
-            let eof_tx = eof_tx.clone();
-            async move {
-                discard_until_eof(&mut s).await;
-                let _ = eof_tx.send(());
-            }
-        });
+        let (up, mut eof_rx) = upstream_reporting_eof();
         let (_gate, proxy, admin) = gate(&up.upstream(), &[("WSGATE_TCP_KEEPALIVE", "1s")]);
         let py = Py::start(
             VANISHING_CLIENT,

@@ -263,6 +263,29 @@ def read_head(s):
             break
         head += b
     return head
+
+def vanish(s):
+    try:
+        s.setsockopt(socket.IPPROTO_TCP, 19, 1)  # TCP_REPAIR
+    except OSError as e:
+        print("no TCP_REPAIR: %s" % e, flush=True)
+        sys.exit(3)
+    s.close()
+    print("vanished", flush=True)
+"#;
+
+/// A [`Py`] client that completes the upgrade (argv: host, port), prints
+/// the status line, then vanishes without FIN or RST: `vanish` puts the
+/// socket in `TCP_REPAIR` mode and closes it, which the kernel does
+/// silently (that needs `CAP_NET_ADMIN`; it prints "vanished", or exits 3
+/// when refused). From then on nothing comes from that port unless
+/// something is sent to it, and that is answered with RST.
+pub const VANISHING_CLIENT: &str = r#"
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.create_connection((host, port))
+send_upgrade(s, host, port, "/")
+print(read_head(s).split(b"\r\n")[0].decode(), flush=True)
+vanish(s)
 "#;
 
 /// A python3 helper process (for what a test cannot do from Rust, such as
