@@ -42,6 +42,9 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 log() { printf '[syscalls.sh %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+# addr_in (the address a started process logs), shared with the variant scripts.
+# shellcheck source=variant-check.sh
+source "$ROOT/benches/variant-check.sh"
 
 BENCH="$BENCHES/wsgate-bench/target/release/wsgate-bench"
 WSGATE="${BENCH_WSGATE_BIN:-$ROOT/target/release/wsgate}"
@@ -98,15 +101,6 @@ trap 'exit 130' INT TERM
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { local i; for i in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
-addr_of() { # file pattern -> IP:PORT after addr= (bounded 10 s)
-    local i v
-    for i in $(seq 1 200); do
-        v="$(sed 's/\x1b\[[0-9;]*m//g' "$1" 2>/dev/null | grep -m1 "$2" | sed -n -E 's/.*addr(=|":")([0-9.:]+).*/\2/p' || true)"
-        [[ -n "$v" ]] && { echo "$v"; return 0; }
-        sleep 0.05
-    done
-    return 1
-}
 
 # 4 connections x N messages x 64 KiB = the payload echoed
 PER_CONN=$(( MB * 1000000 / 4 / 65536 + 1 ))
@@ -116,7 +110,7 @@ for t in $TARGETS; do
     rm -f "$WORK/echo.out" "$WORK/wsgate.out"   # no stale address from the previous target
     "$BENCH" echo --kind tungstenite --listen 127.0.0.1:0 > "$WORK/echo.out" 2>&1 &
     echo_pid=$!; STARTED+=("$echo_pid")
-    echo_addr="$(addr_of "$WORK/echo.out" 'echo listening')" || { log "echo did not start"; exit 1; }
+    echo_addr="$(addr_in "$WORK/echo.out" 'echo listening')" || { log "echo did not start"; exit 1; }
     traced=()
     case "$t" in
         wsgate)
@@ -124,7 +118,7 @@ for t in $TARGETS; do
             env "${clean[@]}" WSGATE_UPSTREAM="$echo_addr" WSGATE_LISTEN=127.0.0.1:0 WSGATE_ADMIN_LISTEN=127.0.0.1:0 \
                 "$WSGATE" > "$WORK/wsgate.out" 2>&1 &
             proxy_pid=$!; STARTED+=("$proxy_pid")
-            a="$(addr_of "$WORK/wsgate.out" 'proxy listening')" || { log "wsgate did not start"; tail -5 "$WORK/wsgate.out" >&2; exit 1; }
+            a="$(addr_in "$WORK/wsgate.out" 'proxy listening')" || { log "wsgate did not start"; tail -5 "$WORK/wsgate.out" >&2; exit 1; }
             wait_port "${a##*:}"; url="ws://$a/"; traced=("$proxy_pid") ;;
         nginx)
             port="$(free_port)"; dir="$WORK/nginx"; rm -rf "$dir"; mkdir -p "$dir"

@@ -1,6 +1,7 @@
 # benches/variant-check.sh — sourced by the variant scripts (guards.sh, access-log.sh): run.sh over
 # their variants with the load average around it (run_variants), and for the check they run after
-# it, the processes it starts (PIDS, stop_all) and the address a started process logs (addr_in).
+# it, the processes it starts (PIDS, stop_all) and the address a started process logs (addr_in,
+# also used by syscalls.sh).
 # Not a script of its own. The sourcing script defines ROOT and log().
 
 # run_variants MODES TARGETS [run.sh options...]: runs run.sh, logs the load average at start and
