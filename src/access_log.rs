@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use crate::admission::RejectReason;
 use crate::error::UpstreamErrorKind;
+use crate::metrics::Label;
 use crate::session::SessionEnd;
 use crate::splice::Traffic;
 
@@ -84,9 +85,9 @@ const SLOTS: usize = RejectReason::ALL.len() + 1 + UpstreamErrorKind::ALL.len();
 impl Refusal {
     fn slot(self) -> usize {
         match self {
-            Refusal::Rejected(r) => r as usize,
+            Refusal::Rejected(r) => r.index(),
             Refusal::BadHandshake => RejectReason::ALL.len(),
-            Refusal::Upstream(k) => RejectReason::ALL.len() + 1 + k as usize,
+            Refusal::Upstream(k) => RejectReason::ALL.len() + 1 + k.index(),
         }
     }
 }

@@ -20,7 +20,36 @@ use tokio::sync::Notify;
 use tokio::time::{sleep, Instant};
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Registrar;
 use crate::splice::StopReason;
+
+/// The drains' series.
+#[derive(Debug, Clone)]
+pub(crate) struct DrainMetrics {
+    /// `wsgate_connections_drained_total`: closed by the shutdown's drain.
+    pub(crate) drained: IntCounter,
+    /// `wsgate_admin_drained_total`: closed by an operator's `POST /drain`.
+    pub(crate) admin_drained: IntCounter,
+}
+
+impl DrainMetrics {
+    /// Registers the drains' counters at 0.
+    ///
+    /// # Errors
+    /// A name is taken on the registry.
+    pub(crate) fn register(r: &Registrar<'_>) -> prometheus::Result<Self> {
+        Ok(DrainMetrics {
+            drained: r.counter(
+                "wsgate_connections_drained_total",
+                "Connections closed by the gradual drain",
+            )?,
+            admin_drained: r.counter(
+                "wsgate_admin_drained_total",
+                "Connections closed by an operator's POST /drain",
+            )?,
+        })
+    }
+}
 
 /// Live tunnels, oldest first (ids grow with time).
 #[derive(Debug, Clone, Default)]

@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use http::StatusCode;
 
-use crate::admission::RejectReason;
+use crate::admission::{RejectReason, Rejection};
 use crate::headers::HandshakeError;
+use crate::metrics::{labels, Label};
 use crate::responses::Synthetic;
 
 /// A boxed error from the upstream connection or the HTTP client.
@@ -28,14 +29,9 @@ pub(crate) enum ProxyError {
     /// The WebSocket handshake is malformed.
     #[error("{0}")]
     BadHandshake(#[from] HandshakeError),
-    /// wsgate refused the upgrade.
-    #[error("upgrade refused: {}", .0.label())]
-    Rejected(RejectReason),
-    /// A key rule refused the upgrade, with the status it answers (SPEC §9:
-    /// 429 or 503 over the limit, 400 or 401 without a usable key, 401 for
-    /// a bad token, 503 for a full key table).
-    #[error("upgrade refused by a key rule: {}", .0.label())]
-    KeyRejected(RejectReason, StatusCode),
+    /// The admission pipeline refused the upgrade, with its status.
+    #[error("upgrade refused: {}", .0.reason.label())]
+    Rejected(Rejection),
     /// The upstream could not be reached.
     #[error("cannot connect to the upstream: {0}")]
     UpstreamConnect(#[source] io::Error),
@@ -63,32 +59,15 @@ pub(crate) enum ProxyError {
     UpstreamRequestTimeout(#[source] Cause),
 }
 
-/// How the upstream failed or declined (`wsgate_upstream_errors_total{kind}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum UpstreamErrorKind {
-    /// Could not connect, or the connection failed before a valid answer.
-    Connect,
-    /// No answer within `upstream_connect_timeout`.
-    Timeout,
-    /// Answered something other than a valid 101.
-    RefusedUpgrade,
-}
-
-impl UpstreamErrorKind {
-    /// Every kind, in declaration order.
-    pub(crate) const ALL: [UpstreamErrorKind; 3] = [
-        UpstreamErrorKind::Connect,
-        UpstreamErrorKind::Timeout,
-        UpstreamErrorKind::RefusedUpgrade,
-    ];
-
-    /// The metric label.
-    pub(crate) fn label(self) -> &'static str {
-        match self {
-            UpstreamErrorKind::Connect => "connect",
-            UpstreamErrorKind::Timeout => "timeout",
-            UpstreamErrorKind::RefusedUpgrade => "refused_upgrade",
-        }
+labels! {
+    /// How the upstream failed or declined (`wsgate_upstream_errors_total{kind}`).
+    pub(crate) enum UpstreamErrorKind {
+        /// Could not connect, or the connection failed before a valid answer.
+        Connect => "connect",
+        /// No answer within `upstream_connect_timeout`.
+        Timeout => "timeout",
+        /// Answered something other than a valid 101.
+        RefusedUpgrade => "refused_upgrade",
     }
 }
 
@@ -99,8 +78,7 @@ impl ProxyError {
             ProxyError::BadHandshake(_) | ProxyError::BadTarget(_) | ProxyError::ClientBody(_) => {
                 StatusCode::BAD_REQUEST
             }
-            ProxyError::Rejected(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::KeyRejected(_, status) => *status,
+            ProxyError::Rejected(r) => r.status,
             ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamHandshake(_)
             | ProxyError::UpstreamBadAccept
@@ -115,39 +93,7 @@ impl ProxyError {
     pub(crate) fn reason(&self) -> &'static str {
         match self {
             ProxyError::BadHandshake(e) => e.reason(),
-            ProxyError::Rejected(RejectReason::Capacity) => {
-                "wsgate: too many websocket connections, retry later\n"
-            }
-            ProxyError::Rejected(RejectReason::Draining) => {
-                "wsgate: shutting down, connect to another instance\n"
-            }
-            ProxyError::Rejected(RejectReason::Rate) => {
-                "wsgate: too many new websocket connections, retry later\n"
-            }
-            ProxyError::Rejected(RejectReason::PerIp) => {
-                "wsgate: too many websocket connections from your address, retry later\n"
-            }
-            ProxyError::Rejected(RejectReason::Key) | ProxyError::KeyRejected(RejectReason::Key, _) => {
-                "wsgate: too many websocket connections for your key, retry later\n"
-            }
-            ProxyError::Rejected(RejectReason::KeyMissing)
-            | ProxyError::KeyRejected(RejectReason::KeyMissing, _) => {
-                "wsgate: this endpoint needs a key the request does not carry (or one that is not usable)\n"
-            }
-            ProxyError::Rejected(RejectReason::KeyTableFull)
-            | ProxyError::KeyRejected(RejectReason::KeyTableFull, _) => {
-                "wsgate: too many distinct keys connected, retry later\n"
-            }
-            ProxyError::Rejected(RejectReason::Jwt) | ProxyError::KeyRejected(RejectReason::Jwt, _) => {
-                "wsgate: the token is not valid\n"
-            }
-            ProxyError::Rejected(RejectReason::Fleet) => {
-                "wsgate: too many websocket connections across the service, retry later\n"
-            }
-            ProxyError::Rejected(RejectReason::FleetUnavailable) => {
-                "wsgate: the shared connection count is unavailable, retry later\n"
-            }
-            ProxyError::KeyRejected(_, _) => "wsgate: refused by a key rule\n",
+            ProxyError::Rejected(r) => rejection_text(r.reason),
             ProxyError::BadTarget(_) => "bad request target\n",
             ProxyError::ClientBody(_) => "wsgate: bad request body\n",
             ProxyError::UpstreamTimeout(_) | ProxyError::UpstreamRequestTimeout(_) => {
@@ -205,6 +151,30 @@ impl ProxyError {
     }
 }
 
+/// What a refused client is told, by reason: one static line.
+fn rejection_text(reason: RejectReason) -> &'static str {
+    match reason {
+        RejectReason::Capacity => "wsgate: too many websocket connections, retry later\n",
+        RejectReason::Draining => "wsgate: shutting down, connect to another instance\n",
+        RejectReason::Rate => "wsgate: too many new websocket connections, retry later\n",
+        RejectReason::PerIp => {
+            "wsgate: too many websocket connections from your address, retry later\n"
+        }
+        RejectReason::Key => "wsgate: too many websocket connections for your key, retry later\n",
+        RejectReason::KeyMissing => {
+            "wsgate: this endpoint needs a key the request does not carry (or one that is not usable)\n"
+        }
+        RejectReason::KeyTableFull => "wsgate: too many distinct keys connected, retry later\n",
+        RejectReason::Jwt => "wsgate: the token is not valid\n",
+        RejectReason::Fleet => {
+            "wsgate: too many websocket connections across the service, retry later\n"
+        }
+        RejectReason::FleetUnavailable => {
+            "wsgate: the shared connection count is unavailable, retry later\n"
+        }
+    }
+}
+
 /// An error and its causes as one sentence: `outer: inner: innermost`.
 /// Errors from the HTTP client say little at the top ("client error
 /// (SendRequest)"); the cause that matters to an operator is at the bottom.
@@ -232,8 +202,8 @@ mod tests {
     fn statuses_follow_the_spec() {
         let cases = [
             (ProxyError::BadHandshake(HandshakeError::Key), 400),
-            (ProxyError::Rejected(RejectReason::Capacity), 503),
-            (ProxyError::Rejected(RejectReason::Draining), 503),
+            (ProxyError::Rejected(RejectReason::Capacity.into()), 503),
+            (ProxyError::Rejected(RejectReason::Draining.into()), 503),
             (
                 ProxyError::UpstreamConnect(io::ErrorKind::ConnectionRefused.into()),
                 502,
@@ -248,7 +218,7 @@ mod tests {
 
     #[test]
     fn rejections_carry_retry_after_and_close() {
-        let r = ProxyError::Rejected(RejectReason::Capacity)
+        let r = ProxyError::Rejected(RejectReason::Capacity.into())
             .answer(3)
             .into_response();
         assert_eq!(r.headers()[header::RETRY_AFTER], "3");

@@ -6,32 +6,35 @@
 //! HTTP passes through uncounted. Metrics are on a separate admin port.
 //!
 //! # Layout
-//! In the order a connection meets them (each file's `//!` says its one job):
+//! In the order a connection meets them (each file's `//!` says its one
+//! job; `docs/architecture.md` tells the life of a connection):
 //!
 //! | module | holds |
 //! | --- | --- |
 //! | `server` | the accept loop and per-connection HTTP/1 serving |
 //! | `tcp` | socket options: `TCP_NODELAY`, keepalive, `TCP_USER_TIMEOUT` |
-//! | `proxy` | the request handler: classify, admit, forward the upgrade or the plain request |
+//! | `proxy` | the request handler: classify, call the admission pipeline once, forward the upgrade or the plain request |
 //! | `headers` | pure header logic: classify, validate, rewrite |
-//! | `admission` | cap, per-IP, rate, dry run, watermarks; `RejectReason`; the RAII `AdmissionGuard` |
-//! | `keys/` | limits per key (SPEC §9): rules, key tables, key extraction, the JWT verifier |
-//! | `fleet/` | fleet-wide limits through Redis (SPEC §10): holds as leases, the admission script, the renewing worker |
+//! | `admission/` | the admission pipeline: the ordered checks, one file per policy, the outcome, the RAII `AdmissionGuard` |
+//! | `keys/` | limits per key: rules, key tables, key extraction |
+//! | `jwt/` | the JWT verifier, JWKS parsing and its file watch |
+//! | `fleet/` | fleet-wide limits through Redis: holds as leases, the admission script, the renewing worker |
 //! | `error` | `ProxyError`: every way a request fails, mapped to a status and a reason |
 //! | `responses` | every answer wsgate writes itself (400 … 504), with static bodies |
 //! | `tunnel` | the upstream handshake, then the tracked task that owns a slot |
 //! | `upstream_http` | the upstream handshake on the wire: request head out, 101 parsed |
 //! | `upstream_client` | the pooled plain-HTTP client to the upstream, over TCP or a Unix socket |
-//! | `splice/` | the byte mover: per-direction phases, buffer pool, waker gate, deadlines |
+//! | `splice/` | the byte mover: per-direction phases, buffer pool, waker gate, deadlines, message guards |
 //! | `frames` | RFC 6455 frame-boundary tracker; Close frame encoding |
 //! | `drain` | live tunnels in age order; the even-pace drain; the operator's drain |
-//! | `session` | how a session ended: `closed_by`, `end`, the Close code and reason |
+//! | `session` | how a session ended (`closed_by`, `end`, Close code and reason), and its series |
 //! | `access_log` | one record per session; refusals summarised every 10 s at most |
 //! | `log_format` | how log lines are written: the plain field formatter, the cached timestamp |
 //! | `shutdown` | signals → `Control`, the `Shutdown` tokens and tracker, the shutdown timeline |
 //! | `reload` | SIGHUP and the config-file watch |
+//! | `file_watch` | settled changes of a polled file (configuration, JWKS, admin token) |
 //! | `config/` | the keys, their defaults, validation, the figment stack, `check-config` output |
-//! | `metrics` | metric registration (names fixed by SPEC), labelled handles, encoding |
+//! | `metrics` | the toolkit each concern registers its own series with; encoding |
 //! | `admin/` | `/metrics`, `/healthz`, `/readyz`, `/keys`, `/drain` on their own listener; the admin token |
 //! | `demo` | `wsgate demo`: the page-and-echo upstream and its defaults |
 //!
@@ -72,11 +75,21 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::config::{Config, ConfigError};
-use crate::metrics::{FleetMetrics, Metrics, ReloadResult};
+use crate::metrics::{labels, Family, Registrar};
 pub use crate::reload::{FileVersion, CONFIG_POLL_INTERVAL};
 use crate::shutdown::Drive;
 pub use crate::shutdown::{os_signals, Control, Shutdown};
 pub use crate::tcp::listen;
+
+labels! {
+    /// How a configuration reload went (`wsgate_config_reloads_total{result}`).
+    enum ReloadResult {
+        /// Applied.
+        Success => "success",
+        /// Refused; the running configuration stays.
+        Failure => "failure",
+    }
+}
 
 /// How long start-up waits for the first connection to the fleet's Redis.
 const FLEET_START_WAIT: Duration = Duration::from_secs(2);
@@ -100,14 +113,21 @@ pub async fn run(
     mut control: mpsc::UnboundedReceiver<Control>,
 ) -> Result<(), Error> {
     let registry = Registry::new();
-    let metrics = Metrics::register(&registry)?;
+    let r = Registrar::new(&registry);
+    r.process()?;
+    let reloads: Family<ReloadResult> = r.family(
+        "wsgate_config_reloads_total",
+        "Configuration reloads (SIGHUP or a settled change of the --config file)",
+        "result",
+    )?;
+    let drain_metrics = drain::DrainMetrics::register(&r)?;
     let shutdown = Shutdown::new();
     // The fleet worker outlives the shutdown timeline: connections closed
     // by the drain still give their holds back through it.
     let fleet_stop = CancellationToken::new();
     let (fleet, fleet_worker) = match &config.fleet {
         Some(settings) => {
-            let fleet_metrics = FleetMetrics::register(&registry)?;
+            let fleet_metrics = fleet::FleetMetrics::register(&r)?;
             let (fleet, worker) = fleet::Fleet::start(settings, fleet_metrics, fleet_stop.clone())?;
             // The first clients are judged by Redis when it is there; a
             // Redis that is not costs start-up at most this long.
@@ -116,12 +136,15 @@ pub async fn run(
         }
         None => (None, None),
     };
-    let proxy = proxy::Proxy::new(config, metrics.clone(), shutdown.clone(), fleet)?;
-    let readiness = admin::Readiness {
-        shutdown: shutdown.clone(),
-        admission: proxy.admission().clone(),
-        gauge: metrics.ready.clone(),
-    };
+    let admission = admission::Admission::new(&config, &r, fleet, shutdown.clone())?;
+    let readiness = admin::Readiness::new(shutdown.clone(), admission.clone(), &r)?;
+    let proxy = proxy::Proxy::new(
+        config,
+        admission,
+        proxy::ProxyMetrics::register(&r)?,
+        tunnel::TunnelMetrics::register(&r)?,
+        shutdown.clone(),
+    )?;
     readiness.check();
 
     let token = admin::AdminToken::new(proxy.config().admin_token_file.clone());
@@ -133,7 +156,7 @@ pub async fn run(
             proxy: proxy.clone(),
             token: token.clone(),
             drain: drain::AdminDrain::default(),
-            admin_drained: metrics.admin_drained.clone(),
+            admin_drained: drain_metrics.admin_drained.clone(),
         },
     ));
     let accept = tokio::spawn(server::serve(
@@ -145,13 +168,13 @@ pub async fn run(
     // Serve, applying reloads, until the first shutdown request; a closed
     // channel means the same.
     while let Some(Control::Reload(loaded)) = control.recv().await {
-        apply_reload(&proxy, &token, &metrics, *loaded);
+        apply_reload(&proxy, &token, &reloads, *loaded);
     }
     let config = proxy.config();
     let drive = Drive {
         config: &config,
         tunnels: proxy.tunnels(),
-        drained: &metrics.drained,
+        drained: &drain_metrics.drained,
         accept,
     };
     shutdown.run_timeline(drive, &mut control).await;
@@ -170,7 +193,7 @@ pub async fn run(
 fn apply_reload(
     proxy: &proxy::Proxy,
     token: &admin::AdminToken,
-    metrics: &Metrics,
+    reloads: &Family<ReloadResult>,
     loaded: Result<Config, ConfigError>,
 ) {
     match loaded {
@@ -180,11 +203,100 @@ fn apply_reload(
             }
             token.set_path(config.admin_token_file.clone());
             proxy.reload(config);
-            metrics.reloads.inc(ReloadResult::Success);
+            reloads.inc(ReloadResult::Success);
         }
         Err(e) => {
             tracing::error!("reload refused, the running configuration stays: {e}");
-            metrics.reloads.inc(ReloadResult::Failure);
+            reloads.inc(ReloadResult::Failure);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every labelled series a default instance exports exists at 0 from
+    /// start-up, and pairs that cannot happen are not exported.
+    #[tokio::test]
+    async fn every_labelled_series_exists_at_zero() {
+        let config = Config::validate(config::RawConfig {
+            upstream: Some("127.0.0.1:9".into()),
+            ..config::RawConfig::default()
+        })
+        .expect("a valid configuration");
+        let registry = Registry::new();
+        let r = Registrar::new(&registry);
+        r.process().expect("process");
+        drain::DrainMetrics::register(&r).expect("drain");
+        let shutdown = Shutdown::new();
+        let admission =
+            admission::Admission::new(&config, &r, None, shutdown.clone()).expect("admission");
+        admin::Readiness::new(shutdown, admission, &r).expect("readiness");
+        proxy::ProxyMetrics::register(&r).expect("proxy");
+        tunnel::TunnelMetrics::register(&r).expect("tunnels");
+        let text = String::from_utf8(metrics::encode(&registry)).expect("utf8");
+        for series in [
+            "wsgate_connections_active 0",
+            "wsgate_connections_max 0",
+            "wsgate_connections_admitted_total 0",
+            "wsgate_connections_rejected_total{reason=\"capacity\"} 0",
+            "wsgate_connections_rejected_total{reason=\"draining\"} 0",
+            "wsgate_connections_rejected_total{reason=\"fleet_unavailable\"} 0",
+            "wsgate_upstream_errors_total{kind=\"connect\"} 0",
+            "wsgate_upstream_errors_total{kind=\"timeout\"} 0",
+            "wsgate_upstream_errors_total{kind=\"refused_upgrade\"} 0",
+            "wsgate_connection_duration_seconds_count 0",
+            "wsgate_transferred_bytes_total{direction=\"client_to_upstream\"} 0",
+            "wsgate_transferred_bytes_total{direction=\"upstream_to_client\"} 0",
+            "wsgate_http_requests_total{class=\"2xx\"} 0",
+            "wsgate_http_requests_total{class=\"5xx\"} 0",
+            "wsgate_ready 0",
+            "wsgate_connections_rejected_total{reason=\"rate\"} 0",
+            "wsgate_connections_rejected_total{reason=\"per_ip\"} 0",
+            "wsgate_connections_would_reject_total{reason=\"capacity\"} 0",
+            "wsgate_connections_would_reject_total{reason=\"per_ip\"} 0",
+            "wsgate_connections_would_reject_total{reason=\"rate\"} 0",
+            "wsgate_connections_drained_total 0",
+            "wsgate_connections_expired_total 0",
+            "wsgate_close_frames_sent_total{reason=\"drain\"} 0",
+            "wsgate_close_frames_sent_total{reason=\"lifetime\"} 0",
+            "wsgate_close_frames_sent_total{reason=\"idle\"} 0",
+            "wsgate_messages_total{direction=\"client_to_upstream\"} 0",
+            "wsgate_messages_total{direction=\"upstream_to_client\"} 0",
+            "wsgate_message_guard_total{action=\"close\",guard=\"size\"} 0",
+            "wsgate_message_guard_total{action=\"close\",guard=\"rate\"} 0",
+            "wsgate_message_guard_total{action=\"throttle\",guard=\"rate\"} 0",
+            "wsgate_message_guard_total{action=\"throttle\",guard=\"bytes\"} 0",
+            "wsgate_sessions_ended_total{closed_by=\"client\",end=\"client_close\"} 0",
+            "wsgate_sessions_ended_total{closed_by=\"none\",end=\"client_eof\"} 0",
+            "wsgate_sessions_ended_total{closed_by=\"wsgate\",end=\"admin_drain\"} 0",
+            "wsgate_sessions_ended_total{closed_by=\"none\",end=\"shutdown\"} 0",
+            "wsgate_sessions_ended_total{closed_by=\"upstream\",end=\"half_close_timeout\"} 0",
+            "wsgate_close_codes_total{closed_by=\"client\",code=\"1000\"} 0",
+            "wsgate_close_codes_total{closed_by=\"upstream\",code=\"4xxx\"} 0",
+            "wsgate_close_codes_total{closed_by=\"none\",code=\"none\"} 0",
+            "wsgate_close_codes_total{closed_by=\"wsgate\",code=\"1001\"} 0",
+            "wsgate_close_codes_total{closed_by=\"wsgate\",code=\"1008\"} 0",
+            "wsgate_close_codes_total{closed_by=\"wsgate\",code=\"1009\"} 0",
+            "wsgate_close_codes_total{closed_by=\"wsgate\",code=\"none\"} 0",
+            "wsgate_admin_drained_total 0",
+            "process_open_fds",
+            "process_resident_memory_bytes",
+        ] {
+            assert!(text.contains(series), "missing {series} in\n{text}");
+        }
+        for absent in [
+            "closed_by=\"wsgate\",end=\"client_close\"",
+            "closed_by=\"client\",code=\"none\"",
+            "closed_by=\"none\",code=\"1000\"",
+            "would_reject_total{reason=\"draining\"}",
+        ] {
+            assert!(!text.contains(absent), "{absent} exported");
+        }
+        assert!(text.contains(&format!(
+            "wsgate_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
     }
 }

@@ -1,14 +1,13 @@
-//! The request handler on the client port: classifies each request, admits
-//! and tunnels WebSocket upgrades, and reverse-proxies everything else.
+//! The request handler on the client port: classifies each request, has
+//! the admission pipeline judge WebSocket upgrades (`admission`), tunnels
+//! the admitted ones, and reverse-proxies everything else.
 //!
-//! Order on the upgrade path (SPEC §3), each step before the next costs
-//! anything: validate the handshake (400) → refuse if draining (503) →
-//! reserve a slot without waiting (503 over the cap, per-IP, key rules;
-//! `admission` and `keys`) → the fleet limits (one Redis round trip at
-//! most `fleet_timeout` long; `fleet`) → rate → connect and forward
-//! the handshake within `upstream_connect_timeout` (502/504) → return the
-//! upstream's 101 and hand the slot to a tracked tunnel task. Errors before
-//! the hand-over drop the slot guard, which is the release.
+//! On the upgrade path each step comes before the next costs anything:
+//! validate the handshake (400) → [`Admission::admit`] (503, or a key
+//! rule's status) → connect and forward the handshake within
+//! `upstream_connect_timeout` (502/504) → return the upstream's 101 and
+//! hand the admission guard to a tracked tunnel task. Errors before the
+//! hand-over drop the guard, which is the release.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,19 +20,75 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 
 use crate::access_log::{Refusal, Refusals, SessionInfo};
-use crate::admission::{Admission, Admitted, Policy, RejectReason};
+use crate::admission::{Admission, Candidate};
 use crate::config::Config;
 use crate::drain::Tunnels;
 use crate::error::{ProxyError, UpstreamErrorKind};
-use crate::fleet::{Fleet, FleetRefusal, Scope};
 use crate::headers::{self, RequestKind};
-use crate::keys::{FleetKey, KeyLimits, KeyRequest};
-use crate::metrics::Metrics;
+use crate::metrics::{labels, Family, Label, Registrar};
 use crate::responses::{self, ProxyBody};
 use crate::shutdown::Shutdown;
 use crate::splice::Limits;
-use crate::tunnel::{self, Answer, TunnelContext};
+use crate::tunnel::{self, Answer, TunnelContext, TunnelMetrics};
 use crate::upstream_client::UpstreamClient;
+
+labels! {
+    /// The class of an HTTP status (`wsgate_http_requests_total{class}`).
+    enum HttpClass {
+        /// 1xx.
+        Informational => "1xx",
+        /// 2xx.
+        Success => "2xx",
+        /// 3xx.
+        Redirection => "3xx",
+        /// 4xx.
+        ClientError => "4xx",
+        /// 5xx (and anything out of range).
+        ServerError => "5xx",
+    }
+}
+
+impl HttpClass {
+    fn of(status: http::StatusCode) -> Self {
+        match status.as_u16() {
+            100..=199 => HttpClass::Informational,
+            200..=299 => HttpClass::Success,
+            300..=399 => HttpClass::Redirection,
+            400..=499 => HttpClass::ClientError,
+            _ => HttpClass::ServerError,
+        }
+    }
+}
+
+/// The request handler's own series.
+#[derive(Debug, Clone)]
+pub(crate) struct ProxyMetrics {
+    /// `wsgate_upstream_errors_total{kind}`.
+    upstream_errors: Family<UpstreamErrorKind>,
+    /// `wsgate_http_requests_total{class}`.
+    http_requests: Family<HttpClass>,
+}
+
+impl ProxyMetrics {
+    /// Registers the handler's series, every one at 0.
+    ///
+    /// # Errors
+    /// A name is taken on the registry.
+    pub(crate) fn register(r: &Registrar<'_>) -> prometheus::Result<Self> {
+        Ok(ProxyMetrics {
+            upstream_errors: r.family(
+                "wsgate_upstream_errors_total",
+                "Upstream failures or declined upgrades",
+                "kind",
+            )?,
+            http_requests: r.family(
+                "wsgate_http_requests_total",
+                "Plain HTTP requests proxied, by class of the status returned",
+                "class",
+            )?,
+        })
+    }
+}
 
 /// The shared state behind every connection's service.
 #[derive(Debug, Clone)]
@@ -45,14 +100,13 @@ pub(crate) struct Proxy {
 struct Inner {
     /// Swapped whole on reload; each request works on one snapshot.
     config: RwLock<Arc<Config>>,
+    /// The admission pipeline, with every policy's state.
     admission: Admission,
-    /// Limits per key: the rules in force and their tables.
-    keys: KeyLimits,
-    /// Fleet-wide limits through Redis; `None` without `fleet_redis_url`.
-    fleet: Option<Fleet>,
     /// Live tunnels, for the drain.
     tunnels: Tunnels,
-    metrics: Arc<Metrics>,
+    metrics: ProxyMetrics,
+    /// What each tunnel counts into.
+    tunnel_metrics: Arc<TunnelMetrics>,
     /// Refusals counted for the access log's summary lines.
     refusals: Refusals,
     shutdown: Shutdown,
@@ -62,37 +116,30 @@ struct Inner {
 }
 
 impl Proxy {
-    /// Builds the proxy state.
+    /// Builds the proxy state around an admission pipeline.
     ///
     /// # Errors
     /// The upstream authority from a validated config always parses; an
     /// error here would mean validation let a bad value through.
     pub(crate) fn new(
         config: Config,
-        metrics: Metrics,
+        admission: Admission,
+        metrics: ProxyMetrics,
+        tunnel_metrics: TunnelMetrics,
         shutdown: Shutdown,
-        fleet: Option<Fleet>,
     ) -> Result<Self, http::uri::InvalidUri> {
-        let admission = Admission::new(
-            config.max_clients,
-            policy_of(&config),
-            metrics.active.clone(),
-            metrics.max.clone(),
-        );
         let client = UpstreamClient::new(&config);
         let upstream_authority = config.upstream.authority.parse()?;
-        let keys = KeyLimits::new(&config, metrics.keys.clone());
         let refusals = Refusals::default();
         refusals.set_enabled(config.access_log);
-        metrics.sessions.expect_codes(&config.close);
+        tunnel_metrics.sessions.expect_codes(&config.close);
         Ok(Proxy {
             inner: Arc::new(Inner {
                 config: RwLock::new(Arc::new(config)),
                 admission,
-                keys,
-                fleet,
                 tunnels: Tunnels::new(),
-                metrics: Arc::new(metrics),
+                metrics,
+                tunnel_metrics: Arc::new(tunnel_metrics),
                 refusals,
                 shutdown,
                 client,
@@ -104,11 +151,6 @@ impl Proxy {
     /// The admission state (for tests and the admin server).
     pub(crate) fn admission(&self) -> &Admission {
         &self.inner.admission
-    }
-
-    /// The limits per key (for `/keys` and the busiest-ratio gauges).
-    pub(crate) fn keys(&self) -> &KeyLimits {
-        &self.inner.keys
     }
 
     /// The live tunnels (for the drain).
@@ -155,22 +197,16 @@ impl Proxy {
         new.admin_listen = old.admin_listen;
         new.upstream = old.upstream.clone();
         new.workers = old.workers;
-        self.inner.admission.set_cap(new.max_clients);
-        self.inner.admission.set_policy(policy_of(&new));
-        self.inner.keys.apply(&new);
-        self.inner.refusals.set_enabled(new.access_log);
-        self.inner.metrics.sessions.expect_codes(&new.close);
-        match (&self.inner.fleet, &new.fleet) {
-            (Some(fleet), Some(settings)) => fleet.apply(settings),
-            (None, None) => {}
-            _ => {
-                tracing::warn!(
-                    key = "fleet_redis_url",
-                    "reload: turning fleet limits on or off only takes effect after a restart"
-                );
-                new.fleet = old.fleet.clone();
-            }
+        if self.inner.admission.has_fleet() != new.fleet.is_some() {
+            tracing::warn!(
+                key = "fleet_redis_url",
+                "reload: turning fleet limits on or off only takes effect after a restart"
+            );
+            new.fleet = old.fleet.clone();
         }
+        self.inner.admission.apply(&new);
+        self.inner.refusals.set_enabled(new.access_log);
+        self.inner.tunnel_metrics.sessions.expect_codes(&new.close);
         tracing::info!(
             max_clients = new.max_clients,
             active = self.inner.admission.active(),
@@ -181,51 +217,6 @@ impl Proxy {
             .config
             .write()
             .unwrap_or_else(PoisonError::into_inner) = Arc::new(new);
-    }
-
-    /// The fleet check (SPEC §10), after the local ones and before rate:
-    /// one Redis round trip at most `fleet_timeout` long. The hold goes
-    /// into the slot's guard.
-    async fn check_fleet(
-        &self,
-        fleet: &Fleet,
-        keys: Vec<FleetKey>,
-        admitted: &mut Admitted,
-        enforce: bool,
-    ) -> Result<(), ProxyError> {
-        let total = fleet.total_scope();
-        let offset = usize::from(total.is_some());
-        let scopes: Vec<Scope> = total
-            .into_iter()
-            .chain(
-                keys.iter()
-                    .map(|k| fleet.key_scope(k.rule(), &k.value, k.limit)),
-            )
-            .collect();
-        let answer = fleet.admit(scopes, enforce).await;
-        if let Some(hold) = answer.hold {
-            admitted.guard.hold_fleet(hold);
-        }
-        let refusal = match answer.refused {
-            None => return Ok(()),
-            Some(FleetRefusal::Unavailable) => ProxyError::Rejected(RejectReason::FleetUnavailable),
-            Some(FleetRefusal::Full(i)) => match i.checked_sub(offset).and_then(|k| keys.get(k)) {
-                Some(key) if enforce => {
-                    ProxyError::KeyRejected(RejectReason::Key, key.refusal_status())
-                }
-                Some(_) => ProxyError::Rejected(RejectReason::Key),
-                None => ProxyError::Rejected(RejectReason::Fleet),
-            },
-        };
-        if enforce {
-            return Err(refusal);
-        }
-        let reason = match refusal {
-            ProxyError::Rejected(r) | ProxyError::KeyRejected(r, _) => r,
-            _ => RejectReason::Fleet,
-        };
-        admitted.would_reject.get_or_insert(reason);
-        Ok(())
     }
 
     /// Handles one request from a client whose socket peer is `peer`.
@@ -245,32 +236,35 @@ impl Proxy {
             },
             Ok(RequestKind::Plain) => self.forward(req, peer).await,
             Err(e) => {
-                tracing::debug!(%peer, "refused a websocket upgrade from {peer}: {e}");
-                self.inner.refusals.count(Refusal::BadHandshake);
-                ProxyError::BadHandshake(e)
-                    .answer(config.retry_after_secs)
-                    .into_response()
+                let e = ProxyError::BadHandshake(e);
+                self.count_failure(&e, peer);
+                e.answer(config.retry_after_secs).into_response()
             }
         };
         Ok(resp)
     }
 
-    /// Counts and logs a failed upgrade: one debug line each; the access
-    /// log summarises them (an upstream that is down fails every upgrade,
-    /// and a line each would flood the log exactly then).
+    /// Counts and logs a failed upgrade, whatever failed it: one debug
+    /// line each; the access log summarises them (an upstream that is
+    /// down fails every upgrade, and a line each would flood the log
+    /// exactly then). Refusals are counted in their metric by admission.
     fn count_failure(&self, e: &ProxyError, peer: SocketAddr) {
-        let m = &self.inner.metrics;
-        if let ProxyError::Rejected(reason) | ProxyError::KeyRejected(reason, _) = e {
-            m.rejected.inc(*reason);
-            self.inner.refusals.count(Refusal::Rejected(*reason));
-            tracing::debug!(%peer, reason = reason.label(), "refused a websocket upgrade from {peer}: {}", reason.label());
+        if let ProxyError::Rejected(r) = e {
+            self.inner.refusals.count(Refusal::Rejected(r.reason));
+            tracing::debug!(%peer, reason = r.reason.label(), "refused a websocket upgrade from {peer}: {}", r.reason.label());
         } else if let Some(kind) = e.upstream_kind() {
-            m.upstream_errors.inc(kind);
-            self.inner.refusals.count(Refusal::Upstream(kind));
+            self.count_upstream_error(kind);
             tracing::debug!(%peer, kind = kind.label(), "a websocket upgrade from {peer} failed: {e}");
         } else if let ProxyError::BadHandshake(_) = e {
             self.inner.refusals.count(Refusal::BadHandshake);
+            tracing::debug!(%peer, "refused a websocket upgrade from {peer}: {e}");
         }
+    }
+
+    /// Counts an upstream failure in its metric and the refusal summary.
+    fn count_upstream_error(&self, kind: UpstreamErrorKind) {
+        self.inner.metrics.upstream_errors.inc(kind);
+        self.inner.refusals.count(Refusal::Upstream(kind));
     }
 
     async fn upgrade(
@@ -280,50 +274,18 @@ impl Proxy {
         config: &Config,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let inner = &*self.inner;
-        if inner.shutdown.is_draining() {
-            return Err(ProxyError::Rejected(RejectReason::Draining));
-        }
         let client = headers::client_address(req.headers(), peer.ip(), config.trusted_hops);
-        let rules = inner.keys.rules();
-        let mut keys = KeyRequest::new(
-            &inner.keys,
-            &rules,
-            &config.jwt_from,
-            req.headers(),
-            req.uri(),
-        );
-        let mut admitted =
-            inner
-                .admission
-                .admit_with_keys(client, &mut keys)
-                .map_err(|reason| match keys.refusal_status(reason) {
-                    Some(status) => ProxyError::KeyRejected(reason, status),
-                    None => ProxyError::Rejected(reason),
-                })?;
-        let fleet_keys = keys.take_fleet_keys();
-        drop(keys);
-        if let Some(fleet) = &inner.fleet {
-            // An early return drops `admitted`'s guard: everything the
-            // local checks took goes back.
-            self.check_fleet(fleet, fleet_keys, &mut admitted, config.enforce)
-                .await?;
-        }
-        inner
+        let candidate = Candidate {
+            peer,
+            client,
+            headers: req.headers(),
+            uri: req.uri(),
+        };
+        let guard = inner
             .admission
-            .take_rate_token(&mut admitted)
+            .admit(config, candidate)
+            .await
             .map_err(ProxyError::Rejected)?;
-        if let Some(reason) = admitted.would_reject {
-            inner.metrics.would_reject.inc(reason);
-            tracing::debug!(
-                %peer,
-                %client,
-                reason = reason.label(),
-                "dry run: admitted a websocket upgrade from {client} that {} would have refused",
-                reason.label()
-            );
-        }
-        let guard = admitted.guard;
-        inner.metrics.admitted.inc();
         // Taken now, before the head goes to the upstream; completed with
         // the upstream's subprotocol below.
         let session = config.access_log.then(|| {
@@ -369,13 +331,7 @@ impl Proxy {
         match answer {
             Answer::Other(resp) => {
                 // Passed through as it is; the slot goes back with `guard`.
-                inner
-                    .metrics
-                    .upstream_errors
-                    .inc(UpstreamErrorKind::RefusedUpgrade);
-                inner
-                    .refusals
-                    .count(Refusal::Upstream(UpstreamErrorKind::RefusedUpgrade));
+                self.count_upstream_error(UpstreamErrorKind::RefusedUpgrade);
                 let status = resp.status().as_u16();
                 tracing::debug!(
                     %peer,
@@ -409,7 +365,7 @@ impl Proxy {
                         close: Some(config.close),
                     },
                     guards: config.message_guards,
-                    metrics: Arc::clone(&inner.metrics),
+                    metrics: Arc::clone(&inner.tunnel_metrics),
                     shutdown: inner.shutdown.clone(),
                     tunnels: inner.tunnels.clone(),
                     lifetime: config
@@ -445,7 +401,10 @@ impl Proxy {
                 e.answer(0).into_response()
             }
         };
-        self.inner.metrics.http_request(resp.status());
+        self.inner
+            .metrics
+            .http_requests
+            .inc(HttpClass::of(resp.status()));
         resp
     }
 
@@ -482,16 +441,6 @@ impl Proxy {
             }
             Err(e) => Err(ProxyError::UpstreamRequest(e.into())),
         }
-    }
-}
-
-/// The admission policy a configuration asks for.
-fn policy_of(config: &Config) -> Policy {
-    Policy {
-        max_per_ip: config.max_clients_per_ip,
-        rate: config.admission_rate,
-        enforce: config.enforce,
-        watermarks: config.watermarks,
     }
 }
 

@@ -18,115 +18,65 @@
 //!   `error` for any other failure; `closed_by = none`.
 
 use std::io;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use prometheus::{Histogram, IntCounter, IntCounterVec};
 
 use crate::config::CloseSettings;
-use crate::splice::{Cause, Ended, FirstClose, Guard, Leg, StopReason};
+use crate::metrics::{labels, Label, Registrar};
+use crate::splice::{Cause, Ended, FirstClose, Guard, Leg, StopReason, UPSTREAM_GUARD_CODE};
 
-/// Who sent a session's first Close frame (`closed_by`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ClosedBy {
-    /// The client.
-    Client,
-    /// The upstream.
-    Upstream,
-    /// wsgate itself.
-    Wsgate,
-    /// Nobody: TCP ended without a Close frame.
-    Nobody,
-}
-
-impl ClosedBy {
-    /// Every value, in declaration order.
-    pub(crate) const ALL: [ClosedBy; 4] = [
-        ClosedBy::Client,
-        ClosedBy::Upstream,
-        ClosedBy::Wsgate,
-        ClosedBy::Nobody,
-    ];
-
-    /// The `closed_by` value in the log and the metric label.
-    pub(crate) fn label(self) -> &'static str {
-        match self {
-            ClosedBy::Client => "client",
-            ClosedBy::Upstream => "upstream",
-            ClosedBy::Wsgate => "wsgate",
-            ClosedBy::Nobody => "none",
-        }
+labels! {
+    /// Who sent a session's first Close frame (`closed_by`).
+    pub(crate) enum ClosedBy {
+        /// The client.
+        Client => "client",
+        /// The upstream.
+        Upstream => "upstream",
+        /// wsgate itself.
+        Wsgate => "wsgate",
+        /// Nobody: TCP ended without a Close frame.
+        Nobody => "none",
     }
 }
 
-/// Why a session ended (`end`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum End {
-    /// The client's Close frame came first.
-    ClientClose,
-    /// The upstream's Close frame came first.
-    UpstreamClose,
-    /// No Close; the client's FIN or RST came first.
-    ClientEof,
-    /// No Close; the upstream's FIN or RST came first.
-    UpstreamEof,
-    /// The shutdown drain (`drain_period`).
-    Drain,
-    /// An operator's `POST /drain`.
-    AdminDrain,
-    /// `max_connection_lifetime`.
-    Lifetime,
-    /// `idle_timeout`.
-    Idle,
-    /// `max_message_size`.
-    Size,
-    /// `message_rate` with `message_rate_action = close`.
-    Rate,
-    /// One side finished and the other did not within `half_close_timeout`.
-    HalfCloseTimeout,
-    /// A leg timed out: TCP keepalive or `TCP_USER_TIMEOUT`.
-    Keepalive,
-    /// The end of `shutdown_grace`, or a second signal.
-    Shutdown,
-    /// Any other failure.
-    Error,
+labels! {
+    /// Why a session ended (`end`): the one vocabulary of the access log,
+    /// `wsgate_sessions_ended_total` and the debug line each session ends with.
+    pub(crate) enum End {
+        /// The client's Close frame came first.
+        ClientClose => "client_close",
+        /// The upstream's Close frame came first.
+        UpstreamClose => "upstream_close",
+        /// No Close; the client's FIN or RST came first.
+        ClientEof => "client_eof",
+        /// No Close; the upstream's FIN or RST came first.
+        UpstreamEof => "upstream_eof",
+        /// The shutdown drain (`drain_period`).
+        Drain => "drain",
+        /// An operator's `POST /drain`.
+        AdminDrain => "admin_drain",
+        /// `max_connection_lifetime`.
+        Lifetime => "lifetime",
+        /// `idle_timeout`.
+        Idle => "idle",
+        /// `max_message_size`.
+        Size => "size",
+        /// `message_rate` with `message_rate_action = close`.
+        Rate => "rate",
+        /// One side finished and the other did not within `half_close_timeout`.
+        HalfCloseTimeout => "half_close_timeout",
+        /// A leg timed out: TCP keepalive or `TCP_USER_TIMEOUT`.
+        Keepalive => "keepalive",
+        /// The end of `shutdown_grace`, or a second signal.
+        Shutdown => "shutdown",
+        /// Any other failure.
+        Error => "error",
+    }
 }
 
 impl End {
-    /// Every value, in declaration order.
-    pub(crate) const ALL: [End; 14] = [
-        End::ClientClose,
-        End::UpstreamClose,
-        End::ClientEof,
-        End::UpstreamEof,
-        End::Drain,
-        End::AdminDrain,
-        End::Lifetime,
-        End::Idle,
-        End::Size,
-        End::Rate,
-        End::HalfCloseTimeout,
-        End::Keepalive,
-        End::Shutdown,
-        End::Error,
-    ];
-
-    /// The `end` value in the log and the metric label.
-    pub(crate) fn label(self) -> &'static str {
-        match self {
-            End::ClientClose => "client_close",
-            End::UpstreamClose => "upstream_close",
-            End::ClientEof => "client_eof",
-            End::UpstreamEof => "upstream_eof",
-            End::Drain => "drain",
-            End::AdminDrain => "admin_drain",
-            End::Lifetime => "lifetime",
-            End::Idle => "idle",
-            End::Size => "size",
-            End::Rate => "rate",
-            End::HalfCloseTimeout => "half_close_timeout",
-            End::Keepalive => "keepalive",
-            End::Shutdown => "shutdown",
-            End::Error => "error",
-        }
-    }
-
     /// Whether a session can end this way with `closed_by` (the series
     /// created at start-up; the rules above make the others impossible).
     pub(crate) fn happens_with(self, closed_by: ClosedBy) -> bool {
@@ -175,7 +125,7 @@ impl CloseStatus {
             CloseStatus::NoFrame => "none",
             CloseStatus::NoCode => "1005",
             CloseStatus::Code(code) => match code {
-                1000..=1015 => CODE_LABELS[usize::from(code - 1000)],
+                1000..=1015 => ALL_CODE_LABELS[usize::from(code - 1000)],
                 3000..=3999 => "3xxx",
                 4000..=4999 => "4xxx",
                 _ => "other",
@@ -184,13 +134,8 @@ impl CloseStatus {
     }
 }
 
-/// The labels of the codes 1000–1015, each its own series.
-const CODE_LABELS: [&str; 16] = [
-    "1000", "1001", "1002", "1003", "1004", "1005", "1006", "1007", "1008", "1009", "1010", "1011",
-    "1012", "1013", "1014", "1015",
-];
-
-/// Every value of the `code` label.
+/// Every value of the `code` label: 1000–1015 each its own series (at
+/// these positions), then the ranges and the two special values.
 pub(crate) const ALL_CODE_LABELS: [&str; 20] = [
     "1000", "1001", "1002", "1003", "1004", "1005", "1006", "1007", "1008", "1009", "1010", "1011",
     "1012", "1013", "1014", "1015", "3xxx", "4xxx", "none", "other",
@@ -322,6 +267,115 @@ pub(crate) fn escape_reason(raw: &[u8]) -> String {
         }
     }
     out
+}
+
+/// Buckets for session lifetimes: WebSockets live from milliseconds to days.
+const DURATION_BUCKETS: &[f64] = &[
+    0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0,
+];
+
+/// The series of ended sessions: `wsgate_sessions_ended_total{closed_by,end}`,
+/// `wsgate_close_codes_total{closed_by,code}` and
+/// `wsgate_connection_duration_seconds`. A handle per label pair, made on
+/// first use (no label hashing per session after that); the pairs that
+/// can happen are made at start-up so they are exported at 0.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionMetrics {
+    ended_vec: IntCounterVec,
+    ended: Arc<[OnceLock<IntCounter>]>,
+    codes_vec: IntCounterVec,
+    codes: Arc<[OnceLock<IntCounter>]>,
+    duration: Histogram,
+}
+
+impl SessionMetrics {
+    /// Registers the session series, each pair that can happen at 0.
+    ///
+    /// # Errors
+    /// A name is taken on the registry.
+    pub(crate) fn register(r: &Registrar<'_>) -> prometheus::Result<Self> {
+        let slots = |n| (0..n).map(|_| OnceLock::new()).collect();
+        let m = SessionMetrics {
+            ended: slots(End::ALL.len() * ClosedBy::ALL.len()),
+            codes: slots(ALL_CODE_LABELS.len() * ClosedBy::ALL.len()),
+            ended_vec: r.counter_vec(
+                "wsgate_sessions_ended_total",
+                "WebSocket sessions ended, by who sent the first Close frame and why they ended",
+                &["closed_by", "end"],
+            )?,
+            codes_vec: r.counter_vec(
+                "wsgate_close_codes_total",
+                "Status codes of the sessions' first Close frames (none = no Close frame)",
+                &["closed_by", "code"],
+            )?,
+            duration: r.histogram(
+                "wsgate_connection_duration_seconds",
+                "Lifetime of spliced WebSocket connections",
+                DURATION_BUCKETS,
+            )?,
+        };
+        for &end in End::ALL {
+            for &by in ClosedBy::ALL {
+                if end.happens_with(by) {
+                    m.ended_handle(by, end);
+                }
+            }
+        }
+        let none = CloseStatus::NoFrame.label();
+        for (i, code) in ALL_CODE_LABELS.iter().enumerate() {
+            if *code == none {
+                m.code_handle(ClosedBy::Nobody, i);
+            } else {
+                m.code_handle(ClosedBy::Client, i);
+                m.code_handle(ClosedBy::Upstream, i);
+            }
+        }
+        // The codes wsgate sends whatever its settings: the guards' (and
+        // the upstream's Close when a guard ends a session) and no Close
+        // at all (a cut at the second signal).
+        for &guard in Guard::ALL {
+            m.code(ClosedBy::Wsgate, CloseStatus::Code(guard.client_code()));
+        }
+        m.code(ClosedBy::Wsgate, CloseStatus::Code(UPSTREAM_GUARD_CODE));
+        m.code(ClosedBy::Wsgate, CloseStatus::NoFrame);
+        Ok(m)
+    }
+
+    /// Makes the series of the codes wsgate is configured to send.
+    pub(crate) fn expect_codes(&self, close: &CloseSettings) {
+        for code in [close.drain, close.lifetime, close.idle] {
+            self.code(ClosedBy::Wsgate, CloseStatus::Code(code));
+        }
+    }
+
+    /// Counts one ended session that lived `lifetime`.
+    pub(crate) fn count(&self, session: &SessionEnd, lifetime: Duration) {
+        self.ended_handle(session.closed_by, session.end).inc();
+        self.code(session.closed_by, session.status).inc();
+        self.duration.observe(lifetime.as_secs_f64());
+    }
+
+    fn ended_handle(&self, by: ClosedBy, end: End) -> &IntCounter {
+        let i = end.index() * ClosedBy::ALL.len() + by.index();
+        self.ended[i].get_or_init(|| self.ended_vec.with_label_values(&[by.label(), end.label()]))
+    }
+
+    fn code(&self, by: ClosedBy, status: CloseStatus) -> &IntCounter {
+        let label = status.label();
+        let i = ALL_CODE_LABELS
+            .iter()
+            .position(|l| *l == label)
+            .unwrap_or(ALL_CODE_LABELS.len() - 1);
+        self.code_handle(by, i)
+    }
+
+    fn code_handle(&self, by: ClosedBy, code: usize) -> &IntCounter {
+        let i = code * ClosedBy::ALL.len() + by.index();
+        self.codes[i].get_or_init(|| {
+            self.codes_vec
+                .with_label_values(&[by.label(), ALL_CODE_LABELS[code]])
+        })
+    }
 }
 
 #[cfg(test)]

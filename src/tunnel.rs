@@ -32,10 +32,12 @@ use crate::config::MessageGuards;
 use crate::config::{Endpoint, Upstream};
 use crate::drain::Tunnels;
 use crate::error::ProxyError;
-use crate::metrics::Metrics;
-use crate::session::SessionEnd;
+use crate::metrics::{Label, Registrar};
+use crate::session::{SessionEnd, SessionMetrics};
 use crate::shutdown::Shutdown;
-use crate::splice::{self, Ended, Guard, Guards, Leg, Limits, Outcome, Side, StopReason};
+use crate::splice::{
+    self, Ended, Guards, Limits, Outcome, Side, Socket, SpliceMetrics, StopReason,
+};
 use crate::tcp;
 use crate::upstream_http::{self, AnswerError, Replay};
 
@@ -197,6 +199,34 @@ fn failed(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> ProxyError 
     ProxyError::UpstreamHandshake(e.into())
 }
 
+/// What every tunnel counts into.
+#[derive(Debug, Clone)]
+pub(crate) struct TunnelMetrics {
+    /// Bytes, messages, guards and Close frames.
+    pub(crate) splice: SpliceMetrics,
+    /// How sessions ended, their Close codes and their lifetimes.
+    pub(crate) sessions: SessionMetrics,
+    /// `wsgate_connections_expired_total`: closed by `max_connection_lifetime`.
+    pub(crate) expired: prometheus::IntCounter,
+}
+
+impl TunnelMetrics {
+    /// Registers the tunnels' series, every one at 0.
+    ///
+    /// # Errors
+    /// A name is taken on the registry.
+    pub(crate) fn register(r: &Registrar<'_>) -> prometheus::Result<Self> {
+        Ok(TunnelMetrics {
+            splice: SpliceMetrics::register(r)?,
+            sessions: SessionMetrics::register(r)?,
+            expired: r.counter(
+                "wsgate_connections_expired_total",
+                "Connections closed by max_connection_lifetime",
+            )?,
+        })
+    }
+}
+
 /// What a tunnel task needs besides its two legs.
 #[derive(Debug, Clone)]
 pub(crate) struct TunnelContext {
@@ -205,8 +235,8 @@ pub(crate) struct TunnelContext {
     /// Message guards on what the client sends (SPEC §11), as configured
     /// when the connection was admitted.
     pub(crate) guards: MessageGuards,
-    /// Byte counters and the duration histogram.
-    pub(crate) metrics: std::sync::Arc<Metrics>,
+    /// What the tunnel counts into.
+    pub(crate) metrics: std::sync::Arc<TunnelMetrics>,
     /// To stop at the end of the grace.
     pub(crate) shutdown: Shutdown,
     /// Where the drain finds this tunnel.
@@ -218,6 +248,20 @@ pub(crate) struct TunnelContext {
     /// What the access-log record says besides the end; `None` with
     /// `access_log = false`.
     pub(crate) session: Option<Box<SessionInfo>>,
+}
+
+/// The upstream's side of the splice, whatever its socket.
+fn upstream_side<'a, S: Socket>(
+    stream: &'a S,
+    leftover: Bytes,
+    metrics: &'a SpliceMetrics,
+) -> Side<'a, S> {
+    Side {
+        stream,
+        leftover,
+        forwarded: &metrics.bytes_upstream_to_client,
+        messages: &metrics.messages_upstream_to_client,
+    }
 }
 
 /// A deadline drawn uniformly from [lifetime × (1 − jitter), lifetime], so
@@ -262,7 +306,7 @@ pub(crate) fn run(
     let deadline = ctx.lifetime.map(|(l, j)| started + draw_lifetime(l, j));
     // Made here, not in the task: the task then holds the guards' box (or
     // nothing), not a copy of their settings for the connection's life.
-    let guards = Guards::new(&ctx.guards, &ctx.metrics.guards);
+    let guards = Guards::new(&ctx.guards, &ctx.metrics.splice.guards);
     async move {
         let upgraded = tokio::select! {
             r = client_upgrade => r,
@@ -295,32 +339,19 @@ pub(crate) fn run(
         let client_side = Side {
             stream: &client_io,
             leftover: client_leftover,
-            forwarded: &ctx.metrics.bytes_client_to_upstream,
-            messages: &ctx.metrics.messages_client_to_upstream,
+            forwarded: &ctx.metrics.splice.bytes_client_to_upstream,
+            messages: &ctx.metrics.splice.messages_client_to_upstream,
         };
-        let (forwarded, messages) = (
-            &ctx.metrics.bytes_upstream_to_client,
-            &ctx.metrics.messages_upstream_to_client,
-        );
+        let metrics = &ctx.metrics.splice;
         // One copy of the splice per kind of upstream socket, picked here
         // once (see `splice::Socket`).
         let outcome = match &upstream {
             UpstreamIo::Tcp(stream) => {
-                let upstream_side = Side {
-                    stream,
-                    leftover: upstream_leftover,
-                    forwarded,
-                    messages,
-                };
+                let upstream_side = upstream_side(stream, upstream_leftover, metrics);
                 splice::splice(client_side, upstream_side, ctx.limits, guards, stop, abort).await
             }
             UpstreamIo::Unix(stream) => {
-                let upstream_side = Side {
-                    stream,
-                    leftover: upstream_leftover,
-                    forwarded,
-                    messages,
-                };
+                let upstream_side = upstream_side(stream, upstream_leftover, metrics);
                 splice::splice(client_side, upstream_side, ctx.limits, guards, stop, abort).await
             }
         };
@@ -338,41 +369,27 @@ pub(crate) fn run(
             ctx.metrics.expired.inc();
         }
         if let Some(reason) = close_frames_sent {
-            ctx.metrics.close_frames.inc(reason);
+            ctx.metrics.splice.close_frames.inc(reason);
         }
         let lifetime = started.elapsed();
-        ctx.metrics.duration.observe(lifetime.as_secs_f64());
         let end = SessionEnd::of(
             &ended,
             first_close.as_ref(),
             first_eof,
             ctx.limits.close.as_ref(),
         );
-        ctx.metrics.sessions.count(&end);
+        ctx.metrics.sessions.count(&end, lifetime);
         if let Some(info) = &ctx.session {
             access_log::session(info, &end, &traffic, lifetime);
         }
-        let how = match &ended {
-            Ended::Closed => "closed",
-            Ended::HalfCloseTimeout => "half_close_timeout",
-            Ended::Stopped(StopReason::Idle) => "idle_timeout",
-            Ended::Error(Leg::Client, _) => "client_error",
-            Ended::Error(Leg::Upstream, _) => "upstream_error",
-            Ended::Stopped(StopReason::Grace) => "shutdown_grace",
-            Ended::Stopped(StopReason::Drain) => "drained",
-            Ended::Stopped(StopReason::AdminDrain) => "admin_drained",
-            Ended::Stopped(StopReason::Lifetime) => "lifetime_expired",
-            Ended::Stopped(StopReason::Abort) => "shutdown_aborted",
-            Ended::Guard(Guard::Size) => "message_too_big",
-            Ended::Guard(Guard::Rate | Guard::Bytes) => "message_rate",
-        };
         let error = match &ended {
             Ended::Error(_, e) => Some(e.to_string()),
             _ => None,
         };
         tracing::debug!(
             peer = %ctx.peer,
-            ended = how,
+            end = end.end.label(),
+            closed_by = end.closed_by.label(),
             error,
             close_frames_sent = close_frames_sent.is_some(),
             close_completed,

@@ -1,71 +1,65 @@
-//! Model check of `Admission` with loom (issue 3): under every interleaving
-//! of concurrent reservations and releases, `active` never exceeds the cap,
-//! the per-IP count never exceeds its cap, exactly the expected number of
-//! reservations win, and everything returns to 0 (loom's `Arc` also proves
-//! no guard is leaked); the saturation flag ends consistent with `active`.
+//! Model check of admission's counters with loom (issue 3): under every
+//! interleaving of concurrent reservations and releases, `active` never
+//! exceeds the cap, the per-IP count never exceeds its cap, exactly the
+//! expected number of reservations win, and everything returns to 0
+//! (loom's `Arc` also proves no slot is leaked); the saturation flag ends
+//! consistent with `active`.
 //!
 //! Not part of the ordinary test run (without `--cfg loom` this crate is
 //! empty). Run it with `bash tests/loom.sh`: it compiles this one crate with
-//! `--cfg loom`, which makes `src/admission.rs` (included below by path) use
-//! loom's atomics, `Arc` and `Mutex`. Only this crate gets the cfg: given to
-//! the whole build (RUSTFLAGS), it would reach tokio, which has its own loom
-//! mode. `config` and `metrics` are re-exported from the real library: they
-//! hold plain data that loom need not model.
+//! `--cfg loom`, which makes `src/admission/capacity.rs` and
+//! `src/admission/per_ip.rs` (included below by path, with the files they
+//! name) use loom's atomics, `Arc` and `Mutex`. Only this crate gets the
+//! cfg: given to the whole build (RUSTFLAGS), it would reach tokio, which
+//! has its own loom mode. `config` is re-exported from the real library:
+//! it holds plain data that loom need not model.
 #![cfg(loom)]
 #![allow(clippy::print_stdout, reason = "reports the number of interleavings")]
 
+/// The metric toolkit `outcome.rs` declares its label set with.
 #[allow(
     dead_code,
     unreachable_pub,
     missing_docs,
     reason = "the library's module, included by path"
 )]
-#[path = "../src/admission.rs"]
-mod admission;
+#[path = "../src/metrics.rs"]
+mod metrics;
 
-/// What `admission.rs` reaches through `crate::`.
+/// The files of `src/admission/` the model needs, at the paths they name
+/// each other by (`super::outcome`, `super::capacity`).
+#[allow(
+    dead_code,
+    unreachable_pub,
+    missing_docs,
+    reason = "the library's modules, included by path"
+)]
+#[path = "../src/admission"]
+mod admission {
+    pub(crate) mod capacity;
+    pub(crate) mod outcome;
+    pub(crate) mod per_ip;
+}
+
+/// What the admission files reach through `crate::config`.
 mod config {
-    pub(crate) use wsgate::config::{RateLimit, Watermarks};
-}
-
-/// What `admission.rs` reaches through `crate::keys`: the guard owns key
-/// holds, which this model does not take (the key table has its own
-/// property test in `src/keys/table.rs`).
-mod keys {
-    #[derive(Debug)]
-    pub(crate) struct KeyHold;
-
-    /// The access log's `keys` text reads these; the model holds no key.
-    impl KeyHold {
-        pub(crate) fn rule(&self) -> &str {
-            ""
-        }
-        pub(crate) fn key(&self) -> &str {
-            ""
-        }
-    }
-}
-
-/// What `admission.rs` reaches through `crate::fleet`: the guard owns the
-/// connection's fleet hold, which this model does not take (the fleet is
-/// tested against a real Redis in `tests/fleet.rs`).
-mod fleet {
-    #[derive(Debug)]
-    pub(crate) struct FleetHold;
+    pub(crate) use wsgate::config::Watermarks;
 }
 
 use std::net::IpAddr;
 
-use admission::{Admission, Policy};
+use admission::capacity::Capacity;
+use admission::outcome::Verdict;
+use admission::per_ip::PerIp;
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::sync::Arc;
 use loom::thread;
 use prometheus::IntGauge;
 
-fn admission(cap: usize, policy: Policy) -> (Admission, IntGauge) {
+fn capacity(cap: usize, watermarks: Option<config::Watermarks>) -> (Capacity, IntGauge) {
     let active = IntGauge::new("a", "a").expect("metric");
     let max = IntGauge::new("m", "m").expect("metric");
-    (Admission::new(cap, policy, active.clone(), max), active)
+    (Capacity::new(cap, watermarks, active.clone(), max), active)
 }
 
 /// Runs `f` under loom with at most `preemptions` forced context switches
@@ -91,7 +85,7 @@ fn model(name: &str, preemptions: usize, f: impl Fn() + Sync + Send + 'static) {
 #[test]
 fn one_slot_two_racers_exactly_one_wins() {
     model("one slot, two racers", 3, || {
-        let (a, gauge) = admission(1, Policy::default());
+        let (a, gauge) = capacity(1, None);
         let handles: Vec<_> = (0..2)
             .map(|_| {
                 let a = a.clone();
@@ -123,7 +117,7 @@ fn one_slot_two_racers_exactly_one_wins() {
 #[test]
 fn reserve_release_churn_never_passes_the_cap() {
     model("cap 2, three threads reserve+release", 2, || {
-        let (a, gauge) = admission(2, Policy::default());
+        let (a, gauge) = capacity(2, None);
         let peak = Arc::new(AtomicUsize::new(0));
         let handles: Vec<_> = (0..3)
             .map(|_| {
@@ -151,7 +145,7 @@ fn reserve_release_churn_never_passes_the_cap() {
 #[test]
 fn lowering_the_cap_during_reservations() {
     model("cap 2 -> 1 during reservations", 3, || {
-        let (a, _) = admission(2, Policy::default());
+        let (a, _) = capacity(2, None);
         let lower = {
             let a = a.clone();
             thread::spawn(move || a.set_cap(1))
@@ -180,36 +174,34 @@ fn lowering_the_cap_during_reservations() {
     });
 }
 
-/// The full admission path with a per-IP cap of 1: two connections from the
-/// same address race; exactly one is admitted, the per-IP count never
-/// passes 1, and both counts return to 0.
+/// The per-IP check with a cap of 1: two connections from the same
+/// address race; exactly one is admitted, the per-IP count never passes 1,
+/// and it returns to 0.
 #[test]
 fn per_ip_cap_holds_under_races() {
     model("per-IP cap 1, two racers from one address", 3, || {
-        let policy = Policy {
-            max_per_ip: 1,
-            ..Policy::default()
-        };
-        let (a, _) = admission(0, policy);
+        let p = PerIp::new(1);
         let ip: IpAddr = [10, 0, 0, 1].into();
         let handles: Vec<_> = (0..2)
             .map(|_| {
-                let a = a.clone();
+                let p = p.clone();
                 thread::spawn(move || {
-                    let r = a.admit(ip);
-                    assert!(a.active_from(ip) <= 1);
-                    r.ok().map(|adm| adm.guard)
+                    let held = match p.check(ip, false) {
+                        Verdict::Pass(hold) => Some(hold),
+                        Verdict::Over { .. } => None,
+                    };
+                    assert!(p.active_from(ip) <= 1);
+                    held
                 })
             })
             .collect();
-        let guards: Vec<_> = handles
+        let holds: Vec<_> = handles
             .into_iter()
             .map(|h| h.join().expect("join"))
             .collect();
-        assert_eq!(guards.iter().filter(|g| g.is_some()).count(), 1);
-        drop(guards);
-        assert_eq!(a.active(), 0);
-        assert_eq!(a.active_from(ip), 0);
+        assert_eq!(holds.iter().filter(|g| g.is_some()).count(), 1);
+        drop(holds);
+        assert_eq!(p.active_from(ip), 0);
     });
 }
 
@@ -223,14 +215,11 @@ fn saturation_flag_ends_consistent_with_active() {
         "saturation flag vs concurrent reserve and release",
         3,
         || {
-            let policy = Policy {
-                watermarks: Some(config::Watermarks {
-                    high: 1.0,
-                    low: 0.5,
-                }),
-                ..Policy::default()
+            let watermarks = config::Watermarks {
+                high: 1.0,
+                low: 0.5,
             };
-            let (a, _) = admission(2, policy);
+            let (a, _) = capacity(2, Some(watermarks));
             let first = a.try_reserve().expect("first");
             let arriving = {
                 let a = a.clone();

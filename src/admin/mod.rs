@@ -44,14 +44,32 @@ use crate::shutdown::Shutdown;
 #[derive(Debug, Clone)]
 pub(crate) struct Readiness {
     /// Not ready from the shutdown signal on.
-    pub(crate) shutdown: Shutdown,
+    shutdown: Shutdown,
     /// Not ready while saturated.
-    pub(crate) admission: Admission,
+    admission: Admission,
     /// `wsgate_ready`, kept equal to what `/readyz` answers.
-    pub(crate) gauge: prometheus::IntGauge,
+    gauge: prometheus::IntGauge,
 }
 
 impl Readiness {
+    /// Readiness from `shutdown` and `admission`, with `wsgate_ready`
+    /// registered with `r`.
+    ///
+    /// # Errors
+    /// The name is taken on the registry.
+    pub(crate) fn new(
+        shutdown: Shutdown,
+        admission: Admission,
+        r: &crate::metrics::Registrar<'_>,
+    ) -> prometheus::Result<Self> {
+        let gauge = r.gauge("wsgate_ready", "1 while /readyz answers 200, else 0")?;
+        Ok(Readiness {
+            shutdown,
+            admission,
+            gauge,
+        })
+    }
+
     /// Whether `/readyz` answers 200; also updates `wsgate_ready`.
     pub(crate) fn check(&self) -> bool {
         let ready = !self.shutdown.is_signalled() && !self.admission.is_saturated();
@@ -147,10 +165,13 @@ async fn route(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byte
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
     match path {
-        "/keys" => keys(req.uri().query().unwrap_or(""), state.proxy.keys()),
+        "/keys" => keys(
+            req.uri().query().unwrap_or(""),
+            state.proxy.admission().keys(),
+        ),
         "/metrics" => {
             readiness.check();
-            state.proxy.keys().refresh_gauges();
+            state.proxy.admission().keys().refresh_gauges();
             let mut resp = Response::new(Full::new(Bytes::from(metrics::encode(&state.registry))));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,

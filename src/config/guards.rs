@@ -8,7 +8,6 @@
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 
-use super::validate::rate_limit;
 use super::values::{NonNegative, ValueKind, WholeNumber};
 use super::{ConfigError, RateLimit, RawConfig};
 
@@ -77,9 +76,9 @@ pub(super) fn settings(raw: &RawConfig) -> Result<MessageGuards, ConfigError> {
     let byte_burst = WholeNumber::value("byte_burst", &raw.byte_burst)?;
     Ok(MessageGuards {
         max_message_size: (size > 0).then_some(size as u64),
-        message_rate: rate_limit(rate, burst),
+        message_rate: RateLimit::of(rate, burst),
         message_rate_action: action,
-        byte_rate: rate_limit(bytes as f64, byte_burst),
+        byte_rate: RateLimit::of(bytes as f64, byte_burst),
     })
 }
 

@@ -395,6 +395,22 @@ pub struct RateLimit {
     pub burst: f64,
 }
 
+impl RateLimit {
+    /// A token bucket (admissions, message guards) from its two keys: off
+    /// while the rate is 0; a burst of 0 means one second's worth of
+    /// tokens (at least 1).
+    pub(crate) fn of(rate: f64, burst: usize) -> Option<RateLimit> {
+        (rate > 0.0).then(|| RateLimit {
+            per_second: rate,
+            burst: if burst == 0 {
+                rate.ceil().max(1.0)
+            } else {
+                burst as f64
+            },
+        })
+    }
+}
+
 /// Close statuses and the reply deadline for connections wsgate ends itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct CloseSettings {

@@ -83,7 +83,7 @@ impl Config {
             ),
             shutdown_delay: AnyDuration::value("shutdown_delay", &raw.shutdown_delay)?,
             drain_period: AnyDuration::value("drain_period", &raw.drain_period)?,
-            admission_rate: rate_limit(
+            admission_rate: RateLimit::of(
                 NonNegative::value("admission_rate", &raw.admission_rate)?,
                 WholeNumber::value("admission_burst", &raw.admission_burst)?,
             ),
@@ -162,19 +162,6 @@ fn watermarks(high: f64, low: Option<f64>) -> Option<Watermarks> {
     (high > 0.0).then(|| Watermarks {
         high,
         low: low.unwrap_or((high - DEFAULT_HYSTERESIS).max(0.0)),
-    })
-}
-
-/// A token bucket (admissions, message guards): off while the rate is 0;
-/// a burst of 0 means one second's worth of tokens (at least 1).
-pub(super) fn rate_limit(rate: f64, burst: usize) -> Option<RateLimit> {
-    (rate > 0.0).then(|| RateLimit {
-        per_second: rate,
-        burst: if burst == 0 {
-            rate.ceil().max(1.0)
-        } else {
-            burst as f64
-        },
     })
 }
 

@@ -31,6 +31,7 @@
 //! at once until the worker has reconnected and renewed. Existing
 //! connections never depend on Redis.
 
+mod metrics;
 mod scripts;
 mod worker;
 
@@ -45,8 +46,9 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+pub(crate) use self::metrics::FleetMetrics;
+use self::metrics::{FleetOp, FleetResult};
 use crate::config::{FailMode, FleetSettings, RedisUrl};
-use crate::metrics::{FleetMetrics, FleetOp, FleetResult};
 
 use self::scripts::{millis, Names, Scripts};
 

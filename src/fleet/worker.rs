@@ -19,9 +19,9 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
+use super::metrics::FleetOp;
 use super::scripts::millis;
 use super::{Live, Outcome, Release, Shared};
-use crate::metrics::FleetOp;
 
 /// How long one connection attempt (TCP, TLS, AUTH, script loads) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);

@@ -24,7 +24,7 @@ pub(crate) enum Found<'a> {
 }
 
 impl<'a> Found<'a> {
-    fn checked(value: Option<Cow<'a, str>>) -> Self {
+    pub(crate) fn checked(value: Option<Cow<'a, str>>) -> Self {
         match value {
             None => Found::Missing,
             Some(v) if v.is_empty() => Found::Missing,

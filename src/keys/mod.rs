@@ -26,9 +26,8 @@ use prometheus::{Gauge, IntCounter};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::admission::{KeyChecks, RejectReason};
 use crate::config::{Config, KeyRule, KeySource, MissingKey, TokenSource};
-use crate::metrics::KeyMetrics;
+use crate::metrics::Registrar;
 
 use self::extract::Found;
 use self::jwt::{Claims, Expect, Verifier};
@@ -44,6 +43,53 @@ pub(crate) struct Rule {
     rejected: IntCounter,
     /// `wsgate_key_busiest_ratio{rule}`, set at scrape time.
     busiest: Gauge,
+}
+
+/// The per-rule series, labelled by rule name (never by a key value):
+/// they exist for the rules in force, created when a rule appears and
+/// removed when a reload drops it.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyMetrics {
+    /// `wsgate_key_rejected_total{rule}`.
+    rejected: prometheus::IntCounterVec,
+    /// `wsgate_keys_tracked{rule}`.
+    tracked: prometheus::IntGaugeVec,
+    /// `wsgate_key_busiest_ratio{rule}`.
+    busiest: prometheus::GaugeVec,
+}
+
+impl KeyMetrics {
+    /// Registers the per-rule families (no series until a rule exists).
+    ///
+    /// # Errors
+    /// A name is taken on the registry.
+    pub(crate) fn register(r: &Registrar<'_>) -> prometheus::Result<Self> {
+        Ok(KeyMetrics {
+            rejected: r.counter_vec(
+                "wsgate_key_rejected_total",
+                "WebSocket upgrades refused by a key rule, by rule",
+                &["rule"],
+            )?,
+            tracked: r.gauge_vec(
+                "wsgate_keys_tracked",
+                "Distinct key values with connections now, by rule",
+                &["rule"],
+            )?,
+            busiest: r.float_gauge_vec(
+                "wsgate_key_busiest_ratio",
+                "Highest active / limit among a rule's key values (1 = some key is full)",
+                &["rule"],
+            )?,
+        })
+    }
+
+    /// Drops a removed rule's series. Handles still held (by connections
+    /// admitted under the rule) keep working but are no longer exported.
+    fn remove(&self, rule: &str) {
+        let _ = self.rejected.remove_label_values(&[rule]);
+        let _ = self.tracked.remove_label_values(&[rule]);
+        let _ = self.busiest.remove_label_values(&[rule]);
+    }
 }
 
 /// The rules in force, in file order; replaced whole on reload.
@@ -106,13 +152,16 @@ impl KeyLimits {
                     .find(|o| o.config.name == rule.name && o.config.key == rule.key);
                 let table = match kept {
                     Some(o) => Arc::clone(&o.table),
-                    None => KeyTable::new(&rule.name, inner.metrics.tracked(&rule.name)),
+                    None => KeyTable::new(
+                        &rule.name,
+                        inner.metrics.tracked.with_label_values(&[&rule.name]),
+                    ),
                 };
                 Arc::new(Rule {
                     config: rule.clone(),
                     table,
-                    rejected: inner.metrics.rejected(&rule.name),
-                    busiest: inner.metrics.busiest(&rule.name),
+                    rejected: inner.metrics.rejected.with_label_values(&[&rule.name]),
+                    busiest: inner.metrics.busiest.with_label_values(&[&rule.name]),
                 })
             })
             .collect();
@@ -231,19 +280,91 @@ enum Token {
     Bad,
 }
 
-/// One upgrade's key checks: the request head, the rules in force, and
-/// which rule refused it, if one did.
+/// Why a key rule refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyRefusal {
+    /// The key holds its limit.
+    OverLimit,
+    /// No usable key (`missing = reject`, or a value that cannot be a key).
+    Missing,
+    /// The rule's table already tracks `max_keys` values.
+    TableFull,
+    /// A `jwt_claim` rule: the token is present but not valid.
+    BadToken,
+}
+
+/// A key rule's refusal: why, the status the rule answers with, and the
+/// rule's `wsgate_key_rejected_total{rule}` series (counted by the caller
+/// when the refusal is enforced, not in dry run).
+#[derive(Debug)]
+pub(crate) struct Refused {
+    /// Why.
+    pub(crate) why: KeyRefusal,
+    /// The answer's status.
+    pub(crate) status: StatusCode,
+    /// The refusing rule's counter.
+    pub(crate) counter: IntCounter,
+}
+
+impl Rule {
+    /// The rule's refusal for `why`: its configured status over the limit
+    /// (429 or 503), 401 for a `jwt_claim` rule without a token or with a
+    /// bad one, 400 for any other missing key, 503 for a full table.
+    fn refusal(&self, why: KeyRefusal) -> Refused {
+        let jwt_rule = matches!(self.config.key, KeySource::JwtClaim(_));
+        let status = match why {
+            KeyRefusal::OverLimit => {
+                StatusCode::from_u16(self.config.status).unwrap_or(StatusCode::TOO_MANY_REQUESTS)
+            }
+            KeyRefusal::Missing if jwt_rule => StatusCode::UNAUTHORIZED,
+            KeyRefusal::Missing => StatusCode::BAD_REQUEST,
+            KeyRefusal::BadToken => StatusCode::UNAUTHORIZED,
+            KeyRefusal::TableFull => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        Refused {
+            why,
+            status,
+            counter: self.rejected.clone(),
+        }
+    }
+}
+
+/// What one rule says about one request.
+#[derive(Debug)]
+pub(crate) enum RuleOutcome {
+    /// The rule does not apply (no key and `missing = allow`).
+    NotApplicable,
+    /// The request's share of its key.
+    Within(KeyHold),
+    /// Refused; in dry run the share was taken anyway and is in `taken`.
+    Over {
+        /// The refusal.
+        refused: Refused,
+        /// The share taken past the limit (dry run only).
+        taken: Option<KeyHold>,
+    },
+}
+
+impl RuleSet {
+    /// The rules that apply to an upgrade of `path`, in file order.
+    pub(crate) fn applying_to<'r>(&'r self, path: &'r str) -> impl Iterator<Item = &'r Arc<Rule>> {
+        self.rules
+            .iter()
+            .filter(move |rule| path.starts_with(rule.config.path_prefix.as_str()))
+    }
+}
+
+/// One upgrade's key checks: the request head, the token read once
+/// however many `jwt_claim` rules there are, and the `fleet = true` values
+/// taken for the fleet check that follows.
 #[derive(Debug)]
 pub(crate) struct KeyRequest<'a> {
     limits: &'a KeyLimits,
-    rules: &'a RuleSet,
     jwt_from: &'a TokenSource,
     headers: &'a HeaderMap,
     uri: &'a Uri,
     token: Token,
-    refused: Option<(Arc<Rule>, RejectReason)>,
-    /// The key values of `fleet = true` rules this request took, for the
-    /// fleet check that follows (SPEC §10).
+    /// The key values of `fleet = true` rules this request took.
     fleet: Vec<FleetKey>,
 }
 
@@ -263,11 +384,10 @@ impl FleetKey {
         &self.rule.config.name
     }
 
-    /// The rule refused this value fleet-wide: counts it against the rule
-    /// and gives the rule's status (SPEC §9: like any key rule, reason `key`).
-    pub(crate) fn refusal_status(&self) -> StatusCode {
-        self.rule.rejected.inc();
-        StatusCode::from_u16(self.rule.config.status).unwrap_or(StatusCode::TOO_MANY_REQUESTS)
+    /// The rule's refusal when the fleet holds this value's limit: like
+    /// any key rule over its limit.
+    pub(crate) fn refusal(&self) -> Refused {
+        self.rule.refusal(KeyRefusal::OverLimit)
     }
 }
 
@@ -275,48 +395,27 @@ impl<'a> KeyRequest<'a> {
     /// The checks for one request.
     pub(crate) fn new(
         limits: &'a KeyLimits,
-        rules: &'a RuleSet,
         jwt_from: &'a TokenSource,
         headers: &'a HeaderMap,
         uri: &'a Uri,
     ) -> Self {
         KeyRequest {
             limits,
-            rules,
             jwt_from,
             headers,
             uri,
             token: Token::Unread,
-            refused: None,
             fleet: Vec::new(),
         }
     }
 
-    /// The `fleet = true` rule values this request took (after
-    /// [`KeyChecks::reserve_keys`]).
+    /// The `fleet = true` rule values this request took.
     pub(crate) fn take_fleet_keys(&mut self) -> Vec<FleetKey> {
         std::mem::take(&mut self.fleet)
     }
 
-    /// The status for a refusal by `reason` (SPEC §9), and counts it
-    /// against the rule that refused. `None` when no key rule refused.
-    pub(crate) fn refusal_status(&self, reason: RejectReason) -> Option<StatusCode> {
-        let (rule, by) = self.refused.as_ref().filter(|(_, by)| *by == reason)?;
-        rule.rejected.inc();
-        let jwt_rule = matches!(rule.config.key, KeySource::JwtClaim(_));
-        Some(match by {
-            RejectReason::Key => {
-                StatusCode::from_u16(rule.config.status).unwrap_or(StatusCode::TOO_MANY_REQUESTS)
-            }
-            RejectReason::KeyMissing if jwt_rule => StatusCode::UNAUTHORIZED,
-            RejectReason::KeyMissing => StatusCode::BAD_REQUEST,
-            RejectReason::Jwt => StatusCode::UNAUTHORIZED,
-            _ => StatusCode::SERVICE_UNAVAILABLE,
-        })
-    }
-
     /// The key `rule` takes from this request.
-    fn find(&mut self, rule: &Rule) -> Result<Found<'a>, RejectReason> {
+    fn find(&mut self, rule: &Rule) -> Result<Found<'a>, KeyRefusal> {
         let KeySource::JwtClaim(claim) = &rule.config.key else {
             return Ok(extract::key(&rule.config.key, self.headers, self.uri));
         };
@@ -324,16 +423,11 @@ impl<'a> KeyRequest<'a> {
             self.token = self.read_token();
         }
         match &self.token {
-            Token::Verified(claims) => Ok(match claims.key(claim) {
-                Some(v) if crate::config::is_usable_key(&v) => {
-                    Found::Value(std::borrow::Cow::Owned(v))
-                }
-                Some(v) if v.is_empty() => Found::Missing,
-                Some(_) => Found::Unusable,
-                None => Found::Missing,
-            }),
+            Token::Verified(claims) => Ok(Found::checked(
+                claims.key(claim).map(std::borrow::Cow::Owned),
+            )),
             Token::Absent => Ok(Found::Missing),
-            Token::Bad | Token::Unread => Err(RejectReason::Jwt),
+            Token::Bad | Token::Unread => Err(KeyRefusal::BadToken),
         }
     }
 
@@ -354,29 +448,28 @@ impl<'a> KeyRequest<'a> {
         }
     }
 
-    /// Takes `rule`'s share for this request: `Ok(None)` when the rule
-    /// does not apply to it.
-    fn reserve(
-        &mut self,
-        rule: &Arc<Rule>,
-        enforce: bool,
-    ) -> Result<(Option<KeyHold>, bool), RejectReason> {
-        let key = match self.find(rule)? {
-            Found::Value(v) => v,
-            Found::Unusable => return Err(RejectReason::KeyMissing),
-            Found::Missing => match rule.config.missing {
-                MissingKey::Allow => return Ok((None, false)),
-                MissingKey::Reject => return Err(RejectReason::KeyMissing),
+    /// Takes `rule`'s share for this request. Over the limit, dry run
+    /// (`take_anyway`) takes it all the same, so the count shows the truth.
+    pub(crate) fn check(&mut self, rule: &Arc<Rule>, take_anyway: bool) -> RuleOutcome {
+        let refused = |why| RuleOutcome::Over {
+            refused: rule.refusal(why),
+            taken: None,
+        };
+        let key = match self.find(rule) {
+            Ok(Found::Value(v)) => v,
+            Ok(Found::Unusable) => return refused(KeyRefusal::Missing),
+            Ok(Found::Missing) => match rule.config.missing {
+                MissingKey::Allow => return RuleOutcome::NotApplicable,
+                MissingKey::Reject => return refused(KeyRefusal::Missing),
                 MissingKey::Shared => std::borrow::Cow::Borrowed(""),
             },
+            Err(why) => return refused(why),
         };
         let limit = rule.config.limit_for(&key);
-        // Dry run: the count goes past the limit (so it shows the truth),
-        // and the report says it would have refused.
-        let would = !enforce && rule.table.is_full(&key, limit);
+        let over = take_anyway && rule.table.is_full(&key, limit);
         match rule
             .table
-            .reserve(&key, limit, rule.config.max_keys, !enforce)
+            .reserve(&key, limit, rule.config.max_keys, take_anyway)
         {
             Ok(hold) => {
                 if rule.config.fleet && limit > 0 {
@@ -386,44 +479,17 @@ impl<'a> KeyRequest<'a> {
                         limit,
                     });
                 }
-                Ok((Some(hold), would))
-            }
-            Err(Full::Key) => Err(RejectReason::Key),
-            Err(Full::Table) => Err(RejectReason::KeyTableFull),
-        }
-    }
-}
-
-impl KeyChecks for KeyRequest<'_> {
-    fn reserve_keys(
-        &mut self,
-        enforce: bool,
-        holds: &mut Vec<KeyHold>,
-    ) -> Result<Option<RejectReason>, RejectReason> {
-        let mut would_reject = None;
-        let path = self.uri.path();
-        for rule in &self.rules.rules {
-            if !path.starts_with(rule.config.path_prefix.as_str()) {
-                continue;
-            }
-            match self.reserve(rule, enforce) {
-                Ok((hold, would)) => {
-                    holds.extend(hold);
-                    if would {
-                        self.refused
-                            .get_or_insert((Arc::clone(rule), RejectReason::Key));
-                        would_reject.get_or_insert(RejectReason::Key);
+                if over {
+                    RuleOutcome::Over {
+                        refused: rule.refusal(KeyRefusal::OverLimit),
+                        taken: Some(hold),
                     }
-                }
-                Err(reason) => {
-                    self.refused.get_or_insert((Arc::clone(rule), reason));
-                    if enforce {
-                        return Err(reason);
-                    }
-                    would_reject.get_or_insert(reason);
+                } else {
+                    RuleOutcome::Within(hold)
                 }
             }
+            Err(Full::Key) => refused(KeyRefusal::OverLimit),
+            Err(Full::Table) => refused(KeyRefusal::TableFull),
         }
-        Ok(would_reject)
     }
 }

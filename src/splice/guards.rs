@@ -27,31 +27,93 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use prometheus::IntCounter;
 use tokio::time::{sleep_until, Instant, Sleep};
 
 use super::buffers::take_buffer;
 use crate::config::{MessageGuards, RateAction, RateLimit};
 use crate::frames::{FrameTracker, Header};
-use crate::metrics::GuardMetrics;
+use crate::metrics::{labels, Label, Registrar};
 
-/// Which guard acted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Guard {
-    /// `max_message_size`.
-    Size,
-    /// `message_rate`.
-    Rate,
-    /// `byte_rate`.
-    Bytes,
+labels! {
+    /// Which guard acted (`guard` label).
+    pub(crate) enum Guard {
+        /// `max_message_size`.
+        Size => "size",
+        /// `message_rate`.
+        Rate => "rate",
+        /// `byte_rate`.
+        Bytes => "bytes",
+    }
 }
 
-/// What a guard did (`action` label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum GuardAction {
-    /// Ended the connection.
-    Close,
-    /// Began holding the client back.
-    Throttle,
+labels! {
+    /// What a guard did (`action` label).
+    pub(crate) enum GuardAction {
+        /// Ended the connection.
+        Close => "close",
+        /// Began holding the client back.
+        Throttle => "throttle",
+    }
+}
+
+/// The Close code the upstream gets when a guard ends a session: 1001
+/// "Going Away" (the client, not the upstream, broke the rule).
+pub(crate) const UPSTREAM_GUARD_CODE: u16 = 1001;
+
+/// `wsgate_message_guard_total{guard,action}`: one handle per pair that can
+/// happen (the size guard only closes, the byte guard only throttles).
+#[derive(Debug, Clone)]
+pub(crate) struct GuardMetrics {
+    size_close: IntCounter,
+    rate_close: IntCounter,
+    rate_throttle: IntCounter,
+    bytes_throttle: IntCounter,
+}
+
+impl GuardMetrics {
+    /// Registers `wsgate_message_guard_total`, every pair at 0.
+    ///
+    /// # Errors
+    /// The name is taken on the registry.
+    pub(crate) fn register(r: &Registrar<'_>) -> prometheus::Result<Self> {
+        let vec = r.counter_vec(
+            "wsgate_message_guard_total",
+            "Message guard actions: connections closed, throttle episodes begun",
+            &["guard", "action"],
+        )?;
+        Ok(Self::of(&vec))
+    }
+
+    /// Handles that count into no registry (tests of the splice).
+    #[cfg(test)]
+    pub(crate) fn unregistered() -> Self {
+        let vec =
+            prometheus::IntCounterVec::new(prometheus::Opts::new("g", "g"), &["guard", "action"])
+                .expect("a valid metric");
+        Self::of(&vec)
+    }
+
+    fn of(vec: &prometheus::IntCounterVec) -> Self {
+        let pair = |g: Guard, a: GuardAction| vec.with_label_values(&[g.label(), a.label()]);
+        GuardMetrics {
+            size_close: pair(Guard::Size, GuardAction::Close),
+            rate_close: pair(Guard::Rate, GuardAction::Close),
+            rate_throttle: pair(Guard::Rate, GuardAction::Throttle),
+            bytes_throttle: pair(Guard::Bytes, GuardAction::Throttle),
+        }
+    }
+
+    /// Counts one action of `guard` (a throttle once per episode).
+    pub(crate) fn count(&self, guard: Guard, action: GuardAction) {
+        let counter = match (guard, action) {
+            (Guard::Size, _) => &self.size_close,
+            (Guard::Rate, GuardAction::Close) => &self.rate_close,
+            (Guard::Rate, GuardAction::Throttle) => &self.rate_throttle,
+            (Guard::Bytes, _) => &self.bytes_throttle,
+        };
+        counter.inc();
+    }
 }
 
 impl Guard {
@@ -72,7 +134,7 @@ impl Guard {
         }
     }
 
-    /// The reason text of the upstream's Close (code 1001).
+    /// The reason text of the upstream's Close ([`UPSTREAM_GUARD_CODE`]).
     pub(crate) fn upstream_reason(self) -> &'static str {
         match self {
             Guard::Size => "client message too big",

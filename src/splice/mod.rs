@@ -48,6 +48,7 @@
 mod buffers;
 mod gate;
 mod guards;
+mod metrics;
 mod pipe;
 mod socket;
 
@@ -64,8 +65,10 @@ use tokio::time::{sleep, Instant, Sleep};
 
 use crate::config::CloseSettings;
 use crate::frames::{close_frame, CloseSeen};
+use crate::metrics::labels;
 use gate::Gated;
-pub(crate) use guards::{Guard, GuardAction, Guards};
+pub(crate) use guards::{Guard, Guards, UPSTREAM_GUARD_CODE};
+pub(crate) use metrics::SpliceMetrics;
 use pipe::{Counters, Pipe};
 pub(crate) use socket::Socket;
 
@@ -114,47 +117,27 @@ pub(crate) enum Ended {
     Guard(Guard),
 }
 
-/// Why wsgate itself ended a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum StopReason {
-    /// The end of `shutdown_grace` (or a second signal).
-    Grace,
-    /// The gradual drain picked it.
-    Drain,
-    /// An operator's `POST /drain` picked it (SPEC §12).
-    AdminDrain,
-    /// `max_connection_lifetime` expired.
-    Lifetime,
-    /// No byte moved either way for `idle_timeout`.
-    Idle,
-    /// A second shutdown signal: cut at once, no closing handshake.
-    Abort,
+labels! {
+    /// Why wsgate itself ended a connection. The text is the `reason` label
+    /// of `wsgate_close_frames_sent_total`: the end of the grace, an
+    /// operator's drain and an abort count as the drain.
+    pub(crate) enum StopReason {
+        /// The end of `shutdown_grace` (or a second signal).
+        Grace => "drain",
+        /// The gradual drain picked it.
+        Drain => "drain",
+        /// An operator's `POST /drain` picked it.
+        AdminDrain => "drain",
+        /// `max_connection_lifetime` expired.
+        Lifetime => "lifetime",
+        /// No byte moved either way for `idle_timeout`.
+        Idle => "idle",
+        /// A second shutdown signal: cut at once, no closing handshake.
+        Abort => "drain",
+    }
 }
 
 impl StopReason {
-    /// Every reason, in declaration order.
-    pub(crate) const ALL: [StopReason; 6] = [
-        StopReason::Grace,
-        StopReason::Drain,
-        StopReason::AdminDrain,
-        StopReason::Lifetime,
-        StopReason::Idle,
-        StopReason::Abort,
-    ];
-
-    /// The `reason` label of `wsgate_close_frames_sent_total` (SPEC §8):
-    /// the end of the grace, an operator's drain and an abort count as the
-    /// drain.
-    pub(crate) fn label(self) -> &'static str {
-        match self {
-            StopReason::Grace | StopReason::Drain | StopReason::AdminDrain | StopReason::Abort => {
-                "drain"
-            }
-            StopReason::Lifetime => "lifetime",
-            StopReason::Idle => "idle",
-        }
-    }
-
     /// The reason text of wsgate's Close frame.
     pub(crate) fn close_text(self) -> &'static str {
         match self {

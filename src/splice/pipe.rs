@@ -16,7 +16,7 @@ use bytes::Bytes;
 use prometheus::IntCounter;
 
 use super::buffers::{return_buffer, take_buffer};
-use super::guards::{Guard, Guards, Verdict};
+use super::guards::{Guard, Guards, Verdict, UPSTREAM_GUARD_CODE};
 use super::socket::Socket;
 use super::{Ended, Leg};
 use crate::frames::{close_frame, CloseSeen, FrameTracker};
@@ -279,7 +279,11 @@ impl Pipe {
             _ => {
                 let guard = refused.unwrap_or(Guard::Size);
                 self.tripped = Some(guard);
-                close_frame(1001, guard.upstream_reason(), Some(rand::random()))
+                close_frame(
+                    UPSTREAM_GUARD_CODE,
+                    guard.upstream_reason(),
+                    Some(rand::random()),
+                )
             }
         };
         let replied = feed_watching_for_close(&mut self.tracker, &buf[at..]);
@@ -559,7 +563,7 @@ mod tests {
     fn a_closing_direction_still_refuses_an_oversized_fragment() {
         use crate::config::MessageGuards;
         use crate::frames::encode_frame;
-        use crate::metrics::GuardMetrics;
+        use crate::splice::guards::GuardMetrics;
 
         let settings = MessageGuards {
             max_message_size: Some(100),
@@ -595,7 +599,7 @@ mod tests {
     async fn bytes_held_for_tokens_are_not_forwarded_after_a_close() {
         use crate::config::{MessageGuards, RateLimit};
         use crate::frames::encode_frame;
-        use crate::metrics::GuardMetrics;
+        use crate::splice::guards::GuardMetrics;
 
         let settings = MessageGuards {
             message_rate: Some(RateLimit {
@@ -654,7 +658,7 @@ mod size_guard_props {
     use super::*;
     use crate::config::MessageGuards;
     use crate::frames::{apply_mask, encode_frame, Header};
-    use crate::metrics::GuardMetrics;
+    use crate::splice::guards::GuardMetrics;
 
     /// What the pipe forwards of one read, as `poll` does it: carried bytes
     /// first; what it leaves in the buffer counts as written.
