@@ -64,12 +64,12 @@ from conftest import (
     ROOT,
     RULES_FILE,
     SESSIONS_ENDED_AT_START,
+    WSGATE_BIN,
     all_panels,
     dashboard,
     load_yaml_docs,
 )
 
-WSGATE_BIN = Path(os.environ.get("WSGATE_BIN") or ROOT / "target" / "debug" / "wsgate")
 NAMESPACE = "e2e"
 POD = "wsgate-e2e-0"
 # A second wsgate without a cap (max_clients = 0), holding one connection: it must never look
