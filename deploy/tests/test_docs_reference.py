@@ -75,13 +75,24 @@ def check_config(env: dict[str, str], *args: str) -> dict[str, Any]:
 
 def section(text: str, heading: str) -> str:
     """The body of the first heading `heading` (any level) up to the next heading of the same or a
-    higher level."""
-    m = re.search(rf"^(#+) {re.escape(heading)}\n", text, re.M)
-    assert m, f"no heading {heading!r}"
-    level = len(m.group(1))
-    rest = text[m.end():]
-    end = re.search(rf"^#{{1,{level}}} ", rest, re.M)
-    return rest[: end.start()] if end else rest
+    higher level; `#` lines inside fenced code blocks (shell comments) are not headings."""
+    lines = text.split("\n")
+    fenced = False
+    start = level = None
+    for i, line in enumerate(lines):
+        if line.startswith("```"):
+            fenced = not fenced
+            continue
+        m = None if fenced else re.match(r"^(#+) (.*)$", line)
+        if not m:
+            continue
+        if start is None:
+            if m.group(2) == heading:
+                start, level = i + 1, len(m.group(1))
+        elif len(m.group(1)) <= level:
+            return "\n".join(lines[start:i])
+    assert start is not None, f"no heading {heading!r}"
+    return "\n".join(lines[start:])
 
 
 def table(body: str) -> list[list[str]]:
@@ -376,3 +387,33 @@ def test_every_key_is_reachable_from_the_chart(render, printed):
     assert not needless, f"EXCLUDED_FROM_CHART lists keys the chart does render: {needless}"
     assert set(EXCLUDED_FROM_CHART) <= set(full), "EXCLUDED_FROM_CHART names keys wsgate does not have"
     assert config.get("key_limits"), "the rendered config.toml has no [[key_limits]] rules"
+
+
+# ---- anchors other files point at -----------------------------------------------------------------
+
+# Headings that code comments, the chart and the alerts link to by anchor: renaming one breaks them.
+ANCHORED_HEADINGS = {
+    "configuration.md": ["Command line"],
+    "behaviour.md": ["The client port", "The admin port", "Admission check order", "Status codes", "Close frames",
+                     "Shutdown", "Invariants"],
+    "operations.md": ["Rollouts", "Limits per key", "Fleet-wide limits", "Message guards", "Access log",
+                      "Operator drain", "Unix-socket upstream", "Sizing", "Troubleshooting"],
+}
+
+
+def test_the_anchored_headings_exist():
+    for page, headings in ANCHORED_HEADINGS.items():
+        text = (DOCS / page).read_text()
+        for heading in headings:
+            assert f"\n## {heading}\n" in text, f"docs/{page} lacks ## {heading}"
+
+
+def test_every_alert_has_a_runbook_in_troubleshooting():
+    """docs/operations.md#<alert name in lower case> for every alert of the rule file."""
+    import yaml
+
+    rules_file = ROOT / "deploy" / "prometheus" / "wsgate-alerts.yaml"
+    alerts = {r["alert"] for g in yaml.safe_load(rules_file.read_text())["groups"] for r in g["rules"]}
+    assert alerts
+    runbooks = set(re.findall(r"^### (\w+)$", section((DOCS / "operations.md").read_text(), "Troubleshooting"), re.M))
+    assert alerts <= runbooks, f"alerts without a runbook in docs/operations.md: {sorted(alerts - runbooks)}"
