@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,6 +29,22 @@ CHART_DASHBOARD = CHART / "dashboards" / "wsgate.json"
 
 PROMETHEUS_BIN = os.environ.get("PROMETHEUS_BIN") or shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL_BIN = os.environ.get("PROMTOOL_BIN") or shutil.which("promtool") or "/usr/bin/promtool"
+
+
+def cargo_target_dir() -> Path:
+    """The cargo target directory: CARGO_TARGET_DIR when set (a shared build cache), else the
+    workspace's target/, as `cargo metadata` reports it; target/ when cargo cannot say."""
+    try:
+        meta = subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps",
+                               "--manifest-path", str(ROOT / "Cargo.toml")],
+                              capture_output=True, text=True, timeout=60, check=True)
+        return Path(json.loads(meta.stdout)["target_directory"])
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError):
+        return ROOT / "target"
+
+
+# The binary under test: WSGATE_BIN (run.sh sets it), else debug/wsgate of the cargo target directory.
+WSGATE_BIN = Path(os.environ.get("WSGATE_BIN") or cargo_target_dir() / "debug" / "wsgate")
 
 # Every configuration key of SPEC.md §2, §7 and §8, as the environment variable the chart sets.
 SPEC_KEYS = [

@@ -6,7 +6,8 @@
 #
 #   bash deploy/tests/run.sh [extra pytest args]
 #
-# Environment: WSGATE_BIN (default target/debug/wsgate), DEPLOY_VENV (default target/deploy-venv),
+# Environment: WSGATE_BIN (default debug/wsgate in the cargo target directory, which honours
+# CARGO_TARGET_DIR), DEPLOY_VENV (default deploy-venv in that directory),
 # PROMETHEUS_BIN, PROMTOOL_BIN, REDIS_SERVER_BIN (default the Debian packages' binaries).
 set -euo pipefail
 
@@ -15,6 +16,15 @@ cd "$ROOT"
 export DEBIAN_FRONTEND=noninteractive
 
 log() { printf '[deploy/tests] %s\n' "$*"; }
+
+# The cargo target directory: CARGO_TARGET_DIR when set (a shared build cache), else the workspace's
+# target/, as cargo itself reports it; target/ when cargo cannot say.
+cargo_target_dir() {
+  cargo metadata --format-version 1 --no-deps --manifest-path "$ROOT/Cargo.toml" 2>/dev/null |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])' 2>/dev/null ||
+    echo "$ROOT/target"
+}
+TARGET_DIR="$(cargo_target_dir)"
 
 # shellcheck source=../../.ci/apt-install.sh
 source "$ROOT/.ci/apt-install.sh"
@@ -48,7 +58,7 @@ if ((${#missing[@]})); then
 fi
 
 # 2. A Python venv with pinned packages, rebuilt only when requirements.txt changes.
-VENV="${DEPLOY_VENV:-$ROOT/target/deploy-venv}"
+VENV="${DEPLOY_VENV:-$TARGET_DIR/deploy-venv}"
 REQ="$ROOT/deploy/tests/requirements.txt"
 STAMP="$VENV/.requirements.sha256"
 want="$(sha256sum "$REQ" | cut -d' ' -f1)"
@@ -67,7 +77,7 @@ if [[ ! -x "$VENV/bin/python" || ! -f "$STAMP" || "$(cat "$STAMP")" != "$want" ]
   echo "$want" >"$STAMP"
 fi
 
-export WSGATE_BIN="${WSGATE_BIN:-$ROOT/target/debug/wsgate}"
+export WSGATE_BIN="${WSGATE_BIN:-$TARGET_DIR/debug/wsgate}"
 log "prometheus: $("$PROMETHEUS_BIN" --version 2>&1 | head -n1)"
 log "redis: $("$REDIS_SERVER_BIN" --version 2>&1 | head -n1)"
 log "helm engine: $("$VENV/bin/python" -c 'import helm_python as h; print("helm-python-sdk", h.__version__, "/ Helm SDK", h.helm_sdk_version())')"

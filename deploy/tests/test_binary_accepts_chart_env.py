@@ -12,13 +12,11 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from conftest import KUBE_DIR, ROOT, SPEC_KEYS, VALUE_SETS, env_of, load_yaml_docs, wsgate_container
+from conftest import KUBE_DIR, ROOT, SPEC_KEYS, VALUE_SETS, WSGATE_BIN, env_of, load_yaml_docs, wsgate_container
 
-WSGATE_BIN = Path(os.environ.get("WSGATE_BIN") or ROOT / "target" / "debug" / "wsgate")
 SECTION2 = set(SPEC_KEYS[:12])
 LATER = set(SPEC_KEYS[12:])
 

@@ -64,12 +64,12 @@ from conftest import (
     ROOT,
     RULES_FILE,
     SESSIONS_ENDED_AT_START,
+    WSGATE_BIN,
     all_panels,
     dashboard,
     load_yaml_docs,
 )
 
-WSGATE_BIN = Path(os.environ.get("WSGATE_BIN") or ROOT / "target" / "debug" / "wsgate")
 NAMESPACE = "e2e"
 POD = "wsgate-e2e-0"
 # A second wsgate without a cap (max_clients = 0), holding one connection: it must never look
@@ -949,12 +949,12 @@ def test_refusals_are_one_summary_line(stack):
 
 
 def test_readme_jq_examples_on_the_real_log(stack):
-    """The main README's jq filters, over the capped pod's real JSON log: by end cause the two
+    """docs/operations.md's jq filters, over the capped pod's real JSON log: by end cause the two
     client closes; nobody vanished with 1006; the one refusal summary."""
     from test_helm_session_telemetry import README, jq_commands, readme_section, run_jq
 
     lines = (stack["tmp"] / "wsgate.stderr").read_text().splitlines()
-    who_1006, by_end, summaries = (run_jq(c, lines) for c in jq_commands(readme_section(README, "Reading the access log")))
+    who_1006, by_end, summaries = (run_jq(c, lines) for c in jq_commands(readme_section(README, "Access log")))
     assert who_1006 == []
     assert by_end == [[{"end": "client_close", "sessions": CAP - HELD_AT_END}]]
     assert [s["total"] for s in summaries] == [REJECTED]

@@ -240,7 +240,7 @@ def test_readme_documents_every_value_and_the_semantics(chart):
 def _manifest_guard_block(file: str) -> list[dict[str, str]]:
     """The commented-out message-guard variables of a plain manifest, uncommented."""
     lines = (KUBE_DIR / file).read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if "# Message guards (SPEC §11)" in line)
+    start = next(i for i, line in enumerate(lines) if "# Message guards (docs/operations.md#message-guards)" in line)
     block = []
     for line in lines[start + 1:]:
         m = re.match(r"^(\s*)# (-? ?\s*(name|value): .*)$", line)

@@ -3,8 +3,8 @@ rendered as WSGATE_ACCESS_LOG; `readyHighWatermark` automatic (SPEC §7: 0.9 whe
 set, off without a cap, an explicit number winning) and the low-watermark check made against the
 value actually rendered; the admin token, which now also enables POST/DELETE/GET /drain, mounted as
 before and shown commented out in the plain manifests; and the documentation's examples (chart
-README "Admin token" and "Sizing rules", main README "Reading the access log" and "Rebalancing
-after a scale-out") rendered, validated against the Kubernetes schemas or run through jq, not
+README "Admin token" and "Sizing rules", docs/operations.md "Access log" and "Operator
+drain") rendered, validated against the Kubernetes schemas or run through jq, not
 eyeballed.
 """
 
@@ -314,7 +314,7 @@ def test_chart_readme_explains_the_automatic_watermark():
     section = chart_readme_section("Sizing rules")
     for needle in ("`readyHighWatermark` is automatic by default", "0.9 whenever `maxClients` is set",
                    "**409**", "3,000 clients", "**0** with 0.9", "1,396 / 1,125 / 479",
-                   "(../../../README.md#rebalancing-after-a-scale-out)"):
+                   "(../../../docs/operations.md#operator-drain)"):
         assert needle in section, needle
     values_table = (CHART / "README.md").read_text().split("\n## Values\n", 1)[1]
     assert "| `readyHighWatermark` | `null` (automatic) |" in values_table
@@ -322,19 +322,20 @@ def test_chart_readme_explains_the_automatic_watermark():
     assert "abnormalCloses.{threshold: 0.05, minSessions: 20, for: 10m}" in values_table
 
 
-# ---- the main README -------------------------------------------------------------------------------
+# ---- docs/operations.md (the access log, the operator drain) -------------------------------------------------------------------------------
 
-README = ROOT / "README.md"
-BENCH_README = ROOT / "benches" / "README.md"
+README = ROOT / "docs" / "operations.md"
+BENCH_README = ROOT / "docs" / "benchmarks.md"
 
 
 def github_anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-@pytest.mark.parametrize("doc", ["README.md", "deploy/README.md", "deploy/helm/wsgate/README.md"])
+@pytest.mark.parametrize("doc", ["README.md", "deploy/README.md", "deploy/helm/wsgate/README.md", "benches/README.md",
+                                 *(f"docs/{p.name}" for p in sorted((ROOT / "docs").glob("*.md")))])
 def test_readme_links_resolve(doc):
-    """Relative links and #anchors (the new sections link to each other across three READMEs)."""
+    """Relative links and #anchors (the READMEs and docs/ link to each other's sections)."""
     path = ROOT / doc
     text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
     links = re.findall(r"\]\(([^)\s]+)\)", text)
@@ -352,7 +353,7 @@ def test_readme_links_resolve(doc):
 
 def access_log_examples() -> tuple[dict[str, Any], dict[str, Any]]:
     """The section's example session record and refusal summary."""
-    section = readme_section(README, "Reading the access log")
+    section = readme_section(README, "Access log")
     blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", section, re.S)]
     (session,) = [b for b in blocks if b["message"] == "session"]
     (refusals,) = [b for b in blocks if b["message"] == "refusals"]
@@ -360,7 +361,7 @@ def access_log_examples() -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def test_access_log_section_documents_every_field_and_end():
-    section = readme_section(README, "Reading the access log")
+    section = readme_section(README, "Access log")
     session, refusals = access_log_examples()
     # The example record, in the order wsgate writes it: the event's fields between the message and
     # the target.
@@ -425,7 +426,7 @@ def test_access_log_jq_examples_find_what_they_say():
     other = {"timestamp": session["timestamp"], "level": "INFO", "message": "proxy listening", "addr": "0.0.0.0:8080",
              "target": "wsgate"}
     log = [json.dumps(x) for x in (other, session, vanished, refusals, session)]
-    cmds = jq_commands(readme_section(README, "Reading the access log"))
+    cmds = jq_commands(readme_section(README, "Access log"))
     assert len(cmds) == 3, cmds
     who_1006, by_end, summaries = (run_jq(c, log) for c in cmds)
     # The filter the issue asks for, with "end" quoted: `{..., end}` is a syntax error in jq 1.6
@@ -439,8 +440,8 @@ def test_access_log_jq_examples_find_what_they_say():
 
 
 def test_rebalancing_section_formula_and_measured_figures():
-    section = readme_section(README, "Rebalancing after a scale-out")
-    # The measured figures are benches/rebalance.py's, as benches/README.md records them.
+    section = readme_section(README, "Operator drain")
+    # The measured figures are benches/rebalance.py's, as docs/benchmarks.md records them.
     assert section.count("Measured (") == 1
     bench = readme_section(BENCH_README, "Rebalancing after a scale-out")
     for figures in ("333 / 334 / 333", "445 / 444 / 111", "112 / 111 / 111", "334 / 333 / 333", "8.8 s"):
@@ -459,7 +460,7 @@ def test_rebalancing_section_formula_and_measured_figures():
 
 
 def test_rebalancing_recipes_use_the_chart_secret_and_the_contract():
-    section = readme_section(README, "Rebalancing after a scale-out")
+    section = readme_section(README, "Operator drain")
     admin = yaml.safe_load(fenced(chart_readme_section("Admin token"), "yaml"))["adminToken"]
     shell = fenced(section, "sh")
     # kubectl-exec-free: a port-forward to one pod and curl with the token read from the Secret.
@@ -474,7 +475,7 @@ def test_rebalancing_recipes_use_the_chart_secret_and_the_contract():
 
 
 def test_rebalancing_job_is_valid_kubernetes_and_drains_every_listed_pod(tmp_path):
-    section = readme_section(README, "Rebalancing after a scale-out")
+    section = readme_section(README, "Operator drain")
     job = yaml.safe_load(fenced(section, "yaml"))
     validate_all([job], tmp_path)
     assert job["kind"] == "Job" and job["spec"]["backoffLimit"] == 0
@@ -501,7 +502,7 @@ def test_rebalancing_job_runs_against_a_stand_in_for_the_pods():
     import http.server
     import threading
 
-    section = readme_section(README, "Rebalancing after a scale-out")
+    section = readme_section(README, "Operator drain")
     (c,) = yaml.safe_load(fenced(section, "yaml"))["spec"]["template"]["spec"]["containers"]
     envs = {e["name"]: e.get("value") for e in c["env"]}
     assert shutil.which("curl"), "no curl on this machine"

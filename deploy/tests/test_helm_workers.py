@@ -1,7 +1,7 @@
 """The runtime's thread count and the sidecar's CPU (issue 15) on the deployment side: `workers`
 rendered as WSGATE_WORKERS (1 by default, 0 and N passed through, anything else refused by the
 schema), the binary accepting what the chart and the plain manifests set, and the default CPU
-request and limit that README "CPU and worker threads" recommends (a 1-CPU limit: one runtime
+request and limit that docs/operations.md "Sizing" recommends (a 1-CPU limit: one runtime
 thread uses at most one core) in the chart and in both plain manifests.
 """
 

@@ -7,6 +7,7 @@ wsgate is the binary started the way a user starts it, on 127.0.0.1 port 0, stop
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -19,7 +20,21 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
 
-WSGATE_BIN = os.environ.get("WSGATE_BIN", "target/debug/wsgate")
+def _default_wsgate_bin() -> str:
+    """debug/wsgate in the cargo target directory: CARGO_TARGET_DIR when set (a shared build cache),
+    else the workspace's target/, as `cargo metadata` reports it."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        meta = subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps",
+                               "--manifest-path", os.path.join(root, "Cargo.toml")],
+                              capture_output=True, text=True, timeout=60, check=True)
+        target = json.loads(meta.stdout)["target_directory"]
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError):
+        target = os.path.join(root, "target")
+    return os.path.join(target, "debug", "wsgate")
+
+
+WSGATE_BIN = os.environ.get("WSGATE_BIN") or _default_wsgate_bin()
 
 
 def read_until(proc: subprocess.Popen, stream, pattern: str, seen: list[str]) -> str:

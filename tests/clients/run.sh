@@ -5,14 +5,22 @@
 #
 #   bash tests/clients/run.sh [extra pytest args]
 #
-# Needs target/debug/wsgate (WSGATE_BIN overrides). Creates target/clients-venv
-# with the pinned packages of requirements.txt, installs the pinned `ws` of
+# Needs debug/wsgate in the cargo target directory (CARGO_TARGET_DIR honoured; WSGATE_BIN
+# overrides). Creates clients-venv there with the pinned packages of requirements.txt, installs the pinned `ws` of
 # node/package-lock.json (npm ci) and Debian's chromium if missing; safe to run
 # again; no stdin.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
-VENV="${CLIENTS_VENV:-$ROOT/target/clients-venv}"
+# The cargo target directory: CARGO_TARGET_DIR when set (a shared build cache), else the workspace's
+# target/, as cargo itself reports it; target/ when cargo cannot say.
+cargo_target_dir() {
+  cargo metadata --format-version 1 --no-deps --manifest-path "$ROOT/Cargo.toml" 2>/dev/null |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])' 2>/dev/null ||
+    echo "$ROOT/target"
+}
+TARGET_DIR="$(cargo_target_dir)"
+VENV="${CLIENTS_VENV:-$TARGET_DIR/clients-venv}"
 REQ="$ROOT/tests/clients/requirements.txt"
 if [[ ! -x "$VENV/bin/python" || ! -f "$VENV/.req" ]] || ! cmp -s "$REQ" "$VENV/.req"; then
   rm -rf "$VENV"
@@ -32,5 +40,5 @@ if [[ ! -f "$NODE_DIR/node_modules/.package-lock.json" ]] ||
   (cd "$NODE_DIR" && npm ci --no-audit --no-fund --loglevel=error </dev/null)
   cp "$NODE_DIR/package-lock.json" "$NODE_DIR/node_modules/.wsgate-lock"
 fi
-export WSGATE_BIN="${WSGATE_BIN:-$ROOT/target/debug/wsgate}"
+export WSGATE_BIN="${WSGATE_BIN:-$TARGET_DIR/debug/wsgate}"
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$ROOT/tests/clients" "$@"

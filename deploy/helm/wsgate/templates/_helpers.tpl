@@ -106,7 +106,7 @@ the shared directory, or wsgate would look for the app's socket where the app ca
 {{/*
 wsgate.readyHighWatermark: the ready_high_watermark the container gets. readyHighWatermark null
 (the default) = automatic: 0.9 whenever maxClients > 0, 0 (off) when it is 0; an explicit number,
-0 included, wins. SPEC §7: without it a rolling update sends the drained clients round-robin to a
+0 included, wins. docs/operations.md#rollouts: without it a rolling update sends the drained clients round-robin to a
 replacement that is already full, and they are refused while other pods have room.
 */}}
 {{- define "wsgate.readyHighWatermark" -}}
@@ -141,7 +141,7 @@ JSON Schema cannot compare list items with each other or look at another value.
 {{- end -}}
 
 {{/*
-wsgate.fleetEnabled: "true" when a Redis is configured for the fleet-wide limits (SPEC §10), else "".
+wsgate.fleetEnabled: "true" when a Redis is configured for the fleet-wide limits (docs/operations.md#fleet-wide-limits), else "".
 Only then does the chart render the WSGATE_FLEET_* variables.
 */}}
 {{- define "wsgate.fleetEnabled" -}}
@@ -164,7 +164,7 @@ only its Values has no release to name: it must set fleet.namespace, or pass Rel
 {{- end -}}
 
 {{/*
-wsgate.validateFleet: what values.schema.json cannot say about the fleet-wide limits (SPEC §10),
+wsgate.validateFleet: what values.schema.json cannot say about the fleet-wide limits (docs/operations.md#fleet-wide-limits),
 because it cannot look at another value or compare durations.
 */}}
 {{- define "wsgate.validateFleet" -}}
@@ -211,7 +211,7 @@ because it cannot look at another value or compare durations.
 {{- end -}}
 
 {{/*
-Limits per key (SPEC §9): where the chart mounts the config file and the Secrets. Directories,
+Limits per key (docs/operations.md#limits-per-key): where the chart mounts the config file and the Secrets. Directories,
 never subPath mounts: the kubelet updates a ConfigMap or Secret volume in place by swapping a
 symlink in the directory, and a subPath mount pins the file that was there at start, so edits
 would never reach wsgate.
@@ -247,7 +247,7 @@ fields are written only when given, so wsgate's own defaults apply otherwise. In
 int64, so large values never come out as 1e+06.
 */}}
 {{- define "wsgate.configToml" -}}
-# Rendered by the wsgate Helm chart from keyLimits and jwt (SPEC §9). All other settings reach
+# Rendered by the wsgate Helm chart from keyLimits and jwt (docs/operations.md#limits-per-key). All other settings reach
 # wsgate as WSGATE_* environment variables, which take precedence over this file.
 {{- with .Values.jwt }}
 {{- if .jwksSecret.name }}
@@ -318,7 +318,7 @@ wsgate.volumes to that pod (see README: Using the container in your own chart).
 {{- end -}}
 
 {{/*
-wsgate.upstreamSocketMount: the shared emptyDir of an upstream on a Unix socket (SPEC §13), the
+wsgate.upstreamSocketMount: the shared emptyDir of an upstream on a Unix socket (docs/operations.md#unix-socket-upstream), the
 same mount for the wsgate and the app container (read-write: connecting to a socket needs write
 permission on its file); empty without upstreamSocket.emptyDir.
 */}}
@@ -358,7 +358,7 @@ permission on its file); empty without upstreamSocket.emptyDir.
 {{- end }}
 {{- end }}
 {{- if .Values.upstreamSocket.emptyDir }}
-# The directory the app creates its socket in and wsgate connects through (SPEC §13).
+# The directory the app creates its socket in and wsgate connects through (docs/operations.md#unix-socket-upstream).
 - name: wsgate-upstream-socket
   emptyDir: {}
 {{- end }}
@@ -374,7 +374,7 @@ integers (1000000, not 1e+06), others as given (0.5).
 {{- end -}}
 
 {{/*
-wsgate.messageGuardsEnv: the WSGATE_* variables of the message guards (SPEC §11), each only when its
+wsgate.messageGuardsEnv: the WSGATE_* variables of the message guards (docs/operations.md#message-guards), each only when its
 value differs from the default (0 = off, messageRateAction throttle), so that a release without
 guards renders exactly what it did before them. "" when every guard is off.
 */}}
@@ -419,9 +419,9 @@ for a parent chart that skips schema validation or pins an older copy of the sch
 {{- end -}}
 
 {{/*
-wsgate.env: one WSGATE_* variable per configuration value (SPEC §2, §7, §8, §12's access_log, workers), plus the
-WSGATE_FLEET_* ones (SPEC §10) when a Redis is configured and those of the message guards
-(SPEC §11) that are set.
+wsgate.env: one WSGATE_* variable per configuration value (docs/configuration.md), plus the
+WSGATE_FLEET_* ones (docs/operations.md#fleet-wide-limits) when a Redis is configured and those of the message guards
+(docs/operations.md#message-guards) that are set.
 */}}
 {{- define "wsgate.env" -}}
 {{- $v := .Values -}}
@@ -488,7 +488,7 @@ WSGATE_FLEET_* ones (SPEC §10) when a Redis is configured and those of the mess
 - name: WSGATE_CLOSE_TIMEOUT
   value: {{ $v.closeTimeout | toString | quote }}
 {{- if include "wsgate.fleetEnabled" . }}
-# Fleet-wide limits through Redis (SPEC §10). WSGATE_FLEET_INSTANCE_ID stays unset: wsgate then
+# Fleet-wide limits through Redis (docs/operations.md#fleet-wide-limits). WSGATE_FLEET_INSTANCE_ID stays unset: wsgate then
 # uses $HOSTNAME (the pod name) plus a random suffix.
 - name: WSGATE_FLEET_REDIS_URL
 {{- with $v.fleet.redisUrlSecret }}
@@ -513,11 +513,11 @@ WSGATE_FLEET_* ones (SPEC §10) when a Redis is configured and those of the mess
   value: {{ $v.fleet.failMode | quote }}
 {{- end }}
 {{- with include "wsgate.messageGuardsEnv" . }}
-# Message guards (SPEC §11): only the values that are not off / not the default.
+# Message guards (docs/operations.md#message-guards): only the values that are not off / not the default.
 {{- . }}
 {{- end }}
 {{- with include "wsgate.configFile" . }}
-# keyLimits / jwt (SPEC §9), rendered into the mounted ConfigMap; reloaded in place on an edit.
+# keyLimits / jwt (docs/operations.md#limits-per-key), rendered into the mounted ConfigMap; reloaded in place on an edit.
 - name: WSGATE_CONFIG
   value: {{ . | quote }}
 {{- end }}
