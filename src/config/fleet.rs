@@ -29,6 +29,14 @@ use super::duration::{ConfigDuration, PositiveDuration};
 use super::values::{ValueKind, WrittenVisitor};
 use super::{ConfigError, RawConfig};
 
+/// The longest `fleet_instance_id`, as a literal so the accepted-values
+/// text below can be built from it at compile time.
+macro_rules! max_instance_id_len {
+    () => {
+        128
+    };
+}
+
 /// What replaces a password wherever the URL is shown.
 const HIDDEN: &str = "***";
 /// The shortest `fleet_lease_ttl`: renewals run every third of it, and a
@@ -38,7 +46,7 @@ const MIN_LEASE_TTL: Duration = Duration::from_secs(3);
 /// counting against the fleet.
 const MAX_LEASE_TTL: Duration = Duration::from_secs(3600);
 /// The longest `fleet_instance_id`.
-const MAX_INSTANCE_ID_LEN: usize = 128;
+const MAX_INSTANCE_ID_LEN: usize = max_instance_id_len!();
 /// The longest `fleet_namespace`.
 const MAX_NAMESPACE_LEN: usize = 64;
 
@@ -404,8 +412,11 @@ pub(crate) struct InstanceId;
 impl ValueKind for InstanceId {
     type Raw = String;
     type Value = String;
-    const EXPECTED: &'static str =
-        "1 to 128 visible ASCII characters (! to ~), or empty for $HOSTNAME-<8 random hex digits>";
+    const EXPECTED: &'static str = concat!(
+        "1 to ",
+        max_instance_id_len!(),
+        " visible ASCII characters (! to ~), or empty for $HOSTNAME-<8 random hex digits>"
+    );
     fn check(raw: &String) -> Option<String> {
         if raw.is_empty() {
             return Some(default_instance_id().to_owned());

@@ -325,7 +325,9 @@ pub(super) fn rules(
                 return Err(at.err(
                     "overrides",
                     format!("{value:?}"),
-                    "key values of at most 256 bytes of visible ASCII (no other value can match)",
+                    format!(
+                        "key values of at most {MAX_KEY_LEN} bytes of visible ASCII (no other value can match)"
+                    ),
                 ));
             }
             let limit = u32::try_from(*limit).map_err(|_| {

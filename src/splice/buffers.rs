@@ -2,21 +2,19 @@
 //!
 //! Why: a direction takes a buffer only once its source is readable and
 //! gives it back as soon as the bytes are written, so an idle connection
-//! holds none (SPEC issue 4: ≤ 4 KiB per idle connection). Taking and
-//! giving back happen once per message; a per-thread pool makes that a
-//! `Vec` push and pop instead of a 64 KiB allocation, with no lock, since a
-//! buffer never leaves the poll that took it on that thread.
+//! holds none (docs/operations.md#sizing). Taking and giving back happen
+//! once per message; a per-thread pool makes that a `Vec` push and pop
+//! instead of an allocation of [`BUF_SIZE`], with no lock, since a buffer
+//! never leaves the poll that took it on that thread.
 
 use std::cell::RefCell;
 
 /// Size of a pooled copy buffer; held only while data is in flight.
 ///
 /// 32 KiB, not more: on loopback (a sidecar's upstream leg) a write runs
-/// the receiver's TCP processing in the writer's context, so 64 KiB writes
-/// cost more CPU per byte than 32 KiB ones although they take fewer calls.
-/// Measured with `benches/run.sh --modes throughput` (3 rounds, proxy CPU
-/// per GB, both set-ups): 64 KiB 0.575–0.599 s, 32 KiB 0.327–0.341 s,
-/// 16 KiB 0.365–0.416 s.
+/// the receiver's TCP processing in the writer's context, so larger writes
+/// cost more CPU per byte although they take fewer calls (16, 32 and
+/// 64 KiB measured side by side: docs/benchmarks.md).
 const BUF_SIZE: usize = 32 * 1024;
 /// Buffers kept per worker thread for reuse.
 const POOL_PER_THREAD: usize = 32;
