@@ -55,7 +55,7 @@ mod socket;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -235,7 +235,26 @@ impl Cause {
     }
 }
 
-/// State while wsgate closes a connection in WebSocket terms.
+/// Where a splice is in its life. While open, the half-close and idle
+/// deadlines run; once wsgate closes the session in WebSocket terms only
+/// the closing handshake's deadline does (the drain, the lifetime or a
+/// guard decided the end, so neither can fire any more).
+enum Phase {
+    /// Forwarding both ways.
+    Open {
+        /// Armed when the first direction finishes.
+        half_close: Option<Pin<Box<Sleep>>>,
+        /// `idle_timeout`'s timer, re-armed only when it fires.
+        idle: Option<Pin<Box<Sleep>>>,
+        /// When a byte last moved either way (read only with `idle`).
+        last_activity: Instant,
+    },
+    /// wsgate is closing the session (Close frames injected, or a peer's
+    /// own closing handshake let finish).
+    Closing(Closing),
+}
+
+/// The closing handshake wsgate runs.
 struct Closing {
     cause: Cause,
     deadline: Pin<Box<Sleep>>,
@@ -243,48 +262,45 @@ struct Closing {
     injected: bool,
 }
 
-/// Starts the closing handshake for `reason` in both directions.
-fn begin_close(
-    reason: StopReason,
-    close: &CloseSettings,
-    up: &mut Pipe,
-    down: &mut Pipe,
-) -> Closing {
-    let deadline = Box::pin(sleep(close.timeout));
-    if up.saw_close() || down.saw_close() {
-        // The peers are already in a closing handshake: a Close from wsgate
-        // would be a second one. Let theirs finish within the timeout.
-        return Closing {
+impl Closing {
+    /// Starts the closing handshake for `reason` in both directions.
+    fn begin(reason: StopReason, close: &CloseSettings, up: &mut Pipe, down: &mut Pipe) -> Self {
+        let deadline = Box::pin(sleep(close.timeout));
+        if up.saw_close() || down.saw_close() {
+            // The peers are already in a closing handshake: a Close from
+            // wsgate would be a second one. Let theirs finish in time.
+            return Closing {
+                cause: Cause::Stop(reason),
+                deadline,
+                injected: false,
+            };
+        }
+        let code = reason.code(close);
+        let text = reason.close_text();
+        // Towards the upstream wsgate speaks as the client: masked, random key.
+        up.begin_close(close_frame(code, text, Some(rand::random())));
+        down.begin_close(close_frame(code, text, None));
+        Closing {
             cause: Cause::Stop(reason),
             deadline,
-            injected: false,
-        };
+            injected: true,
+        }
     }
-    let code = reason.code(close);
-    let text = reason.close_text();
-    // Towards the upstream wsgate speaks as the client: masked, random key.
-    up.begin_close(close_frame(code, text, Some(rand::random())));
-    down.begin_close(close_frame(code, text, None));
-    Closing {
-        cause: Cause::Stop(reason),
-        deadline,
-        injected: true,
-    }
-}
 
-/// The client → upstream direction refused a frame and sent the upstream
-/// its Close: the client gets the guard's Close at its next message
-/// boundary, then both replies are awaited as for any close.
-fn begin_guard_close(guard: Guard, close: &CloseSettings, down: &mut Pipe) -> Closing {
-    down.begin_close(close_frame(
-        guard.client_code(),
-        guard.client_reason(),
-        None,
-    ));
-    Closing {
-        cause: Cause::Guard(guard),
-        deadline: Box::pin(sleep(close.timeout)),
-        injected: true,
+    /// The client → upstream direction refused a frame and sent the
+    /// upstream its Close: the client gets the guard's Close at its next
+    /// message boundary, then both replies are awaited as for any close.
+    fn begin_guard(guard: Guard, close: &CloseSettings, down: &mut Pipe) -> Self {
+        down.begin_close(close_frame(
+            guard.client_code(),
+            guard.client_reason(),
+            None,
+        ));
+        Closing {
+            cause: Cause::Guard(guard),
+            deadline: Box::pin(sleep(close.timeout)),
+            injected: true,
+        }
     }
 }
 
@@ -399,156 +415,283 @@ where
         bytes: forwarded,
         messages,
     };
-    let mut up = Pipe::new(client_leftover, guards);
-    let mut down = Pipe::new(upstream_leftover, None);
-    let mut idle: Option<Pin<Box<Sleep>>> = limits.idle.map(|d| Box::pin(sleep(d)));
-    let mut half_close: Option<Pin<Box<Sleep>>> = None;
-    let mut closing: Option<Closing> = None;
-    let mut firsts = Firsts::default();
-    let mut last_activity = Instant::now();
-    let mut stop = Gated::new(stop);
-    let mut abort = Gated::new(abort);
+    let mut splice = Splice {
+        client,
+        upstream,
+        up: Pipe::new(client_leftover, guards),
+        down: Pipe::new(upstream_leftover, None),
+        client_to_upstream,
+        upstream_to_client,
+        limits,
+        phase: Phase::Open {
+            half_close: None,
+            idle: limits.idle.map(|d| Box::pin(sleep(d))),
+            last_activity: Instant::now(),
+        },
+        firsts: Firsts::default(),
+        stop: Gated::new(stop),
+        abort: Gated::new(abort),
+    };
     async move {
-        let ended = poll_fn(|cx| loop {
-            if abort.poll(cx).is_ready() {
-                let cause = closing
-                    .as_ref()
-                    .map_or(Cause::Stop(StopReason::Abort), |c| c.cause);
-                return Poll::Ready(cause.ended());
+        let ended = poll_fn(|cx| splice.poll_end(cx)).await;
+        splice.outcome(ended)
+    }
+}
+
+/// One splice between polls: the two directions, the phase, and what the
+/// access log will want to know.
+struct Splice<'a, C, U, S: Future, A: Future> {
+    client: &'a C,
+    upstream: &'a U,
+    /// Client → upstream.
+    up: Pipe,
+    /// Upstream → client.
+    down: Pipe,
+    client_to_upstream: Counters<'a>,
+    upstream_to_client: Counters<'a>,
+    limits: Limits,
+    phase: Phase,
+    firsts: Firsts,
+    stop: Gated<S>,
+    abort: Gated<A>,
+}
+
+impl<C, U, S, A> Splice<'_, C, U, S, A>
+where
+    C: Socket,
+    U: Socket,
+    S: Future<Output = StopReason>,
+    A: Future<Output = ()>,
+{
+    /// Drives the splice until it ends. Each poll runs the steps in this
+    /// order: an abort ends it at once; a stop begins the closing
+    /// handshake; each direction moves what it can; then the phase's
+    /// deadlines.
+    fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<Ended> {
+        loop {
+            if let Poll::Ready(ended) = self.poll_abort(cx) {
+                return Poll::Ready(ended);
             }
-            if closing.is_none() {
-                if let Poll::Ready(reason) = stop.poll(cx) {
-                    match &limits.close {
-                        Some(close) => {
-                            closing = Some(begin_close(reason, close, &mut up, &mut down));
-                            firsts.observe(closing.as_ref(), &up, &down);
-                        }
-                        None => return Poll::Ready(Ended::Stopped(reason)),
-                    }
-                }
+            if let Poll::Ready(ended) = self.poll_stop(cx) {
+                return Poll::Ready(ended);
             }
             let mut moved = false;
-            if !up.is_done() {
-                if let Poll::Ready(Err(e)) = up.poll(
-                    cx,
-                    client,
-                    upstream,
-                    client_to_upstream,
-                    &mut moved,
-                    down.is_done(),
-                ) {
-                    return Poll::Ready(e.ended(Leg::Client));
-                }
-                if let Some(guard) = up.take_tripped() {
-                    // Only an open direction trips: nothing is closing yet.
-                    match &limits.close {
-                        Some(close) => closing = Some(begin_guard_close(guard, close, &mut down)),
-                        None => return Poll::Ready(Ended::Guard(guard)),
-                    }
-                }
-                firsts.observe(closing.as_ref(), &up, &down);
+            if let Poll::Ready(ended) = self.poll_client_to_upstream(cx, &mut moved) {
+                return Poll::Ready(ended);
             }
-            if !down.is_done() {
-                if let Poll::Ready(Err(e)) = down.poll(
-                    cx,
-                    upstream,
-                    client,
-                    upstream_to_client,
-                    &mut moved,
-                    up.is_done(),
-                ) {
-                    return Poll::Ready(e.ended(Leg::Upstream));
-                }
-                firsts.observe(closing.as_ref(), &up, &down);
+            if let Poll::Ready(ended) = self.poll_upstream_to_client(cx, &mut moved) {
+                return Poll::Ready(ended);
             }
-            if let Some(c) = &mut closing {
+            match self.poll_deadlines(cx, moved) {
+                Step::Ended(ended) => return Poll::Ready(ended),
+                Step::Pending => return Poll::Pending,
+                // The idle timeout began the closing handshake: poll again
+                // so the Close frames go out at once.
+                Step::Again => {}
+            }
+        }
+    }
+
+    /// A second shutdown signal cuts at once, even mid-handshake.
+    fn poll_abort(&mut self, cx: &mut Context<'_>) -> Poll<Ended> {
+        if self.abort.poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        Poll::Ready(match &self.phase {
+            Phase::Closing(c) => c.cause.ended(),
+            Phase::Open { .. } => Ended::Stopped(StopReason::Abort),
+        })
+    }
+
+    /// A stop from outside (drain, lifetime, end of grace) begins the
+    /// closing handshake, or ends the splice at once without close settings.
+    fn poll_stop(&mut self, cx: &mut Context<'_>) -> Poll<Ended> {
+        if matches!(self.phase, Phase::Closing(_)) {
+            return Poll::Pending;
+        }
+        match self.stop.poll(cx) {
+            Poll::Ready(reason) => self.close(reason),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// wsgate ends the session for `reason`: with Close frames when close
+    /// settings are there, else at once.
+    fn close(&mut self, reason: StopReason) -> Poll<Ended> {
+        let Some(close) = &self.limits.close else {
+            return Poll::Ready(Ended::Stopped(reason));
+        };
+        let closing = Closing::begin(reason, close, &mut self.up, &mut self.down);
+        self.phase = Phase::Closing(closing);
+        self.observe();
+        Poll::Pending
+    }
+
+    /// Client → upstream, through the message guards; a guard's refusal
+    /// begins the closing handshake (only an open direction trips, so
+    /// nothing is closing yet).
+    fn poll_client_to_upstream(&mut self, cx: &mut Context<'_>, moved: &mut bool) -> Poll<Ended> {
+        if self.up.is_done() {
+            return Poll::Pending;
+        }
+        let other_done = self.down.is_done();
+        let polled = self.up.poll(
+            cx,
+            self.client,
+            self.upstream,
+            self.client_to_upstream,
+            moved,
+            other_done,
+        );
+        if let Poll::Ready(Err(e)) = polled {
+            return Poll::Ready(e.ended(Leg::Client));
+        }
+        if let Some(guard) = self.up.take_tripped() {
+            let Some(close) = &self.limits.close else {
+                return Poll::Ready(Ended::Guard(guard));
+            };
+            self.phase = Phase::Closing(Closing::begin_guard(guard, close, &mut self.down));
+        }
+        self.observe();
+        Poll::Pending
+    }
+
+    /// Upstream → client.
+    fn poll_upstream_to_client(&mut self, cx: &mut Context<'_>, moved: &mut bool) -> Poll<Ended> {
+        if self.down.is_done() {
+            return Poll::Pending;
+        }
+        let other_done = self.up.is_done();
+        let polled = self.down.poll(
+            cx,
+            self.upstream,
+            self.client,
+            self.upstream_to_client,
+            moved,
+            other_done,
+        );
+        if let Poll::Ready(Err(e)) = polled {
+            return Poll::Ready(e.ended(Leg::Upstream));
+        }
+        self.observe();
+        Poll::Pending
+    }
+
+    /// The phase's deadlines: the closing handshake's end, or, while open,
+    /// both directions done, the half-close timeout and the idle timeout.
+    fn poll_deadlines(&mut self, cx: &mut Context<'_>, moved: bool) -> Step {
+        let (up, down) = (&self.up, &self.down);
+        let (half_close, idle, last_activity) = match &mut self.phase {
+            Phase::Closing(c) => {
                 let finished = if c.injected {
                     up.close_finished() && down.close_finished()
                 } else {
                     up.is_done() && down.is_done()
                 };
                 if finished || c.deadline.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(c.cause.ended());
+                    return Step::Ended(c.cause.ended());
                 }
-                return Poll::Pending;
+                return Step::Pending;
             }
-            if up.is_done() && down.is_done() {
-                return Poll::Ready(Ended::Closed);
+            Phase::Open {
+                half_close,
+                idle,
+                last_activity,
+            } => (half_close, idle, last_activity),
+        };
+        if up.is_done() && down.is_done() {
+            return Step::Ended(Ended::Closed);
+        }
+        if up.is_done() || down.is_done() {
+            let limit = self.limits.half_close;
+            let timer = half_close.get_or_insert_with(|| Box::pin(sleep(limit)));
+            if timer.as_mut().poll(cx).is_ready() {
+                return Step::Ended(Ended::HalfCloseTimeout);
             }
-            if up.is_done() || down.is_done() {
-                let timer = half_close.get_or_insert_with(|| Box::pin(sleep(limits.half_close)));
-                if timer.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Ended::HalfCloseTimeout);
-                }
+        }
+        if let (Some(timer), Some(limit)) = (idle.as_mut(), self.limits.idle) {
+            if moved {
+                *last_activity = Instant::now();
             }
-            if let (Some(timer), Some(limit)) = (idle.as_mut(), limits.idle) {
-                if moved {
-                    last_activity = Instant::now();
+            // The timer is only re-armed when it fires, not on every byte:
+            // the clock is read once per poll that moved data, no more.
+            let mut expired = false;
+            while timer.as_mut().poll(cx).is_ready() {
+                let deadline = *last_activity + limit;
+                if Instant::now() >= deadline {
+                    expired = true;
+                    break;
                 }
-                // The timer is only re-armed when it fires, not on every byte:
-                // the clock is read once per poll that moved data, no more.
-                let mut expired = false;
-                while timer.as_mut().poll(cx).is_ready() {
-                    let deadline = last_activity + limit;
-                    if Instant::now() >= deadline {
-                        expired = true;
-                        break;
-                    }
-                    timer.as_mut().reset(deadline);
-                }
-                if expired {
-                    match &limits.close {
-                        Some(close) => {
-                            idle = None;
-                            closing =
-                                Some(begin_close(StopReason::Idle, close, &mut up, &mut down));
-                            firsts.observe(closing.as_ref(), &up, &down);
-                            // Poll again so the Close frames go out at once.
-                            continue;
-                        }
-                        None => return Poll::Ready(Ended::Stopped(StopReason::Idle)),
-                    }
-                }
+                timer.as_mut().reset(deadline);
             }
-            return Poll::Pending;
-        })
-        .await;
+            if expired {
+                return match self.close(StopReason::Idle) {
+                    Poll::Ready(ended) => Step::Ended(ended),
+                    Poll::Pending => Step::Again,
+                };
+            }
+        }
+        Step::Pending
+    }
+
+    /// Notes the first Close and the first EOF (see [`Firsts::observe`]).
+    fn observe(&mut self) {
+        let closing = match &self.phase {
+            Phase::Closing(c) => Some(c),
+            Phase::Open { .. } => None,
+        };
+        self.firsts.observe(closing, &self.up, &self.down);
+    }
+
+    /// What the splice moved and how it ended.
+    fn outcome(mut self, ended: Ended) -> Outcome {
         // What the last poll saw before it returned early (a Close read
         // just before an error, say).
-        firsts.observe(closing.as_ref(), &up, &down);
-
+        self.observe();
+        let (up, down) = (&mut self.up, &mut self.down);
+        let closing = match &self.phase {
+            Phase::Closing(c) => Some(c),
+            Phase::Open { .. } => None,
+        };
         Outcome {
             totals: Totals {
                 client_to_upstream: up.bytes(),
                 upstream_to_client: down.bytes(),
             },
-            first_close: firsts.close.map(|who| match who {
+            first_close: self.firsts.close.map(|who| match who {
                 Closer::Peer(Leg::Client) => FirstClose::Peer(Leg::Client, up.take_first_close()),
                 Closer::Peer(Leg::Upstream) => {
                     FirstClose::Peer(Leg::Upstream, down.take_first_close())
                 }
                 Closer::Wsgate(cause) => FirstClose::Wsgate(cause),
             }),
-            first_eof: firsts.eof,
+            first_eof: self.firsts.eof,
             traffic: Traffic {
                 bytes_in: up.received(),
                 bytes_out: down.received(),
                 msgs_in: up.data_messages(),
                 msgs_out: down.data_messages(),
             },
-            close_frames_sent: closing.as_ref().filter(|c| c.injected).and_then(|c| {
-                match c.cause {
-                    Cause::Stop(reason) => Some(reason),
-                    Cause::Guard(_) => None,
-                }
+            close_frames_sent: closing.filter(|c| c.injected).and_then(|c| match c.cause {
+                Cause::Stop(reason) => Some(reason),
+                Cause::Guard(_) => None,
             }),
             close_completed: matches!(ended, Ended::Stopped(_) | Ended::Guard(_))
                 && closing
-                    .as_ref()
                     .is_some_and(|c| c.injected && up.close_finished() && down.close_finished()),
             ended,
         }
     }
+}
+
+/// What the deadlines step says.
+enum Step {
+    /// The splice is over.
+    Ended(Ended),
+    /// Wait for the next wake-up.
+    Pending,
+    /// The phase changed: run the steps again at once.
+    Again,
 }
 
 #[cfg(test)]
