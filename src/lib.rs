@@ -46,6 +46,7 @@ pub mod config;
 pub mod demo;
 pub(crate) mod drain;
 pub(crate) mod error;
+pub(crate) mod file_watch;
 pub(crate) mod fleet;
 pub(crate) mod frames;
 pub(crate) mod headers;
@@ -72,8 +73,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::config::{Config, ConfigError};
+pub use crate::file_watch::{FileVersion, CONFIG_POLL_INTERVAL};
 use crate::metrics::{FleetMetrics, Metrics, ReloadResult};
-pub use crate::reload::{FileVersion, CONFIG_POLL_INTERVAL};
 use crate::shutdown::Drive;
 pub use crate::shutdown::{os_signals, Control, Shutdown};
 pub use crate::tcp::listen;

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use http::{header, HeaderMap, StatusCode};
 use subtle::ConstantTimeEq;
 
-use crate::reload::FileVersion;
+use crate::file_watch::FileVersion;
 
 /// The admin token check; cheap to clone.
 #[derive(Debug, Clone, Default)]

@@ -39,7 +39,7 @@ use serde_json::{Map, Value};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::reload::{settled_change, FileVersion, CONFIG_POLL_INTERVAL};
+use crate::file_watch::{settled_change, FileVersion, CONFIG_POLL_INTERVAL};
 
 /// Clock skew allowed on `exp` and `nbf`, in seconds. Pods keep NTP time,
 /// but an identity provider's clock may not agree to the second, and a token
