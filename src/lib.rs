@@ -16,6 +16,7 @@
 //! | `headers` | pure header logic: classify, validate, rewrite |
 //! | `admission` | cap, per-IP, rate, dry run, watermarks; `RejectReason`; the RAII `AdmissionGuard` |
 //! | `keys/` | limits per key (SPEC §9): rules, key tables, key extraction, the JWT verifier |
+//! | `jwt/` | the JWT verifier of `jwt_claim` rules: JWKS parsing and key checks, the JWKS watch |
 //! | `fleet/` | fleet-wide limits through Redis (SPEC §10): holds as leases, the admission script, the renewing worker |
 //! | `error` | `ProxyError`: every way a request fails, mapped to a status and a reason |
 //! | `responses` | every answer wsgate writes itself (400 … 504), with static bodies |
@@ -50,6 +51,7 @@ pub(crate) mod file_watch;
 pub(crate) mod fleet;
 pub(crate) mod frames;
 pub(crate) mod headers;
+pub(crate) mod jwt;
 pub(crate) mod keys;
 pub mod log_format;
 pub(crate) mod metrics;

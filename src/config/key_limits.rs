@@ -375,7 +375,7 @@ pub(super) fn jwt(
     };
     let bad = |why: String| ConfigError::invalid("jwt_jwks_file", format!("{path:?}"), why);
     let bytes = std::fs::read(path).map_err(|e| bad(format!("a readable JWKS file ({e})")))?;
-    crate::keys::jwt::Verifier::check_jwks(&bytes).map_err(|e| {
+    crate::jwt::check_jwks(&bytes).map_err(|e| {
         bad(format!(
             "a JWKS document with at least one usable key ({e})"
         ))

@@ -6,7 +6,6 @@
 //! | `mod.rs` | [`KeyLimits`] (rules + tables, swapped on reload), [`KeyRequest`] (one upgrade's checks) |
 //! | `extract.rs` | reading a key or a token out of the request head |
 //! | `table.rs` | one rule's counts per value, and [`KeyHold`], one connection's share |
-//! | `jwt.rs` | the JWT verifier and its JWKS file watch |
 //!
 //! Reload keeps each rule's table when the rule keeps its name and key
 //! source, so lowering a limit only stops new admissions. A rule that is
@@ -16,7 +15,6 @@
 //! head, and a rule must not refuse what it never admitted).
 
 pub(crate) mod extract;
-pub(crate) mod jwt;
 pub(crate) mod table;
 
 use std::sync::{Arc, PoisonError, RwLock};
@@ -28,10 +26,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::{KeyChecks, RejectReason};
 use crate::config::{Config, KeyRule, KeySource, MissingKey, TokenSource};
+use crate::jwt::{self, Claims, Expect, Verifier};
 use crate::metrics::KeyMetrics;
 
 use self::extract::Found;
-use self::jwt::{Claims, Expect, Verifier};
 pub(crate) use self::table::KeyHold;
 use self::table::{Full, KeyTable};
 
