@@ -1,4 +1,4 @@
-//! The access log (SPEC §12), tracing target `wsgate::access`: one record
+//! The access log (docs/operations.md#access-log), tracing target `wsgate::access`: one record
 //! per WebSocket session at its end, and refusals summarised, never one
 //! line each.
 //!

@@ -5,7 +5,7 @@
 //! `GET /` is a small page (`demo/page.html`) whose script opens WebSockets
 //! back through wsgate and shows which are admitted and which refused, so a
 //! browser shows the cap; every WebSocket upgrade is echoed; anything else is
-//! 404. Plain HTTP matters because wsgate forwards it (SPEC §3): a `curl` of
+//! 404. Plain HTTP matters because wsgate forwards it (docs/behaviour.md#the-client-port): a `curl` of
 //! the proxy must get an answer, not a 502.
 //!
 //! The demo's defaults differ from the binary's: loopback addresses

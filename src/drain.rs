@@ -1,6 +1,6 @@
 //! The gradual drain: a registry of live tunnels in age order, the loop
 //! that closes them oldest first at an even pace over `drain_period`, and
-//! the operator's drain (`POST /drain`, SPEC §12) that runs the same loop
+//! the operator's drain (`POST /drain`, docs/operations.md#access-log) that runs the same loop
 //! for part of them while the instance stays ready.
 //!
 //! Why: holding every connection to the end of the grace and then dropping

@@ -1,7 +1,7 @@
 //! `ProxyError`: every way a request can fail before it is spliced or
 //! passed on, each mapped to a status and a reason.
 //!
-//! Status mapping (SPEC §3): malformed handshake or request → 400; refused
+//! Status mapping (docs/behaviour.md#the-client-port): malformed handshake or request → 400; refused
 //! by wsgate (over the cap, draining, …) → 503 with `Retry-After` and
 //! `Connection: close`; upstream unreachable or answering nonsense → 502;
 //! no answer in time → 504. The response itself is built by

@@ -34,7 +34,7 @@ pub(crate) struct FrameTracker {
     /// Close frames whose header has been seen.
     closes: u32,
     /// The first Close frame's status and reason, read as its payload
-    /// passes (the access log, SPEC §12). Boxed and only allocated once a
+    /// passes (the access log, docs/operations.md#access-log). Boxed and only allocated once a
     /// Close is seen: every connection carries two trackers for its whole
     /// life, and most never see a Close until their last moment.
     first_close: Option<Box<CloseSeen>>,

@@ -245,7 +245,7 @@ fn set_proto_and_host(headers: &mut HeaderMap) {
     }
 }
 
-/// The client's address for per-IP limits (SPEC §7 `trusted_hops`): with 0
+/// The client's address for per-IP limits (docs/operations.md#rollouts `trusted_hops`): with 0
 /// trusted hops the socket peer; with N ≥ 1 the N-th `X-Forwarded-For` entry
 /// counted from the right (the socket peer being the N-th trusted proxy);
 /// with fewer entries, or an entry that is not an address, the socket peer.

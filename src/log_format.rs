@@ -5,7 +5,7 @@
 //! - [`Timestamp`]: the RFC 3339 time (microseconds, UTC) every line starts
 //!   with, its date and time of day formatted once per second, not per line.
 //!
-//! Why: the access log (SPEC §12) writes a 14-field record per session, and
+//! Why: the access log (docs/operations.md#access-log) writes a 14-field record per session, and
 //! the default field formatter styles every field name (`nu_ansi_term`
 //! italic and dimmed) even when colours are off, which was about a third of
 //! the record's cost per upgrade. On a terminal the default, coloured

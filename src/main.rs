@@ -133,7 +133,7 @@ fn init_tracing(format: LogFormat) {
         // The same text without the cost of styling every field name.
         LogFormat::Text => builder.fmt_fields(wsgate::log_format::PlainFields).init(),
         // Fields at the top level of each object (not under "fields"), so
-        // `jq '.close_code'` reads the access log (SPEC §12) as it is.
+        // `jq '.close_code'` reads the access log (docs/operations.md#access-log) as it is.
         LogFormat::Json => builder
             .json()
             .flatten_event(true)

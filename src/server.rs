@@ -25,7 +25,7 @@ use crate::proxy::Proxy;
 use crate::shutdown::Shutdown;
 use crate::tcp;
 
-/// Request heads above this size get 431 (SPEC §3).
+/// Request heads above this size get 431 (docs/behaviour.md#the-client-port).
 pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// How often a persisting accept error is logged.
 const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);

@@ -1,4 +1,4 @@
-//! How a WebSocket session ended, in the terms of SPEC §12: who sent the
+//! How a WebSocket session ended, in the terms of docs/operations.md#access-log: who sent the
 //! first Close frame (`closed_by`), why it ended (`end`), and the status
 //! code and reason of that Close. Pure functions of the splice's
 //! [`Outcome`]; the metrics and the access log (`access_log`) both read

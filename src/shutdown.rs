@@ -1,7 +1,7 @@
 //! Shutdown: the OS signals that feed [`Control`], the [`Shutdown`] handle
 //! shared by every task, and the timeline that drives it.
 //!
-//! Three tokens and one tracker, one per step of the timeline (SPEC §5, §7):
+//! Three tokens and one tracker, one per step of the timeline (docs/behaviour.md#shutdown, §7):
 //! `signalled` at the first SIGTERM/SIGINT (readiness turns 503; admissions
 //! continue through `shutdown_delay`); `draining` when the delay is over (new
 //! upgrades are refused, the listener closes, HTTP connections get
@@ -23,7 +23,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ConfigError, ConfigSource};
 use crate::drain::{self, Tunnels};
-use crate::reload::{self, FileVersion};
+use crate::file_watch::FileVersion;
+use crate::reload;
 
 /// After everything is cut, how long tasks get to drop their sockets
 /// before the timeline returns anyway.
@@ -200,7 +201,7 @@ pub(crate) struct Drive<'a> {
 
 impl Shutdown {
     /// Runs the shutdown timeline from the first shutdown request to the
-    /// end (SPEC §5, §7): readiness 503 at once; admissions continue for
+    /// end (docs/behaviour.md#shutdown, §7): readiness 503 at once; admissions continue for
     /// `shutdown_delay`; then the listener closes, new upgrades get 503
     /// `draining`, and the remaining connections are closed oldest first,
     /// evenly over `drain_period`; at `shutdown_grace` after the signal (or

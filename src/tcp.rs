@@ -1,5 +1,5 @@
 //! TCP socket options applied to both legs of every connection (the client
-//! leg only when the upstream is a Unix socket, SPEC §13: its leg has no
+//! leg only when the upstream is a Unix socket, docs/operations.md#unix-socket-upstream: its leg has no
 //! such options, and a peer on the same host cannot vanish unseen).
 //!
 //! `TCP_NODELAY`: WebSocket messages are small and latency-bound; Nagle would
@@ -34,9 +34,9 @@ use std::net::SocketAddr;
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Interval between keepalive probes (SPEC §2), or the idle time if shorter.
+/// Interval between keepalive probes (docs/configuration.md), or the idle time if shorter.
 const PROBE_INTERVAL: Duration = Duration::from_secs(10);
-/// Unanswered probes before the kernel gives up (SPEC §2) where there is no
+/// Unanswered probes before the kernel gives up (docs/configuration.md) where there is no
 /// `TCP_USER_TIMEOUT` (not Linux). On Linux the user timeout ends the
 /// connection first, when the second probe is due (see the module docs).
 const PROBE_COUNT: u32 = 3;

@@ -9,7 +9,7 @@
 //! [`crate::upstream_http`]; only a non-101 answer, whose body must still
 //! stream to the client, gets a hyper connection, driven on the tracker.
 //!
-//! The upstream leg is TCP or a Unix socket (SPEC §13), [`UpstreamIo`]: the
+//! The upstream leg is TCP or a Unix socket (docs/operations.md#unix-socket-upstream), [`UpstreamIo`]: the
 //! handshake and the splice are generic over the socket, and the tunnel
 //! picks the copy once, when it starts.
 
@@ -58,7 +58,7 @@ pub(crate) enum Answer {
 }
 
 /// The upstream leg's socket: TCP, or a Unix socket for a `unix:`
-/// upstream (SPEC §13).
+/// upstream (docs/operations.md#unix-socket-upstream).
 #[derive(Debug)]
 pub(crate) enum UpstreamIo {
     /// A `host:port` upstream.
@@ -232,7 +232,7 @@ impl TunnelMetrics {
 pub(crate) struct TunnelContext {
     /// Deadlines for the splice.
     pub(crate) limits: Limits,
-    /// Message guards on what the client sends (SPEC §11), as configured
+    /// Message guards on what the client sends (docs/operations.md#message-guards), as configured
     /// when the connection was admitted.
     pub(crate) guards: MessageGuards,
     /// What the tunnel counts into.
@@ -498,7 +498,7 @@ mod tests {
         req
     }
 
-    /// SPEC §13: over a Unix socket the handshake is the same bytes, and a
+    /// docs/operations.md#unix-socket-upstream: over a Unix socket the handshake is the same bytes, and a
     /// 101 hands the splice a Unix leg with what followed the head.
     #[tokio::test]
     async fn a_unix_upstream_is_reached_through_its_socket_file() {

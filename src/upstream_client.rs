@@ -1,5 +1,5 @@
-//! The pooled client for plain HTTP to the upstream (SPEC §3: keep-alive to
-//! the upstream), over TCP or a Unix socket (SPEC §13).
+//! The pooled client for plain HTTP to the upstream (docs/behaviour.md#the-client-port: keep-alive to
+//! the upstream), over TCP or a Unix socket (docs/operations.md#unix-socket-upstream).
 //!
 //! hyper-util's legacy `Client` pools connections by scheme and authority
 //! and takes any connector that is a `tower_service::Service<Uri>`. Over

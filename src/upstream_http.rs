@@ -131,7 +131,7 @@ pub(crate) fn parse_answer(buf: &[u8]) -> Result<Option<(Response<()>, usize)>, 
 /// Nothing is readable until hyper has written its request: hyper takes
 /// bytes that arrive on an idle connection for an unexpected message.
 ///
-/// `IO` is the upstream socket, TCP or Unix (SPEC §13).
+/// `IO` is the upstream socket, TCP or Unix (docs/operations.md#unix-socket-upstream).
 #[derive(Debug)]
 pub(crate) struct Replay<IO> {
     read: Bytes,

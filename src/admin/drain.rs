@@ -1,4 +1,4 @@
-//! `/drain` on the admin port (SPEC §12): an operator closes part of this
+//! `/drain` on the admin port (docs/operations.md#access-log): an operator closes part of this
 //! instance's connections, oldest first, evenly over a period, while it
 //! stays ready and keeps admitting — to rebalance after a scale-out, or
 //! before node maintenance. The pacing is `crate::drain`'s; this file is

@@ -7,8 +7,8 @@
 //!   and while saturated (active reached `ready_high_watermark` of the cap
 //!   and has not yet come down to `ready_low_watermark`).
 //! - `GET /keys?rule=NAME&top=N`: the busiest key values of a key rule, as
-//!   JSON (SPEC §9).
-//! - `POST`, `DELETE`, `GET /drain`: the operator's drain (SPEC §12,
+//!   JSON (docs/operations.md#limits-per-key).
+//! - `POST`, `DELETE`, `GET /drain`: the operator's drain (docs/operations.md#access-log,
 //!   `drain.rs`).
 //!
 //! `/keys` and `/drain` need the admin token (`token.rs`): without a token

@@ -1,5 +1,5 @@
 //! The admin token: who may use the operator paths of the admin port
-//! (`GET /keys`, and the drain controls of SPEC §12).
+//! (`GET /keys`, and the drain controls of docs/operations.md#access-log).
 //!
 //! The token lives in a file (a Kubernetes Secret), named by
 //! `admin_token_file`. It is re-read when the file changes (same
@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use http::{header, HeaderMap, StatusCode};
 use subtle::ConstantTimeEq;
 
-use crate::reload::FileVersion;
+use crate::file_watch::FileVersion;
 
 /// The admin token check; cheap to clone.
 #[derive(Debug, Clone, Default)]

@@ -1,6 +1,6 @@
 //! Durations as configuration writes them, and the kinds of duration a key takes.
 //!
-//! SPEC §2: `250ms`, `5s`, `2m` (humantime), or a bare integer meaning
+//! docs/configuration.md: `250ms`, `5s`, `2m` (humantime), or a bare integer meaning
 //! seconds. Every duration is at most [`MAX_DURATION`]: durations are added
 //! to instants (deadlines), and past that bound they could overflow and
 //! panic, while no timeout here needs more.

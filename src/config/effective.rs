@@ -192,7 +192,7 @@ mod tests {
         });
     }
 
-    /// SPEC §13: `check-config` prints a Unix upstream as it was given.
+    /// docs/operations.md#unix-socket-upstream: `check-config` prints a Unix upstream as it was given.
     #[test]
     fn a_unix_upstream_prints_as_given_and_loads_to_itself() {
         Jail::expect_with(|jail| {

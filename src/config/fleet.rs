@@ -1,4 +1,4 @@
-//! The `fleet_*` keys (SPEC §10): where the fleet's Redis is, how wsgate
+//! The `fleet_*` keys (docs/operations.md#fleet-wide-limits): where the fleet's Redis is, how wsgate
 //! counts there, and what it does when Redis does not answer.
 //!
 //! Fleet limits are off while `fleet_redis_url` is empty; [`Config::fleet`]
@@ -506,7 +506,9 @@ fn every_key(raw: &RawConfig) -> Result<(Option<RedisUrl>, FleetSettings), Confi
             key: "fleet_max_clients".into(),
             value: settings.max_clients.to_string(),
             source_hint: " (fleet_redis_url is not set)".into(),
-            expected: "0: a fleet-wide cap needs fleet_redis_url (SPEC §10)".into(),
+            expected:
+                "0: a fleet-wide cap needs fleet_redis_url (docs/operations.md#fleet-wide-limits)"
+                    .into(),
         });
     }
     Ok((url, settings))

@@ -1,4 +1,4 @@
-//! The message-guard keys (SPEC §11): limits on what a client sends inside
+//! The message-guard keys (docs/operations.md#message-guards): limits on what a client sends inside
 //! an admitted connection, and their typed form.
 //!
 //! All of them are off at 0. The typed form keeps each guard as an

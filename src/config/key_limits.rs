@@ -1,4 +1,4 @@
-//! The configuration of limits per key (SPEC §9): the `[[key_limits]]`
+//! The configuration of limits per key (docs/operations.md#limits-per-key): the `[[key_limits]]`
 //! rules, the JWT verifier's keys (`jwt_*`) and their checks.
 //!
 //! Rules are written as TOML tables; each field is read as it was written
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use super::ConfigError;
 
-/// The longest key value wsgate tracks (SPEC §9); longer ones are refused.
+/// The longest key value wsgate tracks (docs/operations.md#limits-per-key); longer ones are refused.
 pub const MAX_KEY_LEN: usize = 256;
 /// `max_keys` when a rule does not say.
 const DEFAULT_MAX_KEYS: i64 = 100_000;
@@ -41,7 +41,7 @@ pub struct RawKeyRule {
     pub status: Option<i64>,
     /// Distinct values tracked at once.
     pub max_keys: Option<i64>,
-    /// Count fleet-wide (SPEC §10).
+    /// Count fleet-wide (docs/operations.md#fleet-wide-limits).
     pub fleet: Option<bool>,
     /// Key value → limit for that value (`0` = unlimited).
     pub overrides: BTreeMap<String, i64>,
@@ -130,7 +130,7 @@ impl fmt::Display for KeySource {
     }
 }
 
-/// What a request without the rule's key gets (SPEC §9 `missing`).
+/// What a request without the rule's key gets (docs/operations.md#limits-per-key `missing`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MissingKey {
     /// All such requests share one bucket, keyed by the empty string.
@@ -217,7 +217,7 @@ fn is_token_byte(b: u8) -> bool {
 }
 
 /// Whether `value` can be a key: at most [`MAX_KEY_LEN`] bytes of visible
-/// ASCII (SPEC §9). Anything else could not be told apart safely in logs
+/// ASCII (docs/operations.md#limits-per-key). Anything else could not be told apart safely in logs
 /// and the `/keys` answer.
 pub fn is_usable_key(value: &str) -> bool {
     value.len() <= MAX_KEY_LEN && value.bytes().all(|b| b.is_ascii_graphic())
@@ -316,7 +316,7 @@ pub(super) fn rules(
             return Err(at.err(
                 "fleet",
                 "true".into(),
-                "false while fleet_redis_url is empty: fleet-wide counting needs fleet_redis_url (SPEC §10)",
+                "false while fleet_redis_url is empty: fleet-wide counting needs fleet_redis_url (docs/operations.md#fleet-wide-limits)",
             ));
         }
         let mut overrides = BTreeMap::new();
@@ -377,7 +377,7 @@ pub(super) fn jwt(
     };
     let bad = |why: String| ConfigError::invalid("jwt_jwks_file", format!("{path:?}"), why);
     let bytes = std::fs::read(path).map_err(|e| bad(format!("a readable JWKS file ({e})")))?;
-    crate::keys::jwt::Verifier::check_jwks(&bytes).map_err(|e| {
+    crate::jwt::check_jwks(&bytes).map_err(|e| {
         bad(format!(
             "a JWKS document with at least one usable key ({e})"
         ))

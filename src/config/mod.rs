@@ -1,7 +1,7 @@
 //! Configuration: the keys wsgate reads, their defaults, and the typed form
 //! the rest of wsgate uses.
 //!
-//! Precedence, lowest first (SPEC §2): built-in defaults < TOML file
+//! Precedence, lowest first (docs/configuration.md): built-in defaults < TOML file
 //! (`--config` / `WSGATE_CONFIG`) < `WS_MAX_CLIENTS` (compatibility alias) <
 //! `WSGATE_*` environment variables. Every invalid value becomes a
 //! [`ConfigError`] that names the key, the value as written and what is
@@ -15,9 +15,9 @@
 //! | `duration.rs` | [`ConfigDuration`], the 10-year bound, and the kinds of duration |
 //! | `load.rs` | the figment provider stack, environment filtering, figment errors → [`ConfigError`] |
 //! | `validate.rs` | [`RawConfig`] → [`Config`]: each key's check, then the rules across keys |
-//! | `key_limits.rs` | the `[[key_limits]]` rules and the `jwt_*` keys (SPEC §9) |
-//! | `fleet.rs` | the `fleet_*` keys (SPEC §10), their kinds, and the Redis URL kept secret |
-//! | `guards.rs` | the message-guard keys (SPEC §11) and their typed form |
+//! | `key_limits.rs` | the `[[key_limits]]` rules and the `jwt_*` keys (docs/operations.md#limits-per-key) |
+//! | `fleet.rs` | the `fleet_*` keys (docs/operations.md#fleet-wide-limits), their kinds, and the Redis URL kept secret |
+//! | `guards.rs` | the message-guard keys (docs/operations.md#message-guards) and their typed form |
 //! | `effective.rs` | the effective configuration as TOML, for `wsgate check-config` |
 //! | `error.rs` | [`ConfigError`] |
 //!
@@ -32,7 +32,7 @@
 //!    from the key, see `effective.rs`).
 //! 3. Its line in [`Config::validate`] (`Kind::value("key", &raw.key)?`),
 //!    and any rule it shares with other keys there.
-//! 4. The docs: the SPEC and README tables (and the chart, if it has a value).
+//! 4. The docs: docs/configuration.md (and the chart, if it has a value).
 //!
 //! Nothing else: error messages take what is accepted from the kind, the
 //! list of known keys from serde, and `check-config` serialises [`Config`].
@@ -181,7 +181,7 @@ pub struct RawConfig {
     pub jwt_audience: Option<String>,
     /// Where the token is: `header:Authorization` (Bearer), `query:P`, `cookie:C`.
     pub jwt_from: String,
-    /// The Redis of fleet-wide limits (SPEC §10); empty = off. It may hold
+    /// The Redis of fleet-wide limits (docs/operations.md#fleet-wide-limits); empty = off. It may hold
     /// a password: [`Config`], `check-config` and errors show it redacted
     /// ([`RedisUrl`]); this raw form (and its `Debug`) has it whole.
     #[serde(deserialize_with = "RedisUrl::checked")]
@@ -204,7 +204,7 @@ pub struct RawConfig {
     /// Identity of this instance's holds; empty = `$HOSTNAME-<8 random hex>`.
     #[serde(deserialize_with = "InstanceId::checked")]
     pub fleet_instance_id: String,
-    /// Payload bytes of one client message (SPEC §11); 0 = off.
+    /// Payload bytes of one client message (docs/operations.md#message-guards); 0 = off.
     #[serde(deserialize_with = "WholeNumber::checked")]
     pub max_message_size: i64,
     /// Messages per second from a client (control frames count); 0 = off.
@@ -222,12 +222,12 @@ pub struct RawConfig {
     /// Bucket size of `byte_rate`; 0 = one second's worth.
     #[serde(deserialize_with = "WholeNumber::checked")]
     pub byte_burst: i64,
-    /// `[[key_limits]]`: concurrent connections per key (SPEC §9). Last:
+    /// `[[key_limits]]`: concurrent connections per key (docs/operations.md#limits-per-key). Last:
     /// TOML writes tables after plain values.
     pub key_limits: Vec<RawKeyRule>,
 }
 
-/// The built-in defaults (SPEC §2, §7, §8), one line per key.
+/// The built-in defaults (docs/configuration.md, §7, §8), one line per key.
 impl Default for RawConfig {
     fn default() -> Self {
         let secs = |s| ConfigDuration(Duration::from_secs(s));
@@ -322,12 +322,12 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Log line format.
     pub log_format: LogFormat,
-    /// The access log (SPEC §12) is written.
+    /// The access log (docs/operations.md#access-log) is written.
     pub access_log: bool,
     /// Threads that run connections: 1 = a single-threaded runtime,
     /// 0 = one worker per available CPU (quota and affinity), N = N.
     pub workers: usize,
-    /// Readiness hysteresis on saturation (SPEC §7).
+    /// Readiness hysteresis on saturation (docs/operations.md#rollouts).
     #[serde(flatten, serialize_with = "effective::watermarks")]
     pub watermarks: Option<Watermarks>,
     /// Admissions continue this long after SIGTERM.
@@ -350,7 +350,7 @@ pub struct Config {
     pub max_connection_lifetime: Option<Duration>,
     /// Fraction of the lifetime over which deadlines are spread.
     pub lifetime_jitter: f64,
-    /// Close frames wsgate sends when it ends a connection (SPEC §8).
+    /// Close frames wsgate sends when it ends a connection (docs/behaviour.md#close-frames).
     #[serde(flatten)]
     pub close: CloseSettings,
     /// The admin token's file; `None` = the operator paths (`/keys`,
@@ -363,11 +363,11 @@ pub struct Config {
     /// Where the JWT is read from.
     #[serde(serialize_with = "key_limits::written")]
     pub jwt_from: TokenSource,
-    /// Fleet-wide limits through Redis (SPEC §10); `None` = off
+    /// Fleet-wide limits through Redis (docs/operations.md#fleet-wide-limits); `None` = off
     /// (`check-config` prints the keys all the same, with an empty URL).
     #[serde(flatten, serialize_with = "effective::fleet")]
     pub fleet: Option<FleetSettings>,
-    /// Limits on what a client sends inside a connection (SPEC §11).
+    /// Limits on what a client sends inside a connection (docs/operations.md#message-guards).
     #[serde(flatten, serialize_with = "guards::written")]
     pub message_guards: MessageGuards,
     /// Limits per key, in the order they are checked.

@@ -292,7 +292,7 @@ fn missing_config_file_is_an_error() {
     });
 }
 
-/// The seven `fleet_*` keys (SPEC §10) as `check-config` prints them.
+/// The seven `fleet_*` keys (docs/operations.md#fleet-wide-limits) as `check-config` prints them.
 const FLEET_KEYS: [&str; 7] = [
     "fleet_redis_url",
     "fleet_namespace",

@@ -20,7 +20,7 @@ use super::{
 };
 
 /// How far below `ready_high_watermark` readiness returns when
-/// `ready_low_watermark` is not set (SPEC §7).
+/// `ready_low_watermark` is not set (docs/operations.md#rollouts).
 const DEFAULT_HYSTERESIS: f64 = 0.1;
 
 impl Config {
@@ -129,7 +129,7 @@ fn rules_across_keys(c: &Config) -> Result<(), ConfigError> {
             ));
         }
     }
-    // The drain must end before the grace does (SPEC §7).
+    // The drain must end before the grace does (docs/operations.md#rollouts).
     if c.shutdown_delay + c.drain_period > c.shutdown_grace {
         return Err(ConfigError::Invalid {
             key: "drain_period".into(),
@@ -165,7 +165,7 @@ fn watermarks(high: f64, low: Option<f64>) -> Option<Watermarks> {
     })
 }
 
-/// `Retry-After` carries whole seconds: rounded up, at least 1 (SPEC §2).
+/// `Retry-After` carries whole seconds: rounded up, at least 1 (docs/configuration.md).
 fn whole_seconds(d: Duration) -> u64 {
     let part = u64::from(d.subsec_nanos() > 0);
     (d.as_secs() + part).max(1)

@@ -219,7 +219,7 @@ pub struct Upstream {
     /// How wsgate reaches it.
     pub endpoint: Endpoint,
     /// What goes into URIs and `Host` headers: `host:port` (IPv6
-    /// bracketed); `localhost` for a Unix socket (SPEC §13), which has no
+    /// bracketed); `localhost` for a Unix socket (docs/operations.md#unix-socket-upstream), which has no
     /// host name of its own.
     pub authority: String,
 }
@@ -442,7 +442,7 @@ impl ValueKind for LogFormat {
     }
 }
 
-/// The status of a Close frame wsgate sends (SPEC §8).
+/// The status of a Close frame wsgate sends (docs/behaviour.md#close-frames).
 #[derive(Debug)]
 pub(crate) struct CloseCode;
 

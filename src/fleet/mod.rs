@@ -1,4 +1,4 @@
-//! Fleet-wide limits through Redis (SPEC §10): `fleet_max_clients` and the
+//! Fleet-wide limits through Redis (docs/operations.md#fleet-wide-limits): `fleet_max_clients` and the
 //! `fleet = true` key rules, held across every instance of a namespace.
 //!
 //! | file | job |

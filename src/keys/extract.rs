@@ -2,7 +2,7 @@
 //! functions of the head (headers and URI), no I/O.
 //!
 //! Every value is checked the same way before it can be a key: at most 256
-//! bytes of visible ASCII after decoding (SPEC §9). Query parameters and path
+//! bytes of visible ASCII after decoding (docs/operations.md#limits-per-key). Query parameters and path
 //! segments are percent-decoded, so `t%41` and `tA` are one key.
 
 use std::borrow::Cow;

@@ -1,4 +1,4 @@
-//! Limits per key (SPEC §9): the rules in force, their key tables, and the
+//! Limits per key (docs/operations.md#limits-per-key): the rules in force, their key tables, and the
 //! per-request check that admission runs between per-IP and rate.
 //!
 //! | file | job |
@@ -6,7 +6,6 @@
 //! | `mod.rs` | [`KeyLimits`] (rules + tables, swapped on reload), [`KeyRequest`] (one upgrade's checks) |
 //! | `extract.rs` | reading a key or a token out of the request head |
 //! | `table.rs` | one rule's counts per value, and [`KeyHold`], one connection's share |
-//! | `jwt.rs` | the JWT verifier and its JWKS file watch |
 //!
 //! Reload keeps each rule's table when the rule keeps its name and key
 //! source, so lowering a limit only stops new admissions. A rule that is
@@ -16,7 +15,6 @@
 //! head, and a rule must not refuse what it never admitted).
 
 pub(crate) mod extract;
-pub(crate) mod jwt;
 pub(crate) mod table;
 
 use std::sync::{Arc, PoisonError, RwLock};
@@ -27,10 +25,10 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, KeyRule, KeySource, MissingKey, TokenSource};
+use crate::jwt::{self, Claims, Expect, Verifier};
 use crate::metrics::Registrar;
 
 use self::extract::Found;
-use self::jwt::{Claims, Expect, Verifier};
 pub(crate) use self::table::KeyHold;
 use self::table::{Full, KeyTable};
 
@@ -255,7 +253,7 @@ impl KeyLimits {
     }
 }
 
-/// The `GET /keys` answer (SPEC §9).
+/// The `GET /keys` answer (docs/operations.md#limits-per-key).
 #[derive(Debug, Serialize)]
 pub(crate) struct KeysAnswer {
     rule: String,

@@ -1,4 +1,4 @@
-//! Message guards (SPEC §11): what a client may send inside an admitted
+//! Message guards (docs/operations.md#message-guards): what a client may send inside an admitted
 //! connection — message size, messages per second, payload bytes per
 //! second — checked on the client → upstream direction as frame headers
 //! pass, without buffering a message.

@@ -8,18 +8,17 @@
 //! half-close deadlines. Here each direction waits for *readiness* first and
 //! takes a buffer from a per-thread pool only once the socket is readable;
 //! the buffer goes back as soon as its bytes are written. An idle connection
-//! therefore holds no buffer at all (SPEC issue 4: ≤ 4 KiB per idle
-//! connection), and a busy one holds at most one per direction, only while
+//! therefore holds no buffer at all (docs/operations.md#sizing), and a busy one holds at most one per direction, only while
 //! the destination is backpressured.
 //!
-//! Semantics (SPEC §2–§3):
+//! Semantics (docs/configuration.md and docs/behaviour.md):
 //! - EOF from one side is passed on as a FIN (`shutdown(Write)`) to the
 //!   other; the other side may keep sending for `half_close_timeout`.
 //! - A read or write error on either side ends both directions at once.
 //! - `idle_timeout` (if set) ends the splice when no byte moved either way.
 //! - Bytes are counted as they are written, so metrics move live.
 //!
-//! Ending in WebSocket terms (SPEC §8): each direction runs a
+//! Ending in WebSocket terms (docs/behaviour.md#close-frames): each direction runs a
 //! [`FrameTracker`](crate::frames::FrameTracker) over what it forwards. When wsgate itself ends a
 //! connection (drain, lifetime, idle timeout, end of grace), each direction
 //! injects a Close frame at its next message boundary (a frame boundary
@@ -33,7 +32,7 @@
 //! completed. If a peer had already started a closing handshake of its own,
 //! wsgate injects nothing and lets it finish within `close_timeout`.
 //!
-//! Message guards (SPEC §11): the client → upstream direction may carry
+//! Message guards (docs/operations.md#message-guards): the client → upstream direction may carry
 //! [`Guards`] that decide, frame header by frame header, what goes on, what
 //! waits for tokens, and what is refused. A refusal sends the upstream a
 //! Close 1001 at once, and the client the guard's Close (1009, 1008) at its
@@ -113,7 +112,7 @@ pub(crate) enum Ended {
     Error(Leg, io::Error),
     /// wsgate ended it, for this reason.
     Stopped(StopReason),
-    /// A message guard refused a frame from the client and ended it (SPEC §11).
+    /// A message guard refused a frame from the client and ended it (docs/operations.md#message-guards).
     Guard(Guard),
 }
 
@@ -312,7 +311,7 @@ enum Closer {
 }
 
 /// The first Close frame and the first EOF of a session, noted after each
-/// step of the splice so the access log can say who ended it (SPEC §12).
+/// step of the splice so the access log can say who ended it (docs/operations.md#access-log).
 #[derive(Debug, Default)]
 struct Firsts {
     close: Option<Closer>,
@@ -364,9 +363,9 @@ pub(crate) struct Side<'a, S = TcpStream> {
 
 /// Splices `client` and `upstream` until the end, see the module docs.
 ///
-/// `guards` (message guards, SPEC §11) apply to what the client sends.
+/// `guards` (message guards, docs/operations.md#message-guards) apply to what the client sends.
 ///
-/// Generic over each leg's [`Socket`]: a Unix upstream (SPEC §13) gets its
+/// Generic over each leg's [`Socket`]: a Unix upstream (docs/operations.md#unix-socket-upstream) gets its
 /// own copy of the loop, and the TCP one stays as it is (no dynamic
 /// dispatch per read or write).
 ///
@@ -1009,7 +1008,7 @@ mod tests {
         );
     }
 
-    /// A Unix socket on the upstream leg (SPEC §13): bytes both ways, each
+    /// A Unix socket on the upstream leg (docs/operations.md#unix-socket-upstream): bytes both ways, each
     /// FIN passed on, a clean end on the double EOF.
     #[tokio::test]
     async fn copies_both_ways_over_a_unix_upstream_leg() {

@@ -1,6 +1,6 @@
 //! The socket operations the splice uses, for either kind of stream a leg
 //! can be: TCP (the client leg, and a `host:port` upstream) or a Unix
-//! domain socket (a `unix:` upstream, SPEC §13).
+//! domain socket (a `unix:` upstream, docs/operations.md#unix-socket-upstream).
 //!
 //! Why a trait of our own: the splice reads and writes with readiness and
 //! `try_*` calls, not through `AsyncRead`/`AsyncWrite` (see the module docs

@@ -1,6 +1,17 @@
-//! The JWT verifier behind every `jwt_claim:` key rule (SPEC §9): a token
+//! The JWT verifier behind every `jwt_claim:` key rule (docs/operations.md#limits-per-key): a token
 //! in, its verified claims out, with the keys read from a JWKS file that is
 //! re-read when it changes.
+//!
+//! | file | job |
+//! | --- | --- |
+//! | `mod.rs` | [`Verifier`]: load, verify, reconfigure, reload; [`Claims`], [`Expect`], [`JwtError`] |
+//! | `jwks.rs` | reading a JWKS document and checking each key; [`check_jwks`] for config validation |
+//! | `watch.rs` | the task that polls the JWKS file and reloads the keys |
+//! | `test_tokens.rs` | (tests only) tokens signed with the fixture keys, shared with `tests/` |
+//!
+//! It is a top-level part below `config` and `keys`: config validation
+//! checks a JWKS file with [`check_jwks`] and `keys` runs the verifier, so
+//! this names neither (nor `reload`); of the crate it uses `file_watch` only.
 //!
 //! Why it is shaped this way:
 //! - **Each key verifies one algorithm, fixed by the key.** RS256 for `RSA`,
@@ -20,26 +31,39 @@
 //!   verification never sees half a key set. A file that does not parse
 //!   keeps the old keys (a half-rotated Secret must not lock everyone out).
 //! - **The file is polled, not watched** (as the configuration file is, see
-//!   `reload`): a Kubernetes Secret is updated by swapping a symlink.
+//!   `reload` and `file_watch`): a Kubernetes Secret is updated by swapping a
+//!   symlink.
 //!
 //! The checking itself (signatures, `exp`/`nbf`/`iss`/`aud`, the `crit`
 //! header) is jsonwebtoken's; this module chooses the keys and the rules.
 
+mod jwks;
+#[cfg(test)]
+#[allow(
+    dead_code,
+    unreachable_pub,
+    reason = "shared with tests/; not all of it is used here"
+)]
+mod test_tokens;
+mod watch;
+
 use std::fmt;
-use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
-use crate::reload::{settled_change, FileVersion, CONFIG_POLL_INTERVAL};
+use crate::file_watch::FileVersion;
+
+pub(crate) use self::jwks::{check_jwks, JwksError};
+use self::jwks::{read_keys, Alg, Key};
+pub(crate) use self::watch::watch;
 
 /// Clock skew allowed on `exp` and `nbf`, in seconds. Pods keep NTP time,
 /// but an identity provider's clock may not agree to the second, and a token
@@ -53,19 +77,6 @@ const LEEWAY_SECS: u64 = 30;
 /// a kilobyte, and 8 KiB is the header line most proxies accept anyway. It
 /// bounds the base64 and JSON work an unauthenticated client can ask for.
 const MAX_TOKEN_LEN: usize = 8 * 1024;
-
-/// An HS256 secret shorter than the hash (32 bytes) is refused, as RFC 7518
-/// §3.2 requires: a short secret can be brute-forced from one token.
-const MIN_HMAC_SECRET_LEN: usize = 32;
-
-/// RSA modulus sizes accepted: below 2048 bits is too weak to trust; 8192
-/// is the most the RSA implementation verifies (it would refuse every token
-/// of a larger key, which is better said once when the file is read).
-const RSA_MODULUS_BITS: RangeInclusive<u64> = 2048..=8192;
-
-/// The largest RSA public exponent the RSA implementation accepts (larger
-/// ones make verification a denial-of-service vector).
-const RSA_MAX_EXPONENT: u64 = (1 << 33) - 1;
 
 /// Expectations besides the signature.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -109,45 +120,6 @@ pub(crate) enum JwtError {
     AlgorithmRefused,
 }
 
-/// Why a JWKS document cannot be used. One line each, naming the key.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum JwksError {
-    /// The file could not be read.
-    #[error("cannot read {}: {source}", path.display())]
-    Unreadable {
-        /// The `jwt_jwks_file`.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The bytes are not JSON.
-    #[error("not JSON: {0}")]
-    NotJson(serde_json::Error),
-    /// JSON, but not an object with a `keys` array.
-    #[error("not a JWKS document (an object with a \"keys\" array): {0}")]
-    NotJwks(serde_json::Error),
-    /// No signing key is left once keys for encryption are set aside.
-    #[error("no usable key: a signing key (RSA, EC P-256, OKP Ed25519 or oct) is needed")]
-    NoUsableKey,
-    /// One key is unusable; `index` is its place in `keys`, from 0.
-    #[error("keys[{index}]{}: {reason}", kid_note(kid))]
-    BadKey {
-        /// Its place in the `keys` array, from 0.
-        index: usize,
-        /// Its `kid`, when it has a string one.
-        kid: Option<String>,
-        /// What is wrong with it.
-        reason: String,
-    },
-}
-
-/// ` (kid "…")` after a key's place, when it has one.
-fn kid_note(kid: &Option<String>) -> String {
-    kid.as_deref()
-        .map(|kid| format!(" (kid {kid:?})"))
-        .unwrap_or_default()
-}
-
 /// The verified claims of a token.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Claims(Map<String, Value>);
@@ -164,72 +136,6 @@ impl Claims {
             Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
             _ => None,
         }
-    }
-}
-
-/// The algorithms wsgate verifies: one per key type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Alg {
-    Rs256,
-    Es256,
-    EdDsa,
-    Hs256,
-}
-
-impl Alg {
-    const ALL: [Alg; 4] = [Alg::Rs256, Alg::Es256, Alg::EdDsa, Alg::Hs256];
-
-    /// `None` for every algorithm jsonwebtoken knows but wsgate refuses.
-    fn of(algorithm: Algorithm) -> Option<Alg> {
-        match algorithm {
-            Algorithm::RS256 => Some(Alg::Rs256),
-            Algorithm::ES256 => Some(Alg::Es256),
-            Algorithm::EdDSA => Some(Alg::EdDsa),
-            Algorithm::HS256 => Some(Alg::Hs256),
-            _ => None,
-        }
-    }
-
-    fn algorithm(self) -> Algorithm {
-        match self {
-            Alg::Rs256 => Algorithm::RS256,
-            Alg::Es256 => Algorithm::ES256,
-            Alg::EdDsa => Algorithm::EdDSA,
-            Alg::Hs256 => Algorithm::HS256,
-        }
-    }
-
-    /// The JOSE name, as a JWK's `alg` writes it.
-    fn name(self) -> &'static str {
-        match self {
-            Alg::Rs256 => "RS256",
-            Alg::Es256 => "ES256",
-            Alg::EdDsa => "EdDSA",
-            Alg::Hs256 => "HS256",
-        }
-    }
-
-    /// Its place in [`Alg::ALL`] and in [`Snapshot::validations`].
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
-/// One usable key of the JWKS.
-#[derive(Clone)]
-struct Key {
-    kid: Option<String>,
-    alg: Alg,
-    decoding: DecodingKey,
-}
-
-/// Names the key, never its material.
-impl fmt::Debug for Key {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Key")
-            .field("kid", &self.kid)
-            .field("alg", &self.alg.name())
-            .finish_non_exhaustive()
     }
 }
 
@@ -294,18 +200,6 @@ impl Verifier {
         })
     }
 
-    /// Parses a JWKS document (pure; config validation uses it too): the
-    /// number of usable keys. Keys marked for encryption (`"use": "enc"`, or
-    /// `key_ops` without `verify`) are set aside, not counted and not an
-    /// error: identity providers publish them beside their signing keys.
-    ///
-    /// # Errors
-    /// Not JSON, not a JWKS, a bad key (named by place and `kid`), or no
-    /// usable key.
-    pub(crate) fn check_jwks(bytes: &[u8]) -> Result<usize, JwksError> {
-        parse_jwks(bytes).map(|keys| keys.len())
-    }
-
     /// Verifies `token` now: the claims, once the signature, `exp`, `nbf`,
     /// `iss` and `aud` have passed. `exp` and `nbf` are checked when present
     /// but not required: tokens for services often carry no `exp`, and a
@@ -352,7 +246,7 @@ impl Verifier {
 
     /// Applies a reloaded configuration (path and expectations) in place.
     /// New expectations apply to the next token. A new path is read by
-    /// [`watch`] at once, on the blocking pool (this runs on a runtime
+    /// [`watch()`] at once, on the blocking pool (this runs on a runtime
     /// thread and does no IO); until then the keys already read stay.
     /// Without a watch running, call [`Verifier::reload_keys`].
     pub(crate) fn reconfigure(&self, path: &Path, expect: Expect) {
@@ -424,51 +318,6 @@ impl Verifier {
     }
 }
 
-/// Polls the JWKS file every [`CONFIG_POLL_INTERVAL`] and reloads the keys
-/// once a change has settled (the same new version on two polls, so a file
-/// being written is not read half-way), and at once when
-/// [`Verifier::reconfigure`] names a new file, until `stop` is cancelled.
-/// Stats and reads run on the blocking pool. Logs each reload: the number of
-/// keys, or the error and that the old keys stay.
-pub(crate) async fn watch(verifier: Arc<Verifier>, stop: CancellationToken) {
-    let mut previous = *verifier.lock_applied();
-    let mut ticks = tokio::time::interval(CONFIG_POLL_INTERVAL);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks.tick().await; // the first tick is immediate
-    loop {
-        let path_changed = tokio::select! {
-            () = stop.cancelled() => return,
-            () = verifier.path_changed.notified() => true,
-            _ = ticks.tick() => false,
-        };
-        if !path_changed {
-            let v = Arc::clone(&verifier);
-            let Ok(now) = tokio::task::spawn_blocking(move || v.version_now()).await else {
-                return; // the runtime is shutting down
-            };
-            let applied = *verifier.lock_applied();
-            let changed = settled_change(applied, previous, now);
-            previous = now;
-            if !changed {
-                continue;
-            }
-        }
-        let v = Arc::clone(&verifier);
-        let Ok(reloaded) = tokio::task::spawn_blocking(move || v.reload_keys()).await else {
-            return; // the runtime is shutting down
-        };
-        previous = *verifier.lock_applied();
-        let path = verifier.snapshot().path.clone();
-        match reloaded {
-            Ok(n) => tracing::info!(path = %path.display(), "jwks reloaded: {n} keys"),
-            Err(e) => tracing::error!(
-                path = %path.display(),
-                "jwks reload failed, the old keys stay: {e}"
-            ),
-        }
-    }
-}
-
 /// The rules for tokens of each algorithm, from the expectations.
 fn validations(expect: &Expect) -> [Validation; 4] {
     Alg::ALL.map(|alg| {
@@ -489,7 +338,7 @@ fn validations(expect: &Expect) -> [Validation; 4] {
                 v.required_spec_claims.insert("aud".to_owned());
             }
             // jsonwebtoken refuses any token with an `aud` when none is
-            // expected; SPEC §9 checks the audience only when one is set.
+            // expected; docs/operations.md#limits-per-key checks the audience only when one is set.
             None => v.validate_aud = false,
         }
         v
@@ -549,221 +398,8 @@ fn header_refusal(token: &str) -> JwtError {
     }
 }
 
-fn read_keys(path: &Path) -> Result<Vec<Key>, JwksError> {
-    let bytes = std::fs::read(path).map_err(|source| JwksError::Unreadable {
-        path: path.to_owned(),
-        source,
-    })?;
-    parse_jwks(&bytes)
-}
-
-/// A JWKS document: `{"keys": [...]}`. Each key is parsed on its own, so an
-/// error can name the key.
-#[derive(Deserialize)]
-struct Document {
-    keys: Vec<Value>,
-}
-
-/// The JWK members wsgate reads (RFC 7517, 7518 §6, 8037); others such as
-/// `x5c` are ignored.
-#[derive(Deserialize)]
-struct Jwk {
-    kty: String,
-    kid: Option<String>,
-    alg: Option<String>,
-    #[serde(rename = "use")]
-    usage: Option<String>,
-    key_ops: Option<Vec<String>>,
-    crv: Option<String>,
-    n: Option<String>,
-    e: Option<String>,
-    x: Option<String>,
-    y: Option<String>,
-    k: Option<String>,
-}
-
-fn parse_jwks(bytes: &[u8]) -> Result<Vec<Key>, JwksError> {
-    let document: Document = serde_json::from_slice(bytes).map_err(|e| {
-        if e.is_data() {
-            JwksError::NotJwks(e)
-        } else {
-            JwksError::NotJson(e)
-        }
-    })?;
-    let mut keys = Vec::with_capacity(document.keys.len());
-    for (index, value) in document.keys.into_iter().enumerate() {
-        let bad = |reason: String, kid: Option<String>| JwksError::BadKey { index, kid, reason };
-        let string_kid = value.get("kid").and_then(Value::as_str).map(str::to_owned);
-        let jwk = Jwk::deserialize(value).map_err(|e| bad(e.to_string(), string_kid))?;
-        match key_of(&jwk) {
-            Ok(Some(key)) => keys.push(key),
-            Ok(None) => {}
-            Err(reason) => return Err(bad(reason, jwk.kid)),
-        }
-    }
-    if keys.is_empty() {
-        return Err(JwksError::NoUsableKey);
-    }
-    Ok(keys)
-}
-
-/// The key a JWK describes; `None` for a key not meant for signatures.
-fn key_of(jwk: &Jwk) -> Result<Option<Key>, String> {
-    let for_signatures = jwk.usage.as_deref() != Some("enc")
-        && jwk
-            .key_ops
-            .as_ref()
-            .is_none_or(|ops| ops.iter().any(|op| op == "verify"));
-    if !for_signatures {
-        return Ok(None);
-    }
-    let curve = |expected: &str| match jwk.crv.as_deref() {
-        Some(crv) if crv == expected => Ok(()),
-        Some(crv) => Err(format!("curve {crv:?} is not supported ({expected} is)")),
-        None => Err("missing \"crv\"".to_owned()),
-    };
-    let alg = match jwk.kty.as_str() {
-        "RSA" => Alg::Rs256,
-        "EC" => {
-            curve("P-256")?;
-            Alg::Es256
-        }
-        "OKP" => {
-            curve("Ed25519")?;
-            Alg::EdDsa
-        }
-        "oct" => Alg::Hs256,
-        other => {
-            return Err(format!(
-                "unsupported kty {other:?} (RSA, EC, OKP and oct are)"
-            ))
-        }
-    };
-    if let Some(named) = jwk.alg.as_deref() {
-        if named != alg.name() {
-            return Err(format!(
-                "alg {named:?} is refused: a {} key verifies {} only",
-                jwk.kty,
-                alg.name()
-            ));
-        }
-    }
-    let decoding = match alg {
-        Alg::Rs256 => {
-            let (n, e) = (member(&jwk.n, "n")?, member(&jwk.e, "e")?);
-            check_rsa(n, e)?;
-            DecodingKey::from_rsa_components(n, e).map_err(invalid("invalid RSA key"))?
-        }
-        Alg::Es256 => {
-            let (x, y) = (member(&jwk.x, "x")?, member(&jwk.y, "y")?);
-            check_coordinate(x, "x")?;
-            check_coordinate(y, "y")?;
-            DecodingKey::from_ec_components(x, y).map_err(invalid("invalid P-256 key"))?
-        }
-        Alg::EdDsa => {
-            let x = member(&jwk.x, "x")?;
-            check_coordinate(x, "x")?;
-            DecodingKey::from_ed_components(x).map_err(invalid("invalid Ed25519 key"))?
-        }
-        Alg::Hs256 => {
-            let secret = URL_SAFE_NO_PAD
-                .decode(member(&jwk.k, "k")?)
-                .map_err(|e| format!("\"k\" is not base64url: {e}"))?;
-            if secret.len() < MIN_HMAC_SECRET_LEN {
-                return Err(format!(
-                    "the HS256 secret has {} bytes; at least {MIN_HMAC_SECRET_LEN} are needed",
-                    secret.len()
-                ));
-            }
-            DecodingKey::from_secret(&secret).map_err(invalid("invalid HS256 secret"))?
-        }
-    };
-    if matches!(alg, Alg::Es256 | Alg::EdDsa) {
-        // Building a verifier parses the curve point, which the
-        // constructors above do not: a bad point is caught here, once, not
-        // as a "bad signature" on every token. The signature is empty, so
-        // only whether the key parses matters.
-        jsonwebtoken::crypto::verify("", b"", &decoding, alg.algorithm())
-            .map_err(invalid("not a point on the curve"))?;
-    }
-    Ok(Some(Key {
-        kid: jwk.kid.clone(),
-        alg,
-        decoding,
-    }))
-}
-
-/// A JWK member the key type needs.
-fn member<'a>(value: &'a Option<String>, name: &str) -> Result<&'a str, String> {
-    value.as_deref().ok_or_else(|| format!("missing {name:?}"))
-}
-
-/// A P-256 coordinate or an Ed25519 public key is 32 bytes. jsonwebtoken
-/// does not check: it takes the first 32 bytes of a longer Ed25519 key, and
-/// panics on a shorter one when it builds a verifier, which would be at
-/// every token.
-fn check_coordinate(value: &str, name: &str) -> Result<(), String> {
-    match URL_SAFE_NO_PAD.decode(value) {
-        Ok(bytes) if bytes.len() == 32 => Ok(()),
-        Ok(bytes) => Err(format!("{name:?} has {} bytes; 32 are needed", bytes.len())),
-        Err(e) => Err(format!("{name:?} is not base64url: {e}")),
-    }
-}
-
-/// Says what a key failed to be, and jsonwebtoken's reason.
-fn invalid(what: &'static str) -> impl Fn(jsonwebtoken::errors::Error) -> String {
-    move |e| format!("{what}: {e}")
-}
-
-/// What the RSA implementation would refuse at every verification, said
-/// once at load: a modulus outside [`RSA_MODULUS_BITS`] or even, an
-/// exponent that is even, below 3 or above [`RSA_MAX_EXPONENT`].
-fn check_rsa(n: &str, e: &str) -> Result<(), String> {
-    let decode = |value: &str, name: &str| {
-        URL_SAFE_NO_PAD
-            .decode(value)
-            .map_err(|err| format!("{name:?} is not base64url: {err}"))
-    };
-    let (n, e) = (decode(n, "n")?, decode(e, "e")?);
-    let n = trim_leading_zeros(&n);
-    let bits = match n.first() {
-        Some(first) => (n.len() as u64 - 1) * 8 + u64::from(8 - first.leading_zeros()),
-        None => 0,
-    };
-    let odd = |bytes: &[u8]| bytes.last().is_some_and(|b| b & 1 == 1);
-    if !RSA_MODULUS_BITS.contains(&bits) || !odd(n) {
-        return Err(format!(
-            "the modulus has {bits} bits; an odd one of {} to {} bits is needed",
-            RSA_MODULUS_BITS.start(),
-            RSA_MODULUS_BITS.end()
-        ));
-    }
-    let e = trim_leading_zeros(&e);
-    let exponent = (e.len() <= 8).then(|| e.iter().fold(0u64, |acc, b| acc << 8 | u64::from(*b)));
-    match exponent {
-        Some(e) if (3..=RSA_MAX_EXPONENT).contains(&e) && e % 2 == 1 => Ok(()),
-        _ => Err(format!(
-            "the exponent must be odd, from 3 to {RSA_MAX_EXPONENT}"
-        )),
-    }
-}
-
-fn trim_leading_zeros(bytes: &[u8]) -> &[u8] {
-    let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
-    &bytes[start..]
-}
-
-// The tokens the tests below verify are minted by the integration tests'
-// helper, so both mint them one way.
-#[cfg(test)]
-#[allow(
-    dead_code,
-    unreachable_pub,
-    reason = "shared with tests/; not all of it is used here"
-)]
-#[path = "../../tests/support/jwt.rs"]
-mod test_tokens;
-
+// The tokens the tests verify are minted by `test_tokens`, which the
+// integration tests include too, so both mint them one way.
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -774,16 +410,16 @@ mod tests {
 
     const ALGS: [&str; 4] = ["RS256", "ES256", "EdDSA", "HS256"];
 
-    fn verifier(expect: Expect) -> Verifier {
+    pub(super) fn verifier(expect: Expect) -> Verifier {
         Verifier::load(&fixtures_dir().join("jwks.json"), expect).expect("the fixture JWKS loads")
     }
 
-    fn claims(sub: &str) -> Value {
+    pub(super) fn claims(sub: &str) -> Value {
         json!({ "sub": sub, "exp": unix_now() + 600 })
     }
 
     /// A copy of a fixture JWKS in a temporary folder, to replace.
-    fn jwks_copy(fixture: &str) -> (tempfile::TempDir, PathBuf) {
+    pub(super) fn jwks_copy(fixture: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("jwks.json");
         std::fs::copy(fixtures_dir().join(fixture), &path).expect("copy");
@@ -791,7 +427,7 @@ mod tests {
     }
 
     /// Replaces `path` whole, as a Secret update does.
-    fn replace(path: &Path, bytes: &[u8]) {
+    pub(super) fn replace(path: &Path, bytes: &[u8]) {
         let next = path.with_extension("next");
         std::fs::write(&next, bytes).expect("write");
         std::fs::rename(&next, path).expect("rename");
@@ -1046,98 +682,6 @@ mod tests {
     }
 
     #[test]
-    fn check_jwks_counts_signing_keys_and_names_a_bad_one() {
-        let fixture = std::fs::read(fixtures_dir().join("jwks.json")).expect("read");
-        assert_eq!(Verifier::check_jwks(&fixture).expect("valid"), 4);
-
-        assert!(matches!(
-            Verifier::check_jwks(b"not json"),
-            Err(JwksError::NotJson(_))
-        ));
-        assert!(matches!(
-            Verifier::check_jwks(b"[1, 2]"),
-            Err(JwksError::NotJwks(_))
-        ));
-        assert!(matches!(
-            Verifier::check_jwks(b"{}"),
-            Err(JwksError::NotJwks(_))
-        ));
-        assert!(matches!(
-            Verifier::check_jwks(br#"{"keys": []}"#),
-            Err(JwksError::NoUsableKey)
-        ));
-
-        let mut jwks: Value = serde_json::from_slice(&fixture).expect("json");
-        let with_extra = |jwks: &Value, extra: Value| {
-            let mut jwks = jwks.clone();
-            jwks["keys"].as_array_mut().expect("keys").push(extra);
-            Verifier::check_jwks(jwks.to_string().as_bytes())
-        };
-        let error = with_extra(&jwks, json!({ "kty": "XYZ", "kid": "odd" })).expect_err("kty");
-        assert!(
-            matches!(error, JwksError::BadKey { index: 4, .. }),
-            "{error}"
-        );
-        assert_eq!(
-            error.to_string(),
-            "keys[4] (kid \"odd\"): unsupported kty \"XYZ\" (RSA, EC, OKP and oct are)"
-        );
-
-        // A key whose `alg` does not fit its type: the RSA key as HS256.
-        let mut confused = jwks["keys"][0].clone();
-        confused["alg"] = json!("HS256");
-        let error = with_extra(&jwks, confused).expect_err("alg");
-        assert!(error.to_string().contains("verifies RS256 only"), "{error}");
-
-        // Keys that cannot be trusted or used, each refused for its reason.
-        let refused = |key: Value, reason: &str| {
-            let error = with_extra(&jwks, key).expect_err(reason).to_string();
-            assert!(
-                error.starts_with("keys[4]") && error.contains(reason),
-                "{error}"
-            );
-        };
-        let short = json!({ "kty": "oct", "k": URL_SAFE_NO_PAD.encode(b"short") });
-        refused(short, "the HS256 secret has 5 bytes");
-        let mut p384 = jwks["keys"][1].clone();
-        p384["crv"] = json!("P-384");
-        refused(p384, "curve \"P-384\" is not supported");
-        let mut off_curve = jwks["keys"][1].clone();
-        off_curve["y"] = off_curve["x"].clone();
-        refused(off_curve, "not a point on the curve");
-        let mut short_ed = jwks["keys"][2].clone();
-        short_ed["x"] = json!(URL_SAFE_NO_PAD.encode([1u8; 31]));
-        refused(short_ed, "\"x\" has 31 bytes; 32 are needed");
-        let mut long_ed = jwks["keys"][2].clone();
-        long_ed["x"] = json!(URL_SAFE_NO_PAD.encode([1u8; 33]));
-        refused(long_ed, "\"x\" has 33 bytes; 32 are needed");
-        let mut long_ec = jwks["keys"][1].clone();
-        long_ec["y"] = json!(URL_SAFE_NO_PAD.encode([1u8; 33]));
-        refused(long_ec, "\"y\" has 33 bytes; 32 are needed");
-        let mut small_rsa = jwks["keys"][0].clone();
-        small_rsa["n"] = json!(URL_SAFE_NO_PAD.encode([0xc5u8; 128]));
-        refused(small_rsa, "the modulus has 1024 bits");
-        let mut even_e = jwks["keys"][0].clone();
-        even_e["e"] = json!("AQAA");
-        refused(even_e, "the exponent must be odd");
-        let mut no_n = jwks["keys"][0].clone();
-        no_n.as_object_mut().expect("object").remove("n");
-        refused(no_n, "missing \"n\"");
-        refused(json!({ "kid": 7 }), "invalid type");
-
-        // An encryption key beside the signing keys is set aside.
-        let mut enc = jwks["keys"][0].clone();
-        enc["use"] = json!("enc");
-        enc["alg"] = json!("RSA-OAEP");
-        assert_eq!(with_extra(&jwks, enc.clone()).expect("enc skipped"), 4);
-        jwks["keys"] = json!([enc]);
-        assert!(matches!(
-            Verifier::check_jwks(jwks.to_string().as_bytes()),
-            Err(JwksError::NoUsableKey)
-        ));
-    }
-
-    #[test]
     fn load_errors_say_why() {
         let missing = fixtures_dir().join("no-such.json");
         let error = Verifier::load(&missing, Expect::default()).expect_err("missing");
@@ -1185,50 +729,5 @@ mod tests {
         }
         let secret = std::fs::read_to_string(fixtures_dir().join("hs256.secret")).expect("secret");
         assert!(!shown.contains(&secret[..16]));
-    }
-
-    /// The watch applies a replaced file once it settled, and ends on `stop`.
-    #[tokio::test]
-    async fn watch_applies_a_rotation_and_stops() {
-        let (_dir, path) = jwks_copy("jwks.json");
-        let v = Arc::new(Verifier::load(&path, Expect::default()).expect("load"));
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(watch(Arc::clone(&v), stop.clone()));
-
-        let rotated = std::fs::read(fixtures_dir().join("jwks-rotated.json")).expect("read");
-        replace(&path, &rotated);
-        let new = token("RS256-rotated", claims("new"));
-        let bound = CONFIG_POLL_INTERVAL * 5;
-        let applied = tokio::time::timeout(bound, async {
-            while v.verify(&new).is_err() {
-                tokio::time::sleep(CONFIG_POLL_INTERVAL / 4).await;
-            }
-        })
-        .await;
-        assert!(applied.is_ok(), "not applied within {bound:?}");
-
-        stop.cancel();
-        let ended = tokio::time::timeout(CONFIG_POLL_INTERVAL, task).await;
-        assert!(matches!(ended, Ok(Ok(()))), "the watch ends on stop");
-    }
-
-    /// A new path from `reconfigure` is read at once, without waiting for
-    /// two polls.
-    #[tokio::test]
-    async fn watch_reads_a_new_path_at_once() {
-        let v = Arc::new(verifier(Expect::default()));
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(watch(Arc::clone(&v), stop.clone()));
-        v.reconfigure(&fixtures_dir().join("jwks-rotated.json"), Expect::default());
-        let new = token("RS256-rotated", claims("new"));
-        let applied = tokio::time::timeout(CONFIG_POLL_INTERVAL, async {
-            while v.verify(&new).is_err() {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-        stop.cancel();
-        assert!(applied.is_ok(), "not read within one poll interval");
-        assert!(matches!(task.await, Ok(())));
     }
 }
