@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# benches/access-log.sh — the cost of SPEC §12's access log per upgrade, side by side (run.sh variants).
+# benches/access-log.sh — the cost of docs/operations.md#access-log's access log per upgrade, side by side (run.sh variants).
 #
 #   benches/access-log.sh [run.sh options]
 #       = HS_TOTAL=10000 benches/run.sh --modes "handshake latency" \
@@ -10,7 +10,7 @@
 #
 # Targets (all the same echo upstream, loopback, no cap; wsgate's stderr goes to a file in /tmp,
 # as run.sh does for every wsgate):
-#   wsgate-base   the binary from before SPEC §12 (commit 4ec9ce3): BENCH_WSGATE_BIN_base, default
+#   wsgate-base   the binary from before docs/operations.md#access-log (commit 4ec9ce3): BENCH_WSGATE_BIN_base, default
 #                 target/base/release/wsgate (build it from 4ec9ce3 with CARGO_TARGET_DIR=target/base;
 #                 run.sh leaves the target out when it is missing)
 #   wsgate        this tree, the defaults: access log on, text format (one line per session)

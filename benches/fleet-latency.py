@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The upgrade latency added by a fleet admission (SPEC §10): one Redis round trip per upgrade.
+"""The upgrade latency added by a fleet admission (docs/operations.md#fleet-wide-limits): one Redis round trip per upgrade.
 
 Starts one echo upstream (`wsgate-bench echo`) and two wsgate processes in front of it, side by
 side for the whole measurement: `off` (fleet limits off) and `on` (`fleet_redis_url` = a local

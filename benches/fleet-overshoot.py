@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The worst overshoot of `fleet_max_clients` (SPEC §10) while Redis is healthy, under churn.
+"""The worst overshoot of `fleet_max_clients` (docs/operations.md#fleet-wide-limits) while Redis is healthy, under churn.
 
 Starts a private redis-server (--save '' --appendonly no, temporary --dir, free loopback port),
 one echo upstream (`wsgate-bench echo`) and INSTANCES wsgate processes sharing the fleet:
@@ -18,7 +18,7 @@ Reports the max of each sampler, `max - CAP` (the overshoot), how many samples w
 the instances' own counters (`wsgate_fleet_requests_total{op,result}`,
 `wsgate_connections_rejected_total`), and ZCARD once the load has stopped and releases drained.
 `wsgate_connections_active` is not the fleet count: wsgate reserves the local slot *before* the
-fleet admission (SPEC §9/§10 check order) and gives it back at once on a fleet refusal, so
+fleet admission (docs/operations.md#limits-per-key and docs/operations.md#fleet-wide-limits check order) and gives it back at once on a fleet refusal, so
 upgrades waiting for their Redis answer are in it; and each instance is read at a different
 instant. Its sum can exceed CAP without any connection over the cap; ZCARD is the count the
 admission script judges, and the one that must stay at or below CAP.

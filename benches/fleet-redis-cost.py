@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Redis's own CPU time for the fleet limits' scripts (SPEC §10), from INFO commandstats.
+"""Redis's own CPU time for the fleet limits' scripts (docs/operations.md#fleet-wide-limits), from INFO commandstats.
 
 Starts a private redis-server on a free loopback port, loads the two scripts exactly as
 src/fleet/scripts.rs has them, and reports, for a fleet-wide set that already holds OTHER

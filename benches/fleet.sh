@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# benches/fleet.sh — the cost of SPEC §10 fleet limits per upgrade, side by side (run.sh variants).
+# benches/fleet.sh — the cost of docs/operations.md#fleet-wide-limits fleet limits per upgrade, side by side (run.sh variants).
 #
 #   benches/fleet.sh [run.sh options]
 #       = benches/run.sh --modes "latency handshake" \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# benches/guards.sh — the cost of SPEC §11 message guards per message, side by side (run.sh variants).
+# benches/guards.sh — the cost of docs/operations.md#message-guards message guards per message, side by side (run.sh variants).
 #
 #   benches/guards.sh [run.sh options]
 #       = benches/run.sh --modes "latency throughput" \
@@ -9,7 +9,7 @@
 #   benches/guards.sh --rounds 0 --callgrind --no-build --out DIR   instructions per message/upgrade/KiB
 #
 # Targets (all the same echo upstream, loopback, no cap):
-#   wsgate-base    the binary from before SPEC §11: BENCH_WSGATE_BIN_base, default
+#   wsgate-base    the binary from before docs/operations.md#message-guards: BENCH_WSGATE_BIN_base, default
 #                  target/base/release/wsgate (build it from commit 51779b0 with
 #                  CARGO_TARGET_DIR=target/base; run.sh leaves the target out when it is missing)
 #   wsgate         this tree, every guard off (the default)

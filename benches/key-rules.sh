@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# benches/key-rules.sh — the cost of one SPEC §9 key rule per upgrade, side by side (run.sh variants).
+# benches/key-rules.sh — the cost of one docs/operations.md#limits-per-key key rule per upgrade, side by side (run.sh variants).
 #
 #   benches/key-rules.sh [run.sh options]
 #       = benches/run.sh --modes "latency handshake" \
@@ -8,7 +8,7 @@
 #       handshake runs are HS_TOTAL=10000 upgrades unless HS_TOTAL is set
 #
 # Targets (all the same echo upstream, loopback, no cap):
-#   wsgate-base  the binary from before SPEC §9: BENCH_WSGATE_BIN_base, default
+#   wsgate-base  the binary from before docs/operations.md#limits-per-key: BENCH_WSGATE_BIN_base, default
 #                target/base/release/wsgate (build it from commit 1a9deb9 with
 #                CARGO_TARGET_DIR=target/base; run.sh leaves the target out when it is missing)
 #   wsgate       this tree, no config file, no rules

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A measured rebalancing run after a scale-out (issue 14, SPEC §12 `POST /drain`). On demand, not CI.
+"""A measured rebalancing run after a scale-out (issue 14, docs/operations.md#access-log `POST /drain`). On demand, not CI.
 
 Set-up, all on 127.0.0.1 ephemeral ports, every process started here stopped by PID on exit
 (Ctrl-C and errors included):

@@ -46,7 +46,7 @@ def cargo_target_dir() -> Path:
 # The binary under test: WSGATE_BIN (run.sh sets it), else debug/wsgate of the cargo target directory.
 WSGATE_BIN = Path(os.environ.get("WSGATE_BIN") or cargo_target_dir() / "debug" / "wsgate")
 
-# Every configuration key of SPEC.md §2, §7 and §8, as the environment variable the chart sets.
+# Every configuration key of docs/configuration.md, §7 and §8, as the environment variable the chart sets.
 SPEC_KEYS = [
     # §2
     "listen", "upstream", "admin_listen", "max_clients", "retry_after", "upstream_connect_timeout",
@@ -62,14 +62,14 @@ SPEC_KEYS = [
 # ready_low_watermark defaults to "0.1 below high" in the binary, which a fixed value cannot say:
 # the chart sets it only when the value is given.
 OPTIONAL_ENV = {"WSGATE_READY_LOW_WATERMARK"}
-# SPEC §12's key that the chart sets on every pod, like the keys above (admin_token_file is set only
+# docs/operations.md#access-log's key that the chart sets on every pod, like the keys above (admin_token_file is set only
 # with adminToken). §12 names it in its text, not in a key table, so it stays out of SPEC_KEYS, which
 # test_env_list_matches_the_shared_spec compares with the tables of §2, §7 and §8.
 TELEMETRY_KEYS = ["access_log"]
 # wsgate's own key for its runtime (issue 15), not in SPEC.md: set on every pod like the keys above.
 RUNTIME_KEYS = ["workers"]
 
-# The metric names of SPEC.md §4, §7, §8, §9, §10, §11 (names are fixed: dashboard and alerts may use only these).
+# The metric names of docs/metrics.md, §7, §8, §9, §10, §11 (names are fixed: dashboard and alerts may use only these).
 SPEC_METRICS = {
     "wsgate_connections_active", "wsgate_connections_max", "wsgate_connections_admitted_total",
     "wsgate_connections_rejected_total", "wsgate_upstream_errors_total",
@@ -85,7 +85,7 @@ SPEC_METRICS = {
     "wsgate_key_rejected_total", "wsgate_keys_tracked", "wsgate_key_busiest_ratio",
     # §10 fleet-wide limits: present only on instances with fleet_redis_url set (the wsgate demo the
     # e2e test scrapes has none). wsgate_fleet_max (the fleet_max_clients in force, 0 = off) is named
-    # by the §10 work order but not (yet) in SPEC §10's metrics table.
+    # by the §10 work order but not (yet) in docs/operations.md#fleet-wide-limits's metrics table.
     "wsgate_fleet_up", "wsgate_fleet_requests_total", "wsgate_fleet_request_duration_seconds_bucket",
     "wsgate_fleet_request_duration_seconds_sum", "wsgate_fleet_request_duration_seconds_count",
     "wsgate_fleet_active", "wsgate_fleet_max",
@@ -96,7 +96,7 @@ SPEC_METRICS = {
     "wsgate_sessions_ended_total", "wsgate_close_codes_total", "wsgate_admin_drained_total",
 }
 
-# SPEC §12 (and the issue 14 contract): the fields of every access-log record, in order, and the
+# docs/operations.md#access-log (and the issue 14 contract): the fields of every access-log record, in order, and the
 # values of `closed_by` and `end`.
 ACCESS_LOG_FIELDS = ["session", "client", "path", "subprotocol", "keys", "duration_ms", "bytes_in", "bytes_out",
                      "msgs_in", "msgs_out", "close_code", "close_reason", "closed_by", "end"]
@@ -229,13 +229,13 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     },
     "standalone-no-service": {"app": {"enabled": False}, "nativeSidecar": False, "upstream": "chat-backend:3000",
                               "service": {"enabled": False}, "maxClients": 1},
-    # SPEC §13: the app's Unix socket in a shared emptyDir.
+    # docs/operations.md#unix-socket-upstream: the app's Unix socket in a shared emptyDir.
     "unix-socket-emptydir": {"upstream": "unix:/run/app/ws.sock", "upstreamSocket": {"emptyDir": True},
                              "maxClients": 100},
 }
 
 
-# Limits per key (SPEC §9). Not in VALUE_SETS: its WSGATE_CONFIG names a path that exists only in the
+# Limits per key (docs/operations.md#limits-per-key). Not in VALUE_SETS: its WSGATE_CONFIG names a path that exists only in the
 # pod, so the binary tests there could not load it; test_helm_key_limits.py renders, lints and
 # validates it instead, and test_binary_accepts_chart_env.py feeds its config.toml to the binary.
 # An override key with a quote and a backslash checks the chart's TOML escaping.
@@ -252,7 +252,7 @@ KEY_LIMITS_VALUES: dict[str, Any] = {
             "audience": "chat", "from": "query:access_token"},
     "adminToken": {"secretName": "wsgate-admin", "key": "token"},
 }
-# Fleet-wide limits (SPEC §10), every value set, with a fleet = true key rule. Not in VALUE_SETS
+# Fleet-wide limits (docs/operations.md#fleet-wide-limits), every value set, with a fleet = true key rule. Not in VALUE_SETS
 # either: a binary without §10 refuses WSGATE_FLEET_* as unknown keys, so test_helm_fleet.py renders,
 # lints and validates it and test_binary_accepts_chart_env.py feeds its env to the binary on its own.
 FLEET_VALUES: dict[str, Any] = {
@@ -269,7 +269,7 @@ FLEET_ENV = {"namespace": "WSGATE_FLEET_NAMESPACE", "maxClients": "WSGATE_FLEET_
              "leaseTtl": "WSGATE_FLEET_LEASE_TTL", "timeout": "WSGATE_FLEET_TIMEOUT",
              "failMode": "WSGATE_FLEET_FAIL_MODE"}
 
-# Message guards (SPEC §11), every value away from its default. Not in VALUE_SETS either: a binary
+# Message guards (docs/operations.md#message-guards), every value away from its default. Not in VALUE_SETS either: a binary
 # without §11 refuses WSGATE_MAX_MESSAGE_SIZE and the rest as unknown keys, so
 # test_helm_message_guards.py renders, lints and validates it and test_binary_accepts_chart_env.py
 # feeds its env to the binary on its own. 16 MiB checks that large integers never come out as 1.6e+07.

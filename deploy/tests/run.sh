@@ -38,7 +38,7 @@ fi
 export PROMETHEUS_BIN="${PROMETHEUS_BIN:-/usr/bin/prometheus}"
 export PROMTOOL_BIN="${PROMTOOL_BIN:-/usr/bin/promtool}"
 
-# 1b. redis-server from Debian, for the end-to-end test's fleet pod (SPEC §10). Only the binary is
+# 1b. redis-server from Debian, for the end-to-end test's fleet pod (docs/operations.md#fleet-wide-limits). Only the binary is
 #     used: the test starts a private server on an ephemeral loopback port, without persistence
 #     (a service the package's postinst may start is not used).
 if [[ -z "${REDIS_SERVER_BIN:-}" && ! -x /usr/bin/redis-server ]]; then

@@ -1,7 +1,7 @@
 """The environment the chart and the example manifests give the container, fed to the real binary:
 `wsgate check-config` must accept it and print the values the chart asked for.
 
-SPEC §2 keys must be accepted now. SPEC §7/§8 keys (rollout safety, close frames) belong to later
+docs/configuration.md keys must be accepted now. docs/operations.md#rollouts and docs/behaviour.md#close-frames keys (rollout safety, close frames) belong to later
 issues: keys the binary still answers "unknown key" for are dropped, the rest must be accepted, and
 the test is reported as xfail naming the missing keys (it passes once the binary has them all);
 any other refusal fails.
@@ -111,7 +111,7 @@ def _full(env: dict[str, str]) -> None:
         del env["WSGATE_" + m.group(1).upper()]
     assert_effective(res, env)
     if missing:
-        pytest.xfail(f"binary does not implement SPEC §7/§8 keys {', '.join(missing)} yet; the rest is accepted")
+        pytest.xfail(f"binary does not implement docs/operations.md#rollouts and docs/behaviour.md#close-frames keys {', '.join(missing)} yet; the rest is accepted")
 
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
@@ -128,7 +128,7 @@ TINY_JWKS = '{"keys":[{"kty":"oct","kid":"t","alg":"HS256","k":"c2VjcmV0LXNlY3Jl
 
 
 def test_binary_accepts_the_rendered_key_limits_config(render, tmp_path):
-    """SPEC §9: the config.toml the chart renders from keyLimits and jwt (KEY_LIMITS_VALUES: three
+    """docs/operations.md#limits-per-key: the config.toml the chart renders from keyLimits and jwt (KEY_LIMITS_VALUES: three
     rules, every field, an override key with a quote and a backslash) is loaded by
     `wsgate check-config --config`, and the effective configuration it prints has the rules as
     given. The JWKS and admin-token paths of the pod do not exist here: the environment points
@@ -178,7 +178,7 @@ def test_binary_accepts_the_rendered_key_limits_config(render, tmp_path):
     assert printed["admin_token_file"] == str(token)
 
 
-# SPEC §10: what the Secret of FLEET_VALUES would hold (the kubelet turns the secretKeyRef into this).
+# docs/operations.md#fleet-wide-limits: what the Secret of FLEET_VALUES would hold (the kubelet turns the secretKeyRef into this).
 SECRET_REDIS_URL = "redis://:s3cret@127.0.0.1:6379/0"
 FLEET_CASES = {
     "secret-url-every-value": None,  # conftest.FLEET_VALUES
@@ -188,7 +188,7 @@ FLEET_CASES = {
 
 @pytest.mark.parametrize("case", sorted(FLEET_CASES))
 def test_binary_accepts_the_chart_fleet_env(render, tmp_path, case):
-    """SPEC §10: the WSGATE_FLEET_* variables the chart renders (and, for FLEET_VALUES, the
+    """docs/operations.md#fleet-wide-limits: the WSGATE_FLEET_* variables the chart renders (and, for FLEET_VALUES, the
     config.toml with a `fleet = true` rule) are accepted by `wsgate check-config`, which prints the
     values the chart asked for. check-config only validates: no Redis is needed."""
     import tomllib
@@ -230,7 +230,7 @@ def test_binary_accepts_the_chart_fleet_env(render, tmp_path, case):
         assert rule["fleet"] == given.get("fleet", False), rule
 
 
-# SPEC §11: the message guards, as the chart renders them with every value set, and as the plain
+# docs/operations.md#message-guards: the message guards, as the chart renders them with every value set, and as the plain
 # manifests show them (commented out) once uncommented.
 GUARD_CASES = ["chart-every-value", "native-manifest-uncommented"]
 
@@ -266,7 +266,7 @@ def test_binary_accepts_the_message_guard_env(render, case):
     assert_effective(res, env)
 
 
-# SPEC §12 and §7 (issue 14): the access log switch and the automatic ready_high_watermark, as the
+# docs/operations.md#access-log and §7 (issue 14): the access log switch and the automatic ready_high_watermark, as the
 # chart renders them, and what the binary makes of them (its low watermark defaults to 0.1 below
 # the high one, so the automatic 0.9 gives 0.8; off gives no watermarks at all, printed as 0).
 SESSION_CASES = {

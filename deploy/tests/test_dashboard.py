@@ -118,7 +118,7 @@ def test_required_views_are_present():
 
 
 def test_limits_per_key_row():
-    """SPEC §9: refusals by rule, keys tracked and the busiest key's ratio, with thresholds at 0.8 / 1."""
+    """docs/operations.md#limits-per-key: refusals by rule, keys tracked and the busiest key's ratio, with thresholds at 0.8 / 1."""
     d = dashboard()
     rows = [p["title"] for p in d["panels"] if p["type"] == "row"]
     assert rows.index("Limits per key") == rows.index("Admission") + 1, rows
@@ -142,7 +142,7 @@ def test_limits_per_key_row():
 
 
 def test_fleet_limits_row():
-    """SPEC §10: fleet count vs fleet limit (max over pods, never a sum: every pod reports the same
+    """docs/operations.md#fleet-wide-limits: fleet count vs fleet limit (max over pods, never a sum: every pod reports the same
     fleet-wide number), Redis up per pod, round-trip latency p50/p99 by op, requests by op and
     result, and the fleet / fleet_unavailable refusals."""
     d = dashboard()
@@ -187,7 +187,7 @@ def test_fleet_limits_row():
     assert 'reason=~"fleet|fleet_unavailable"' in t["expr"]
     assert refusals["fieldConfig"]["defaults"]["unit"] == "cps"
 
-    # Every wsgate_fleet_* name the dashboard uses is a SPEC §10 metric (conftest.SPEC_METRICS).
+    # Every wsgate_fleet_* name the dashboard uses is a docs/operations.md#fleet-wide-limits metric (conftest.SPEC_METRICS).
     used = {n for n in METRIC_RE.findall(exprs) if n.startswith("wsgate_fleet_")}
     assert used == {"wsgate_fleet_active", "wsgate_fleet_max", "wsgate_fleet_up",
                     "wsgate_fleet_request_duration_seconds_bucket", "wsgate_fleet_requests_total"}
@@ -195,7 +195,7 @@ def test_fleet_limits_row():
 
 
 def test_message_guards_row():
-    """SPEC §11: guard actions per second by guard and action, and messages per second by direction,
+    """docs/operations.md#message-guards: guard actions per second by guard and action, and messages per second by direction,
     in a row after the fleet row, with the namespace/pod selectors of every other panel."""
     d = dashboard()
     rows = [p["title"] for p in d["panels"] if p["type"] == "row"]
@@ -226,7 +226,7 @@ def test_message_guards_row():
 
 
 def test_sessions_row():
-    """SPEC §12: sessions ended by end (stacked) and by closed_by (stacked), close codes per second, the
+    """docs/operations.md#access-log: sessions ended by end (stacked) and by closed_by (stacked), close codes per second, the
     abnormal-close ratio with the alert's 5 % as a threshold line, and admin drains per pod, in a row
     after the message guards, with the selectors of every other panel."""
     d = dashboard()

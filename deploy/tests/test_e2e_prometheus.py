@@ -10,20 +10,20 @@ connection, to check that unlimited pods are shown sensibly. The test fills the 
 connections, gets 3 upgrades refused with 503, closes 2, and waits until Prometheus sees 2
 active. The last test sends SIGTERM and watches readiness fall.
 
-Fleet-wide limits (SPEC §10): a private redis-server on an ephemeral loopback port (no
+Fleet-wide limits (docs/operations.md#fleet-wide-limits): a private redis-server on an ephemeral loopback port (no
 persistence) and a third demo (pod label wsgate-e2e-fleet, local cap 10) with fleet_max_clients 3
 and fleet_fail_mode closed. It holds 3 connections and gets 1 upgrade refused (503, reason
 fleet). The dashboard's "Fleet limits (Redis)" row is checked against that state; a later test
 kills Redis (SIGKILL) and checks wsgate_fleet_up, the WsgateFleetRedisDown alert, the
 fleet_unavailable refusals and that the held connections still echo.
 
-Message guards (SPEC §11): the unlimited demo runs with every guard but the rate close (GUARDS_ENV);
+Message guards (docs/operations.md#message-guards): the unlimited demo runs with every guard but the rate close (GUARDS_ENV);
 its one held connection stays far below them. A later test sends it a message over the size limit
 (Close 1009), a burst of messages over the message rate and a burst of bytes over the byte rate
 (both throttled, delivered in order), and checks the dashboard's "Message guards" row against that;
 the other pods, without guards, show every guard series at 0.
 
-Session telemetry (SPEC §12): the capped demo logs as JSON (WSGATE_LOG_FORMAT=json). The two
+Session telemetry (docs/operations.md#access-log): the capped demo logs as JSON (WSGATE_LOG_FORMAT=json). The two
 connections the set-up closes (client Close 1000) must show up as two access-log records with
 end client_close, in wsgate_sessions_ended_total and wsgate_close_codes_total as Prometheus scrapes
 them, and in the dashboard's "Sessions" row; the 3 refusals as one refusal summary line. The
@@ -78,7 +78,7 @@ POD_UNLIMITED = "wsgate-e2e-unlimited"
 CAP = 4
 HELD_AT_END = 2
 REJECTED = 3
-# A third wsgate with fleet-wide limits through a private Redis (SPEC §10): fleet_max_clients 3,
+# A third wsgate with fleet-wide limits through a private Redis (docs/operations.md#fleet-wide-limits): fleet_max_clients 3,
 # fail mode closed, a local cap above the fleet cap (3 / 10 = 0.3: below every saturation
 # threshold the tests use), holding 3 connections and refusing 1 upgrade with reason fleet.
 POD_FLEET = "wsgate-e2e-fleet"
@@ -88,13 +88,13 @@ FLEET_HELD = 3
 FLEET_REJECTED = 1
 REDIS_SERVER_BIN = (os.environ.get("REDIS_SERVER_BIN") or shutil.which("redis-server")
                     or "/usr/bin/redis-server")
-# The dashboard row of SPEC §10, and its panels that read wsgate_fleet_* series (which only pods
+# The dashboard row of docs/operations.md#fleet-wide-limits, and its panels that read wsgate_fleet_* series (which only pods
 # with a Redis URL have).
 FLEET_ROW = "Fleet limits (Redis)"
 FLEET_SERIES_PANELS = ("Fleet active vs fleet limit", "Redis up per pod", "Redis round-trip latency p50 / p99 by op",
                        "Fleet requests per second by op and result")
 
-# The message guards of the unlimited pod (SPEC §11): size 1 KiB; 20 messages/s after 5, throttled;
+# The message guards of the unlimited pod (docs/operations.md#message-guards): size 1 KiB; 20 messages/s after 5, throttled;
 # 4 KiB/s after 2 KiB, throttled. Its held connection sends one 9-byte message (and a ping per 20 s).
 GUARDS_ENV = {"WSGATE_MAX_MESSAGE_SIZE": "1024", "WSGATE_MESSAGE_RATE": "20", "WSGATE_MESSAGE_BURST": "5",
               "WSGATE_MESSAGE_RATE_ACTION": "throttle", "WSGATE_BYTE_RATE": "4096", "WSGATE_BYTE_BURST": "2048"}
@@ -103,7 +103,7 @@ GUARDS_ROW = "Message guards"
 SESSIONS_ROW = "Sessions"
 # The capped pod logs as JSON, so its access-log records can be parsed (and the README's jq run on them).
 CAPPED_ENV = {"WSGATE_LOG_FORMAT": "json"}
-# The unlimited pod has an admin token (SPEC §12), so a late test can drain its held connection.
+# The unlimited pod has an admin token (docs/operations.md#access-log), so a late test can drain its held connection.
 ADMIN_TOKEN = "e2e-admin-token"
 
 PROXY_RE = re.compile(r"^\s*proxy\s+ws://(\S+?)/")
@@ -741,7 +741,7 @@ def guard_counts(text: str) -> dict[tuple[str, str], float]:
 
 
 def test_message_guard_series_exist_from_start_up(stack):
-    """SPEC §11: every guard/action pair and both message directions on a pod without guards, the
+    """docs/operations.md#message-guards: every guard/action pair and both message directions on a pod without guards, the
     guard series at 0; its echoes counted as messages both ways."""
     text = scrape(stack["admin"])
     assert guard_counts(text) == {pair: 0 for pair in GUARD_PAIRS}, text
@@ -810,7 +810,7 @@ def test_message_guards_row_shows_the_guards_at_work(stack):
     assert counts[("rate", "throttle")] >= 1 and counts[("bytes", "throttle")] >= 1, counts
     sent_after = metric_value(after, "wsgate_messages_total", 'direction="client_to_upstream"')
     assert sent_after - sent_before >= 35, (sent_before, sent_after)
-    # SPEC §12: the refused message ended its session with end size, wsgate's Close 1009 to the client.
+    # docs/operations.md#access-log: the refused message ended its session with end size, wsgate's Close 1009 to the client.
     assert session_counts(after)[("wsgate", "size")] == 1, session_counts(after)
     assert close_code_counts(after)[("wsgate", "1009")] == 1, close_code_counts(after)
 
@@ -850,7 +850,7 @@ def close_code_counts(text: str) -> dict[tuple[str, str], float]:
 
 
 def test_session_series_exist_from_start_up_and_count_the_closed_sessions(stack):
-    """SPEC §12 on every pod's /metrics: the start-up series of wsgate_sessions_ended_total and
+    """docs/operations.md#access-log on every pod's /metrics: the start-up series of wsgate_sessions_ended_total and
     wsgate_close_codes_total, label values only from the contract's bounded sets, and
     wsgate_admin_drained_total at 0. On the capped pod exactly the two sessions the set-up closed
     (client Close 1000) and nothing else, the same two in both families."""
@@ -880,7 +880,7 @@ def test_prometheus_scrapes_the_session_series(stack):
     codes = series_by(prom.query(f"sum by (closed_by, code) (wsgate_close_codes_total{{{sel}}}) > 0"),
                       "closed_by", "code")
     assert codes == {("client", "1000"): CAP - HELD_AT_END}, codes
-    # The three metric names of SPEC §12, scraped from every pod.
+    # The three metric names of docs/operations.md#access-log, scraped from every pod.
     names = prom.query(f'count by (__name__, pod) ({{__name__=~"wsgate_(sessions_ended|close_codes|admin_drained)_total",'
                        f' namespace="{NAMESPACE}"}})')["result"]
     assert {(s["metric"]["__name__"], s["metric"]["pod"]) for s in names} == {
@@ -1054,7 +1054,7 @@ def test_redis_killed_shows_down_alerts_and_fails_closed(stack):
     took = time.monotonic() - started
     assert err.value.response.status_code == 503
     assert int(err.value.response.headers["Retry-After"]) >= 1
-    # SPEC §10: an admission never waits longer than fleet_timeout (100 ms) for Redis; the bound
+    # docs/operations.md#fleet-wide-limits: an admission never waits longer than fleet_timeout (100 ms) for Redis; the bound
     # here is loose on purpose (handshake and a busy machine), it catches a wait for Redis.
     assert took < 5, f"the refusal took {took:.2f}s"
     text = scrape(stack["admin_fleet"])
@@ -1089,6 +1089,6 @@ def test_shutdown_shows_as_not_ready_on_the_dashboard_and_in_the_alert(stack):
     not_ready = next(e for n, e in alert_exprs() if n == "rule file: WsgatePodNotReady")
     (s,) = prom.query(not_ready)["result"]
     assert s["metric"] == {"namespace": NAMESPACE, "pod": POD}
-    # Once the clients leave, the drain ends and the process exits 0 (SPEC §1, §5).
+    # Once the clients leave, the drain ends and the process exits 0 (docs/configuration.md#command-line, §5).
     stack["conns"].close()
     assert proc.wait(timeout=15) == 0

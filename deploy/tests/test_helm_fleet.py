@@ -1,4 +1,4 @@
-"""Fleet-wide limits (SPEC §10) in the Helm chart: `fleet.*` rendered as WSGATE_FLEET_* variables on
+"""Fleet-wide limits (docs/operations.md#fleet-wide-limits) in the Helm chart: `fleet.*` rendered as WSGATE_FLEET_* variables on
 the wsgate container (the Redis URL as a plain value or through secretKeyRef), the fleet namespace
 defaulting to the release's fullname, `keyLimits[].fleet: true` in the rendered config.toml, and the
 schema and template checks refusing what cannot work; a release without a Redis renders none of it.
@@ -71,7 +71,7 @@ def test_every_value_reaches_its_variable(render):
     assert want == {"WSGATE_FLEET_NAMESPACE": "chat-eu", "WSGATE_FLEET_MAX_CLIENTS": "2000",
                     "WSGATE_FLEET_LEASE_TTL": "45s", "WSGATE_FLEET_TIMEOUT": "250ms",
                     "WSGATE_FLEET_FAIL_MODE": "closed"}
-    # The per-pod cap stays in force beside the fleet cap (SPEC §10: a hard ceiling).
+    # The per-pod cap stays in force beside the fleet cap (docs/operations.md#fleet-wide-limits: a hard ceiling).
     assert env_of(wsgate_of(render(FLEET_VALUES)))["WSGATE_MAX_CLIENTS"] == "500"
 
 
@@ -322,7 +322,7 @@ def test_readme_names_every_fleet_value_and_failure_mode(chart):
 
 
 def test_fleet_variables_sit_before_the_config_file_and_extra_env(render):
-    """The fleet variables come after the SPEC §2/§7/§8 ones and before WSGATE_CONFIG and extraEnv,
+    """The fleet variables come after the docs/configuration.md and docs/operations.md#rollouts/§8 ones and before WSGATE_CONFIG and extraEnv,
     so that extraEnv can still override any of them."""
     values = copy.deepcopy(FLEET_VALUES)
     values["extraEnv"] = [{"name": "WSGATE_FLEET_INSTANCE_ID", "value": "fixed"}]

@@ -1,4 +1,4 @@
-"""Limits per key (SPEC §9) in the Helm chart: keyLimits and jwt rendered into config.toml in a
+"""Limits per key (docs/operations.md#limits-per-key) in the Helm chart: keyLimits and jwt rendered into config.toml in a
 ConfigMap, mounted as a directory and named by WSGATE_CONFIG; the JWKS and admin-token Secrets
 mounted read-only; the schema and the template checks refuse bad rules; and nothing changes for a
 release that sets none of it.

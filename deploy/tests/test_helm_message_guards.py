@@ -1,4 +1,4 @@
-"""Message guards (SPEC §11) in the Helm chart: `messageGuards.*` rendered as WSGATE_* variables on
+"""Message guards (docs/operations.md#message-guards) in the Helm chart: `messageGuards.*` rendered as WSGATE_* variables on
 the wsgate container, each only when its value differs from the default (all off, throttle), so a
 release without guards renders exactly what it did before them; the schema (and, for the action,
 the template) refusing what wsgate would refuse; the chart README and NOTES; and the commented-out

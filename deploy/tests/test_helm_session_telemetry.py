@@ -1,5 +1,5 @@
-"""Session telemetry and operator controls (SPEC §12, issue 14) on the deployment side: `accessLog`
-rendered as WSGATE_ACCESS_LOG; `readyHighWatermark` automatic (SPEC §7: 0.9 whenever maxClients is
+"""Session telemetry and operator controls (docs/operations.md#access-log, issue 14) on the deployment side: `accessLog`
+rendered as WSGATE_ACCESS_LOG; `readyHighWatermark` automatic (docs/operations.md#rollouts: 0.9 whenever maxClients is
 set, off without a cap, an explicit number winning) and the low-watermark check made against the
 value actually rendered; the admin token, which now also enables POST/DELETE/GET /drain, mounted as
 before and shown commented out in the plain manifests; and the documentation's examples (chart

@@ -1,4 +1,4 @@
-"""An upstream on a Unix socket in the pod (SPEC §13) in the Helm chart: `upstream: unix:/path`
+"""An upstream on a Unix socket in the pod (docs/operations.md#unix-socket-upstream) in the Helm chart: `upstream: unix:/path`
 passes through as WSGATE_UPSTREAM; `upstreamSocket.emptyDir` adds one emptyDir mounted at
 `upstreamSocket.mountPath` in the app and the wsgate container (native and classic layouts, and
 for a chart that includes wsgate.container); the render refuses an emptyDir that `upstream` does

@@ -42,11 +42,11 @@ def test_rule_file_has_the_alerts_with_severity_and_text():
     assert sat["for"] == "5m" and "> 0" in sat["expr"], "unlimited pods (max = 0) must be excluded"
     pinned = next(r for r in rules if r["alert"] == "WsgateKeyPinnedAtLimit")
     # One alert per rule (and namespace), whichever pod holds the full key; never a key value in a
-    # label (SPEC §9 has none to give).
+    # label (docs/operations.md#limits-per-key has none to give).
     assert pinned["for"] == "10m"
     assert pinned["expr"].split() == "max by (namespace, rule) (wsgate_key_busiest_ratio) >= 1".split()
     assert "/keys?rule={{ $labels.rule }}" in pinned["annotations"]["description"]
-    # SPEC §10: wsgate_fleet_up exists only where fleet_redis_url is set, so an absent series (no
+    # docs/operations.md#fleet-wide-limits: wsgate_fleet_up exists only where fleet_redis_url is set, so an absent series (no
     # fleet configured) never fires; per pod, since each pod has its own path to Redis.
     redis = next(r for r in rules if r["alert"] == "WsgateFleetRedisDown")
     assert redis["for"] == "1m" and redis["labels"]["severity"] == "warning"
@@ -54,7 +54,7 @@ def test_rule_file_has_the_alerts_with_severity_and_text():
     for needle in ("fleet_fail_mode open", "with closed", "503 fleet_unavailable", "(pods - 1) x the per-pod cap",
                    "Existing connections are not dropped", "Check"):
         assert needle in redis["annotations"]["description"], needle
-    # SPEC §12: per pod, abnormal (no Close frame, or 1006) over every ended session, above 5 % for
+    # docs/operations.md#access-log: per pod, abnormal (no Close frame, or 1006) over every ended session, above 5 % for
     # 10m, and only where at least 20 sessions ended in the 5 minutes (the volume guard).
     abnormal = next(r for r in rules if r["alert"] == "WsgateAbnormalCloses")
     assert abnormal["for"] == "10m" and abnormal["labels"]["severity"] == "warning"
