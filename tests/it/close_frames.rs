@@ -5,12 +5,10 @@
 //! arrives complete; a frame in flight finishes first, or is cut at
 //! `close_timeout` when its sender stalls.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use futures_util::{SinkExt, StreamExt};
-use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;

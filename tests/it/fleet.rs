@@ -10,13 +10,11 @@
 //! key at all.
 #![allow(clippy::print_stdout, reason = "tests report what they measured")]
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::support::*;
 use futures_util::{SinkExt, StreamExt};
-use support::*;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 

@@ -3,15 +3,13 @@
 //! clients send them (Bearer header, query parameter, cookie), against
 //! wsgate started through its real entry point on port 0.
 
-mod support;
-
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::support::jwt::{fixtures_dir, hs256_token, token, unix_now};
+use crate::support::*;
 use base64::Engine;
 use serde_json::json;
-use support::jwt::{fixtures_dir, hs256_token, token, unix_now};
-use support::*;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use wsgate::config::{RawConfig, RawKeyRule};

@@ -2,12 +2,10 @@
 //! gradual drain, admission rate limit, per-client cap, dry run, hot reload
 //! and connection lifetimes. Every test would fail without its feature.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use futures_util::StreamExt;
-use support::*;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use wsgate::config::{Config, ConfigDuration, RawConfig};

@@ -22,13 +22,11 @@
     reason = "each test prints the record it checked (nextest shows it on failure)"
 )]
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::access::*;
+use crate::support::*;
 use serde_json::Value;
-use support::access::*;
-use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 

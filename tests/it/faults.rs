@@ -4,22 +4,20 @@
 //! back and nothing else is hurt.
 //!
 //! On-demand variants (not in CI, they take minutes):
-//! `cargo test --test faults -- --ignored --nocapture --test-threads=1`
+//! `cargo test --test it faults:: -- --ignored --nocapture --test-threads=1`
 //! runs the 1 GiB backpressure transfers, about 10 s each (CI moves 256 MiB
 //! each way).
 #![allow(clippy::print_stdout, reason = "tests report what they measured")]
 
-mod support;
-
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{header, Request};
 use http_body_util::Empty;
 use socket2::SockRef;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -39,7 +37,7 @@ fn secs(s: f64) -> ConfigDuration {
 /// ACKs every keepalive probe, however frozen the process above it is, so a
 /// frozen *process* is indistinguishable from an idle one at the TCP level.
 /// Keepalive and `TCP_USER_TIMEOUT` catch a vanished *host* (power loss, a
-/// dropped NAT entry); tests/keepalive.rs checks that the options are in
+/// dropped NAT entry); tests/it/keepalive.rs checks that the options are in
 /// force on both legs, makes peers vanish without FIN or RST, and measures
 /// how long wsgate takes to find out.
 ///

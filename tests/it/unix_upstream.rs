@@ -9,13 +9,11 @@
 //! The descriptor checks read the wsgate child's `/proc/PID/fd`: the test
 //! process hosts the upstreams and clients, the child only wsgate.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::support::*;
 use futures_util::{SinkExt, StreamExt};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;

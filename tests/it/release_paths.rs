@@ -2,11 +2,9 @@
 //! metrics say so, and no descriptor stays open (the test process hosts the
 //! upstream, wsgate and the client, so a leak anywhere shows).
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wsgate::config::{ConfigDuration, RawConfig};
 

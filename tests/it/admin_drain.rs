@@ -3,18 +3,16 @@
 //! real clients (tokio-tungstenite, raw sockets) and plain HTTP to the admin
 //! port. Every test would fail without the feature it names.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::admin::{self, event_field, Operator, TokenFile};
+use crate::support::*;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use support::admin::{self, event_field, Operator, TokenFile};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
