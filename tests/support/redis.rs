@@ -11,7 +11,7 @@
 //! A machine without `redis-server` fails these tests with a message that
 //! `bash .ci/run` installs it: a fleet test must never pass by not running.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -453,11 +453,6 @@ impl RedisServer {
         let out = self.cli(&["DBSIZE"]);
         out.parse()
             .unwrap_or_else(|_| panic!("DBSIZE: not a number: {out:?}"))
-    }
-
-    /// The server's tempdir (its `--dir`).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 }
 
