@@ -10,7 +10,7 @@
 //! peer that vanished without FIN or RST is detected by the kernel, the read
 //! or write fails, and the tunnel ends and releases its slot. What ends the
 //! connection, and when, as measured on Linux 6.18 on both legs
-//! (`tests/keepalive.rs`, `vanished_peer_detection_times`, four runs; the
+//! (`tests/it/keepalive.rs`, `vanished_peer_detection_times`, four runs; the
 //! kernel's timers may fire up to about 2 s late):
 //!
 //! - peer's socket gone, its host up (crashed and rebooted): the first probe

@@ -1,4 +1,4 @@
-"""An operator drain (`POST /drain`, SPEC §12) seen by Python `websockets` clients.
+"""An operator drain (`POST /drain`, docs/operations.md#access-log) seen by Python `websockets` clients.
 
 Each test starts the real binary with an admin token file in front of a `websockets` echo server
 (both on 127.0.0.1, port 0), connects clients with `websockets` one after the other (so their ages

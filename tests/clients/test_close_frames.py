@@ -1,4 +1,4 @@
-"""wsgate ends connections in WebSocket terms (SPEC §8), seen by Python `websockets`.
+"""wsgate ends connections in WebSocket terms (docs/behaviour.md#close-frames), seen by Python `websockets`.
 
 Each test starts the real binary in front of a `websockets` echo server (both on 127.0.0.1,
 port 0), connects with `websockets` as a user would, and checks what the client library reports

@@ -1,4 +1,4 @@
-"""The message guards of SPEC §11, seen by Python `websockets` (the Node `ws` side is in
+"""The message guards of docs/operations.md#message-guards, seen by Python `websockets` (the Node `ws` side is in
 test_node_guards.py).
 
 Each test starts the real binary in front of the harness's `websockets` echo server, with one

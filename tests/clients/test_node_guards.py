@@ -1,4 +1,4 @@
-"""The message guards of SPEC §11 seen by Node's `ws` library (pinned in node/package-lock.json).
+"""The message guards of docs/operations.md#message-guards seen by Node's `ws` library (pinned in node/package-lock.json).
 
 `node/client.mjs` in its guard modes connects through wsgate and reports, one JSON line each,
 what `ws` observed: under max_message_size = 65536 (no compression), 65536 bytes echoed intact

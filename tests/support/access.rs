@@ -1,4 +1,4 @@
-//! The access log (SPEC §12, issue 14) seen from outside: the wsgate binary
+//! The access log (docs/operations.md#access-log, issue 14) seen from outside: the wsgate binary
 //! with its stderr read for the `wsgate::access` "session" record, an
 //! upstream that hands each upgraded connection to the test (so the test
 //! writes and counts every byte the upstream sends), frames and a tally of

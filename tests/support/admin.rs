@@ -1,4 +1,4 @@
-//! The operator side of the admin port (SPEC §12): HTTP requests with any
+//! The operator side of the admin port (docs/operations.md#access-log): HTTP requests with any
 //! method, headers and body; the admin token in a file that can be rotated
 //! the way a Kubernetes Secret is; the wsgate binary started with JSON logs
 //! and those logs read back as JSON objects.

@@ -5,6 +5,10 @@
 //! verifier's unit tests mint their tokens with the same file, and the
 //! library must not depend on `tests/`.
 
+#[allow(
+    dead_code,
+    reason = "token_without_kid is for the verifier's unit tests only"
+)]
 #[path = "../../src/jwt/test_tokens.rs"]
 mod test_tokens;
 

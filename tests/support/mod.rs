@@ -1,4 +1,4 @@
-//! Shared test support, one module for every test binary: real upstreams on
+//! Shared test support, for every module of the test binary (tests/it): real upstreams on
 //! port 0 ([`upstream`]), the sidecar started through its real entry point
 //! (here), clients down to raw bytes ([`client`]), metric matchers that poll
 //! with a deadline instead of sleeping ([`metrics`]), the wsgate binary
@@ -7,15 +7,12 @@
 //! with the test keys in `tests/fixtures/jwt` ([`jwt`]), and a real
 //! `redis-server` for the fleet tests ([`redis`]).
 //!
-//! Everything is re-exported here, so a test file says `mod support;` and
-//! `use support::*;`; except [`jwt`], whose names (`token`) are too generic
+//! Everything is re-exported here, so a test module (tests/it/*.rs) says
+//! `use crate::support::*;`; except [`jwt`], whose names (`token`) are too generic
 //! for a glob: it is `support::jwt::token(..)`.
 #![allow(
-    dead_code,
     unreachable_pub,
-    unused_imports,
-    missing_docs,
-    reason = "each test binary uses a subset"
+    reason = "`pub` marks what the test modules use; the crate exports nothing"
 )]
 
 pub mod admin;

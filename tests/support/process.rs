@@ -108,7 +108,7 @@ impl GateProcess {
     }
 
     /// [`GateProcess::proxy_with_args`] with `WSGATE_UPSTREAM` as written,
-    /// e.g. `unix:/path` (SPEC §13).
+    /// e.g. `unix:/path` (docs/operations.md#unix-socket-upstream).
     pub fn proxy_to(
         upstream: &str,
         args: &[&str],

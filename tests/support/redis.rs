@@ -1,4 +1,4 @@
-//! A real Redis server for the fleet tests (SPEC §10): Debian's
+//! A real Redis server for the fleet tests (docs/operations.md#fleet-wide-limits): Debian's
 //! `redis-server`, started by the test as a child process on `127.0.0.1`
 //! (a free port), on a Unix socket in a tempdir, optionally with a password
 //! and optionally over TLS (the certificates of `tests/fixtures/redis-tls`).
@@ -11,7 +11,7 @@
 //! A machine without `redis-server` fails these tests with a message that
 //! `bash .ci/run` installs it: a fleet test must never pass by not running.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -85,7 +85,7 @@ fn required_binary(name: &str) -> PathBuf {
     });
     found.unwrap_or_else(|| {
         panic!(
-            "`{name}` is not on PATH: the fleet tests (SPEC §10) run against a real Redis; \
+            "`{name}` is not on PATH: the fleet tests (docs/operations.md#fleet-wide-limits) run against a real Redis; \
              `bash .ci/run` installs Debian's redis-server (or: apt-get install redis-server)"
         )
     })
@@ -453,11 +453,6 @@ impl RedisServer {
         let out = self.cli(&["DBSIZE"]);
         out.parse()
             .unwrap_or_else(|_| panic!("DBSIZE: not a number: {out:?}"))
-    }
-
-    /// The server's tempdir (its `--dir`).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 }
 

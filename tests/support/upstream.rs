@@ -3,7 +3,7 @@
 //! ([`CountingUpstream`]), a raw one that hands each connection to the test
 //! ([`spawn_raw_upstream`]), and an address that refuses ([`closed_port`]).
 //! All of them accept through one loop, [`serve_each`], on TCP or, for the
-//! same behaviours on a Unix socket in a temp dir (SPEC §13), as
+//! same behaviours on a Unix socket in a temp dir (docs/operations.md#unix-socket-upstream), as
 //! [`UnixUpstream`]s through [`spawn_unix_raw_upstream_at`].
 
 use std::convert::Infallible;
@@ -431,6 +431,10 @@ pub struct Seen {
     pub method: String,
     pub path: String,
     pub headers: Vec<(String, Vec<u8>)>,
+    #[allow(
+        dead_code,
+        reason = "recorded for the tests to check; none reads it yet"
+    )]
     pub body: Vec<u8>,
 }
 
@@ -525,7 +529,7 @@ async fn counting_handle(
 
 // ---------------------------------------------------------------- unix socket
 
-/// An upstream on a Unix domain socket (SPEC §13): the same behaviours as
+/// An upstream on a Unix domain socket (docs/operations.md#unix-socket-upstream): the same behaviours as
 /// the TCP ones, at a socket file. Requests it serves with the counting
 /// handler are recorded in `seen`.
 pub struct UnixUpstream {

@@ -2,14 +2,12 @@
 //! upstream's subprotocol, plain HTTP both ways with streaming bodies, the
 //! forwarding headers, and that `/metrics` is never served on the client port.
 
-mod support;
-
+use crate::support::*;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use support::*;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;

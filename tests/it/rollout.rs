@@ -1,13 +1,11 @@
-//! Rollout safety (SPEC §7): saturation-aware readiness, shutdown delay and
+//! Rollout safety (docs/operations.md#rollouts): saturation-aware readiness, shutdown delay and
 //! gradual drain, admission rate limit, per-client cap, dry run, hot reload
 //! and connection lifetimes. Every test would fail without its feature.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use futures_util::StreamExt;
-use support::*;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use wsgate::config::{Config, ConfigDuration, RawConfig};

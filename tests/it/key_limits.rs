@@ -1,15 +1,13 @@
-//! Limits per key (SPEC §9), black-box: wsgate through its real entry point
+//! Limits per key (docs/operations.md#limits-per-key), black-box: wsgate through its real entry point
 //! on port 0, a real echo upstream, real clients (tokio-tungstenite and raw
 //! sockets). Every test would fail without the feature it names.
-
-mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;

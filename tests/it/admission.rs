@@ -1,11 +1,9 @@
 //! Admission against the cap, end to end: real upstream, real clients,
 //! wsgate started through `wsgate::run` on port 0.
 
-mod support;
-
 use std::sync::atomic::Ordering;
 
-use support::*;
+use crate::support::*;
 
 #[tokio::test]
 async fn admits_up_to_cap_then_503_without_touching_upstream() {

@@ -1,9 +1,7 @@
-//! Operator drains and refusal summaries (SPEC §12, issue 14), black-box:
+//! Operator drains and refusal summaries (docs/operations.md#access-log, issue 14), black-box:
 //! the wsgate binary as a child process, a real echo upstream on port 0,
 //! real clients (tokio-tungstenite, raw sockets) and plain HTTP to the admin
 //! port. Every test would fail without the feature it names.
-
-mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -11,10 +9,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::admin::{self, event_field, Operator, TokenFile};
+use crate::support::*;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use support::admin::{self, event_field, Operator, TokenFile};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -668,7 +666,7 @@ async fn bad_bodies_are_400_naming_the_field_and_oversized_413() {
 
 // ---------------------------------------------------------------- refusal summary
 
-/// The reason fields a summary line may carry (SPEC §12).
+/// The reason fields a summary line may carry (docs/operations.md#access-log).
 const REASONS: &[&str] = &[
     "capacity",
     "draining",

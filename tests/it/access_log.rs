@@ -1,4 +1,4 @@
-//! The access log (SPEC §12, issue 14), black-box: the real wsgate binary
+//! The access log (docs/operations.md#access-log, issue 14), black-box: the real wsgate binary
 //! with `log_format = json`, an upstream on port 0 that hands each upgraded
 //! connection to the test ([`HandoffUpstream`]), and raw clients. Every way
 //! a session can end is driven on the wire, and its one `wsgate::access`
@@ -22,13 +22,11 @@
     reason = "each test prints the record it checked (nextest shows it on failure)"
 )]
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::access::*;
+use crate::support::*;
 use serde_json::Value;
-use support::access::*;
-use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 

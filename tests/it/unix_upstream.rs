@@ -1,4 +1,4 @@
-//! An upstream on a Unix domain socket (SPEC §13), through the wsgate binary
+//! An upstream on a Unix domain socket (docs/operations.md#unix-socket-upstream), through the wsgate binary
 //! started the way a user starts it (`WSGATE_UPSTREAM=unix:/path`): real
 //! upstreams listening on a socket file in a temp dir, real clients on
 //! loopback. Everything but the connect is the same as over TCP: the echo,
@@ -9,13 +9,11 @@
 //! The descriptor checks read the wsgate child's `/proc/PID/fd`: the test
 //! process hosts the upstreams and clients, the child only wsgate.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::support::*;
 use futures_util::{SinkExt, StreamExt};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
@@ -467,7 +465,7 @@ fn check_config_prints_a_unix_upstream_as_given() {
 mod needs_cap_net_admin {
     use super::*;
 
-    /// SPEC §13: `tcp_keepalive` still applies to the client leg with a
+    /// docs/operations.md#unix-socket-upstream: `tcp_keepalive` still applies to the client leg with a
     /// Unix upstream: a client that vanished is found by the keepalive
     /// probe (answered with RST) and its slot released, and the upstream's
     /// socket closed.

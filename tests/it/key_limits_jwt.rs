@@ -1,17 +1,15 @@
-//! Limits per key from a verified JWT claim (SPEC §9), black-box: tokens
+//! Limits per key from a verified JWT claim (docs/operations.md#limits-per-key), black-box: tokens
 //! signed with the test keys in `tests/fixtures/jwt/`, sent the ways
 //! clients send them (Bearer header, query parameter, cookie), against
 //! wsgate started through its real entry point on port 0.
 
-mod support;
-
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::support::jwt::{fixtures_dir, hs256_token, token, unix_now};
+use crate::support::*;
 use base64::Engine;
 use serde_json::json;
-use support::jwt::{fixtures_dir, hs256_token, token, unix_now};
-use support::*;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use wsgate::config::{RawConfig, RawKeyRule};

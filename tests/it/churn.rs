@@ -8,8 +8,8 @@
 //! reliability gate of a reshaping (issue 10), run before and after.
 //!
 //! ```text
-//! cargo test --release --test churn soak -- --ignored --nocapture
-//! WSGATE_SOAK_CONNECTIONS=100000 cargo test --release --test churn soak -- --ignored --nocapture
+//! cargo test --release --test it churn::soak -- --ignored --nocapture
+//! WSGATE_SOAK_CONNECTIONS=100000 cargo test --release --test it churn::soak -- --ignored --nocapture
 //! ```
 //!
 //! The soak ends connections two more ways than the churn test: by
@@ -35,17 +35,15 @@
 //! The idle keep-alive connections that plain HTTP leaves in the upstream
 //! pool are closed after the pool's idle timeout (30 s, evicted on a 30 s
 //! tick), so that check needs about a minute and is on demand too:
-//! `cargo test --test churn plain_http -- --ignored --nocapture`.
+//! `cargo test --test it churn::plain_http -- --ignored --nocapture`.
 #![allow(clippy::print_stdout, reason = "tests report their figures")]
-
-mod support;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::*;
 use futures_util::{SinkExt, StreamExt};
-use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;

@@ -8,7 +8,7 @@
 //!
 //! CI runs 512 cases each. On demand, more: the same properties at
 //! `WSGATE_FUZZ_CASES` cases each (default 100,000):
-//! `cargo test --release --test frames_props -- --ignored --nocapture`.
+//! `cargo test --release --test it frames_props:: -- --ignored --nocapture`.
 #![allow(clippy::print_stdout, reason = "the fuzz run reports its size")]
 
 use proptest::prelude::*;
@@ -23,7 +23,7 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
     missing_docs,
     reason = "the library's module, included by path"
 )]
-#[path = "../src/frames.rs"]
+#[path = "../../src/frames.rs"]
 mod frames;
 
 use frames::{close_frame, FrameTracker};

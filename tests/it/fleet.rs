@@ -1,4 +1,4 @@
-//! Fleet-wide limits through Redis (SPEC §10), black-box: real wsgate
+//! Fleet-wide limits through Redis (docs/operations.md#fleet-wide-limits), black-box: real wsgate
 //! processes started the way a user starts them (a TOML file through
 //! `--config`, the listen addresses through the environment), a real echo
 //! upstream, real WebSocket clients and a real `redis-server` started by the
@@ -10,18 +10,16 @@
 //! key at all.
 #![allow(clippy::print_stdout, reason = "tests report what they measured")]
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::support::*;
 use futures_util::{SinkExt, StreamExt};
-use support::*;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 /// While Redis is down, slow or paused an admission may take `fleet_timeout`
-/// (SPEC §10) plus this: the handshake, the upstream's 101, a loaded machine.
+/// (docs/operations.md#fleet-wide-limits) plus this: the handshake, the upstream's 101, a loaded machine.
 const ADMISSION_MARGIN: Duration = Duration::from_millis(400);
 
 /// The recovery promises are "within one renewal interval (plus the client's
@@ -29,7 +27,7 @@ const ADMISSION_MARGIN: Duration = Duration::from_millis(400);
 /// tens of milliseconds on a loaded CI machine, which this allows for.
 const PROBE_SLACK: Duration = Duration::from_millis(500);
 
-/// The reconnect part of the recovery promises (SPEC §10).
+/// The reconnect part of the recovery promises (docs/operations.md#fleet-wide-limits).
 const RECONNECT: Duration = Duration::from_secs(2);
 
 /// Polls `check` (an expression of type `Result<(), String>`, which may
@@ -56,7 +54,7 @@ macro_rules! eventually {
 
 // ---------------------------------------------------------------- fleet configuration
 
-/// The SPEC §10 keys of one fleet, written into the TOML file each
+/// The docs/operations.md#fleet-wide-limits keys of one fleet, written into the TOML file each
 /// instance is started with (`[[key_limits]]` exist only in a file).
 #[derive(Debug, Clone)]
 struct Fleet {
@@ -73,7 +71,7 @@ struct Fleet {
 }
 
 impl Fleet {
-    /// SPEC §10's defaults (lease 30 s, timeout 100 ms, `open`, no cap) on `url`.
+    /// docs/operations.md#fleet-wide-limits's defaults (lease 30 s, timeout 100 ms, `open`, no cap) on `url`.
     fn new(url: &str, namespace: &str) -> Fleet {
         Fleet {
             url: url.to_owned(),
@@ -124,7 +122,7 @@ impl Fleet {
         self
     }
 
-    /// Renewals run every `fleet_lease_ttl / 3` (SPEC §10).
+    /// Renewals run every `fleet_lease_ttl / 3` (docs/operations.md#fleet-wide-limits).
     fn renewal(&self) -> Duration {
         self.lease_ttl / 3
     }
@@ -1391,7 +1389,7 @@ fn fleet_configuration_is_validated_and_hides_the_password() {
 }
 
 /// The `wsgate_fleet_*` series exist only with `fleet_redis_url` set, and
-/// then every labelled one from start-up (SPEC §4: no "no data").
+/// then every labelled one from start-up (docs/metrics.md: no "no data").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_metrics_exist_from_start_up_and_only_with_a_redis_url() {
     let redis = RedisServer::start();
@@ -1476,7 +1474,7 @@ async fn fleets_with_different_namespaces_do_not_share() {
     settle(&[&g], &green, &redis).await;
 }
 
-/// Check order (SPEC §9): capacity before fleet, rate after it. A capacity
+/// Check order (docs/operations.md#limits-per-key): capacity before fleet, rate after it. A capacity
 /// refusal takes no fleet hold; a rate refusal gives the hold it took back;
 /// a fleet refusal holds no local slot. Dry run (`enforce = false`) admits
 /// over the fleet cap and counts it as `would_reject{reason="fleet"}`.
@@ -1805,7 +1803,7 @@ async fn an_instance_started_while_redis_is_down_connects_when_it_comes_up() {
 }
 
 /// `wsgate_fleet_up` is "1 while the last Redis round trip succeeded"
-/// (SPEC §10): after one admission that timed out (Redis paused for a
+/// (docs/operations.md#fleet-wide-limits): after one admission that timed out (Redis paused for a
 /// moment, `open`), it reads 0 until a round trip succeeds again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_up_reads_0_after_a_round_trip_timed_out() {

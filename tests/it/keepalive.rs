@@ -1,4 +1,4 @@
-//! TCP keepalive on both legs (SPEC §2 `tcp_keepalive`): the options are in
+//! TCP keepalive on both legs (docs/configuration.md `tcp_keepalive`): the options are in
 //! force on every socket, and a peer that vanished without FIN or RST is
 //! found and its slot released.
 //!
@@ -18,15 +18,13 @@
 //! What it found is in `src/tcp.rs`'s module docs:
 //!
 //! ```text
-//! cargo test --release --test keepalive -- --ignored --nocapture
+//! cargo test --release --test it keepalive:: -- --ignored --nocapture
 //! ```
 #![allow(clippy::print_stdout, reason = "tests report what they measured")]
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -507,15 +505,17 @@ async fn detection(idle: f64, leg: Leg, vanish: Vanish) -> (Option<Duration>, St
 fn vanished_peer_detection_times() {
     let own = std::fs::read_link("/proc/self/ns/net").expect("own netns");
     let Some(parent) = std::env::var_os(IN_NETNS) else {
+        // This test's name in the harness: its module path without the
+        // crate's (`keepalive::vanished_peer_detection_times` in tests/it).
+        // A name that matches nothing would run nothing and still succeed.
+        let name = match module_path!().split_once("::") {
+            Some((_, module)) => format!("{module}::vanished_peer_detection_times"),
+            None => "vanished_peer_detection_times".to_owned(),
+        };
         let status = std::process::Command::new("unshare")
             .args(["--net", "--"])
             .arg(std::env::current_exe().expect("this test binary"))
-            .args([
-                "--exact",
-                "vanished_peer_detection_times",
-                "--ignored",
-                "--nocapture",
-            ])
+            .args(["--exact", &name, "--ignored", "--nocapture"])
             .env(IN_NETNS, &own)
             .status()
             .expect("unshare (util-linux)");

@@ -1,4 +1,4 @@
-//! Message guards (SPEC §11, issue 13): inside an admitted connection,
+//! Message guards (docs/operations.md#message-guards, issue 13): inside an admitted connection,
 //! wsgate caps what the client sends to the upstream: the size of one
 //! message (Close 1009 to the client, 1001 to the upstream, and not one byte
 //! of the oversized frame forwarded), the message rate (throttled by TCP
@@ -11,14 +11,12 @@
 //! Rates are measured from those arrival times, never from how long the
 //! client took to write.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::support::*;
 use futures_util::{SinkExt, StreamExt};
-use support::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;

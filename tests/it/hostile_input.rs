@@ -9,14 +9,12 @@
 //! admitted and echoed, and `wsgate_connections_active` is back to 0.
 #![allow(clippy::print_stdout, reason = "tests report what they tried")]
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::support::*;
 use rand::{Rng, SeedableRng};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -764,7 +762,7 @@ async fn control_characters_in_header_names_and_values_never_reach_upstream() {
 /// A `Connection` header whose value also carries a token of obs-text
 /// (bytes ≥ 0x80, which HTTP parsers accept in values) still nominates the
 /// other names in it: the nominated headers never reach the upstream, on the
-/// plain path and on the upgrade path. (Found by `tests/props.rs`.)
+/// plain path and on the upgrade path. (Found by `tests/it/props.rs`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_with_an_obs_text_token_still_removes_what_it_names() {
     let up = spawn_counting_upstream().await;

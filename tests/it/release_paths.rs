@@ -1,12 +1,10 @@
-//! The slot comes back on every way a connection can end (SPEC §3.6), the
+//! The slot comes back on every way a connection can end (docs/behaviour.md#the-client-port.6), the
 //! metrics say so, and no descriptor stays open (the test process hosts the
 //! upstream, wsgate and the client, so a leak anywhere shows).
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wsgate::config::{ConfigDuration, RawConfig};
 

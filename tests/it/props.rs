@@ -9,7 +9,7 @@
 //! same properties at scale, on demand:
 //!
 //! ```text
-//! WSGATE_FUZZ_CASES=1000000 cargo test --release --test props -- --ignored --nocapture
+//! WSGATE_FUZZ_CASES=1000000 cargo test --release --test it props::fuzz_headers_at_scale -- --ignored --nocapture
 //! ```
 //!
 //! (default 200,000 cases per property, about 2 minutes in all on 2 cores;
@@ -33,7 +33,7 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
     missing_docs,
     reason = "the library's module, included by path"
 )]
-#[path = "../src/headers.rs"]
+#[path = "../../src/headers.rs"]
 mod headers;
 
 use headers::{

@@ -4,22 +4,20 @@
 //! back and nothing else is hurt.
 //!
 //! On-demand variants (not in CI, they take minutes):
-//! `cargo test --test faults -- --ignored --nocapture --test-threads=1`
+//! `cargo test --test it faults:: -- --ignored --nocapture --test-threads=1`
 //! runs the 1 GiB backpressure transfers, about 10 s each (CI moves 256 MiB
 //! each way).
 #![allow(clippy::print_stdout, reason = "tests report what they measured")]
 
-mod support;
-
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{header, Request};
 use http_body_util::Empty;
 use socket2::SockRef;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -39,7 +37,7 @@ fn secs(s: f64) -> ConfigDuration {
 /// ACKs every keepalive probe, however frozen the process above it is, so a
 /// frozen *process* is indistinguishable from an idle one at the TCP level.
 /// Keepalive and `TCP_USER_TIMEOUT` catch a vanished *host* (power loss, a
-/// dropped NAT entry); tests/keepalive.rs checks that the options are in
+/// dropped NAT entry); tests/it/keepalive.rs checks that the options are in
 /// force on both legs, makes peers vanish without FIN or RST, and measures
 /// how long wsgate takes to find out.
 ///
@@ -63,7 +61,7 @@ async fn frozen_client_is_released_by_idle_timeout() {
     println!("frozen client released after {took:?} (idle_timeout 1s, close_timeout 0.5s: a Close frame, no reply, then TCP close)");
     assert!(took < Duration::from_secs(3), "released after {took:?}");
     // What the frozen client would read if it woke up: a Close frame
-    // (SPEC §8: FIN + opcode 8, unmasked, code 1001), then the end.
+    // (docs/behaviour.md#close-frames: FIN + opcode 8, unmasked, code 1001), then the end.
     let mut got = Vec::new();
     let read_all = async {
         let mut buf = [0u8; 256];
@@ -820,7 +818,7 @@ async fn shutdown_is_not_held_up_by_a_client_frozen_mid_frame() {
 // ---------------------------------------------------------------- client leaves mid-handshake
 
 /// A client that leaves (FIN or RST) while wsgate is still waiting for the
-/// upstream's answer: the slot comes back at once (SPEC §3: within 1 s),
+/// upstream's answer: the slot comes back at once (docs/behaviour.md#the-client-port: within 1 s),
 /// not when `upstream_connect_timeout` fires.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_leaving_during_the_upstream_handshake_frees_the_slot_at_once() {

@@ -3,9 +3,7 @@
 //! the one over the cap of 2 gets 503, closing one lets the next in, and any
 //! other path is 404. A `curl` of the proxy must never meet a 502 here.
 
-mod support;
-
-use support::*;
+use crate::support::*;
 
 /// One `GET` on a fresh connection; (status, headers as written, body).
 async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {

@@ -1,16 +1,14 @@
-//! Close frames (SPEC §8): when wsgate ends a connection itself it says so
+//! Close frames (docs/behaviour.md#close-frames): when wsgate ends a connection itself it says so
 //! in WebSocket terms. A real client (tokio-tungstenite) sees the configured
 //! code and reason; the upstream (tungstenite, which refuses unmasked client
 //! frames) receives a masked Close with the same code; what was sent before
 //! arrives complete; a frame in flight finishes first, or is cut at
 //! `close_timeout` when its sender stalls.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use futures_util::{SinkExt, StreamExt};
-use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;

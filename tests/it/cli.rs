@@ -2,12 +2,10 @@
 //! key, value and what is accepted; `check-config`; a taken address exits 1
 //! naming it; SIGTERM drains and exits 0 within the grace.
 
-mod support;
-
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 use tokio::time::Instant;
 
 const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
