@@ -201,6 +201,33 @@ async fn a_missing_token_under_reject_is_401() {
     );
 }
 
+/// A verified token whose claim is the empty string carries no key: under
+/// `missing = "reject"` it is refused like a token without the claim
+/// (401 `key_missing`), never counted as the key "".
+#[tokio::test]
+async fn an_empty_claim_is_a_missing_key() {
+    let up = spawn_echo_upstream().await;
+    let gate = gate_with(&up, &fixtures_dir().join("jwks.json"), 5, |raw| {
+        raw.key_limits[0].missing = Some("reject".into());
+    })
+    .await;
+    let empty = token("RS256", claims(""));
+    assert_eq!(bearer(&gate, &empty).await.err(), Some(401));
+    assert_eq!(
+        metric(
+            gate.admin,
+            "wsgate_connections_rejected_total{reason=\"key_missing\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        up.accepts.load(Ordering::SeqCst),
+        0,
+        "the upstream saw nothing"
+    );
+}
+
 /// Browsers cannot set headers on a WebSocket: the token from a query
 /// parameter, and from a cookie.
 #[tokio::test]
