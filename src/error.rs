@@ -16,9 +16,10 @@ use std::time::Duration;
 use http::StatusCode;
 
 use crate::admission::{RejectReason, Rejection};
-use crate::headers::HandshakeError;
+use crate::headers::{HandshakeError, RequestError};
 use crate::metrics::{labels, Label};
 use crate::responses::Synthetic;
+use crate::target::BadTarget;
 
 /// A boxed error from the upstream connection or the HTTP client.
 type Cause = Box<dyn StdError + Send + Sync>;
@@ -29,6 +30,16 @@ pub(crate) enum ProxyError {
     /// The WebSocket handshake is malformed.
     #[error("{0}")]
     BadHandshake(#[from] HandshakeError),
+    /// A request no kind of which is accepted (405 or 400).
+    #[error("{0}")]
+    Request(#[from] RequestError),
+    /// A plain request whose path cannot be read unambiguously (400).
+    #[error("{0}")]
+    Path(#[from] BadTarget),
+    /// The upstream switched protocols on a plain request that did not
+    /// ask it to (502): the bytes after it are not HTTP any more.
+    #[error("the upstream answered 101 to a request that did not ask to upgrade")]
+    UnrequestedSwitch,
     /// The admission pipeline refused the upgrade, with its status.
     #[error("upgrade refused: {}", .0.reason.label())]
     Rejected(Rejection),
@@ -79,6 +90,11 @@ impl ProxyError {
                 StatusCode::BAD_REQUEST
             }
             ProxyError::Rejected(r) => r.status,
+            ProxyError::Request(RequestError::Method) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::Request(RequestError::Host) | ProxyError::Path(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::UnrequestedSwitch => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamHandshake(_)
             | ProxyError::UpstreamBadAccept
@@ -94,6 +110,8 @@ impl ProxyError {
         match self {
             ProxyError::BadHandshake(e) => e.reason(),
             ProxyError::Rejected(r) => rejection_text(r.reason),
+            ProxyError::Request(e) => e.text(),
+            ProxyError::Path(e) => e.text(),
             ProxyError::BadTarget(_) => "bad request target\n",
             ProxyError::ClientBody(_) => "wsgate: bad request body\n",
             ProxyError::UpstreamTimeout(_) | ProxyError::UpstreamRequestTimeout(_) => {
@@ -102,6 +120,7 @@ impl ProxyError {
             ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamHandshake(_)
             | ProxyError::UpstreamBadAccept
+            | ProxyError::UnrequestedSwitch
             | ProxyError::UpstreamRequest(_) => "wsgate: upstream unavailable\n",
         }
     }
@@ -119,8 +138,11 @@ impl ProxyError {
         }
     }
 
-    /// Whether this failed a WebSocket upgrade (as opposed to a plain request).
-    fn on_upgrade_path(&self) -> bool {
+    /// Whether the connection ends after the answer: always on the upgrade
+    /// path (see [`Synthetic::close`]), and for requests refused before
+    /// anything was read of them; a plain request that failed upstream
+    /// keeps its connection.
+    fn closes(&self) -> bool {
         !matches!(
             self,
             ProxyError::BadTarget(_)
@@ -141,11 +163,13 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
             )
             .then_some(retry_after_secs),
-            close: self.on_upgrade_path(),
+            close: self.closes(),
             websocket_version: matches!(
                 self,
                 ProxyError::BadHandshake(HandshakeError::WebSocketVersion)
             ),
+            allow: matches!(self, ProxyError::Request(RequestError::Method))
+                .then_some(RequestError::ALLOWED),
             ..Synthetic::new(status, self.reason())
         }
     }
@@ -155,6 +179,7 @@ impl ProxyError {
 fn rejection_text(reason: RejectReason) -> &'static str {
     match reason {
         RejectReason::Capacity => "wsgate: too many websocket connections, retry later\n",
+        RejectReason::BadPath => "wsgate: the request target is not a path that can be read unambiguously\n",
         RejectReason::Draining => "wsgate: shutting down, connect to another instance\n",
         RejectReason::Rate => "wsgate: too many new websocket connections, retry later\n",
         RejectReason::PerIp => {
@@ -163,6 +188,9 @@ fn rejection_text(reason: RejectReason) -> &'static str {
         RejectReason::Key => "wsgate: too many websocket connections for your key, retry later\n",
         RejectReason::KeyMissing => {
             "wsgate: this endpoint needs a key the request does not carry (or one that is not usable)\n"
+        }
+        RejectReason::KeyAmbiguous => {
+            "wsgate: a value this endpoint keys on is given more than once\n"
         }
         RejectReason::KeyTableFull => "wsgate: too many distinct keys connected, retry later\n",
         RejectReason::Jwt => "wsgate: the token is not valid\n",

@@ -100,6 +100,48 @@ impl std::fmt::Display for HandshakeError {
 
 impl std::error::Error for HandshakeError {}
 
+/// Why wsgate answers a request itself, whatever kind it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum RequestError {
+    /// `CONNECT` or `TRACE` (405): a sidecar in front of one service has
+    /// no tunnel to open, and `TRACE` would echo headers an ingress added.
+    #[error("method not allowed")]
+    Method,
+    /// More than one `Host` (400, RFC 9112 §3.2): which one the upstream
+    /// routes by is anybody's guess.
+    #[error("more than one Host header")]
+    Host,
+}
+
+impl RequestError {
+    /// The answer's body: one static line.
+    pub(crate) fn text(self) -> &'static str {
+        match self {
+            RequestError::Method => "wsgate: CONNECT and TRACE are not accepted\n",
+            RequestError::Host => "wsgate: bad request: more than one Host header\n",
+        }
+    }
+
+    /// The methods a 405 says are allowed.
+    pub(crate) const ALLOWED: &'static str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+}
+
+/// What every request must pass before it is classified: not `CONNECT`
+/// or `TRACE`, at most one `Host`.
+///
+/// # Errors
+/// Which rule the request breaks.
+pub(crate) fn screen_request(method: &Method, headers: &HeaderMap) -> Result<(), RequestError> {
+    if *method == Method::CONNECT || *method == Method::TRACE {
+        return Err(RequestError::Method);
+    }
+    let mut hosts = headers.get_all(header::HOST).iter();
+    if hosts.next().is_some() && hosts.next().is_some() {
+        return Err(RequestError::Host);
+    }
+    Ok(())
+}
+
 /// Iterates the comma-separated tokens of every value of `name`, trimmed.
 /// A token that is not UTF-8 (obs-text) is skipped on its own: it must not
 /// hide the other tokens of its value (`Connection: x-secret, \x80` still
@@ -245,19 +287,34 @@ fn set_proto_and_host(headers: &mut HeaderMap) {
     }
 }
 
+/// An `X-Forwarded-For` entry at the trusted position that is not an
+/// address: a trusted proxy that writes something else, or fewer proxies
+/// in front than `trusted_hops` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct UnreadableForwardedFor;
+
 /// The client's address for per-IP limits (docs/operations.md#rollouts `trusted_hops`): with 0
 /// trusted hops the socket peer; with N ≥ 1 the N-th `X-Forwarded-For` entry
 /// counted from the right (the socket peer being the N-th trusted proxy);
-/// with fewer entries, or an entry that is not an address, the socket peer.
-pub(crate) fn client_address(headers: &HeaderMap, peer: IpAddr, trusted_hops: usize) -> IpAddr {
+/// with fewer entries the socket peer (the request did not come through
+/// the proxies).
+///
+/// # Errors
+/// The entry at that position is not an address; the caller falls back
+/// to the socket peer and says so.
+pub(crate) fn client_address(
+    headers: &HeaderMap,
+    peer: IpAddr,
+    trusted_hops: usize,
+) -> Result<IpAddr, UnreadableForwardedFor> {
     if trusted_hops == 0 {
-        return peer;
+        return Ok(peer);
     }
     let entries: Vec<&str> = tokens(headers, &X_FORWARDED_FOR).collect();
     let Some(index) = entries.len().checked_sub(trusted_hops) else {
-        return peer;
+        return Ok(peer);
     };
-    parse_forwarded_address(entries[index]).unwrap_or(peer)
+    parse_forwarded_address(entries[index]).ok_or(UnreadableForwardedFor)
 }
 
 /// `1.2.3.4`, `1.2.3.4:5678`, `::1`, `[::1]` or `[::1]:80`.
@@ -463,26 +520,34 @@ mod tests {
             HeaderValue::from_static("198.51.100.1, 203.0.113.9:4000"),
         );
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("[2001:db8::7]"));
-        assert_eq!(client_address(&h, peer, 0), peer, "0 hops: the socket peer");
+        assert_eq!(
+            client_address(&h, peer, 0),
+            Ok(peer),
+            "0 hops: the socket peer"
+        );
         assert_eq!(
             client_address(&h, peer, 1),
-            "2001:db8::7".parse::<IpAddr>().expect("ip")
+            "2001:db8::7".parse().map_err(|_| UnreadableForwardedFor)
         );
         assert_eq!(
             client_address(&h, peer, 2),
-            "203.0.113.9".parse::<IpAddr>().expect("ip")
+            "203.0.113.9".parse().map_err(|_| UnreadableForwardedFor)
         );
         assert_eq!(
             client_address(&h, peer, 3),
-            "198.51.100.1".parse::<IpAddr>().expect("ip")
+            "198.51.100.1".parse().map_err(|_| UnreadableForwardedFor)
         );
         assert_eq!(
             client_address(&h, peer, 4),
-            peer,
+            Ok(peer),
             "fewer entries: the socket peer"
         );
         h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("not-an-ip"));
-        assert_eq!(client_address(&h, peer, 1), peer);
+        assert_eq!(
+            client_address(&h, peer, 1),
+            Err(UnreadableForwardedFor),
+            "said, not silently the peer"
+        );
     }
 
     #[test]

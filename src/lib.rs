@@ -15,6 +15,7 @@
 //! | `tcp` | socket options: `TCP_NODELAY`, keepalive, `TCP_USER_TIMEOUT` |
 //! | `proxy` | the request handler: classify, call the admission pipeline once, forward the upgrade or the plain request |
 //! | `headers` | pure header logic: classify, validate, rewrite |
+//! | `target` | the request target read the way the upstream reads it: path normalised, ambiguous paths refused |
 //! | `admission/` | the admission pipeline: the ordered checks, one file per policy, the outcome, the RAII `AdmissionGuard` |
 //! | `keys/` | limits per key: rules, key tables, key extraction |
 //! | `jwt/` | the JWT verifier, JWKS parsing and its file watch |
@@ -29,6 +30,7 @@
 //! | `drain` | live tunnels in age order; the even-pace drain; the operator's drain |
 //! | `session` | how a session ended (`closed_by`, `end`, Close code and reason), and its series |
 //! | `access_log` | one record per session; refusals summarised every 10 s at most |
+//! | `throttle` | one log line per interval for events a client can cause at will |
 //! | `log_format` | how log lines are written: the plain field formatter, the cached timestamp |
 //! | `shutdown` | signals → `Control`, the `Shutdown` tokens and tracker, the shutdown timeline |
 //! | `reload` | SIGHUP and the config-file watch |
@@ -64,7 +66,9 @@ pub(crate) mod server;
 pub(crate) mod session;
 pub(crate) mod shutdown;
 pub(crate) mod splice;
+pub(crate) mod target;
 pub(crate) mod tcp;
+pub(crate) mod throttle;
 pub(crate) mod tunnel;
 pub(crate) mod upstream_client;
 pub(crate) mod upstream_http;

@@ -12,15 +12,16 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::uri::{Authority, Scheme, Uri};
-use http::{header, HeaderValue, Request, Response};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 
 use crate::access_log::{Refusal, Refusals, SessionInfo};
-use crate::admission::{Admission, Candidate};
+use crate::admission::{Admission, Admitted, Candidate};
 use crate::config::Config;
 use crate::drain::Tunnels;
 use crate::error::{ProxyError, UpstreamErrorKind};
@@ -29,6 +30,8 @@ use crate::metrics::{labels, Family, Label, Registrar};
 use crate::responses::{self, ProxyBody};
 use crate::shutdown::Shutdown;
 use crate::splice::Limits;
+use crate::target;
+use crate::throttle::Throttle;
 use crate::tunnel::{self, Answer, TunnelContext, TunnelMetrics};
 use crate::upstream_client::UpstreamClient;
 
@@ -113,6 +116,8 @@ struct Inner {
     /// Pooled keep-alive connections to the upstream for plain HTTP.
     client: UpstreamClient,
     upstream_authority: Authority,
+    /// Warnings about unreadable `X-Forwarded-For` entries, one a minute.
+    unreadable_forwarded_for: Throttle,
 }
 
 impl Proxy {
@@ -144,6 +149,7 @@ impl Proxy {
                 shutdown,
                 client,
                 upstream_authority,
+                unreadable_forwarded_for: Throttle::new(Duration::from_secs(60)),
             }),
         })
     }
@@ -226,6 +232,15 @@ impl Proxy {
         peer: SocketAddr,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let config = self.config();
+        if let Err(e) = headers::screen_request(req.method(), req.headers()) {
+            tracing::debug!(%peer, "refused a request from {peer}: {e}");
+            let resp = ProxyError::Request(e).answer(0).into_response();
+            self.inner
+                .metrics
+                .http_requests
+                .inc(HttpClass::of(resp.status()));
+            return Ok(resp);
+        }
         let resp = match headers::classify(req.method(), req.version(), req.headers()) {
             Ok(RequestKind::WebSocket) => match self.upgrade(req, peer, &config).await {
                 Ok(resp) => resp,
@@ -274,14 +289,26 @@ impl Proxy {
         config: &Config,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let inner = &*self.inner;
-        let client = headers::client_address(req.headers(), peer.ip(), config.trusted_hops);
+        let client = headers::client_address(req.headers(), peer.ip(), config.trusted_hops)
+            .unwrap_or_else(|_| {
+                if let Some(more) = inner.unreadable_forwarded_for.occurred() {
+                    tracing::warn!(
+                        %peer,
+                        trusted_hops = config.trusted_hops,
+                        "an X-Forwarded-For entry at the trusted position is not an address \
+                         (+{more} since the last line); per-IP limits count the socket peer {peer} \
+                         for such requests: check trusted_hops against the proxies in front"
+                    );
+                }
+                peer.ip()
+            });
         let candidate = Candidate {
             peer,
             client,
             headers: req.headers(),
             uri: req.uri(),
         };
-        let guard = inner
+        let Admitted { guard, target } = inner
             .admission
             .admit(config, candidate)
             .await
@@ -292,7 +319,7 @@ impl Proxy {
             Box::new(SessionInfo {
                 id: rand::random(),
                 client,
-                path: req.uri().path().into(),
+                path: target.path().into(),
                 subprotocol: "".into(),
                 keys: guard.keys_text().into(),
             })
@@ -312,7 +339,8 @@ impl Proxy {
         );
         let mut upstream_req = Request::new(Empty::<Bytes>::new());
         *upstream_req.method_mut() = parts.method;
-        *upstream_req.uri_mut() = origin_form(&parts.uri);
+        // The target the rules judged, path normalised: never the raw one.
+        *upstream_req.uri_mut() = target;
         *upstream_req.headers_mut() = parts.headers;
 
         let timeout = config.upstream_connect_timeout;
@@ -393,7 +421,10 @@ impl Proxy {
         let resp = match self.send_upstream(req, peer).await {
             Ok(resp) => resp,
             Err(e) => {
-                if matches!(e, ProxyError::BadTarget(_) | ProxyError::ClientBody(_)) {
+                if matches!(
+                    e,
+                    ProxyError::BadTarget(_) | ProxyError::ClientBody(_) | ProxyError::Path(_)
+                ) {
                     tracing::debug!(%peer, "a plain request from {peer} failed: {e}");
                 } else {
                     tracing::warn!(%peer, "a plain request from {peer} failed: {e}");
@@ -419,14 +450,19 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         headers::set_forwarded(&mut parts.headers, peer.ip());
+        // The path as the upstream would read it, normalised like an
+        // upgrade's (docs/security.md#paths).
+        let path = target::plain_target(&parts.uri)?;
         let mut uri = parts.uri.into_parts();
         uri.scheme = Some(Scheme::HTTP);
         uri.authority = Some(inner.upstream_authority.clone());
-        if uri.path_and_query.is_none() {
-            uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-        }
+        uri.path_and_query = Some(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
         parts.uri = Uri::from_parts(uri).map_err(|e| ProxyError::BadTarget(e.into()))?;
         match inner.client.request(Request::from_parts(parts, body)).await {
+            Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                // Dropping the answer drops its upstream connection.
+                Err(ProxyError::UnrequestedSwitch)
+            }
             Ok(resp) => {
                 let (mut head, body) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut head.headers);
@@ -492,9 +528,4 @@ fn caused_by_client_body(e: &(dyn std::error::Error + 'static)) -> bool {
         cause = c.source();
     }
     false
-}
-
-fn origin_form(uri: &Uri) -> Uri {
-    uri.path_and_query()
-        .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()))
 }

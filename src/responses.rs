@@ -43,6 +43,8 @@ pub(crate) struct Synthetic {
     /// `Sec-WebSocket-Version: 13`, which RFC 6455 §4.4 asks for when a
     /// client offered a version the server does not speak.
     pub(crate) websocket_version: bool,
+    /// `Allow`, which a 405 must carry (RFC 9110 §15.5.6).
+    pub(crate) allow: Option<&'static str>,
 }
 
 impl Synthetic {
@@ -54,6 +56,7 @@ impl Synthetic {
             retry_after: None,
             close: false,
             websocket_version: false,
+            allow: None,
         }
     }
 
@@ -71,6 +74,9 @@ impl Synthetic {
         }
         if let Some(secs) = self.retry_after {
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some(methods) = self.allow {
+            h.insert(header::ALLOW, HeaderValue::from_static(methods));
         }
         if self.websocket_version {
             h.insert(

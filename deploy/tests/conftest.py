@@ -249,7 +249,7 @@ KEY_LIMITS_VALUES: dict[str, Any] = {
         {"name": "room", "key": "path_segment:2", "maxPerKey": 200, "missing": "allow"},
     ],
     "jwt": {"jwksSecret": {"name": "auth-jwks", "key": "jwks.json"}, "issuer": "https://auth.example.com/",
-            "audience": "chat", "from": "query:access_token"},
+            "audience": "chat", "requireExp": False, "from": "query:access_token"},
     "adminToken": {"secretName": "wsgate-admin", "key": "token"},
 }
 # Fleet-wide limits (docs/operations.md#fleet-wide-limits), every value set, with a fleet = true key rule. Not in VALUE_SETS

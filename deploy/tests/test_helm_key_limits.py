@@ -106,6 +106,7 @@ def test_toml_equals_the_values(render):
         "jwt_jwks_file": "/etc/wsgate/jwks/jwks.json",
         "jwt_issuer": "https://auth.example.com/",
         "jwt_audience": "chat",
+        "jwt_require_exp": False,
         "jwt_from": "query:access_token",
     }
 

@@ -31,6 +31,7 @@ fn reason(why: KeyRefusal) -> RejectReason {
     match why {
         KeyRefusal::OverLimit => RejectReason::Key,
         KeyRefusal::Missing => RejectReason::KeyMissing,
+        KeyRefusal::Ambiguous => RejectReason::KeyAmbiguous,
         KeyRefusal::TableFull => RejectReason::KeyTableFull,
         KeyRefusal::BadToken => RejectReason::Jwt,
     }

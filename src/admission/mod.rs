@@ -6,6 +6,10 @@
 //! given back when a later one refuses (it sits in the [`AdmissionGuard`]
 //! under construction, which the refusal drops). The order, and why:
 //!
+//! 0. **target**: the path is read the way the upstream will read it
+//!    (`crate::target`); a target that cannot be is refused (`bad_path`,
+//!    not a limit: dry run does not cover it), and the normalised target
+//!    is what the key rules judge and what is forwarded;
 //! 1. **draining**: a process going away admits nothing (not a limit:
 //!    dry run does not cover it);
 //! 2. **capacity**: a slot under `max_clients`, without waiting;
@@ -45,7 +49,7 @@ mod rate;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use http::{HeaderMap, Uri};
+use http::{HeaderMap, StatusCode, Uri};
 use prometheus::{IntCounter, IntGauge};
 
 use self::capacity::Capacity;
@@ -59,6 +63,7 @@ use crate::fleet::Fleet;
 use crate::keys::{KeyLimits, KeyMetrics, KeyRequest};
 use crate::metrics::{Family, Label, Registrar};
 use crate::shutdown::Shutdown;
+use crate::target;
 
 /// The upgrade being judged.
 #[derive(Debug, Clone, Copy)]
@@ -69,8 +74,18 @@ pub(crate) struct Candidate<'a> {
     pub(crate) client: IpAddr,
     /// The request head's headers.
     pub(crate) headers: &'a HeaderMap,
-    /// The request target.
+    /// The request target as the client sent it.
     pub(crate) uri: &'a Uri,
+}
+
+/// An admitted upgrade: what it holds, and the target it was judged on,
+/// which is the one forwarded.
+#[derive(Debug)]
+pub(crate) struct Admitted {
+    /// Everything the connection holds; dropping it is the release.
+    pub(crate) guard: AdmissionGuard,
+    /// The request target in origin-form, path normalised.
+    pub(crate) target: Uri,
 }
 
 /// The admission series.
@@ -81,7 +96,7 @@ struct AdmissionMetrics {
     /// `wsgate_connections_rejected_total{reason}`.
     rejected: Family<RejectReason>,
     /// `wsgate_connections_would_reject_total{reason}` (dry run; never
-    /// `draining`, which is not a policy).
+    /// `draining` or `bad_path`, which are not policies).
     would_reject: Family<RejectReason>,
 }
 
@@ -138,7 +153,7 @@ impl Admission {
                 "wsgate_connections_would_reject_total",
                 "Dry run (enforce = false): upgrades that would have been refused",
                 "reason",
-                |reason| reason != RejectReason::Draining,
+                |reason| !matches!(reason, RejectReason::Draining | RejectReason::BadPath),
             )?,
         };
         Ok(Admission {
@@ -177,14 +192,14 @@ impl Admission {
         &self,
         config: &Config,
         req: Candidate<'_>,
-    ) -> Result<AdmissionGuard, Rejection> {
+    ) -> Result<Admitted, Rejection> {
         let m = &self.inner.metrics;
         let mut screen = Screen {
             enforce: config.enforce,
             would_reject: None,
         };
         match self.screen(&mut screen, config, req).await {
-            Ok(guard) => {
+            Ok(admitted) => {
                 m.admitted.inc();
                 if let Some(reason) = screen.would_reject {
                     m.would_reject.inc(reason);
@@ -197,7 +212,7 @@ impl Admission {
                         reason.label()
                     );
                 }
-                Ok(guard)
+                Ok(admitted)
             }
             Err(rejection) => {
                 m.rejected.inc(rejection.reason);
@@ -213,9 +228,13 @@ impl Admission {
         s: &mut Screen,
         config: &Config,
         req: Candidate<'_>,
-    ) -> Result<AdmissionGuard, Rejection> {
+    ) -> Result<Admitted, Rejection> {
         let inner = &*self.inner;
         let anyway = !s.enforce;
+        let target = target::upgrade_target(req.uri, req.headers).map_err(|_| Rejection {
+            reason: RejectReason::BadPath,
+            status: StatusCode::BAD_REQUEST,
+        })?;
         draining::check(&inner.shutdown)?;
         let slot = s.require(inner.capacity.check(anyway))?;
         let mut guard = AdmissionGuard {
@@ -227,8 +246,8 @@ impl Admission {
         guard.ip = s.apply(inner.per_ip.check(req.client, anyway))?;
         let fleet_keys = {
             let rules = inner.keys.rules();
-            let mut keys = KeyRequest::new(&inner.keys, &config.jwt_from, req.headers, req.uri);
-            for rule in rules.applying_to(req.uri.path()) {
+            let mut keys = KeyRequest::new(&inner.keys, &config.jwt_from, req.headers, &target);
+            for rule in rules.applying_to(target.path()) {
                 let verdict = keys::verdict(keys.check(rule, anyway));
                 guard.keys.extend(s.apply(verdict)?.flatten());
             }
@@ -240,7 +259,7 @@ impl Admission {
                 .flatten();
         }
         s.apply(inner.rate.check())?;
-        Ok(guard)
+        Ok(Admitted { guard, target })
     }
 
     /// The limits per key (for `/keys` and the busiest-ratio gauges).

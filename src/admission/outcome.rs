@@ -13,6 +13,9 @@ labels! {
     pub(crate) enum RejectReason {
         /// The cap is reached.
         Capacity => "capacity",
+        /// The request target cannot be read unambiguously (an encoded
+        /// `/`, a control character, not a path on this host): 400.
+        BadPath => "bad_path",
         /// The process is shutting down.
         Draining => "draining",
         /// The admission rate limit.
@@ -24,6 +27,9 @@ labels! {
         /// A key rule: the request has no usable key (`missing = reject`,
         /// or a value that cannot be a key).
         KeyMissing => "key_missing",
+        /// A key rule: a query parameter, cookie or header it reads (or the
+        /// token `jwt_from` names) is given more than once: 400.
+        KeyAmbiguous => "key_ambiguous",
         /// A key rule: the table already tracks `max_keys` values.
         KeyTableFull => "key_table_full",
         /// A `jwt_claim` rule: the token is present but not valid.

@@ -287,11 +287,16 @@ pub(super) fn rules(
             .filter(|n| *n >= 1)
             .ok_or_else(|| at.err("max_per_key", max_per_key.to_string(), LIMIT_EXPECTED))?;
         let path_prefix = r.path_prefix.clone().unwrap_or_else(|| "/".into());
-        if !path_prefix.starts_with('/') {
+        // Rules see normalised paths (docs/security.md#paths): a prefix
+        // that is not in normal form would never match anything.
+        let normal = path_prefix.starts_with('/')
+            && crate::target::normalise_path(&path_prefix).is_ok_and(|n| n == path_prefix.as_str());
+        if !normal {
             return Err(at.err(
                 "path_prefix",
                 format!("{path_prefix:?}"),
-                "a path starting with /",
+                "a path starting with / in normal form (no //, . or .. segments, \
+                 no escaped letters or digits, no %2F)",
             ));
         }
         let missing = match r.missing.as_deref().unwrap_or("shared") {
@@ -516,6 +521,14 @@ mod tests {
             (
                 vec![with(&|r| r.path_prefix = Some("chat".into()))],
                 "key_limits[tenant].path_prefix = \"chat\"",
+            ),
+            (
+                vec![with(&|r| r.path_prefix = Some("/a/../chat".into()))],
+                "key_limits[tenant].path_prefix = \"/a/../chat\"",
+            ),
+            (
+                vec![with(&|r| r.path_prefix = Some("/%63hat".into()))],
+                "key_limits[tenant].path_prefix = \"/%63hat\"",
             ),
             (
                 vec![with(&|r| r.max_keys = Some(0))],

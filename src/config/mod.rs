@@ -179,6 +179,10 @@ pub struct RawConfig {
     pub jwt_issuer: Option<String>,
     /// Required `aud` of tokens, when set.
     pub jwt_audience: Option<String>,
+    /// Tokens without `exp` are refused (a token that never expires is a
+    /// credential that cannot be taken back).
+    #[serde(deserialize_with = "TrueOrFalse::checked")]
+    pub jwt_require_exp: bool,
     /// Where the token is: `header:Authorization` (Bearer), `query:P`, `cookie:C`.
     pub jwt_from: String,
     /// The Redis of fleet-wide limits (docs/operations.md#fleet-wide-limits); empty = off. It may hold
@@ -265,6 +269,7 @@ impl Default for RawConfig {
             jwt_jwks_file: None,
             jwt_issuer: None,
             jwt_audience: None,
+            jwt_require_exp: true,
             jwt_from: "header:Authorization".into(),
             fleet_redis_url: String::new(),
             fleet_namespace: "wsgate".into(),
@@ -360,6 +365,8 @@ pub struct Config {
     /// The JWT verifier's keys and expectations; `None` without a JWKS file.
     #[serde(flatten)]
     pub jwt: Option<JwtSettings>,
+    /// Tokens without `exp` are refused.
+    pub jwt_require_exp: bool,
     /// Where the JWT is read from.
     #[serde(serialize_with = "key_limits::written")]
     pub jwt_from: TokenSource,

@@ -103,6 +103,7 @@ impl Config {
             },
             admin_token_file: key_limits::admin_token_file(raw.admin_token_file.as_deref())?,
             jwt: jwt.clone(),
+            jwt_require_exp: TrueOrFalse::value("jwt_require_exp", &raw.jwt_require_exp)?,
             jwt_from: key_limits::token_source(&raw.jwt_from)?,
             fleet,
             message_guards: guards::settings(&raw)?,

@@ -86,6 +86,8 @@ pub(crate) struct Expect {
     /// `jwt_audience`: when set, a token's `aud` must be present and be (or
     /// contain) it. When unset, `aud` is not looked at.
     pub(crate) audience: Option<String>,
+    /// `jwt_require_exp`: a token without `exp` is refused.
+    pub(crate) require_exp: bool,
 }
 
 /// Why a token was refused. Messages are short and never include the token
@@ -99,6 +101,9 @@ pub(crate) enum JwtError {
     /// `exp` is past, beyond the leeway.
     #[error("token expired")]
     Expired,
+    /// No `exp`, and `jwt_require_exp` is on.
+    #[error("token has no exp")]
+    NoExpiry,
     /// `nbf` is ahead, beyond the leeway.
     #[error("token not yet valid")]
     NotYetValid,
@@ -120,21 +125,30 @@ pub(crate) enum JwtError {
     AlgorithmRefused,
 }
 
+/// A key claim that is neither a string nor an integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the key claim is neither a string nor an integer")]
+pub(crate) struct ClaimTypeError;
+
 /// The verified claims of a token.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Claims(Map<String, Value>);
 
 impl Claims {
-    /// The key value of claim `name`: a string as is, an integer or a bool
-    /// written out; `None` for a claim that is absent, null, an object, an
-    /// array or a fractional number (`1.0` and `1` are one number written two
-    /// ways: as a key it would be ambiguous).
-    pub(crate) fn key(&self, name: &str) -> Option<String> {
-        match self.0.get(name)? {
-            Value::String(s) => Some(s.clone()),
-            Value::Bool(b) => Some(b.to_string()),
-            Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
-            _ => None,
+    /// The key value of claim `name`: a string as is, an integer as its
+    /// decimal text (so `7` and `"7"` are one key); `None` when the claim
+    /// is absent (an empty string is then judged missing by the caller).
+    ///
+    /// # Errors
+    /// Any other type (null, a bool, a fraction, an object, an array): the
+    /// issuer meant something else than a key by it, and writing it out
+    /// would make up one (`true`, `1.0`).
+    pub(crate) fn key(&self, name: &str) -> Result<Option<String>, ClaimTypeError> {
+        match self.0.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(Some(n.to_string())),
+            Some(_) => Err(ClaimTypeError),
         }
     }
 }
@@ -201,9 +215,8 @@ impl Verifier {
     }
 
     /// Verifies `token` now: the claims, once the signature, `exp`, `nbf`,
-    /// `iss` and `aud` have passed. `exp` and `nbf` are checked when present
-    /// but not required: tokens for services often carry no `exp`, and a
-    /// token that should expire is the issuer's to mark.
+    /// `iss` and `aud` have passed. `exp` is required unless
+    /// `jwt_require_exp = false`; `nbf` is checked when present.
     ///
     /// # Errors
     /// Why the token is refused (see [`JwtError`]).
@@ -325,9 +338,12 @@ fn validations(expect: &Expect) -> [Validation; 4] {
         v.leeway = LEEWAY_SECS;
         v.validate_exp = true;
         v.validate_nbf = true;
-        // Nothing is required by default (jsonwebtoken requires `exp`): see
-        // `Verifier::verify`. A configured issuer or audience is required.
+        // Only what the configuration asks for is required: `exp` with
+        // `jwt_require_exp`, a configured issuer or audience.
         v.required_spec_claims.clear();
+        if expect.require_exp {
+            v.required_spec_claims.insert("exp".to_owned());
+        }
         if let Some(issuer) = &expect.issuer {
             v.set_issuer(&[issuer]);
             v.required_spec_claims.insert("iss".to_owned());
@@ -354,6 +370,7 @@ fn refusal(kind: &ErrorKind) -> JwtError {
         ErrorKind::ImmatureSignature => JwtError::NotYetValid,
         ErrorKind::InvalidIssuer => JwtError::Issuer,
         ErrorKind::InvalidAudience => JwtError::Audience,
+        ErrorKind::MissingRequiredClaim(claim) if claim == "exp" => JwtError::NoExpiry,
         ErrorKind::MissingRequiredClaim(claim) | ErrorKind::InvalidClaimFormat(claim)
             if claim == "iss" =>
         {
@@ -439,7 +456,7 @@ mod tests {
         for alg in ALGS {
             let verified = v.verify(&token(alg, claims(alg)));
             assert_eq!(
-                verified.map(|c| c.key("sub")),
+                verified.map(|c| c.key("sub").ok().flatten()),
                 Ok(Some(alg.to_owned())),
                 "{alg}"
             );
@@ -452,7 +469,7 @@ mod tests {
         for alg in ALGS {
             let verified = v.verify(&token_without_kid(alg, claims("no-kid")));
             assert_eq!(
-                verified.map(|c| c.key("sub")),
+                verified.map(|c| c.key("sub").ok().flatten()),
                 Ok(Some("no-kid".into())),
                 "{alg}"
             );
@@ -480,9 +497,17 @@ mod tests {
     }
 
     #[test]
-    fn exp_is_not_required_but_must_be_a_number() {
+    fn exp_is_required_unless_configured_off_and_must_be_a_number() {
+        let without_exp = token("EdDSA", json!({ "sub": "a" }));
+        let required = verifier(Expect {
+            require_exp: true,
+            ..Expect::default()
+        });
+        assert_eq!(required.verify(&without_exp), Err(JwtError::NoExpiry));
+        let with_exp = token("EdDSA", json!({ "sub": "a", "exp": unix_now() + 60 }));
+        assert!(required.verify(&with_exp).is_ok());
         let v = verifier(Expect::default());
-        assert!(v.verify(&token("EdDSA", json!({ "sub": "a" }))).is_ok());
+        assert!(v.verify(&without_exp).is_ok());
         let string_exp = token("EdDSA", json!({ "sub": "a", "exp": "never" }));
         assert_eq!(v.verify(&string_exp), Err(JwtError::Malformed));
     }
@@ -491,7 +516,7 @@ mod tests {
     fn issuer_is_checked_when_set() {
         let expect = Expect {
             issuer: Some("https://idp.example".into()),
-            audience: None,
+            ..Expect::default()
         };
         let v = verifier(expect);
         let with = |iss: Value| token("HS256", json!({ "sub": "a", "iss": iss }));
@@ -508,8 +533,8 @@ mod tests {
     #[test]
     fn audience_is_checked_when_set_and_ignored_otherwise() {
         let expect = Expect {
-            issuer: None,
             audience: Some("wsgate".into()),
+            ..Expect::default()
         };
         let v = verifier(expect);
         let with = |aud: Value| token("RS256", json!({ "sub": "a", "aud": aud }));
@@ -643,7 +668,10 @@ mod tests {
         let rotated = std::fs::read(fixtures_dir().join("jwks-rotated.json")).expect("read");
         replace(&path, &rotated);
         assert_eq!(v.reload_keys().expect("the rotated JWKS is valid"), 4);
-        assert_eq!(v.verify(&new).map(|c| c.key("sub")), Ok(Some("new".into())));
+        assert_eq!(
+            v.verify(&new).map(|c| c.key("sub").ok().flatten()),
+            Ok(Some("new".into()))
+        );
         assert_eq!(v.verify(&old), Err(JwtError::UnknownKid));
     }
 
@@ -669,7 +697,7 @@ mod tests {
         assert!(v.verify(&t).is_ok());
         let expect_two = Expect {
             issuer: Some("two".into()),
-            audience: None,
+            ..Expect::default()
         };
         v.reconfigure(&fixtures_dir().join("jwks.json"), expect_two.clone());
         assert_eq!(v.verify(&t), Err(JwtError::Issuer));
@@ -690,7 +718,7 @@ mod tests {
     }
 
     #[test]
-    fn claim_keys_are_strings_integers_and_bools_only() {
+    fn claim_keys_are_strings_and_integers_only() {
         let c = Claims(
             json!({
                 "s": "tenant-1", "i": 42, "neg": -7, "b": true, "f": 1.5,
@@ -700,12 +728,12 @@ mod tests {
             .cloned()
             .expect("object"),
         );
-        assert_eq!(c.key("s").as_deref(), Some("tenant-1"));
-        assert_eq!(c.key("i").as_deref(), Some("42"));
-        assert_eq!(c.key("neg").as_deref(), Some("-7"));
-        assert_eq!(c.key("b").as_deref(), Some("true"));
-        for none in ["f", "nil", "o", "a", "absent"] {
-            assert_eq!(c.key(none), None, "{none}");
+        assert_eq!(c.key("s"), Ok(Some("tenant-1".into())));
+        assert_eq!(c.key("i"), Ok(Some("42".into())));
+        assert_eq!(c.key("neg"), Ok(Some("-7".into())));
+        assert_eq!(c.key("absent"), Ok(None));
+        for other in ["b", "f", "nil", "o", "a"] {
+            assert_eq!(c.key(other), Err(ClaimTypeError), "{other}");
         }
     }
 

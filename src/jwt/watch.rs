@@ -4,11 +4,16 @@
 //! configuration file is (see `file_watch`): a Secret update swaps a symlink.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
 use super::Verifier;
 use crate::file_watch::{settled_change, CONFIG_POLL_INTERVAL};
+
+/// How often a missing JWKS file is reported while it stays missing: often
+/// enough to be seen in any log window, rarely enough not to flood it.
+const MISSING_REPORT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Polls the JWKS file every [`CONFIG_POLL_INTERVAL`] and reloads the keys
 /// once a change has settled (the same new version on two polls, so a file
@@ -18,6 +23,7 @@ use crate::file_watch::{settled_change, CONFIG_POLL_INTERVAL};
 /// keys, or the error and that the old keys stay.
 pub(crate) async fn watch(verifier: Arc<Verifier>, stop: CancellationToken) {
     let mut previous = *verifier.lock_applied();
+    let mut missing_reported: Option<Instant> = None;
     let mut ticks = tokio::time::interval(CONFIG_POLL_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await; // the first tick is immediate
@@ -32,6 +38,18 @@ pub(crate) async fn watch(verifier: Arc<Verifier>, stop: CancellationToken) {
             let Ok(now) = tokio::task::spawn_blocking(move || v.version_now()).await else {
                 return; // the runtime is shutting down
             };
+            if now.is_none() {
+                if missing_reported.is_none_or(|at| at.elapsed() >= MISSING_REPORT_INTERVAL) {
+                    let path = verifier.snapshot().path.clone();
+                    tracing::warn!(
+                        path = %path.display(),
+                        "the jwks file is missing; the last good keys stay in use until it is back"
+                    );
+                    missing_reported = Some(Instant::now());
+                }
+            } else {
+                missing_reported = None;
+            }
             let applied = *verifier.lock_applied();
             let changed = settled_change(applied, previous, now);
             previous = now;

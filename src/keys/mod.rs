@@ -172,14 +172,15 @@ impl KeyLimits {
         }
         *inner.rules.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(RuleSet { rules });
         if let Some(jwt) = &config.jwt {
-            self.configure_verifier(jwt);
+            self.configure_verifier(jwt, config.jwt_require_exp);
         }
     }
 
-    fn configure_verifier(&self, jwt: &crate::config::JwtSettings) {
+    fn configure_verifier(&self, jwt: &crate::config::JwtSettings, require_exp: bool) {
         let expect = Expect {
             issuer: jwt.issuer.clone(),
             audience: jwt.audience.clone(),
+            require_exp,
         };
         let inner = &*self.inner;
         let mut slot = inner
@@ -276,6 +277,8 @@ enum Token {
     Absent,
     Verified(Claims),
     Bad,
+    /// Given more than once where `jwt_from` reads it.
+    Ambiguous,
 }
 
 /// Why a key rule refused a request.
@@ -285,6 +288,8 @@ pub(crate) enum KeyRefusal {
     OverLimit,
     /// No usable key (`missing = reject`, or a value that cannot be a key).
     Missing,
+    /// The key (or the token) is given more than once.
+    Ambiguous,
     /// The rule's table already tracks `max_keys` values.
     TableFull,
     /// A `jwt_claim` rule: the token is present but not valid.
@@ -315,7 +320,7 @@ impl Rule {
                 StatusCode::from_u16(self.config.status).unwrap_or(StatusCode::TOO_MANY_REQUESTS)
             }
             KeyRefusal::Missing if jwt_rule => StatusCode::UNAUTHORIZED,
-            KeyRefusal::Missing => StatusCode::BAD_REQUEST,
+            KeyRefusal::Missing | KeyRefusal::Ambiguous => StatusCode::BAD_REQUEST,
             KeyRefusal::BadToken => StatusCode::UNAUTHORIZED,
             KeyRefusal::TableFull => StatusCode::SERVICE_UNAVAILABLE,
         };
@@ -344,11 +349,22 @@ pub(crate) enum RuleOutcome {
 }
 
 impl RuleSet {
-    /// The rules that apply to an upgrade of `path`, in file order.
+    /// The rules that apply to an upgrade of `path` (normalised), in file
+    /// order.
     pub(crate) fn applying_to<'r>(&'r self, path: &'r str) -> impl Iterator<Item = &'r Arc<Rule>> {
         self.rules
             .iter()
-            .filter(move |rule| path.starts_with(rule.config.path_prefix.as_str()))
+            .filter(move |rule| under_prefix(path, &rule.config.path_prefix))
+    }
+}
+
+/// Whether `path` is `prefix` or below it, in whole segments: `/api`
+/// covers `/api` and `/api/x`, not `/apix`; `/api/` covers `/api/` and
+/// `/api/x`, not `/api`.
+fn under_prefix(path: &str, prefix: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || prefix.ends_with('/') || rest.starts_with('/'),
+        None => false,
     }
 }
 
@@ -421,17 +437,24 @@ impl<'a> KeyRequest<'a> {
             self.token = self.read_token();
         }
         match &self.token {
-            Token::Verified(claims) => Ok(Found::checked(
-                claims.key(claim).map(std::borrow::Cow::Owned),
-            )),
+            Token::Verified(claims) => match claims.key(claim) {
+                Ok(v) => Ok(Found::checked(v.map(std::borrow::Cow::Owned))),
+                Err(e) => {
+                    tracing::debug!("refused a token: {e}");
+                    Err(KeyRefusal::BadToken)
+                }
+            },
             Token::Absent => Ok(Found::Missing),
+            Token::Ambiguous => Err(KeyRefusal::Ambiguous),
             Token::Bad | Token::Unread => Err(KeyRefusal::BadToken),
         }
     }
 
     fn read_token(&self) -> Token {
-        let Some(token) = extract::token(self.jwt_from, self.headers, self.uri) else {
-            return Token::Absent;
+        let token = match extract::token(self.jwt_from, self.headers, self.uri) {
+            Ok(Some(token)) => token,
+            Ok(None) => return Token::Absent,
+            Err(extract::Ambiguous) => return Token::Ambiguous,
         };
         // No verifier: the JWKS file named at start could not be read since.
         let Some(verifier) = self.limits.verifier() else {
@@ -456,6 +479,7 @@ impl<'a> KeyRequest<'a> {
         let key = match self.find(rule) {
             Ok(Found::Value(v)) => v,
             Ok(Found::Unusable) => return refused(KeyRefusal::Missing),
+            Ok(Found::Ambiguous) => return refused(KeyRefusal::Ambiguous),
             Ok(Found::Missing) => match rule.config.missing {
                 MissingKey::Allow => return RuleOutcome::NotApplicable,
                 MissingKey::Reject => return refused(KeyRefusal::Missing),
@@ -489,5 +513,23 @@ impl<'a> KeyRequest<'a> {
             Err(Full::Key) => refused(KeyRefusal::OverLimit),
             Err(Full::Table) => refused(KeyRefusal::TableFull),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::under_prefix;
+
+    #[test]
+    fn prefixes_match_whole_segments() {
+        assert!(under_prefix("/api", "/api"));
+        assert!(under_prefix("/api/x", "/api"));
+        assert!(!under_prefix("/apix", "/api"));
+        assert!(!under_prefix("/ap", "/api"));
+        assert!(under_prefix("/api/", "/api/"));
+        assert!(under_prefix("/api/x", "/api/"));
+        assert!(!under_prefix("/api", "/api/"));
+        assert!(under_prefix("/anything", "/"));
+        assert!(under_prefix("/", "/"));
     }
 }

@@ -29,6 +29,7 @@ mod faults;
 mod fleet;
 mod frames_props;
 mod guards;
+mod hardening;
 mod hostile_input;
 mod keepalive;
 mod key_limits;

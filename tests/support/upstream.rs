@@ -430,6 +430,8 @@ fn header_dump<B>(req: &Request<B>) -> String {
 pub struct Seen {
     pub method: String,
     pub path: String,
+    /// The request target as received: path and query.
+    pub target: String,
     pub headers: Vec<(String, Vec<u8>)>,
     #[allow(
         dead_code,
@@ -496,10 +498,12 @@ async fn counting_handle(
         .collect();
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();
+    let target = req.uri().to_string();
     if is_upgrade(&req) {
         record.lock().expect("lock").push(Seen {
             method,
             path,
+            target,
             headers,
             body: Vec::new(),
         });
@@ -516,6 +520,7 @@ async fn counting_handle(
         seen.push(Seen {
             method,
             path,
+            target,
             headers,
             body,
         });

@@ -258,6 +258,9 @@ jwt_issuer = {{ include "wsgate.tomlString" . }}
 {{- with .audience }}
 jwt_audience = {{ include "wsgate.tomlString" . }}
 {{- end }}
+{{- if eq .requireExp false }}
+jwt_require_exp = false
+{{- end }}
 {{- with .from }}
 jwt_from = {{ include "wsgate.tomlString" . }}
 {{- end }}
