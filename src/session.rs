@@ -61,7 +61,7 @@ labels! {
         Lifetime => "lifetime",
         /// `idle_timeout`.
         Idle => "idle",
-        /// `max_message_size`.
+        /// `max_message_size`, or `max_fragments`.
         Size => "size",
         /// `message_rate` with `message_rate_action = close`.
         Rate => "rate",
@@ -233,7 +233,7 @@ fn wsgate_end(cause: Cause) -> End {
         Cause::Stop(StopReason::AdminDrain) => End::AdminDrain,
         Cause::Stop(StopReason::Lifetime) => End::Lifetime,
         Cause::Stop(StopReason::Idle) => End::Idle,
-        Cause::Guard(Guard::Size) => End::Size,
+        Cause::Guard(Guard::Size | Guard::Fragments) => End::Size,
         Cause::Guard(Guard::Rate | Guard::Bytes) => End::Rate,
     }
 }
@@ -494,6 +494,7 @@ mod tests {
             (Cause::Stop(StopReason::Lifetime), End::Lifetime, 1012),
             (Cause::Stop(StopReason::Idle), End::Idle, 4000),
             (Cause::Guard(Guard::Size), End::Size, 1009),
+            (Cause::Guard(Guard::Fragments), End::Size, 1009),
             (Cause::Guard(Guard::Rate), End::Rate, 1008),
         ];
         for (cause, want, code) in cases {

@@ -226,6 +226,9 @@ pub struct RawConfig {
     /// Bucket size of `byte_rate`; 0 = one second's worth.
     #[serde(deserialize_with = "WholeNumber::checked")]
     pub byte_burst: i64,
+    /// Frames one client message may have, the first and its continuations; 0 = off.
+    #[serde(deserialize_with = "WholeNumber::checked")]
+    pub max_fragments: i64,
     /// `[[key_limits]]`: concurrent connections per key (docs/operations.md#limits-per-key). Last:
     /// TOML writes tables after plain values.
     pub key_limits: Vec<RawKeyRule>,
@@ -284,6 +287,7 @@ impl Default for RawConfig {
             message_rate_action: "throttle".into(),
             byte_rate: 0,
             byte_burst: 0,
+            max_fragments: 1024,
             key_limits: Vec::new(),
         }
     }

@@ -1,7 +1,7 @@
 //! Message guards (docs/operations.md#message-guards): what a client may send inside an admitted
-//! connection — message size, messages per second, payload bytes per
-//! second — checked on the client → upstream direction as frame headers
-//! pass, without buffering a message.
+//! connection — message size, frames per message, messages per second,
+//! payload bytes per second — checked on the client → upstream direction as
+//! frame headers pass, without buffering a message.
 //!
 //! How it stays exact without buffering:
 //! - A frame header is only ever forwarded whole. When a read ends inside a
@@ -18,6 +18,12 @@
 //!   nothing is dropped or grows.
 //! - Payload bytes take tokens from the byte bucket as they go; a frame may
 //!   be forwarded in pieces.
+//! - Guards count frames, not only messages and bytes: an empty
+//!   continuation frame carries no payload and is not a new message, yet
+//!   the upstream pays for each one. So a message may have at most
+//!   `max_fragments` frames, and past its first [`FREE_FRAGMENTS`] frames
+//!   each frame takes a message token of its own. Both are two counters
+//!   here; nothing is allocated per frame.
 //!
 //! A client's Close frame is never held back or refused by the rate guard:
 //! it ends the connection, which is what a guard wants anyway.
@@ -40,6 +46,10 @@ labels! {
     pub(crate) enum Guard {
         /// `max_message_size`.
         Size => "size",
+        /// `max_fragments`. Counted as `size`: to the client it is the same
+        /// refusal (a message too big, Close 1009), and the Close reasons
+        /// tell the two limits apart.
+        Fragments => "size",
         /// `message_rate`.
         Rate => "rate",
         /// `byte_rate`.
@@ -107,7 +117,7 @@ impl GuardMetrics {
     /// Counts one action of `guard` (a throttle once per episode).
     pub(crate) fn count(&self, guard: Guard, action: GuardAction) {
         let counter = match (guard, action) {
-            (Guard::Size, _) => &self.size_close,
+            (Guard::Size | Guard::Fragments, _) => &self.size_close,
             (Guard::Rate, GuardAction::Close) => &self.rate_close,
             (Guard::Rate, GuardAction::Throttle) => &self.rate_throttle,
             (Guard::Bytes, _) => &self.bytes_throttle,
@@ -121,7 +131,7 @@ impl Guard {
     /// "Policy Violation" (RFC 6455 §7.4.1).
     pub(crate) fn client_code(self) -> u16 {
         match self {
-            Guard::Size => 1009,
+            Guard::Size | Guard::Fragments => 1009,
             Guard::Rate | Guard::Bytes => 1008,
         }
     }
@@ -130,6 +140,7 @@ impl Guard {
     pub(crate) fn client_reason(self) -> &'static str {
         match self {
             Guard::Size => "message too big",
+            Guard::Fragments => "message has too many fragments",
             Guard::Rate | Guard::Bytes => "message rate exceeded",
         }
     }
@@ -138,6 +149,7 @@ impl Guard {
     pub(crate) fn upstream_reason(self) -> &'static str {
         match self {
             Guard::Size => "client message too big",
+            Guard::Fragments => "client message has too many fragments",
             Guard::Rate | Guard::Bytes => "client exceeded message rate",
         }
     }
@@ -171,6 +183,18 @@ pub(crate) enum Verdict {
     /// `data[..at]` may go on and ends at a message boundary (asked for by
     /// a closing direction that waits for one).
     Boundary(usize),
+}
+
+/// Whether the frame of `header` takes a message token: a message's first
+/// frame and each control frame but a Close (which always passes), and a
+/// continuation once its message has more than [`FREE_FRAGMENTS`] frames
+/// (`fragments` counts them, this one included).
+fn takes_message_token(header: &Header, fragments: u64) -> bool {
+    if header.is_continuation() {
+        fragments > FREE_FRAGMENTS
+    } else {
+        !header.is_close()
+    }
 }
 
 /// A token bucket on tokio's clock.
@@ -207,6 +231,12 @@ impl TokenBucket {
     }
 }
 
+/// The frames of one message covered by the message token its first frame
+/// took: a message fragmented the way clients and libraries do it costs one
+/// token, while a flood of continuation frames pays per frame like a flood
+/// of messages (docs/operations.md#message-guards).
+pub(crate) const FREE_FRAGMENTS: u64 = 16;
+
 /// A throttled byte stream wakes at most this often: each wake-up lets
 /// through at least 1/50 s worth of bytes.
 const BYTE_WAKEUPS_PER_SECOND: f64 = 50.0;
@@ -217,6 +247,10 @@ pub(crate) struct Guards {
     max_message_size: Option<u64>,
     /// Payload bytes of the message in progress, forwarded so far.
     message_len: u64,
+    max_fragments: Option<u64>,
+    /// Frames of the message in progress (its first one included),
+    /// forwarded so far; control frames between them are not counted.
+    fragments: u64,
     messages: Option<TokenBucket>,
     close_over_rate: bool,
     bytes: Option<TokenBucket>,
@@ -241,6 +275,8 @@ impl Guards {
         Some(Box::new(Guards {
             max_message_size: settings.max_message_size,
             message_len: 0,
+            max_fragments: settings.max_fragments,
+            fragments: 0,
             messages: settings.message_rate.map(|b| TokenBucket::new(b, now)),
             close_over_rate: settings.message_rate_action == RateAction::Close,
             bytes: settings.byte_rate.map(|b| TokenBucket::new(b, now)),
@@ -301,24 +337,33 @@ impl Guards {
             let Some(header) = Header::parse(rest) else {
                 return Verdict::Partial(at);
             };
-            let message_len = if header.is_control() {
-                self.message_len
+            // The message's counts with this frame in; kept only once the
+            // frame may go on, so a frame held back is judged afresh.
+            let (message_len, fragments) = if header.is_control() {
+                (self.message_len, self.fragments)
             } else {
-                let before = if header.is_continuation() {
-                    self.message_len
+                let (len, frames) = if header.is_continuation() {
+                    (self.message_len, self.fragments)
                 } else {
-                    0
+                    (0, 0)
                 };
-                let total = before.saturating_add(header.payload_len);
+                let total = len.saturating_add(header.payload_len);
                 if self.max_message_size.is_some_and(|max| total > max) {
                     return Verdict::Refuse {
                         at,
                         guard: Guard::Size,
                     };
                 }
-                total
+                let frames = frames.saturating_add(1);
+                if self.max_fragments.is_some_and(|max| frames > max) {
+                    return Verdict::Refuse {
+                        at,
+                        guard: Guard::Fragments,
+                    };
+                }
+                (total, frames)
             };
-            if !header.is_continuation() && !header.is_close() {
+            if takes_message_token(&header, fragments) {
                 if let Some(bucket) = &mut self.messages {
                     bucket.refill(now());
                     if bucket.tokens < 1.0 {
@@ -339,6 +384,7 @@ impl Guards {
                 }
             }
             self.message_len = message_len;
+            self.fragments = fragments;
             tracker.advance(&rest[..header.len]);
             at += header.len;
         }
@@ -466,6 +512,130 @@ mod tests {
         stream.extend(frame(0x2, true, 100));
         assert_eq!(g.scan(&mut t, &stream, false), Verdict::Pass);
         assert!(t.at_message_boundary());
+    }
+
+    /// One unfinished text frame, then `continuations` empty ones.
+    fn fragment_flood(continuations: usize) -> Vec<u8> {
+        let mut stream = frame(0x1, false, 1);
+        for _ in 0..continuations {
+            stream.extend(frame(0x0, false, 0));
+        }
+        stream
+    }
+
+    #[test]
+    fn a_message_may_have_max_fragments_frames_and_the_next_is_refused() {
+        let mut g = guards(|s| s.max_fragments = Some(4));
+        let mut t = FrameTracker::new();
+        // Four frames, a ping between them (not a fragment), the last one final.
+        let mut stream = frame(0x1, false, 3);
+        stream.extend(frame(0x0, false, 0));
+        stream.extend(frame(0x9, true, 2));
+        stream.extend(frame(0x0, false, 0));
+        stream.extend(frame(0x0, true, 5));
+        assert_eq!(g.scan(&mut t, &stream, false), Verdict::Pass);
+        // A new message counts from one again; its fifth frame is refused.
+        let five = fragment_flood(4);
+        let fifth = fragment_flood(3).len();
+        assert_eq!(
+            g.scan(&mut t, &five, false),
+            Verdict::Refuse {
+                at: fifth,
+                guard: Guard::Fragments
+            }
+        );
+    }
+
+    #[test]
+    fn the_fragment_cap_counts_across_reads_and_off_counts_nothing() {
+        let mut g = guards(|s| s.max_fragments = Some(1024));
+        let mut t = FrameTracker::new();
+        let stream = fragment_flood(3000);
+        let one = frame(0x0, false, 0).len();
+        let first = frame(0x1, false, 1).len();
+        // Cut into reads, some of them inside a header (held for the next).
+        let mut at = 0;
+        let refused = loop {
+            let end = (at + 100 * one).min(stream.len());
+            match g.scan(&mut t, &stream[at..end], false) {
+                Verdict::Pass => at = end,
+                Verdict::Partial(r) => at += r,
+                Verdict::Refuse { at: r, guard } => break (at + r, guard),
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(refused, (first + 1023 * one, Guard::Fragments));
+
+        let mut g = guards(|s| s.max_message_size = Some(1 << 20));
+        let mut t = FrameTracker::new();
+        assert_eq!(g.scan(&mut t, &stream, false), Verdict::Pass);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn frames_past_the_free_ones_take_message_tokens() {
+        let mut g = guards(|s| {
+            s.message_rate = rate(1.0, 3.0);
+            s.message_rate_action = RateAction::Close;
+        });
+        let mut t = FrameTracker::new();
+        let one = frame(0x0, false, 0).len();
+        let first = frame(0x1, false, 1).len();
+        // The first frame takes a token; the next free ones take none; each
+        // later continuation takes one: two more tokens in the bucket, so
+        // the third continuation past the free ones is refused.
+        let stream = fragment_flood(FREE_FRAGMENTS as usize + 2);
+        assert_eq!(
+            g.scan(&mut t, &stream, false),
+            Verdict::Refuse {
+                at: first + (FREE_FRAGMENTS as usize + 1) * one,
+                guard: Guard::Rate
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_continuation_flood_is_throttled_like_a_message_flood() {
+        let mut g = guards(|s| s.message_rate = rate(5.0, 5.0));
+        let mut t = FrameTracker::new();
+        let stream = fragment_flood(3000);
+        let one = frame(0x0, false, 0).len();
+        let first = frame(0x1, false, 1).len();
+        let Verdict::Wait { at, until, guard } = g.scan(&mut t, &stream, false) else {
+            panic!("the flood must wait for tokens")
+        };
+        // One token for the first frame, four for the frames past the free ones.
+        assert_eq!(
+            (at, guard),
+            (first + (FREE_FRAGMENTS as usize + 3) * one, Guard::Rate)
+        );
+        assert_eq!(until - Instant::now(), Duration::from_millis(200));
+        // A second later, five more frames: one per token.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let Verdict::Wait { at: next, .. } = g.scan(&mut t, &stream[at..], false) else {
+            panic!("still waiting")
+        };
+        assert_eq!(next, 5 * one);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn control_frames_between_fragments_are_not_fragments() {
+        let mut g = guards(|s| {
+            s.max_fragments = Some(FREE_FRAGMENTS + 1);
+            s.message_rate = rate(1.0, 40.0);
+        });
+        let mut t = FrameTracker::new();
+        // FREE_FRAGMENTS + 1 frames with a ping after each: the pings take
+        // their own tokens, none of them counts as a fragment, and only the
+        // last frame takes a token as a fragment.
+        let mut stream = Vec::new();
+        for i in 0..=FREE_FRAGMENTS {
+            let opcode = if i == 0 { 0x1 } else { 0x0 };
+            stream.extend(frame(opcode, i == FREE_FRAGMENTS, 1));
+            stream.extend(frame(0x9, true, 0));
+        }
+        assert_eq!(g.scan(&mut t, &stream, false), Verdict::Pass);
+        let used = 40.0 - g.messages.as_ref().map_or(0.0, |b| b.tokens);
+        assert_eq!(used, (FREE_FRAGMENTS + 1 + 1 + 1) as f64);
     }
 
     #[test]

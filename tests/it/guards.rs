@@ -530,6 +530,15 @@ const RATE_EXCEEDED: Refusal = Refusal {
     guard: "rate",
 };
 
+/// The fragment cap's refusal: the size guard's code and metric label,
+/// its own reasons.
+const TOO_MANY_FRAGMENTS: Refusal = Refusal {
+    code: 1009,
+    reason: "message has too many fragments",
+    upstream_reason: "client message has too many fragments",
+    guard: "size",
+};
+
 /// A guard closed the connection with `code`: the client reads wsgate's
 /// Close with that code, the upstream receives a Close, and after the
 /// client's reply with the same code nothing more comes. Returns wsgate's
@@ -1364,6 +1373,183 @@ async fn byte_rate_passes_frames_larger_than_the_burst_in_pieces() {
     );
 }
 
+// ---------------------------------------------------------------- fragments
+
+/// `max_fragments` by default.
+const DEFAULT_MAX_FRAGMENTS: usize = 1024;
+
+/// One unfinished text frame ("x") then `n` empty continuation frames,
+/// none of them final: a message that never ends.
+fn continuation_flood(n: usize) -> Vec<u8> {
+    let mut bytes = client_frame(0x1, false, b"x");
+    let empty = client_frame(0x0, false, b"");
+    for _ in 0..n {
+        bytes.extend_from_slice(&empty);
+    }
+    bytes
+}
+
+/// Fragment floods (docs/operations.md#message-guards): with the default
+/// settings, one unfinished text frame and 3,000 empty continuations. The
+/// upstream gets exactly `max_fragments` frames of that message and then
+/// wsgate's Close 1001; the client gets Close 1009; the refusal is counted
+/// as the size guard's, the slot comes back and no descriptor stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_of_more_than_max_fragments_frames_is_refused_with_1009() {
+    let (g, mut s, log) = through(test_config, "/").await;
+    s.write_all(&continuation_flood(3000))
+        .await
+        .expect("the flood");
+
+    let before = assert_refused(&mut s, &log, &TOO_MANY_FRAGMENTS).await;
+    assert!(before.is_empty(), "frames before the Close: {before:?}");
+    {
+        let l = lock(&log);
+        let data = l.data();
+        assert_eq!(
+            data.len(),
+            DEFAULT_MAX_FRAGMENTS,
+            "frames of the message that reached the upstream"
+        );
+        assert_eq!((data[0].b0, data[0].payload.as_slice()), (0x01, &b"x"[..]));
+        assert!(
+            data[1..]
+                .iter()
+                .all(|f| f.b0 == 0x00 && f.payload.is_empty()),
+            "the rest are the empty continuations, as sent"
+        );
+        assert_eq!(l.trailing, 0, "nothing of the refused frame");
+    }
+    g.assert_all_released(s, &TOO_MANY_FRAGMENTS).await;
+}
+
+/// With `message_rate = 5` (and a fragment cap out of the way), the frames
+/// of one message past the first few take message tokens: 3,000 empty
+/// continuations do not all reach the upstream within 1 s; they trickle on
+/// at the rate, and the throttle is counted as for a flood of messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continuation_flood_is_throttled_to_the_message_rate() {
+    let config = |up| RawConfig {
+        message_rate: 5.0,
+        max_fragments: 1_000_000,
+        ..test_config(up)
+    };
+    let (g, mut s, log) = through(config, "/continuations").await;
+    // Small enough to sit whole in wsgate's read buffer: what is held back
+    // is held by the guard, not by TCP.
+    s.write_all(&continuation_flood(3000))
+        .await
+        .expect("the flood");
+    let first = until("the first frame at the upstream", DEADLINE, || {
+        lock(&log).frames.first().map(|f| f.at)
+    })
+    .await;
+    tokio::time::sleep_until(first + Duration::from_secs(1)).await;
+    let in_one_second = lock(&log).data().len();
+    // The first frame's token and the free frames behind it, the rest of
+    // the bucket (4) and a second's worth (5), with room for a late read.
+    let most = 16 + 4 + 5 + 5;
+    assert!(
+        in_one_second <= most,
+        "{in_one_second} of 3,001 frames reached the upstream within 1 s, wanted at most {most}"
+    );
+    // Held back, not dropped: more arrive a second later.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let later = lock(&log).data().len();
+    assert!(
+        later >= in_one_second + 3,
+        "{in_one_second} frames after 1 s, {later} after 2 s: the flood stopped instead of trickling"
+    );
+    assert!(wait_guard_at_least(g.admin(), "rate", "throttle", 1.0).await >= 1.0);
+    assert_eq!(guard_metric(g.admin(), "size", "close").await, 0.0);
+    // No slot check: the rest of the flood is held in wsgate, not in the
+    // kernel, and a vanished client is only noticed once wsgate reads or
+    // writes its socket again, as for a held flood of pings.
+}
+
+/// With `message_rate_action = close`, the continuation that finds the
+/// bucket empty ends the session as a message would: Close 1008 to the
+/// client, 1001 to the upstream after the frames that had tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continuation_flood_with_action_close_gets_1008() {
+    let config = |up| RawConfig {
+        message_rate: 5.0,
+        message_rate_action: "close".into(),
+        ..test_config(up)
+    };
+    let (g, mut s, log) = through(config, "/").await;
+    s.write_all(&continuation_flood(3000))
+        .await
+        .expect("the flood");
+    let before = assert_refused(&mut s, &log, &RATE_EXCEEDED).await;
+    assert!(before.is_empty(), "frames before the Close: {before:?}");
+    let forwarded = lock(&log).data().len();
+    // The first frame and the free ones behind it, then the 4 tokens
+    // left in the bucket (one more may drip in while the flood is read).
+    assert!(
+        (20..=21).contains(&forwarded),
+        "{forwarded} frames of the flood forwarded"
+    );
+    g.assert_all_released(s, &RATE_EXCEEDED).await;
+}
+
+/// No false positive: under the default settings a message of 20
+/// fragments, with a ping between two of them, reaches the upstream and
+/// comes back intact, and no guard acts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_of_20_fragments_passes_intact_by_default() {
+    let (g, mut s, log) = through(test_config, ECHO_PATH).await;
+    let payload = pattern(20 * 100);
+    let mut bytes = Vec::new();
+    for (i, part) in payload.chunks(100).enumerate() {
+        let opcode = if i == 0 { 0x2 } else { 0x0 };
+        bytes.extend(client_frame(opcode, i == 19, part));
+        if i == 9 {
+            bytes.extend(client_frame(0x9, true, b"half-way"));
+        }
+    }
+    s.write_all(&bytes).await.expect("the message");
+
+    let mut back = Vec::new();
+    let mut pongs = 0;
+    while back.len() < payload.len() {
+        let (b0, masked, part) = read_frame(&mut s).await;
+        assert!(!masked);
+        if b0 == 0x8a {
+            pongs += 1;
+            continue;
+        }
+        back.extend_from_slice(&part);
+    }
+    assert!(back == payload, "the message changed on its way");
+    {
+        let l = lock(&log);
+        let data = l.data();
+        assert_eq!(data.len(), 20, "{:?}", l.headers);
+        let joined: Vec<u8> = data.iter().flat_map(|f| f.payload.clone()).collect();
+        assert!(joined == payload);
+        assert_eq!(l.count(0x9), 1);
+    }
+    s.write_all(&close_frame(1000)).await.expect("close");
+    let mut pongs_after = 0;
+    loop {
+        let (b0, _, reply) = read_frame(&mut s).await;
+        if b0 == 0x8a {
+            pongs_after += 1;
+            continue;
+        }
+        assert_eq!((b0, close_payload(&reply).0), (0x88, 1000));
+        break;
+    }
+    assert_eq!(pongs + pongs_after, 1, "the ping was answered once");
+    read_to_eof(&mut s).await;
+    drop(s);
+    wait_metric(g.admin(), ACTIVE, 0.0).await;
+    for (guard, action) in [("size", "close"), ("rate", "close")] {
+        assert_eq!(guard_metric(g.admin(), guard, action).await, 0.0);
+    }
+}
+
 // ---------------------------------------------------------------- metrics
 
 /// Every guard series and both message directions exist at 0 from
@@ -1446,6 +1632,8 @@ fn invalid_guard_settings_exit_2_naming_key_and_value() {
         ("WSGATE_MESSAGE_BURST", "-3", "message_burst"),
         ("WSGATE_BYTE_RATE", "-1", "byte_rate"),
         ("WSGATE_BYTE_BURST", "-2", "byte_burst"),
+        ("WSGATE_MAX_FRAGMENTS", "-1", "max_fragments"),
+        ("WSGATE_MAX_FRAGMENTS", "1.5", "max_fragments"),
     ];
     for (var, value, key) in cases {
         let (code, stderr) = run_to_exit(
