@@ -12,7 +12,8 @@
 #   wsgate-base    the binary from before docs/operations.md#message-guards: BENCH_WSGATE_BIN_base, default
 #                  target/base/release/wsgate (build it from commit 51779b0 with
 #                  CARGO_TARGET_DIR=target/base; run.sh leaves the target out when it is missing)
-#   wsgate         this tree, every guard off (the default)
+#   wsgate         this tree with its defaults: max_fragments is on (a check per frame header, the
+#                  guarded path); WSGATE_MAX_FRAGMENTS=0 in its environment would be every guard off
 #   wsgate-size    WSGATE_MAX_MESSAGE_SIZE only (1 MiB): a check per frame header, no clock read
 #   wsgate-guards  every guard on: WSGATE_MAX_MESSAGE_SIZE=1048576, WSGATE_MESSAGE_RATE=10000000
 #                  (burst 0 = one second's worth), WSGATE_MESSAGE_RATE_ACTION=throttle,
