@@ -275,9 +275,11 @@ FLEET_ENV = {"namespace": "WSGATE_FLEET_NAMESPACE", "maxClients": "WSGATE_FLEET_
 # feeds its env to the binary on its own. 16 MiB checks that large integers never come out as 1.6e+07.
 MESSAGE_GUARDS_VALUES: dict[str, Any] = {
     "messageGuards": {"maxMessageSize": 16777216, "messageRate": 2.5, "messageBurst": 10,
-                      "messageRateAction": "close", "byteRate": 1048576, "byteBurst": 4194304},
+                      "messageRateAction": "close", "byteRate": 1048576, "byteBurst": 4194304,
+                      "maxFragments": 64},
 }
-# messageGuards value -> (the WSGATE_* variable it becomes, its default: off, rendered as nothing).
+# messageGuards value -> (the WSGATE_* variable it becomes, its default, rendered as nothing; off but
+# for maxFragments).
 MESSAGE_GUARDS_ENV: dict[str, tuple[str, Any]] = {
     "maxMessageSize": ("WSGATE_MAX_MESSAGE_SIZE", 0),
     "messageRate": ("WSGATE_MESSAGE_RATE", 0),
@@ -285,6 +287,7 @@ MESSAGE_GUARDS_ENV: dict[str, tuple[str, Any]] = {
     "messageRateAction": ("WSGATE_MESSAGE_RATE_ACTION", "throttle"),
     "byteRate": ("WSGATE_BYTE_RATE", 0),
     "byteBurst": ("WSGATE_BYTE_BURST", 0),
+    "maxFragments": ("WSGATE_MAX_FRAGMENTS", 1024),
 }
 
 # keyLimits field (camelCase value) -> [[key_limits]] key in wsgate's TOML.

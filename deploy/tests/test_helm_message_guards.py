@@ -36,10 +36,11 @@ GUARD_NAMES = {name for name, _ in MESSAGE_GUARDS_ENV.values()}
 
 # One value set per guard value, each alone and away from its default.
 ALONE: dict[str, Any] = {"maxMessageSize": 65536, "messageRate": 100, "messageBurst": 10,
-                         "messageRateAction": "close", "byteRate": 1048576, "byteBurst": 2097152}
+                         "messageRateAction": "close", "byteRate": 1048576, "byteBurst": 2097152,
+                         "maxFragments": 0}
 # ... and the variable each renders.
 ALONE_ENV = {"maxMessageSize": "65536", "messageRate": "100", "messageBurst": "10", "messageRateAction": "close",
-             "byteRate": "1048576", "byteBurst": "2097152"}
+             "byteRate": "1048576", "byteBurst": "2097152", "maxFragments": "0"}
 
 # Variants rendered, linted and validated against the Kubernetes schemas.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -66,7 +67,7 @@ def test_every_value_reaches_its_variable(render):
     env = guard_env(render(MESSAGE_GUARDS_VALUES))
     assert env == {"WSGATE_MAX_MESSAGE_SIZE": "16777216", "WSGATE_MESSAGE_RATE": "2.5", "WSGATE_MESSAGE_BURST": "10",
                    "WSGATE_MESSAGE_RATE_ACTION": "close", "WSGATE_BYTE_RATE": "1048576",
-                   "WSGATE_BYTE_BURST": "4194304"}
+                   "WSGATE_BYTE_BURST": "4194304", "WSGATE_MAX_FRAGMENTS": "64"}
     want = {MESSAGE_GUARDS_ENV[k][0]: str(v) for k, v in MESSAGE_GUARDS_VALUES["messageGuards"].items()}
     assert env == want
 
@@ -133,9 +134,13 @@ def test_notes_describe_the_guards(render):
     notes = render(MESSAGE_GUARDS_VALUES).notes
     assert "Message guards (per connection, client -> upstream; upstream -> client is never limited):" in notes
     assert ("message size at most 16777216 bytes (Close 1009 over it); message rate 2.5/s, burst 10, then close "
-            "(Close 1008); byte rate 1048576 bytes/s, burst 4194304, then throttle.") in notes
+            "(Close 1008); byte rate 1048576 bytes/s, burst 4194304, then throttle; frames per message at most 64 "
+            "(Close 1009 over it).") in notes
     notes = render({"messageGuards": {"messageRate": 50}}).notes
-    assert "message size off; message rate 50/s, burst = rate, then throttle; byte rate off." in notes
+    assert ("message size off; message rate 50/s, burst = rate, then throttle; byte rate off; frames per message "
+            "at most 1024 (Close 1009 over it).") in notes
+    notes = render({"messageGuards": {"maxFragments": 0}}).notes
+    assert "message size off; message rate off; byte rate off; frames per message unlimited." in notes
 
 
 # Refused by values.schema.json (so `helm lint` reports them too).
@@ -155,6 +160,9 @@ SCHEMA_REFUSES = {
     "byteRate with a unit": {"messageGuards": {"byteRate": "1MiB/s"}},
     "byteRate fractional": {"messageGuards": {"byteRate": 0.5}},
     "byteBurst negative": {"messageGuards": {"byteBurst": -1}},
+    "maxFragments negative": {"messageGuards": {"maxFragments": -1}},
+    "maxFragments fractional": {"messageGuards": {"maxFragments": 2.5}},
+    "maxFragments a string": {"messageGuards": {"maxFragments": "1024"}},
     "unknown guard value": {"messageGuards": {"maxMessageBytes": 1024}},
     "snake_case key": {"messageGuards": {"max_message_size": 1024}},
     "guards not an object": {"messageGuards": "on"},
@@ -183,7 +191,8 @@ def test_schema_accepts_every_documented_form(chart):
                    {"messageRate": 0}, {"messageRate": 0.5}, {"messageRate": 100}, {"messageRate": 1e6},
                    {"messageBurst": 0}, {"messageBurst": 200}, {"messageRateAction": "throttle"},
                    {"messageRateAction": "close"}, {"byteRate": 0}, {"byteRate": 1048576},
-                   {"byteBurst": 0}, {"byteBurst": 4194304}, MESSAGE_GUARDS_VALUES["messageGuards"]):
+                   {"byteBurst": 0}, {"byteBurst": 4194304}, {"maxFragments": 0}, {"maxFragments": 1},
+                   {"maxFragments": 1024}, {"maxFragments": 100000}, MESSAGE_GUARDS_VALUES["messageGuards"]):
         chart.validate_schema(deep_merge(chart.values, {"messageGuards": guards}))
 
 
@@ -254,8 +263,9 @@ def _manifest_guard_block(file: str) -> list[dict[str, str]]:
 
 @pytest.mark.parametrize("file", ["native-sidecar.yaml", "classic-sidecar.yaml"])
 def test_plain_manifests_show_the_guards_as_the_chart_renders_them(render, file):
-    """The plain manifests carry the six variables commented out (all off); uncommented, they are
-    what the chart renders for the same values (plus the default action, spelled out)."""
+    """The plain manifests carry the seven variables commented out (all off but the fragment cap);
+    uncommented, they are what the chart renders for the same values (plus the default action and
+    the default fragment cap, spelled out)."""
     block = _manifest_guard_block(file)
     assert [e["name"] for e in block] == [name for name, _ in MESSAGE_GUARDS_ENV.values()]
     given = {e["name"]: e["value"] for e in block}
@@ -264,7 +274,7 @@ def test_plain_manifests_show_the_guards_as_the_chart_renders_them(render, file)
         raw = given[name]
         values[key] = raw if key == "messageRateAction" else (float(raw) if key == "messageRate" else int(raw))
     rendered = guard_env(render({"messageGuards": values}))
-    assert {**rendered, "WSGATE_MESSAGE_RATE_ACTION": "throttle"} == given
+    assert {**rendered, "WSGATE_MESSAGE_RATE_ACTION": "throttle", "WSGATE_MAX_FRAGMENTS": "1024"} == given
     # Commented out: the manifests' wsgate has no guard variable.
     from conftest import load_yaml_docs
 

@@ -378,8 +378,9 @@ integers (1000000, not 1e+06), others as given (0.5).
 
 {{/*
 wsgate.messageGuardsEnv: the WSGATE_* variables of the message guards (docs/operations.md#message-guards), each only when its
-value differs from the default (0 = off, messageRateAction throttle), so that a release without
-guards renders exactly what it did before them. "" when every guard is off.
+value differs from the default (0 = off, messageRateAction throttle, maxFragments 1024), so that a
+release without guards renders exactly what it did before them. "" when every guard is at its
+default. maxFragments is read with hasKey, not `default`: its 0 (off) is not its default.
 */}}
 {{- define "wsgate.messageGuardsEnv" -}}
 {{- $g := .Values.messageGuards | default dict -}}
@@ -406,6 +407,11 @@ guards renders exactly what it did before them. "" when every guard is off.
 {{- if gt (int64 ($g.byteBurst | default 0)) 0 }}
 - name: WSGATE_BYTE_BURST
   value: {{ $g.byteBurst | int64 | quote }}
+{{- end }}
+{{- $fragments := ternary $g.maxFragments 1024 (hasKey $g "maxFragments") | int64 }}
+{{- if ne $fragments 1024 }}
+- name: WSGATE_MAX_FRAGMENTS
+  value: {{ $fragments | quote }}
 {{- end }}
 {{- end -}}
 
