@@ -2,8 +2,10 @@
 //! wsgate caps what the client sends to the upstream: the size of one
 //! message (Close 1009 to the client, 1001 to the upstream, and not one byte
 //! of the oversized frame forwarded), the message rate (throttled by TCP
-//! backpressure with nothing lost, or closed with 1008) and the byte rate
-//! (throttled). Upstream → client traffic is never limited.
+//! backpressure with nothing lost, or closed with 1008), the byte rate
+//! (throttled) and the frames of one message (Close 1009 past
+//! `max_fragments`; past a message's first frames each continuation takes a
+//! message token). Upstream → client traffic is never limited.
 //!
 //! The upstream here is a raw one ([`FrameUpstream`]): it completes the 101
 //! itself and records every frame header, frame and byte it receives with
