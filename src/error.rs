@@ -1,7 +1,8 @@
 //! `ProxyError`: every way a request can fail before it is spliced or
 //! passed on, each mapped to a status and a reason.
 //!
-//! Status mapping (docs/behaviour.md#the-client-port): malformed handshake or request → 400; refused
+//! Status mapping (docs/behaviour.md#the-client-port): malformed handshake or request → 400; a
+//! request body that stalled → 408 with `Connection: close`; refused
 //! by wsgate (over the cap, draining, …) → 503 with `Retry-After` and
 //! `Connection: close`; upstream unreachable or answering nonsense → 502;
 //! no answer in time → 504. The response itself is built by
@@ -62,6 +63,13 @@ pub(crate) enum ProxyError {
     /// the client's fault, not the upstream's.
     #[error("the client's request body failed: {}", Causes(.0.as_ref()))]
     ClientBody(#[source] Cause),
+    /// A plain request whose body stalled for `header_read_timeout`
+    /// (docs/behaviour.md#slow-request-bodies): the client's fault.
+    #[error("the client's request body stalled for {0:?}")]
+    ClientBodyStalled(Duration),
+    /// A plain request over `max_plain_requests`, refused before the upstream.
+    #[error("too many plain requests in flight")]
+    PlainRequestsFull,
     /// A plain request the upstream could not be reached for, or did not answer.
     #[error("the plain request to the upstream failed: {}", Causes(.0.as_ref()))]
     UpstreamRequest(#[source] Cause),
@@ -89,12 +97,14 @@ impl ProxyError {
             ProxyError::BadHandshake(_) | ProxyError::BadTarget(_) | ProxyError::ClientBody(_) => {
                 StatusCode::BAD_REQUEST
             }
+            ProxyError::ClientBodyStalled(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Rejected(r) => r.status,
             ProxyError::Request(RequestError::Method) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Request(RequestError::Host) | ProxyError::Path(_) => {
                 StatusCode::BAD_REQUEST
             }
             ProxyError::UnrequestedSwitch => StatusCode::BAD_GATEWAY,
+            ProxyError::PlainRequestsFull => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamHandshake(_)
             | ProxyError::UpstreamBadAccept
@@ -114,6 +124,8 @@ impl ProxyError {
             ProxyError::Path(e) => e.text(),
             ProxyError::BadTarget(_) => "bad request target\n",
             ProxyError::ClientBody(_) => "wsgate: bad request body\n",
+            ProxyError::ClientBodyStalled(_) => "wsgate: the request body stopped arriving\n",
+            ProxyError::PlainRequestsFull => "wsgate: too many requests in flight, retry later\n",
             ProxyError::UpstreamTimeout(_) | ProxyError::UpstreamRequestTimeout(_) => {
                 "wsgate: upstream timed out\n"
             }
@@ -147,14 +159,18 @@ impl ProxyError {
             self,
             ProxyError::BadTarget(_)
                 | ProxyError::ClientBody(_)
+                | ProxyError::ClientBodyStalled(_)
+                | ProxyError::PlainRequestsFull
                 | ProxyError::UpstreamRequest(_)
                 | ProxyError::UpstreamRequestTimeout(_)
         )
     }
 
     /// The answer the client gets. A failed upgrade always closes the
-    /// connection (see [`Synthetic::close`]); every 503 carries
-    /// `Retry-After: retry_after_secs`, and so does every 429.
+    /// connection (see [`Synthetic::close`]), and so do a stalled body (the
+    /// rest of it may still come, and must not be read as a next request)
+    /// and a plain request over the cap (its socket is what the cap spares);
+    /// every 503 carries `Retry-After: retry_after_secs`, and so does every 429.
     pub(crate) fn answer(&self, retry_after_secs: u64) -> Synthetic {
         let status = self.status();
         Synthetic {
@@ -264,6 +280,21 @@ mod tests {
         let a = e.answer(1);
         assert_eq!((a.status.as_u16(), a.close), (502, false));
         assert_eq!(a.text, "wsgate: upstream unavailable\n");
+    }
+
+    #[test]
+    fn a_stalled_body_is_408_and_over_the_plain_cap_503_both_closing() {
+        let a = ProxyError::ClientBodyStalled(Duration::from_secs(1)).answer(2);
+        assert_eq!(
+            (a.status.as_u16(), a.close, a.retry_after),
+            (408, true, None)
+        );
+        let a = ProxyError::PlainRequestsFull.answer(2);
+        assert_eq!(
+            (a.status.as_u16(), a.close, a.retry_after),
+            (503, true, Some(2))
+        );
+        assert_eq!(ProxyError::PlainRequestsFull.upstream_kind(), None);
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //! | `server` | the accept loop and per-connection HTTP/1 serving |
 //! | `tcp` | socket options: `TCP_NODELAY`, keepalive, `TCP_USER_TIMEOUT` |
 //! | `proxy` | the request handler: classify, call the admission pipeline once, forward the upgrade or the plain request |
+//! | `plain_cap` | `max_plain_requests`: the places of plain requests in flight, held by their bodies |
+//! | `body_timeout` | request bodies that stall for `header_read_timeout` fail (408) |
 //! | `headers` | pure header logic: classify, validate, rewrite |
 //! | `target` | the request target read the way the upstream reads it: path normalised, ambiguous paths refused |
 //! | `admission/` | the admission pipeline: the ordered checks, one file per policy, the outcome, the RAII `AdmissionGuard` |
@@ -47,6 +49,7 @@
 pub(crate) mod access_log;
 pub(crate) mod admin;
 pub(crate) mod admission;
+pub(crate) mod body_timeout;
 pub mod config;
 pub mod demo;
 pub(crate) mod drain;
@@ -59,6 +62,7 @@ pub(crate) mod jwt;
 pub(crate) mod keys;
 pub mod log_format;
 pub(crate) mod metrics;
+pub(crate) mod plain_cap;
 pub(crate) mod proxy;
 pub(crate) mod reload;
 pub(crate) mod responses;

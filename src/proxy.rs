@@ -22,11 +22,13 @@ use hyper::body::Incoming;
 
 use crate::access_log::{Refusal, Refusals, SessionInfo};
 use crate::admission::{Admission, Admitted, Candidate};
+use crate::body_timeout::{BodyStalled, TimedBody};
 use crate::config::Config;
 use crate::drain::Tunnels;
 use crate::error::{ProxyError, UpstreamErrorKind};
 use crate::headers::{self, RequestKind};
 use crate::metrics::{labels, Family, Label, Registrar};
+use crate::plain_cap::{Held, Place, PlainCap};
 use crate::responses::{self, ProxyBody};
 use crate::shutdown::Shutdown;
 use crate::splice::Limits;
@@ -115,6 +117,8 @@ struct Inner {
     shutdown: Shutdown,
     /// Pooled keep-alive connections to the upstream for plain HTTP.
     client: UpstreamClient,
+    /// `max_plain_requests`.
+    plain: PlainCap,
     upstream_authority: Authority,
     /// Warnings about unreadable `X-Forwarded-For` entries, one a minute.
     unreadable_forwarded_for: Throttle,
@@ -134,6 +138,7 @@ impl Proxy {
         shutdown: Shutdown,
     ) -> Result<Self, http::uri::InvalidUri> {
         let client = UpstreamClient::new(&config);
+        let plain = PlainCap::new(config.max_plain_requests);
         let upstream_authority = config.upstream.authority.parse()?;
         let refusals = Refusals::default();
         refusals.set_enabled(config.access_log);
@@ -148,6 +153,7 @@ impl Proxy {
                 refusals,
                 shutdown,
                 client,
+                plain,
                 upstream_authority,
                 unreadable_forwarded_for: Throttle::new(Duration::from_secs(60)),
             }),
@@ -211,6 +217,7 @@ impl Proxy {
             new.fleet = old.fleet.clone();
         }
         self.inner.admission.apply(&new);
+        self.inner.plain.set(new.max_plain_requests);
         self.inner.refusals.set_enabled(new.access_log);
         self.inner.tunnel_metrics.sessions.expect_codes(&new.close);
         tracing::info!(
@@ -416,20 +423,43 @@ impl Proxy {
         }
     }
 
-    /// Reverse-proxies a plain HTTP request, streaming bodies both ways.
+    /// Reverse-proxies a plain HTTP request, streaming bodies both ways,
+    /// within `max_plain_requests` (docs/behaviour.md#slow-request-bodies).
     async fn forward(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
-        let resp = match self.send_upstream(req, peer).await {
-            Ok(resp) => resp,
-            Err(e) => {
-                if matches!(
-                    e,
-                    ProxyError::BadTarget(_) | ProxyError::ClientBody(_) | ProxyError::Path(_)
-                ) {
-                    tracing::debug!(%peer, "a plain request from {peer} failed: {e}");
-                } else {
-                    tracing::warn!(%peer, "a plain request from {peer} failed: {e}");
-                }
-                e.answer(0).into_response()
+        let config = self.config();
+        let resp = match self.inner.plain.try_take() {
+            // Refused before anything reaches the upstream.
+            None => {
+                tracing::debug!(%peer, "a plain request from {peer} refused: max_plain_requests reached");
+                ProxyError::PlainRequestsFull
+                    .answer(config.retry_after_secs)
+                    .into_response()
+            }
+            Some(place) => {
+                let body_place = place.clone();
+                let resp = match self
+                    .send_upstream(req, peer, config.header_read_timeout, body_place)
+                    .await
+                {
+                    Ok(resp) => resp,
+                    Err(e) => {
+                        if matches!(
+                            e,
+                            ProxyError::BadTarget(_)
+                                | ProxyError::ClientBody(_)
+                                | ProxyError::ClientBodyStalled(_)
+                                | ProxyError::Path(_)
+                        ) {
+                            tracing::debug!(%peer, "a plain request from {peer} failed: {e}");
+                        } else {
+                            tracing::warn!(%peer, "a plain request from {peer} failed: {e}");
+                        }
+                        e.answer(0).into_response()
+                    }
+                };
+                // The place lives until the answer is sent to the end (or
+                // the connection is gone), as well as with the request body.
+                resp.map(|body| Held::new(body, place).boxed())
             }
         };
         self.inner
@@ -440,11 +470,14 @@ impl Proxy {
     }
 
     /// Sends a plain request upstream; the answer's head, with hop-by-hop
-    /// headers removed, and its streaming body.
+    /// headers removed, and its streaming body. The request body fails when
+    /// it stalls for `stall` and holds `place` while it lives.
     async fn send_upstream(
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
+        stall: std::time::Duration,
+        place: Place,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let inner = &*self.inner;
         let (mut parts, body) = req.into_parts();
@@ -458,6 +491,7 @@ impl Proxy {
         uri.authority = Some(inner.upstream_authority.clone());
         uri.path_and_query = Some(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
         parts.uri = Uri::from_parts(uri).map_err(|e| ProxyError::BadTarget(e.into()))?;
+        let body = TimedBody::new(body, stall, place);
         match inner.client.request(Request::from_parts(parts, body)).await {
             Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 // Dropping the answer drops its upstream connection.
@@ -467,6 +501,10 @@ impl Proxy {
                 let (mut head, body) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut head.headers);
                 Ok(Response::from_parts(head, body.boxed()))
+            }
+            // The client stopped sending its body: 408, its fault too.
+            Err(e) if BodyStalled::in_chain(&e).is_some() => {
+                Err(ProxyError::ClientBodyStalled(stall))
             }
             // The client's own body was malformed (a bad chunk, a short
             // body): the client's fault, not an upstream failure, so it

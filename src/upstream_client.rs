@@ -28,7 +28,11 @@ use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::UnixStream;
 
+use crate::body_timeout::TimedBody;
 use crate::config::{Config, Endpoint};
+
+/// A client's request body as it goes upstream: cut when it stalls.
+pub(crate) type RequestBody = TimedBody<Incoming>;
 
 /// How long a keep-alive connection to the upstream may sit idle in the
 /// plain-HTTP pool before it is closed (evicted on a tick of the same length).
@@ -38,9 +42,9 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub(crate) enum UpstreamClient {
     /// A `host:port` upstream.
-    Tcp(Client<HttpConnector, Incoming>),
+    Tcp(Client<HttpConnector, RequestBody>),
     /// A `unix:/path` upstream.
-    Unix(Client<UnixConnector, Incoming>),
+    Unix(Client<UnixConnector, RequestBody>),
 }
 
 impl UpstreamClient {
@@ -71,7 +75,7 @@ impl UpstreamClient {
 
     /// Sends `req` (its URI absolute, naming the upstream's authority) on a
     /// pooled connection, or a new one.
-    pub(crate) fn request(&self, req: Request<Incoming>) -> ResponseFuture {
+    pub(crate) fn request(&self, req: Request<RequestBody>) -> ResponseFuture {
         match self {
             UpstreamClient::Tcp(client) => client.request(req),
             UpstreamClient::Unix(client) => client.request(req),

@@ -7,7 +7,8 @@
 //! - `POST /drain` `{"fraction": 0.25}` or `{"count": 100}`, optional
 //!   `"period": "30s"` → 202 `{"planned", "period_ms"}`; 409 while one runs;
 //!   503 once shutting down; 400 naming the field for a bad body; 413 over
-//!   [`MAX_BODY`].
+//!   [`MAX_BODY`]; 408 with `Connection: close` when the body stalls for
+//!   `header_read_timeout` (docs/behaviour.md#slow-request-bodies).
 //! - `DELETE /drain` stops it: 200 `{"stopped": true, "planned", "drained"}`
 //!   (or `{"stopped": false}` when none ran).
 //! - `GET /drain`: 200 `{"running", "planned", "drained", "period_ms"}`.
@@ -15,14 +16,16 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, StatusCode};
+use http::{header, HeaderValue, Method, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::{json, Map, Value};
 
 use super::{json_answer, AdminState};
+use crate::body_timeout::{BodyStalled, TimedBody};
 use crate::config::ConfigDuration;
 use crate::drain::{AdminDrainStatus, Amount};
+use crate::plain_cap::Place;
 
 /// The largest request body read (a drain request is a few dozen bytes).
 const MAX_BODY: usize = 4096;
@@ -76,8 +79,21 @@ async fn start(body: Incoming, state: &AdminState) -> http::Response<Full<Bytes>
             "shutting down: the shutdown's own drain is closing every connection",
         );
     }
+    let stall = state.proxy.config().header_read_timeout;
+    let body = TimedBody::new(body, stall, Place::default());
     let bytes = match Limited::new(body, MAX_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
+        Err(e) if BodyStalled::in_chain(&*e).is_some() => {
+            tracing::debug!("an admin drain request's body stalled for {stall:?}");
+            let mut resp = error(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!("the body stopped arriving for {stall:?}"),
+            );
+            // The rest of the body may still come: never read it as a next request.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
+        }
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,

@@ -64,14 +64,14 @@ pub use self::key_limits::{
     MAX_KEY_LEN,
 };
 pub use self::load::{ConfigSource, ENV_PREFIX, LEGACY_MAX_CLIENTS_ENV};
-pub use self::values::{Endpoint, LogFormat, Upstream};
+pub use self::values::{Endpoint, LogFormat, Upstream, MAX_PLAIN_REQUESTS};
 
 use self::duration::{AnyDuration, Keepalive, OffOrDuration, PositiveDuration};
 use self::fleet::{FleetCap, InstanceId, LeaseTtl, Namespace};
 use self::guards::RateAction as RateActionKind;
 use self::values::{
-    Cap, CloseCode, Fraction, ListenAddress, NonNegative, TrueOrFalse, ValueKind, WholeNumber,
-    Workers,
+    Cap, CloseCode, Fraction, ListenAddress, NonNegative, PlainRequests, TrueOrFalse, ValueKind,
+    WholeNumber, Workers,
 };
 
 /// The configuration as written: what figment deserialises before
@@ -145,6 +145,9 @@ pub struct RawConfig {
     /// Concurrent WebSocket connections per client address; 0 = off.
     #[serde(deserialize_with = "WholeNumber::checked")]
     pub max_clients_per_ip: i64,
+    /// Plain (non-upgrade) requests in flight; 0 = unlimited.
+    #[serde(deserialize_with = "PlainRequests::checked")]
+    pub max_plain_requests: i64,
     /// How many proxies in front are trusted to append `X-Forwarded-For`;
     /// 0 = the socket peer is the client.
     #[serde(deserialize_with = "WholeNumber::checked")]
@@ -260,6 +263,7 @@ impl Default for RawConfig {
             admission_rate: 0.0,
             admission_burst: 0,
             max_clients_per_ip: 0,
+            max_plain_requests: 1024,
             trusted_hops: 0,
             enforce: true,
             max_connection_lifetime: secs(0),
@@ -350,6 +354,8 @@ pub struct Config {
     pub admission_rate: Option<RateLimit>,
     /// Per-client-address cap; 0 = off.
     pub max_clients_per_ip: usize,
+    /// Cap on plain requests in flight (docs/behaviour.md#slow-request-bodies); 0 = unlimited.
+    pub max_plain_requests: usize,
     /// Trusted proxies in front (for the client address).
     pub trusted_hops: usize,
     /// false = dry run.

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use super::duration::{AnyDuration, Keepalive, OffOrDuration, PositiveDuration};
 use super::values::{
-    Cap, CloseCode, Fraction, ListenAddress, NonNegative, TrueOrFalse, ValueKind, WholeNumber,
-    Workers,
+    Cap, CloseCode, Fraction, ListenAddress, NonNegative, PlainRequests, TrueOrFalse, ValueKind,
+    WholeNumber, Workers,
 };
 use super::{fleet, guards, key_limits};
 use super::{
@@ -88,6 +88,10 @@ impl Config {
                 WholeNumber::value("admission_burst", &raw.admission_burst)?,
             ),
             max_clients_per_ip: WholeNumber::value("max_clients_per_ip", &raw.max_clients_per_ip)?,
+            max_plain_requests: PlainRequests::value(
+                "max_plain_requests",
+                &raw.max_plain_requests,
+            )?,
             trusted_hops: WholeNumber::value("trusted_hops", &raw.trusted_hops)?,
             enforce: TrueOrFalse::value("enforce", &raw.enforce)?,
             max_connection_lifetime: OffOrDuration::value(
@@ -223,6 +227,22 @@ mod tests {
                 },
                 "admission_burst",
                 "-1",
+            ),
+            (
+                RawConfig {
+                    max_plain_requests: -1,
+                    ..ok.clone()
+                },
+                "max_plain_requests",
+                "-1",
+            ),
+            (
+                RawConfig {
+                    max_plain_requests: 1_048_577,
+                    ..ok.clone()
+                },
+                "max_plain_requests",
+                "1048577",
             ),
             (
                 RawConfig {

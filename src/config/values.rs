@@ -359,6 +359,26 @@ impl ValueKind for WholeNumber {
     }
 }
 
+/// The most `max_plain_requests` accepted: Linux's default `fs.nr_open`,
+/// the most descriptors a process may have unless the host raises it. A cap
+/// above what can ever be open protects nothing: it is a typo.
+pub const MAX_PLAIN_REQUESTS: usize = 1 << 20;
+
+/// `max_plain_requests`: plain requests in flight (docs/behaviour.md#slow-request-bodies).
+#[derive(Debug)]
+pub(crate) struct PlainRequests;
+
+impl ValueKind for PlainRequests {
+    type Raw = i64;
+    type Value = usize;
+    const EXPECTED: &'static str = "a whole number from 0 to 1048576 (0 = unlimited)";
+    fn check(raw: &i64) -> Option<usize> {
+        usize::try_from(*raw)
+            .ok()
+            .filter(|n| *n <= MAX_PLAIN_REQUESTS)
+    }
+}
+
 /// `workers`: how many threads run connections. More than the machine
 /// could ever use is a typo, not a wish.
 #[derive(Debug)]

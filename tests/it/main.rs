@@ -37,5 +37,6 @@ mod key_limits_jwt;
 mod props;
 mod release_paths;
 mod rollout;
+mod slow_bodies;
 mod traffic;
 mod unix_upstream;

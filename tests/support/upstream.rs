@@ -433,10 +433,6 @@ pub struct Seen {
     /// The request target as received: path and query.
     pub target: String,
     pub headers: Vec<(String, Vec<u8>)>,
-    #[allow(
-        dead_code,
-        reason = "recorded for the tests to check; none reads it yet"
-    )]
     pub body: Vec<u8>,
 }
 
