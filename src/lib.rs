@@ -190,6 +190,7 @@ pub async fn run(
     shutdown.run_timeline(drive, &mut control).await;
     // Refusals of the last window, before the exit.
     proxy.refusals().flush();
+    token.flush_refusals();
     fleet_stop.cancel();
     if let Some(worker) = fleet_worker {
         let _ = worker.await;

@@ -12,10 +12,12 @@
 //!   `drain.rs`).
 //!
 //! `/keys` and `/drain` need the admin token (`token.rs`): without a token
-//! file they are 404, without the right token 401. Anything else is 404
+//! file they are 404, without the right token 401, each refusal counted in
+//! a summary line rather than logged (`refusals.rs`). Anything else is 404
 //! (405 for a known path with another method).
 
 mod drain;
+mod refusals;
 mod token;
 
 pub(crate) use self::token::AdminToken;
@@ -139,7 +141,8 @@ async fn route(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byte
     let readiness = &state.readiness;
     let path = req.uri().path();
     if OPERATOR_PATHS.contains(&path) {
-        if let Err(status) = state.token.check(req.headers()) {
+        if let Err(refused) = state.token.check(req.headers()) {
+            let status = refused.status();
             return match status {
                 StatusCode::NOT_FOUND => text(status, "not found\n"),
                 _ => {

@@ -905,3 +905,205 @@ async fn ten_thousand_refusals_make_at_most_two_summary_lines() {
         "every stderr line is JSON under log_format json"
     );
 }
+
+// ---------------------------------------------------------------- slow bodies, quiet refusals
+
+/// `POST /drain` with the right token whose body stalls for
+/// `header_read_timeout` (docs/behaviour.md#slow-request-bodies): 408 with
+/// `Connection: close`, the connection closed, and no drain started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_drain_body_gets_408_and_the_connection_closes() {
+    let up = spawn_echo_upstream().await;
+    let token = TokenFile::new(TOKEN);
+    let (_gate, _proxy, admin) = start_with_token(
+        up.addr,
+        &token,
+        &[("WSGATE_HEADER_READ_TIMEOUT", "300ms".into())],
+    );
+    let mut s = within("admin connect", TcpStream::connect(admin))
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /drain HTTP/1.1\r\nHost: {admin}\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"cou"
+    );
+    s.write_all(head.as_bytes()).await.expect("write");
+    let start = Instant::now();
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(4), s.read_to_end(&mut out))
+        .await
+        .is_ok();
+    let took = start.elapsed();
+    let text = String::from_utf8_lossy(&out);
+    assert!(closed, "still open after {took:?}: {text:?}");
+    println!("answered and closed after {took:?}: {text:?}");
+    assert_eq!(status_of(&text), 408, "{text:?}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text:?}"
+    );
+    let status = Operator::new(admin, Some(TOKEN)).get_drain().await.json();
+    assert_eq!(status["running"], json!(false), "{status}");
+}
+
+/// The summary lines of refused admin requests in a child's JSON stderr.
+fn admin_summaries(text: &str) -> Vec<Value> {
+    admin::json_lines(text)
+        .into_iter()
+        .filter(|e| {
+            e.get("target") == Some(&json!("wsgate::admin"))
+                && event_field(e, "message") == Some(&json!("admin refusals"))
+        })
+        .collect()
+}
+
+/// The sum of a count field over summary lines.
+fn field_sum(lines: &[Value], field: &str) -> u64 {
+    lines
+        .iter()
+        .filter_map(|l| event_field(l, field)?.as_u64())
+        .sum()
+}
+
+/// SIGTERM, then the whole stderr once the exit flush has accounted for
+/// `refused` admin refusals (or the deadline passed).
+fn stop_and_read(mut gate: GateProcess, refused: u64) -> String {
+    gate.signal("TERM");
+    let status = tokio::task::block_in_place(|| gate.wait_exit());
+    assert_eq!(status.code(), Some(0), "{}", gate.stderr_text());
+    let start = std::time::Instant::now();
+    let mut text = gate.stderr_text();
+    while field_sum(&admin_summaries(&text), "total") < refused && start.elapsed() < DEADLINE {
+        std::thread::sleep(Duration::from_millis(20));
+        text = gate.stderr_text();
+    }
+    text
+}
+
+/// Lines of a JSON stderr at info or above that are not start-up or exit
+/// lines: what the admin requests caused.
+fn loud_lines(text: &str) -> Vec<Value> {
+    admin::json_lines(text)
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e.get("level").and_then(Value::as_str),
+                Some("INFO" | "WARN" | "ERROR")
+            ) && e.get("target") != Some(&json!("wsgate::access"))
+                && !event_field(e, "message")
+                    .and_then(Value::as_str)
+                    .is_some_and(|m| {
+                        m.contains("listening")
+                            || m.contains("shutdown")
+                            || m.contains("accepting")
+                            || m.contains("wsgate ")
+                    })
+        })
+        .collect()
+}
+
+/// 200 admin requests without the right token (100 with none, 100 with a
+/// wrong one): no line each, but one summary line (the exit flush here)
+/// whose counts add up to them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_refused_admin_requests_make_one_summary_line() {
+    let up = spawn_echo_upstream().await;
+    let token = TokenFile::new(TOKEN);
+    let (gate, _proxy, admin) = tokio::task::block_in_place(|| {
+        admin::start_json(up.addr, &[("WSGATE_ADMIN_TOKEN_FILE", token.env())])
+    });
+    let before = loud_lines(&gate.stderr_text()).len();
+    for i in 0..200 {
+        let op = Operator::new(admin, (i % 2 == 1).then_some("not-the-token"));
+        assert_eq!(op.get_drain().await.status, 401);
+    }
+    let text = stop_and_read(gate, 200);
+    let lines = admin_summaries(&text);
+    for l in &lines {
+        println!("{l}");
+    }
+    assert!(!lines.is_empty(), "no admin refusal summary:\n{text}");
+    assert!(lines.len() <= 2, "{} summary lines", lines.len());
+    assert_eq!(field_sum(&lines, "total"), 200);
+    assert_eq!(field_sum(&lines, "no_token"), 100);
+    assert_eq!(field_sum(&lines, "wrong_token"), 100);
+    let loud = loud_lines(&text);
+    assert!(
+        loud.len() - before <= lines.len(),
+        "lines besides the summaries: {loud:#?}"
+    );
+}
+
+/// A token file that cannot be read any more (removed after start-up, which
+/// refuses a missing one): one ERROR line naming it, not one per request;
+/// every request is refused (401) and counted in the summary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreadable_token_file_is_logged_once_not_per_request() {
+    let up = spawn_echo_upstream().await;
+    let token = TokenFile::new(TOKEN);
+    let (gate, _proxy, admin) = tokio::task::block_in_place(|| {
+        admin::start_json(up.addr, &[("WSGATE_ADMIN_TOKEN_FILE", token.env())])
+    });
+    std::fs::remove_file(&token.path).expect("remove the token file");
+    for _ in 0..200 {
+        assert_eq!(
+            Operator::new(admin, Some(TOKEN)).get_drain().await.status,
+            401
+        );
+    }
+    let text = stop_and_read(gate, 200);
+    let errors: Vec<Value> = admin::json_lines(&text)
+        .into_iter()
+        .filter(|e| e.get("level") == Some(&json!("ERROR")))
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    let message = event_field(&errors[0], "message")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    assert!(message.contains("unreadable"), "{message}");
+    assert_eq!(
+        field_sum(&admin_summaries(&text), "bad_token_file"),
+        200,
+        "{text}"
+    );
+}
+
+/// A token file holding `abc`, a line break and `def` (or a NUL inside):
+/// one ERROR line naming the problem, and the operator paths refuse every
+/// token, as they do for any unusable file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_file_with_a_line_break_or_a_nul_is_named_once() {
+    let up = spawn_echo_upstream().await;
+    for (content, problem) in [(&b"abc\ndef\n"[..], "line break"), (b"abc\0def\n", "NUL")] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("token");
+        std::fs::write(&path, content).expect("write the token file");
+        let (gate, _proxy, admin) = tokio::task::block_in_place(|| {
+            admin::start_json(
+                up.addr,
+                &[("WSGATE_ADMIN_TOKEN_FILE", path.display().to_string())],
+            )
+        });
+        for token in ["abc", "def", "abc def", "abcdef"] {
+            for _ in 0..5 {
+                let r = Operator::new(admin, Some(token)).get_drain().await;
+                assert_eq!(r.status, 401, "{problem}, token {token:?}: {r:?}");
+            }
+        }
+        let text = stop_and_read(gate, 20);
+        let errors: Vec<Value> = admin::json_lines(&text)
+            .into_iter()
+            .filter(|e| {
+                matches!(
+                    e.get("level").and_then(Value::as_str),
+                    Some("ERROR" | "WARN")
+                )
+            })
+            .collect();
+        assert_eq!(errors.len(), 1, "{problem}: {errors:#?}");
+        let message = event_field(&errors[0], "message")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        assert!(message.contains(problem), "{message}");
+    }
+}
