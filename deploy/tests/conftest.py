@@ -211,6 +211,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "admissionRate": 50,
         "admissionBurst": 100,
         "maxClientsPerIp": 20,
+        "maxPlainRequests": 300,
         "trustedHops": 1,
         "maxConnectionLifetime": "1h",
         "closeCodeLifetime": 1012,

@@ -116,6 +116,7 @@ def test_values_reach_the_container(render):
     assert env["WSGATE_ADMISSION_RATE"] == "50"
     assert env["WSGATE_ADMISSION_BURST"] == "100"
     assert env["WSGATE_MAX_CLIENTS_PER_IP"] == "20"
+    assert env["WSGATE_MAX_PLAIN_REQUESTS"] == "300"
     assert env["WSGATE_TRUSTED_HOPS"] == "1"
     assert env["WSGATE_MAX_CONNECTION_LIFETIME"] == "1h"
     assert env["WSGATE_CLOSE_CODE_LIFETIME"] == "1012"

@@ -480,6 +480,8 @@ WSGATE_FLEET_* ones (docs/operations.md#fleet-wide-limits) when a Redis is confi
   value: {{ $v.admissionBurst | int64 | quote }}
 - name: WSGATE_MAX_CLIENTS_PER_IP
   value: {{ $v.maxClientsPerIp | int64 | quote }}
+- name: WSGATE_MAX_PLAIN_REQUESTS
+  value: {{ $v.maxPlainRequests | int64 | quote }}
 - name: WSGATE_TRUSTED_HOPS
   value: {{ $v.trustedHops | int64 | quote }}
 - name: WSGATE_ENFORCE
