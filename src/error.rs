@@ -159,8 +159,6 @@ impl ProxyError {
             self,
             ProxyError::BadTarget(_)
                 | ProxyError::ClientBody(_)
-                | ProxyError::ClientBodyStalled(_)
-                | ProxyError::PlainRequestsFull
                 | ProxyError::UpstreamRequest(_)
                 | ProxyError::UpstreamRequestTimeout(_)
         )
