@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 
-use crate::support::access::{start_gate, wait_stderr};
+use crate::support::access::{start_gate, upgrade_answer, wait_stderr};
 use crate::support::jwt::{fixtures_dir, token, unix_now};
 use crate::support::*;
 use base64::Engine;
@@ -23,22 +23,7 @@ const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 /// A raw upgrade of `target` with extra header lines; the status and the
 /// socket (open on a 101).
 async fn upgrade(addr: SocketAddr, target: &str, extra: &[&str]) -> (u16, TcpStream) {
-    let mut s = within("connect", TcpStream::connect(addr))
-        .await
-        .expect("connect");
-    let mut req = format!(
-        "GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n"
-    );
-    for h in extra {
-        req.push_str(h);
-        req.push_str("\r\n");
-    }
-    req.push_str("\r\n");
-    within("write", s.write_all(req.as_bytes()))
-        .await
-        .expect("write");
-    let head = read_head(&mut s).await;
+    let (s, head) = upgrade_answer(addr, target, extra, b"").await;
     (status_of(&head), s)
 }
 

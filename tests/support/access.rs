@@ -506,6 +506,20 @@ pub async fn upgrade_path(
     headers: &[&str],
     early: &[u8],
 ) -> (TcpStream, String, Instant) {
+    let (s, head) = upgrade_answer(addr, path, headers, early).await;
+    assert_eq!(status_of(&head), 101, "upgrade refused: {head}");
+    let admitted = Instant::now();
+    (s, head, admitted)
+}
+
+/// The same request as [`upgrade_path`], whatever the answer: the socket
+/// and the answer's head (a refusal's body is left unread).
+pub async fn upgrade_answer(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[&str],
+    early: &[u8],
+) -> (TcpStream, String) {
     let mut s = within("connect", TcpStream::connect(addr))
         .await
         .expect("connect");
@@ -524,9 +538,7 @@ pub async fn upgrade_path(
         .await
         .expect("write the upgrade");
     let head = read_head(&mut s).await;
-    assert_eq!(status_of(&head), 101, "upgrade refused: {head}");
-    let admitted = Instant::now();
-    (s, head, admitted)
+    (s, head)
 }
 
 /// A minimal HTTP/1.1 request with `headers` and `body`; (status, body).
