@@ -66,8 +66,9 @@ OPTIONAL_ENV = {"WSGATE_READY_LOW_WATERMARK"}
 # with adminToken). §12 names it in its text, not in a key table, so it stays out of SPEC_KEYS, which
 # test_env_list_matches_the_shared_spec compares with the tables of §2, §7 and §8.
 TELEMETRY_KEYS = ["access_log"]
-# wsgate's own key for its runtime (issue 15), not in SPEC.md: set on every pod like the keys above.
-RUNTIME_KEYS = ["workers"]
+# wsgate's own keys for its runtime (workers: issue 15; max_plain_requests: issue 28, set on every
+# pod so the cap is visible in the pod spec), set on every pod like the keys above.
+RUNTIME_KEYS = ["workers", "max_plain_requests"]
 
 # The metric names of docs/metrics.md, §7, §8, §9, §10, §11 (names are fixed: dashboard and alerts may use only these).
 SPEC_METRICS = {
