@@ -5,29 +5,25 @@
 //! Why a summary: refusals come in storms (a full pod, a reconnect wave, a
 //! client in a retry loop), and a line per refusal would turn a storm of
 //! cheap 503s into a storm of log writes, the costliest thing wsgate does
-//! per refusal. The first refusal after a quiet time opens a window of
-//! [`SUMMARY_WINDOW`]; at its end one line gives the window's counts by
+//! per refusal. The first refusal after a quiet time opens a summary window
+//! (`crate::summary`); at its end one line gives the window's counts by
 //! reason; the exit flushes what is pending. A timer exists only while a
 //! window is open.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
-
-use tokio::time::Instant;
 
 use crate::admission::RejectReason;
 use crate::error::UpstreamErrorKind;
 use crate::metrics::Label;
 use crate::session::SessionEnd;
 use crate::splice::Traffic;
+use crate::summary::Window;
 
 /// The tracing target of every access-log line.
 pub(crate) const TARGET: &str = "wsgate::access";
-
-/// How long a refusal summary window lasts.
-pub(crate) const SUMMARY_WINDOW: Duration = Duration::from_secs(10);
 
 /// What the record says about a session besides how it ended: taken at
 /// the upgrade, kept (boxed, one allocation) for the session's life, and
@@ -100,11 +96,7 @@ pub(crate) struct Refusals {
 
 #[derive(Debug, Default)]
 struct Inner {
-    counts: [AtomicU64; SLOTS],
-    /// A window is open (its flush is scheduled).
-    open: AtomicBool,
-    /// When the open window began.
-    since: Mutex<Option<Instant>>,
+    window: Window<SLOTS>,
     /// `access_log`; off = nothing counted, nothing written.
     off: AtomicBool,
 }
@@ -117,97 +109,117 @@ impl Refusals {
 
     /// Counts one refusal; the first of a window schedules its summary.
     pub(crate) fn count(&self, refusal: Refusal) {
-        let inner = &*self.inner;
-        if inner.off.load(Ordering::Relaxed) {
+        if self.inner.off.load(Ordering::Relaxed) {
             return;
         }
-        inner.counts[refusal.slot()].fetch_add(1, Ordering::Relaxed);
-        if inner.open.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        *inner.since.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
         let this = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(SUMMARY_WINDOW).await;
-            this.flush();
-        });
+        self.inner
+            .window
+            .count(refusal.slot(), move || this.flush());
     }
 
     /// Writes one line with the counts since the last, if there are any,
-    /// and closes the window (at its end, and once more at exit).
+    /// and closes the window (at its end, and once more at exit). Every
+    /// reason is a field of its own (`summary_names_every_reason` checks
+    /// that none is left out).
     pub(crate) fn flush(&self) {
-        let inner = &*self.inner;
-        // Closed before the counts are taken: a refusal in between opens a
-        // new window and is either in this line or in that one's.
-        let since = inner
-            .since
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        inner.open.store(false, Ordering::Release);
-        let counts: [u64; SLOTS] =
-            std::array::from_fn(|i| inner.counts[i].swap(0, Ordering::Relaxed));
-        let total: u64 = counts.iter().sum();
-        if total == 0 {
+        let Some(c) = self.inner.window.take() else {
             return;
-        }
-        let window_s = since.map_or(SUMMARY_WINDOW.as_secs(), |s| s.elapsed().as_secs().max(1));
-        let n = |r: Refusal| Some(counts[r.slot()]).filter(|c| *c > 0);
-        let rejected = |r| n(Refusal::Rejected(r));
-        let upstream = |k| n(Refusal::Upstream(k));
+        };
+        let rejected = |r: RejectReason| c.of(Refusal::Rejected(r).slot());
+        let upstream = |k| c.of(Refusal::Upstream(k).slot());
         tracing::info!(
             target: TARGET,
-            window_s,
-            total,
+            window_s = c.window_s,
+            total = c.total,
+            bad_path = rejected(RejectReason::BadPath),
             capacity = rejected(RejectReason::Capacity),
             draining = rejected(RejectReason::Draining),
             rate = rejected(RejectReason::Rate),
             per_ip = rejected(RejectReason::PerIp),
             key = rejected(RejectReason::Key),
             key_missing = rejected(RejectReason::KeyMissing),
+            key_ambiguous = rejected(RejectReason::KeyAmbiguous),
             key_table_full = rejected(RejectReason::KeyTableFull),
             jwt = rejected(RejectReason::Jwt),
             fleet = rejected(RejectReason::Fleet),
             fleet_unavailable = rejected(RejectReason::FleetUnavailable),
-            bad_handshake = n(Refusal::BadHandshake),
+            bad_handshake = c.of(Refusal::BadHandshake.slot()),
             upstream_connect = upstream(UpstreamErrorKind::Connect),
             upstream_timeout = upstream(UpstreamErrorKind::Timeout),
             upstream_refused = upstream(UpstreamErrorKind::RefusedUpgrade),
             "refusals"
         );
     }
-
-    /// The counts not yet written, by slot (tests).
-    #[cfg(test)]
-    fn pending(&self) -> u64 {
-        self.inner
-            .counts
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .sum()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+    use std::sync::Mutex;
 
-    #[tokio::test(start_paused = true)]
-    async fn a_storm_is_one_line_per_window() {
-        let r = Refusals::default();
-        for _ in 0..10_000 {
-            r.count(Refusal::Rejected(RejectReason::Capacity));
+    /// A writer the test reads back.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
         }
-        r.count(Refusal::Upstream(UpstreamErrorKind::Timeout));
-        assert_eq!(r.pending(), 10_001);
-        tokio::time::sleep(SUMMARY_WINDOW + Duration::from_millis(1)).await;
-        assert_eq!(r.pending(), 0, "the window's line took the counts");
-        assert!(!r.inner.open.load(Ordering::Relaxed));
-        // The next refusal opens a new window.
-        r.count(Refusal::BadHandshake);
-        assert!(r.inner.open.load(Ordering::Relaxed));
-        r.flush();
-        assert_eq!(r.pending(), 0);
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The line of a window in which each reason was counted once.
+    fn summary_of(refusals: &[Refusal]) -> String {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let r = Refusals::default();
+            for refusal in refusals {
+                r.count(*refusal);
+            }
+            r.flush();
+        });
+        let bytes = out.0.lock().expect("lock").clone();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    #[test]
+    fn summary_names_every_reason() {
+        let all: Vec<Refusal> = RejectReason::ALL
+            .iter()
+            .map(|r| Refusal::Rejected(*r))
+            .chain([Refusal::BadHandshake])
+            .chain(UpstreamErrorKind::ALL.iter().map(|k| Refusal::Upstream(*k)))
+            .collect();
+        let line = summary_of(&all);
+        assert!(line.contains(&format!("total={SLOTS}")), "{line}");
+        for r in RejectReason::ALL {
+            assert!(
+                line.contains(&format!(" {}=1", r.label())),
+                "{} missing: {line}",
+                r.label()
+            );
+        }
+        for field in [
+            "bad_handshake",
+            "upstream_connect",
+            "upstream_timeout",
+            "upstream_refused",
+        ] {
+            assert!(
+                line.contains(&format!(" {field}=1")),
+                "{field} missing: {line}"
+            );
+        }
     }
 
     #[tokio::test]
@@ -215,7 +227,7 @@ mod tests {
         let r = Refusals::default();
         r.set_enabled(false);
         r.count(Refusal::Rejected(RejectReason::Rate));
-        assert_eq!(r.pending(), 0);
-        assert!(!r.inner.open.load(Ordering::Relaxed));
+        assert_eq!(r.inner.window.pending(), 0);
+        assert!(!r.inner.window.is_open());
     }
 }

@@ -32,6 +32,7 @@
 //! | `drain` | live tunnels in age order; the even-pace drain; the operator's drain |
 //! | `session` | how a session ended (`closed_by`, `end`, Close code and reason), and its series |
 //! | `access_log` | one record per session; refusals summarised every 10 s at most |
+//! | `summary` | counts by cause written as one line per 10 s window (refusal summaries) |
 //! | `throttle` | one log line per interval for events a client can cause at will |
 //! | `log_format` | how log lines are written: the plain field formatter, the cached timestamp |
 //! | `shutdown` | signals → `Control`, the `Shutdown` tokens and tracker, the shutdown timeline |
@@ -70,6 +71,7 @@ pub(crate) mod server;
 pub(crate) mod session;
 pub(crate) mod shutdown;
 pub(crate) mod splice;
+pub(crate) mod summary;
 pub(crate) mod target;
 pub(crate) mod tcp;
 pub(crate) mod throttle;

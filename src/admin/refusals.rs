@@ -1,21 +1,16 @@
 //! Refused admin requests, summarised (docs/operations.md#admin-refusals): at most one line per
-//! [`SUMMARY_WINDOW`] with the counts by cause, never one line each, as
-//! client refusals are (`access_log`).
+//! summary window (`crate::summary`) with the counts by cause, never one
+//! line each, as client refusals are (`access_log`).
 //!
 //! Why: a scanner, a misconfigured probe or a script with a stale token
 //! asks again and again; a line each would bury everything else in the
 //! log, and writing it would cost more than refusing. Unlike the client
 //! summaries these are written whatever `access_log` says: they are about
 //! who tries the operator controls, not about traffic.
-//!
-//! Admin requests are few, so one mutex holds the window; the first
-//! refusal after a quiet time opens it and schedules its line.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
-use tokio::time::Instant;
-
-use crate::access_log::SUMMARY_WINDOW;
+use crate::summary::Window;
 
 /// The tracing target of the summary lines.
 pub(crate) const TARGET: &str = "wsgate::admin";
@@ -59,54 +54,27 @@ impl Refused {
 /// Counts refusals and writes the summaries; cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct AdminRefusals {
-    window: Arc<Mutex<Window>>,
-}
-
-#[derive(Debug, Default)]
-struct Window {
-    counts: [u64; Refused::ALL.len()],
-    /// When the open window began; `None` = no window open.
-    since: Option<Instant>,
+    window: Arc<Window<{ Refused::ALL.len() }>>,
 }
 
 impl AdminRefusals {
     /// Counts one refusal; the first of a window schedules its line.
     pub(crate) fn count(&self, refused: Refused) {
-        let mut w = self.window.lock().unwrap_or_else(PoisonError::into_inner);
-        w.counts[refused.slot()] += 1;
-        if w.since.is_some() {
-            return;
-        }
-        w.since = Some(Instant::now());
-        // Outside a runtime (unit tests of the token check) nothing is
-        // scheduled; the exit flush would still write the counts.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let this = self.clone();
-            runtime.spawn(async move {
-                tokio::time::sleep(SUMMARY_WINDOW).await;
-                this.flush();
-            });
-        }
+        let this = self.clone();
+        self.window.count(refused.slot(), move || this.flush());
     }
 
     /// Writes one line with the counts since the last, if any, and closes
     /// the window (at its end, and once more at exit).
     pub(crate) fn flush(&self) {
-        let (counts, since) = {
-            let mut w = self.window.lock().unwrap_or_else(PoisonError::into_inner);
-            let taken = std::mem::take(&mut *w);
-            (taken.counts, taken.since)
-        };
-        let total: u64 = counts.iter().sum();
-        if total == 0 {
+        let Some(c) = self.window.take() else {
             return;
-        }
-        let window_s = since.map_or(SUMMARY_WINDOW.as_secs(), |s| s.elapsed().as_secs().max(1));
-        let n = |r: Refused| Some(counts[r.slot()]).filter(|c| *c > 0);
+        };
+        let n = |r: Refused| c.of(r.slot());
         tracing::info!(
             target: TARGET,
-            window_s,
-            total,
+            window_s = c.window_s,
+            total = c.total,
             no_token = n(Refused::NoToken),
             wrong_token = n(Refused::WrongToken),
             no_token_file = n(Refused::NoTokenFile),
@@ -118,18 +86,14 @@ impl AdminRefusals {
     /// The counts not yet written (tests).
     #[cfg(test)]
     pub(crate) fn pending(&self) -> u64 {
-        self.window
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .counts
-            .iter()
-            .sum()
+        self.window.pending()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::summary::SUMMARY_WINDOW;
 
     #[test]
     fn slots_follow_the_list() {
