@@ -450,19 +450,9 @@ fn reference_normal_form(path: &str) -> Option<String> {
     Some(output)
 }
 
-fn segment() -> impl Strategy<Value = String> {
-    prop_oneof![
-        Just(String::new()),
-        Just(".".to_owned()),
-        Just("..".to_owned()),
-        Just("%2e".to_owned()),
-        Just("%2E%2e".to_owned()),
-        Just("a".to_owned()),
-        "[a-zA-Z0-9._~-]{1,4}",
-        "(%[0-9a-fA-F]{2}){1,2}",
-        "[a-z]{0,2}%(41|61|7e|3f|3F|2f|5C|00|25|2E|20|C3%A9)[a-z]{0,2}",
-    ]
-}
+/// The path generator of `src/target`'s own property tests.
+#[path = "../../src/target/test_paths.rs"]
+mod test_paths;
 
 /// For random paths built from segments, `.`, `..`, empty segments and
 /// escapes of unreserved and reserved characters: either wsgate refuses
@@ -481,8 +471,7 @@ async fn rules_and_upstream_read_every_path_alike() {
         failure_persistence: None,
         ..PropConfig::default()
     });
-    let strategy = proptest::collection::vec(segment(), 0..6)
-        .prop_map(|segments| format!("/{}", segments.join("/")));
+    let strategy = test_paths::path(5);
     let mut cases = Vec::new();
     for _ in 0..200 {
         cases.push(strategy.new_tree(&mut runner).expect("case").current());

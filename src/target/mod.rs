@@ -12,6 +12,9 @@
 //! What no normalisation can make unambiguous is refused: an encoded
 //! `/` or `\` (one stack splits on it, another does not), a raw `\`, NUL,
 //! control characters or bytes outside ASCII, and malformed escapes.
+//!
+//! `test_paths.rs` (tests only) generates the random paths its property
+//! tests and `tests/it/hardening.rs` share.
 
 use std::borrow::Cow;
 
@@ -240,6 +243,9 @@ fn is_unreserved(c: u8) -> bool {
 }
 
 #[cfg(test)]
+mod test_paths;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -360,27 +366,11 @@ mod tests {
         );
     }
 
-    fn segment() -> impl Strategy<Value = String> {
-        prop_oneof![
-            Just(String::new()),
-            Just(".".to_owned()),
-            Just("..".to_owned()),
-            Just("%2e".to_owned()),
-            Just("%2E%2e".to_owned()),
-            "[a-zA-Z0-9._~-]{1,4}",
-            "(%[0-9a-fA-F]{2}){1,2}",
-            "[a-z]{0,2}%(41|61|7e|7E|3f|3F|2f|5c|00|25)[a-z]{0,2}",
-        ]
-    }
-
     proptest! {
         /// The fast check agrees with the normalisation, and normalising
         /// twice changes nothing.
         #[test]
-        fn is_normal_agrees_and_normal_form_is_a_fixed_point(
-            segments in proptest::collection::vec(segment(), 0..8)
-        ) {
-            let path = format!("/{}", segments.join("/"));
+        fn is_normal_agrees_and_normal_form_is_a_fixed_point(path in test_paths::path(7)) {
             match normalise_path(&path) {
                 Ok(n) => {
                     prop_assert_eq!(is_normal(&path), Ok(n == path.as_str()));
