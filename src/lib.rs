@@ -40,7 +40,8 @@
 //! | `file_watch` | settled changes of a polled file (configuration, JWKS, admin token) |
 //! | `config/` | the keys, their defaults, validation, the figment stack, `check-config` output |
 //! | `metrics` | the toolkit each concern registers its own series with; encoding |
-//! | `admin/` | `/metrics`, `/healthz`, `/readyz`, `/keys`, `/drain` on their own listener; the admin token |
+//! | `admin/` | `/metrics`, `/healthz`, `/readyz`, `/keys`, `/drain`, `/shutdown` on their own listener; the admin token |
+//! | `prestop` | `wsgate prestop`: the pod-deletion hook that starts the drain before the app is signalled |
 //! | `demo` | `wsgate demo`: the page-and-echo upstream and its defaults |
 //!
 //! [`run`] takes listeners that are already bound and a channel of
@@ -64,6 +65,7 @@ pub(crate) mod keys;
 pub mod log_format;
 pub(crate) mod metrics;
 pub(crate) mod plain_cap;
+pub(crate) mod prestop;
 pub(crate) mod proxy;
 pub(crate) mod reload;
 pub(crate) mod responses;
@@ -89,6 +91,7 @@ use tokio_util::sync::CancellationToken;
 pub use crate::config::{Config, ConfigError};
 pub use crate::file_watch::{FileVersion, CONFIG_POLL_INTERVAL};
 use crate::metrics::{labels, Family, Registrar};
+pub use crate::prestop::{prestop, PrestopError};
 use crate::shutdown::Drive;
 pub use crate::shutdown::{os_signals, Control, Shutdown};
 pub use crate::tcp::listen;
@@ -177,11 +180,17 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    // Serve, applying reloads, until the first shutdown request; a closed
-    // channel means the same.
-    while let Some(Control::Reload(loaded)) = control.recv().await {
-        apply_reload(&proxy, &token, &reloads, *loaded);
-    }
+    // Serve, applying reloads, until the first shutdown request: a signal,
+    // a closed channel, or the pod's pre-stop hook (`POST /shutdown`).
+    let by_hook = loop {
+        tokio::select! {
+            message = control.recv() => match message {
+                Some(Control::Reload(loaded)) => apply_reload(&proxy, &token, &reloads, *loaded),
+                Some(Control::Shutdown) | None => break false,
+            },
+            () = shutdown.requested() => break true,
+        }
+    };
     let config = proxy.config();
     let drive = Drive {
         config: &config,
@@ -190,6 +199,16 @@ pub async fn run(
         accept,
     };
     shutdown.run_timeline(drive, &mut control).await;
+    if by_hook {
+        // The drain is over but the pod is not gone yet: the app is still
+        // in its own pre-stop pause, and a native sidecar that exited now
+        // could be restarted. Stay up, not ready, until the kubelet's
+        // SIGTERM (or the channel closing).
+        tracing::info!("shutdown: drained at the pre-stop hook's request; exiting at SIGTERM");
+        while let Some(Control::Reload(_)) = control.recv().await {
+            tracing::warn!("a reload was requested during shutdown: ignored");
+        }
+    }
     // Refusals of the last window, before the exit.
     proxy.refusals().flush();
     token.flush_refusals();

@@ -31,10 +31,20 @@ enum Command {
     Demo,
     /// Load and validate the configuration, print the effective values, exit 0 or 2.
     CheckConfig,
+    /// Pod-deletion hook (the native-sidecar layout): wait for SIGTERM, then have the wsgate
+    /// of this pod drain (POST /shutdown on its admin port) and exit when it is done.
+    Prestop {
+        /// wsgate's admin address, reached over the pod's loopback.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090")]
+        admin: std::net::SocketAddr,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Prestop { admin }) = cli.command {
+        return prestop(admin);
+    }
     let demo = matches!(cli.command, Some(Command::Demo));
     let base = if demo {
         wsgate::demo::defaults()
@@ -95,6 +105,28 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("wsgate: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `wsgate prestop`: no configuration is read; the log is plain text.
+fn prestop(admin: std::net::SocketAddr) -> ExitCode {
+    init_tracing(LogFormat::Text);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wsgate: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(wsgate::prestop(admin)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("prestop: {e}");
             ExitCode::from(1)
         }
     }

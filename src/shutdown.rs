@@ -1,14 +1,17 @@
 //! Shutdown: the OS signals that feed [`Control`], the [`Shutdown`] handle
 //! shared by every task, and the timeline that drives it.
 //!
-//! Three tokens and one tracker, one per step of the timeline (docs/behaviour.md#shutdown, §7):
-//! `signalled` at the first SIGTERM/SIGINT (readiness turns 503; admissions
+//! Tokens and one tracker, one per step of the timeline (docs/behaviour.md#shutdown):
+//! `requested` when the pod's pre-stop hook asks for the shutdown over the
+//! admin port (docs/operations.md#pod-deletion: the native-sidecar layout,
+//! where wsgate's own SIGTERM would come only after the app has gone);
+//! `signalled` at the first SIGTERM/SIGINT or that request (readiness turns 503; admissions
 //! continue through `shutdown_delay`); `draining` when the delay is over (new
 //! upgrades are refused, the listener closes, HTTP connections get
 //! `graceful_shutdown()`, the gradual drain starts); `hard_stop` when
 //! `shutdown_grace` has passed (every remaining tunnel sends its Close
 //! frames and ends within `close_timeout`); `abort` at a second signal
-//! (everything is cut at once). The tracker holds every
+//! (everything is cut at once); `ended` when the timeline is over. The tracker holds every
 //! connection and tunnel task, because hyper forgets a connection the moment
 //! it is upgraded: without it, a drain would not see the tunnels at all.
 
@@ -33,10 +36,12 @@ const HARD_STOP_MARGIN: Duration = Duration::from_secs(2);
 /// Shared shutdown state: clone it into every task.
 #[derive(Debug, Clone, Default)]
 pub struct Shutdown {
+    requested: CancellationToken,
     signalled: CancellationToken,
     draining: CancellationToken,
     hard_stop: CancellationToken,
     abort: CancellationToken,
+    ended: CancellationToken,
     tracker: TaskTracker,
 }
 
@@ -44,6 +49,23 @@ impl Shutdown {
     /// A fresh handle: not draining.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The pre-stop hook asked for the shutdown (idempotent): the serving
+    /// loop starts the timeline as it would at SIGTERM.
+    pub(crate) fn request(&self) {
+        self.requested.cancel();
+    }
+
+    /// Resolves when the pre-stop hook has asked for the shutdown.
+    pub(crate) async fn requested(&self) {
+        self.requested.cancelled().await;
+    }
+
+    /// Resolves when the shutdown timeline is over: every connection has
+    /// ended, or the grace has.
+    pub(crate) async fn ended(&self) {
+        self.ended.cancelled().await;
     }
 
     /// A shutdown signal arrived: readiness turns 503 (idempotent).
@@ -299,6 +321,7 @@ impl Shutdown {
                 tracker.len()
             );
         }
+        self.ended.cancel();
     }
 }
 

@@ -10,6 +10,10 @@
 //!   JSON (docs/operations.md#limits-per-key).
 //! - `POST`, `DELETE`, `GET /drain`: the operator's drain (docs/operations.md#access-log,
 //!   `drain.rs`).
+//! - `POST /shutdown`: the pod's pre-stop hook (docs/operations.md#pod-deletion):
+//!   starts the shutdown timeline as SIGTERM would and answers once it is
+//!   over. Open to the pod's own loopback; from anywhere else it needs the
+//!   admin token like the operator paths.
 //!
 //! `/keys` and `/drain` need the admin token (`token.rs`): without a token
 //! file they are 404, without the right token 401, each refusal counted in
@@ -23,6 +27,8 @@ mod token;
 pub(crate) use self::token::AdminToken;
 
 use std::convert::Infallible;
+use std::net::IpAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -101,6 +107,10 @@ pub(crate) struct AdminState {
 /// The paths that need the admin token.
 const OPERATOR_PATHS: [&str; 2] = ["/keys", "/drain"];
 
+/// How long `POST /shutdown` waits past `shutdown_grace` for the timeline to
+/// end before it answers anyway (the timeline's own hard-stop margin fits).
+const SHUTDOWN_ANSWER_MARGIN: Duration = Duration::from_secs(5);
+
 /// The most values `/keys` lists at once (`top` above it is clamped).
 const MAX_TOP: usize = 1000;
 
@@ -115,7 +125,7 @@ pub(crate) async fn serve(listener: TcpListener, state: AdminState) {
     loop {
         // Reap finished connection tasks so the set does not grow.
         while connections.try_join_next().is_some() {}
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
                 tracing::debug!(error = %e, "admin accept failed");
@@ -124,9 +134,10 @@ pub(crate) async fn serve(listener: TcpListener, state: AdminState) {
             }
         };
         let state = state.clone();
+        let peer = peer.ip();
         let service = service_fn(move |req| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(route(req, &state).await) }
+            async move { Ok::<_, Infallible>(route(req, peer, &state).await) }
         });
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         connections.spawn(async move {
@@ -137,10 +148,11 @@ pub(crate) async fn serve(listener: TcpListener, state: AdminState) {
     }
 }
 
-async fn route(req: Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+async fn route(req: Request<Incoming>, peer: IpAddr, state: &AdminState) -> Response<Full<Bytes>> {
     let readiness = &state.readiness;
     let path = req.uri().path();
-    if OPERATOR_PATHS.contains(&path) {
+    let hook_from_pod = path == "/shutdown" && in_this_pod(peer);
+    if (OPERATOR_PATHS.contains(&path) || path == "/shutdown") && !hook_from_pod {
         if let Err(refused) = state.token.check(req.headers()) {
             let status = refused.status();
             return match status {
@@ -160,6 +172,9 @@ async fn route(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byte
     if path == "/drain" {
         let method = req.method().clone();
         return drain::answer(&method, req.into_body(), state).await;
+    }
+    if path == "/shutdown" {
+        return shutdown_hook(req.method(), peer, state).await;
     }
     if !matches!(path, "/metrics" | "/healthz" | "/readyz" | "/keys") {
         return text(StatusCode::NOT_FOUND, "not found\n");
@@ -188,6 +203,40 @@ async fn route(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byte
             text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
         }
         _ => text(StatusCode::SERVICE_UNAVAILABLE, "saturated\n"),
+    }
+}
+
+/// Whether `peer` is a process in the pod's own network namespace: only
+/// those can connect from loopback (the kernel drops loopback-sourced
+/// packets that arrive from outside), so the pre-stop hook needs no token
+/// (it has none to send). An IPv4 peer on a dual-stack listener arrives
+/// mapped (`::ffff:127.0.0.1`).
+fn in_this_pod(peer: IpAddr) -> bool {
+    peer.to_canonical().is_loopback()
+}
+
+/// `POST /shutdown` (caller already allowed): the shutdown timeline, as at
+/// SIGTERM, answered when it is over.
+async fn shutdown_hook(method: &Method, peer: IpAddr, state: &AdminState) -> Response<Full<Bytes>> {
+    if method != Method::POST {
+        let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: POST\n");
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return resp;
+    }
+    let shutdown = &state.readiness.shutdown;
+    tracing::info!(
+        %peer,
+        "shutdown requested over the admin port (POST /shutdown): draining as at SIGTERM"
+    );
+    shutdown.request();
+    let bound = state.proxy.config().shutdown_grace + SHUTDOWN_ANSWER_MARGIN;
+    match tokio::time::timeout(bound, shutdown.ended()).await {
+        Ok(()) => text(StatusCode::OK, "drained\n"),
+        Err(_) => text(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the shutdown is still running\n",
+        ),
     }
 }
 
@@ -240,4 +289,26 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_this_pod;
+
+    #[test]
+    fn only_loopback_peers_are_in_this_pod() {
+        for inside in ["127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1"] {
+            assert!(in_this_pod(inside.parse().expect("ip")), "{inside}");
+        }
+        for outside in [
+            "10.0.0.7",
+            "192.0.2.2",
+            "::ffff:10.0.0.7",
+            "fd00::1",
+            "0.0.0.0",
+            "::",
+        ] {
+            assert!(!in_this_pod(outside.parse().expect("ip")), "{outside}");
+        }
+    }
 }
