@@ -148,9 +148,14 @@ def test_cap_and_probes_defaults_follow_the_rollout_safe_profile(render):
     assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
     sc = c["securityContext"]
     assert sc["runAsNonRoot"] is True and sc["runAsUser"] != 0 and sc["readOnlyRootFilesystem"] is True
-    # The app runs in `containers`, wsgate only in initContainers.
-    assert [x["name"] for x in pod["containers"]] == ["app"]
-    assert "lifecycle" not in pod["containers"][0], "native sidecar: the app needs no preStop sleep"
+    # The app runs in `containers`, wsgate only in initContainers; beside the app, the prestop
+    # container that has wsgate drain at a deletion while the app pauses (shutdownDelay 5s +
+    # drainPeriod 15s + closeTimeout 2s).
+    assert [x["name"] for x in pod["containers"]] == ["app", "wsgate-prestop"]
+    assert pod["containers"][0]["lifecycle"]["preStop"] == {"sleep": {"seconds": 22}}
+    hook = pod["containers"][1]
+    assert hook["image"] == c["image"] and hook["args"] == ["prestop", "--admin", "127.0.0.1:9090"]
+    assert "lifecycle" not in hook and "ports" not in hook and "readinessProbe" not in hook
     assert "4 concurrent connections" in r.notes
 
 
@@ -167,8 +172,8 @@ def test_classic_sidecar_is_a_second_container_and_the_app_outlives_the_drain(re
     assert names == ["app", "wsgate"]
     wsgate = pod["containers"][1]
     assert "restartPolicy" not in wsgate
-    # shutdownDelay 5s + drainPeriod 15s
-    assert pod["containers"][0]["lifecycle"]["preStop"] == {"sleep": {"seconds": 20}}
+    # shutdownDelay 5s + drainPeriod 15s + closeTimeout 2s
+    assert pod["containers"][0]["lifecycle"]["preStop"] == {"sleep": {"seconds": 22}}
 
 
 def test_service_targets_the_wsgate_port(render):

@@ -155,8 +155,12 @@ def test_example_deployments_follow_the_contract(file, native):
     assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["ws"]
     app = next(x for x in pod["containers"] if x["name"] == "app")
     assert env["WSGATE_UPSTREAM"] == f"127.0.0.1:{app['ports'][0]['containerPort']}"
-    if not native:
-        assert app["lifecycle"]["preStop"]["sleep"]["seconds"] >= 20
+    # Both layouts: the app pauses through the drain (docs/operations.md#pod-deletion); the native
+    # one has the prestop container that starts it.
+    assert app["lifecycle"]["preStop"]["sleep"]["seconds"] >= 22
+    if native:
+        (hook,) = [x for x in pod["containers"] if x["name"] == "wsgate-prestop"]
+        assert hook["args"][0] == "prestop" and hook["image"] == c["image"]
 
 
 def test_native_and_classic_examples_configure_wsgate_identically():

@@ -86,6 +86,7 @@ two values. Fails the render with a message naming the values.
 {{- include "wsgate.validateFleet" . -}}
 {{- include "wsgate.validateMessageGuards" . -}}
 {{- include "wsgate.validateUpstreamSocket" . -}}
+{{- include "wsgate.validatePodDeletion" . -}}
 {{- end -}}
 
 {{/*
@@ -618,11 +619,63 @@ wsgate.appPreStopSleep: seconds the app container sleeps in preStop (see values:
 {{- define "wsgate.appPreStopSleep" -}}
 {{- if not (kindIs "invalid" .Values.app.preStopSleepSeconds) -}}
 {{- .Values.app.preStopSleepSeconds | int -}}
-{{- else if .Values.nativeSidecar -}}
-0
 {{- else -}}
+{{- include "wsgate.drainSeconds" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+wsgate.drainSeconds: how long after the start of a pod's deletion wsgate's drain can last, rounded
+up: shutdownDelay + drainPeriod, plus closeTimeout for the last Close handshakes. The app must keep
+serving at least that long (docs/operations.md#pod-deletion).
+*/}}
+{{- define "wsgate.drainSeconds" -}}
 {{- $delay := include "wsgate.durationSeconds" .Values.shutdownDelay | float64 -}}
 {{- $drain := include "wsgate.durationSeconds" .Values.drainPeriod | float64 -}}
-{{- addf $delay $drain | ceil | int -}}
+{{- $close := include "wsgate.durationSeconds" .Values.closeTimeout | float64 -}}
+{{- addf $delay $drain $close | ceil | int -}}
 {{- end -}}
+
+{{/*
+wsgate.validatePodDeletion: the values that would break the drain on pod deletion. The app is
+signalled when its preStop sleep ends, which must come after wsgate's drain; the kubelet kills
+whatever runs at terminationGracePeriodSeconds, which must leave the app time to exit after that.
+*/}}
+{{- define "wsgate.validatePodDeletion" -}}
+{{- if .Values.app.enabled -}}
+{{- $sleep := include "wsgate.appPreStopSleep" . | int -}}
+{{- $need := include "wsgate.drainSeconds" . | int -}}
+{{- if lt $sleep $need -}}
+{{- fail (printf "app.preStopSleepSeconds (%d) must be at least shutdownDelay (%v) + drainPeriod (%v) + closeTimeout (%v), rounded up: %d; the app would be signalled while wsgate still drains its sessions (docs/operations.md#pod-deletion)" $sleep .Values.shutdownDelay .Values.drainPeriod .Values.closeTimeout $need) -}}
+{{- end -}}
+{{- if lt (int .Values.terminationGracePeriodSeconds) (add $sleep 2 | int) -}}
+{{- fail (printf "terminationGracePeriodSeconds (%v) must be at least the app's preStop sleep (%d s: shutdownDelay + drainPeriod + closeTimeout) + 2 s for the app to exit after its SIGTERM; the kubelet would kill it (docs/operations.md#pod-deletion)" .Values.terminationGracePeriodSeconds $sleep) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+wsgate.prestopContainer: the pod-deletion hook of the native layout, as a `containers` entry. A
+chart that includes wsgate.container with nativeSidecar: true adds this beside its app, and gives
+its app a preStop sleep of wsgate.appPreStopSleep seconds.
+*/}}
+{{- define "wsgate.prestopContainer" -}}
+{{- $v := .Values -}}
+name: {{ printf "%s-prestop" ($v.sidecarName | default "wsgate") }}
+image: {{ printf "%s:%s" $v.image.repository (toString $v.image.tag) | quote }}
+imagePullPolicy: {{ $v.image.pullPolicy }}
+# Idles until the pod is deleted; then has wsgate drain over the pod's loopback and exits when
+# it has (docs/operations.md#pod-deletion).
+args:
+  - prestop
+  - --admin
+  - {{ printf "%s:%d" (ternary "[::1]" "127.0.0.1" (contains ":" $v.listenHost)) (int $v.ports.admin) | quote }}
+{{- with $v.prestopHook.resources }}
+resources:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.securityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end -}}
