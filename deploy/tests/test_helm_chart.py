@@ -294,7 +294,21 @@ BAD_VALUES = {
     "unknown value": {"maxClient": 4},
     "no app with a native sidecar": {"app": {"enabled": False}, "upstream": "backend:80"},
     "no app and no upstream": {"app": {"enabled": False}, "nativeSidecar": False},
+    # docs/operations.md#pod-deletion: the app must pause through the drain and then have time to exit.
+    "app pause shorter than the drain": {"app": {"preStopSleepSeconds": 21}},
+    "app pause shorter than the drain, classic": {"app": {"preStopSleepSeconds": 20}, "nativeSidecar": False},
+    "no time left for the app after its pause": {"terminationGracePeriodSeconds": 23, "shutdownGrace": "22s"},
 }
+
+
+def test_pod_deletion_errors_name_the_values(helm, render):
+    with pytest.raises(helm.HelmRenderError, match=r"app.preStopSleepSeconds \(21\) must be at least .* 22"):
+        render({"app": {"preStopSleepSeconds": 21}})
+    with pytest.raises(helm.HelmRenderError, match=r"terminationGracePeriodSeconds \(23\) must be at least"):
+        render({"terminationGracePeriodSeconds": 23, "shutdownGrace": "22s"})
+    # Enough of both renders, and an explicit longer pause is kept.
+    pod = render({"app": {"preStopSleepSeconds": 25}, "terminationGracePeriodSeconds": 27}).one("Deployment")
+    assert pod["spec"]["template"]["spec"]["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"] == 25
 
 
 @pytest.mark.parametrize("case", sorted(BAD_VALUES))
