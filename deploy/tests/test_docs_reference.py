@@ -408,12 +408,34 @@ def test_the_anchored_headings_exist():
             assert f"\n## {heading}\n" in text, f"docs/{page} lacks ## {heading}"
 
 
-def test_every_alert_has_a_runbook_in_troubleshooting():
-    """docs/operations.md#<alert name in lower case> for every alert of the rule file."""
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to -."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_alert_has_a_runbook_in_troubleshooting(render):
+    """docs/operations.md#<alert name in lower case> for every alert of the rule file, and every
+    alert's runbook_url (the rule file's, the plain PrometheusRule's and the chart's, all alerts
+    enabled) points at such a section of docs/operations.md."""
     import yaml
 
     rules_file = ROOT / "deploy" / "prometheus" / "wsgate-alerts.yaml"
-    alerts = {r["alert"] for g in yaml.safe_load(rules_file.read_text())["groups"] for r in g["rules"]}
+    rules = [r for g in yaml.safe_load(rules_file.read_text())["groups"] for r in g["rules"]]
+    alerts = {r["alert"] for r in rules}
     assert alerts
-    runbooks = set(re.findall(r"^### (\w+)$", section((DOCS / "operations.md").read_text(), "Troubleshooting"), re.M))
+    troubleshooting = section((DOCS / "operations.md").read_text(), "Troubleshooting")
+    runbooks = set(re.findall(r"^### (\w+)$", troubleshooting, re.M))
     assert alerts <= runbooks, f"alerts without a runbook in docs/operations.md: {sorted(alerts - runbooks)}"
+    anchors = {github_anchor(h) for h in re.findall(r"^#{3} (.+)$", troubleshooting, re.M)}
+    plain = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "prometheusrule.yaml").read_text())
+    chart = render({"podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}).one("PrometheusRule")
+    for source, rs in (("rule file", rules), ("plain PrometheusRule", plain["spec"]["groups"][0]["rules"]),
+                       ("chart", chart["spec"]["groups"][0]["rules"])):
+        assert {r["alert"] for r in rs} == alerts, source
+        for r in rs:
+            url = r["annotations"]["runbook_url"]
+            page, _, anchor = url.partition("#")
+            assert page.endswith("/docs/operations.md"), (source, url)
+            assert anchor == r["alert"].lower() and anchor in anchors, (source, url)
+    assert github_anchor("WsgateTargetMissing") == "wsgatetargetmissing"
+    assert github_anchor("Descriptors, memory and vanished peers") == "descriptors-memory-and-vanished-peers"

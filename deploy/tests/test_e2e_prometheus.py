@@ -4,7 +4,9 @@ prometheus-adapter rule is then evaluated through Prometheus' HTTP API.
 
 Set-up (module scope): wsgate demo with cap 4 on ephemeral loopback ports (read from its stdout),
 Prometheus on an ephemeral loopback port scraping it every second with static `namespace` and
-`pod` labels (as a PodMonitor would attach) and loading deploy/prometheus/wsgate-alerts.yaml.
+`pod` labels and the job `e2e/wsgate` (as the PodMonitor of deploy/kubernetes/podmonitor.yaml would
+attach them) and loading deploy/prometheus/wsgate-alerts.yaml, plus the chart's
+WsgateRejectingConnections alone at thresholds this small state reaches (LOW_REJECTING).
 A second demo without a cap (max_clients = 0, pod label wsgate-e2e-unlimited) holds one
 connection, to check that unlimited pods are shown sensibly. The test fills the cap with 4 echo
 connections, gets 3 upgrades refused with 503, closes 2, and waits until Prometheus sees 2
@@ -272,13 +274,26 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen, int]:
     raise AssertionError(f"redis-server did not start: {last}")
 
 
-def start_prometheus(tmp: Path, targets: dict[str, str]) -> tuple[subprocess.Popen, Prom]:
+# The chart's prometheusRule with every alert off but WsgateRejectingConnections, at thresholds the
+# set-up's few refusals reach (the defaults need 10 refusals and 5 % of a pod's upgrades): so a real
+# Prometheus shows the alert pending for the refusing pods. Loaded beside the rule file.
+LOW_REJECTING = {"prometheusRule": {
+    "enabled": True, "rejecting": {"threshold": 0.2, "minRefusals": 1},
+    **{k: {"enabled": False} for k in ("saturation", "upstreamErrors", "notReady", "keyPinned", "fleetRedisDown",
+                                       "abnormalCloses", "configReloadFailed", "descriptorsNearLimit",
+                                       "targetMissing")}}}
+
+
+def start_prometheus(tmp: Path, targets: dict[str, str],
+                     extra_rule_files: list[Path] = ()) -> tuple[subprocess.Popen, Prom]:
     """targets: admin address -> pod label."""
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES_FILE)],
+        "rule_files": [str(RULES_FILE), *map(str, extra_rule_files)],
         "scrape_configs": [{
-            "job_name": "wsgate",
+            # As the PodMonitor `wsgate` of namespace e2e labels its targets (the rule file's
+            # WsgateTargetMissing watches job=~".+/wsgate").
+            "job_name": f"{NAMESPACE}/wsgate",
             "static_configs": [{"targets": [addr], "labels": {"namespace": NAMESPACE, "pod": pod}}
                                for addr, pod in targets.items()],
         }],
@@ -330,7 +345,7 @@ def metric_value(text: str, name: str, labels: str = "") -> float | None:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, render):
     if not WSGATE_BIN.exists():
         pytest.skip(f"wsgate binary not built at {WSGATE_BIN} (run `cargo build` or set WSGATE_BIN)")
     assert Path(PROMETHEUS_BIN).exists(), f"no Prometheus at {PROMETHEUS_BIN}: run deploy/tests/run.sh"
@@ -356,7 +371,9 @@ def stack(tmp_path_factory):
         })
         wait_until(lambda: metric_value(scrape(admin_f), "wsgate_fleet_up") == 1, 20,
                    "the fleet pod to reach Redis (wsgate_fleet_up 1 on /metrics)")
-        prom_proc, prom = start_prometheus(tmp, {admin: POD, admin_u: POD_UNLIMITED, admin_f: POD_FLEET})
+        low = tmp / "chart-low-rejecting.yaml"
+        low.write_text(yaml.safe_dump(render(LOW_REJECTING).one("PrometheusRule")["spec"]))
+        prom_proc, prom = start_prometheus(tmp, {admin: POD, admin_u: POD_UNLIMITED, admin_f: POD_FLEET}, [low])
         sel = f'{{namespace="{NAMESPACE}", pod="{POD}"}}'
         # Let Prometheus see the counters at 0 before anything happens.
         wait_until(lambda: prom.scalar(f'up{sel}') == 1.0, 60, "first successful scrape (up == 1)")
@@ -652,21 +669,24 @@ def test_every_alert_expression_evaluates(stack):
     assert len(exprs) >= 8
     for name, expr in exprs:
         prom.query(expr)
-    # At this state (2 of 4, 3 refused; fleet pod 3 of 3 with 1 refused, Redis up) only the
-    # rejecting alert's condition holds: for the capped pod (capacity) and the fleet pod (fleet).
-    # (No pod has ended 20 sessions, so WsgateAbnormalCloses' volume guard keeps it silent.)
+    # At this state (2 of 4, 3 refused; fleet pod 3 of 3 with 1 refused, Redis up; every target
+    # scraped) no alert's condition holds at the default values: 3 refusals are under
+    # WsgateRejectingConnections' volume guard of 10, and no pod has ended 20 sessions
+    # (WsgateAbnormalCloses' guard).
     firing = {name.split(": ")[1] for name, expr in exprs if prom.query(expr)["result"]}
-    assert firing == {"WsgateRejectingConnections"}, firing
+    assert firing == set(), firing
+    # Without its guards the rejecting alert sees both refusing pods: 3 of 7 upgrades refused for
+    # capacity on the capped pod, 1 of 4 for fleet on the fleet pod.
     for name, expr in exprs:
         if name.endswith(": WsgateRejectingConnections"):
-            res = prom.query(expr)["result"]
-            assert sorted((s["metric"]["pod"], s["metric"]["reason"]) for s in res) == [
-                (POD, "capacity"), (POD_FLEET, "fleet")], (name, res)
+            res = prom.query(expr.replace("> 0.05", "> 0").replace(">= 10", ">= 1"))["result"]
+            assert {(s["metric"]["pod"], s["metric"]["reason"]): round(float(s["value"][1]), 2) for s in res} == {
+                (POD, "capacity"): round(3 / 7, 2), (POD_FLEET, "fleet"): 0.25}, (name, res)
 
 
 def test_chart_alert_expressions_evaluate_with_custom_thresholds(stack, render):
     pr = render({"prometheusRule": {"enabled": True, "saturation": {"threshold": 0.4},
-                                    "rejecting": {"threshold": 2}}}).one("PrometheusRule")
+                                    "rejecting": {"threshold": 0.3, "minRefusals": 2}}}).one("PrometheusRule")
     rules = {r["alert"]: r["expr"] for g in pr["spec"]["groups"] for r in g["rules"]}
     prom = stack["prom"]
     sat = prom.query(rules["WsgateSaturationHigh"])["result"]
@@ -674,7 +694,7 @@ def test_chart_alert_expressions_evaluate_with_custom_thresholds(stack, render):
         "0.5 > 0.4 must match, the fleet pod's 0.3 must not"
     rejecting = prom.query(rules["WsgateRejectingConnections"])["result"]
     assert [(s["metric"]["pod"], s["metric"]["reason"]) for s in rejecting] == [(POD, "capacity")], \
-        "3 > 2 must match, the fleet pod's 1 must not"
+        "3 of 7 refused (> 30 %, >= 2) must match, the fleet pod's 1 of 4 must not"
     for expr in rules.values():
         prom.query(expr)
 
@@ -691,7 +711,8 @@ def test_prometheus_loaded_the_rules_and_evaluates_them_without_error(stack):
     rules = wait_until(evaluated, 30, "every rule evaluated once")
     assert {r["name"] for r in rules} == {"WsgateSaturationHigh", "WsgateRejectingConnections",
                                           "WsgateUpstreamErrors", "WsgatePodNotReady", "WsgateKeyPinnedAtLimit",
-                                          "WsgateFleetRedisDown", "WsgateAbnormalCloses"}
+                                          "WsgateFleetRedisDown", "WsgateAbnormalCloses", "WsgateConfigReloadFailed",
+                                          "WsgateDescriptorsNearLimit", "WsgateTargetMissing"}
     for r in rules:
         assert r["health"] == "ok", r
 
@@ -700,6 +721,7 @@ def test_prometheus_loaded_the_rules_and_evaluates_them_without_error(stack):
         found = [a for a in alerts if a["labels"]["alertname"] == "WsgateRejectingConnections"]
         return found if len(found) >= 2 else None
 
+    # From the chart's rule at LOW_REJECTING (the rule file's needs 10 refusals).
     alerts = wait_until(rejecting_active, 30, "WsgateRejectingConnections to be pending for both pods")
     assert all(a["state"] in ("pending", "firing") for a in alerts), alerts
     assert sorted((a["labels"]["pod"], a["labels"]["reason"]) for a in alerts) == [

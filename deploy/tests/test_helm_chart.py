@@ -48,7 +48,7 @@ def test_chart_lints_for_the_oldest_supported_kubernetes(helm, chart):
 
 def test_standalone_wsgate_fronts_a_remote_upstream(render):
     r = render(VALUE_SETS["standalone-no-service"])
-    assert r.kinds() == ["Deployment"]
+    assert r.kinds() == ["Deployment", "PodDisruptionBudget"]
     pod = r.one("Deployment")["spec"]["template"]["spec"]
     assert [c["name"] for c in pod["containers"]] == ["wsgate"] and "initContainers" not in pod
     assert env_of(pod["containers"][0])["WSGATE_UPSTREAM"] == "chat-backend:3000"
@@ -69,9 +69,10 @@ def test_chart_metadata(chart, helm):
     helm.validate_release_name("chat")
 
 
-def test_default_render_has_deployment_and_service_only(render):
+def test_default_render_has_deployment_service_and_disruption_budget(render):
+    # replicaCount 2: the automatic PodDisruptionBudget is on (test_helm_ecosystem.py has the rest).
     r = render()
-    assert r.kinds() == ["Deployment", "Service"]
+    assert r.kinds() == ["Deployment", "PodDisruptionBudget", "Service"]
 
 
 def test_every_spec_key_is_an_env_var(render):
@@ -216,29 +217,42 @@ def test_dashboard_configmap_carries_the_grafana_label_and_the_dashboard(render)
     assert json.loads(cm["data"]["wsgate.json"]) == json.loads(DASHBOARD.read_text())
 
 
-def test_prometheusrule_equals_the_plain_rule_file_at_default_thresholds(render):
-    pr = render({"prometheusRule": {"enabled": True}}).one("PrometheusRule")
+# The plain rule file's WsgateTargetMissing selects the targets of deploy/kubernetes/podmonitor.yaml
+# (a PodMonitor named wsgate: job <namespace>/wsgate); the chart's own default is its monitor's job.
+PLAIN_TARGET_SELECTOR = 'job=~".+/wsgate"'
+
+
+def test_prometheusrule_equals_the_plain_rule_file_at_default_values(render):
+    pr = render({"prometheusRule": {"enabled": True, "targetMissing": {"selector": PLAIN_TARGET_SELECTOR}}}
+                ).one("PrometheusRule")
     plain = yaml.safe_load(RULES_FILE.read_text())
     assert pr["spec"]["groups"] == plain["groups"]
+    expr = next(r["expr"] for r in plain["groups"][0]["rules"] if r["alert"] == "WsgateTargetMissing")
+    assert expr.split() == f"up{{{PLAIN_TARGET_SELECTOR}}} == 0 or absent(up{{{PLAIN_TARGET_SELECTOR}}})".split()
 
 
 def test_prometheusrule_thresholds_are_values(render):
     pr = render({"prometheusRule": {
-        "enabled": True, "severity": "page", "additionalAlertLabels": {"team": "chat"},
-        "saturation": {"threshold": 0.9, "for": "10m"},
-        "rejecting": {"threshold": 5, "for": "3m"},
-        "upstreamErrors": {"threshold": 50, "for": "4m"},
-        "notReady": {"for": "15m"},
+        "enabled": True, "additionalAlertLabels": {"team": "chat"},
+        "saturation": {"threshold": 0.9, "for": "10m", "severity": "critical"},
+        "rejecting": {"threshold": 0.2, "minRefusals": 30, "for": "3m", "severity": "warning"},
+        "upstreamErrors": {"threshold": 50, "for": "4m", "severity": "critical"},
+        "notReady": {"for": "15m", "severity": "info"},
         "keyPinned": {"threshold": 0.9, "for": "20m"},
         "fleetRedisDown": {"for": "3m"},
         "abnormalCloses": {"threshold": 0.07, "minSessions": 50, "for": "15m"},
+        "configReloadFailed": {"window": "1h", "for": "1m"},
+        "descriptorsNearLimit": {"threshold": 0.95, "for": "2m"},
+        "targetMissing": {"selector": 'job="edge"', "for": "10m", "severity": "warning"},
     }}).one("PrometheusRule")
     rules = {r["alert"]: r for r in pr["spec"]["groups"][0]["rules"]}
     assert rules["WsgateSaturationHigh"]["expr"].strip().endswith("> 0.9")
     assert rules["WsgateSaturationHigh"]["for"] == "10m"
     assert "90%" in rules["WsgateSaturationHigh"]["annotations"]["description"]
-    assert rules["WsgateRejectingConnections"]["expr"].strip().endswith("> 5")
+    ratio, guard = rules["WsgateRejectingConnections"]["expr"].split("\nand\n")
+    assert ratio.strip().endswith("> 0.2") and guard.strip().endswith(">= 30"), rules["WsgateRejectingConnections"]
     assert rules["WsgateRejectingConnections"]["for"] == "3m"
+    assert "more than 20% and at least 30 refusals, for 3m" in rules["WsgateRejectingConnections"]["annotations"]["description"]
     assert rules["WsgateUpstreamErrors"]["expr"].strip().endswith("> 50")
     assert rules["WsgatePodNotReady"]["for"] == "15m"
     assert rules["WsgateKeyPinnedAtLimit"]["expr"].strip().endswith(">= 0.9")
@@ -254,8 +268,23 @@ def test_prometheusrule_thresholds_are_values(render):
     # 0.07 x 100 is 7.000000000000001 in floating point: the text says 7%.
     assert "More than 7% of the WebSocket sessions" in abnormal["annotations"]["description"]
     assert "(at least 50 ended in that window), for 15m:" in abnormal["annotations"]["description"]
+    reload = rules["WsgateConfigReloadFailed"]
+    assert '{result="failure"}[1h]' in reload["expr"] and reload["for"] == "1m"
+    assert "within the last 1h" in reload["annotations"]["description"]
+    fds = rules["WsgateDescriptorsNearLimit"]
+    assert fds["expr"].strip().endswith("> 0.95") and fds["for"] == "2m"
+    assert "More than 95% of" in fds["annotations"]["description"]
+    missing = rules["WsgateTargetMissing"]
+    assert missing["expr"].split() == 'up{job="edge"} == 0 or absent(up{job="edge"})'.split()
+    assert missing["for"] == "10m"
+    severities = {name: r["labels"]["severity"] for name, r in rules.items()}
+    assert severities == {
+        "WsgateSaturationHigh": "critical", "WsgateRejectingConnections": "warning", "WsgateUpstreamErrors": "critical",
+        "WsgatePodNotReady": "info", "WsgateKeyPinnedAtLimit": "warning", "WsgateFleetRedisDown": "warning",
+        "WsgateAbnormalCloses": "warning", "WsgateConfigReloadFailed": "warning",
+        "WsgateDescriptorsNearLimit": "warning", "WsgateTargetMissing": "warning"}
     for r in rules.values():
-        assert r["labels"] == {"severity": "page", "team": "chat"}
+        assert r["labels"] == {"severity": severities[r["alert"]], "team": "chat"}
 
 
 def test_hpa_targets_the_deployment_on_active_connections(render):

@@ -187,7 +187,8 @@ def test_jwt_without_rules_renders_the_verifier_only(render):
 
 def test_admin_token_alone_needs_no_config_file(render):
     r = render(VARIANTS["admin-token-only"])
-    assert r.kinds() == ["Deployment", "Service"]
+    # No ConfigMap (the PodDisruptionBudget is the chart's automatic one for 2 replicas).
+    assert r.kinds() == ["Deployment", "PodDisruptionBudget", "Service"]
     c, _ = wsgate_container(r.one("Deployment"))
     env = env_of(c)
     assert "WSGATE_CONFIG" not in env
@@ -198,7 +199,7 @@ def test_admin_token_alone_needs_no_config_file(render):
 def test_defaults_render_no_config_map_volume_or_variable(render):
     for values in ({}, {"maxClients": 10}, {"nativeSidecar": False}, {"keyLimits": []}):
         r = render(values)
-        assert r.kinds() == ["Deployment", "Service"], values
+        assert r.kinds() == ["Deployment", "PodDisruptionBudget", "Service"], values
         pod = pod_of(r)
         c, _ = wsgate_container(r.one("Deployment"))
         assert "volumes" not in pod and "volumeMounts" not in c, values

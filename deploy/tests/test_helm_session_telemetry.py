@@ -49,8 +49,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                       "prometheusRule": {"enabled": True}, "grafanaDashboard": {"enabled": True}},
     "watermark-explicitly-off": {"maxClients": 1500, "readyHighWatermark": 0},
     "admin-token-classic": {**ADMIN, "nativeSidecar": False, "maxClients": 500, "readyLowWatermark": 0.75},
-    "abnormal-closes-thresholds": {"prometheusRule": {"enabled": True, "severity": "page", "abnormalCloses": {
-        "threshold": 0.1, "minSessions": 0, "for": "30m"}}},
+    "abnormal-closes-thresholds": {"prometheusRule": {"enabled": True, "abnormalCloses": {
+        "severity": "critical", "threshold": 0.1, "minSessions": 0, "for": "30m"}}},
 }
 
 

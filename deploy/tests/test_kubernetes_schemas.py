@@ -1,9 +1,11 @@
 """Every rendered chart object and every file in deploy/kubernetes/, validated against the
 Kubernetes OpenAPI schemas (kubernetes-validate, strict: unknown fields are errors; offline).
 
-PodMonitor and PrometheusRule are CRDs that those schemas do not cover: their structure is checked
-here, and the PrometheusRule's rules go through promtool (test_prometheus_rules.py does the rule
-file itself).
+PodMonitor, ServiceMonitor, PrometheusRule and ScaledObject are custom resources those schemas do
+not cover: they are validated against the schemas of their CRDs (the Prometheus Operator's and
+KEDA's, vendored in crds/; crd_schemas.py), strictly too, with their metadata checked as Kubernetes
+ObjectMeta; a PrometheusRule's rules also go through promtool (test_prometheus_rules.py does the
+rule file itself).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+import crd_schemas
 from conftest import (
     CRD_KINDS,
     KUBE_DIR,
@@ -41,28 +44,25 @@ def validate(obj: dict[str, Any]) -> None:
         raise AssertionError(f"{obj['kind']}/{obj['metadata']['name']}: {path}: {e.message}") from None
 
 
+def validate_custom_resource(obj: dict[str, Any]) -> None:
+    """Against its CRD's schema, and its metadata against ObjectMeta (as a ConfigMap's)."""
+    crd_schemas.validate(obj)
+    validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj["metadata"]})
+
+
 def check_podmonitor(pm: dict[str, Any]) -> None:
-    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
-    assert pm["metadata"]["name"]
     sel = pm["spec"]["selector"]
     assert sel.get("matchLabels") or sel.get("matchExpressions"), "PodMonitor must select pods"
-    eps = pm["spec"]["podMetricsEndpoints"]
-    assert eps
-    for ep in eps:
-        assert set(ep) <= {"port", "portNumber", "path", "interval", "scrapeTimeout", "scheme",
-                           "relabelings", "metricRelabelings", "honorLabels"}, ep
+    for ep in pm["spec"]["podMetricsEndpoints"]:
         assert ep.get("port") == "admin" or ep.get("portNumber"), ep
         assert ep.get("path", "/metrics") == "/metrics"
 
 
 def check_prometheusrule(pr: dict[str, Any], tmp_path: Path) -> None:
-    assert pr["apiVersion"] == "monitoring.coreos.com/v1"
-    assert set(pr["spec"]) == {"groups"}
     for g in pr["spec"]["groups"]:
         assert g["name"] and g["rules"]
         for r in g["rules"]:
             assert ("alert" in r) != ("record" in r) and r["expr"], r
-            assert set(r) <= {"alert", "record", "expr", "for", "labels", "annotations", "keep_firing_for"}
     # The spec of a PrometheusRule is a Prometheus rule file: let promtool judge it.
     f = tmp_path / f"{pr['metadata']['name']}-rules.yaml"
     f.write_text(yaml.safe_dump(pr["spec"]))
@@ -91,13 +91,57 @@ def selector_matches(sel: dict[str, Any], labels: dict[str, str]) -> bool:
 def validate_all(objs: list[dict[str, Any]], tmp_path: Path) -> None:
     assert objs
     for o in objs:
-        if o["kind"] == "PodMonitor":
-            check_podmonitor(o)
-        elif o["kind"] == "PrometheusRule":
-            check_prometheusrule(o, tmp_path)
+        if o["kind"] in CRD_KINDS:
+            validate_custom_resource(o)
+            if o["kind"] == "PodMonitor":
+                check_podmonitor(o)
+            elif o["kind"] == "PrometheusRule":
+                check_prometheusrule(o, tmp_path)
         else:
-            assert o["kind"] not in CRD_KINDS
             validate(o)
+
+
+def test_the_vendored_crds_are_the_custom_kinds_the_chart_renders():
+    assert crd_schemas.kinds() == CRD_KINDS
+    assert set(crd_schemas.schemas()) == {
+        ("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "ServiceMonitor"),
+        ("monitoring.coreos.com/v1", "PrometheusRule"), ("keda.sh/v1alpha1", "ScaledObject")}
+
+
+# A misspelt or mistyped field in each custom kind, which the CRD schemas (made strict) must refuse:
+# without it a validation that checks nothing would pass too.
+BROKEN_CUSTOM_RESOURCES = {
+    "PodMonitor: podMetricEndpoints": {
+        "apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": {"name": "x"},
+        "spec": {"selector": {}, "podMetricEndpoints": [{"port": "admin"}]}},
+    "PodMonitor: interval not a duration": {
+        "apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": {"name": "x"},
+        "spec": {"selector": {}, "podMetricsEndpoints": [{"port": "admin", "interval": "often"}]}},
+    "ServiceMonitor: endpoint field unknown": {
+        "apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": {"name": "x"},
+        "spec": {"selector": {}, "endpoints": [{"port": "admin", "metricsPath": "/metrics"}]}},
+    "PrometheusRule: rule without expr": {
+        "apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule", "metadata": {"name": "x"},
+        "spec": {"groups": [{"name": "g", "rules": [{"alert": "A"}]}]}},
+    "ScaledObject: minReplicas instead of minReplicaCount": {
+        "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "x"},
+        "spec": {"scaleTargetRef": {"name": "d"}, "minReplicas": 2,
+                 "triggers": [{"type": "prometheus", "metadata": {"query": "1"}}]}},
+    "ScaledObject: trigger metadata not strings": {
+        "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "x"},
+        "spec": {"scaleTargetRef": {"name": "d"},
+                 "triggers": [{"type": "prometheus", "metadata": {"threshold": 70}}]}},
+    "ScaledObject: metadata label not a string": {
+        "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "x", "labels": {"release": 1}},
+        "spec": {"scaleTargetRef": {"name": "d"}, "triggers": [{"type": "prometheus", "metadata": {}}]}},
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_CUSTOM_RESOURCES))
+def test_a_broken_custom_resource_is_refused(case):
+    with pytest.raises(AssertionError) as err:
+        validate_custom_resource(BROKEN_CUSTOM_RESOURCES[case])
+    print(f"{case}: {err.value}")
 
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
@@ -107,10 +151,13 @@ def test_rendered_chart_is_valid_kubernetes(render, name, tmp_path):
     values.setdefault("podMonitor", {"enabled": True})
     values.setdefault("prometheusRule", {"enabled": True})
     values.setdefault("grafanaDashboard", {"enabled": True})
+    values.setdefault("podDisruptionBudget", {"enabled": True})
+    values.setdefault("networkPolicy", {"enabled": True})
     if values.get("maxClients", 0) > 0:
         values.setdefault("autoscaling", {"enabled": True})
     r = render(values)
     validate_all(r.objects, tmp_path)
+    assert {"PodMonitor", "PrometheusRule", "PodDisruptionBudget", "NetworkPolicy"} <= set(r.kinds())
 
 
 @pytest.mark.parametrize("path", kube_files(), ids=lambda p: p.name)

@@ -8,8 +8,16 @@ import yaml
 
 from conftest import PROMTOOL_BIN, RULES_FILE, RULES_TEST_FILE
 
-EXPECTED_ALERTS = {"WsgateSaturationHigh", "WsgateRejectingConnections", "WsgateUpstreamErrors", "WsgatePodNotReady",
-                   "WsgateKeyPinnedAtLimit", "WsgateFleetRedisDown", "WsgateAbnormalCloses"}
+# Each alert with its severity: critical pages (clients are being refused, or nothing watches
+# wsgate any more), warning does not.
+SEVERITIES = {
+    "WsgateSaturationHigh": "warning", "WsgateRejectingConnections": "critical", "WsgateUpstreamErrors": "warning",
+    "WsgatePodNotReady": "warning", "WsgateKeyPinnedAtLimit": "warning", "WsgateFleetRedisDown": "warning",
+    "WsgateAbnormalCloses": "warning", "WsgateConfigReloadFailed": "warning", "WsgateDescriptorsNearLimit": "warning",
+    "WsgateTargetMissing": "critical",
+}
+EXPECTED_ALERTS = set(SEVERITIES)
+RUNBOOK_BASE = "https://github.com/wsgate/wsgate/blob/main/docs/operations.md"
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -35,9 +43,15 @@ def test_rule_file_has_the_alerts_with_severity_and_text():
     rules = [r for g in yaml.safe_load(RULES_FILE.read_text())["groups"] for r in g["rules"]]
     assert {r["alert"] for r in rules} == EXPECTED_ALERTS
     for r in rules:
-        assert r["labels"]["severity"]
+        assert r["labels"] == {"severity": SEVERITIES[r["alert"]]}, r["alert"]
         assert r["annotations"]["summary"] and r["annotations"]["description"]
-        assert r.get("for"), f"{r['alert']} needs a for: so one bad scrape does not page"
+        assert r["annotations"]["runbook_url"] == f"{RUNBOOK_BASE}#{r['alert'].lower()}"
+        # A gauge compared with a bound needs a for: so one bad scrape does not page. The failed
+        # reload is a counter's increase over a 15m window: a bad scrape cannot make one up.
+        if r["alert"] == "WsgateConfigReloadFailed":
+            assert r["for"] == "0m" and "[15m]" in r["expr"]
+        else:
+            assert r.get("for") and r["for"] != "0m", f"{r['alert']} needs a for: so one bad scrape does not page"
     sat = next(r for r in rules if r["alert"] == "WsgateSaturationHigh")
     assert sat["for"] == "5m" and "> 0" in sat["expr"], "unlimited pods (max = 0) must be excluded"
     pinned = next(r for r in rules if r["alert"] == "WsgateKeyPinnedAtLimit")
@@ -68,6 +82,21 @@ def test_rule_file_has_the_alerts_with_severity_and_text():
     for needle in ("More than 5%", "at least 20 ended", "for 10m", "code none", "1006", "wsgate_sessions_ended_total",
                    "client_eof", "upstream_eof", "keepalive", "wsgate::access"):
         assert needle in abnormal["annotations"]["description"], needle
+    # Never on a single refusal: a share of the pod's upgrades per reason, with a volume guard, for 5m.
+    rejecting = next(r for r in rules if r["alert"] == "WsgateRejectingConnections")
+    assert rejecting["for"] == "5m"
+    ratio, guard = rejecting["expr"].split("\nand\n")
+    assert ratio.strip().endswith(") > 0.05") and 'reason!="draining"' in ratio and "wsgate_connections_admitted_total" in ratio
+    assert guard.split() == ('sum by (namespace, pod, reason) (increase(wsgate_connections_rejected_total'
+                             '{reason!="draining"}[5m])) >= 10').split()
+    # The descriptors of wsgate's own process (docs/metrics.md#process-metrics), not another
+    # process's in the same pod.
+    fds = next(r for r in rules if r["alert"] == "WsgateDescriptorsNearLimit")
+    assert "process_open_fds / process_max_fds" in fds["expr"] and "and on (job, instance) wsgate_build_info" in fds["expr"]
+    reload = next(r for r in rules if r["alert"] == "WsgateConfigReloadFailed")
+    assert reload["expr"].split() == 'sum by (namespace, pod) (increase(wsgate_config_reloads_total{result="failure"}[15m])) > 0'.split()
+    missing = next(r for r in rules if r["alert"] == "WsgateTargetMissing")
+    assert missing["expr"].split() == 'up{job=~".+/wsgate"} == 0 or absent(up{job=~".+/wsgate"})'.split()
 
 
 def test_promtool_unit_tests_pass():

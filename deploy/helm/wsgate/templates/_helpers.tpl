@@ -87,6 +87,7 @@ two values. Fails the render with a message naming the values.
 {{- include "wsgate.validateMessageGuards" . -}}
 {{- include "wsgate.validateUpstreamSocket" . -}}
 {{- include "wsgate.validatePodDeletion" . -}}
+{{- include "wsgate.validatePorts" . -}}
 {{- end -}}
 
 {{/*
@@ -319,6 +320,7 @@ wsgate.volumes to that pod (see README: Using the container in your own chart).
   readOnly: true
 {{- end }}
 {{- include "wsgate.upstreamSocketMount" . }}
+{{- include "wsgate.extraVolumeMounts" . }}
 {{- end -}}
 
 {{/*
@@ -366,6 +368,7 @@ permission on its file); empty without upstreamSocket.emptyDir.
 - name: wsgate-upstream-socket
   emptyDir: {}
 {{- end }}
+{{- include "wsgate.extraVolumes" . }}
 {{- end -}}
 
 {{/*
