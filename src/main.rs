@@ -78,7 +78,9 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    init_tracing(config.log_format);
+    if let Some(ignored) = init_tracing(config.log_format, &config.log_level) {
+        tracing::warn!("{ignored}");
+    }
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
@@ -152,8 +154,26 @@ fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     builder.enable_all().build()
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Sets logging up: `format`, and the filter of `RUST_LOG` when it is set
+/// and valid, else `log_level`. Returns the warning to log when `RUST_LOG`
+/// was set but refused: a typo there must not silence every line
+/// (docs/configuration.md).
+fn init_tracing(format: LogFormat, log_level: &str) -> Option<String> {
+    let (filter, ignored) = match std::env::var_os("RUST_LOG") {
+        Some(v) if !v.to_string_lossy().trim().is_empty() => {
+            let text = v.to_string_lossy();
+            match wsgate::config::log_filter(&text) {
+                Ok(f) => (f, None),
+                Err(why) => (
+                    configured_filter(log_level),
+                    Some(format!(
+                        "RUST_LOG={text:?} is ignored ({why}); logging with log_level = {log_level:?}"
+                    )),
+                ),
+            }
+        }
+        _ => (configured_filter(log_level), None),
+    };
     let terminal = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -173,6 +193,12 @@ fn init_tracing(format: LogFormat) {
             .with_span_list(false)
             .init(),
     }
+    ignored
+}
+
+/// `log_level`'s filter; it was checked when the configuration was loaded.
+fn configured_filter(log_level: &str) -> EnvFilter {
+    wsgate::config::log_filter(log_level).unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
 async fn bind(what: &str, addr: std::net::SocketAddr) -> Result<TcpListener, wsgate::Error> {

@@ -188,8 +188,9 @@ impl Proxy {
 
     /// Applies a reloaded configuration in place: caps, limits, watermarks,
     /// timeouts and lifetimes take effect for new connections; nothing
-    /// already connected is dropped. Addresses, the upstream and the
-    /// worker count need a restart: they are kept, with a warning.
+    /// already connected is dropped. Addresses, the upstream, the worker
+    /// count and the log filter need a restart: they are kept, with a
+    /// warning.
     pub(crate) fn reload(&self, mut new: Config) {
         let old = self.config();
         for (key, changed) in [
@@ -197,6 +198,7 @@ impl Proxy {
             ("admin_listen", old.admin_listen != new.admin_listen),
             ("upstream", old.upstream != new.upstream),
             ("workers", old.workers != new.workers),
+            ("log_level", old.log_level != new.log_level),
         ] {
             if changed {
                 tracing::warn!(
@@ -209,6 +211,7 @@ impl Proxy {
         new.admin_listen = old.admin_listen;
         new.upstream = old.upstream.clone();
         new.workers = old.workers;
+        new.log_level.clone_from(&old.log_level);
         if self.inner.admission.has_fleet() != new.fleet.is_some() {
             tracing::warn!(
                 key = "fleet_redis_url",

@@ -67,8 +67,9 @@ OPTIONAL_ENV = {"WSGATE_READY_LOW_WATERMARK"}
 # test_env_list_matches_the_shared_spec compares with the tables of §2, §7 and §8.
 TELEMETRY_KEYS = ["access_log"]
 # wsgate's own keys for its runtime (workers: issue 15; max_plain_requests: issue 28, set on every
-# pod so the cap is visible in the pod spec), set on every pod like the keys above.
-RUNTIME_KEYS = ["workers", "max_plain_requests"]
+# pod so the cap is visible in the pod spec; log_level: issue 24, rendered like log_format), set on
+# every pod like the keys above.
+RUNTIME_KEYS = ["workers", "max_plain_requests", "log_level"]
 
 # The metric names of docs/metrics.md, §7, §8, §9, §10, §11 (names are fixed: dashboard and alerts may use only these).
 SPEC_METRICS = {
@@ -207,6 +208,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "maxClients": 250,
         "ports": {"client": 8081, "admin": 9191},
         "logFormat": "json",
+        "logLevel": "debug,hyper=info",
         "accessLog": False,
         "readyHighWatermark": 0.9,
         "readyLowWatermark": 0.7,

@@ -113,6 +113,7 @@ def test_values_reach_the_container(render):
     assert env["WSGATE_ADMIN_LISTEN"] == "0.0.0.0:9191"
     assert env["WSGATE_UPSTREAM"] == "127.0.0.1:3000"
     assert env["WSGATE_LOG_FORMAT"] == "json"
+    assert env["WSGATE_LOG_LEVEL"] == "debug,hyper=info"
     assert env["WSGATE_ACCESS_LOG"] == "false"
     assert env["WSGATE_ADMISSION_RATE"] == "50"
     assert env["WSGATE_ADMISSION_BURST"] == "100"

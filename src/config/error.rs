@@ -22,14 +22,15 @@ pub enum ConfigError {
         expected: String,
     },
     /// A key that wsgate does not know.
-    #[error("invalid configuration: unknown key {key}{source_hint}: accepted keys are {known}")]
+    #[error("invalid configuration: unknown key {key}{source_hint}: {advice}")]
     UnknownKey {
         /// The unknown key.
         key: String,
         /// Where it came from.
         source_hint: String,
-        /// The keys that exist.
-        known: String,
+        /// The key it was most likely meant to be ("did you mean …?"), or
+        /// the keys that exist when none is close.
+        advice: String,
     },
     /// The configuration file named on the command line cannot be read.
     #[error("invalid configuration: config file {path}: {reason}")]

@@ -4,8 +4,9 @@
 //! Loading is pure apart from reading the file, so it is tested with
 //! `figment::Jail` and never touches the real process environment. Each
 //! kind of value reports what it accepts through serde's "expected" text
-//! (see `values.rs`), and serde lists the known keys, so this file needs
-//! no table of keys.
+//! (see `values.rs`), and serde lists the known keys (`suggest.rs` picks
+//! the one an unknown key was meant to be), so this file needs no table of
+//! keys.
 
 use std::path::{Path, PathBuf};
 
@@ -13,7 +14,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::value::Value;
 use figment::Figment;
 
-use super::{Config, ConfigError, RawConfig};
+use super::{suggest, Config, ConfigError, RawConfig};
 
 /// Environment variable prefix for every key.
 pub const ENV_PREFIX: &str = "WSGATE_";
@@ -45,16 +46,12 @@ impl Config {
     /// `base` supplies the defaults (the demo uses its own loopback ones).
     ///
     /// # Errors
-    /// A named file that does not exist is an error, not silently skipped.
+    /// A named file that does not exist, is a directory or cannot be read
+    /// is an error, not silently skipped.
     pub fn figment(base: RawConfig, file: Option<&Path>) -> Result<Figment, ConfigError> {
         let mut f = Figment::from(Serialized::defaults(base));
         if let Some(path) = file {
-            if !path.is_file() {
-                return Err(ConfigError::File {
-                    path: path.to_owned(),
-                    reason: "no such file".into(),
-                });
-            }
+            readable(path)?;
             f = f.merge(Toml::file_exact(path));
         }
         let legacy = Env::raw()
@@ -83,6 +80,26 @@ impl Config {
         let raw: RawConfig = f.extract().map_err(|e| from_figment_error(f, e))?;
         Self::validate(raw)
     }
+}
+
+/// Checks that `path` is a TOML file wsgate can read, saying what it is
+/// instead when it is not (a directory mounted where a file was meant, a
+/// file the process's user cannot read).
+fn readable(path: &Path) -> Result<(), ConfigError> {
+    let reason = match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "no such file".to_owned(),
+        Err(e) => format!("cannot be read: {e}"),
+        Ok(m) if m.is_dir() => "is a directory, expected a TOML file".to_owned(),
+        Ok(m) if !m.is_file() => "is not a regular file, expected a TOML file".to_owned(),
+        Ok(_) => match std::fs::File::open(path) {
+            Ok(_) => return Ok(()),
+            Err(e) => format!("cannot be read: {e}"),
+        },
+    };
+    Err(ConfigError::File {
+        path: path.to_owned(),
+        reason,
+    })
 }
 
 /// Kubernetes injects `<SERVICE>_PORT`, `<SERVICE>_PORT_8080_TCP...` and
@@ -115,9 +132,9 @@ fn from_figment_error(f: &Figment, e: figment::Error) -> ConfigError {
     let hint = source_hint(&e, &key);
     match &e.kind {
         Kind::UnknownField(field, known) => ConfigError::UnknownKey {
+            advice: suggest::advice(field, known, from_env(&e)),
             key: field.clone(),
             source_hint: hint,
-            known: known.join(", "),
         },
         Kind::InvalidType(actual, expected) | Kind::InvalidValue(actual, expected) => {
             ConfigError::Invalid {
@@ -163,12 +180,19 @@ fn show_actual(actual: &figment::error::Actual) -> String {
     }
 }
 
+/// Whether the value of an error came from a `WSGATE_*` variable.
+fn from_env(e: &figment::Error) -> bool {
+    e.metadata
+        .as_ref()
+        .is_some_and(|meta| meta.name.contains(ENV_PREFIX))
+}
+
 /// Where a value came from, as a hint like ` (from environment variable WSGATE_X)`.
 fn source_hint(e: &figment::Error, key: &str) -> String {
     let Some(meta) = e.metadata.as_ref() else {
         return String::new();
     };
-    if meta.name.contains(ENV_PREFIX) {
+    if from_env(e) {
         return format!(
             " (from environment variable {ENV_PREFIX}{})",
             key.to_uppercase()

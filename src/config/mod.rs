@@ -18,6 +18,8 @@
 //! | `key_limits.rs` | the `[[key_limits]]` rules and the `jwt_*` keys (docs/operations.md#limits-per-key) |
 //! | `fleet.rs` | the `fleet_*` keys (docs/operations.md#fleet-wide-limits), their kinds, and the Redis URL kept secret |
 //! | `guards.rs` | the message-guard keys (docs/operations.md#message-guards) and their typed form |
+//! | `log_level.rs` | the `log_level` filter and its check, which `RUST_LOG` must pass too |
+//! | `suggest.rs` | "did you mean": the known key closest to an unknown one |
 //! | `effective.rs` | the effective configuration as TOML, for `wsgate check-config` |
 //! | `error.rs` | [`ConfigError`] |
 //!
@@ -44,6 +46,8 @@ mod fleet;
 mod guards;
 mod key_limits;
 mod load;
+mod log_level;
+mod suggest;
 mod validate;
 mod values;
 
@@ -64,11 +68,13 @@ pub use self::key_limits::{
     MAX_KEY_LEN,
 };
 pub use self::load::{ConfigSource, ENV_PREFIX, LEGACY_MAX_CLIENTS_ENV};
+pub use self::log_level::log_filter;
 pub use self::values::{Endpoint, LogFormat, Upstream, MAX_PLAIN_REQUESTS};
 
 use self::duration::{AnyDuration, Keepalive, OffOrDuration, PositiveDuration};
 use self::fleet::{FleetCap, InstanceId, LeaseTtl, Namespace};
 use self::guards::RateAction as RateActionKind;
+use self::log_level::LogLevel;
 use self::values::{
     Cap, CloseCode, Fraction, ListenAddress, NonNegative, PlainRequests, TrueOrFalse, ValueKind,
     WholeNumber, Workers,
@@ -118,6 +124,10 @@ pub struct RawConfig {
     /// `text` or `json`.
     #[serde(deserialize_with = "LogFormat::checked")]
     pub log_format: String,
+    /// Which lines are logged: tracing filter directives (`RUST_LOG` wins
+    /// when it is set and valid).
+    #[serde(deserialize_with = "LogLevel::checked")]
+    pub log_level: String,
     /// One access-log record per WebSocket session, and refusal summaries.
     #[serde(deserialize_with = "TrueOrFalse::checked")]
     pub access_log: bool,
@@ -254,6 +264,7 @@ impl Default for RawConfig {
             tcp_keepalive: secs(30),
             shutdown_grace: secs(25),
             log_format: "text".into(),
+            log_level: "info".into(),
             access_log: true,
             workers: 1,
             ready_high_watermark: 0.0,
@@ -335,6 +346,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Log line format.
     pub log_format: LogFormat,
+    /// The log filter (`main` prefers a valid `RUST_LOG`).
+    pub log_level: String,
     /// The access log (docs/operations.md#access-log) is written.
     pub access_log: bool,
     /// Threads that run connections: 1 = a single-threaded runtime,

@@ -267,6 +267,48 @@ fn unknown_keys_in_file_and_env_are_rejected() {
     });
 }
 
+/// docs/configuration.md: an unknown key names the key it was most likely
+/// meant to be, as it was written (a variable for a variable), instead of
+/// every key.
+#[test]
+fn unknown_keys_suggest_the_key_they_were_meant_to_be() {
+    Jail::expect_with(|jail| {
+        jail.create_file("w.toml", "upstream = \"a:1\"\nmaxClients = 3\n")?;
+        let e = load_in_jail(Some("w.toml"))
+            .expect_err("camelCase")
+            .to_string();
+        assert!(
+            e.contains("unknown key maxClients (in ")
+                && e.ends_with("did you mean max_clients?")
+                && e.contains("Helm chart"),
+            "{e}"
+        );
+        jail.create_file("w.toml", "upstream = \"a:1\"\nmax_client = 3\n")?;
+        let e = load_in_jail(Some("w.toml")).expect_err("typo").to_string();
+        assert!(e.ends_with(": did you mean max_clients?"), "{e}");
+        assert!(!e.contains("accepted keys"), "{e}");
+        Ok(())
+    });
+    Jail::expect_with(|jail| {
+        jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+        jail.set_env("WSGATE_LOG_LEVL", "debug");
+        let e = load_in_jail(None).expect_err("typo").to_string();
+        assert!(
+            e.contains("(from environment variable WSGATE_LOG_LEVL)")
+                && e.ends_with("did you mean WSGATE_LOG_LEVEL?"),
+            "{e}"
+        );
+        Ok(())
+    });
+    Jail::expect_with(|jail| {
+        jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+        jail.set_env("WSGATE_COLOUR", "blue");
+        let e = load_in_jail(None).expect_err("nothing close").to_string();
+        assert!(e.contains("accepted keys are listen, upstream,"), "{e}");
+        Ok(())
+    });
+}
+
 #[test]
 fn kubernetes_service_links_and_config_var_are_ignored() {
     Jail::expect_with(|jail| {
@@ -287,7 +329,76 @@ fn kubernetes_service_links_and_config_var_are_ignored() {
 fn missing_config_file_is_an_error() {
     Jail::expect_with(|_| {
         let e = load_in_jail(Some("nope.toml")).expect_err("missing file");
-        assert!(e.to_string().contains("nope.toml"));
+        assert!(e.to_string().contains("nope.toml: no such file"), "{e}");
+        Ok(())
+    });
+}
+
+/// A directory where the file was meant (a ConfigMap mounted at the path
+/// instead of a key of it) is named as one, not as a missing file.
+#[test]
+fn a_directory_as_the_config_file_says_so() {
+    Jail::expect_with(|jail| {
+        std::fs::create_dir(jail.directory().join("conf.d")).map_err(|e| e.to_string())?;
+        let e = load_in_jail(Some("conf.d")).expect_err("a directory");
+        assert!(
+            e.to_string()
+                .ends_with("conf.d: is a directory, expected a TOML file"),
+            "{e}"
+        );
+        Ok(())
+    });
+}
+
+/// docs/configuration.md: `log_level` takes tracing directives, and refuses
+/// one that would silence the log.
+#[test]
+fn log_level_takes_a_filter_and_refuses_a_typo() {
+    Jail::expect_with(|jail| {
+        jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:3000");
+        assert_eq!(load_in_jail(None).expect("valid").log_level, "info");
+        jail.set_env("WSGATE_LOG_LEVEL", "warn,wsgate::access=off");
+        assert_eq!(
+            load_in_jail(None).expect("valid").log_level,
+            "warn,wsgate::access=off"
+        );
+        Ok(())
+    });
+    assert_rejected("WSGATE_LOG_LEVEL", "debugg", "log_level");
+    assert_rejected("WSGATE_LOG_LEVEL", "wsgate=loud", "log_level");
+}
+
+/// docs/configuration.md: an upstream on wsgate's own port is refused,
+/// naming both keys and both values.
+#[test]
+fn an_upstream_on_wsgate_own_port_is_refused() {
+    for (upstream, var, listen, key) in [
+        ("127.0.0.1:8080", "WSGATE_LISTEN", "0.0.0.0:8080", "listen"),
+        (
+            "localhost:9090",
+            "WSGATE_ADMIN_LISTEN",
+            "0.0.0.0:9090",
+            "admin_listen",
+        ),
+        ("[::1]:8080", "WSGATE_LISTEN", "[::]:8080", "listen"),
+    ] {
+        Jail::expect_with(|jail| {
+            jail.set_env("WSGATE_UPSTREAM", upstream);
+            jail.set_env(var, listen);
+            let e = load_in_jail(None).expect_err(upstream).to_string();
+            assert!(
+                e.contains(&format!("upstream = \"{upstream}\""))
+                    && e.contains(&format!("{key} = {listen}")),
+                "{e}"
+            );
+            Ok(())
+        });
+    }
+    Jail::expect_with(|jail| {
+        jail.set_env("WSGATE_UPSTREAM", "unix:/run/app/8080.sock");
+        load_in_jail(None).expect("a Unix socket is never wsgate's own port");
+        jail.set_env("WSGATE_UPSTREAM", "127.0.0.1:8081");
+        load_in_jail(None).expect("another port");
         Ok(())
     });
 }

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use super::duration::{AnyDuration, Keepalive, OffOrDuration, PositiveDuration};
+use super::log_level::LogLevel;
 use super::values::{
     Cap, CloseCode, Fraction, ListenAddress, NonNegative, PlainRequests, TrueOrFalse, ValueKind,
     WholeNumber, Workers,
@@ -73,6 +74,7 @@ impl Config {
             tcp_keepalive: Keepalive::value("tcp_keepalive", &raw.tcp_keepalive)?,
             shutdown_grace: AnyDuration::value("shutdown_grace", &raw.shutdown_grace)?,
             log_format: LogFormat::value("log_format", &raw.log_format)?,
+            log_level: LogLevel::value("log_level", &raw.log_level)?,
             access_log: TrueOrFalse::value("access_log", &raw.access_log)?,
             workers: Workers::value("workers", &raw.workers)?,
             watermarks: watermarks(
@@ -124,6 +126,22 @@ impl Config {
 
 /// The rules that tie keys together; each names the key to change.
 fn rules_across_keys(c: &Config) -> Result<(), ConfigError> {
+    // An upstream on wsgate's own port would send every request round
+    // again, each time with one more connection open.
+    for (key, addr) in [("listen", c.listen), ("admin_listen", c.admin_listen)] {
+        if c.upstream.reaches(addr) {
+            return Err(ConfigError::Invalid {
+                key: "upstream".into(),
+                value: format!("{:?}", c.upstream.shown()),
+                source_hint: format!(
+                    " (the same port as {key} = {addr}: wsgate would forward requests to itself)"
+                ),
+                expected: "the address of the service behind wsgate, \
+                           not one of wsgate's own listen or admin_listen"
+                    .into(),
+            });
+        }
+    }
     // Hysteresis needs a gap: readiness returns below where it left.
     if let Some(Watermarks { high, low }) = c.watermarks {
         if low >= high {

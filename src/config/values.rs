@@ -15,7 +15,7 @@
 
 use std::fmt;
 use std::marker::PhantomData;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 
 use serde::de::{self, Deserializer, Unexpected, Visitor};
@@ -310,6 +310,29 @@ impl Upstream {
         })
     }
 
+    /// Whether connecting to this upstream reaches a socket listening on
+    /// `addr`: the same port, on `addr`'s own IP, or on a loopback or
+    /// wildcard address that `addr` accepts connections for. `localhost`
+    /// counts as loopback without asking DNS; other names are not resolved
+    /// (whether one leads to this very pod cannot be known at start-up).
+    pub fn reaches(&self, addr: SocketAddr) -> bool {
+        let Endpoint::Tcp { host, port } = &self.endpoint else {
+            return false;
+        };
+        if *port != addr.port() {
+            return false;
+        }
+        let listen = addr.ip().to_canonical();
+        let name = host.strip_suffix('.').unwrap_or(host);
+        if name.eq_ignore_ascii_case("localhost") {
+            return [Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()]
+                .into_iter()
+                .any(|ip| accepts(listen, ip));
+        }
+        host.parse::<IpAddr>()
+            .is_ok_and(|ip| accepts(listen, ip.to_canonical()))
+    }
+
     /// The upstream as configuration writes it: `host:port`, or
     /// `unix:/path` (`check-config`, logs).
     pub fn shown(&self) -> String {
@@ -317,6 +340,25 @@ impl Upstream {
             Endpoint::Tcp { .. } => self.authority.clone(),
             Endpoint::Unix(path) => format!("{UNIX_PREFIX}{}", path.display()),
         }
+    }
+}
+
+/// Whether a socket listening on `listen` gets a connection made to
+/// `target`. Linux connects a wildcard target (`0.0.0.0`, `::`) to the
+/// host itself, as loopback; `0.0.0.0` listens on every IPv4 address of
+/// the host, `::` on every address of both families (IPv6 sockets accept
+/// IPv4 too unless `net.ipv6.bindv6only` is set).
+fn accepts(listen: IpAddr, target: IpAddr) -> bool {
+    let target = match target {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    match listen {
+        _ if listen == target => true,
+        IpAddr::V4(ip) if ip.is_unspecified() => target.is_ipv4() && target.is_loopback(),
+        IpAddr::V6(ip) if ip.is_unspecified() => target.is_loopback(),
+        _ => false,
     }
 }
 
@@ -499,6 +541,52 @@ mod tests {
         assert!(Upstream::parse("app:0").is_err());
         assert!(Upstream::parse("app:3000/path").is_err());
         assert!(Upstream::parse("ws://app:1").is_err());
+    }
+
+    /// docs/configuration.md: an upstream that is wsgate's own port would
+    /// forward every request to wsgate again.
+    #[test]
+    fn an_upstream_on_wsgate_own_port_is_found() {
+        let addr = |s: &str| s.parse::<SocketAddr>().expect(s);
+        let up = |s: &str| Upstream::parse(s).expect(s);
+        for (upstream, listen) in [
+            ("127.0.0.1:8080", "0.0.0.0:8080"),
+            ("127.0.0.1:8080", "127.0.0.1:8080"),
+            ("127.0.0.2:8080", "0.0.0.0:8080"),
+            ("http://127.0.0.1:8080/", "0.0.0.0:8080"),
+            ("localhost:8080", "0.0.0.0:8080"),
+            ("LOCALHOST.:8080", "127.0.0.1:8080"),
+            ("localhost:8080", "[::1]:8080"),
+            ("localhost:8080", "[::]:8080"),
+            ("[::1]:8080", "[::]:8080"),
+            ("[::1]:8080", "[::1]:8080"),
+            ("127.0.0.1:8080", "[::]:8080"),
+            ("[::ffff:127.0.0.1]:8080", "0.0.0.0:8080"),
+            ("0.0.0.0:8080", "127.0.0.1:8080"),
+            ("0.0.0.0:8080", "0.0.0.0:8080"),
+            ("[::]:9090", "[::1]:9090"),
+            ("10.1.2.3:8080", "10.1.2.3:8080"),
+        ] {
+            assert!(up(upstream).reaches(addr(listen)), "{upstream} vs {listen}");
+        }
+        for (upstream, listen) in [
+            ("127.0.0.1:3000", "0.0.0.0:8080"),
+            ("localhost:3000", "0.0.0.0:8080"),
+            ("app:8080", "0.0.0.0:8080"),
+            ("localhostx:8080", "0.0.0.0:8080"),
+            ("10.1.2.3:8080", "0.0.0.0:8080"),
+            ("10.1.2.3:8080", "127.0.0.1:8080"),
+            ("127.0.0.2:8080", "127.0.0.1:8080"),
+            ("[::1]:8080", "0.0.0.0:8080"),
+            ("localhost:8080", "127.0.0.2:8080"),
+            ("127.0.0.1:8080", "127.0.0.1:0"),
+            ("unix:/run/app/ws.sock", "0.0.0.0:8080"),
+        ] {
+            assert!(
+                !up(upstream).reaches(addr(listen)),
+                "{upstream} vs {listen}"
+            );
+        }
     }
 
     #[test]

@@ -90,8 +90,209 @@ fn unknown_toml_key_exits_2() {
         &[],
     );
     assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
     assert!(
-        stderr(&o).contains("unknown key max_client"),
+        err.contains("unknown key max_client") && err.contains("did you mean max_clients?"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("accepted keys"),
+        "no list of every key: {err}"
+    );
+    // The chart's camelCase value name, in the file and as a variable.
+    std::fs::write(&file, "upstream = \"127.0.0.1:3000\"\nmaxClients = 5\n").expect("write");
+    let o = run(
+        &["--config", file.to_str().expect("utf8"), "check-config"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("unknown key maxClients")
+            && stderr(&o).contains("did you mean max_clients?"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(
+        &["check-config"],
+        &[
+            ("WSGATE_UPSTREAM", "127.0.0.1:3000"),
+            ("WSGATE_MAXCLIENTS", "5"),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("did you mean WSGATE_MAX_CLIENTS?"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// `--config` naming a directory, or a file wsgate cannot read, exits 2
+/// saying which, not "no such file".
+#[test]
+fn a_config_path_that_is_not_a_readable_file_exits_2_saying_what_it_is() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().to_str().expect("utf8");
+    for args in [
+        vec!["--config", path, "check-config"],
+        vec!["--config", path],
+    ] {
+        let o = run(&args, &[("WSGATE_UPSTREAM", "127.0.0.1:3000")]);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(&format!("{path}: is a directory, expected a TOML file")),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
+    let missing = dir.path().join("nope.toml");
+    let o = run(
+        &["--config", missing.to_str().expect("utf8"), "check-config"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("nope.toml: no such file"),
+        "{}",
+        stderr(&o)
+    );
+    // Unreadable: only testable where permissions bind (not as root).
+    let file = dir.path().join("secret.toml");
+    std::fs::write(&file, "upstream = \"127.0.0.1:3000\"\n").expect("write");
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o000))
+        .expect("chmod");
+    if std::fs::File::open(&file).is_err() {
+        let o = run(
+            &["--config", file.to_str().expect("utf8"), "check-config"],
+            &[],
+        );
+        assert_eq!(o.status.code(), Some(2));
+        assert!(
+            stderr(&o).contains("secret.toml: cannot be read: Permission denied"),
+            "{}",
+            stderr(&o)
+        );
+    }
+}
+
+/// An upstream on wsgate's own port would loop every request back into
+/// wsgate: exit 2 before anything is bound, naming both keys and values.
+#[test]
+fn an_upstream_on_wsgate_own_port_exits_2_naming_both() {
+    for (upstream, listen, admin, key, value) in [
+        (
+            "127.0.0.1:18080",
+            "0.0.0.0:18080",
+            "127.0.0.1:0",
+            "listen",
+            "0.0.0.0:18080",
+        ),
+        (
+            "localhost:18080",
+            "127.0.0.1:18080",
+            "127.0.0.1:0",
+            "listen",
+            "127.0.0.1:18080",
+        ),
+        (
+            "[::1]:18080",
+            "[::]:18080",
+            "127.0.0.1:0",
+            "listen",
+            "[::]:18080",
+        ),
+        (
+            "127.0.0.1:19090",
+            "127.0.0.1:0",
+            "0.0.0.0:19090",
+            "admin_listen",
+            "0.0.0.0:19090",
+        ),
+    ] {
+        let env = [
+            ("WSGATE_UPSTREAM", upstream),
+            ("WSGATE_LISTEN", listen),
+            ("WSGATE_ADMIN_LISTEN", admin),
+        ];
+        for args in [&["check-config"][..], &[][..]] {
+            let o = run(args, &env);
+            let err = stderr(&o);
+            assert_eq!(o.status.code(), Some(2), "{upstream} {args:?}: {err}");
+            assert!(
+                err.contains(&format!("upstream = \"{upstream}\""))
+                    && err.contains(&format!("{key} = {value}")),
+                "{upstream} {args:?}: {err}"
+            );
+        }
+    }
+}
+
+/// docs/configuration.md: `log_level` filters the log; a valid `RUST_LOG`
+/// wins; an invalid one is ignored with one warning, never silencing the
+/// log; an invalid `log_level` exits 2. The runs end on their own: the
+/// listen address is taken, so each logs a warning (negative cap), maybe
+/// the runtime's INFO line, and the bind error, then exits 1.
+#[test]
+fn log_level_filters_and_an_invalid_rust_log_never_silences_the_log() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let base = [
+        ("WSGATE_UPSTREAM", "127.0.0.1:3000"),
+        ("WSGATE_LISTEN", addr.as_str()),
+        ("WSGATE_ADMIN_LISTEN", "127.0.0.1:0"),
+        ("WS_MAX_CLIENTS", "-1"),
+    ];
+    let logged = |extra: &[(&str, &str)], rust_log: Option<&str>| {
+        let mut c = wsgate(&[], &base);
+        c.envs(extra.iter().copied());
+        match rust_log {
+            Some(v) => c.env("RUST_LOG", v),
+            None => c.env_remove("RUST_LOG"),
+        };
+        let o = c.output().expect("run wsgate");
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        let err = stderr(&o);
+        assert!(err.contains(&addr), "{err}");
+        err
+    };
+    let warn_only = logged(&[("WSGATE_LOG_LEVEL", "warn")], None);
+    assert!(
+        warn_only.contains("is negative") && !warn_only.contains("runtime started"),
+        "{warn_only}"
+    );
+    let info = logged(&[], None);
+    assert!(
+        info.contains("INFO") && info.contains("runtime started"),
+        "{info}"
+    );
+    let rust_log_wins = logged(&[("WSGATE_LOG_LEVEL", "warn")], Some("info"));
+    assert!(rust_log_wins.contains("runtime started"), "{rust_log_wins}");
+    let quiet = logged(&[], Some("error"));
+    assert!(
+        !quiet.contains("is negative") && !quiet.contains("runtime started"),
+        "{quiet}"
+    );
+    for typo in ["debugg", "wsgate=loud"] {
+        let err = logged(&[("WSGATE_LOG_LEVEL", "warn")], Some(typo));
+        let warning = format!("RUST_LOG={typo:?} is ignored");
+        assert_eq!(err.matches(&warning).count(), 1, "{err}");
+        assert!(err.contains("logging with log_level = \"warn\""), "{err}");
+        assert!(
+            err.contains("is negative") && !err.contains("runtime started"),
+            "log_level applies: {err}"
+        );
+        assert!(err.contains("ERROR"), "the bind error is logged: {err}");
+    }
+    let o = run(
+        &["check-config"],
+        &[
+            ("WSGATE_UPSTREAM", "127.0.0.1:3000"),
+            ("WSGATE_LOG_LEVEL", "debugg"),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("log_level = \"debugg\"") && stderr(&o).contains("expected"),
         "{}",
         stderr(&o)
     );

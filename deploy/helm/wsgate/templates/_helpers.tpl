@@ -460,6 +460,8 @@ WSGATE_FLEET_* ones (docs/operations.md#fleet-wide-limits) when a Redis is confi
   value: {{ $v.tcpKeepalive | toString | quote }}
 - name: WSGATE_SHUTDOWN_GRACE
   value: {{ $v.shutdownGrace | toString | quote }}
+- name: WSGATE_LOG_LEVEL
+  value: {{ $v.logLevel | toString | quote }}
 - name: WSGATE_LOG_FORMAT
   value: {{ $v.logFormat | quote }}
 - name: WSGATE_ACCESS_LOG
