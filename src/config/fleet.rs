@@ -133,6 +133,12 @@ impl RedisUrl {
     pub fn redacted(&self) -> String {
         redact(&self.0)
     }
+
+    /// Whether the connection is TLS (`rediss://`, `valkeys://`).
+    pub fn uses_tls(&self) -> bool {
+        let scheme = self.0.split_once("://").map_or("", |(s, _)| s);
+        scheme.eq_ignore_ascii_case("rediss") || scheme.eq_ignore_ascii_case("valkeys")
+    }
 }
 
 impl fmt::Debug for RedisUrl {

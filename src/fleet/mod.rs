@@ -5,6 +5,7 @@
 //! | --- | --- |
 //! | `mod.rs` | [`Fleet`] (one admission = one script call) and [`FleetHold`] (one connection's hold) |
 //! | `worker.rs` | the instance's background task: connection, reconnects, batched renewals and releases |
+//! | `outage.rs` | what the log says while Redis is unreachable: the cause, once a minute, the recovery |
 //! | `scripts.rs` | the Lua scripts and the key names |
 //!
 //! # Holds as leases
@@ -32,6 +33,7 @@
 //! connections never depend on Redis.
 
 mod metrics;
+mod outage;
 mod scripts;
 mod worker;
 

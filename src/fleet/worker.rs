@@ -20,6 +20,7 @@ use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::FleetOp;
+use super::outage::{Cause, Outage, Report};
 use super::scripts::millis;
 use super::{Live, Outcome, Release, Shared};
 
@@ -45,7 +46,7 @@ pub(super) async fn run(
     let interval = shared.lease / 3;
     let mut pending: Vec<Release> = Vec::new();
     let mut next_renewal = Instant::now() + interval;
-    let mut down_since: Option<Instant> = Some(Instant::now());
+    let mut outage = Outage::default();
     let mut batch = Vec::with_capacity(RELEASE_BATCH);
 
     while !stop.is_cancelled() {
@@ -54,25 +55,19 @@ pub(super) async fn run(
             shared.first_attempt.send_replace(true);
             match attempt {
                 Ok((generation, mut conn)) => {
-                    if let Some(since) = down_since.take() {
-                        tracing::info!(
-                            down_for = ?since.elapsed(),
-                            "fleet: connected to Redis, holds renewed"
-                        );
-                    }
+                    report(&shared, outage.connected(Instant::now()), None);
                     next_renewal = Instant::now() + interval;
                     if !flush(&shared, &mut conn, &mut pending, interval).await {
                         shared.lost(generation);
                     }
                 }
-                Err(e) => {
-                    if down_since.is_none() {
-                        down_since = Some(Instant::now());
-                        tracing::warn!(
-                            "fleet: lost Redis ({e}); admissions follow fleet_fail_mode until it is back"
-                        );
-                    }
-                    tracing::debug!("fleet: Redis unreachable: {e}");
+                Err(failure) => {
+                    tracing::debug!(
+                        cause = failure.cause.text(),
+                        "fleet: Redis unreachable: {}",
+                        failure.detail
+                    );
+                    report(&shared, outage.failed(Instant::now()), Some(&failure));
                     tokio::select! {
                         () = stop.cancelled() => {}
                         () = sleep(RECONNECT_DELAY) => {}
@@ -94,7 +89,7 @@ pub(super) async fn run(
                 }
                 pending.append(&mut batch);
                 if !flush(&shared, &mut conn, &mut pending, interval).await {
-                    lost(&shared, generation, &mut down_since);
+                    lost(&shared, generation, &mut outage);
                 }
             }
             () = sleep_until(next_renewal) => {
@@ -104,7 +99,7 @@ pub(super) async fn run(
                 let ok = flush(&shared, &mut conn, &mut pending, interval).await
                     && renew(&shared, &mut conn, interval).await;
                 if !ok {
-                    lost(&shared, generation, &mut down_since);
+                    lost(&shared, generation, &mut outage);
                 }
             }
             () = shared.lost.notified() => {}
@@ -136,12 +131,67 @@ pub(super) async fn run(
     );
 }
 
-fn lost(shared: &Shared, generation: u64, down_since: &mut Option<Instant>) {
+fn lost(shared: &Shared, generation: u64, outage: &mut Outage) {
     shared.lost(generation);
-    if down_since.is_none() {
-        *down_since = Some(Instant::now());
-        tracing::warn!("fleet: lost Redis; admissions follow fleet_fail_mode until it is back");
+    if outage.lost(Instant::now()) {
+        tracing::warn!(
+            url = %shared.url,
+            "fleet: lost Redis; admissions follow fleet_fail_mode until it is back"
+        );
     }
+}
+
+/// Why a connection attempt failed.
+#[derive(Debug)]
+struct Failure {
+    cause: Cause,
+    /// The error as the client said it.
+    detail: String,
+}
+
+/// Writes what [`Outage`] says about an attempt: the warnings of an outage
+/// (with the failure's cause and the URL, password hidden) and the line
+/// when Redis is back.
+fn report(shared: &Shared, report: Option<Report>, failure: Option<&Failure>) {
+    let url = &shared.url;
+    let mode = if shared.closed_mode.load(Ordering::Acquire) {
+        "closed"
+    } else {
+        "open"
+    };
+    let (cause, detail) = failure.map_or(("", ""), |f| (f.cause.text(), f.detail.as_str()));
+    match report {
+        None => {}
+        Some(Report::Connected) => {
+            tracing::info!(%url, "fleet: connected to Redis, holds renewed");
+        }
+        Some(Report::Back(down_for)) => tracing::info!(
+            %url,
+            down_for = ?down_for,
+            "fleet: Redis is reachable again after {}, holds renewed",
+            humantime::format_duration(round_to_millis(down_for))
+        ),
+        Some(Report::Unreachable) => tracing::warn!(
+            %url,
+            cause,
+            error = detail,
+            "fleet: cannot reach Redis at {url}: {cause} ({detail}); admissions follow \
+             fleet_fail_mode ({mode}) until it is reachable; retrying, and saying so again \
+             every minute while it lasts"
+        ),
+        Some(Report::Still(down_for)) => tracing::warn!(
+            %url,
+            cause,
+            error = detail,
+            "fleet: Redis at {url} still unreachable after {}: {cause} ({detail})",
+            humantime::format_duration(Duration::from_secs(down_for.as_secs()))
+        ),
+    }
+}
+
+/// `d` without its sub-millisecond part, as a person reads it.
+fn round_to_millis(d: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Connects, loads the scripts, renews every live hold on the new
@@ -150,7 +200,7 @@ async fn reconnect(
     shared: &Shared,
     client: &redis::Client,
     interval: Duration,
-) -> Result<(u64, MultiplexedConnection), String> {
+) -> Result<(u64, MultiplexedConnection), Failure> {
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
         // Each call has its own deadline (fleet_timeout, or the interval).
@@ -175,11 +225,24 @@ async fn reconnect(
     };
     let mut conn = match timeout(CONNECT_TIMEOUT, connect).await {
         Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => return Err(e.to_string()),
-        Err(_) => return Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
+        Ok(Err(e)) => {
+            return Err(Failure {
+                cause: Cause::of(&e, shared.url.uses_tls()),
+                detail: e.to_string(),
+            })
+        }
+        Err(_) => {
+            return Err(Failure {
+                cause: Cause::TimedOut,
+                detail: format!("no answer within {CONNECT_TIMEOUT:?}"),
+            })
+        }
     };
     if !renew(shared, &mut conn, interval).await {
-        return Err("the renewal after connecting failed".to_owned());
+        return Err(Failure {
+            cause: Cause::Other,
+            detail: "the renewal after connecting failed".to_owned(),
+        });
     }
     let mut link = shared.link.write().unwrap_or_else(PoisonError::into_inner);
     link.generation += 1;

@@ -1829,3 +1829,135 @@ async fn fleet_up_reads_0_after_a_round_trip_timed_out() {
     );
     drop(ws);
 }
+
+// ---------------------------------------------------------------- an unreachable Redis in the log
+
+/// The lines of `log` that contain `needle`.
+fn lines_with(log: &str, needle: &str) -> usize {
+    log.lines().filter(|l| l.contains(needle)).count()
+}
+
+/// docs/operations.md#fleet-wide-limits: a Redis that is not there when
+/// wsgate starts is a WARN naming the cause and the URL at once (the worker
+/// starts "down", so no "lost Redis" would ever say it), not repeated on
+/// every retry (the repeat is once a minute: `fleet::outage`'s unit test),
+/// and its return is one INFO line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_unreachable_at_start_up_is_warned_with_its_cause_and_its_return_said_once() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    redis.kill9();
+    let up = spawn_echo_upstream().await;
+    let fleet = Fleet::new(&url, "unreachable").max(10);
+    let gate = Gate::start_with_env(
+        up.addr,
+        &fleet,
+        Some("t"),
+        &[("RUST_LOG", "info,wsgate::fleet=debug".into())],
+    );
+    let warning = format!("cannot reach Redis at {url}: connection refused");
+    // Three retries seen at DEBUG, and still the one warning.
+    eventually!("three failed attempts", DEADLINE, {
+        match lines_with(&gate.log(), "fleet: Redis unreachable") {
+            n if n >= 3 => Ok(()),
+            n => Err(format!("{n} attempts\n{}", gate.log())),
+        }
+    });
+    let log = gate.log();
+    assert_eq!(lines_with(&log, &warning), 1, "{log}");
+    let fleet_warnings = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") && l.contains("fleet"))
+        .count();
+    assert_eq!(fleet_warnings, 1, "{log}");
+    assert!(log.contains("cause=\"connection refused\""), "{log}");
+    assert!(!log.contains("lost Redis"), "{log}");
+    // Redis comes: one INFO line, and admissions use it.
+    redis.start_again();
+    eventually!("the return logged", DEADLINE, {
+        match lines_with(&gate.log(), "fleet: Redis is reachable again after") {
+            1 => Ok(()),
+            n => Err(format!("{n} lines\n{}", gate.log())),
+        }
+    });
+    let ws = gate.admit(&[]).await;
+    fleet.all_is(&redis, 1).expect("the hold is in Redis");
+    close_cleanly(ws).await;
+    let log = gate.log();
+    assert_eq!(lines_with(&log, "reachable again"), 1, "{log}");
+    assert_eq!(lines_with(&log, &warning), 1, "{log}");
+    assert!(
+        !log.contains("fleet: connected to Redis"),
+        "a return, not a first connection: {log}"
+    );
+}
+
+/// Each class of cause is named: DNS, a port that never answers, TLS
+/// (a certificate wsgate does not trust), a wrong password (hidden in the
+/// URL as `***`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cause_of_an_unreachable_redis_is_named() {
+    let up = spawn_echo_upstream().await;
+    // Accepts and never answers: the attempt times out.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = silent.accept().await {
+            conns.push(c);
+        }
+    });
+    let tls = RedisServer::start_with(RedisOptions {
+        transport: RedisTransport::Tls,
+        password: None,
+    });
+    let locked = RedisServer::start_with(RedisOptions {
+        transport: RedisTransport::Tcp,
+        password: Some("right".into()),
+    });
+    let password = "n0t-the-Pa55word";
+    let cases = [
+        (
+            "redis://no-such-host.invalid:6379/0".to_owned(),
+            "DNS resolution failed",
+            "redis://no-such-host.invalid:6379/0".to_owned(),
+        ),
+        (
+            format!("redis://{silent_addr}/0"),
+            "timed out",
+            format!("redis://{silent_addr}/0"),
+        ),
+        (tls.url(), "TLS handshake failed", tls.url()),
+        (
+            locked.url_with_password(Some(password)),
+            "authentication failed",
+            locked.url_with_password(Some("***")),
+        ),
+    ];
+    let gates: Vec<Gate> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, (url, _, _))| {
+            // No SSL_CERT_FILE: the test CA is not among the roots.
+            Gate::start(
+                up.addr,
+                &Fleet::new(url, &format!("cause{i}")).max(10),
+                Some("t"),
+            )
+        })
+        .collect();
+    for (gate, (url, cause, shown)) in gates.iter().zip(&cases) {
+        let text = format!("cannot reach Redis at {shown}: {cause}");
+        eventually!(format!("{url}: {cause}"), DEADLINE, {
+            match gate.log() {
+                log if log.contains(&text) => Ok(()),
+                log => Err(log),
+            }
+        });
+        assert!(!gate.log().contains(password), "{}", gate.log());
+        assert_eq!(gate.metric("wsgate_fleet_up").await, 0.0);
+    }
+    held.abort();
+}
