@@ -134,6 +134,7 @@ impl Refusals {
             total = c.total,
             bad_path = rejected(RejectReason::BadPath),
             capacity = rejected(RejectReason::Capacity),
+            r#loop = rejected(RejectReason::Loop),
             draining = rejected(RejectReason::Draining),
             rate = rejected(RejectReason::Rate),
             per_ip = rejected(RejectReason::PerIp),

@@ -4,8 +4,9 @@
 //! Status mapping (docs/behaviour.md#the-client-port): malformed handshake or request → 400; a
 //! request body that stalled → 408 with `Connection: close`; refused
 //! by wsgate (over the cap, draining, …) → 503 with `Retry-After` and
-//! `Connection: close`; upstream unreachable or answering nonsense → 502;
-//! no answer in time → 504. The response itself is built by
+//! `Connection: close`; a request that came back round a loop → 508;
+//! upstream unreachable or answering nonsense → 502; no answer in time →
+//! 504. The response itself is built by
 //! [`crate::responses`], so this module imports nothing from the request
 //! path.
 
@@ -70,6 +71,10 @@ pub(crate) enum ProxyError {
     /// A plain request over `max_plain_requests`, refused before the upstream.
     #[error("too many plain requests in flight")]
     PlainRequestsFull,
+    /// A plain request carrying this process's own loop marker: it came
+    /// back round a loop (508, docs/behaviour.md#loop-detection).
+    #[error("the request came back to this wsgate (loop)")]
+    Loop,
     /// A plain request the upstream could not be reached for, or did not answer.
     #[error("the plain request to the upstream failed: {}", Causes(.0.as_ref()))]
     UpstreamRequest(#[source] Cause),
@@ -105,6 +110,7 @@ impl ProxyError {
             }
             ProxyError::UnrequestedSwitch => StatusCode::BAD_GATEWAY,
             ProxyError::PlainRequestsFull => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Loop => StatusCode::LOOP_DETECTED,
             ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamHandshake(_)
             | ProxyError::UpstreamBadAccept
@@ -126,6 +132,7 @@ impl ProxyError {
             ProxyError::ClientBody(_) => "wsgate: bad request body\n",
             ProxyError::ClientBodyStalled(_) => "wsgate: the request body stopped arriving\n",
             ProxyError::PlainRequestsFull => "wsgate: too many requests in flight, retry later\n",
+            ProxyError::Loop => LOOP_TEXT,
             ProxyError::UpstreamTimeout(_) | ProxyError::UpstreamRequestTimeout(_) => {
                 "wsgate: upstream timed out\n"
             }
@@ -189,10 +196,16 @@ impl ProxyError {
     }
 }
 
+/// What a request that came back round a loop is answered (508), upgrade
+/// or not.
+const LOOP_TEXT: &str =
+    "wsgate: loop detected: this request already passed through this wsgate (its Via names it)\n";
+
 /// What a refused client is told, by reason: one static line.
 fn rejection_text(reason: RejectReason) -> &'static str {
     match reason {
         RejectReason::Capacity => "wsgate: too many websocket connections, retry later\n",
+        RejectReason::Loop => LOOP_TEXT,
         RejectReason::BadPath => "wsgate: the request target is not a path that can be read unambiguously\n",
         RejectReason::Draining => "wsgate: shutting down, connect to another instance\n",
         RejectReason::Rate => "wsgate: too many new websocket connections, retry later\n",

@@ -17,6 +17,7 @@
 //! | `plain_cap` | `max_plain_requests`: the places of plain requests in flight, held by their bodies |
 //! | `body_timeout` | request bodies that stall for `header_read_timeout` fail (408) |
 //! | `headers` | pure header logic: classify, validate, rewrite |
+//! | `loop_marker` | the `Via` entry naming this process on every forwarded request; a request carrying it is a loop (508) |
 //! | `target` | the request target read the way the upstream reads it: path normalised, ambiguous paths refused |
 //! | `admission/` | the admission pipeline: the ordered checks, one file per policy, the outcome, the RAII `AdmissionGuard` |
 //! | `keys/` | limits per key: rules, key tables, key extraction |
@@ -63,6 +64,7 @@ pub(crate) mod headers;
 pub(crate) mod jwt;
 pub(crate) mod keys;
 pub mod log_format;
+pub(crate) mod loop_marker;
 pub(crate) mod metrics;
 pub(crate) mod plain_cap;
 pub(crate) mod prestop;

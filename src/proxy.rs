@@ -21,12 +21,13 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 
 use crate::access_log::{Refusal, Refusals, SessionInfo};
-use crate::admission::{Admission, Admitted, Candidate};
+use crate::admission::{Admission, Admitted, Candidate, RejectReason};
 use crate::body_timeout::{BodyStalled, TimedBody};
 use crate::config::Config;
 use crate::drain::Tunnels;
 use crate::error::{ProxyError, UpstreamErrorKind};
 use crate::headers::{self, RequestKind};
+use crate::loop_marker::LoopMarker;
 use crate::metrics::{labels, Family, Label, Registrar};
 use crate::plain_cap::{Held, Place, PlainCap};
 use crate::responses::{self, ProxyBody};
@@ -122,6 +123,8 @@ struct Inner {
     upstream_authority: Authority,
     /// Warnings about unreadable `X-Forwarded-For` entries, one a minute.
     unreadable_forwarded_for: Throttle,
+    /// Warnings about requests that came back round a loop, one a minute.
+    looped: Throttle,
 }
 
 impl Proxy {
@@ -156,6 +159,7 @@ impl Proxy {
                 plain,
                 upstream_authority,
                 unreadable_forwarded_for: Throttle::new(Duration::from_secs(60)),
+                looped: Throttle::new(Duration::from_secs(60)),
             }),
         })
     }
@@ -277,12 +281,32 @@ impl Proxy {
         if let ProxyError::Rejected(r) = e {
             self.inner.refusals.count(Refusal::Rejected(r.reason));
             tracing::debug!(%peer, reason = r.reason.label(), "refused a websocket upgrade from {peer}: {}", r.reason.label());
+            if r.reason == RejectReason::Loop {
+                self.came_back(peer);
+            }
         } else if let Some(kind) = e.upstream_kind() {
             self.count_upstream_error(kind);
             tracing::debug!(%peer, kind = kind.label(), "a websocket upgrade from {peer} failed: {e}");
         } else if let ProxyError::BadHandshake(_) = e {
             self.inner.refusals.count(Refusal::BadHandshake);
             tracing::debug!(%peer, "refused a websocket upgrade from {peer}: {e}");
+        }
+    }
+
+    /// Says that a request came back round a loop (docs/behaviour.md#loop-detection):
+    /// a configuration error the operator must see, yet one line per
+    /// looped request would be a flood, so at most one a minute.
+    fn came_back(&self, peer: SocketAddr) {
+        if let Some(more) = self.inner.looped.occurred() {
+            tracing::warn!(
+                %peer,
+                reason = "loop",
+                via = LoopMarker::of_this_process().name(),
+                upstream = %self.config().upstream.shown(),
+                "a request from {peer} came back to this wsgate (its Via header names this \
+                 instance) and was answered 508 Loop Detected, not forwarded (+{more} since the \
+                 last line): the upstream leads back to wsgate"
+            );
         }
     }
 
@@ -347,6 +371,7 @@ impl Proxy {
             peer.ip(),
             &config.upstream.authority,
         );
+        LoopMarker::of_this_process().add(&mut parts.headers, parts.version);
         let mut upstream_req = Request::new(Empty::<Bytes>::new());
         *upstream_req.method_mut() = parts.method;
         // The target the rules judged, path normalised: never the raw one.
@@ -430,7 +455,19 @@ impl Proxy {
     /// within `max_plain_requests` (docs/behaviour.md#slow-request-bodies).
     async fn forward(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let config = self.config();
-        let resp = match self.inner.plain.try_take() {
+        // Sent round a loop back to wsgate: answered, never forwarded.
+        let looped = LoopMarker::of_this_process().is_in(req.headers());
+        let place = if looped {
+            None
+        } else {
+            self.inner.plain.try_take()
+        };
+        let resp = match place {
+            None if looped => {
+                tracing::debug!(%peer, reason = "loop", "a plain request from {peer} came back round a loop: 508");
+                self.came_back(peer);
+                ProxyError::Loop.answer(0).into_response()
+            }
             // Refused before anything reaches the upstream.
             None => {
                 tracing::debug!(%peer, "a plain request from {peer} refused: max_plain_requests reached");
@@ -486,6 +523,7 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         headers::set_forwarded(&mut parts.headers, peer.ip());
+        LoopMarker::of_this_process().add(&mut parts.headers, parts.version);
         // The path as the upstream would read it, normalised like an
         // upgrade's (docs/security.md#paths).
         let path = target::plain_target(&parts.uri)?;

@@ -391,7 +391,7 @@ def test_access_log_section_documents_every_field_and_end():
     counts = {k: v for k, v in refusals.items()
               if k not in ("timestamp", "level", "target", "message", "window_s", "total")}
     assert counts and all(v > 0 for v in counts.values()) and sum(counts.values()) == refusals["total"]
-    for reason in ("capacity", "draining", "rate", "per_ip", "key", "key_missing", "key_table_full", "jwt", "fleet",
+    for reason in ("capacity", "loop", "draining", "rate", "per_ip", "key", "key_missing", "key_table_full", "jwt", "fleet",
                    "fleet_unavailable", "bad_handshake", "upstream_connect", "upstream_timeout", "upstream_refused"):
         assert f"`{reason}`" in section, reason
     for needle in ("access_log = false", "WSGATE_ACCESS_LOG=false", "accessLog: false",

@@ -6,10 +6,12 @@
 //! given back when a later one refuses (it sits in the [`AdmissionGuard`]
 //! under construction, which the refusal drops). The order, and why:
 //!
-//! 0. **target**: the path is read the way the upstream will read it
-//!    (`crate::target`); a target that cannot be is refused (`bad_path`,
-//!    not a limit: dry run does not cover it), and the normalised target
-//!    is what the key rules judge and what is forwarded;
+//! 0. **loop**, then **target**: a request carrying this process's own
+//!    `Via` entry came back round a loop (`crate::loop_marker`) and is
+//!    refused (508 `loop`); the path is read the way the upstream will
+//!    read it (`crate::target`), and a target that cannot be is refused
+//!    (`bad_path`). Neither is a limit: dry run does not cover them. The
+//!    normalised target is what the key rules judge and what is forwarded;
 //! 1. **draining**: a process going away admits nothing (not a limit:
 //!    dry run does not cover it);
 //! 2. **capacity**: a slot under `max_clients`, without waiting;
@@ -61,6 +63,7 @@ use self::rate::Rate;
 use crate::config::Config;
 use crate::fleet::Fleet;
 use crate::keys::{KeyLimits, KeyMetrics, KeyRequest};
+use crate::loop_marker::LoopMarker;
 use crate::metrics::{Family, Label, Registrar};
 use crate::shutdown::Shutdown;
 use crate::target;
@@ -96,7 +99,7 @@ struct AdmissionMetrics {
     /// `wsgate_connections_rejected_total{reason}`.
     rejected: Family<RejectReason>,
     /// `wsgate_connections_would_reject_total{reason}` (dry run; never
-    /// `draining` or `bad_path`, which are not policies).
+    /// `draining`, `bad_path` or `loop`, which are not policies).
     would_reject: Family<RejectReason>,
 }
 
@@ -153,7 +156,12 @@ impl Admission {
                 "wsgate_connections_would_reject_total",
                 "Dry run (enforce = false): upgrades that would have been refused",
                 "reason",
-                |reason| !matches!(reason, RejectReason::Draining | RejectReason::BadPath),
+                |reason| {
+                    !matches!(
+                        reason,
+                        RejectReason::Draining | RejectReason::BadPath | RejectReason::Loop
+                    )
+                },
             )?,
         };
         Ok(Admission {
@@ -231,6 +239,12 @@ impl Admission {
     ) -> Result<Admitted, Rejection> {
         let inner = &*self.inner;
         let anyway = !s.enforce;
+        if LoopMarker::of_this_process().is_in(req.headers) {
+            return Err(Rejection {
+                reason: RejectReason::Loop,
+                status: StatusCode::LOOP_DETECTED,
+            });
+        }
         let target = target::upgrade_target(req.uri, req.headers).map_err(|_| Rejection {
             reason: RejectReason::BadPath,
             status: StatusCode::BAD_REQUEST,

@@ -13,6 +13,9 @@ labels! {
     pub(crate) enum RejectReason {
         /// The cap is reached.
         Capacity => "capacity",
+        /// The request carries this process's own loop marker: it went
+        /// round a loop back into wsgate (508).
+        Loop => "loop",
         /// The request target cannot be read unambiguously (an encoded
         /// `/`, a control character, not a path on this host): 400.
         BadPath => "bad_path",

@@ -34,6 +34,7 @@ mod hostile_input;
 mod keepalive;
 mod key_limits;
 mod key_limits_jwt;
+mod loops;
 mod pod_deletion;
 mod props;
 mod release_paths;
