@@ -337,8 +337,13 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, String)]) -> (Option<i32>, Strin
     let mut gate = GateProcess::start(args, env, None);
     let status = gate.wait_exit();
     // The collector threads finish at EOF, which follows the exit closely.
+    // Wait for the line the binary prints on its way out (`wsgate: …` at
+    // the start of a line): a log line's `INFO wsgate: …` may come first,
+    // and under load the collector may not have read the rest yet.
     let start = std::time::Instant::now();
-    while start.elapsed() < Duration::from_secs(2) && !gate.stderr_text().contains("wsgate:") {
+    while start.elapsed() < Duration::from_secs(2)
+        && !gate.stderr_text().lines().any(|l| l.starts_with("wsgate:"))
+    {
         std::thread::sleep(Duration::from_millis(10));
     }
     (status.code(), gate.stderr_text())
