@@ -112,9 +112,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// `wsgate prestop`: no configuration is read; the log is plain text.
+/// `wsgate prestop`: no configuration is read; the log is plain text at
+/// `info` (`RUST_LOG` still wins).
 fn prestop(admin: std::net::SocketAddr) -> ExitCode {
-    init_tracing(LogFormat::Text);
+    if let Some(ignored) = init_tracing(LogFormat::Text, "info") {
+        tracing::warn!("{ignored}");
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
