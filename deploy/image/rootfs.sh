@@ -13,8 +13,9 @@
 #
 # A C compiler is needed: ring (rustls's crypto provider, for rediss://) has C and assembly. On the
 # same architecture that is Debian's musl-gcc (musl-tools); for the other one, Debian's cross gcc
-# (gcc-aarch64-linux-gnu or gcc-x86-64-linux-gnu), which also links: Rust's musl targets bring their
-# own musl libc and start files, so no libc of the compiler ends up in the binary.
+# (gcc-aarch64-linux-gnu or gcc-x86-64-linux-gnu, with libc6-dev-<arch>-cross for the C headers),
+# which also links: Rust's musl targets bring their own musl libc and start files, so no libc of the
+# compiler ends up in the binary.
 # Environment: CARGO_TARGET_DIR (default target/ of the repository).
 set -euo pipefail
 
@@ -38,7 +39,9 @@ esac
 if [[ "$(dpkg --print-architecture)" == "$arch" ]]; then
   cc=musl-gcc package=musl-tools
 else
-  cc="$gnu-gcc" package="gcc-${gnu//_/-}"
+  # The cross gcc and the C headers it compiles against (Debian's glibc ones: ring needs only the
+  # freestanding basics, and links no libc of its own).
+  cc="$gnu-gcc" package="gcc-${gnu//_/-} libc6-dev-$arch-cross"
 fi
 if [[ "$mode" == packages ]]; then
   echo "$package ca-certificates"
@@ -47,7 +50,7 @@ fi
 
 out="${2:-}"
 [[ -n "$out" ]] || die "usage: rootfs.sh ARCH DIR"
-command -v "$cc" >/dev/null || die "$cc not found (Debian package $package)"
+command -v "$cc" >/dev/null || die "$cc not found (Debian packages $package)"
 [[ -f /etc/ssl/certs/ca-certificates.crt ]] || die "/etc/ssl/certs/ca-certificates.crt not found (Debian package ca-certificates)"
 if ! rustup target list --installed | grep -qx "$triple"; then
   rustup target add "$triple"
