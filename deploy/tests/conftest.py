@@ -429,7 +429,7 @@ def fenced(section: str, lang: str) -> str:
 
 
 def parent_chart(tmp_path: Path, wsgate_values: dict, with_volumes: bool = False,
-                 container_context: str = '(dict "Values" .Values.wsgate)') -> Path:
+                 container_context: str = '(dict "Values" .Values.wsgate "Chart" .Subcharts.wsgate.Chart)') -> Path:
     """A chart `myapp` that has wsgate as a subchart and includes `wsgate.container` in its own
     Deployment (and `wsgate.volumes` with `with_volumes`), the way the chart README says to.
     `container_context` is what the parent passes to `wsgate.container`."""

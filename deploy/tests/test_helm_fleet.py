@@ -277,19 +277,19 @@ def _parent_docs(helm, parent: Path) -> list[dict[str, Any]]:
 
 def test_included_by_another_chart(helm, tmp_path):
     off = {"deployment": {"enabled": False}, "service": {"enabled": False}}
-    # With fleet.namespace set, the Values-only include of the README works as it is.
+    # With fleet.namespace set, the README's include (Values and Chart, no Release) works as it is.
     parent = parent_chart(tmp_path / "a", {**off, "fleet": {"redisUrlSecret": SECRET_URL, "namespace": "myapp"}})
     (dep,) = [d for d in _parent_docs(helm, parent) if d["kind"] == "Deployment"]
     env = env_entries(wsgate_container(dep)[0])
     assert env["WSGATE_FLEET_NAMESPACE"]["value"] == "myapp"
     assert env["WSGATE_FLEET_REDIS_URL"]["valueFrom"]["secretKeyRef"] == SECRET_URL
-    # Without it, a Values-only include has no release to name the namespace after: refused, saying how.
+    # Without it, an include without Release has no release to name the namespace after: refused, saying how.
     parent = parent_chart(tmp_path / "b", {**off, "fleet": {"redisUrl": URL}})
     with pytest.raises(helm.HelmRenderError, match=r"fleet.namespace is empty, and wsgate.container was included "
                                                    r"without Release and Chart"):
         _parent_docs(helm, parent)
     # Passing Release and Chart as for wsgate.volumes: the namespace is the subchart's fullname.
-    ctx = '(dict "Values" .Values.wsgate "Release" .Release "Chart" (dict "Name" "wsgate"))'
+    ctx = '(dict "Values" .Values.wsgate "Release" .Release "Chart" .Subcharts.wsgate.Chart)'
     parent = parent_chart(tmp_path / "c", {**off, "fleet": {"redisUrl": URL}}, container_context=ctx)
     (dep,) = [d for d in _parent_docs(helm, parent) if d["kind"] == "Deployment"]
     assert env_entries(wsgate_container(dep)[0])["WSGATE_FLEET_NAMESPACE"]["value"] == "myapp-wsgate"

@@ -26,7 +26,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "wsgate.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{ include "wsgate.selectorLabels" . }}
-app.kubernetes.io/version: {{ .Values.image.tag | quote }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | toString | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
@@ -161,7 +161,7 @@ only its Values has no release to name: it must set fleet.namespace, or pass Rel
 {{- else if and (hasKey . "Release") (hasKey . "Chart") -}}
 {{- include "wsgate.fullname" . -}}
 {{- else -}}
-{{- fail "fleet.namespace is empty, and wsgate.container was included without Release and Chart, so the release's fullname (the default fleet namespace) is unknown: set fleet.namespace, or include it with (dict \"Values\" .Values.wsgate \"Release\" .Release \"Chart\" (dict \"Name\" \"wsgate\"))" -}}
+{{- fail "fleet.namespace is empty, and wsgate.container was included without Release and Chart, so the release's fullname (the default fleet namespace) is unknown: set fleet.namespace, or include it with (dict \"Values\" .Values.wsgate \"Release\" .Release \"Chart\" .Subcharts.wsgate.Chart)" -}}
 {{- end -}}
 {{- end -}}
 
@@ -548,6 +548,28 @@ WSGATE_FLEET_* ones (docs/operations.md#fleet-wide-limits) when a Redis is confi
 {{- end -}}
 
 {{/*
+wsgate.image: the container's image reference. repository@digest when image.digest is set (the tag
+is then ignored); else repository:tag, the tag defaulting to the chart's appVersion. Included from
+another chart with Values alone there is no appVersion at hand: pass "Chart" .Subcharts.wsgate.Chart
+as well, or set image.tag or image.digest.
+*/}}
+{{- define "wsgate.image" -}}
+{{- $image := .Values.image -}}
+{{- if $image.digest -}}
+{{- printf "%s@%s" $image.repository $image.digest -}}
+{{- else -}}
+{{- $tag := toString ($image.tag | default "") -}}
+{{- if and (not $tag) (hasKey . "Chart") -}}
+{{- $tag = toString (.Chart.AppVersion | default "") -}}
+{{- end -}}
+{{- if not $tag -}}
+{{- fail "image.tag is empty and wsgate.container was included without this chart's Chart, so its appVersion (the default tag) is unknown: set image.tag or image.digest, or include it with (dict \"Values\" .Values.wsgate \"Chart\" .Subcharts.wsgate.Chart)" -}}
+{{- end -}}
+{{- printf "%s:%s" $image.repository $tag -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
 wsgate.container: the wsgate sidecar container, for this chart's Deployment and for other charts.
 
 Context: anything with .Values holding this chart's values (the chart's root context, or from a
@@ -565,7 +587,7 @@ too (set terminationGracePeriodSeconds in the parent's pod spec to .Values.wsgat
 {{- include "wsgate.validate" . -}}
 {{- $v := .Values -}}
 name: {{ $v.sidecarName | default "wsgate" }}
-image: {{ printf "%s:%s" $v.image.repository (toString $v.image.tag) | quote }}
+image: {{ include "wsgate.image" . | quote }}
 imagePullPolicy: {{ $v.image.pullPolicy }}
 {{- if $v.nativeSidecar }}
 # Native sidecar (Kubernetes >= 1.29): started before the app, stopped after it.
