@@ -51,9 +51,14 @@ log "rootfs built in $((SECONDS - start)) s"
 
 sed -n '/^FROM scratch AS runtime$/,$p' deploy/Dockerfile >"$work/Containerfile"
 grep -q '^ENTRYPOINT' "$work/Containerfile" || { echo "no runtime stage found in deploy/Dockerfile" >&2; exit 1; }
+previous="$(podman image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)"
 podman build --quiet --network=none --platform "linux/$arch" \
   --build-context "rootfs=$work/rootfs" -f "$work/Containerfile" -t "$image" "$work/context" >/dev/null
 log "built $image"
+# The image this tag named before, now untagged, is not left behind (kept if anything still uses it).
+if [[ -n "$previous" && "$previous" != "$(podman image inspect --format '{{.Id}}' "$image")" ]]; then
+  podman rmi "$previous" >/dev/null 2>&1 || true
+fi
 
 if [[ -n "$export_dir" ]]; then
   container="$(podman create "$image")"
