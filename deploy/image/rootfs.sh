@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Lays out the container image's root filesystem in DIR: wsgate built as a static, stripped musl
-# binary (/wsgate), the CA bundle of this machine's Debian ca-certificates
-# (/etc/ssl/certs/ca-certificates.crt, read by rediss:// through rustls-native-certs) and the
+# binary (/wsgate), the CA bundle of this machine's Debian ca-certificates package, without any CA
+# added locally (/etc/ssl/certs/ca-certificates.crt, read by rediss:// through rustls-native-certs) and the
 # /etc/passwd and /etc/group beside this script (root and nonroot = 65532).
 #
 # The one recipe for the image's files: deploy/Dockerfile's build stage runs it (Debian bookworm,
@@ -51,7 +51,7 @@ fi
 out="${2:-}"
 [[ -n "$out" ]] || die "usage: rootfs.sh ARCH DIR"
 command -v "$cc" >/dev/null || die "$cc not found (Debian packages $package)"
-[[ -f /etc/ssl/certs/ca-certificates.crt ]] || die "/etc/ssl/certs/ca-certificates.crt not found (Debian package ca-certificates)"
+[[ -f /etc/ca-certificates.conf ]] || die "/etc/ca-certificates.conf not found (Debian package ca-certificates)"
 if ! rustup target list --installed | grep -qx "$triple"; then
   rustup target add "$triple"
 fi
@@ -76,7 +76,16 @@ headers="$(readelf -lW "$bin")"
 
 rm -rf "$out"
 install -D -m 0755 "$bin" "$out/wsgate"
-install -D -m 0644 /etc/ssl/certs/ca-certificates.crt "$out/etc/ssl/certs/ca-certificates.crt"
+# The bundle of Debian's ca-certificates as /etc/ca-certificates.conf selects it, made the way
+# update-ca-certificates makes /etc/ssl/certs/ca-certificates.crt but without the certificates added
+# locally under /usr/local/share/ca-certificates: a build machine's own CAs (a proxy's) stay out.
+mkdir -p "$out/etc/ssl/certs"
+while read -r cert; do
+  case "$cert" in '' | '#'* | '!'*) continue ;; esac
+  cat "/usr/share/ca-certificates/$cert"
+done </etc/ca-certificates.conf >"$out/etc/ssl/certs/ca-certificates.crt"
+chmod 0644 "$out/etc/ssl/certs/ca-certificates.crt"
+[[ "$(grep -c 'BEGIN CERTIFICATE' "$out/etc/ssl/certs/ca-certificates.crt")" -gt 100 ]] || die "the CA bundle has too few certificates"
 install -D -m 0644 "$HERE/etc/passwd" "$out/etc/passwd"
 install -D -m 0644 "$HERE/etc/group" "$out/etc/group"
 echo "rootfs.sh: $out: wsgate $(stat -c %s "$out/wsgate") bytes ($triple, static, stripped)"

@@ -51,6 +51,8 @@ def test_build_rootfs_runtime_stages_with_an_empty_runtime_image():
     runs = " ".join(rest for w, rest in s["build"] if w == "RUN")
     assert 'deploy/image/rootfs.sh "$TARGETARCH" /rootfs' in runs
     assert 'deploy/image/rootfs.sh --debian-packages "$TARGETARCH"' in runs
+    # RUN is plain sh: podman and buildah ignore SHELL when they write OCI images.
+    assert not [w for w, _ in instructions() if w == "SHELL"]
     # rootfs: the files alone; runtime: scratch plus exactly those files.
     assert s["rootfs"] == [("FROM", "scratch AS rootfs"), ("COPY", "--from=build /rootfs/ /")]
     assert s["runtime"][0] == ("FROM", "scratch AS runtime")

@@ -104,7 +104,12 @@ def test_the_image_is_the_static_binary_the_ca_bundle_and_passwd(image):
     assert not (root / "bin").exists(), "no shell"
     assert "nonroot:x:65532:65532:" in (root / "etc/passwd").read_text()
     assert "nonroot:x:65532:" in (root / "etc/group").read_text()
-    assert (root / CA_BUNDLE).read_text().count("BEGIN CERTIFICATE") > 100, "Debian's CA bundle"
+    bundle = (root / CA_BUNDLE).read_text()
+    assert bundle.count("BEGIN CERTIFICATE") > 100, "Debian's CA bundle"
+    # Only the package's certificates: none a machine added under /usr/local/share/ca-certificates
+    # (this one's proxy CA, say) reaches the image.
+    local = [p.read_text().strip() for p in Path("/usr/local/share/ca-certificates").rglob("*.crt")]
+    assert not [c for c in local if c and c in bundle]
     binary = root / "wsgate"
     assert os.access(binary, os.X_OK)
     headers = subprocess.run(["readelf", "-lSdW", str(binary)], capture_output=True, text=True, check=True).stdout
@@ -113,6 +118,33 @@ def test_the_image_is_the_static_binary_the_ca_bundle_and_passwd(image):
     binary_size, image_size = binary.stat().st_size, image["info"]["Size"]
     print(f"binary {binary_size} bytes, image {image_size} bytes")
     assert binary_size < 20 * 2**20 and image_size < binary_size + 2 * 2**20, (binary_size, image_size)
+
+
+def test_the_dockerfiles_build_context_holds_what_cargo_needs(tmp_path):
+    """The context deploy/Dockerfile builds from (the repository less .dockerignore, read by podman
+    the way Docker reads it) holds every tracked file cargo and rootfs.sh need, and not target/."""
+    containerfile = tmp_path / "Containerfile"
+    containerfile.write_text("FROM scratch\nCOPY . /ctx/\n")
+    tag = "localhost/wsgate-context-check:test"
+    subprocess.run(["podman", "build", "--quiet", "--network=none", "-f", str(containerfile), "-t", tag, str(ROOT)],
+                   check=True, capture_output=True, timeout=300)
+    try:
+        container = subprocess.run(["podman", "create", tag, "/none"], check=True, capture_output=True,
+                                   text=True).stdout.strip()
+        try:
+            listing = subprocess.run(f"podman export {container} | tar -t", shell=True, check=True,
+                                     capture_output=True, text=True).stdout
+        finally:
+            subprocess.run(["podman", "rm", container], capture_output=True)
+    finally:
+        subprocess.run(["podman", "rmi", tag], capture_output=True)
+    context = {n.removeprefix("ctx/") for n in listing.split() if n.startswith("ctx/") and not n.endswith("/")}
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
+    needed = {f for f in tracked if f in ("Cargo.toml", "Cargo.lock")
+              or (f.startswith(("src/", "tests/", "benches/wsgate-bench/", "deploy/image/")) and not f.endswith(".md"))}
+    assert "src/target/mod.rs" in needed and "deploy/image/rootfs.sh" in needed
+    assert not needed - context, sorted(needed - context)
+    assert not [f for f in context if f.startswith(("target/", ".git/", "deploy/helm/", ".ci/"))]
 
 
 def test_version_is_cargos(image, rootfs):

@@ -212,6 +212,15 @@ def version_gate(tmp_path):
     return run
 
 
+def test_the_release_notes_are_the_changelog_entry():
+    (line,) = [l.strip() for l in RELEASE.read_text().splitlines() if l.strip().startswith("awk ")]
+    out = subprocess.run(["bash", "-eo", "pipefail", "-c", line], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "VERSION": VERSION}, timeout=30, check=True).stdout
+    entry = (ROOT / "CHANGELOG.md").read_text().split(f"## [{VERSION}]", 1)[1].split("\n", 1)[1]
+    assert "### Added" in out and out.strip() and out.strip() in entry, out
+    assert "## [" not in out and "]: https://" not in out, out
+
+
 def test_the_version_gate_passes_the_right_tag_only(version_gate):
     ok = version_gate(f"v{VERSION}")
     assert ok.returncode == 0 and f"version={VERSION}" in ok.stdout, ok
