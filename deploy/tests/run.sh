@@ -83,6 +83,11 @@ log "redis: $("$REDIS_SERVER_BIN" --version 2>&1 | head -n1)"
 log "helm engine: $("$VENV/bin/python" -c 'import helm_python as h; print("helm-python-sdk", h.__version__, "/ Helm SDK", h.helm_sdk_version())')"
 log "kubernetes schemas: $("$VENV/bin/python" -c 'import kubernetes_validate as k; print("kubernetes-validate", k.__version__, "/ Kubernetes", k.latest_version())')"
 log "wsgate binary: $WSGATE_BIN"
+if command -v podman >/dev/null; then
+  log "image: $(podman --version): test_image.py builds the image (deploy/image/build-local.sh; the musl release build takes minutes the first time) and runs it under chroot"
+else
+  log "image: podman not installed, test_image.py is skipped (apt-get install podman to run it)"
+fi
 
 # deploy/tests/pytest.ini: no .pytest_cache in the tree; pytest prints its summary line last.
 exec "$VENV/bin/python" -m pytest -c "$ROOT/deploy/tests/pytest.ini" --rootdir "$ROOT/deploy/tests" "$ROOT/deploy/tests" "$@" </dev/null
