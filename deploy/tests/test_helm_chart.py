@@ -150,6 +150,10 @@ def test_cap_and_probes_defaults_follow_the_rollout_safe_profile(render):
     hook = pod["containers"][1]
     assert hook["image"] == c["image"] and hook["args"] == ["prestop", "--admin", "127.0.0.1:9090"]
     assert "lifecycle" not in hook and "ports" not in hook and "readinessProbe" not in hook
+    # A pinned digest pins the hook's image too: both containers run the same build.
+    digest = "sha256:" + "ab" * 32
+    pinned = render({"maxClients": 4, "image": {"digest": digest}}).one("Deployment")["spec"]["template"]["spec"]
+    assert pinned["containers"][1]["image"] == pinned["initContainers"][0]["image"] == f"ghcr.io/wsgate/wsgate@{digest}"
     assert "4 concurrent connections" in r.notes
 
 

@@ -689,7 +689,7 @@ its app a preStop sleep of wsgate.appPreStopSleep seconds.
 {{- define "wsgate.prestopContainer" -}}
 {{- $v := .Values -}}
 name: {{ printf "%s-prestop" ($v.sidecarName | default "wsgate") }}
-image: {{ printf "%s:%s" $v.image.repository (toString $v.image.tag) | quote }}
+image: {{ include "wsgate.image" . | quote }}
 imagePullPolicy: {{ $v.image.pullPolicy }}
 # Idles until the pod is deleted; then has wsgate drain over the pod's loopback and exits when
 # it has (docs/operations.md#pod-deletion).
