@@ -9,14 +9,12 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 
-use crate::support::access::{http_request, start_gate, upgrade_answer, Gate};
+use crate::support::access::{http_request, start_gate, upgrade_answer};
 use crate::support::*;
 
 /// A TCP forwarder to an address set after it started (wsgate's port,
@@ -63,22 +61,6 @@ async fn forwarder() -> Forwarder {
     }
 }
 
-/// Polls until wsgate holds no more descriptors than `baseline`.
-async fn descriptors_back_to(gate: &Gate, baseline: usize) {
-    let start = Instant::now();
-    loop {
-        let now = gate.process.stat().fds;
-        if now <= baseline {
-            return;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "{now} descriptors open, {baseline} before the loops"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_comes_back_round_a_loop_ends_in_one_508() {
     let fwd = forwarder().await;
@@ -121,7 +103,7 @@ async fn a_request_that_comes_back_round_a_loop_ends_in_one_508() {
         n
     );
     assert_eq!(metric(gate.admin, "wsgate_connections_active").await, 0.0);
-    descriptors_back_to(&gate, baseline).await;
+    wait_child_fds(&gate.process, baseline).await;
     // Said in the log with its reason, once a minute at most.
     let log = gate.stderr();
     let warnings: Vec<&str> = log

@@ -58,22 +58,6 @@ async fn until_closed(s: &mut TcpStream, limit: Duration) -> (String, Duration) 
     (text, start.elapsed())
 }
 
-/// Polls the child's descriptor count until it is back to `baseline`.
-async fn wait_child_fds(gate: &GateProcess, baseline: usize) {
-    let start = Instant::now();
-    loop {
-        let now = gate.stat().fds;
-        if now <= baseline {
-            return;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "wsgate's descriptors: baseline {baseline}, still {now}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn start(upstream: SocketAddr, env: &[(&str, String)]) -> (GateProcess, SocketAddr, SocketAddr) {
     tokio::task::block_in_place(|| GateProcess::proxy(upstream, env, None))
 }

@@ -38,22 +38,6 @@ async fn baseline_fds(gate: &GateProcess, admin: SocketAddr) -> usize {
     gate.stat().fds
 }
 
-/// Polls until the child's descriptors are back to `base`, or fails.
-async fn wait_gate_fds(gate: &GateProcess, base: usize) {
-    let start = Instant::now();
-    loop {
-        let now = gate.stat().fds;
-        if now <= base {
-            return;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "wsgate's descriptors: baseline {base}, still {now}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The slot comes back within [`RELEASE_BOUND`].
 async fn released_in_time(admin: SocketAddr) {
     let took = time_until_metric(admin, ACTIVE, 0.0).await;
@@ -203,7 +187,7 @@ async fn echoes_text_binary_and_1_mib_and_gives_everything_back_after_close_1000
             .expect("messages series");
         assert!(msgs >= 3.0, "{direction}: {msgs} messages");
     }
-    wait_gate_fds(&gate, fds).await;
+    wait_child_fds(&gate, fds).await;
     // The cap is 1: the slot is free again.
     let mut again = within("connect again", connect(&url))
         .await
@@ -262,7 +246,7 @@ async fn a_missing_socket_file_is_502_counted_as_connect_and_takes_no_slot() {
         assert_eq!(metric(admin, CONNECT_ERRORS).await, f64::from(n));
         assert_eq!(metric(admin, ACTIVE).await, 0.0);
     }
-    wait_gate_fds(&gate, fds).await;
+    wait_child_fds(&gate, fds).await;
 
     let _up = spawn_unix_upstream_at(&path, Behaviour::Echo);
     let mut ws = within("connect", connect(&url))
@@ -296,7 +280,7 @@ async fn a_listener_that_never_answers_is_504_after_the_connect_timeout() {
     );
     assert_eq!(metric(admin, CONNECT_ERRORS).await, 0.0);
     assert_eq!(metric(admin, ACTIVE).await, 0.0);
-    wait_gate_fds(&gate, fds).await;
+    wait_child_fds(&gate, fds).await;
 }
 
 // ---------------------------------------------------------------- the ends of a session
@@ -357,7 +341,7 @@ async fn the_client_leg_closes_and_the_slot_comes_back(
     drop(s);
     released_in_time(admin).await;
     assert_eq!(sessions_ended(admin, "none", "upstream_eof").await, 1.0);
-    wait_gate_fds(&gate, fds).await;
+    wait_child_fds(&gate, fds).await;
 }
 
 /// The client goes away (RST) while the Unix upstream is quiet: the slot
@@ -376,7 +360,7 @@ async fn client_reset_gives_the_slot_back_and_closes_the_unix_leg() {
         .await
         .expect("the upstream task reports");
     assert_eq!(sessions_ended(admin, "none", "client_eof").await, 1.0);
-    wait_gate_fds(&gate, fds).await;
+    wait_child_fds(&gate, fds).await;
 }
 
 // ---------------------------------------------------------------- non-101, plain HTTP
@@ -393,7 +377,7 @@ async fn an_upgrade_refused_with_403_passes_status_and_body() {
     assert_eq!(resp.body().as_deref(), Some(&b"go away"[..]));
     assert_eq!(metric(admin, REFUSED_UPGRADE).await, 1.0);
     assert_eq!(metric(admin, ACTIVE).await, 0.0);
-    wait_gate_fds(&gate, fds).await;
+    wait_child_fds(&gate, fds).await;
 }
 
 /// Plain GETs go through to the Unix upstream, and two in a row share one

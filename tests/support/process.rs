@@ -413,6 +413,23 @@ pub fn alive_tasks() -> usize {
 
 // ---------------------------------------------------------------- this process
 
+/// Polls until the child's open descriptors are back to `baseline` (or
+/// fewer), or fails after [`crate::support::DEADLINE`].
+pub async fn wait_child_fds(child: &GateProcess, baseline: usize) {
+    let start = Instant::now();
+    loop {
+        let now = child.stat().fds;
+        if now <= baseline {
+            return;
+        }
+        assert!(
+            start.elapsed() < crate::support::DEADLINE,
+            "wsgate's descriptors: baseline {baseline}, still {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Open descriptors of this (test) process, which hosts upstream, sidecar
 /// and clients alike: every leak shows up here.
 pub fn open_fds() -> usize {
