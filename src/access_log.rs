@@ -135,6 +135,8 @@ impl Refusals {
             bad_path = rejected(RejectReason::BadPath),
             capacity = rejected(RejectReason::Capacity),
             r#loop = rejected(RejectReason::Loop),
+            origin = rejected(RejectReason::Origin),
+            subprotocol = rejected(RejectReason::Subprotocol),
             draining = rejected(RejectReason::Draining),
             rate = rejected(RejectReason::Rate),
             per_ip = rejected(RejectReason::PerIp),
@@ -149,6 +151,7 @@ impl Refusals {
             upstream_connect = upstream(UpstreamErrorKind::Connect),
             upstream_timeout = upstream(UpstreamErrorKind::Timeout),
             upstream_refused = upstream(UpstreamErrorKind::RefusedUpgrade),
+            upstream_bad_subprotocol = upstream(UpstreamErrorKind::BadSubprotocol),
             "refusals"
         );
     }
@@ -215,6 +218,7 @@ mod tests {
             "upstream_connect",
             "upstream_timeout",
             "upstream_refused",
+            "upstream_bad_subprotocol",
         ] {
             assert!(
                 line.contains(&format!(" {field}=1")),

@@ -54,6 +54,10 @@ pub(crate) enum ProxyError {
     /// The upstream answered 101 but not a valid WebSocket acceptance.
     #[error("the upstream answered 101 without a valid Sec-WebSocket-Accept")]
     UpstreamBadAccept,
+    /// The upstream's 101 selected a subprotocol it was not offered, which
+    /// a browser would fail silently (502).
+    #[error("the upstream's 101 selected a subprotocol the client did not offer")]
+    UpstreamBadSubprotocol,
     /// No answer within `upstream_connect_timeout`.
     #[error("the upstream did not answer within {0:?}")]
     UpstreamTimeout(Duration),
@@ -92,6 +96,8 @@ labels! {
         Timeout => "timeout",
         /// Answered something other than a valid 101.
         RefusedUpgrade => "refused_upgrade",
+        /// Answered 101 selecting a subprotocol the client did not offer.
+        BadSubprotocol => "bad_subprotocol",
     }
 }
 
@@ -114,6 +120,7 @@ impl ProxyError {
             ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamHandshake(_)
             | ProxyError::UpstreamBadAccept
+            | ProxyError::UpstreamBadSubprotocol
             | ProxyError::UpstreamRequest(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) | ProxyError::UpstreamRequestTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
@@ -139,6 +146,7 @@ impl ProxyError {
             ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamHandshake(_)
             | ProxyError::UpstreamBadAccept
+            | ProxyError::UpstreamBadSubprotocol
             | ProxyError::UnrequestedSwitch
             | ProxyError::UpstreamRequest(_) => "wsgate: upstream unavailable\n",
         }
@@ -152,6 +160,7 @@ impl ProxyError {
                 Some(UpstreamErrorKind::Connect)
             }
             ProxyError::UpstreamBadAccept => Some(UpstreamErrorKind::RefusedUpgrade),
+            ProxyError::UpstreamBadSubprotocol => Some(UpstreamErrorKind::BadSubprotocol),
             ProxyError::UpstreamTimeout(_) => Some(UpstreamErrorKind::Timeout),
             _ => None,
         }
@@ -207,6 +216,10 @@ fn rejection_text(reason: RejectReason) -> &'static str {
         RejectReason::Capacity => "wsgate: too many websocket connections, retry later\n",
         RejectReason::Loop => LOOP_TEXT,
         RejectReason::BadPath => "wsgate: the request target is not a path that can be read unambiguously\n",
+        RejectReason::Origin => "wsgate: websocket connections from this origin are not allowed\n",
+        RejectReason::Subprotocol => {
+            "wsgate: the offered subprotocols include none this endpoint accepts\n"
+        }
         RejectReason::Draining => "wsgate: shutting down, connect to another instance\n",
         RejectReason::Rate => "wsgate: too many new websocket connections, retry later\n",
         RejectReason::PerIp => {

@@ -18,6 +18,8 @@
 //! | `body_timeout` | request bodies that stall for `header_read_timeout` fail (408) |
 //! | `headers` | pure header logic: classify, validate, rewrite |
 //! | `loop_marker` | the `Via` entry naming this process on every forwarded request; a request carrying it is a loop (508) |
+//! | `origin` | web origins and `allowed_origins` patterns: parse, normalise, match |
+//! | `subprotocols` | `Sec-WebSocket-Protocol`: the offer screened and rewritten, the upstream's selection checked |
 //! | `target` | the request target read the way the upstream reads it: path normalised, ambiguous paths refused |
 //! | `admission/` | the admission pipeline: the ordered checks, one file per policy, the outcome, the RAII `AdmissionGuard` |
 //! | `keys/` | limits per key: rules, key tables, key extraction |
@@ -66,6 +68,7 @@ pub(crate) mod keys;
 pub mod log_format;
 pub(crate) mod loop_marker;
 pub(crate) mod metrics;
+pub(crate) mod origin;
 pub(crate) mod plain_cap;
 pub(crate) mod prestop;
 pub(crate) mod proxy;
@@ -75,6 +78,7 @@ pub(crate) mod server;
 pub(crate) mod session;
 pub(crate) mod shutdown;
 pub(crate) mod splice;
+pub(crate) mod subprotocols;
 pub(crate) mod summary;
 pub(crate) mod target;
 pub(crate) mod tcp;

@@ -33,6 +33,7 @@ use crate::plain_cap::{Held, Place, PlainCap};
 use crate::responses::{self, ProxyBody};
 use crate::shutdown::Shutdown;
 use crate::splice::Limits;
+use crate::subprotocols;
 use crate::target;
 use crate::throttle::Throttle;
 use crate::tunnel::{self, Answer, TunnelContext, TunnelMetrics};
@@ -342,7 +343,11 @@ impl Proxy {
             headers: req.headers(),
             uri: req.uri(),
         };
-        let Admitted { guard, target } = inner
+        let Admitted {
+            guard,
+            target,
+            offer,
+        } = inner
             .admission
             .admit(config, candidate)
             .await
@@ -371,6 +376,12 @@ impl Proxy {
             peer.ip(),
             &config.upstream.authority,
         );
+        subprotocols::rewrite(&mut parts.headers, &offer);
+        // What the upstream was offered: its 101 may select only one of these.
+        let mut offered = http::HeaderMap::new();
+        for v in parts.headers.get_all(header::SEC_WEBSOCKET_PROTOCOL) {
+            offered.append(header::SEC_WEBSOCKET_PROTOCOL, v.clone());
+        }
         LoopMarker::of_this_process().add(&mut parts.headers, parts.version);
         let mut upstream_req = Request::new(Empty::<Bytes>::new());
         *upstream_req.method_mut() = parts.method;
@@ -412,6 +423,11 @@ impl Proxy {
             Answer::Switching { head, io, leftover } => {
                 if !headers::accept_matches(head.headers(), &key) {
                     return Err(ProxyError::UpstreamBadAccept);
+                }
+                // A browser fails such a handshake silently (1006): a 502
+                // says what went wrong. Dropping `io` closes the upstream leg.
+                if !subprotocols::selection_is_offered(head.headers(), &offered) {
+                    return Err(ProxyError::UpstreamBadSubprotocol);
                 }
                 let (mut head, ()) = head.into_parts();
                 headers::client_switching_headers(&mut head.headers);

@@ -12,6 +12,10 @@
 //!    read it (`crate::target`), and a target that cannot be is refused
 //!    (`bad_path`). Neither is a limit: dry run does not cover them. The
 //!    normalised target is what the key rules judge and what is forwarded;
+//!    then the **handshake policy**: the `Origin` (403 `origin`) and the
+//!    offered subprotocols (400 `subprotocol`; what is left of the offer is
+//!    what is forwarded). Security policy, not limits: dry run does not
+//!    cover them either;
 //! 1. **draining**: a process going away admits nothing (not a limit:
 //!    dry run does not cover it);
 //! 2. **capacity**: a slot under `max_clients`, without waiting;
@@ -32,6 +36,7 @@
 //! | `mod.rs` | [`Admission`], the order of the checks, enforce or report, the metrics |
 //! | `outcome.rs` | [`RejectReason`], [`Rejection`], [`Verdict`] |
 //! | `guard.rs` | [`AdmissionGuard`]: what a connection holds; dropping it is the only release |
+//! | `handshake.rs` | the `Origin` and subprotocol policy |
 //! | `draining.rs` | refuse once the shutdown drains |
 //! | `capacity.rs` | the active count and the cap (compare-and-swap), readiness watermarks |
 //! | `per_ip.rs` | counts per client address |
@@ -43,6 +48,7 @@ mod capacity;
 mod draining;
 mod fleet;
 mod guard;
+mod handshake;
 mod keys;
 mod outcome;
 mod per_ip;
@@ -66,6 +72,7 @@ use crate::keys::{KeyLimits, KeyMetrics, KeyRequest};
 use crate::loop_marker::LoopMarker;
 use crate::metrics::{Family, Label, Registrar};
 use crate::shutdown::Shutdown;
+use crate::subprotocols::Forward;
 use crate::target;
 
 /// The upgrade being judged.
@@ -89,6 +96,8 @@ pub(crate) struct Admitted {
     pub(crate) guard: AdmissionGuard,
     /// The request target in origin-form, path normalised.
     pub(crate) target: Uri,
+    /// What goes to the upstream of the offered subprotocols.
+    pub(crate) offer: Forward,
 }
 
 /// The admission series.
@@ -99,7 +108,8 @@ struct AdmissionMetrics {
     /// `wsgate_connections_rejected_total{reason}`.
     rejected: Family<RejectReason>,
     /// `wsgate_connections_would_reject_total{reason}` (dry run; never
-    /// `draining`, `bad_path` or `loop`, which are not policies).
+    /// `draining`, `bad_path`, `loop`, `origin` or `subprotocol`, which
+    /// are not limits).
     would_reject: Family<RejectReason>,
 }
 
@@ -159,7 +169,11 @@ impl Admission {
                 |reason| {
                     !matches!(
                         reason,
-                        RejectReason::Draining | RejectReason::BadPath | RejectReason::Loop
+                        RejectReason::Draining
+                            | RejectReason::BadPath
+                            | RejectReason::Loop
+                            | RejectReason::Origin
+                            | RejectReason::Subprotocol
                     )
                 },
             )?,
@@ -249,6 +263,8 @@ impl Admission {
             reason: RejectReason::BadPath,
             status: StatusCode::BAD_REQUEST,
         })?;
+        handshake::origin(config, req.headers)?;
+        let offer = handshake::subprotocols(config, req.headers)?;
         draining::check(&inner.shutdown)?;
         let slot = s.require(inner.capacity.check(anyway))?;
         let mut guard = AdmissionGuard {
@@ -273,7 +289,11 @@ impl Admission {
                 .flatten();
         }
         s.apply(inner.rate.check())?;
-        Ok(Admitted { guard, target })
+        Ok(Admitted {
+            guard,
+            target,
+            offer,
+        })
     }
 
     /// The limits per key (for `/keys` and the busiest-ratio gauges).

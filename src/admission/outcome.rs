@@ -19,6 +19,12 @@ labels! {
         /// The request target cannot be read unambiguously (an encoded
         /// `/`, a control character, not a path on this host): 400.
         BadPath => "bad_path",
+        /// `allowed_origins` / `require_origin`: the page that opened the
+        /// WebSocket is not allowed to (403).
+        Origin => "origin",
+        /// `subprotocols` / `require_subprotocol`, or the JWT entry offered
+        /// alone or twice: 400.
+        Subprotocol => "subprotocol",
         /// The process is shutting down.
         Draining => "draining",
         /// The admission rate limit.

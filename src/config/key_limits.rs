@@ -12,6 +12,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use http::HeaderName;
+use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::ConfigError;
@@ -174,11 +175,15 @@ pub enum TokenSource {
     Query(String),
     /// A cookie.
     Cookie(String),
+    /// The offered subprotocol entry that starts with this prefix
+    /// (`jwt_subprotocol_prefix`); the rest of the entry is the token.
+    Subprotocol(String),
 }
 
 impl TokenSource {
-    const EXPECTED: &'static str =
-        "header:NAME (header:Authorization takes a Bearer token), query:PARAM or cookie:NAME";
+    const EXPECTED: &'static str = "header:NAME (header:Authorization takes a Bearer token), \
+         query:PARAM, cookie:NAME or subprotocol (an offered Sec-WebSocket-Protocol entry that \
+         starts with jwt_subprotocol_prefix)";
 
     fn parse(text: &str) -> Option<Self> {
         match KeySource::parse(text)? {
@@ -196,15 +201,38 @@ impl fmt::Display for TokenSource {
             TokenSource::Header(h) => write!(f, "header:{h}"),
             TokenSource::Query(p) => write!(f, "query:{p}"),
             TokenSource::Cookie(c) => write!(f, "cookie:{c}"),
+            TokenSource::Subprotocol(_) => f.write_str("subprotocol"),
         }
     }
 }
 
-/// `jwt_from`: where the token is read from.
-pub(super) fn token_source(from: &str) -> Result<TokenSource, ConfigError> {
+/// `jwt_from`: where the token is read from; `prefix` is
+/// `jwt_subprotocol_prefix`, used by `subprotocol`.
+pub(super) fn token_source(from: &str, prefix: String) -> Result<TokenSource, ConfigError> {
+    if from == "subprotocol" {
+        return Ok(TokenSource::Subprotocol(prefix));
+    }
     TokenSource::parse(from)
         .ok_or_else(|| ConfigError::invalid("jwt_from", format!("{from:?}"), TokenSource::EXPECTED))
 }
+
+/// `check-config` prints `jwt_from` and `jwt_subprotocol_prefix` (the
+/// prefix only means something with `jwt_from = "subprotocol"`, and is
+/// shown at its default otherwise).
+pub(super) fn written_source<S: Serializer>(from: &TokenSource, s: S) -> Result<S::Ok, S::Error> {
+    let prefix = match from {
+        TokenSource::Subprotocol(p) => p.as_str(),
+        _ => DEFAULT_SUBPROTOCOL_PREFIX,
+    };
+    let mut map = s.serialize_map(Some(2))?;
+    map.serialize_entry("jwt_from", &from.to_string())?;
+    map.serialize_entry("jwt_subprotocol_prefix", prefix)?;
+    map.end()
+}
+
+/// `jwt_subprotocol_prefix` by default: the form Kubernetes' API server
+/// reads a bearer token from (`base64url.bearer.authorization.k8s.io.<token>`).
+pub(super) const DEFAULT_SUBPROTOCOL_PREFIX: &str = "base64url.bearer.authorization.k8s.io.";
 
 /// Serialises a value in its written form.
 pub(super) fn written<T: fmt::Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -596,7 +624,15 @@ mod tests {
             Some(TokenSource::Query("access_token".into()))
         );
         assert_eq!(TokenSource::parse("path_segment:1"), None);
-        assert!(token_source("body:x").is_err());
+        assert!(token_source("body:x", "p.".into()).is_err());
+        assert_eq!(
+            token_source("subprotocol", "jwt.".into()).ok(),
+            Some(TokenSource::Subprotocol("jwt.".into()))
+        );
+        assert_eq!(
+            TokenSource::Subprotocol("jwt.".into()).to_string(),
+            "subprotocol"
+        );
         assert_eq!(jwt(None, None, None).ok(), Some(None));
     }
 

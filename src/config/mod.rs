@@ -17,6 +17,8 @@
 //! | `validate.rs` | [`RawConfig`] → [`Config`]: each key's check, then the rules across keys |
 //! | `key_limits.rs` | the `[[key_limits]]` rules and the `jwt_*` keys (docs/operations.md#limits-per-key) |
 //! | `fleet.rs` | the `fleet_*` keys (docs/operations.md#fleet-wide-limits), their kinds, and the Redis URL kept secret |
+//! | `handshake.rs` | `allowed_origins`, `subprotocols` and their `require_*` keys (docs/security.md#handshake-policy) |
+//! | `signals.rs` | `refusal_mode`, the client pings, `send_timeout` (docs/behaviour.md#signals-clients-can-act-on) |
 //! | `guards.rs` | the message-guard keys (docs/operations.md#message-guards) and their typed form |
 //! | `log_level.rs` | the `log_level` filter and its check, which `RUST_LOG` must pass too |
 //! | `suggest.rs` | "did you mean": the known key closest to an unknown one |
@@ -44,9 +46,11 @@ mod effective;
 mod error;
 mod fleet;
 mod guards;
+mod handshake;
 mod key_limits;
 mod load;
 mod log_level;
+mod signals;
 mod suggest;
 mod validate;
 mod values;
@@ -63,12 +67,15 @@ pub use self::duration::ConfigDuration;
 pub use self::error::ConfigError;
 pub use self::fleet::{FailMode, FleetSettings, RedisUrl};
 pub use self::guards::{MessageGuards, RateAction};
+pub(crate) use self::handshake::is_token;
+pub use self::handshake::HandshakePolicy;
 pub use self::key_limits::{
     is_usable_key, JwtSettings, KeyRule, KeySource, MissingKey, RawKeyRule, TokenSource,
     MAX_KEY_LEN,
 };
 pub use self::load::{ConfigSource, ENV_PREFIX, LEGACY_MAX_CLIENTS_ENV};
 pub use self::log_level::log_filter;
+pub use self::signals::{ClientSignals, RefusalMode};
 pub use self::values::{Endpoint, LogFormat, Upstream, MAX_PLAIN_REQUESTS};
 
 use self::duration::{AnyDuration, Keepalive, OffOrDuration, PositiveDuration};
@@ -196,8 +203,39 @@ pub struct RawConfig {
     /// credential that cannot be taken back).
     #[serde(deserialize_with = "TrueOrFalse::checked")]
     pub jwt_require_exp: bool,
-    /// Where the token is: `header:Authorization` (Bearer), `query:P`, `cookie:C`.
+    /// Where the token is: `header:Authorization` (Bearer), `query:P`,
+    /// `cookie:C`, or `subprotocol`.
     pub jwt_from: String,
+    /// With `jwt_from = "subprotocol"`: the offered subprotocol entry that
+    /// starts with this carries the JWT (the rest of it).
+    pub jwt_subprotocol_prefix: String,
+    /// Origins allowed to open a WebSocket (docs/security.md#handshake-policy); empty = any.
+    #[serde(deserialize_with = "handshake::list")]
+    pub allowed_origins: Vec<String>,
+    /// Refuse (403) an upgrade without an `Origin` header.
+    #[serde(deserialize_with = "TrueOrFalse::checked")]
+    pub require_origin: bool,
+    /// Subprotocol names a client may offer (the others are removed); empty = any.
+    #[serde(deserialize_with = "handshake::list")]
+    pub subprotocols: Vec<String>,
+    /// Refuse (400) an upgrade that offers none of `subprotocols`.
+    #[serde(deserialize_with = "TrueOrFalse::checked")]
+    pub require_subprotocol: bool,
+    /// `status` (HTTP refusals) or `close` (101, then Close 1013) for load refusals.
+    #[serde(deserialize_with = "RefusalMode::checked")]
+    pub refusal_mode: String,
+    /// Close-mode refusals open at once; past it the HTTP status.
+    #[serde(deserialize_with = "WholeNumber::checked")]
+    pub max_close_refusals: i64,
+    /// Ping a client after this long without a frame from it; 0 = off.
+    #[serde(deserialize_with = "OffOrDuration::checked")]
+    pub ping_interval: ConfigDuration,
+    /// No frame within this long after wsgate's Ping ends the session.
+    #[serde(deserialize_with = "PositiveDuration::checked")]
+    pub pong_timeout: ConfigDuration,
+    /// Bytes the client's socket has not accepted for this long end the session; 0 = off.
+    #[serde(deserialize_with = "OffOrDuration::checked")]
+    pub send_timeout: ConfigDuration,
     /// The Redis of fleet-wide limits (docs/operations.md#fleet-wide-limits); empty = off. It may hold
     /// a password: [`Config`], `check-config` and errors show it redacted
     /// ([`RedisUrl`]); this raw form (and its `Debug`) has it whole.
@@ -289,6 +327,16 @@ impl Default for RawConfig {
             jwt_audience: None,
             jwt_require_exp: true,
             jwt_from: "header:Authorization".into(),
+            jwt_subprotocol_prefix: key_limits::DEFAULT_SUBPROTOCOL_PREFIX.into(),
+            allowed_origins: Vec::new(),
+            require_origin: false,
+            subprotocols: Vec::new(),
+            require_subprotocol: false,
+            refusal_mode: "status".into(),
+            max_close_refusals: 1024,
+            ping_interval: secs(0),
+            pong_timeout: secs(10),
+            send_timeout: secs(0),
             fleet_redis_url: String::new(),
             fleet_namespace: "wsgate".into(),
             fleet_max_clients: 0,
@@ -391,8 +439,15 @@ pub struct Config {
     /// Tokens without `exp` are refused.
     pub jwt_require_exp: bool,
     /// Where the JWT is read from.
-    #[serde(serialize_with = "key_limits::written")]
+    #[serde(flatten, serialize_with = "key_limits::written_source")]
     pub jwt_from: TokenSource,
+    /// Origin and subprotocol checks (docs/security.md#handshake-policy).
+    #[serde(flatten, serialize_with = "handshake::written")]
+    pub handshake: HandshakePolicy,
+    /// Close-mode refusals, pings from wsgate, the send timeout
+    /// (docs/behaviour.md#signals-clients-can-act-on).
+    #[serde(flatten, serialize_with = "signals::written")]
+    pub signals: ClientSignals,
     /// Fleet-wide limits through Redis (docs/operations.md#fleet-wide-limits); `None` = off
     /// (`check-config` prints the keys all the same, with an empty URL).
     #[serde(flatten, serialize_with = "effective::fleet")]

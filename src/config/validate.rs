@@ -14,7 +14,7 @@ use super::values::{
     Cap, CloseCode, Fraction, ListenAddress, NonNegative, PlainRequests, TrueOrFalse, ValueKind,
     WholeNumber, Workers,
 };
-use super::{fleet, guards, key_limits};
+use super::{fleet, guards, handshake, key_limits, signals};
 use super::{
     CloseSettings, Config, ConfigError, LogFormat, RateLimit, RawConfig, Upstream, Watermarks,
     ENV_PREFIX,
@@ -110,7 +110,12 @@ impl Config {
             admin_token_file: key_limits::admin_token_file(raw.admin_token_file.as_deref())?,
             jwt: jwt.clone(),
             jwt_require_exp: TrueOrFalse::value("jwt_require_exp", &raw.jwt_require_exp)?,
-            jwt_from: key_limits::token_source(&raw.jwt_from)?,
+            jwt_from: key_limits::token_source(
+                &raw.jwt_from,
+                handshake::token_prefix(&raw.jwt_subprotocol_prefix)?,
+            )?,
+            handshake: handshake::policy(&raw)?,
+            signals: signals::settings(&raw)?,
             fleet,
             message_guards: guards::settings(&raw)?,
             key_limits: key_limits::rules(&raw.key_limits, jwt.as_ref(), fleet_on)?,

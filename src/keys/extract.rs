@@ -9,7 +9,10 @@ use std::borrow::Cow;
 
 use http::{header, HeaderMap, HeaderName, Uri};
 
+use base64::Engine as _;
+
 use crate::config::{is_usable_key, KeySource, TokenSource};
+use crate::subprotocols;
 
 /// What a request holds for one key source.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,8 +98,40 @@ pub(crate) fn token<'a>(
             Some(v) => Cow::Borrowed(v),
             None => return Ok(None),
         },
+        TokenSource::Subprotocol(prefix) => match subprotocol_token(headers, prefix)? {
+            Some(v) => v,
+            None => return Ok(None),
+        },
     };
     Ok((!raw.is_empty()).then_some(raw))
+}
+
+/// The rest of the one offered subprotocol entry that starts with
+/// `prefix`. A JWT is itself made of token characters, so it is usually
+/// there as it is; a rest without a `.` is taken as Kubernetes writes its
+/// bearer tokens, base64url-encoded, and decoded.
+fn subprotocol_token<'a>(
+    headers: &'a HeaderMap,
+    prefix: &str,
+) -> Result<Option<Cow<'a, str>>, Ambiguous> {
+    let mut found = subprotocols::offered(headers)
+        .flatten()
+        .filter_map(|e| e.strip_prefix(prefix));
+    let Some(rest) = found.next() else {
+        return Ok(None);
+    };
+    if found.next().is_some() {
+        return Err(Ambiguous);
+    }
+    if rest.contains('.') {
+        return Ok(Some(Cow::Borrowed(rest)));
+    }
+    let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(rest.trim_end_matches('='))
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok());
+    // Not base64url: left as written, for the verifier to refuse (401).
+    Ok(Some(decoded.map_or(Cow::Borrowed(rest), Cow::Owned)))
 }
 
 /// A value that must be single but was given more than once.

@@ -1,0 +1,267 @@
+//! `Sec-WebSocket-Protocol` on both legs (docs/security.md#subprotocols):
+//! what a client offers, what is forwarded after `subprotocols` and the
+//! JWT entry (`jwt_from = "subprotocol"`) are taken out, and whether the
+//! upstream's selection is one of the names it was offered. Pure functions
+//! of header values, no I/O (leaf).
+
+use http::header::SEC_WEBSOCKET_PROTOCOL;
+use http::{HeaderMap, HeaderValue};
+
+use crate::config::{is_token, HandshakePolicy, TokenSource};
+
+/// Why an offer is refused (400 `subprotocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BadOffer {
+    /// An entry that is not a token, or a header that is not text.
+    Malformed,
+    /// `require_subprotocol`, and none of `subprotocols` was offered.
+    NoneAllowed,
+    /// The JWT entry was all that was left: a browser fails a handshake in
+    /// which the server selects none of its offers.
+    OnlyTheToken,
+    /// Two entries start with the JWT prefix.
+    TwoTokens,
+}
+
+/// What goes to the upstream in place of the client's
+/// `Sec-WebSocket-Protocol` headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Forward {
+    /// The client's headers, untouched (no policy applies).
+    AsOffered,
+    /// One header with these entries (in the client's order), or none at
+    /// all when empty.
+    Only(Vec<String>),
+}
+
+/// Judges the offer in `headers` against the policy and the JWT's place.
+///
+/// # Errors
+/// [`BadOffer`]: an unreadable offer, or none left that could be selected.
+pub(crate) fn screen(
+    policy: &HandshakePolicy,
+    jwt_from: &TokenSource,
+    headers: &HeaderMap,
+) -> Result<Forward, BadOffer> {
+    let prefix = match jwt_from {
+        TokenSource::Subprotocol(p) => Some(p.as_str()),
+        _ => None,
+    };
+    if policy.subprotocols.is_empty() && prefix.is_none() {
+        return Ok(Forward::AsOffered);
+    }
+    let mut kept = Vec::new();
+    let mut tokens = 0;
+    for entry in offered(headers) {
+        let entry = entry.ok_or(BadOffer::Malformed)?;
+        if prefix.is_some_and(|p| entry.starts_with(p)) {
+            tokens += 1;
+            continue;
+        }
+        if policy.subprotocols.is_empty() || policy.subprotocols.iter().any(|s| s == entry) {
+            kept.push(entry.to_owned());
+        }
+    }
+    if tokens > 1 {
+        return Err(BadOffer::TwoTokens);
+    }
+    if kept.is_empty() {
+        if policy.require_subprotocol {
+            return Err(BadOffer::NoneAllowed);
+        }
+        if tokens == 1 {
+            return Err(BadOffer::OnlyTheToken);
+        }
+    }
+    Ok(Forward::Only(kept))
+}
+
+/// Puts the forwarded offer in `headers` (the upstream request's).
+pub(crate) fn rewrite(headers: &mut HeaderMap, forward: &Forward) {
+    let Forward::Only(kept) = forward else {
+        return;
+    };
+    headers.remove(SEC_WEBSOCKET_PROTOCOL);
+    if kept.is_empty() {
+        return;
+    }
+    // Tokens joined by ", " are a valid header value.
+    if let Ok(value) = HeaderValue::from_str(&kept.join(", ")) {
+        headers.insert(SEC_WEBSOCKET_PROTOCOL, value);
+    }
+}
+
+/// The entries of every `Sec-WebSocket-Protocol` header, in order; `None`
+/// for one that is not a token (or a header that is not text).
+pub(crate) fn offered(headers: &HeaderMap) -> impl Iterator<Item = Option<&str>> {
+    headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .flat_map(|v| match v.to_str() {
+            Ok(text) => Box::new(
+                text.split(',')
+                    .map(str::trim)
+                    .filter(|e| !e.is_empty())
+                    .map(|e| is_token(e).then_some(e)),
+            ) as Box<dyn Iterator<Item = Option<&str>>>,
+            Err(_) => Box::new(std::iter::once(None)),
+        })
+}
+
+/// Whether the upstream's 101 (`answer`) selects nothing, or exactly one
+/// of the names in the forwarded request (`forwarded`).
+pub(crate) fn selection_is_offered(answer: &HeaderMap, forwarded: &HeaderMap) -> bool {
+    let mut selected = answer.get_all(SEC_WEBSOCKET_PROTOCOL).iter();
+    let Some(first) = selected.next() else {
+        return true;
+    };
+    if selected.next().is_some() {
+        return false;
+    }
+    let Ok(name) = first.to_str().map(str::trim) else {
+        return false;
+    };
+    is_token(name) && offered(forwarded).any(|e| e == Some(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(
+                SEC_WEBSOCKET_PROTOCOL,
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        h
+    }
+
+    fn policy(names: &[&str], require: bool) -> HandshakePolicy {
+        HandshakePolicy {
+            subprotocols: names.iter().map(|n| (*n).to_owned()).collect(),
+            require_subprotocol: require,
+            ..HandshakePolicy::default()
+        }
+    }
+
+    const BEARER: &str = "base64url.bearer.authorization.k8s.io.";
+
+    fn token_source() -> TokenSource {
+        TokenSource::Subprotocol(BEARER.into())
+    }
+
+    fn only(names: &[&str]) -> Forward {
+        Forward::Only(names.iter().map(|n| (*n).to_owned()).collect())
+    }
+
+    #[test]
+    fn without_a_policy_the_offer_passes_untouched() {
+        let h = headers(&["chat, superchat"]);
+        let no_jwt = TokenSource::Query("t".into());
+        assert_eq!(
+            screen(&policy(&[], false), &no_jwt, &h),
+            Ok(Forward::AsOffered)
+        );
+    }
+
+    #[test]
+    fn names_outside_the_list_are_removed_in_order() {
+        let h = headers(&["v2.chat, other", "v1.chat"]);
+        let forward = screen(&policy(&["v1.chat", "v2.chat"], false), &token_source(), &h);
+        assert_eq!(forward, Ok(only(&["v2.chat", "v1.chat"])));
+        let mut out = h;
+        rewrite(&mut out, &only(&["v2.chat", "v1.chat"]));
+        assert_eq!(
+            out.get_all(SEC_WEBSOCKET_PROTOCOL)
+                .iter()
+                .collect::<Vec<_>>(),
+            ["v2.chat, v1.chat"]
+        );
+        rewrite(&mut out, &only(&[]));
+        assert!(out.get(SEC_WEBSOCKET_PROTOCOL).is_none());
+    }
+
+    #[test]
+    fn require_refuses_an_offer_without_a_listed_name() {
+        let p = policy(&["chat"], true);
+        let none = TokenSource::Query("t".into());
+        assert_eq!(
+            screen(&p, &none, &headers(&["other"])),
+            Err(BadOffer::NoneAllowed)
+        );
+        assert_eq!(screen(&p, &none, &headers(&[])), Err(BadOffer::NoneAllowed));
+        assert_eq!(
+            screen(&p, &none, &headers(&["other, chat"])),
+            Ok(only(&["chat"]))
+        );
+        assert_eq!(
+            screen(&policy(&["chat"], false), &none, &headers(&["other"])),
+            Ok(only(&[])),
+            "without require: forwarded with no subprotocol"
+        );
+    }
+
+    #[test]
+    fn the_token_entry_is_taken_out_and_never_forwarded() {
+        let jwt = format!("{BEARER}eyJhbGciOiJIUzI1NiJ9.e30.sig");
+        let h = headers(&[&format!("chat, {jwt}")]);
+        assert_eq!(
+            screen(&policy(&[], false), &token_source(), &h),
+            Ok(only(&["chat"]))
+        );
+        assert_eq!(
+            screen(&policy(&[], false), &token_source(), &headers(&[&jwt])),
+            Err(BadOffer::OnlyTheToken)
+        );
+        assert_eq!(
+            screen(
+                &policy(&[], false),
+                &token_source(),
+                &headers(&[&format!("chat, {jwt}, {jwt}x")])
+            ),
+            Err(BadOffer::TwoTokens)
+        );
+        assert_eq!(
+            screen(&policy(&[], false), &token_source(), &headers(&["chat"])),
+            Ok(only(&["chat"])),
+            "no token entry: the key rule decides what a missing token means"
+        );
+    }
+
+    #[test]
+    fn malformed_offers_are_refused() {
+        let p = policy(&["chat"], false);
+        let none = TokenSource::Query("t".into());
+        assert_eq!(
+            screen(&p, &none, &headers(&["chat, a b"])),
+            Err(BadOffer::Malformed)
+        );
+        let mut h = HeaderMap::new();
+        h.append(
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_bytes(b"chat\xff").expect("opaque"),
+        );
+        assert_eq!(screen(&p, &none, &h), Err(BadOffer::Malformed));
+    }
+
+    #[test]
+    fn the_upstream_may_select_only_what_it_was_offered() {
+        let forwarded = headers(&["chat, superchat"]);
+        assert!(selection_is_offered(&headers(&[]), &forwarded));
+        assert!(selection_is_offered(&headers(&["superchat"]), &forwarded));
+        assert!(!selection_is_offered(&headers(&["other"]), &forwarded));
+        assert!(!selection_is_offered(
+            &headers(&["chat, superchat"]),
+            &forwarded
+        ));
+        assert!(!selection_is_offered(
+            &headers(&["chat", "chat"]),
+            &forwarded
+        ));
+        assert!(!selection_is_offered(&headers(&["Chat"]), &forwarded));
+        assert!(!selection_is_offered(&headers(&["chat"]), &headers(&[])));
+    }
+}
