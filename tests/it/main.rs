@@ -29,6 +29,7 @@ mod faults;
 mod fleet;
 mod frames_props;
 mod guards;
+mod handshake_policy;
 mod hardening;
 mod hostile_input;
 mod keepalive;
