@@ -21,21 +21,8 @@
 # basenc), `sub` "bench-user", `exp` 2100-01-01.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-FIX="$ROOT/tests/fixtures/jwt"
-
-b64url() { basenc --base64url -w0 | tr -d '='; }
-mint() { # ALG KID -> a compact JWS over {"sub":"bench-user","exp":4102444800}
-    local h p sig
-    h="$(printf '{"alg":"%s","typ":"JWT","kid":"%s"}' "$1" "$2" | b64url)"
-    p="$(printf '{"sub":"bench-user","exp":4102444800}' | b64url)"
-    case "$1" in
-        RS256) sig="$(printf '%s.%s' "$h" "$p" | openssl dgst -sha256 -sign "$FIX/rsa.pem" -binary | b64url)" ;;
-        # the secret is the file's characters, not the bytes they spell (fixtures README)
-        HS256) sig="$(printf '%s.%s' "$h" "$p" | openssl dgst -sha256 -hmac "$(cat "$FIX/hs256.secret")" -binary | b64url)" ;;
-        *) echo "key-rules.sh: no minting for $1" >&2; return 1 ;;
-    esac
-    printf '%s.%s.%s' "$h" "$p" "$sig"
-}
+# shellcheck source=jwt-mint.sh
+source "$ROOT/benches/jwt-mint.sh"
 
 # 10,000 upgrades a run (≈1.5-2.5 s): proxy CPU is read in 10 ms ticks, 3,000 upgrades is ±4 % of it
 export HS_TOTAL="${HS_TOTAL:-10000}"
