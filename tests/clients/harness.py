@@ -57,18 +57,28 @@ class Upstream:
 
     With `page`, a plain GET of `/` is answered with that HTML instead of a handshake, so a
     browser can load it through wsgate's plain-HTTP path and open its WebSockets from there.
+
+    `requests` holds the headers of every handshake request that reached it (so a test can see
+    that a refused upgrade never did, and what `Sec-WebSocket-Protocol` it was offered). With
+    `subprotocols`, it selects the first of them that was offered (none when none was, instead of
+    websockets' 400); `selected` holds what it selected on each connection it served.
     """
 
-    def __init__(self, page: bytes | None = None, max_size: int | None = 2**20) -> None:
+    def __init__(self, page: bytes | None = None, max_size: int | None = 2**20,
+                 subprotocols: list[str] | None = None) -> None:
         self.received: list[str | bytes] = []
         self.arrivals: list[float] = []  # time.monotonic() of each message in `received`
         self.max_size = max_size  # the largest message it accepts (websockets' default: 1 MiB)
         self.closes: list[tuple[int | None, str | None]] = []
         self.page = page
+        self.subprotocols = subprotocols
+        self.requests: list[Headers] = []
+        self.selected: list[str | None] = []
         self.server = None
         self.port = 0
 
     async def handler(self, ws) -> None:
+        self.selected.append(ws.subprotocol)
         try:
             async for msg in ws:
                 self.arrivals.append(time.monotonic())
@@ -83,14 +93,23 @@ class Upstream:
 
     def process_request(self, _connection, request):
         if self.page is None or request.path != "/":
+            self.requests.append(request.headers)
             return None  # a WebSocket handshake
         headers = Headers({"Content-Type": "text/html; charset=utf-8",
                            "Content-Length": str(len(self.page))})
         return Response(200, "OK", headers, self.page)
 
+    def select_subprotocol(self, _connection, offered):
+        return next((p for p in self.subprotocols or [] if p in offered), None)
+
     async def __aenter__(self) -> "Upstream":
+        extra = {}
+        if self.subprotocols:
+            extra = {"subprotocols": self.subprotocols,
+                     "select_subprotocol": self.select_subprotocol}
         self.server = await serve(self.handler, "127.0.0.1", 0, compression="deflate",
-                                  process_request=self.process_request, max_size=self.max_size)
+                                  process_request=self.process_request, max_size=self.max_size,
+                                  **extra)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
