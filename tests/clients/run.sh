@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Tests wsgate with clients nobody here wrote: Python `websockets` (close frames
 # on drain / lifetime / idle, permessage-deflate end to end), Node's `ws` and
-# headless Chromium (echo, the cap's 503, the drain's 1001).
+# headless Chromium (echo, the cap's 503, the drain's 1001); `websockets` and `ws`
+# also against the message guards and the handshake policy (Origin, subprotocols,
+# a JWT in the subprotocol).
 #
 #   bash tests/clients/run.sh [extra pytest args]
 #
