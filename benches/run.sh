@@ -27,6 +27,9 @@
 #           binary BENCH_WSGATE_BIN_cb=PATH (e.g. copy_bidirectional vs the default splice);
 #           BENCH_WSGATE_QUERY_cb="a=1&b=2" is appended to that variant's URL as ?a=1&b=2
 #           (e.g. a JWT in ?access_token=, see benches/key-rules.sh);
+#           BENCH_WSGATE_HEADERS_cb=$'Origin: https://a.example\nSec-WebSocket-Protocol: chat'
+#           adds request headers to every upgrade of that variant (one per line; the echo
+#           selects the first offered subprotocol; see benches/handshake-policy.sh);
 #           BENCH_WSGATE_WRAP_cb="taskset -c 0" is a command prefix (e.g. pin to one core);
 #           BENCH_WSGATE_UPSTREAM_cb=unix makes the variant's WSGATE_UPSTREAM unix:<echo socket>
 #           (the echo then also listens on a Unix socket, `echo --unix`);
@@ -256,9 +259,12 @@ start_echo() { # [target]: a variant with BENCH_WSGATE_UPSTREAM_x=unix gets an e
 stop_echo() { [[ -n "$ECHO_PID" ]] && { stop_pid "$ECHO_PID"; forget_pid "$ECHO_PID"; ECHO_PID=""; }; }
 
 PROXY_PID=""; PROXY_URL=""; PROXY_NAME=""
+# the load tool reads a variant's extra request headers from here (empty for every other target)
+export WSGATE_BENCH_HEADERS=""
 start_proxy() { # target cap(0=none)
     local t="$1" cap="$2" port dir caplines srvopts echo_port="${ECHO_ADDR##*:}"
     PROXY_NAME="$t"; PROXY_PID=""
+    WSGATE_BENCH_HEADERS="$(variant_var "$t" HEADERS)"
     case "$t" in
         direct)
             PROXY_URL="ws://$ECHO_ADDR/" ;;
@@ -415,9 +421,9 @@ fi
     for t in "${active[@]}"; do
         [[ "$t" == wsgate-* ]] || continue
         d=""
-        for k in ENV WRAP UPSTREAM BIN QUERY SETUP; do
+        for k in ENV WRAP UPSTREAM BIN QUERY HEADERS SETUP; do
             v="$(variant_var "$t" "$k")"
-            [[ -n "$v" ]] && d+="${d:+; }${k,,} \`$v\`"
+            [[ -n "$v" ]] && d+="${d:+; }${k,,} \`${v//$'\n'/ | }\`"
         done
         echo "variant_$t=${d:-same as wsgate}"
     done
