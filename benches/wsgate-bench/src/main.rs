@@ -37,11 +37,7 @@ use tokio_tungstenite::WebSocketStream;
 type Ws = WebSocketStream<TcpStream>;
 
 #[derive(Parser)]
-#[command(
-    name = "wsgate-bench",
-    version,
-    about = "WebSocket proxy benchmark (loopback only)"
-)]
+#[command(name = "wsgate-bench", version, about = "WebSocket proxy benchmark (loopback only)")]
 struct Cli {
     /// Tokio worker threads for this process; 0 = a current-thread runtime (one thread does it
     /// all). `echo --kind tungstenite` always runs on a current-thread runtime.
@@ -309,9 +305,7 @@ fn snap(roots: &[u32]) -> Option<ProcSnap> {
         if let Some((_, t)) = read_stat(pid) {
             s.cpu_s += t as f64 / tck;
             s.rss_kib += vm_rss_kib(pid);
-            s.fds += std::fs::read_dir(format!("/proc/{pid}/fd"))
-                .map(|d| d.count() as u64)
-                .unwrap_or(0);
+            s.fds += std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count() as u64).unwrap_or(0);
             s.procs += 1;
         }
     }
@@ -358,11 +352,7 @@ struct CpuMark {
 
 impl CpuMark {
     fn now(c: &Common) -> Self {
-        CpuMark {
-            proxy: snap(&c.proxy_pid),
-            echo: c.echo_pid.and_then(|p| snap(&[p])),
-            gen: self_cpu_s(),
-        }
+        CpuMark { proxy: snap(&c.proxy_pid), echo: c.echo_pid.and_then(|p| snap(&[p])), gen: self_cpu_s() }
     }
     fn since(&self, c: &Common) -> CpuWindow {
         let end = CpuMark::now(c);
@@ -377,16 +367,10 @@ impl CpuMark {
 fn raise_nofile() -> (u64, u64) {
     // SAFETY: plain getrlimit/setrlimit on a local struct.
     unsafe {
-        let mut r = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
+        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
             if r.rlim_cur < r.rlim_max {
-                let want = libc::rlimit {
-                    rlim_cur: r.rlim_max,
-                    rlim_max: r.rlim_max,
-                };
+                let want = libc::rlimit { rlim_cur: r.rlim_max, rlim_max: r.rlim_max };
                 if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
                     r.rlim_cur = r.rlim_max;
                 }
@@ -431,10 +415,7 @@ static GEN_THREADS: AtomicU64 = AtomicU64::new(0);
 fn emit(mode: &str, c: &Common, ok: bool, mut v: Value) -> bool {
     let obj = v.as_object_mut().expect("object");
     obj.insert("mode".into(), json!(mode));
-    obj.insert(
-        "gen_threads".into(),
-        json!(GEN_THREADS.load(Ordering::Relaxed)),
-    );
+    obj.insert("gen_threads".into(), json!(GEN_THREADS.load(Ordering::Relaxed)));
     obj.insert("target".into(), json!(c.target));
     obj.insert("round".into(), json!(c.round));
     obj.insert("ok".into(), json!(ok));
@@ -462,17 +443,14 @@ enum Open {
 fn extra_headers() -> &'static [(String, String)] {
     static HEADERS: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
     HEADERS.get_or_init(|| {
-        std::env::var("WSGATE_BENCH_HEADERS")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-            .collect()
+        let text = std::env::var("WSGATE_BENCH_HEADERS").unwrap_or_default();
+        text.lines().filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect()
     })
 }
 
 async fn open(addr: &str, url: &str) -> Open {
     use tungstenite::client::IntoClientRequest as _;
+    use tungstenite::http::{HeaderName, HeaderValue};
     let s = match TcpStream::connect(addr).await {
         Ok(s) => s,
         Err(e) => return Open::Failed(format!("connect: {e}")),
@@ -483,15 +461,10 @@ async fn open(addr: &str, url: &str) -> Open {
         Err(e) => return Open::Failed(format!("request: {e}")),
     };
     for (k, v) in extra_headers() {
-        match (
-            tungstenite::http::HeaderName::from_bytes(k.as_bytes()),
-            tungstenite::http::HeaderValue::from_str(v),
-        ) {
-            (Ok(k), Ok(v)) => {
-                req.headers_mut().append(k, v);
-            }
+        match (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            (Ok(k), Ok(v)) => req.headers_mut().append(k, v),
             _ => return Open::Failed(format!("bad WSGATE_BENCH_HEADERS line {k}: {v}")),
-        }
+        };
     }
     match tokio_tungstenite::client_async(req, s).await {
         Ok((ws, _)) => Open::Upgraded(ws),
@@ -533,11 +506,7 @@ async fn echo_main(a: EchoArgs) -> std::io::Result<()> {
         None => None,
     };
     // both lines only once both sockets listen
-    println!(
-        "echo listening addr={} kind={}",
-        l.local_addr()?,
-        a.kind.name()
-    );
+    println!("echo listening addr={} kind={}", l.local_addr()?, a.kind.name());
     if let Some(p) = &a.unix {
         println!("echo listening unix={}", p.display());
     }
@@ -584,28 +553,9 @@ async fn echo_serve<S: AsyncRead + AsyncWrite + Unpin>(kind: EchoKind, s: S) {
 /// fragments, unmasking) and each is sent back with `send` (the library frames it into its write
 /// buffer, header and payload, and flushes). Pings are answered by the library; a Close is
 /// answered by it too, and the loop keeps reading until the closing handshake is done.
-async fn echo_tungstenite<S: AsyncRead + AsyncWrite + Unpin>(
-    s: S,
-) -> Result<(), tungstenite::Error> {
-    let cfg = WebSocketConfig::default()
-        .max_message_size(Some(64 << 20))
-        .max_frame_size(Some(64 << 20));
-    // Selects the first offered subprotocol, as an application would.
-    let select = |req: &tungstenite::handshake::server::Request,
-                  mut resp: tungstenite::handshake::server::Response|
-     -> Result<_, tungstenite::handshake::server::ErrorResponse> {
-        if let Some(first) = req
-            .headers()
-            .get("sec-websocket-protocol")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
-            .and_then(|p| tungstenite::http::HeaderValue::from_str(p.trim()).ok())
-        {
-            resp.headers_mut().insert("sec-websocket-protocol", first);
-        }
-        Ok(resp)
-    };
-    let mut ws = tokio_tungstenite::accept_hdr_async_with_config(s, select, Some(cfg)).await?;
+async fn echo_tungstenite<S: AsyncRead + AsyncWrite + Unpin>(s: S) -> Result<(), tungstenite::Error> {
+    let cfg = WebSocketConfig::default().max_message_size(Some(64 << 20)).max_frame_size(Some(64 << 20));
+    let mut ws = tokio_tungstenite::accept_hdr_async_with_config(s, select_first_subprotocol, Some(cfg)).await?;
     while let Some(m) = ws.next().await {
         match m? {
             m @ (Message::Text(_) | Message::Binary(_)) => ws.send(m).await?,
@@ -615,6 +565,20 @@ async fn echo_tungstenite<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     Ok(())
+}
+
+/// The handshake callback of the tungstenite echo: selects the first offered subprotocol, as an
+/// application would.
+#[allow(clippy::result_large_err, reason = "the callback type is tungstenite's")]
+fn select_first_subprotocol(
+    req: &tungstenite::handshake::server::Request,
+    mut resp: tungstenite::handshake::server::Response,
+) -> Result<tungstenite::handshake::server::Response, tungstenite::handshake::server::ErrorResponse> {
+    let first = req.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()).and_then(|v| v.split(',').next());
+    if let Some(p) = first.and_then(|p| tungstenite::http::HeaderValue::from_str(p.trim()).ok()) {
+        resp.headers_mut().insert("sec-websocket-protocol", p);
+    }
+    Ok(resp)
 }
 
 fn find_head_end(b: &[u8]) -> Option<usize> {
@@ -653,21 +617,16 @@ async fn echo_conn<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> std::io::Resu
     let head = String::from_utf8_lossy(&inb[..end]).to_string();
     let key = head.lines().skip(1).find_map(|l| {
         let (k, v) = l.split_once(':')?;
-        k.trim()
-            .eq_ignore_ascii_case("sec-websocket-key")
-            .then(|| v.trim().to_string())
+        k.trim().eq_ignore_ascii_case("sec-websocket-key").then(|| v.trim().to_string())
     });
     let Some(key) = key else {
-        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-            .await?;
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await?;
         return Ok(());
     };
     // The first offered subprotocol is selected, as an application would.
     let protocol = head.lines().skip(1).find_map(|l| {
         let (k, v) = l.split_once(':')?;
-        k.trim()
-            .eq_ignore_ascii_case("sec-websocket-protocol")
-            .then(|| v.split(',').next().unwrap_or("").trim().to_string())
+        k.trim().eq_ignore_ascii_case("sec-websocket-protocol").then(|| v.split(',').next().unwrap_or("").trim().to_string())
     });
     let resp = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{}\r\n",
@@ -725,10 +684,7 @@ async fn echo_conn<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> std::io::Resu
             let opcode = b0 & 0x0f;
             let (hdr, payload) = avail.split_at_mut(hl);
             if masked {
-                unmask(
-                    &mut payload[..len],
-                    [hdr[mk], hdr[mk + 1], hdr[mk + 2], hdr[mk + 3]],
-                );
+                unmask(&mut payload[..len], [hdr[mk], hdr[mk + 1], hdr[mk + 2], hdr[mk + 3]]);
             }
             let ob0 = if opcode == 0x9 { (b0 & 0xf0) | 0xA } else { b0 };
             out.push(ob0);
@@ -774,6 +730,7 @@ async fn echo_conn<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> std::io::Resu
         }
     }
 }
+
 
 // ---------------------------------------------------------------------------------------------
 // raw client data path: the upgrade is done by tokio-tungstenite, then frames are written from a
@@ -833,14 +790,7 @@ impl FrameCounter {
                 }
                 let l = h[1] & 0x7f;
                 let m = if h[1] & 0x80 != 0 { 4 } else { 0 };
-                2 + m
-                    + if l == 126 {
-                        2
-                    } else if l == 127 {
-                        8
-                    } else {
-                        0
-                    }
+                2 + m + if l == 126 { 2 } else if l == 127 { 8 } else { 0 }
             };
             while self.hdr.len() < need(&self.hdr) && !b.is_empty() {
                 self.hdr.push(b[0]);
@@ -874,12 +824,7 @@ impl FrameCounter {
 }
 
 /// Send one pre-built frame and wait for one echoed data frame.
-async fn raw_round_trip(
-    s: &mut TcpStream,
-    frame: &[u8],
-    fc: &mut FrameCounter,
-    buf: &mut [u8],
-) -> Result<(), String> {
+async fn raw_round_trip(s: &mut TcpStream, frame: &[u8], fc: &mut FrameCounter, buf: &mut [u8]) -> Result<(), String> {
     s.write_all(frame).await.map_err(|e| e.to_string())?;
     loop {
         let n = s.read(buf).await.map_err(|e| e.to_string())?;
@@ -908,8 +853,7 @@ async fn latency(a: LatencyArgs) -> bool {
     let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..a.conns {
-        let (addr, url, barrier, errors) =
-            (addr.clone(), c.url.clone(), barrier.clone(), errors.clone());
+        let (addr, url, barrier, errors) = (addr.clone(), c.url.clone(), barrier.clone(), errors.clone());
         let (max_msgs, size, kind) = (a.max_msgs, a.size, a.client);
         tasks.push(tokio::spawn(async move {
             let mut h = new_hist();
@@ -932,12 +876,7 @@ async fn latency(a: LatencyArgs) -> bool {
                 let mut buf = vec![0u8; 4096.max(size + 16)];
                 while n < max_msgs && Instant::now() < deadline {
                     let t0 = Instant::now();
-                    match tokio::time::timeout(
-                        Duration::from_secs(5),
-                        raw_round_trip(&mut s, &frame, &mut fc, &mut buf),
-                    )
-                    .await
-                    {
+                    match tokio::time::timeout(Duration::from_secs(5), raw_round_trip(&mut s, &frame, &mut fc, &mut buf)).await {
                         Ok(Ok(())) => {}
                         _ => {
                             errors.fetch_add(1, Ordering::Relaxed);
@@ -1022,8 +961,7 @@ async fn throughput(a: ThroughputArgs) -> bool {
     let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..a.conns {
-        let (addr, url, barrier, errors) =
-            (addr.clone(), c.url.clone(), barrier.clone(), errors.clone());
+        let (addr, url, barrier, errors) = (addr.clone(), c.url.clone(), barrier.clone(), errors.clone());
         let (max_msgs, size, inflight, kind) = (a.max_msgs, a.size, a.inflight, a.client);
         tasks.push(tokio::spawn(async move {
             let ws = open_timeout(&addr, &url, Duration::from_secs(10)).await;
@@ -1148,9 +1086,7 @@ async fn raw_throughput(
                 }
                 n += 1;
             }
-            let drained =
-                tokio::time::timeout(Duration::from_secs(5), sem.acquire_many(inflight as u32))
-                    .await;
+            let drained = tokio::time::timeout(Duration::from_secs(5), sem.acquire_many(inflight as u32)).await;
             if !matches!(drained, Ok(Ok(_))) {
                 errors.fetch_add(1, Ordering::Relaxed);
             }
@@ -1197,13 +1133,8 @@ async fn handshake(a: HandshakeArgs) -> bool {
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..a.conns {
-        let (addr, url, next, failures, kinds) = (
-            addr.clone(),
-            c.url.clone(),
-            next.clone(),
-            failures.clone(),
-            fail_kinds.clone(),
-        );
+        let (addr, url, next, failures, kinds) =
+            (addr.clone(), c.url.clone(), next.clone(), failures.clone(), fail_kinds.clone());
         let total = a.total;
         tasks.push(tokio::spawn(async move {
             let mut h = new_hist();
@@ -1278,13 +1209,8 @@ async fn idle(a: IdleArgs) -> bool {
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..a.concurrency.max(1) {
-        let (addr, url, next, failures, first_err) = (
-            addr.clone(),
-            c.url.clone(),
-            next.clone(),
-            failures.clone(),
-            first_err.clone(),
-        );
+        let (addr, url, next, failures, first_err) =
+            (addr.clone(), c.url.clone(), next.clone(), failures.clone(), first_err.clone());
         let (count, warm) = (a.count as u64, a.warm);
         tasks.push(tokio::spawn(async move {
             let mut held = Vec::new();
@@ -1294,11 +1220,7 @@ async fn idle(a: IdleArgs) -> bool {
                         let mut good = true;
                         for _ in 0..warm {
                             let r = tokio::time::timeout(to, async {
-                                ws.send(Message::Binary(tungstenite::Bytes::from_static(
-                                    b"hello, upstream",
-                                )))
-                                .await
-                                .ok()?;
+                                ws.send(Message::Binary(tungstenite::Bytes::from_static(b"hello, upstream"))).await.ok()?;
                                 next_data(&mut ws).await.ok()
                             })
                             .await;
@@ -1311,10 +1233,7 @@ async fn idle(a: IdleArgs) -> bool {
                             held.push(ws);
                         } else {
                             failures.fetch_add(1, Ordering::Relaxed);
-                            first_err
-                                .lock()
-                                .expect("lock")
-                                .get_or_insert("warm-up echo failed".into());
+                            first_err.lock().expect("lock").get_or_insert("warm-up echo failed".into());
                         }
                     }
                     other => {
@@ -1348,9 +1267,7 @@ async fn idle(a: IdleArgs) -> bool {
         checked += 1;
         let ws = &mut held[i];
         let r = tokio::time::timeout(Duration::from_secs(3), async {
-            ws.send(Message::Binary(tungstenite::Bytes::from_static(b"ping")))
-                .await
-                .ok()?;
+            ws.send(Message::Binary(tungstenite::Bytes::from_static(b"ping"))).await.ok()?;
             next_data(ws).await.ok()
         })
         .await;
@@ -1361,9 +1278,7 @@ async fn idle(a: IdleArgs) -> bool {
     let n = held.len();
     let fails = failures.load(Ordering::Relaxed);
     let per_conn = match (base, after) {
-        (Some(b), Some(x)) if n > 0 => {
-            Some((x.rss_kib as f64 - b.rss_kib as f64) * 1024.0 / n as f64)
-        }
+        (Some(b), Some(x)) if n > 0 => Some((x.rss_kib as f64 - b.rss_kib as f64) * 1024.0 / n as f64),
         _ => None,
     };
     let fds_per_conn = match (base, after) {
@@ -1438,8 +1353,7 @@ async fn cap(a: CapArgs) -> bool {
     let p0 = snap(&c.proxy_pid);
     barrier.wait().await;
     let t0 = Instant::now();
-    let (mut admitted, mut rejected, mut other, mut hung, mut errs) =
-        (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut admitted, mut rejected, mut other, mut hung, mut errs) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let (mut h101, mut h503) = (new_hist(), new_hist());
     let mut kinds: HashMap<String, u64> = HashMap::new();
     let mut got = 0usize;
@@ -1499,17 +1413,11 @@ fn main() {
     let cli = Cli::parse();
     let _ = raise_nofile();
     GEN_THREADS.store(cli.threads as u64, Ordering::Relaxed);
-    let current =
-        cli.threads == 0 || matches!(&cli.cmd, Cmd::Echo(a) if a.kind == EchoKind::Tungstenite);
+    let current = cli.threads == 0 || matches!(&cli.cmd, Cmd::Echo(a) if a.kind == EchoKind::Tungstenite);
     let rt = if current {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
     } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(cli.threads)
-            .enable_all()
-            .build()
+        tokio::runtime::Builder::new_multi_thread().worker_threads(cli.threads).enable_all().build()
     }
     .expect("tokio runtime");
     let ok = rt.block_on(async move {
@@ -1532,3 +1440,4 @@ fn main() {
     rt.shutdown_timeout(Duration::from_millis(200));
     std::process::exit(if ok { 0 } else { 1 });
 }
+
