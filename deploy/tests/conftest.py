@@ -295,6 +295,52 @@ MESSAGE_GUARDS_ENV: dict[str, tuple[str, Any]] = {
     "maxFragments": ("WSGATE_MAX_FRAGMENTS", 1024),
 }
 
+# The handshake policy and the signals to clients (docs/configuration.md: allowed_origins,
+# require_origin, subprotocols, require_subprotocol, refusal_mode, max_close_refusals, ping_interval,
+# pong_timeout, send_timeout), every value away from its default. Not in VALUE_SETS either: a binary
+# without these keys refuses WSGATE_ALLOWED_ORIGINS and the rest as unknown keys, so
+# test_helm_handshake.py renders, lints and validates it and test_binary_accepts_chart_env.py feeds
+# its env to the binary on its own.
+HANDSHAKE_VALUES: dict[str, Any] = {
+    "handshake": {"allowedOrigins": ["https://chat.example.com", "https://*.example.com", "null"],
+                  "requireOrigin": True, "subprotocols": ["chat.v2", "chat.v1"], "requireSubprotocol": True},
+    "refusalMode": "close",
+    "maxCloseRefusals": 256,
+    "clientPings": {"interval": "30s", "pongTimeout": "5s"},
+    "sendTimeout": "1m",
+}
+# Where each of those values lives in the chart's values (a dotted path) -> (the WSGATE_* variable it
+# becomes, its default, rendered as nothing), and what HANDSHAKE_VALUES renders for it.
+HANDSHAKE_ENV: dict[str, tuple[str, Any]] = {
+    "handshake.allowedOrigins": ("WSGATE_ALLOWED_ORIGINS", []),
+    "handshake.requireOrigin": ("WSGATE_REQUIRE_ORIGIN", False),
+    "handshake.subprotocols": ("WSGATE_SUBPROTOCOLS", []),
+    "handshake.requireSubprotocol": ("WSGATE_REQUIRE_SUBPROTOCOL", False),
+    "refusalMode": ("WSGATE_REFUSAL_MODE", "status"),
+    "maxCloseRefusals": ("WSGATE_MAX_CLOSE_REFUSALS", 1024),
+    "clientPings.interval": ("WSGATE_PING_INTERVAL", "0s"),
+    "clientPings.pongTimeout": ("WSGATE_PONG_TIMEOUT", "10s"),
+    "sendTimeout": ("WSGATE_SEND_TIMEOUT", "0s"),
+}
+HANDSHAKE_RENDERED = {
+    "WSGATE_ALLOWED_ORIGINS": "https://chat.example.com,https://*.example.com,null",
+    "WSGATE_REQUIRE_ORIGIN": "true",
+    "WSGATE_SUBPROTOCOLS": "chat.v2,chat.v1",
+    "WSGATE_REQUIRE_SUBPROTOCOL": "true",
+    "WSGATE_REFUSAL_MODE": "close",
+    "WSGATE_MAX_CLOSE_REFUSALS": "256",
+    "WSGATE_PING_INTERVAL": "30s",
+    "WSGATE_PONG_TIMEOUT": "5s",
+    "WSGATE_SEND_TIMEOUT": "1m",
+}
+
+
+def at_path(path: str, value: Any) -> dict[str, Any]:
+    """{"a": {"b": value}} for the dotted path "a.b"."""
+    head, _, rest = path.partition(".")
+    return {head: at_path(rest, value) if rest else value}
+
+
 # keyLimits field (camelCase value) -> [[key_limits]] key in wsgate's TOML.
 KEY_LIMIT_FIELDS = {"name": "name", "key": "key", "maxPerKey": "max_per_key", "overrides": "overrides",
                     "pathPrefix": "path_prefix", "missing": "missing", "status": "status",

@@ -1,5 +1,5 @@
 """Every chart variant the feature tests render (limits per key, fleet limits, message guards,
-session telemetry, an upstream on a Unix socket):
+session telemetry, an upstream on a Unix socket, the handshake policy and signals to clients):
 `helm lint` reports nothing, and every object rendered passes the Kubernetes schemas.
 
 The variants stay beside the feature they exercise (each module's `VARIANTS`); this one module
@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 import test_helm_fleet
+import test_helm_handshake
 import test_helm_key_limits
 import test_helm_message_guards
 import test_helm_session_telemetry
@@ -21,7 +22,7 @@ from test_kubernetes_schemas import validate_all
 VARIANTS = {
     f"{module.__name__.removeprefix('test_helm_')}/{name}": values
     for module in (test_helm_key_limits, test_helm_fleet, test_helm_message_guards, test_helm_session_telemetry,
-                   test_helm_upstream_socket)
+                   test_helm_upstream_socket, test_helm_handshake)
     for name, values in module.VARIANTS.items()
 }
 

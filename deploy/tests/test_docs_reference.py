@@ -28,6 +28,7 @@ import pytest
 
 from conftest import (
     FLEET_VALUES,
+    HANDSHAKE_VALUES,
     KEY_LIMITS_VALUES,
     MESSAGE_GUARDS_VALUES,
     ROOT,
@@ -371,6 +372,10 @@ def chart_values_with_everything() -> dict[str, Any]:
     values = deep_merge(deep_merge(KEY_LIMITS_VALUES, FLEET_VALUES), MESSAGE_GUARDS_VALUES)
     values["keyLimits"] = KEY_LIMITS_VALUES["keyLimits"] + [
         r for r in FLEET_VALUES["keyLimits"] if r["name"] not in {k["name"] for k in KEY_LIMITS_VALUES["keyLimits"]}]
+    values = deep_merge(values, HANDSHAKE_VALUES)
+    # jwt_subprotocol_prefix reaches config.toml only when it differs from the default, and only with
+    # jwt_from = "subprotocol" (where it does something).
+    values["jwt"] = {**values["jwt"], "from": "subprotocol", "subprotocolPrefix": "chat.token."}
     return deep_merge(values, {"readyLowWatermark": 0.7, "workers": 2, "maxClients": 500})
 
 

@@ -85,6 +85,8 @@ two values. Fails the render with a message naming the values.
 {{- include "wsgate.validateKeyLimits" . -}}
 {{- include "wsgate.validateFleet" . -}}
 {{- include "wsgate.validateMessageGuards" . -}}
+{{- include "wsgate.validateHandshake" . -}}
+{{- include "wsgate.validateClientSignals" . -}}
 {{- include "wsgate.validateUpstreamSocket" . -}}
 {{- include "wsgate.validatePodDeletion" . -}}
 {{- include "wsgate.validatePorts" . -}}
@@ -140,6 +142,21 @@ JSON Schema cannot compare list items with each other or look at another value.
 {{- if and (not $jwks) (or .Values.jwt.issuer .Values.jwt.audience .Values.jwt.from) -}}
 {{- fail "jwt.issuer, jwt.audience and jwt.from take effect only with jwt.jwksSecret.name (the Secret with the JWKS): set it, or unset them" -}}
 {{- end -}}
+{{- $prefix := include "wsgate.jwtSubprotocolPrefix" . -}}
+{{- if and $prefix (or (not $jwks) (ne (toString .Values.jwt.from) "subprotocol")) -}}
+{{- fail (printf "jwt.subprotocolPrefix (%q) is used only with jwt.from: subprotocol and jwt.jwksSecret.name (the Secret with the JWKS): set them, or leave it at its default" $prefix) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+wsgate.jwtSubprotocolPrefix: jwt.subprotocolPrefix when it differs from wsgate's default
+(base64url.bearer.authorization.k8s.io., Kubernetes' convention), else "": only then is it
+rendered into config.toml.
+*/}}
+{{- define "wsgate.jwtSubprotocolPrefix" -}}
+{{- $jwt := .Values.jwt | default dict -}}
+{{- $prefix := toString ($jwt.subprotocolPrefix | default "base64url.bearer.authorization.k8s.io.") -}}
+{{- if ne $prefix "base64url.bearer.authorization.k8s.io." -}}{{- $prefix -}}{{- end -}}
 {{- end -}}
 
 {{/*
@@ -265,6 +282,9 @@ jwt_require_exp = false
 {{- end }}
 {{- with .from }}
 jwt_from = {{ include "wsgate.tomlString" . }}
+{{- end }}
+{{- with include "wsgate.jwtSubprotocolPrefix" $ }}
+jwt_subprotocol_prefix = {{ include "wsgate.tomlString" . }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -432,9 +452,136 @@ for a parent chart that skips schema validation or pins an older copy of the sch
 {{- end -}}
 
 {{/*
+wsgate.originPattern / wsgate.subprotocolPattern: what values.schema.json's origin and
+subprotocolName accept, for wsgate.validateHandshake. An origin is scheme://host[:port] (port 1 to
+65535) with an optional leading *. or null; a subprotocol name is an HTTP token, so neither can hold the comma
+that separates the entries of WSGATE_ALLOWED_ORIGINS and WSGATE_SUBPROTOCOLS.
+*/}}
+{{- define "wsgate.originPattern" -}}
+^null$|^[A-Za-z][A-Za-z0-9+.-]*://((\*\.)?[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\])(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?$
+{{- end -}}
+{{- define "wsgate.subprotocolPattern" -}}
+^[!#$%&'*+.^_`|~0-9A-Za-z-]+$
+{{- end -}}
+
+{{/*
+wsgate.handshakeEnv: the WSGATE_* variables of the handshake policy (allowed_origins,
+require_origin, subprotocols, require_subprotocol), each only when it differs from wsgate's default
+(empty lists = any, false), so that a release without them renders exactly what it did before.
+The lists become one comma-separated value, the form wsgate reads from its environment. "" when
+every value is at its default.
+*/}}
+{{- define "wsgate.handshakeEnv" -}}
+{{- $h := .Values.handshake | default dict -}}
+{{- with $h.allowedOrigins }}
+- name: WSGATE_ALLOWED_ORIGINS
+  value: {{ join "," . | quote }}
+{{- end }}
+{{- if $h.requireOrigin }}
+- name: WSGATE_REQUIRE_ORIGIN
+  value: "true"
+{{- end }}
+{{- with $h.subprotocols }}
+- name: WSGATE_SUBPROTOCOLS
+  value: {{ join "," . | quote }}
+{{- end }}
+{{- if $h.requireSubprotocol }}
+- name: WSGATE_REQUIRE_SUBPROTOCOL
+  value: "true"
+{{- end }}
+{{- end -}}
+
+{{/*
+wsgate.validateHandshake: the handshake lists (which the schema checks first; here too for a parent
+chart that skips schema validation, since an entry with a comma would be split in two in the
+variable), and what the schema cannot say: requireSubprotocol with an empty subprotocols would
+refuse every upgrade, and wsgate refuses it (exit 2). requireOrigin with an empty allowedOrigins is
+fine: it only requires the header.
+*/}}
+{{- define "wsgate.validateHandshake" -}}
+{{- $h := .Values.handshake | default dict -}}
+{{- range $value := list "allowedOrigins" "subprotocols" -}}
+{{- $list := index $h $value -}}
+{{- if and (not (kindIs "invalid" $list)) (not (kindIs "slice" $list)) -}}
+{{- fail (printf "handshake.%s must be a list of strings, not %q" $value (toString $list)) -}}
+{{- end -}}
+{{- end -}}
+{{- $origin := include "wsgate.originPattern" . -}}
+{{- range $i, $o := $h.allowedOrigins | default list -}}
+{{- if not (and (kindIs "string" $o) (regexMatch $origin $o)) -}}
+{{- fail (printf "handshake.allowedOrigins[%d] %q: must be an origin as browsers send it, scheme://host[:port] without a path or trailing slash (https://app.example.com, https://*.example.com for any subdomain), or null" $i (toString $o)) -}}
+{{- end -}}
+{{- end -}}
+{{- $token := include "wsgate.subprotocolPattern" . -}}
+{{- range $i, $p := $h.subprotocols | default list -}}
+{{- if not (and (kindIs "string" $p) (regexMatch $token $p)) -}}
+{{- fail (printf "handshake.subprotocols[%d] %q: must be a subprotocol name, an HTTP token (letters, digits and !#$%%&'*+-.^_`|~; no comma, no space)" $i (toString $p)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $h.requireSubprotocol (not $h.subprotocols) -}}
+{{- fail "handshake.requireSubprotocol is true but handshake.subprotocols is empty: no upgrade could offer one of them, and wsgate refuses that configuration (exit 2). List the subprotocols clients must offer in handshake.subprotocols, or set handshake.requireSubprotocol to false" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+wsgate.clientSignalsEnv: the WSGATE_* variables of the signals to clients (refusal_mode,
+max_close_refusals, ping_interval, pong_timeout, send_timeout), each only when it differs from
+wsgate's default (status, 1024, 0s = off, 10s, 0s = off), so that a release without them renders
+exactly what it did before. Durations are compared in seconds ("10s", "10" and "10000ms" are the
+default) and rendered as given. maxCloseRefusals is read with hasKey: its 0 is not its default.
+*/}}
+{{- define "wsgate.clientSignalsEnv" -}}
+{{- $v := .Values -}}
+{{- $mode := toString ($v.refusalMode | default "status") }}
+{{- if ne $mode "status" }}
+- name: WSGATE_REFUSAL_MODE
+  value: {{ $mode | quote }}
+{{- end }}
+{{- $maxClose := ternary $v.maxCloseRefusals 1024 (hasKey $v "maxCloseRefusals") | int64 }}
+{{- if ne $maxClose 1024 }}
+- name: WSGATE_MAX_CLOSE_REFUSALS
+  value: {{ $maxClose | quote }}
+{{- end }}
+{{- $pings := $v.clientPings | default dict }}
+{{- $interval := $pings.interval | default "0s" }}
+{{- if gt (include "wsgate.durationSeconds" $interval | float64) 0.0 }}
+- name: WSGATE_PING_INTERVAL
+  value: {{ $interval | toString | quote }}
+{{- end }}
+{{- $pong := ternary $pings.pongTimeout "10s" (hasKey $pings "pongTimeout") }}
+{{- if ne (include "wsgate.durationSeconds" $pong | float64) 10.0 }}
+- name: WSGATE_PONG_TIMEOUT
+  value: {{ $pong | toString | quote }}
+{{- end }}
+{{- $send := $v.sendTimeout | default "0s" }}
+{{- if gt (include "wsgate.durationSeconds" $send | float64) 0.0 }}
+- name: WSGATE_SEND_TIMEOUT
+  value: {{ $send | toString | quote }}
+{{- end }}
+{{- end -}}
+
+{{/*
+wsgate.validateClientSignals: refusalMode and a pongTimeout above 0 (wsgate refuses 0: every Ping
+would end its session at once), which the schema refuses first; checked here as well for a parent
+chart that skips schema validation or pins an older copy of the schema.
+*/}}
+{{- define "wsgate.validateClientSignals" -}}
+{{- $mode := toString (.Values.refusalMode | default "status") -}}
+{{- if not (has $mode (list "status" "close")) -}}
+{{- fail (printf "refusalMode %q: must be status (refusals are HTTP answers) or close (capacity, rate, key, fleet and draining refusals of a WebSocket upgrade become wsgate's own 101 and Close 1013, which a browser's page can see)" $mode) -}}
+{{- end -}}
+{{- $pings := .Values.clientPings | default dict -}}
+{{- if hasKey $pings "pongTimeout" -}}
+{{- if le (include "wsgate.durationSeconds" $pings.pongTimeout | float64) 0.0 -}}
+{{- fail (printf "clientPings.pongTimeout (%v) must be longer than 0: it is how long a client has to answer wsgate's Ping, and wsgate refuses 0 (exit 2)" $pings.pongTimeout) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
 wsgate.env: one WSGATE_* variable per configuration value (docs/configuration.md), plus the
 WSGATE_FLEET_* ones (docs/operations.md#fleet-wide-limits) when a Redis is configured and those of the message guards
-(docs/operations.md#message-guards) that are set.
+(docs/operations.md#message-guards), the handshake policy and the signals to clients that are set.
 */}}
 {{- define "wsgate.env" -}}
 {{- $v := .Values -}}
@@ -531,6 +678,14 @@ WSGATE_FLEET_* ones (docs/operations.md#fleet-wide-limits) when a Redis is confi
 {{- end }}
 {{- with include "wsgate.messageGuardsEnv" . }}
 # Message guards (docs/operations.md#message-guards): only the values that are not off / not the default.
+{{- . }}
+{{- end }}
+{{- with include "wsgate.handshakeEnv" . }}
+# Handshake policy (docs/security.md#handshake-policy): only the values that are not the default (any origin, any subprotocol).
+{{- . }}
+{{- end }}
+{{- with include "wsgate.clientSignalsEnv" . }}
+# Signals to clients (docs/configuration.md#keys): refusal mode, pings, send timeout; only the values that are not the default.
 {{- . }}
 {{- end }}
 {{- with include "wsgate.configFile" . }}
