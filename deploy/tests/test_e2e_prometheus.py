@@ -709,7 +709,7 @@ def test_prometheus_loaded_the_rules_and_evaluates_them_without_error(stack):
                                       not r["lastEvaluation"].startswith("0001") for r in rules) else None
 
     rules = wait_until(evaluated, 30, "every rule evaluated once")
-    assert {r["name"] for r in rules} == {"WsgateSaturationHigh", "WsgateRejectingConnections",
+    assert {r["name"] for r in rules} == {"WsgateSaturationHigh", "WsgateRejectingConnections", "WsgateOriginRefusals",
                                           "WsgateUpstreamErrors", "WsgatePodNotReady", "WsgateKeyPinnedAtLimit",
                                           "WsgateFleetRedisDown", "WsgateAbnormalCloses", "WsgateConfigReloadFailed",
                                           "WsgateDescriptorsNearLimit", "WsgateTargetMissing"}

@@ -233,6 +233,7 @@ def test_prometheusrule_thresholds_are_values(render):
         "enabled": True, "additionalAlertLabels": {"team": "chat"},
         "saturation": {"threshold": 0.9, "for": "10m", "severity": "critical"},
         "rejecting": {"threshold": 0.2, "minRefusals": 30, "for": "3m", "severity": "warning"},
+        "originRefusals": {"threshold": 2.5, "for": "30m", "severity": "critical"},
         "upstreamErrors": {"threshold": 50, "for": "4m", "severity": "critical"},
         "notReady": {"for": "15m", "severity": "info"},
         "keyPinned": {"threshold": 0.9, "for": "20m"},
@@ -250,6 +251,9 @@ def test_prometheusrule_thresholds_are_values(render):
     assert ratio.strip().endswith("> 0.2") and guard.strip().endswith(">= 30"), rules["WsgateRejectingConnections"]
     assert rules["WsgateRejectingConnections"]["for"] == "3m"
     assert "more than 20% and at least 30 refusals, for 3m" in rules["WsgateRejectingConnections"]["annotations"]["description"]
+    origin = rules["WsgateOriginRefusals"]
+    assert origin["expr"].strip().endswith('{reason="origin"}[5m])) > 2.5') and origin["for"] == "30m"
+    assert "For 30m more than 2.5 upgrades per second" in origin["annotations"]["description"]
     assert rules["WsgateUpstreamErrors"]["expr"].strip().endswith("> 50")
     assert rules["WsgatePodNotReady"]["for"] == "15m"
     assert rules["WsgateKeyPinnedAtLimit"]["expr"].strip().endswith(">= 0.9")
@@ -276,7 +280,8 @@ def test_prometheusrule_thresholds_are_values(render):
     assert missing["for"] == "10m"
     severities = {name: r["labels"]["severity"] for name, r in rules.items()}
     assert severities == {
-        "WsgateSaturationHigh": "critical", "WsgateRejectingConnections": "warning", "WsgateUpstreamErrors": "critical",
+        "WsgateSaturationHigh": "critical", "WsgateRejectingConnections": "warning", "WsgateOriginRefusals": "critical",
+        "WsgateUpstreamErrors": "critical",
         "WsgatePodNotReady": "info", "WsgateKeyPinnedAtLimit": "warning", "WsgateFleetRedisDown": "warning",
         "WsgateAbnormalCloses": "warning", "WsgateConfigReloadFailed": "warning",
         "WsgateDescriptorsNearLimit": "warning", "WsgateTargetMissing": "warning"}

@@ -221,11 +221,12 @@ def test_target_missing_watches_the_job_of_the_charts_monitor(render, values, se
 def test_target_missing_is_left_out_when_the_chart_cannot_know_the_targets(render):
     pr = render({"prometheusRule": {"enabled": True}}).one("PrometheusRule")
     alerts = [r["alert"] for r in pr["spec"]["groups"][0]["rules"]]
-    assert "WsgateTargetMissing" not in alerts and len(alerts) == 9
+    assert "WsgateTargetMissing" not in alerts and len(alerts) == 10
 
 
 def test_every_alert_can_be_switched_off_alone(render):
     names = {"saturation": "WsgateSaturationHigh", "rejecting": "WsgateRejectingConnections",
+             "originRefusals": "WsgateOriginRefusals",
              "upstreamErrors": "WsgateUpstreamErrors", "notReady": "WsgatePodNotReady",
              "keyPinned": "WsgateKeyPinnedAtLimit", "fleetRedisDown": "WsgateFleetRedisDown",
              "abnormalCloses": "WsgateAbnormalCloses", "configReloadFailed": "WsgateConfigReloadFailed",
@@ -238,8 +239,8 @@ def test_every_alert_can_be_switched_off_alone(render):
 
 
 def test_every_alert_off_is_refused(helm, chart, render):
-    off = {k: {"enabled": False} for k in ("saturation", "rejecting", "upstreamErrors", "notReady", "keyPinned",
-                                           "fleetRedisDown", "abnormalCloses", "configReloadFailed",
+    off = {k: {"enabled": False} for k in ("saturation", "rejecting", "originRefusals", "upstreamErrors", "notReady",
+                                           "keyPinned", "fleetRedisDown", "abnormalCloses", "configReloadFailed",
                                            "descriptorsNearLimit", "targetMissing")}
     assert_render_refuses(helm, chart, render, {"prometheusRule": {"enabled": True, **off}},
                           "without rules: set prometheusRule.enabled=false")

@@ -268,6 +268,12 @@ SCHEMA_REFUSES: dict[str, tuple[dict[str, Any], str]] = {
     "jwt.from subprotocol with a name": ({"jwt": {"from": "subprotocol:chat"}}, "/jwt/from"),
     "jwt.subprotocolPrefix empty": ({"jwt": {"subprotocolPrefix": ""}}, "/jwt/subprotocolPrefix"),
     "jwt.subprotocolPrefix with a space": ({"jwt": {"subprotocolPrefix": "bearer token."}}, "/jwt/subprotocolPrefix"),
+    "originRefusals threshold negative": ({"prometheusRule": {"originRefusals": {"threshold": -0.1}}},
+                                          "/prometheusRule/originRefusals/threshold"),
+    "originRefusals for not a duration": ({"prometheusRule": {"originRefusals": {"for": "ten minutes"}}},
+                                          "/prometheusRule/originRefusals/for"),
+    "originRefusals unknown value": ({"prometheusRule": {"originRefusals": {"minRefusals": 3}}},
+                                     "/prometheusRule/originRefusals"),
 }
 
 
@@ -311,6 +317,8 @@ def test_schema_accepts_every_documented_form(chart):
         {"clientPings": {"pongTimeout": "1ms"}}, {"clientPings": {"pongTimeout": "0s 500ms"}},
         {"sendTimeout": "0s"}, {"sendTimeout": "2m"}, {"sendTimeout": 30},
         {"jwt": {"from": "subprotocol", "subprotocolPrefix": "chat.token."}},
+        {"prometheusRule": {"originRefusals": {"enabled": False, "severity": "critical", "threshold": 0,
+                                               "for": "1h"}}},
         HANDSHAKE_VALUES,
     ]
     for values in accepted:
@@ -424,13 +432,13 @@ def test_readme_documents_every_value(chart):
         shown = "[]" if default == [] else str(default).lower() if isinstance(default, bool) else str(default)
         assert f"`{env}`" in row and f"`{shown}`" in row, row
     for needle in ("Cross-Site WebSocket Hijacking", "403", "400", "1013", "retry after N s", "bad_subprotocol",
-                   "wsgate_pings_sent_total", "ping_timeout", "send_timeout",
+                   "wsgate_pings_sent_total", "ping_timeout", "send_timeout", "WsgateOriginRefusals",
                    "comma-separated", "exit 2", "jwt_subprotocol_prefix"):
         assert needle in body, needle
     values_table = readme.split("## Values", 1)[1]
     for value in ("handshake", "refusalMode", "maxCloseRefusals", "clientPings", "sendTimeout"):
         assert f"| `{value}` |" in values_table, value
-    assert "`jwt.subprotocolPrefix`" in values_table
+    assert "`jwt.subprotocolPrefix`" in values_table and "originRefusals.{threshold: 0.1, for: 10m}" in values_table
 
 
 def _manifest_block(file: str) -> list[dict[str, str]]:

@@ -11,7 +11,8 @@ from conftest import PROMTOOL_BIN, RULES_FILE, RULES_TEST_FILE
 # Each alert with its severity: critical pages (clients are being refused, or nothing watches
 # wsgate any more), warning does not.
 SEVERITIES = {
-    "WsgateSaturationHigh": "warning", "WsgateRejectingConnections": "critical", "WsgateUpstreamErrors": "warning",
+    "WsgateSaturationHigh": "warning", "WsgateRejectingConnections": "critical", "WsgateOriginRefusals": "warning",
+    "WsgateUpstreamErrors": "warning",
     "WsgatePodNotReady": "warning", "WsgateKeyPinnedAtLimit": "warning", "WsgateFleetRedisDown": "warning",
     "WsgateAbnormalCloses": "warning", "WsgateConfigReloadFailed": "warning", "WsgateDescriptorsNearLimit": "warning",
     "WsgateTargetMissing": "critical",
@@ -95,6 +96,17 @@ def test_rule_file_has_the_alerts_with_severity_and_text():
     assert "process_open_fds / process_max_fds" in fds["expr"] and "and on (job, instance) wsgate_build_info" in fds["expr"]
     reload = next(r for r in rules if r["alert"] == "WsgateConfigReloadFailed")
     assert reload["expr"].split() == 'sum by (namespace, pod) (increase(wsgate_config_reloads_total{result="failure"}[15m])) > 0'.split()
+    # The handshake policy (docs/configuration.md: allowed_origins): an absolute rate of origin
+    # refusals per pod, not a share (one probing site is worth a look however busy the pod is), for
+    # 10m; the text gives both readings (hijacking attempts, a front end missing from the list).
+    origin = next(r for r in rules if r["alert"] == "WsgateOriginRefusals")
+    assert origin["for"] == "10m"
+    assert origin["expr"].split() == ('sum by (namespace, pod) (rate(wsgate_connections_rejected_total'
+                                      '{reason="origin"}[5m])) > 0.1').split()
+    for needle in ("more than 0.1 upgrades per second", "403 reason=origin", "allowed_origins", "require_origin",
+                   "Cross-Site WebSocket Hijacking", "front end of your own is missing from the list",
+                   "handshake.allowedOrigins", "Check which"):
+        assert needle in origin["annotations"]["description"], needle
     missing = next(r for r in rules if r["alert"] == "WsgateTargetMissing")
     assert missing["expr"].split() == 'up{job=~".+/wsgate"} == 0 or absent(up{job=~".+/wsgate"})'.split()
 
