@@ -96,6 +96,8 @@ SPEC_METRICS = {
     "wsgate_message_guard_total", "wsgate_messages_total",
     # §12 session telemetry: on every instance from start-up (SESSIONS_ENDED_AT_START, CLOSE_CODES_AT_START).
     "wsgate_sessions_ended_total", "wsgate_close_codes_total", "wsgate_admin_drained_total",
+    # Signals to clients (docs/configuration.md: ping_interval): Pings wsgate sent to quiet clients.
+    "wsgate_pings_sent_total",
 }
 
 # docs/operations.md#access-log (and the issue 14 contract): the fields of every access-log record, in order, and the

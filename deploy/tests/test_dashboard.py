@@ -288,3 +288,57 @@ def test_sessions_row():
             if n.startswith(("wsgate_sessions", "wsgate_close_codes", "wsgate_admin"))}
     assert used == {"wsgate_sessions_ended_total", "wsgate_close_codes_total", "wsgate_admin_drained_total"}
     assert used <= SPEC_METRICS
+
+
+def test_handshake_and_client_pings_row():
+    """The handshake policy and the signals to clients (docs/configuration.md: allowed_origins,
+    subprotocols, ping_interval, send_timeout): origin and subprotocol refusals with the app's
+    bad_subprotocol answers, pings sent per pod, and the sessions ended by ping_timeout or
+    send_timeout, in a row after the sessions, with the selectors of every other panel."""
+    d = dashboard()
+    rows = [p["title"] for p in d["panels"] if p["type"] == "row"]
+    assert rows.index("Handshake policy and client pings") == rows.index("Sessions") + 1, rows
+    by_title = {p["title"]: p for p in panels()}
+    sel = '{namespace=~"$namespace", pod=~"$pod"'
+
+    refusals = by_title["Origin and subprotocol refusals per second"]
+    a, b = refusals["targets"]
+    assert a["expr"] == ("sum by (reason) (rate(wsgate_connections_rejected_total"
+                         f'{sel}, reason=~"origin|subprotocol"}}[$__rate_interval]))')
+    assert a["legendFormat"] == "{{reason}}"
+    assert b["expr"] == ("sum by (kind) (rate(wsgate_upstream_errors_total"
+                         f'{sel}, kind="bad_subprotocol"}}[$__rate_interval]))')
+    assert b["legendFormat"] == "upstream {{kind}}"
+    for needle in ("origin = 403", "subprotocol = 400", "bad_subprotocol", "502", "Cross-Site WebSocket Hijacking",
+                   "WsgateOriginRefusals", "allowed_origins", "require_subprotocol"):
+        assert needle in refusals["description"], needle
+
+    pings = by_title["Pings sent per second"]
+    (t,) = pings["targets"]
+    assert t["expr"] == f"sum by (pod) (rate(wsgate_pings_sent_total{sel}}}[$__rate_interval]))"
+    assert t["legendFormat"] == "{{pod}}"
+    assert "ping_interval" in pings["description"] and "pong_timeout" in pings["description"]
+
+    timeouts = by_title["Sessions ended by ping or send timeout"]
+    (t,) = timeouts["targets"]
+    assert t["expr"] == ("sum by (end) (rate(wsgate_sessions_ended_total"
+                         f'{sel}, end=~"ping_timeout|send_timeout"}}[$__rate_interval]))')
+    assert t["legendFormat"] == "{{end}}"
+    assert timeouts["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
+    for value in ("ping_timeout", "send_timeout", "pong_timeout", "Close 1001"):
+        assert value in timeouts["description"], value
+    # The new end values are explained where every other end is too.
+    for value in ("ping_timeout", "send_timeout"):
+        assert value in by_title["Sessions ended by cause"]["description"], value
+    for value in ("origin (403)", "subprotocol (400)"):
+        assert value in by_title["Rejected per second by reason"]["description"], value
+
+    for p in (refusals, pings, timeouts):
+        assert p["type"] == "timeseries" and p["fieldConfig"]["defaults"]["unit"] == "cps", p["title"]
+        assert p["fieldConfig"]["defaults"]["min"] == 0, p["title"]
+    # The alert's metric and reason are what the panel shows.
+    rule = next(r for g in yaml.safe_load(RULES_FILE.read_text())["groups"] for r in g["rules"]
+                if r["alert"] == "WsgateOriginRefusals")
+    assert 'wsgate_connections_rejected_total{reason="origin"}' in rule["expr"]
+    exprs = " ".join(t["expr"] for p in panels() for t in p["targets"])
+    assert "wsgate_pings_sent_total" in METRIC_RE.findall(exprs) and "wsgate_pings_sent_total" in SPEC_METRICS

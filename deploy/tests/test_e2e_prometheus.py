@@ -497,7 +497,9 @@ def test_every_dashboard_expression_evaluates(stack, variant):
              # Every session series exists from start-up; the ratio has no value while no session
              # ended within the rate window, so it is not among these.
              "Sessions ended by cause", "Sessions ended by who closed", "Close codes per second",
-             "Admin drains per second"]
+             "Admin drains per second",
+             # The origin and subprotocol reasons and the bad_subprotocol kind exist from start-up too.
+             "Origin and subprotocol refusals per second"]
     # The fleet row has data wherever the fleet pod is selected, and none of the wsgate_fleet_*
     # panels has any for a pod without a Redis URL.
     fleet_row = [p["title"] for p in row_panels(FLEET_ROW)]
