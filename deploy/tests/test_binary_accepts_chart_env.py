@@ -77,6 +77,11 @@ def assert_effective(res: subprocess.CompletedProcess[str], env: dict[str, str])
         got = effective(out, key)
         if key == "admission_burst" and want == "0":
             continue  # 0 means "same as the rate": the binary prints the resolved size
+        if got.startswith("["):  # a TOML array: a list the environment gives comma-separated
+            import tomllib
+
+            assert tomllib.loads(f"v = {got}")["v"] == want.split(","), (key, got, want)
+            continue
         if re.fullmatch(r"[0-9]+(\.[0-9]+)?", want) and re.fullmatch(r"-?[0-9.]+(e-?[0-9]+)?", got):
             assert float(got) == float(want), (key, got, want)
         elif re.fullmatch(r"([0-9]+\s*[a-z]+\s*)+", want):
@@ -298,3 +303,78 @@ def test_binary_takes_the_access_log_and_watermark_the_chart_renders(render, cas
         else:
             assert abs(float(printed[key]) - value) < 1e-9, (key, printed[key], value)
     assert_effective(res, env)
+
+
+# The handshake policy and the signals to clients (docs/configuration.md: allowed_origins, require_origin,
+# subprotocols, require_subprotocol, refusal_mode, max_close_refusals, ping_interval, pong_timeout,
+# send_timeout), as the chart renders them with every value set, and as the plain manifests show them
+# (commented out) once uncommented. The lists are one comma-separated value each.
+HANDSHAKE_CASES = ["chart-every-value", "native-manifest-uncommented"]
+
+
+@pytest.mark.parametrize("case", HANDSHAKE_CASES)
+def test_binary_accepts_the_handshake_and_client_signal_env(render, case):
+    """`wsgate check-config` accepts the variables and prints the values the chart (or the manifest)
+    asked for: the lists as lists, in order; with them the rest of the environment is accepted too.
+    Fails with `unknown key allowed_origins` (exit 2) while the binary does not have these keys."""
+    import tomllib
+
+    from conftest import HANDSHAKE_ENV, HANDSHAKE_VALUES
+    from test_helm_handshake import _manifest_block
+
+    names = [name for name, _ in HANDSHAKE_ENV.values()]
+    if case == "chart-every-value":
+        env = env_of(wsgate_container(render(HANDSHAKE_VALUES).one("Deployment"))[0])
+    else:
+        env = {**example_env("native-sidecar.yaml"),
+               **{e["name"]: e["value"] for e in _manifest_block("native-sidecar.yaml")}}
+    assert set(names) <= set(env), env
+    res = check_config(env)
+    assert res.returncode == 0, f"exit {res.returncode}\n--- env\n{env}\n--- stderr\n{res.stderr}"
+    printed = tomllib.loads(res.stdout)
+    for name in names:
+        key = name.removeprefix("WSGATE_").lower()
+        assert key in printed, f"check-config printed no {key}: {res.stdout}"
+        got, want = printed[key], env[name]
+        if key in ("allowed_origins", "subprotocols"):
+            assert got == want.split(","), (key, got, want)
+        elif key in ("require_origin", "require_subprotocol"):
+            assert got is (want == "true"), (key, got, want)
+        elif key == "max_close_refusals":
+            assert int(got) == int(want), (key, got, want)
+        elif key == "refusal_mode":
+            assert got == want, (key, got, want)
+        else:
+            assert seconds(str(got)) == seconds(want), (key, got, want)
+    assert_effective(res, env)
+
+
+def test_binary_accepts_the_jwt_subprotocol_config(render, tmp_path):
+    """jwt_from = "subprotocol" and a jwt_subprotocol_prefix of its own, as the chart renders them into
+    config.toml, are loaded by `wsgate check-config --config` and printed back as given. Fails while
+    the binary does not know jwt_subprotocol_prefix or the subprotocol source."""
+    import tomllib
+
+    from test_helm_handshake import VARIANTS
+
+    r = render(VARIANTS["jwt-in-subprotocol"])
+    config = tmp_path / "config.toml"
+    config.write_text(r.config_toml())
+    fixture = ROOT / "tests" / "fixtures" / "jwt" / "jwks.json"
+    if fixture.is_file():
+        jwks = fixture
+    else:
+        jwks = tmp_path / "jwks.json"
+        jwks.write_text(TINY_JWKS)
+    env = {k: v for k, v in env_of(wsgate_container(r.one("Deployment"))[0]).items() if k != "WSGATE_CONFIG"}
+    env["WSGATE_JWT_JWKS_FILE"] = str(jwks)
+    if not WSGATE_BIN.exists():
+        pytest.skip(f"wsgate binary not built at {WSGATE_BIN}")
+    res = subprocess.run([str(WSGATE_BIN), "check-config", "--config", str(config)],
+                         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
+                         capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, f"exit {res.returncode}\n--- config.toml\n{config.read_text()}\n--- stderr\n{res.stderr}"
+    printed = tomllib.loads(res.stdout)
+    assert printed["jwt_from"] == "subprotocol", res.stdout
+    assert printed.get("jwt_subprotocol_prefix") == "chat.token.", res.stdout
+    assert printed["subprotocols"] == ["chat.v2"], res.stdout
