@@ -13,6 +13,8 @@
 //! permessage-deflate are untouched (control frames are never compressed,
 //! and may sit between the fragments of a message, so any boundary will do).
 
+use std::fmt;
+
 /// The Close opcode.
 const OPCODE_CLOSE: u8 = 0x8;
 /// The largest header: 2 + 8 (64-bit length) + 4 (mask).
@@ -377,6 +379,109 @@ pub(crate) fn close_frame(code: u16, reason: &str, mask: Option<[u8; 4]>) -> Vec
     frame
 }
 
+/// An unmasked Close frame (server to client) built in place, without an
+/// allocation: for the answers wsgate writes under a reconnect storm.
+#[derive(Clone, Copy)]
+pub(crate) struct CloseFrame {
+    bytes: [u8; 2 + MAX_CLOSE_PAYLOAD],
+    len: usize,
+}
+
+impl CloseFrame {
+    /// A Close frame with `code` and the text `reason` formats to,
+    /// truncated to the 123 bytes a control frame leaves for it (at a
+    /// character boundary).
+    pub(crate) fn unmasked(code: u16, reason: fmt::Arguments<'_>) -> Self {
+        let mut frame = CloseFrame {
+            bytes: [0; 2 + MAX_CLOSE_PAYLOAD],
+            len: 4,
+        };
+        frame.bytes[0] = 0x80 | OPCODE_CLOSE;
+        frame.bytes[2..4].copy_from_slice(&code.to_be_bytes());
+        // `write_str` below never fails; a reason too long is cut, not refused.
+        let _ = fmt::write(&mut frame, reason);
+        frame.bytes[1] = (frame.len - 2) as u8; // ≤ 125
+        frame
+    }
+
+    /// The frame as it goes on the wire.
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+impl fmt::Write for CloseFrame {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut n = s.len().min(self.bytes.len() - self.len);
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        self.bytes[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+impl fmt::Debug for CloseFrame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("CloseFrame").field(&self.as_bytes()).finish()
+    }
+}
+
+/// Finds the end of a peer's Close frame in what it sends, by frame
+/// headers alone: what comes before it is skipped unread, so waiting for a
+/// Close reply needs no buffer and no allocation (unlike [`FrameTracker`],
+/// which keeps the Close payload for the access log).
+#[derive(Debug, Default)]
+pub(crate) struct CloseWatch {
+    /// The header being read, `have` bytes of it so far.
+    header: [u8; MAX_HEADER],
+    have: u8,
+    /// Payload bytes of the current frame not yet passed.
+    remaining: u64,
+    /// The current frame is a Close.
+    closing: bool,
+}
+
+impl CloseWatch {
+    /// Feeds the next bytes the peer sent; true once its first Close frame
+    /// has passed whole (anything after it in `data` is not looked at).
+    pub(crate) fn feed(&mut self, mut data: &[u8]) -> bool {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let n = self.remaining.min(data.len() as u64);
+                self.remaining -= n;
+                data = &data[n as usize..];
+                if self.remaining == 0 && self.closing {
+                    return true;
+                }
+                continue;
+            }
+            let have = usize::from(self.have);
+            // Until the second byte is in, the length is unknown: take two.
+            let want = if have < 2 {
+                2
+            } else {
+                header_len(self.header[1])
+            };
+            let take = (want - have).min(data.len());
+            self.header[have..have + take].copy_from_slice(&data[..take]);
+            data = &data[take..];
+            let have = have + take;
+            self.have = have as u8;
+            if have >= 2 && have == header_len(self.header[1]) {
+                self.have = 0;
+                self.closing = self.header[0] & 0x0f == OPCODE_CLOSE;
+                self.remaining = payload_len(&self.header[..have]);
+                if self.closing && self.remaining == 0 {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}
+
 /// Masks `data` with `key` in place (RFC 6455 §5.3); unmasking is the same
 /// operation.
 pub(crate) fn apply_mask(data: &mut [u8], key: [u8; 4]) {
@@ -609,6 +714,55 @@ mod tests {
         for bad in [0, 999, 1004, 1005, 1006, 1015, 2000, 2999, 5000] {
             assert!(!is_valid_close_code(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_close_frame_built_in_place_is_the_one_close_frame_builds() {
+        let f = CloseFrame::unmasked(1013, format_args!("retry after {} s", 12));
+        assert_eq!(f.as_bytes(), close_frame(1013, "retry after 12 s", None));
+        // A reason longer than a control frame allows is cut at a character
+        // boundary, as `close_frame` cuts it.
+        let long = "é".repeat(100);
+        let f = CloseFrame::unmasked(1001, format_args!("{long}"));
+        assert_eq!(f.as_bytes(), close_frame(1001, &long, None));
+        assert_eq!(f.as_bytes().len(), 2 + 2 + 122);
+    }
+
+    #[test]
+    fn the_close_watch_finds_the_end_of_the_first_close_whatever_the_reads() {
+        let mut stream = frame(0x1, true, b"hello", true);
+        stream.extend(frame(0x2, true, &[7; 300], true));
+        stream.extend(frame(0x9, true, b"ping", true));
+        let close_at = stream.len();
+        stream.extend(frame(0x8, true, &[0x03, 0xe8, b'b', b'y', b'e'], true));
+        let end = stream.len();
+        stream.extend(frame(0x1, true, b"after", true));
+        for cut in 1..=stream.len() {
+            let mut w = CloseWatch::default();
+            let mut offset = 0;
+            let mut done_at = None;
+            while offset < stream.len() {
+                let n = cut.min(stream.len() - offset);
+                if w.feed(&stream[offset..offset + n]) {
+                    done_at = Some(offset + n);
+                    break;
+                }
+                offset += n;
+            }
+            let done_at = done_at.expect("the Close was found");
+            // Found in the read that carried the Close's last byte.
+            assert!(
+                done_at >= end && done_at < end + cut,
+                "cut {cut}: {done_at}"
+            );
+            assert!(done_at > close_at);
+        }
+        // A Close without payload ends at its header.
+        let mut w = CloseWatch::default();
+        assert!(w.feed(&frame(0x8, true, b"", true)));
+        // A stream without a Close never says it saw one.
+        let mut w = CloseWatch::default();
+        assert!(!w.feed(&frame(0x1, true, &[1; 70_000], false)));
     }
 }
 

@@ -355,14 +355,38 @@ pub(crate) fn client_switching_headers(headers: &mut HeaderMap) {
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
 }
 
+/// The GUID RFC 6455 §1.3 appends to the key before hashing it.
+const WEBSOCKET_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// The `Sec-WebSocket-Accept` value for a client's `Sec-WebSocket-Key`
+/// (RFC 6455 §4.2.2): base64 of the SHA-1 of the key and the GUID. Computed
+/// on the stack: wsgate's own 101s (close-mode refusals) come in storms.
+fn accept_for(key: &[u8]) -> [u8; 28] {
+    use sha1::Digest as _;
+    let digest = sha1::Sha1::new()
+        .chain_update(key.trim_ascii())
+        .chain_update(WEBSOCKET_GUID)
+        .finalize();
+    let mut out = [0u8; 28];
+    // 20 bytes are always 28 characters of padded base64.
+    let _ = base64::engine::general_purpose::STANDARD.encode_slice(digest, &mut out);
+    out
+}
+
+/// The `Sec-WebSocket-Accept` header for a client's key, for a 101 wsgate
+/// writes itself.
+pub(crate) fn accept_header(key: &HeaderValue) -> HeaderValue {
+    let accept = accept_for(key.as_bytes());
+    HeaderValue::from_bytes(&accept).expect("base64 characters are a valid header value")
+}
+
 /// Whether the upstream's 101 carries the accept value derived from our key.
 pub(crate) fn accept_matches(response: &HeaderMap, key: &HeaderValue) -> bool {
-    let expected =
-        tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes().trim_ascii());
+    let expected = accept_for(key.as_bytes());
     let mut accepts = response.get_all(header::SEC_WEBSOCKET_ACCEPT).iter();
     matches!(
         (accepts.next(), accepts.next()),
-        (Some(a), None) if a.as_bytes().trim_ascii() == expected.as_bytes()
+        (Some(a), None) if a.as_bytes().trim_ascii() == expected
     ) && has_token(response, &header::UPGRADE, "websocket")
 }
 
@@ -565,5 +589,17 @@ mod tests {
             HeaderValue::from_static("bogus"),
         );
         assert!(!accept_matches(&r, &key));
+    }
+
+    #[test]
+    fn our_accept_value_is_the_rfc_one() {
+        // RFC 6455 §1.3's example, then tungstenite's derivation for others.
+        let key = HeaderValue::from_static(KEY);
+        assert_eq!(accept_header(&key), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        for k in ["AQIDBAUGBwgJCgsMDQ4PEA==", " x3JJHMbDL1EzLkh9GBhXDw== "] {
+            let want =
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(k.trim().as_bytes());
+            assert_eq!(accept_header(&HeaderValue::from_static(k)), want.as_str());
+        }
     }
 }

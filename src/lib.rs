@@ -26,7 +26,8 @@
 //! | `jwt/` | the JWT verifier, JWKS parsing and its file watch |
 //! | `fleet/` | fleet-wide limits through Redis: holds as leases, the admission script, the renewing worker |
 //! | `error` | `ProxyError`: every way a request fails, mapped to a status and a reason |
-//! | `responses` | every answer wsgate writes itself (400 … 504), with static bodies |
+//! | `responses` | every answer wsgate writes itself (400 … 504), with static bodies; its own 101 |
+//! | `close_refusal` | `refusal_mode = "close"`: a refusal for load said as wsgate's own 101 and Close 1013 |
 //! | `tunnel` | the upstream handshake, then the tracked task that owns a slot |
 //! | `upstream_http` | the upstream handshake on the wire: request head out, 101 parsed |
 //! | `upstream_client` | the pooled plain-HTTP client to the upstream, over TCP or a Unix socket |
@@ -55,6 +56,7 @@ pub(crate) mod access_log;
 pub(crate) mod admin;
 pub(crate) mod admission;
 pub(crate) mod body_timeout;
+pub(crate) mod close_refusal;
 pub mod config;
 pub mod demo;
 pub(crate) mod drain;

@@ -4,7 +4,8 @@
 //!
 //! On the upgrade path each step comes before the next costs anything:
 //! validate the handshake (400) → [`Admission::admit`] (503, or a key
-//! rule's status) → connect and forward the handshake within
+//! rule's status; in close mode wsgate's own 101 and Close 1013, see
+//! `close_refusal`) → connect and forward the handshake within
 //! `upstream_connect_timeout` (502/504) → return the upstream's 101 and
 //! hand the admission guard to a tracked tunnel task. Errors before the
 //! hand-over drop the guard, which is the release.
@@ -21,9 +22,10 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 
 use crate::access_log::{Refusal, Refusals, SessionInfo};
-use crate::admission::{Admission, Admitted, Candidate, RejectReason};
+use crate::admission::{Admission, Admitted, Candidate, RejectReason, Rejection};
 use crate::body_timeout::{BodyStalled, TimedBody};
-use crate::config::Config;
+use crate::close_refusal::{self, CloseRefusals};
+use crate::config::{Config, RefusalMode};
 use crate::drain::Tunnels;
 use crate::error::{ProxyError, UpstreamErrorKind};
 use crate::headers::{self, RequestKind};
@@ -116,6 +118,8 @@ struct Inner {
     tunnel_metrics: Arc<TunnelMetrics>,
     /// Refusals counted for the access log's summary lines.
     refusals: Refusals,
+    /// Close-mode refusals open now, under `max_close_refusals`.
+    close_refusals: CloseRefusals,
     shutdown: Shutdown,
     /// Pooled keep-alive connections to the upstream for plain HTTP.
     client: UpstreamClient,
@@ -155,6 +159,7 @@ impl Proxy {
                 metrics,
                 tunnel_metrics: Arc::new(tunnel_metrics),
                 refusals,
+                close_refusals: CloseRefusals::default(),
                 shutdown,
                 client,
                 plain,
@@ -347,11 +352,10 @@ impl Proxy {
             guard,
             target,
             offer,
-        } = inner
-            .admission
-            .admit(config, candidate)
-            .await
-            .map_err(ProxyError::Rejected)?;
+        } = match inner.admission.admit(config, candidate).await {
+            Ok(admitted) => admitted,
+            Err(rejection) => return self.refuse(req, peer, config, rejection),
+        };
         // Taken now, before the head goes to the upstream; completed with
         // the upstream's subprotocol below.
         let session = config.access_log.then(|| {
@@ -465,6 +469,46 @@ impl Proxy {
                 Ok(Response::from_parts(head, responses::body(Bytes::new())))
             }
         }
+    }
+
+    /// Answers a refused upgrade. In close mode a refusal that says "retry
+    /// later" gets wsgate's own 101 and a tracked task that closes it with
+    /// 1013 (docs/behaviour.md#refusals-a-browser-can-see), while a place
+    /// under `max_close_refusals` is free; every other refusal is the error,
+    /// which `handle` answers with its HTTP status.
+    fn refuse(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        config: &Config,
+        rejection: Rejection,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let inner = &*self.inner;
+        let signals = &config.signals;
+        let place = (signals.refusal_mode == RefusalMode::Close
+            && close_refusal::says_retry_later(rejection.reason))
+        .then(|| inner.close_refusals.try_take(signals.max_close_refusals))
+        .flatten();
+        // `classify` let only a request with one valid key get here.
+        let accept = req
+            .headers()
+            .get(header::SEC_WEBSOCKET_KEY)
+            .map(headers::accept_header);
+        let (Some(place), Some(accept)) = (place, accept) else {
+            return Err(ProxyError::Rejected(rejection));
+        };
+        // Counted like any refusal: in the access log's summary (admission
+        // counted the metric); it is not a session.
+        self.count_failure(&ProxyError::Rejected(rejection), peer);
+        let secs = close_refusal::retry_after(retry_after(config));
+        inner.shutdown.tracker().spawn(close_refusal::run(
+            hyper::upgrade::on(&mut req),
+            secs,
+            config.close.timeout,
+            place,
+            inner.shutdown.clone(),
+        ));
+        Ok(responses::switching(accept))
     }
 
     /// Reverse-proxies a plain HTTP request, streaming bodies both ways,

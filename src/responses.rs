@@ -1,5 +1,6 @@
 //! Every answer wsgate writes itself rather than passing on from the
-//! upstream: a status, a static text body, and the headers that status needs.
+//! upstream: a status, a static text body, and the headers that status needs;
+//! and its own 101, for a refusal said with a Close frame.
 //!
 //! A leaf module: it knows nothing of why a request failed (that is
 //! the `error` module's job), only how each kind of refusal is said on the
@@ -86,6 +87,19 @@ impl Synthetic {
         }
         resp
     }
+}
+
+/// wsgate's own `101 Switching Protocols` to a WebSocket upgrade, with the
+/// client key's `accept` value: no subprotocol and no extension selected,
+/// as wsgate speaks neither (a close-mode refusal, which only sends a Close).
+pub(crate) fn switching(accept: HeaderValue) -> Response<ProxyBody> {
+    let mut resp = Response::new(body(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    resp
 }
 
 #[cfg(test)]
