@@ -24,6 +24,7 @@ mod admission;
 mod churn;
 mod cli;
 mod close_frames;
+mod close_refusals;
 mod demo;
 mod faults;
 mod fleet;
