@@ -15,6 +15,11 @@
 //   node client.mjs ws://HOST:PORT/ guard-rate-close  (tests/clients/test_node_guards.py)
 //
 // Against message_rate_action = close: sends 200 text messages at once and reports the close.
+//
+//   node client.mjs ws://HOST:PORT/ close-refusal     (tests/clients/test_close_refusals.py)
+//
+// Against a cap of 1 with refusal_mode = close: opens one connection that holds the slot, then a
+// second, and reports what `ws` saw of it: its open (wsgate's own 101) and its close.
 import WebSocket from "ws";
 
 const url = process.argv[2];
@@ -56,7 +61,7 @@ const openGuarded = (options) => new Promise((resolve, reject) => {
   ws.once("error", reject);
 });
 
-const guardModes = {
+const modes = {
   "guard-size": async () => {
     const ws = await openGuarded({ perMessageDeflate: false });
     const wsClosed = closed("g", ws);
@@ -74,12 +79,23 @@ const guardModes = {
     say({ name: "g", event: "sent", count: 200 });
     await wsClosed;
   },
+  "close-refusal": async () => {
+    const held = await open("held");
+    const refused = new WebSocket(url);
+    refused.once("open", () => say({ name: "r", event: "open", protocol: refused.protocol }));
+    refused.once("unexpected-response", (_req, res) => {
+      say({ name: "r", event: "refused", status: res.statusCode });
+      res.resume();
+    });
+    await closed("r", refused);
+    held.close();
+  },
 };
 
 const mode = process.argv[3];
 if (mode !== undefined) {
-  if (!(mode in guardModes)) { say({ event: "unknown mode", mode }); process.exit(2); }
-  await guardModes[mode]();
+  if (!(mode in modes)) { say({ event: "unknown mode", mode }); process.exit(2); }
+  await modes[mode]();
   say({ event: "done" });
   process.exit(0);
 }
