@@ -3,7 +3,8 @@
 With `refusal_mode = "close"` and the cap full, an upgrade is accepted by wsgate itself and closed
 at once with 1013 (Try Again Later) and `retry after N s`, N between `retry_after` and twice it.
 Python `websockets`, Node's `ws` and a page in headless Chromium each complete the handshake and
-report that code and reason, with a clean closing handshake; the upstream never sees them.
+report that code and reason, with a clean closing handshake; the upstream never sees them. The
+page runs the JavaScript of docs/browser-clients.md on what it saw.
 """
 
 from __future__ import annotations
@@ -97,24 +98,30 @@ def test_node_ws_client_reads_1013_and_the_retry_after() -> None:
     asyncio.run(main())
 
 
+# The JavaScript of docs/browser-clients.md, which the page below runs.
+SNIPPET = re.search(r"```js\n(.*?)```",
+                    (pathlib.Path(__file__).parents[2] / "docs" / "browser-clients.md").read_text(),
+                    re.S).group(1)
+
 # Opens a connection that holds the only slot, then one more; records what the browser reports
-# of the second, and the delay the documented handler (docs/browser-clients.md) derives from it.
-PAGE = b"""<!doctype html>
+# of the second, and the delays the documented `reconnectDelay` derives from it and from a 1006.
+PAGE = ("""<!doctype html>
 <html><head><meta charset="utf-8"><title>wsgate close-mode refusal</title></head><body><script>
 "use strict";
+""" + SNIPPET + """
 window.results = [];
 const url = "ws://" + location.host + "/ws";
 const held = new WebSocket(url);
 held.onopen = () => {
   const r = new WebSocket(url);
   r.onopen = () => window.results.push({ name: "r", event: "open", protocol: r.protocol });
-  r.onclose = (e) => {
-    const m = /^retry after (\\d+) s$/.exec(e.reason);
-    window.results.push({ name: "r", event: "close", code: e.code, reason: e.reason,
-                          clean: e.wasClean, seconds: m ? Number(m[1]) : null });
-  };
+  r.onclose = (e) => window.results.push({
+    name: "r", event: "close", code: e.code, reason: e.reason, clean: e.wasClean,
+    delayMs: reconnectDelay(e, 0),
+    backoffMs: reconnectDelay({ code: 1006, reason: "" }, 3),
+  });
 };
-</script></body></html>"""
+</script></body></html>""").encode()
 
 
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
@@ -134,7 +141,11 @@ def test_chromium_page_reads_1013_and_the_retry_after() -> None:
                         {"name": "r", "event": "open", "protocol": ""}], results
                     (close,) = events(results, "r", "close")
                     assert close["code"] == 1013 and close["clean"] is True, close
-                    assert close["seconds"] is not None and 2 <= close["seconds"] <= 4, close
+                    # The documented handler waits exactly the N wsgate sent, and backs off
+                    # within the cap of its fourth step otherwise.
+                    assert close["delayMs"] == 1000 * retry_after_of(close["reason"]), close
+                    assert 2000 <= close["delayMs"] <= 4000, close
+                    assert 0 <= close["backoffMs"] <= 8000, close
                     check_counts(gate, refused=1)
             finally:
                 browser.stop()
