@@ -21,10 +21,10 @@ use std::time::Duration;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
 
 use crate::admission::RejectReason;
 use crate::frames::{CloseFrame, CloseWatch};
-use crate::shutdown::Shutdown;
 
 /// RFC 6455 §7.4.1: Try Again Later.
 const TRY_AGAIN_LATER: u16 = 1013;
@@ -101,14 +101,15 @@ impl CloseRefusals {
 /// way: take the client's socket, send Close 1013 `retry after {secs} s`,
 /// skip what the client sends until its Close (or EOF), then close TCP.
 /// All of it within `timeout` (`close_timeout`), and never past the hard
-/// stop, so it cannot hold the shutdown beyond the grace. `place` lives as
-/// long as the socket.
+/// stop (`stopped`, [`crate::shutdown::Shutdown::stopped_token`]), so it
+/// cannot hold the shutdown beyond the grace. `place` lives as long as the
+/// socket.
 pub(crate) async fn run(
     client_upgrade: OnUpgrade,
     secs: u64,
     timeout: Duration,
     place: Place,
-    shutdown: Shutdown,
+    stopped: CancellationToken,
 ) {
     let exchange = async {
         // The client vanished before its 101 went out: nothing to close.
@@ -137,7 +138,7 @@ pub(crate) async fn run(
     tokio::select! {
         _ = tokio::time::timeout(timeout, exchange) => {}
         // The grace is over: the socket is closed now, without waiting.
-        () = shutdown.stopped() => {}
+        () = stopped.cancelled() => {}
     }
     drop(place);
 }

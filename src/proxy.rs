@@ -489,12 +489,12 @@ impl Proxy {
             && close_refusal::says_retry_later(rejection.reason))
         .then(|| inner.close_refusals.try_take(signals.max_close_refusals))
         .flatten();
+        // Only once a place is taken: a status refusal computes nothing more.
         // `classify` let only a request with one valid key get here.
-        let accept = req
-            .headers()
-            .get(header::SEC_WEBSOCKET_KEY)
-            .map(headers::accept_header);
-        let (Some(place), Some(accept)) = (place, accept) else {
+        let Some((place, accept)) = place.and_then(|place| {
+            let key = req.headers().get(header::SEC_WEBSOCKET_KEY)?;
+            Some((place, headers::accept_header(key)))
+        }) else {
             return Err(ProxyError::Rejected(rejection));
         };
         // Counted like any refusal: in the access log's summary (admission
@@ -506,7 +506,7 @@ impl Proxy {
             secs,
             config.close.timeout,
             place,
-            inner.shutdown.clone(),
+            inner.shutdown.stopped_token(),
         ));
         Ok(responses::switching(accept))
     }

@@ -112,6 +112,13 @@ impl Shutdown {
         self.hard_stop.cancelled().await;
     }
 
+    /// The hard stop's token alone, for a task that needs nothing else of
+    /// the shutdown: a close-mode refusal, made in storms, clones one token
+    /// instead of all of them.
+    pub(crate) fn stopped_token(&self) -> CancellationToken {
+        self.hard_stop.clone()
+    }
+
     /// Cuts everything at once, without closing handshakes (idempotent).
     pub(crate) fn abort_now(&self) {
         // The abort first: a tunnel woken by the hard stop on another worker
