@@ -10,6 +10,9 @@
 //! * `idle`        – hold N idle connections, report the proxy's RSS delta per connection.
 //! * `cap`         – A upgrades at once against a proxy capped at K: admitted, 503, hung,
 //!   time-to-503 percentiles.
+//! * `refuse`      – N upgrades, C at a time, against a proxy whose cap is full: each an HTTP
+//!   refusal, or (wsgate's `refusal_mode = "close"`) a 101 then Close 1013 answered by the
+//!   client; counts of each, refusals/s.
 //!
 //! Every load mode is bounded in count *and* time, talks to loopback only, reads the proxy's CPU
 //! time (utime+stime of the process tree under `--proxy-pid`) from /proc before and after (and,
@@ -62,6 +65,8 @@ enum Cmd {
     Idle(IdleArgs),
     /// A upgrades at once against a capped proxy: admitted / 503 / hung and time-to-503.
     Cap(CapArgs),
+    /// N upgrades, C at a time, against a proxy whose cap is full: HTTP refusals or Close 1013.
+    Refuse(HandshakeArgs),
 }
 
 #[derive(Args, Clone)]
@@ -1408,6 +1413,95 @@ async fn cap(a: CapArgs) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------------
+// refuse
+
+/// How one refused upgrade ended.
+enum Refused {
+    /// An HTTP refusal with this status.
+    Status(u16),
+    /// A 101, then Close 1013 (answered by tungstenite's automatic Close reply).
+    Close1013,
+    /// Anything else: an admission, another Close, an error.
+    Other(String),
+}
+
+async fn refuse_one(addr: &str, url: &str, to: Duration) -> Refused {
+    match open_timeout(addr, url, to).await {
+        Open::Status(s) => Refused::Status(s),
+        Open::Failed(e) => Refused::Other(e),
+        Open::Upgraded(mut ws) => {
+            let first = tokio::time::timeout(to, ws.next()).await;
+            let r = match first {
+                Ok(Some(Ok(Message::Close(Some(f))))) if u16::from(f.code) == 1013 => {
+                    Refused::Close1013
+                }
+                Ok(Some(Ok(Message::Close(f)))) => Refused::Other(format!("close {f:?}")),
+                Ok(Some(Ok(_))) => Refused::Other("admitted (a message before any Close)".into()),
+                Ok(Some(Err(e))) => Refused::Other(format!("read: {e}")),
+                Ok(None) => Refused::Other("closed without a Close".into()),
+                Err(_) => Refused::Other("no Close in time (admitted?)".into()),
+            };
+            // tungstenite queued its Close reply: send it and read to the proxy's close (bounded).
+            let _ = tokio::time::timeout(to, async { while let Some(Ok(_)) = ws.next().await {} })
+                .await;
+            r
+        }
+    }
+}
+
+async fn refuse(a: HandshakeArgs) -> bool {
+    let c = &a.c;
+    let addr = host_port(&c.url);
+    let hard = Instant::now() + Duration::from_secs_f64(c.max_time);
+    let to = Duration::from_secs_f64(a.timeout);
+    let next = Arc::new(AtomicU64::new(0));
+    let m0 = CpuMark::now(c);
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..a.conns {
+        let (addr, url, next) = (addr.clone(), c.url.clone(), next.clone());
+        let total = a.total;
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < total && Instant::now() < hard {
+                seen.push(refuse_one(&addr, &url, to).await);
+            }
+            seen
+        }));
+    }
+    let (mut statuses, mut closes, mut others) = (
+        HashMap::<String, u64>::new(),
+        0u64,
+        HashMap::<String, u64>::new(),
+    );
+    for t in tasks {
+        for r in t.await.unwrap_or_default() {
+            match r {
+                Refused::Status(s) => *statuses.entry(s.to_string()).or_default() += 1,
+                Refused::Close1013 => closes += 1,
+                Refused::Other(e) => *others.entry(e).or_default() += 1,
+            }
+        }
+    }
+    let el = t0.elapsed().as_secs_f64();
+    let w = m0.since(c);
+    let refusals = statuses.values().sum::<u64>() + closes;
+    let per = |x: Option<f64>| opt(x.map(|c| c * 1e6 / refusals.max(1) as f64));
+    emit(
+        "refuse",
+        c,
+        refusals == a.total && others.is_empty(),
+        json!({
+            "conns": a.conns, "total": a.total, "refusals": refusals, "statuses": statuses,
+            "closed_1013": closes, "other": others, "elapsed_s": round3(el),
+            "refusals_per_s": round3(refusals as f64 / el),
+            "proxy_cpu_s": opt(w.proxy),
+            "cpu_us_per_refusal": per(w.proxy),
+        }),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
 
 fn main() {
     let cli = Cli::parse();
@@ -1434,6 +1528,7 @@ fn main() {
             Cmd::Handshake(a) => handshake(a).await,
             Cmd::Idle(a) => idle(a).await,
             Cmd::Cap(a) => cap(a).await,
+            Cmd::Refuse(a) => refuse(a).await,
         }
     });
     // Do not wait for lingering tasks (held sockets) to wind down.
