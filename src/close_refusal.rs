@@ -137,7 +137,8 @@ pub(crate) async fn run(
     };
     tokio::select! {
         _ = tokio::time::timeout(timeout, exchange) => {}
-        // The grace is over: the socket is closed now, without waiting.
+        // The shutdown's hard stop: the socket is closed now, without
+        // waiting for the reply.
         () = stopped.cancelled() => {}
     }
     drop(place);
