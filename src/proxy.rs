@@ -508,7 +508,11 @@ impl Proxy {
             place,
             inner.shutdown.stopped_token(),
         ));
-        Ok(responses::switching(accept))
+        // One of the client's own offers (never the JWT entry), or a
+        // browser fails the handshake and never reads the 1013.
+        let protocol =
+            subprotocols::own_selection(&config.handshake, &config.jwt_from, req.headers());
+        Ok(responses::switching(accept, protocol))
     }
 
     /// Reverse-proxies a plain HTTP request, streaming bodies both ways,

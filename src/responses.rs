@@ -89,16 +89,20 @@ impl Synthetic {
     }
 }
 
-/// wsgate's own `101 Switching Protocols` to a WebSocket upgrade, with the
-/// client key's `accept` value: no subprotocol and no extension selected,
-/// as wsgate speaks neither (a close-mode refusal, which only sends a Close).
-pub(crate) fn switching(accept: HeaderValue) -> Response<ProxyBody> {
+/// wsgate's own `101 Switching Protocols` to a WebSocket upgrade (a
+/// close-mode refusal, which only sends a Close), with the client key's
+/// `accept` value and `protocol`, one of the client's own offers: a browser
+/// fails a 101 that selects none of them. No extension is selected.
+pub(crate) fn switching(accept: HeaderValue, protocol: Option<HeaderValue>) -> Response<ProxyBody> {
     let mut resp = Response::new(body(Bytes::new()));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    if let Some(p) = protocol {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
+    }
     resp
 }
 

@@ -108,6 +108,22 @@ pub(crate) fn offered(headers: &HeaderMap) -> impl Iterator<Item = Option<&str>>
         })
 }
 
+/// The subprotocol wsgate selects when it answers a handshake itself (a
+/// close-mode refusal): the first name the upstream would have been offered,
+/// never the JWT entry; `None` when there is none. Browsers (and Node's `ws`)
+/// fail a 101 that selects nothing after they offered something, so a page
+/// would read 1006 instead of the Close that follows.
+pub(crate) fn own_selection(
+    policy: &HandshakePolicy,
+    jwt_from: &TokenSource,
+    headers: &HeaderMap,
+) -> Option<HeaderValue> {
+    match screen(policy, jwt_from, headers).ok()? {
+        Forward::AsOffered => HeaderValue::from_str(offered(headers).next()??).ok(),
+        Forward::Only(kept) => HeaderValue::from_str(kept.first()?).ok(),
+    }
+}
+
 /// Whether the upstream's 101 (`answer`) selects nothing, or exactly one
 /// of the names in the forwarded request (`forwarded`).
 pub(crate) fn selection_is_offered(answer: &HeaderMap, forwarded: &HeaderMap) -> bool {
@@ -245,6 +261,35 @@ mod tests {
             HeaderValue::from_bytes(b"chat\xff").expect("opaque"),
         );
         assert_eq!(screen(&p, &none, &h), Err(BadOffer::Malformed));
+    }
+
+    #[test]
+    fn wsgate_selects_the_first_forwarded_name_never_the_token() {
+        let jwt = format!("{BEARER}eyJhbGciOiJIUzI1NiJ9.e30.sig");
+        let none = TokenSource::Query("t".into());
+        let pick = |p: &HandshakePolicy, from: &TokenSource, offer: &str| {
+            own_selection(p, from, &headers(&[offer])).map(|v| v.as_bytes().to_vec())
+        };
+        assert_eq!(
+            pick(&policy(&[], false), &none, "a, b"),
+            Some(b"a".to_vec())
+        );
+        assert_eq!(
+            pick(&policy(&["b"], false), &none, "a, b"),
+            Some(b"b".to_vec())
+        );
+        assert_eq!(
+            pick(
+                &policy(&[], false),
+                &token_source(),
+                &format!("{jwt}, chat")
+            ),
+            Some(b"chat".to_vec())
+        );
+        assert_eq!(
+            own_selection(&policy(&[], false), &none, &headers(&[])),
+            None
+        );
     }
 
     #[test]

@@ -215,3 +215,38 @@ def test_chromium_jwt_in_the_subprotocol_is_counted_and_stripped() -> None:
                 os.unlink(config.name)
 
     asyncio.run(main())
+@needs_chromium
+def test_chromium_reads_a_close_mode_refusal_as_1013_with_its_retry() -> None:
+    async def main() -> None:
+        page = PageServer()
+        async with ChatUpstream() as up:
+            gate = Wsgate(up.port, WSGATE_MAX_CLIENTS="1", WSGATE_REFUSAL_MODE="close",
+                          WSGATE_RETRY_AFTER="3s")
+            browser = Chromium()
+            ws = None
+            try:
+                ws, tools = await first_page(browser)
+                url = f"ws://{gate.proxy}/ws"
+                await open_page(tools, page.origin + "/")
+                await open_ws(tools, "first", url, ["chat"])
+                await tools.wait_for(lambda r: events(r, "first", "text"))
+                await open_ws(tools, "second", url, ["chat"])
+                results = await tools.wait_for(lambda r: events(r, "second", "close"))
+                print(f"\nchromium: {results}")
+                closed = events(results, "second", "close")[0]
+                assert closed["code"] == 1013, closed
+                m = re.fullmatch(r"retry after (\d+) s", closed["reason"])
+                assert m, closed
+                assert 3 <= int(m.group(1)) <= 6, closed
+                assert closed["clean"] is True, closed
+                assert len(up.handshakes) == 1, "a close-mode refusal never reaches the upstream"
+                assert gate.metric('wsgate_connections_rejected_total{reason="capacity"}') == 1
+                assert gate.metric("wsgate_connections_active") == 1
+            finally:
+                if ws is not None:
+                    await ws.close()
+                browser.stop()
+                gate.stop()
+                page.stop()
+
+    asyncio.run(main())

@@ -282,8 +282,9 @@ async fn refusals_not_for_load_stay_http_answers() {
     .await;
     assert_eq!(status_of(&head), 101, "over the cap: {head}");
     assert!(
-        !head.to_ascii_lowercase().contains("sec-websocket-protocol"),
-        "no subprotocol selected: {head}"
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-protocol: chat\r\n"),
+        "the client's own offer selected, or a browser fails the handshake: {head}"
     );
     read_1013(&mut s).await;
 
@@ -299,6 +300,44 @@ async fn refusals_not_for_load_stay_http_answers() {
         );
     }
     assert_eq!(up.accepts.load(Ordering::SeqCst), 1);
+}
+
+/// The 101 of a close-mode refusal selects the first name the upstream
+/// would have been offered: after `subprotocols`, and never the JWT entry
+/// of `jwt_from = "subprotocol"` (browsers fail a 101 that selects none of
+/// their offers, and must never see their token selected).
+#[tokio::test]
+async fn a_close_refusal_selects_one_of_the_clients_offers_never_the_token() {
+    let up = spawn_echo_upstream().await;
+    let gate = spawn_sidecar(RawConfig {
+        jwt_from: "subprotocol".into(),
+        subprotocols: vec!["chat".into(), "superchat".into()],
+        ..close_mode(up.addr)
+    })
+    .await;
+    let _held = match within("the held client", upgrade_outcome(&gate.ws_url(), &[])).await {
+        Upgrade::Admitted(ws) => ws,
+        other => panic!("the held client: {other:?}"),
+    };
+    for (offer, selected) in [
+        ("other, superchat, chat", Some("superchat")),
+        (
+            "base64url.bearer.authorization.k8s.io.e30.e30.x, chat",
+            Some("chat"),
+        ),
+        ("other", None),
+    ] {
+        let (mut s, head) =
+            raw_upgrade_with(gate.addr, &format!("Sec-WebSocket-Protocol: {offer}")).await;
+        assert_eq!(status_of(&head), 101, "{offer}: {head}");
+        let got = head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("sec-websocket-protocol")
+                .then(|| v.trim().to_owned())
+        });
+        assert_eq!(got.as_deref(), selected, "{offer}: {head}");
+        read_1013(&mut s).await;
+    }
 }
 
 /// `max_close_refusals = 2` and clients that never answer the Close: the
