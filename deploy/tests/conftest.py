@@ -158,6 +158,22 @@ def load_yaml_docs(text: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(text) if d]
 
 
+def commented_env_block(file: str, marker: str) -> list[dict[str, str]]:
+    """The commented-out `- name:`/`value:` variables of a plain manifest that follow the comment
+    line containing `marker` (and its explanation), uncommented and parsed."""
+    lines = (KUBE_DIR / file).read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if marker in line)
+    block = []
+    for line in lines[start + 1:]:
+        m = re.match(r"^(\s*)# (-? ?\s*(name|value): .*)$", line)
+        if not m:
+            if line.strip().startswith("#") and not block:
+                continue  # the explanation above the variables
+            break
+        block.append(m.group(1) + m.group(2))
+    return yaml.safe_load("\n".join(block))
+
+
 def kube_files() -> list[Path]:
     return sorted(p for p in KUBE_DIR.iterdir() if p.suffix in (".yaml", ".yml"))
 

@@ -235,6 +235,29 @@ def test_binary_accepts_the_chart_fleet_env(render, tmp_path, case):
         assert rule["fleet"] == given.get("fleet", False), rule
 
 
+def printed_for(render, case: str, values: dict, names, marker: str) -> tuple[dict, dict, object]:
+    """The environment of `case` — the chart rendered with `values` ("chart-every-value"), or the
+    native manifest's example with its variables after the comment `marker` uncommented — checked
+    to hold every name of `names`, and what `wsgate check-config` printed for it (it must exit 0)."""
+    import tomllib
+
+    from conftest import commented_env_block
+
+    if case == "chart-every-value":
+        env = env_of(wsgate_container(render(values).one("Deployment"))[0])
+    else:
+        env = {**example_env("native-sidecar.yaml"),
+               **{e["name"]: e["value"] for e in commented_env_block("native-sidecar.yaml", marker)}}
+    assert set(names) <= set(env), env
+    res = check_config(env)
+    assert res.returncode == 0, f"exit {res.returncode}\n--- env\n{env}\n--- stderr\n{res.stderr}"
+    printed = tomllib.loads(res.stdout)
+    for name in names:
+        key = name.removeprefix("WSGATE_").lower()
+        assert key in printed, f"check-config printed no {key}: {res.stdout}"
+    return env, printed, res
+
+
 # docs/operations.md#message-guards: the message guards, as the chart renders them with every value set, and as the plain
 # manifests show them (commented out) once uncommented.
 GUARD_CASES = ["chart-every-value", "native-manifest-uncommented"]
@@ -245,24 +268,13 @@ def test_binary_accepts_the_message_guard_env(render, case):
     """The WSGATE_* variables of the message guards are accepted by `wsgate check-config`, which
     prints the values the chart (or the manifest) asked for; with them the rest of the environment
     is accepted too."""
-    import tomllib
-
     from conftest import MESSAGE_GUARDS_ENV, MESSAGE_GUARDS_VALUES
-    from test_helm_message_guards import _manifest_guard_block
 
     names = {name: key for key, (name, _) in MESSAGE_GUARDS_ENV.items()}
-    if case == "chart-every-value":
-        env = env_of(wsgate_container(render(MESSAGE_GUARDS_VALUES).one("Deployment"))[0])
-    else:
-        env = {**example_env("native-sidecar.yaml"),
-               **{e["name"]: e["value"] for e in _manifest_guard_block("native-sidecar.yaml")}}
-    assert set(names) <= set(env), env
-    res = check_config(env)
-    assert res.returncode == 0, f"exit {res.returncode}\n--- env\n{env}\n--- stderr\n{res.stderr}"
-    printed = tomllib.loads(res.stdout)
+    env, printed, res = printed_for(render, case, MESSAGE_GUARDS_VALUES, names,
+                                    "# Message guards (docs/operations.md#message-guards)")
     for name in names:
         key = name.removeprefix("WSGATE_").lower()
-        assert key in printed, f"check-config printed no {key}: {res.stdout}"
         got, want = printed[key], env[name]
         if key == "message_rate_action":
             assert got == want, (key, got, want)
@@ -317,24 +329,13 @@ def test_binary_accepts_the_handshake_and_client_signal_env(render, case):
     """`wsgate check-config` accepts the variables and prints the values the chart (or the manifest)
     asked for: the lists as lists, in order; with them the rest of the environment is accepted too.
     Fails with `unknown key allowed_origins` (exit 2) while the binary does not have these keys."""
-    import tomllib
-
     from conftest import HANDSHAKE_ENV, HANDSHAKE_VALUES
-    from test_helm_handshake import _manifest_block
 
     names = [name for name, _ in HANDSHAKE_ENV.values()]
-    if case == "chart-every-value":
-        env = env_of(wsgate_container(render(HANDSHAKE_VALUES).one("Deployment"))[0])
-    else:
-        env = {**example_env("native-sidecar.yaml"),
-               **{e["name"]: e["value"] for e in _manifest_block("native-sidecar.yaml")}}
-    assert set(names) <= set(env), env
-    res = check_config(env)
-    assert res.returncode == 0, f"exit {res.returncode}\n--- env\n{env}\n--- stderr\n{res.stderr}"
-    printed = tomllib.loads(res.stdout)
+    env, printed, res = printed_for(render, case, HANDSHAKE_VALUES, names,
+                                    "# Handshake policy and signals to clients")
     for name in names:
         key = name.removeprefix("WSGATE_").lower()
-        assert key in printed, f"check-config printed no {key}: {res.stdout}"
         got, want = printed[key], env[name]
         if key in ("allowed_origins", "subprotocols"):
             assert got == want.split(","), (key, got, want)

@@ -32,6 +32,7 @@ from conftest import (
     assert_schema_refuses,
     at_path,
     chart_readme_section,
+    commented_env_block,
     deep_merge,
     env_of,
     fenced,
@@ -442,18 +443,7 @@ def test_readme_documents_every_value(chart):
 
 
 def _manifest_block(file: str) -> list[dict[str, str]]:
-    """The commented-out handshake and signal variables of a plain manifest, uncommented."""
-    lines = (KUBE_DIR / file).read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if "# Handshake policy and signals to clients" in line)
-    block = []
-    for line in lines[start + 1:]:
-        m = re.match(r"^(\s*)# (-? ?\s*(name|value): .*)$", line)
-        if not m:
-            if line.strip().startswith("#") and not block:
-                continue  # the explanation above the variables
-            break
-        block.append(m.group(1) + m.group(2))
-    return yaml.safe_load("\n".join(block))
+    return commented_env_block(file, "# Handshake policy and signals to clients")
 
 
 @pytest.mark.parametrize("file", ["native-sidecar.yaml", "classic-sidecar.yaml"])

@@ -20,6 +20,7 @@ import yaml
 
 from conftest import (
     chart_readme_section,
+    commented_env_block,
     fenced,
     CHART,
     KUBE_DIR,
@@ -247,18 +248,7 @@ def test_readme_documents_every_value_and_the_semantics(chart):
 
 
 def _manifest_guard_block(file: str) -> list[dict[str, str]]:
-    """The commented-out message-guard variables of a plain manifest, uncommented."""
-    lines = (KUBE_DIR / file).read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if "# Message guards (docs/operations.md#message-guards)" in line)
-    block = []
-    for line in lines[start + 1:]:
-        m = re.match(r"^(\s*)# (-? ?\s*(name|value): .*)$", line)
-        if not m:
-            if line.strip().startswith("#") and not block:
-                continue  # the explanation above the variables
-            break
-        block.append(m.group(1) + m.group(2))
-    return yaml.safe_load("\n".join(block))
+    return commented_env_block(file, "# Message guards (docs/operations.md#message-guards)")
 
 
 @pytest.mark.parametrize("file", ["native-sidecar.yaml", "classic-sidecar.yaml"])

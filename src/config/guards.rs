@@ -118,11 +118,7 @@ pub(super) fn written<S: Serializer>(g: &MessageGuards, s: S) -> Result<S::Ok, S
 mod tests {
     use super::*;
 
-    fn raw(edit: impl FnOnce(&mut RawConfig)) -> RawConfig {
-        let mut r = RawConfig::default();
-        edit(&mut r);
-        r
-    }
+    use crate::config::tests::raw_with as raw;
 
     #[test]
     fn only_the_fragment_cap_is_on_by_default() {

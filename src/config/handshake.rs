@@ -156,11 +156,7 @@ pub(super) fn written<S: Serializer>(p: &HandshakePolicy, s: S) -> Result<S::Ok,
 mod tests {
     use super::*;
 
-    fn raw(edit: impl FnOnce(&mut RawConfig)) -> RawConfig {
-        let mut r = RawConfig::default();
-        edit(&mut r);
-        r
-    }
+    use crate::config::tests::raw_with as raw;
 
     #[test]
     fn off_by_default() {

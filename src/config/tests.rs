@@ -720,3 +720,11 @@ fn the_redis_password_is_never_shown() {
         Ok(())
     });
 }
+
+/// The defaults with `edit` applied: the configuration the unit tests of
+/// each group of keys (`guards.rs`, `handshake.rs`, …) start from.
+pub(super) fn raw_with(edit: impl FnOnce(&mut RawConfig)) -> RawConfig {
+    let mut r = RawConfig::default();
+    edit(&mut r);
+    r
+}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -123,24 +124,29 @@ async def open_ws(tools: DevTools, name: str, url: str, protocols: list[str] | N
                                 f"{json.dumps(protocols)})")
 
 
-async def first_page(browser: Chromium):
-    """A DevTools session on a fresh tab; the caller navigates it."""
-    ws = await connect(browser.endpoint, max_size=None)
-    tools = DevTools(ws)
-    await tools.open_page("about:blank")
-    return ws, tools
+@contextlib.asynccontextmanager
+async def chromium_through_wsgate(**gate_env: str):
+    """The chat upstream, wsgate in front of it with `gate_env`, and Chromium with a DevTools
+    session on a blank tab (the test navigates it); everything stopped by PID afterwards."""
+    async with ChatUpstream() as up:
+        gate = Wsgate(up.port, **gate_env)
+        browser = Chromium()
+        try:
+            async with connect(browser.endpoint, max_size=None) as ws:
+                tools = DevTools(ws)
+                await tools.open_page("about:blank")
+                yield up, gate, tools
+        finally:
+            browser.stop()
+            gate.stop()
 
 
 @needs_chromium
 def test_chromium_a_foreign_origin_is_refused_and_reaches_nothing() -> None:
     async def main() -> None:
         allowed, foreign = PageServer(), PageServer()
-        async with ChatUpstream() as up:
-            gate = Wsgate(up.port, WSGATE_ALLOWED_ORIGINS=allowed.origin)
-            browser = Chromium()
-            ws = None
-            try:
-                ws, tools = await first_page(browser)
+        try:
+            async with chromium_through_wsgate(WSGATE_ALLOWED_ORIGINS=allowed.origin) as (up, gate, tools):
                 url = f"ws://{gate.proxy}/ws"
                 await open_page(tools, allowed.origin + "/")
                 await open_ws(tools, "app", url, ["chat"])
@@ -161,13 +167,9 @@ def test_chromium_a_foreign_origin_is_refused_and_reaches_nothing() -> None:
                 assert any("403" in line for line in tools.console), tools.console
                 assert len(up.handshakes) == 1, "the refused upgrade never reached the upstream"
                 assert gate.metric('wsgate_connections_rejected_total{reason="origin"}') == 1
-            finally:
-                if ws is not None:
-                    await ws.close()
-                browser.stop()
-                gate.stop()
-                allowed.stop()
-                foreign.stop()
+        finally:
+            allowed.stop()
+            foreign.stop()
 
     asyncio.run(main())
 
@@ -182,12 +184,8 @@ def test_chromium_jwt_in_the_subprotocol_is_counted_and_stripped() -> None:
                      '[[key_limits]]\nname = "user"\nkey = "jwt_claim:sub"\nmax_per_key = 1\n')
         config.close()
         token = hs256({"sub": "alice", "exp": int(time.time()) + 600})
-        async with ChatUpstream() as up:
-            gate = Wsgate(up.port, WSGATE_CONFIG=config.name)
-            browser = Chromium()
-            ws = None
-            try:
-                ws, tools = await first_page(browser)
+        try:
+            async with chromium_through_wsgate(WSGATE_CONFIG=config.name) as (up, gate, tools):
                 url = f"ws://{gate.proxy}/ws"
                 await open_page(tools, page.origin + "/")
                 await open_ws(tools, "alice", url, ["chat", PREFIX + token])
@@ -206,26 +204,20 @@ def test_chromium_jwt_in_the_subprotocol_is_counted_and_stripped() -> None:
                 assert gate.metric('wsgate_connections_rejected_total{reason="key"}') == 1
                 assert len(up.handshakes) == 1
                 assert token not in "".join(gate.log), "the token is never logged"
-            finally:
-                if ws is not None:
-                    await ws.close()
-                browser.stop()
-                gate.stop()
-                page.stop()
-                os.unlink(config.name)
+        finally:
+            page.stop()
+            os.unlink(config.name)
 
     asyncio.run(main())
+
+
 @needs_chromium
 def test_chromium_reads_a_close_mode_refusal_as_1013_with_its_retry() -> None:
     async def main() -> None:
         page = PageServer()
-        async with ChatUpstream() as up:
-            gate = Wsgate(up.port, WSGATE_MAX_CLIENTS="1", WSGATE_REFUSAL_MODE="close",
-                          WSGATE_RETRY_AFTER="3s")
-            browser = Chromium()
-            ws = None
-            try:
-                ws, tools = await first_page(browser)
+        try:
+            async with chromium_through_wsgate(WSGATE_MAX_CLIENTS="1", WSGATE_REFUSAL_MODE="close",
+                                               WSGATE_RETRY_AFTER="3s") as (up, gate, tools):
                 url = f"ws://{gate.proxy}/ws"
                 await open_page(tools, page.origin + "/")
                 await open_ws(tools, "first", url, ["chat"])
@@ -242,11 +234,7 @@ def test_chromium_reads_a_close_mode_refusal_as_1013_with_its_retry() -> None:
                 assert len(up.handshakes) == 1, "a close-mode refusal never reaches the upstream"
                 assert gate.metric('wsgate_connections_rejected_total{reason="capacity"}') == 1
                 assert gate.metric("wsgate_connections_active") == 1
-            finally:
-                if ws is not None:
-                    await ws.close()
-                browser.stop()
-                gate.stop()
-                page.stop()
+        finally:
+            page.stop()
 
     asyncio.run(main())
