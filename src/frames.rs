@@ -17,6 +17,8 @@ use std::fmt;
 
 /// The Close opcode.
 const OPCODE_CLOSE: u8 = 0x8;
+/// The Pong opcode.
+const OPCODE_PONG: u8 = 0xA;
 /// The largest header: 2 + 8 (64-bit length) + 4 (mask).
 const MAX_HEADER: usize = 14;
 
@@ -122,6 +124,11 @@ impl Header {
     /// A Close frame.
     pub(crate) fn is_close(&self) -> bool {
         self.opcode == OPCODE_CLOSE
+    }
+
+    /// A Pong frame.
+    pub(crate) fn is_pong(&self) -> bool {
+        self.opcode == OPCODE_PONG
     }
 
     /// The header at the start of `data`, if all of it is there.
@@ -320,6 +327,25 @@ impl FrameTracker {
     pub(crate) fn advance(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             let n = self.step(data);
+            data = &data[n..];
+        }
+    }
+
+    /// Feeds `data` up to the first frame boundary and returns its offset
+    /// (0 if the stream is at one already), or `None` if `data` ends before
+    /// one (then all of it was fed). A control frame may go there, even
+    /// between the fragments of a message (RFC 6455 §5.4).
+    pub(crate) fn advance_to_frame_boundary(&mut self, mut data: &[u8]) -> Option<usize> {
+        let mut offset = 0;
+        loop {
+            if self.at_boundary() {
+                return Some(offset);
+            }
+            if data.is_empty() {
+                return None;
+            }
+            let n = self.step(data);
+            offset += n;
             data = &data[n..];
         }
     }
@@ -637,6 +663,27 @@ mod tests {
         assert_eq!(u.advance_to_message_boundary(&last), Some(last.len()));
         t.advance(&last);
         assert!(t.at_message_boundary());
+    }
+
+    /// A Ping may go between two fragments: the frame boundary comes at
+    /// the end of the first one, long before the message boundary.
+    #[test]
+    fn a_frame_boundary_comes_before_the_message_boundary() {
+        let first = frame(0x2, false, &[1; 300], false);
+        let mut stream = first.clone();
+        stream.extend(frame(0x0, true, b"last", false));
+        let mut t = FrameTracker::new();
+        t.advance(&stream[..10]);
+        assert_eq!(
+            t.advance_to_frame_boundary(&stream[10..]),
+            Some(first.len() - 10)
+        );
+        assert!(t.at_boundary() && !t.at_message_boundary());
+        assert_eq!(t.advance_to_frame_boundary(&[]), Some(0), "already at one");
+        let mut t = FrameTracker::new();
+        t.advance(&stream[..1]);
+        assert_eq!(t.advance_to_frame_boundary(&stream[1..5]), None);
+        assert!(!t.at_boundary(), "all of it fed");
     }
 
     #[test]

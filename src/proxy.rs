@@ -34,7 +34,7 @@ use crate::metrics::{labels, Family, Label, Registrar};
 use crate::plain_cap::{Held, Place, PlainCap};
 use crate::responses::{self, ProxyBody};
 use crate::shutdown::Shutdown;
-use crate::splice::Limits;
+use crate::splice::{Limits, PingSettings};
 use crate::subprotocols;
 use crate::target;
 use crate::throttle::Throttle;
@@ -446,6 +446,11 @@ impl Proxy {
                         half_close: config.half_close_timeout,
                         idle: config.idle_timeout,
                         close: Some(config.close),
+                        pings: config.signals.ping_interval.map(|interval| PingSettings {
+                            interval,
+                            pong_timeout: config.signals.pong_timeout,
+                        }),
+                        send_timeout: config.signals.send_timeout,
                     },
                     guards: config.message_guards,
                     metrics: Arc::clone(&inner.tunnel_metrics),

@@ -8,7 +8,8 @@
 //! - the half-close timeout ended it: `half_close_timeout`, whoever closed;
 //! - wsgate's own Close went out before any peer's: the cause that made
 //!   wsgate close (`drain`, `admin_drain`, `lifetime`, `idle`, `size`,
-//!   `rate`, `shutdown`), `closed_by = wsgate`;
+//!   `rate`, `ping_timeout`, `send_timeout`, `shutdown`),
+//!   `closed_by = wsgate`;
 //! - a peer's Close came first: `client_close` / `upstream_close`, however
 //!   TCP ended afterwards (a peer that closes and then resets has still
 //!   closed the session);
@@ -25,7 +26,10 @@ use prometheus::{Histogram, IntCounter, IntCounterVec};
 
 use crate::config::CloseSettings;
 use crate::metrics::{labels, Label, Registrar};
-use crate::splice::{Cause, Ended, FirstClose, Guard, Leg, StopReason, UPSTREAM_GUARD_CODE};
+use crate::splice::{
+    Cause, Ended, FirstClose, Guard, Leg, StopReason, Unresponsive, UNRESPONSIVE_CODE,
+    UPSTREAM_GUARD_CODE,
+};
 
 labels! {
     /// Who sent a session's first Close frame (`closed_by`).
@@ -65,6 +69,10 @@ labels! {
         Size => "size",
         /// `message_rate` with `message_rate_action = close`.
         Rate => "rate",
+        /// The client sent nothing within `pong_timeout` of wsgate's Ping.
+        PingTimeout => "ping_timeout",
+        /// Bytes for the client waited `send_timeout` for its socket.
+        SendTimeout => "send_timeout",
         /// One side finished and the other did not within `half_close_timeout`.
         HalfCloseTimeout => "half_close_timeout",
         /// A leg timed out: TCP keepalive or `TCP_USER_TIMEOUT`.
@@ -86,9 +94,14 @@ impl End {
             End::ClientEof | End::UpstreamEof | End::Keepalive | End::Error => {
                 closed_by == ClosedBy::Nobody
             }
-            End::Drain | End::AdminDrain | End::Lifetime | End::Idle | End::Size | End::Rate => {
-                closed_by == ClosedBy::Wsgate
-            }
+            End::Drain
+            | End::AdminDrain
+            | End::Lifetime
+            | End::Idle
+            | End::Size
+            | End::Rate
+            | End::PingTimeout
+            | End::SendTimeout => closed_by == ClosedBy::Wsgate,
             End::Shutdown => matches!(closed_by, ClosedBy::Wsgate | ClosedBy::Nobody),
             End::HalfCloseTimeout => closed_by != ClosedBy::Wsgate,
         }
@@ -197,6 +210,7 @@ impl SessionEnd {
             // No Close frame from anyone.
             (Ended::Stopped(reason), None) => wsgate_end(Cause::Stop(*reason)),
             (Ended::Guard(guard), None) => wsgate_end(Cause::Guard(*guard)),
+            (Ended::Unresponsive(why), None) => wsgate_end(Cause::Unresponsive(*why)),
             (Ended::Error(leg, e), None) => match e.kind() {
                 io::ErrorKind::TimedOut => End::Keepalive,
                 io::ErrorKind::ConnectionReset
@@ -235,6 +249,8 @@ fn wsgate_end(cause: Cause) -> End {
         Cause::Stop(StopReason::Idle) => End::Idle,
         Cause::Guard(Guard::Size | Guard::Fragments) => End::Size,
         Cause::Guard(Guard::Rate | Guard::Bytes) => End::Rate,
+        Cause::Unresponsive(Unresponsive::Ping) => End::PingTimeout,
+        Cause::Unresponsive(Unresponsive::Send) => End::SendTimeout,
     }
 }
 
@@ -244,6 +260,7 @@ fn sent_by_wsgate(cause: Cause, close: Option<&CloseSettings>) -> (u16, &'static
     match cause {
         Cause::Stop(reason) => (close.map_or(1001, |c| reason.code(c)), reason.close_text()),
         Cause::Guard(guard) => (guard.client_code(), guard.client_reason()),
+        Cause::Unresponsive(why) => (UNRESPONSIVE_CODE, why.close_text()),
     }
 }
 
@@ -337,6 +354,7 @@ impl SessionMetrics {
             m.code(ClosedBy::Wsgate, CloseStatus::Code(guard.client_code()));
         }
         m.code(ClosedBy::Wsgate, CloseStatus::Code(UPSTREAM_GUARD_CODE));
+        m.code(ClosedBy::Wsgate, CloseStatus::Code(UNRESPONSIVE_CODE));
         m.code(ClosedBy::Wsgate, CloseStatus::NoFrame);
         Ok(m)
     }
@@ -496,6 +514,16 @@ mod tests {
             (Cause::Guard(Guard::Size), End::Size, 1009),
             (Cause::Guard(Guard::Fragments), End::Size, 1009),
             (Cause::Guard(Guard::Rate), End::Rate, 1008),
+            (
+                Cause::Unresponsive(Unresponsive::Ping),
+                End::PingTimeout,
+                1001,
+            ),
+            (
+                Cause::Unresponsive(Unresponsive::Send),
+                End::SendTimeout,
+                1001,
+            ),
         ];
         for (cause, want, code) in cases {
             // Even when a peer then resets instead of replying.

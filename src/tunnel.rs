@@ -36,7 +36,7 @@ use crate::metrics::{Label, Registrar};
 use crate::session::{SessionEnd, SessionMetrics};
 use crate::shutdown::Shutdown;
 use crate::splice::{
-    self, Ended, Guards, Limits, Outcome, Side, Socket, SpliceMetrics, StopReason,
+    self, Ended, Guards, Limits, Outcome, Side, Socket, SpliceMetrics, StopReason, Unresponsive,
 };
 use crate::tcp;
 use crate::upstream_http::{self, AnswerError, Replay};
@@ -306,7 +306,12 @@ pub(crate) fn run(
     let deadline = ctx.lifetime.map(|(l, j)| started + draw_lifetime(l, j));
     // Made here, not in the task: the task then holds the guards' box (or
     // nothing), not a copy of their settings for the connection's life.
-    let guards = Guards::new(&ctx.guards, &ctx.metrics.splice.guards);
+    // With pings on, the client's answers are taken out by the guards' scan.
+    let guards = Guards::new(
+        &ctx.guards,
+        ctx.limits.pings.is_some(),
+        &ctx.metrics.splice.guards,
+    );
     async move {
         let upgraded = tokio::select! {
             r = client_upgrade => r,
@@ -348,11 +353,31 @@ pub(crate) fn run(
         let outcome = match &upstream {
             UpstreamIo::Tcp(stream) => {
                 let upstream_side = upstream_side(stream, upstream_leftover, metrics);
-                splice::splice(client_side, upstream_side, ctx.limits, guards, stop, abort).await
+                let pings = &metrics.pings_sent;
+                splice::splice(
+                    client_side,
+                    upstream_side,
+                    ctx.limits,
+                    guards,
+                    pings,
+                    stop,
+                    abort,
+                )
+                .await
             }
             UpstreamIo::Unix(stream) => {
                 let upstream_side = upstream_side(stream, upstream_leftover, metrics);
-                splice::splice(client_side, upstream_side, ctx.limits, guards, stop, abort).await
+                let pings = &metrics.pings_sent;
+                splice::splice(
+                    client_side,
+                    upstream_side,
+                    ctx.limits,
+                    guards,
+                    pings,
+                    stop,
+                    abort,
+                )
+                .await
             }
         };
         drop(registration);
@@ -398,6 +423,15 @@ pub(crate) fn run(
             upstream_to_client = totals.upstream_to_client,
             "websocket connection ended"
         );
+        if let Ended::Unresponsive(Unresponsive::Send) = ended {
+            // A client that stopped reading still has bytes queued in its
+            // socket: reset rather than close, so the kernel drops them now
+            // instead of keeping them, and probing its window, after the
+            // descriptor is gone.
+            if let Err(e) = socket2::SockRef::from(&client_io).set_linger(Some(Duration::ZERO)) {
+                tracing::trace!(error = %e, "setting SO_LINGER 0 on a send timeout");
+            }
+        }
         // Close both sockets before giving the slot back, so that once the
         // active gauge has dropped, the descriptors are gone too.
         drop(client_io);

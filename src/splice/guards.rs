@@ -5,7 +5,7 @@
 //!
 //! How it stays exact without buffering:
 //! - A frame header is only ever forwarded whole. When a read ends inside a
-//!   header, those few bytes (at most 13) are held back and put in front of
+//!   header, those few bytes (at most 14) are held back and put in front of
 //!   the next read, so a frame that is then refused has not had a single
 //!   byte forwarded.
 //! - The decision for a frame is taken on its header, before anything of
@@ -27,6 +27,13 @@
 //!
 //! A client's Close frame is never held back or refused by the rate guard:
 //! it ends the connection, which is what a guard wants anyway.
+//!
+//! With pings on (docs/behaviour.md#pings-from-wsgate) the same scan also
+//! takes out the client's Pongs that answer wsgate's own Pings: it already
+//! sees every frame header whole, and a Pong that may be one (a Pong of a
+//! Ping's length) is held back like a cut-short header until all of it is
+//! there, so an answer is never forwarded in part. Such a connection gets
+//! this scan even with every guard off; an answer takes no token.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -37,6 +44,7 @@ use prometheus::IntCounter;
 use tokio::time::{sleep_until, Instant, Sleep};
 
 use super::buffers::take_buffer;
+use super::pings::{PingFrame, PongMatcher};
 use crate::config::{MessageGuards, RateAction, RateLimit};
 use crate::frames::{FrameTracker, Header};
 use crate::metrics::{labels, Label, Registrar};
@@ -160,8 +168,9 @@ impl Guard {
 pub(crate) enum Verdict {
     /// All of it may go on.
     Pass,
-    /// `data[..at]` may go on; `data[at..]` is the start of a header, held
-    /// back until the rest of it is read.
+    /// `data[..at]` may go on; `data[at..]` is the start of a header (or
+    /// of a Pong that may answer wsgate), held back until the rest of it is
+    /// read.
     Partial(usize),
     /// `data[..at]` may go on; the rest waits for tokens until `until`.
     Wait {
@@ -183,6 +192,14 @@ pub(crate) enum Verdict {
     /// `data[..at]` may go on and ends at a message boundary (asked for by
     /// a closing direction that waits for one).
     Boundary(usize),
+    /// `data[at..at + len]` is a Pong answering wsgate's Ping: taken out,
+    /// and the scan goes on after it ([`Guards::scan_read`] does both).
+    Answer {
+        /// Where the Pong starts.
+        at: usize,
+        /// Its length.
+        len: usize,
+    },
 }
 
 /// Whether the frame of `header` takes a message token: a message's first
@@ -262,13 +279,20 @@ pub(crate) struct Guards {
     timer: Option<Pin<Box<Sleep>>>,
     /// A throttle episode is under way (counted once, when it began).
     throttling: bool,
+    /// wsgate's Pings, with pings on: their answers are taken out.
+    pongs: Option<PongMatcher>,
     metrics: GuardMetrics,
 }
 
 impl Guards {
-    /// Guards with full buckets; `None` when every guard is off.
-    pub(crate) fn new(settings: &MessageGuards, metrics: &GuardMetrics) -> Option<Box<Self>> {
-        if !settings.any() {
+    /// Guards with full buckets, taking out the answers to wsgate's Pings
+    /// if `pongs`; `None` when every guard is off and `pongs` is not asked for.
+    pub(crate) fn new(
+        settings: &MessageGuards,
+        pongs: bool,
+        metrics: &GuardMetrics,
+    ) -> Option<Box<Self>> {
+        if !settings.any() && !pongs {
             return None;
         }
         let now = Instant::now();
@@ -284,8 +308,50 @@ impl Guards {
             held: None,
             timer: None,
             throttling: false,
+            pongs: pongs.then(PongMatcher::new),
             metrics: metrics.clone(),
         }))
+    }
+
+    /// The next Ping to send the client, if this connection watches for
+    /// their answers.
+    pub(crate) fn next_ping(&mut self) -> Option<PingFrame> {
+        self.pongs.as_mut().map(PongMatcher::next_ping)
+    }
+
+    /// [`Guards::scan`] over a read, taking the answers to wsgate's Pings
+    /// out of `buf` as it goes: the verdict's offsets are in what is left.
+    pub(crate) fn scan_read(
+        &mut self,
+        tracker: &mut FrameTracker,
+        buf: &mut Vec<u8>,
+        to_message_boundary: bool,
+    ) -> Verdict {
+        let mut from = 0;
+        loop {
+            let shift = |at: usize| from + at;
+            return match self.scan(tracker, &buf[from..], to_message_boundary) {
+                Verdict::Answer { at, len } => {
+                    // Rare (one per ping interval at most): moving the rest
+                    // of the read down is cheaper than keeping offsets.
+                    buf.drain(shift(at)..shift(at) + len);
+                    from = shift(at);
+                    continue;
+                }
+                Verdict::Pass => Verdict::Pass,
+                Verdict::Partial(at) => Verdict::Partial(shift(at)),
+                Verdict::Wait { at, until, guard } => Verdict::Wait {
+                    at: shift(at),
+                    until,
+                    guard,
+                },
+                Verdict::Refuse { at, guard } => Verdict::Refuse {
+                    at: shift(at),
+                    guard,
+                },
+                Verdict::Boundary(at) => Verdict::Boundary(shift(at)),
+            };
+        }
     }
 
     /// Decides how much of `data` may go on. `tracker` must sit at the
@@ -337,6 +403,18 @@ impl Guards {
             let Some(header) = Header::parse(rest) else {
                 return Verdict::Partial(at);
             };
+            // An answer to wsgate's Ping is judged whole, before any guard:
+            // it is not forwarded, so it costs the upstream nothing.
+            if let Some(pongs) = &self.pongs {
+                if let Some(len) = PongMatcher::candidate_len(&header) {
+                    let Some(frame) = rest.get(..len) else {
+                        return Verdict::Partial(at);
+                    };
+                    if pongs.answers(frame) {
+                        return Verdict::Answer { at, len };
+                    }
+                }
+            }
             // The message's counts with this frame in; kept only once the
             // frame may go on, so a frame held back is judged afresh.
             let (message_len, fragments) = if header.is_control() {
@@ -477,16 +555,92 @@ mod tests {
     fn guards(edit: impl FnOnce(&mut MessageGuards)) -> Box<Guards> {
         let mut settings = MessageGuards::OFF;
         edit(&mut settings);
-        Guards::new(&settings, &GuardMetrics::unregistered()).expect("a guard is on")
+        Guards::new(&settings, false, &GuardMetrics::unregistered()).expect("a guard is on")
     }
 
     fn rate(per_second: f64, burst: f64) -> Option<RateLimit> {
         Some(RateLimit { per_second, burst })
     }
 
+    /// What the pipe forwards of `stream` cut into reads at `cuts`: each
+    /// read goes behind the carried bytes, as `Pipe::poll` does it.
+    fn forwarded(g: &mut Guards, stream: &[u8], cuts: &[usize]) -> Vec<u8> {
+        let mut t = FrameTracker::new();
+        let mut out = Vec::new();
+        let mut from = 0;
+        for &to in cuts.iter().chain([&stream.len()]) {
+            let mut buf = g.carry().to_vec();
+            g.carried();
+            buf.extend_from_slice(&stream[from..to]);
+            from = to;
+            match g.scan_read(&mut t, &mut buf, false) {
+                Verdict::Pass => {}
+                Verdict::Partial(at) => {
+                    g.keep_for_next_read(&buf[at..]);
+                    buf.truncate(at);
+                }
+                other => panic!("{other:?}"),
+            }
+            out.extend(buf);
+        }
+        out
+    }
+
+    /// The client's answer to `ping`, masked.
+    fn answer(ping: &[u8]) -> Vec<u8> {
+        let key = [0x5a, 0x01, 0x77, 0xc3];
+        let mut payload = ping[2..].to_vec();
+        crate::frames::apply_mask(&mut payload, key);
+        encode_frame(0xA, true, &payload, Some(key))
+    }
+
+    /// With pings on, the answer to wsgate's Ping is taken out wherever the
+    /// reads cut it, and costs no message token; the client's own Pong (a
+    /// Ping's length, another payload) and everything else go on.
+    #[test]
+    fn answers_to_wsgates_pings_are_taken_out_wherever_reads_cut_them() {
+        let own_pong = frame(0xA, true, 8);
+        let text = frame(0x1, true, 3);
+        let binary = frame(0x2, true, 5);
+        for rate in [None, rate(0.001, 3.0)] {
+            for cut in 0..60 {
+                let settings = MessageGuards {
+                    message_rate: rate,
+                    ..MessageGuards::OFF
+                };
+                let mut g =
+                    Guards::new(&settings, true, &GuardMetrics::unregistered()).expect("pongs on");
+                let ping = g.next_ping().expect("a Ping");
+                let mut stream = text.clone();
+                stream.extend(answer(&ping));
+                stream.extend(&own_pong);
+                stream.extend(answer(&ping));
+                stream.extend(&binary);
+                let cut = cut.min(stream.len());
+                let mut expected = text.clone();
+                expected.extend(&own_pong);
+                expected.extend(&binary);
+                let got = forwarded(&mut g, &stream, &[cut]);
+                assert_eq!(got, expected, "cut at {cut}, rate {rate:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn pings_alone_make_a_scan_and_without_them_there_is_no_ping() {
+        let mut g = Guards::new(&MessageGuards::OFF, true, &GuardMetrics::unregistered())
+            .expect("pongs on");
+        assert!(g.next_ping().is_some());
+        let mut g = guards(|s| s.max_message_size = Some(10));
+        assert!(
+            g.next_ping().is_none(),
+            "guards alone do not watch for answers"
+        );
+    }
+
     #[test]
     fn all_off_is_no_guards() {
-        assert!(Guards::new(&MessageGuards::OFF, &GuardMetrics::unregistered()).is_none());
+        assert!(Guards::new(&MessageGuards::OFF, false, &GuardMetrics::unregistered()).is_none());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The splice's series: bytes and messages each way, the message guards'
-//! actions, and the connections wsgate ended with Close frames.
+//! actions, the connections wsgate ended with Close frames, and wsgate's
+//! Pings to clients.
 
 use prometheus::IntCounter;
 
@@ -22,6 +23,8 @@ pub(crate) struct SpliceMetrics {
     pub(crate) guards: GuardMetrics,
     /// `wsgate_close_frames_sent_total{reason}`: per connection, once.
     pub(crate) close_frames: Family<StopReason>,
+    /// `wsgate_pings_sent_total`: wsgate's Pings to quiet clients.
+    pub(crate) pings_sent: IntCounter,
 }
 
 impl SpliceMetrics {
@@ -50,6 +53,10 @@ impl SpliceMetrics {
                 "wsgate_close_frames_sent_total",
                 "Connections wsgate ended with Close frames (counted once per connection)",
                 "reason",
+            )?,
+            pings_sent: r.counter(
+                "wsgate_pings_sent_total",
+                "Pings wsgate sent to clients that had sent nothing for ping_interval",
             )?,
         })
     }

@@ -32,6 +32,18 @@
 //! completed. If a peer had already started a closing handshake of its own,
 //! wsgate injects nothing and lets it finish within `close_timeout`.
 //!
+//! Signals to the client (docs/behaviour.md#signals-clients-can-act-on): with `ping_interval` set,
+//! wsgate sends a client that has been quiet that long a Ping, at the next
+//! *frame* boundary of the upstream → client direction (a control frame may
+//! sit between the fragments of a message), and takes the client's answer
+//! out of the client → upstream direction (the message guards' scan does
+//! it). When nothing comes within `pong_timeout`, or when bytes for the
+//! client wait `send_timeout` for its socket, wsgate gives the client up:
+//! the upstream gets Close 1001 as for any end wsgate decides, and only the
+//! upstream's reply is waited for. A quiet client is sent a Close 1001 too
+//! (it may still read); a client that stopped reading is sent nothing more,
+//! what waited for it is dropped, and its socket is reset when closed.
+//!
 //! Message guards (docs/operations.md#message-guards): the client → upstream direction may carry
 //! [`Guards`] that decide, frame header by frame header, what goes on, what
 //! waits for tokens, and what is refused. A refusal sends the upstream a
@@ -40,16 +52,20 @@
 //!
 //! Layout: this file holds the splice's own loop (both directions, the
 //! deadlines, the stop and abort); `pipe` is one direction and the phases
-//! of its life; `guards` the message guards; `buffers` the per-thread
-//! buffer pool; `gate` the waker gate that keeps the stop and abort futures
-//! off the per-message path; `socket` the operations a leg's socket offers.
+//! of its life; `guards` the message guards; `pings` what wsgate's Pings
+//! say and which Pongs answer them; `watch` the pings' and the send
+//! timeout's timers; `buffers` the per-thread buffer pool; `gate` the waker
+//! gate that keeps the stop and abort futures off the per-message path;
+//! `socket` the operations a leg's socket offers.
 
 mod buffers;
 mod gate;
 mod guards;
 mod metrics;
+mod pings;
 mod pipe;
 mod socket;
+mod watch;
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -70,6 +86,8 @@ pub(crate) use guards::{Guard, Guards, UPSTREAM_GUARD_CODE};
 pub(crate) use metrics::SpliceMetrics;
 use pipe::{Counters, Pipe};
 pub(crate) use socket::Socket;
+use watch::{ClientWatch, Due};
+pub(crate) use watch::{PingSettings, Unresponsive, UNRESPONSIVE_CODE};
 
 /// Deadlines that end a splice.
 #[derive(Debug, Clone, Copy)]
@@ -80,6 +98,10 @@ pub(crate) struct Limits {
     pub(crate) idle: Option<Duration>,
     /// Close frames for connections wsgate ends; `None` = cut TCP at once.
     pub(crate) close: Option<CloseSettings>,
+    /// `ping_interval` and `pong_timeout`; `None` = no Pings.
+    pub(crate) pings: Option<PingSettings>,
+    /// `send_timeout`; `None` = bytes for the client may wait forever.
+    pub(crate) send_timeout: Option<Duration>,
 }
 
 /// Which leg of the splice.
@@ -114,6 +136,9 @@ pub(crate) enum Ended {
     Stopped(StopReason),
     /// A message guard refused a frame from the client and ended it (docs/operations.md#message-guards).
     Guard(Guard),
+    /// wsgate gave the client up: no answer to its Ping, or its socket
+    /// took nothing for `send_timeout`.
+    Unresponsive(Unresponsive),
 }
 
 labels! {
@@ -222,6 +247,8 @@ pub(crate) enum Cause {
     Stop(StopReason),
     /// A message guard refused a frame.
     Guard(Guard),
+    /// The client stopped answering or reading.
+    Unresponsive(Unresponsive),
 }
 
 impl Cause {
@@ -230,6 +257,7 @@ impl Cause {
         match self {
             Cause::Stop(reason) => Ended::Stopped(reason),
             Cause::Guard(guard) => Ended::Guard(guard),
+            Cause::Unresponsive(why) => Ended::Unresponsive(why),
         }
     }
 }
@@ -247,6 +275,8 @@ enum Phase {
         idle: Option<Pin<Box<Sleep>>>,
         /// When a byte last moved either way (read only with `idle`).
         last_activity: Instant,
+        /// The pings and the send timeout; `None` with both off.
+        watch: Option<Box<ClientWatch>>,
     },
     /// wsgate is closing the session (Close frames injected, or a peer's
     /// own closing handshake let finish).
@@ -259,6 +289,8 @@ struct Closing {
     deadline: Pin<Box<Sleep>>,
     /// Close frames were injected (false: a peer's own handshake is let finish).
     injected: bool,
+    /// The client was given up: only the upstream's part is waited for.
+    client_gone: bool,
 }
 
 impl Closing {
@@ -272,6 +304,7 @@ impl Closing {
                 cause: Cause::Stop(reason),
                 deadline,
                 injected: false,
+                client_gone: false,
             };
         }
         let code = reason.code(close);
@@ -283,6 +316,56 @@ impl Closing {
             cause: Cause::Stop(reason),
             deadline,
             injected: true,
+            client_gone: false,
+        }
+    }
+
+    /// Gives the client up for `why`: the upstream gets Close 1001 at the
+    /// client's next message boundary, as for any end wsgate decides. A
+    /// quiet client is sent Close 1001 too, in case it still reads; a
+    /// client that stopped reading is sent nothing more. Either way its
+    /// reply is not waited for, only the upstream's.
+    fn begin_unresponsive(
+        why: Unresponsive,
+        close: &CloseSettings,
+        up: &mut Pipe,
+        down: &mut Pipe,
+    ) -> Self {
+        let deadline = Box::pin(sleep(close.timeout));
+        if up.saw_close() || down.saw_close() {
+            // As in `begin`: the peers' own closing handshake is let finish.
+            return Closing {
+                cause: Cause::Unresponsive(why),
+                deadline,
+                injected: false,
+                client_gone: false,
+            };
+        }
+        let text = why.close_text();
+        up.begin_close(close_frame(UNRESPONSIVE_CODE, text, Some(rand::random())));
+        match why {
+            Unresponsive::Ping => down.begin_close(close_frame(UNRESPONSIVE_CODE, text, None)),
+            Unresponsive::Send => down.abandon(),
+        }
+        Closing {
+            cause: Cause::Unresponsive(why),
+            deadline,
+            injected: true,
+            client_gone: true,
+        }
+    }
+
+    /// Whether the closing handshake is over: each direction's Close
+    /// answered (or its source ended); for a client given up, the
+    /// upstream's Close sent and answered; for the peers' own handshake,
+    /// both sides ended.
+    fn finished(&self, up: &Pipe, down: &Pipe) -> bool {
+        if !self.injected {
+            up.is_done() && down.is_done()
+        } else if self.client_gone {
+            up.close_sent() && down.close_finished()
+        } else {
+            up.close_finished() && down.close_finished()
         }
     }
 
@@ -299,6 +382,7 @@ impl Closing {
             cause: Cause::Guard(guard),
             deadline: Box::pin(sleep(close.timeout)),
             injected: true,
+            client_gone: false,
         }
     }
 }
@@ -369,6 +453,11 @@ pub(crate) struct Side<'a, S = TcpStream> {
 /// own copy of the loop, and the TCP one stays as it is (no dynamic
 /// dispatch per read or write).
 ///
+/// `pings_sent` counts wsgate's Pings (`wsgate_pings_sent_total`), with
+/// `limits.pings` set; `guards` must then be made to take out their
+/// answers (`Guards::new(.., pongs: true, ..)`): without that no Ping is
+/// sent.
+///
 /// `stop` resolving makes wsgate end the connection for that reason (with
 /// Close frames when `limits.close` is set); `abort` resolving cuts it at
 /// once, even in the middle of a closing handshake. The caller closes both
@@ -385,6 +474,7 @@ pub(crate) fn splice<'a, C, U, S, A>(
     upstream: Side<'a, U>,
     limits: Limits,
     guards: Option<Box<Guards>>,
+    pings_sent: &'a IntCounter,
     stop: Pin<Box<S>>,
     abort: Pin<Box<A>>,
 ) -> impl Future<Output = Outcome> + 'a
@@ -414,10 +504,12 @@ where
         bytes: forwarded,
         messages,
     };
+    let up = Pipe::new(client_leftover, guards);
+    let watch = ClientWatch::new(limits.pings, limits.send_timeout, up.received());
     let mut splice = Splice {
         client,
         upstream,
-        up: Pipe::new(client_leftover, guards),
+        up,
         down: Pipe::new(upstream_leftover, None),
         client_to_upstream,
         upstream_to_client,
@@ -426,8 +518,10 @@ where
             half_close: None,
             idle: limits.idle.map(|d| Box::pin(sleep(d))),
             last_activity: Instant::now(),
+            watch,
         },
         firsts: Firsts::default(),
+        pings_sent,
         stop: Gated::new(stop),
         abort: Gated::new(abort),
     };
@@ -451,6 +545,8 @@ struct Splice<'a, C, U, S: Future, A: Future> {
     limits: Limits,
     phase: Phase,
     firsts: Firsts,
+    /// `wsgate_pings_sent_total`.
+    pings_sent: &'a IntCounter,
     stop: Gated<S>,
     abort: Gated<A>,
 }
@@ -577,17 +673,13 @@ where
     }
 
     /// The phase's deadlines: the closing handshake's end, or, while open,
-    /// both directions done, the half-close timeout and the idle timeout.
+    /// both directions done, the half-close timeout, the idle timeout, and
+    /// the client watch (pings, send timeout).
     fn poll_deadlines(&mut self, cx: &mut Context<'_>, moved: bool) -> Step {
         let (up, down) = (&self.up, &self.down);
-        let (half_close, idle, last_activity) = match &mut self.phase {
+        let (half_close, idle, last_activity, watch) = match &mut self.phase {
             Phase::Closing(c) => {
-                let finished = if c.injected {
-                    up.close_finished() && down.close_finished()
-                } else {
-                    up.is_done() && down.is_done()
-                };
-                if finished || c.deadline.as_mut().poll(cx).is_ready() {
+                if c.finished(up, down) || c.deadline.as_mut().poll(cx).is_ready() {
                     return Step::Ended(c.cause.ended());
                 }
                 return Step::Pending;
@@ -596,7 +688,8 @@ where
                 half_close,
                 idle,
                 last_activity,
-            } => (half_close, idle, last_activity),
+                watch,
+            } => (half_close, idle, last_activity, watch),
         };
         if up.is_done() && down.is_done() {
             return Step::Ended(Ended::Closed);
@@ -630,7 +723,43 @@ where
                 };
             }
         }
-        Step::Pending
+        let Some(watch) = watch else {
+            return Step::Pending;
+        };
+        let received = (!up.is_done()).then(|| up.received());
+        let due = watch.poll(cx, received, down.waiting_to_write(), down.bytes());
+        match due {
+            Poll::Pending => Step::Pending,
+            Poll::Ready(Due::Ping) => {
+                let sent = match self.up.next_ping() {
+                    Some(ping) => self.down.send_ping(ping),
+                    None => false,
+                };
+                if sent {
+                    self.pings_sent.inc();
+                }
+                watch.ping_sent(sent);
+                // Poll again so the Ping is written now.
+                Step::Again
+            }
+            Poll::Ready(Due::End(why)) => match self.give_up(why) {
+                Poll::Ready(ended) => Step::Ended(ended),
+                Poll::Pending => Step::Again,
+            },
+        }
+    }
+
+    /// wsgate gives the client up for `why` (see
+    /// [`Closing::begin_unresponsive`]), or ends at once without close
+    /// settings.
+    fn give_up(&mut self, why: Unresponsive) -> Poll<Ended> {
+        let Some(close) = &self.limits.close else {
+            return Poll::Ready(Ended::Unresponsive(why));
+        };
+        let closing = Closing::begin_unresponsive(why, close, &mut self.up, &mut self.down);
+        self.phase = Phase::Closing(closing);
+        self.observe();
+        Poll::Pending
     }
 
     /// Notes the first Close and the first EOF (see [`Firsts::observe`]).
@@ -673,11 +802,12 @@ where
             },
             close_frames_sent: closing.filter(|c| c.injected).and_then(|c| match c.cause {
                 Cause::Stop(reason) => Some(reason),
-                Cause::Guard(_) => None,
+                Cause::Guard(_) | Cause::Unresponsive(_) => None,
             }),
-            close_completed: matches!(ended, Ended::Stopped(_) | Ended::Guard(_))
-                && closing
-                    .is_some_and(|c| c.injected && up.close_finished() && down.close_finished()),
+            close_completed: matches!(
+                ended,
+                Ended::Stopped(_) | Ended::Guard(_) | Ended::Unresponsive(_)
+            ) && closing.is_some_and(|c| c.injected && c.finished(up, down)),
             ended,
         }
     }
@@ -698,7 +828,7 @@ mod tests {
     use super::*;
     use crate::frames;
     use socket2::SockRef;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     /// Two connected pairs: (outer client end, proxy's client end) and
@@ -751,11 +881,13 @@ mod tests {
         limits: Limits,
         stop: impl Future<Output = StopReason>,
     ) -> Outcome {
+        let pings = IntCounter::new("p", "p").expect("metric");
         splice(
             client,
             upstream,
             limits,
             None,
+            &pings,
             Box::pin(stop),
             Box::pin(std::future::pending()),
         )
@@ -766,6 +898,8 @@ mod tests {
         half_close: Duration::from_secs(5),
         idle: None,
         close: None,
+        pings: None,
+        send_timeout: None,
     };
 
     const CLOSE: CloseSettings = CloseSettings {
@@ -777,7 +911,7 @@ mod tests {
 
     /// Reads one whole frame from `s`: (first byte, masked?, payload
     /// unmasked), parsed with the tracker's own header helpers.
-    async fn read_frame(s: &mut TcpStream) -> (u8, bool, Vec<u8>) {
+    async fn read_frame(s: &mut (impl AsyncRead + Unpin)) -> (u8, bool, Vec<u8>) {
         let mut header = [0u8; 14];
         s.read_exact(&mut header[..2]).await.expect("frame header");
         let len = frames::header_len(header[1]);
@@ -836,6 +970,7 @@ mod tests {
     ) -> tokio::task::JoinHandle<Outcome> {
         tokio::spawn(async move {
             let (c2u, u2c) = counters();
+            let pings = IntCounter::new("p", "p").expect("metric");
             let limits = Limits {
                 close: Some(CLOSE),
                 ..LIMITS
@@ -845,11 +980,259 @@ mod tests {
                 side(&p_up, &u2c),
                 limits,
                 None,
+                &pings,
                 Box::pin(stop),
                 Box::pin(abort),
             )
             .await
         })
+    }
+
+    /// A splice with close frames on, wsgate's Pings (their answers taken
+    /// out) and `send_timeout` as given, in its own task; with the Pings
+    /// counter it counts into.
+    fn spawn_watching_splice(
+        p_client: TcpStream,
+        p_up: TcpStream,
+        pings: Option<PingSettings>,
+        send_timeout: Option<Duration>,
+    ) -> (IntCounter, tokio::task::JoinHandle<Outcome>) {
+        let counter = IntCounter::new("p", "p").expect("metric");
+        let pings_sent = counter.clone();
+        let task = tokio::spawn(async move {
+            let (c2u, u2c) = counters();
+            let limits = Limits {
+                close: Some(CLOSE),
+                pings,
+                send_timeout,
+                ..LIMITS
+            };
+            let guards = Guards::new(
+                &crate::config::MessageGuards::OFF,
+                pings.is_some(),
+                &guards::GuardMetrics::unregistered(),
+            );
+            splice(
+                side(&p_client, &c2u),
+                side(&p_up, &u2c),
+                limits,
+                guards,
+                &pings_sent,
+                Box::pin(std::future::pending()),
+                Box::pin(std::future::pending()),
+            )
+            .await
+        });
+        (counter, task)
+    }
+
+    const FAST_PINGS: PingSettings = PingSettings {
+        interval: Duration::from_millis(100),
+        pong_timeout: Duration::from_secs(5),
+    };
+
+    /// A masked client frame.
+    fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        let mut masked = payload.to_vec();
+        frames::apply_mask(&mut masked, key);
+        frames::encode_frame(opcode, true, &masked, Some(key))
+    }
+
+    /// Polls `counter` until it reaches `n`, within a second.
+    async fn counted(counter: &IntCounter, n: u64) {
+        let start = Instant::now();
+        while counter.get() < n {
+            assert!(
+                start.elapsed() < Duration::from_secs(1),
+                "{} of {n}",
+                counter.get()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_quiet_client_is_pinged_and_its_answer_stays_with_wsgate() {
+        let ((mut client, p_client), (p_up, mut upstream)) = pairs().await;
+        let (pings, task) = spawn_watching_splice(p_client, p_up, Some(FAST_PINGS), None);
+        let (b0, masked, ping) = read_frame(&mut client).await;
+        assert_eq!(
+            (b0, masked, ping.len()),
+            (0x89, false, 8),
+            "an unmasked Ping"
+        );
+        assert_eq!(pings.get(), 1);
+        // The answer, the client's own Pong and a message, in one write.
+        let mut bytes = client_frame(0xA, &ping);
+        bytes.extend(client_frame(0xA, b"mine"));
+        bytes.extend(client_frame(0x1, b"after"));
+        client.write_all(&bytes).await.expect("write");
+        assert_eq!(
+            read_frame(&mut upstream).await,
+            (0x8A, true, b"mine".to_vec())
+        );
+        assert_eq!(
+            read_frame(&mut upstream).await,
+            (0x81, true, b"after".to_vec())
+        );
+        // Quiet again: another Ping an interval later, with another number.
+        let (b0, _, next) = read_frame(&mut client).await;
+        assert_eq!(b0, 0x89);
+        assert_ne!(next, ping);
+        drop((client, upstream));
+        let out = outcome_within(Duration::from_secs(2), task, "ends").await;
+        assert!(
+            matches!(out.ended, Ended::Closed | Ended::Error(..)),
+            "{:?}",
+            out.ended
+        );
+        assert_eq!(
+            out.totals.client_to_upstream as usize,
+            bytes.len() - 14,
+            "the answer not forwarded"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_ping_waits_for_the_frame_in_flight_but_not_for_the_message() {
+        let ((mut client, p_client), (p_up, mut upstream)) = pairs().await;
+        let (pings, task) = spawn_watching_splice(p_client, p_up, Some(FAST_PINGS), None);
+        let first = frames::encode_frame(0x2, false, &[1; 10], None);
+        let second = frames::encode_frame(0x0, false, &[2; 10], None);
+        let last = frames::encode_frame(0x0, true, &[3; 10], None);
+        let mut head = first.clone();
+        head.extend_from_slice(&second[..5]);
+        upstream.write_all(&head).await.expect("write");
+        let mut got = vec![0u8; head.len()];
+        client.read_exact(&mut got).await.expect("through");
+        // The Ping is due while the second fragment is cut: it waits.
+        counted(&pings, 1).await;
+        let mut rest = second[5..].to_vec();
+        rest.extend_from_slice(&last);
+        upstream.write_all(&rest).await.expect("write");
+        let mut got = vec![0u8; second.len() - 5];
+        client
+            .read_exact(&mut got)
+            .await
+            .expect("the rest of the fragment");
+        assert_eq!(got, second[5..]);
+        let (b0, _, _) = read_frame(&mut client).await;
+        assert_eq!(b0, 0x89, "the Ping between the fragments");
+        let (b0, _, payload) = read_frame(&mut client).await;
+        assert_eq!((b0, payload), (0x80, vec![3; 10]), "then the last fragment");
+        drop((client, upstream));
+        let _ = outcome_within(Duration::from_secs(2), task, "ends").await;
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_answers_is_given_up_at_the_pong_timeout() {
+        let ((mut client, p_client), (p_up, mut upstream)) = pairs().await;
+        let settings = PingSettings {
+            interval: Duration::from_millis(100),
+            pong_timeout: Duration::from_millis(200),
+        };
+        let start = Instant::now();
+        let (_, task) = spawn_watching_splice(p_client, p_up, Some(settings), None);
+        // The upstream: Close 1001, masked; it answers at once.
+        let (b0, masked, payload) = read_frame(&mut upstream).await;
+        assert_eq!((b0, masked), (0x88, true));
+        assert_eq!(&payload[..2], &1001u16.to_be_bytes());
+        assert_eq!(&payload[2..], b"ping timeout");
+        let took = start.elapsed();
+        assert!(
+            took >= settings.interval + settings.pong_timeout,
+            "{took:?}"
+        );
+        upstream
+            .write_all(&close_frame(1001, "", None))
+            .await
+            .expect("reply");
+        // Ends on the upstream's reply alone, well before close_timeout.
+        let out =
+            outcome_within(Duration::from_secs(1), task, "ends on the upstream's reply").await;
+        assert!(
+            matches!(out.ended, Ended::Unresponsive(Unresponsive::Ping)),
+            "{:?}",
+            out.ended
+        );
+        assert!(out.close_completed && out.close_frames_sent.is_none());
+        assert!(matches!(
+            out.first_close,
+            Some(FirstClose::Wsgate(Cause::Unresponsive(Unresponsive::Ping)))
+        ));
+        // The client got the Ping, then Close 1001, in case it still reads.
+        let (b0, _, _) = read_frame(&mut client).await;
+        assert_eq!(b0, 0x89);
+        let (b0, masked, payload) = read_frame(&mut client).await;
+        assert_eq!(
+            (b0, masked, &payload[..2]),
+            (0x88, false, &1001u16.to_be_bytes()[..])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_given_up_at_the_send_timeout() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        let client = sock
+            .connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (p_client, _) = l.accept().await.expect("accept");
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let p_up = TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (upstream, _) = l.accept().await.expect("accept");
+        let limit = Duration::from_millis(300);
+        let (_, task) = spawn_watching_splice(p_client, p_up, None, Some(limit));
+        // The upstream floods, whole frames only, until it reads wsgate's
+        // Close; then it answers it.
+        let (mut up_read, mut up_write) = upstream.into_split();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (stop_flood, sent_by_flood) = (stop.clone(), sent.clone());
+        let flood = tokio::spawn(async move {
+            let frame = frames::encode_frame(0x2, true, &[9; 16 * 1024], None);
+            while !stop_flood.load(std::sync::atomic::Ordering::SeqCst) {
+                up_write.write_all(&frame).await.expect("flood");
+                sent_by_flood.fetch_add(frame.len(), std::sync::atomic::Ordering::SeqCst);
+            }
+            up_write
+                .write_all(&close_frame(1001, "", None))
+                .await
+                .expect("reply");
+        });
+        let (b0, masked, payload) = read_frame(&mut up_read).await;
+        let sent_by_then = sent.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            (b0, masked, &payload[..]),
+            (0x88, true, &close_frame_payload("send timeout")[..])
+        );
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        flood.await.expect("flood");
+        let out =
+            outcome_within(Duration::from_secs(1), task, "ends on the upstream's reply").await;
+        assert!(
+            matches!(out.ended, Ended::Unresponsive(Unresponsive::Send)),
+            "{:?}",
+            out.ended
+        );
+        assert!(out.close_completed);
+        // wsgate stopped reading the upstream while the client's socket was
+        // full: what the upstream got out before it blocked is what the
+        // sockets' buffers hold, not a send timeout's worth of flood.
+        assert!(sent_by_then < 16 << 20, "{sent_by_then} bytes");
+        drop(client);
+    }
+
+    /// A Close payload: 1001 and `reason`.
+    fn close_frame_payload(reason: &str) -> Vec<u8> {
+        let mut p = 1001u16.to_be_bytes().to_vec();
+        p.extend_from_slice(reason.as_bytes());
+        p
     }
 
     #[tokio::test]

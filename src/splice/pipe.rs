@@ -1,8 +1,9 @@
 //! One direction of the splice: reads from one socket, writes to the
 //! other, and knows which phase of its life it is in.
 //!
-//! Why a module: the phases (forwarding, injecting a Close at the next
-//! message boundary, waiting for the peer's reply, finished) are the part
+//! Why a module: the phases (forwarding, slipping wsgate's Ping in at the
+//! next frame boundary, injecting a Close at the next message boundary,
+//! waiting for the peer's reply, finished) are the part
 //! of the splice that later features grow (message guards inject their own
 //! Close frames, throttling pauses reads). Kept as one [`Phase`] value, an
 //! impossible combination — a reply awaited while no Close was sent, a
@@ -17,6 +18,7 @@ use prometheus::IntCounter;
 
 use super::buffers::{return_buffer, take_buffer};
 use super::guards::{Guard, Guards, Verdict, UPSTREAM_GUARD_CODE};
+use super::pings::PingFrame;
 use super::socket::Socket;
 use super::{Ended, Leg};
 use crate::frames::{close_frame, CloseSeen, FrameTracker};
@@ -27,6 +29,9 @@ use crate::frames::{close_frame, CloseSeen, FrameTracker};
 /// Open ─begin_close, at a message boundary──────────▶ CloseQueued ─written─▶ AwaitingReply ─Close read─▶ Replied
 /// Open ─begin_close, mid-message─▶ InjectAtBoundary ─boundary read─▶ CloseQueued{replied if the rest held it}
 /// CloseQueued{replied: true} ─written─▶ Replied
+/// Open ─send_ping, mid-frame─▶ PingAtBoundary ─frame boundary read─▶ Open (at a boundary: queued at once)
+/// PingAtBoundary ─begin_close─▶ as from Open (the Ping is dropped: the Close says more)
+/// Open, PingAtBoundary ─abandon─▶ AwaitingReply (what waited for `dst` dropped, no Close to it)
 /// any phase ─EOF read─▶ Done (the FIN passed on); begin_close leaves Done as it is
 /// ```
 ///
@@ -35,6 +40,10 @@ use crate::frames::{close_frame, CloseSeen, FrameTracker};
 enum Phase {
     /// Forwarding everything `src` sends.
     Open,
+    /// Forwarding, and `src` is inside a frame: wsgate's Ping goes to
+    /// `dst` at the next frame boundary (a control frame may sit between
+    /// the fragments of a message, so the message need not end first).
+    PingAtBoundary(PingFrame),
     /// wsgate is closing the connection and `src` is inside a message:
     /// forward up to the next message boundary, then this Close frame.
     InjectAtBoundary(Vec<u8>),
@@ -183,13 +192,71 @@ impl Pipe {
         matches!(self.phase, Phase::Replied | Phase::Done)
     }
 
+    /// Whether our Close has reached `dst` (answered or not), or `src`
+    /// ended, so that none will be sent.
+    pub(crate) fn close_sent(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::AwaitingReply | Phase::Replied | Phase::Done
+        )
+    }
+
+    /// Whether read bytes wait for `dst` to take them (its socket is full:
+    /// while they wait, `src` is not read).
+    pub(crate) fn waiting_to_write(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Whether this direction forwards and no Close is under way in it.
+    fn open(&self) -> bool {
+        matches!(self.phase, Phase::Open | Phase::PingAtBoundary(_))
+    }
+
+    /// The next Ping for the client, if this direction (client → upstream)
+    /// watches for the answers to wsgate's Pings.
+    pub(crate) fn next_ping(&mut self) -> Option<PingFrame> {
+        self.guards.as_deref_mut()?.next_ping()
+    }
+
+    /// Sends `dst` wsgate's Ping: after what is read already if that ends
+    /// at a frame boundary, else at the next one. False when this direction
+    /// no longer forwards (closing, or finished) and no Ping will go.
+    pub(crate) fn send_ping(&mut self, frame: PingFrame) -> bool {
+        if !matches!(self.phase, Phase::Open) {
+            return false;
+        }
+        if !self.tracker.at_boundary() {
+            self.phase = Phase::PingAtBoundary(frame);
+            return true;
+        }
+        match &mut self.pending {
+            Some((buf, _)) => buf.extend_from_slice(&frame),
+            None => self.pending = Some((frame.to_vec(), 0)),
+        }
+        true
+    }
+
+    /// Gives `dst` up (a client that stopped answering or reading): what
+    /// waits for it is dropped and nothing more goes to it, not even a
+    /// Close; what `src` sends is dropped too, watched only for its Close
+    /// (the answer to the one the other direction sent it).
+    pub(crate) fn abandon(&mut self) {
+        if !self.open() {
+            return;
+        }
+        if let Some((buf, _)) = self.pending.take() {
+            return_buffer(buf);
+        }
+        self.phase = Phase::AwaitingReply;
+    }
+
     /// Starts closing this direction with `frame`: at once if the stream is
     /// at a message boundary, else when the current message is through.
     pub(crate) fn begin_close(&mut self, frame: Vec<u8>) {
         // Done: the source is gone and its FIN passed on, nothing can follow
-        // it. Any other phase but Open: closing began already (it begins
-        // once per splice).
-        if !matches!(self.phase, Phase::Open) {
+        // it. Any other phase but Open (or a Ping waiting, which the Close
+        // replaces): closing began already (it begins once per splice).
+        if !self.open() {
             return;
         }
         if !self.tracker.at_message_boundary() {
@@ -212,6 +279,14 @@ impl Pipe {
         match self.phase {
             Phase::Open => {
                 self.tracker.advance(buf);
+                self.messages = self.tracker.messages_seen();
+            }
+            Phase::PingAtBoundary(frame) => {
+                if let Some(offset) = self.tracker.advance_to_frame_boundary(buf) {
+                    self.tracker.advance(&buf[offset..]);
+                    buf.splice(offset..offset, frame);
+                    self.phase = Phase::Open;
+                }
                 self.messages = self.tracker.messages_seen();
             }
             Phase::InjectAtBoundary(ref frame) => {
@@ -253,10 +328,11 @@ impl Pipe {
             return;
         };
         let closing = matches!(self.phase, Phase::InjectAtBoundary(_));
-        let verdict = guards.scan(&mut self.tracker, buf, closing);
+        let verdict = guards.scan_read(&mut self.tracker, buf, closing);
         self.messages = self.tracker.messages_seen();
         let (at, refused) = match verdict {
-            Verdict::Pass => return,
+            // `scan_read` took the answers out and went on.
+            Verdict::Pass | Verdict::Answer { .. } => return,
             Verdict::Partial(at) => {
                 guards.keep_for_next_read(&buf[at..]);
                 buf.truncate(at);
@@ -303,7 +379,10 @@ impl Pipe {
     /// Whether this direction still forwards what `src` sends (so the
     /// guards' waits apply); later phases only watch for a Close reply.
     fn forwarding(&self) -> bool {
-        matches!(self.phase, Phase::Open | Phase::InjectAtBoundary(_))
+        matches!(
+            self.phase,
+            Phase::Open | Phase::PingAtBoundary(_) | Phase::InjectAtBoundary(_)
+        )
     }
 
     /// `pending` is all written: its buffer goes back to the pool, and a
@@ -569,7 +648,7 @@ mod tests {
             max_message_size: Some(100),
             ..MessageGuards::OFF
         };
-        let guards = Guards::new(&settings, &GuardMetrics::unregistered());
+        let guards = Guards::new(&settings, false, &GuardMetrics::unregistered());
         let mut pipe = Pipe::new(Bytes::new(), guards);
         let key = Some([1, 2, 3, 4]);
         let first = encode_frame(0x2, false, &[7; 60], key);
@@ -608,7 +687,7 @@ mod tests {
             }),
             ..MessageGuards::OFF
         };
-        let guards = Guards::new(&settings, &GuardMetrics::unregistered());
+        let guards = Guards::new(&settings, false, &GuardMetrics::unregistered());
         let mut pipe = Pipe::new(Bytes::new(), guards);
         let key = Some([1, 2, 3, 4]);
         let one = encode_frame(0x1, true, b"one", key);
@@ -635,6 +714,93 @@ mod tests {
             pipe.close_finished(),
             "the client's reply behind them was seen"
         );
+    }
+
+    /// An unmasked frame as the upstream sends it.
+    fn server(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+        crate::frames::encode_frame(opcode, fin, payload, None)
+    }
+
+    const PING: PingFrame = [0x89, 8, 1, 2, 3, 4, 0, 0, 0, 1];
+
+    #[test]
+    fn a_ping_at_a_frame_boundary_follows_what_was_read() {
+        let frame = server(0x2, true, b"data");
+        let mut pipe = Pipe::new(Bytes::copy_from_slice(&frame), None);
+        assert!(pipe.send_ping(PING));
+        let mut expected = frame;
+        expected.extend_from_slice(&PING);
+        assert_eq!(
+            pipe.pending.as_ref().map(|(b, _)| b.clone()),
+            Some(expected)
+        );
+        assert!(matches!(pipe.phase, Phase::Open));
+        // Nothing pending: the Ping alone.
+        pipe.pending_written();
+        assert!(pipe.send_ping(PING));
+        assert_eq!(
+            pipe.pending.as_ref().map(|(b, _)| b.clone()),
+            Some(PING.to_vec())
+        );
+    }
+
+    /// Mid-frame, the Ping waits for the frame's end, and goes between two
+    /// fragments of a message: it does not wait for the message's end.
+    #[test]
+    fn a_ping_mid_frame_goes_in_at_the_next_frame_boundary() {
+        let first = server(0x1, false, b"one");
+        let second = server(0x0, false, b"two");
+        let last = server(0x0, true, b"three");
+        let mut pipe = Pipe::new(Bytes::copy_from_slice(&first[..3]), None);
+        assert!(pipe.send_ping(PING));
+        assert!(matches!(pipe.phase, Phase::PingAtBoundary(_)));
+        pipe.pending_written();
+        let mut buf = first[3..].to_vec();
+        buf.extend_from_slice(&second);
+        buf.extend_from_slice(&last);
+        pipe.process(&mut buf);
+        let mut expected = first[3..].to_vec();
+        expected.extend_from_slice(&PING);
+        expected.extend_from_slice(&second);
+        expected.extend_from_slice(&last);
+        assert_eq!(buf, expected, "in right after the frame in flight");
+        assert!(matches!(pipe.phase, Phase::Open));
+        assert!(
+            pipe.tracker.at_message_boundary(),
+            "the tracker followed the rest"
+        );
+        assert_eq!(pipe.data_messages(), 1, "the Ping is not the upstream's");
+    }
+
+    #[test]
+    fn no_ping_while_closing_and_a_close_replaces_a_waiting_ping() {
+        let frame = server(0x2, true, &[7; 20]);
+        let mut pipe = Pipe::new(Bytes::copy_from_slice(&frame[..5]), None);
+        assert!(pipe.send_ping(PING));
+        assert!(!pipe.send_ping(PING), "one at a time");
+        let ours = close_frame(1001, "bye", None);
+        pipe.begin_close(ours.clone());
+        assert!(matches!(pipe.phase, Phase::InjectAtBoundary(_)));
+        assert!(!pipe.send_ping(PING), "closing");
+        pipe.pending_written();
+        let mut buf = frame[5..].to_vec();
+        pipe.process(&mut buf);
+        let mut expected = frame[5..].to_vec();
+        expected.extend_from_slice(&ours);
+        assert_eq!(buf, expected, "the Close, no Ping");
+    }
+
+    #[test]
+    fn an_abandoned_direction_drops_what_waits_and_watches_for_the_reply() {
+        let mut pipe = Pipe::new(Bytes::from_static(&[0x82, 3, 1, 2, 3]), None);
+        assert!(pipe.waiting_to_write());
+        pipe.abandon();
+        assert!(!pipe.waiting_to_write(), "dropped");
+        assert!(pipe.close_sent() && !pipe.close_finished());
+        let mut buf = server(0x2, true, b"more");
+        buf.extend(close_frame(1001, "", None));
+        pipe.process(&mut buf);
+        assert!(buf.is_empty() && pipe.close_finished(), "the reply ends it");
     }
 
     #[test]
@@ -725,7 +891,7 @@ mod size_guard_props {
                 }
             }
             let settings = MessageGuards { max_message_size: Some(limit), ..MessageGuards::OFF };
-            let guards = Guards::new(&settings, &GuardMetrics::unregistered());
+            let guards = Guards::new(&settings, false, &GuardMetrics::unregistered());
             let mut pipe = Pipe::new(Bytes::new(), guards);
             let mut out = Vec::new();
             let (mut offset, mut i) = (0, 0);
