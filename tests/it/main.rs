@@ -37,6 +37,7 @@ mod keepalive;
 mod key_limits;
 mod key_limits_jwt;
 mod loops;
+mod pings;
 mod pod_deletion;
 mod props;
 mod release_paths;
