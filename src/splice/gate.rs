@@ -1,5 +1,5 @@
 //! A waker gate: polls a rarely-ready future only when *its own* waker
-//! fired.
+//! fired (or when it was just changed).
 //!
 //! Why: the splice task is woken for every chunk of data; re-polling the
 //! stop future (cancellation token, drain notification, lifetime timer) on
@@ -50,6 +50,14 @@ impl<F: Future> Gated<F> {
                 task: AtomicWaker::new(),
             }),
         }
+    }
+
+    /// The future, to change it in place (a timer's deadline): it is
+    /// polled through at the next [`Gated::poll`], whether its waker fired
+    /// or not.
+    pub(crate) fn future_mut(&mut self) -> Pin<&mut F> {
+        self.gate.woken.store(true, Ordering::Release);
+        self.future.as_mut()
     }
 
     /// Polls the future if its waker fired since the last poll; `Pending`

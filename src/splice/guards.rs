@@ -192,8 +192,8 @@ pub(crate) enum Verdict {
     /// `data[..at]` may go on and ends at a message boundary (asked for by
     /// a closing direction that waits for one).
     Boundary(usize),
-    /// `data[at..at + len]` is a Pong answering wsgate's Ping: taken out,
-    /// and the scan goes on after it ([`Guards::scan_read`] does both).
+    /// `data[at..at + len]` is a Pong answering wsgate's Ping (the scan
+    /// takes it out and goes on; never returned by [`Guards::scan`]).
     Answer {
         /// Where the Pong starts.
         at: usize,
@@ -212,6 +212,29 @@ fn takes_message_token(header: &Header, fragments: u64) -> bool {
     } else {
         !header.is_close()
     }
+}
+
+/// Takes the `len` bytes at `at` out of `data` (an answer to wsgate's
+/// Ping). Moving the rest of the read down is cheaper than keeping offsets:
+/// there is one answer per ping interval at most.
+#[cold]
+#[inline(never)]
+fn take_out(data: &mut Vec<u8>, at: usize, len: usize) {
+    data.drain(at..at + len);
+}
+
+/// What the scan does with a Pong whose header is at `rest[0]` (`at` in
+/// the read): `Partial` while it may be an answer to wsgate's Ping but is
+/// not all there, `Answer` when it is one, `None` to judge it as any frame.
+/// Out of line: Pongs are rare, and the scan is on every read's path.
+#[cold]
+#[inline(never)]
+fn answer_verdict(pongs: &PongMatcher, header: &Header, rest: &[u8], at: usize) -> Option<Verdict> {
+    let len = PongMatcher::candidate_len(header)?;
+    let Some(frame) = rest.get(..len) else {
+        return Some(Verdict::Partial(at));
+    };
+    pongs.answers(frame).then_some(Verdict::Answer { at, len })
 }
 
 /// A token bucket on tokio's clock.
@@ -319,49 +342,15 @@ impl Guards {
         self.pongs.as_mut().map(PongMatcher::next_ping)
     }
 
-    /// [`Guards::scan`] over a read, taking the answers to wsgate's Pings
-    /// out of `buf` as it goes: the verdict's offsets are in what is left.
-    pub(crate) fn scan_read(
-        &mut self,
-        tracker: &mut FrameTracker,
-        buf: &mut Vec<u8>,
-        to_message_boundary: bool,
-    ) -> Verdict {
-        let mut from = 0;
-        loop {
-            let shift = |at: usize| from + at;
-            return match self.scan(tracker, &buf[from..], to_message_boundary) {
-                Verdict::Answer { at, len } => {
-                    // Rare (one per ping interval at most): moving the rest
-                    // of the read down is cheaper than keeping offsets.
-                    buf.drain(shift(at)..shift(at) + len);
-                    from = shift(at);
-                    continue;
-                }
-                Verdict::Pass => Verdict::Pass,
-                Verdict::Partial(at) => Verdict::Partial(shift(at)),
-                Verdict::Wait { at, until, guard } => Verdict::Wait {
-                    at: shift(at),
-                    until,
-                    guard,
-                },
-                Verdict::Refuse { at, guard } => Verdict::Refuse {
-                    at: shift(at),
-                    guard,
-                },
-                Verdict::Boundary(at) => Verdict::Boundary(shift(at)),
-            };
-        }
-    }
-
     /// Decides how much of `data` may go on. `tracker` must sit at the
     /// start of `data` and not inside a header; it is advanced over exactly
     /// what may go on. With `to_message_boundary`, the scan stops at the
-    /// first message boundary.
+    /// first message boundary. The answers to wsgate's Pings are taken out
+    /// of `data` as they are met: the verdict's offsets are in what is left.
     pub(crate) fn scan(
         &mut self,
         tracker: &mut FrameTracker,
-        data: &[u8],
+        data: &mut Vec<u8>,
         to_message_boundary: bool,
     ) -> Verdict {
         // The clock is read once per scan, and only by the rate guards.
@@ -403,21 +392,23 @@ impl Guards {
             let Some(header) = Header::parse(rest) else {
                 return Verdict::Partial(at);
             };
-            // An answer to wsgate's Ping is judged whole, before any guard:
-            // it is not forwarded, so it costs the upstream nothing.
-            if let Some(pongs) = &self.pongs {
-                if let Some(len) = PongMatcher::candidate_len(&header) {
-                    let Some(frame) = rest.get(..len) else {
-                        return Verdict::Partial(at);
-                    };
-                    if pongs.answers(frame) {
-                        return Verdict::Answer { at, len };
-                    }
-                }
-            }
             // The message's counts with this frame in; kept only once the
             // frame may go on, so a frame held back is judged afresh.
             let (message_len, fragments) = if header.is_control() {
+                // An answer to wsgate's Ping is judged whole, before any
+                // guard: it is not forwarded, so it costs the upstream
+                // nothing. (Checked among control frames only: data frames,
+                // the common case, pay nothing for it.)
+                if let (true, Some(pongs)) = (header.is_pong(), &self.pongs) {
+                    match answer_verdict(pongs, &header, rest, at) {
+                        Some(Verdict::Answer { at, len }) => {
+                            take_out(data, at, len);
+                            continue;
+                        }
+                        Some(verdict) => return verdict,
+                        None => {}
+                    }
+                }
                 (self.message_len, self.fragments)
             } else {
                 let (len, frames) = if header.is_continuation() {
@@ -552,6 +543,11 @@ mod tests {
         encode_frame(opcode, fin, &vec![0x33; len], Some([1, 2, 3, 4]))
     }
 
+    /// [`Guards::scan`] over a copy of `data`.
+    fn scan(g: &mut Guards, t: &mut FrameTracker, data: &[u8], to_boundary: bool) -> Verdict {
+        g.scan(t, &mut data.to_vec(), to_boundary)
+    }
+
     fn guards(edit: impl FnOnce(&mut MessageGuards)) -> Box<Guards> {
         let mut settings = MessageGuards::OFF;
         edit(&mut settings);
@@ -573,7 +569,7 @@ mod tests {
             g.carried();
             buf.extend_from_slice(&stream[from..to]);
             from = to;
-            match g.scan_read(&mut t, &mut buf, false) {
+            match g.scan(&mut t, &mut buf, false) {
                 Verdict::Pass => {}
                 Verdict::Partial(at) => {
                     g.keep_for_next_read(&buf[at..]);
@@ -653,7 +649,7 @@ mod tests {
         stream.extend(frame(0x0, false, 40)); // 100: still fine
         stream.extend(frame(0x0, true, 1)); // 101: refused
         assert_eq!(
-            g.scan(&mut t, &stream, false),
+            scan(&mut g, &mut t, &stream, false),
             Verdict::Refuse {
                 at: crossing,
                 guard: Guard::Size
@@ -664,7 +660,7 @@ mod tests {
         let mut t = FrameTracker::new();
         let mut stream = frame(0x1, true, 100);
         stream.extend(frame(0x2, true, 100));
-        assert_eq!(g.scan(&mut t, &stream, false), Verdict::Pass);
+        assert_eq!(scan(&mut g, &mut t, &stream, false), Verdict::Pass);
         assert!(t.at_message_boundary());
     }
 
@@ -687,12 +683,12 @@ mod tests {
         stream.extend(frame(0x9, true, 2));
         stream.extend(frame(0x0, false, 0));
         stream.extend(frame(0x0, true, 5));
-        assert_eq!(g.scan(&mut t, &stream, false), Verdict::Pass);
+        assert_eq!(scan(&mut g, &mut t, &stream, false), Verdict::Pass);
         // A new message counts from one again; its fifth frame is refused.
         let five = fragment_flood(4);
         let fifth = fragment_flood(3).len();
         assert_eq!(
-            g.scan(&mut t, &five, false),
+            scan(&mut g, &mut t, &five, false),
             Verdict::Refuse {
                 at: fifth,
                 guard: Guard::Fragments
@@ -711,7 +707,7 @@ mod tests {
         let mut at = 0;
         let refused = loop {
             let end = (at + 100 * one).min(stream.len());
-            match g.scan(&mut t, &stream[at..end], false) {
+            match scan(&mut g, &mut t, &stream[at..end], false) {
                 Verdict::Pass => at = end,
                 Verdict::Partial(r) => at += r,
                 Verdict::Refuse { at: r, guard } => break (at + r, guard),
@@ -722,7 +718,7 @@ mod tests {
 
         let mut g = guards(|s| s.max_message_size = Some(1 << 20));
         let mut t = FrameTracker::new();
-        assert_eq!(g.scan(&mut t, &stream, false), Verdict::Pass);
+        assert_eq!(scan(&mut g, &mut t, &stream, false), Verdict::Pass);
     }
 
     #[tokio::test(start_paused = true)]
@@ -739,7 +735,7 @@ mod tests {
         // the third continuation past the free ones is refused.
         let stream = fragment_flood(FREE_FRAGMENTS as usize + 2);
         assert_eq!(
-            g.scan(&mut t, &stream, false),
+            scan(&mut g, &mut t, &stream, false),
             Verdict::Refuse {
                 at: first + (FREE_FRAGMENTS as usize + 1) * one,
                 guard: Guard::Rate
@@ -754,7 +750,7 @@ mod tests {
         let stream = fragment_flood(3000);
         let one = frame(0x0, false, 0).len();
         let first = frame(0x1, false, 1).len();
-        let Verdict::Wait { at, until, guard } = g.scan(&mut t, &stream, false) else {
+        let Verdict::Wait { at, until, guard } = scan(&mut g, &mut t, &stream, false) else {
             panic!("the flood must wait for tokens")
         };
         // One token for the first frame, four for the frames past the free ones.
@@ -765,7 +761,7 @@ mod tests {
         assert_eq!(until - Instant::now(), Duration::from_millis(200));
         // A second later, five more frames: one per token.
         tokio::time::advance(Duration::from_secs(1)).await;
-        let Verdict::Wait { at: next, .. } = g.scan(&mut t, &stream[at..], false) else {
+        let Verdict::Wait { at: next, .. } = scan(&mut g, &mut t, &stream[at..], false) else {
             panic!("still waiting")
         };
         assert_eq!(next, 5 * one);
@@ -787,7 +783,7 @@ mod tests {
             stream.extend(frame(opcode, i == FREE_FRAGMENTS, 1));
             stream.extend(frame(0x9, true, 0));
         }
-        assert_eq!(g.scan(&mut t, &stream, false), Verdict::Pass);
+        assert_eq!(scan(&mut g, &mut t, &stream, false), Verdict::Pass);
         let used = 40.0 - g.messages.as_ref().map_or(0.0, |b| b.tokens);
         assert_eq!(used, (FREE_FRAGMENTS + 1 + 1 + 1) as f64);
     }
@@ -800,7 +796,7 @@ mod tests {
         let mut data = frame(0x1, true, 3);
         let first = data.len();
         data.extend_from_slice(&f[..5]);
-        assert_eq!(g.scan(&mut t, &data, false), Verdict::Partial(first));
+        assert_eq!(scan(&mut g, &mut t, &data, false), Verdict::Partial(first));
         assert!(
             t.at_boundary(),
             "the tracker did not take the partial header"
@@ -813,13 +809,13 @@ mod tests {
         let mut t = FrameTracker::new();
         let one = frame(0x1, true, 5);
         let stream: Vec<u8> = one.iter().copied().cycle().take(one.len() * 3).collect();
-        let Verdict::Wait { at, until, guard } = g.scan(&mut t, &stream, false) else {
+        let Verdict::Wait { at, until, guard } = scan(&mut g, &mut t, &stream, false) else {
             panic!("the third message must wait")
         };
         assert_eq!((at, guard), (2 * one.len(), Guard::Rate));
         assert_eq!(until - Instant::now(), Duration::from_millis(100));
         tokio::time::advance(Duration::from_millis(100)).await;
-        assert_eq!(g.scan(&mut t, &stream[at..], false), Verdict::Pass);
+        assert_eq!(scan(&mut g, &mut t, &stream[at..], false), Verdict::Pass);
     }
 
     #[tokio::test(start_paused = true)]
@@ -833,7 +829,7 @@ mod tests {
         let second = stream.len();
         stream.extend(frame(0xA, true, 0));
         assert_eq!(
-            g.scan(&mut t, &stream, false),
+            scan(&mut g, &mut t, &stream, false),
             Verdict::Refuse {
                 at: second,
                 guard: Guard::Rate
@@ -843,7 +839,7 @@ mod tests {
         let mut stream = frame(0x1, true, 1);
         stream.extend(frame(0x8, true, 2));
         let mut g = guards(|s| s.message_rate = rate(1.0, 1.0));
-        assert_eq!(g.scan(&mut t, &stream, false), Verdict::Pass);
+        assert_eq!(scan(&mut g, &mut t, &stream, false), Verdict::Pass);
         assert_eq!(t.closes_seen(), 1);
     }
 
@@ -853,19 +849,19 @@ mod tests {
         let mut t = FrameTracker::new();
         let f = frame(0x2, true, 250);
         let header = f.len() - 250;
-        let Verdict::Wait { at, until, guard } = g.scan(&mut t, &f, false) else {
+        let Verdict::Wait { at, until, guard } = scan(&mut g, &mut t, &f, false) else {
             panic!("250 bytes exceed a 100-byte bucket")
         };
         assert_eq!((at, guard), (header + 100, Guard::Bytes));
         // 1000 B/s woken at most 50 times a second: 20 bytes a wake-up.
         assert_eq!(until - Instant::now(), Duration::from_millis(20));
         tokio::time::advance(Duration::from_millis(150)).await;
-        let Verdict::Wait { at: next, .. } = g.scan(&mut t, &f[at..], false) else {
+        let Verdict::Wait { at: next, .. } = scan(&mut g, &mut t, &f[at..], false) else {
             panic!("150 ms earn 150 bytes, but the bucket holds 100")
         };
         assert_eq!(next, 100);
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(g.scan(&mut t, &f[at + next..], false), Verdict::Pass);
+        assert_eq!(scan(&mut g, &mut t, &f[at + next..], false), Verdict::Pass);
         assert!(t.at_boundary());
     }
 
@@ -874,7 +870,7 @@ mod tests {
         let mut g = guards(|s| s.max_message_size = Some(1000));
         let mut t = FrameTracker::new();
         assert_eq!(
-            g.scan(&mut t, b"", true),
+            scan(&mut g, &mut t, b"", true),
             Verdict::Boundary(0),
             "already at one"
         );
@@ -883,6 +879,6 @@ mod tests {
         rest.extend(frame(0x0, true, 10));
         let end = rest.len();
         rest.extend(frame(0x1, true, 10));
-        assert_eq!(g.scan(&mut t, &rest, true), Verdict::Boundary(end));
+        assert_eq!(scan(&mut g, &mut t, &rest, true), Verdict::Boundary(end));
     }
 }

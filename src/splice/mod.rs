@@ -723,9 +723,24 @@ where
                 };
             }
         }
-        let Some(watch) = watch else {
+        if watch.is_none() {
+            return Step::Pending;
+        }
+        self.poll_watch(cx)
+    }
+
+    /// The client watch's step (pings, send timeout): a Ping to send, or
+    /// the client to give up. Out of line, so that a connection without
+    /// the watch runs the same code as before it existed.
+    #[inline(never)]
+    fn poll_watch(&mut self, cx: &mut Context<'_>) -> Step {
+        let Phase::Open {
+            watch: Some(watch), ..
+        } = &mut self.phase
+        else {
             return Step::Pending;
         };
+        let (up, down) = (&self.up, &self.down);
         let received = (!up.is_done()).then(|| up.received());
         let due = watch.poll(cx, received, down.waiting_to_write(), down.bytes());
         match due {

@@ -281,14 +281,7 @@ impl Pipe {
                 self.tracker.advance(buf);
                 self.messages = self.tracker.messages_seen();
             }
-            Phase::PingAtBoundary(frame) => {
-                if let Some(offset) = self.tracker.advance_to_frame_boundary(buf) {
-                    self.tracker.advance(&buf[offset..]);
-                    buf.splice(offset..offset, frame);
-                    self.phase = Phase::Open;
-                }
-                self.messages = self.tracker.messages_seen();
-            }
+            Phase::PingAtBoundary(frame) => self.ping_at_boundary(buf, frame),
             Phase::InjectAtBoundary(ref frame) => {
                 let boundary = self.tracker.advance_to_message_boundary(buf);
                 self.messages = self.tracker.messages_seen();
@@ -318,6 +311,20 @@ impl Pipe {
         }
     }
 
+    /// [`Pipe::process`] with a Ping waiting for a frame boundary: it goes
+    /// in at the first one in `buf`. Out of line, so that the forwarding
+    /// path's code stays as it is without pings.
+    #[cold]
+    #[inline(never)]
+    fn ping_at_boundary(&mut self, buf: &mut Vec<u8>, frame: PingFrame) {
+        if let Some(offset) = self.tracker.advance_to_frame_boundary(buf) {
+            self.tracker.advance(&buf[offset..]);
+            buf.splice(offset..offset, frame);
+            self.phase = Phase::Open;
+        }
+        self.messages = self.tracker.messages_seen();
+    }
+
     /// [`Pipe::process`] while forwarding with guards on: the guards say
     /// how much of `buf` goes on; the rest is a cut-short header kept for
     /// the next read, bytes held back for tokens, or a refused frame, which
@@ -328,10 +335,10 @@ impl Pipe {
             return;
         };
         let closing = matches!(self.phase, Phase::InjectAtBoundary(_));
-        let verdict = guards.scan_read(&mut self.tracker, buf, closing);
+        let verdict = guards.scan(&mut self.tracker, buf, closing);
         self.messages = self.tracker.messages_seen();
         let (at, refused) = match verdict {
-            // `scan_read` took the answers out and went on.
+            // `scan` took the answers out and went on.
             Verdict::Pass | Verdict::Answer { .. } => return,
             Verdict::Partial(at) => {
                 guards.keep_for_next_read(&buf[at..]);

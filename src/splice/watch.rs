@@ -8,7 +8,8 @@
 //! both keys off a connection has no watch at all (one `None`). With pings
 //! on, a byte from the client only notes the time (no timer is touched per
 //! frame); the one timer fires at the deadline it was given, finds out
-//! whether the client spoke since, and sleeps again for the remainder. The
+//! whether the client spoke since, and sleeps again for the remainder; it
+//! sits behind the waker gate, so the wake-ups for data do not poll it. The
 //! send timeout's timer is made the first time bytes wait, and likewise
 //! re-armed only when it fires.
 
@@ -18,6 +19,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::{sleep, Instant, Sleep};
+
+use super::gate::Gated;
 
 /// The client keys of a splice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +64,6 @@ pub(crate) enum Due {
 }
 
 /// The watch of one session; `None` with both keys off.
-#[derive(Debug)]
 pub(crate) struct ClientWatch {
     pings: Option<Pinger>,
     send: Option<SendWatch>,
@@ -122,11 +124,11 @@ impl ClientWatch {
 }
 
 /// When to Ping, and when the client is overdue.
-#[derive(Debug)]
 struct Pinger {
     settings: PingSettings,
     /// The one timer: at the next deadline it was given, maybe early.
-    timer: Pin<Box<Sleep>>,
+    /// Gated: polled only when it fired or was reset.
+    timer: Gated<Sleep>,
     /// Bytes read from the client at the last look.
     received: u64,
     /// When that count last changed (or the splice began).
@@ -140,7 +142,7 @@ impl Pinger {
         let now = Instant::now();
         Pinger {
             settings,
-            timer: Box::pin(sleep(settings.interval)),
+            timer: Gated::new(Box::pin(sleep(settings.interval))),
             received,
             last_heard: now,
             awaiting: None,
@@ -159,7 +161,7 @@ impl Pinger {
         self.last_heard = Instant::now();
         if self.awaiting.take().is_some() {
             let next = self.last_heard + self.settings.interval;
-            self.timer.as_mut().reset(next);
+            self.timer.future_mut().reset(next);
         }
     }
 
@@ -173,7 +175,7 @@ impl Pinger {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Due> {
-        while self.timer.as_mut().poll(cx).is_ready() {
+        while self.timer.poll(cx).is_ready() {
             let deadline = self.deadline();
             if Instant::now() >= deadline {
                 return Poll::Ready(match self.awaiting {
@@ -181,7 +183,7 @@ impl Pinger {
                     None => Due::Ping,
                 });
             }
-            self.timer.as_mut().reset(deadline);
+            self.timer.future_mut().reset(deadline);
         }
         Poll::Pending
     }
@@ -190,12 +192,13 @@ impl Pinger {
     /// interval later.
     fn sent(&mut self, sent: bool) {
         let now = Instant::now();
-        if sent {
+        let next = if sent {
             self.awaiting = Some(now);
-            self.timer.as_mut().reset(now + self.settings.pong_timeout);
+            now + self.settings.pong_timeout
         } else {
-            self.timer.as_mut().reset(now + self.settings.interval);
-        }
+            now + self.settings.interval
+        };
+        self.timer.future_mut().reset(next);
     }
 }
 
