@@ -31,7 +31,7 @@
 //! | `tunnel` | the upstream handshake, then the tracked task that owns a slot |
 //! | `upstream_http` | the upstream handshake on the wire: request head out, 101 parsed |
 //! | `upstream_client` | the pooled plain-HTTP client to the upstream, over TCP or a Unix socket |
-//! | `splice/` | the byte mover: per-direction phases, buffer pool, waker gate, deadlines, message guards |
+//! | `splice/` | the byte mover: per-direction phases, buffer pool, waker gate, deadlines, message guards, wsgate's Pings and the send timeout |
 //! | `frames` | RFC 6455 frame-boundary tracker; Close frame encoding |
 //! | `drain` | live tunnels in age order; the even-pace drain; the operator's drain |
 //! | `session` | how a session ended (`closed_by`, `end`, Close code and reason), and its series |
