@@ -323,8 +323,8 @@ impl Closing {
     /// Gives the client up for `why`: the upstream gets Close 1001 at the
     /// client's next message boundary, as for any end wsgate decides. A
     /// quiet client is sent Close 1001 too, in case it still reads; a
-    /// client that stopped reading is sent nothing more. Either way its
-    /// reply is not waited for, only the upstream's.
+    /// client that stopped reading (bytes for it wait) is sent nothing
+    /// more. Either way its reply is not waited for, only the upstream's.
     fn begin_unresponsive(
         why: Unresponsive,
         close: &CloseSettings,
@@ -343,9 +343,13 @@ impl Closing {
         }
         let text = why.close_text();
         up.begin_close(close_frame(UNRESPONSIVE_CODE, text, Some(rand::random())));
-        match why {
-            Unresponsive::Ping => down.begin_close(close_frame(UNRESPONSIVE_CODE, text, None)),
-            Unresponsive::Send => down.abandon(),
+        // A quiet client may still read: it gets its Close. One whose socket
+        // is full (not reading either) would never take it, and waiting to
+        // write it would keep the upstream's reply unread.
+        if why == Unresponsive::Ping && !down.waiting_to_write() {
+            down.begin_close(close_frame(UNRESPONSIVE_CODE, text, None));
+        } else {
+            down.abandon();
         }
         Closing {
             cause: Cause::Unresponsive(why),
@@ -1186,8 +1190,16 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_client_that_stops_reading_is_given_up_at_the_send_timeout() {
+    /// A client that neither reads (a 4 KiB receive buffer) nor sends, an
+    /// upstream that floods (whole frames) until wsgate's Close comes, then
+    /// answers it; the splice with `pings` and `send_timeout`. Returns the
+    /// outcome, the Close the upstream got, and how much it had sent by then.
+    async fn flood_a_stuck_client(
+        pings: Option<PingSettings>,
+        send_timeout: Option<Duration>,
+    ) -> (Outcome, (u8, bool, Vec<u8>), usize) {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let sock = tokio::net::TcpSocket::new_v4().expect("socket");
         sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
@@ -1201,35 +1213,37 @@ mod tests {
             .await
             .expect("connect");
         let (upstream, _) = l.accept().await.expect("accept");
-        let limit = Duration::from_millis(300);
-        let (_, task) = spawn_watching_splice(p_client, p_up, None, Some(limit));
-        // The upstream floods, whole frames only, until it reads wsgate's
-        // Close; then it answers it.
+        let (_, task) = spawn_watching_splice(p_client, p_up, pings, send_timeout);
         let (mut up_read, mut up_write) = upstream.into_split();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicUsize::new(0));
         let (stop_flood, sent_by_flood) = (stop.clone(), sent.clone());
         let flood = tokio::spawn(async move {
             let frame = frames::encode_frame(0x2, true, &[9; 16 * 1024], None);
-            while !stop_flood.load(std::sync::atomic::Ordering::SeqCst) {
+            while !stop_flood.load(Ordering::SeqCst) {
                 up_write.write_all(&frame).await.expect("flood");
-                sent_by_flood.fetch_add(frame.len(), std::sync::atomic::Ordering::SeqCst);
+                sent_by_flood.fetch_add(frame.len(), Ordering::SeqCst);
             }
             up_write
                 .write_all(&close_frame(1001, "", None))
                 .await
                 .expect("reply");
         });
-        let (b0, masked, payload) = read_frame(&mut up_read).await;
-        let sent_by_then = sent.load(std::sync::atomic::Ordering::SeqCst);
-        assert_eq!(
-            (b0, masked, &payload[..]),
-            (0x88, true, &close_frame_payload("send timeout")[..])
-        );
-        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let close = read_frame(&mut up_read).await;
+        let sent_by_then = sent.load(Ordering::SeqCst);
+        stop.store(true, Ordering::SeqCst);
         flood.await.expect("flood");
+        // Ends on the upstream's reply, well before close_timeout.
         let out =
             outcome_within(Duration::from_secs(1), task, "ends on the upstream's reply").await;
+        drop(client);
+        (out, close, sent_by_then)
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_given_up_at_the_send_timeout() {
+        let (out, close, sent) = flood_a_stuck_client(None, Some(Duration::from_millis(300))).await;
+        assert_eq!(close, (0x88, true, close_frame_payload("send timeout")));
         assert!(
             matches!(out.ended, Ended::Unresponsive(Unresponsive::Send)),
             "{:?}",
@@ -1239,8 +1253,26 @@ mod tests {
         // wsgate stopped reading the upstream while the client's socket was
         // full: what the upstream got out before it blocked is what the
         // sockets' buffers hold, not a send timeout's worth of flood.
-        assert!(sent_by_then < 16 << 20, "{sent_by_then} bytes");
-        drop(client);
+        assert!(sent < 16 << 20, "{sent} bytes");
+    }
+
+    /// A client quiet and not reading, pings on, no send timeout: the pong
+    /// timeout gives it up, and with its socket full nothing more is queued
+    /// for it, so the upstream's reply is read at once.
+    #[tokio::test]
+    async fn a_quiet_client_that_does_not_read_either_is_given_up_at_the_pong_timeout() {
+        let pings = PingSettings {
+            interval: Duration::from_millis(100),
+            pong_timeout: Duration::from_millis(200),
+        };
+        let (out, close, _) = flood_a_stuck_client(Some(pings), None).await;
+        assert_eq!(close, (0x88, true, close_frame_payload("ping timeout")));
+        assert!(
+            matches!(out.ended, Ended::Unresponsive(Unresponsive::Ping)),
+            "{:?}",
+            out.ended
+        );
+        assert!(out.close_completed);
     }
 
     /// A Close payload: 1001 and `reason`.
