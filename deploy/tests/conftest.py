@@ -106,12 +106,14 @@ ACCESS_LOG_FIELDS = ["session", "client", "path", "subprotocol", "keys", "durati
                      "msgs_in", "msgs_out", "close_code", "close_reason", "closed_by", "end"]
 CLOSED_BY = ["client", "upstream", "wsgate", "none"]
 END_CAUSES = ["client_close", "upstream_close", "client_eof", "upstream_eof", "keepalive", "error",
-              "half_close_timeout", "drain", "admin_drain", "lifetime", "idle", "size", "rate", "shutdown"]
+              "half_close_timeout", "drain", "admin_drain", "lifetime", "idle", "size", "rate", "shutdown",
+              "ping_timeout", "send_timeout"]
 # The (closed_by, end) series of wsgate_sessions_ended_total that exist at 0 from start-up.
 SESSIONS_ENDED_AT_START = {
     ("client", "client_close"), ("upstream", "upstream_close"),
     *(("none", e) for e in ("client_eof", "upstream_eof", "keepalive", "error", "shutdown")),
-    *(("wsgate", e) for e in ("drain", "admin_drain", "lifetime", "idle", "size", "rate", "shutdown")),
+    *(("wsgate", e) for e in ("drain", "admin_drain", "lifetime", "idle", "size", "rate", "shutdown",
+                              "ping_timeout", "send_timeout")),
     *((c, "half_close_timeout") for c in ("client", "upstream", "none")),
 }
 # The `code` values of wsgate_close_codes_total, and the (closed_by, code) series at 0 from start-up
