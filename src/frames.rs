@@ -335,29 +335,24 @@ impl FrameTracker {
     /// (0 if the stream is at one already), or `None` if `data` ends before
     /// one (then all of it was fed). A control frame may go there, even
     /// between the fragments of a message (RFC 6455 §5.4).
-    pub(crate) fn advance_to_frame_boundary(&mut self, mut data: &[u8]) -> Option<usize> {
-        let mut offset = 0;
-        loop {
-            if self.at_boundary() {
-                return Some(offset);
-            }
-            if data.is_empty() {
-                return None;
-            }
-            let n = self.step(data);
-            offset += n;
-            data = &data[n..];
-        }
+    pub(crate) fn advance_to_frame_boundary(&mut self, data: &[u8]) -> Option<usize> {
+        self.advance_until(data, Self::at_boundary)
     }
 
     /// Feeds `data` up to the first message boundary (see
     /// [`FrameTracker::at_message_boundary`]) and returns its offset (0 if
     /// the stream is at one already), or `None` if `data` ends before one
     /// (then all of it was fed).
-    pub(crate) fn advance_to_message_boundary(&mut self, mut data: &[u8]) -> Option<usize> {
+    pub(crate) fn advance_to_message_boundary(&mut self, data: &[u8]) -> Option<usize> {
+        self.advance_until(data, Self::at_message_boundary)
+    }
+
+    /// Feeds `data` until `reached` holds; its offset then, or `None` once
+    /// all of `data` was fed without reaching it.
+    fn advance_until(&mut self, mut data: &[u8], reached: fn(&Self) -> bool) -> Option<usize> {
         let mut offset = 0;
         loop {
-            if self.at_message_boundary() {
+            if reached(self) {
                 return Some(offset);
             }
             if data.is_empty() {

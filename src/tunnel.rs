@@ -350,10 +350,10 @@ pub(crate) fn run(
         let metrics = &ctx.metrics.splice;
         // One copy of the splice per kind of upstream socket, picked here
         // once (see `splice::Socket`).
+        let pings = &metrics.pings_sent;
         let outcome = match &upstream {
             UpstreamIo::Tcp(stream) => {
                 let upstream_side = upstream_side(stream, upstream_leftover, metrics);
-                let pings = &metrics.pings_sent;
                 splice::splice(
                     client_side,
                     upstream_side,
@@ -367,7 +367,6 @@ pub(crate) fn run(
             }
             UpstreamIo::Unix(stream) => {
                 let upstream_side = upstream_side(stream, upstream_leftover, metrics);
-                let pings = &metrics.pings_sent;
                 splice::splice(
                     client_side,
                     upstream_side,

@@ -574,22 +574,6 @@ async fn delete_stops_a_drain_midway() {
     }
 }
 
-/// Polls until `series` is at least `want`, or fails after [`DEADLINE`].
-async fn wait_metric_at_least(admin: SocketAddr, series: &str, want: f64) {
-    let start = Instant::now();
-    loop {
-        let got = metric(admin, series).await;
-        if got >= want {
-            return;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "{series}: wanted >= {want}, still {got}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Bad bodies are 400 with a JSON `error` naming the field, a body over
 /// 4 KiB is 413; none of them starts a drain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -54,22 +54,6 @@ async fn ended_by_wsgate(admin: SocketAddr, end: &str) -> f64 {
     .await
 }
 
-/// Polls until `series` is at least `want`, or fails after [`DEADLINE`].
-async fn wait_metric_at_least(admin: SocketAddr, series: &str, want: f64) {
-    let start = Instant::now();
-    loop {
-        let got = metric(admin, series).await;
-        if got >= want {
-            return;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "{series}: wanted at least {want}, still {got}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Polls until the recording upstream has received a message `matching`;
 /// fails after [`DEADLINE`].
 async fn upstream_got(up: &Upstream, what: &str, matching: impl Fn(&Message) -> bool) {

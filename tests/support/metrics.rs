@@ -111,3 +111,19 @@ pub async fn labelled_metric(admin: SocketAddr, name: &str, labels: &[(&str, &st
     labelled_value(&text, name, labels)
         .unwrap_or_else(|| panic!("{name}{labels:?} missing from\n{text}"))
 }
+
+/// Polls until `series` is at least `want`, or fails after [`DEADLINE`].
+pub async fn wait_metric_at_least(admin: SocketAddr, series: &str, want: f64) {
+    let start = Instant::now();
+    loop {
+        let got = metric(admin, series).await;
+        if got >= want {
+            return;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{series}: wanted at least {want}, still {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
