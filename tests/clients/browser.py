@@ -8,6 +8,7 @@ recorded in `window.results`. The protocol is itself a WebSocket, spoken with `w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -18,6 +19,8 @@ import subprocess
 import tempfile
 import threading
 import time
+
+from websockets.asyncio.client import connect
 
 CHROMIUM = os.environ.get("CHROMIUM_BIN") or shutil.which("chromium")
 
@@ -131,3 +134,17 @@ class DevTools:
 
 def events(results: list[dict], name: str, event: str) -> list[dict]:
     return [r for r in results if r["name"] == name and r["event"] == event]
+
+
+@contextlib.asynccontextmanager
+async def devtools(url: str = "about:blank"):
+    """Headless Chromium with one tab on `url`, driven through a `DevTools` session; the browser
+    is stopped afterwards, whatever happened."""
+    browser = Chromium()
+    try:
+        async with connect(browser.endpoint, max_size=None) as ws:
+            tools = DevTools(ws)
+            await tools.open_page(url)
+            yield tools
+    finally:
+        browser.stop()

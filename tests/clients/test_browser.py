@@ -15,9 +15,8 @@ import pathlib
 import signal
 
 import pytest
-from browser import CHROMIUM, Chromium, DevTools, events
+from browser import CHROMIUM, devtools, events
 from harness import Upstream, Wsgate, eventually
-from websockets.asyncio.client import connect
 
 PAGE = (pathlib.Path(__file__).parent / "page.html").read_bytes()
 
@@ -29,11 +28,8 @@ def test_chromium_through_wsgate_echo_cap_and_drain() -> None:
         async with Upstream(page=PAGE) as up:
             gate = Wsgate(up.port, WSGATE_MAX_CLIENTS="2", WSGATE_DRAIN_PERIOD="500ms",
                           WSGATE_SHUTDOWN_GRACE="5s")
-            browser = Chromium()
             try:
-                async with connect(browser.endpoint, max_size=None) as ws:
-                    tools = DevTools(ws)
-                    await tools.open_page(f"http://{gate.proxy}/")
+                async with devtools(f"http://{gate.proxy}/") as tools:
 
                     results = await tools.wait_for(lambda r: events(r, "c", "close"))
                     print(f"\nchromium ({CHROMIUM}) page results: {results}")
@@ -65,7 +61,6 @@ def test_chromium_through_wsgate_echo_cap_and_drain() -> None:
                 await eventually(lambda: len(up.closes) >= 2, 5)
                 assert sorted(code for code, _ in up.closes) == [1001, 1001], up.closes
             finally:
-                browser.stop()
                 gate.stop()
 
     asyncio.run(main())

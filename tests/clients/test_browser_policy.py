@@ -28,9 +28,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from browser import CHROMIUM, Chromium, DevTools, events
+from browser import CHROMIUM, DevTools, devtools, events
 from harness import Wsgate
-from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 
 HERE = pathlib.Path(__file__).parent
@@ -130,14 +129,10 @@ async def chromium_through_wsgate(**gate_env: str):
     session on a blank tab (the test navigates it); everything stopped by PID afterwards."""
     async with ChatUpstream() as up:
         gate = Wsgate(up.port, **gate_env)
-        browser = Chromium()
         try:
-            async with connect(browser.endpoint, max_size=None) as ws:
-                tools = DevTools(ws)
-                await tools.open_page("about:blank")
+            async with devtools() as tools:
                 yield up, gate, tools
         finally:
-            browser.stop()
             gate.stop()
 
 

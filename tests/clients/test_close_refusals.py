@@ -18,7 +18,7 @@ import shutil
 
 import pytest
 from harness import Upstream, Wsgate
-from test_browser import CHROMIUM, Chromium, DevTools, events
+from browser import CHROMIUM, devtools, events
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError
 
@@ -130,11 +130,8 @@ def test_chromium_page_reads_1013_and_the_retry_after() -> None:
     async def main() -> None:
         async with Upstream(page=PAGE) as up:
             gate = Wsgate(up.port, **ENV)
-            browser = Chromium()
             try:
-                async with connect(browser.endpoint, max_size=None) as ws:
-                    tools = DevTools(ws)
-                    await tools.open_page(f"http://{gate.proxy}/")
+                async with devtools(f"http://{gate.proxy}/") as tools:
                     results = await tools.wait_for(lambda r: events(r, "r", "close"))
                     print(f"\nchromium page results: {results}")
                     assert events(results, "r", "open") == [
@@ -148,7 +145,6 @@ def test_chromium_page_reads_1013_and_the_retry_after() -> None:
                     assert 0 <= close["backoffMs"] <= 8000, close
                     check_counts(gate, refused=1)
             finally:
-                browser.stop()
                 gate.stop()
 
     asyncio.run(main())

@@ -20,7 +20,7 @@ import time
 
 import pytest
 from harness import WSGATE_BIN, eventually, read_until
-from test_browser import CHROMIUM, Chromium, DevTools
+from browser import CHROMIUM, Chromium, DevTools
 from websockets.asyncio.client import connect
 
 
