@@ -1,7 +1,8 @@
 //! The gradual drain: a registry of live tunnels in age order, the loop
 //! that closes them oldest first at an even pace over `drain_period`, and
-//! the operator's drain (`POST /drain`, docs/operations.md#access-log) that runs the same loop
-//! for part of them while the instance stays ready.
+//! the operator's drain (`POST /drain`, docs/operations.md#operator-drain) that runs the same loop
+//! for part of them while the instance stays ready. Automatic rebalancing
+//! (`rebalance/`) sheds through the same loop.
 //!
 //! Why: holding every connection to the end of the grace and then dropping
 //! them all at once sends every client to the other pods in the same second
@@ -11,7 +12,7 @@
 //! instead of leaving a burst at the end.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -67,17 +68,20 @@ struct Inner {
 #[derive(Debug, Default)]
 struct Entry {
     notify: Notify,
-    /// Set before `notify`: the operator's drain picked it, not the shutdown's.
-    by_operator: std::sync::atomic::AtomicBool,
+    /// Set before `notify`: which drain picked it ([`DrainKind`] as a byte).
+    kind: AtomicU8,
 }
 
 /// Which drain closes a tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub(crate) enum DrainKind {
     /// The shutdown timeline's drain (`drain_period`).
-    Shutdown,
+    Shutdown = 0,
     /// An operator's `POST /drain`.
-    Operator,
+    Operator = 1,
+    /// Automatic rebalancing shed it.
+    Rebalance = 2,
 }
 
 /// A tunnel's entry in the registry; dropping it removes the entry.
@@ -93,10 +97,10 @@ impl Registration {
     /// the tunnel then closes for.
     pub(crate) async fn drained(&self) -> StopReason {
         self.entry.notify.notified().await;
-        if self.entry.by_operator.load(Ordering::Acquire) {
-            StopReason::AdminDrain
-        } else {
-            StopReason::Drain
+        match self.entry.kind.load(Ordering::Acquire) {
+            k if k == DrainKind::Operator as u8 => StopReason::AdminDrain,
+            k if k == DrainKind::Rebalance as u8 => StopReason::Rebalance,
+            _ => StopReason::Drain,
         }
     }
 }
@@ -139,9 +143,7 @@ impl Tunnels {
         let oldest = self.lock().pop_first();
         match oldest {
             Some((_, entry)) => {
-                entry
-                    .by_operator
-                    .store(kind == DrainKind::Operator, Ordering::Release);
+                entry.kind.store(kind as u8, Ordering::Release);
                 // `notify_one` stores a permit if the tunnel is not waiting
                 // at this instant, so the request cannot be lost.
                 entry.notify.notify_one();
@@ -174,6 +176,23 @@ pub(crate) async fn drain_evenly(tunnels: &Tunnels, period: Duration, drained: &
         kind: DrainKind::Shutdown,
     };
     drain_paced(tunnels, period, plan, || drained.inc()).await;
+}
+
+/// Closes the `count` oldest tunnels (fewer if fewer are live) for
+/// `kind`, evenly over `period`; calls `closed_one` for each. Returns how
+/// many it closed. Dropping the future stops it between two closes.
+pub(crate) async fn close_oldest_paced(
+    tunnels: &Tunnels,
+    count: usize,
+    period: Duration,
+    kind: DrainKind,
+    closed_one: impl FnMut(),
+) -> usize {
+    let plan = Plan {
+        count: Some(count),
+        kind,
+    };
+    drain_paced(tunnels, period, plan, closed_one).await
 }
 
 /// How many tunnels a paced drain closes, and for which drain.

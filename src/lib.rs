@@ -24,7 +24,8 @@
 //! | `admission/` | the admission pipeline: the ordered checks, one file per policy, the outcome, the RAII `AdmissionGuard` |
 //! | `keys/` | limits per key: rules, key tables, key extraction |
 //! | `jwt/` | the JWT verifier, JWKS parsing and its file watch |
-//! | `fleet/` | fleet-wide limits through Redis: holds as leases, the admission script, the renewing worker |
+//! | `fleet/` | fleet-wide limits through Redis: holds as leases, the admission script, the renewing worker, heartbeats |
+//! | `rebalance/` | automatic rebalancing: the heartbeat-driven controller, when to shed and how many |
 //! | `error` | `ProxyError`: every way a request fails, mapped to a status and a reason |
 //! | `responses` | every answer wsgate writes itself (400 … 504), with static bodies; its own 101 |
 //! | `close_refusal` | `refusal_mode = "close"`: a refusal for load said as wsgate's own 101 and Close 1013 |
@@ -74,6 +75,7 @@ pub(crate) mod origin;
 pub(crate) mod plain_cap;
 pub(crate) mod prestop;
 pub(crate) mod proxy;
+pub(crate) mod rebalance;
 pub(crate) mod reload;
 pub(crate) mod responses;
 pub(crate) mod server;
@@ -159,8 +161,14 @@ pub async fn run(
         }
         None => (None, None),
     };
-    let admission = admission::Admission::new(&config, &r, fleet, shutdown.clone())?;
-    let readiness = admin::Readiness::new(shutdown.clone(), admission.clone(), &r)?;
+    let rebalance_metrics = match &fleet {
+        Some(_) => Some(rebalance::RebalanceMetrics::register(&r)?),
+        None => None,
+    };
+    let admission = admission::Admission::new(&config, &r, fleet.clone(), shutdown.clone())?;
+    let shedding = rebalance::Shedding::default();
+    let readiness =
+        admin::Readiness::new(shutdown.clone(), admission.clone(), shedding.clone(), &r)?;
     let proxy = proxy::Proxy::new(
         config,
         admission,
@@ -170,6 +178,22 @@ pub async fn run(
     )?;
     readiness.check();
 
+    let admin_drain = drain::AdminDrain::default();
+    // Heartbeats and automatic rebalancing, wherever there is a fleet.
+    let rebalancer = fleet.zip(rebalance_metrics).map(|(fleet, metrics)| {
+        tokio::spawn(
+            rebalance::Controller {
+                fleet,
+                proxy: proxy.clone(),
+                shutdown: shutdown.clone(),
+                admin_drain: admin_drain.clone(),
+                shedding,
+                metrics,
+            }
+            .run(),
+        )
+    });
+
     let token = admin::AdminToken::new(proxy.config().admin_token_file.clone());
     let admin = tokio::spawn(admin::serve(
         admin_listener,
@@ -178,7 +202,7 @@ pub async fn run(
             readiness,
             proxy: proxy.clone(),
             token: token.clone(),
-            drain: drain::AdminDrain::default(),
+            drain: admin_drain,
             admin_drained: drain_metrics.admin_drained.clone(),
         },
     ));
@@ -220,6 +244,9 @@ pub async fn run(
     // Refusals of the last window, before the exit.
     proxy.refusals().flush();
     token.flush_refusals();
+    if let Some(rebalancer) = rebalancer {
+        let _ = rebalancer.await;
+    }
     fleet_stop.cancel();
     if let Some(worker) = fleet_worker {
         let _ = worker.await;
@@ -272,7 +299,8 @@ mod tests {
         let shutdown = Shutdown::new();
         let admission =
             admission::Admission::new(&config, &r, None, shutdown.clone()).expect("admission");
-        admin::Readiness::new(shutdown, admission, &r).expect("readiness");
+        admin::Readiness::new(shutdown, admission, rebalance::Shedding::default(), &r)
+            .expect("readiness");
         proxy::ProxyMetrics::register(&r).expect("proxy");
         tunnel::TunnelMetrics::register(&r).expect("tunnels");
         let text = String::from_utf8(metrics::encode(&registry)).expect("utf8");

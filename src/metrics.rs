@@ -18,8 +18,8 @@ use std::marker::PhantomData;
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// A closed set of label values: the only way a label reaches a series, so
@@ -138,6 +138,14 @@ impl<'a> Registrar<'a> {
     /// As [`Registrar::counter`].
     pub(crate) fn gauge(&self, name: &str, help: &str) -> prometheus::Result<IntGauge> {
         self.add(IntGauge::new(name, help)?)
+    }
+
+    /// A floating-point gauge without labels.
+    ///
+    /// # Errors
+    /// As [`Registrar::counter`].
+    pub(crate) fn float_gauge(&self, name: &str, help: &str) -> prometheus::Result<Gauge> {
+        self.add(Gauge::new(name, help)?)
     }
 
     /// A counter per value of `L` under the label `label`, each at 0.

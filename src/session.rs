@@ -61,6 +61,8 @@ labels! {
         Drain => "drain",
         /// An operator's `POST /drain`.
         AdminDrain => "admin_drain",
+        /// Shed by automatic rebalancing.
+        Rebalance => "rebalance",
         /// `max_connection_lifetime`.
         Lifetime => "lifetime",
         /// `idle_timeout`.
@@ -96,6 +98,7 @@ impl End {
             }
             End::Drain
             | End::AdminDrain
+            | End::Rebalance
             | End::Lifetime
             | End::Idle
             | End::Size
@@ -245,6 +248,7 @@ fn wsgate_end(cause: Cause) -> End {
         Cause::Stop(StopReason::Grace | StopReason::Abort) => End::Shutdown,
         Cause::Stop(StopReason::Drain) => End::Drain,
         Cause::Stop(StopReason::AdminDrain) => End::AdminDrain,
+        Cause::Stop(StopReason::Rebalance) => End::Rebalance,
         Cause::Stop(StopReason::Lifetime) => End::Lifetime,
         Cause::Stop(StopReason::Idle) => End::Idle,
         Cause::Guard(Guard::Size | Guard::Fragments) => End::Size,
@@ -406,6 +410,7 @@ mod tests {
         drain: 1001,
         lifetime: 1012,
         idle: 4000,
+        rebalance: 1012,
         timeout: Duration::from_secs(2),
     };
 
@@ -508,6 +513,7 @@ mod tests {
         let cases = [
             (Cause::Stop(StopReason::Drain), End::Drain, 1001),
             (Cause::Stop(StopReason::AdminDrain), End::AdminDrain, 1001),
+            (Cause::Stop(StopReason::Rebalance), End::Rebalance, 1012),
             (Cause::Stop(StopReason::Grace), End::Shutdown, 1001),
             (Cause::Stop(StopReason::Lifetime), End::Lifetime, 1012),
             (Cause::Stop(StopReason::Idle), End::Idle, 4000),

@@ -91,6 +91,8 @@ SPEC_METRICS = {
     "wsgate_fleet_up", "wsgate_fleet_requests_total", "wsgate_fleet_request_duration_seconds_bucket",
     "wsgate_fleet_request_duration_seconds_sum", "wsgate_fleet_request_duration_seconds_count",
     "wsgate_fleet_active", "wsgate_fleet_max",
+    # Automatic rebalancing (docs/operations.md#automatic-rebalancing): with the fleet's series.
+    "wsgate_rebalance_shed_total", "wsgate_fleet_instances", "wsgate_fleet_mean",
     # §11 message guards: on every instance from start-up, every label value at 0
     # (guard, action = size/close, rate/close, rate/throttle, bytes/throttle; direction).
     "wsgate_message_guard_total", "wsgate_messages_total",
@@ -106,14 +108,14 @@ ACCESS_LOG_FIELDS = ["session", "client", "path", "subprotocol", "keys", "durati
                      "msgs_in", "msgs_out", "close_code", "close_reason", "closed_by", "end"]
 CLOSED_BY = ["client", "upstream", "wsgate", "none"]
 END_CAUSES = ["client_close", "upstream_close", "client_eof", "upstream_eof", "keepalive", "error",
-              "half_close_timeout", "drain", "admin_drain", "lifetime", "idle", "size", "rate", "shutdown",
-              "ping_timeout", "send_timeout"]
+              "half_close_timeout", "drain", "admin_drain", "rebalance", "lifetime", "idle", "size", "rate",
+              "shutdown", "ping_timeout", "send_timeout"]
 # The (closed_by, end) series of wsgate_sessions_ended_total that exist at 0 from start-up.
 SESSIONS_ENDED_AT_START = {
     ("client", "client_close"), ("upstream", "upstream_close"),
     *(("none", e) for e in ("client_eof", "upstream_eof", "keepalive", "error", "shutdown")),
-    *(("wsgate", e) for e in ("drain", "admin_drain", "lifetime", "idle", "size", "rate", "shutdown",
-                              "ping_timeout", "send_timeout")),
+    *(("wsgate", e) for e in ("drain", "admin_drain", "rebalance", "lifetime", "idle", "size", "rate",
+                              "shutdown", "ping_timeout", "send_timeout")),
     *((c, "half_close_timeout") for c in ("client", "upstream", "none")),
 }
 # The `code` values of wsgate_close_codes_total, and the (closed_by, code) series at 0 from start-up
@@ -283,7 +285,9 @@ KEY_LIMITS_VALUES: dict[str, Any] = {
 FLEET_VALUES: dict[str, Any] = {
     "maxClients": 500,
     "fleet": {"redisUrlSecret": {"name": "wsgate-redis", "key": "url"}, "namespace": "chat-eu",
-              "maxClients": 2000, "leaseTtl": "45s", "timeout": "250ms", "failMode": "closed"},
+              "maxClients": 2000, "leaseTtl": "45s", "timeout": "250ms", "failMode": "closed",
+              "rebalance": {"enabled": True, "tolerance": 0.2, "after": "1m", "period": "45s",
+                            "cooldown": "5m", "closeCode": 4012}},
     "keyLimits": [
         {"name": "tenant", "key": "header:X-Tenant-Id", "maxPerKey": 100, "fleet": True},
         {"name": "room", "key": "path_segment:2", "maxPerKey": 20},

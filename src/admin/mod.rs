@@ -4,8 +4,9 @@
 //! - `GET /metrics`: Prometheus text exposition of the owned registry.
 //! - `GET /healthz`: 200 `ok` while the process runs.
 //! - `GET /readyz`: 200 while accepting; 503 from the shutdown signal on,
-//!   and while saturated (active reached `ready_high_watermark` of the cap
-//!   and has not yet come down to `ready_low_watermark`).
+//!   while saturated (active reached `ready_high_watermark` of the cap
+//!   and has not yet come down to `ready_low_watermark`), and while a
+//!   rebalancing shed runs (body `rebalancing`).
 //! - `GET /keys?rule=NAME&top=N`: the busiest key values of a key rule, as
 //!   JSON (docs/operations.md#limits-per-key).
 //! - `POST`, `DELETE`, `GET /drain`: the operator's drain (docs/operations.md#access-log,
@@ -46,6 +47,7 @@ use crate::drain::AdminDrain;
 use crate::keys::KeyLimits;
 use crate::metrics;
 use crate::proxy::Proxy;
+use crate::rebalance::Shedding;
 use crate::shutdown::Shutdown;
 
 /// What `/readyz` and `wsgate_ready` are computed from.
@@ -55,6 +57,8 @@ pub(crate) struct Readiness {
     shutdown: Shutdown,
     /// Not ready while saturated.
     admission: Admission,
+    /// Not ready while a rebalancing shed runs.
+    shedding: Shedding,
     /// `wsgate_ready`, kept equal to what `/readyz` answers.
     gauge: prometheus::IntGauge,
 }
@@ -68,19 +72,23 @@ impl Readiness {
     pub(crate) fn new(
         shutdown: Shutdown,
         admission: Admission,
+        shedding: Shedding,
         r: &crate::metrics::Registrar<'_>,
     ) -> prometheus::Result<Self> {
         let gauge = r.gauge("wsgate_ready", "1 while /readyz answers 200, else 0")?;
         Ok(Readiness {
             shutdown,
             admission,
+            shedding,
             gauge,
         })
     }
 
     /// Whether `/readyz` answers 200; also updates `wsgate_ready`.
     pub(crate) fn check(&self) -> bool {
-        let ready = !self.shutdown.is_signalled() && !self.admission.is_saturated();
+        let ready = !self.shutdown.is_signalled()
+            && !self.admission.is_saturated()
+            && !self.shedding.is_on();
         self.gauge.set(i64::from(ready));
         ready
     }
@@ -202,6 +210,7 @@ async fn route(req: Request<Incoming>, peer: IpAddr, state: &AdminState) -> Resp
         _ if readiness.shutdown.is_signalled() => {
             text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
         }
+        _ if readiness.shedding.is_on() => text(StatusCode::SERVICE_UNAVAILABLE, "rebalancing\n"),
         _ => text(StatusCode::SERVICE_UNAVAILABLE, "saturated\n"),
     }
 }

@@ -109,7 +109,7 @@ mod tests {
         let written = toml::to_string(&raw).expect("serialise");
         let config = Config::validate(raw).expect("valid");
         assert_eq!(keys(&config.to_toml()), keys(&written));
-        assert_eq!(keys(&written).len(), 58, "{written}");
+        assert_eq!(keys(&written).len(), 64, "{written}");
     }
 
     /// Key rules print as `[[key_limits]]` tables that load to the same rules.

@@ -19,6 +19,7 @@
 //! | `fleet.rs` | the `fleet_*` keys (docs/operations.md#fleet-wide-limits), their kinds, and the Redis URL kept secret |
 //! | `handshake.rs` | `allowed_origins`, `subprotocols` and their `require_*` keys (docs/security.md#handshake-policy) |
 //! | `signals.rs` | `refusal_mode`, the client pings, `send_timeout` (docs/behaviour.md#signals-clients-can-act-on) |
+//! | `rebalance.rs` | the `rebalance*` keys (docs/operations.md#automatic-rebalancing) |
 //! | `guards.rs` | the message-guard keys (docs/operations.md#message-guards) and their typed form |
 //! | `log_level.rs` | the `log_level` filter and its check, which `RUST_LOG` must pass too |
 //! | `suggest.rs` | "did you mean": the known key closest to an unknown one |
@@ -50,6 +51,7 @@ mod handshake;
 mod key_limits;
 mod load;
 mod log_level;
+mod rebalance;
 mod signals;
 mod suggest;
 mod validate;
@@ -75,6 +77,7 @@ pub use self::key_limits::{
 };
 pub use self::load::{ConfigSource, ENV_PREFIX, LEGACY_MAX_CLIENTS_ENV};
 pub use self::log_level::log_filter;
+pub use self::rebalance::Rebalance;
 pub use self::signals::{ClientSignals, RefusalMode};
 pub use self::values::{Endpoint, LogFormat, Upstream, MAX_PLAIN_REQUESTS};
 
@@ -82,6 +85,7 @@ use self::duration::{AnyDuration, Keepalive, OffOrDuration, PositiveDuration};
 use self::fleet::{FleetCap, InstanceId, LeaseTtl, Namespace};
 use self::guards::RateAction as RateActionKind;
 use self::log_level::LogLevel;
+use self::rebalance::Tolerance;
 use self::values::{
     Cap, CloseCode, Fraction, ListenAddress, NonNegative, PlainRequests, TrueOrFalse, ValueKind,
     WholeNumber, Workers,
@@ -188,6 +192,9 @@ pub struct RawConfig {
     /// Close status when `idle_timeout` expires.
     #[serde(deserialize_with = "CloseCode::checked")]
     pub close_code_idle: i64,
+    /// Close status of the sessions a rebalance sheds (1012 Service Restart).
+    #[serde(deserialize_with = "CloseCode::checked")]
+    pub close_code_rebalance: i64,
     /// How long to wait for the peers' Close replies before closing TCP.
     #[serde(deserialize_with = "PositiveDuration::checked")]
     pub close_timeout: ConfigDuration,
@@ -259,6 +266,21 @@ pub struct RawConfig {
     /// Identity of this instance's holds; empty = `$HOSTNAME-<8 random hex>`.
     #[serde(deserialize_with = "InstanceId::checked")]
     pub fleet_instance_id: String,
+    /// Instances of a fleet balance their sessions (docs/operations.md#automatic-rebalancing).
+    #[serde(deserialize_with = "TrueOrFalse::checked")]
+    pub rebalance: bool,
+    /// Shed only while above the fleet mean × (1 + this).
+    #[serde(deserialize_with = "Tolerance::checked")]
+    pub rebalance_tolerance: f64,
+    /// … continuously for this long.
+    #[serde(deserialize_with = "AnyDuration::checked")]
+    pub rebalance_after: ConfigDuration,
+    /// The excess is closed evenly over this period.
+    #[serde(deserialize_with = "AnyDuration::checked")]
+    pub rebalance_period: ConfigDuration,
+    /// At least this long between the end of one shed and the next.
+    #[serde(deserialize_with = "AnyDuration::checked")]
+    pub rebalance_cooldown: ConfigDuration,
     /// Payload bytes of one client message (docs/operations.md#message-guards); 0 = off.
     #[serde(deserialize_with = "WholeNumber::checked")]
     pub max_message_size: i64,
@@ -344,6 +366,12 @@ impl Default for RawConfig {
             fleet_timeout: ConfigDuration(Duration::from_millis(100)),
             fleet_fail_mode: "open".into(),
             fleet_instance_id: String::new(),
+            rebalance: rebalance::Rebalance::DEFAULT.enabled,
+            rebalance_tolerance: rebalance::Rebalance::DEFAULT.tolerance,
+            rebalance_after: ConfigDuration(rebalance::Rebalance::DEFAULT.after),
+            rebalance_period: ConfigDuration(rebalance::Rebalance::DEFAULT.period),
+            rebalance_cooldown: ConfigDuration(rebalance::Rebalance::DEFAULT.cooldown),
+            close_code_rebalance: 1012,
             max_message_size: 0,
             message_rate: 0.0,
             message_burst: 0,
@@ -452,6 +480,9 @@ pub struct Config {
     /// (`check-config` prints the keys all the same, with an empty URL).
     #[serde(flatten, serialize_with = "effective::fleet")]
     pub fleet: Option<FleetSettings>,
+    /// Automatic rebalancing across the fleet (docs/operations.md#automatic-rebalancing).
+    #[serde(flatten, serialize_with = "rebalance::written")]
+    pub rebalance: Rebalance,
     /// Limits on what a client sends inside a connection (docs/operations.md#message-guards).
     #[serde(flatten, serialize_with = "guards::written")]
     pub message_guards: MessageGuards,
@@ -508,6 +539,9 @@ pub struct CloseSettings {
     /// `idle_timeout` expired.
     #[serde(rename = "close_code_idle")]
     pub idle: u16,
+    /// Shed by automatic rebalancing.
+    #[serde(rename = "close_code_rebalance")]
+    pub rebalance: u16,
     /// How long to wait for Close replies before closing TCP.
     #[serde(rename = "close_timeout", serialize_with = "effective::duration")]
     pub timeout: Duration,

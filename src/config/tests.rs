@@ -232,6 +232,7 @@ fn close_codes_are_validated() {
                 drain: 1001,
                 lifetime: 1012,
                 idle: 4000,
+                rebalance: 1012,
                 timeout: Duration::from_secs(2)
             }
         );

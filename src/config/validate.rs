@@ -14,7 +14,7 @@ use super::values::{
     Cap, CloseCode, Fraction, ListenAddress, NonNegative, PlainRequests, TrueOrFalse, ValueKind,
     WholeNumber, Workers,
 };
-use super::{fleet, guards, handshake, key_limits, signals};
+use super::{fleet, guards, handshake, key_limits, rebalance, signals};
 use super::{
     CloseSettings, Config, ConfigError, LogFormat, RateLimit, RawConfig, Upstream, Watermarks,
     ENV_PREFIX,
@@ -105,6 +105,7 @@ impl Config {
                 drain: CloseCode::value("close_code_drain", &raw.close_code_drain)?,
                 lifetime: CloseCode::value("close_code_lifetime", &raw.close_code_lifetime)?,
                 idle: CloseCode::value("close_code_idle", &raw.close_code_idle)?,
+                rebalance: CloseCode::value("close_code_rebalance", &raw.close_code_rebalance)?,
                 timeout: PositiveDuration::value("close_timeout", &raw.close_timeout)?,
             },
             admin_token_file: key_limits::admin_token_file(raw.admin_token_file.as_deref())?,
@@ -116,6 +117,7 @@ impl Config {
             )?,
             handshake: handshake::policy(&raw)?,
             signals: signals::settings(&raw)?,
+            rebalance: rebalance::settings(&raw, fleet_on)?,
             fleet,
             message_guards: guards::settings(&raw)?,
             key_limits: key_limits::rules(&raw.key_limits, jwt.as_ref(), fleet_on)?,

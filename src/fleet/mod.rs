@@ -7,6 +7,7 @@
 //! | `worker.rs` | the instance's background task: connection, reconnects, batched renewals and releases |
 //! | `outage.rs` | what the log says while Redis is unreachable: the cause, once a minute, the recovery |
 //! | `scripts.rs` | the Lua scripts and the key names |
+//! | `heartbeat.rs` | each instance's beat (active count, state) and the fleet as the beats show it |
 //!
 //! # Holds as leases
 //! Each admitted connection under a fleet limit is one member of a sorted
@@ -32,6 +33,7 @@
 //! at once until the worker has reconnected and renewed. Existing
 //! connections never depend on Redis.
 
+mod heartbeat;
 mod metrics;
 mod outage;
 mod scripts;
@@ -48,6 +50,9 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+#[cfg(test)]
+pub(crate) use self::heartbeat::Beat;
+pub(crate) use self::heartbeat::{BeatState, FleetView};
 pub(crate) use self::metrics::FleetMetrics;
 use self::metrics::{FleetOp, FleetResult};
 use crate::config::{FailMode, FleetSettings, RedisUrl};
@@ -143,6 +148,7 @@ struct Shared {
     timeout_micros: AtomicU64,
     closed_mode: AtomicBool,
     scripts: Scripts,
+    heartbeats: heartbeat::Heartbeats,
     link: RwLock<Link>,
     /// Admissions past their deadline in a row.
     timeouts: AtomicU32,
@@ -181,6 +187,7 @@ impl Fleet {
             timeout_micros: AtomicU64::new(0),
             closed_mode: AtomicBool::new(false),
             scripts: Scripts::new(),
+            heartbeats: heartbeat::Heartbeats::new(&settings.namespace),
             link: RwLock::new(Link::default()),
             timeouts: AtomicU32::new(0),
             live: Mutex::new(HashMap::new()),

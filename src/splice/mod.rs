@@ -152,6 +152,8 @@ labels! {
         Drain => "drain",
         /// An operator's `POST /drain` picked it.
         AdminDrain => "drain",
+        /// Automatic rebalancing shed it.
+        Rebalance => "drain",
         /// `max_connection_lifetime` expired.
         Lifetime => "lifetime",
         /// No byte moved either way for `idle_timeout`.
@@ -167,7 +169,9 @@ impl StopReason {
         match self {
             StopReason::Grace | StopReason::Abort => "server shutting down",
             StopReason::Drain => "server draining, please reconnect",
-            StopReason::AdminDrain => "server rebalancing, please reconnect",
+            StopReason::AdminDrain | StopReason::Rebalance => {
+                "server rebalancing, please reconnect"
+            }
             StopReason::Lifetime => "connection lifetime reached, please reconnect",
             StopReason::Idle => "idle timeout",
         }
@@ -179,6 +183,7 @@ impl StopReason {
             StopReason::Grace | StopReason::Drain | StopReason::AdminDrain | StopReason::Abort => {
                 close.drain
             }
+            StopReason::Rebalance => close.rebalance,
             StopReason::Lifetime => close.lifetime,
             StopReason::Idle => close.idle,
         }
@@ -925,6 +930,7 @@ mod tests {
         drain: 1001,
         lifetime: 1012,
         idle: 4000,
+        rebalance: 1012,
         timeout: Duration::from_secs(2),
     };
 

@@ -40,6 +40,7 @@ mod loops;
 mod pings;
 mod pod_deletion;
 mod props;
+mod rebalance;
 mod release_paths;
 mod rollout;
 mod slow_bodies;

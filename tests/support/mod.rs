@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod process;
 pub mod redis;
 pub mod upstream;
+pub mod watched;
 // Not glob-exported: `use support::access::*;` where needed (its names stay out of every other binary).
 pub mod access;
 

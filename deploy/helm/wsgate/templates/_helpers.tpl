@@ -87,6 +87,7 @@ two values. Fails the render with a message naming the values.
 {{- include "wsgate.validateMessageGuards" . -}}
 {{- include "wsgate.validateHandshake" . -}}
 {{- include "wsgate.validateClientSignals" . -}}
+{{- include "wsgate.validateRebalance" . -}}
 {{- include "wsgate.validateUpstreamSocket" . -}}
 {{- include "wsgate.validatePodDeletion" . -}}
 {{- include "wsgate.validatePorts" . -}}
@@ -675,6 +676,10 @@ WSGATE_FLEET_* ones (docs/operations.md#fleet-wide-limits) when a Redis is confi
   value: {{ $v.fleet.timeout | toString | quote }}
 - name: WSGATE_FLEET_FAIL_MODE
   value: {{ $v.fleet.failMode | quote }}
+{{- with include "wsgate.rebalanceEnv" . }}
+# Automatic rebalancing (docs/operations.md#automatic-rebalancing): only the values that are not the default.
+{{- . }}
+{{- end }}
 {{- end }}
 {{- with include "wsgate.messageGuardsEnv" . }}
 # Message guards (docs/operations.md#message-guards): only the values that are not off / not the default.
@@ -860,4 +865,46 @@ resources:
 securityContext:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end -}}
+
+{{/*
+wsgate.rebalanceEnv: the WSGATE_* variables of automatic rebalancing (rebalance, its tolerance,
+after, period, cooldown, close_code_rebalance), each only when it differs from wsgate's default
+(false, 0.1, 30s, 30s, 2m, 1012), so that a release without them renders what it did before.
+Durations are compared in seconds and rendered as given.
+*/}}
+{{- define "wsgate.rebalanceEnv" -}}
+{{- $r := .Values.fleet.rebalance | default dict }}
+{{- if $r.enabled }}
+- name: WSGATE_REBALANCE
+  value: "true"
+{{- end }}
+{{- $tol := ternary $r.tolerance 0.1 (hasKey $r "tolerance") | float64 }}
+{{- if ne $tol 0.1 }}
+- name: WSGATE_REBALANCE_TOLERANCE
+  value: {{ $tol | toString | quote }}
+{{- end }}
+{{- range $name, $default := dict "after" 30.0 "period" 30.0 "cooldown" 120.0 }}
+{{- $d := ternary (get $r $name) (printf "%vs" $default) (hasKey $r $name) }}
+{{- if ne (include "wsgate.durationSeconds" $d | float64) $default }}
+- name: {{ printf "WSGATE_REBALANCE_%s" (upper $name) }}
+  value: {{ $d | toString | quote }}
+{{- end }}
+{{- end }}
+{{- $code := ternary $r.closeCode 1012 (hasKey $r "closeCode") | int64 }}
+{{- if ne $code 1012 }}
+- name: WSGATE_CLOSE_CODE_REBALANCE
+  value: {{ $code | quote }}
+{{- end }}
+{{- end -}}
+
+{{/*
+wsgate.validateRebalance: rebalancing finds the other pods through the fleet's Redis; without one
+wsgate exits 2, so the render fails first.
+*/}}
+{{- define "wsgate.validateRebalance" -}}
+{{- $r := .Values.fleet.rebalance | default dict -}}
+{{- if and $r.enabled (not (include "wsgate.fleetEnabled" .)) -}}
+{{- fail "fleet.rebalance.enabled is true, but no Redis is configured: pods find each other through the fleet's Redis. Set fleet.redisUrl or fleet.redisUrlSecret.name, or set fleet.rebalance.enabled to false" -}}
+{{- end -}}
 {{- end -}}
