@@ -34,7 +34,7 @@ Last, the model: the largest fleet S whose Redis work fits the CPU budget (defau
 core) of one primary and of an N-node Cluster, from the medians measured above, with the
 assumptions printed beside it.
 
-    python3 benches/fleet-cost-model.py            # 10 k, 100 k and 1 M holds (~4 min on 2 cores)
+    python3 benches/fleet-cost-model.py            # 10 k, 100 k and 1 M holds (~2 min on 2 cores)
     python3 benches/fleet-cost-model.py --quick    # 10 k and 100 k only (~1 min)
     options: --sizes 10000,100000 --instances 10,100,1000 --reps 5 --calls 2000 --json FILE
              --lease 30 --session-minutes 10 --storm-fraction 0.1 --storm-seconds 10
@@ -599,7 +599,10 @@ def main():
     if a.quick:
         sizes = [s for s in sizes if s <= 100_000]
     insts = [int(s) for s in a.instances.split(",")]
+    # Stop the servers (by PID, in the finally blocks) on SIGTERM, and on SIGINT even when the shell
+    # started this in the background with SIGINT ignored.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     env = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "redis": subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2],
            "cores": os.cpu_count(), "load_before": open("/proc/loadavg").read().split()[:3]}
