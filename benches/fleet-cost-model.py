@@ -280,7 +280,6 @@ def renew_cmds(sha, key, members, chunk):
 
 def run_holds(tmp, n, a):
     srv = Server(tmp)
-    pid = srv.proc.pid
     try:
         c = srv.c
         admit = c.call("SCRIPT", "LOAD", ADMIT).decode()
@@ -351,7 +350,7 @@ def run_holds(tmp, n, a):
             res[name] = {"commandstats_us": summary(stats_us), "cpu_us": summary(cpu_us)}
         res["proc_stat_cpu_s"] = srv.proc_ticks / os.sysconf("SC_CLK_TCK")
         res["used_memory_total"] = srv.used_memory()
-        return res, pid
+        return res
     finally:
         srv.stop()
 
@@ -451,6 +450,10 @@ def model(holds, counts, a):
     budget = a.budget * 1e6
 
     def holds_load(s, k, rate, part="single", nodes=1):
+        """µs of Redis CPU per second for s sessions with k fleet rules, `rate` admissions (and as
+        many releases) per session per second: on one primary ("single"), on the Cluster node that
+        holds {ns}:all and its share of the key slots ("cluster"), or on one of `nodes` when only
+        key rules count ("keys"). On a Cluster a key scope is a call of its own (slot groups)."""
         all_part = (s * c_renew(s) / interval + s * rate * (c_admit1(s) + c_rel(s)))
         if part == "single":
             return all_part + k * (s * c_renew_key / interval + s * rate * (c_scope(s) + c_rel(s)))
@@ -611,8 +614,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
             log("holds: %s" % "{:,}".format(n))
-            r, _ = run_holds(tmp, n, a)
-            holds.append(r)
+            holds.append(run_holds(tmp, n, a))
         srv = Server(tmp)
         try:
             srv.measure_idle()
