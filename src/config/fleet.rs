@@ -11,6 +11,12 @@
 //! [`RedisUrl::as_str`] gives it whole, to the Redis client. A URL is
 //! accepted exactly when the `redis` crate wsgate connects with accepts
 //! it, less the two forms that crate would refuse only when connecting.
+//! Two forms are wsgate's own, for the fleet stores beyond one server
+//! (docs/operations.md#redis-cluster-and-sentinel): `redis+cluster://`
+//! (and `rediss+cluster://`) lists the seed nodes of a Redis Cluster,
+//! `redis+sentinel://` the sentinels of a Sentinel-managed primary; each
+//! host of either must itself be a host the crate accepts, and
+//! [`Deployment`] is the parsed form the store connects with.
 //!
 //! The kinds of the fleet keys live here rather than in `values.rs`: none
 //! is used by another key.
@@ -21,7 +27,7 @@ use std::fmt;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use redis::{ConnectionAddr, IntoConnectionInfo};
+use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
 use serde::de::{self, Deserializer, Unexpected, Visitor};
 use serde::{Serialize, Serializer};
 
@@ -114,7 +120,7 @@ impl RedisUrl {
     /// [`ConfigError::Invalid`] naming `fleet_redis_url`, the URL with its
     /// password hidden, and why it is refused.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        match refusal(text) {
+        match deployment(text).err() {
             None => Ok(RedisUrl(text.to_owned())),
             Some(why) => Err(ConfigError::invalid(
                 "fleet_redis_url",
@@ -134,11 +140,218 @@ impl RedisUrl {
         redact(&self.0)
     }
 
-    /// Whether the connection is TLS (`rediss://`, `valkeys://`).
+    /// Whether the connection is TLS (`rediss://`, `valkeys://`, `rediss+cluster://`).
     pub fn uses_tls(&self) -> bool {
         let scheme = self.0.split_once("://").map_or("", |(s, _)| s);
-        scheme.eq_ignore_ascii_case("rediss") || scheme.eq_ignore_ascii_case("valkeys")
+        ["rediss", "valkeys", CLUSTER_TLS]
+            .iter()
+            .any(|tls| scheme.eq_ignore_ascii_case(tls))
     }
+
+    /// The deployment the URL names, parsed for the store to connect with.
+    ///
+    /// # Errors
+    /// Why the URL is refused; never the case for a [`RedisUrl`] made by
+    /// [`RedisUrl::parse`] or read from the configuration (both validate).
+    pub(crate) fn deployment(&self) -> Result<Deployment, &'static str> {
+        deployment(&self.0)
+    }
+}
+
+/// `redis+cluster://`: the seed nodes of a Redis Cluster.
+const CLUSTER: &str = "redis+cluster";
+/// `rediss+cluster://`: the same over TLS.
+const CLUSTER_TLS: &str = "rediss+cluster";
+/// `redis+sentinel://`: the sentinels of a Sentinel-managed primary.
+const SENTINEL: &str = "redis+sentinel";
+/// The port of a sentinel whose host names none (Redis Sentinel's own).
+const SENTINEL_PORT: u16 = 26379;
+/// The port of a cluster node whose host names none.
+const REDIS_PORT: u16 = 6379;
+
+/// Which Redis deployment `fleet_redis_url` names, with what the client
+/// needs to reach it (passwords included: no `Debug` that shows them).
+#[derive(Clone)]
+pub(crate) enum Deployment {
+    /// One server: the URL as the client takes it.
+    Single(String),
+    /// A Redis Cluster: its seed nodes, each a `redis://` (or `rediss://`)
+    /// URL with the credentials; the client finds the others.
+    Cluster(Vec<ConnectionInfo>),
+    /// A primary found through its sentinels.
+    Sentinel(SentinelTarget),
+}
+
+/// A Sentinel deployment: where the sentinels are, the name they know the
+/// primary by, and how to log in to each side.
+#[derive(Clone)]
+pub(crate) struct SentinelTarget {
+    /// `host:port` of every sentinel, in the order written.
+    pub(crate) sentinels: Vec<(String, u16)>,
+    /// The `MASTER_NAME` of `sentinel monitor`.
+    pub(crate) master: String,
+    /// The database on the primary.
+    pub(crate) db: i64,
+    /// The user and password of the URL: the data nodes' (`requirepass`
+    /// or an ACL user), the common deployment.
+    pub(crate) username: Option<String>,
+    pub(crate) password: Option<String>,
+    /// The `sentinel_password` query parameter: the sentinels' own
+    /// (`requirepass` in sentinel.conf), when they have one.
+    pub(crate) sentinel_password: Option<String>,
+}
+
+impl fmt::Debug for Deployment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Deployment::Single(url) => f.debug_tuple("Single").field(&redact(url)).finish(),
+            Deployment::Cluster(nodes) => f
+                .debug_tuple("Cluster")
+                .field(
+                    &nodes
+                        .iter()
+                        .map(|n| n.addr().to_string())
+                        .collect::<Vec<_>>(),
+                )
+                .finish(),
+            Deployment::Sentinel(t) => f
+                .debug_struct("Sentinel")
+                .field("sentinels", &t.sentinels)
+                .field("master", &t.master)
+                .field("db", &t.db)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+/// Parses `text` into the deployment it names, or says why not.
+fn deployment(text: &str) -> Result<Deployment, &'static str> {
+    let scheme = text.split_once("://").map_or("", |(s, _)| s);
+    let rest = text.get(scheme.len() + 3..).unwrap_or_default();
+    if scheme.eq_ignore_ascii_case(CLUSTER) {
+        cluster(rest, "redis")
+    } else if scheme.eq_ignore_ascii_case(CLUSTER_TLS) {
+        cluster(rest, "rediss")
+    } else if scheme.eq_ignore_ascii_case(SENTINEL) {
+        sentinel(rest)
+    } else {
+        match refusal(text) {
+            None => Ok(Deployment::Single(text.to_owned())),
+            Some(why) => Err(why),
+        }
+    }
+}
+
+/// `rest` of a multi-host URL (after `scheme://`) cut into the user
+/// information (before the last `@` of the authority), the hosts (between
+/// commas) and what follows them (the path, query and fragment).
+fn split_hosts(rest: &str) -> Result<(Option<&str>, Vec<&str>, &str), &'static str> {
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (userinfo, hosts) = match authority.rfind('@') {
+        Some(at) => (Some(&authority[..at]), &authority[at + 1..]),
+        None => (None, authority),
+    };
+    let hosts: Vec<&str> = hosts.split(',').collect();
+    if hosts.iter().any(|h| h.is_empty()) {
+        return Err("no host name (hosts are host:port, separated by commas)");
+    }
+    Ok((userinfo, hosts, tail))
+}
+
+/// `host` with `port` added when it names none (`[::1]` has none, `[::1]:7000` has one).
+fn with_port(host: &str, port: u16) -> String {
+    let has_port = match host.rfind(']') {
+        Some(close) => host[close..].contains(':'),
+        None => host.contains(':'),
+    };
+    if has_port {
+        host.to_owned()
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// One host of a multi-host URL as the client parses it, through the same
+/// checks as a one-server URL (`base` is `redis` or `rediss`).
+fn node(
+    base: &str,
+    userinfo: Option<&str>,
+    host: &str,
+    port: u16,
+) -> Result<ConnectionInfo, &'static str> {
+    let auth = userinfo.map_or(String::new(), |u| format!("{u}@"));
+    let url = format!("{base}://{auth}{}", with_port(host, port));
+    if let Some(why) = refusal(&url) {
+        return Err(why);
+    }
+    url.into_connection_info()
+        .map_err(|e| client_reason(&e.to_string()))
+}
+
+/// `redis+cluster://[user:password@]host:port[,host:port…]`.
+fn cluster(rest: &str, base: &str) -> Result<Deployment, &'static str> {
+    let (userinfo, hosts, tail) = split_hosts(rest)?;
+    if !matches!(tail, "" | "/") {
+        return Err(
+            "a cluster URL ends after its hosts (a Redis Cluster has database 0 \
+            only, and takes no query parameters)",
+        );
+    }
+    let nodes = hosts
+        .iter()
+        .map(|h| node(base, userinfo, h, REDIS_PORT))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Deployment::Cluster(nodes))
+}
+
+/// `redis+sentinel://[user:password@]host:port[,host:port…]/MASTER_NAME[/db][?sentinel_password=…]`.
+fn sentinel(rest: &str) -> Result<Deployment, &'static str> {
+    let (userinfo, hosts, tail) = split_hosts(rest)?;
+    // Checked as data-node logins: the same rules for the user information.
+    let first = node("redis", userinfo, hosts[0], SENTINEL_PORT)?;
+    let mut sentinels = Vec::with_capacity(hosts.len());
+    for host in &hosts {
+        match node("redis", None, host, SENTINEL_PORT)?.addr() {
+            ConnectionAddr::Tcp(h, p) => sentinels.push((h.clone(), *p)),
+            _ => return Err("a sentinel is host:port"),
+        }
+    }
+    if tail.contains('#') {
+        return Err("a sentinel URL takes no fragment");
+    }
+    let (path, query) = tail.split_once('?').unwrap_or((tail, ""));
+    let mut parts = path.strip_prefix('/').unwrap_or_default().split('/');
+    let master = parts.next().unwrap_or_default();
+    if master.is_empty() || !master.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("no MASTER_NAME after the sentinels (redis+sentinel://host:port/MASTER_NAME)");
+    }
+    let db = match parts.next() {
+        None | Some("") => 0,
+        Some(db) => db
+            .parse::<u32>()
+            .map_err(|_| "the database is not a number")?
+            .into(),
+    };
+    if parts.next().is_some() {
+        return Err("the path is /MASTER_NAME or /MASTER_NAME/db");
+    }
+    let mut sentinel_password = None;
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        if name != "sentinel_password" {
+            return Err("the only query parameter of a sentinel URL is sentinel_password");
+        }
+        sentinel_password = Some(value.into_owned());
+    }
+    let login = first.redis_settings();
+    Ok(Deployment::Sentinel(SentinelTarget {
+        sentinels,
+        master: master.to_owned(),
+        db,
+        username: login.username().map(str::to_owned),
+        password: login.password().map(str::to_owned),
+        sentinel_password,
+    }))
 }
 
 impl fmt::Debug for RedisUrl {
@@ -168,7 +381,10 @@ impl ValueKind for RedisUrl {
     type Value = Option<RedisUrl>;
     const EXPECTED: &'static str = "empty (off), redis://[user:password@]host[:port][/db], \
         rediss://… (TLS) or unix:///path/to/redis.sock[?pass=password] \
-        (valkey://, valkeys://, redis+unix:// and valkey+unix:// too)";
+        (valkey://, valkeys://, redis+unix:// and valkey+unix:// too), \
+        redis+cluster://[user:password@]host:port[,host:port…] (rediss+cluster:// for TLS) \
+        or redis+sentinel://[user:password@]host:port[,host:port…]/MASTER_NAME[/db]\
+        [?sentinel_password=…]";
 
     fn check(raw: &String) -> Option<Option<RedisUrl>> {
         parse_optional(raw).ok()
@@ -214,10 +430,7 @@ fn parse_optional(raw: &str) -> Result<Option<RedisUrl>, &'static str> {
     if raw.trim().is_empty() {
         return Ok(None);
     }
-    match refusal(raw) {
-        None => Ok(Some(RedisUrl(raw.to_owned()))),
-        Some(why) => Err(why),
-    }
+    deployment(raw).map(|_| Some(RedisUrl(raw.to_owned())))
 }
 
 /// What the URL key accepts, and why this one was refused.
@@ -279,8 +492,10 @@ fn client_reason(message: &str) -> &'static str {
 }
 
 /// `text` with every password replaced by `***`: the one in the user
-/// information (`redis://user:PASSWORD@host`) and the `pass` (or
-/// `password`) query parameter of the Unix form (`unix:///s.sock?pass=…`).
+/// information (`redis://user:PASSWORD@host`, also before the hosts of
+/// the cluster and sentinel forms), the `pass` (or `password`) query
+/// parameter of the Unix form (`unix:///s.sock?pass=…`) and the
+/// `sentinel_password` parameter of the sentinel form.
 ///
 /// It works on text that may not be a URL at all (refused values are shown
 /// too), so where it cannot tell it hides more rather than less: the user
@@ -340,11 +555,16 @@ fn is_scheme(s: &str) -> bool {
 }
 
 /// A query parameter holding a password (`pass` is the one the client
-/// reads), however its name is percent-encoded or cased.
+/// reads, `sentinel_password` wsgate's), however its name is
+/// percent-encoded or cased.
 fn is_password_param(name: &str) -> bool {
     form_urlencoded::parse(name.as_bytes())
         .next()
-        .is_some_and(|(n, _)| n.eq_ignore_ascii_case("pass") || n.eq_ignore_ascii_case("password"))
+        .is_some_and(|(n, _)| {
+            ["pass", "password", "sentinel_password"]
+                .iter()
+                .any(|p| n.eq_ignore_ascii_case(p))
+        })
 }
 
 /// `fleet_namespace`: it becomes the Redis Cluster hash tag `{namespace}`,
@@ -619,6 +839,131 @@ mod tests {
             );
         }
         assert_eq!(url.as_str(), "redis://app:s3cret@redis:6379");
+    }
+
+    #[test]
+    fn cluster_and_sentinel_forms_are_parsed() {
+        let url = RedisUrl::parse("redis+cluster://app:s%40cret@10.0.0.1:7000,redis-1,[::1]:7002/")
+            .expect("cluster");
+        let Ok(Deployment::Cluster(nodes)) = url.deployment() else {
+            panic!("a cluster: {url:?}");
+        };
+        let addrs: Vec<String> = nodes.iter().map(|n| n.addr().to_string()).collect();
+        assert_eq!(addrs, ["10.0.0.1:7000", "redis-1:6379", "::1:7002"]);
+        for n in &nodes {
+            assert_eq!(n.redis_settings().username(), Some("app"));
+            assert_eq!(
+                n.redis_settings().password(),
+                Some("s@cret"),
+                "percent-decoded"
+            );
+        }
+        let tls = RedisUrl::parse("rediss+cluster://redis:7000").expect("TLS cluster");
+        assert!(tls.uses_tls());
+        assert!(matches!(
+            tls.deployment(),
+            Ok(Deployment::Cluster(n)) if matches!(n[0].addr(), ConnectionAddr::TcpTls { .. })
+        ));
+        assert!(!url.uses_tls());
+
+        let url = RedisUrl::parse(
+            "redis+sentinel://:data%21pw@s1:26380,s2,[::1]:5000/mymaster/2?sentinel_password=s%20pw",
+        )
+        .expect("sentinel");
+        let Ok(Deployment::Sentinel(t)) = url.deployment() else {
+            panic!("a sentinel: {url:?}");
+        };
+        assert_eq!(
+            t.sentinels,
+            [
+                ("s1".to_owned(), 26380),
+                ("s2".to_owned(), 26379),
+                ("::1".to_owned(), 5000)
+            ]
+        );
+        assert_eq!((t.master.as_str(), t.db), ("mymaster", 2));
+        assert_eq!(t.username, None);
+        assert_eq!(
+            t.password.as_deref(),
+            Some("data!pw"),
+            "the data nodes' password"
+        );
+        assert_eq!(t.sentinel_password.as_deref(), Some("s pw"));
+        let Ok(Deployment::Sentinel(t)) = RedisUrl::parse("redis+sentinel://s1:26379/m")
+            .expect("minimal")
+            .deployment()
+        else {
+            panic!("a sentinel");
+        };
+        assert_eq!((t.db, t.password, t.sentinel_password), (0, None, None));
+        let shown = format!("{:?}", url.deployment());
+        assert!(!shown.contains("pw"), "{shown}");
+    }
+
+    #[test]
+    fn cluster_and_sentinel_urls_are_refused_with_why() {
+        for (url, why) in [
+            ("redis+cluster://", "no host name"),
+            ("redis+cluster://a:7000,,b:7001", "no host name"),
+            ("redis+cluster://a:7000,0.0.0.0:7001", "wildcard"),
+            ("redis+cluster://a:0", "port 0"),
+            ("redis+cluster://a:7000/1", "database 0"),
+            ("redis+cluster://a:7000?protocol=3", "query"),
+            ("redis+sentinel://s1:26379", "MASTER_NAME"),
+            ("redis+sentinel://s1:26379/", "MASTER_NAME"),
+            ("redis+sentinel://s1:26379/m/x", "database"),
+            ("redis+sentinel://s1:26379/m/1/2", "/MASTER_NAME/db"),
+            ("redis+sentinel://s1:26379/m?pass=x", "sentinel_password"),
+            ("redis+sentinel://s1:26379/m#x", "fragment"),
+            ("redis+sentinel://s1:99999/m", "not a URL"),
+        ] {
+            let e = RedisUrl::parse(url).expect_err(url).to_string();
+            assert!(
+                e.contains("fleet_redis_url = ") && e.contains(why) && e.contains("expected"),
+                "{url}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn passwords_of_every_host_list_form_are_hidden() {
+        for (url, shown) in [
+            (
+                "redis+cluster://app:s3cret@a:7000,b:7001,c:7002",
+                "redis+cluster://app:***@a:7000,b:7001,c:7002",
+            ),
+            (
+                "rediss+cluster://:s3cret@a:7000,b:7001",
+                "rediss+cluster://:***@a:7000,b:7001",
+            ),
+            (
+                "redis+sentinel://:s3cret@s1:26379,s2:26379/mymaster/1",
+                "redis+sentinel://:***@s1:26379,s2:26379/mymaster/1",
+            ),
+            (
+                "redis+sentinel://s1:26379,s2:26379/m?sentinel_password=s3cret",
+                "redis+sentinel://s1:26379,s2:26379/m?sentinel_password=***",
+            ),
+            (
+                "redis+sentinel://u:s3cret@s1,s2/m?Sentinel_Password=s3cret",
+                "redis+sentinel://u:***@s1,s2/m?Sentinel_Password=***",
+            ),
+            (
+                "redis+cluster://a:7000,b:7001",
+                "redis+cluster://a:7000,b:7001",
+            ),
+        ] {
+            assert_eq!(redact(url), shown, "{url}");
+        }
+        for url in [
+            "redis+cluster://:s3cret@a:7000,0.0.0.0:1",
+            "redis+sentinel://:s3cret@s1/m/x?sentinel_password=s3cret",
+            "redis+sentinel://s1/m?sentinel_password=s3cret&other=1",
+        ] {
+            let e = RedisUrl::parse(url).expect_err(url);
+            let shown = format!("{e} {e:?}");
+            assert!(!shown.contains("s3cret"), "{url}: {shown}");
+        }
     }
 
     #[test]

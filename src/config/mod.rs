@@ -67,6 +67,7 @@ use serde::{Deserialize, Serialize};
 
 pub use self::duration::ConfigDuration;
 pub use self::error::ConfigError;
+pub(crate) use self::fleet::{Deployment, SentinelTarget};
 pub use self::fleet::{FailMode, FleetSettings, RedisUrl};
 pub use self::guards::{MessageGuards, RateAction};
 pub(crate) use self::handshake::is_token;
