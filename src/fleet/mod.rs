@@ -8,13 +8,17 @@
 //! | `outage.rs` | what the log says while Redis is unreachable: the cause, once a minute, the recovery |
 //! | `scripts.rs` | the Lua scripts and the key names |
 //! | `heartbeat.rs` | each instance's beat (active count, state) and the fleet as the beats show it |
+//! | `store.rs` | which Redis deployment (one server, Sentinel, Cluster), how to connect, how keys route |
 //!
 //! # Holds as leases
 //! Each admitted connection under a fleet limit is one member of a sorted
 //! set per limit, scored by its expiry (README "Limits across replicas"
 //! says why this layout and what it costs). The admission script drops
 //! expired members, checks every limit and adds the hold to all of them or
-//! to none, atomically. [`FleetHold`] lives inside the connection's
+//! to none, atomically. On a Redis Cluster the sets of one admission may
+//! lie in several slots: the script runs once per slot, in order, and a
+//! refusal takes the hold back out of the slots already passed
+//! (docs/operations.md#redis-cluster-and-sentinel). [`FleetHold`] lives inside the connection's
 //! `AdmissionGuard`, so every close path gives the hold back: its `Drop`
 //! removes it from the instance's live set and queues the release. The
 //! worker renews all live holds every `fleet_lease_ttl / 3` in one call;
@@ -37,6 +41,7 @@ mod heartbeat;
 mod metrics;
 mod outage;
 mod scripts;
+mod store;
 mod worker;
 
 use std::collections::HashMap;
@@ -45,7 +50,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -58,6 +62,7 @@ use self::metrics::{FleetOp, FleetResult};
 use crate::config::{FailMode, FleetSettings, RedisUrl};
 
 use self::scripts::{millis, Names, Scripts};
+use self::store::{means_lost, Connector, Kind, Store};
 
 /// Admissions past their deadline in a row that mark Redis down.
 const TIMEOUTS_BEFORE_DOWN: u32 = 3;
@@ -131,7 +136,7 @@ struct Release {
 /// older connection must not drop a newer one).
 #[derive(Debug, Default)]
 struct Link {
-    conn: Option<MultiplexedConnection>,
+    conn: Option<Store>,
     generation: u64,
 }
 
@@ -140,6 +145,8 @@ struct Shared {
     /// Start-only settings, kept to warn when a reload changes them.
     url: RedisUrl,
     namespace: String,
+    /// One server, Sentinel or Cluster: how calls are grouped.
+    kind: Kind,
     names: Names,
     instance: String,
     lease: Duration,
@@ -175,12 +182,19 @@ impl Fleet {
         metrics: FleetMetrics,
         stop: CancellationToken,
     ) -> Result<(Fleet, tokio::task::JoinHandle<()>), redis::RedisError> {
-        let client = redis::Client::open(settings.redis_url.as_str())?;
+        let deployment = settings
+            .redis_url
+            .deployment()
+            .map_err(|why| redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, why)))?;
+        let connector =
+            Connector::new(deployment, worker::CONNECT_TIMEOUT, settings.lease_ttl / 3)?;
+        let kind = connector.kind();
         let (releases, queue) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             url: settings.redis_url.clone(),
             namespace: settings.namespace.clone(),
-            names: Names::new(&settings.namespace),
+            kind,
+            names: Names::new(&settings.namespace, kind),
             instance: settings.instance_id.clone(),
             lease: settings.lease_ttl,
             max_clients: AtomicU32::new(0),
@@ -200,7 +214,12 @@ impl Fleet {
         let fleet = Fleet { shared };
         fleet.apply(settings);
         fleet.shared.metrics.up.set(0);
-        let task = tokio::spawn(worker::run(Arc::clone(&fleet.shared), client, queue, stop));
+        let task = tokio::spawn(worker::run(
+            Arc::clone(&fleet.shared),
+            connector,
+            queue,
+            stop,
+        ));
         Ok((fleet, task))
     }
 
@@ -272,39 +291,51 @@ impl Fleet {
             member: format!("{}:{id}", s.instance).into(),
             sets: scopes.iter().map(|sc| Arc::clone(&sc.set)).collect(),
         });
-        let Some((generation, mut conn)) = s.connection() else {
+        let Some((generation, conn)) = s.connection() else {
             return self.without_redis(id, live, enforce, Sent::No);
         };
 
-        let mut call = s.scripts.admit.prepare_invoke();
-        for sc in &scopes {
-            call.key(&*sc.set);
-        }
-        call.arg(millis(s.lease))
-            .arg(&*live.member)
-            .arg(if enforce { "0" } else { "1" });
-        for sc in &scopes {
-            call.arg(sc.limit);
-        }
+        // One whole admission, every slot group included, within one
+        // `fleet_timeout`.
         let timeout = Duration::from_micros(s.timeout_micros.load(Ordering::Acquire));
+        let deadline = Instant::now() + timeout;
+        let keys: Vec<&str> = scopes.iter().map(|sc| &*sc.set).collect();
+        let groups = s.kind.groups(&keys);
         let answer = s
             .call(
                 FleetOp::Admit,
                 timeout,
-                call.invoke_async::<(i64, i64)>(&mut conn),
+                s.admit_groups(conn.clone(), &groups, &scopes, &live.member, enforce),
             )
             .await;
         match answer {
-            Outcome::Answered((full, count)) => {
+            Outcome::Answered(Admitted {
+                full,
+                count,
+                passed,
+            }) => {
                 s.timeouts.store(0, Ordering::Relaxed);
-                if has_total {
+                if let (true, Some(count)) = (has_total, count) {
                     s.metrics.active.set(count);
                 }
-                let refused = usize::try_from(full)
-                    .ok()
-                    .and_then(|i| i.checked_sub(1))
-                    .map(FleetRefusal::Full);
+                let refused = full.map(FleetRefusal::Full);
                 if refused.is_some() && enforce {
+                    // Groups passed before the one that refused hold it:
+                    // take it back out (within what is left of the
+                    // deadline, else through the worker).
+                    if passed > 0 {
+                        let sets: Vec<&str> = groups[..passed]
+                            .iter()
+                            .flatten()
+                            .map(|&i| &*scopes[i].set)
+                            .collect();
+                        if !s.compensate(conn, &sets, &live.member, deadline).await {
+                            let _ = s.releases.send(Release {
+                                live,
+                                since: Instant::now(),
+                            });
+                        }
+                    }
                     return FleetAdmission {
                         hold: None,
                         refused,
@@ -316,7 +347,7 @@ impl Fleet {
                 }
             }
             Outcome::Failed(e) => {
-                if e.is_connection_dropped() || e.is_unrecoverable_error() || e.is_io_error() {
+                if means_lost(&e) {
                     s.lost(generation);
                 }
                 self.without_redis(id, live, enforce, Sent::Maybe)
@@ -372,6 +403,18 @@ impl Fleet {
     }
 }
 
+/// What the admission scripts of one request answered.
+#[derive(Debug)]
+struct Admitted {
+    /// The index (in the request's scopes) of the first scope at its limit.
+    full: Option<usize>,
+    /// The fleet-wide set's size after the call, when the fleet-wide set
+    /// was the first key of a script that ran.
+    count: Option<i64>,
+    /// How many slot groups took the hold (all of them unless refused).
+    passed: usize,
+}
+
 /// How one Redis call went.
 #[derive(Debug)]
 enum Outcome<T> {
@@ -402,8 +445,81 @@ impl Shared {
         outcome
     }
 
+    /// Runs the admission script once per group of `scopes` (one group
+    /// outside a Cluster: one round trip), in order, the fleet-wide set's
+    /// group first. Each script checks and adds atomically within its
+    /// group; with `enforce` the first group that refuses ends the run.
+    async fn admit_groups(
+        &self,
+        mut conn: Store,
+        groups: &[Vec<usize>],
+        scopes: &[Scope],
+        member: &str,
+        enforce: bool,
+    ) -> redis::RedisResult<Admitted> {
+        let mut answer = Admitted {
+            full: None,
+            count: None,
+            passed: 0,
+        };
+        for group in groups {
+            let mut call = self.scripts.admit.prepare_invoke();
+            for &i in group {
+                call.key(&*scopes[i].set);
+            }
+            call.arg(millis(self.lease))
+                .arg(member)
+                .arg(if enforce { "0" } else { "1" });
+            for &i in group {
+                call.arg(scopes[i].limit);
+            }
+            let (full, count) = call.invoke_async::<(i64, i64)>(&mut conn).await?;
+            if group.first() == Some(&0) {
+                answer.count = Some(count);
+            }
+            let full = usize::try_from(full)
+                .ok()
+                .and_then(|i| i.checked_sub(1))
+                .and_then(|i| group.get(i).copied());
+            if answer.full.is_none() {
+                answer.full = full;
+            }
+            if full.is_some() && enforce {
+                return Ok(answer);
+            }
+            answer.passed += 1;
+        }
+        Ok(answer)
+    }
+
+    /// Takes `member` out of `sets` (the slot groups that admitted it
+    /// before a later one refused) by `deadline`: one `ZREM` pipeline per
+    /// slot, all at once. `false` when that did not succeed in time.
+    async fn compensate(
+        &self,
+        conn: Store,
+        sets: &[&str],
+        member: &str,
+        deadline: Instant,
+    ) -> bool {
+        let calls = self.kind.groups(sets).into_iter().map(|group| {
+            let mut conn = conn.clone();
+            let mut pipe = redis::pipe();
+            for i in group {
+                pipe.cmd("ZREM").arg(sets[i]).arg(member).ignore();
+            }
+            async move { pipe.query_async::<()>(&mut conn).await }
+        });
+        let all = futures_util::future::try_join_all(calls);
+        let left = deadline.saturating_duration_since(Instant::now());
+        matches!(
+            self.call(FleetOp::Release, left, all).await,
+            Outcome::Answered(_)
+        )
+    }
+
     /// The connection in use, unless Redis is known down.
-    fn connection(&self) -> Option<(u64, MultiplexedConnection)> {
+    fn connection(&self) -> Option<(u64, Store)> {
         let link = self.link.read().unwrap_or_else(PoisonError::into_inner);
         link.conn.clone().map(|c| (link.generation, c))
     }

@@ -6,14 +6,21 @@
 //! milliseconds of the Redis server's clock (`TIME`, so the instances' clocks
 //! never matter). Expired members are dropped by whoever touches the set
 //! next; the set itself carries a `PEXPIRE` of one lease, so a set nobody
-//! touches again (its instances all died) vanishes on its own. Every key of
-//! a namespace shares the hash tag `{namespace}`, so the multi-key scripts
-//! also run on Redis Cluster.
+//! touches again (its instances all died) vanishes on its own.
+//!
+//! On one server (and a Sentinel primary) every key of a namespace shares
+//! the hash tag `{namespace}`. On a Redis Cluster the fleet-wide set keeps
+//! that tag, and each key value's set has a tag of its own,
+//! `{namespace:key:RULE:VALUE}`, so a fleet's key values spread over the
+//! slots (docs/operations.md#redis-cluster-and-sentinel); a script then runs
+//! once per slot (see `Fleet::admit`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::Script;
+
+use super::store::Kind;
 
 /// Check every set, then add to all of them or to none: one round trip,
 /// atomic on the server, so concurrent admissions from any number of
@@ -102,18 +109,27 @@ impl Scripts {
 /// The Redis key names of one namespace.
 #[derive(Debug, Clone)]
 pub(crate) struct Names {
-    /// `{namespace}:` — the hash tag and separator every key starts with.
+    namespace: String,
+    /// `{namespace}:` — the hash tag and separator of the fleet-wide set
+    /// (and of every key, outside a Cluster).
     prefix: String,
     /// `{namespace}:all`, made once (every admission names it).
     all: Arc<str>,
+    /// Whether each key value's set gets a hash tag of its own.
+    spread: bool,
 }
 
 impl Names {
-    pub(crate) fn new(namespace: &str) -> Self {
+    /// The names on `kind`: spread over slots on a Cluster only (one
+    /// server gains nothing, and a rolling update from a version without
+    /// Cluster support must keep counting in the same keys).
+    pub(crate) fn new(namespace: &str, kind: Kind) -> Self {
         let prefix = format!("{{{namespace}}}:");
         Names {
+            namespace: namespace.to_owned(),
             all: format!("{prefix}all").into(),
             prefix,
+            spread: kind == Kind::Cluster,
         }
     }
 
@@ -124,8 +140,19 @@ impl Names {
 
     /// The set of one key value of a `fleet = true` rule. Rule names are
     /// `[a-z0-9_]`, so the rule and the value cannot run into each other.
+    ///
+    /// On a Cluster it is `{namespace:key:RULE:VALUE}`: Redis hashes what
+    /// lies between the first `{` and the first `}` after it, and the
+    /// namespace has no braces, so the tag is never empty and always the
+    /// same for a value. A value with a `}` is cut there for hashing: it
+    /// shares the slot of its part before the `}` (a different set all
+    /// the same, so its count stays its own).
     pub(crate) fn key(&self, rule: &str, value: &str) -> String {
-        format!("{}key:{rule}:{value}", self.prefix)
+        if self.spread {
+            format!("{{{}:key:{rule}:{value}}}", self.namespace)
+        } else {
+            format!("{}key:{rule}:{value}", self.prefix)
+        }
     }
 }
 
@@ -139,10 +166,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_key_of_a_namespace_shares_its_hash_tag() {
-        let n = Names::new("prod-ws");
-        assert_eq!(&**n.all(), "{prod-ws}:all");
-        assert_eq!(n.key("tenant", "a:b{c}"), "{prod-ws}:key:tenant:a:b{c}");
+    fn every_key_of_a_namespace_shares_its_hash_tag_on_one_server() {
+        for kind in [Kind::Single, Kind::Sentinel] {
+            let n = Names::new("prod-ws", kind);
+            assert_eq!(&**n.all(), "{prod-ws}:all");
+            assert_eq!(n.key("tenant", "a:b{c}"), "{prod-ws}:key:tenant:a:b{c}");
+        }
+    }
+
+    #[test]
+    fn on_a_cluster_each_key_value_has_a_hash_tag_of_its_own() {
+        use redis::cluster_routing::Slot;
+        let n = Names::new("prod-ws", Kind::Cluster);
+        assert_eq!(
+            &**n.all(),
+            "{prod-ws}:all",
+            "the fleet-wide set keeps its name"
+        );
+        assert_eq!(n.key("tenant", "a"), "{prod-ws:key:tenant:a}");
+        // Braces in a value: the tag ends at the first `}`, the same every time.
+        let slot = |k: &str| Slot::for_key(k);
+        assert_eq!(n.key("tenant", "a}b"), "{prod-ws:key:tenant:a}b}");
+        assert_eq!(slot(&n.key("tenant", "a}b")), slot(&n.key("tenant", "a")));
+        assert_eq!(
+            slot(&n.key("tenant", "x{y")),
+            slot("{prod-ws:key:tenant:x{y}")
+        );
+        assert_ne!(
+            n.key("tenant", "a}b"),
+            n.key("tenant", "a"),
+            "still two sets"
+        );
+        let slots: std::collections::HashSet<_> = (0..50)
+            .map(|i| slot(&n.key("tenant", &format!("t{i}"))))
+            .collect();
+        assert!(
+            slots.len() > 40,
+            "values spread over the slots: {}",
+            slots.len()
+        );
     }
 
     #[test]

@@ -6,14 +6,16 @@
 //! renewal can never put back a hold whose release was queued after the
 //! renewal's snapshot. After a reconnect, the holds are renewed *before*
 //! admissions may use the new connection: a Redis that restarted empty has
-//! this instance's holds again before it judges anyone.
+//! this instance's holds again before it judges anyone. The same goes for
+//! a failover: the promoted replica (Sentinel or Cluster) may lack the
+//! last holds; the renewal after the reconnect puts them back.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use futures_util::StreamExt;
 use redis::AsyncConnectionConfig;
 use tokio::sync::mpsc;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
@@ -22,10 +24,15 @@ use tokio_util::sync::CancellationToken;
 use super::metrics::FleetOp;
 use super::outage::{Cause, Outage, Report};
 use super::scripts::millis;
+use super::store::{Connector, Kind, Store};
 use super::{Live, Outcome, Release, Shared};
 
-/// How long one connection attempt (TCP, TLS, AUTH, script loads) may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long one connection attempt (TCP, TLS, AUTH, script loads; the
+/// sentinels' answer; the cluster's slot map) may take.
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Slot groups renewed or released at once on a Cluster (each group is
+/// its own round trip, to whichever node holds the slot).
+const GROUPS_AT_ONCE: usize = 16;
 /// Pause between connection attempts while Redis is down.
 const RECONNECT_DELAY: Duration = Duration::from_millis(500);
 /// Holds per renewal script call.
@@ -38,7 +45,7 @@ const FINAL_FLUSH: Duration = Duration::from_secs(1);
 /// Runs until `stop`; then gives back every hold it still has, once.
 pub(super) async fn run(
     shared: Arc<Shared>,
-    client: redis::Client,
+    mut connector: Connector,
     mut queue: mpsc::UnboundedReceiver<Release>,
     stop: CancellationToken,
 ) {
@@ -51,7 +58,7 @@ pub(super) async fn run(
 
     while !stop.is_cancelled() {
         let Some((generation, mut conn)) = shared.connection() else {
-            let attempt = reconnect(&shared, &client, interval).await;
+            let attempt = reconnect(&shared, &mut connector, interval).await;
             shared.first_attempt.send_replace(true);
             match attempt {
                 Ok((generation, mut conn)) => {
@@ -198,29 +205,37 @@ fn round_to_millis(d: Duration) -> Duration {
 /// connection, and only then lets admissions use it.
 async fn reconnect(
     shared: &Shared,
-    client: &redis::Client,
+    connector: &mut Connector,
     interval: Duration,
-) -> Result<(u64, MultiplexedConnection), Failure> {
+) -> Result<(u64, Store), Failure> {
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
         // Each call has its own deadline (fleet_timeout, or the interval).
         .set_response_timeout(None);
     let connect = async {
-        let mut conn = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        shared
-            .scripts
-            .admit
-            .prepare_invoke()
-            .load_async(&mut conn)
-            .await?;
-        shared
-            .scripts
-            .renew
-            .prepare_invoke()
-            .load_async(&mut conn)
-            .await?;
+        let mut conn = connector.connect(&config).await?;
+        let loads = async {
+            shared
+                .scripts
+                .admit
+                .prepare_invoke()
+                .load_async(&mut conn)
+                .await?;
+            shared
+                .scripts
+                .renew
+                .prepare_invoke()
+                .load_async(&mut conn)
+                .await
+        };
+        let loaded = loads.await;
+        // On a Cluster the load goes to every node, replicas included (a
+        // promoted replica then has the scripts already); one node down
+        // must not keep the others from being used: a call that meets
+        // NOSCRIPT loads the script again itself.
+        if connector.kind() != Kind::Cluster {
+            loaded?;
+        }
         Ok::<_, redis::RedisError>(conn)
     };
     let mut conn = match timeout(CONNECT_TIMEOUT, connect).await {
@@ -258,7 +273,7 @@ async fn reconnect(
 /// the chunks instead of stalling them for the whole renewal (10,000 holds
 /// take ~20 ms of Redis time in one call; README "Limits across replicas").
 /// `false` when Redis failed or did not answer within `deadline`.
-async fn renew(shared: &Shared, conn: &mut MultiplexedConnection, deadline: Duration) -> bool {
+async fn renew(shared: &Shared, conn: &mut Store, deadline: Duration) -> bool {
     let snapshot: Vec<Arc<Live>> = shared.live_holds().values().cloned().collect();
     let mut by_set: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for live in &snapshot {
@@ -277,23 +292,53 @@ async fn renew(shared: &Shared, conn: &mut MultiplexedConnection, deadline: Dura
     }
     sets.extend(by_set);
 
-    let calls = async {
-        let mut count = -1;
-        for chunk in chunks(&sets, RENEW_CHUNK) {
-            let mut call = shared.scripts.renew.prepare_invoke();
-            let total = chunk.iter().position(|(set, _)| *set == all);
-            call.arg(millis(shared.lease))
-                .arg(total.map_or(0, |i| i + 1));
-            for (set, members) in &chunk {
-                call.key(*set).arg(members.len()).arg(*members);
+    // One group outside a Cluster; there, one per slot (the fleet-wide
+    // set's first), renewed a few at once.
+    let keys: Vec<&str> = sets.iter().map(|(set, _)| *set).collect();
+    let groups: Vec<Vec<(&str, Vec<&str>)>> = shared
+        .kind
+        .groups(&keys)
+        .into_iter()
+        .map(|group| {
+            group
+                .into_iter()
+                .map(|i| (keys[i], std::mem::take(&mut sets[i].1)))
+                .collect()
+        })
+        .collect();
+    // Made before the stream (not by a closure inside it), or rustc cannot
+    // prove the worker's future `Send`.
+    let calls: Vec<_> = groups
+        .iter()
+        .map(|group| {
+            let mut conn = conn.clone();
+            async move {
+                let mut count = -1;
+                for chunk in chunks(group, RENEW_CHUNK) {
+                    let mut call = shared.scripts.renew.prepare_invoke();
+                    let total = chunk.iter().position(|(set, _)| *set == all);
+                    call.arg(millis(shared.lease))
+                        .arg(total.map_or(0, |i| i + 1));
+                    for (set, members) in &chunk {
+                        call.key(*set).arg(members.len()).arg(*members);
+                    }
+                    let n: i64 = call.invoke_async(&mut conn).await?;
+                    if n >= 0 {
+                        count = n;
+                    }
+                }
+                Ok::<_, redis::RedisError>(count)
             }
-            let n: i64 = call.invoke_async(conn).await?;
-            if n >= 0 {
-                count = n;
+        })
+        .collect();
+    let calls = futures_util::stream::iter(calls)
+        .buffer_unordered(GROUPS_AT_ONCE)
+        .fold(Ok(-1), |acc: redis::RedisResult<i64>, n| async move {
+            match (acc, n) {
+                (Err(e), _) | (_, Err(e)) => Err(e),
+                (Ok(a), Ok(n)) => Ok(a.max(n)),
             }
-        }
-        Ok::<_, redis::RedisError>(count)
-    };
+        });
     match shared.call(FleetOp::Renew, deadline, calls).await {
         Outcome::Answered(count) => {
             if count >= 0 {
@@ -341,7 +386,7 @@ fn chunks<'a>(
 /// set). What fails stays pending, to be retried; `false` then.
 async fn flush(
     shared: &Shared,
-    conn: &mut MultiplexedConnection,
+    conn: &mut Store,
     pending: &mut Vec<Release>,
     deadline: Duration,
 ) -> bool {
@@ -355,27 +400,47 @@ async fn flush(
             by_set.entry(set).or_default().push(&r.live.member);
         }
     }
-    let mut pipe = redis::pipe();
-    for (set, members) in &by_set {
-        pipe.cmd("ZREM").arg(*set).arg(members.as_slice()).ignore();
-    }
-    // The fleet-wide count after the releases, so the gauge follows them
-    // down instead of waiting for the next renewal.
+    // One pipeline outside a Cluster; there, one per slot, a few at once.
     let all: &str = shared.names.all();
-    if by_set.contains_key(all) {
-        pipe.cmd("ZCARD").arg(all);
-    }
-    let answer = shared
-        .call(
-            FleetOp::Release,
-            deadline,
-            pipe.query_async::<Vec<i64>>(conn),
-        )
-        .await;
+    let by_set: Vec<(&str, Vec<&str>)> = by_set.into_iter().collect();
+    let keys: Vec<&str> = by_set.iter().map(|(set, _)| *set).collect();
+    let calls: Vec<_> = shared
+        .kind
+        .groups(&keys)
+        .into_iter()
+        .map(|group| {
+            let mut conn = conn.clone();
+            let mut pipe = redis::pipe();
+            let mut counts_all = false;
+            for i in group {
+                let (set, members) = &by_set[i];
+                pipe.cmd("ZREM").arg(*set).arg(members.as_slice()).ignore();
+                counts_all |= *set == all;
+            }
+            // The fleet-wide count after the releases, so the gauge follows
+            // them down instead of waiting for the next renewal.
+            if counts_all {
+                pipe.cmd("ZCARD").arg(all);
+            }
+            async move { pipe.query_async::<Vec<i64>>(&mut conn).await }
+        })
+        .collect();
+    let calls = futures_util::stream::iter(calls)
+        .buffer_unordered(GROUPS_AT_ONCE)
+        .fold(
+            Ok(None),
+            |acc: redis::RedisResult<Option<i64>>, n| async move {
+                match (acc, n) {
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                    (Ok(a), Ok(n)) => Ok(a.or(n.first().copied())),
+                }
+            },
+        );
+    let answer = shared.call(FleetOp::Release, deadline, calls).await;
     drop(by_set);
     match answer {
         Outcome::Answered(count) => {
-            if let Some(&n) = count.first() {
+            if let Some(n) = count {
                 shared.metrics.active.set(n);
             }
             pending.clear();
