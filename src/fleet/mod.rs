@@ -493,8 +493,8 @@ impl Shared {
     }
 
     /// Takes `member` out of `sets` (the slot groups that admitted it
-    /// before a later one refused) by `deadline`: one `ZREM` pipeline per
-    /// slot, all at once. `false` when that did not succeed in time.
+    /// before a later one refused) by `deadline`: `ZREM`s in one pipeline,
+    /// or all at once on a Cluster. `false` when that did not succeed in time.
     async fn compensate(
         &self,
         conn: Store,
@@ -502,12 +502,12 @@ impl Shared {
         member: &str,
         deadline: Instant,
     ) -> bool {
-        let calls = self.kind.groups(sets).into_iter().map(|group| {
+        let cmds = sets
+            .iter()
+            .map(|set| (redis::cmd("ZREM").arg(*set).arg(member).clone(), false))
+            .collect();
+        let calls = self.kind.pipelines(cmds).into_iter().map(|pipe| {
             let mut conn = conn.clone();
-            let mut pipe = redis::pipe();
-            for i in group {
-                pipe.cmd("ZREM").arg(sets[i]).arg(member).ignore();
-            }
             async move { pipe.query_async::<()>(&mut conn).await }
         });
         let all = futures_util::future::try_join_all(calls);

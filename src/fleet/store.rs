@@ -66,6 +66,29 @@ impl Kind {
         }
         groups.into_iter().map(|(_, group)| group).collect()
     }
+
+    /// `cmds` (each with whether its reply is kept) as pipelines: one on a
+    /// single server (one round trip); one per command on a Cluster. A
+    /// pipeline there goes to one node as a whole, and while its slot
+    /// migrates the node answers part of it with `ASK`; the client follows
+    /// that for one command (`ASKING` holds for the next command only),
+    /// not for the rest of a pipeline, which the target then refuses with
+    /// `MOVED` back to the source.
+    pub(crate) fn pipelines(self, cmds: Vec<(Cmd, bool)>) -> Vec<Pipeline> {
+        let mut out: Vec<Pipeline> = Vec::new();
+        for (cmd, keep) in cmds {
+            if out.is_empty() || self == Kind::Cluster {
+                out.push(redis::pipe());
+            }
+            if let Some(pipe) = out.last_mut() {
+                pipe.add_command(cmd);
+                if !keep {
+                    pipe.ignore();
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Makes connections to the deployment `fleet_redis_url` names.
@@ -269,6 +292,28 @@ mod tests {
             "by hash tag, in order of first appearance"
         );
         assert!(Kind::Cluster.groups(&[]).is_empty());
+    }
+
+    #[test]
+    fn one_pipeline_on_one_server_one_per_command_on_a_cluster() {
+        let cmds = || {
+            vec![
+                (redis::cmd("ZREM").arg("{ns}:all").arg("m").clone(), false),
+                (
+                    redis::cmd("ZREM").arg("{ns:key:t:a}").arg("m").clone(),
+                    false,
+                ),
+                (redis::cmd("ZCARD").arg("{ns}:all").clone(), true),
+            ]
+        };
+        for kind in [Kind::Single, Kind::Sentinel] {
+            let p = kind.pipelines(cmds());
+            assert_eq!(p.len(), 1);
+            assert_eq!(p[0].len(), 3);
+        }
+        let p = Kind::Cluster.pipelines(cmds());
+        assert_eq!(p.iter().map(Pipeline::len).collect::<Vec<_>>(), [1, 1, 1]);
+        assert!(Kind::Cluster.pipelines(Vec::new()).is_empty());
     }
 
     #[test]

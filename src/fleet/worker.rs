@@ -400,28 +400,26 @@ async fn flush(
             by_set.entry(set).or_default().push(&r.live.member);
         }
     }
-    // One pipeline outside a Cluster; there, one per slot, a few at once.
+    // One pipeline outside a Cluster; there, one per command, a few at once.
     let all: &str = shared.names.all();
-    let by_set: Vec<(&str, Vec<&str>)> = by_set.into_iter().collect();
-    let keys: Vec<&str> = by_set.iter().map(|(set, _)| *set).collect();
+    let mut cmds: Vec<(redis::Cmd, bool)> = by_set
+        .iter()
+        .map(|(set, members)| {
+            let zrem = redis::cmd("ZREM").arg(*set).arg(members.as_slice()).clone();
+            (zrem, false)
+        })
+        .collect();
+    // The fleet-wide count after the releases, so the gauge follows them
+    // down instead of waiting for the next renewal.
+    if by_set.contains_key(all) {
+        cmds.push((redis::cmd("ZCARD").arg(all).clone(), true));
+    }
     let calls: Vec<_> = shared
         .kind
-        .groups(&keys)
+        .pipelines(cmds)
         .into_iter()
-        .map(|group| {
+        .map(|pipe| {
             let mut conn = conn.clone();
-            let mut pipe = redis::pipe();
-            let mut counts_all = false;
-            for i in group {
-                let (set, members) = &by_set[i];
-                pipe.cmd("ZREM").arg(*set).arg(members.as_slice()).ignore();
-                counts_all |= *set == all;
-            }
-            // The fleet-wide count after the releases, so the gauge follows
-            // them down instead of waiting for the next renewal.
-            if counts_all {
-                pipe.cmd("ZCARD").arg(all);
-            }
             async move { pipe.query_async::<Vec<i64>>(&mut conn).await }
         })
         .collect();
