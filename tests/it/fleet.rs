@@ -51,18 +51,20 @@ macro_rules! eventually {
         }
     }};
 }
+// The cluster and sentinel modules poll the same way.
+pub(crate) use eventually;
 
 // ---------------------------------------------------------------- fleet configuration
 
 /// The docs/operations.md#fleet-wide-limits keys of one fleet, written into the TOML file each
 /// instance is started with (`[[key_limits]]` exist only in a file).
 #[derive(Debug, Clone)]
-struct Fleet {
+pub(crate) struct Fleet {
     url: String,
-    namespace: String,
+    pub(crate) namespace: String,
     max_clients: u64,
-    lease_ttl: Duration,
-    timeout: Duration,
+    pub(crate) lease_ttl: Duration,
+    pub(crate) timeout: Duration,
     fail_mode: &'static str,
     /// `[[key_limits]]` tables, each with `fleet = true`.
     rules: Vec<toml::Table>,
@@ -72,7 +74,7 @@ struct Fleet {
 
 impl Fleet {
     /// docs/operations.md#fleet-wide-limits's defaults (lease 30 s, timeout 100 ms, `open`, no cap) on `url`.
-    fn new(url: &str, namespace: &str) -> Fleet {
+    pub(crate) fn new(url: &str, namespace: &str) -> Fleet {
         Fleet {
             url: url.to_owned(),
             namespace: namespace.to_owned(),
@@ -86,33 +88,33 @@ impl Fleet {
     }
 
     /// Another top-level key of the file.
-    fn set(mut self, key: &str, value: impl Into<toml::Value>) -> Fleet {
+    pub(crate) fn set(mut self, key: &str, value: impl Into<toml::Value>) -> Fleet {
         self.extra.insert(key.into(), value.into());
         self
     }
 
-    fn max(mut self, n: u64) -> Fleet {
+    pub(crate) fn max(mut self, n: u64) -> Fleet {
         self.max_clients = n;
         self
     }
 
-    fn lease(mut self, d: Duration) -> Fleet {
+    pub(crate) fn lease(mut self, d: Duration) -> Fleet {
         self.lease_ttl = d;
         self
     }
 
-    fn timeout(mut self, d: Duration) -> Fleet {
+    pub(crate) fn timeout(mut self, d: Duration) -> Fleet {
         self.timeout = d;
         self
     }
 
-    fn mode(mut self, m: &'static str) -> Fleet {
+    pub(crate) fn mode(mut self, m: &'static str) -> Fleet {
         self.fail_mode = m;
         self
     }
 
     /// A `fleet = true` rule keyed on `key` with `max_per_key`.
-    fn rule(mut self, name: &str, key: &str, max_per_key: i64) -> Fleet {
+    pub(crate) fn rule(mut self, name: &str, key: &str, max_per_key: i64) -> Fleet {
         let mut t = toml::Table::new();
         t.insert("name".into(), name.into());
         t.insert("key".into(), key.into());
@@ -123,13 +125,13 @@ impl Fleet {
     }
 
     /// Renewals run every `fleet_lease_ttl / 3` (docs/operations.md#fleet-wide-limits).
-    fn renewal(&self) -> Duration {
+    pub(crate) fn renewal(&self) -> Duration {
         self.lease_ttl / 3
     }
 
     /// The TOML file of one instance; `instance` sets `fleet_instance_id`
     /// (`None`: the default, `$HOSTNAME` plus a random suffix).
-    fn toml(&self, instance: Option<&str>) -> String {
+    pub(crate) fn toml(&self, instance: Option<&str>) -> String {
         let ms = |d: Duration| format!("{}ms", d.as_millis());
         let mut t = self.extra.clone();
         t.insert("fleet_redis_url".into(), self.url.clone().into());
@@ -205,15 +207,15 @@ fn holds_are(redis: &RedisServer, key: &str, n: u64) -> Result<(), String> {
 
 /// One wsgate process of the fleet: `wsgate --config FILE`, with the
 /// listen addresses (port 0) and the upstream in the environment.
-struct Gate {
+pub(crate) struct Gate {
     process: GateProcess,
-    proxy: SocketAddr,
-    admin: SocketAddr,
+    pub(crate) proxy: SocketAddr,
+    pub(crate) admin: SocketAddr,
     _dir: tempfile::TempDir,
 }
 
 impl Gate {
-    fn start(upstream: SocketAddr, fleet: &Fleet, instance: Option<&str>) -> Gate {
+    pub(crate) fn start(upstream: SocketAddr, fleet: &Fleet, instance: Option<&str>) -> Gate {
         Gate::start_with_env(upstream, fleet, instance, &[])
     }
 
@@ -237,17 +239,20 @@ impl Gate {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("ws://{}/", self.proxy)
     }
 
     /// An upgrade with `headers`: the client, or the refusal (status, `Retry-After`).
-    async fn upgrade(&self, headers: &[(&str, &str)]) -> Result<Ws, (u16, Option<String>)> {
+    pub(crate) async fn upgrade(
+        &self,
+        headers: &[(&str, &str)],
+    ) -> Result<Ws, (u16, Option<String>)> {
         try_upgrade(&self.url(), headers).await
     }
 
     /// An upgrade that must be admitted; echoes once to prove it.
-    async fn admit(&self, headers: &[(&str, &str)]) -> Ws {
+    pub(crate) async fn admit(&self, headers: &[(&str, &str)]) -> Ws {
         let mut ws = self.upgrade(headers).await.unwrap_or_else(|e| {
             panic!(
                 "{}: upgrade refused: {e:?}
@@ -268,11 +273,11 @@ impl Gate {
             .unwrap_or_else(|e| panic!("{}: upgrade refused: {e:?}\n{}", self.proxy, self.log()))
     }
 
-    async fn metric(&self, series: &str) -> f64 {
+    pub(crate) async fn metric(&self, series: &str) -> f64 {
         metric(self.admin, series).await
     }
 
-    async fn rejected(&self, reason: &str) -> f64 {
+    pub(crate) async fn rejected(&self, reason: &str) -> f64 {
         self.metric(&format!(
             "wsgate_connections_rejected_total{{reason=\"{reason}\"}}"
         ))
@@ -280,7 +285,7 @@ impl Gate {
     }
 
     /// `wsgate_fleet_requests_total{op, result}`.
-    async fn fleet_requests(&self, op: &str, result: &str) -> f64 {
+    pub(crate) async fn fleet_requests(&self, op: &str, result: &str) -> f64 {
         labelled_metric(
             self.admin,
             "wsgate_fleet_requests_total",
@@ -294,14 +299,14 @@ impl Gate {
         self.process.stat().fds
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.process.stderr_text()
     }
 }
 
 /// Raises this process's `RLIMIT_NOFILE` soft limit to at least `n` (the
 /// clients and the in-process upstream of a thousand connections).
-fn raise_nofile(n: u64) {
+pub(crate) fn raise_nofile(n: u64) {
     let got = rlimit::increase_nofile_limit(n).expect("raise RLIMIT_NOFILE");
     assert!(got >= n, "RLIMIT_NOFILE is {got}, this test needs {n}");
 }
@@ -346,7 +351,7 @@ async fn settle(gates: &[&Gate], fleet: &Fleet, redis: &RedisServer) {
 }
 
 /// Sums `series` over `gates`.
-async fn sum(gates: &[Gate], series: &str) -> f64 {
+pub(crate) async fn sum(gates: &[Gate], series: &str) -> f64 {
     let mut total = 0.0;
     for g in gates {
         total += g.metric(series).await;
@@ -355,7 +360,7 @@ async fn sum(gates: &[Gate], series: &str) -> f64 {
 }
 
 /// Closes every client cleanly, all at once.
-async fn close_all(clients: Vec<Ws>) {
+pub(crate) async fn close_all(clients: Vec<Ws>) {
     futures_util::future::join_all(clients.into_iter().map(close_cleanly)).await;
 }
 

@@ -28,6 +28,8 @@ mod close_refusals;
 mod demo;
 mod faults;
 mod fleet;
+mod fleet_cluster;
+mod fleet_sentinel;
 mod frames_props;
 mod guards;
 mod handshake_policy;

@@ -5,7 +5,8 @@
 //! as a child process with /proc readings, and python3 helpers
 //! ([`process`]), and JWTs signed
 //! with the test keys in `tests/fixtures/jwt` ([`jwt`]), and a real
-//! `redis-server` for the fleet tests ([`redis`]).
+//! `redis-server` for the fleet tests ([`redis`]), a real Redis Cluster
+//! ([`redis_cluster`]) and a Sentinel-managed primary ([`redis_sentinel`]).
 //!
 //! Everything is re-exported here, so a test module (tests/it/*.rs) says
 //! `use crate::support::*;`; except [`jwt`], whose names (`token`) are too generic
@@ -21,6 +22,8 @@ pub mod jwt;
 pub mod metrics;
 pub mod process;
 pub mod redis;
+pub mod redis_cluster;
+pub mod redis_sentinel;
 pub mod upstream;
 pub mod watched;
 // Not glob-exported: `use support::access::*;` where needed (its names stay out of every other binary).
@@ -31,6 +34,8 @@ pub use metrics::*;
 pub use process::*;
 // `self::`: the `redis` crate (wsgate's own dependency) has the same name.
 pub use self::redis::*;
+pub use redis_cluster::*;
+pub use redis_sentinel::*;
 pub use upstream::*;
 
 use std::net::SocketAddr;

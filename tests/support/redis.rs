@@ -10,6 +10,10 @@
 //!
 //! A machine without `redis-server` fails these tests with a message that
 //! `bash .ci/run` installs it: a fleet test must never pass by not running.
+//!
+//! [`RedisServer::start_with_args`] starts a server with arguments of the
+//! test's own (a cluster node, a replica): `redis_cluster.rs` and
+//! `redis_sentinel.rs` build their deployments from it.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -65,6 +69,11 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     /// How many times it was started (the log file of each start is kept).
     starts: usize,
+    /// More arguments of `redis-server` (cluster mode, `--replicaof`).
+    extra: Vec<String>,
+    /// A cluster node: its bus port (`port + 10000`) must be free too, and
+    /// `redis-cli` follows `MOVED`/`ASK` (`-c`).
+    cluster: bool,
 }
 
 impl std::fmt::Debug for RedisServer {
@@ -92,9 +101,28 @@ fn required_binary(name: &str) -> PathBuf {
 }
 
 /// A port that was free a moment ago on 127.0.0.1 (bound to 0, then closed).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to pick a port");
     l.local_addr().expect("local addr").port()
+}
+
+/// A free port whose cluster bus port (`+ 10000`) was free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        let Some(bus) = port.checked_add(10000) else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", bus)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// `name` on `PATH`, or a failure that says `bash .ci/run` installs it
+/// (`redis-sentinel`, `redis-cli` for the cluster and sentinel tests).
+pub fn require_binary(name: &str) -> PathBuf {
+    required_binary(name)
 }
 
 impl RedisServer {
@@ -104,6 +132,38 @@ impl RedisServer {
     }
 
     pub fn start_with(opts: RedisOptions) -> RedisServer {
+        RedisServer::start_inner(opts, Vec::new(), false)
+    }
+
+    /// Plain TCP with `args` added to `redis-server`'s (run in its own
+    /// tempdir, so a `cluster-config-file` is its own); `cluster`: a
+    /// cluster node (bus port free too, `redis-cli -c`).
+    pub fn start_with_args(opts: RedisOptions, args: &[String], cluster: bool) -> RedisServer {
+        RedisServer::start_inner(opts, args.to_vec(), cluster)
+    }
+
+    /// A new plain-TCP server with `args` on `port` (one a killed server
+    /// used: a node coming back with another role), retried while the
+    /// port is still held.
+    pub fn start_on_port_with_args(opts: RedisOptions, port: u16, args: &[String]) -> RedisServer {
+        let mut server = RedisServer {
+            child: None,
+            pid: 0,
+            port,
+            opts,
+            dir: tempfile::Builder::new()
+                .prefix("wsgate-redis-")
+                .tempdir()
+                .expect("tempdir for redis"),
+            starts: 0,
+            extra: args.to_vec(),
+            cluster: false,
+        };
+        server.start_again();
+        server
+    }
+
+    fn start_inner(opts: RedisOptions, extra: Vec<String>, cluster: bool) -> RedisServer {
         required_binary("redis-server");
         required_binary("redis-cli");
         let dir = tempfile::Builder::new()
@@ -117,11 +177,15 @@ impl RedisServer {
             opts,
             dir,
             starts: 0,
+            extra,
+            cluster,
         };
         // A port picked this way can be taken by someone else before Redis
         // binds it: then Redis exits at once, and another port is tried.
         for attempt in 1..=5 {
-            if server.opts.transport != RedisTransport::Unix {
+            if server.cluster {
+                server.port = free_cluster_port();
+            } else if server.opts.transport != RedisTransport::Unix {
                 server.port = free_port();
             }
             match server.launch() {
@@ -180,6 +244,7 @@ impl RedisServer {
         if let Some(p) = &self.opts.password {
             cmd.args(["--requirepass", p]);
         }
+        cmd.args(&self.extra);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -324,6 +389,9 @@ impl RedisServer {
         if let Some(p) = &self.opts.password {
             cmd.args(["--no-auth-warning", "-a", p]);
         }
+        if self.cluster {
+            cmd.arg("-c");
+        }
         cmd.stdin(Stdio::null());
         cmd
     }
@@ -346,6 +414,9 @@ impl RedisServer {
             "WRONGPASS",
             "WRONGTYPE",
             "LOADING",
+            "READONLY",
+            "CLUSTERDOWN",
+            "MOVED",
             "Could not connect",
         ]
         .iter()
