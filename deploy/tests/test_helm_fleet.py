@@ -95,8 +95,17 @@ def test_secret_url_comes_through_secret_key_ref(render):
     assert "wsgate-redis" not in yaml.safe_dump(pod.get("volumes", []))
 
 
+CLUSTER_AND_SENTINEL_URLS = (
+    "redis+cluster://redis-0.redis:6379,redis-1.redis:6379,redis-2.redis:6379",
+    "rediss+cluster://default@redis-0.redis:6380/",
+    "redis+sentinel://sentinel-0.sentinel:26379,sentinel-1.sentinel:26379/mymaster",
+    "redis+sentinel://sentinel:26379/mymaster/2",
+)
+
+
 def test_plain_url_is_a_plain_value(render):
-    for url in (URL, "rediss://default@redis.prod.svc:6380/2", "unix:///run/redis/redis.sock", "redis://[::1]:6379"):
+    for url in (URL, "rediss://default@redis.prod.svc:6380/2", "unix:///run/redis/redis.sock", "redis://[::1]:6379",
+                *CLUSTER_AND_SENTINEL_URLS):
         entry = fleet_env(render({"fleet": {"redisUrl": url}}))["WSGATE_FLEET_REDIS_URL"]
         assert entry == {"name": "WSGATE_FLEET_REDIS_URL", "value": url}
 
@@ -191,6 +200,9 @@ SCHEMA_REFUSES = {
     "namespace too long": {"fleet": {"redisUrl": URL, "namespace": "n" * 65}},
     "url with another scheme": {"fleet": {"redisUrl": "http://redis:6379"}},
     "url without a scheme": {"fleet": {"redisUrl": "redis.prod.svc:6379"}},
+    "sentinel url without a master name": {"fleet": {"redisUrl": "redis+sentinel://sentinel:26379"}},
+    "cluster url with a database": {"fleet": {"redisUrl": "redis+cluster://redis:6379/1"}},
+    "sentinel over TLS": {"fleet": {"redisUrl": "rediss+sentinel://sentinel:26379/mymaster"}},
     "bad Secret name": {"fleet": {"redisUrlSecret": {"name": "Redis_URL", "key": "url"}}},
     "bad Secret key": {"fleet": {"redisUrlSecret": {"name": "redis", "key": "a/b"}}},
     "unknown fleet value": {"fleet": {"redis_url": URL}},
@@ -206,7 +218,7 @@ def test_schema_refuses_bad_values(helm, chart, render, case):
 
 def test_schema_accepts_every_documented_form(chart):
     for url in ("", URL, "redis://redis:6379", "rediss://redis.prod.svc:6380/1", "redis://default@redis:6379/0",
-                "redis://[::1]:6379/0", "unix:///run/redis/redis.sock"):
+                "redis://[::1]:6379/0", "unix:///run/redis/redis.sock", *CLUSTER_AND_SENTINEL_URLS):
         chart.validate_schema(deep_merge(chart.values, {"fleet": {"redisUrl": url}}))
     for fleet in ({"failMode": "open"}, {"failMode": "closed"}, {"leaseTtl": 60, "timeout": "1s"},
                   {"leaseTtl": "1m 30s", "timeout": "250ms"}, {"namespace": "A-z_0.9"}, {"namespace": "n" * 64},
@@ -233,6 +245,13 @@ RENDER_REFUSES = {
                                            r"fleet.redisUrl holds a password"),
     "password in a unix URL": ({"fleet": {"redisUrl": "unix:///run/redis.sock?db=1&pass=s3cret"}},
                                r"fleet.redisUrl holds a password"),
+    "password in a cluster URL": ({"fleet": {"redisUrl": "redis+cluster://:s3cret@redis-0:6379,redis-1:6379"}},
+                                  r"fleet.redisUrl holds a password"),
+    "password in a sentinel URL": ({"fleet": {"redisUrl": "redis+sentinel://app:s3cret@sentinel:26379/mymaster"}},
+                                   r"fleet.redisUrl holds a password"),
+    "sentinel password in a sentinel URL": (
+        {"fleet": {"redisUrl": "redis+sentinel://sentinel:26379/mymaster?sentinel_password=s3cret"}},
+        r"fleet.redisUrl holds a password"),
     "lease too short": ({"fleet": {"redisUrl": URL, "leaseTtl": "2s", "timeout": "100ms"}},
                         r"fleet.leaseTtl \(2s\) must be between 3s and 1h"),
     "lease too long": ({"fleet": {"redisUrl": URL, "leaseTtl": "61m"}}, r"fleet.leaseTtl \(61m\) must be between 3s and 1h"),

@@ -209,7 +209,7 @@ because it cannot look at another value or compare durations.
 {{- fail (printf "keyLimits rule(s) %s have fleet: true, which counts across pods in a Redis they share: set fleet.redisUrl or fleet.redisUrlSecret.name, or drop fleet: true to count per pod" (join ", " .)) -}}
 {{- end -}}
 {{- else -}}
-{{- if or (regexMatch "^[a-z]+://[^/@]*:[^/@]*@" $f.redisUrl) (regexMatch "[?&](pass|password)=" $f.redisUrl) -}}
+{{- if or (regexMatch "^[a-z+]+://[^/@]*:[^/@]*@" $f.redisUrl) (regexMatch "[?&](pass|password|sentinel_password)=" $f.redisUrl) -}}
 {{- fail "fleet.redisUrl holds a password, which would be rendered in plain text into the Deployment: put the whole URL into a Secret and set fleet.redisUrlSecret.name (and .key) instead" -}}
 {{- end -}}
 {{- $ttl := include "wsgate.durationSeconds" $f.leaseTtl | float64 -}}
