@@ -17,6 +17,7 @@ use redis::Script;
 
 use super::metrics::FleetOp;
 use super::scripts::millis;
+use super::store::means_lost;
 use super::{Fleet, Outcome};
 
 /// Publish one instance's beat (or remove it), drop the instances whose
@@ -153,7 +154,7 @@ impl Fleet {
         match answer {
             Outcome::Answered(flat) => Some(view(&s.instance, &flat)),
             Outcome::Failed(e) => {
-                if e.is_connection_dropped() || e.is_unrecoverable_error() || e.is_io_error() {
+                if means_lost(&e) {
                     s.lost(generation);
                 }
                 None
