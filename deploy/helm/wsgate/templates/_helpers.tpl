@@ -871,7 +871,8 @@ securityContext:
 wsgate.rebalanceEnv: the WSGATE_* variables of automatic rebalancing (rebalance, its tolerance,
 after, period, cooldown, close_code_rebalance), each only when it differs from wsgate's default
 (false, 0.1, 30s, 30s, 2m, 1012), so that a release without them renders what it did before.
-Durations are compared in seconds and rendered as given.
+Durations are compared in seconds and rendered as given; the variables come in the order of
+docs/configuration.md.
 */}}
 {{- define "wsgate.rebalanceEnv" -}}
 {{- $r := .Values.fleet.rebalance | default dict }}
@@ -884,7 +885,9 @@ Durations are compared in seconds and rendered as given.
 - name: WSGATE_REBALANCE_TOLERANCE
   value: {{ $tol | toString | quote }}
 {{- end }}
-{{- range $name, $default := dict "after" 30.0 "period" 30.0 "cooldown" 120.0 }}
+{{- $defaults := dict "after" 30.0 "period" 30.0 "cooldown" 120.0 }}
+{{- range $name := list "after" "period" "cooldown" }}
+{{- $default := get $defaults $name }}
 {{- $d := ternary (get $r $name) (printf "%vs" $default) (hasKey $r $name) }}
 {{- if ne (include "wsgate.durationSeconds" $d | float64) $default }}
 - name: {{ printf "WSGATE_REBALANCE_%s" (upper $name) }}
