@@ -297,6 +297,25 @@ FLEET_VALUES: dict[str, Any] = {
 FLEET_ENV = {"namespace": "WSGATE_FLEET_NAMESPACE", "maxClients": "WSGATE_FLEET_MAX_CLIENTS",
              "leaseTtl": "WSGATE_FLEET_LEASE_TTL", "timeout": "WSGATE_FLEET_TIMEOUT",
              "failMode": "WSGATE_FLEET_FAIL_MODE"}
+# Automatic rebalancing (docs/operations.md#automatic-rebalancing): fleet.rebalance value -> (the
+# WSGATE_* variable it becomes, wsgate's default, rendered as nothing), and what FLEET_VALUES renders.
+# Rendered only with a Redis, like the WSGATE_FLEET_* variables.
+REBALANCE_ENV: dict[str, tuple[str, Any]] = {
+    "enabled": ("WSGATE_REBALANCE", False),
+    "tolerance": ("WSGATE_REBALANCE_TOLERANCE", 0.1),
+    "after": ("WSGATE_REBALANCE_AFTER", "30s"),
+    "period": ("WSGATE_REBALANCE_PERIOD", "30s"),
+    "cooldown": ("WSGATE_REBALANCE_COOLDOWN", "2m"),
+    "closeCode": ("WSGATE_CLOSE_CODE_REBALANCE", 1012),
+}
+REBALANCE_RENDERED = {
+    "WSGATE_REBALANCE": "true",
+    "WSGATE_REBALANCE_TOLERANCE": "0.2",
+    "WSGATE_REBALANCE_AFTER": "1m",
+    "WSGATE_REBALANCE_PERIOD": "45s",
+    "WSGATE_REBALANCE_COOLDOWN": "5m",
+    "WSGATE_CLOSE_CODE_REBALANCE": "4012",
+}
 
 # Message guards (docs/operations.md#message-guards), every value away from its default. Not in VALUE_SETS either: a binary
 # without §11 refuses WSGATE_MAX_MESSAGE_SIZE and the rest as unknown keys, so

@@ -186,8 +186,14 @@ def test_binary_accepts_the_rendered_key_limits_config(render, tmp_path):
 # docs/operations.md#fleet-wide-limits: what the Secret of FLEET_VALUES would hold (the kubelet turns the secretKeyRef into this).
 SECRET_REDIS_URL = "redis://:s3cret@127.0.0.1:6379/0"
 FLEET_CASES = {
-    "secret-url-every-value": None,  # conftest.FLEET_VALUES
+    "secret-url-every-value": None,  # conftest.FLEET_VALUES, every rebalancing value set too
     "plain-url-defaults": {"fleet": {"redisUrl": "redis://127.0.0.1:6379/0"}},
+    # docs/operations.md#automatic-rebalancing: values at the edges of what the schema lets through.
+    "rebalance-edges": {"fleet": {"redisUrl": "redis://127.0.0.1:6379/0", "maxClients": 100,
+                                  "rebalance": {"enabled": True, "tolerance": 10, "after": "500ms", "period": 45,
+                                                "cooldown": "0s", "closeCode": 4999}}},
+    "rebalance-tolerance-zero": {"fleet": {"redisUrl": "redis://127.0.0.1:6379/0",
+                                           "rebalance": {"enabled": True, "tolerance": 0, "closeCode": 1000}}},
 }
 
 
@@ -195,7 +201,9 @@ FLEET_CASES = {
 def test_binary_accepts_the_chart_fleet_env(render, tmp_path, case):
     """docs/operations.md#fleet-wide-limits: the WSGATE_FLEET_* variables the chart renders (and, for FLEET_VALUES, the
     config.toml with a `fleet = true` rule) are accepted by `wsgate check-config`, which prints the
-    values the chart asked for. check-config only validates: no Redis is needed."""
+    values the chart asked for; so are the WSGATE_REBALANCE* ones (docs/operations.md#automatic-rebalancing),
+    and where the chart left one out the binary has its default. check-config only validates: no
+    Redis is needed."""
     import tomllib
 
     from conftest import FLEET_VALUES
@@ -233,6 +241,23 @@ def test_binary_accepts_the_chart_fleet_env(render, tmp_path, case):
     for rule in printed.get("key_limits", []):
         given = next(x for x in values.get("keyLimits", []) if x["name"] == rule["name"])
         assert rule["fleet"] == given.get("fleet", False), rule
+    # Automatic rebalancing: what the chart rendered is what the binary took, and what it left out
+    # is wsgate's own default (conftest.REBALANCE_ENV).
+    from conftest import REBALANCE_ENV
+
+    for name, default in REBALANCE_ENV.values():
+        key = name.removeprefix("WSGATE_").lower()
+        got = printed.get(key)
+        assert got is not None, f"check-config printed no {key}: {res.stdout}"
+        want = env.get(name, str(default).lower() if isinstance(default, bool) else str(default))
+        if key == "rebalance":
+            assert got is (want == "true"), (key, got, want)
+        elif key == "rebalance_tolerance":
+            assert float(got) == float(want), (key, got, want)
+        elif key == "close_code_rebalance":
+            assert int(got) == int(want), (key, got, want)
+        else:
+            assert seconds(str(got)) == seconds(want), (key, got, want)
 
 
 def printed_for(render, case: str, values: dict, names, marker: str) -> tuple[dict, dict, object]:
