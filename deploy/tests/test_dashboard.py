@@ -189,8 +189,10 @@ def test_fleet_limits_row():
 
     # Every wsgate_fleet_* name the dashboard uses is a docs/operations.md#fleet-wide-limits metric (conftest.SPEC_METRICS).
     used = {n for n in METRIC_RE.findall(exprs) if n.startswith("wsgate_fleet_")}
+    # (wsgate_fleet_mean and wsgate_fleet_instances: the "Fleet balance" row, test_fleet_balance_row.)
     assert used == {"wsgate_fleet_active", "wsgate_fleet_max", "wsgate_fleet_up",
-                    "wsgate_fleet_request_duration_seconds_bucket", "wsgate_fleet_requests_total"}
+                    "wsgate_fleet_request_duration_seconds_bucket", "wsgate_fleet_requests_total",
+                    "wsgate_fleet_mean", "wsgate_fleet_instances"}
     assert used <= SPEC_METRICS
 
 
@@ -342,3 +344,83 @@ def test_handshake_and_client_pings_row():
     assert 'wsgate_connections_rejected_total{reason="origin"}' in rule["expr"]
     exprs = " ".join(t["expr"] for p in panels() for t in p["targets"])
     assert "wsgate_pings_sent_total" in METRIC_RE.findall(exprs) and "wsgate_pings_sent_total" in SPEC_METRICS
+
+
+def test_fleet_balance_row():
+    """docs/operations.md#automatic-rebalancing: connections per pod against the fleet mean (dashed), their
+    spread ((max - min) / mean, with the default rebalance_tolerance of 10 % as a threshold line), the live
+    instances and the sessions shed per pod, in a row after the handshake row, with the selectors of
+    every other panel; every description names its metric, says what a healthy picture looks like and
+    links the docs."""
+    d = dashboard()
+    rows = [p["title"] for p in d["panels"] if p["type"] == "row"]
+    assert rows.index("Fleet balance") == rows.index("Handshake policy and client pings") + 1, rows
+    by_title = {p["title"]: p for p in panels()}
+    sel = '{namespace=~"$namespace", pod=~"$pod"}'
+    active = f"sum by (pod) (wsgate_connections_active{sel})"
+
+    mean = by_title["Connections per pod vs the fleet mean"]
+    a, b = mean["targets"]
+    assert a["expr"] == active and a["legendFormat"] == "{{pod}}"
+    # Every pod reports the same mean: max, never a sum.
+    assert b["expr"] == f"max(wsgate_fleet_mean{sel})" and b["legendFormat"] == "fleet mean"
+    assert mean["fieldConfig"]["defaults"]["unit"] == "short"
+    (override,) = mean["fieldConfig"]["overrides"]
+    assert override["matcher"] == {"id": "byFrameRefID", "options": "B"}
+    assert {p["id"] for p in override["properties"]} == {"custom.lineStyle", "custom.fillOpacity"}
+
+    spread = by_title["Spread"]
+    (t,) = spread["targets"]
+    # No connections anywhere: no value rather than 0 / 0.
+    assert t["expr"] == f"(max({active}) - min({active}))\n/\n(avg({active}) > 0)"
+    defaults = spread["fieldConfig"]["defaults"]
+    assert defaults["unit"] == "percentunit"
+    assert [(s["color"], s["value"]) for s in defaults["thresholds"]["steps"]] == [("green", None), ("red", 0.1)]
+    assert defaults["custom"]["thresholdsStyle"] == {"mode": "line"}
+
+    instances = by_title["Live instances"]
+    (t,) = instances["targets"]
+    assert t["expr"] == f"max(wsgate_fleet_instances{sel})" and t["legendFormat"] == "live instances"
+    assert instances["fieldConfig"]["defaults"]["unit"] == "short"
+
+    shed = by_title["Sessions shed to rebalance per second"]
+    (t,) = shed["targets"]
+    assert t["expr"] == f"sum by (pod) (rate(wsgate_rebalance_shed_total{sel}[$__rate_interval]))"
+    assert t["legendFormat"] == "{{pod}}"
+    assert shed["fieldConfig"]["defaults"]["unit"] == "cps"
+
+    row = (mean, spread, instances, shed)
+    for p, metric in zip(row, ("wsgate_fleet_mean", "wsgate_connections_active", "wsgate_fleet_instances",
+                               "wsgate_rebalance_shed_total")):
+        assert p["type"] == "timeseries" and p["fieldConfig"]["defaults"]["min"] == 0, p["title"]
+        assert metric in p["description"], (p["title"], metric)
+        assert "Healthy:" in p["description"], p["title"]
+        assert "docs/operations.md#automatic-rebalancing" in p["description"], p["title"]
+    assert "10 %" in spread["description"] and "rebalance_tolerance" in spread["description"]
+    for value in ("1012", "end = rebalance", "rebalance_period", "rebalance_cooldown"):
+        assert value in shed["description"], value
+    # The shed sessions are among the end causes the sessions row explains.
+    assert "rebalance" in by_title["Sessions ended by cause"]["description"]
+    exprs = " ".join(t["expr"] for p in panels() for t in p["targets"])
+    used = {n for n in METRIC_RE.findall(exprs) if n in ("wsgate_fleet_mean", "wsgate_fleet_instances",
+                                                         "wsgate_rebalance_shed_total")}
+    assert used == {"wsgate_fleet_mean", "wsgate_fleet_instances", "wsgate_rebalance_shed_total"} <= SPEC_METRICS
+
+
+def test_metrics_reference_names_the_fleet_balance_panels():
+    """docs/metrics.md's "Used by:" lines name the panels that read each rebalancing series."""
+    from conftest import ROOT
+
+    text = (ROOT / "docs" / "metrics.md").read_text()
+
+    def used_by(metric: str) -> str:
+        section = text.split(f"\n### {metric}\n", 1)[1].split("\n### ", 1)[0]
+        return " ".join(section.split("- Used by:", 1)[1].split("\n- ", 1)[0].split())
+
+    titles = {p["title"] for p in panels()}
+    for metric, panel in (("wsgate_fleet_mean", "Connections per pod vs the fleet mean"),
+                          ("wsgate_fleet_instances", "Live instances"),
+                          ("wsgate_rebalance_shed_total", "Sessions shed to rebalance per second"),
+                          ("wsgate_connections_active", "Spread")):
+        assert panel in titles, panel
+        assert f"*{panel}*" in used_by(metric), (metric, used_by(metric))

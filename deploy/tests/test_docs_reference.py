@@ -401,8 +401,8 @@ ANCHORED_HEADINGS = {
     "configuration.md": ["Command line"],
     "behaviour.md": ["The client port", "The admin port", "Admission check order", "Status codes", "Close frames",
                      "Shutdown", "Invariants"],
-    "operations.md": ["Rollouts", "Limits per key", "Fleet-wide limits", "Message guards", "Access log",
-                      "Operator drain", "Unix-socket upstream", "Sizing", "Troubleshooting"],
+    "operations.md": ["Rollouts", "Limits per key", "Fleet-wide limits", "Automatic rebalancing", "Message guards",
+                      "Access log", "Operator drain", "Unix-socket upstream", "Sizing", "Troubleshooting"],
 }
 
 
