@@ -5,7 +5,7 @@
 //! a thousand clients is `benches/rebalance.py --auto` (docs/benchmarks.md).
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -189,4 +189,109 @@ async fn redis_killed_mid_shed_stops_the_shed_and_nothing_else_breaks() {
         .await
         .expect("admitted without Redis (open mode)");
     echo_text(&mut newcomer, "hello").await;
+}
+
+/// Where [`reconnecting`] clients connect: the next of these in turn.
+type Targets = Arc<std::sync::Mutex<Vec<SocketAddr>>>;
+
+/// `clients` clients that reconnect at once after every Close, each time to
+/// the next of `targets` in turn, like a front that ignores readiness (the
+/// worst case for rebalancing). They end when `stop` says so; the count is
+/// of reconnects (first connections not included).
+fn reconnecting(
+    targets: &Targets,
+    clients: usize,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Arc<AtomicUsize> {
+    use futures_util::StreamExt;
+    let next = Arc::new(AtomicUsize::new(0));
+    let reconnects = Arc::new(AtomicUsize::new(0));
+    for _ in 0..clients {
+        let (targets, next) = (Arc::clone(targets), Arc::clone(&next));
+        let reconnects = Arc::clone(&reconnects);
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let mut first = true;
+            while !*stop.borrow() {
+                let target = {
+                    let t = targets.lock().expect("targets");
+                    t[next.fetch_add(1, Ordering::Relaxed) % t.len()]
+                };
+                let Ok(mut ws) = connect(&format!("ws://{target}/")).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                if !first {
+                    reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                first = false;
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    () = async { while let Some(Ok(_)) = ws.next().await {} } => {}
+                }
+            }
+        });
+    }
+    reconnects
+}
+
+/// Whether the instance behind `admin` is shedding now.
+async fn shedding(admin: SocketAddr) -> bool {
+    http_get(admin, "/readyz").await.1.contains("rebalancing")
+}
+
+/// Two instances that see each other's beats, behind a front that ignores
+/// readiness (half of every shed comes straight back): the one above the
+/// mean sheds, again after each cooldown, until both are within the
+/// tolerance; the one below never sheds, the two never shed at the same
+/// time, and once within the tolerance nothing moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_never_shed_into_each_other_and_settle() {
+    let redis = RedisServer::start();
+    let up = spawn_echo_upstream().await;
+    let quick = [
+        ("WSGATE_REBALANCE_PERIOD", "1s"),
+        ("WSGATE_REBALANCE_COOLDOWN", "1s"),
+    ];
+    let (_a, proxy_a, admin_a) = instance(up.addr, &redis, "pingpong", "a", &quick);
+    let targets: Targets = Arc::new(std::sync::Mutex::new(vec![proxy_a]));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let reconnects = reconnecting(&targets, 40, &stopped);
+    wait_metric(admin_a, "wsgate_connections_active", 40.0).await;
+    // B joins; from now on a shed client goes to A and B in turn.
+    let (_b, proxy_b, admin_b) = instance(up.addr, &redis, "pingpong", "b", &quick);
+    targets.lock().expect("targets").push(proxy_b);
+    let start = Instant::now();
+    let mut both = 0;
+    let mut settled_at: Option<Instant> = None;
+    while start.elapsed() < Duration::from_secs(40) {
+        let (sa, sb) = (shedding(admin_a).await, shedding(admin_b).await);
+        if sa && sb {
+            both += 1;
+        }
+        let a = metric(admin_a, "wsgate_connections_active").await;
+        let b = metric(admin_b, "wsgate_connections_active").await;
+        if a + b == 40.0 && (a - 20.0).abs() <= 2.0 && !sa && !sb {
+            settled_at.get_or_insert_with(Instant::now);
+        } else if a + b == 40.0 {
+            settled_at = None;
+        }
+        if settled_at.is_some_and(|t| t.elapsed() > Duration::from_secs(5)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (shed_a, shed_b) = (metric(admin_a, SHED).await, metric(admin_b, SHED).await);
+    println!(
+        "settled after {:?}: A shed {shed_a}, B shed {shed_b}, {} reconnects",
+        start.elapsed(),
+        reconnects.load(Ordering::Relaxed)
+    );
+    assert!(settled_at.is_some(), "never settled within the tolerance");
+    assert_eq!(both, 0, "both instances shed at the same time");
+    assert_eq!(shed_b, 0.0, "the instance below the mean shed");
+    assert!(shed_a >= 20.0, "A shed its excess, in rounds: {shed_a}");
+    // Settled: nothing moves any more.
+    sheds_stay(&[admin_a, admin_b], &[shed_a, 0.0], Duration::from_secs(3)).await;
+    let _ = stop.send(true);
 }
