@@ -36,6 +36,32 @@ delays, and the load average. Exit 0 when balanced within period + 5 s, 1 otherw
                                  [--max-clients 2000] [--echo python|websocat] [--out DIR]
                                  [--wsgate-env WSGATE_KEY=VALUE ...]
 
+--auto: automatic rebalancing (docs/operations.md#automatic-rebalancing) instead of /drain. A private
+redis-server (free loopback port, no persistence, stopped by PID) and every instance started with
+WSGATE_FLEET_REDIS_URL, a fresh WSGATE_FLEET_NAMESPACE, WSGATE_REBALANCE=true and the settings of
+AUTO_ENV (a heartbeat every 2 s, rebalance_after 6 s, period 10 s, cooldown 60 s, shutdown_delay 3 s
+>= HAProxy's inter x fall), each overridden by --wsgate-env; the output says the values. t = 0 is
+still C marked UP; nobody sends anything. Besides the counts, every sample reads each instance's
+wsgate_rebalance_shed_total and /readyz body and HAProxy's total sessions per server. Reports: the
+time until all three are within ±10 % of the mean (--tolerance) for --hold; the sheds (summed) and
+the clients' reconnects against the minimum (a third of the clients: 334 of 1,000); refusals; the
+counts at the end; each instance's `rebalancing` stretches; the stretches where two or more were
+shedding at once, with where HAProxy sent the sessions meanwhile and whether an instance received
+reconnects while itself shedding as another closed ("into each other"); the sheds after balance
+(the tail of the shed running at balance apart from sheds started later). Observes --observe
+seconds after t = 0 (default 60). --steady S: then S more seconds from the first sample after
+balance at which every instance is ready, and the sheds in that window. --kill-redis-mid-shed:
+SIGKILL to the Redis once a first session has been shed; reports when the shedding instances are
+ready again, the shed counter from then to the end (--kill-observe, default 30 s after the kill),
+refusals, clients connected, readiness. --check: exit 1 unless balanced within ±10 % in <= 45 s,
+reconnects <= 1.3 x the minimum and 0 refused; --steady: and 0 sheds in the window; the kill run
+(no balance expected: the shed stops): 0 refused, reconnects, the counter flat after the stop,
+every client connected and every instance ready at the end. Without --check an --auto run exits 0
+once it has its figures.
+
+    python3 benches/rebalance.py --auto [--balance leastconn] [--steady 300 | --kill-redis-mid-shed]
+                                 [--check] [--out DIR] [--wsgate-env WSGATE_REBALANCE_AFTER=10s ...]
+
 The echo defaults to the Python one: websocat 1.13's `mirror:` answers a Close by dropping TCP
 without a Close of its own.
 
@@ -51,6 +77,7 @@ import collections
 import hashlib
 import http.client
 import json
+import math
 import multiprocessing as mp
 import os
 import random
@@ -68,7 +95,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fleet_common import ANSI, ROOT, WSGATE, free_port, stop_processes, wait_line  # noqa: E402
+from fleet_common import ANSI, ROOT, WSGATE, Resp, free_port, stop_processes, wait_line  # noqa: E402
 
 VENV_PY = os.environ.get("BENCH_VENV_PY", "/tmp/wsc-venv/bin/python")
 WEBSOCAT = os.environ.get("BENCH_WEBSOCAT", "/tmp/wsc-venv/bin/websocat")
@@ -239,19 +266,26 @@ def clients_main(url, n, ramp, base, cap, ping, shared, stop, q, seed):
 # ---------------------------------------------------------------------------------------------
 # the orchestrator's helpers
 
-def scrape(conns, admin):
-    """The admin /metrics body, over a keep-alive connection; None when it does not answer."""
+def admin_get(conns, admin, path):
+    """(status, body) of an admin GET over a keep-alive connection; None when it does not answer."""
     for _ in range(2):
         c = conns.get(admin)
         if c is None:
             c = conns[admin] = http.client.HTTPConnection(admin, timeout=2)
         try:
-            c.request("GET", "/metrics")
-            return c.getresponse().read().decode()
+            c.request("GET", path)
+            r = c.getresponse()
+            return r.status, r.read().decode()
         except (OSError, http.client.HTTPException):
             c.close()
             conns.pop(admin, None)
     return None
+
+
+def scrape(conns, admin):
+    """The admin /metrics body; None when it does not answer."""
+    got = admin_get(conns, admin, "/metrics")
+    return got[1] if got else None
 
 
 ACTIVE = re.compile(r"^wsgate_connections_active (\S+)$", re.M)
@@ -358,6 +392,231 @@ def pct(vals, p):
     return v[min(len(v) - 1, int(round(p / 100.0 * (len(v) - 1))))]
 
 
+# ---------------------------------------------------------------------------------------------
+# --auto: automatic rebalancing (docs/operations.md#automatic-rebalancing), no /drain
+
+# The instances' settings in an --auto run, each overridden by --wsgate-env. The heartbeat runs every
+# fleet_lease_ttl / 3; shutdown_delay is the notice between /readyz turning 503 `rebalancing` and the
+# first close, at least HAProxy's `inter 1s` x `fall 2` plus one check interval of lag.
+AUTO_ENV = (
+    ("WSGATE_REBALANCE", "true"),
+    ("WSGATE_FLEET_LEASE_TTL", "6s"),
+    ("WSGATE_REBALANCE_TOLERANCE", "0.1"),
+    ("WSGATE_REBALANCE_AFTER", "6s"),
+    ("WSGATE_REBALANCE_PERIOD", "10s"),
+    ("WSGATE_REBALANCE_COOLDOWN", "60s"),
+    ("WSGATE_SHUTDOWN_DELAY", "3s"),
+)
+CHECK_BALANCE_S = 45.0      # --check: balanced within this long after t = 0
+CHECK_RECONNECTS = 1.3      # --check: client reconnects at most this many times the minimum
+
+
+def start_redis(start, work):
+    """A private redis-server on a free loopback port (no persistence), answering PING; (Popen, port)."""
+    port = free_port()
+    p = start("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                        "--appendonly", "no", "--dir", work, "--protected-mode", "yes"])
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            c = Resp(port)
+            if c.call("PING") == b"PONG":
+                c.s.close()
+                return p, port
+        except OSError:
+            pass
+        if p.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("redis-server did not answer PING within 10 s")
+        time.sleep(0.05)
+
+
+def shed_sum(row):
+    return sum((row.get("shed") or {}).get(n) or 0 for n in NAMES)
+
+
+def is_shedding(row, n):
+    return (row.get("ready") or {}).get(n) == "rebalancing"
+
+
+def all_ready(row):
+    return all((row.get("ready") or {}).get(n) == "ready" for n in NAMES)
+
+
+def shed_episodes(rows):
+    """Per instance, every stretch of samples whose /readyz said `rebalancing`: from, to, sessions shed
+    (wsgate_rebalance_shed_total from the sample before it to the first sample after it)."""
+    out = {}
+    for n in NAMES:
+        eps, start = [], None
+        for i, r in enumerate(rows):
+            on = is_shedding(r, n)
+            if on and start is None:
+                start = i
+            if start is not None and (not on or i == len(rows) - 1):
+                end = i if not on else i
+                base = rows[start - 1] if start > 0 else rows[start]
+                eps.append({"from": rows[start]["t"], "to": rows[end]["t"], "open_at_end": on,
+                            "shed": int(((r.get("shed") or {}).get(n) or 0) - ((base.get("shed") or {}).get(n) or 0))})
+                start = None
+        out[n] = eps
+    return out
+
+
+def shed_overlaps(rows):
+    """The stretches where two or more instances said `rebalancing` at once. For each: who, from, to;
+    the sessions each instance shed and HAProxy sent to each server between its first and last
+    sample; and `into_shedding`: sessions HAProxy sent to an instance that was itself shedding while
+    another one was closing (a step of two samples both in the stretch)."""
+    out, cur = [], None
+    for i, r in enumerate(rows):
+        who = [n for n in NAMES if is_shedding(r, n)]
+        if len(who) >= 2:
+            if cur is None:
+                cur = {"first": i, "who": set()}
+            cur["who"].update(who)
+            cur["last"] = i
+        elif cur is not None:
+            out.append(cur)
+            cur = None
+    if cur is not None:
+        out.append(cur)
+    res = []
+    for o in out:
+        f, l = rows[o["first"]], rows[o["last"]]
+        routed = {n: (l.get("hap_stot") or {}).get(n, 0) - (f.get("hap_stot") or {}).get(n, 0) for n in NAMES}
+        shed = {n: int(((l.get("shed") or {}).get(n) or 0) - ((f.get("shed") or {}).get(n) or 0)) for n in NAMES}
+        into = collections.Counter()
+        for k in range(o["first"] + 1, o["last"] + 1):
+            p, q = rows[k - 1], rows[k]
+            both = [n for n in NAMES if is_shedding(p, n) and is_shedding(q, n)]
+            closing = [n for n in both if ((q.get("shed") or {}).get(n) or 0) > ((p.get("shed") or {}).get(n) or 0)]
+            for y in both:
+                got = (q.get("hap_stot") or {}).get(y, 0) - (p.get("hap_stot") or {}).get(y, 0)
+                if got > 0 and any(x != y for x in closing):
+                    into[y] += got
+        res.append({"from": f["t"], "to": l["t"], "who": sorted(o["who"]), "shed": shed,
+                    "haproxy_routed": routed, "into_shedding": dict(into),
+                    "into_each_other": any(into.get(y) and shed.get(y) for y in o["who"])})
+    return res
+
+
+def first_row_at(rows, t):
+    """The first sample at or after t (None past the end)."""
+    for r in rows:
+        if r["t"] >= t:
+            return r
+    return None
+
+
+def rebalance_log(work):
+    """Per instance, the rebalancing lines of its log (shed started, stopped early, over)."""
+    out = {}
+    for n in NAMES:
+        f = os.path.join(work, "wsgate-%s.err" % n)
+        if os.path.exists(f):
+            out[n] = [ANSI.sub("", l).strip() for l in open(f, errors="replace") if "rebalance:" in l]
+    return out
+
+
+def auto_figures(a, after, tb, opens_after, inst, clients_end, kill, steady_at, t0, env, work):
+    """The --auto figures and the --check verdict (check_failed: the targets missed)."""
+    minimum = math.ceil(a.clients / 3.0)   # 2 -> 3 instances: a third of the clients must move
+    reconnects = len(opens_after)
+    last = after[-1]
+    eps = shed_episodes(after)
+    f = {
+        "settings": env,
+        "time_to_balance_s": tb,
+        "sheds_total": int(sum(i["rebalance_shed"] or 0 for i in inst.values())),
+        "sheds_by_instance": {n: inst[n]["rebalance_shed"] for n in NAMES},
+        "reconnects": reconnects, "reconnects_min": minimum, "reconnects_ratio": round(reconnects / minimum, 3),
+        "refusals": int(sum(i["rejected_total"] or 0 for i in inst.values())),
+        "counts_end": counts(last), "balanced_at_end": balanced(last, a.tolerance),
+        "clients_connected_end": clients_end,
+        "readyz_end": {n: inst[n]["readyz"] for n in NAMES}, "haproxy_up_end": last.get("hap_up"),
+        "fleet_end": {n: {"instances": inst[n]["fleet_instances"], "mean": inst[n]["fleet_mean"]} for n in NAMES},
+        "shed_episodes": eps,
+        "overlaps": shed_overlaps(after),
+        "log": rebalance_log(work),
+    }
+    f["into_each_other"] = any(o["into_each_other"] for o in f["overlaps"])
+    if tb is not None:
+        at_b = first_row_at(after, tb)
+        ready = next((r for r in after if r["t"] >= tb and all_ready(r)), None)
+        f["sheds_after_balance"] = shed_sum(last) - shed_sum(at_b)
+        f["all_ready_after_balance_t"] = ready and ready["t"]
+        # the shed still running when the counts came within the tolerance, finishing its plan
+        f["sheds_after_balance_tail"] = shed_sum(ready) - shed_sum(at_b) if ready else None
+        f["sheds_after_balance_and_ready"] = shed_sum(last) - shed_sum(ready) if ready else None
+        f["shed_episodes_started_after_balance"] = [[n, e["from"], e["shed"]] for n in NAMES for e in eps[n]
+                                                    if e["from"] > tb]
+    if a.steady:
+        st = steady_at - t0 if steady_at else None
+        win = [r for r in after if st is not None and st <= r["t"] <= st + a.steady]
+        f["steady"] = {
+            "window_s": a.steady, "from_t": st and round(st, 3),
+            "observed_s": round(win[-1]["t"] - win[0]["t"], 2) if win else 0.0,
+            "sheds": shed_sum(win[-1]) - shed_sum(win[0]) if win else None,
+            "shed_episodes_started": [[n, e["from"], e["shed"]] for n in NAMES for e in eps[n]
+                                      if st is not None and e["from"] >= st],
+            "samples_balanced": "%d/%d" % (sum(1 for r in win if balanced(r, a.tolerance)), len(win)),
+            "counts_min_max": {n: [min(r[n] for r in win), max(r[n] for r in win)] for n in NAMES} if win else None,
+            "reconnects_in_window": sum(1 for t in opens_after if st is not None and st <= t <= st + a.steady),
+        }
+    if a.kill_redis_mid_shed:
+        k = {"killed": bool(kill)}
+        if kill:
+            tk = kill["mt"] - t0
+            at_kill = ([r for r in after if r["t"] <= tk] or after[:1])[-1]
+            was = [n for n in NAMES if is_shedding(at_kill, n)]
+            again = {}
+            for n in was:
+                r = next((r for r in after if r["t"] > tk and (r.get("ready") or {}).get(n) == "ready"), None)
+                again[n] = r and r["t"]
+            stop_t = max(again.values()) if again and all(v is not None for v in again.values()) else None
+            stop_row = first_row_at(after, stop_t) if stop_t is not None else None
+            k.update({
+                "killed_at_t": round(tk, 3), "sheds_at_kill": shed_sum(at_kill), "shedding_at_kill": was,
+                "ready_again_t": again, "sheds_at_stop": stop_row and shed_sum(stop_row),
+                "sheds_kill_to_stop": stop_row and shed_sum(stop_row) - shed_sum(at_kill),
+                "sheds_end": shed_sum(last),
+                "observed_after_stop_s": stop_row and round(last["t"] - stop_row["t"], 2),
+                "flat": stop_row is not None and shed_sum(last) == shed_sum(stop_row),
+                "all_ready_end": all(v == "ready" for v in f["readyz_end"].values()),
+            })
+        f["kill"] = k
+    fails = []
+    if f["refusals"]:
+        fails.append("%d refused" % f["refusals"])
+    if reconnects > CHECK_RECONNECTS * minimum:
+        fails.append("%d reconnects > %.1f x %d" % (reconnects, CHECK_RECONNECTS, minimum))
+    if a.kill_redis_mid_shed:
+        k = f["kill"]
+        if not k["killed"]:
+            fails.append("no shed seen: Redis never killed")
+        else:
+            if not k["flat"]:
+                fails.append("the shed counter moved after the shed stopped (%s -> %s)"
+                             % (k["sheds_at_stop"], k["sheds_end"]))
+            if not k["all_ready_end"] or set(f["haproxy_up_end"] or "") != set(NAMES):
+                fails.append("not every instance ready at the end (%s, HAProxy UP %s)"
+                             % (f["readyz_end"], f["haproxy_up_end"]))
+        if clients_end != a.clients:
+            fails.append("%d of %d clients connected at the end" % (clients_end, a.clients))
+    else:
+        if tb is None or tb > CHECK_BALANCE_S:
+            fails.append("not balanced within ±%d %% in %.0f s (%s)"
+                         % (round(a.tolerance * 100), CHECK_BALANCE_S, "never" if tb is None else "%.2f s" % tb))
+        if a.steady:
+            sd = f["steady"]
+            if sd["from_t"] is None or sd["observed_s"] < a.steady - 2 * a.interval - 1:
+                fails.append("the steady window was not observed (%s s of %.0f)" % (sd["observed_s"], a.steady))
+            elif sd["sheds"]:
+                fails.append("%d sheds in the steady window" % sd["sheds"])
+    f["check_failed"] = fails
+    return f
+
+
 class Stop(Exception):
     pass
 
@@ -371,13 +630,25 @@ def on_signal(signum, _frame):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--baseline", action="store_true", help="no /drain: C only gets what reconnects anyway")
+    ap.add_argument("--auto", action="store_true",
+                    help="automatic rebalancing instead of /drain: a private Redis, rebalance = true on every instance")
+    ap.add_argument("--steady", type=float, default=0.0, metavar="SECONDS",
+                    help="--auto: keep observing this long after balance (and every instance ready); report sheds")
+    ap.add_argument("--kill-redis-mid-shed", action="store_true",
+                    help="--auto: SIGKILL the Redis once the first session has been shed; watch the shed stop")
+    ap.add_argument("--kill-observe", type=float, default=30.0, help="seconds observed after the kill (default 30)")
+    ap.add_argument("--check", action="store_true",
+                    help="--auto: exit 1 unless balanced within ±10 %% in <= 45 s, reconnects <= 1.3 x the minimum, "
+                         "0 refused (--steady: 0 sheds in the window; the kill run: the shed counter flat after the "
+                         "shed stopped, every client connected, every instance ready)")
     ap.add_argument("--clients", type=int, default=1000)
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--fraction", type=float, default=None, help="drain fraction of A and B (default 0.3333)")
     g.add_argument("--count", type=int, default=None, help="drain this many of A and B each instead")
     ap.add_argument("--period", type=parse_duration, default=10.0, help="the drain period (default 10s)")
-    ap.add_argument("--observe", type=float, default=10.0, help="seconds sampled after the period (default 10)")
-    ap.add_argument("--tolerance", type=float, default=0.15)
+    ap.add_argument("--observe", type=float, default=None,
+                    help="seconds sampled after the period (default 10); --auto: after t = 0 (default 60)")
+    ap.add_argument("--tolerance", type=float, default=None, help="default 0.15; --auto: 0.10")
     ap.add_argument("--hold", type=float, default=2.0, help="balanced for this long to count (default 2 s)")
     ap.add_argument("--interval", type=float, default=0.25, help="sampling interval (default 0.25 s)")
     ap.add_argument("--balance", default="roundrobin", help="HAProxy balance algorithm (default roundrobin)")
@@ -392,8 +663,23 @@ def main():
     ap.add_argument("--connect-timeout", type=float, default=90.0, help="limit on waiting for all clients")
     ap.add_argument("--out", default="", help="directory for the JSON result, haproxy.cfg and the logs")
     a = ap.parse_args()
-    if a.fraction is None and a.count is None:
+    if (a.steady or a.kill_redis_mid_shed) and not a.auto:
+        ap.error("--steady and --kill-redis-mid-shed need --auto")
+    if a.auto and (a.baseline or a.fraction is not None or a.count is not None):
+        ap.error("--auto sends no /drain: no --baseline, --fraction or --count")
+    if a.steady and a.kill_redis_mid_shed:
+        ap.error("--steady and --kill-redis-mid-shed are separate runs")
+    if a.tolerance is None:
+        a.tolerance = 0.10 if a.auto else 0.15
+    if a.observe is None:
+        a.observe = 60.0 if a.auto else 10.0
+    if a.auto:
+        a.period = 0.0
+    if a.fraction is None and a.count is None and not a.auto:
         a.fraction = 0.3333
+    if a.auto and a.observe < CHECK_BALANCE_S:
+        log("--observe %.1f: raised to %.0f (the --check limit on the time to balance)" % (a.observe, CHECK_BALANCE_S))
+        a.observe = CHECK_BALANCE_S
     if a.observe < 5:
         log("--observe %.1f: raised to 5 (the verdict is at period + 5 s)" % a.observe)
         a.observe = 5.0
@@ -453,6 +739,16 @@ def main():
             eport = free_port()
             upstream = "127.0.0.1:%d" % eport
             start("echo", [WEBSOCAT, "-E", "-b", "ws-l:%s" % upstream, "mirror:"])
+        # ---- --auto: a private Redis, a fresh namespace, the rebalancing settings (--wsgate-env wins)
+        auto_env, redis_proc = {}, None
+        if a.auto:
+            redis_proc, rport = start_redis(start, work)
+            auto_env = dict(AUTO_ENV)
+            auto_env.update(WSGATE_FLEET_REDIS_URL="redis://127.0.0.1:%d" % rport,
+                            WSGATE_FLEET_NAMESPACE="rb-" + secrets.token_hex(4))
+            auto_env.update(kv.split("=", 1) for kv in a.wsgate_env)
+            log("redis-server :%d (pid %d); instances' rebalancing settings: %s"
+                % (rport, redis_proc.pid, " ".join("%s=%s" % kv for kv in sorted(auto_env.items()))))
         # ---- wsgate A and B; C's ports fixed now (HAProxy must know them), C started later
         gates = {}
         for name in NAMES:
@@ -463,6 +759,7 @@ def main():
             env = {k: v for k, v in os.environ.items() if not k.startswith("WSGATE_") and k != "WS_MAX_CLIENTS"}
             env.update(WSGATE_UPSTREAM=upstream, WSGATE_MAX_CLIENTS=str(a.max_clients),
                        WSGATE_ADMIN_TOKEN_FILE=tf)
+            env.update(auto_env)
             env.update(kv.split("=", 1) for kv in a.wsgate_env)
             if name == "c":
                 env.update(WSGATE_LISTEN="127.0.0.1:%d" % free_port(), WSGATE_ADMIN_LISTEN="127.0.0.1:%d" % free_port())
@@ -524,13 +821,23 @@ def main():
             while not sampling.is_set():
                 t = time.monotonic()
                 row = {"mt": t}
+                if a.auto:
+                    row["shed"], row["ready"], row["mean"] = {}, {}, {}
                 for name in NAMES:
-                    body = scrape(conns, gates[name]["admin"]) if (name != "c" or gates["c"]["pid"]) else None
+                    live = name != "c" or gates["c"]["pid"]
+                    body = scrape(conns, gates[name]["admin"]) if live else None
                     m = ACTIVE.search(body) if body else None
                     row[name] = int(float(m.group(1))) if m else (0 if name == "c" else None)
+                    if a.auto:
+                        mm = metric_map(body, ("wsgate_rebalance_shed_total", "wsgate_fleet_mean"))
+                        row["shed"][name] = mm.get("wsgate_rebalance_shed_total", 0 if not live else None)
+                        row["mean"][name] = mm.get("wsgate_fleet_mean")
+                        rz = admin_get(conns, gates[name]["admin"], "/readyz") if live else None
+                        row["ready"][name] = rz[1].strip() if rz else None
                 try:
                     hs = hap_stat(sock)
                     row["hap"] = {k: v["scur"] for k, v in hs.items()}
+                    row["hap_stot"] = {k: v["stot"] for k, v in hs.items()}
                     row["hap_up"] = "".join(k for k, v in hs.items() if v["status"] == "UP")
                 except OSError:
                     pass
@@ -584,7 +891,41 @@ def main():
         body["period"] = "%ds" % (ms // 1000) if ms % 1000 == 0 else "%dms" % ms
         t0 = time.monotonic()
         posts = {}
-        if not a.baseline:
+        kill = {}
+        steady_at = None    # monotonic time the steady window starts (balanced and every instance ready)
+        if a.auto:
+            log("t = 0: C is UP in HAProxy; no /drain, the instances decide (observing %.0f s%s%s)"
+                % (a.observe, ", then %.0f s steady after balance" % a.steady if a.steady else "",
+                   ", SIGKILL to Redis after the first shed session" if a.kill_redis_mid_shed else ""))
+            t_end = t0 + a.observe
+            hard_end = t0 + a.observe + a.steady + a.kill_observe + 60
+            next_check = 0.0
+            while True:
+                now = time.monotonic()
+                if now >= t_end or now >= hard_end:
+                    break
+                snap = list(rows)
+                if a.kill_redis_mid_shed and not kill and snap and shed_sum(snap[-1]) > 0:
+                    before = shed_sum(snap[-1])
+                    os.kill(redis_proc.pid, signal.SIGKILL)
+                    redis_proc.wait(5)
+                    kill = {"mt": time.monotonic(), "shed_seen_before": before}
+                    log("first shed seen (%d sessions shed so far): SIGKILL to redis-server pid %d"
+                        % (before, redis_proc.pid))
+                    t_end = max(t_end, kill["mt"] + a.kill_observe)
+                if a.steady and steady_at is None and now >= next_check:
+                    next_check = now + 1.0
+                    rel = [dict(r, t=r["mt"] - t0) for r in snap if r["mt"] >= t0]
+                    tb_now = time_to_balance(rel, a.tolerance, a.hold)
+                    if tb_now is not None:
+                        ready_row = next((r for r in rel if r["t"] >= tb_now and all_ready(r)), None)
+                        if ready_row is not None:
+                            steady_at = ready_row["mt"]
+                            t_end = max(t_end, steady_at + a.steady)
+                            log("balanced at t = %.2f s, every instance ready at t = %.2f s: observing %.0f s more"
+                                % (tb_now, steady_at - t0, a.steady))
+                time.sleep(0.1)
+        elif not a.baseline:
             for name in ("a", "b"):
                 ts = time.monotonic()
                 status, resp = admin_call(gates[name]["admin"], "POST", "/drain", gates[name]["token"], body)
@@ -593,7 +934,8 @@ def main():
                                                        posts["b"]["status"], posts["b"]["body"]))
         else:
             log("baseline: no /drain")
-        t_end = t0 + a.period + a.observe
+        if not a.auto:
+            t_end = t0 + a.period + a.observe
         t_p5 = t0 + a.period + 5
         load_p5 = None
         while time.monotonic() < t_end:
@@ -611,11 +953,12 @@ def main():
         inst = {}
         for name in NAMES:
             g = gates[name]
-            if not a.baseline and name != "c":
+            if not a.baseline and not a.auto and name != "c":
                 drains[name] = admin_call(g["admin"], "GET", "/drain", g["token"])
             mm = metric_map(scrape(conns, g["admin"]), (
                 "wsgate_connections_active", "wsgate_connections_admitted_total", "wsgate_connections_rejected_total",
-                "wsgate_admin_drained_total", "wsgate_sessions_ended_total", "wsgate_close_frames_sent_total"))
+                "wsgate_admin_drained_total", "wsgate_sessions_ended_total", "wsgate_close_frames_sent_total",
+                "wsgate_rebalance_shed_total", "wsgate_fleet_instances", "wsgate_fleet_mean"))
             inst[name] = {
                 "active": mm.get("wsgate_connections_active"),
                 "admitted": mm.get("wsgate_connections_admitted_total"),
@@ -627,7 +970,12 @@ def main():
                                    if k.startswith("wsgate_sessions_ended_total") and v},
                 "close_frames_sent": {k[len("wsgate_close_frames_sent_total"):]: v for k, v in mm.items()
                                       if k.startswith("wsgate_close_frames_sent_total") and v},
+                "rebalance_shed": mm.get("wsgate_rebalance_shed_total"),
+                "fleet_instances": mm.get("wsgate_fleet_instances"),
+                "fleet_mean": mm.get("wsgate_fleet_mean"),
+                "readyz": (admin_get(conns, g["admin"], "/readyz") or (None, ""))[1].strip() or None,
             }
+        clients_end = shared[CONNECTED]
         stop_clients.set()
         cres = cq.get(timeout=30)
         cp.join(10)
@@ -641,15 +989,22 @@ def main():
         close_after = [(t - t0, c) for t, c in cres["close_t"] if t >= t0]
         opens_after = [t - t0 for t in cres["open_t"] if t >= t0]
         per_s = collections.OrderedDict()
-        for s in range(int(a.period + a.observe) + 1):
+        span = int(after[-1]["t"]) if a.auto and after else int(a.period + a.observe)
+        for s in range(span + 1):
             per_s[s] = {"close_1001": sum(1 for t, c in close_after if int(t) == s and c == 1001),
                         "closes": sum(1 for t, c in close_after if int(t) == s),
                         "opens": sum(1 for t in opens_after if int(t) == s)}
+            if a.auto:
+                in_s = [r for r in after if s <= r["t"] < s + 1]
+                per_s[s]["close_1012"] = sum(1 for t, c in close_after if int(t) == s and c == 1012)
+                per_s[s]["counts"] = counts(in_s[0]) if in_s else None
+                per_s[s]["shedding"] = "".join(n for n in NAMES if in_s and is_shedding(in_s[0], n))
         routed = {k: hs1[k]["stot"] - hs0[k]["stot"] for k in NAMES}
         codes_after = collections.Counter(str(c) for _, c in close_after)
         gaps = cres["gaps"]
         result = {
-            "mode": "baseline" if a.baseline else "drain",
+            "mode": ("auto-kill-redis" if a.kill_redis_mid_shed else "auto-steady" if a.steady else "auto")
+                    if a.auto else "baseline" if a.baseline else "drain",
             "clients": a.clients, "max_clients": a.max_clients, "balance": a.balance, "echo": a.echo,
             "drain_body": None if a.baseline else body, "period_s": a.period, "observe_s": a.observe,
             "tolerance": a.tolerance, "hold_s": a.hold,
@@ -681,6 +1036,10 @@ def main():
             "samples": rows,
         }
         ok = result["balanced_within_period_plus_5s"]
+        if a.auto:
+            result["auto"] = auto_figures(a, after, tb, opens_after, inst, clients_end, kill, steady_at, t0,
+                                          auto_env, work)
+            ok = not a.check or not result["auto"]["check_failed"]
     except (Stop, KeyboardInterrupt) as e:
         log("interrupted (%s): stopping everything" % (str(e) or "Ctrl-C"))
     finally:
@@ -707,7 +1066,7 @@ def main():
 
     if not result:
         return 1
-    summary(result)
+    (summary_auto if a.auto else summary)(result)
     if a.out:
         name = os.path.join(a.out, "rebalance-%s.json" % result["mode"])
         with open(name, "w") as f:
@@ -746,6 +1105,67 @@ def summary(r):
                                                           " ".join(r["loadavg"]["period_plus_5s"] or [])))
     print("  %s" % ("PASS: balanced within period + 5 s" if r["balanced_within_period_plus_5s"]
                     else "FAIL: not balanced within period + 5 s"))
+
+
+def summary_auto(r):
+    f = r["auto"]
+    tb = f["time_to_balance_s"]
+    sb = r["split_before"]
+    print("rebalance (%s, %d clients, balance %s, automatic: no /drain): before A %d B %d; C up %.1f s after start"
+          % (r["mode"], r["clients"], r["balance"], sb["a"], sb["b"], r["c_up_after_start_s"]))
+    print("  settings: %s" % " ".join("%s=%s" % kv for kv in sorted(f["settings"].items())
+                                      if kv[0] not in ("WSGATE_FLEET_REDIS_URL",)))
+    print("  HAProxy: check inter 1s fall 2 rise 2 on /readyz; t = 0 = C marked UP")
+    print("  balanced (±%d %% of the mean for %.0f s): %s"
+          % (round(r["tolerance"] * 100), r["hold_s"], "after %.2f s" % tb if tb is not None else "never"))
+    ce = f["counts_end"]
+    print("  at the end (t = %.1f s): A %d B %d C %d (%s); clients connected %d"
+          % (r["samples"][-1]["t"], ce["a"], ce["b"], ce["c"],
+             "balanced" if f["balanced_at_end"] else "NOT balanced", f["clients_connected_end"]))
+    print("  sheds %d (A %s B %s C %s); client reconnects %d vs the minimum %d (x %.2f); refusals %d"
+          % (f["sheds_total"], *(f["sheds_by_instance"][n] for n in NAMES), f["reconnects"], f["reconnects_min"],
+             f["reconnects_ratio"], f["refusals"]))
+    for n in NAMES:
+        for e in f["shed_episodes"][n]:
+            print("  %s /readyz `rebalancing` t = %.2f .. %.2f s, shed %d%s"
+                  % (n.upper(), e["from"], e["to"], e["shed"], " (still at the end)" if e["open_at_end"] else ""))
+    for o in f["overlaps"]:
+        print("  overlap %s t = %.2f .. %.2f s: shed %s, HAProxy sent A %d B %d C %d; into a shedding instance while "
+              "another closed: %s%s" % ("+".join(x.upper() for x in o["who"]), o["from"], o["to"],
+                                        {k: v for k, v in o["shed"].items() if v},
+                                        *(o["haproxy_routed"][n] for n in NAMES), o["into_shedding"] or 0,
+                                        " -- INTO EACH OTHER" if o["into_each_other"] else ""))
+    print("  shedding into each other: %s" % ("YES" if f["into_each_other"] else "no"))
+    if tb is not None:
+        print("  sheds after balance %s (%s finishing the shed running at balance, %s after every instance was ready "
+              "again at t = %s s); sheds started after balance: %s"
+              % (f["sheds_after_balance"], f["sheds_after_balance_tail"], f["sheds_after_balance_and_ready"],
+                 f["all_ready_after_balance_t"], f["shed_episodes_started_after_balance"] or "none"))
+    if "steady" in f:
+        sd = f["steady"]
+        print("  steady window: from t = %s s, %s s observed of %.0f: sheds %s, sheds started %s, samples balanced %s, "
+              "reconnects %d, counts min..max %s" % (sd["from_t"], sd["observed_s"], sd["window_s"], sd["sheds"],
+                                                     sd["shed_episodes_started"] or "none", sd["samples_balanced"],
+                                                     sd["reconnects_in_window"], sd["counts_min_max"]))
+    if "kill" in f:
+        k = f["kill"]
+        if not k["killed"]:
+            print("  Redis never killed: no shed seen")
+        else:
+            print("  Redis SIGKILLed at t = %.2f s (%d shed so far; shedding: %s); ready again at %s; sheds kill -> "
+                  "stop %s, at the stop %s, at the end %s (%s s after the stop): counter %s; all ready at the end: %s"
+                  % (k["killed_at_t"], k["sheds_at_kill"], "+".join(x.upper() for x in k["shedding_at_kill"]),
+                     k["ready_again_t"], k["sheds_kill_to_stop"], k["sheds_at_stop"], k["sheds_end"],
+                     k["observed_after_stop_s"], "flat" if k["flat"] else "MOVED", k["all_ready_end"]))
+    print("  HAProxy sent after t0: A %d B %d C %d; clients' close codes after t0 %s; failed attempts %d; reconnect "
+          "delay p50 %s ms p99 %s ms" % (*(r["haproxy_sessions_routed_after_t0"][n] for n in NAMES),
+                                         r["clients_close_codes_after_t0"], r["clients_failed_attempts_after_t0"],
+                                         r["reconnect_delay_ms"]["p50"], r["reconnect_delay_ms"]["p99"]))
+    for n, lines in f["log"].items():
+        for l in lines:
+            print("  log %s: %s" % (n.upper(), l[:220]))
+    print("  load average at t0 %s, at the end %s" % (" ".join(r["loadavg"]["t0"]), " ".join(r["loadavg"]["end"])))
+    print("  %s" % ("PASS: the targets hold" if not f["check_failed"] else "FAIL: " + "; ".join(f["check_failed"])))
 
 
 if __name__ == "__main__":
