@@ -8,6 +8,14 @@
 //! is over, and some other instance is serving below the mean to take the
 //! reconnects (two instances never shed into each other). It sheds its
 //! excess over the mean, rounded down, so it never ends below the mean.
+//!
+//! The wait starts again whenever the number of live instances changes: an
+//! excess that showed against another fleet does not count toward it. An
+//! instance compares its own count, fresh, with the others' last beats, up
+//! to one interval old; while a fleet fills up, the instance that beats
+//! just before the others looks above the mean at every beat, and without
+//! the restart it would shed the moment a new instance joins, before the
+//! front sends it anything and before the others shed with it.
 
 use tokio::time::Instant;
 
@@ -51,6 +59,8 @@ pub(crate) struct Planner {
     above_since: Option<Instant>,
     /// No shed starts before this (the end of the last one + the cooldown).
     cooldown_until: Option<Instant>,
+    /// How many live instances the last answered heartbeat saw.
+    fleet_size: Option<usize>,
 }
 
 impl Planner {
@@ -101,6 +111,15 @@ impl Planner {
         let Some(view) = view else {
             return Some(Stay::RedisDown);
         };
+        // An instance joined or left: the wait starts again.
+        let size = view.beats.len();
+        if self
+            .fleet_size
+            .replace(size)
+            .is_some_and(|before| before != size)
+        {
+            self.above_since = None;
+        }
         if draining {
             return Some(Stay::Draining);
         }
@@ -271,6 +290,37 @@ mod tests {
         assert_eq!(
             p.decide(at(300), Some(&v), false, &off),
             Decision::Stay(Stay::Off)
+        );
+    }
+
+    #[test]
+    fn a_rebalance_waits_again_after_the_fleet_changes() {
+        let t0 = Instant::now();
+        let s = settings();
+        let at = |secs| t0 + Duration::from_secs(secs);
+        let mut p = Planner::default();
+        // Two instances filling up: this one beats just after its clients
+        // came, the other's beat is an interval old, so this one looks above
+        // the mean (450 × 1.1 = 495) at every beat.
+        let filling = fleet(500, &[400]);
+        for secs in [0, 10, 20] {
+            assert_eq!(
+                p.decide(at(secs), Some(&filling), false, &s),
+                Decision::Stay(Stay::Waiting)
+            );
+        }
+        // A third joins: 30 s above, but not against this fleet.
+        let joined = fleet(500, &[500, 0]);
+        for secs in [30, 40, 50] {
+            assert_eq!(
+                p.decide(at(secs), Some(&joined), false, &s),
+                Decision::Stay(Stay::Waiting),
+                "at {secs} s"
+            );
+        }
+        assert_eq!(
+            p.decide(at(60), Some(&joined), false, &s),
+            Decision::Shed(166)
         );
     }
 
