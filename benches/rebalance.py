@@ -637,6 +637,8 @@ def main():
     ap.add_argument("--kill-redis-mid-shed", action="store_true",
                     help="--auto: SIGKILL the Redis once the first session has been shed; watch the shed stop")
     ap.add_argument("--kill-observe", type=float, default=30.0, help="seconds observed after the kill (default 30)")
+    ap.add_argument("--stagger", type=float, default=0.0, metavar="SECONDS",
+                    help="start B this long after A (their heartbeats this far apart; default 0: started together)")
     ap.add_argument("--check", action="store_true",
                     help="--auto: exit 1 unless balanced within ±10 %% in <= 45 s, reconnects <= 1.3 x the minimum, "
                          "0 refused (--steady: 0 sheds in the window; the kill run: the shed counter flat after the "
@@ -767,6 +769,8 @@ def main():
                                "admin": env["WSGATE_ADMIN_LISTEN"], "pid": None}
                 continue
             env.update(WSGATE_LISTEN="127.0.0.1:0", WSGATE_ADMIN_LISTEN="127.0.0.1:0")
+            if name == "b" and a.stagger:
+                time.sleep(a.stagger)
             p = start("wsgate-" + name, [WSGATE], env=env)
             err = os.path.join(work, "wsgate-%s.err" % name)
             gates[name] = {"env": env, "token": token, "pid": p.pid, "proc": p,
@@ -1010,7 +1014,7 @@ def main():
             "tolerance": a.tolerance, "hold_s": a.hold,
             "split_before": split, "connect_all_s": round(t_all - t_clients, 2),
             "c_up_after_start_s": round(t_up - t_c, 2),
-            "wsgate_env": a.wsgate_env,
+            "wsgate_env": a.wsgate_env, "stagger_s": a.stagger,
             "posts": posts, "drain_started": bool(posts) and all(v["status"] == 202 for v in posts.values()),
             "drain_status_end": drains,
             "time_to_balance_s": tb,
