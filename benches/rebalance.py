@@ -60,7 +60,10 @@ every client connected and every instance ready at the end. Without --check an -
 once it has its figures.
 
     python3 benches/rebalance.py --auto [--balance leastconn] [--steady 300 | --kill-redis-mid-shed]
-                                 [--check] [--out DIR] [--wsgate-env WSGATE_REBALANCE_AFTER=10s ...]
+                                 [--check] [--stagger S] [--out DIR] [--wsgate-env WSGATE_REBALANCE_AFTER=10s ...]
+
+--stagger S starts B S seconds after A, so their heartbeats are S modulo the beat interval apart
+(by default they start together and beat a few ms apart). --auto needs redis-server on the PATH.
 
 The echo defaults to the Python one: websocat 1.13's `mirror:` answers a Close by dropping TCP
 without a Close of its own.
