@@ -631,13 +631,23 @@ fn a_redis_url_that_counts_nothing_is_a_warning() {
         let c = load_in_jail(Some("local.toml")).expect("valid");
         assert_eq!(
             c.warnings,
-            ["fleet_redis_url is set but nothing is counted fleet-wide: \
-              set fleet_max_clients or fleet = true on a key rule"]
+            [
+                "fleet_redis_url is set but nothing uses it: set fleet_max_clients, fleet = true \
+              on a key rule, or rebalance = true"
+            ]
         );
         assert!(c.fleet.is_some());
         let c = load_in_jail(Some("fleet.toml")).expect("valid");
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
         assert!(c.key_limits[0].fleet);
+        jail.set_env("WSGATE_REBALANCE", "true");
+        let c = load_in_jail(Some("local.toml")).expect("valid");
+        assert!(
+            c.warnings.is_empty(),
+            "rebalancing uses it: {:?}",
+            c.warnings
+        );
+        jail.set_env("WSGATE_REBALANCE", "false");
         jail.set_env("WSGATE_FLEET_MAX_CLIENTS", "1");
         let c = load_in_jail(Some("local.toml")).expect("valid");
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);

@@ -175,13 +175,14 @@ fn rules_across_keys(c: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// A warning when a Redis is set but nothing is counted there: not an
+/// A warning when a Redis is set but nothing uses it (no fleet limit, no rebalancing): not an
 /// error, since a fleet may add its limits in a later reload.
 fn fleet_counts_nothing(c: &Config) -> Option<String> {
     let fleet = c.fleet.as_ref()?;
-    (fleet.max_clients == 0 && !c.key_limits.iter().any(|r| r.fleet)).then(|| {
-        "fleet_redis_url is set but nothing is counted fleet-wide: \
-         set fleet_max_clients or fleet = true on a key rule"
+    let counts = fleet.max_clients > 0 || c.key_limits.iter().any(|r| r.fleet);
+    (!counts && !c.rebalance.enabled).then(|| {
+        "fleet_redis_url is set but nothing uses it: set fleet_max_clients, fleet = true on a \
+         key rule, or rebalance = true"
             .to_owned()
     })
 }

@@ -9,8 +9,10 @@
 //! reconnects (two instances never shed into each other). It sheds its
 //! excess over the mean, rounded down, so it never ends below the mean.
 //!
-//! The wait starts again whenever the number of live instances changes: an
-//! excess that showed against another fleet does not count toward it. An
+//! The wait starts again whenever the number of live instances changes, or
+//! the fleet's total moved by more than the tolerance since the last beat:
+//! an excess that showed against another fleet, or while it filled up,
+//! does not count toward it. An
 //! instance compares its own count, fresh, with the others' last beats, up
 //! to one interval old; while a fleet fills up, the instance that beats
 //! just before the others looks above the mean at every beat, and without
@@ -61,6 +63,8 @@ pub(crate) struct Planner {
     cooldown_until: Option<Instant>,
     /// How many live instances the last answered heartbeat saw.
     fleet_size: Option<usize>,
+    /// The fleet's total of active connections at that heartbeat.
+    fleet_total: Option<u64>,
 }
 
 impl Planner {
@@ -111,13 +115,20 @@ impl Planner {
         let Some(view) = view else {
             return Some(Stay::RedisDown);
         };
-        // An instance joined or left: the wait starts again.
+        // An instance joined or left, or the fleet is filling up or
+        // emptying faster than the tolerance per interval (the others'
+        // beats, up to an interval old, then lag this instance's fresh
+        // count by more than the margin): the wait starts again.
         let size = view.beats.len();
-        if self
+        let total: u64 = view.beats.iter().map(|b| b.active).sum();
+        let joined = self
             .fleet_size
             .replace(size)
-            .is_some_and(|before| before != size)
-        {
+            .is_some_and(|before| before != size);
+        let moving = self.fleet_total.replace(total).is_some_and(|before| {
+            before.abs_diff(total) as f64 > settings.tolerance * total as f64
+        });
+        if joined || moving {
             self.above_since = None;
         }
         if draining {
@@ -322,6 +333,34 @@ mod tests {
             p.decide(at(60), Some(&joined), false, &s),
             Decision::Shed(166)
         );
+    }
+
+    #[test]
+    fn a_fleet_filling_up_sheds_nothing_however_long_it_takes() {
+        let t0 = Instant::now();
+        let s = settings();
+        let mut p = Planner::default();
+        // Clients keep arriving at both, 100 a beat each; this instance's
+        // count is fresh, the other's an interval old: it looks 100 above,
+        // over the 10 % for 50 s (400 against a mean of 350 at 30 s).
+        for beat in 0..5u64 {
+            let mine = 100 + 100 * beat;
+            let v = fleet(mine, &[mine - 100]);
+            let d = p.decide(t0 + Duration::from_secs(10 * beat), Some(&v), false, &s);
+            assert!(!matches!(d, Decision::Shed(_)), "beat {beat}: {d:?}");
+        }
+        // Once the fleet stops growing, a real excess is shed after the wait.
+        let v = fleet(1500, &[1000]);
+        let at = |secs: u64| t0 + Duration::from_secs(200 + secs);
+        assert_eq!(
+            p.decide(at(0), Some(&v), false, &s),
+            Decision::Stay(Stay::Waiting)
+        );
+        assert_eq!(
+            p.decide(at(10), Some(&v), false, &s),
+            Decision::Stay(Stay::Waiting)
+        );
+        assert_eq!(p.decide(at(40), Some(&v), false, &s), Decision::Shed(250));
     }
 
     #[test]
