@@ -10,12 +10,9 @@ worker's chunk) and of a whole instance's HOLDS in one call, and per released ho
 """
 import os
 import re
-import subprocess
 import sys
-import tempfile
-import time
 
-from fleet_common import ROOT, Resp, free_port
+from fleet_common import ROOT, private_redis
 
 SRC = open(os.path.join(ROOT, "src/fleet/scripts.rs")).read()
 ADMIT = re.search(r'const ADMIT: &str = r"(.*?)";', SRC, re.S).group(1)
@@ -24,28 +21,8 @@ HOLDS, OTHER, CHUNK = (int(a) for a in (sys.argv[1:] + ["10000", "190000", "1000
 
 
 def main():
-    port = free_port()
-    with tempfile.TemporaryDirectory() as d:
-        redis = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", d],
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    c = Resp(port)
-                    c.call("PING")
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-            run(c)
-        finally:
-            redis.kill()
-            redis.wait()
+    with private_redis() as c:
+        run(c)
 
 
 def command_stats(c, cmd):

@@ -1,10 +1,12 @@
 """What the fleet benchmarks share (benches/fleet-*.py): paths, a free loopback port, reading an
 address from a wsgate log, and a minimal RESP client for Redis (stdlib only: the benchmarks need no
 venv)."""
+import contextlib
 import os
 import re
 import socket
 import subprocess
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,3 +101,31 @@ class Resp:
             n = int(rest)
             return None if n < 0 else self.f.read(n + 2)[:-2]
         return [self.read() for _ in range(int(rest))]
+
+
+@contextlib.contextmanager
+def private_redis():
+    """A redis-server of its own on a free loopback port, without persistence; yields a connected
+    Resp client and stops the server by PID on the way out (errors and Ctrl-C included)."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as d:
+        redis = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", d],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    c = Resp(port)
+                    c.call("PING")
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            yield c
+        finally:
+            redis.kill()
+            redis.wait()

@@ -12,13 +12,10 @@ renewal interval (`fleet_lease_ttl / 3`).
 import argparse
 import os
 import re
-import subprocess
 import sys
-import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fleet_common import ROOT, Resp, free_port  # noqa: E402
+from fleet_common import ROOT, private_redis  # noqa: E402
 
 SRC = open(os.path.join(ROOT, "src/fleet/heartbeat.rs")).read()
 HEARTBEAT = re.search(r'const HEARTBEAT: &str = r"(.*?)";', SRC, re.S).group(1)
@@ -49,34 +46,17 @@ def main():
     ap.add_argument("--beats", type=int, default=2000)
     ap.add_argument("--lease", type=float, default=30.0, help="fleet_lease_ttl in s")
     a = ap.parse_args()
-    port = free_port()
-    with tempfile.TemporaryDirectory() as d:
-        redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                  "--appendonly", "no", "--dir", d], stdout=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    c = Resp(port)
-                    c.call("PING")
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-            sha = c.call("SCRIPT", "LOAD", HEARTBEAT).decode()
-            interval = a.lease / 3
-            print(f"| instances | µs of Redis CPU per beat | fleet's beats per {interval:g} s interval "
-                  f"| share of one core |")
-            print("| --- | --- | --- | --- |")
-            for n in (int(x) for x in a.instances.split(",")):
-                per = measure(c, sha, n, a.beats, int(a.lease * 1000))
-                per_interval = per * n
-                print(f"| {n:,} | {per:.1f} | {per_interval / 1000:.1f} ms | "
-                      f"{per_interval / (interval * 1e6) * 100:.3f} % |")
-        finally:
-            redis.kill()
-            redis.wait()
+    with private_redis() as c:
+        sha = c.call("SCRIPT", "LOAD", HEARTBEAT).decode()
+        interval = a.lease / 3
+        print(f"| instances | µs of Redis CPU per beat | fleet's beats per {interval:g} s interval "
+              f"| share of one core |")
+        print("| --- | --- | --- | --- |")
+        for n in (int(x) for x in a.instances.split(",")):
+            per = measure(c, sha, n, a.beats, int(a.lease * 1000))
+            per_interval = per * n
+            print(f"| {n:,} | {per:.1f} | {per_interval / 1000:.1f} ms | "
+                  f"{per_interval / (interval * 1e6) * 100:.3f} % |")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,16 @@ pub(super) fn off_or_duration<S: Serializer>(
     duration(&d.unwrap_or_default(), s)
 }
 
+/// A duration inside a map a group of keys writes itself (`None` = off,
+/// written `0s`).
+pub(super) struct Shown(pub(super) Option<Duration>);
+
+impl Serialize for Shown {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        off_or_duration(&self.0, s)
+    }
+}
+
 /// Whole seconds, as a duration.
 pub(super) fn seconds<S: Serializer>(secs: &u64, s: S) -> Result<S::Ok, S::Error> {
     duration(&Duration::from_secs(*secs), s)

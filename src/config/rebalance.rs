@@ -84,19 +84,13 @@ pub(super) fn settings(raw: &RawConfig, fleet_on: bool) -> Result<Rebalance, Con
 
 /// `check-config` prints the five keys with the values in force.
 pub(super) fn written<S: Serializer>(r: &Rebalance, s: S) -> Result<S::Ok, S::Error> {
-    /// A duration in `check-config`'s form.
-    struct Shown(Duration);
-    impl serde::Serialize for Shown {
-        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            effective::duration(&self.0, s)
-        }
-    }
+    use effective::Shown;
     let mut map = s.serialize_map(Some(5))?;
     map.serialize_entry("rebalance", &r.enabled)?;
     map.serialize_entry("rebalance_tolerance", &r.tolerance)?;
-    map.serialize_entry("rebalance_after", &Shown(r.after))?;
-    map.serialize_entry("rebalance_period", &Shown(r.period))?;
-    map.serialize_entry("rebalance_cooldown", &Shown(r.cooldown))?;
+    map.serialize_entry("rebalance_after", &Shown(Some(r.after)))?;
+    map.serialize_entry("rebalance_period", &Shown(Some(r.period)))?;
+    map.serialize_entry("rebalance_cooldown", &Shown(Some(r.cooldown)))?;
     map.end()
 }
 

@@ -79,13 +79,7 @@ pub(super) fn settings(raw: &RawConfig) -> Result<ClientSignals, ConfigError> {
 
 /// `check-config` prints the five keys with the values in force.
 pub(super) fn written<S: Serializer>(c: &ClientSignals, s: S) -> Result<S::Ok, S::Error> {
-    /// A duration in `check-config`'s form.
-    struct Shown(Option<Duration>);
-    impl Serialize for Shown {
-        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            effective::off_or_duration(&self.0, s)
-        }
-    }
+    use effective::Shown;
     let mut map = s.serialize_map(Some(5))?;
     map.serialize_entry("refusal_mode", &c.refusal_mode)?;
     map.serialize_entry("max_close_refusals", &c.max_close_refusals)?;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::admin::{self, event_field, Operator, TokenFile};
-use crate::support::watched::{wait_closes, watch, watch_all, End, Watched};
+use crate::support::watched::{open_in_order, wait_closes, watch, watch_all, End, Watched};
 use crate::support::*;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -39,19 +39,6 @@ fn start_with_token(
     start(upstream, &all)
 }
 
-/// `n` clients connected one after the other (so their ages are in order).
-async fn open(proxy: SocketAddr, n: usize) -> Vec<Ws> {
-    let mut v = Vec::with_capacity(n);
-    for i in 0..n {
-        v.push(
-            within("connect", connect(&format!("ws://{proxy}/")))
-                .await
-                .unwrap_or_else(|e| panic!("client {i} not admitted: {e}")),
-        );
-    }
-    v
-}
-
 /// Ends every watch: the clients closed with `close_code_drain` and the
 /// admin drain's reason, and those still open.
 async fn outcomes(watched: Vec<Watched>) -> (Vec<(usize, Duration)>, Vec<(usize, Ws)>) {
@@ -71,7 +58,7 @@ async fn readyz(admin: SocketAddr) -> u16 {
 async fn drain_is_404_without_a_token_file() {
     let up = spawn_echo_upstream().await;
     let (_gate, proxy, admin) = start(up.addr, &[]);
-    let held = open(proxy, 2).await;
+    let held = open_in_order(proxy, 2).await;
     for token in [None, Some(TOKEN)] {
         let op = Operator::new(admin, token);
         for reply in [
@@ -110,7 +97,7 @@ async fn wrong_or_missing_token_is_401_and_starts_no_drain() {
     let (_gate, proxy, admin) = start_with_token(up.addr, &token, &[]);
     let start = Instant::now();
     let closes = Arc::new(AtomicUsize::new(0));
-    let watched = watch_all(open(proxy, 3).await, start, &closes);
+    let watched = watch_all(open_in_order(proxy, 3).await, start, &closes);
     let body = r#"{"count": 3, "period": "500ms"}"#;
     let right = Operator::new(admin, Some(TOKEN));
     let mut refused = Vec::new();
@@ -254,7 +241,7 @@ async fn count_drain_closes_the_oldest_evenly_and_keeps_admitting() {
     let token = TokenFile::new(TOKEN);
     let (_gate, proxy, admin) = start_with_token(up.addr, &token, &[]);
     let op = Operator::new(admin, Some(TOKEN));
-    let clients = open(proxy, M).await;
+    let clients = open_in_order(proxy, M).await;
     wait_metric(admin, ACTIVE, M as f64).await;
     assert_eq!(readyz(admin).await, 200);
 
@@ -411,7 +398,7 @@ async fn delete_stops_a_drain_midway() {
     let token = TokenFile::new(TOKEN);
     let (_gate, proxy, admin) = start_with_token(up.addr, &token, &[]);
     let op = Operator::new(admin, Some(TOKEN));
-    let clients = open(proxy, 12).await;
+    let clients = open_in_order(proxy, 12).await;
     let closes = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let watched = watch_all(clients, start, &closes);
@@ -478,7 +465,7 @@ async fn bad_bodies_are_400_naming_the_field_and_oversized_413() {
     let (_gate, proxy, admin) = start_with_token(up.addr, &token, &[]);
     let op = Operator::new(admin, Some(TOKEN));
     let closes = Arc::new(AtomicUsize::new(0));
-    let watched = watch_all(open(proxy, 2).await, Instant::now(), &closes);
+    let watched = watch_all(open_in_order(proxy, 2).await, Instant::now(), &closes);
     for (body, names) in [
         (r#"{"fraction": 0}"#, &["fraction"][..]),
         (r#"{"fraction": 1.5}"#, &["fraction"]),

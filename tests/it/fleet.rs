@@ -316,6 +316,12 @@ pub(crate) fn raise_nofile(n: u64) {
 /// instance is idle, Redis holds nothing for the namespace and
 /// `wsgate_fleet_up` is 1. Leaves lazily made state in every baseline.
 async fn warm_up(gate: &Gate, fleet: &Fleet, redis: &RedisServer) {
+    warm_up_until(gate, || fleet.redis_empty(redis)).await;
+}
+
+/// [`warm_up`] on any deployment: `empty` says whether the store holds
+/// nothing of the namespace (one server, a Cluster's primaries, …).
+pub(crate) async fn warm_up_until(gate: &Gate, empty: impl Fn() -> Result<(), String>) {
     let start = Instant::now();
     let mut ws = loop {
         match gate.upgrade(&[]).await {
@@ -330,13 +336,19 @@ async fn warm_up(gate: &Gate, fleet: &Fleet, redis: &RedisServer) {
     };
     echo_text(&mut ws, "warm-up").await;
     close_cleanly(ws).await;
-    settle(&[gate], fleet, redis).await;
+    settle_until(&[gate], empty).await;
     wait_metric(gate.admin, "wsgate_fleet_up", 1.0).await;
 }
 
 /// Waits (bounded) until every one of `gates` is idle and Redis holds
 /// nothing for the namespace.
 async fn settle(gates: &[&Gate], fleet: &Fleet, redis: &RedisServer) {
+    settle_until(gates, || fleet.redis_empty(redis)).await;
+}
+
+/// [`settle`] on any deployment: until every one of `gates` is idle and
+/// `empty` is `Ok`.
+pub(crate) async fn settle_until(gates: &[&Gate], empty: impl Fn() -> Result<(), String>) {
     eventually!("every instance idle and Redis empty", DEADLINE, {
         let mut active = Vec::new();
         for g in gates {
@@ -345,9 +357,39 @@ async fn settle(gates: &[&Gate], fleet: &Fleet, redis: &RedisServer) {
         if active.iter().any(|&a| a != 0.0) {
             Err(format!("{ACTIVE} = {active:?}"))
         } else {
-            fleet.redis_empty(redis)
+            empty()
         }
     });
+}
+
+/// Every one of `gates` admits again within `bound` of `since` (after a
+/// failover): one new connection each, kept in `live`.
+pub(crate) async fn admissions_resume(
+    gates: &[Gate],
+    since: Instant,
+    bound: Duration,
+    live: &mut Vec<Ws>,
+) {
+    for g in gates {
+        let mut ws = None;
+        eventually!(
+            "admissions resume after the failover",
+            bound.saturating_sub(since.elapsed()) + PROBE_SLACK,
+            match g.upgrade(&[]).await {
+                Ok(w) => {
+                    ws = Some(w);
+                    Ok(())
+                }
+                Err(e) => Err(format!("{e:?}")),
+            }
+        );
+        println!(
+            "{}: admitting {:?} after the promotion",
+            g.proxy,
+            since.elapsed()
+        );
+        live.push(ws.expect("admitted"));
+    }
 }
 
 /// Sums `series` over `gates`.

@@ -10,7 +10,10 @@
 
 use std::time::Duration;
 
-use crate::fleet::{close_all, eventually, raise_nofile, sum, Fleet, Gate};
+use crate::fleet::{
+    admissions_resume, close_all, eventually, raise_nofile, settle_until, sum, warm_up_until,
+    Fleet, Gate,
+};
 use crate::support::*;
 use tokio::time::Instant;
 
@@ -43,41 +46,20 @@ pub(crate) fn holds_are(reader: &RedisServer, key: &str, n: u64) -> Result<(), S
     }
 }
 
-/// A new instance's first admission (retried while it connects), closed
-/// again; then waits until it is idle, `wsgate_fleet_up` is 1 and `empty`
-/// says Redis holds nothing of the namespace.
-pub(crate) async fn warm_up(gate: &Gate, empty: impl Fn() -> Result<(), String>) {
-    let start = Instant::now();
-    let mut ws = loop {
-        match gate.upgrade(&[]).await {
-            Ok(ws) => break ws,
-            Err(e) => assert!(
-                start.elapsed() < DEADLINE,
-                "a new instance never admitted: {e:?}; its log:\n{}",
-                gate.log()
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    };
-    echo_text(&mut ws, "warm-up").await;
-    close_cleanly(ws).await;
-    settle(&[gate], empty).await;
-    wait_metric(gate.admin, "wsgate_fleet_up", 1.0).await;
-}
-
-/// Waits (bounded) until every one of `gates` is idle and `empty` is `Ok`.
-pub(crate) async fn settle(gates: &[&Gate], empty: impl Fn() -> Result<(), String>) {
-    eventually!("every instance idle and Redis empty", DEADLINE, {
-        let mut active = Vec::new();
-        for g in gates {
-            active.push(g.metric(ACTIVE).await);
-        }
-        if active.iter().any(|&a| a != 0.0) {
-            Err(format!("{ACTIVE} = {active:?}"))
-        } else {
-            empty()
-        }
-    });
+/// Two instances of `fleet` in front of `upstream`, each warmed up.
+async fn two_warm_gates(
+    upstream: std::net::SocketAddr,
+    fleet: &Fleet,
+    cluster: &RedisCluster,
+) -> [Gate; 2] {
+    let gates = [
+        Gate::start(upstream, fleet, None),
+        Gate::start(upstream, fleet, None),
+    ];
+    for g in &gates {
+        warm_up_until(g, || cluster_empty(cluster, fleet)).await;
+    }
+    gates
 }
 
 /// `Ok` when no primary of the cluster holds a key of the namespace.
@@ -164,7 +146,7 @@ async fn a_cluster_admits_exactly_the_fleet_cap_of_1000_concurrent_upgrades() {
         .mode("closed");
     let gates: Vec<Gate> = (0..3).map(|_| Gate::start(up.addr, &fleet, None)).collect();
     for g in &gates {
-        warm_up(g, || cluster_empty(&cluster, &fleet)).await;
+        warm_up_until(g, || cluster_empty(&cluster, &fleet)).await;
     }
 
     let start = Instant::now();
@@ -215,7 +197,7 @@ async fn a_cluster_admits_exactly_the_fleet_cap_of_1000_concurrent_upgrades() {
     }
     close_all(admitted).await;
     let refs: Vec<&Gate> = gates.iter().collect();
-    settle(&refs, || cluster_empty(&cluster, &fleet)).await;
+    settle_until(&refs, || cluster_empty(&cluster, &fleet)).await;
 }
 
 /// (b) A `fleet = true` rule (`header:X-Tenant`, 2 per tenant) with a
@@ -238,7 +220,7 @@ async fn fleet_key_values_spread_over_the_primaries_and_a_refusal_leaves_no_hold
         Gate::start(up.addr, &fleet, Some("gate-b")),
     ];
     for g in &gates {
-        warm_up(g, || cluster_empty(&cluster, &fleet)).await;
+        warm_up_until(g, || cluster_empty(&cluster, &fleet)).await;
     }
     let tenants: Vec<String> = (0..30).map(|i| format!("t{i}")).collect();
     let mut live = Vec::new();
@@ -272,7 +254,7 @@ async fn fleet_key_values_spread_over_the_primaries_and_a_refusal_leaves_no_hold
     // The ten refusals took a hold in {NS}:all first, then gave it back.
     holds_are(cluster.any(), &all_key(&fleet), 60).expect("only the live connections counted");
     close_all(live).await;
-    settle(&[&gates[0], &gates[1]], || cluster_empty(&cluster, &fleet)).await;
+    settle_until(&[&gates[0], &gates[1]], || cluster_empty(&cluster, &fleet)).await;
 }
 
 async fn sum_rejected(gates: &[Gate], reason: &str) -> f64 {
@@ -300,13 +282,7 @@ async fn a_slot_migrated_under_load_admissions_resume_and_the_count_is_exact() {
         .lease(Duration::from_secs(3))
         .timeout(Duration::from_millis(900))
         .mode("closed");
-    let gates = [
-        Gate::start(up.addr, &fleet, None),
-        Gate::start(up.addr, &fleet, None),
-    ];
-    for g in &gates {
-        warm_up(g, || cluster_empty(&cluster, &fleet)).await;
-    }
+    let gates = two_warm_gates(up.addr, &fleet, &cluster).await;
     let all = all_key(&fleet);
     let mut live = open(&gates, 20, &[]).await;
     let slot = cluster.slot(&all);
@@ -358,7 +334,7 @@ async fn a_slot_migrated_under_load_admissions_resume_and_the_count_is_exact() {
     live.extend(admitted);
     holds_are(cluster.any(), &all, 40).expect("the cap");
     close_all(live).await;
-    settle(&[&gates[0], &gates[1]], || cluster_empty(&cluster, &fleet)).await;
+    settle_until(&[&gates[0], &gates[1]], || cluster_empty(&cluster, &fleet)).await;
 }
 
 /// (d) The primary serving `{NS}:all` is SIGKILLed; its replica is
@@ -376,13 +352,7 @@ async fn a_primary_killed_and_its_replica_promoted_admissions_resume_and_counts_
         .lease(Duration::from_secs(3))
         .timeout(Duration::from_millis(500))
         .mode("closed");
-    let gates = [
-        Gate::start(up.addr, &fleet, None),
-        Gate::start(up.addr, &fleet, None),
-    ];
-    for g in &gates {
-        warm_up(g, || cluster_empty(&cluster, &fleet)).await;
-    }
+    let gates = two_warm_gates(up.addr, &fleet, &cluster).await;
     let all = all_key(&fleet);
     let mut live = open(&gates, 10, &[]).await;
     holds_are(cluster.any(), &all, 10).expect("ten holds");
@@ -422,27 +392,7 @@ async fn a_primary_killed_and_its_replica_promoted_admissions_resume_and_counts_
     for ws in &mut live {
         echo_text(ws, "still here").await;
     }
-    let bound = fleet.timeout + RECONNECT;
-    for g in &gates {
-        let mut ws = None;
-        eventually!(
-            "admissions resume after the failover",
-            bound.saturating_sub(promoted.elapsed()) + PROBE_SLACK,
-            match g.upgrade(&[]).await {
-                Ok(w) => {
-                    ws = Some(w);
-                    Ok(())
-                }
-                Err(e) => Err(format!("{e:?}")),
-            }
-        );
-        println!(
-            "{}: admitting {:?} after the promotion",
-            g.proxy,
-            promoted.elapsed()
-        );
-        live.push(ws.expect("admitted"));
-    }
+    admissions_resume(&gates, promoted, fleet.timeout + RECONNECT, &mut live).await;
 
     tokio::time::sleep(fleet.renewal() + PROBE_SLACK).await;
     cluster.wait_state_ok(CLUSTER_DEADLINE);
@@ -457,5 +407,5 @@ async fn a_primary_killed_and_its_replica_promoted_admissions_resume_and_counts_
     live.extend(admitted);
     holds_are(cluster.any(), &all, 30).expect("the cap");
     close_all(live).await;
-    settle(&[&gates[0], &gates[1]], || cluster_empty(&cluster, &fleet)).await;
+    settle_until(&[&gates[0], &gates[1]], || cluster_empty(&cluster, &fleet)).await;
 }

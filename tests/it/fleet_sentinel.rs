@@ -9,8 +9,8 @@
 
 use std::time::Duration;
 
-use crate::fleet::{close_all, eventually, Fleet, Gate};
-use crate::fleet_cluster::{all_key, holds_are, settle, warm_up};
+use crate::fleet::{admissions_resume, close_all, settle_until, warm_up_until, Fleet, Gate};
+use crate::fleet_cluster::{all_key, holds_are};
 use crate::support::*;
 use tokio::time::Instant;
 
@@ -46,30 +46,6 @@ fn wait_primary(s: &RedisSentinel, port: u16) {
     });
 }
 
-/// Every instance admits again within `bound`: one new connection each.
-async fn admissions_resume(gates: &[Gate], since: Instant, bound: Duration, live: &mut Vec<Ws>) {
-    for g in gates {
-        let mut ws = None;
-        eventually!(
-            "admissions resume after the failover",
-            bound.saturating_sub(since.elapsed()) + PROBE_SLACK,
-            match g.upgrade(&[]).await {
-                Ok(w) => {
-                    ws = Some(w);
-                    Ok(())
-                }
-                Err(e) => Err(format!("{e:?}")),
-            }
-        );
-        println!(
-            "{}: admitting {:?} after the promotion",
-            g.proxy,
-            since.elapsed()
-        );
-        live.push(ws.expect("admitted"));
-    }
-}
-
 /// The primary is SIGKILLed; the sentinel promotes the replica; both
 /// instances follow without a restart (admissions resume within
 /// `fleet_timeout` + 2 s of the promotion; existing connections stay) and
@@ -93,7 +69,7 @@ async fn a_sentinel_failover_is_followed_and_readonly_never_sticks() {
         Gate::start(up.addr, &fleet, None),
     ];
     for g in &gates {
-        warm_up(g, || empty(&s, &fleet)).await;
+        warm_up_until(g, || empty(&s, &fleet)).await;
     }
     let all = all_key(&fleet);
     let mut live = Vec::new();
@@ -174,5 +150,5 @@ async fn a_sentinel_failover_is_followed_and_readonly_never_sticks() {
     assert!(refused.iter().all(|e| e.0 == 503), "{refused:?}");
     holds_are(primary(&s), &all, 30).expect("the cap");
     close_all(live).await;
-    settle(&[&gates[0], &gates[1]], || empty(&s, &fleet)).await;
+    settle_until(&[&gates[0], &gates[1]], || empty(&s, &fleet)).await;
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::support::watched::{outcomes, wait_closes, watch_all};
+use crate::support::watched::{open_in_order, outcomes, wait_closes, watch_all};
 use crate::support::*;
 use tokio::time::Instant;
 
@@ -38,19 +38,6 @@ fn instance(
     ];
     env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
     tokio::task::block_in_place(|| GateProcess::proxy(upstream, &env, None))
-}
-
-/// `n` clients connected one after the other (so their ages are in order).
-async fn open(proxy: SocketAddr, n: usize) -> Vec<Ws> {
-    let mut v = Vec::with_capacity(n);
-    for i in 0..n {
-        v.push(
-            within("connect", connect(&format!("ws://{proxy}/")))
-                .await
-                .unwrap_or_else(|e| panic!("client {i} not admitted: {e}")),
-        );
-    }
-    v
 }
 
 /// Polls `/readyz` until its body is `body`; fails after [`DEADLINE`].
@@ -88,7 +75,7 @@ async fn a_full_instance_sheds_its_excess_oldest_first_after_a_scale_out() {
     let redis = RedisServer::start();
     let up = spawn_echo_upstream().await;
     let (gate_a, proxy_a, admin_a) = instance(up.addr, &redis, "scale", "a", &[]);
-    let held = open(proxy_a, 30).await;
+    let held = open_in_order(proxy_a, 30).await;
     // Alone, it is balanced whatever it holds.
     wait_metric(admin_a, "wsgate_fleet_mean", 30.0).await;
     assert_eq!(metric(admin_a, INSTANCES).await, 1.0);
@@ -127,7 +114,7 @@ async fn a_full_instance_sheds_its_excess_oldest_first_after_a_scale_out() {
     );
     wait_metric(admin_a, "wsgate_connections_active", 15.0).await;
     // The shed clients reconnect elsewhere; then the fleet is even and stays so.
-    let moved = open(proxy_b, 15).await;
+    let moved = open_in_order(proxy_b, 15).await;
     for (_, ws) in open_left.iter_mut().take(3) {
         echo_text(ws, "still here").await;
     }
@@ -145,12 +132,12 @@ async fn a_spike_shorter_than_rebalance_after_sheds_nothing() {
     let wait = [("WSGATE_REBALANCE_AFTER", "4s")];
     let (_a, proxy_a, admin_a) = instance(up.addr, &redis, "spike", "a", &wait);
     let (_b, proxy_b, admin_b) = instance(up.addr, &redis, "spike", "b", &wait);
-    let base_a = open(proxy_a, 10).await;
-    let base_b = open(proxy_b, 10).await;
+    let base_a = open_in_order(proxy_a, 10).await;
+    let base_b = open_in_order(proxy_b, 10).await;
     wait_metric(admin_a, INSTANCES, 2.0).await;
     wait_metric(admin_a, "wsgate_fleet_mean", 10.0).await;
     // 20 against 10 for 2 s: far above the tolerance, but not for long.
-    let spike = open(proxy_a, 10).await;
+    let spike = open_in_order(proxy_a, 10).await;
     wait_metric(admin_b, "wsgate_fleet_mean", 15.0).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     drop(spike);
@@ -168,7 +155,7 @@ async fn redis_killed_mid_shed_stops_the_shed_and_nothing_else_breaks() {
     let up = spawn_echo_upstream().await;
     let slow = [("WSGATE_REBALANCE_PERIOD", "20s")];
     let (_a, proxy_a, admin_a) = instance(up.addr, &redis, "outage", "a", &slow);
-    let held = open(proxy_a, 40).await;
+    let held = open_in_order(proxy_a, 40).await;
     let closes = Arc::new(AtomicUsize::new(0));
     let watched = watch_all(held, Instant::now(), &closes);
     let (_b, _proxy_b, admin_b) = instance(up.addr, &redis, "outage", "b", &slow);

@@ -2,6 +2,7 @@
 //! came, with which code and reason, or the client back when it did not
 //! (the operator drain's and the rebalancing tests).
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{within, Ws, DEADLINE};
+use super::{connect, within, Ws, DEADLINE};
 
 /// How a watched client ended up.
 #[derive(Debug)]
@@ -124,4 +125,18 @@ pub async fn wait_closes(closes: &AtomicUsize, want: usize) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// `n` clients connected to `proxy` one after the other, so their ages are
+/// in order (the drains close the oldest first).
+pub async fn open_in_order(proxy: SocketAddr, n: usize) -> Vec<Ws> {
+    let mut v = Vec::with_capacity(n);
+    for i in 0..n {
+        v.push(
+            within("connect", connect(&format!("ws://{proxy}/")))
+                .await
+                .unwrap_or_else(|e| panic!("client {i} not admitted: {e}")),
+        );
+    }
+    v
 }
