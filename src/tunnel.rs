@@ -350,34 +350,25 @@ pub(crate) fn run(
         let metrics = &ctx.metrics.splice;
         // One copy of the splice per kind of upstream socket, picked here
         // once (see `splice::Socket`).
-        let pings = &metrics.pings_sent;
+        // A macro, not a generic `async fn`: a wrapper future would add its
+        // own state to every connection's splice.
+        macro_rules! splice_over {
+            ($stream:expr) => {
+                splice::splice(
+                    client_side,
+                    upstream_side($stream, upstream_leftover, metrics),
+                    ctx.limits,
+                    guards,
+                    &metrics.pings_sent,
+                    stop,
+                    abort,
+                )
+                .await
+            };
+        }
         let outcome = match &upstream {
-            UpstreamIo::Tcp(stream) => {
-                let upstream_side = upstream_side(stream, upstream_leftover, metrics);
-                splice::splice(
-                    client_side,
-                    upstream_side,
-                    ctx.limits,
-                    guards,
-                    pings,
-                    stop,
-                    abort,
-                )
-                .await
-            }
-            UpstreamIo::Unix(stream) => {
-                let upstream_side = upstream_side(stream, upstream_leftover, metrics);
-                splice::splice(
-                    client_side,
-                    upstream_side,
-                    ctx.limits,
-                    guards,
-                    pings,
-                    stop,
-                    abort,
-                )
-                .await
-            }
+            UpstreamIo::Tcp(stream) => splice_over!(stream),
+            UpstreamIo::Unix(stream) => splice_over!(stream),
         };
         drop(registration);
         let Outcome {

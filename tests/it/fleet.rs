@@ -340,6 +340,23 @@ pub(crate) async fn warm_up_until(gate: &Gate, empty: impl Fn() -> Result<(), St
     wait_metric(gate.admin, "wsgate_fleet_up", 1.0).await;
 }
 
+/// Two instances of `fleet` in front of `upstream`, each warmed up
+/// ([`warm_up_until`] with `empty`).
+pub(crate) async fn two_warm_gates(
+    upstream: SocketAddr,
+    fleet: &Fleet,
+    empty: impl Fn() -> Result<(), String>,
+) -> [Gate; 2] {
+    let gates = [
+        Gate::start(upstream, fleet, None),
+        Gate::start(upstream, fleet, None),
+    ];
+    for g in &gates {
+        warm_up_until(g, &empty).await;
+    }
+    gates
+}
+
 /// Waits (bounded) until every one of `gates` is idle and Redis holds
 /// nothing for the namespace.
 async fn settle(gates: &[&Gate], fleet: &Fleet, redis: &RedisServer) {

@@ -11,8 +11,8 @@
 use std::time::Duration;
 
 use crate::fleet::{
-    admissions_resume, close_all, eventually, raise_nofile, settle_until, sum, warm_up_until,
-    Fleet, Gate,
+    admissions_resume, close_all, eventually, raise_nofile, settle_until, sum, two_warm_gates,
+    warm_up_until, Fleet, Gate,
 };
 use crate::support::*;
 use tokio::time::Instant;
@@ -44,22 +44,6 @@ pub(crate) fn holds_are(reader: &RedisServer, key: &str, n: u64) -> Result<(), S
         (Ok(all), live) if all == n.to_string() && live == n => Ok(()),
         (all, live) => Err(format!("{key}: ZCARD {all:?}, unexpired {live}, want {n}")),
     }
-}
-
-/// Two instances of `fleet` in front of `upstream`, each warmed up.
-async fn two_warm_gates(
-    upstream: std::net::SocketAddr,
-    fleet: &Fleet,
-    cluster: &RedisCluster,
-) -> [Gate; 2] {
-    let gates = [
-        Gate::start(upstream, fleet, None),
-        Gate::start(upstream, fleet, None),
-    ];
-    for g in &gates {
-        warm_up_until(g, || cluster_empty(cluster, fleet)).await;
-    }
-    gates
 }
 
 /// `Ok` when no primary of the cluster holds a key of the namespace.
@@ -282,7 +266,7 @@ async fn a_slot_migrated_under_load_admissions_resume_and_the_count_is_exact() {
         .lease(Duration::from_secs(3))
         .timeout(Duration::from_millis(900))
         .mode("closed");
-    let gates = two_warm_gates(up.addr, &fleet, &cluster).await;
+    let gates = two_warm_gates(up.addr, &fleet, || cluster_empty(&cluster, &fleet)).await;
     let all = all_key(&fleet);
     let mut live = open(&gates, 20, &[]).await;
     let slot = cluster.slot(&all);
@@ -352,7 +336,7 @@ async fn a_primary_killed_and_its_replica_promoted_admissions_resume_and_counts_
         .lease(Duration::from_secs(3))
         .timeout(Duration::from_millis(500))
         .mode("closed");
-    let gates = two_warm_gates(up.addr, &fleet, &cluster).await;
+    let gates = two_warm_gates(up.addr, &fleet, || cluster_empty(&cluster, &fleet)).await;
     let all = all_key(&fleet);
     let mut live = open(&gates, 10, &[]).await;
     holds_are(cluster.any(), &all, 10).expect("ten holds");

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use crate::fleet::{admissions_resume, close_all, settle_until, warm_up_until, Fleet, Gate};
+use crate::fleet::{admissions_resume, close_all, settle_until, two_warm_gates, Fleet};
 use crate::fleet_cluster::{all_key, holds_are};
 use crate::support::*;
 use tokio::time::Instant;
@@ -64,13 +64,7 @@ async fn a_sentinel_failover_is_followed_and_readonly_never_sticks() {
         .lease(Duration::from_secs(3))
         .timeout(Duration::from_millis(500))
         .mode("closed");
-    let gates = [
-        Gate::start(up.addr, &fleet, None),
-        Gate::start(up.addr, &fleet, None),
-    ];
-    for g in &gates {
-        warm_up_until(g, || empty(&s, &fleet)).await;
-    }
+    let gates = two_warm_gates(up.addr, &fleet, || empty(&s, &fleet)).await;
     let all = all_key(&fleet);
     let mut live = Vec::new();
     for i in 0..10 {
