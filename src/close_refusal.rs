@@ -18,13 +18,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::RejectReason;
 use crate::frames::{CloseFrame, CloseWatch};
+use crate::tunnel::ClientLeg;
 
 /// RFC 6455 §7.4.1: Try Again Later.
 const TRY_AGAIN_LATER: u16 = 1013;
@@ -105,7 +104,7 @@ impl CloseRefusals {
 /// cannot hold the shutdown beyond the grace. `place` lives as long as the
 /// socket.
 pub(crate) async fn run(
-    client_upgrade: OnUpgrade,
+    client: ClientLeg,
     secs: u64,
     timeout: Duration,
     place: Place,
@@ -113,15 +112,18 @@ pub(crate) async fn run(
 ) {
     let exchange = async {
         // The client vanished before its 101 went out: nothing to close.
-        let Ok(upgraded) = client_upgrade.await else {
+        let Some((mut io, read)) = client.ready().await else {
             return;
         };
-        let mut io = TokioIo::new(upgraded);
         let frame = CloseFrame::unmasked(TRY_AGAIN_LATER, format_args!("retry after {secs} s"));
         if io.write_all(frame.as_bytes()).await.is_err() {
             return;
         }
         let mut watch = CloseWatch::default();
+        // What the client sent right after its request head comes first.
+        if watch.feed(&read) {
+            return;
+        }
         let mut buf = [0u8; DISCARD_BUFFER];
         loop {
             match io.read(&mut buf).await {

@@ -232,8 +232,7 @@ fn is_usual_connection_token(token: &str) -> bool {
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // `upgrade` and `keep-alive` name headers that go below anyway:
     // skipping them keeps this allocation-free for an ordinary upgrade.
-    let named: Vec<HeaderName> = tokens(headers, &header::CONNECTION)
-        .filter(|t| !is_protected(t) && !is_usual_connection_token(t))
+    let named: Vec<HeaderName> = connection_nominated(headers)
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for name in named {
@@ -327,23 +326,109 @@ fn parse_forwarded_address(entry: &str) -> Option<IpAddr> {
         .or_else(|| entry.strip_prefix('[')?.strip_suffix(']')?.parse().ok())
 }
 
-/// Rewrites a validated WebSocket request's headers for the upstream:
-/// hop-by-hop removed, the upgrade pair re-added, `X-Forwarded-*` set, and a
-/// `Host` supplied if the client sent none.
-pub(crate) fn upstream_upgrade_headers(
-    headers: &mut HeaderMap,
+/// Writes the header lines of an admitted upgrade as they go to the
+/// upstream, straight from the client's `headers` (nothing is copied into
+/// a new map): hop-by-hop headers, those `Connection` names (except
+/// protected ones) and `Upgrade` are left out; then the upgrade pair, a
+/// `Host` (`upstream_authority`) if the client sent none, `X-Forwarded-*`
+/// for this hop (see [`set_forwarded`]), `protocols` as the one
+/// `Sec-WebSocket-Protocol` when the policy rewrote the offer (`Some`), and
+/// `via` after any `Via` lines the client sent.
+pub(crate) fn write_upstream_upgrade(
+    out: &mut Vec<u8>,
+    headers: &HeaderMap,
     peer: IpAddr,
     upstream_authority: &str,
+    protocols: Option<&[String]>,
+    via: &HeaderValue,
 ) {
-    strip_hop_by_hop(headers);
-    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    if !headers.contains_key(header::HOST) {
-        if let Ok(v) = HeaderValue::from_str(upstream_authority) {
-            headers.insert(header::HOST, v);
+    let nominated: Vec<&str> = connection_nominated(headers).collect();
+    for (name, value) in headers {
+        let dropped = HOP_BY_HOP.contains(name)
+            || name == header::UPGRADE
+            || name == X_FORWARDED_FOR
+            || name == X_FORWARDED_PROTO
+            || name == X_FORWARDED_HOST
+            || (protocols.is_some() && name == header::SEC_WEBSOCKET_PROTOCOL)
+            || nominated
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(name.as_str()));
+        if !dropped {
+            line(out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
-    set_forwarded(headers, peer);
+    line(out, b"connection", b"upgrade");
+    line(out, b"upgrade", b"websocket");
+    let host = match headers.get(header::HOST) {
+        Some(host) => Some(host.as_bytes()),
+        None => HeaderValue::from_str(upstream_authority).ok().map(|_| {
+            line(out, b"host", upstream_authority.as_bytes());
+            upstream_authority.as_bytes()
+        }),
+    };
+    // X-Forwarded-For: what the client sent (entries that are text), then the peer.
+    out.extend_from_slice(b"x-forwarded-for: ");
+    for v in headers.get_all(&X_FORWARDED_FOR) {
+        if let Ok(text) = v.to_str() {
+            let text = text.trim();
+            if !text.is_empty() {
+                out.extend_from_slice(text.as_bytes());
+                out.extend_from_slice(b", ");
+            }
+        }
+    }
+    push_ip(out, peer);
+    out.extend_from_slice(b"\r\n");
+    line(out, b"x-forwarded-proto", b"http");
+    if let Some(host) = host {
+        line(out, b"x-forwarded-host", host);
+    }
+    if let Some(kept) = protocols.filter(|k| !k.is_empty()) {
+        out.extend_from_slice(b"sec-websocket-protocol: ");
+        for (i, p) in kept.iter().enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b", ");
+            }
+            out.extend_from_slice(p.as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    line(out, b"via", via.as_bytes());
+}
+
+/// One header line. Header values cannot hold CR or LF (`HeaderValue`
+/// refuses them), so nothing a client sent can split the head.
+fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// An address as text: IPv4 without `core::fmt` (every upgrade writes one).
+fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(itoa::Buffer::new().format(octet).as_bytes());
+            }
+        }
+        IpAddr::V6(_) => {
+            use std::io::Write as _;
+            let _ = write!(out, "{ip}");
+        }
+    }
+}
+
+/// The header names a request's `Connection` nominates for removal, but
+/// neither protected ones nor the usual `upgrade` and `keep-alive` (which
+/// name headers removed anyway).
+fn connection_nominated(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    tokens(headers, &header::CONNECTION)
+        .filter(|t| !is_protected(t) && !is_usual_connection_token(t))
 }
 
 /// Rewrites the upstream's 101 headers for the client: hop-by-hop removed,
@@ -507,7 +592,7 @@ mod tests {
             HeaderValue::from_static("Basic x"),
         );
         h.insert("x-kept", HeaderValue::from_static("yes"));
-        upstream_upgrade_headers(&mut h, "10.0.0.9".parse().expect("ip"), "up:1");
+        let h = upstream_view(&h, "10.0.0.9", None);
         assert!(!h.contains_key("x-secret"));
         assert!(!h.contains_key("keep-alive"));
         assert!(!h.contains_key(header::TE));
@@ -523,16 +608,76 @@ mod tests {
         assert_eq!(h[header::UPGRADE], "websocket");
     }
 
+    /// The header lines `write_upstream_upgrade` writes, read back.
+    fn upstream_view(h: &HeaderMap, peer: &str, protocols: Option<&[String]>) -> HeaderMap {
+        let mut out = b"GET / HTTP/1.1\r\n".to_vec();
+        let via = HeaderValue::from_static("1.1 wsgate-test");
+        write_upstream_upgrade(
+            &mut out,
+            h,
+            peer.parse().expect("ip"),
+            "up:1",
+            protocols,
+            &via,
+        );
+        out.extend_from_slice(b"\r\n");
+        let mut slots = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut slots);
+        assert!(req.parse(&out).expect("parses").is_complete());
+        let mut back = HeaderMap::new();
+        for l in req.headers.iter() {
+            back.append(
+                HeaderName::from_bytes(l.name.as_bytes()).expect("name"),
+                HeaderValue::from_bytes(l.value).expect("value"),
+            );
+        }
+        back
+    }
+
+    #[test]
+    fn the_upstream_gets_host_forwarded_headers_one_offer_and_via_last() {
+        let mut h = ws_headers();
+        h.remove(header::HOST);
+        h.append(header::VIA, HeaderValue::from_static("1.1 front"));
+        h.append(&X_FORWARDED_HOST, HeaderValue::from_static("spoofed"));
+        h.append(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("a, b"),
+        );
+        let kept = ["b".to_owned(), "c".to_owned()];
+        let up = upstream_view(&h, "::1", Some(&kept));
+        assert_eq!(up[header::HOST], "up:1", "the upstream's authority");
+        assert_eq!(up[&X_FORWARDED_HOST], "up:1");
+        assert_eq!(up[&X_FORWARDED_FOR], "::1");
+        let protocols: Vec<_> = up.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter().collect();
+        assert_eq!(protocols, ["b, c"]);
+        let via: Vec<_> = up.get_all(header::VIA).iter().collect();
+        assert_eq!(
+            via,
+            ["1.1 front", "1.1 wsgate-test"],
+            "ours after the client's"
+        );
+        // The offer as the client made it, when the policy left it alone.
+        let up = upstream_view(&h, "10.1.2.3", None);
+        assert_eq!(up[header::SEC_WEBSOCKET_PROTOCOL], "a, b");
+        assert_eq!(up[&X_FORWARDED_FOR], "10.1.2.3");
+    }
+
     #[test]
     fn forwarded_for_is_appended_not_trusted() {
         let mut h = ws_headers();
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("5.6.7.8"));
         h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("gopher"));
+        let up = upstream_view(&h, "::1", None);
         set_forwarded(&mut h, "::1".parse().expect("ip"));
         assert_eq!(h[&X_FORWARDED_FOR], "1.2.3.4, 5.6.7.8, ::1");
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
         assert_eq!(h[&X_FORWARDED_HOST], "example.com");
+        for name in [&X_FORWARDED_FOR, &X_FORWARDED_PROTO, &X_FORWARDED_HOST] {
+            assert_eq!(up.get_all(name).iter().count(), 1, "{name}");
+            assert_eq!(up[name], h[name], "the upgrade path says the same: {name}");
+        }
     }
 
     #[test]

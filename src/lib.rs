@@ -11,7 +11,8 @@
 //!
 //! | module | holds |
 //! | --- | --- |
-//! | `server` | the accept loop and per-connection HTTP/1 serving |
+//! | `server` | the accept loop; per connection, the fast path for an upgrade or hyper's HTTP/1 server |
+//! | `first_head` | the first request head read and parsed: an upgrade takes the fast path, anything else is replayed to hyper |
 //! | `tcp` | socket options: `TCP_NODELAY`, keepalive, `TCP_USER_TIMEOUT` |
 //! | `proxy` | the request handler: classify, call the admission pipeline once, forward the upgrade or the plain request |
 //! | `plain_cap` | `max_plain_requests`: the places of plain requests in flight, held by their bodies |
@@ -63,6 +64,7 @@ pub mod demo;
 pub(crate) mod drain;
 pub(crate) mod error;
 pub(crate) mod file_watch;
+pub(crate) mod first_head;
 pub(crate) mod fleet;
 pub(crate) mod frames;
 pub(crate) mod headers;

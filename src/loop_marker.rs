@@ -64,12 +64,16 @@ impl LoopMarker {
     /// there (a field line of its own, which RFC 9110 §5.3 reads as the
     /// same list). `version` is the protocol the request was received with.
     pub(crate) fn add(&self, headers: &mut HeaderMap, version: Version) {
-        let value = if version == Version::HTTP_10 {
+        headers.append(header::VIA, self.value(version).clone());
+    }
+
+    /// This process's `Via` entry for a request received with `version`.
+    pub(crate) fn value(&self, version: Version) -> &HeaderValue {
+        if version == Version::HTTP_10 {
             &self.http10
         } else {
             &self.http11
-        };
-        headers.append(header::VIA, value.clone());
+        }
     }
 
     /// Whether a `Via` entry of `headers` names this process.

@@ -15,19 +15,25 @@ use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::access_log::{Refusal, Refusals, SessionInfo};
-use crate::admission::{Admission, Admitted, Candidate, RejectReason, Rejection};
+use crate::admission::{Admission, AdmissionGuard, Admitted, Candidate, RejectReason, Rejection};
 use crate::body_timeout::{BodyStalled, TimedBody};
 use crate::close_refusal::{self, CloseRefusals};
 use crate::config::{Config, RefusalMode};
 use crate::drain::Tunnels;
 use crate::error::{ProxyError, UpstreamErrorKind};
+use crate::first_head::{Replayed, UpgradeHead};
 use crate::headers::{self, RequestKind};
 use crate::loop_marker::LoopMarker;
 use crate::metrics::{labels, Family, Label, Registrar};
@@ -38,7 +44,7 @@ use crate::splice::{Limits, PingSettings};
 use crate::subprotocols;
 use crate::target;
 use crate::throttle::Throttle;
-use crate::tunnel::{self, Answer, TunnelContext, TunnelMetrics};
+use crate::tunnel::{self, Answer, ClientLeg, TunnelContext, TunnelMetrics, UpstreamIo};
 use crate::upstream_client::UpstreamClient;
 
 labels! {
@@ -262,13 +268,18 @@ impl Proxy {
             return Ok(resp);
         }
         let resp = match headers::classify(req.method(), req.version(), req.headers()) {
-            Ok(RequestKind::WebSocket) => match self.upgrade(req, peer, &config).await {
-                Ok(resp) => resp,
-                Err(e) => {
-                    self.count_failure(&e, peer);
-                    e.answer(retry_after(&config)).into_response()
+            Ok(RequestKind::WebSocket) => {
+                let mut req = req;
+                let on_upgrade = hyper::upgrade::on(&mut req);
+                let (head, _empty_body) = req.into_parts();
+                match self.decide(head, peer, &config).await {
+                    Ok(decision) => self.said_by_hyper(decision, on_upgrade),
+                    Err(e) => {
+                        self.count_failure(&e, peer);
+                        e.answer(retry_after(&config)).into_response()
+                    }
                 }
-            },
+            }
             Ok(RequestKind::Plain) => self.forward(req, peer).await,
             Err(e) => {
                 let e = ProxyError::BadHandshake(e);
@@ -322,14 +333,159 @@ impl Proxy {
         self.inner.refusals.count(Refusal::Upstream(kind));
     }
 
-    async fn upgrade(
+    /// Says a decision through hyper's server: the response it writes, and
+    /// the tunnel or close-mode refusal spawned to take the socket once
+    /// hyper has handed it over.
+    fn said_by_hyper(&self, decision: Decision, on_upgrade: OnUpgrade) -> Response<ProxyBody> {
+        let tracker = self.inner.shutdown.tracker();
+        match decision {
+            Decision::Switch { head, tunnel } => {
+                let Pending {
+                    upstream,
+                    leftover,
+                    guard,
+                    ctx,
+                } = *tunnel;
+                tracker.spawn(tunnel::run(
+                    ClientLeg::Hyper(on_upgrade),
+                    upstream,
+                    leftover,
+                    guard,
+                    ctx,
+                ));
+                Response::from_parts(head, responses::body(Bytes::new()))
+            }
+            Decision::CloseRefusal { response, refusal } => {
+                tracker.spawn(refusal.run(ClientLeg::Hyper(on_upgrade)));
+                response
+            }
+            Decision::Upstream(response) => response,
+        }
+    }
+
+    /// The fast path (`crate::first_head`): judges the upgrade whose head
+    /// is `first`, writes the answer on `stream` itself, and runs what
+    /// follows on this task: the tunnel, or a close-mode refusal. Only the
+    /// upstream's own answer to a declined upgrade, whose body may come in
+    /// any framing, is written by hyper (its server reads the head again).
+    pub(crate) async fn upgrade_on(
         &self,
-        mut req: Request<Incoming>,
+        mut stream: TcpStream,
+        first: UpgradeHead,
+        peer: SocketAddr,
+    ) {
+        let UpgradeHead {
+            head,
+            read,
+            head_len,
+        } = first;
+        let config = self.config();
+        // Boxed: the decision's state (admission, the upstream handshake)
+        // must not be part of the task while the tunnel runs in it.
+        let mut deciding = Box::pin(self.decide(head, peer, &config));
+        // The client is watched meanwhile: one that leaves (FIN, reset)
+        // drops the decision, which gives back whatever it holds, at once.
+        // What it sends early is kept for the splice, up to a limit.
+        let mut early = BytesMut::new();
+        let decided = loop {
+            tokio::select! {
+                d = &mut deciding => break d,
+                // The end of the grace: as hyper's connections, cut now.
+                () = self.inner.shutdown.stopped() => return,
+                r = stream.read_buf(&mut early), if early.len() < MAX_EARLY_BYTES => match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                },
+            }
+        };
+        let rest = if early.is_empty() {
+            read.slice(head_len..)
+        } else {
+            [&read[head_len..], &early[..]].concat().into()
+        };
+        match decided {
+            Ok(Decision::Switch { head, tunnel }) => {
+                let Pending {
+                    upstream,
+                    leftover,
+                    guard,
+                    ctx,
+                } = *tunnel;
+                // The tunnel writes the 101: its session starts before.
+                let client = ClientLeg::Own {
+                    stream,
+                    answer: responses::encode_head(head.status, &head.headers),
+                    read: rest,
+                };
+                tunnel::run(client, upstream, leftover, guard, ctx).await;
+            }
+            Ok(Decision::CloseRefusal { response, refusal }) => {
+                let client = ClientLeg::Own {
+                    stream,
+                    answer: responses::encode_head(response.status(), response.headers()),
+                    read: rest,
+                };
+                refusal.run(client).await;
+            }
+            Ok(Decision::Upstream(response)) => {
+                self.replay_answer(stream, read, response, peer).await;
+            }
+            Err(e) => {
+                self.count_failure(&e, peer);
+                let answer = e.answer(retry_after(&config)).encode();
+                // The connection ends here: what the client sends next may
+                // be frames, never a request.
+                if stream.write_all(&answer).await.is_ok() {
+                    let _ = stream.shutdown().await;
+                }
+            }
+        }
+    }
+
+    /// Writes `response` (the upstream's answer to a declined upgrade, body
+    /// streaming) with hyper's server, which reads the request head again
+    /// from `read` and answers it with `response`; the connection closes.
+    async fn replay_answer(
+        &self,
+        stream: TcpStream,
+        read: Bytes,
+        response: Response<ProxyBody>,
+        peer: SocketAddr,
+    ) {
+        let once = std::sync::Mutex::new(Some(response));
+        let service = service_fn(move |_req: Request<Incoming>| {
+            let response = once
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take()
+                .unwrap_or_else(|| ProxyError::Loop.answer(0).into_response());
+            std::future::ready(Ok::<_, Infallible>(response))
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(Replayed::new(read, stream)), service);
+        let result = tokio::select! {
+            r = conn => r,
+            () = self.inner.shutdown.stopped() => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "passing on the upstream's answer failed");
+        }
+    }
+
+    /// Judges an upgrade (`head`: method, target, version, headers) and,
+    /// if admitted, forwards it: the 101 to send and the tunnel to run
+    /// after it, a close-mode refusal, or the upstream's own answer.
+    ///
+    /// # Errors
+    /// Every refusal and upstream failure, which the caller answers.
+    async fn decide(
+        &self,
+        head: http::request::Parts,
         peer: SocketAddr,
         config: &Config,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+    ) -> Result<Decision, ProxyError> {
         let inner = &*self.inner;
-        let client = headers::client_address(req.headers(), peer.ip(), config.trusted_hops)
+        let client = headers::client_address(&head.headers, peer.ip(), config.trusted_hops)
             .unwrap_or_else(|_| {
                 if let Some(more) = inner.unreadable_forwarded_for.occurred() {
                     tracing::warn!(
@@ -345,8 +501,8 @@ impl Proxy {
         let candidate = Candidate {
             peer,
             client,
-            headers: req.headers(),
-            uri: req.uri(),
+            headers: &head.headers,
+            uri: &head.uri,
         };
         let Admitted {
             guard,
@@ -354,7 +510,7 @@ impl Proxy {
             offer,
         } = match inner.admission.admit(config, candidate).await {
             Ok(admitted) => admitted,
-            Err(rejection) => return self.refuse(req, peer, config, rejection),
+            Err(rejection) => return self.refuse(&head.headers, peer, config, rejection),
         };
         // Taken now, before the head goes to the upstream; completed with
         // the upstream's subprotocol below.
@@ -368,30 +524,24 @@ impl Proxy {
             })
         });
 
-        let client_upgrade = hyper::upgrade::on(&mut req);
-        let (mut parts, _empty_body) = req.into_parts();
-        let key = parts
-            .headers
-            .get(header::SEC_WEBSOCKET_KEY)
-            .cloned()
-            .ok_or(ProxyError::BadHandshake(headers::HandshakeError::Key))?;
-        headers::upstream_upgrade_headers(
-            &mut parts.headers,
+        // The request head the upstream gets, written straight from the
+        // client's: the target the rules judged (path normalised, never the
+        // raw one), this hop's headers.
+        let target_text = target.path_and_query().map_or("/", |p| p.as_str());
+        let mut request = Vec::with_capacity(512 + target_text.len());
+        request.extend_from_slice(head.method.as_str().as_bytes());
+        request.push(b' ');
+        request.extend_from_slice(target_text.as_bytes());
+        request.extend_from_slice(b" HTTP/1.1\r\n");
+        headers::write_upstream_upgrade(
+            &mut request,
+            &head.headers,
             peer.ip(),
             &config.upstream.authority,
+            offer.rewritten(),
+            LoopMarker::of_this_process().value(head.version),
         );
-        subprotocols::rewrite(&mut parts.headers, &offer);
-        // What the upstream was offered: its 101 may select only one of these.
-        let mut offered = http::HeaderMap::new();
-        for v in parts.headers.get_all(header::SEC_WEBSOCKET_PROTOCOL) {
-            offered.append(header::SEC_WEBSOCKET_PROTOCOL, v.clone());
-        }
-        LoopMarker::of_this_process().add(&mut parts.headers, parts.version);
-        let mut upstream_req = Request::new(Empty::<Bytes>::new());
-        *upstream_req.method_mut() = parts.method;
-        // The target the rules judged, path normalised: never the raw one.
-        *upstream_req.uri_mut() = target;
-        *upstream_req.headers_mut() = parts.headers;
+        request.extend_from_slice(b"\r\n");
 
         let timeout = config.upstream_connect_timeout;
         let answer = tokio::time::timeout(
@@ -399,7 +549,7 @@ impl Proxy {
             tunnel::handshake(
                 &config.upstream,
                 config.tcp_keepalive,
-                upstream_req,
+                &request,
                 &inner.shutdown,
             ),
         )
@@ -422,21 +572,31 @@ impl Proxy {
                 // frames after its upgrade request, so this connection ends.
                 head.headers
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                Ok(Response::from_parts(head, body.boxed()))
+                Ok(Decision::Upstream(Response::from_parts(head, body.boxed())))
             }
-            Answer::Switching { head, io, leftover } => {
-                if !headers::accept_matches(head.headers(), &key) {
+            Answer::Switching {
+                head: answer_head,
+                io,
+                leftover,
+            } => {
+                // `classify` let only a request with one valid key get here.
+                let key = head
+                    .headers
+                    .get(header::SEC_WEBSOCKET_KEY)
+                    .ok_or(ProxyError::BadHandshake(headers::HandshakeError::Key))?;
+                if !headers::accept_matches(answer_head.headers(), key) {
                     return Err(ProxyError::UpstreamBadAccept);
                 }
                 // A browser fails such a handshake silently (1006): a 502
                 // says what went wrong. Dropping `io` closes the upstream leg.
-                if !subprotocols::selection_is_offered(head.headers(), &offered) {
+                if !subprotocols::selection_is_offered(answer_head.headers(), &offer, &head.headers)
+                {
                     return Err(ProxyError::UpstreamBadSubprotocol);
                 }
-                let (mut head, ()) = head.into_parts();
-                headers::client_switching_headers(&mut head.headers);
+                let (mut answer_head, ()) = answer_head.into_parts();
+                headers::client_switching_headers(&mut answer_head.headers);
                 let session = session.map(|mut s| {
-                    if let Some(p) = head.headers.get(header::SEC_WEBSOCKET_PROTOCOL) {
+                    if let Some(p) = answer_head.headers.get(header::SEC_WEBSOCKET_PROTOCOL) {
                         s.subprotocol = String::from_utf8_lossy(p.as_bytes()).into();
                     }
                     s
@@ -462,16 +622,17 @@ impl Proxy {
                     peer,
                     session,
                 };
-                // The guard moves into the tracked task: the slot now lives
-                // as long as the spliced connection, not this request.
-                inner.shutdown.tracker().spawn(tunnel::run(
-                    client_upgrade,
-                    io,
-                    leftover,
-                    guard,
-                    ctx,
-                ));
-                Ok(Response::from_parts(head, responses::body(Bytes::new())))
+                // The guard moves into the tunnel: the slot now lives as
+                // long as the spliced connection, not this request.
+                Ok(Decision::Switch {
+                    head: answer_head,
+                    tunnel: Box::new(Pending {
+                        upstream: io,
+                        leftover,
+                        guard,
+                        ctx,
+                    }),
+                })
             }
         }
     }
@@ -483,11 +644,11 @@ impl Proxy {
     /// which `handle` answers with its HTTP status.
     fn refuse(
         &self,
-        mut req: Request<Incoming>,
+        headers: &http::HeaderMap,
         peer: SocketAddr,
         config: &Config,
         rejection: Rejection,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+    ) -> Result<Decision, ProxyError> {
         let inner = &*self.inner;
         let signals = &config.signals;
         let place = (signals.refusal_mode == RefusalMode::Close
@@ -497,7 +658,7 @@ impl Proxy {
         // Only once a place is taken: a status refusal computes nothing more.
         // `classify` let only a request with one valid key get here.
         let Some((place, accept)) = place.and_then(|place| {
-            let key = req.headers().get(header::SEC_WEBSOCKET_KEY)?;
+            let key = headers.get(header::SEC_WEBSOCKET_KEY)?;
             Some((place, headers::accept_header(key)))
         }) else {
             return Err(ProxyError::Rejected(rejection));
@@ -505,19 +666,18 @@ impl Proxy {
         // Counted like any refusal: in the access log's summary (admission
         // counted the metric); it is not a session.
         self.count_failure(&ProxyError::Rejected(rejection), peer);
-        let secs = close_refusal::retry_after(retry_after(config));
-        inner.shutdown.tracker().spawn(close_refusal::run(
-            hyper::upgrade::on(&mut req),
-            secs,
-            config.close.timeout,
-            place,
-            inner.shutdown.stopped_token(),
-        ));
         // One of the client's own offers (never the JWT entry), or a
         // browser fails the handshake and never reads the 1013.
-        let protocol =
-            subprotocols::own_selection(&config.handshake, &config.jwt_from, req.headers());
-        Ok(responses::switching(accept, protocol))
+        let protocol = subprotocols::own_selection(&config.handshake, &config.jwt_from, headers);
+        Ok(Decision::CloseRefusal {
+            response: responses::switching(accept, protocol),
+            refusal: CloseRefusal {
+                secs: close_refusal::retry_after(retry_after(config)),
+                timeout: config.close.timeout,
+                place,
+                stopped: inner.shutdown.stopped_token(),
+            },
+        })
     }
 
     /// Reverse-proxies a plain HTTP request, streaming bodies both ways,
@@ -625,6 +785,52 @@ impl Proxy {
             }
             Err(e) => Err(ProxyError::UpstreamRequest(e.into())),
         }
+    }
+}
+
+/// How much a client may send after its upgrade head before the upgrade is
+/// decided (kept for the splice); past it, the client is no longer read
+/// until then, as a splice stops reading a side that is ahead.
+const MAX_EARLY_BYTES: usize = 64 * 1024;
+
+/// What an upgrade comes to, before it is said on the client's connection
+/// (by hyper's server, or by wsgate itself on the fast path).
+enum Decision {
+    /// The upstream switched: its 101 as the client gets it, and the tunnel
+    /// to run once that is sent.
+    Switch {
+        head: http::response::Parts,
+        tunnel: Box<Pending>,
+    },
+    /// Refused in close mode: wsgate's own 101, then the Close 1013.
+    CloseRefusal {
+        response: Response<ProxyBody>,
+        refusal: CloseRefusal,
+    },
+    /// The upstream declined with its own answer, passed on (body streaming).
+    Upstream(Response<ProxyBody>),
+}
+
+/// An admitted connection whose upstream leg is up: what its tunnel takes.
+struct Pending {
+    upstream: UpstreamIo,
+    /// What the upstream sent right after its 101.
+    leftover: Bytes,
+    guard: AdmissionGuard,
+    ctx: TunnelContext,
+}
+
+/// A close-mode refusal, to run once wsgate's 101 is sent.
+struct CloseRefusal {
+    secs: u64,
+    timeout: Duration,
+    place: close_refusal::Place,
+    stopped: tokio_util::sync::CancellationToken,
+}
+
+impl CloseRefusal {
+    fn run(self, client: ClientLeg) -> impl std::future::Future<Output = ()> {
+        close_refusal::run(client, self.secs, self.timeout, self.place, self.stopped)
     }
 }
 

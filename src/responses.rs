@@ -8,11 +8,18 @@
 //! (the one exception is hyper's own 431 for a request head over 64 KiB).
 //! Bodies are `&'static str`: a refusal under a reconnect
 //! storm allocates nothing but the response head.
+//!
+//! On the fast path (`crate::first_head`) there is no hyper server to write
+//! them, so [`Synthetic::encode`] and [`encode_head`] put them on the wire
+//! as hyper would: lowercase names, `content-length`, and `date` (cached per
+//! second).
 
 use std::convert::Infallible;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 
@@ -87,6 +94,90 @@ impl Synthetic {
         }
         resp
     }
+}
+
+impl Synthetic {
+    /// The whole answer as bytes on the wire, head and body, as hyper writes
+    /// [`Synthetic::into_response`].
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256 + self.text.len());
+        status_line(&mut out, self.status);
+        line(&mut out, "content-type", b"text/plain; charset=utf-8");
+        if self.close {
+            line(&mut out, "connection", b"close");
+        }
+        if let Some(secs) = self.retry_after {
+            line(
+                &mut out,
+                "retry-after",
+                itoa::Buffer::new().format(secs).as_bytes(),
+            );
+        }
+        if let Some(methods) = self.allow {
+            line(&mut out, "allow", methods.as_bytes());
+        }
+        if self.websocket_version {
+            line(&mut out, "sec-websocket-version", b"13");
+        }
+        line(
+            &mut out,
+            "content-length",
+            itoa::Buffer::new().format(self.text.len()).as_bytes(),
+        );
+        date_line(&mut out);
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(self.text.as_bytes());
+        out
+    }
+}
+
+/// A response head with no body (a 101) as bytes on the wire.
+pub(crate) fn encode_head(status: StatusCode, headers: &HeaderMap) -> Vec<u8> {
+    let size = 40
+        + headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    status_line(&mut out, status);
+    for (name, value) in headers {
+        line(&mut out, name.as_str(), value.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+fn status_line(out: &mut Vec<u8>, status: StatusCode) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// One header line. Values are `HeaderValue`s or static text: neither can
+/// hold CR or LF.
+fn line(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `date: <IMF-fixdate>`, formatted once a second per thread.
+fn date_line(out: &mut Vec<u8>) {
+    thread_local! {
+        static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(at, text)| {
+        if *at != secs {
+            *at = secs;
+            *text = httpdate::fmt_http_date(now);
+        }
+        line(out, "date", text.as_bytes());
+    });
 }
 
 /// wsgate's own `101 Switching Protocols` to a WebSocket upgrade (a

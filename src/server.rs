@@ -1,11 +1,14 @@
-//! The accept loop on the client port and the per-connection HTTP/1 server.
+//! The accept loop on the client port, and what serves each connection:
+//! the fast path when its first request is a WebSocket upgrade
+//! (`crate::first_head`, `Proxy::upgrade_on`: the tunnel then runs on the
+//! connection's own task), hyper's HTTP/1 server for anything else.
 //!
 //! Every connection task is spawned on the shutdown tracker. When draining
-//! starts the loop returns, which drops (closes) the listener, and each
-//! connection is told `graceful_shutdown()`: idle keep-alive connections
-//! close, a request in flight finishes. Upgraded connections are not seen
-//! here any more (hyper hands the socket off); their tunnel tasks are tracked
-//! separately.
+//! starts the loop returns, which drops (closes) the listener; a connection
+//! that has sent nothing yet is closed, and each hyper connection is told
+//! `graceful_shutdown()`: idle keep-alive connections close, a request in
+//! flight finishes. Upgrades hyper answered hand their socket to a tunnel
+//! task of their own, tracked too.
 //!
 //! Accept errors such as `EMFILE` (descriptors exhausted) are not a reason to
 //! die or to spin: the loop logs once per interval and backs off, while the
@@ -21,12 +24,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{sleep, Instant};
 
+use crate::first_head::{self, First, Replayed, MAX_HEAD_BYTES};
 use crate::proxy::Proxy;
 use crate::shutdown::Shutdown;
 use crate::tcp;
 
-/// Request heads above this size get 431 (docs/behaviour.md#the-client-port).
-pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// How often a persisting accept error is logged.
 const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
@@ -133,37 +135,69 @@ fn spawn_connection(
     shutdown: &Shutdown,
 ) {
     let proxy = proxy.clone();
+    let builder = builder.clone();
+    let head_timeout = proxy.config().header_read_timeout;
+    let shutdown_for_task = shutdown.clone();
+    shutdown.tracker().spawn(async move {
+        let shutdown = shutdown_for_task;
+        let mut stream = stream;
+        // The first head decides: an upgrade takes wsgate's own path;
+        // everything else is hyper's, from the first byte on.
+        let first = tokio::select! {
+            first = first_head::read(&mut stream, head_timeout, shutdown.draining()) => first,
+            () = shutdown.stopped() => return,
+        };
+        match first {
+            First::Upgrade(head) => {
+                // Not needed by a tunnel: out of the task's state now.
+                drop((builder, shutdown));
+                // Boxed: the tunnel's state is large, and the task's future
+                // is moved by value several times while it is spawned.
+                Box::pin(proxy.upgrade_on(stream, head, peer)).await;
+            }
+            First::Other(read) => {
+                serve_http(Replayed::new(read, stream), peer, &builder, proxy, shutdown).await;
+            }
+            First::Gone => {}
+        }
+    });
+}
+
+/// Serves a connection with hyper's HTTP/1 server until it closes or the
+/// grace ends; its upgrades are handed off by hyper (`Proxy::handle`).
+async fn serve_http(
+    io: Replayed,
+    peer: SocketAddr,
+    builder: &http1::Builder,
+    proxy: Proxy,
+    shutdown: Shutdown,
+) {
     let service = service_fn(move |req| {
         let proxy = proxy.clone();
         async move { proxy.handle(req, peer).await }
     });
-    // Boxed where it is made: the connection (hyper's state and buffers'
-    // bookkeeping, the service) is large, and spawning moves the future it
-    // lives in several times (into the tracker's wrapper, into the task);
-    // behind a box each move copies a pointer, not the connection.
+    // Boxed: the connection (hyper's state and buffers' bookkeeping, the
+    // service) is large, and only connections that are not upgrades on
+    // their first request get one.
     let mut conn = Box::pin(
         builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(TokioIo::new(io), service)
             .with_upgrades(),
     );
-    let shutdown_for_task = shutdown.clone();
-    shutdown.tracker().spawn(async move {
-        let shutdown = shutdown_for_task;
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            () = shutdown.draining() => {
-                // Finish the request in flight, close idle keep-alives now;
-                // the end of the grace cuts whatever is still running.
-                conn.as_mut().graceful_shutdown();
-                tokio::select! {
-                    r = conn.as_mut() => r,
-                    () = shutdown.stopped() => Ok(()),
-                }
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = shutdown.draining() => {
+            // Finish the request in flight, close idle keep-alives now;
+            // the end of the grace cuts whatever is still running.
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = shutdown.stopped() => Ok(()),
             }
-        };
-        if let Err(e) = result {
-            // Client-side trouble (resets, timeouts, garbage) is routine.
-            tracing::debug!(%peer, error = %e, "client connection ended with an error");
         }
-    });
+    };
+    if let Err(e) = result {
+        // Client-side trouble (resets, timeouts, garbage) is routine.
+        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+    }
 }

@@ -76,18 +76,15 @@ pub(crate) fn screen(
     Ok(Forward::Only(kept))
 }
 
-/// Puts the forwarded offer in `headers` (the upstream request's).
-pub(crate) fn rewrite(headers: &mut HeaderMap, forward: &Forward) {
-    let Forward::Only(kept) = forward else {
-        return;
-    };
-    headers.remove(SEC_WEBSOCKET_PROTOCOL);
-    if kept.is_empty() {
-        return;
-    }
-    // Tokens joined by ", " are a valid header value.
-    if let Ok(value) = HeaderValue::from_str(&kept.join(", ")) {
-        headers.insert(SEC_WEBSOCKET_PROTOCOL, value);
+impl Forward {
+    /// The one `Sec-WebSocket-Protocol` value the upstream gets instead of
+    /// the client's, its entries in order (none: no header); `None` when the
+    /// client's go as they are.
+    pub(crate) fn rewritten(&self) -> Option<&[String]> {
+        match self {
+            Forward::AsOffered => None,
+            Forward::Only(kept) => Some(kept),
+        }
     }
 }
 
@@ -125,8 +122,12 @@ pub(crate) fn own_selection(
 }
 
 /// Whether the upstream's 101 (`answer`) selects nothing, or exactly one
-/// of the names in the forwarded request (`forwarded`).
-pub(crate) fn selection_is_offered(answer: &HeaderMap, forwarded: &HeaderMap) -> bool {
+/// of the names it was offered: `forward` of the client's offer in `request`.
+pub(crate) fn selection_is_offered(
+    answer: &HeaderMap,
+    forward: &Forward,
+    request: &HeaderMap,
+) -> bool {
     let mut selected = answer.get_all(SEC_WEBSOCKET_PROTOCOL).iter();
     let Some(first) = selected.next() else {
         return true;
@@ -137,7 +138,11 @@ pub(crate) fn selection_is_offered(answer: &HeaderMap, forwarded: &HeaderMap) ->
     let Ok(name) = first.to_str().map(str::trim) else {
         return false;
     };
-    is_token(name) && offered(forwarded).any(|e| e == Some(name))
+    is_token(name)
+        && match forward {
+            Forward::AsOffered => offered(request).any(|e| e == Some(name)),
+            Forward::Only(kept) => kept.iter().any(|k| k == name),
+        }
 }
 
 #[cfg(test)]
@@ -188,16 +193,9 @@ mod tests {
         let h = headers(&["v2.chat, other", "v1.chat"]);
         let forward = screen(&policy(&["v1.chat", "v2.chat"], false), &token_source(), &h);
         assert_eq!(forward, Ok(only(&["v2.chat", "v1.chat"])));
-        let mut out = h;
-        rewrite(&mut out, &only(&["v2.chat", "v1.chat"]));
-        assert_eq!(
-            out.get_all(SEC_WEBSOCKET_PROTOCOL)
-                .iter()
-                .collect::<Vec<_>>(),
-            ["v2.chat, v1.chat"]
-        );
-        rewrite(&mut out, &only(&[]));
-        assert!(out.get(SEC_WEBSOCKET_PROTOCOL).is_none());
+        let kept = ["v2.chat".to_owned(), "v1.chat".to_owned()];
+        assert_eq!(forward.expect("kept").rewritten(), Some(&kept[..]));
+        assert_eq!(Forward::AsOffered.rewritten(), None);
     }
 
     #[test]
@@ -294,19 +292,31 @@ mod tests {
 
     #[test]
     fn the_upstream_may_select_only_what_it_was_offered() {
-        let forwarded = headers(&["chat, superchat"]);
-        assert!(selection_is_offered(&headers(&[]), &forwarded));
-        assert!(selection_is_offered(&headers(&["superchat"]), &forwarded));
-        assert!(!selection_is_offered(&headers(&["other"]), &forwarded));
+        // Offered as the client made it, or as the policy rewrote it.
+        let request = headers(&["chat, superchat"]);
+        let rewritten = only(&["chat", "superchat"]);
+        for (forward, request) in [
+            (&Forward::AsOffered, &request),
+            (&rewritten, &headers(&["other, chat, superchat"])),
+        ] {
+            let offered =
+                |answer: &[&str]| selection_is_offered(&headers(answer), forward, request);
+            assert!(offered(&[]));
+            assert!(offered(&["superchat"]));
+            assert!(!offered(&["other"]));
+            assert!(!offered(&["chat, superchat"]));
+            assert!(!offered(&["chat", "chat"]));
+            assert!(!offered(&["Chat"]));
+        }
         assert!(!selection_is_offered(
-            &headers(&["chat, superchat"]),
-            &forwarded
+            &headers(&["chat"]),
+            &Forward::AsOffered,
+            &headers(&[])
         ));
         assert!(!selection_is_offered(
-            &headers(&["chat", "chat"]),
-            &forwarded
+            &headers(&["chat"]),
+            &only(&[]),
+            &request
         ));
-        assert!(!selection_is_offered(&headers(&["Chat"]), &forwarded));
-        assert!(!selection_is_offered(&headers(&["chat"]), &headers(&[])));
     }
 }

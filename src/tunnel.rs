@@ -32,6 +32,7 @@ use crate::config::MessageGuards;
 use crate::config::{Endpoint, Upstream};
 use crate::drain::Tunnels;
 use crate::error::ProxyError;
+use crate::first_head::Replayed;
 use crate::metrics::{Label, Registrar};
 use crate::session::{SessionEnd, SessionMetrics};
 use crate::shutdown::Shutdown;
@@ -67,12 +68,74 @@ pub(crate) enum UpstreamIo {
     Unix(UnixStream),
 }
 
+/// The client's side of a switched connection, as the 101 leaves it.
+#[derive(Debug)]
+pub(crate) enum ClientLeg {
+    /// Answered by hyper's server: the socket comes once hyper has sent the
+    /// 101 (`crate::first_head` hands hyper the socket as [`Replayed`]).
+    Hyper(OnUpgrade),
+    /// Answered by wsgate itself (the fast path).
+    Own {
+        /// The client's socket.
+        stream: TcpStream,
+        /// The 101 head, written first.
+        answer: Vec<u8>,
+        /// What the client sent after its request head.
+        read: Bytes,
+    },
+}
+
+impl ClientLeg {
+    /// The socket, its 101 sent, and the bytes already read from it;
+    /// `None` when the client went away before its 101 was sent.
+    pub(crate) async fn ready(self) -> Option<(TcpStream, Bytes)> {
+        match self {
+            ClientLeg::Own {
+                mut stream,
+                answer,
+                read,
+            } => match stream.write_all(&answer).await {
+                Ok(()) => Some((stream, read)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "the client left before its 101");
+                    None
+                }
+            },
+            ClientLeg::Hyper(upgrade) => {
+                match upgrade.await.map(|u| u.downcast::<TokioIo<Replayed>>()) {
+                    Ok(Ok(parts)) => {
+                        // What hyper read past the head, then what it never read
+                        // of the replayed bytes (nothing, unless the client sent
+                        // its frames with its first request).
+                        let (stream, unread) = parts.io.into_inner().into_parts();
+                        let read = if unread.is_empty() {
+                            parts.read_buf
+                        } else {
+                            [parts.read_buf, unread].concat().into()
+                        };
+                        Some((stream, read))
+                    }
+                    Ok(Err(_)) => {
+                        tracing::error!("upgraded client connection is not the accepted socket");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "client upgrade failed");
+                        None
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// How much is read of the upstream's answer at first: a 101 head is a few
 /// hundred bytes; the buffer doubles for larger ones, up to
 /// [`upstream_http::MAX_ANSWER_HEAD`].
 const ANSWER_BUFFER: usize = 1024;
 
-/// Connects to the upstream, forwards `request` and reads the answer head.
+/// Connects to the upstream, writes `request` (a whole request head) and
+/// reads the answer head.
 /// The caller bounds this with `upstream_connect_timeout`.
 ///
 /// `keepalive` applies to a TCP upstream only: a Unix socket has no
@@ -86,7 +149,7 @@ const ANSWER_BUFFER: usize = 1024;
 pub(crate) async fn handshake(
     upstream: &Upstream,
     keepalive: Option<Duration>,
-    request: Request<Empty<Bytes>>,
+    request: &[u8],
     shutdown: &Shutdown,
 ) -> Result<Answer, ProxyError> {
     match &upstream.endpoint {
@@ -110,17 +173,14 @@ pub(crate) async fn handshake(
 /// answer head; `leg` names the socket for the splice after a 101.
 async fn exchange<S>(
     mut stream: S,
-    request: Request<Empty<Bytes>>,
+    request: &[u8],
     shutdown: &Shutdown,
     leg: fn(S) -> UpstreamIo,
 ) -> Result<Answer, ProxyError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    stream
-        .write_all(&upstream_http::encode_request(&request))
-        .await
-        .map_err(failed)?;
+    stream.write_all(request).await.map_err(failed)?;
 
     let mut read = BytesMut::with_capacity(ANSWER_BUFFER);
     let (head, head_len) = loop {
@@ -295,7 +355,7 @@ async fn lifetime_expiry(deadline: Option<Instant>, shutdown: &Shutdown) {
 /// `async fn`: the latter would hold every argument twice for the life of
 /// the connection (see [`splice::splice`]).
 pub(crate) fn run(
-    client_upgrade: OnUpgrade,
+    client: ClientLeg,
     upstream: UpstreamIo,
     upstream_leftover: Bytes,
     guard: AdmissionGuard,
@@ -313,23 +373,13 @@ pub(crate) fn run(
         &ctx.metrics.splice.guards,
     );
     async move {
-        let upgraded = tokio::select! {
-            r = client_upgrade => r,
+        let Some((client_io, client_leftover)) = (tokio::select! {
+            c = client.ready() => c,
             // Grace is over before the client even finished its upgrade.
             () = ctx.shutdown.stopped() => return,
+        }) else {
+            return;
         };
-        let (client_io, client_leftover) =
-            match upgraded.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
-                Ok(Ok(parts)) => (parts.io.into_inner(), parts.read_buf),
-                Ok(Err(_)) => {
-                    tracing::error!("upgraded client connection is not a TCP stream");
-                    return;
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "client upgrade failed");
-                    return;
-                }
-            };
         // The splice watches the abort itself (a second signal cuts at once),
         // so it always returns its outcome and the metrics below see every
         // connection, including one cut in the middle of its closing handshake.
@@ -485,7 +535,12 @@ mod tests {
         let keepalive = Duration::from_secs(20);
         let answer = tokio::time::timeout(
             Duration::from_secs(10),
-            handshake(&upstream, Some(keepalive), req, &Shutdown::new()),
+            handshake(
+                &upstream,
+                Some(keepalive),
+                &upstream_http::encode_request(&req),
+                &Shutdown::new(),
+            ),
         )
         .await
         .expect("in time")
@@ -513,13 +568,9 @@ mod tests {
         drop(upstream_task.await.expect("upstream"));
     }
 
-    /// A request with only a path and the upgrade header.
-    fn upgrade_request() -> Request<Empty<Bytes>> {
-        let mut req = Request::new(Empty::<Bytes>::new());
-        *req.uri_mut() = "/".parse().expect("uri");
-        req.headers_mut()
-            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        req
+    /// A request head with only a path and the upgrade header.
+    fn upgrade_request() -> Vec<u8> {
+        b"GET / HTTP/1.1\r\nupgrade: websocket\r\n\r\n".to_vec()
     }
 
     /// docs/operations.md#unix-socket-upstream: over a Unix socket the handshake is the same bytes, and a
@@ -545,7 +596,7 @@ mod tests {
             handshake(
                 &upstream,
                 Some(Duration::from_secs(20)),
-                upgrade_request(),
+                &upgrade_request(),
                 &Shutdown::new(),
             ),
         )
@@ -577,7 +628,7 @@ mod tests {
         for path in [missing, dead] {
             let upstream =
                 Upstream::parse(&format!("unix:{}", path.display())).expect("a unix upstream");
-            let e = handshake(&upstream, None, upgrade_request(), &Shutdown::new())
+            let e = handshake(&upstream, None, &upgrade_request(), &Shutdown::new())
                 .await
                 .expect_err("nothing to connect to");
             assert!(
@@ -611,7 +662,7 @@ mod tests {
             Upstream::parse(&format!("unix:{}", path.display())).expect("a unix upstream");
         let e = tokio::time::timeout(
             Duration::from_secs(1),
-            handshake(&upstream, None, upgrade_request(), &Shutdown::new()),
+            handshake(&upstream, None, &upgrade_request(), &Shutdown::new()),
         )
         .await
         .expect("at once, not after a timeout")

@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, Version};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The largest answer head accepted from the upstream: the same 64 KiB a
@@ -38,10 +38,11 @@ pub(crate) enum AnswerError {
     Closed,
 }
 
-/// The request head as it goes on the wire (origin-form target, HTTP/1.1).
-/// Header values cannot hold CR or LF (`HeaderValue` refuses them), so
-/// nothing a client sent can split the head.
-pub(crate) fn encode_request<B>(req: &Request<B>) -> Vec<u8> {
+/// A request head as it goes on the wire (origin-form target, HTTP/1.1),
+/// for tests: the upgrade path writes its head itself
+/// (`headers::write_upstream_upgrade`).
+#[cfg(test)]
+pub(crate) fn encode_request<B>(req: &http::Request<B>) -> Vec<u8> {
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let method = req.method().as_str();
     let size = method.len()
@@ -199,6 +200,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Replay<IO> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Request;
 
     #[test]
     fn the_request_head_is_what_hyper_would_send() {
