@@ -13,6 +13,10 @@
 //! * `refuse`      – N upgrades, C at a time, against a proxy whose cap is full: each an HTTP
 //!   refusal, or (wsgate's `refusal_mode = "close"`) a 101 then Close 1013 answered by the
 //!   client; counts of each, refusals/s.
+//! * `storm`       – reconnect storm: N clients held on the upstream itself are cut at once and
+//!   all reconnect through a proxy capped at K, retrying at once on every refusal: time until K
+//!   are admitted (a message echoed), refusals (503 / Close 1013), attempts, the proxy's CPU and
+//!   peak RSS over the storm.
 //!
 //! Every load mode is bounded in count *and* time, talks to loopback only, reads the proxy's CPU
 //! time (utime+stime of the process tree under `--proxy-pid`) from /proc before and after (and,
@@ -67,6 +71,9 @@ enum Cmd {
     Cap(CapArgs),
     /// N upgrades, C at a time, against a proxy whose cap is full: HTTP refusals or Close 1013.
     Refuse(HandshakeArgs),
+    /// Reconnect storm: N clients cut from the upstream at once reconnect through a proxy capped
+    /// at K, with no backoff, until K are admitted.
+    Storm(StormArgs),
 }
 
 #[derive(Args, Clone)]
@@ -225,6 +232,29 @@ struct CapArgs {
     cap: usize,
     /// An attempt with no answer after this many seconds counts as hung.
     #[arg(long, default_value_t = 5.0)]
+    timeout: f64,
+}
+
+#[derive(Args, Clone)]
+struct StormArgs {
+    #[command(flatten)]
+    c: Common,
+    /// ws://IP:PORT/ of the echo upstream itself: where the clients are connected before the cut
+    /// (the pod that goes away). `--url` is the proxy they all reconnect through.
+    #[arg(long)]
+    direct_url: String,
+    /// Clients: each holds a connection to the upstream before the cut, then reconnects.
+    #[arg(long, default_value_t = 10_000)]
+    clients: usize,
+    /// The cap the proxy was configured with: the storm is over when this many are admitted.
+    #[arg(long, default_value_t = 5_000)]
+    cap: usize,
+    /// Opens in flight while the clients connect to the upstream, before the cut.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// Bound on one attempt (connect, upgrade, one round trip), seconds; past it the attempt is
+    /// an error of kind `timeout (<phase>)` and the client retries at once.
+    #[arg(long, default_value_t = 10.0)]
     timeout: f64,
 }
 
@@ -1502,6 +1532,455 @@ async fn refuse(a: HandshakeArgs) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------------
+// storm
+//
+// Client ports and TIME_WAIT. A storm goes through tens of thousands of refused attempts, each
+// on a new client port (32768-60999 here, 28,232 of them), and whoever closes a TCP connection
+// first keeps it in TIME_WAIT for 60 s. The choice made here:
+// * the cut drops the clients' connections to the upstream with SO_LINGER 0 (a reset, as when
+//   the pod's sockets vanish): no 10,000 client ports in TIME_WAIT before the storm starts;
+// * a refusal said with `Connection: close` is read to EOF (bounded: 1 s) and closed second, so
+//   the TIME_WAIT lands on the proxy's side, whose port is its listening port: no ephemeral port
+//   is held, and the client retries as soon as the proxy has closed. That is also how a browser
+//   sees it. A refusal without `Connection: close`, or whose proxy has not closed within the
+//   bound, is closed with SO_LINGER 0 instead (a reset: no TIME_WAIT on either side). The JSON
+//   line says which happened how often (`refusal_closes`) and the kernel's TIME_WAIT count when
+//   the cap was reached (`timewait_at_done`, /proc/net/sockstat). Read-to-EOF rather than
+//   SO_LINGER 0 everywhere: a reset makes the proxy take its error path (nginx logs each one),
+//   which is not what a storm of well-behaved clients costs it. Seen with `ss -s` during a
+//   10,000-client run: a few thousand in TIME_WAIT at most (the proxy's side), none of them
+//   holding a client port.
+
+/// The fixed `Sec-WebSocket-Key` of the storm's raw clients (RFC 6455's sample nonce).
+const STORM_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+/// The upgrade request of a raw client, built once: what tokio-tungstenite sends, with
+/// `WSGATE_BENCH_HEADERS` added.
+fn upgrade_request(url: &str) -> Vec<u8> {
+    let rest = url.split("://").nth(1).unwrap_or(url);
+    let (host, path) = match rest.find(['/', '?']) {
+        Some(i) if rest[i..].starts_with('/') => (&rest[..i], &rest[i..]),
+        Some(i) => (&rest[..i], ""),
+        None => (rest, ""),
+    };
+    let path = if path.is_empty() { "/".to_string() } else { path.to_string() };
+    let mut r = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {STORM_KEY}\r\n"
+    );
+    for (k, v) in extra_headers() {
+        r.push_str(&format!("{k}: {v}\r\n"));
+    }
+    r.push_str("\r\n");
+    r.into_bytes()
+}
+
+/// A masked Close frame with this code (the client's answer to the proxy's Close).
+fn masked_close(code: u16) -> Vec<u8> {
+    let mut f = vec![0x88, 0x82, MASK[0], MASK[1], MASK[2], MASK[3]];
+    let c = code.to_be_bytes();
+    f.extend_from_slice(&[c[0] ^ MASK[0], c[1] ^ MASK[1]]);
+    f
+}
+
+/// The first complete (unmasked) server frame at the start of `b`: (opcode, header length,
+/// payload length).
+fn server_frame(b: &[u8]) -> Option<(u8, usize, usize)> {
+    if b.len() < 2 {
+        return None;
+    }
+    let l = (b[1] & 0x7f) as usize;
+    let (hl, len) = match l {
+        126 if b.len() >= 4 => (4, u16::from_be_bytes([b[2], b[3]]) as usize),
+        127 if b.len() >= 10 => (10, u64::from_be_bytes([b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9]]) as usize),
+        126 | 127 => return None,
+        l => (2, l),
+    };
+    let hl = hl + if b[1] & 0x80 != 0 { 4 } else { 0 };
+    (b.len() >= hl + len).then_some((b[0] & 0x0f, hl, len))
+}
+
+/// Closes with SO_LINGER 0: a reset, no TIME_WAIT on either side.
+fn reset_close(s: TcpStream) {
+    let _ = s.set_zero_linger();
+    drop(s);
+}
+
+/// Reads (and drops) until the peer ends the connection, or `until`: true when it did (EOF or a
+/// reset), then this side closes second; false: the caller resets.
+async fn read_to_eof(s: &mut TcpStream, until: tokio::time::Instant) -> bool {
+    let mut b = [0u8; 1024];
+    tokio::time::timeout_at(until, async {
+        loop {
+            match s.read(&mut b).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// How one storm attempt ended.
+enum Attempt {
+    /// 101 and the probe message echoed back: the client holds this socket.
+    Admitted(TcpStream),
+    /// An HTTP answer other than 101; true when the proxy ended the connection first.
+    Status(u16, bool),
+    /// 101, then Close 1013 (answered); true when the proxy ended the connection first.
+    Close1013(bool),
+    /// Anything else, by kind: `connect: ...`, `timeout (phase)`, `close 1000`, ...
+    Error(String),
+}
+
+/// One raw attempt: connect, upgrade with `req`, send `probe` and await its echo, all within `to`.
+/// Refusals are closed as the comment at the top of this section says.
+async fn storm_attempt(addr: &str, req: &[u8], accept: &str, probe: &[u8], to: Duration) -> Attempt {
+    let end = tokio::time::Instant::now() + to;
+    let linger = || (tokio::time::Instant::now() + Duration::from_secs(1)).min(end);
+    let mut s = match tokio::time::timeout_at(end, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Attempt::Error(format!("connect: {}", e.kind())),
+        Err(_) => return Attempt::Error("timeout (connect)".into()),
+    };
+    let _ = s.set_nodelay(true);
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let head = tokio::time::timeout_at(end, async {
+        s.write_all(req).await?;
+        loop {
+            if let Some(e) = find_head_end(&buf) {
+                return Ok(Some(e));
+            }
+            if buf.len() > 16384 {
+                return Err(std::io::Error::other("response head over 16 KiB"));
+            }
+            if buf.capacity() - buf.len() < 512 {
+                buf.reserve(4096);
+            }
+            if s.read_buf(&mut buf).await? == 0 {
+                return Ok(None);
+            }
+        }
+    })
+    .await;
+    let he = match head {
+        Ok(Ok(Some(e))) => e,
+        Ok(Ok(None)) => return Attempt::Error("upgrade: closed before an answer".into()),
+        Ok(Err(e)) => {
+            reset_close(s);
+            return Attempt::Error(format!("upgrade: {}", e.kind()));
+        }
+        Err(_) => {
+            reset_close(s);
+            return Attempt::Error("timeout (upgrade)".into());
+        }
+    };
+    let (status, conn_close, accept_ok) = {
+        let text = String::from_utf8_lossy(&buf[..he]);
+        let mut lines = text.split("\r\n");
+        let status: u16 = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let (mut close, mut acc) = (false, false);
+        for (k, v) in lines.filter_map(|l| l.split_once(':')) {
+            let k = k.trim();
+            if k.eq_ignore_ascii_case("connection") && v.to_ascii_lowercase().contains("close") {
+                close = true;
+            }
+            if k.eq_ignore_ascii_case("sec-websocket-accept") && v.trim() == accept {
+                acc = true;
+            }
+        }
+        (status, close, acc)
+    };
+    if status != 101 {
+        let first = conn_close && read_to_eof(&mut s, linger()).await;
+        if !first {
+            reset_close(s);
+        }
+        return Attempt::Status(status, first);
+    }
+    if !accept_ok {
+        reset_close(s);
+        return Attempt::Error("upgrade: 101 without the expected Sec-WebSocket-Accept".into());
+    }
+    buf.drain(..he + 4);
+    enum First {
+        Data(usize),
+        Close(u16),
+        Eof,
+    }
+    let first = tokio::time::timeout_at(end, async {
+        s.write_all(probe).await?;
+        loop {
+            while let Some((op, hl, len)) = server_frame(&buf) {
+                match op {
+                    0x0..=0x2 => return Ok(First::Data(len)),
+                    0x8 => return Ok(First::Close(if len >= 2 { u16::from_be_bytes([buf[hl], buf[hl + 1]]) } else { 1005 })),
+                    // a ping or pong before the echo: skipped
+                    _ => {
+                        buf.drain(..hl + len);
+                    }
+                }
+            }
+            if buf.capacity() - buf.len() < 512 {
+                buf.reserve(4096);
+            }
+            if s.read_buf(&mut buf).await? == 0 {
+                return Ok::<_, std::io::Error>(First::Eof);
+            }
+        }
+    })
+    .await;
+    match first {
+        Ok(Ok(First::Data(n))) if n + 6 == probe.len() => Attempt::Admitted(s),
+        Ok(Ok(First::Data(n))) => {
+            reset_close(s);
+            Attempt::Error(format!("probe: an echo of {n} bytes"))
+        }
+        Ok(Ok(First::Close(code))) => {
+            // answer the Close, then let the proxy close TCP first (RFC 6455 §7.1.1)
+            let _ = s.write_all(&masked_close(code)).await;
+            let first = read_to_eof(&mut s, linger()).await;
+            if !first {
+                reset_close(s);
+            }
+            if code == 1013 {
+                Attempt::Close1013(first)
+            } else {
+                Attempt::Error(format!("close {code} after 101"))
+            }
+        }
+        Ok(Ok(First::Eof)) => Attempt::Error("probe: closed after 101".into()),
+        Ok(Err(e)) => {
+            reset_close(s);
+            Attempt::Error(format!("probe: {}", e.kind()))
+        }
+        Err(_) => {
+            reset_close(s);
+            Attempt::Error("timeout (probe)".into())
+        }
+    }
+}
+
+/// Resets the peak-RSS mark (`VmHWM`) of these processes: `echo 5 > /proc/PID/clear_refs`.
+fn clear_hwm(pids: &[u32]) -> bool {
+    pids.iter().all(|p| std::fs::write(format!("/proc/{p}/clear_refs"), "5").is_ok())
+}
+
+/// The sum of `VmHWM` (peak RSS since the last reset) over these processes, KiB.
+fn hwm_kib(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .sum()
+}
+
+/// Sockets in TIME_WAIT on the whole machine (`tw` of /proc/net/sockstat).
+fn timewait_now() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/net/sockstat").ok()?;
+    let l = s.lines().find(|l| l.starts_with("TCP:"))?;
+    let f: Vec<&str> = l.split_whitespace().collect();
+    f.iter().position(|w| *w == "tw").and_then(|i| f.get(i + 1)?.parse().ok())
+}
+
+/// What the storm's clients count together.
+#[derive(Default)]
+struct StormCounts {
+    /// Set at the cap-th admission (or at --max-time): no new attempts from then on.
+    done: std::sync::atomic::AtomicBool,
+    cap_at: std::sync::OnceLock<Instant>,
+    reached: Notify,
+    attempts: AtomicU64,
+    /// Admitted connections held now, and the most ever held at once.
+    held: AtomicU64,
+    max_held: AtomicU64,
+    refused_503: AtomicU64,
+    refused_1013: AtomicU64,
+    other_status: AtomicU64,
+    errors: AtomicU64,
+    /// How refusals ended: the proxy closed first, or this side reset.
+    proxy_first: AtomicU64,
+    reset: AtomicU64,
+    /// Clients still in their retry loop.
+    retrying: AtomicU64,
+    precut_failures: AtomicU64,
+    kinds: std::sync::Mutex<HashMap<String, u64>>,
+    statuses: std::sync::Mutex<HashMap<String, u64>>,
+}
+
+impl StormCounts {
+    fn kind(&self, k: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        *self.kinds.lock().expect("lock").entry(k).or_default() += 1;
+    }
+    fn closing(&self, proxy_first: bool) {
+        if proxy_first { &self.proxy_first } else { &self.reset }.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+async fn storm(a: StormArgs) -> bool {
+    let c = &a.c;
+    let start = Instant::now();
+    let hard = start + Duration::from_secs_f64(c.max_time);
+    let to = Duration::from_secs_f64(a.timeout);
+    let (paddr, daddr) = (Arc::new(host_port(&c.url)), Arc::new(host_port(&a.direct_url)));
+    let (preq, dreq) = (Arc::new(upgrade_request(&c.url)), Arc::new(upgrade_request(&a.direct_url)));
+    let accept = Arc::new(tungstenite::handshake::derive_accept_key(STORM_KEY.as_bytes()));
+    let probe = Arc::new(masked_frame(15, b'p'));
+    let cap = a.cap.max(1) as u64;
+    let sh = Arc::new(StormCounts::default());
+    sh.retrying.store(a.clients as u64, Ordering::Relaxed);
+    let sem = Arc::new(Semaphore::new(a.concurrency.max(1)));
+    let opened = Arc::new(Barrier::new(a.clients + 1));
+    let cut = Arc::new(tokio::sync::watch::channel(false).0);
+    let release = Arc::new(tokio::sync::watch::channel(false).0);
+    let mut tasks = Vec::with_capacity(a.clients);
+    for _ in 0..a.clients {
+        let (paddr, daddr, preq, dreq, accept, probe) =
+            (paddr.clone(), daddr.clone(), preq.clone(), dreq.clone(), accept.clone(), probe.clone());
+        let (sh, sem, opened) = (sh.clone(), sem.clone(), opened.clone());
+        let (mut cut, mut rel) = (cut.subscribe(), release.subscribe());
+        tasks.push(tokio::spawn(async move {
+            // before the cut: a connection to the upstream itself, verified by one echo (3 tries)
+            let mut pre = None;
+            if let Ok(_permit) = sem.acquire().await {
+                for _ in 0..3 {
+                    if Instant::now() >= hard {
+                        break;
+                    }
+                    if let Attempt::Admitted(s) = storm_attempt(&daddr, &dreq, &accept, &probe, to).await {
+                        pre = Some(s);
+                        break;
+                    }
+                }
+            }
+            if pre.is_none() {
+                sh.precut_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            opened.wait().await;
+            let _ = cut.wait_for(|v| *v).await;
+            // the cut: the upstream's connection is gone; reconnect through the proxy at once
+            if let Some(s) = pre {
+                reset_close(s);
+            }
+            while !sh.done.load(Ordering::Acquire) {
+                sh.attempts.fetch_add(1, Ordering::Relaxed);
+                match storm_attempt(&paddr, &preq, &accept, &probe, to).await {
+                    Attempt::Admitted(mut s) => {
+                        let n = sh.held.fetch_add(1, Ordering::AcqRel) + 1;
+                        sh.max_held.fetch_max(n, Ordering::AcqRel);
+                        sh.retrying.fetch_sub(1, Ordering::AcqRel);
+                        if n >= cap && sh.cap_at.set(Instant::now()).is_ok() {
+                            sh.done.store(true, Ordering::Release);
+                            sh.reached.notify_one();
+                        }
+                        // hold it until released; one the proxy ends is an error, and the client
+                        // reconnects
+                        let mut b = [0u8; 256];
+                        let ended = tokio::select! {
+                            _ = rel.wait_for(|v| *v) => false,
+                            _ = async { while let Ok(1..) = s.read(&mut b).await {} } => true,
+                        };
+                        if !ended {
+                            return Some(s);
+                        }
+                        sh.held.fetch_sub(1, Ordering::AcqRel);
+                        sh.retrying.fetch_add(1, Ordering::AcqRel);
+                        sh.kind("admitted, then ended by the proxy".into());
+                    }
+                    Attempt::Status(st, first) => {
+                        sh.closing(first);
+                        if st == 503 {
+                            sh.refused_503.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            sh.other_status.fetch_add(1, Ordering::Relaxed);
+                            *sh.statuses.lock().expect("lock").entry(st.to_string()).or_default() += 1;
+                        }
+                    }
+                    Attempt::Close1013(first) => {
+                        sh.closing(first);
+                        sh.refused_1013.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Attempt::Error(k) => sh.kind(k),
+                }
+            }
+            sh.retrying.fetch_sub(1, Ordering::AcqRel);
+            None
+        }));
+    }
+    opened.wait().await;
+    let precut_s = start.elapsed().as_secs_f64();
+    let precut_failures = sh.precut_failures.load(Ordering::Relaxed);
+    // t0: the proxy's CPU and peak-RSS marks, then the cut
+    let tree = proc_tree(&c.proxy_pid);
+    let hwm_reset = clear_hwm(&tree);
+    let p0 = snap(&c.proxy_pid);
+    let g0 = self_cpu_s();
+    let t0 = Instant::now();
+    let _ = cut.send(true);
+    let _ = tokio::time::timeout(hard.saturating_duration_since(Instant::now()), async {
+        while sh.cap_at.get().is_none() {
+            sh.reached.notified().await;
+        }
+    })
+    .await;
+    sh.done.store(true, Ordering::Release);
+    let done_at = Instant::now();
+    let at_done = sh.held.load(Ordering::Acquire);
+    let p1 = snap(&c.proxy_pid);
+    let peak = (!c.proxy_pid.is_empty()).then(|| hwm_kib(&proc_tree(&c.proxy_pid)));
+    let gen = self_cpu_s() - g0;
+    let tw = timewait_now();
+    // the tail: attempts in flight at the cap finish (none starts), bounded by one attempt
+    let tail_end = Instant::now() + to + Duration::from_secs(1);
+    while sh.retrying.load(Ordering::Acquire) > 0 && Instant::now() < tail_end {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let tail_s = done_at.elapsed().as_secs_f64();
+    let stuck = sh.retrying.load(Ordering::Acquire);
+    let admitted = sh.held.load(Ordering::Acquire);
+    let max_held = sh.max_held.load(Ordering::Acquire);
+    let errors = sh.errors.load(Ordering::Relaxed);
+    let ttc = sh.cap_at.get().map(|t| t.duration_since(t0).as_secs_f64());
+    let cpu = cpu_delta(p0, p1);
+    let over_cap = max_held > cap;
+    let ok = ttc.is_some() && admitted == cap && !over_cap && errors == 0 && precut_failures == 0 && stuck == 0;
+    let kinds = sh.kinds.lock().expect("lock").clone();
+    let statuses = sh.statuses.lock().expect("lock").clone();
+    let r = emit(
+        "storm",
+        c,
+        ok,
+        json!({
+            "clients": a.clients, "cap": a.cap, "concurrency": a.concurrency, "timeout_s": a.timeout,
+            "precut_open_s": round3(precut_s), "precut_failures": precut_failures,
+            "admitted": admitted, "admitted_at_done": at_done, "max_concurrent_admitted": max_held, "over_cap": over_cap,
+            "time_to_cap_s": opt(ttc),
+            "storm_s": round3(done_at.duration_since(t0).as_secs_f64()), "tail_s": round3(tail_s), "stuck": stuck,
+            "attempts": sh.attempts.load(Ordering::Relaxed),
+            "refused_503": sh.refused_503.load(Ordering::Relaxed),
+            "refused_1013": sh.refused_1013.load(Ordering::Relaxed),
+            "other_status": sh.other_status.load(Ordering::Relaxed), "other_statuses": statuses,
+            "errors": errors, "failure_kinds": kinds,
+            "refusal_closes": {"proxy_first": sh.proxy_first.load(Ordering::Relaxed), "reset": sh.reset.load(Ordering::Relaxed)},
+            "timewait_at_done": tw,
+            "proxy_cpu_s": opt(cpu),
+            "proxy_cpu_us_per_admission": opt(cpu.map(|x| x * 1e6 / at_done.max(1) as f64)),
+            "peak_rss_kib": peak.filter(|_| hwm_reset),
+            "rss_kib": p1.map(|p| p.rss_kib), "proxy_fds": p1.map(|p| p.fds), "proxy_procs": p1.map(|p| p.procs),
+            "gen_cpu_s": opt(Some(gen)),
+        }),
+    );
+    // release the held connections (resets: the proxy is thrown away after this measurement)
+    let _ = release.send(true);
+    for t in tasks {
+        if let Ok(Ok(Some(s))) = tokio::time::timeout(Duration::from_secs(2), t).await {
+            reset_close(s);
+        }
+    }
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
 
 fn main() {
     let cli = Cli::parse();
@@ -1529,6 +2008,7 @@ fn main() {
             Cmd::Idle(a) => idle(a).await,
             Cmd::Cap(a) => cap(a).await,
             Cmd::Refuse(a) => refuse(a).await,
+            Cmd::Storm(a) => storm(a).await,
         }
     });
     // Do not wait for lingering tasks (held sockets) to wind down.
