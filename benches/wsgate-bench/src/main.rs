@@ -35,7 +35,7 @@ use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::net::{TcpSocket, TcpStream, UnixListener};
 use tokio::sync::{Barrier, Notify, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -87,6 +87,11 @@ struct EchoArgs {
     /// Also listen on a Unix stream socket at PATH (an existing file there is removed first).
     #[arg(long)]
     unix: Option<std::path::PathBuf>,
+    /// Listen backlog of the TCP socket (the kernel caps it at net.core.somaxconn). A burst of
+    /// upstream connects (cap and storm modes: thousands at once) must not overflow the echo's
+    /// accept queue, whose overflow costs a 1 s SYN retransmit: tokio's default is 128.
+    #[arg(long, default_value_t = 4096)]
+    backlog: u32,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -532,7 +537,10 @@ async fn next_data(ws: &mut Ws) -> Result<usize, String> {
 // echo upstream
 
 async fn echo_main(a: EchoArgs) -> std::io::Result<()> {
-    let l = TcpListener::bind(&a.listen).await?;
+    let addr = tokio::net::lookup_host(&a.listen).await?.next().ok_or_else(|| std::io::Error::other("no address to listen on"))?;
+    let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    sock.bind(addr)?;
+    let l = sock.listen(a.backlog)?;
     let unix = match &a.unix {
         Some(p) => {
             let _ = std::fs::remove_file(p);
