@@ -21,7 +21,7 @@
 # Options:  --rounds N (default 5)   --targets "direct wsgate nginx haproxy"   --setup S
 #           --no-build (use the binaries already built)
 #           --out DIR (results, report and plot go there; BENCHMARKS.md is left alone)
-#           --modes "latency throughput handshake idle cap" (default: all five; e.g. --modes handshake)
+#           --modes "latency throughput handshake idle cap storm" (default: all six; e.g. --modes handshake)
 # Variants: --targets "direct wsgate wsgate-cb nginx haproxy" runs wsgate a second time as
 #           `wsgate-cb` with the extra environment BENCH_WSGATE_ENV_cb="KEY=VALUE ..." and/or the
 #           binary BENCH_WSGATE_BIN_cb=PATH (e.g. copy_bidirectional vs the default splice);
@@ -40,8 +40,33 @@
 #           HS_TOTAL (upgrades per handshake-mode run, default 3000)
 #           IDLE_CONC (handshakes in flight while idle mode opens its connections, default 128)
 #           BENCH_WSGATE_BIN (default target/release/wsgate; with it set, wsgate is not built)
+#           STORM_CLIENTS (default 10000), STORM_CAP (default 5000): storm mode's sizes (smoke:
+#           200 and 100); both are scaled down, and logged, when the descriptor limit is too low
 #           wsgate gets a clean WSGATE_* environment (it refuses unknown WSGATE_ keys): only
 #           UPSTREAM, LISTEN, ADMIN_LISTEN, MAX_CLIENTS and a variant's own variables.
+#
+# Storm mode (reconnect storm: a deploy, a node drain or a network blip, and every client of a
+# pod reconnects at once, with no backoff, into a proxy whose cap is half of them):
+#   1. before the cut, STORM_CLIENTS clients hold WebSocket connections opened directly to the
+#      echo upstream (the pod that goes away), 256 opens in flight, each verified by one echo;
+#   2. the cut (t0): all of them are dropped at once (SO_LINGER 0) and every client reconnects
+#      through the proxy, started with cap STORM_CAP exactly as in cap mode; no backoff: a refused
+#      client (503 or another status, or a 101 followed by a Close, wsgate's close mode sending
+#      Close 1013) retries at once on a new connection;
+#   3. an attempt is admitted only once one WebSocket message has round-tripped through it (a 101
+#      then Close 1013 is a refusal, counted as refused_1013); admitted clients hold on and stop;
+#   4. done when STORM_CAP are admitted (all others stop retrying; the attempts in flight finish
+#      and must not be admitted), or at --max-time 60 s, a failure that reports how many were;
+#   5. reported: time to cap (t0 to the cap-th admission), refusals (503, 1013, other statuses),
+#      errors by kind, attempts, the proxy's CPU t0 to done (process tree) and per admission, its
+#      peak RSS over the storm (VmHWM reset at t0 via /proc/PID/clear_refs, summed over the tree)
+#      and its RSS at the end. ok: admitted == cap, never more than cap admitted at once, no
+#      errors. HAProxy's server maxconn queues the attempts that race past its srv_conn check
+#      (503 after `timeout queue` 1 s) rather than refusing them: that is allowed.
+#   Refused clients read a `Connection: close` answer (wsgate's) to EOF before closing, so TIME_WAIT
+#   lands on the proxy's side and no client port piles up; NGINX's and HAProxy's 503s are keep-alive,
+#   so those are closed with SO_LINGER 0 (wsgate-bench/src/main.rs, "storm", says why).
+#   Direct is skipped (nothing enforces a cap).
 #
 # Everything runs on 127.0.0.1 only; every load mode is bounded in count and time; the script
 # starts its own echo upstream and its own nginx/haproxy/wsgate instances on ephemeral loopback
@@ -62,7 +87,7 @@ WAIT_STEPS=100   # x 0.05 s: how long a proxy may take to start listening
 BUILD=1
 ROUNDS=5
 TARGETS="direct wsgate nginx haproxy"
-MODES="latency throughput handshake idle cap"
+MODES="latency throughput handshake idle cap storm"
 OUT=""
 USER_OUT=0
 SETUP_ARG=both
@@ -76,13 +101,13 @@ while [[ $# -gt 0 ]]; do
         --modes) MODES="$2"; shift ;;
         --out) OUT="$2"; USER_OUT=1; shift ;;
         --setup) SETUP_ARG="$2"; shift ;;
-        -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,73p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
 done
 for m in $MODES; do
-    case "$m" in latency|throughput|handshake|idle|cap) ;; *) echo "run.sh: unknown mode $m" >&2; exit 2 ;; esac
+    case "$m" in latency|throughput|handshake|idle|cap|storm) ;; *) echo "run.sh: unknown mode $m" >&2; exit 2 ;; esac
 done
 has_mode() { [[ " $MODES " == *" $1 "* ]]; }
 case "$SETUP_ARG" in
@@ -102,7 +127,11 @@ setup_params() {
 }
 CAP="${CAP:-1000}"
 IDLE_CONC="${IDLE_CONC:-128}"
-if [[ $SMOKE == 1 ]]; then ROUNDS=1; CAP="${CAP_SMOKE:-20}"; fi
+STORM_CLIENTS="${STORM_CLIENTS:-10000}"
+STORM_CAP="${STORM_CAP:-5000}"
+if [[ $SMOKE == 1 ]]; then
+    ROUNDS=1; CAP="${CAP_SMOKE:-20}"; STORM_CLIENTS="${STORM_CLIENTS_SMOKE:-200}"; STORM_CAP="${STORM_CAP_SMOKE:-100}"
+fi
 
 log() { printf '[run.sh %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
@@ -346,9 +375,12 @@ with_setup() { # JSON object line -> the same with "setup":"<current set-up>" fi
 # run_one round target mode cap -- bench args...
 run_one() {
     local round="$1" t="$2" mode="$3" cap="$4"; shift 5
-    local rc=0 line pids="" failname
+    local rc=0 line pids="" failname args=() x
     failname="$OUT/fail-r$round-$SETUP-$mode-$t.log"
     if ! start_echo "$t"; then FAILS=$((FAILS + 1)); stop_echo; return; fi
+    # @ECHO_URL@ in the bench args: the echo's own URL (storm mode's clients start there)
+    for x in "$@"; do args+=("${x//@ECHO_URL@/ws://$ECHO_ADDR/}"); done
+    set -- "${args[@]}"
     if ! start_proxy "$t" "$cap"; then
         with_setup "$(printf '{"mode":"%s","target":"%s","round":%s%s,"ok":false,"error":"proxy did not start"}' "$mode" "$t" "$round" "$(size_fields "$@")")" >> "$RESULTS"
         case "$t" in wsgate*) cp "$WORK/wsgate.err" "$failname" 2>/dev/null || true ;; esac
@@ -385,15 +417,27 @@ HARD_NOFILE="$(ulimit -Hn)"
 [[ "$HARD_NOFILE" == unlimited ]] && HARD_NOFILE=1048576
 IDLE_MAX="${IDLE_MAX:-$(( (HARD_NOFILE - 1000) / 2 / 500 * 500 ))}"
 (( IDLE_MAX > 9000 )) && IDLE_MAX=9000   # haproxy.cfg maxconn is 9900
+# storm: the proxy holds 2 fds per admitted session plus one per attempt in flight (at most one
+# per client not admitted): 2 x cap + (clients - cap); the echo holds the clients' connections
+# until the cut's resets are read, plus the proxy's cap upstream legs; the generator one per
+# client. So clients + cap + 1000 (slack) must fit the limit; if not, both scale down alike.
+if (( STORM_CLIENTS + STORM_CAP + 1000 > HARD_NOFILE )); then
+    f=$(( HARD_NOFILE - 1000 )); sc=$(( STORM_CLIENTS + STORM_CAP ))
+    log "storm: $STORM_CLIENTS clients + cap $STORM_CAP do not fit the descriptor limit $HARD_NOFILE;" \
+        "using $(( STORM_CLIENTS * f / sc )) clients, cap $(( STORM_CAP * f / sc ))"
+    STORM_CLIENTS=$(( STORM_CLIENTS * f / sc )); STORM_CAP=$(( STORM_CAP * f / sc ))
+fi
 
 if [[ $SMOKE == 1 ]]; then
     LAT=(--duration 0.3); THR=(--duration 0.3 --conns 2 --inflight 4)
     HS=(--total 50 --conns 8 --max-time 20); IDLE_COUNTS=(100); CAPN=(--attempts 200 --timeout 3)
     LAT_CONNS=(1 8)
+    STORM=(--max-time 20)
 else
     LAT=(--duration 3); THR=(--duration 3 --conns 4 --inflight 8)
     HS=(--total "${HS_TOTAL:-3000}" --conns 64 --max-time 30); IDLE_COUNTS=(1000 4000 "$IDLE_MAX"); CAPN=(--attempts 4000 --timeout 5)
     LAT_CONNS=(1 64)
+    STORM=(--max-time 60)
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -432,6 +476,8 @@ fi
     echo "smoke=$SMOKE"
     echo "modes=$MODES"
     echo "hs_total=${HS[1]}"
+    echo "storm_clients=$STORM_CLIENTS"
+    echo "storm_cap=$STORM_CAP"
 } > "$OUT/env.txt"
 
 log "targets: ${active[*]}; set-ups: ${SETUPS[*]}; rounds: $ROUNDS; results: $RESULTS"
@@ -462,6 +508,13 @@ run_round() { # round: every mode for the targets of the current set-up
         for t in "${order[@]}"; do
             [[ "$t" == direct ]] && continue       # nothing enforces a cap
             run_one "$r" "$t" cap "$CAP" -- --cap "$CAP" "${CAPN[@]}" --max-time 30
+        done
+    fi
+    if has_mode storm; then
+        for t in "${order[@]}"; do
+            [[ "$t" == direct ]] && continue       # nothing enforces a cap
+            run_one "$r" "$t" storm "$STORM_CAP" -- --direct-url @ECHO_URL@ --clients "$STORM_CLIENTS" \
+                --cap "$STORM_CAP" --concurrency 256 "${STORM[@]}"
         done
     fi
 }
