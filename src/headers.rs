@@ -431,13 +431,39 @@ fn connection_nominated(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .filter(|t| !is_protected(t) && !is_usual_connection_token(t))
 }
 
-/// Rewrites the upstream's 101 headers for the client: hop-by-hop removed,
-/// the upgrade pair re-added; `Sec-WebSocket-Accept`, `-Protocol` and
-/// `-Extensions` pass through untouched.
-pub(crate) fn client_switching_headers(headers: &mut HeaderMap) {
-    strip_hop_by_hop(headers);
-    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+/// Writes the upstream's 101 header lines (`raw`, as read) for the client:
+/// hop-by-hop headers, those its `Connection` names (except protected ones)
+/// and `Upgrade` left out, then the upgrade pair; `Sec-WebSocket-Accept`,
+/// `-Protocol` and `-Extensions` pass through untouched.
+pub(crate) fn write_client_switching(out: &mut Vec<u8>, raw: &[httparse::Header<'_>]) {
+    out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\n");
+    let is =
+        |h: &httparse::Header<'_>, name: &HeaderName| h.name.eq_ignore_ascii_case(name.as_str());
+    let nominated = |name: &str| {
+        raw.iter()
+            .filter(|h| is(h, &header::CONNECTION))
+            .flat_map(|h| h.value.split(|b| *b == b','))
+            .filter_map(|t| std::str::from_utf8(t.trim_ascii()).ok())
+            .filter(|t| !t.is_empty() && !is_protected(t) && !is_usual_connection_token(t))
+            .any(|t| t.eq_ignore_ascii_case(name))
+    };
+    for h in raw {
+        let dropped =
+            HOP_BY_HOP.iter().any(|n| is(h, n)) || is(h, &header::UPGRADE) || nominated(h.name);
+        if !dropped {
+            line(out, h.name.as_bytes(), h.value);
+        }
+    }
+    line(out, b"connection", b"upgrade");
+    line(out, b"upgrade", b"websocket");
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Whether a header value (a comma-separated list) has `token`, ignoring case.
+pub(crate) fn names_token(value: &[u8], token: &str) -> bool {
+    value
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// The GUID RFC 6455 §1.3 appends to the key before hashing it.
@@ -465,14 +491,15 @@ pub(crate) fn accept_header(key: &HeaderValue) -> HeaderValue {
     HeaderValue::from_bytes(&accept).expect("base64 characters are a valid header value")
 }
 
-/// Whether the upstream's 101 carries the accept value derived from our key.
-pub(crate) fn accept_matches(response: &HeaderMap, key: &HeaderValue) -> bool {
-    let expected = accept_for(key.as_bytes());
-    let mut accepts = response.get_all(header::SEC_WEBSOCKET_ACCEPT).iter();
-    matches!(
-        (accepts.next(), accepts.next()),
-        (Some(a), None) if a.as_bytes().trim_ascii() == expected
-    ) && has_token(response, &header::UPGRADE, "websocket")
+/// Whether the upstream's 101 carries the accept value derived from our
+/// key (`accept`: its one `Sec-WebSocket-Accept` value) and names
+/// `websocket` in its `Upgrade`.
+pub(crate) fn accept_matches(
+    accept: Option<&[u8]>,
+    upgrades_to_websocket: bool,
+    key: &HeaderValue,
+) -> bool {
+    upgrades_to_websocket && accept.is_some_and(|a| a.trim_ascii() == accept_for(key.as_bytes()))
 }
 
 #[cfg(test)]
@@ -722,18 +749,11 @@ mod tests {
     #[test]
     fn accept_is_checked_against_our_key() {
         let key = HeaderValue::from_static(KEY);
-        let mut r = HeaderMap::new();
-        r.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        r.insert(
-            header::SEC_WEBSOCKET_ACCEPT,
-            HeaderValue::from_static("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
-        );
-        assert!(accept_matches(&r, &key));
-        r.insert(
-            header::SEC_WEBSOCKET_ACCEPT,
-            HeaderValue::from_static("bogus"),
-        );
-        assert!(!accept_matches(&r, &key));
+        let right = Some(&b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="[..]);
+        assert!(accept_matches(right, true, &key));
+        assert!(!accept_matches(right, false, &key), "no Upgrade: websocket");
+        assert!(!accept_matches(Some(b"bogus"), true, &key));
+        assert!(!accept_matches(None, true, &key), "none, or several");
     }
 
     #[test]

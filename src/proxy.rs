@@ -46,6 +46,7 @@ use crate::target;
 use crate::throttle::Throttle;
 use crate::tunnel::{self, Answer, ClientLeg, TunnelContext, TunnelMetrics, UpstreamIo};
 use crate::upstream_client::UpstreamClient;
+use crate::upstream_http::Switched;
 
 labels! {
     /// The class of an HTTP status (`wsgate_http_requests_total{class}`).
@@ -339,7 +340,7 @@ impl Proxy {
     fn said_by_hyper(&self, decision: Decision, on_upgrade: OnUpgrade) -> Response<ProxyBody> {
         let tracker = self.inner.shutdown.tracker();
         match decision {
-            Decision::Switch { head, tunnel } => {
+            Decision::Switch { answer, tunnel } => {
                 let Pending {
                     upstream,
                     leftover,
@@ -353,7 +354,7 @@ impl Proxy {
                     guard,
                     ctx,
                 ));
-                Response::from_parts(head, responses::body(Bytes::new()))
+                Response::from_parts(answer.client_head(), responses::body(Bytes::new()))
             }
             Decision::CloseRefusal { response, refusal } => {
                 tracker.spawn(refusal.run(ClientLeg::Hyper(on_upgrade)));
@@ -404,7 +405,7 @@ impl Proxy {
             [&read[head_len..], &early[..]].concat().into()
         };
         match decided {
-            Ok(Decision::Switch { head, tunnel }) => {
+            Ok(Decision::Switch { answer, tunnel }) => {
                 let Pending {
                     upstream,
                     leftover,
@@ -414,7 +415,7 @@ impl Proxy {
                 // The tunnel writes the 101: its session starts before.
                 let client = ClientLeg::Own {
                     stream,
-                    answer: responses::encode_head(head.status, &head.headers),
+                    answer: answer.for_client,
                     read: rest,
                 };
                 tunnel::run(client, upstream, leftover, guard, ctx).await;
@@ -575,7 +576,7 @@ impl Proxy {
                 Ok(Decision::Upstream(Response::from_parts(head, body.boxed())))
             }
             Answer::Switching {
-                head: answer_head,
+                head: switched,
                 io,
                 leftover,
             } => {
@@ -584,20 +585,21 @@ impl Proxy {
                     .headers
                     .get(header::SEC_WEBSOCKET_KEY)
                     .ok_or(ProxyError::BadHandshake(headers::HandshakeError::Key))?;
-                if !headers::accept_matches(answer_head.headers(), key) {
+                if !headers::accept_matches(
+                    switched.accept(),
+                    switched.upgrades_to_websocket(),
+                    key,
+                ) {
                     return Err(ProxyError::UpstreamBadAccept);
                 }
                 // A browser fails such a handshake silently (1006): a 502
                 // says what went wrong. Dropping `io` closes the upstream leg.
-                if !subprotocols::selection_is_offered(answer_head.headers(), &offer, &head.headers)
-                {
+                if !subprotocols::selection_is_offered(switched.protocol(), &offer, &head.headers) {
                     return Err(ProxyError::UpstreamBadSubprotocol);
                 }
-                let (mut answer_head, ()) = answer_head.into_parts();
-                headers::client_switching_headers(&mut answer_head.headers);
                 let session = session.map(|mut s| {
-                    if let Some(p) = answer_head.headers.get(header::SEC_WEBSOCKET_PROTOCOL) {
-                        s.subprotocol = String::from_utf8_lossy(p.as_bytes()).into();
+                    if let Ok(Some(p)) = switched.protocol() {
+                        s.subprotocol = String::from_utf8_lossy(p).into();
                     }
                     s
                 });
@@ -625,7 +627,7 @@ impl Proxy {
                 // The guard moves into the tunnel: the slot now lives as
                 // long as the spliced connection, not this request.
                 Ok(Decision::Switch {
-                    head: answer_head,
+                    answer: switched,
                     tunnel: Box::new(Pending {
                         upstream: io,
                         leftover,
@@ -799,7 +801,7 @@ enum Decision {
     /// The upstream switched: its 101 as the client gets it, and the tunnel
     /// to run once that is sent.
     Switch {
-        head: http::response::Parts,
+        answer: Switched,
         tunnel: Box<Pending>,
     },
     /// Refused in close mode: wsgate's own 101, then the Close 1013.

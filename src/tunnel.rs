@@ -17,7 +17,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -40,15 +40,15 @@ use crate::splice::{
     self, Ended, Guards, Limits, Outcome, Side, Socket, SpliceMetrics, StopReason, Unresponsive,
 };
 use crate::tcp;
-use crate::upstream_http::{self, AnswerError, Replay};
+use crate::upstream_http::{self, AnswerError, Parsed, Replay, Switched};
 
 /// The upstream's answer to the forwarded handshake.
 #[derive(Debug)]
 pub(crate) enum Answer {
     /// 101: the upstream leg is ready to splice.
     Switching {
-        /// The 101 head (its headers go to the client).
-        head: Response<()>,
+        /// The 101, read and checked for what matters, its client copy written.
+        head: Switched,
         /// The upstream socket.
         io: UpstreamIo,
         /// Bytes the upstream sent right after its 101.
@@ -203,7 +203,7 @@ where
             break parsed;
         }
     };
-    if head.status() == StatusCode::SWITCHING_PROTOCOLS {
+    if let Parsed::Switching(head) = head {
         // Copied out (usually nothing), so the read buffer is freed now
         // rather than held by the leftover until the splice starts.
         return Ok(Answer::Switching {

@@ -14,8 +14,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes};
-use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, Version};
+use http::{HeaderName, HeaderValue, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::headers;
 
 /// The largest answer head accepted from the upstream: the same 64 KiB a
 /// client's request head may take.
@@ -80,12 +82,101 @@ pub(crate) fn head_ends_after(buf: &[u8], from: usize) -> bool {
     })
 }
 
+/// What the upstream answered, once its head is whole.
+#[derive(Debug)]
+pub(crate) enum Parsed {
+    /// 101: what the checks and the client need of it.
+    Switching(Switched),
+    /// Any other status: the answer is read again by a hyper client
+    /// connection ([`Replay`]) to pass it on with its body.
+    Other,
+}
+
+/// The upstream's 101, read in one pass over its head, without a header
+/// map: the client's copy written as it goes, and what the checks need.
+#[derive(Debug)]
+pub(crate) struct Switched {
+    /// The 101 as the client gets it (`headers::write_client_switching`).
+    pub(crate) for_client: Vec<u8>,
+    /// `Sec-WebSocket-Accept`, if exactly one.
+    accept: One,
+    /// `Sec-WebSocket-Protocol`: none, one, or (a broken answer) several.
+    protocol: One,
+    /// Whether `Upgrade` names `websocket`.
+    upgrade_websocket: bool,
+}
+
+/// A header that must appear at most once: its value, copied (a few dozen bytes).
+#[derive(Debug, Default)]
+enum One {
+    #[default]
+    Absent,
+    Once(Box<[u8]>),
+    Several,
+}
+
+impl One {
+    fn see(&mut self, value: &[u8]) {
+        *self = match self {
+            One::Absent => One::Once(value.into()),
+            One::Once(_) | One::Several => One::Several,
+        };
+    }
+}
+
+impl Switched {
+    /// The `Sec-WebSocket-Accept` value, when there is exactly one.
+    pub(crate) fn accept(&self) -> Option<&[u8]> {
+        match &self.accept {
+            One::Once(v) => Some(v),
+            One::Absent | One::Several => None,
+        }
+    }
+
+    /// Whether the answer's `Upgrade` names `websocket`.
+    pub(crate) fn upgrades_to_websocket(&self) -> bool {
+        self.upgrade_websocket
+    }
+
+    /// The subprotocol selected: `Ok(None)` for none, `Err(())` when the
+    /// answer has more than one `Sec-WebSocket-Protocol` line.
+    #[allow(clippy::result_unit_err)]
+    pub(crate) fn protocol(&self) -> Result<Option<&[u8]>, ()> {
+        match &self.protocol {
+            One::Absent => Ok(None),
+            One::Once(v) => Ok(Some(v)),
+            One::Several => Err(()),
+        }
+    }
+
+    /// The client's copy as a response head (for hyper's server, which
+    /// writes it on connections it serves).
+    pub(crate) fn client_head(&self) -> http::response::Parts {
+        let (mut head, ()) = Response::new(()).into_parts();
+        head.status = StatusCode::SWITCHING_PROTOCOLS;
+        let mut slots = [httparse::EMPTY_HEADER; MAX_ANSWER_HEADERS + 2];
+        let mut answer = httparse::Response::new(&mut slots);
+        // Written by us from a head that parsed: it parses again.
+        if answer.parse(&self.for_client).is_ok() {
+            for h in answer.headers.iter() {
+                if let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(h.name.as_bytes()),
+                    HeaderValue::from_bytes(h.value),
+                ) {
+                    head.headers.append(name, value);
+                }
+            }
+        }
+        head
+    }
+}
+
 /// Parses an answer head from the start of `buf`: `None` while incomplete,
-/// otherwise the head and its length in bytes.
+/// otherwise what it is and its length in bytes.
 ///
 /// # Errors
 /// Anything that is not a well-formed HTTP/1.x status line and headers.
-pub(crate) fn parse_answer(buf: &[u8]) -> Result<Option<(Response<()>, usize)>, AnswerError> {
+pub(crate) fn parse_answer(buf: &[u8]) -> Result<Option<(Parsed, usize)>, AnswerError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_ANSWER_HEADERS];
     let mut answer = httparse::Response::new(&mut slots);
     let len = match answer.parse(buf) {
@@ -106,22 +197,37 @@ pub(crate) fn parse_answer(buf: &[u8]) -> Result<Option<(Response<()>, usize)>, 
         .code
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or(AnswerError::Malformed("status code"))?;
-    let mut headers = HeaderMap::with_capacity(answer.headers.len());
     for h in answer.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| AnswerError::Malformed("header name"))?;
-        let value =
-            HeaderValue::from_bytes(h.value).map_err(|_| AnswerError::Malformed("header value"))?;
-        headers.append(name, value);
+        // What a header map would refuse (httparse takes DEL in a value).
+        if !h
+            .value
+            .iter()
+            .all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+        {
+            return Err(AnswerError::Malformed("header value"));
+        }
     }
-    let mut head = Response::new(());
-    *head.status_mut() = status;
-    *head.version_mut() = match answer.version {
-        Some(0) => Version::HTTP_10,
-        _ => Version::HTTP_11,
+    if status != StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(Some((Parsed::Other, len)));
+    }
+    let mut switched = Switched {
+        for_client: Vec::with_capacity(len + 32),
+        accept: One::Absent,
+        protocol: One::Absent,
+        upgrade_websocket: false,
     };
-    *head.headers_mut() = headers;
-    Ok(Some((head, len)))
+    for h in answer.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"sec-websocket-accept") {
+            switched.accept.see(h.value.trim_ascii());
+        } else if name.eq_ignore_ascii_case(b"sec-websocket-protocol") {
+            switched.protocol.see(h.value.trim_ascii());
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
+            switched.upgrade_websocket |= headers::names_token(h.value, "websocket");
+        }
+    }
+    headers::write_client_switching(&mut switched.for_client, answer.headers);
+    Ok(Some((Parsed::Switching(switched), len)))
 }
 
 /// The upstream socket seen again from the start of its answer: reads return
@@ -230,13 +336,59 @@ mod tests {
                 "incomplete at {cut}"
             );
         }
-        let (head, len) = parse_answer(wire).expect("valid").expect("complete");
-        assert_eq!(head.status(), StatusCode::SWITCHING_PROTOCOLS);
+        let (Parsed::Switching(switched), len) =
+            parse_answer(wire).expect("valid").expect("complete")
+        else {
+            panic!("a 101")
+        };
         assert_eq!(
-            head.headers()["sec-websocket-accept"],
+            switched.accept(),
+            Some(&b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="[..])
+        );
+        assert!(switched.upgrades_to_websocket());
+        assert_eq!(switched.protocol(), Ok(None));
+        assert_eq!(&wire[len..], b"\x81\x02hi");
+        assert_eq!(
+            switched.for_client,
+            b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\
+              connection: upgrade\r\nupgrade: websocket\r\n\r\n"
+        );
+        let head = switched.client_head();
+        assert_eq!(head.status, StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(
+            head.headers["sec-websocket-accept"],
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
-        assert_eq!(&wire[len..], b"\x81\x02hi");
+        assert_eq!(head.headers["upgrade"], "websocket");
+    }
+
+    #[test]
+    fn the_client_s_101_loses_hop_by_hop_headers_and_what_connection_names() {
+        let wire =
+            b"HTTP/1.1 101 Whatever\r\nUpgrade: WebSocket\r\nConnection: Upgrade, X-Internal\r\n\
+            X-Internal: secret\r\nKeep-Alive: timeout=5\r\nSec-WebSocket-Protocol: chat\r\n\
+            Sec-WebSocket-Protocol: chat\r\nSec-WebSocket-Accept: a\r\nSec-WebSocket-Accept: b\r\n\
+            Set-Cookie: x=1\r\n\r\n";
+        let (Parsed::Switching(s), _) = parse_answer(wire).expect("valid").expect("complete")
+        else {
+            panic!("a 101")
+        };
+        assert_eq!(s.accept(), None, "two accept lines");
+        assert_eq!(s.protocol(), Err(()), "two protocol lines");
+        assert!(s.upgrades_to_websocket(), "tokens compare without case");
+        let text = String::from_utf8(s.for_client).expect("text");
+        assert!(!text.contains("X-Internal"), "{text}");
+        assert!(!text.contains("Keep-Alive"), "{text}");
+        assert!(!text.contains("Upgrade: WebSocket"), "{text}");
+        assert!(text.contains("Set-Cookie: x=1\r\n"), "{text}");
+        assert!(
+            text.ends_with("connection: upgrade\r\nupgrade: websocket\r\n\r\n"),
+            "{text}"
+        );
+        let (other, _) = parse_answer(b"HTTP/1.1 403 No\r\n\r\n")
+            .expect("valid")
+            .expect("complete");
+        assert!(matches!(other, Parsed::Other));
     }
 
     #[test]
@@ -258,12 +410,13 @@ mod tests {
 
     #[test]
     fn bad_answers_are_errors_not_panics() {
-        let cases: [&[u8]; 6] = [
+        let cases: [&[u8]; 7] = [
             b"garbage garbage\r\n\r\n",
             b"HTTP/1.1 99999 Nope\r\n\r\n",
             b"HTTP/2 101 x\r\n\r\n",
             b"HTTP/1.1 101 x\r\nbad header\r\n\r\n",
             b"HTTP/1.1 101 x\r\nname: \x01\r\n\r\n",
+            b"HTTP/1.1 101 x\r\nname: a\x7fb\r\n\r\n",
             b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
         ];
         for wire in cases {
