@@ -163,6 +163,10 @@ mod tests {
     use std::io::Write;
     use std::sync::Mutex;
 
+    use crate::config::LogFormat;
+    use crate::log_format;
+    use crate::session::{CloseStatus, ClosedBy, End};
+
     /// A writer the test reads back.
     #[derive(Clone, Default)]
     struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -224,6 +228,170 @@ mod tests {
                 line.contains(&format!(" {field}=1")),
                 "{field} missing: {line}"
             );
+        }
+    }
+
+    /// What `session` is given about an ended session.
+    type Ended = (SessionInfo, SessionEnd, Traffic, Duration);
+
+    /// What `session` writes through wsgate's own subscriber
+    /// (`log_format::dispatch`, not a terminal) in `format` under the
+    /// filter directives `filter`.
+    fn record_of(format: LogFormat, filter: &str, (info, end, traffic, took): &Ended) -> String {
+        let out = Captured::default();
+        let writer = out.clone();
+        let filter = crate::config::log_filter(filter).expect("filter");
+        let dispatch = log_format::dispatch(format, filter, false, move || writer.clone());
+        tracing::dispatcher::with_default(&dispatch, || session(info, end, traffic, *took));
+        let bytes = out.0.lock().expect("lock").clone();
+        String::from_utf8(bytes).expect("utf-8")
+    }
+
+    /// `text` with its timestamp (RFC 3339, microseconds, UTC: the one
+    /// part that differs from run to run) checked for shape and replaced
+    /// by `<time>`.
+    fn timeless(text: &str, at: usize) -> String {
+        let stamp = &text.as_bytes()[at..at + 27];
+        let shape = b"0000-00-00T00:00:00.000000Z";
+        let fits = stamp.iter().zip(shape).all(|(&b, &s)| {
+            if s == b'0' {
+                b.is_ascii_digit()
+            } else {
+                b == s
+            }
+        });
+        assert!(fits, "no timestamp at {at}: {text}");
+        format!("{}<time>{}", &text[..at], &text[at + 27..])
+    }
+
+    /// A session like most: IPv4 client, a Close each way.
+    fn common() -> Ended {
+        (
+            SessionInfo {
+                id: 0x00ab_cdef_0123_4567,
+                client: IpAddr::from([10, 1, 2, 3]),
+                path: "/chat".into(),
+                subprotocol: "".into(),
+                keys: "".into(),
+            },
+            SessionEnd {
+                closed_by: ClosedBy::Client,
+                end: End::ClientClose,
+                status: CloseStatus::Code(1000),
+                reason: "bye".into(),
+            },
+            Traffic {
+                bytes_in: 10,
+                bytes_out: 2_345,
+                msgs_in: 1,
+                msgs_out: 20,
+            },
+            Duration::from_micros(1_234_567),
+        )
+    }
+
+    /// Every value at an edge: an IPv6 client, strings to escape, the
+    /// largest numbers, no Close frame.
+    fn awkward() -> Ended {
+        (
+            SessionInfo {
+                id: u64::MAX,
+                client: "2001:db8::ff:1".parse().expect("ip"),
+                path: "/a \"b\"\\c/é".into(),
+                subprotocol: "chat.v2".into(),
+                keys: "ip=10.0.0.1 tenant=acme".into(),
+            },
+            SessionEnd {
+                closed_by: ClosedBy::Nobody,
+                end: End::ClientEof,
+                status: CloseStatus::NoFrame,
+                reason: "tab\\x09 \u{a0}\u{7f} ü".into(),
+            },
+            Traffic {
+                bytes_in: u64::MAX,
+                bytes_out: 0,
+                msgs_in: 0,
+                msgs_out: u64::MAX,
+            },
+            Duration::MAX,
+        )
+    }
+
+    /// The bytes of a text record, as wsgate wrote them before the record
+    /// was made cheaper (the timestamp aside): any change is a change of
+    /// output.
+    #[test]
+    fn text_record_bytes_are_pinned() {
+        let at = |r: Ended| timeless(&record_of(LogFormat::Text, "info", &r), 0);
+        assert_eq!(
+            at(common()),
+            "<time>  INFO wsgate::access: session session=00abcdef01234567 client=10.1.2.3 \
+             path=\"/chat\" subprotocol=\"\" keys=\"\" duration_ms=1234 bytes_in=10 \
+             bytes_out=2345 msgs_in=1 msgs_out=20 close_code=1000 close_reason=\"bye\" \
+             closed_by=\"client\" end=\"client_close\"\n"
+        );
+        assert_eq!(
+            at(awkward()),
+            concat!(
+                r#"<time>  INFO wsgate::access: session session=ffffffffffffffff "#,
+                r#"client=2001:db8::ff:1 path="/a \"b\"\\c/é" subprotocol="chat.v2" "#,
+                r#"keys="ip=10.0.0.1 tenant=acme" duration_ms=18446744073709551615 "#,
+                r#"bytes_in=18446744073709551615 bytes_out=0 msgs_in=0 "#,
+                r#"msgs_out=18446744073709551615 close_code=1006 "#,
+                r#"close_reason="tab\\x09 \u{a0}\u{7f} ü" closed_by="none" end="client_eof""#,
+                "\n"
+            )
+        );
+    }
+
+    /// The bytes of a JSON record, as for the text one.
+    #[test]
+    fn json_record_bytes_are_pinned() {
+        let at = |r: Ended| timeless(&record_of(LogFormat::Json, "info", &r), 14);
+        assert_eq!(
+            at(common()),
+            "{\"timestamp\":\"<time>\",\"level\":\"INFO\",\"message\":\"session\",\
+             \"session\":\"00abcdef01234567\",\"client\":\"10.1.2.3\",\"path\":\"/chat\",\
+             \"subprotocol\":\"\",\"keys\":\"\",\"duration_ms\":1234,\"bytes_in\":10,\
+             \"bytes_out\":2345,\"msgs_in\":1,\"msgs_out\":20,\"close_code\":1000,\
+             \"close_reason\":\"bye\",\"closed_by\":\"client\",\"end\":\"client_close\",\
+             \"target\":\"wsgate::access\"}\n"
+        );
+        assert_eq!(
+            at(awkward()),
+            concat!(
+                r#"{"timestamp":"<time>","level":"INFO","message":"session","#,
+                r#""session":"ffffffffffffffff","client":"2001:db8::ff:1","#,
+                r#""path":"/a \"b\"\\c/é","subprotocol":"chat.v2","#,
+                r#""keys":"ip=10.0.0.1 tenant=acme","duration_ms":18446744073709551615,"#,
+                r#""bytes_in":18446744073709551615,"bytes_out":0,"msgs_in":0,"#,
+                r#""msgs_out":18446744073709551615,"close_code":1006,"#,
+                r#""close_reason":"tab\\x09 "#,
+                "\u{a0}\u{7f}",
+                r#" ü","closed_by":"none","end":"client_eof","target":"wsgate::access"}"#,
+                "\n"
+            )
+        );
+    }
+
+    /// `log_level` / `RUST_LOG` directives still turn the record off by
+    /// target or level, in both formats.
+    #[test]
+    fn filters_turn_the_record_off() {
+        for format in [LogFormat::Text, LogFormat::Json] {
+            for filter in [
+                "info,wsgate::access=off",
+                "warn",
+                "wsgate=info,wsgate::access=warn",
+            ] {
+                assert_eq!(record_of(format, filter, &common()), "", "{filter}");
+            }
+            for filter in ["off,wsgate::access=info", "wsgate::access"] {
+                assert!(
+                    record_of(format, filter, &common()).contains("session"),
+                    "{filter}"
+                );
+            }
         }
     }
 

@@ -1,5 +1,6 @@
 //! How log lines are written, for less CPU than tracing-subscriber's
-//! defaults and the same text:
+//! defaults and the same text. [`dispatch`] is the subscriber `main`
+//! installs (and tests build), made of:
 //! - [`PlainFields`]: the fields of a text line when the output is not a
 //!   terminal, `name=value` pairs as the default writes them without colours;
 //! - [`Timestamp`]: the RFC 3339 time (microseconds, UTC) every line starts
@@ -23,10 +24,42 @@ use std::fmt::{self, Write as _};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
+use tracing::Dispatch;
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::FormatTime;
-use tracing_subscriber::fmt::FormatFields;
+use tracing_subscriber::fmt::{FormatFields, MakeWriter};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// The subscriber wsgate logs through (`main` installs it): lines in
+/// `format`, those `filter` lets through, written to `writer`, coloured
+/// when `ansi` (stderr is a terminal). Tests build the same one.
+pub fn dispatch<W>(format: LogFormat, filter: EnvFilter, ansi: bool, writer: W) -> Dispatch
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_timer(Timestamp)
+        .with_ansi(ansi);
+    match format {
+        LogFormat::Text if ansi => builder.finish().into(),
+        // The same text without the cost of styling every field name.
+        LogFormat::Text => builder.fmt_fields(PlainFields).finish().into(),
+        // Fields at the top level of each object (not under "fields"), so
+        // `jq '.close_code'` reads the access log (docs/operations.md#access-log) as it is.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .finish()
+            .into(),
+    }
+}
 
 /// The plain field formatter (see the module documentation).
 #[derive(Debug, Clone, Copy, Default)]

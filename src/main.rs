@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 use wsgate::config::{Config, ConfigSource, LogFormat, RawConfig};
 
@@ -178,24 +179,7 @@ fn init_tracing(format: LogFormat, log_level: &str) -> Option<String> {
         _ => (configured_filter(log_level), None),
     };
     let terminal = std::io::stderr().is_terminal();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_timer(wsgate::log_format::Timestamp)
-        .with_ansi(terminal);
-    match format {
-        LogFormat::Text if terminal => builder.init(),
-        // The same text without the cost of styling every field name.
-        LogFormat::Text => builder.fmt_fields(wsgate::log_format::PlainFields).init(),
-        // Fields at the top level of each object (not under "fields"), so
-        // `jq '.close_code'` reads the access log (docs/operations.md#access-log) as it is.
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .init(),
-    }
+    wsgate::log_format::dispatch(format, filter, terminal, std::io::stderr).init();
     ignored
 }
 
