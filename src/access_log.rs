@@ -10,6 +10,7 @@
 //! reason; the exit flushes what is pending. A timer exists only while a
 //! window is open.
 
+use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -43,11 +44,16 @@ pub(crate) struct SessionInfo {
 }
 
 /// Writes a session's record.
+///
+/// The message is a `message` field of its own, a `&str` rather than
+/// `format_args!`, and the id and the address are formatted on the stack:
+/// the same bytes in either format, less of `core::fmt` per record.
 pub(crate) fn session(info: &SessionInfo, end: &SessionEnd, traffic: &Traffic, took: Duration) {
     tracing::info!(
         target: TARGET,
-        session = %format_args!("{:016x}", info.id),
-        client = %info.client,
+        message = "session",
+        session = %StackText::hex(info.id),
+        client = %StackText::ip(info.client),
         path = &*info.path,
         subprotocol = &*info.subprotocol,
         keys = &*info.keys,
@@ -60,8 +66,89 @@ pub(crate) fn session(info: &SessionInfo, end: &SessionEnd, traffic: &Traffic, t
         close_reason = end.reason.as_str(),
         closed_by = end.closed_by.label(),
         end = end.end.label(),
-        "session"
     );
+}
+
+/// A short text made on the stack and written as it is by `Display`: the
+/// session id as 16 hex digits, the client's address. Through `core::fmt`
+/// (`{:016x}`, `Ipv4Addr`'s `Display`) these two were about a third of the
+/// record's cost; IPv6 addresses, rarer, still go through `Display`.
+#[derive(Clone, Copy)]
+struct StackText {
+    /// Room for the longest IPv6 text.
+    bytes: [u8; 45],
+    len: usize,
+}
+
+impl StackText {
+    const EMPTY: StackText = StackText {
+        bytes: [0; 45],
+        len: 0,
+    };
+
+    /// `n` as `{:016x}` writes it.
+    fn hex(n: u64) -> StackText {
+        let mut text = StackText::EMPTY;
+        for shift in (0..16).rev() {
+            // A nibble: the cast cannot truncate.
+            text.push(b"0123456789abcdef"[(n >> (4 * shift) & 0xf) as usize]);
+        }
+        text
+    }
+
+    /// `addr` as its `Display` writes it.
+    fn ip(addr: IpAddr) -> StackText {
+        let mut text = StackText::EMPTY;
+        match addr {
+            IpAddr::V4(v4) => {
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        text.push(b'.');
+                    }
+                    if octet >= 100 {
+                        text.push(b'0' + octet / 100);
+                    }
+                    if octet >= 10 {
+                        text.push(b'0' + octet / 10 % 10);
+                    }
+                    text.push(b'0' + octet % 10);
+                }
+            }
+            // At most 45 bytes: the write cannot fail.
+            IpAddr::V6(v6) => {
+                let _ = write!(text, "{v6}");
+            }
+        }
+        text
+    }
+
+    fn push(&mut self, byte: u8) {
+        self.bytes[self.len] = byte;
+        self.len += 1;
+    }
+
+    fn as_str(&self) -> &str {
+        // Only ASCII was written.
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or_default()
+    }
+}
+
+impl fmt::Write for StackText {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        self.bytes
+            .get_mut(self.len..end)
+            .ok_or(fmt::Error)?
+            .copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+impl fmt::Display for StackText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Why an upgrade did not become a session.
@@ -392,6 +479,36 @@ mod tests {
                     "{filter}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn stack_text_is_what_fmt_writes() {
+        for n in [0, 1, 0xabc, 0x00ab_cdef_0123_4567, u64::MAX >> 4, u64::MAX] {
+            assert_eq!(StackText::hex(n).as_str(), format!("{n:016x}"));
+        }
+        let v4 = (0..=255_u8).flat_map(|o| {
+            [
+                IpAddr::from([o, 0, 0, 1]),
+                IpAddr::from([10, o, 99, 100]),
+                IpAddr::from([255, 9, o, o]),
+            ]
+        });
+        let v6 = [
+            "::",
+            "::1",
+            "2001:db8::ff:1",
+            "fe80::1:2:3:4",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:255.255.255.255",
+            "::ffff:10.0.0.1",
+            "::10.0.0.1",
+            "64:ff9b::192.0.2.33",
+            "1:0:0:1::1",
+        ]
+        .map(|a| a.parse::<IpAddr>().expect("ip"));
+        for addr in v4.chain(v6) {
+            assert_eq!(StackText::ip(addr).as_str(), addr.to_string());
         }
     }
 
