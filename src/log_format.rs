@@ -17,7 +17,10 @@
 //! quoted and escaped), `%`-fields as their `Display` form, a raw
 //! identifier without its `r#`. As in the default, the characters of a
 //! message that could drive a terminal (ESC, BEL, ...) are escaped.
-//! Strings of plain printable ASCII and integers skip the `fmt` machinery.
+//! The fields are appended to a `String` kept per thread and handed to
+//! the line in one write, not written piece by piece through
+//! `fmt::Write`; strings of plain printable ASCII, integers and booleans
+//! skip the `fmt` machinery.
 
 use std::cell::RefCell;
 use std::fmt::{self, Write as _};
@@ -66,39 +69,80 @@ where
 pub struct PlainFields;
 
 impl<'writer> FormatFields<'writer> for PlainFields {
-    fn format_fields<R: RecordFields>(&self, writer: Writer<'writer>, fields: R) -> fmt::Result {
-        let mut visitor = Visitor {
-            writer,
-            first: true,
-            result: Ok(()),
-        };
-        fields.record(&mut visitor);
-        visitor.result
+    fn format_fields<R: RecordFields>(
+        &self,
+        mut writer: Writer<'writer>,
+        fields: R,
+    ) -> fmt::Result {
+        with_line(|line| {
+            let mut visitor = Visitor::new(line);
+            fields.record(&mut visitor);
+            visitor.result?;
+            writer.write_str(line)
+        })
     }
 }
 
-/// Writes one event's fields.
-struct Visitor<'writer> {
-    writer: Writer<'writer>,
+thread_local! {
+    /// The text being formatted on this thread, kept from line to line so
+    /// that a line costs no allocation.
+    static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// The most of [`LINE`]'s capacity kept after a line (one huge line must
+/// not hold its memory for the thread's life).
+const LINE_KEPT: usize = 16 * 1024;
+
+/// Runs `format` on this thread's line text, empty. A line formatted while
+/// another is (a field's `Debug` that logs) gets a `String` of its own.
+fn with_line(format: impl FnOnce(&mut String) -> fmt::Result) -> fmt::Result {
+    LINE.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut line) => {
+            line.clear();
+            let result = format(&mut line);
+            if line.capacity() > LINE_KEPT {
+                *line = String::new();
+            }
+            result
+        }
+        Err(_) => format(&mut String::new()),
+    })
+}
+
+/// Appends one event's fields to a line: each write is a `String` append,
+/// not a call through `fmt::Write`.
+struct Visitor<'line> {
+    line: &'line mut String,
     first: bool,
+    /// A `Debug` or `Display` implementation's error, if one failed.
     result: fmt::Result,
 }
 
-impl Visitor<'_> {
-    /// The separator before every field but the first, then `name=`.
-    fn start(&mut self, field: &Field) -> fmt::Result {
+impl<'line> Visitor<'line> {
+    fn new(line: &'line mut String) -> Self {
+        Visitor {
+            line,
+            first: true,
+            result: Ok(()),
+        }
+    }
+
+    /// The separator before every field but the first, then `name=`;
+    /// whether the field is the message (written without its name).
+    #[inline(always)]
+    fn start(&mut self, field: &Field) -> bool {
         if self.first {
             self.first = false;
         } else {
-            self.writer.write_char(' ')?;
+            self.line.push(' ');
         }
         let name = field.name();
         if name == "message" {
-            return Ok(());
+            return true;
         }
-        self.writer
-            .write_str(name.strip_prefix("r#").unwrap_or(name))?;
-        self.writer.write_char('=')
+        self.line.push_str(name.strip_prefix("r#").unwrap_or(name));
+        self.line.push('=');
+        false
     }
 }
 
@@ -107,77 +151,105 @@ impl Visit for Visitor<'_> {
         if self.result.is_err() {
             return;
         }
-        self.result = self.start(field).and_then(|()| {
-            if field.name() == "message" {
-                Escaping(&mut self.writer).write_str(value)
-            } else if value
-                .bytes()
-                .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
-            {
-                // What `Debug` would write, without its per-character escaping.
-                self.writer.write_char('"')?;
-                self.writer.write_str(value)?;
-                self.writer.write_char('"')
-            } else {
-                write!(self.writer, "{value:?}")
-            }
-        });
+        if self.start(field) {
+            push_escaped(self.line, value);
+        } else if value
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+        {
+            // What `Debug` would write, without its per-character escaping.
+            self.line.push('"');
+            self.line.push_str(value);
+            self.line.push('"');
+        } else {
+            self.result = write!(self.line, "{value:?}");
+        }
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
         if self.result.is_err() {
             return;
         }
-        self.result = self
-            .start(field)
-            .and_then(|()| self.writer.write_str(Digits::of(value).as_str()));
+        self.start(field);
+        push_u64(self.line, value);
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
         if self.result.is_err() {
             return;
         }
-        self.result = self.start(field).and_then(|()| {
-            if value < 0 {
-                self.writer.write_char('-')?;
-            }
-            self.writer
-                .write_str(Digits::of(value.unsigned_abs()).as_str())
-        });
+        self.start(field);
+        if value < 0 {
+            self.line.push('-');
+        }
+        push_u64(self.line, value.unsigned_abs());
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if self.result.is_err() {
+            return;
+        }
+        self.start(field);
+        self.line.push_str(if value { "true" } else { "false" });
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         if self.result.is_err() {
             return;
         }
-        self.result = self.start(field).and_then(|()| {
-            if field.name() == "message" {
-                // A message is `format_args!`: its Debug form is its text.
-                write!(Escaping(&mut self.writer), "{value:?}")
-            } else {
-                write!(self.writer, "{value:?}")
-            }
-        });
+        self.result = if self.start(field) {
+            // A message is `format_args!`: its Debug form is its text.
+            write!(Escaping(self.line), "{value:?}")
+        } else {
+            write!(self.line, "{value:?}")
+        };
     }
 }
 
-/// Writes through to the line with the characters that can drive a
-/// terminal escaped, as the default formatter escapes a message: ESC, BEL,
-/// BS, FF, DEL as `\xNN`, C1 controls as `\u{NN}`.
-struct Escaping<'a, 'writer>(&'a mut Writer<'writer>);
-
-impl fmt::Write for Escaping<'_, '_> {
-    fn write_str(&mut self, text: &str) -> fmt::Result {
-        let mut rest = text;
-        while let Some((at, ch)) = rest.char_indices().find(|&(_, c)| drives_a_terminal(c)) {
-            self.0.write_str(&rest[..at])?;
-            match ch {
-                '\u{80}'..='\u{9f}' => write!(self.0, "\\u{{{:x}}}", u32::from(ch))?,
-                _ => write!(self.0, "\\x{:02x}", u32::from(ch))?,
-            }
-            rest = &rest[at + ch.len_utf8()..];
+/// Appends `text` with the characters that can drive a terminal escaped,
+/// as the default formatter escapes a message: ESC, BEL, BS, FF, DEL as
+/// `\xNN`, C1 controls as `\u{NN}`.
+fn push_escaped(line: &mut String, text: &str) {
+    // None of those bytes, nor the first byte of a C1 control's UTF-8: as it is.
+    if !text
+        .bytes()
+        .any(|b| matches!(b, 0x1b | 0x07 | 0x08 | 0x0c | 0x7f | 0xc2))
+    {
+        line.push_str(text);
+        return;
+    }
+    let mut rest = text;
+    while let Some((at, ch)) = rest.char_indices().find(|&(_, c)| drives_a_terminal(c)) {
+        line.push_str(&rest[..at]);
+        line.push_str(if ('\u{80}'..='\u{9f}').contains(&ch) {
+            "\\u{"
+        } else {
+            "\\x"
+        });
+        // All below 0x100: two digits.
+        let code = u32::from(ch);
+        line.push(hex_digit(code >> 4));
+        line.push(hex_digit(code));
+        if ch > '\u{7f}' {
+            line.push('}');
         }
-        self.0.write_str(rest)
+        rest = &rest[at + ch.len_utf8()..];
+    }
+    line.push_str(rest);
+}
+
+/// The lowercase hex digit of `n`'s low four bits.
+fn hex_digit(n: u32) -> char {
+    char::from(b"0123456789abcdef"[(n & 0xf) as usize])
+}
+
+/// Writes through to a line, escaped as [`push_escaped`] does.
+struct Escaping<'a>(&'a mut String);
+
+impl fmt::Write for Escaping<'_> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        push_escaped(self.0, text);
+        Ok(())
     }
 }
 
@@ -189,31 +261,34 @@ fn drives_a_terminal(c: char) -> bool {
     )
 }
 
-/// A `u64` in decimal, written without `fmt`.
-struct Digits {
-    buf: [u8; 20],
-    start: usize,
+/// Appends `n` in decimal, without `fmt`.
+#[inline]
+fn push_u64(line: &mut String, n: u64) {
+    if n < 10 {
+        line.push(digit(n));
+    } else {
+        push_digits(line, n);
+    }
 }
 
-impl Digits {
-    fn of(mut n: u64) -> Self {
-        let mut buf = [b'0'; 20];
-        let mut start = buf.len();
-        loop {
-            start -= 1;
-            // `n % 10` < 10: the cast cannot truncate.
-            buf[start] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                return Digits { buf, start };
-            }
-        }
+/// `push_u64` of two digits or more.
+fn push_digits(line: &mut String, mut n: u64) {
+    let mut digits = [b'0'; 20];
+    let mut start = digits.len();
+    while n > 0 {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
     }
+    for &d in &digits[start..] {
+        line.push(char::from(d));
+    }
+}
 
-    fn as_str(&self) -> &str {
-        // Only ASCII digits were written.
-        std::str::from_utf8(&self.buf[self.start..]).unwrap_or("0")
-    }
+/// The last decimal digit of `n`.
+fn digit(n: u64) -> char {
+    // `n % 10` < 10: the cast cannot truncate.
+    char::from(b'0' + (n % 10) as u8)
 }
 
 /// The time at the start of every line, as tracing-subscriber's default
@@ -247,6 +322,33 @@ impl FormatTime for Timestamp {
         // "1" followed by six digits: the leading one pads to six.
         w.write_str(&micros.as_str()[1..])?;
         w.write_char('Z')
+    }
+}
+
+/// A `u64` in decimal, written without `fmt`.
+struct Digits {
+    buf: [u8; 20],
+    start: usize,
+}
+
+impl Digits {
+    fn of(mut n: u64) -> Self {
+        let mut buf = [b'0'; 20];
+        let mut start = buf.len();
+        loop {
+            start -= 1;
+            // `n % 10` < 10: the cast cannot truncate.
+            buf[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                return Digits { buf, start };
+            }
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        // Only ASCII digits were written.
+        std::str::from_utf8(&self.buf[self.start..]).unwrap_or("0")
     }
 }
 
@@ -335,7 +437,7 @@ mod tests {
 
     #[test]
     fn writes_what_the_default_writes_without_colours() {
-        let cases: [fn(); 7] = [
+        let cases: [fn(); 8] = [
             || {
                 tracing::info!(
                     target: "wsgate::access",
@@ -364,6 +466,7 @@ mod tests {
                     "\x1b"
                 )
             },
+            || tracing::info!(message = "a &str \x1b message", quiet = false),
         ];
         for emit in cases {
             let (plain, default) = (line(true, emit), line(false, emit));
@@ -409,10 +512,35 @@ mod tests {
         panic!("the second never matched the default formatter's");
     }
 
+    /// A line logged while another is formatted (a field's `Debug` that
+    /// logs, through the global subscriber) is built in a `String` of its
+    /// own, not in the one in use.
+    #[test]
+    fn a_line_inside_another_has_its_own_text() {
+        let outer = super::with_line(|line| {
+            line.push_str("outer");
+            super::with_line(|inner| {
+                assert_eq!(inner, "");
+                inner.push_str("inner");
+                Ok(())
+            })?;
+            assert_eq!(line, "outer");
+            Ok(())
+        });
+        assert_eq!(outer, Ok(()));
+        super::with_line(|line| {
+            assert_eq!(line, "", "the text of the last line is cleared");
+            Ok(())
+        })
+        .expect("format");
+    }
+
     #[test]
     fn integers_are_written_in_decimal() {
         for n in [0, 7, 10, 99, 1000, 65_535, u64::from(u32::MAX), u64::MAX] {
-            assert_eq!(super::Digits::of(n).as_str(), n.to_string());
+            let mut line = String::new();
+            super::push_u64(&mut line, n);
+            assert_eq!(line, n.to_string());
         }
     }
 
