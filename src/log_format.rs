@@ -1,37 +1,44 @@
 //! How log lines are written, for less CPU than tracing-subscriber's
 //! defaults and the same text. [`dispatch`] is the subscriber `main`
 //! installs (and tests build), made of:
-//! - [`PlainFields`]: the fields of a text line when the output is not a
-//!   terminal, `name=value` pairs as the default writes them without colours;
+//! - [`PlainLine`]: a text line when the output is not a terminal, the
+//!   default `Full` format's `<time> <level> <target>: <fields>` built in
+//!   one `String` without `fmt` (events in a span and `log` records are
+//!   left to `Full`);
+//! - [`PlainFields`]: the fields of such a line, `name=value` pairs as the
+//!   default writes them without colours;
 //! - [`Timestamp`]: the RFC 3339 time (microseconds, UTC) every line starts
 //!   with, its date and time of day formatted once per second, not per line.
 //!
 //! Why: the access log (docs/operations.md#access-log) writes a 14-field record per session, and
 //! the default field formatter styles every field name (`nu_ansi_term`
 //! italic and dimmed) even when colours are off, which was about a third of
-//! the record's cost per upgrade. On a terminal the default, coloured
-//! formatter is kept.
+//! the record's cost per upgrade; the default event formatter paints the
+//! level and target the same way, and every piece of a line was a call
+//! through `fmt::Write`. On a terminal the default, coloured formatters are
+//! kept.
 //!
 //! The output is the default's: fields separated by one space, `message`
 //! first as its text, every other value as its `Debug` form (strings
 //! quoted and escaped), `%`-fields as their `Display` form, a raw
 //! identifier without its `r#`. As in the default, the characters of a
 //! message that could drive a terminal (ESC, BEL, ...) are escaped.
-//! The fields are appended to a `String` kept per thread and handed to
-//! the line in one write, not written piece by piece through
-//! `fmt::Write`; strings of plain printable ASCII, integers and booleans
-//! skip the `fmt` machinery.
+//! A line is appended to a `String` kept per thread and handed to the
+//! writer in one write, not written piece by piece through `fmt::Write`;
+//! strings of plain printable ASCII, integers and booleans skip the `fmt`
+//! machinery.
 
 use std::cell::RefCell;
 use std::fmt::{self, Write as _};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
-use tracing::Dispatch;
+use tracing::{Dispatch, Event, Level, Subscriber};
 use tracing_subscriber::field::RecordFields;
-use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::format::{Format, Full, Writer};
 use tracing_subscriber::fmt::time::FormatTime;
-use tracing_subscriber::fmt::{FormatFields, MakeWriter};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -51,7 +58,11 @@ where
     match format {
         LogFormat::Text if ansi => builder.finish().into(),
         // The same text without the cost of styling every field name.
-        LogFormat::Text => builder.fmt_fields(PlainFields).finish().into(),
+        LogFormat::Text => builder
+            .fmt_fields(PlainFields)
+            .event_format(PlainLine::default())
+            .finish()
+            .into(),
         // Fields at the top level of each object (not under "fields"), so
         // `jq '.close_code'` reads the access log (docs/operations.md#access-log) as it is.
         LogFormat::Json => builder
@@ -78,6 +89,68 @@ impl<'writer> FormatFields<'writer> for PlainFields {
             let mut visitor = Visitor::new(line);
             fields.record(&mut visitor);
             visitor.result?;
+            writer.write_str(line)
+        })
+    }
+}
+
+/// The text line when the output is not a terminal: what
+/// tracing-subscriber's default `Full` format writes with [`Timestamp`]
+/// and [`PlainFields`] (`<time> <level> <target>: <fields>`), built in one
+/// `String` without `fmt`: the level and the target are written as they
+/// are, not painted with an empty style through `write!`.
+///
+/// Events in a span and `log` records (whose level and target tracing-log
+/// rewrites) are left to `Full` itself.
+#[derive(Debug)]
+pub struct PlainLine {
+    full: Format<Full, Timestamp>,
+}
+
+impl Default for PlainLine {
+    fn default() -> Self {
+        PlainLine {
+            full: Format::default().with_timer(Timestamp),
+        }
+    }
+}
+
+impl<S> FormatEvent<S, PlainFields> for PlainLine
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, PlainFields>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        // Colours (not set where this formatter is used), a `log` record,
+        // spans: the default's own way.
+        if writer.has_ansi_escapes() || meta.target() == "log" || ctx.event_scope().is_some() {
+            return self.full.format_event(ctx, writer, event);
+        }
+        with_line(|line| {
+            if write_time(line).is_err() {
+                line.push_str("<unknown time>");
+            }
+            line.push(' ');
+            // `Full`'s level: padded to five, no colour.
+            line.push_str(match *meta.level() {
+                Level::TRACE => "TRACE",
+                Level::DEBUG => "DEBUG",
+                Level::INFO => " INFO",
+                Level::WARN => " WARN",
+                Level::ERROR => "ERROR",
+            });
+            line.push(' ');
+            line.push_str(meta.target());
+            line.push_str(": ");
+            let mut visitor = Visitor::new(line);
+            event.record(&mut visitor);
+            visitor.result?;
+            line.push('\n');
             writer.write_str(line)
         })
     }
@@ -304,52 +377,31 @@ thread_local! {
 
 impl FormatTime for Timestamp {
     fn format_time(&self, w: &mut Writer<'_>) -> fmt::Result {
-        let Ok(since) = SystemTime::now().duration_since(UNIX_EPOCH) else {
-            // A clock before 1970: leave it to the default formatter.
-            return tracing_subscriber::fmt::time::SystemTime.format_time(w);
-        };
-        let secs = since.as_secs();
-        SECOND.with(|cell| {
-            let mut cached = cell.borrow_mut();
-            if cached.0 != secs {
-                cached.1.clear();
-                write_second(&mut cached.1, secs)?;
-                cached.0 = secs;
-            }
-            w.write_str(&cached.1)
-        })?;
-        let micros = Digits::of(u64::from(since.subsec_micros()) + 1_000_000);
-        // "1" followed by six digits: the leading one pads to six.
-        w.write_str(&micros.as_str()[1..])?;
-        w.write_char('Z')
+        write_time(w)
     }
 }
 
-/// A `u64` in decimal, written without `fmt`.
-struct Digits {
-    buf: [u8; 20],
-    start: usize,
-}
-
-impl Digits {
-    fn of(mut n: u64) -> Self {
-        let mut buf = [b'0'; 20];
-        let mut start = buf.len();
-        loop {
-            start -= 1;
-            // `n % 10` < 10: the cast cannot truncate.
-            buf[start] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                return Digits { buf, start };
-            }
+/// Writes the time as [`Timestamp`] does, to a line or a [`Writer`].
+fn write_time(out: &mut impl fmt::Write) -> fmt::Result {
+    let Ok(since) = SystemTime::now().duration_since(UNIX_EPOCH) else {
+        // A clock before 1970: leave it to the default formatter.
+        return tracing_subscriber::fmt::time::SystemTime.format_time(&mut Writer::new(out));
+    };
+    let secs = since.as_secs();
+    SECOND.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        if cached.0 != secs {
+            cached.1.clear();
+            write_second(&mut cached.1, secs)?;
+            cached.0 = secs;
         }
+        out.write_str(&cached.1)
+    })?;
+    let micros = u64::from(since.subsec_micros());
+    for power in [100_000, 10_000, 1_000, 100, 10, 1] {
+        out.write_char(digit(micros / power))?;
     }
-
-    fn as_str(&self) -> &str {
-        // Only ASCII digits were written.
-        std::str::from_utf8(&self.buf[self.start..]).unwrap_or("0")
-    }
+    out.write_char('Z')
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.` for `secs` since the Unix epoch (UTC).
@@ -386,8 +438,10 @@ mod tests {
     use std::sync::{Arc, Mutex, PoisonError};
 
     use tracing_subscriber::fmt::MakeWriter;
+    use tracing_subscriber::EnvFilter;
 
-    use super::PlainFields;
+    use super::{PlainFields, Timestamp};
+    use crate::config::LogFormat;
 
     /// Collects what a subscriber writes.
     #[derive(Clone, Default)]
@@ -435,43 +489,116 @@ mod tests {
         String::from_utf8(bytes).expect("utf-8")
     }
 
+    /// Events of every kind of field, message and escape.
+    const CASES: [fn(); 8] = [
+        || {
+            tracing::info!(
+                target: "wsgate::access",
+                session = %format_args!("{:016x}", 0xabc_u64),
+                client = %std::net::IpAddr::from([127, 0, 0, 1]),
+                path = "/a b\"c\\d",
+                subprotocol = "",
+                duration_ms = 12_u64,
+                close_code = 1000_u16,
+                signed = -3_i64,
+                min = i64::MIN,
+                flag = true,
+                ratio = 0.5_f64,
+                close_reason = "tab\there \u{7f} é",
+                "session"
+            );
+        },
+        || tracing::warn!("reload: {} changes only take effect after a restart", "x"),
+        || tracing::info!(addr = %"127.0.0.1:1", "proxy listening"),
+        || tracing::info!(r#type = "raw", "identifier"),
+        || tracing::info!(error = ?std::io::Error::other("boom"), "debug field"),
+        || tracing::info!(only = 1_u64),
+        || {
+            tracing::info!(
+                "bell\x07 bs\x08 ff\x0c del\x7f c1\u{85} esc\x1b[0m {}",
+                "\x1b"
+            )
+        },
+        || tracing::info!(message = "a &str \x1b message", quiet = false),
+    ];
+
     #[test]
     fn writes_what_the_default_writes_without_colours() {
-        let cases: [fn(); 8] = [
-            || {
-                tracing::info!(
-                    target: "wsgate::access",
-                    session = %format_args!("{:016x}", 0xabc_u64),
-                    client = %std::net::IpAddr::from([127, 0, 0, 1]),
-                    path = "/a b\"c\\d",
-                    subprotocol = "",
-                    duration_ms = 12_u64,
-                    close_code = 1000_u16,
-                    signed = -3_i64,
-                    min = i64::MIN,
-                    flag = true,
-                    ratio = 0.5_f64,
-                    close_reason = "tab\there \u{7f} é",
-                    "session"
-                );
-            },
-            || tracing::warn!("reload: {} changes only take effect after a restart", "x"),
-            || tracing::info!(addr = %"127.0.0.1:1", "proxy listening"),
-            || tracing::info!(r#type = "raw", "identifier"),
-            || tracing::info!(error = ?std::io::Error::other("boom"), "debug field"),
-            || tracing::info!(only = 1_u64),
-            || {
-                tracing::info!(
-                    "bell\x07 bs\x08 ff\x0c del\x7f c1\u{85} esc\x1b[0m {}",
-                    "\x1b"
-                )
-            },
-            || tracing::info!(message = "a &str \x1b message", quiet = false),
-        ];
-        for emit in cases {
+        for emit in CASES {
             let (plain, default) = (line(true, emit), line(false, emit));
             assert_eq!(plain, default);
             assert!(plain.ends_with('\n') && plain.len() > 10, "{plain}");
+        }
+    }
+
+    /// What `emit` logs through the text subscriber wsgate installs when
+    /// stderr is not a terminal (`ours`), or through the default `Full`
+    /// format with [`Timestamp`] and [`PlainFields`], with every line's
+    /// timestamp replaced by `<time>`.
+    fn text_line(ours: bool, emit: fn()) -> String {
+        let sink = Sink::default();
+        let filter = || EnvFilter::new("trace");
+        if ours {
+            let dispatch = super::dispatch(LogFormat::Text, filter(), false, sink.clone());
+            tracing::dispatcher::with_default(&dispatch, emit);
+        } else {
+            let subscriber = tracing_subscriber::fmt()
+                .with_env_filter(filter())
+                .with_writer(sink.clone())
+                .with_timer(Timestamp)
+                .with_ansi(false)
+                .fmt_fields(PlainFields)
+                .finish();
+            tracing::subscriber::with_default(subscriber, emit);
+        }
+        let bytes = sink
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let text = String::from_utf8(bytes).expect("utf-8");
+        let shape = b"0000-00-00T00:00:00.000000Z ";
+        text.split_inclusive('\n')
+            .map(|l| {
+                let stamped = l.len() > shape.len()
+                    && l.bytes().zip(shape).all(|(b, &s)| {
+                        if s == b'0' {
+                            b.is_ascii_digit()
+                        } else {
+                            b == s
+                        }
+                    });
+                assert!(stamped, "no timestamp: {l:?}");
+                format!("<time>{}", &l[shape.len() - 1..])
+            })
+            .collect()
+    }
+
+    #[test]
+    fn plain_line_is_what_the_default_event_format_writes() {
+        let more: [fn(); 9] = [
+            || tracing::trace!(n = 1_u64, "trace"),
+            || tracing::debug!(n = 2_u64, "debug"),
+            || tracing::warn!(n = 3_u64, "warn"),
+            || tracing::error!(n = 4_u64, "error"),
+            || tracing::info!(target: "wsgate::access", n = 5_u64),
+            // No field recorded at all.
+            || tracing::info!(empty = tracing::field::Empty),
+            // Left to the default: in a span, and a `log` record's target.
+            || {
+                let _span = tracing::info_span!("conn", id = 7_u64).entered();
+                tracing::info!(x = 1_u64, "inside");
+            },
+            || tracing::info!(target: "log", "like a log record"),
+            || tracing::info!(parent: None, "no parent"),
+        ];
+        for emit in CASES.into_iter().chain(more) {
+            let (ours, full) = (text_line(true, emit), text_line(false, emit));
+            assert_eq!(ours, full);
+            assert!(
+                ours.starts_with("<time> ") && ours.ends_with('\n'),
+                "{ours}"
+            );
         }
     }
 
