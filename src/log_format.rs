@@ -226,10 +226,7 @@ impl Visit for Visitor<'_> {
         }
         if self.start(field) {
             push_escaped(self.line, value);
-        } else if value
-            .bytes()
-            .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
-        {
+        } else if value.bytes().all(|b| QUOTED_AS_IT_IS[usize::from(b)]) {
             // What `Debug` would write, without its per-character escaping.
             self.line.push('"');
             self.line.push_str(value);
@@ -279,15 +276,25 @@ impl Visit for Visitor<'_> {
     }
 }
 
+/// The bytes `Debug` writes as they are inside a string's quotes, and
+/// that cannot start a character it would escape: printable ASCII but `"`
+/// and `\`. (A table: a lookup per byte costs less than the comparisons.)
+static QUOTED_AS_IT_IS: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut byte = b' ';
+    while byte <= b'~' {
+        table[byte as usize] = byte != b'"' && byte != b'\\';
+        byte += 1;
+    }
+    table
+};
+
 /// Appends `text` with the characters that can drive a terminal escaped,
 /// as the default formatter escapes a message: ESC, BEL, BS, FF, DEL as
 /// `\xNN`, C1 controls as `\u{NN}`.
 fn push_escaped(line: &mut String, text: &str) {
     // None of those bytes, nor the first byte of a C1 control's UTF-8: as it is.
-    if !text
-        .bytes()
-        .any(|b| matches!(b, 0x1b | 0x07 | 0x08 | 0x0c | 0x7f | 0xc2))
-    {
+    if !text.bytes().any(|b| TERMINAL_BYTES[usize::from(b)]) {
         line.push_str(text);
         return;
     }
@@ -315,6 +322,19 @@ fn push_escaped(line: &mut String, text: &str) {
 fn hex_digit(n: u32) -> char {
     char::from(b"0123456789abcdef"[(n & 0xf) as usize])
 }
+
+/// ESC, BEL, BS, FF, DEL, and 0xC2 (which starts every C1 control's
+/// UTF-8, and other characters): the bytes [`push_escaped`] looks closer at.
+static TERMINAL_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut i = 0;
+    let bytes = [0x1b, 0x07, 0x08, 0x0c, 0x7f, 0xc2];
+    while i < bytes.len() {
+        table[bytes[i]] = true;
+        i += 1;
+    }
+    table
+};
 
 /// Writes through to a line, escaped as [`push_escaped`] does.
 struct Escaping<'a>(&'a mut String);
@@ -557,26 +577,34 @@ mod tests {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         let text = String::from_utf8(bytes).expect("utf-8");
+        // A line is a record or, after a raw newline in a value, the rest
+        // of one.
         let shape = b"0000-00-00T00:00:00.000000Z ";
+        let stamped = |l: &str| {
+            l.len() > shape.len()
+                && l.bytes().zip(shape).all(|(b, &s)| {
+                    if s == b'0' {
+                        b.is_ascii_digit()
+                    } else {
+                        b == s
+                    }
+                })
+        };
+        assert!(stamped(&text), "no timestamp: {text:?}");
         text.split_inclusive('\n')
             .map(|l| {
-                let stamped = l.len() > shape.len()
-                    && l.bytes().zip(shape).all(|(b, &s)| {
-                        if s == b'0' {
-                            b.is_ascii_digit()
-                        } else {
-                            b == s
-                        }
-                    });
-                assert!(stamped, "no timestamp: {l:?}");
-                format!("<time>{}", &l[shape.len() - 1..])
+                if stamped(l) {
+                    format!("<time>{}", &l[shape.len() - 1..])
+                } else {
+                    l.to_owned()
+                }
             })
             .collect()
     }
 
     #[test]
     fn plain_line_is_what_the_default_event_format_writes() {
-        let more: [fn(); 9] = [
+        let more: [fn(); 10] = [
             || tracing::trace!(n = 1_u64, "trace"),
             || tracing::debug!(n = 2_u64, "debug"),
             || tracing::warn!(n = 3_u64, "warn"),
@@ -591,6 +619,13 @@ mod tests {
             },
             || tracing::info!(target: "log", "like a log record"),
             || tracing::info!(parent: None, "no parent"),
+            || {
+                let every: String = (0..0x80_u8)
+                    .map(char::from)
+                    .chain(['é', '\u{85}', '\u{a0}', '€'])
+                    .collect();
+                tracing::info!(every = every.as_str(), debug = ?every, shown = %every, "{every}");
+            },
         ];
         for emit in CASES.into_iter().chain(more) {
             let (ours, full) = (text_line(true, emit), text_line(false, emit));
