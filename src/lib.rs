@@ -40,7 +40,7 @@
 //! | `access_log` | one record per session; refusals summarised every 10 s at most |
 //! | `summary` | counts by cause written as one line per 10 s window (refusal summaries) |
 //! | `throttle` | one log line per interval for events a client can cause at will |
-//! | `log_format` | how log lines are written: the plain field formatter, the cached timestamp |
+//! | `log_format/` | how log lines are written: the text and JSON lines built without `fmt`, the cached timestamp |
 //! | `shutdown` | signals → `Control`, the `Shutdown` tokens and tracker, the shutdown timeline |
 //! | `reload` | SIGHUP and the config-file watch |
 //! | `file_watch` | settled changes of a polled file (configuration, JWKS, admin token) |

@@ -7,6 +7,8 @@
 //!   left to `Full`);
 //! - [`PlainFields`]: the fields of such a line, `name=value` pairs as the
 //!   default writes them without colours;
+//! - [`JsonLine`]: a JSON line (`log_format = "json"`), tracing-subscriber's
+//!   flattened `Json` object built in one `String` without `serde_json`;
 //! - [`Timestamp`]: the RFC 3339 time (microseconds, UTC) every line starts
 //!   with, its date and time of day formatted once per second, not per line.
 //!
@@ -43,6 +45,10 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
+mod json;
+
+pub use self::json::JsonLine;
+
 /// The subscriber wsgate logs through (`main` installs it): lines in
 /// `format`, those `filter` lets through, written to `writer`, coloured
 /// when `ansi` (stderr is a terminal). Tests build the same one.
@@ -64,12 +70,11 @@ where
             .finish()
             .into(),
         // Fields at the top level of each object (not under "fields"), so
-        // `jq '.close_code'` reads the access log (docs/operations.md#access-log) as it is.
+        // `jq '.close_code'` reads the access log (docs/operations.md#access-log) as it is:
+        // `Json` flattened, without spans, as `JsonLine` writes it.
         LogFormat::Json => builder
             .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
+            .event_format(JsonLine::default())
             .finish()
             .into(),
     }
@@ -465,7 +470,7 @@ mod tests {
 
     /// Collects what a subscriber writes.
     #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
+    pub(super) struct Sink(pub(super) Arc<Mutex<Vec<u8>>>);
 
     impl io::Write for Sink {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -510,7 +515,7 @@ mod tests {
     }
 
     /// Events of every kind of field, message and escape.
-    const CASES: [fn(); 8] = [
+    pub(super) const CASES: [fn(); 8] = [
         || {
             tracing::info!(
                 target: "wsgate::access",
