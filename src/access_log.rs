@@ -71,8 +71,8 @@ pub(crate) fn session(info: &SessionInfo, end: &SessionEnd, traffic: &Traffic, t
 
 /// A short text made on the stack and written as it is by `Display`: the
 /// session id as 16 hex digits, the client's address. Through `core::fmt`
-/// (`{:016x}`, `Ipv4Addr`'s `Display`) these two were about a third of the
-/// record's cost; IPv6 addresses, rarer, still go through `Display`.
+/// (`{:016x}`, `Ipv4Addr`'s `Display`) these two fields were a fifth of
+/// the record's cost; IPv6 addresses, rarer, still go through `Display`.
 #[derive(Clone, Copy)]
 struct StackText {
     /// Room for the longest IPv6 text.
