@@ -365,8 +365,9 @@ impl Proxy {
     }
 
     /// The fast path (`crate::first_head`): judges the upgrade whose head
-    /// is `first`, writes the answer on `stream` itself, and runs what
-    /// follows on this task: the tunnel, or a close-mode refusal. Only the
+    /// is `first`, writes the answer on `stream` itself, and hands the
+    /// socket to what follows: a tunnel task, or the close-mode refusal (on
+    /// this task). Only the
     /// upstream's own answer to a declined upgrade, whose body may come in
     /// any framing, is written by hyper (its server reads the head again).
     pub(crate) async fn upgrade_on(
@@ -399,13 +400,37 @@ impl Proxy {
                 },
             }
         };
+        // Everything the decision held (admission's and the handshake's
+        // state, the request head) goes now, not with the connection: the
+        // tunnel below may run for hours.
+        drop(deciding);
+        let retry_after = retry_after(&config);
+        drop(config);
+        let tunnel_or_refusal = match decided {
+            Ok(Decision::Upstream(response)) => {
+                return self.replay_answer(stream, read, response, peer).await;
+            }
+            Err(e) => {
+                self.count_failure(&e, peer);
+                let answer = e.answer(retry_after).encode();
+                // The connection ends here: what the client sends next may
+                // be frames, never a request.
+                if stream.write_all(&answer).await.is_ok() {
+                    let _ = stream.shutdown().await;
+                }
+                return;
+            }
+            Ok(other) => other,
+        };
+        // Copied out (usually nothing): the head buffer is freed now.
         let rest = if early.is_empty() {
-            read.slice(head_len..)
+            Bytes::copy_from_slice(&read[head_len..])
         } else {
             [&read[head_len..], &early[..]].concat().into()
         };
-        match decided {
-            Ok(Decision::Switch { answer, tunnel }) => {
+        drop((read, early));
+        match tunnel_or_refusal {
+            Decision::Switch { answer, tunnel } => {
                 let Pending {
                     upstream,
                     leftover,
@@ -418,9 +443,15 @@ impl Proxy {
                     answer: answer.for_client,
                     read: rest,
                 };
-                tunnel::run(client, upstream, leftover, guard, ctx).await;
+                // A task of its own: this one, with the head reading and the
+                // decision in its state, ends. Boxed where it is made, as the
+                // tunnel's state is large and spawning moves a future by
+                // value several times: behind a box each move is a pointer.
+                self.inner.shutdown.tracker().spawn(Box::pin(tunnel::run(
+                    client, upstream, leftover, guard, ctx,
+                )));
             }
-            Ok(Decision::CloseRefusal { response, refusal }) => {
+            Decision::CloseRefusal { response, refusal } => {
                 let client = ClientLeg::Own {
                     stream,
                     answer: responses::encode_head(response.status(), response.headers()),
@@ -428,18 +459,7 @@ impl Proxy {
                 };
                 refusal.run(client).await;
             }
-            Ok(Decision::Upstream(response)) => {
-                self.replay_answer(stream, read, response, peer).await;
-            }
-            Err(e) => {
-                self.count_failure(&e, peer);
-                let answer = e.answer(retry_after(&config)).encode();
-                // The connection ends here: what the client sends next may
-                // be frames, never a request.
-                if stream.write_all(&answer).await.is_ok() {
-                    let _ = stream.shutdown().await;
-                }
-            }
+            Decision::Upstream(_) => {}
         }
     }
 

@@ -1,7 +1,7 @@
 //! The accept loop on the client port, and what serves each connection:
 //! the fast path when its first request is a WebSocket upgrade
-//! (`crate::first_head`, `Proxy::upgrade_on`: the tunnel then runs on the
-//! connection's own task), hyper's HTTP/1 server for anything else.
+//! (`crate::first_head`, `Proxy::upgrade_on`), hyper's HTTP/1 server for
+//! anything else.
 //!
 //! Every connection task is spawned on the shutdown tracker. When draining
 //! starts the loop returns, which drops (closes) the listener; a connection
@@ -138,7 +138,10 @@ fn spawn_connection(
     let builder = builder.clone();
     let head_timeout = proxy.config().header_read_timeout;
     let shutdown_for_task = shutdown.clone();
-    shutdown.tracker().spawn(async move {
+    // Boxed where it is made: the connection's state (reading the head,
+    // deciding an upgrade) is large, and spawning moves a future by value
+    // several times; behind a box each move copies a pointer.
+    shutdown.tracker().spawn(Box::pin(async move {
         let shutdown = shutdown_for_task;
         let mut stream = stream;
         // The first head decides: an upgrade takes wsgate's own path;
@@ -151,16 +154,14 @@ fn spawn_connection(
             First::Upgrade(head) => {
                 // Not needed by a tunnel: out of the task's state now.
                 drop((builder, shutdown));
-                // Boxed: the tunnel's state is large, and the task's future
-                // is moved by value several times while it is spawned.
-                Box::pin(proxy.upgrade_on(stream, head, peer)).await;
+                proxy.upgrade_on(stream, head, peer).await;
             }
             First::Other(read) => {
                 serve_http(Replayed::new(read, stream), peer, &builder, proxy, shutdown).await;
             }
             First::Gone => {}
         }
-    });
+    }));
 }
 
 /// Serves a connection with hyper's HTTP/1 server until it closes or the
