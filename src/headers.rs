@@ -155,10 +155,6 @@ fn tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item =
         .filter(|t| !t.is_empty())
 }
 
-fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
-}
-
 /// Decides whether a request is a WebSocket upgrade, and validates it if so.
 ///
 /// # Errors
@@ -168,10 +164,37 @@ pub(crate) fn classify(
     version: Version,
     headers: &HeaderMap,
 ) -> Result<RequestKind, HandshakeError> {
-    if !has_token(headers, &header::UPGRADE, "websocket") {
+    // One pass over the lines (this runs for every request): what each rule
+    // below needs, then the rules in their order.
+    let mut upgrades = 0usize;
+    let mut websocket = false;
+    let mut connection_upgrade = false;
+    let mut body = false;
+    let (mut versions, mut version_13) = (0usize, false);
+    let (mut keys, mut key_valid) = (0usize, false);
+    for (name, value) in headers {
+        let v = value.as_bytes();
+        if name == header::UPGRADE {
+            upgrades += 1;
+            websocket |= names_token(v, "websocket");
+        } else if name == header::CONNECTION {
+            connection_upgrade |= names_token(v, "upgrade");
+        } else if name == header::TRANSFER_ENCODING {
+            body = true;
+        } else if name == header::CONTENT_LENGTH {
+            body |= v != b"0";
+        } else if name == header::SEC_WEBSOCKET_VERSION {
+            versions += 1;
+            version_13 = v.trim_ascii() == b"13";
+        } else if name == header::SEC_WEBSOCKET_KEY {
+            keys += 1;
+            key_valid = is_valid_key(v);
+        }
+    }
+    if !websocket {
         return Ok(RequestKind::Plain);
     }
-    if headers.get_all(header::UPGRADE).iter().count() != 1 {
+    if upgrades != 1 {
         return Err(HandshakeError::Upgrade);
     }
     if version != Version::HTTP_11 {
@@ -180,27 +203,19 @@ pub(crate) fn classify(
     if method != Method::GET {
         return Err(HandshakeError::Method);
     }
-    if !has_token(headers, &header::CONNECTION, "upgrade") {
+    if !connection_upgrade {
         return Err(HandshakeError::Connection);
     }
-    if headers.contains_key(header::TRANSFER_ENCODING)
-        || headers
-            .get_all(header::CONTENT_LENGTH)
-            .iter()
-            .any(|v| v.as_bytes() != b"0")
-    {
+    if body {
         return Err(HandshakeError::Body);
     }
-    let mut versions = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter();
-    match (versions.next(), versions.next()) {
-        (Some(v), None) if v.as_bytes().trim_ascii() == b"13" => {}
-        _ => return Err(HandshakeError::WebSocketVersion),
+    if versions != 1 || !version_13 {
+        return Err(HandshakeError::WebSocketVersion);
     }
-    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
-    match (keys.next(), keys.next()) {
-        (Some(k), None) if is_valid_key(k.as_bytes()) => Ok(RequestKind::WebSocket),
-        _ => Err(HandshakeError::Key),
+    if keys != 1 || !key_valid {
+        return Err(HandshakeError::Key);
     }
+    Ok(RequestKind::WebSocket)
 }
 
 fn is_valid_key(key: &[u8]) -> bool {

@@ -356,9 +356,13 @@ impl Proxy {
                 ));
                 Response::from_parts(answer.client_head(), responses::body(Bytes::new()))
             }
-            Decision::CloseRefusal { response, refusal } => {
+            Decision::CloseRefusal {
+                accept,
+                protocol,
+                refusal,
+            } => {
                 tracker.spawn(refusal.run(ClientLeg::Hyper(on_upgrade)));
-                response
+                responses::switching(accept, protocol)
             }
             Decision::Upstream(response) => response,
         }
@@ -451,10 +455,14 @@ impl Proxy {
                     client, upstream, leftover, guard, ctx,
                 )));
             }
-            Decision::CloseRefusal { response, refusal } => {
+            Decision::CloseRefusal {
+                accept,
+                protocol,
+                refusal,
+            } => {
                 let client = ClientLeg::Own {
                     stream,
-                    answer: responses::encode_head(response.status(), response.headers()),
+                    answer: responses::encode_switching(&accept, protocol.as_ref()),
                     read: rest,
                 };
                 refusal.run(client).await;
@@ -482,8 +490,12 @@ impl Proxy {
                 .unwrap_or_else(|| ProxyError::Loop.answer(0).into_response());
             std::future::ready(Ok::<_, Infallible>(response))
         });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(Replayed::new(read, stream)), service);
+        // Boxed: a hyper connection is large, and this rare path must not
+        // make every connection's state that large.
+        let conn = Box::pin(
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(Replayed::new(read, stream)), service),
+        );
         let result = tokio::select! {
             r = conn => r,
             () = self.inner.shutdown.stopped() => Ok(()),
@@ -692,7 +704,8 @@ impl Proxy {
         // browser fails the handshake and never reads the 1013.
         let protocol = subprotocols::own_selection(&config.handshake, &config.jwt_from, headers);
         Ok(Decision::CloseRefusal {
-            response: responses::switching(accept, protocol),
+            accept,
+            protocol,
             refusal: CloseRefusal {
                 secs: close_refusal::retry_after(retry_after(config)),
                 timeout: config.close.timeout,
@@ -826,7 +839,10 @@ enum Decision {
     },
     /// Refused in close mode: wsgate's own 101, then the Close 1013.
     CloseRefusal {
-        response: Response<ProxyBody>,
+        /// `Sec-WebSocket-Accept` for the client's key.
+        accept: HeaderValue,
+        /// One of the client's own offers, if it made any.
+        protocol: Option<HeaderValue>,
         refusal: CloseRefusal,
     },
     /// The upstream declined with its own answer, passed on (body streaming).

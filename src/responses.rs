@@ -10,16 +10,16 @@
 //! storm allocates nothing but the response head.
 //!
 //! On the fast path (`crate::first_head`) there is no hyper server to write
-//! them, so [`Synthetic::encode`] and [`encode_head`] put them on the wire
-//! as hyper would: lowercase names, `content-length`, and `date` (cached per
-//! second).
+//! them, so [`Synthetic::encode`] and [`encode_switching`] put them on the
+//! wire as hyper would: lowercase names, `content-length`, and `date`
+//! (cached per second).
 
 use std::convert::Infallible;
 
 use bytes::Bytes;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 
@@ -131,17 +131,15 @@ impl Synthetic {
     }
 }
 
-/// A response head with no body (a 101) as bytes on the wire.
-pub(crate) fn encode_head(status: StatusCode, headers: &HeaderMap) -> Vec<u8> {
-    let size = 40
-        + headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + 4)
-            .sum::<usize>();
-    let mut out = Vec::with_capacity(size);
-    status_line(&mut out, status);
-    for (name, value) in headers {
-        line(&mut out, name.as_str(), value.as_bytes());
+/// wsgate's own 101 ([`switching`]) as bytes on the wire.
+pub(crate) fn encode_switching(accept: &HeaderValue, protocol: Option<&HeaderValue>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(160);
+    status_line(&mut out, StatusCode::SWITCHING_PROTOCOLS);
+    line(&mut out, "connection", b"upgrade");
+    line(&mut out, "upgrade", b"websocket");
+    line(&mut out, "sec-websocket-accept", accept.as_bytes());
+    if let Some(p) = protocol {
+        line(&mut out, "sec-websocket-protocol", p.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
     out
@@ -200,6 +198,42 @@ pub(crate) fn switching(accept: HeaderValue, protocol: Option<HeaderValue>) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fast_path_writes_what_the_responses_say() {
+        let accept = HeaderValue::from_static("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        let protocol = HeaderValue::from_static("chat");
+        let wire = encode_switching(&accept, Some(&protocol));
+        let ours = switching(accept, Some(protocol));
+        let mut expected = b"HTTP/1.1 101 Switching Protocols\r\n".to_vec();
+        for (name, value) in ours.headers() {
+            line(&mut expected, name.as_str(), value.as_bytes());
+        }
+        expected.extend_from_slice(b"\r\n");
+        assert_eq!(wire, expected);
+        let shed = Synthetic {
+            retry_after: Some(3),
+            close: true,
+            ..Synthetic::new(StatusCode::SERVICE_UNAVAILABLE, "busy\n")
+        };
+        let wire = shed.encode();
+        let mut slots = [httparse::EMPTY_HEADER; 16];
+        let mut parsed = httparse::Response::new(&mut slots);
+        let len = match parsed.parse(&wire) {
+            Ok(httparse::Status::Complete(len)) => len,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(parsed.code, Some(503));
+        assert_eq!(&wire[len..], b"busy\n");
+        let resp = shed.into_response();
+        for h in parsed.headers.iter() {
+            match resp.headers().get(h.name) {
+                Some(v) => assert_eq!(v.as_bytes(), h.value, "{}", h.name),
+                None => assert!(["content-length", "date"].contains(&h.name), "{}", h.name),
+            }
+        }
+        assert_eq!(parsed.headers.len(), resp.headers().len() + 2);
+    }
 
     #[test]
     fn headers_follow_the_flags() {
