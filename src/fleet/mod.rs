@@ -463,9 +463,15 @@ impl Shared {
             passed: 0,
         };
         for group in groups {
-            let mut call = self.scripts.admit.prepare_invoke();
+            // EVALSHA encoded straight into one command buffer, sized
+            // once: `prepare_invoke` would copy every key and argument into
+            // a vector of its own first (an admission is the hot path).
+            let mut call = redis::Cmd::with_capacity(6 + 2 * group.len(), 160);
+            call.arg("EVALSHA")
+                .arg(self.scripts.admit.get_hash())
+                .arg(group.len());
             for &i in group {
-                call.key(&*scopes[i].set);
+                call.arg(&*scopes[i].set);
             }
             call.arg(millis(self.lease))
                 .arg(member)
@@ -473,7 +479,16 @@ impl Shared {
             for &i in group {
                 call.arg(scopes[i].limit);
             }
-            let (full, count) = call.invoke_async::<(i64, i64)>(&mut conn).await?;
+            let (full, count) = match call.query_async::<(i64, i64)>(&mut conn).await {
+                // Redis restarted or flushed its scripts: load it, again.
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    self.scripts.admit.load_async(&mut conn).await?;
+                    call.query_async::<(i64, i64)>(&mut conn).await?
+                }
+                answer => answer?,
+            };
             if group.first() == Some(&0) {
                 answer.count = Some(count);
             }
