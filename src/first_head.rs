@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{HeaderMap, Method, Request, Uri, Version};
@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::headers::{self, RequestKind};
-use crate::upstream_http::head_ends_after;
+use crate::upstream_http::{head_ends_after, replay_into};
 
 /// Request heads above this size get 431 (docs/behaviour.md#the-client-port).
 pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -184,10 +184,7 @@ impl AsyncRead for Replayed {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.read.has_remaining() {
-            let n = this.read.len().min(buf.remaining());
-            buf.put_slice(&this.read[..n]);
-            this.read.advance(n);
+        if replay_into(&mut this.read, buf) {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.stream).poll_read(cx, buf)

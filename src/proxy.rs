@@ -341,19 +341,7 @@ impl Proxy {
         let tracker = self.inner.shutdown.tracker();
         match decision {
             Decision::Switch { answer, tunnel } => {
-                let Pending {
-                    upstream,
-                    leftover,
-                    guard,
-                    ctx,
-                } = *tunnel;
-                tracker.spawn(tunnel::run(
-                    ClientLeg::Hyper(on_upgrade),
-                    upstream,
-                    leftover,
-                    guard,
-                    ctx,
-                ));
+                tracker.spawn(tunnel.run(ClientLeg::Hyper(on_upgrade)));
                 Response::from_parts(answer.client_head(), responses::body(Bytes::new()))
             }
             Decision::CloseRefusal {
@@ -435,12 +423,6 @@ impl Proxy {
         drop((read, early));
         match tunnel_or_refusal {
             Decision::Switch { answer, tunnel } => {
-                let Pending {
-                    upstream,
-                    leftover,
-                    guard,
-                    ctx,
-                } = *tunnel;
                 // The tunnel writes the 101: its session starts before.
                 let client = ClientLeg::Own {
                     stream,
@@ -451,9 +433,10 @@ impl Proxy {
                 // decision in its state, ends. Boxed where it is made, as the
                 // tunnel's state is large and spawning moves a future by
                 // value several times: behind a box each move is a pointer.
-                self.inner.shutdown.tracker().spawn(Box::pin(tunnel::run(
-                    client, upstream, leftover, guard, ctx,
-                )));
+                self.inner
+                    .shutdown
+                    .tracker()
+                    .spawn(Box::pin(tunnel.run(client)));
             }
             Decision::CloseRefusal {
                 accept,
@@ -856,6 +839,13 @@ struct Pending {
     leftover: Bytes,
     guard: AdmissionGuard,
     ctx: TunnelContext,
+}
+
+impl Pending {
+    /// The tunnel, once `client`'s side is known.
+    fn run(self, client: ClientLeg) -> impl std::future::Future<Output = ()> {
+        tunnel::run(client, self.upstream, self.leftover, self.guard, self.ctx)
+    }
 }
 
 /// A close-mode refusal, to run once wsgate's 101 is sent.

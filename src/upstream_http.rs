@@ -230,6 +230,19 @@ pub(crate) fn parse_answer(buf: &[u8]) -> Result<Option<(Parsed, usize)>, Answer
     Ok(Some((Parsed::Switching(switched), len)))
 }
 
+/// Moves what is left of `read` (bytes already taken from a socket, read
+/// again) into `buf`, as much as fits; `false` when nothing was left, and
+/// the socket itself is next.
+pub(crate) fn replay_into(read: &mut Bytes, buf: &mut ReadBuf<'_>) -> bool {
+    if !read.has_remaining() {
+        return false;
+    }
+    let n = read.len().min(buf.remaining());
+    buf.put_slice(&read[..n]);
+    read.advance(n);
+    true
+}
+
 /// The upstream socket seen again from the start of its answer: reads return
 /// the bytes already read, then the socket's; writes are dropped, since the
 /// request was written already. Lets hyper frame the body of an answer that
@@ -270,10 +283,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Replay<IO> {
             this.reader = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        if this.read.has_remaining() {
-            let n = this.read.len().min(buf.remaining());
-            buf.put_slice(&this.read[..n]);
-            this.read.advance(n);
+        if replay_into(&mut this.read, buf) {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.io).poll_read(cx, buf)

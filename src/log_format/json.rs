@@ -26,7 +26,7 @@ use tracing_subscriber::fmt::format::{Format, Json, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
-use super::{push_u64, with_line, write_time, Timestamp};
+use super::{push_u64, with_line, write_time, Escaping, Timestamp};
 
 /// The JSON line (see the module documentation).
 #[derive(Debug)]
@@ -154,7 +154,7 @@ impl Visit for Visitor<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         if self.key(field) {
             self.line.push('"');
-            self.result = write!(Escaping(self.line), "{value:?}");
+            self.result = write!(Escaping(self.line, push_escaped), "{value:?}");
             self.line.push('"');
         }
     }
@@ -215,16 +215,6 @@ static ESCAPED: [bool; 256] = {
     }
     table
 };
-
-/// Writes through to a line, escaped as [`push_escaped`] does.
-struct Escaping<'a>(&'a mut String);
-
-impl fmt::Write for Escaping<'_> {
-    fn write_str(&mut self, text: &str) -> fmt::Result {
-        push_escaped(self.0, text);
-        Ok(())
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -274,7 +274,7 @@ impl Visit for Visitor<'_> {
         }
         self.result = if self.start(field) {
             // A message is `format_args!`: its Debug form is its text.
-            write!(Escaping(self.line), "{value:?}")
+            write!(Escaping(self.line, push_escaped), "{value:?}")
         } else {
             write!(self.line, "{value:?}")
         };
@@ -341,12 +341,13 @@ static TERMINAL_BYTES: [bool; 256] = {
     table
 };
 
-/// Writes through to a line, escaped as [`push_escaped`] does.
-struct Escaping<'a>(&'a mut String);
+/// Writes through to a line, every piece escaped by the function it holds
+/// (this format's [`push_escaped`], or JSON's).
+struct Escaping<'a>(&'a mut String, fn(&mut String, &str));
 
 impl fmt::Write for Escaping<'_> {
     fn write_str(&mut self, text: &str) -> fmt::Result {
-        push_escaped(self.0, text);
+        (self.1)(self.0, text);
         Ok(())
     }
 }
