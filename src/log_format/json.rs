@@ -218,8 +218,6 @@ static ESCAPED: [bool; 256] = {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::PoisonError;
-
     use tracing_subscriber::EnvFilter;
 
     use super::super::tests::{Sink, CASES};
@@ -248,12 +246,7 @@ mod tests {
                 .finish();
             tracing::subscriber::with_default(subscriber, emit);
         }
-        let bytes = sink
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let text = String::from_utf8(bytes).expect("utf-8");
+        let text = sink.text();
         let head = "{\"timestamp\":\"";
         text.split_inclusive('\n')
             .map(|l| {

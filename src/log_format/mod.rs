@@ -486,6 +486,18 @@ mod tests {
         }
     }
 
+    impl Sink {
+        /// Everything written so far, as text.
+        pub(super) fn text(&self) -> String {
+            let bytes = self
+                .0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            String::from_utf8(bytes).expect("utf-8")
+        }
+    }
+
     impl<'a> MakeWriter<'a> for Sink {
         type Writer = Sink;
         fn make_writer(&'a self) -> Self::Writer {
@@ -507,12 +519,7 @@ mod tests {
         } else {
             tracing::subscriber::with_default(builder.finish(), emit);
         }
-        let bytes = sink
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        String::from_utf8(bytes).expect("utf-8")
+        sink.text()
     }
 
     /// Events of every kind of field, message and escape.
@@ -577,12 +584,7 @@ mod tests {
                 .finish();
             tracing::subscriber::with_default(subscriber, emit);
         }
-        let bytes = sink
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let text = String::from_utf8(bytes).expect("utf-8");
+        let text = sink.text();
         // A line is a record or, after a raw newline in a value, the rest
         // of one.
         let shape = b"0000-00-00T00:00:00.000000Z ";
